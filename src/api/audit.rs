@@ -1,0 +1,248 @@
+use std::sync::Arc;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::{ResponseStream, SharedState};
+use crate::audit::{self, AuditRecord, NewAuditRecord};
+use crate::ops;
+use crate::problem::Error;
+use crate::proto::{self, audit_service_server::AuditService};
+use crate::store::AuditQuery;
+
+pub struct AuditApi {
+    pub state: SharedState,
+}
+
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+pub const MAX_PAGE_SIZE: u32 = 1000;
+const PAGE_TOKEN_PREFIX: &str = "after:";
+
+fn page_token(after_seq: u64) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{PAGE_TOKEN_PREFIX}{after_seq}"))
+}
+
+fn parse_page_token(token: &str) -> Result<u64, Error> {
+    if token.is_empty() {
+        return Ok(0);
+    }
+    URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .and_then(|text| text.strip_prefix(PAGE_TOKEN_PREFIX)?.parse().ok())
+        .ok_or_else(|| Error::invalid("page_token", "is not a token this server issued"))
+}
+
+fn non_empty(s: String) -> Option<String> {
+    if s.is_empty() { None } else { Some(s) }
+}
+
+#[tonic::async_trait]
+impl AuditService for AuditApi {
+    async fn append(
+        &self,
+        request: Request<proto::AppendAuditRequest>,
+    ) -> Result<Response<proto::AuditRecord>, Status> {
+        let state = &self.state;
+        let request = request.into_inner();
+        let metadata = match &request.metadata {
+            Some(s) => crate::json::from_proto_struct(s)
+                .map_err(|e| state.status(&Error::invalid("metadata", e)))?,
+            None => Default::default(),
+        };
+        let record = NewAuditRecord {
+            tenant_id: request.tenant_id,
+            actor: request.actor,
+            event: request.event,
+            outcome: request.outcome,
+            metadata,
+        };
+        audit::validate_new(&record)
+            .and_then(|()| {
+                if record.tenant_id.is_empty() {
+                    Ok(())
+                } else {
+                    ops::validate_id("tenant_id", &record.tenant_id)
+                }
+            })
+            .map_err(|e| state.status(&e))?;
+        let sealed = state
+            .store
+            .write(move |tx| tx.append_audit(record, crate::time::now_ms()))
+            .await
+            .map_err(|e| state.status(&e))?;
+        Ok(Response::new(sealed.to_proto()))
+    }
+
+    async fn query(
+        &self,
+        request: Request<proto::QueryAuditRequest>,
+    ) -> Result<Response<proto::QueryAuditResponse>, Status> {
+        let state = &self.state;
+        let request = request.into_inner();
+        let after_seq = parse_page_token(&request.page_token).map_err(|e| state.status(&e))?;
+        let since_ms = request.since.as_ref().map(crate::time::ms_from_timestamp);
+        let until_ms = request.until.as_ref().map(crate::time::ms_from_timestamp);
+        if let (Some(since), Some(until)) = (since_ms, until_ms)
+            && since > until
+        {
+            return Err(state.status(&Error::invalid("until", "is before `since`")));
+        }
+        // AIP-158: an oversized page is coerced to the maximum rather than refused.
+        let limit = match request.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        let query = AuditQuery {
+            tenant_id: non_empty(request.tenant_id),
+            event_prefix: non_empty(request.event_prefix),
+            outcome: non_empty(request.outcome),
+            since_ms,
+            until_ms,
+            after_seq,
+            limit: limit + 1,
+        };
+        let mut records = state
+            .store
+            .read(move |tx| Ok(tx.query_audit(&query)?))
+            .await
+            .map_err(|e| state.status(&e))?;
+        let next_page_token = if records.len() > limit as usize {
+            records.truncate(limit as usize);
+            records
+                .last()
+                .map(|r| page_token(r.seq))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(proto::QueryAuditResponse {
+            records: records.iter().map(AuditRecord::to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn verify(
+        &self,
+        _request: Request<proto::VerifyAuditRequest>,
+    ) -> Result<Response<proto::VerifyAuditResponse>, Status> {
+        let state = &self.state;
+        let report = state
+            .store
+            .read(ops::verify_chain)
+            .await
+            .map_err(|e| state.status(&e))?;
+        if !report.ok {
+            tracing::error!(first_bad_seq = report.first_bad_seq, reason = %report.reason, "audit chain does not verify");
+        }
+        Ok(Response::new(proto::VerifyAuditResponse {
+            ok: report.ok,
+            records_checked: report.records_checked,
+            first_bad_seq: report.first_bad_seq,
+            reason: report.reason,
+            head_seq: report.head.seq,
+            head_hash: hex::encode(report.head.hash),
+        }))
+    }
+
+    type TailStream = ResponseStream<proto::AuditRecord>;
+
+    async fn tail(
+        &self,
+        request: Request<proto::TailAuditRequest>,
+    ) -> Result<Response<Self::TailStream>, Status> {
+        let request = request.into_inner();
+        if !request.tenant_id.is_empty() {
+            ops::validate_id("tenant_id", &request.tenant_id).map_err(|e| self.state.status(&e))?;
+        }
+        let (sender, receiver) = mpsc::channel(256);
+        let state = self.state.clone();
+        tokio::spawn(async move { tail(state, request, sender).await });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+}
+
+type TailSender = mpsc::Sender<Result<proto::AuditRecord, Status>>;
+
+/// Sends stored records after `after_seq` page by page; returns the last sequence sent, or
+/// None when the client went away.
+async fn catch_up(
+    state: &SharedState,
+    tenant: &Option<String>,
+    mut after_seq: u64,
+    sender: &TailSender,
+) -> Option<u64> {
+    loop {
+        let query = AuditQuery {
+            tenant_id: tenant.clone(),
+            after_seq,
+            limit: MAX_PAGE_SIZE,
+            ..Default::default()
+        };
+        let page = match state
+            .store
+            .read(move |tx| Ok(tx.query_audit(&query)?))
+            .await
+        {
+            Ok(page) => page,
+            Err(e) => {
+                let _ = sender.send(Err(state.status(&e))).await;
+                return None;
+            }
+        };
+        let full = page.len() == MAX_PAGE_SIZE as usize;
+        for record in page {
+            after_seq = record.seq;
+            sender.send(Ok(record.to_proto())).await.ok()?;
+        }
+        if !full {
+            return Some(after_seq);
+        }
+    }
+}
+
+/// Subscribes first, then replays what is stored, then follows the feed, skipping what the
+/// replay already sent; a lagging client is caught up from the store again.
+async fn tail(state: SharedState, request: proto::TailAuditRequest, sender: TailSender) {
+    let tenant = non_empty(request.tenant_id);
+    let mut shutdown = state.shutdown.clone();
+    let mut feed: broadcast::Receiver<Arc<AuditRecord>> = state.feeds.audit.subscribe();
+    let mut last_sent = if request.from_seq > 0 {
+        match catch_up(&state, &tenant, request.from_seq - 1, &sender).await {
+            Some(last) => last,
+            None => return,
+        }
+    } else {
+        state.feeds.audit_head()
+    };
+    loop {
+        let next = tokio::select! {
+            next = feed.recv() => next,
+            _ = shutdown.changed() => return,
+        };
+        match next {
+            Ok(record) => {
+                if record.seq <= last_sent
+                    || tenant.as_ref().is_some_and(|t| &record.tenant_id != t)
+                {
+                    continue;
+                }
+                last_sent = record.seq;
+                if sender.send(Ok(record.to_proto())).await.is_err() {
+                    return;
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                match catch_up(&state, &tenant, last_sent, &sender).await {
+                    Some(last) => last_sent = last,
+                    None => return,
+                }
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! gRPC adapters: proto ↔ domain, and domain errors → statuses with problems. No logic of
+//! their own beyond validating what arrives.
+
+pub mod audit;
+pub mod flags;
+pub mod tenants;
+pub mod webhook;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::sync::{broadcast, watch};
+
+use crate::audit::AuditRecord;
+use crate::config::Config;
+use crate::flags::FlagCache;
+use crate::problem::Error;
+use crate::store::{CommitListener, Committed, Store};
+
+/// How many audit records a slow `Tail` stream may lag before it is told to resume.
+const AUDIT_FEED_BUFFER: usize = 4096;
+
+/// Where committed changes go: the flag cache (and its watchers) and the audit feed.
+pub struct Feeds {
+    pub flags: Arc<FlagCache>,
+    pub audit: broadcast::Sender<Arc<AuditRecord>>,
+    /// Sequence number of the newest committed audit record.
+    audit_head: AtomicU64,
+}
+
+impl Feeds {
+    pub fn new(flags: Arc<FlagCache>) -> Self {
+        Self {
+            flags,
+            audit: broadcast::channel(AUDIT_FEED_BUFFER).0,
+            audit_head: AtomicU64::new(0),
+        }
+    }
+
+    pub fn audit_head(&self) -> u64 {
+        self.audit_head.load(Ordering::Acquire)
+    }
+}
+
+impl CommitListener for Feeds {
+    fn committed(&self, changes: Vec<Committed>) {
+        for change in changes {
+            match change {
+                Committed::Flag(record) => self.flags.apply(record),
+                Committed::Audit(record) => {
+                    self.audit_head.fetch_max(record.seq, Ordering::AcqRel);
+                    let _ = self.audit.send(Arc::new(record));
+                }
+            }
+        }
+    }
+}
+
+pub struct AppState {
+    pub config: Config,
+    pub store: Store,
+    pub feeds: Arc<Feeds>,
+    /// Flips to true at shutdown so that streams end and the server can drain.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+pub type SharedState = Arc<AppState>;
+
+impl AppState {
+    pub fn status(&self, error: &Error) -> tonic::Status {
+        error.to_status(&self.config.problem_type_base)
+    }
+
+    /// Admin RPCs need `authorization: Bearer <CORESDK_ADMIN_TOKEN>`; with no token
+    /// configured they are refused, except in mock mode where there is nothing to protect.
+    pub fn require_admin(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Error> {
+        let Some(expected) = &self.config.admin_token else {
+            if self.config.mock {
+                return Ok(());
+            }
+            return Err(Error::PermissionDenied(
+                "admin RPCs are disabled: set CORESDK_ADMIN_TOKEN on the sidecar",
+            ));
+        };
+        let presented = metadata
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or(Error::Unauthenticated(
+                "admin RPCs need 'authorization: Bearer <admin token>'",
+            ))?;
+        // Comparing digests keeps the comparison constant-time whatever the lengths.
+        let matches: bool = Sha256::digest(presented.trim().as_bytes())
+            .ct_eq(&Sha256::digest(expected.as_bytes()))
+            .into();
+        if matches {
+            Ok(())
+        } else {
+            Err(Error::Unauthenticated("the admin token is not valid"))
+        }
+    }
+}
+
+/// Validation of a required free-text field such as `actor`.
+pub fn required_text(field: &'static str, value: &str, max: usize) -> Result<(), Error> {
+    if value.trim().is_empty() {
+        return Err(Error::invalid(field, "is required"));
+    }
+    if value.len() > max {
+        return Err(Error::invalid(field, format!("is longer than {max} bytes")));
+    }
+    Ok(())
+}
+
+/// A stream that a handler feeds from a task; ends when the task drops its sender.
+pub type ResponseStream<T> =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, tonic::Status>> + Send>>;

@@ -1,0 +1,339 @@
+//! Flag values, the in-memory flag cache every read is served from, and the change broadcast
+//! that `WatchFlags` streams follow.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use serde_json::Value as Json;
+use tokio::sync::broadcast;
+
+use crate::problem::Error;
+use crate::proto;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum FlagValue {
+    Bool(bool),
+    String(String),
+    Number(f64),
+    Json(Json),
+}
+
+impl FlagValue {
+    /// The stored form: a one-key object naming the kind, so a JSON string flag and a string
+    /// flag stay distinct.
+    pub fn to_stored(&self) -> String {
+        let (kind, value) = match self {
+            FlagValue::Bool(b) => ("bool", Json::Bool(*b)),
+            FlagValue::String(s) => ("string", Json::String(s.clone())),
+            FlagValue::Number(n) => (
+                "number",
+                crate::json::finite_number(*n)
+                    .map(Json::Number)
+                    .unwrap_or(Json::Null),
+            ),
+            FlagValue::Json(v) => ("json", v.clone()),
+        };
+        serde_json::json!({ kind: value }).to_string()
+    }
+
+    pub fn from_stored(stored: &str) -> Result<Self, String> {
+        let parsed: serde_json::Map<String, Json> =
+            serde_json::from_str(stored).map_err(|e| format!("bad stored flag value: {e}"))?;
+        let Some((kind, value)) = parsed.into_iter().next() else {
+            return Err("empty stored flag value".into());
+        };
+        Ok(match (kind.as_str(), value) {
+            ("bool", Json::Bool(b)) => FlagValue::Bool(b),
+            ("string", Json::String(s)) => FlagValue::String(s),
+            ("number", Json::Number(n)) => FlagValue::Number(n.as_f64().unwrap_or(0.0)),
+            ("json", v) => FlagValue::Json(v),
+            (kind, _) => return Err(format!("bad stored flag value of kind {kind}")),
+        })
+    }
+
+    /// How the audit trail shows a value: `on`/`off` for booleans, JSON otherwise.
+    pub fn display(&self) -> String {
+        match self {
+            FlagValue::Bool(true) => "on".into(),
+            FlagValue::Bool(false) => "off".into(),
+            FlagValue::String(s) => Json::String(s.clone()).to_string(),
+            FlagValue::Number(n) => n.to_string(),
+            FlagValue::Json(v) => v.to_string(),
+        }
+    }
+
+    pub fn to_proto(&self) -> proto::FlagValue {
+        use proto::flag_value::Kind;
+        let kind = match self {
+            FlagValue::Bool(b) => Kind::BoolValue(*b),
+            FlagValue::String(s) => Kind::StringValue(s.clone()),
+            FlagValue::Number(n) => Kind::NumberValue(*n),
+            FlagValue::Json(v) => Kind::JsonValue(crate::json::to_proto_value(v)),
+        };
+        proto::FlagValue { kind: Some(kind) }
+    }
+
+    pub fn from_proto(value: Option<&proto::FlagValue>) -> Result<Self, Error> {
+        use proto::flag_value::Kind;
+        match value.and_then(|v| v.kind.as_ref()) {
+            None => Err(Error::invalid("value", "a value is required")),
+            Some(Kind::BoolValue(b)) => Ok(FlagValue::Bool(*b)),
+            Some(Kind::StringValue(s)) => Ok(FlagValue::String(s.clone())),
+            Some(Kind::NumberValue(n)) if n.is_finite() => Ok(FlagValue::Number(*n)),
+            Some(Kind::NumberValue(_)) => Err(Error::invalid("value", "numbers must be finite")),
+            Some(Kind::JsonValue(v)) => crate::json::from_proto_value(v)
+                .map(FlagValue::Json)
+                .map_err(|e| Error::invalid("value.json_value", e)),
+        }
+    }
+}
+
+/// Who last wrote a flag; entitlement-managed flags are the ones a new summary may turn off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlagOrigin {
+    Rule,
+    Entitlements,
+    Admin,
+}
+
+impl FlagOrigin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlagOrigin::Rule => "rule",
+            FlagOrigin::Entitlements => "entitlements",
+            FlagOrigin::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "entitlements" => FlagOrigin::Entitlements,
+            "admin" => FlagOrigin::Admin,
+            _ => FlagOrigin::Rule,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlagRecord {
+    pub tenant_id: String,
+    pub key: String,
+    pub value: FlagValue,
+    /// Store-wide change counter at this flag's last change.
+    pub version: u64,
+    /// `created` of the Stripe event that last set it: older events may not overwrite it.
+    pub event_created: i64,
+    pub origin: FlagOrigin,
+    pub updated_at_ms: i64,
+    pub updated_by: String,
+    pub source_event_id: String,
+}
+
+impl FlagRecord {
+    pub fn to_proto(&self) -> proto::Flag {
+        proto::Flag {
+            tenant_id: self.tenant_id.clone(),
+            key: self.key.clone(),
+            value: Some(self.value.to_proto()),
+            version: self.version,
+            is_default: false,
+            updated_at: Some(crate::time::timestamp_from_ms(self.updated_at_ms)),
+            updated_by: self.updated_by.clone(),
+            source_event_id: self.source_event_id.clone(),
+        }
+    }
+}
+
+fn default_flag(tenant_id: &str, key: &str, value: &FlagValue) -> proto::Flag {
+    proto::Flag {
+        tenant_id: tenant_id.to_owned(),
+        key: key.to_owned(),
+        value: Some(value.to_proto()),
+        version: 0,
+        is_default: true,
+        updated_at: None,
+        updated_by: String::new(),
+        source_event_id: String::new(),
+    }
+}
+
+/// How many changes a slow `WatchFlags` stream may lag before it is resynchronised.
+const CHANGE_BUFFER: usize = 4096;
+
+/// Every tenant's flags in memory, kept current by the store as transactions commit.
+pub struct FlagCache {
+    by_tenant: DashMap<String, HashMap<String, FlagRecord>>,
+    /// Defaults of the flags the rules define: the answer for a tenant that never had one.
+    catalog: BTreeMap<String, FlagValue>,
+    version: AtomicU64,
+    changes: broadcast::Sender<Arc<FlagRecord>>,
+}
+
+impl FlagCache {
+    pub fn new(catalog: BTreeMap<String, FlagValue>) -> Self {
+        Self {
+            by_tenant: DashMap::new(),
+            catalog,
+            version: AtomicU64::new(0),
+            changes: broadcast::channel(CHANGE_BUFFER).0,
+        }
+    }
+
+    /// Loads the store's flags at start, before the server reports SERVING.
+    pub fn load(&self, records: Vec<FlagRecord>) {
+        for record in records {
+            self.version.fetch_max(record.version, Ordering::AcqRel);
+            self.by_tenant
+                .entry(record.tenant_id.clone())
+                .or_default()
+                .insert(record.key.clone(), record);
+        }
+    }
+
+    /// Applies a committed change and tells the watchers. Called in commit order; a change
+    /// that is not newer than what the cache holds is dropped, so replays are harmless.
+    pub fn apply(&self, record: FlagRecord) {
+        {
+            let mut flags = self.by_tenant.entry(record.tenant_id.clone()).or_default();
+            if let Some(current) = flags.get(&record.key)
+                && current.version >= record.version
+            {
+                return;
+            }
+            flags.insert(record.key.clone(), record.clone());
+        }
+        self.version.fetch_max(record.version, Ordering::AcqRel);
+        // No receivers is fine: nobody is watching.
+        let _ = self.changes.send(Arc::new(record));
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    pub fn is_defined(&self, tenant_id: &str, key: &str) -> bool {
+        self.catalog.contains_key(key)
+            || self
+                .by_tenant
+                .get(tenant_id)
+                .is_some_and(|flags| flags.contains_key(key))
+    }
+
+    pub fn get(&self, tenant_id: &str, key: &str) -> Result<proto::Flag, Error> {
+        if let Some(flags) = self.by_tenant.get(tenant_id)
+            && let Some(record) = flags.get(key)
+        {
+            return Ok(record.to_proto());
+        }
+        match self.catalog.get(key) {
+            Some(default) => Ok(default_flag(tenant_id, key, default)),
+            None => Err(Error::FlagNotFound {
+                key: key.to_owned(),
+            }),
+        }
+    }
+
+    pub fn current(&self, tenant_id: &str, key: &str) -> Option<FlagRecord> {
+        self.by_tenant
+            .get(tenant_id)
+            .and_then(|flags| flags.get(key).cloned())
+    }
+
+    /// A tenant's flags, with catalog defaults for the ones it never had, sorted by key.
+    pub fn all_of(&self, tenant_id: &str) -> Vec<proto::Flag> {
+        let mut out: BTreeMap<String, proto::Flag> = self
+            .catalog
+            .iter()
+            .map(|(key, default)| (key.clone(), default_flag(tenant_id, key, default)))
+            .collect();
+        if let Some(flags) = self.by_tenant.get(tenant_id) {
+            for (key, record) in flags.iter() {
+                out.insert(key.clone(), record.to_proto());
+            }
+        }
+        out.into_values().collect()
+    }
+
+    /// Every stored flag of one tenant, or of all tenants when `tenant_id` is empty.
+    pub fn snapshot(&self, tenant_id: &str) -> Vec<proto::Flag> {
+        if !tenant_id.is_empty() {
+            return self.all_of(tenant_id);
+        }
+        let mut out: Vec<proto::Flag> = self
+            .by_tenant
+            .iter()
+            .flat_map(|entry| {
+                entry
+                    .value()
+                    .values()
+                    .map(FlagRecord::to_proto)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.tenant_id, &a.key).cmp(&(&b.tenant_id, &b.key)));
+        out
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<FlagRecord>> {
+        self.changes.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(key: &str, value: bool, version: u64) -> FlagRecord {
+        FlagRecord {
+            tenant_id: "t".into(),
+            key: key.into(),
+            value: FlagValue::Bool(value),
+            version,
+            event_created: 0,
+            origin: FlagOrigin::Rule,
+            updated_at_ms: 0,
+            updated_by: "test".into(),
+            source_event_id: String::new(),
+        }
+    }
+
+    #[test]
+    fn stored_values_round_trip() {
+        for value in [
+            FlagValue::Bool(true),
+            FlagValue::String("blue".into()),
+            FlagValue::Number(2.5),
+            FlagValue::Json(serde_json::json!({"a": [1, "x"]})),
+        ] {
+            assert_eq!(FlagValue::from_stored(&value.to_stored()), Ok(value));
+        }
+    }
+
+    #[test]
+    fn defaults_known_keys_and_refuses_unknown_ones() {
+        let cache = FlagCache::new(BTreeMap::from([(
+            "pro_features".to_owned(),
+            FlagValue::Bool(false),
+        )]));
+        let flag = cache.get("acme", "pro_features").expect("catalog flag");
+        assert!(flag.is_default);
+        assert!(matches!(
+            cache.get("acme", "nope"),
+            Err(Error::FlagNotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn older_versions_never_replace_newer_ones() {
+        let cache = FlagCache::new(BTreeMap::new());
+        cache.apply(record("k", true, 5));
+        cache.apply(record("k", false, 3));
+        assert_eq!(
+            cache.current("t", "k").map(|r| r.value),
+            Some(FlagValue::Bool(true))
+        );
+        assert_eq!(cache.version(), 5);
+    }
+}

@@ -1,0 +1,23 @@
+//! CoreSDK sidecar: verified Stripe webhooks, per-tenant feature flags and a tamper-evident
+//! audit trail, served over localhost gRPC.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod audit;
+pub mod config;
+pub mod flags;
+pub mod json;
+pub mod ops;
+pub mod problem;
+pub mod rules;
+pub mod server;
+pub mod store;
+pub mod stripe;
+pub mod time;
+
+pub mod proto {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("coresdk.v1");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("coresdk_descriptor");
+}

@@ -1,0 +1,114 @@
+#![forbid(unsafe_code)]
+
+use std::io::Read as _;
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use coresdk::config::{AuditCommand, Cli, Command, Config, LogFormat, StripeCommand};
+use coresdk::store::StoreUrl;
+use coresdk::store::sqlite::{StoreTxOwner as _, open_read_only};
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CORESDK_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        None => serve(cli.serve),
+        Some(Command::Serve(args)) => serve(args),
+        Some(Command::Audit(AuditCommand::Verify { store })) => audit_verify(&store),
+        Some(Command::Stripe(StripeCommand::Sign { secret, timestamp })) => {
+            stripe_sign(&secret, timestamp)
+        }
+    }
+}
+
+fn serve(args: coresdk::config::ServeArgs) -> ExitCode {
+    let config = match Config::from_args(args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("coresdk: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(config.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("coresdk: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(coresdk::server::serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "stopped");
+            eprintln!("coresdk: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn audit_verify(store: &str) -> ExitCode {
+    let path = match StoreUrl::parse(store) {
+        Ok(StoreUrl::Sqlite(path)) => path,
+        Ok(StoreUrl::Memory) => {
+            eprintln!("coresdk: a memory store has nothing to verify offline");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("coresdk: CORESDK_STORE (--store): {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut offline = match open_read_only(&path) {
+        Ok(offline) => offline,
+        Err(e) => {
+            eprintln!("coresdk: cannot open {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    match offline.with_tx(coresdk::ops::verify_chain) {
+        Ok(report) if report.ok => {
+            println!(
+                "ok: {} records verified; head seq {} hash {}",
+                report.records_checked,
+                report.head.seq,
+                hex::encode(report.head.hash)
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(report) => {
+            println!(
+                "FAILED at seq {}: {} ({} records verified before it)",
+                report.first_bad_seq, report.reason, report.records_checked
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("coresdk: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn stripe_sign(secret: &str, timestamp: Option<i64>) -> ExitCode {
+    let mut body = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut body) {
+        eprintln!("coresdk: cannot read the body from standard input: {e}");
+        return ExitCode::from(2);
+    }
+    let timestamp = timestamp.unwrap_or_else(coresdk::time::now_s);
+    println!("{}", coresdk::stripe::sign_header(secret, timestamp, &body));
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,458 @@
+//! The domain operations, each run inside one store transaction so that its effects, its
+//! dedup record and its audit record commit together or not at all.
+
+use serde_json::{Map, Value, json};
+
+use crate::audit::{self, AuditRecord, ChainVerifier, NewAuditRecord, VerifyReport};
+use crate::flags::{FlagOrigin, FlagRecord, FlagValue};
+use crate::problem::Error;
+use crate::rules::{Effect, Rules};
+use crate::store::{Outcome, ProcessedEvent, StoreTx};
+use crate::stripe::StripeEvent;
+
+pub const WEBHOOK_ACTOR: &str = "stripe-webhook";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlagChange {
+    pub key: String,
+    pub old_value: Option<FlagValue>,
+    pub new_value: FlagValue,
+    pub version: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookResult {
+    pub event_id: String,
+    pub event_type: String,
+    pub tenant_id: String,
+    pub outcome: Outcome,
+    pub flag_changes: Vec<FlagChange>,
+    pub stale_flags: Vec<String>,
+    pub audit_seq: u64,
+}
+
+/// The audit event name of a Stripe event type: `billing.invoice.paid`.
+pub fn audit_event_name(event_type: &str) -> String {
+    format!("billing.{event_type}")
+}
+
+fn base_metadata(event: &StripeEvent) -> Map<String, Value> {
+    let mut metadata = Map::new();
+    metadata.insert("event_id".into(), json!(event.id));
+    metadata.insert("event_type".into(), json!(event.event_type));
+    metadata.insert("created".into(), json!(event.created));
+    metadata.insert("livemode".into(), json!(event.livemode));
+    if let Some(customer) = event.customer_id() {
+        metadata.insert("customer".into(), json!(customer));
+    }
+    if let Some(object_id) = event.object_str("id") {
+        metadata.insert("object_id".into(), json!(object_id));
+    }
+    metadata
+}
+
+fn audit_webhook(
+    tx: &mut dyn StoreTx,
+    tenant_id: &str,
+    event: &StripeEvent,
+    outcome: &str,
+    metadata: Map<String, Value>,
+    now_ms: i64,
+) -> Result<AuditRecord, Error> {
+    tx.append_audit(
+        NewAuditRecord {
+            tenant_id: tenant_id.to_owned(),
+            actor: WEBHOOK_ACTOR.to_owned(),
+            event: audit_event_name(&event.event_type),
+            outcome: outcome.to_owned(),
+            metadata: audit::bound_metadata(metadata),
+        },
+        now_ms,
+    )
+}
+
+/// Applies a verified event: dedup, tenant, rules, ordering, flags, audit. The outer `Result`
+/// is the transaction's (an `Err` rolls everything back); the inner one is the answer, which
+/// may be a refusal whose audit record still commits.
+pub fn apply_webhook(
+    tx: &mut dyn StoreTx,
+    rules: &Rules,
+    event: &StripeEvent,
+    now_ms: i64,
+) -> Result<Result<WebhookResult, Error>, Error> {
+    if let Some(first) = tx.processed_event(&event.id)? {
+        let mut metadata = base_metadata(event);
+        metadata.insert("first_outcome".into(), json!(first.outcome.as_str()));
+        metadata.insert("first_audit_seq".into(), json!(first.audit_seq));
+        let record = audit_webhook(tx, &first.tenant_id, event, "duplicate", metadata, now_ms)?;
+        return Ok(Ok(WebhookResult {
+            event_id: event.id.clone(),
+            event_type: event.event_type.clone(),
+            tenant_id: first.tenant_id,
+            outcome: Outcome::Duplicate,
+            flag_changes: Vec::new(),
+            stale_flags: Vec::new(),
+            audit_seq: record.seq,
+        }));
+    }
+
+    let effect = rules.evaluate(event);
+    let mut metadata = base_metadata(event);
+    let mut mapping_recorded = false;
+
+    let tenant = match resolve_tenant(tx, event, now_ms)? {
+        Resolved::Tenant(tenant) => Some(tenant),
+        Resolved::Mapped(tenant) => {
+            metadata.insert("mapped_customer".into(), json!(event.customer_id()));
+            mapping_recorded = true;
+            Some(tenant)
+        }
+        Resolved::None => None,
+    };
+
+    let Some(tenant) = tenant else {
+        if effect == Effect::Ignored {
+            return finish(
+                tx,
+                event,
+                String::new(),
+                Outcome::Ignored,
+                Vec::new(),
+                Vec::new(),
+                metadata,
+                now_ms,
+            )
+            .map(Ok);
+        }
+        let refusal = match event.customer_id() {
+            Some(customer) => Error::UnknownCustomer(customer.to_owned()),
+            None => Error::NoTenant,
+        };
+        metadata.insert("reason".into(), json!(refusal.to_string()));
+        audit_webhook(tx, "", event, "rejected", metadata, now_ms)?;
+        return Ok(Err(refusal));
+    };
+
+    let wanted = match effect {
+        Effect::Ignored => Vec::new(),
+        Effect::Set(set) => set
+            .into_iter()
+            .map(|(key, value)| (key, value, FlagOrigin::Rule))
+            .collect(),
+        Effect::Entitlements(keys) => {
+            let mut wanted: Vec<(String, FlagValue, FlagOrigin)> = tx
+                .flags_with_origin(&tenant, FlagOrigin::Entitlements)?
+                .into_iter()
+                .filter(|f| f.value == FlagValue::Bool(true) && !keys.contains(&f.key))
+                .map(|f| (f.key, FlagValue::Bool(false), FlagOrigin::Entitlements))
+                .collect();
+            wanted.extend(
+                keys.into_iter()
+                    .map(|k| (k, FlagValue::Bool(true), FlagOrigin::Entitlements)),
+            );
+            wanted
+        }
+    };
+    if wanted.is_empty() && !mapping_recorded {
+        return finish(
+            tx,
+            event,
+            tenant,
+            Outcome::Ignored,
+            Vec::new(),
+            Vec::new(),
+            metadata,
+            now_ms,
+        )
+        .map(Ok);
+    }
+
+    let mut changes = Vec::new();
+    let mut stale = Vec::new();
+    for (key, value, origin) in wanted {
+        let current = tx.flag(&tenant, &key)?;
+        if let Some(current) = &current {
+            if current.event_created > event.created {
+                stale.push(key);
+                continue;
+            }
+            if current.value == value {
+                tx.advance_event_created(&tenant, &key, event.created)?;
+                continue;
+            }
+        }
+        let written = tx.write_flag(FlagRecord {
+            tenant_id: tenant.clone(),
+            key: key.clone(),
+            value: value.clone(),
+            version: 0,
+            event_created: event.created,
+            origin,
+            updated_at_ms: now_ms,
+            updated_by: WEBHOOK_ACTOR.to_owned(),
+            source_event_id: event.id.clone(),
+        })?;
+        changes.push(FlagChange {
+            key,
+            old_value: current.map(|c| c.value),
+            new_value: value,
+            version: written.version,
+        });
+    }
+    // Nothing changed only because newer events got there first: tell the caller it was stale.
+    let outcome = if changes.is_empty() && !mapping_recorded && !stale.is_empty() {
+        Outcome::Stale
+    } else {
+        Outcome::Applied
+    };
+    finish(tx, event, tenant, outcome, changes, stale, metadata, now_ms).map(Ok)
+}
+
+enum Resolved {
+    Tenant(String),
+    /// A checkout completed with `client_reference_id`: the mapping was just recorded.
+    Mapped(String),
+    None,
+}
+
+fn resolve_tenant(
+    tx: &mut dyn StoreTx,
+    event: &StripeEvent,
+    now_ms: i64,
+) -> Result<Resolved, Error> {
+    let customer = event.customer_id();
+    if event.event_type == "checkout.session.completed"
+        && let (Some(customer), Some(tenant)) = (customer, event.object_str("client_reference_id"))
+    {
+        if validate_id("client_reference_id", tenant).is_ok() {
+            let previous = tx.map_customer(customer, tenant, now_ms)?;
+            return Ok(if previous.as_deref() == Some(tenant) {
+                Resolved::Tenant(tenant.to_owned())
+            } else {
+                Resolved::Mapped(tenant.to_owned())
+            });
+        }
+    }
+    if let Some(customer) = customer
+        && let Some(tenant) = tx.tenant_of_customer(customer)?
+    {
+        return Ok(Resolved::Tenant(tenant));
+    }
+    Ok(match event.metadata_tenant() {
+        Some(tenant) if validate_id("metadata.tenant_id", tenant).is_ok() => {
+            Resolved::Tenant(tenant.to_owned())
+        }
+        _ => Resolved::None,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    tx: &mut dyn StoreTx,
+    event: &StripeEvent,
+    tenant_id: String,
+    outcome: Outcome,
+    flag_changes: Vec<FlagChange>,
+    stale_flags: Vec<String>,
+    mut metadata: Map<String, Value>,
+    now_ms: i64,
+) -> Result<WebhookResult, Error> {
+    if !flag_changes.is_empty() {
+        let shown: Vec<String> = flag_changes
+            .iter()
+            .map(|c| format!("{}={}", c.key, c.new_value.display()))
+            .collect();
+        metadata.insert("flags".into(), json!(shown));
+    }
+    if !stale_flags.is_empty() {
+        metadata.insert("stale_flags".into(), json!(stale_flags));
+    }
+    let record = audit_webhook(tx, &tenant_id, event, outcome.as_str(), metadata, now_ms)?;
+    tx.record_processed(
+        &ProcessedEvent {
+            event_id: event.id.clone(),
+            event_type: event.event_type.clone(),
+            tenant_id: tenant_id.clone(),
+            outcome,
+            audit_seq: record.seq,
+        },
+        now_ms,
+    )?;
+    Ok(WebhookResult {
+        event_id: event.id.clone(),
+        event_type: event.event_type.clone(),
+        tenant_id,
+        outcome,
+        flag_changes,
+        stale_flags,
+        audit_seq: record.seq,
+    })
+}
+
+/// Audits a delivery refused before it reached the rules (bad signature, not an event).
+pub fn audit_refused_delivery(
+    tx: &mut dyn StoreTx,
+    reason: &str,
+    detail: &str,
+    payload_len: usize,
+    event_hint: Option<(&str, &str)>,
+    now_ms: i64,
+) -> Result<AuditRecord, Error> {
+    let mut metadata = Map::new();
+    metadata.insert("reason".into(), json!(reason));
+    metadata.insert("detail".into(), json!(detail));
+    metadata.insert("payload_bytes".into(), json!(payload_len));
+    if let Some((id, event_type)) = event_hint {
+        metadata.insert("claimed_event_id".into(), json!(id));
+        metadata.insert("claimed_event_type".into(), json!(event_type));
+    }
+    tx.append_audit(
+        NewAuditRecord {
+            tenant_id: String::new(),
+            actor: WEBHOOK_ACTOR.to_owned(),
+            event: "billing.webhook.refused".to_owned(),
+            outcome: "rejected".to_owned(),
+            metadata: audit::bound_metadata(metadata),
+        },
+        now_ms,
+    )
+}
+
+pub const MAX_ID_LEN: usize = 128;
+
+/// Tenant and customer ids: printable, no whitespace, bounded.
+pub fn validate_id(field: &'static str, value: &str) -> Result<(), Error> {
+    if value.is_empty() {
+        return Err(Error::invalid(field, "is required"));
+    }
+    if value.len() > MAX_ID_LEN {
+        return Err(Error::invalid(
+            field,
+            format!("is longer than {MAX_ID_LEN} bytes"),
+        ));
+    }
+    if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Error::invalid(
+            field,
+            "must not contain whitespace or control characters",
+        ));
+    }
+    Ok(())
+}
+
+pub struct AdminChange<'a> {
+    pub actor: &'a str,
+    pub reason: &'a str,
+}
+
+fn admin_metadata(
+    change: &AdminChange<'_>,
+    mut metadata: Map<String, Value>,
+) -> Map<String, Value> {
+    if !change.reason.is_empty() {
+        metadata.insert("reason".into(), json!(change.reason));
+    }
+    audit::bound_metadata(metadata)
+}
+
+/// An admin sets a flag. The event ordering mark is kept, so an admin override does not make
+/// later Stripe events look stale, and a later event may change the flag again.
+pub fn set_flag(
+    tx: &mut dyn StoreTx,
+    tenant_id: &str,
+    key: &str,
+    value: FlagValue,
+    change: &AdminChange<'_>,
+    now_ms: i64,
+) -> Result<FlagRecord, Error> {
+    let current = tx.flag(tenant_id, key)?;
+    let written = tx.write_flag(FlagRecord {
+        tenant_id: tenant_id.to_owned(),
+        key: key.to_owned(),
+        value: value.clone(),
+        version: 0,
+        event_created: current.as_ref().map_or(0, |c| c.event_created),
+        origin: FlagOrigin::Admin,
+        updated_at_ms: now_ms,
+        updated_by: change.actor.to_owned(),
+        source_event_id: String::new(),
+    })?;
+    let mut metadata = Map::new();
+    metadata.insert("flag".into(), json!(key));
+    metadata.insert(
+        "old_value".into(),
+        json!(current.map(|c| c.value.display())),
+    );
+    metadata.insert("new_value".into(), json!(value.display()));
+    metadata.insert("version".into(), json!(written.version));
+    tx.append_audit(
+        NewAuditRecord {
+            tenant_id: tenant_id.to_owned(),
+            actor: change.actor.to_owned(),
+            event: "flag.set".to_owned(),
+            outcome: "applied".to_owned(),
+            metadata: admin_metadata(change, metadata),
+        },
+        now_ms,
+    )?;
+    Ok(written)
+}
+
+pub fn map_customer(
+    tx: &mut dyn StoreTx,
+    customer_id: &str,
+    tenant_id: &str,
+    change: &AdminChange<'_>,
+    now_ms: i64,
+) -> Result<Option<String>, Error> {
+    let previous = tx.map_customer(customer_id, tenant_id, now_ms)?;
+    if previous.as_deref() == Some(tenant_id) {
+        return Ok(previous);
+    }
+    let mut metadata = Map::new();
+    metadata.insert("customer".into(), json!(customer_id));
+    if let Some(previous) = &previous {
+        metadata.insert("previous_tenant".into(), json!(previous));
+    }
+    tx.append_audit(
+        NewAuditRecord {
+            tenant_id: tenant_id.to_owned(),
+            actor: change.actor.to_owned(),
+            event: "tenant.customer_mapped".to_owned(),
+            outcome: "applied".to_owned(),
+            metadata: admin_metadata(change, metadata),
+        },
+        now_ms,
+    )?;
+    Ok(previous)
+}
+
+pub fn unmap_customer(
+    tx: &mut dyn StoreTx,
+    customer_id: &str,
+    change: &AdminChange<'_>,
+    now_ms: i64,
+) -> Result<Option<String>, Error> {
+    let previous = tx.unmap_customer(customer_id)?;
+    if let Some(tenant) = &previous {
+        let mut metadata = Map::new();
+        metadata.insert("customer".into(), json!(customer_id));
+        tx.append_audit(
+            NewAuditRecord {
+                tenant_id: tenant.clone(),
+                actor: change.actor.to_owned(),
+                event: "tenant.customer_unmapped".to_owned(),
+                outcome: "applied".to_owned(),
+                metadata: admin_metadata(change, metadata),
+            },
+            now_ms,
+        )?;
+    }
+    Ok(previous)
+}
+
+pub fn verify_chain(tx: &mut dyn StoreTx) -> Result<VerifyReport, Error> {
+    let mut verifier = ChainVerifier::default();
+    tx.scan_audit(1, &mut |row| verifier.feed(&row))?;
+    Ok(verifier.finish())
+}

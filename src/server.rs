@@ -1,0 +1,220 @@
+//! Assembles the services, health and reflection, and runs them until SIGTERM/SIGINT, then
+//! drains: NOT_SERVING first, streams told to end, in-flight calls given a bounded grace, and
+//! the store closed cleanly last.
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use crate::api::{
+    AppState, Feeds, audit::AuditApi, flags::FlagApi, tenants::TenantApi, webhook::WebhookApi,
+};
+use crate::config::Config;
+use crate::flags::FlagCache;
+use crate::ops::{self, AdminChange};
+use crate::problem::Error;
+use crate::proto::{
+    audit_service_server::AuditServiceServer, flag_service_server::FlagServiceServer,
+    tenant_service_server::TenantServiceServer, webhook_service_server::WebhookServiceServer,
+};
+use crate::store::Store;
+
+const SERVICE_NAMES: [&str; 4] = [
+    "coresdk.v1.WebhookService",
+    "coresdk.v1.FlagService",
+    "coresdk.v1.AuditService",
+    "coresdk.v1.TenantService",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot open the store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("cannot prepare the store: {0}")]
+    Prepare(#[from] Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+pub async fn serve(config: Config) -> Result<(), ServeError> {
+    if config.mock {
+        tracing::warn!(
+            "MOCK MODE: in-memory store (nothing survives a restart), seeded test tenants, test webhook secret unless one is set. Never use in production."
+        );
+    }
+    if !config.verifier.has_secrets() {
+        tracing::warn!(
+            "no webhook secret: set STRIPE_WEBHOOK_SECRET or STRIPE_WEBHOOK_SECRET_FILE; webhooks are refused until then"
+        );
+    }
+    if config.admin_token.is_none() && !config.mock {
+        tracing::warn!("no CORESDK_ADMIN_TOKEN: admin RPCs (SetFlag, TenantService) are refused");
+    }
+
+    let cache = Arc::new(FlagCache::new(config.rules.catalog().clone()));
+    let feeds = Arc::new(Feeds::new(cache.clone()));
+    let store = Store::open(&config.store, feeds.clone())?;
+    cache.load(store.read(|tx| Ok(tx.load_flags()?)).await?);
+    seed_tenants(&store, &config).await?;
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let listen = config.listen;
+    let grace = config.shutdown_grace;
+    let max_message = config
+        .webhook_max_body_bytes
+        .saturating_mul(4)
+        .max(4 * 1024 * 1024);
+    let state = Arc::new(AppState {
+        config,
+        store: store.clone(),
+        feeds,
+        shutdown: shutdown_rx.clone(),
+    });
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: listen,
+            source,
+        })?;
+    let bound = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: listen,
+        source,
+    })?;
+
+    // Oversized webhook bodies must reach the handler to get a problem answer, so the
+    // transport limit sits well above the body limit.
+    let router = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            WebhookServiceServer::new(WebhookApi {
+                state: state.clone(),
+            })
+            .max_decoding_message_size(max_message),
+        )
+        .add_service(FlagServiceServer::new(FlagApi {
+            state: state.clone(),
+        }))
+        .add_service(AuditServiceServer::new(AuditApi {
+            state: state.clone(),
+        }))
+        .add_service(TenantServiceServer::new(TenantApi {
+            state: state.clone(),
+        }));
+
+    for name in SERVICE_NAMES.into_iter().chain([""]) {
+        health_reporter
+            .set_service_status(name, ServingStatus::Serving)
+            .await;
+    }
+
+    let mut drain = shutdown_rx.clone();
+    let server = tokio::spawn(router.serve_with_incoming_shutdown(
+        TcpListenerStream::new(listener),
+        async move {
+            let _ = drain.wait_for(|stop| *stop).await;
+        },
+    ));
+    tracing::info!(%bound, store = ?state.config.store, "serving");
+    // Tests and tools read this line to learn the port when listening on port 0.
+    println!("coresdk listening on {bound}");
+
+    wait_for_signal().await;
+    tracing::info!("shutting down: NOT_SERVING, draining in-flight calls");
+    for name in SERVICE_NAMES.into_iter().chain([""]) {
+        health_reporter
+            .set_service_status(name, ServingStatus::NotServing)
+            .await;
+    }
+    let _ = shutdown_tx.send(true);
+    match tokio::time::timeout(grace, server).await {
+        Ok(Ok(result)) => result?,
+        Ok(Err(join)) => tracing::error!(error = %join, "server task failed"),
+        Err(_) => tracing::warn!(
+            ?grace,
+            "in-flight calls did not finish within the grace period"
+        ),
+    }
+    drop(state);
+    let closing = store.clone();
+    let _ = tokio::task::spawn_blocking(move || closing.close()).await;
+    tracing::info!("store closed; bye");
+    Ok(())
+}
+
+async fn seed_tenants(store: &Store, config: &Config) -> Result<(), Error> {
+    if config.tenants.is_empty() {
+        return Ok(());
+    }
+    let tenants = config.tenants.clone();
+    let count = tenants.len();
+    store
+        .write(move |tx| {
+            for (customer, tenant) in &tenants {
+                ops::map_customer(
+                    tx,
+                    customer,
+                    tenant,
+                    &AdminChange {
+                        actor: "config",
+                        reason: "tenants file",
+                    },
+                    crate::time::now_ms(),
+                )?;
+            }
+            Ok(())
+        })
+        .await?;
+    tracing::info!(count, "customer → tenant mappings loaded");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

@@ -1,0 +1,234 @@
+//! Durable state behind one interface: processed events (dedup), customer → tenant mappings,
+//! flags and the audit chain.
+//!
+//! The domain logic (`crate::ops`) runs inside a store transaction through [`StoreTx`], so every
+//! backend gets the same semantics from the same code; a backend only provides the primitive
+//! reads and writes and the transaction boundaries. Work is submitted as closures to the
+//! backend's worker, which may commit several of them together (group commit) and answers each
+//! only after the commit is durable.
+
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+use crate::audit::{AuditRecord, NewAuditRecord, StoredAuditRow};
+use crate::flags::{FlagOrigin, FlagRecord};
+use crate::problem::Error;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+    #[error("this store connection is read-only")]
+    ReadOnly,
+    #[error("unsupported store URL '{0}': use sqlite://PATH or memory")]
+    UnsupportedUrl(String),
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        Error::StoreUnavailable(e.to_string())
+    }
+}
+
+/// How a webhook delivery ended; stored with the event id for redeliveries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    Duplicate,
+    Stale,
+    Ignored,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Stale => "stale",
+            Outcome::Ignored => "ignored",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "applied" => Outcome::Applied,
+            "duplicate" => Outcome::Duplicate,
+            "stale" => Outcome::Stale,
+            "ignored" => Outcome::Ignored,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessedEvent {
+    pub event_id: String,
+    pub event_type: String,
+    pub tenant_id: String,
+    pub outcome: Outcome,
+    pub audit_seq: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub tenant_id: Option<String>,
+    pub event_prefix: Option<String>,
+    pub outcome: Option<String>,
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    /// Only records with a greater sequence number (the page cursor).
+    pub after_seq: u64,
+    pub limit: u32,
+}
+
+/// What a committed transaction changed, handed to the [`CommitListener`] in commit order.
+#[derive(Debug, Clone)]
+pub enum Committed {
+    Flag(FlagRecord),
+    Audit(AuditRecord),
+}
+
+pub trait CommitListener: Send + Sync {
+    fn committed(&self, changes: Vec<Committed>);
+}
+
+/// The primitive operations a transaction offers. Writes are visible to later reads of the
+/// same transaction and take effect only if it commits.
+pub trait StoreTx {
+    fn processed_event(&mut self, event_id: &str) -> Result<Option<ProcessedEvent>, StoreError>;
+    fn record_processed(&mut self, event: &ProcessedEvent, at_ms: i64) -> Result<(), StoreError>;
+    fn tenant_of_customer(&mut self, customer_id: &str) -> Result<Option<String>, StoreError>;
+    /// Returns the tenant the customer was mapped to before, if any.
+    fn map_customer(
+        &mut self,
+        customer_id: &str,
+        tenant_id: &str,
+        at_ms: i64,
+    ) -> Result<Option<String>, StoreError>;
+    fn unmap_customer(&mut self, customer_id: &str) -> Result<Option<String>, StoreError>;
+    fn flag(&mut self, tenant_id: &str, key: &str) -> Result<Option<FlagRecord>, StoreError>;
+    fn flags_with_origin(
+        &mut self,
+        tenant_id: &str,
+        origin: FlagOrigin,
+    ) -> Result<Vec<FlagRecord>, StoreError>;
+    /// Writes a flag under the next store-wide version (the given one is ignored) and returns it.
+    fn write_flag(&mut self, record: FlagRecord) -> Result<FlagRecord, StoreError>;
+    /// Moves a flag's event ordering mark forward without changing its value or version.
+    fn advance_event_created(
+        &mut self,
+        tenant_id: &str,
+        key: &str,
+        created: i64,
+    ) -> Result<(), StoreError>;
+    fn append_audit(&mut self, record: NewAuditRecord, at_ms: i64) -> Result<AuditRecord, Error>;
+    fn load_flags(&mut self) -> Result<Vec<FlagRecord>, StoreError>;
+    fn query_audit(&mut self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError>;
+    /// Calls `visit` with every audit row from `from_seq` in order until it returns false.
+    fn scan_audit(
+        &mut self,
+        from_seq: u64,
+        visit: &mut dyn FnMut(StoredAuditRow) -> bool,
+    ) -> Result<(), StoreError>;
+}
+
+/// Called once the job's transaction committed (`Ok`) or failed to (`Err`).
+pub type Finisher = Box<dyn FnOnce(Result<(), Error>) + Send>;
+/// A unit of work: runs inside the transaction and says whether to keep its writes.
+pub type Job = Box<dyn FnOnce(&mut dyn StoreTx) -> (bool, Finisher) + Send>;
+
+pub trait Backend: Send + Sync {
+    fn submit_write(&self, job: Job);
+    fn submit_read(&self, job: Job);
+    /// Stops accepting work, finishes what was submitted and closes the database cleanly.
+    fn close(&self);
+}
+
+#[derive(Clone)]
+pub struct Store {
+    backend: Arc<dyn Backend>,
+}
+
+/// Where the state lives, from `--store`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    Memory,
+    Sqlite(std::path::PathBuf),
+}
+
+impl StoreUrl {
+    pub fn parse(url: &str) -> Result<Self, StoreError> {
+        if url == "memory" || url == "memory://" {
+            return Ok(StoreUrl::Memory);
+        }
+        match url.strip_prefix("sqlite://") {
+            Some(path) if !path.is_empty() => Ok(StoreUrl::Sqlite(path.into())),
+            _ => Err(StoreError::UnsupportedUrl(url.to_owned())),
+        }
+    }
+}
+
+impl Store {
+    pub fn open(url: &StoreUrl, listener: Arc<dyn CommitListener>) -> Result<Self, StoreError> {
+        let backend: Arc<dyn Backend> = Arc::new(sqlite::SqliteStore::open(url, listener)?);
+        Ok(Self { backend })
+    }
+
+    /// Runs `work` in a write transaction; an `Err` rolls back its writes. Answers only after
+    /// the commit is durable.
+    pub async fn write<T, F>(&self, work: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn StoreTx) -> Result<T, Error> + Send + 'static,
+    {
+        let (job, answer) = job(work);
+        self.backend.submit_write(job);
+        answer.await.unwrap_or_else(|_| Err(dropped()))
+    }
+
+    pub async fn read<T, F>(&self, work: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn StoreTx) -> Result<T, Error> + Send + 'static,
+    {
+        let (job, answer) = job(work);
+        self.backend.submit_read(job);
+        answer.await.unwrap_or_else(|_| Err(dropped()))
+    }
+
+    pub fn close(&self) {
+        self.backend.close();
+    }
+}
+
+fn dropped() -> Error {
+    Error::StoreUnavailable("the store could not run the transaction (see the sidecar log)".into())
+}
+
+fn job<T, F>(work: F) -> (Job, oneshot::Receiver<Result<T, Error>>)
+where
+    T: Send + 'static,
+    F: FnOnce(&mut dyn StoreTx) -> Result<T, Error> + Send + 'static,
+{
+    let (reply, answer) = oneshot::channel();
+    let job: Job = Box::new(move |tx| {
+        let result = work(tx);
+        let keep = result.is_ok();
+        let finish: Finisher = Box::new(move |commit| {
+            // The caller may have gone away (deadline); the work is committed all the same.
+            let _ = reply.send(commit.and(result));
+        });
+        (keep, finish)
+    });
+    (job, answer)
+}

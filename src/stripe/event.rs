@@ -1,0 +1,193 @@
+//! The parts of a verified Stripe event that the sidecar acts on.
+
+use serde_json::{Map, Value};
+
+use crate::problem::Error;
+
+/// Longest event id or type accepted; Stripe's are far shorter, and both end up in the audit.
+pub const MAX_ID_LEN: usize = 255;
+
+#[derive(Debug, Clone)]
+pub struct StripeEvent {
+    pub id: String,
+    pub event_type: String,
+    /// `created` (unix seconds): orders deliveries, which Stripe does not send in order.
+    pub created: i64,
+    pub livemode: bool,
+    /// `data.object`, or an empty object when the event has none.
+    pub object: Map<String, Value>,
+}
+
+impl StripeEvent {
+    /// Parses a payload whose signature was already verified. `signed_at` stands in for a
+    /// missing `created`, since the signature timestamp is the next best ordering Stripe gives.
+    pub fn parse(payload: &[u8], signed_at: i64) -> Result<Self, Error> {
+        let value: Value = serde_json::from_slice(payload)
+            .map_err(|e| Error::NotAStripeEvent(format!("the body is not JSON ({e})")))?;
+        let Value::Object(mut event) = value else {
+            return Err(Error::NotAStripeEvent(
+                "the body is not a JSON object".into(),
+            ));
+        };
+        let id = required_string(&event, "id")?;
+        let event_type = required_string(&event, "type")?;
+        let created = match event.get("created") {
+            None | Some(Value::Null) => signed_at,
+            Some(v) => v.as_i64().ok_or_else(|| {
+                Error::NotAStripeEvent("`created` is not an integer timestamp".into())
+            })?,
+        };
+        let livemode = event
+            .get("livemode")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let object = match event.remove("data") {
+            Some(Value::Object(mut data)) => match data.remove("object") {
+                Some(Value::Object(object)) => object,
+                _ => Map::new(),
+            },
+            _ => Map::new(),
+        };
+        Ok(Self {
+            id,
+            event_type,
+            created,
+            livemode,
+            object,
+        })
+    }
+
+    /// The Stripe customer the event is about: `customer` as an id or an expanded object, or
+    /// the object itself when the event is about a customer.
+    pub fn customer_id(&self) -> Option<&str> {
+        match self.object.get("customer") {
+            Some(Value::String(id)) if !id.is_empty() => return Some(id),
+            Some(Value::Object(customer)) => {
+                return customer.get("id").and_then(Value::as_str);
+            }
+            _ => {}
+        }
+        if self.object.get("object").and_then(Value::as_str) == Some("customer") {
+            return self.object.get("id").and_then(Value::as_str);
+        }
+        None
+    }
+
+    pub fn object_str(&self, field: &str) -> Option<&str> {
+        self.object
+            .get(field)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    }
+
+    /// `metadata.tenant_id` on the object, the fallback when no mapping exists.
+    pub fn metadata_tenant(&self) -> Option<&str> {
+        self.object
+            .get("metadata")
+            .and_then(|m| m.get("tenant_id"))
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    }
+
+    /// Names of the plans a subscription is on: every item's price `lookup_key` and `nickname`,
+    /// its plan `nickname`, and the legacy top-level `plan.nickname`.
+    pub fn plan_names(&self) -> Vec<&str> {
+        fn push_from<'a>(names: &mut Vec<&'a str>, holder: Option<&'a Value>) {
+            if let Some(holder) = holder {
+                for field in ["lookup_key", "nickname"] {
+                    if let Some(name) = holder.get(field).and_then(Value::as_str) {
+                        names.push(name);
+                    }
+                }
+            }
+        }
+        let mut names = Vec::new();
+        if let Some(items) = self
+            .object
+            .get("items")
+            .and_then(|i| i.get("data"))
+            .and_then(Value::as_array)
+        {
+            for item in items {
+                push_from(&mut names, item.get("price"));
+                push_from(&mut names, item.get("plan"));
+            }
+        }
+        push_from(&mut names, self.object.get("plan"));
+        names
+    }
+
+    /// `lookup_key`s of the features in an active entitlement summary.
+    pub fn entitlement_lookup_keys(&self) -> Vec<&str> {
+        self.object
+            .get("entitlements")
+            .and_then(|e| e.get("data"))
+            .and_then(Value::as_array)
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|item| {
+                        item.get("lookup_key")
+                            .or_else(|| item.get("feature").and_then(|f| f.get("lookup_key")))
+                            .and_then(Value::as_str)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+fn required_string(event: &Map<String, Value>, field: &'static str) -> Result<String, Error> {
+    match event.get(field) {
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_ID_LEN => Ok(s.clone()),
+        Some(Value::String(s)) if !s.is_empty() => Err(Error::NotAStripeEvent(format!(
+            "`{field}` is longer than {MAX_ID_LEN} characters"
+        ))),
+        _ => Err(Error::NotAStripeEvent(format!(
+            "no `{field}` string in the event"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_what_is_not_an_event() {
+        for body in [
+            &b"not json"[..],
+            b"[1,2]",
+            br#"{"type":"invoice.paid"}"#,
+            br#"{"id":"evt_1"}"#,
+            br#"{"id":"","type":"invoice.paid"}"#,
+            br#"{"id":"evt_1","type":"invoice.paid","created":"yesterday"}"#,
+        ] {
+            assert!(matches!(
+                StripeEvent::parse(body, 0),
+                Err(Error::NotAStripeEvent(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn reads_customer_plans_and_entitlements() {
+        let body = br#"{"id":"evt_1","type":"customer.subscription.updated","created":5,
+            "data":{"object":{"customer":{"id":"cus_1"},"metadata":{"tenant_id":"t1"},
+            "items":{"data":[{"price":{"lookup_key":"pro_monthly","nickname":"Pro"}}]},
+            "plan":{"nickname":"Enterprise"},
+            "entitlements":{"data":[{"lookup_key":"sso"},{"feature":{"lookup_key":"audit"}}]}}}}"#;
+        let event = StripeEvent::parse(body, 0).expect("valid event");
+        assert_eq!(event.created, 5);
+        assert_eq!(event.customer_id(), Some("cus_1"));
+        assert_eq!(event.metadata_tenant(), Some("t1"));
+        assert_eq!(event.plan_names(), vec!["pro_monthly", "Pro", "Enterprise"]);
+        assert_eq!(event.entitlement_lookup_keys(), vec!["sso", "audit"]);
+    }
+
+    #[test]
+    fn missing_created_falls_back_to_the_signature_time() {
+        let event = StripeEvent::parse(br#"{"id":"evt_1","type":"x"}"#, 77).expect("valid");
+        assert_eq!(event.created, 77);
+    }
+}

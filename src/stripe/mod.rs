@@ -1,0 +1,6 @@
+//! Stripe webhooks: signature verification and the typed view of a verified event.
+pub mod event;
+pub mod signature;
+
+pub use event::StripeEvent;
+pub use signature::{SignatureVerifier, sign_header};
