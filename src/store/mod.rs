@@ -27,6 +27,10 @@ pub enum StoreError {
     ReadOnly,
     #[error("unsupported store URL '{0}': use sqlite://PATH or memory")]
     UnsupportedUrl(String),
+    #[error(
+        "{0} is in use by another sidecar (one writer per SQLite file; use postgres:// for several replicas)"
+    )]
+    Locked(String),
     #[error("cannot create the data directory {path}: {source}")]
     DataDir {
         path: String,

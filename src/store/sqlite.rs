@@ -80,6 +80,9 @@ enum Queue {
 }
 
 pub struct SqliteStore {
+    /// Held for the store's lifetime: two sidecars on one file would each keep their own
+    /// chain head and fork the audit chain, so the second one must not start.
+    _lock: Option<std::fs::File>,
     writer: mpsc::Sender<Queue>,
     /// Absent for an in-memory database, whose reads go through the writer.
     reader: Option<mpsc::Sender<Queue>>,
@@ -170,6 +173,10 @@ impl SqliteStore {
                 source,
             })?;
         }
+        let lock = match url {
+            StoreUrl::Memory => None,
+            StoreUrl::Sqlite(path) => Some(lock_exclusively(path)?),
+        };
         let conn = open_connection(url, false)?;
         migrate(&conn)?;
         let state = load_state(&conn)?;
@@ -197,10 +204,34 @@ impl SqliteStore {
             }
         };
         Ok(Self {
+            _lock: lock,
             writer,
             reader,
             threads: Mutex::new(threads),
         })
+    }
+}
+
+fn lock_exclusively(db: &Path) -> Result<std::fs::File, StoreError> {
+    let mut lock_path = db.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = std::path::PathBuf::from(lock_path);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|source| StoreError::DataDir {
+            path: lock_path.display().to_string(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked(db.display().to_string())),
+        Err(std::fs::TryLockError::Error(source)) => Err(StoreError::DataDir {
+            path: lock_path.display().to_string(),
+            source,
+        }),
     }
 }
 

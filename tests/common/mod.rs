@@ -1,0 +1,268 @@
+//! Starts the real `coresdk` binary on an ephemeral port and talks to it over gRPC.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use coresdk::proto::{
+    audit_service_client::AuditServiceClient, flag_service_client::FlagServiceClient,
+    tenant_service_client::TenantServiceClient, webhook_service_client::WebhookServiceClient,
+};
+use prost::Message as _;
+use tonic::transport::Channel;
+
+pub const SECRET: &str = "whsec_integration_secret";
+pub const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789";
+
+pub struct Sidecar {
+    child: Option<Child>,
+    pub addr: String,
+    pub channel: Channel,
+    pub data_dir: Option<PathBuf>,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+}
+
+pub struct Options {
+    pub args: Vec<String>,
+    pub envs: Vec<(String, String)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            args: vec!["--store".into(), "memory".into()],
+            envs: vec![
+                ("STRIPE_WEBHOOK_SECRET".into(), SECRET.into()),
+                ("CORESDK_ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
+            ],
+        }
+    }
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_coresdk")
+}
+
+fn spawn(args: &[String], envs: &[(String, String)]) -> (Child, String) {
+    let mut command = Command::new(binary());
+    command
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("CORESDK_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in envs {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().expect("the coresdk binary starts");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("the sidecar printed its address before exiting")
+            .expect("readable stdout");
+        if let Some(addr) = line.strip_prefix("coresdk listening on ") {
+            break addr.to_owned();
+        }
+    };
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr)
+}
+
+async fn connect(addr: &str) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .expect("valid uri")
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connects to the sidecar")
+}
+
+impl Sidecar {
+    pub async fn start(options: Options) -> Self {
+        let (child, addr) = spawn(&options.args, &options.envs);
+        let channel = connect(&addr).await;
+        Self {
+            child: Some(child),
+            addr,
+            channel,
+            data_dir: None,
+            args: options.args,
+            envs: options.envs,
+        }
+    }
+
+    pub async fn mock() -> Self {
+        Self::start(Options {
+            args: vec!["--mock".into()],
+            envs: Vec::new(),
+        })
+        .await
+    }
+
+    /// A sidecar on a SQLite file in `dir`.
+    pub async fn on_disk(dir: &Path, mut options: Options) -> Self {
+        options.args.retain(|a| a != "--store" && a != "memory");
+        options.args.extend([
+            "--store".to_owned(),
+            format!("sqlite://{}", dir.join("coresdk.db").display()),
+        ]);
+        let mut sidecar = Self::start(options).await;
+        sidecar.data_dir = Some(dir.to_owned());
+        sidecar
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    pub fn store_url(&self) -> String {
+        format!(
+            "sqlite://{}",
+            self.data_dir
+                .as_ref()
+                .expect("an on-disk sidecar")
+                .join("coresdk.db")
+                .display()
+        )
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+        child.wait().expect("the sidecar exits")
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("SIGKILL");
+        let _ = child.wait();
+    }
+
+    /// Starts the same configuration again (same store), on a new port.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or kill first");
+        let (child, addr) = spawn(&self.args, &self.envs);
+        self.channel = connect(&addr).await;
+        self.addr = addr;
+        self.child = Some(child);
+    }
+
+    pub fn webhooks(&self) -> WebhookServiceClient<Channel> {
+        WebhookServiceClient::new(self.channel.clone())
+    }
+    pub fn flags(&self) -> FlagServiceClient<Channel> {
+        FlagServiceClient::new(self.channel.clone())
+    }
+    pub fn audit(&self) -> AuditServiceClient<Channel> {
+        AuditServiceClient::new(self.channel.clone())
+    }
+    pub fn tenants(&self) -> TenantServiceClient<Channel> {
+        TenantServiceClient::new(self.channel.clone())
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn now() -> i64 {
+    coresdk::time::now_s()
+}
+
+/// A Stripe event body with `data.object` = `object`.
+pub fn event(id: &str, event_type: &str, created: i64, object: serde_json::Value) -> Vec<u8> {
+    serde_json::json!({
+        "id": id,
+        "object": "event",
+        "type": event_type,
+        "created": created,
+        "livemode": false,
+        "data": {"object": object},
+    })
+    .to_string()
+    .into_bytes()
+}
+
+pub fn signed(secret: &str, body: Vec<u8>) -> coresdk::proto::HandleStripeWebhookRequest {
+    let signature_header = coresdk::stripe::sign_header(secret, now(), &body);
+    coresdk::proto::HandleStripeWebhookRequest {
+        payload: body,
+        signature_header,
+    }
+}
+
+pub fn admin<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {ADMIN_TOKEN}").parse().expect("ascii"),
+    );
+    request
+}
+
+/// The RFC 9457 problem carried in a status's details.
+pub fn problem(status: &tonic::Status) -> coresdk::proto::Problem {
+    let details =
+        tonic_types::pb::Status::decode(status.details()).expect("google.rpc.Status details");
+    let any = details
+        .details
+        .iter()
+        .find(|d| d.type_url.ends_with("coresdk.v1.Problem"))
+        .expect("a Problem in the details");
+    coresdk::proto::Problem::decode(any.value.as_slice()).expect("a Problem")
+}
+
+pub fn error_reason(status: &tonic::Status) -> String {
+    let details =
+        tonic_types::pb::Status::decode(status.details()).expect("google.rpc.Status details");
+    let any = details
+        .details
+        .iter()
+        .find(|d| d.type_url.ends_with("google.rpc.ErrorInfo"))
+        .expect("an ErrorInfo in the details");
+    tonic_types::pb::ErrorInfo::decode(any.value.as_slice())
+        .expect("an ErrorInfo")
+        .reason
+}
+
+pub fn bool_value(flag: &coresdk::proto::Flag) -> Option<bool> {
+    match flag.value.as_ref()?.kind.as_ref()? {
+        coresdk::proto::flag_value::Kind::BoolValue(b) => Some(*b),
+        _ => None,
+    }
+}
+
+pub async fn flag(sidecar: &Sidecar, tenant: &str, key: &str) -> coresdk::proto::Flag {
+    sidecar
+        .flags()
+        .get_flag(coresdk::proto::GetFlagRequest {
+            tenant_id: tenant.into(),
+            key: key.into(),
+        })
+        .await
+        .expect("GetFlag")
+        .into_inner()
+}
+
+pub async fn is_on(sidecar: &Sidecar, tenant: &str, key: &str) -> bool {
+    bool_value(&flag(sidecar, tenant, key).await).expect("a bool flag")
+}
