@@ -5,6 +5,7 @@
 pub mod api;
 pub mod audit;
 pub mod config;
+pub mod drain;
 pub mod flags;
 pub mod json;
 pub mod ops;

@@ -105,7 +105,9 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 
     // Oversized webhook bodies must reach the handler to get a problem answer, so the
     // transport limit sits well above the body limit.
+    let in_flight = crate::drain::InFlight::default();
     let router = Server::builder()
+        .layer(in_flight.clone())
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -132,7 +134,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     }
 
     let mut drain = shutdown_rx.clone();
-    let server = tokio::spawn(router.serve_with_incoming_shutdown(
+    let mut server = tokio::spawn(router.serve_with_incoming_shutdown(
         TcpListenerStream::new(listener),
         async move {
             let _ = drain.wait_for(|stop| *stop).await;
@@ -143,20 +145,28 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     println!("coresdk listening on {bound}");
 
     wait_for_signal().await;
-    tracing::info!("shutting down: NOT_SERVING, draining in-flight calls");
+    tracing::info!(
+        in_flight = in_flight.current(),
+        "shutting down: NOT_SERVING, draining in-flight calls"
+    );
     for name in SERVICE_NAMES.into_iter().chain([""]) {
         health_reporter
             .set_service_status(name, ServingStatus::NotServing)
             .await;
     }
     let _ = shutdown_tx.send(true);
-    match tokio::time::timeout(grace, server).await {
+    if !in_flight.drained(grace).await {
+        tracing::warn!(
+            ?grace,
+            left = in_flight.current(),
+            "in-flight calls did not finish within the grace period"
+        );
+    }
+    // Idle client connections would hold the transport's own drain open indefinitely.
+    match tokio::time::timeout(std::time::Duration::from_millis(200), &mut server).await {
         Ok(Ok(result)) => result?,
         Ok(Err(join)) => tracing::error!(error = %join, "server task failed"),
-        Err(_) => tracing::warn!(
-            ?grace,
-            "in-flight calls did not finish within the grace period"
-        ),
+        Err(_) => server.abort(),
     }
     drop(state);
     let closing = store.clone();

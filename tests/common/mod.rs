@@ -53,7 +53,10 @@ fn spawn(args: &[String], envs: &[(String, String)]) -> (Child, String) {
         .args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("CORESDK_LOG", "error")
+        .env(
+            "CORESDK_LOG",
+            std::env::var("TEST_CORESDK_LOG").unwrap_or_else(|_| "error".into()),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     for (k, v) in envs {
