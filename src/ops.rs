@@ -223,15 +223,14 @@ fn resolve_tenant(
     let customer = event.customer_id();
     if event.event_type == "checkout.session.completed"
         && let (Some(customer), Some(tenant)) = (customer, event.object_str("client_reference_id"))
+        && validate_id("client_reference_id", tenant).is_ok()
     {
-        if validate_id("client_reference_id", tenant).is_ok() {
-            let previous = tx.map_customer(customer, tenant, now_ms)?;
-            return Ok(if previous.as_deref() == Some(tenant) {
-                Resolved::Tenant(tenant.to_owned())
-            } else {
-                Resolved::Mapped(tenant.to_owned())
-            });
-        }
+        let previous = tx.map_customer(customer, tenant, now_ms)?;
+        return Ok(if previous.as_deref() == Some(tenant) {
+            Resolved::Tenant(tenant.to_owned())
+        } else {
+            Resolved::Mapped(tenant.to_owned())
+        });
     }
     if let Some(customer) = customer
         && let Some(tenant) = tx.tenant_of_customer(customer)?

@@ -128,7 +128,7 @@ impl Rules {
                     "rule {n} needs a non-empty `events` list"
                 )));
             }
-            if spec.entitlements == !spec.set.is_empty() {
+            if spec.entitlements != spec.set.is_empty() {
                 return Err(RulesError::Invalid(format!(
                     "rule {n} needs exactly one of `set` or `entitlements = true`"
                 )));

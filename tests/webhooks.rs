@@ -260,7 +260,7 @@ async fn refusals_answer_problems_and_are_audited() {
         Code::InvalidArgument | Code::ResourceExhausted | Code::OutOfRange
     ));
     assert!(
-        is_on(&sidecar, "nobody", "pro_features").await == false,
+        !is_on(&sidecar, "nobody", "pro_features").await,
         "still serving"
     );
 

@@ -207,12 +207,13 @@ mod tests {
     #[test]
     fn rejects_every_malformed_or_wrong_header() {
         let v = verifier();
-        let cases: &[(&str, fn(&Error) -> bool)] = &[
+        type Expectation = fn(&Error) -> bool;
+        let cases: &[(&str, Expectation)] = &[
             ("", |e| matches!(e, Error::SignatureMissing)),
             ("   ", |e| matches!(e, Error::SignatureMissing)),
             ("garbage", |e| matches!(e, Error::SignatureMalformed(_))),
             ("v1=88a0", |e| matches!(e, Error::SignatureMalformed(_))),
-            (&"t=1492774577,v1=", |e| {
+            ("t=1492774577,v1=", |e| {
                 matches!(e, Error::SignatureMalformed(_))
             }),
             ("t=1492774577,v1=abcd", |e| {
