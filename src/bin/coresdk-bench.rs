@@ -1,1 +1,344 @@
-fn main() {}
+//! Load benchmark for the sidecar. Starts the release binary on an ephemeral loopback port
+//! (or targets `--addr`), then measures in one run, against the same server:
+//! `grpc.health.v1.Health/Check` (the baseline: the cheapest call the server answers),
+//! `FlagService/GetFlag` (reported as a ratio to the baseline), and durable webhook
+//! throughput on the embedded store with concurrent senders; plus the server's RSS idle and
+//! at its peak under load. All traffic stays on loopback, bounded in time.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use coresdk::proto::{
+    GetFlagRequest, HandleStripeWebhookRequest, flag_service_client::FlagServiceClient,
+    webhook_service_client::WebhookServiceClient,
+};
+use tonic::transport::Channel;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+const SECRET: &str = "whsec_bench_secret";
+const TENANTS: usize = 64;
+
+#[derive(Parser)]
+#[command(about = "Benchmark the CoreSDK sidecar over loopback gRPC")]
+struct Args {
+    /// Target a running sidecar instead of starting one (RSS is then not measured).
+    #[arg(long)]
+    addr: Option<String>,
+    /// The sidecar binary to start; defaults to `coresdk` next to this one.
+    #[arg(long)]
+    sidecar: Option<PathBuf>,
+    /// Seconds per measured phase (after a one-second warm-up).
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Concurrent callers for the read phases.
+    #[arg(long, default_value_t = 32)]
+    read_concurrency: usize,
+    /// Concurrent webhook senders.
+    #[arg(long, default_value_t = 32)]
+    webhook_concurrency: usize,
+    /// HTTP/2 connections the callers share.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+}
+
+struct Phase {
+    name: &'static str,
+    calls: u64,
+    errors: u64,
+    elapsed: Duration,
+    latencies_us: Vec<u32>,
+}
+
+impl Phase {
+    fn throughput(&self) -> f64 {
+        self.calls as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile(&self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return 0.0;
+        }
+        let index = ((self.latencies_us.len() - 1) as f64 * p).round() as usize;
+        f64::from(self.latencies_us[index]) / 1000.0
+    }
+}
+
+struct Sidecar {
+    child: Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_sidecar(binary: PathBuf) -> Result<Sidecar, Box<dyn std::error::Error>> {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir()?;
+    let tenants: serde_json::Map<String, serde_json::Value> = (0..TENANTS)
+        .map(|i| (format!("cus_bench_{i}"), format!("tenant-{i}").into()))
+        .collect();
+    let tenants_file = dir.path().join("tenants.json");
+    std::fs::write(
+        &tenants_file,
+        serde_json::Value::Object(tenants).to_string(),
+    )?;
+    let mut child = Command::new(&binary)
+        .args(["serve", "--listen", "127.0.0.1:0", "--store"])
+        .arg(format!(
+            "sqlite://{}",
+            dir.path().join("coresdk.db").display()
+        ))
+        .arg("--tenants-file")
+        .arg(&tenants_file)
+        .env("STRIPE_WEBHOOK_SECRET", SECRET)
+        .env("CORESDK_LOG", "error")
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        match lines.next() {
+            Some(Ok(line)) => {
+                if let Some(addr) = line.strip_prefix("coresdk listening on ") {
+                    break addr.to_owned();
+                }
+            }
+            _ => return Err("the sidecar exited before listening".into()),
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Ok(Sidecar {
+        child,
+        addr,
+        _dir: dir,
+    })
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Runs `call` from `concurrency` tasks for a warm-up second and then `seconds`.
+async fn run_phase<F, Fut>(name: &'static str, concurrency: usize, seconds: u64, call: F) -> Phase
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let call = Arc::new(call);
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for worker in 0..concurrency {
+        let (call, measuring, stop, errors) = (
+            call.clone(),
+            measuring.clone(),
+            stop.clone(),
+            errors.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(16 * 1024);
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let ok = call(worker, n).await;
+                n += 1;
+                if measuring.load(Ordering::Relaxed) {
+                    latencies.push(started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                    if !ok {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            latencies
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let mut latencies_us = Vec::new();
+    for task in tasks {
+        latencies_us.extend(task.await.unwrap_or_default());
+    }
+    latencies_us.sort_unstable();
+    Phase {
+        name,
+        calls: latencies_us.len() as u64,
+        errors: errors.load(Ordering::Relaxed),
+        elapsed,
+        latencies_us,
+    }
+}
+
+fn print_phase(phase: &Phase, baseline: Option<&Phase>) {
+    let ratio = baseline
+        .map(|b| format!("{:.2}x", phase.throughput() / b.throughput()))
+        .unwrap_or_else(|| "baseline".into());
+    println!(
+        "{:<28} {:>10.0}/s  p50 {:>7.3} ms  p99 {:>7.3} ms  errors {:>5}  {}",
+        phase.name,
+        phase.throughput(),
+        phase.percentile(0.50),
+        phase.percentile(0.99),
+        phase.errors,
+        ratio
+    );
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let sidecar = match &args.addr {
+        Some(_) => None,
+        None => {
+            let binary = match &args.sidecar {
+                Some(path) => path.clone(),
+                None => std::env::current_exe()?
+                    .parent()
+                    .ok_or("no binary directory")?
+                    .join("coresdk"),
+            };
+            Some(start_sidecar(binary)?)
+        }
+    };
+    let addr = match (&args.addr, &sidecar) {
+        (Some(addr), _) => addr.clone(),
+        (None, Some(s)) => s.addr.clone(),
+        (None, None) => return Err("no address".into()),
+    };
+    let pid = sidecar.as_ref().map(|s| s.child.id());
+    let mut channels = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        channels.push(
+            Channel::from_shared(format!("http://{addr}"))?
+                .connect()
+                .await?,
+        );
+    }
+    let channels = Arc::new(channels);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle_rss = pid.and_then(rss_kib);
+
+    println!(
+        "coresdk-bench against {addr}: {} s per phase, {} read callers, {} webhook senders, {} connections, {} cores",
+        args.seconds,
+        args.read_concurrency,
+        args.webhook_concurrency,
+        channels.len(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    let chans = channels.clone();
+    let health = run_phase(
+        "Health/Check (baseline)",
+        args.read_concurrency,
+        args.seconds,
+        move |w, _| {
+            let mut client = HealthClient::new(chans[w % chans.len()].clone());
+            async move {
+                client
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .is_ok()
+            }
+        },
+    )
+    .await;
+    print_phase(&health, None);
+
+    let chans = channels.clone();
+    let get_flag = run_phase(
+        "FlagService/GetFlag",
+        args.read_concurrency,
+        args.seconds,
+        move |w, n| {
+            let mut client = FlagServiceClient::new(chans[w % chans.len()].clone());
+            async move {
+                client
+                    .get_flag(GetFlagRequest {
+                        tenant_id: format!("tenant-{}", (n as usize + w) % TENANTS),
+                        key: "pro_features".into(),
+                    })
+                    .await
+                    .is_ok()
+            }
+        },
+    )
+    .await;
+    print_phase(&get_flag, Some(&health));
+
+    let peak_rss = Arc::new(AtomicU64::new(0));
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = pid.map(|pid| {
+        let (peak, sampling) = (peak_rss.clone(), sampling.clone());
+        tokio::spawn(async move {
+            while sampling.load(Ordering::Relaxed) {
+                if let Some(rss) = rss_kib(pid) {
+                    peak.fetch_max(rss, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    });
+    let chans = channels.clone();
+    let run = std::process::id();
+    let webhooks = run_phase("WebhookService (durable)", args.webhook_concurrency, args.seconds, move |w, n| {
+        let mut client = WebhookServiceClient::new(chans[w % chans.len()].clone());
+        let event_type = if n % 2 == 0 { "invoice.paid" } else { "invoice.payment_failed" };
+        let created = coresdk::time::now_s();
+        let body = serde_json::json!({
+            "id": format!("evt_bench_{run}_{w}_{n}"),
+            "object": "event",
+            "type": event_type,
+            "created": created,
+            "data": {"object": {"object": "invoice", "customer": format!("cus_bench_{}", (w + n as usize) % TENANTS)}},
+        })
+        .to_string()
+        .into_bytes();
+        let signature_header = coresdk::stripe::sign_header(SECRET, created, &body);
+        async move {
+            client
+                .handle_stripe_webhook(HandleStripeWebhookRequest { payload: body, signature_header })
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    sampling.store(false, Ordering::Relaxed);
+    if let Some(sampler) = sampler {
+        let _ = sampler.await;
+    }
+    print_phase(&webhooks, Some(&health));
+
+    if let Some(idle) = idle_rss {
+        println!(
+            "server RSS: idle {:.1} MiB, peak under webhook load {:.1} MiB",
+            idle as f64 / 1024.0,
+            peak_rss.load(Ordering::Relaxed) as f64 / 1024.0
+        );
+    }
+    Ok(())
+}
