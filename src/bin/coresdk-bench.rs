@@ -32,7 +32,7 @@ struct Args {
     /// The sidecar binary to start; defaults to `coresdk` next to this one.
     #[arg(long)]
     sidecar: Option<PathBuf>,
-    /// Seconds per measured phase (after a one-second warm-up).
+    /// Seconds measured per phase (reads alternate in one-second rounds; after a warm-up).
     #[arg(long, default_value_t = 5)]
     seconds: u64,
     /// Concurrent callers for the read phases.
@@ -55,6 +55,15 @@ struct Phase {
 }
 
 impl Phase {
+    fn merge(mut self, other: Phase) -> Phase {
+        self.calls += other.calls;
+        self.errors += other.errors;
+        self.elapsed += other.elapsed;
+        self.latencies_us.extend(other.latencies_us);
+        self.latencies_us.sort_unstable();
+        self
+    }
+
     fn throughput(&self) -> f64 {
         self.calls as f64 / self.elapsed.as_secs_f64()
     }
@@ -85,6 +94,13 @@ impl Drop for Sidecar {
 
 fn start_sidecar(binary: PathBuf) -> Result<Sidecar, Box<dyn std::error::Error>> {
     use std::io::{BufRead, BufReader};
+    if !binary.exists() {
+        return Err(format!(
+            "{} not found: build it first with `cargo build --release --bins`",
+            binary.display()
+        )
+        .into());
+    }
     let dir = tempfile::tempdir()?;
     let tenants: serde_json::Map<String, serde_json::Value> = (0..TENANTS)
         .map(|i| (format!("cus_bench_{i}"), format!("tenant-{i}").into()))
@@ -135,13 +151,18 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// Runs `call` from `concurrency` tasks for a warm-up second and then `seconds`.
-async fn run_phase<F, Fut>(name: &'static str, concurrency: usize, seconds: u64, call: F) -> Phase
+/// Runs `call` from `concurrency` tasks for `warm_up` and then `measured`.
+async fn run_phase<F, Fut>(
+    name: &'static str,
+    concurrency: usize,
+    warm_up: Duration,
+    measured: Duration,
+    call: Arc<F>,
+) -> Phase
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = bool> + Send,
 {
-    let call = Arc::new(call);
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
@@ -170,10 +191,10 @@ where
             latencies
         }));
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(warm_up).await;
     measuring.store(true, Ordering::Relaxed);
     let started = Instant::now();
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    tokio::time::sleep(measured).await;
     measuring.store(false, Ordering::Relaxed);
     let elapsed = started.elapsed();
     stop.store(true, Ordering::Relaxed);
@@ -249,45 +270,75 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
 
+    // The baseline and GetFlag alternate in short rounds so that both see the same machine
+    // (the client shares the cores with the server, and a noisy neighbour hits both alike).
     let chans = channels.clone();
-    let health = run_phase(
-        "Health/Check (baseline)",
-        args.read_concurrency,
-        args.seconds,
-        move |w, _| {
-            let mut client = HealthClient::new(chans[w % chans.len()].clone());
-            async move {
-                client
-                    .check(HealthCheckRequest {
-                        service: String::new(),
-                    })
-                    .await
-                    .is_ok()
-            }
-        },
-    )
-    .await;
+    let health_call = Arc::new(move |w: usize, _n: u64| {
+        let mut client = HealthClient::new(chans[w % chans.len()].clone());
+        async move {
+            client
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .is_ok()
+        }
+    });
+    let chans = channels.clone();
+    let tenant_ids: Arc<Vec<String>> =
+        Arc::new((0..TENANTS).map(|i| format!("tenant-{i}")).collect());
+    let get_flag_call = Arc::new(move |w: usize, n: u64| {
+        let mut client = FlagServiceClient::new(chans[w % chans.len()].clone());
+        let tenant_id = tenant_ids[(n as usize + w) % TENANTS].clone();
+        async move {
+            client
+                .get_flag(GetFlagRequest {
+                    tenant_id,
+                    key: "pro_features".into(),
+                })
+                .await
+                .is_ok()
+        }
+    });
+    let rounds = args.seconds.max(1);
+    let round = Duration::from_secs(1);
+    let mut health: Option<Phase> = None;
+    let mut get_flag: Option<Phase> = None;
+    for i in 0..rounds {
+        let warm_up = if i == 0 {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_millis(200)
+        };
+        let h = run_phase(
+            "Health/Check (baseline)",
+            args.read_concurrency,
+            warm_up,
+            round,
+            health_call.clone(),
+        )
+        .await;
+        let g = run_phase(
+            "FlagService/GetFlag",
+            args.read_concurrency,
+            warm_up,
+            round,
+            get_flag_call.clone(),
+        )
+        .await;
+        health = Some(match health {
+            Some(p) => p.merge(h),
+            None => h,
+        });
+        get_flag = Some(match get_flag {
+            Some(p) => p.merge(g),
+            None => g,
+        });
+    }
+    let (Some(health), Some(get_flag)) = (health, get_flag) else {
+        return Err("no rounds ran".into());
+    };
     print_phase(&health, None);
-
-    let chans = channels.clone();
-    let get_flag = run_phase(
-        "FlagService/GetFlag",
-        args.read_concurrency,
-        args.seconds,
-        move |w, n| {
-            let mut client = FlagServiceClient::new(chans[w % chans.len()].clone());
-            async move {
-                client
-                    .get_flag(GetFlagRequest {
-                        tenant_id: format!("tenant-{}", (n as usize + w) % TENANTS),
-                        key: "pro_features".into(),
-                    })
-                    .await
-                    .is_ok()
-            }
-        },
-    )
-    .await;
     print_phase(&get_flag, Some(&health));
 
     let peak_rss = Arc::new(AtomicU64::new(0));
@@ -305,9 +356,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     let chans = channels.clone();
     let run = std::process::id();
-    let webhooks = run_phase("WebhookService (durable)", args.webhook_concurrency, args.seconds, move |w, n| {
+    let webhook_call = Arc::new(move |w: usize, n: u64| {
         let mut client = WebhookServiceClient::new(chans[w % chans.len()].clone());
-        let event_type = if n % 2 == 0 { "invoice.paid" } else { "invoice.payment_failed" };
+        let event_type = if n % 2 == 0 {
+            "invoice.paid"
+        } else {
+            "invoice.payment_failed"
+        };
         let created = coresdk::time::now_s();
         let body = serde_json::json!({
             "id": format!("evt_bench_{run}_{w}_{n}"),
@@ -321,11 +376,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let signature_header = coresdk::stripe::sign_header(SECRET, created, &body);
         async move {
             client
-                .handle_stripe_webhook(HandleStripeWebhookRequest { payload: body, signature_header })
+                .handle_stripe_webhook(HandleStripeWebhookRequest {
+                    payload: body,
+                    signature_header,
+                })
                 .await
                 .is_ok()
         }
-    })
+    });
+    let webhooks = run_phase(
+        "WebhookService (durable)",
+        args.webhook_concurrency,
+        Duration::from_secs(1),
+        Duration::from_secs(args.seconds),
+        webhook_call,
+    )
     .await;
     sampling.store(false, Ordering::Relaxed);
     if let Some(sampler) = sampler {
