@@ -46,6 +46,17 @@ pub enum Command {
     /// Stripe developer tools.
     #[command(subcommand)]
     Stripe(StripeCommand),
+    /// Ask a running sidecar's health service; exits 0 only when it is SERVING. For exec
+    /// probes and container health checks, which cannot reach a loopback-only gRPC port.
+    Health {
+        #[arg(long, env = "CORESDK_LISTEN", default_value = "127.0.0.1:50051")]
+        addr: String,
+        /// A service name such as `coresdk.v1.WebhookService`; empty asks for the whole server.
+        #[arg(long, default_value = "")]
+        service: String,
+        #[arg(long, default_value_t = 2)]
+        timeout_s: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]

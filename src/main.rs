@@ -31,6 +31,56 @@ fn main() -> ExitCode {
         Some(Command::Stripe(StripeCommand::Sign { secret, timestamp })) => {
             stripe_sign(&secret, timestamp)
         }
+        Some(Command::Health {
+            addr,
+            service,
+            timeout_s,
+        }) => health(&addr, service, timeout_s),
+    }
+}
+
+fn health(addr: &str, service: String, timeout_s: u64) -> ExitCode {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("coresdk: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let timeout = std::time::Duration::from_secs(timeout_s.max(1));
+    let answer = runtime.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        HealthClient::new(channel)
+            .check(HealthCheckRequest { service })
+            .await
+            .map(|r| r.into_inner().status())
+            .map_err(|e| e.message().to_owned())
+    });
+    match answer {
+        Ok(ServingStatus::Serving) => {
+            println!("SERVING");
+            ExitCode::SUCCESS
+        }
+        Ok(status) => {
+            println!("{}", status.as_str_name());
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("coresdk: health check of {addr} failed: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

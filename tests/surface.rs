@@ -26,6 +26,17 @@ async fn health_and_reflection() {
         );
     }
 
+    let probe = std::process::Command::new(binary())
+        .args(["health", "--addr", &sidecar.addr])
+        .output()
+        .expect("runs");
+    assert!(probe.status.success(), "{probe:?}");
+    let unreachable = std::process::Command::new(binary())
+        .args(["health", "--addr", "127.0.0.1:1"])
+        .output()
+        .expect("runs");
+    assert!(!unreachable.status.success());
+
     use tonic_reflection::pb::{v1, v1alpha};
     let mut client =
         v1::server_reflection_client::ServerReflectionClient::new(sidecar.channel.clone());
