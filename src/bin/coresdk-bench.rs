@@ -358,7 +358,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let run = std::process::id();
     let webhook_call = Arc::new(move |w: usize, n: u64| {
         let mut client = WebhookServiceClient::new(chans[w % chans.len()].clone());
-        let event_type = if n % 2 == 0 {
+        let event_type = if n.is_multiple_of(2) {
             "invoice.paid"
         } else {
             "invoice.payment_failed"
