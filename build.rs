@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/coresdk/v1/webhook.proto",
         "proto/coresdk/v1/audit.proto",
         "proto/coresdk/v1/tenants.proto",
+        "proto/coresdk/v1/auth.proto",
     ];
     println!("cargo:rerun-if-changed=proto");
     let descriptors = protox::compile(protos, ["proto"])?;

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
+use crate::auth::ProblemLinks;
+use crate::auth::token::{TokenSettings, TokenVerifier};
 use crate::rules::Rules;
 use crate::store::StoreUrl;
 use crate::stripe::SignatureVerifier;
@@ -36,6 +38,8 @@ pub struct Cli {
     pub serve: ServeArgs,
 }
 
+// Parsed once at start; the size of the serve variant costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the sidecar (the default command).
@@ -140,6 +144,55 @@ pub struct ServeArgs {
     /// How long in-flight calls may take to finish after SIGTERM.
     #[arg(long, env = "CORESDK_SHUTDOWN_GRACE_S", default_value_t = 10)]
     pub shutdown_grace_s: u64,
+    /// When set, every RPC but health needs `authorization: Bearer <token>` (this token or the
+    /// admin token) or `x-coresdk-api-token: <token>`.
+    #[arg(long, env = "CORESDK_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// HMAC secret(s) for HS256/384/512 tokens, comma-separated.
+    #[arg(long, env = "CORESDK_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    #[arg(long, env = "CORESDK_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// A PEM public key (RSA, EC P-256/P-384 or Ed25519) for RS*/ES*/EdDSA tokens.
+    #[arg(long, env = "CORESDK_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// A JWK set; keys are picked by `kid`, and the file is re-read when it changes.
+    #[arg(long, env = "CORESDK_JWKS_FILE")]
+    pub jwks_file: Option<PathBuf>,
+    #[arg(long, env = "CORESDK_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Accepted audiences, comma-separated.
+    #[arg(long, env = "CORESDK_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    #[arg(long, env = "CORESDK_JWT_TENANT_CLAIM", default_value = "tenant_id")]
+    pub jwt_tenant_claim: String,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[arg(long, env = "CORESDK_JWT_LEEWAY_S", default_value_t = 60)]
+    pub jwt_leeway_s: u64,
+    /// Link put in 402 problems as `billing_url`.
+    #[arg(long, env = "CORESDK_BILLING_URL")]
+    pub billing_url: Option<String>,
+    /// Link put in 403 feature-locked problems as `upgrade_url`.
+    #[arg(long, env = "CORESDK_UPGRADE_URL")]
+    pub upgrade_url: Option<String>,
+    /// Identical denials within this window are audited once, with a count.
+    #[arg(long, env = "CORESDK_DENY_AUDIT_WINDOW_S", default_value_t = 60)]
+    pub deny_audit_window_s: u64,
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "CORESDK_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    #[arg(long, env = "CORESDK_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mutual TLS).
+    #[arg(long, env = "CORESDK_TLS_CLIENT_CA_FILE")]
+    pub tls_client_ca_file: Option<PathBuf>,
+}
+
+/// PEM material for the listener.
+pub struct TlsFiles {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+    pub client_ca: Option<Vec<u8>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +222,39 @@ pub struct Config {
     pub fail_mode: FailMode,
     pub log_format: LogFormat,
     pub shutdown_grace: std::time::Duration,
+    pub api_token: Option<String>,
+    pub tokens: Arc<TokenVerifier>,
+    pub tenant_claim: String,
+    pub problem_links: ProblemLinks,
+    pub deny_audit_window: std::time::Duration,
+    pub tls: Option<TlsFiles>,
+}
+
+fn read_file(setting: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path)
+        .map_err(|e| config_error(setting, format!("cannot read {}: {e}", path.display())))
+}
+
+fn checked_token(
+    setting: &'static str,
+    token: Option<String>,
+) -> Result<Option<String>, ConfigError> {
+    match token {
+        Some(token) if token.trim().is_empty() => Err(config_error(setting, "is set but empty")),
+        Some(token) if token.len() < 16 => {
+            Err(config_error(setting, "must be at least 16 characters"))
+        }
+        other => Ok(other),
+    }
+}
+
+fn checked_url(setting: &'static str, url: Option<String>) -> Result<Option<String>, ConfigError> {
+    match url {
+        Some(url) if !(url.starts_with("https://") || url.starts_with("http://")) => {
+            Err(config_error(setting, "must be an absolute http(s) URL"))
+        }
+        other => Ok(other),
+    }
 }
 
 fn split_secrets(text: &str) -> impl Iterator<Item = String> + '_ {
@@ -228,17 +314,72 @@ impl Config {
                 "must be an absolute URI (https://…)",
             ));
         }
-        let admin_token = match args.admin_token {
-            Some(token) if token.trim().is_empty() => {
-                return Err(config_error("CORESDK_ADMIN_TOKEN", "is set but empty"));
-            }
-            Some(token) if token.len() < 16 => {
+        let admin_token = checked_token("CORESDK_ADMIN_TOKEN", args.admin_token)?;
+        let api_token = checked_token("CORESDK_API_TOKEN", args.api_token)?;
+
+        let mut jwt_secrets: Vec<Vec<u8>> = args
+            .jwt_secret
+            .as_deref()
+            .map(|s| split_secrets(s).map(String::into_bytes).collect())
+            .unwrap_or_default();
+        if let Some(path) = &args.jwt_secret_file {
+            let text = String::from_utf8(read_file("CORESDK_JWT_SECRET_FILE", path)?)
+                .map_err(|_| config_error("CORESDK_JWT_SECRET_FILE", "is not UTF-8 text"))?;
+            jwt_secrets.extend(split_secrets(&text).map(String::into_bytes));
+        }
+        if jwt_secrets.iter().any(|s| s.len() < 32) {
+            return Err(config_error(
+                "CORESDK_JWT_SECRET",
+                "HMAC secrets must be at least 32 bytes (RFC 7518 §3.2)",
+            ));
+        }
+        let public_key_pem = args
+            .jwt_public_key_file
+            .as_deref()
+            .map(|p| read_file("CORESDK_JWT_PUBLIC_KEY_FILE", p))
+            .transpose()?;
+        let tokens = TokenVerifier::new(TokenSettings {
+            hmac_secrets: jwt_secrets,
+            public_key_pem,
+            jwks_file: args.jwks_file.clone(),
+            issuer: args.jwt_issuer.clone(),
+            audience: args
+                .jwt_audience
+                .as_deref()
+                .map(|a| split_secrets(a).collect())
+                .unwrap_or_default(),
+            tenant_claim: args.jwt_tenant_claim.clone(),
+            leeway_s: args.jwt_leeway_s,
+        })
+        .map_err(|e| config_error(e.setting, e.message))?;
+        let problem_links = ProblemLinks {
+            type_base: args.problem_type_base.clone(),
+            billing_url: checked_url("CORESDK_BILLING_URL", args.billing_url)?,
+            upgrade_url: checked_url("CORESDK_UPGRADE_URL", args.upgrade_url)?,
+        };
+        let tls = match (&args.tls_cert_file, &args.tls_key_file) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: read_file("CORESDK_TLS_CERT_FILE", cert)?,
+                key: read_file("CORESDK_TLS_KEY_FILE", key)?,
+                client_ca: args
+                    .tls_client_ca_file
+                    .as_deref()
+                    .map(|p| read_file("CORESDK_TLS_CLIENT_CA_FILE", p))
+                    .transpose()?,
+            }),
+            (None, None) if args.tls_client_ca_file.is_some() => {
                 return Err(config_error(
-                    "CORESDK_ADMIN_TOKEN",
-                    "must be at least 16 characters",
+                    "CORESDK_TLS_CLIENT_CA_FILE",
+                    "needs CORESDK_TLS_CERT_FILE and CORESDK_TLS_KEY_FILE",
                 ));
             }
-            other => other,
+            (None, None) => None,
+            _ => {
+                return Err(config_error(
+                    "CORESDK_TLS_CERT_FILE",
+                    "TLS needs both CORESDK_TLS_CERT_FILE and CORESDK_TLS_KEY_FILE",
+                ));
+            }
         };
 
         let rules = match &args.rules_file {
@@ -270,6 +411,12 @@ impl Config {
             fail_mode: args.fail_mode,
             log_format: args.log_format,
             shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace_s),
+            api_token,
+            tokens: Arc::new(tokens),
+            tenant_claim: args.jwt_tenant_claim,
+            problem_links,
+            deny_audit_window: std::time::Duration::from_secs(args.deny_audit_window_s),
+            tls,
         })
     }
 }

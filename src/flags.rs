@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use serde_json::Value as Json;
@@ -169,6 +169,9 @@ pub struct FlagCache {
     catalog: BTreeMap<String, FlagValue>,
     version: AtomicU64,
     changes: broadcast::Sender<Arc<FlagRecord>>,
+    /// Set by a store whose change feed is down: the cache may then be stale, and access
+    /// decisions fall back to the fail mode. The embedded store's cache is always current.
+    degraded: AtomicBool,
 }
 
 impl FlagCache {
@@ -178,7 +181,18 @@ impl FlagCache {
             catalog,
             version: AtomicU64::new(0),
             changes: broadcast::channel(CHANGE_BUFFER).0,
+            degraded: AtomicBool::new(false),
         }
+    }
+
+    pub fn set_degraded(&self, degraded: bool) {
+        self.degraded.store(degraded, Ordering::Release);
+    }
+
+    /// Whether the cache can vouch for a tenant's flags right now: always while the feed is
+    /// healthy; when it is down, only for tenants whose last known flags it holds.
+    pub fn can_answer_for(&self, tenant_id: &str) -> bool {
+        !self.degraded.load(Ordering::Acquire) || self.by_tenant.contains_key(tenant_id)
     }
 
     /// Loads the store's flags at start, before the server reports SERVING.

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod auth;
 pub mod config;
 pub mod drain;
 pub mod flags;

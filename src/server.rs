@@ -7,27 +7,31 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::api::{
-    AppState, Feeds, audit::AuditApi, flags::FlagApi, tenants::TenantApi, webhook::WebhookApi,
+    AppState, Feeds, audit::AuditApi, auth::AuthApi, flags::FlagApi, tenants::TenantApi,
+    webhook::WebhookApi,
 };
 use crate::config::Config;
 use crate::flags::FlagCache;
 use crate::ops::{self, AdminChange};
 use crate::problem::Error;
 use crate::proto::{
-    audit_service_server::AuditServiceServer, flag_service_server::FlagServiceServer,
-    tenant_service_server::TenantServiceServer, webhook_service_server::WebhookServiceServer,
+    audit_service_server::AuditServiceServer, auth_service_server::AuthServiceServer,
+    flag_service_server::FlagServiceServer, tenant_service_server::TenantServiceServer,
+    webhook_service_server::WebhookServiceServer,
 };
 use crate::store::Store;
 
-const SERVICE_NAMES: [&str; 4] = [
+const SERVICE_NAMES: [&str; 5] = [
     "coresdk.v1.WebhookService",
     "coresdk.v1.FlagService",
     "coresdk.v1.AuditService",
     "coresdk.v1.TenantService",
+    "coresdk.v1.AuthService",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +76,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let listen = config.listen;
     let grace = config.shutdown_grace;
+    let deny_audit_window = config.deny_audit_window;
     let max_message = config
         .webhook_max_body_bytes
         .saturating_mul(4)
@@ -81,7 +86,13 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         store: store.clone(),
         feeds,
         shutdown: shutdown_rx.clone(),
+        deny_coalescer: crate::auth::DenialCoalescer::new(deny_audit_window),
+        fail_mode_decisions: crate::auth::FailModeCounter::default(),
     });
+    state
+        .config
+        .tokens
+        .spawn_jwks_watcher(std::time::Duration::from_secs(1));
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -106,26 +117,58 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     // Oversized webhook bodies must reach the handler to get a problem answer, so the
     // transport limit sits well above the body limit.
     let in_flight = crate::drain::InFlight::default();
-    let router = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = &state.config.tls {
+        let mut tls_config =
+            ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key));
+        if let Some(ca) = &tls.client_ca {
+            tls_config = tls_config.client_ca_root(Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(tls_config)?;
+    }
+    let check = crate::api::api_token_check(
+        state.config.api_token.clone(),
+        state.config.admin_token.clone(),
+        state.config.problem_type_base.clone(),
+    );
+    // Oversized webhook bodies must reach the handler to get a problem answer, so the
+    // transport limit sits well above the body limit.
+    let router = builder
         .layer(in_flight.clone())
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(
+        .add_service(InterceptedService::new(reflection_v1, check.clone()))
+        .add_service(InterceptedService::new(reflection_v1alpha, check.clone()))
+        .add_service(InterceptedService::new(
             WebhookServiceServer::new(WebhookApi {
                 state: state.clone(),
             })
             .max_decoding_message_size(max_message),
-        )
-        .add_service(FlagServiceServer::new(FlagApi {
-            state: state.clone(),
-        }))
-        .add_service(AuditServiceServer::new(AuditApi {
-            state: state.clone(),
-        }))
-        .add_service(TenantServiceServer::new(TenantApi {
-            state: state.clone(),
-        }));
+            check.clone(),
+        ))
+        .add_service(FlagServiceServer::with_interceptor(
+            FlagApi {
+                state: state.clone(),
+            },
+            check.clone(),
+        ))
+        .add_service(AuditServiceServer::with_interceptor(
+            AuditApi {
+                state: state.clone(),
+            },
+            check.clone(),
+        ))
+        .add_service(TenantServiceServer::with_interceptor(
+            TenantApi {
+                state: state.clone(),
+            },
+            check.clone(),
+        ))
+        .add_service(AuthServiceServer::with_interceptor(
+            AuthApi {
+                state: state.clone(),
+            },
+            check,
+        ));
 
     for name in SERVICE_NAMES.into_iter().chain([""]) {
         health_reporter

@@ -2,6 +2,7 @@
 //! their own beyond validating what arrives.
 
 pub mod audit;
+pub mod auth;
 pub mod flags;
 pub mod tenants;
 pub mod webhook;
@@ -14,6 +15,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::{broadcast, watch};
 
 use crate::audit::AuditRecord;
+use crate::auth::{DenialCoalescer, FailModeCounter, TokenVerifier};
 use crate::config::Config;
 use crate::flags::FlagCache;
 use crate::problem::Error;
@@ -64,6 +66,14 @@ pub struct AppState {
     pub feeds: Arc<Feeds>,
     /// Flips to true at shutdown so that streams end and the server can drain.
     pub shutdown: watch::Receiver<bool>,
+    pub deny_coalescer: DenialCoalescer,
+    pub fail_mode_decisions: FailModeCounter,
+}
+
+impl AppState {
+    pub fn tokens(&self) -> &TokenVerifier {
+        &self.config.tokens
+    }
 }
 
 pub type SharedState = Arc<AppState>;
@@ -91,14 +101,50 @@ impl AppState {
             .ok_or(Error::Unauthenticated(
                 "admin RPCs need 'authorization: Bearer <admin token>'",
             ))?;
-        // Comparing digests keeps the comparison constant-time whatever the lengths.
-        let matches: bool = Sha256::digest(presented.trim().as_bytes())
-            .ct_eq(&Sha256::digest(expected.as_bytes()))
-            .into();
-        if matches {
+        if tokens_match(presented, expected) {
             Ok(())
         } else {
             Err(Error::Unauthenticated("the admin token is not valid"))
+        }
+    }
+}
+
+/// Comparing digests keeps the comparison constant-time whatever the lengths.
+pub fn tokens_match(presented: &str, expected: &str) -> bool {
+    Sha256::digest(presented.trim().as_bytes())
+        .ct_eq(&Sha256::digest(expected.as_bytes()))
+        .into()
+}
+
+/// Every RPC but health needs the API token when one is configured; the admin token, which
+/// can do more, is accepted too.
+pub fn api_token_check(
+    api_token: Option<String>,
+    admin_token: Option<String>,
+    type_base: String,
+) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |request: tonic::Request<()>| {
+        let Some(expected) = &api_token else {
+            return Ok(request);
+        };
+        let metadata = request.metadata();
+        let bearer = metadata
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let header = metadata
+            .get("x-coresdk-api-token")
+            .and_then(|v| v.to_str().ok());
+        let accepted = bearer.is_some_and(|b| {
+            tokens_match(b, expected) || admin_token.as_deref().is_some_and(|a| tokens_match(b, a))
+        }) || header.is_some_and(|h| tokens_match(h, expected));
+        if accepted {
+            Ok(request)
+        } else {
+            Err(Error::Unauthenticated(
+                "this sidecar needs its API token: 'authorization: Bearer <token>' or 'x-coresdk-api-token'",
+            )
+            .to_status(&type_base))
         }
     }
 }

@@ -1,0 +1,345 @@
+//! JWT verification with keys from configuration: HMAC secrets, PEM public keys, and a JWKS
+//! file that is reloaded when it changes. The algorithm must belong to the key's family, so an
+//! RSA public key can never be used as an HMAC secret, and `alg: none` does not parse at all.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
+use serde_json::{Map, Value};
+
+/// Longer tokens are refused before any parsing.
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum TokenError {
+    #[error("no token was given")]
+    Missing,
+    #[error("the token is malformed")]
+    Malformed,
+    #[error("the token's algorithm is not accepted")]
+    UnsupportedAlgorithm,
+    #[error("no configured key can verify a {0} token")]
+    NoKeyForAlgorithm(String),
+    #[error("the token names key id '{0}', which the key set does not hold")]
+    UnknownKid(String),
+    #[error("the token's signature does not verify")]
+    BadSignature,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    #[error("the token's issuer is not accepted")]
+    WrongIssuer,
+    #[error("the token's audience is not accepted")]
+    WrongAudience,
+    #[error("the token lacks the required claim '{0}'")]
+    MissingClaim(String),
+    #[error("the token's claim '{0}' has the wrong type")]
+    BadClaim(String),
+    #[error(
+        "token verification is not configured (set CORESDK_JWT_SECRET, CORESDK_JWT_PUBLIC_KEY_FILE or CORESDK_JWKS_FILE)"
+    )]
+    NotConfigured,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{setting}: {message}")]
+pub struct KeyConfigError {
+    pub setting: &'static str,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claims {
+    pub subject: String,
+    pub tenant_id: String,
+    pub roles: Vec<String>,
+    pub scopes: Vec<String>,
+    pub issued_at: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub issuer: String,
+    pub audience: Vec<String>,
+    pub all: Map<String, Value>,
+}
+
+pub struct TokenSettings {
+    pub hmac_secrets: Vec<Vec<u8>>,
+    pub public_key_pem: Option<Vec<u8>>,
+    pub jwks_file: Option<PathBuf>,
+    pub issuer: Option<String>,
+    pub audience: Vec<String>,
+    pub tenant_claim: String,
+    pub leeway_s: u64,
+}
+
+struct JwksState {
+    set: JwkSet,
+    /// What the file looked like when read: reloaded when this changes.
+    stamp: Option<(SystemTime, u64)>,
+}
+
+pub struct TokenVerifier {
+    hmac: Vec<DecodingKey>,
+    public_key: Option<DecodingKey>,
+    jwks_file: Option<PathBuf>,
+    jwks: RwLock<Arc<JwksState>>,
+    validation_base: Validation,
+    tenant_claim: String,
+}
+
+fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+fn read_jwks(path: &Path) -> Result<JwksState, String> {
+    let stamp = file_stamp(path);
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let set: JwkSet = serde_json::from_str(&text)
+        .map_err(|e| format!("{} is not a JWK set: {e}", path.display()))?;
+    Ok(JwksState { set, stamp })
+}
+
+fn public_key_from_pem(pem: &[u8]) -> Result<DecodingKey, String> {
+    DecodingKey::from_rsa_pem(pem)
+        .or_else(|_| DecodingKey::from_ec_pem(pem))
+        .or_else(|_| DecodingKey::from_ed_pem(pem))
+        .map_err(|_| "not an RSA, EC or Ed25519 public key in PEM".to_owned())
+}
+
+fn map_error(kind: &ErrorKind) -> TokenError {
+    match kind {
+        ErrorKind::ExpiredSignature => TokenError::Expired,
+        ErrorKind::ImmatureSignature => TokenError::NotYetValid,
+        ErrorKind::InvalidIssuer => TokenError::WrongIssuer,
+        ErrorKind::InvalidAudience => TokenError::WrongAudience,
+        ErrorKind::MissingRequiredClaim(c) => TokenError::MissingClaim(c.clone()),
+        ErrorKind::InvalidClaimFormat(c) => TokenError::BadClaim(c.clone()),
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+            TokenError::UnsupportedAlgorithm
+        }
+        ErrorKind::InvalidToken
+        | ErrorKind::Base64(_)
+        | ErrorKind::Json(_)
+        | ErrorKind::Utf8(_) => TokenError::Malformed,
+        _ => TokenError::BadSignature,
+    }
+}
+
+fn strings(value: Option<&Value>, split_spaces: bool) -> Vec<String> {
+    match value {
+        Some(Value::String(s)) if split_spaces => s.split_whitespace().map(str::to_owned).collect(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+impl TokenVerifier {
+    pub fn new(settings: TokenSettings) -> Result<Self, KeyConfigError> {
+        let public_key = settings
+            .public_key_pem
+            .as_deref()
+            .map(public_key_from_pem)
+            .transpose()
+            .map_err(|message| KeyConfigError {
+                setting: "CORESDK_JWT_PUBLIC_KEY_FILE",
+                message,
+            })?;
+        let jwks = match &settings.jwks_file {
+            Some(path) => read_jwks(path).map_err(|message| KeyConfigError {
+                setting: "CORESDK_JWKS_FILE",
+                message,
+            })?,
+            None => JwksState {
+                set: JwkSet { keys: Vec::new() },
+                stamp: None,
+            },
+        };
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = settings.leeway_s;
+        validation.validate_nbf = true;
+        validation.required_spec_claims = ["exp".to_owned()].into_iter().collect();
+        match &settings.issuer {
+            Some(issuer) => validation.set_issuer(&[issuer]),
+            None => validation.iss = None,
+        }
+        if settings.audience.is_empty() {
+            validation.validate_aud = false;
+        } else {
+            validation.set_audience(&settings.audience);
+        }
+        Ok(Self {
+            hmac: settings
+                .hmac_secrets
+                .iter()
+                .map(|s| DecodingKey::from_secret(s))
+                .collect(),
+            public_key,
+            jwks_file: settings.jwks_file,
+            jwks: RwLock::new(Arc::new(jwks)),
+            validation_base: validation,
+            tenant_claim: settings.tenant_claim,
+        })
+    }
+
+    pub fn is_configured(&self) -> bool {
+        !self.hmac.is_empty() || self.public_key.is_some() || self.jwks_file.is_some()
+    }
+
+    /// Re-reads the JWKS file if it changed; a broken new file keeps the old keys.
+    pub fn reload_jwks_if_changed(&self) {
+        let Some(path) = &self.jwks_file else { return };
+        let current_stamp = self.jwks.read().ok().and_then(|s| s.stamp);
+        if file_stamp(path) == current_stamp {
+            return;
+        }
+        match read_jwks(path) {
+            Ok(fresh) => {
+                let count = fresh.set.keys.len();
+                if let Ok(mut slot) = self.jwks.write() {
+                    *slot = Arc::new(fresh);
+                }
+                tracing::info!(keys = count, path = %path.display(), "JWKS reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "JWKS file changed but cannot be used; keeping the previous keys")
+            }
+        }
+    }
+
+    /// Polls the JWKS file so key rotations take effect without a restart.
+    pub fn spawn_jwks_watcher(self: &Arc<Self>, every: Duration) {
+        if self.jwks_file.is_none() {
+            return;
+        }
+        let verifier = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            loop {
+                ticker.tick().await;
+                let Some(verifier) = verifier.upgrade() else {
+                    return;
+                };
+                verifier.reload_jwks_if_changed();
+            }
+        });
+    }
+
+    fn candidate_keys(
+        &self,
+        alg: Algorithm,
+        kid: Option<&str>,
+    ) -> Result<Vec<DecodingKey>, TokenError> {
+        let family = alg.family();
+        if family == jsonwebtoken::AlgorithmFamily::Hmac {
+            if self.hmac.is_empty() {
+                return Err(TokenError::NoKeyForAlgorithm(format!("{alg:?}")));
+            }
+            return Ok(self.hmac.clone());
+        }
+        let mut keys = Vec::new();
+        let jwks = self
+            .jwks
+            .read()
+            .map(|j| j.clone())
+            .map_err(|_| TokenError::BadSignature)?;
+        let jwk_matches = |jwk: &jsonwebtoken::jwk::Jwk| {
+            jwk.common
+                .key_algorithm
+                .is_none_or(|a| format!("{a:?}") == format!("{alg:?}"))
+        };
+        match kid {
+            Some(kid) if self.jwks_file.is_some() => {
+                let jwk = jwks
+                    .set
+                    .find(kid)
+                    .ok_or_else(|| TokenError::UnknownKid(kid.to_owned()))?;
+                if jwk_matches(jwk)
+                    && let Ok(key) = DecodingKey::from_jwk(jwk)
+                {
+                    keys.push(key);
+                }
+            }
+            _ => {
+                for jwk in jwks.set.keys.iter().filter(|j| jwk_matches(j)) {
+                    if let Ok(key) = DecodingKey::from_jwk(jwk) {
+                        keys.push(key);
+                    }
+                }
+            }
+        }
+        if let Some(key) = &self.public_key {
+            keys.push(key.clone());
+        }
+        keys.retain(|k| k.family() == family);
+        if keys.is_empty() {
+            return Err(TokenError::NoKeyForAlgorithm(format!("{alg:?}")));
+        }
+        Ok(keys)
+    }
+
+    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        if !self.is_configured() {
+            return Err(TokenError::NotConfigured);
+        }
+        let token = token.trim();
+        let token = token.strip_prefix("Bearer ").unwrap_or(token).trim();
+        if token.is_empty() {
+            return Err(TokenError::Missing);
+        }
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(TokenError::Malformed);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
+            ErrorKind::Json(_) => TokenError::UnsupportedAlgorithm,
+            other => map_error(other),
+        })?;
+        let keys = self.candidate_keys(header.alg, header.kid.as_deref())?;
+        let mut validation = self.validation_base.clone();
+        validation.algorithms = vec![header.alg];
+        let mut last = TokenError::BadSignature;
+        for key in &keys {
+            match jsonwebtoken::decode::<Map<String, Value>>(token, key, &validation) {
+                Ok(data) => return Ok(self.claims(data.claims)),
+                Err(e) => {
+                    last = map_error(e.kind());
+                    // Only a signature failure means "try the next key".
+                    if last != TokenError::BadSignature {
+                        return Err(last);
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    fn claims(&self, all: Map<String, Value>) -> Claims {
+        let text = |name: &str| {
+            all.get(name)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let mut scopes = strings(all.get("scope"), true);
+        scopes.extend(strings(all.get("scp"), true));
+        Claims {
+            subject: text("sub"),
+            tenant_id: text(&self.tenant_claim),
+            roles: strings(all.get("roles"), true),
+            scopes,
+            issued_at: all.get("iat").and_then(Value::as_i64),
+            expires_at: all.get("exp").and_then(Value::as_i64),
+            issuer: text("iss"),
+            audience: strings(all.get("aud"), false),
+            all,
+        }
+    }
+}
