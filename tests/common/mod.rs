@@ -269,3 +269,35 @@ pub async fn flag(sidecar: &Sidecar, tenant: &str, key: &str) -> coresdk::proto:
 pub async fn is_on(sidecar: &Sidecar, tenant: &str, key: &str) -> bool {
     bool_value(&flag(sidecar, tenant, key).await).expect("a bool flag")
 }
+
+/// The Python with PyJWT and `cryptography` that `scripts/python-env` prepares.
+pub fn python() -> std::path::PathBuf {
+    let python = std::env::var_os("CORESDK_TEST_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
+    assert!(
+        python.exists(),
+        "{} is missing: run ./scripts/test (or ./scripts/python-env) first; the auth tests mint tokens with PyJWT",
+        python.display()
+    );
+    python
+}
+
+/// Runs one of `tests/fixtures/*.py` with `dir` as its argument and returns its stdout.
+pub fn fixture(script: &str, dir: &Path) -> String {
+    let output = Command::new(python())
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures")
+                .join(script),
+        )
+        .arg(dir)
+        .output()
+        .expect("the fixture script runs");
+    assert!(
+        output.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8")
+}
