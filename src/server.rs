@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
@@ -178,7 +178,8 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 
     let mut drain = shutdown_rx.clone();
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(
-        TcpListenerStream::new(listener),
+        // Small answers must not wait for delayed ACKs (Nagle): set TCP_NODELAY per connection.
+        TcpIncoming::from(listener).with_nodelay(Some(true)),
         async move {
             let _ = drain.wait_for(|stop| *stop).await;
         },

@@ -186,6 +186,7 @@ async fn authorize(
             required_features: required.iter().map(|s| s.to_string()).collect(),
             deny_if: deny_if.iter().map(|s| s.to_string()).collect(),
             resource: resource.into(),
+            include_claims: true,
         })
         .await
         .expect("Authorize answers")

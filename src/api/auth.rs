@@ -183,18 +183,21 @@ impl AuthService for AuthApi {
                             false,
                         ));
                     }
+                    let proto_claims = request.include_claims.then(|| claims_to_proto(&claims));
                     if !request.tenant_id.is_empty() && request.tenant_id != claims.tenant_id {
-                        let proto_claims = claims_to_proto(&claims);
                         return Ok(deny(
                             &request.tenant_id,
                             &claims.subject,
-                            Some(proto_claims),
+                            proto_claims,
                             Denial::WrongTenant,
                             false,
                         ));
                     }
-                    let proto_claims = claims_to_proto(&claims);
-                    (claims.tenant_id, claims.subject, Some(proto_claims))
+                    (
+                        claims.tenant_id.clone(),
+                        claims.subject.clone(),
+                        proto_claims,
+                    )
                 }
                 Err(e) => {
                     return Ok(deny(

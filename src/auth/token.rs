@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
+use dashmap::DashMap;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde_json::{Map, Value};
@@ -81,7 +82,15 @@ struct JwksState {
     stamp: Option<(SystemTime, u64)>,
 }
 
+/// Verified tokens kept at most; the cache is emptied when full (tokens are short-lived, and
+/// a miss only costs one verification).
+const VERIFIED_CACHE_MAX: usize = 16_384;
+
 pub struct TokenVerifier {
+    /// Exact token text → its verified claims. A hit skips the signature check (the text,
+    /// signature included, is identical) but never the time checks.
+    verified: DashMap<String, Arc<Claims>>,
+    leeway_s: i64,
     hmac: Vec<DecodingKey>,
     public_key: Option<DecodingKey>,
     jwks_file: Option<PathBuf>,
@@ -177,6 +186,8 @@ impl TokenVerifier {
             validation.set_audience(&settings.audience);
         }
         Ok(Self {
+            verified: DashMap::new(),
+            leeway_s: i64::try_from(settings.leeway_s).unwrap_or(i64::MAX),
             hmac: settings
                 .hmac_secrets
                 .iter()
@@ -207,6 +218,8 @@ impl TokenVerifier {
                 if let Ok(mut slot) = self.jwks.write() {
                     *slot = Arc::new(fresh);
                 }
+                // A key that left the set must stop vouching for tokens at once.
+                self.verified.clear();
                 tracing::info!(keys = count, path = %path.display(), "JWKS reloaded");
             }
             Err(e) => {
@@ -286,12 +299,36 @@ impl TokenVerifier {
         Ok(keys)
     }
 
-    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+    /// Verifies `token`, answering from the cache of verified tokens when it can.
+    pub fn verify(&self, token: &str) -> Result<Arc<Claims>, TokenError> {
+        let token = token.trim();
+        let token = token.strip_prefix("Bearer ").unwrap_or(token).trim();
+        if let Some(hit) = self.verified.get(token) {
+            let now = crate::time::now_s();
+            let fresh = hit
+                .expires_at
+                .is_some_and(|exp| now <= exp.saturating_add(self.leeway_s))
+                && hit
+                    .all
+                    .get("nbf")
+                    .and_then(Value::as_i64)
+                    .is_none_or(|nbf| nbf <= now.saturating_add(self.leeway_s));
+            if fresh {
+                return Ok(hit.clone());
+            }
+        }
+        let claims = Arc::new(self.verify_uncached(token)?);
+        if self.verified.len() >= VERIFIED_CACHE_MAX {
+            self.verified.clear();
+        }
+        self.verified.insert(token.to_owned(), claims.clone());
+        Ok(claims)
+    }
+
+    fn verify_uncached(&self, token: &str) -> Result<Claims, TokenError> {
         if !self.is_configured() {
             return Err(TokenError::NotConfigured);
         }
-        let token = token.trim();
-        let token = token.strip_prefix("Bearer ").unwrap_or(token).trim();
         if token.is_empty() {
             return Err(TokenError::Missing);
         }
@@ -341,5 +378,59 @@ impl TokenVerifier {
             audience: strings(all.get("aud"), false),
             all,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &[u8] = b"unit-test-secret-that-is-32-bytes-long";
+
+    fn verifier(leeway_s: u64) -> TokenVerifier {
+        TokenVerifier::new(TokenSettings {
+            hmac_secrets: vec![SECRET.to_vec()],
+            public_key_pem: None,
+            jwks_file: None,
+            issuer: None,
+            audience: Vec::new(),
+            tenant_claim: "tenant_id".into(),
+            leeway_s,
+        })
+        .expect("valid settings")
+    }
+
+    fn token(exp: i64) -> String {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS256),
+            &serde_json::json!({"sub": "u", "tenant_id": "t", "exp": exp}),
+            &jsonwebtoken::EncodingKey::from_secret(SECRET),
+        )
+        .expect("encodes")
+    }
+
+    #[test]
+    fn a_cached_token_still_expires() {
+        let verifier = verifier(0);
+        let token = token(crate::time::now_s() + 1);
+        assert_eq!(verifier.verify(&token).map(|c| c.tenant_id.clone()), Ok("t".into()));
+        assert!(verifier.verify(&token).is_ok(), "served from the cache");
+        std::thread::sleep(Duration::from_millis(2100));
+        assert_eq!(verifier.verify(&token), Err(TokenError::Expired));
+    }
+
+    #[test]
+    fn unconfigured_verification_says_so() {
+        let verifier = TokenVerifier::new(TokenSettings {
+            hmac_secrets: Vec::new(),
+            public_key_pem: None,
+            jwks_file: None,
+            issuer: None,
+            audience: Vec::new(),
+            tenant_claim: "tenant_id".into(),
+            leeway_s: 60,
+        })
+        .expect("valid settings");
+        assert_eq!(verifier.verify(&token(i64::MAX)), Err(TokenError::NotConfigured));
     }
 }

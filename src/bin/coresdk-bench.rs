@@ -14,13 +14,15 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use coresdk::proto::{
-    GetFlagRequest, HandleStripeWebhookRequest, flag_service_client::FlagServiceClient,
+    AuthorizeRequest, GetFlagRequest, HandleStripeWebhookRequest,
+    auth_service_client::AuthServiceClient, flag_service_client::FlagServiceClient,
     webhook_service_client::WebhookServiceClient,
 };
 use tonic::transport::Channel;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 const SECRET: &str = "whsec_bench_secret";
+const JWT_SECRET: &str = "bench-jwt-secret-that-is-at-least-32-bytes";
 const TENANTS: usize = 64;
 
 #[derive(Parser)]
@@ -119,6 +121,7 @@ fn start_sidecar(binary: PathBuf) -> Result<Sidecar, Box<dyn std::error::Error>>
         .arg("--tenants-file")
         .arg(&tenants_file)
         .env("STRIPE_WEBHOOK_SECRET", SECRET)
+        .env("CORESDK_JWT_SECRET", JWT_SECRET)
         .env("CORESDK_LOG", "error")
         .stdout(Stdio::piped())
         .spawn()
@@ -141,6 +144,20 @@ fn start_sidecar(binary: PathBuf) -> Result<Sidecar, Box<dyn std::error::Error>>
         addr,
         _dir: dir,
     })
+}
+
+/// An HS256 token for `tenant`, valid for an hour.
+fn bench_token(tenant: &str) -> Result<String, jsonwebtoken::errors::Error> {
+    let claims = serde_json::json!({
+        "sub": "bench-user",
+        "tenant_id": tenant,
+        "exp": coresdk::time::now_s() + 3600,
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -300,10 +317,54 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .is_ok()
         }
     });
+    let chans = channels.clone();
+    let tokens: Arc<Vec<String>> = Arc::new(
+        (0..TENANTS)
+            .map(|i| bench_token(&format!("tenant-{i}")))
+            .collect::<Result<_, _>>()?,
+    );
+    let authorize_call = Arc::new(move |w: usize, n: u64| {
+        let mut client = AuthServiceClient::new(chans[w % chans.len()].clone());
+        let token = tokens[(n as usize + w) % TENANTS].clone();
+        async move {
+            client
+                .authorize(AuthorizeRequest {
+                    token,
+                    tenant_id: String::new(),
+                    required_features: vec!["pro_features".into()],
+                    deny_if: vec!["paywall_active".into()],
+                    resource: String::new(),
+                    include_claims: false,
+                })
+                .await
+                .is_ok()
+        }
+    });
+    // Every bench tenant pays, so Authorize measures the common path: allowed.
+    let mut setup = WebhookServiceClient::new(channels[0].clone());
+    for i in 0..TENANTS {
+        let created = coresdk::time::now_s();
+        let body = serde_json::json!({
+            "id": format!("evt_setup_{}_{i}", std::process::id()),
+            "type": "invoice.paid",
+            "created": created,
+            "data": {"object": {"customer": format!("cus_bench_{i}")}},
+        })
+        .to_string()
+        .into_bytes();
+        let signature_header = coresdk::stripe::sign_header(SECRET, created, &body);
+        setup
+            .handle_stripe_webhook(HandleStripeWebhookRequest {
+                payload: body,
+                signature_header,
+            })
+            .await?;
+    }
     let rounds = args.seconds.max(1);
     let round = Duration::from_secs(1);
     let mut health: Option<Phase> = None;
     let mut get_flag: Option<Phase> = None;
+    let mut authorize: Option<Phase> = None;
     for i in 0..rounds {
         let warm_up = if i == 0 {
             Duration::from_secs(1)
@@ -326,6 +387,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             get_flag_call.clone(),
         )
         .await;
+        let a = run_phase(
+            "AuthService/Authorize (HS256)",
+            args.read_concurrency,
+            warm_up,
+            round,
+            authorize_call.clone(),
+        )
+        .await;
+        authorize = Some(match authorize {
+            Some(p) => p.merge(a),
+            None => a,
+        });
         health = Some(match health {
             Some(p) => p.merge(h),
             None => h,
@@ -335,11 +408,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             None => g,
         });
     }
-    let (Some(health), Some(get_flag)) = (health, get_flag) else {
+    let (Some(health), Some(get_flag), Some(authorize)) = (health, get_flag, authorize) else {
         return Err("no rounds ran".into());
     };
     print_phase(&health, None);
     print_phase(&get_flag, Some(&health));
+    print_phase(&authorize, Some(&health));
 
     let peak_rss = Arc::new(AtomicU64::new(0));
     let sampling = Arc::new(AtomicBool::new(true));
