@@ -290,6 +290,14 @@ impl FlagCache {
         out
     }
 
+    /// The catalog defaults, as flags of no tenant.
+    pub fn defaults(&self) -> Vec<proto::Flag> {
+        self.catalog
+            .iter()
+            .map(|(key, value)| default_flag("", key, value))
+            .collect()
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<FlagRecord>> {
         self.changes.subscribe()
     }

@@ -5,7 +5,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{ResponseStream, SharedState, required_text};
-use crate::flags::FlagValue;
+use crate::flags::{FlagCache, FlagValue};
 use crate::ops::{self, AdminChange};
 use crate::problem::Error;
 use crate::proto::{self, flag_service_server::FlagService};
@@ -26,10 +26,14 @@ fn validate_key(key: &str) -> Result<(), Error> {
     }
 }
 
-fn snapshot_message(flags: Vec<proto::Flag>, version: u64) -> proto::WatchFlagsResponse {
+fn snapshot_message(cache: &FlagCache, tenant: &str, version: u64) -> proto::WatchFlagsResponse {
     proto::WatchFlagsResponse {
         event: Some(proto::watch_flags_response::Event::Snapshot(
-            proto::FlagSnapshot { flags, version },
+            proto::FlagSnapshot {
+                flags: cache.snapshot(tenant),
+                version,
+                defaults: cache.defaults(),
+            },
         )),
     }
 }
@@ -132,7 +136,7 @@ async fn watch(
     let mut changes = cache.subscribe();
     let mut seen = cache.version();
     if sender
-        .send(Ok(snapshot_message(cache.snapshot(&tenant), seen)))
+        .send(Ok(snapshot_message(cache, &tenant, seen)))
         .await
         .is_err()
     {
@@ -167,7 +171,7 @@ async fn watch(
                 tracing::warn!(missed, "a flag watcher fell behind; sending a new snapshot");
                 seen = cache.version();
                 known.clear();
-                snapshot_message(cache.snapshot(&tenant), seen)
+                snapshot_message(cache, &tenant, seen)
             }
             Err(broadcast::error::RecvError::Closed) => return,
         };

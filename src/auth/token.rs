@@ -413,7 +413,10 @@ mod tests {
     fn a_cached_token_still_expires() {
         let verifier = verifier(0);
         let token = token(crate::time::now_s() + 1);
-        assert_eq!(verifier.verify(&token).map(|c| c.tenant_id.clone()), Ok("t".into()));
+        assert_eq!(
+            verifier.verify(&token).map(|c| c.tenant_id.clone()),
+            Ok("t".into())
+        );
         assert!(verifier.verify(&token).is_ok(), "served from the cache");
         std::thread::sleep(Duration::from_millis(2100));
         assert_eq!(verifier.verify(&token), Err(TokenError::Expired));
@@ -431,6 +434,9 @@ mod tests {
             leeway_s: 60,
         })
         .expect("valid settings");
-        assert_eq!(verifier.verify(&token(i64::MAX)), Err(TokenError::NotConfigured));
+        assert_eq!(
+            verifier.verify(&token(i64::MAX)),
+            Err(TokenError::NotConfigured)
+        );
     }
 }
