@@ -1,4 +1,5 @@
-"""Regenerates the gRPC stubs under src/coresdk/v1 from ../../proto.
+"""Regenerates the gRPC stubs under src/coresdk/v1 from ../../proto, and the packaged copy of
+the sidecar's built-in rules (src/coresdk/default_rules.toml) from ../../rules/default.toml.
 
 The stubs are committed so that installing the package needs no code generation; the test
 suite regenerates them into a temporary directory and fails when the committed ones are stale.
@@ -30,8 +31,9 @@ def generate(out: Path) -> None:
     )
     if code != 0:
         raise SystemExit(f"protoc failed with {code}")
-    for package in (out / "coresdk", out / "coresdk" / "v1"):
-        (package / "__init__.py").touch()
+    (out / "coresdk" / "v1" / "__init__.py").touch()
+    # The mock reads the sidecar's own built-in rules, shipped inside the package.
+    (out / "coresdk" / "default_rules.toml").write_bytes((PROTO_ROOT.parent / "rules" / "default.toml").read_bytes())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,81 @@
+"""What every client offers, whether it talks to a sidecar or is the in-process mock."""
+from __future__ import annotations
+
+import abc
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from coresdk.config import Settings
+from coresdk.models import AuditRecord, Claims, Decision, Flag, FlagValue, VerifyResult, WebhookResult
+
+
+class BaseSDK(abc.ABC):
+    settings: Settings
+
+    @abc.abstractmethod
+    def handle_stripe_webhook(self, payload: bytes, signature_header: str) -> WebhookResult:
+        """Forwards a Stripe delivery (raw body, `Stripe-Signature`). Returns only once the effect
+        is committed; raises ProblemError otherwise (answer `problem.status` so Stripe retries)."""
+
+    @abc.abstractmethod
+    def get_flag(self, tenant_id: str, key: str) -> Flag: ...
+
+    @abc.abstractmethod
+    def get_flags(self, tenant_id: str) -> dict[str, Flag]: ...
+
+    @abc.abstractmethod
+    def set_flag(self, tenant_id: str, key: str, value: FlagValue, *, actor: str, reason: str = "") -> Flag: ...
+
+    @abc.abstractmethod
+    def verify_token(self, token: str) -> Claims: ...
+
+    @abc.abstractmethod
+    def authorize(
+        self,
+        *,
+        token: Optional[str] = None,
+        tenant_id: Optional[str] = None,
+        require: Sequence[str] = (),
+        deny_if: Sequence[str] = (),
+        resource: str = "",
+    ) -> Decision: ...
+
+    @abc.abstractmethod
+    def audit(
+        self, event: str, *, outcome: str, actor: str, tenant_id: str = "", metadata: Optional[Mapping[str, Any]] = None
+    ) -> Optional[AuditRecord]:
+        """Appends an application event to the audit trail (None when spooled under fail mode open)."""
+
+    @abc.abstractmethod
+    def audit_query(
+        self,
+        *,
+        tenant_id: str = "",
+        event_prefix: str = "",
+        outcome: str = "",
+        limit: int = 1000,
+    ) -> list[AuditRecord]: ...
+
+    @abc.abstractmethod
+    def audit_verify(self) -> VerifyResult: ...
+
+    @abc.abstractmethod
+    def map_customer(self, customer_id: str, tenant_id: str, *, actor: str, reason: str = "") -> None: ...
+
+    @abc.abstractmethod
+    def resolve_customer(self, customer_id: str) -> Optional[str]: ...
+
+    def is_enabled(self, tenant_id: str, key: str) -> bool:
+        """True when the tenant's flag is on; an unknown flag is off."""
+        try:
+            return self.get_flag(tenant_id, key).value is True
+        except LookupError:
+            return False
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Iterable[Any]) -> None:
+        self.close()

@@ -1,0 +1,357 @@
+"""The client of a real sidecar: gRPC calls with a deadline and retries, a local flag cache fed
+by WatchFlags, and the fail mode for when the sidecar is away."""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import random
+import threading
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+
+from coresdk.base import BaseSDK
+from coresdk.config import Settings
+from coresdk.errors import (
+    FlagNotFound,
+    Problem,
+    ProblemError,
+    SidecarUnavailable,
+    problem_from_rpc_error,
+    unavailable_problem,
+)
+from coresdk.models import AuditRecord, Claims, Decision, Flag, FlagValue, VerifyResult, WebhookResult, value_to_proto
+from coresdk.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    auth_pb2,
+    auth_pb2_grpc,
+    flags_pb2,
+    flags_pb2_grpc,
+    tenants_pb2,
+    tenants_pb2_grpc,
+    webhook_pb2,
+    webhook_pb2_grpc,
+)
+
+log = logging.getLogger("coresdk")
+T = TypeVar("T")
+
+
+class Outage:
+    """Logs a sidecar outage once when it starts and once when it ends, not once per call."""
+
+    def __init__(self, fail_mode: str):
+        self._fail_mode = fail_mode
+        self._down = False
+        self._lock = threading.Lock()
+        self.fail_mode_decisions = 0
+
+    def failed(self, why: str) -> None:
+        with self._lock:
+            if not self._down:
+                self._down = True
+                log.warning("coresdk sidecar unavailable (%s); fail mode %s applies until it is back", why, self._fail_mode)
+
+    def decided_by_fail_mode(self) -> None:
+        with self._lock:
+            self.fail_mode_decisions += 1
+
+    def recovered(self) -> bool:
+        with self._lock:
+            if self._down:
+                self._down = False
+                log.warning("coresdk sidecar is back")
+                return True
+            return False
+
+    @property
+    def down(self) -> bool:
+        return self._down
+
+
+class FlagCache:
+    """Every tenant's flags plus the catalog defaults, kept exact by a WatchFlags stream."""
+
+    def __init__(self) -> None:
+        self._flags: dict[tuple[str, str], Flag] = {}
+        self._defaults: dict[str, Flag] = {}
+        self.warm = threading.Event()
+        self.connected = False
+        self._changed = threading.Condition()
+
+    def replace(self, snapshot: flags_pb2.FlagSnapshot) -> None:
+        flags = {(f.tenant_id, f.key): Flag.from_proto(f) for f in snapshot.flags}
+        defaults = {f.key: Flag.from_proto(f) for f in snapshot.defaults}
+        with self._changed:
+            self._flags, self._defaults = flags, defaults
+            self._changed.notify_all()
+        self.warm.set()
+
+    def apply(self, change: flags_pb2.Flag) -> None:
+        key = (change.tenant_id, change.key)
+        with self._changed:
+            current = self._flags.get(key)
+            if current is None or current.version < change.version:
+                self._flags[key] = Flag.from_proto(change)
+            self._changed.notify_all()
+
+    def get(self, tenant_id: str, key: str) -> Optional[Flag]:
+        flag = self._flags.get((tenant_id, key))
+        if flag is not None:
+            return flag
+        default = self._defaults.get(key)
+        if default is None:
+            return None
+        return Flag(tenant_id=tenant_id, key=key, value=default.value, is_default=True)
+
+    def of_tenant(self, tenant_id: str) -> dict[str, Flag]:
+        out = {key: Flag(tenant_id, key, d.value, is_default=True) for key, d in self._defaults.items()}
+        out.update({k: f for (t, k), f in list(self._flags.items()) if t == tenant_id})
+        return out
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(predicate, timeout)
+
+
+class SidecarClient(BaseSDK):
+    def __init__(self, settings: Optional[Settings] = None, *, watch: bool = True):
+        self.settings = settings or Settings.from_env()
+        self._channel = grpc.insecure_channel(
+            self.settings.sidecar_addr,
+            options=[("grpc.enable_retries", 0), ("grpc.keepalive_time_ms", 30_000)],
+        )
+        self._webhooks = webhook_pb2_grpc.WebhookServiceStub(self._channel)
+        self._flags = flags_pb2_grpc.FlagServiceStub(self._channel)
+        self._audit = audit_pb2_grpc.AuditServiceStub(self._channel)
+        self._auth = auth_pb2_grpc.AuthServiceStub(self._channel)
+        self._tenants = tenants_pb2_grpc.TenantServiceStub(self._channel)
+        self.outage = Outage(self.settings.fail_mode)
+        self.cache = FlagCache()
+        self._spool: collections.deque = collections.deque(maxlen=self.settings.spool_limit)
+        self._closed = threading.Event()
+        self._watcher: Optional[threading.Thread] = None
+        if watch:
+            self._watcher = threading.Thread(target=self._watch_loop, name="coresdk-watch", daemon=True)
+            self._watcher.start()
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _metadata(self, admin: bool = False) -> list[tuple[str, str]]:
+        token = self.settings.admin_token if admin else (self.settings.api_token or None)
+        if admin and not token:
+            token = self.settings.api_token
+        return [("authorization", f"Bearer {token}")] if token else []
+
+    def _call(self, method: Callable[..., T], request: Any, *, admin: bool = False) -> T:
+        """One call within the deadline, retrying UNAVAILABLE with backoff and jitter. Safe for
+        every RPC here: webhooks are deduplicated by event id, the rest are reads or idempotent."""
+        deadline = time.monotonic() + self.settings.timeout_ms / 1000
+        delay = 0.02
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                answer = method(request, timeout=max(remaining, 0.001), metadata=self._metadata(admin))
+                if self.outage.recovered():
+                    self._flush_spool()
+                return answer
+            except grpc.RpcError as e:
+                error = problem_from_rpc_error(e)
+                transport = isinstance(error, SidecarUnavailable)
+                if transport:
+                    self.outage.failed(e.details() if hasattr(e, "details") else str(e))
+                if not error.retryable or time.monotonic() + delay >= deadline:
+                    raise error from None
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 0.5)
+
+    def _watch_loop(self) -> None:
+        backoff = 0.05
+        while not self._closed.is_set():
+            try:
+                stream = self._flags.WatchFlags(flags_pb2.WatchFlagsRequest(), metadata=self._metadata())
+                self._stream = stream
+                for message in stream:
+                    kind = message.WhichOneof("event")
+                    if kind == "snapshot":
+                        self.cache.replace(message.snapshot)
+                        self.cache.connected = True
+                        backoff = 0.05
+                        if self.outage.recovered():
+                            self._flush_spool()
+                    elif kind == "change":
+                        self.cache.apply(message.change)
+            except grpc.RpcError as e:
+                if self._closed.is_set():
+                    return
+                self.outage.failed(f"flag stream: {e.code().name if hasattr(e, 'code') else e}")
+            self.cache.connected = False
+            self._closed.wait(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, 5.0)
+
+    def _flush_spool(self) -> None:
+        while self._spool:
+            request = self._spool.popleft()
+            try:
+                self._audit.Append(request, timeout=self.settings.timeout_ms / 1000, metadata=self._metadata())
+            except grpc.RpcError:
+                self._spool.appendleft(request)
+                return
+
+    def close(self) -> None:
+        self._closed.set()
+        stream = getattr(self, "_stream", None)
+        if stream is not None:
+            stream.cancel()
+        self._channel.close()
+
+    # -- webhooks -------------------------------------------------------------------------
+
+    def handle_stripe_webhook(self, payload: bytes, signature_header: str) -> WebhookResult:
+        # Never fails open: an effect that was not committed must make Stripe retry.
+        request = webhook_pb2.HandleStripeWebhookRequest(payload=payload, signature_header=signature_header or "")
+        return WebhookResult.from_proto(self._call(self._webhooks.HandleStripeWebhook, request))
+
+    # -- flags ----------------------------------------------------------------------------
+
+    def get_flag(self, tenant_id: str, key: str) -> Flag:
+        if self.cache.warm.is_set():
+            flag = self.cache.get(tenant_id, key)
+            if flag is not None:
+                if not self.cache.connected and self.settings.fail_mode == "closed":
+                    self.outage.decided_by_fail_mode()
+                    raise SidecarUnavailable(unavailable_problem("flags are unavailable (fail mode closed)"))
+                return flag
+        try:
+            return Flag.from_proto(self._call(self._flags.GetFlag, flags_pb2.GetFlagRequest(tenant_id=tenant_id, key=key)))
+        except SidecarUnavailable:
+            if self.settings.fail_mode == "closed":
+                self.outage.decided_by_fail_mode()
+                raise
+            self.outage.decided_by_fail_mode()
+            raise FlagNotFound(unavailable_problem(f"flag '{key}' is not known locally and the sidecar is away")) from None
+
+    def is_enabled(self, tenant_id: str, key: str) -> bool:
+        # The hot path: a dictionary lookup once the cache is warm.
+        if self.cache.connected:
+            flag = self.cache._flags.get((tenant_id, key))
+            if flag is not None:
+                return flag.value is True
+            default = self.cache._defaults.get(key)
+            if default is not None:
+                return default.value is True
+        return super().is_enabled(tenant_id, key)
+
+    def get_flags(self, tenant_id: str) -> dict[str, Flag]:
+        if self.cache.warm.is_set() and (self.cache.connected or self.settings.fail_mode == "open"):
+            return self.cache.of_tenant(tenant_id)
+        answer = self._call(self._flags.GetFlags, flags_pb2.GetFlagsRequest(tenant_id=tenant_id))
+        return {f.key: Flag.from_proto(f) for f in answer.flags}
+
+    def set_flag(self, tenant_id: str, key: str, value: FlagValue, *, actor: str, reason: str = "") -> Flag:
+        request = flags_pb2.SetFlagRequest(
+            tenant_id=tenant_id, key=key, value=value_to_proto(value), actor=actor, reason=reason
+        )
+        return Flag.from_proto(self._call(self._flags.SetFlag, request, admin=True))
+
+    # -- auth -----------------------------------------------------------------------------
+
+    def verify_token(self, token: str) -> Claims:
+        return Claims.from_proto(self._call(self._auth.VerifyToken, auth_pb2.VerifyTokenRequest(token=token)))
+
+    def authorize(
+        self,
+        *,
+        token: Optional[str] = None,
+        tenant_id: Optional[str] = None,
+        require: Sequence[str] = (),
+        deny_if: Sequence[str] = (),
+        resource: str = "",
+    ) -> Decision:
+        request = auth_pb2.AuthorizeRequest(
+            token=token or "",
+            tenant_id=tenant_id or "",
+            required_features=list(require),
+            deny_if=list(deny_if),
+            resource=resource,
+            include_claims=True,
+        )
+        try:
+            return Decision.from_proto(self._call(self._auth.Authorize, request))
+        except SidecarUnavailable as e:
+            self.outage.decided_by_fail_mode()
+            if self.settings.fail_mode == "closed":
+                return Decision(allowed=False, problem=e.problem, tenant_id=tenant_id or "", fail_mode_applied=True)
+            return Decision(allowed=True, tenant_id=tenant_id or "", fail_mode_applied=True)
+
+    # -- audit ----------------------------------------------------------------------------
+
+    def audit(
+        self, event: str, *, outcome: str, actor: str, tenant_id: str = "", metadata: Optional[Mapping[str, Any]] = None
+    ) -> Optional[AuditRecord]:
+        struct = struct_pb2.Struct()
+        if metadata:
+            json_format.ParseDict(json.loads(json.dumps(metadata, default=str)), struct)
+        request = audit_pb2.AppendAuditRequest(
+            tenant_id=tenant_id, actor=actor, event=event, outcome=outcome, metadata=struct
+        )
+        try:
+            return AuditRecord.from_proto(self._call(self._audit.Append, request))
+        except SidecarUnavailable:
+            if self.settings.fail_mode == "closed":
+                raise
+            if len(self._spool) == self._spool.maxlen:
+                log.error("coresdk audit spool is full; the oldest spooled record was dropped")
+            self._spool.append(request)
+            return None
+
+    @property
+    def spooled(self) -> int:
+        return len(self._spool)
+
+    def audit_query(self, *, tenant_id: str = "", event_prefix: str = "", outcome: str = "", limit: int = 1000) -> list[AuditRecord]:
+        records: list[AuditRecord] = []
+        token = ""
+        while len(records) < limit:
+            page = self._call(
+                self._audit.Query,
+                audit_pb2.QueryAuditRequest(
+                    tenant_id=tenant_id,
+                    event_prefix=event_prefix,
+                    outcome=outcome,
+                    page_size=min(1000, limit - len(records)),
+                    page_token=token,
+                ),
+            )
+            records.extend(AuditRecord.from_proto(r) for r in page.records)
+            token = page.next_page_token
+            if not token:
+                break
+        return records
+
+    def audit_verify(self) -> VerifyResult:
+        r = self._call(self._audit.Verify, audit_pb2.VerifyAuditRequest())
+        return VerifyResult(ok=r.ok, records_checked=r.records_checked, first_bad_seq=r.first_bad_seq, reason=r.reason)
+
+    # -- tenants --------------------------------------------------------------------------
+
+    def map_customer(self, customer_id: str, tenant_id: str, *, actor: str, reason: str = "") -> None:
+        request = tenants_pb2.MapCustomerRequest(customer_id=customer_id, tenant_id=tenant_id, actor=actor, reason=reason)
+        self._call(self._tenants.MapCustomer, request, admin=True)
+
+    def resolve_customer(self, customer_id: str) -> Optional[str]:
+        try:
+            answer = self._call(
+                self._tenants.ResolveCustomer, tenants_pb2.ResolveCustomerRequest(customer_id=customer_id), admin=True
+            )
+        except ProblemError as e:
+            if e.code == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+        return answer.tenant_id
+
+

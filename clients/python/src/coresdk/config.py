@@ -1,0 +1,40 @@
+"""Client settings, from the environment like the sidecar's."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+TRUE = {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    sidecar_addr: str = "localhost:50051"
+    fail_mode: str = "open"
+    use_mock: bool = False
+    timeout_ms: int = 1000
+    admin_token: Optional[str] = None
+    api_token: Optional[str] = None
+    problem_type_base: str = "https://coresdk.dev/problems"
+    # Audit records kept while the sidecar is away under fail mode `open`.
+    spool_limit: int = 10_000
+
+    @classmethod
+    def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "Settings":
+        env = os.environ if env is None else env
+        fail_mode = env.get("CORESDK_FAIL_MODE", "open").strip().lower()
+        if fail_mode not in ("open", "closed"):
+            raise ValueError(f"CORESDK_FAIL_MODE must be 'open' or 'closed', not {fail_mode!r}")
+        timeout = env.get("CORESDK_TIMEOUT_MS", "1000")
+        if not timeout.isdigit() or int(timeout) <= 0:
+            raise ValueError(f"CORESDK_TIMEOUT_MS must be a positive integer, not {timeout!r}")
+        return cls(
+            sidecar_addr=env.get("CORESDK_SIDECAR_ADDR", "localhost:50051"),
+            fail_mode=fail_mode,
+            use_mock=env.get("CORESDK_USE_MOCK", "false").strip().lower() in TRUE,
+            timeout_ms=int(timeout),
+            admin_token=env.get("CORESDK_ADMIN_TOKEN") or None,
+            api_token=env.get("CORESDK_API_TOKEN") or None,
+            problem_type_base=env.get("CORESDK_PROBLEM_TYPE_BASE", "https://coresdk.dev/problems"),
+        )

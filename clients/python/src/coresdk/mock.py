@@ -1,0 +1,435 @@
+"""An in-process stand-in for the sidecar (`CORESDK_USE_MOCK=true`), for local development
+and tests without a sidecar. It follows the sidecar's semantics: the same signature checks,
+the same rules file (`default_rules.toml` is the sidecar's `rules/default.toml`), DUPLICATE /
+STALE / IGNORED, the seeded SecurePay tenants, the same 401/402/403 problems, and an audit list
+with a hash chain. The shared test suite runs against both so they cannot drift apart.
+
+Differences, by design: state lives in memory only; tokens are verified for HS256/384/512
+(`CORESDK_JWT_SECRET`) only.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import re
+import threading
+import time
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Mapping, Optional, Sequence
+
+from coresdk.base import BaseSDK
+from coresdk.config import Settings
+from coresdk.errors import FlagNotFound, Problem, ProblemError
+from coresdk.models import AuditRecord, Claims, Decision, Flag, FlagChange, FlagValue, VerifyResult, WebhookResult
+
+MOCK_SECRET = "whsec_test_secret"
+MOCK_TENANTS = {"cus_acme_001": "acme-corp", "cus_globex_001": "globex", "cus_initech_001": "initech"}
+ACTOR = "stripe-webhook"
+TOLERANCE_S = 300
+MAX_BODY = 1024 * 1024
+_KEY_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+def _problem(type_base: str, slug: str, title: str, status: int, detail: str, reason: str, **extensions: Any) -> Problem:
+    return Problem(
+        type=f"{type_base.rstrip('/')}/{slug}",
+        title=title,
+        status=status,
+        detail=detail,
+        extensions={"reason": reason, **extensions},
+    )
+
+
+@dataclass
+class _Flag:
+    value: FlagValue
+    version: int
+    event_created: int
+    origin: str
+    updated_by: str
+
+
+class MockSidecar(BaseSDK):
+    def __init__(self, settings: Optional[Settings] = None, env: Optional[Mapping[str, str]] = None):
+        self.settings = settings or Settings.from_env(env)
+        env = os.environ if env is None else env
+        secrets = [s.strip() for s in env.get("STRIPE_WEBHOOK_SECRET", "").split(",") if s.strip()]
+        self._secrets = secrets or [MOCK_SECRET]
+        self._jwt_secrets = [s.strip().encode() for s in env.get("CORESDK_JWT_SECRET", "").split(",") if s.strip()]
+        self._jwt_issuer = env.get("CORESDK_JWT_ISSUER") or None
+        self._jwt_audience = [a.strip() for a in env.get("CORESDK_JWT_AUDIENCE", "").split(",") if a.strip()]
+        self._tenant_claim = env.get("CORESDK_JWT_TENANT_CLAIM", "tenant_id")
+        self._base = env.get("CORESDK_PROBLEM_TYPE_BASE", self.settings.problem_type_base)
+        self._billing_url = env.get("CORESDK_BILLING_URL")
+        self._upgrade_url = env.get("CORESDK_UPGRADE_URL")
+        rules_file = env.get("CORESDK_RULES_FILE")
+        text = open(rules_file, encoding="utf-8").read() if rules_file else resources.files("coresdk").joinpath("default_rules.toml").read_text("utf-8")
+        rules = tomllib.loads(text)
+        self._catalog: dict[str, FlagValue] = dict(rules.get("flags", {}))
+        self._rules: list[dict[str, Any]] = rules.get("rule", [])
+        self._lock = threading.RLock()
+        self._customers = dict(MOCK_TENANTS)
+        self._flags: dict[tuple[str, str], _Flag] = {}
+        self._processed: dict[str, tuple[str, str, int]] = {}
+        self._audit: list[dict[str, Any]] = []
+        self._version = 0
+        self._denials: dict[tuple[str, str, str, str], tuple[float, int]] = {}
+
+    # -- audit ----------------------------------------------------------------------------
+
+    def _append(self, tenant_id: str, actor: str, event: str, outcome: str, metadata: Mapping[str, Any]) -> AuditRecord:
+        with self._lock:
+            seq = len(self._audit) + 1
+            prev = self._audit[-1]["hash"] if self._audit else "0" * 64
+            body = {"seq": seq, "tenant": tenant_id, "actor": actor, "event": event, "outcome": outcome, "metadata": dict(metadata)}
+            canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+            digest = hashlib.sha256(b"coresdk.audit.v1\0" + bytes.fromhex(prev) + canonical).hexdigest()
+            self._audit.append({**body, "prev": prev, "hash": digest, "canonical": canonical})
+            return AuditRecord(seq, tenant_id, actor, event, outcome, dict(metadata), digest)
+
+    def audit(self, event: str, *, outcome: str, actor: str, tenant_id: str = "", metadata: Optional[Mapping[str, Any]] = None) -> Optional[AuditRecord]:
+        if not event.strip() or not outcome.strip() or not actor.strip():
+            raise self._invalid("event, outcome and actor are required")
+        return self._append(tenant_id, actor, event, outcome, json.loads(json.dumps(metadata or {}, default=str)))
+
+    def audit_query(self, *, tenant_id: str = "", event_prefix: str = "", outcome: str = "", limit: int = 1000) -> list[AuditRecord]:
+        with self._lock:
+            out = [
+                AuditRecord(r["seq"], r["tenant"], r["actor"], r["event"], r["outcome"], r["metadata"], r["hash"])
+                for r in self._audit
+                if (not tenant_id or r["tenant"] == tenant_id)
+                and r["event"].startswith(event_prefix)
+                and (not outcome or r["outcome"] == outcome)
+            ]
+        return out[:limit]
+
+    def audit_verify(self) -> VerifyResult:
+        with self._lock:
+            prev = "0" * 64
+            for i, r in enumerate(self._audit):
+                digest = hashlib.sha256(b"coresdk.audit.v1\0" + bytes.fromhex(prev) + r["canonical"]).hexdigest()
+                if r["seq"] != i + 1 or r["prev"] != prev or r["hash"] != digest:
+                    return VerifyResult(False, i, i + 1, f"record {i + 1} does not verify")
+                prev = digest
+            return VerifyResult(True, len(self._audit))
+
+    # -- errors ---------------------------------------------------------------------------
+
+    def _invalid(self, detail: str) -> ProblemError:
+        return ProblemError(_problem(self._base, "invalid-request", "Invalid request", 400, detail, "INVALID_ARGUMENT"))
+
+    def _signature_error(self, reason: str, detail: str) -> ProblemError:
+        return ProblemError(_problem(self._base, "invalid-signature", "Invalid webhook signature", 400, detail, reason))
+
+    # -- webhooks -------------------------------------------------------------------------
+
+    def _verify_signature(self, payload: bytes, header: str) -> int:
+        header = (header or "").strip()
+        if not header:
+            raise self._signature_error("SIGNATURE_MISSING", "the Stripe-Signature header is missing or empty")
+        timestamp: Optional[int] = None
+        signatures: list[bytes] = []
+        for item in header.split(","):
+            scheme, sep, value = item.strip().partition("=")
+            if not sep:
+                raise self._signature_error("SIGNATURE_MALFORMED", "an item has no '='")
+            scheme, value = scheme.strip(), value.strip()
+            if scheme == "t":
+                if timestamp is not None or not value.isdigit():
+                    raise self._signature_error("SIGNATURE_MALFORMED", "the timestamp is not a number")
+                timestamp = int(value)
+            elif scheme == "v1":
+                if len(value) != 64 or not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+                    raise self._signature_error("SIGNATURE_MALFORMED", "a v1 signature is not 64 hex characters")
+                signatures.append(bytes.fromhex(value))
+        if timestamp is None:
+            raise self._signature_error("SIGNATURE_MALFORMED", "no timestamp (t=)")
+        if not signatures:
+            raise self._signature_error("SIGNATURE_MALFORMED", "the Stripe-Signature header carries no v1 signature")
+        signed = f"{timestamp}.".encode() + payload
+        matched = False
+        for secret in self._secrets:
+            expected = hmac.new(secret.encode(), signed, hashlib.sha256).digest()
+            for candidate in signatures:
+                matched |= hmac.compare_digest(expected, candidate)
+        if not matched:
+            raise self._signature_error("SIGNATURE_MISMATCH", "no v1 signature matches any configured webhook secret")
+        skew = int(time.time()) - timestamp
+        if abs(skew) > TOLERANCE_S:
+            raise self._signature_error(
+                "SIGNATURE_TIMESTAMP_OUT_OF_TOLERANCE", f"the signature timestamp is {skew} s away from now"
+            )
+        return timestamp
+
+    def _refuse(self, error: ProblemError, payload_len: int) -> ProblemError:
+        self._append("", ACTOR, "billing.webhook.refused", "rejected", {"reason": error.problem.reason, "detail": error.problem.detail, "payload_bytes": payload_len})
+        return error
+
+    def _evaluate(self, event_type: str, obj: Mapping[str, Any]) -> tuple[str, list[tuple[str, FlagValue]]]:
+        wanted: list[tuple[str, FlagValue]] = []
+        for rule in self._rules:
+            if event_type not in rule.get("events", []):
+                continue
+            plans = [p.lower() for p in rule.get("plans", [])]
+            if plans and not self._on_plan(obj, plans):
+                continue
+            if rule.get("entitlements"):
+                items = (obj.get("entitlements") or {}).get("data") or []
+                keys = sorted({(i.get("lookup_key") or (i.get("feature") or {}).get("lookup_key") or "") for i in items if isinstance(i, dict)})
+                return "entitlements", [(k, True) for k in keys if _KEY_RE.match(k)]
+            for key, value in rule.get("set", {}).items():
+                wanted = [(k, v) for k, v in wanted if k != key] + [(key, value)]
+        return ("set" if wanted else "ignored"), wanted
+
+    @staticmethod
+    def _on_plan(obj: Mapping[str, Any], plans: list[str]) -> bool:
+        names: list[str] = []
+        holders = []
+        for item in ((obj.get("items") or {}).get("data") or []):
+            holders += [item.get("price"), item.get("plan")]
+        holders.append(obj.get("plan"))
+        for holder in holders:
+            if isinstance(holder, dict):
+                names += [holder.get(f) for f in ("lookup_key", "nickname") if isinstance(holder.get(f), str)]
+        return any(word.lower() in plans for name in names for word in re.split(r"[^0-9A-Za-z]+", name))
+
+    def handle_stripe_webhook(self, payload: bytes, signature_header: str) -> WebhookResult:
+        if len(payload) > MAX_BODY:
+            raise self._refuse(ProblemError(_problem(self._base, "payload-too-large", "Payload too large", 413, f"the payload is {len(payload)} bytes", "PAYLOAD_TOO_LARGE")), len(payload))
+        try:
+            signed_at = self._verify_signature(payload, signature_header)
+            try:
+                event = json.loads(payload)
+            except ValueError:
+                event = None
+            if not isinstance(event, dict) or not isinstance(event.get("id"), str) or not event["id"] or not isinstance(event.get("type"), str) or not event["type"]:
+                raise ProblemError(_problem(self._base, "invalid-event", "Not a Stripe event", 400, "the verified payload is not a Stripe event", "INVALID_EVENT"))
+        except ProblemError as e:
+            raise self._refuse(e, len(payload)) from None
+        event_id, event_type = event["id"], event["type"]
+        created = event.get("created") if isinstance(event.get("created"), int) else signed_at
+        obj = (event.get("data") or {}).get("object") or {}
+        customer = obj.get("customer")
+        if isinstance(customer, dict):
+            customer = customer.get("id")
+        if not customer and obj.get("object") == "customer":
+            customer = obj.get("id")
+        audit_event = f"billing.{event_type}"
+        meta = {"event_id": event_id, "event_type": event_type, "created": created}
+        if customer:
+            meta["customer"] = customer
+        with self._lock:
+            if event_id in self._processed:
+                tenant, first_outcome, first_seq = self._processed[event_id]
+                record = self._append(tenant, ACTOR, audit_event, "duplicate", {**meta, "first_outcome": first_outcome, "first_audit_seq": first_seq})
+                return WebhookResult(event_id, event_type, tenant, "duplicate", [], record.seq, [])
+            kind, wanted = self._evaluate(event_type, obj)
+            mapped = False
+            tenant = None
+            reference = obj.get("client_reference_id")
+            if event_type == "checkout.session.completed" and customer and reference:
+                mapped = self._customers.get(customer) != reference
+                self._customers[customer] = reference
+                tenant = reference
+            if tenant is None and customer:
+                tenant = self._customers.get(customer)
+            if tenant is None:
+                tenant = (obj.get("metadata") or {}).get("tenant_id") or None
+            if tenant is None:
+                if kind == "ignored":
+                    return self._finish(event_id, event_type, "", "ignored", [], [], meta)
+                detail = f"no tenant is mapped for customer '{customer}'" if customer else "no tenant can be resolved"
+                self._append("", ACTOR, audit_event, "rejected", {**meta, "reason": detail})
+                raise ProblemError(_problem(self._base, "unknown-customer", "Unknown customer", 422, detail, "UNKNOWN_CUSTOMER"))
+            if kind == "entitlements":
+                keep = {k for k, _ in wanted}
+                leaving = [(k, False) for (t, k), f in sorted(self._flags.items()) if t == tenant and f.origin == "entitlements" and f.value is True and k not in keep]
+                wanted = leaving + wanted
+            if not wanted and not mapped:
+                return self._finish(event_id, event_type, tenant, "ignored", [], [], meta)
+            changes, stale = [], []
+            for key, value in wanted:
+                current = self._flags.get((tenant, key))
+                if current is not None and current.event_created > created:
+                    stale.append(key)
+                    continue
+                if current is not None and current.value == value:
+                    current.event_created = max(current.event_created, created)
+                    continue
+                self._version += 1
+                self._flags[(tenant, key)] = _Flag(value, self._version, created, "entitlements" if kind == "entitlements" else "rule", ACTOR)
+                changes.append(FlagChange(key, current.value if current else None, value, self._version))
+            outcome = "stale" if not changes and not mapped and stale else "applied"
+            return self._finish(event_id, event_type, tenant, outcome, changes, stale, meta)
+
+    def _finish(self, event_id, event_type, tenant, outcome, changes, stale, meta) -> WebhookResult:
+        if changes:
+            meta["flags"] = [f"{c.key}={'on' if c.new_value is True else 'off' if c.new_value is False else c.new_value}" for c in changes]
+        if stale:
+            meta["stale_flags"] = stale
+        record = self._append(tenant, ACTOR, f"billing.{event_type}", outcome, meta)
+        self._processed[event_id] = (tenant, outcome, record.seq)
+        return WebhookResult(event_id, event_type, tenant, outcome, changes, record.seq, stale)
+
+    # -- flags ----------------------------------------------------------------------------
+
+    def _check_ids(self, tenant_id: str, key: Optional[str] = None) -> None:
+        if not tenant_id or len(tenant_id) > 128 or any(c.isspace() for c in tenant_id):
+            raise self._invalid("tenant_id: must be 1-128 characters without whitespace")
+        if key is not None and not _KEY_RE.match(key):
+            raise self._invalid("key: must be 1-128 characters of letters, digits, _ - . :")
+
+    def get_flag(self, tenant_id: str, key: str) -> Flag:
+        self._check_ids(tenant_id, key)
+        with self._lock:
+            f = self._flags.get((tenant_id, key))
+            if f is not None:
+                return Flag(tenant_id, key, f.value, f.version, False, f.updated_by)
+        if key in self._catalog:
+            return Flag(tenant_id, key, self._catalog[key], 0, True)
+        raise FlagNotFound(_problem(self._base, "flag-not-found", "Flag not found", 404, f"flag '{key}' is not defined", "FLAG_NOT_FOUND"))
+
+    def get_flags(self, tenant_id: str) -> dict[str, Flag]:
+        self._check_ids(tenant_id)
+        out = {k: Flag(tenant_id, k, v, 0, True) for k, v in self._catalog.items()}
+        with self._lock:
+            out.update({k: Flag(t, k, f.value, f.version, False, f.updated_by) for (t, k), f in self._flags.items() if t == tenant_id})
+        return dict(sorted(out.items()))
+
+    def set_flag(self, tenant_id: str, key: str, value: FlagValue, *, actor: str, reason: str = "") -> Flag:
+        self._check_ids(tenant_id, key)
+        if not actor.strip():
+            raise self._invalid("actor: is required")
+        with self._lock:
+            current = self._flags.get((tenant_id, key))
+            self._version += 1
+            self._flags[(tenant_id, key)] = _Flag(value, self._version, current.event_created if current else 0, "admin", actor)
+            meta = {"flag": key, "new_value": value, "version": self._version}
+            if reason:
+                meta["reason"] = reason
+            self._append(tenant_id, actor, "flag.set", "applied", meta)
+            return Flag(tenant_id, key, value, self._version, False, actor)
+
+    # -- tenants --------------------------------------------------------------------------
+
+    def map_customer(self, customer_id: str, tenant_id: str, *, actor: str, reason: str = "") -> None:
+        self._check_ids(tenant_id)
+        with self._lock:
+            if self._customers.get(customer_id) != tenant_id:
+                self._customers[customer_id] = tenant_id
+                self._append(tenant_id, actor, "tenant.customer_mapped", "applied", {"customer": customer_id, "reason": reason})
+
+    def resolve_customer(self, customer_id: str) -> Optional[str]:
+        with self._lock:
+            return self._customers.get(customer_id)
+
+    # -- auth -----------------------------------------------------------------------------
+
+    def verify_token(self, token: str) -> Claims:
+        try:
+            return self._verify(token)
+        except ProblemError:
+            raise
+
+    def _unauthenticated(self, why: str) -> ProblemError:
+        return ProblemError(_problem(self._base, "unauthenticated", "Unauthenticated", 401, f"The bearer token was not accepted: {why}.", "UNAUTHENTICATED"))
+
+    def _verify(self, token: str) -> Claims:
+        token = (token or "").strip()
+        if token.startswith("Bearer "):
+            token = token[7:].strip()
+        if not self._jwt_secrets:
+            raise self._unauthenticated("token verification is not configured")
+        try:
+            header_b64, payload_b64, signature_b64 = token.split(".")
+            header = json.loads(_b64decode(header_b64))
+            claims = json.loads(_b64decode(payload_b64))
+            signature = _b64decode(signature_b64)
+        except (ValueError, TypeError):
+            raise self._unauthenticated("the token is malformed") from None
+        digest = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}.get(header.get("alg"))
+        if digest is None:
+            raise self._unauthenticated("the token's algorithm is not accepted")
+        signing_input = f"{header_b64}.{payload_b64}".encode()
+        if not any(hmac.compare_digest(hmac.new(s, signing_input, digest).digest(), signature) for s in self._jwt_secrets):
+            raise self._unauthenticated("the token's signature does not verify")
+        now, leeway = time.time(), 60
+        if not isinstance(claims.get("exp"), (int, float)):
+            raise self._unauthenticated("the token lacks the required claim 'exp'")
+        if claims["exp"] < now - leeway:
+            raise self._unauthenticated("the token has expired")
+        if isinstance(claims.get("nbf"), (int, float)) and claims["nbf"] > now + leeway:
+            raise self._unauthenticated("the token is not valid yet")
+        if self._jwt_issuer and claims.get("iss") != self._jwt_issuer:
+            raise self._unauthenticated("the token's issuer is not accepted")
+        aud = claims.get("aud")
+        auds = aud if isinstance(aud, list) else [aud]
+        if self._jwt_audience and not any(a in self._jwt_audience for a in auds):
+            raise self._unauthenticated("the token's audience is not accepted")
+        roles = claims.get("roles") or []
+        return Claims(
+            subject=str(claims.get("sub", "")),
+            tenant_id=str(claims.get(self._tenant_claim, "")),
+            roles=roles.split() if isinstance(roles, str) else list(roles),
+            scopes=str(claims.get("scope", "")).split(),
+            claims=claims,
+        )
+
+    def authorize(self, *, token: Optional[str] = None, tenant_id: Optional[str] = None, require: Sequence[str] = (), deny_if: Sequence[str] = (), resource: str = "") -> Decision:
+        if not (token or "").strip() and not tenant_id:
+            raise self._invalid("token: give a token or a tenant_id")
+        for key in (*require, *deny_if):
+            if not _KEY_RE.match(key):
+                raise self._invalid(f"'{key}' is not a valid flag key")
+        claims = None
+        subject = ""
+        tenant = tenant_id or ""
+        if (token or "").strip():
+            try:
+                claims = self._verify(token or "")
+            except ProblemError as e:
+                return self._deny(tenant, "", e.problem, resource, "UNAUTHENTICATED", "")
+            subject = claims.subject
+            if not claims.tenant_id:
+                return self._deny("", subject, self._unauthenticated(f"it has no '{self._tenant_claim}' claim").problem, resource, "UNAUTHENTICATED", "")
+            if tenant_id and tenant_id != claims.tenant_id:
+                p = _problem(self._base, "wrong-tenant", "Forbidden", 403, "The token belongs to a different tenant.", "WRONG_TENANT")
+                return self._deny(tenant_id, subject, p, resource, "WRONG_TENANT", "")
+            tenant = claims.tenant_id
+        for flag in deny_if:
+            if self.is_enabled(tenant, flag):
+                ext = {"billing_url": self._billing_url} if self._billing_url else {}
+                p = _problem(self._base, "payment-required", "Payment Required", 402, "The subscription has a payment problem. Update billing to continue.", "PAYMENT_REQUIRED", flag=flag, tenant_id=tenant, **ext)
+                return self._deny(tenant, subject, p, resource, "PAYMENT_REQUIRED", flag, claims)
+        for feature in require:
+            if not self.is_enabled(tenant, feature):
+                ext = {"upgrade_url": self._upgrade_url} if self._upgrade_url else {}
+                p = _problem(self._base, "feature-locked", "Feature Unavailable", 403, f"The '{feature}' feature is not included in this subscription.", "FEATURE_LOCKED", feature=feature, tenant_id=tenant, **ext)
+                return self._deny(tenant, subject, p, resource, "FEATURE_LOCKED", feature, claims)
+        return Decision(True, None, tenant, subject, False, claims)
+
+    def _deny(self, tenant: str, subject: str, problem: Problem, resource: str, reason: str, feature: str, claims: Optional[Claims] = None) -> Decision:
+        if resource:
+            problem = Problem(problem.type, problem.title, problem.status, problem.detail, resource, problem.extensions)
+        key = (tenant, subject, reason, feature)
+        now = time.monotonic()
+        with self._lock:
+            since, suppressed = self._denials.get(key, (None, 0))
+            if since is None or now - since >= 60:
+                meta = {"reason": reason, "feature": feature, "resource": resource}
+                if suppressed:
+                    meta["suppressed_before"] = suppressed
+                self._denials[key] = (now, 0)
+                self._append(tenant, subject or "anonymous", "auth.denied", "denied", {k: v for k, v in meta.items() if v})
+            else:
+                self._denials[key] = (since, suppressed + 1)
+        return Decision(False, problem, tenant, subject, False, claims)
+
+
+def _b64decode(part: str) -> bytes:
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))

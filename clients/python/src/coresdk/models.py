@@ -1,0 +1,175 @@
+"""Plain Python views of the sidecar's answers."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from google.protobuf import json_format, struct_pb2
+
+from coresdk.errors import Problem
+from coresdk.v1 import audit_pb2, auth_pb2, flags_pb2, webhook_pb2
+
+FlagValue = Union[bool, str, float, int, dict, list, None]
+
+OUTCOMES = {
+    webhook_pb2.WEBHOOK_OUTCOME_APPLIED: "applied",
+    webhook_pb2.WEBHOOK_OUTCOME_DUPLICATE: "duplicate",
+    webhook_pb2.WEBHOOK_OUTCOME_STALE: "stale",
+    webhook_pb2.WEBHOOK_OUTCOME_IGNORED: "ignored",
+}
+
+
+def value_from_proto(value: flags_pb2.FlagValue) -> FlagValue:
+    kind = value.WhichOneof("kind")
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        return value.number_value
+    if kind == "json_value":
+        return json_format.MessageToDict(value.json_value)
+    return None
+
+
+def value_to_proto(value: FlagValue) -> flags_pb2.FlagValue:
+    if isinstance(value, bool):
+        return flags_pb2.FlagValue(bool_value=value)
+    if isinstance(value, str):
+        return flags_pb2.FlagValue(string_value=value)
+    if isinstance(value, (int, float)):
+        return flags_pb2.FlagValue(number_value=float(value))
+    json_value = struct_pb2.Value()
+    json_format.ParseDict(value, json_value)
+    return flags_pb2.FlagValue(json_value=json_value)
+
+
+@dataclass(frozen=True)
+class Flag:
+    tenant_id: str
+    key: str
+    value: FlagValue
+    version: int = 0
+    is_default: bool = False
+    updated_by: str = ""
+
+    @classmethod
+    def from_proto(cls, flag: flags_pb2.Flag) -> "Flag":
+        return cls(
+            tenant_id=flag.tenant_id,
+            key=flag.key,
+            value=value_from_proto(flag.value),
+            version=flag.version,
+            is_default=flag.is_default,
+            updated_by=flag.updated_by,
+        )
+
+
+@dataclass(frozen=True)
+class FlagChange:
+    key: str
+    old_value: FlagValue
+    new_value: FlagValue
+    version: int
+
+
+@dataclass(frozen=True)
+class WebhookResult:
+    event_id: str
+    event_type: str
+    tenant_id: str
+    outcome: str
+    flag_changes: list[FlagChange] = field(default_factory=list)
+    audit_seq: int = 0
+    stale_flags: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_proto(cls, r: webhook_pb2.HandleStripeWebhookResponse) -> "WebhookResult":
+        return cls(
+            event_id=r.event_id,
+            event_type=r.event_type,
+            tenant_id=r.tenant_id,
+            outcome=OUTCOMES.get(r.outcome, "unspecified"),
+            flag_changes=[
+                FlagChange(
+                    c.key,
+                    value_from_proto(c.old_value) if c.HasField("old_value") else None,
+                    value_from_proto(c.new_value),
+                    c.version,
+                )
+                for c in r.flag_changes
+            ],
+            audit_seq=r.audit_seq,
+            stale_flags=list(r.stale_flags),
+        )
+
+
+@dataclass(frozen=True)
+class Claims:
+    subject: str
+    tenant_id: str
+    roles: list[str] = field(default_factory=list)
+    scopes: list[str] = field(default_factory=list)
+    claims: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_proto(cls, c: auth_pb2.Claims) -> "Claims":
+        return cls(
+            subject=c.subject,
+            tenant_id=c.tenant_id,
+            roles=list(c.roles),
+            scopes=list(c.scopes),
+            claims=json_format.MessageToDict(c.claims) if c.HasField("claims") else {},
+        )
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    problem: Optional[Problem] = None
+    tenant_id: str = ""
+    subject: str = ""
+    fail_mode_applied: bool = False
+    claims: Optional[Claims] = None
+
+    @classmethod
+    def from_proto(cls, r: auth_pb2.AuthorizeResponse) -> "Decision":
+        return cls(
+            allowed=r.decision == auth_pb2.DECISION_ALLOW,
+            problem=Problem.from_proto(r.problem) if r.HasField("problem") else None,
+            tenant_id=r.tenant_id,
+            subject=r.subject,
+            fail_mode_applied=r.fail_mode_applied,
+            claims=Claims.from_proto(r.claims) if r.HasField("claims") else None,
+        )
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    seq: int
+    tenant_id: str
+    actor: str
+    event: str
+    outcome: str
+    metadata: dict[str, Any]
+    hash: str = ""
+
+    @classmethod
+    def from_proto(cls, r: audit_pb2.AuditRecord) -> "AuditRecord":
+        return cls(
+            seq=r.seq,
+            tenant_id=r.tenant_id,
+            actor=r.actor,
+            event=r.event,
+            outcome=r.outcome,
+            metadata=json_format.MessageToDict(r.metadata) if r.HasField("metadata") else {},
+            hash=r.hash,
+        )
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    records_checked: int
+    first_bad_seq: int = 0
+    reason: str = ""
