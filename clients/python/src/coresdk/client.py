@@ -214,7 +214,20 @@ class SidecarClient(BaseSDK):
     def handle_stripe_webhook(self, payload: bytes, signature_header: str) -> WebhookResult:
         # Never fails open: an effect that was not committed must make Stripe retry.
         request = webhook_pb2.HandleStripeWebhookRequest(payload=payload, signature_header=signature_header or "")
-        return WebhookResult.from_proto(self._call(self._webhooks.HandleStripeWebhook, request))
+        result = WebhookResult.from_proto(self._call(self._webhooks.HandleStripeWebhook, request))
+        self._await_cache(result.tenant_id, [(c.key, c.version) for c in result.flag_changes])
+        return result
+
+    def _await_cache(self, tenant_id: str, versions: list[tuple[str, int]]) -> None:
+        """Read-your-writes: once a change is acknowledged, wait (briefly) until the local
+        cache shows it, so the caller's next is_enabled sees what it just did."""
+        if not versions or not self.cache.connected:
+            return
+
+        def caught_up() -> bool:
+            return all((f := self.cache._flags.get((tenant_id, key))) is not None and f.version >= version for key, version in versions)
+
+        self.cache.wait_for(caught_up, self.settings.timeout_ms / 1000)
 
     # -- flags ----------------------------------------------------------------------------
 
@@ -256,7 +269,9 @@ class SidecarClient(BaseSDK):
         request = flags_pb2.SetFlagRequest(
             tenant_id=tenant_id, key=key, value=value_to_proto(value), actor=actor, reason=reason
         )
-        return Flag.from_proto(self._call(self._flags.SetFlag, request, admin=True))
+        flag = Flag.from_proto(self._call(self._flags.SetFlag, request, admin=True))
+        self._await_cache(tenant_id, [(key, flag.version)])
+        return flag
 
     # -- auth -----------------------------------------------------------------------------
 
