@@ -23,6 +23,7 @@ from coresdk.errors import (
     problem_from_rpc_error,
     unavailable_problem,
 )
+from coresdk.validation import check_ids
 from coresdk.models import AuditRecord, Claims, Decision, Flag, FlagValue, VerifyResult, WebhookResult, value_to_proto
 from coresdk.v1 import (
     audit_pb2,
@@ -232,6 +233,7 @@ class SidecarClient(BaseSDK):
     # -- flags ----------------------------------------------------------------------------
 
     def get_flag(self, tenant_id: str, key: str) -> Flag:
+        check_ids(tenant_id, key, self.settings.problem_type_base)
         if self.cache.warm.is_set():
             flag = self.cache.get(tenant_id, key)
             if flag is not None:
@@ -260,6 +262,7 @@ class SidecarClient(BaseSDK):
         return super().is_enabled(tenant_id, key)
 
     def get_flags(self, tenant_id: str) -> dict[str, Flag]:
+        check_ids(tenant_id, None, self.settings.problem_type_base)
         if self.cache.warm.is_set() and (self.cache.connected or self.settings.fail_mode == "open"):
             return self.cache.of_tenant(tenant_id)
         answer = self._call(self._flags.GetFlags, flags_pb2.GetFlagsRequest(tenant_id=tenant_id))

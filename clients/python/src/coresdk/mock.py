@@ -25,6 +25,7 @@ from typing import Any, Mapping, Optional, Sequence
 from coresdk.base import BaseSDK
 from coresdk.config import Settings
 from coresdk.errors import FlagNotFound, Problem, ProblemError
+from coresdk.validation import FLAG_KEY, check_ids, invalid
 from coresdk.models import AuditRecord, Claims, Decision, Flag, FlagChange, FlagValue, VerifyResult, WebhookResult
 
 MOCK_SECRET = "whsec_test_secret"
@@ -32,7 +33,6 @@ MOCK_TENANTS = {"cus_acme_001": "acme-corp", "cus_globex_001": "globex", "cus_in
 ACTOR = "stripe-webhook"
 TOLERANCE_S = 300
 MAX_BODY = 1024 * 1024
-_KEY_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
 def _problem(type_base: str, slug: str, title: str, status: int, detail: str, reason: str, **extensions: Any) -> Problem:
@@ -121,7 +121,7 @@ class MockSidecar(BaseSDK):
     # -- errors ---------------------------------------------------------------------------
 
     def _invalid(self, detail: str) -> ProblemError:
-        return ProblemError(_problem(self._base, "invalid-request", "Invalid request", 400, detail, "INVALID_ARGUMENT"))
+        return invalid(detail, self._base)
 
     def _signature_error(self, reason: str, detail: str) -> ProblemError:
         return ProblemError(_problem(self._base, "invalid-signature", "Invalid webhook signature", 400, detail, reason))
@@ -181,7 +181,7 @@ class MockSidecar(BaseSDK):
             if rule.get("entitlements"):
                 items = (obj.get("entitlements") or {}).get("data") or []
                 keys = sorted({(i.get("lookup_key") or (i.get("feature") or {}).get("lookup_key") or "") for i in items if isinstance(i, dict)})
-                return "entitlements", [(k, True) for k in keys if _KEY_RE.match(k)]
+                return "entitlements", [(k, True) for k in keys if FLAG_KEY.match(k)]
             for key, value in rule.get("set", {}).items():
                 wanted = [(k, v) for k, v in wanted if k != key] + [(key, value)]
         return ("set" if wanted else "ignored"), wanted
@@ -279,10 +279,7 @@ class MockSidecar(BaseSDK):
     # -- flags ----------------------------------------------------------------------------
 
     def _check_ids(self, tenant_id: str, key: Optional[str] = None) -> None:
-        if not tenant_id or len(tenant_id) > 128 or any(c.isspace() for c in tenant_id):
-            raise self._invalid("tenant_id: must be 1-128 characters without whitespace")
-        if key is not None and not _KEY_RE.match(key):
-            raise self._invalid("key: must be 1-128 characters of letters, digits, _ - . :")
+        check_ids(tenant_id, key, self._base)
 
     def get_flag(self, tenant_id: str, key: str) -> Flag:
         self._check_ids(tenant_id, key)
@@ -384,7 +381,7 @@ class MockSidecar(BaseSDK):
         if not (token or "").strip() and not tenant_id:
             raise self._invalid("token: give a token or a tenant_id")
         for key in (*require, *deny_if):
-            if not _KEY_RE.match(key):
+            if not FLAG_KEY.match(key):
                 raise self._invalid(f"'{key}' is not a valid flag key")
         claims = None
         subject = ""

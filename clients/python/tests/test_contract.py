@@ -1,0 +1,129 @@
+"""One suite, two implementations: every test runs against the in-process mock and against the
+real sidecar, so the mock cannot drift from the product."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import sign, stripe_event, token
+from coresdk import FlagNotFound, ProblemError
+
+
+def deliver(sdk, body: bytes):
+    return sdk.handle_stripe_webhook(body, sign(body))
+
+
+def test_invoice_paid_turns_pro_features_on_and_is_audited(sdk):
+    result = deliver(sdk, stripe_event("invoice.paid", "cus_acme_001"))
+    assert (result.outcome, result.tenant_id) == ("applied", "acme-corp")
+    assert {c.key: c.new_value for c in result.flag_changes} == {"pro_features": True, "paywall_active": False}
+    assert sdk.is_enabled("acme-corp", "pro_features")
+    records = sdk.audit_query(tenant_id="acme-corp", event_prefix="billing.invoice.paid")
+    assert [(r.actor, r.outcome) for r in records] == [("stripe-webhook", "applied")]
+    assert sdk.audit_verify().ok
+
+
+def test_redelivery_is_a_duplicate_and_older_events_are_stale(sdk):
+    now = int(time.time())
+    body = stripe_event("invoice.paid", "cus_globex_001", created=now, event_id="evt_dup_1")
+    assert deliver(sdk, body).outcome == "applied"
+    again = deliver(sdk, body)
+    assert (again.outcome, again.tenant_id, again.flag_changes) == ("duplicate", "globex", [])
+    late = deliver(sdk, stripe_event("invoice.payment_failed", "cus_globex_001", created=now - 60))
+    assert late.outcome == "stale"
+    assert sorted(late.stale_flags) == ["paywall_active", "pro_features"]
+    assert sdk.is_enabled("globex", "pro_features")
+    assert deliver(sdk, stripe_event("charge.refunded", "cus_globex_001")).outcome == "ignored"
+
+
+@pytest.mark.parametrize(
+    "header, reason",
+    [
+        ("", "SIGNATURE_MISSING"),
+        ("t=1,v1=abc", "SIGNATURE_MALFORMED"),
+        (None, "SIGNATURE_MISMATCH"),
+    ],
+)
+def test_bad_signatures_are_400_problems(sdk, header, reason):
+    body = stripe_event("invoice.paid", "cus_acme_001")
+    if header is None:
+        header = sign(body, "whsec_forged")
+    with pytest.raises(ProblemError) as caught:
+        sdk.handle_stripe_webhook(body, header)
+    assert caught.value.status == 400
+    assert caught.value.problem.reason == reason
+    assert not sdk.is_enabled("acme-corp", "pro_features")
+
+
+def test_replayed_signature_is_refused(sdk):
+    import stripe
+
+    body = stripe_event("invoice.paid", "cus_acme_001")
+    old = stripe.WebhookSignature.generate_signature_header(body.decode(), "whsec_test_secret", timestamp=int(time.time()) - 301)
+    with pytest.raises(ProblemError) as caught:
+        sdk.handle_stripe_webhook(body, old)
+    assert caught.value.problem.reason == "SIGNATURE_TIMESTAMP_OUT_OF_TOLERANCE"
+
+
+def test_unknown_customer_is_422_until_mapped(sdk):
+    body = stripe_event("invoice.paid", "cus_nobody")
+    with pytest.raises(ProblemError) as caught:
+        deliver(sdk, body)
+    assert caught.value.status == 422
+    sdk.map_customer("cus_nobody", "nobody-inc", actor="ops")
+    assert sdk.resolve_customer("cus_nobody") == "nobody-inc"
+    assert deliver(sdk, body).tenant_id == "nobody-inc"
+
+
+def test_flags_defaults_set_and_not_found(sdk):
+    flag = sdk.get_flag("hooli", "pro_features")
+    assert (flag.value, flag.is_default) == (False, True)
+    with pytest.raises(FlagNotFound):
+        sdk.get_flag("hooli", "no_such_flag")
+    assert not sdk.is_enabled("hooli", "no_such_flag")
+    sdk.set_flag("hooli", "seats", 25, actor="ops@example.com", reason="contract")
+    assert sdk.get_flag("hooli", "seats").value == 25
+    assert set(sdk.get_flags("hooli")) >= {"pro_features", "paywall_active", "advanced_analytics", "seats"}
+    with pytest.raises(ProblemError) as caught:
+        sdk.get_flag("", "pro_features")
+    assert caught.value.status == 400
+
+
+def test_authorize_gates_like_the_seed(sdk):
+    acme, globex = token("acme-corp"), token("globex")
+    locked = sdk.authorize(token=acme, require=["advanced_analytics"], resource="GET /api/analytics")
+    assert not locked.allowed
+    assert (locked.problem.status, locked.problem.type) == (403, "https://securepay.example/errors/feature-locked")
+    assert locked.problem.extensions["upgrade_url"] == "https://securepay.example/pricing"
+    deliver(sdk, stripe_event("subscription.upgraded", "cus_acme_001"))
+    allowed = sdk.authorize(token=acme, require=["advanced_analytics"])
+    assert (allowed.allowed, allowed.tenant_id, allowed.subject) == (True, "acme-corp", "user@acme-corp")
+
+    assert sdk.authorize(token=globex, deny_if=["paywall_active"]).allowed
+    deliver(sdk, stripe_event("payment.failed", "cus_globex_001"))
+    paywalled = sdk.authorize(token=globex, deny_if=["paywall_active"])
+    assert (paywalled.allowed, paywalled.problem.status) == (False, 402)
+    assert paywalled.problem.extensions["billing_url"] == "https://securepay.example/billing"
+
+    expired = sdk.authorize(token=token("acme-corp", exp=int(time.time()) - 3600), require=["pro_features"])
+    assert (expired.allowed, expired.problem.status) == (False, 401)
+    assert any(r.event == "auth.denied" for r in sdk.audit_query(event_prefix="auth."))
+
+
+def test_verify_token(sdk):
+    claims = sdk.verify_token(token("acme-corp", roles=["admin"]))
+    assert (claims.tenant_id, claims.subject, claims.roles) == ("acme-corp", "user@acme-corp", ["admin"])
+    with pytest.raises(ProblemError) as caught:
+        sdk.verify_token("not.a.token")
+    assert caught.value.status == 401
+
+
+def test_application_audit_events(sdk):
+    record = sdk.audit("app.export.csv", outcome="success", actor="user:42", tenant_id="acme-corp", metadata={"rows": 10})
+    assert record is not None and record.seq > 0
+    found = sdk.audit_query(tenant_id="acme-corp", event_prefix="app.export.")
+    assert [r.metadata.get("rows") for r in found] == [10]
+    with pytest.raises(ProblemError):
+        sdk.audit("", outcome="x", actor="y")
+    assert sdk.audit_verify().ok

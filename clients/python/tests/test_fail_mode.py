@@ -1,0 +1,73 @@
+"""What the client does while the sidecar is away, against the real binary stopped and started
+again on the same address."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import Sidecar, client_for, sign, stripe_event, token
+from coresdk import SidecarUnavailable
+
+
+def wait_until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition never became true")
+        time.sleep(0.05)
+
+
+def test_fail_open_serves_last_known_values_and_spools_audit(tmp_path):
+    process = Sidecar(tmp_path)
+    process.start()
+    client = client_for(process, fail_mode="open", timeout_ms=300)
+    body = stripe_event("invoice.paid", "cus_acme_001")
+    client.handle_stripe_webhook(body, sign(body))
+    assert client.is_enabled("acme-corp", "pro_features")
+
+    process.stop()
+    wait_until(lambda: not client.cache.connected)
+    assert client.is_enabled("acme-corp", "pro_features"), "last known value"
+    assert not client.is_enabled("globex", "pro_features"), "default value"
+    decision = client.authorize(token=token("acme-corp"), require=["pro_features"])
+    assert decision.allowed and decision.fail_mode_applied
+    # Webhooks never fail open: Stripe must retry.
+    with pytest.raises(SidecarUnavailable) as caught:
+        client.handle_stripe_webhook(body, sign(body))
+    assert caught.value.status == 503
+    assert client.audit("app.login", outcome="success", actor="user:1", tenant_id="acme-corp") is None
+    assert client.spooled == 1
+
+    process.start()
+    wait_until(lambda: client.cache.connected)
+    wait_until(lambda: client.spooled == 0)
+    assert [r.event for r in client.audit_query(event_prefix="app.login")] == ["app.login"]
+    assert client.outage.fail_mode_decisions >= 1
+    client.close()
+    process.stop()
+
+
+def test_fail_closed_denies_with_503(tmp_path):
+    process = Sidecar(tmp_path)
+    process.start()
+    client = client_for(process, fail_mode="closed", timeout_ms=300)
+    process.stop()
+    wait_until(lambda: not client.cache.connected)
+    decision = client.authorize(token=token("acme-corp"), require=["pro_features"])
+    assert not decision.allowed and decision.fail_mode_applied
+    assert decision.problem.status == 503
+    with pytest.raises(SidecarUnavailable):
+        client.is_enabled("acme-corp", "pro_features")
+    with pytest.raises(SidecarUnavailable):
+        client.audit("app.login", outcome="success", actor="user:1")
+    client.close()
+
+
+def test_changes_reach_the_cache_through_the_watch_stream(sidecar):
+    watcher = client_for(sidecar)
+    writer = client_for(sidecar)
+    writer.set_flag("hooli", "beta_ui", True, actor="ops")
+    wait_until(lambda: watcher.is_enabled("hooli", "beta_ui"), timeout=5)
+    watcher.close()
+    writer.close()

@@ -1,0 +1,34 @@
+"""The committed stubs and rules copy must match what the repository's sources generate."""
+from __future__ import annotations
+
+import filecmp
+import subprocess
+import sys
+from pathlib import Path
+
+import stripe
+
+from conftest import ROOT, binary
+
+PACKAGE = ROOT / "clients" / "python"
+
+
+def test_committed_stubs_are_current(tmp_path: Path):
+    subprocess.run([sys.executable, str(PACKAGE / "generate_stubs.py"), str(tmp_path)], check=True)
+    generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    assert generated, "nothing generated"
+    for relative in generated:
+        committed = PACKAGE / "src" / relative
+        assert committed.exists(), f"{relative} is not committed: run clients/python/generate_stubs.py"
+        assert filecmp.cmp(committed, tmp_path / relative, shallow=False), (
+            f"{relative} is stale: run clients/python/generate_stubs.py"
+        )
+
+
+def test_coresdk_stripe_sign_is_accepted_by_stripes_library():
+    body = '{"id":"evt_sign_1","object":"event","type":"invoice.paid"}'
+    header = subprocess.run(
+        [str(binary()), "stripe", "sign", "--secret", "whsec_cli"], input=body, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    event = stripe.Webhook.construct_event(body, header, "whsec_cli")
+    assert event["id"] == "evt_sign_1"
