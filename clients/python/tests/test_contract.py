@@ -127,3 +127,18 @@ def test_application_audit_events(sdk):
     with pytest.raises(ProblemError):
         sdk.audit("", outcome="x", actor="y")
     assert sdk.audit_verify().ok
+
+
+def test_the_asyncio_variant_answers_like_the_sync_one(sdk):
+    import asyncio
+
+    from coresdk.aio import AsyncSDK
+
+    async def scenario():
+        client = AsyncSDK(sdk)
+        body = stripe_event("invoice.paid", "cus_initech_001")
+        result = await client.handle_stripe_webhook(body, sign(body))
+        decision = await client.authorize(token=token("initech"), require=["pro_features"])
+        return result.outcome, decision.allowed, client.is_enabled("initech", "pro_features")
+
+    assert asyncio.run(scenario()) == ("applied", True, True)

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from coresdk.base import BaseSDK
 from coresdk.errors import Problem, ProblemError
@@ -81,7 +82,8 @@ def stripe_webhook_router(sdk: BaseSDK, path: str = "/webhooks/stripe") -> APIRo
     async def stripe_webhook(request: Request) -> JSONResponse:
         payload = await request.body()
         signature = request.headers.get("stripe-signature", "")
-        result = sdk.handle_stripe_webhook(payload, signature)
+        # The sidecar call blocks until the commit is durable: keep it off the event loop.
+        result = await run_in_threadpool(sdk.handle_stripe_webhook, payload, signature)
         return JSONResponse(
             {
                 "received": True,
