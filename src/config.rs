@@ -10,6 +10,7 @@ use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 use crate::auth::ProblemLinks;
 use crate::auth::token::{TokenSettings, TokenVerifier};
+use crate::checkpoint::Checkpointer;
 use crate::rules::Rules;
 use crate::store::StoreUrl;
 use crate::stripe::SignatureVerifier;
@@ -69,6 +70,12 @@ pub enum AuditCommand {
     Verify {
         #[arg(long, env = "CORESDK_STORE", default_value = DEFAULT_STORE)]
         store: String,
+        /// Defaults to `<db>.checkpoints`.
+        #[arg(long, env = "CORESDK_AUDIT_CHECKPOINT_FILE")]
+        checkpoint_file: Option<PathBuf>,
+        /// Defaults to `<db>.audit-key`; without it only the chain itself is checked.
+        #[arg(long, env = "CORESDK_AUDIT_SIGNING_KEY_FILE")]
+        signing_key_file: Option<PathBuf>,
     },
 }
 
@@ -183,6 +190,19 @@ pub struct ServeArgs {
     pub tls_cert_file: Option<PathBuf>,
     #[arg(long, env = "CORESDK_TLS_KEY_FILE")]
     pub tls_key_file: Option<PathBuf>,
+    /// Signed audit checkpoints are appended here (default: beside a SQLite store, `<db>.checkpoints`).
+    #[arg(long, env = "CORESDK_AUDIT_CHECKPOINT_FILE")]
+    pub audit_checkpoint_file: Option<PathBuf>,
+    /// Ed25519 seed (64 hex characters) signing the checkpoints; created when missing
+    /// (default: `<db>.audit-key`). Mount it from a secret in production.
+    #[arg(long, env = "CORESDK_AUDIT_SIGNING_KEY_FILE")]
+    pub audit_signing_key_file: Option<PathBuf>,
+    #[arg(
+        long,
+        env = "CORESDK_AUDIT_CHECKPOINT_INTERVAL_S",
+        default_value_t = 10
+    )]
+    pub audit_checkpoint_interval_s: u64,
     /// Require client certificates signed by this CA (mutual TLS).
     #[arg(long, env = "CORESDK_TLS_CLIENT_CA_FILE")]
     pub tls_client_ca_file: Option<PathBuf>,
@@ -228,6 +248,8 @@ pub struct Config {
     pub problem_links: ProblemLinks,
     pub deny_audit_window: std::time::Duration,
     pub tls: Option<TlsFiles>,
+    pub checkpoints: Option<Arc<Checkpointer>>,
+    pub checkpoint_interval: std::time::Duration,
 }
 
 fn read_file(setting: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ConfigError> {
@@ -388,6 +410,41 @@ impl Config {
             None => Rules::built_in().map_err(|e| config_error("built-in rules", e.to_string()))?,
         };
 
+        let default_paths = match &store {
+            StoreUrl::Sqlite(db) => Some(crate::checkpoint::default_paths(db)),
+            StoreUrl::Memory => None,
+        };
+        let checkpoint_file = args
+            .audit_checkpoint_file
+            .clone()
+            .or_else(|| default_paths.as_ref().map(|p| p.0.clone()));
+        let key_file = args
+            .audit_signing_key_file
+            .clone()
+            .or_else(|| default_paths.as_ref().map(|p| p.1.clone()));
+        let checkpoints = match (checkpoint_file, key_file) {
+            (Some(file), Some(key_file)) => {
+                if let Some(dir) = key_file.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|e| {
+                        config_error(
+                            "CORESDK_AUDIT_SIGNING_KEY_FILE",
+                            format!("cannot create {}: {e}", dir.display()),
+                        )
+                    })?;
+                }
+                let key = crate::checkpoint::load_or_create_key(&key_file)
+                    .map_err(|e| config_error("CORESDK_AUDIT_SIGNING_KEY_FILE", e.to_string()))?;
+                Some(Arc::new(Checkpointer::new(file, key)))
+            }
+            (Some(_), None) => {
+                return Err(config_error(
+                    "CORESDK_AUDIT_SIGNING_KEY_FILE",
+                    "a checkpoint file needs a signing key file",
+                ));
+            }
+            _ => None,
+        };
+
         let mut tenants = BTreeMap::new();
         if args.mock {
             for (customer, tenant) in MOCK_TENANTS {
@@ -417,6 +474,10 @@ impl Config {
             problem_links,
             deny_audit_window: std::time::Duration::from_secs(args.deny_audit_window_s),
             tls,
+            checkpoints,
+            checkpoint_interval: std::time::Duration::from_secs(
+                args.audit_checkpoint_interval_s.max(1),
+            ),
         })
     }
 }

@@ -27,7 +27,11 @@ fn main() -> ExitCode {
     match cli.command {
         None => serve(cli.serve),
         Some(Command::Serve(args)) => serve(args),
-        Some(Command::Audit(AuditCommand::Verify { store })) => audit_verify(&store),
+        Some(Command::Audit(AuditCommand::Verify {
+            store,
+            checkpoint_file,
+            signing_key_file,
+        })) => audit_verify(&store, checkpoint_file, signing_key_file),
         Some(Command::Stripe(StripeCommand::Sign { secret, timestamp })) => {
             stripe_sign(&secret, timestamp)
         }
@@ -110,7 +114,11 @@ fn serve(args: coresdk::config::ServeArgs) -> ExitCode {
     }
 }
 
-fn audit_verify(store: &str) -> ExitCode {
+fn audit_verify(
+    store: &str,
+    checkpoint_file: Option<std::path::PathBuf>,
+    signing_key_file: Option<std::path::PathBuf>,
+) -> ExitCode {
     let path = match StoreUrl::parse(store) {
         Ok(StoreUrl::Sqlite(path)) => path,
         Ok(StoreUrl::Memory) => {
@@ -129,7 +137,33 @@ fn audit_verify(store: &str) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match offline.with_tx(coresdk::ops::verify_chain) {
+    let (default_checkpoints, default_key) = coresdk::checkpoint::default_paths(&path);
+    let checkpoint_file = checkpoint_file.unwrap_or(default_checkpoints);
+    let key_file = signing_key_file.unwrap_or(default_key);
+    // Offline verification must never create a key: only an existing one can vouch.
+    let key = if key_file.exists() {
+        match coresdk::checkpoint::load_or_create_key(&key_file) {
+            Ok(key) => Some(key.verifying_key()),
+            Err(e) => {
+                eprintln!("coresdk: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        eprintln!(
+            "coresdk: no signing key at {}: checking the chain only, not its checkpoints",
+            key_file.display()
+        );
+        None
+    };
+    let verified = offline.with_tx(|tx| {
+        let report = coresdk::ops::verify_chain(tx)?;
+        match &key {
+            Some(key) => coresdk::checkpoint::check(tx, report, &checkpoint_file, key),
+            None => Ok(report),
+        }
+    });
+    match verified {
         Ok(report) if report.ok => {
             println!(
                 "ok: {} records verified; head seq {} hash {}",

@@ -70,6 +70,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let feeds = Arc::new(Feeds::new(cache.clone()));
     let store = Store::open(&config.store, feeds.clone())?;
     cache.load(store.read(|tx| Ok(tx.load_flags()?)).await?);
+    feeds.set_audit_head(store.read(|tx| Ok(tx.audit_head()?)).await?);
     seed_tenants(&store, &config).await?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -188,6 +189,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     // Tests and tools read this line to learn the port when listening on port 0.
     println!("coresdk listening on {bound}");
 
+    let checkpointing = state.config.checkpoints.clone().map(|checkpointer| {
+        let feeds = state.feeds.clone();
+        let every = state.config.checkpoint_interval;
+        tokio::spawn(checkpoint_loop(checkpointer, feeds, every))
+    });
+
     wait_for_signal().await;
     tracing::info!(
         in_flight = in_flight.current(),
@@ -212,11 +219,48 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         Ok(Err(join)) => tracing::error!(error = %join, "server task failed"),
         Err(_) => server.abort(),
     }
+    if let Some(task) = checkpointing {
+        task.abort();
+    }
+    let last = state
+        .config
+        .checkpoints
+        .clone()
+        .map(|c| (c, state.feeds.audit_head()));
     drop(state);
     let closing = store.clone();
     let _ = tokio::task::spawn_blocking(move || closing.close()).await;
+    if let Some((checkpointer, head)) = last
+        && head.seq > 0
+        && let Err(e) = checkpointer.write(head)
+    {
+        tracing::error!(error = %e, "could not write the final audit checkpoint");
+    }
     tracing::info!("store closed; bye");
     Ok(())
+}
+
+/// Signs the chain head every `every` when it moved, off the async threads.
+async fn checkpoint_loop(
+    checkpointer: Arc<crate::checkpoint::Checkpointer>,
+    feeds: Arc<Feeds>,
+    every: std::time::Duration,
+) {
+    let mut written = 0;
+    let mut ticker = tokio::time::interval(every);
+    loop {
+        ticker.tick().await;
+        let head = feeds.audit_head();
+        if head.seq == written {
+            continue;
+        }
+        let signer = checkpointer.clone();
+        match tokio::task::spawn_blocking(move || signer.write(head)).await {
+            Ok(Ok(())) => written = head.seq,
+            Ok(Err(e)) => tracing::error!(error = %e, "could not write an audit checkpoint"),
+            Err(e) => tracing::error!(error = %e, "checkpoint task failed"),
+        }
+    }
 }
 
 async fn seed_tenants(store: &Store, config: &Config) -> Result<(), Error> {

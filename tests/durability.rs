@@ -234,3 +234,64 @@ async fn a_second_sidecar_on_the_same_file_is_refused() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("in use by another sidecar"));
 }
+
+#[tokio::test]
+async fn cutting_off_the_newest_records_is_caught_by_signed_checkpoints() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut sidecar = Sidecar::on_disk(dir.path(), Options::default()).await;
+    for i in 0..5 {
+        sidecar
+            .audit()
+            .append(coresdk::proto::AppendAuditRequest {
+                tenant_id: "acme".into(),
+                actor: "app".into(),
+                event: format!("app.event.{i}"),
+                outcome: "success".into(),
+                metadata: None,
+            })
+            .await
+            .expect("Append");
+    }
+    let store = sidecar.store_url();
+    assert!(sidecar.stop().success());
+    let checkpoints = dir.path().join("coresdk.db.checkpoints");
+    assert!(
+        std::fs::read_to_string(&checkpoints)
+            .expect("a checkpoint was written at shutdown")
+            .contains("\"size\":5"),
+    );
+
+    let db = rusqlite::Connection::open(dir.path().join("coresdk.db")).expect("open db");
+    db.execute("DELETE FROM audit WHERE seq >= 4", [])
+        .expect("truncate");
+    drop(db);
+    let offline = std::process::Command::new(binary())
+        .args(["audit", "verify", "--store", &store])
+        .output()
+        .expect("runs");
+    let said = String::from_utf8_lossy(&offline.stdout).to_string();
+    assert_eq!(offline.status.code(), Some(1), "{said}");
+    assert!(
+        said.starts_with("FAILED at seq 4") && said.contains("removed"),
+        "{said}"
+    );
+
+    sidecar.restart().await;
+    let report = verify(&sidecar).await;
+    assert_eq!((report.ok, report.first_bad_seq), (false, 4), "{report:?}");
+    sidecar.stop();
+
+    // A forged checkpoint line is itself reported.
+    let mut text = std::fs::read_to_string(&checkpoints).expect("read");
+    text.push_str(&format!(
+        "{{\"size\":3,\"head_hash\":\"{}\",\"time\":\"x\",\"signature\":\"{}\"}}\n",
+        "0".repeat(64),
+        "0".repeat(128)
+    ));
+    std::fs::write(&checkpoints, text).expect("write");
+    let offline = std::process::Command::new(binary())
+        .args(["audit", "verify", "--store", &store])
+        .output()
+        .expect("runs");
+    assert!(String::from_utf8_lossy(&offline.stdout).contains("bad signature"));
+}

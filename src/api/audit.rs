@@ -131,9 +131,20 @@ impl AuditService for AuditApi {
         _request: Request<proto::VerifyAuditRequest>,
     ) -> Result<Response<proto::VerifyAuditResponse>, Status> {
         let state = &self.state;
+        let checkpoints = state
+            .config
+            .checkpoints
+            .as_ref()
+            .map(|c| (c.path().to_owned(), c.verifying_key()));
         let report = state
             .store
-            .read(ops::verify_chain)
+            .read(move |tx| {
+                let report = ops::verify_chain(tx)?;
+                match &checkpoints {
+                    Some((path, key)) => crate::checkpoint::check(tx, report, path, key),
+                    None => Ok(report),
+                }
+            })
             .await
             .map_err(|e| state.status(&e))?;
         if !report.ok {
@@ -217,7 +228,7 @@ async fn tail(state: SharedState, request: proto::TailAuditRequest, sender: Tail
             None => return,
         }
     } else {
-        state.feeds.audit_head()
+        state.feeds.audit_head().seq
     };
     loop {
         let next = tokio::select! {

@@ -8,13 +8,12 @@ pub mod tenants;
 pub mod webhook;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::{broadcast, watch};
 
-use crate::audit::AuditRecord;
+use crate::audit::{AuditRecord, ChainHead};
 use crate::auth::{DenialCoalescer, FailModeCounter, TokenVerifier};
 use crate::config::Config;
 use crate::flags::FlagCache;
@@ -28,8 +27,8 @@ const AUDIT_FEED_BUFFER: usize = 4096;
 pub struct Feeds {
     pub flags: Arc<FlagCache>,
     pub audit: broadcast::Sender<Arc<AuditRecord>>,
-    /// Sequence number of the newest committed audit record.
-    audit_head: AtomicU64,
+    /// The newest committed audit record.
+    audit_head: std::sync::Mutex<ChainHead>,
 }
 
 impl Feeds {
@@ -37,12 +36,22 @@ impl Feeds {
         Self {
             flags,
             audit: broadcast::channel(AUDIT_FEED_BUFFER).0,
-            audit_head: AtomicU64::new(0),
+            audit_head: std::sync::Mutex::new(ChainHead::GENESIS),
         }
     }
 
-    pub fn audit_head(&self) -> u64 {
-        self.audit_head.load(Ordering::Acquire)
+    pub fn audit_head(&self) -> ChainHead {
+        self.audit_head
+            .lock()
+            .map(|head| *head)
+            .unwrap_or(ChainHead::GENESIS)
+    }
+
+    /// Starts from the stored head, so checkpoints and tails begin where the store is.
+    pub fn set_audit_head(&self, head: ChainHead) {
+        if let Ok(mut current) = self.audit_head.lock() {
+            *current = head;
+        }
     }
 }
 
@@ -52,7 +61,10 @@ impl CommitListener for Feeds {
             match change {
                 Committed::Flag(record) => self.flags.apply(record),
                 Committed::Audit(record) => {
-                    self.audit_head.fetch_max(record.seq, Ordering::AcqRel);
+                    self.set_audit_head(ChainHead {
+                        seq: record.seq,
+                        hash: record.hash,
+                    });
                     let _ = self.audit.send(Arc::new(record));
                 }
             }

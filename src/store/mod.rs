@@ -137,6 +137,8 @@ pub trait StoreTx {
     ) -> Result<(), StoreError>;
     fn append_audit(&mut self, record: NewAuditRecord, at_ms: i64) -> Result<AuditRecord, Error>;
     fn load_flags(&mut self) -> Result<Vec<FlagRecord>, StoreError>;
+    /// The newest audit record's sequence number and hash (genesis when empty).
+    fn audit_head(&mut self) -> Result<crate::audit::ChainHead, StoreError>;
     fn query_audit(&mut self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError>;
     /// Calls `visit` with every audit row from `from_seq` in order until it returns false.
     fn scan_audit(

@@ -128,7 +128,7 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn load_state(conn: &Connection) -> Result<WriterState, StoreError> {
+fn load_head(conn: &Connection) -> Result<ChainHead, StoreError> {
     let head = conn
         .query_row(
             "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
@@ -136,7 +136,7 @@ fn load_state(conn: &Connection) -> Result<WriterState, StoreError> {
             |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)),
         )
         .optional()?;
-    let head = match head {
+    Ok(match head {
         None => ChainHead::GENESIS,
         Some((seq, hash)) => ChainHead {
             seq: to_u64(seq),
@@ -144,7 +144,11 @@ fn load_state(conn: &Connection) -> Result<WriterState, StoreError> {
                 .try_into()
                 .map_err(|_| StoreError::Corrupt(format!("audit record {seq} has a bad hash")))?,
         },
-    };
+    })
+}
+
+fn load_state(conn: &Connection) -> Result<WriterState, StoreError> {
+    let head = load_head(conn)?;
     let flag_version: i64 =
         conn.query_row("SELECT COALESCE(MAX(version), 0) FROM flags", [], |r| {
             r.get(0)
@@ -625,6 +629,10 @@ impl StoreTx for SqliteTx<'_> {
             .prepare(&format!("SELECT {FLAG_COLUMNS} FROM flags"))?;
         let rows = stmt.query_map([], flag_from_row)?;
         rows.map(|r| r?).collect()
+    }
+
+    fn audit_head(&mut self) -> Result<ChainHead, StoreError> {
+        load_head(self.conn)
     }
 
     fn query_audit(&mut self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
