@@ -504,30 +504,19 @@ async fn get_flag_over(channel: tonic::transport::Channel) -> Result<proto::Flag
 
 /// Starts a sidecar with TLS; `Sidecar::start` connects in plaintext, so this one connects itself.
 fn spawn_tls(dir: &Path, mutual: bool) -> (std::process::Child, String) {
-    use std::io::BufRead as _;
-    let mut command = std::process::Command::new(binary());
-    command
-        .args(["serve", "--listen", "127.0.0.1:0", "--store", "memory"])
-        .arg("--tls-cert-file")
-        .arg(dir.join("server.pem"))
-        .arg("--tls-key-file")
-        .arg(dir.join("server.key"))
-        .env("CORESDK_LOG", "error")
-        .stdout(std::process::Stdio::piped());
+    let path = |name: &str| dir.join(name).display().to_string();
+    let mut args = vec![
+        "--store".to_owned(),
+        "memory".to_owned(),
+        "--tls-cert-file".to_owned(),
+        path("server.pem"),
+        "--tls-key-file".to_owned(),
+        path("server.key"),
+    ];
     if mutual {
-        command.arg("--tls-client-ca-file").arg(dir.join("ca.pem"));
+        args.extend(["--tls-client-ca-file".to_owned(), path("ca.pem")]);
     }
-    let mut child = command.spawn().expect("starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = std::io::BufReader::new(stdout).lines();
-    let addr = loop {
-        let line = lines.next().expect("a line").expect("text");
-        if let Some(addr) = line.strip_prefix("coresdk listening on ") {
-            break addr.to_owned();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    (child, addr)
+    spawn(&args, &[])
 }
 
 #[tokio::test]

@@ -41,6 +41,30 @@ async fn audit_count(sidecar: &Sidecar) -> usize {
     }
 }
 
+async fn append_app_events(sidecar: &Sidecar, count: usize) {
+    for i in 0..count {
+        sidecar
+            .audit()
+            .append(coresdk::proto::AppendAuditRequest {
+                tenant_id: "acme".into(),
+                actor: "app".into(),
+                event: format!("app.event.{i}"),
+                outcome: "success".into(),
+                metadata: None,
+            })
+            .await
+            .expect("Append");
+    }
+}
+
+/// `coresdk audit verify --store …`, as an operator would run it.
+fn offline_verify(store: &str) -> std::process::Output {
+    std::process::Command::new(binary())
+        .args(["audit", "verify", "--store", store])
+        .output()
+        .expect("runs")
+}
+
 async fn verify(sidecar: &Sidecar) -> coresdk::proto::VerifyAuditResponse {
     sidecar
         .audit()
@@ -160,26 +184,11 @@ async fn nothing_acknowledged_is_lost_to_kill_9() {
 async fn tampering_is_named_online_and_offline() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut sidecar = Sidecar::on_disk(dir.path(), Options::default()).await;
-    for i in 0..5 {
-        sidecar
-            .audit()
-            .append(coresdk::proto::AppendAuditRequest {
-                tenant_id: "acme".into(),
-                actor: "app".into(),
-                event: format!("app.event.{i}"),
-                outcome: "success".into(),
-                metadata: None,
-            })
-            .await
-            .expect("Append");
-    }
+    append_app_events(&sidecar, 5).await;
     let store = sidecar.store_url();
     sidecar.stop();
 
-    let offline = std::process::Command::new(binary())
-        .args(["audit", "verify", "--store", &store])
-        .output()
-        .expect("runs");
+    let offline = offline_verify(&store);
     assert!(offline.status.success(), "{offline:?}");
     assert!(String::from_utf8_lossy(&offline.stdout).starts_with("ok: 5 records"));
 
@@ -188,10 +197,7 @@ async fn tampering_is_named_online_and_offline() {
     db.execute("UPDATE audit SET outcome = 'failure' WHERE seq = 3", [])
         .expect("tamper");
     drop(db);
-    let offline = std::process::Command::new(binary())
-        .args(["audit", "verify", "--store", &store])
-        .output()
-        .expect("runs");
+    let offline = offline_verify(&store);
     assert_eq!(offline.status.code(), Some(1));
     let said = String::from_utf8_lossy(&offline.stdout).to_string();
     assert!(said.starts_with("FAILED at seq 3"), "{said}");
@@ -208,10 +214,7 @@ async fn tampering_is_named_online_and_offline() {
     db.execute("DELETE FROM audit WHERE seq = 2", [])
         .expect("delete");
     drop(db);
-    let offline = std::process::Command::new(binary())
-        .args(["audit", "verify", "--store", &store])
-        .output()
-        .expect("runs");
+    let offline = offline_verify(&store);
     let said = String::from_utf8_lossy(&offline.stdout).to_string();
     assert!(
         said.starts_with("FAILED at seq 2") && said.contains("missing"),
@@ -239,19 +242,7 @@ async fn a_second_sidecar_on_the_same_file_is_refused() {
 async fn cutting_off_the_newest_records_is_caught_by_signed_checkpoints() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut sidecar = Sidecar::on_disk(dir.path(), Options::default()).await;
-    for i in 0..5 {
-        sidecar
-            .audit()
-            .append(coresdk::proto::AppendAuditRequest {
-                tenant_id: "acme".into(),
-                actor: "app".into(),
-                event: format!("app.event.{i}"),
-                outcome: "success".into(),
-                metadata: None,
-            })
-            .await
-            .expect("Append");
-    }
+    append_app_events(&sidecar, 5).await;
     let store = sidecar.store_url();
     assert!(sidecar.stop().success());
     let checkpoints = dir.path().join("coresdk.db.checkpoints");
@@ -265,10 +256,7 @@ async fn cutting_off_the_newest_records_is_caught_by_signed_checkpoints() {
     db.execute("DELETE FROM audit WHERE seq >= 4", [])
         .expect("truncate");
     drop(db);
-    let offline = std::process::Command::new(binary())
-        .args(["audit", "verify", "--store", &store])
-        .output()
-        .expect("runs");
+    let offline = offline_verify(&store);
     let said = String::from_utf8_lossy(&offline.stdout).to_string();
     assert_eq!(offline.status.code(), Some(1), "{said}");
     assert!(
@@ -289,9 +277,6 @@ async fn cutting_off_the_newest_records_is_caught_by_signed_checkpoints() {
         "0".repeat(128)
     ));
     std::fs::write(&checkpoints, text).expect("write");
-    let offline = std::process::Command::new(binary())
-        .args(["audit", "verify", "--store", &store])
-        .output()
-        .expect("runs");
+    let offline = offline_verify(&store);
     assert!(String::from_utf8_lossy(&offline.stdout).contains("bad signature"));
 }

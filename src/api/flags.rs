@@ -70,9 +70,7 @@ impl FlagService for FlagApi {
         request: Request<proto::SetFlagRequest>,
     ) -> Result<Response<proto::Flag>, Status> {
         let state = &self.state;
-        state
-            .require_admin(request.metadata())
-            .map_err(|e| state.status(&e))?;
+        state.admin_only(&request)?;
         let request = request.into_inner();
         let value = ops::validate_id("tenant_id", &request.tenant_id)
             .and_then(|()| validate_key(&request.key))

@@ -97,6 +97,12 @@ impl AppState {
 
     /// Admin RPCs need `authorization: Bearer <CORESDK_ADMIN_TOKEN>`; with no token
     /// configured they are refused, except in mock mode where there is nothing to protect.
+    /// `require_admin` as a ready status, for handlers.
+    pub fn admin_only<T>(&self, request: &tonic::Request<T>) -> Result<(), tonic::Status> {
+        self.require_admin(request.metadata())
+            .map_err(|e| self.status(&e))
+    }
+
     pub fn require_admin(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Error> {
         let Some(expected) = &self.config.admin_token else {
             if self.config.mock {

@@ -23,9 +23,7 @@ impl TenantService for TenantApi {
         request: Request<proto::MapCustomerRequest>,
     ) -> Result<Response<proto::CustomerMapping>, Status> {
         let state = &self.state;
-        state
-            .require_admin(request.metadata())
-            .map_err(|e| state.status(&e))?;
+        state.admin_only(&request)?;
         let request = request.into_inner();
         ops::validate_id("customer_id", &request.customer_id)
             .and_then(|()| ops::validate_id("tenant_id", &request.tenant_id))
@@ -60,9 +58,7 @@ impl TenantService for TenantApi {
         request: Request<proto::UnmapCustomerRequest>,
     ) -> Result<Response<proto::UnmapCustomerResponse>, Status> {
         let state = &self.state;
-        state
-            .require_admin(request.metadata())
-            .map_err(|e| state.status(&e))?;
+        state.admin_only(&request)?;
         let request = request.into_inner();
         ops::validate_id("customer_id", &request.customer_id)
             .and_then(|()| required_text("actor", &request.actor, 256))
@@ -94,9 +90,7 @@ impl TenantService for TenantApi {
         request: Request<proto::ResolveCustomerRequest>,
     ) -> Result<Response<proto::CustomerMapping>, Status> {
         let state = &self.state;
-        state
-            .require_admin(request.metadata())
-            .map_err(|e| state.status(&e))?;
+        state.admin_only(&request)?;
         let customer_id = request.into_inner().customer_id;
         ops::validate_id("customer_id", &customer_id).map_err(|e| state.status(&e))?;
         let lookup = customer_id.clone();

@@ -160,9 +160,14 @@ pub trait Backend: Send + Sync {
     fn close(&self);
 }
 
+/// Jobs queued for the store at most; further callers wait for room, so overload slows
+/// callers down instead of growing memory without bound.
+const MAX_QUEUED_JOBS: usize = 8192;
+
 #[derive(Clone)]
 pub struct Store {
     backend: Arc<dyn Backend>,
+    room: Arc<tokio::sync::Semaphore>,
 }
 
 /// Where the state lives, from `--store`.
@@ -187,7 +192,10 @@ impl StoreUrl {
 impl Store {
     pub fn open(url: &StoreUrl, listener: Arc<dyn CommitListener>) -> Result<Self, StoreError> {
         let backend: Arc<dyn Backend> = Arc::new(sqlite::SqliteStore::open(url, listener)?);
-        Ok(Self { backend })
+        Ok(Self {
+            backend,
+            room: Arc::new(tokio::sync::Semaphore::new(MAX_QUEUED_JOBS)),
+        })
     }
 
     /// Runs `work` in a write transaction; an `Err` rolls back its writes. Answers only after
@@ -197,6 +205,7 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&mut dyn StoreTx) -> Result<T, Error> + Send + 'static,
     {
+        let _room = self.room.acquire().await.map_err(|_| dropped())?;
         let (job, answer) = job(work);
         self.backend.submit_write(job);
         answer.await.unwrap_or_else(|_| Err(dropped()))
@@ -207,6 +216,7 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&mut dyn StoreTx) -> Result<T, Error> + Send + 'static,
     {
+        let _room = self.room.acquire().await.map_err(|_| dropped())?;
         let (job, answer) = job(work);
         self.backend.submit_read(job);
         answer.await.unwrap_or_else(|_| Err(dropped()))

@@ -46,7 +46,9 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_coresdk")
 }
 
-fn spawn(args: &[String], envs: &[(String, String)]) -> (Child, String) {
+/// Starts `coresdk serve --listen 127.0.0.1:0 ARGS…` with only `envs` and returns it with the
+/// address it printed.
+pub fn spawn(args: &[String], envs: &[(String, String)]) -> (Child, String) {
     let mut command = Command::new(binary());
     command
         .args(["serve", "--listen", "127.0.0.1:0"])
