@@ -412,7 +412,7 @@ impl Config {
 
         let default_paths = match &store {
             StoreUrl::Sqlite(db) => Some(crate::checkpoint::default_paths(db)),
-            StoreUrl::Memory => None,
+            StoreUrl::Memory | StoreUrl::Postgres(_) => None,
         };
         let checkpoint_file = args
             .audit_checkpoint_file

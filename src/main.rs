@@ -125,6 +125,12 @@ fn audit_verify(
             eprintln!("coresdk: a memory store has nothing to verify offline");
             return ExitCode::from(2);
         }
+        Ok(StoreUrl::Postgres(_)) => {
+            eprintln!(
+                "coresdk: offline verification reads SQLite files; for PostgreSQL call AuditService/Verify on any replica"
+            );
+            return ExitCode::from(2);
+        }
         Err(e) => {
             eprintln!("coresdk: CORESDK_STORE (--store): {e}");
             return ExitCode::from(2);

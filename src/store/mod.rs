@@ -7,6 +7,7 @@
 //! backend's worker, which may commit several of them together (group commit) and answers each
 //! only after the commit is durable.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -25,8 +26,12 @@ pub enum StoreError {
     Corrupt(String),
     #[error("this store connection is read-only")]
     ReadOnly,
-    #[error("unsupported store URL '{0}': use sqlite://PATH or memory")]
+    #[error("unsupported store URL '{0}': use sqlite://PATH, postgres://… or memory")]
     UnsupportedUrl(String),
+    #[error("PostgreSQL: {0}")]
+    Postgres(String),
+    #[error("{0}")]
+    Unsupported(&'static str),
     #[error(
         "{0} is in use by another sidecar (one writer per SQLite file; use postgres:// for several replicas)"
     )]
@@ -171,10 +176,36 @@ pub struct Store {
 }
 
 /// Where the state lives, from `--store`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum StoreUrl {
     Memory,
     Sqlite(std::path::PathBuf),
+    /// A libpq-style URL; its password never reaches a log (see the Debug impl).
+    Postgres(String),
+}
+
+impl std::fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreUrl::Memory => f.write_str("memory"),
+            StoreUrl::Sqlite(path) => write!(f, "sqlite://{}", path.display()),
+            StoreUrl::Postgres(url) => f.write_str(&redact_password(url)),
+        }
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+pub fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
 }
 
 impl StoreUrl {
@@ -182,16 +213,42 @@ impl StoreUrl {
         if url == "memory" || url == "memory://" {
             return Ok(StoreUrl::Memory);
         }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            // This build speaks plaintext to PostgreSQL: refuse rather than silently downgrade.
+            if [
+                "sslmode=require",
+                "sslmode=verify-ca",
+                "sslmode=verify-full",
+            ]
+            .iter()
+            .any(|mode| url.contains(mode))
+            {
+                return Err(StoreError::Unsupported(
+                    "TLS to PostgreSQL is not supported by this build: use sslmode=disable or prefer over a trusted network",
+                ));
+            }
+            return Ok(StoreUrl::Postgres(url.to_owned()));
+        }
         match url.strip_prefix("sqlite://") {
             Some(path) if !path.is_empty() => Ok(StoreUrl::Sqlite(path.into())),
-            _ => Err(StoreError::UnsupportedUrl(url.to_owned())),
+            _ => Err(StoreError::UnsupportedUrl(redact_password(url))),
         }
     }
 }
 
 impl Store {
-    pub fn open(url: &StoreUrl, listener: Arc<dyn CommitListener>) -> Result<Self, StoreError> {
-        let backend: Arc<dyn Backend> = Arc::new(sqlite::SqliteStore::open(url, listener)?);
+    /// `cache` is kept current by other replicas' changes when the store is shared.
+    pub fn open(
+        url: &StoreUrl,
+        listener: Arc<dyn CommitListener>,
+        cache: Arc<crate::flags::FlagCache>,
+    ) -> Result<Self, StoreError> {
+        let backend: Arc<dyn Backend> = match url {
+            StoreUrl::Postgres(pg) => {
+                Arc::new(postgres::PostgresStore::open(pg, listener, Some(cache))?)
+            }
+            _ => Arc::new(sqlite::SqliteStore::open(url, listener)?),
+        };
         Ok(Self {
             backend,
             room: Arc::new(tokio::sync::Semaphore::new(MAX_QUEUED_JOBS)),

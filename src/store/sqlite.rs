@@ -92,6 +92,7 @@ pub struct SqliteStore {
 fn open_connection(url: &StoreUrl, read_only: bool) -> Result<Connection, StoreError> {
     let conn = match url {
         StoreUrl::Memory => Connection::open_in_memory()?,
+        StoreUrl::Postgres(_) => return Err(StoreError::Unsupported("not a SQLite store URL")),
         StoreUrl::Sqlite(path) => {
             let flags = if read_only {
                 OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
@@ -178,7 +179,7 @@ impl SqliteStore {
             })?;
         }
         let lock = match url {
-            StoreUrl::Memory => None,
+            StoreUrl::Memory | StoreUrl::Postgres(_) => None,
             StoreUrl::Sqlite(path) => Some(lock_exclusively(path)?),
         };
         let conn = open_connection(url, false)?;
@@ -192,7 +193,7 @@ impl SqliteStore {
                 .map_err(|e| StoreError::Corrupt(format!("cannot start the writer: {e}")))?,
         ];
         let reader = match url {
-            StoreUrl::Memory => None,
+            StoreUrl::Memory | StoreUrl::Postgres(_) => None,
             StoreUrl::Sqlite(_) => {
                 let conn = open_connection(url, true)?;
                 let (reader, reader_queue) = mpsc::channel();
