@@ -298,23 +298,60 @@ fn write_loop(
                 Err(_) => break,
             }
         }
-        if client.as_ref().is_none_or(Client::is_closed) {
-            statements = Statements::default();
-            // One attempt per batch while down: the batch is refused (UNAVAILABLE, retryable)
-            // rather than held, so callers' deadlines and Stripe's retries stay meaningful.
-            client = Client::connect(url, NoTls)
-                .inspect_err(|e| tracing::warn!(error = %e, "PostgreSQL unreachable; refusing writes until it is back"))
-                .ok();
-        }
-        let Some(connected) = client.as_mut() else {
-            fail_all(batch, "PostgreSQL is unreachable");
-            if !stop.load(std::sync::atomic::Ordering::Acquire) {
-                std::thread::sleep(Duration::from_millis(100));
+        // A connection that died since the last batch only shows it on first use: on a
+        // failed BEGIN, reconnect once and retry before refusing the batch (UNAVAILABLE,
+        // retryable), so callers' deadlines and Stripe's retries stay meaningful.
+        let mut began = None;
+        for _attempt in 0..2 {
+            let Some(connected) = connected(&mut client, &mut statements, url) else {
+                break;
+            };
+            match begin(connected) {
+                Ok(state) => {
+                    began = Some(state);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot begin a write transaction");
+                    let _ = connected.batch_execute("ROLLBACK");
+                    client = None;
+                }
             }
-            continue;
-        };
-        run_batch(connected, &mut statements, batch, listener.as_ref());
+        }
+        match (began, client.as_mut()) {
+            (Some(state), Some(connected)) => {
+                run_batch(connected, &mut statements, state, batch, listener.as_ref());
+            }
+            _ => {
+                fail_all(batch, "PostgreSQL is unreachable");
+                if !stop.load(std::sync::atomic::Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
     }
+}
+
+/// The open connection, reconnecting (once) when there is none or it closed.
+fn connected<'a>(
+    client: &'a mut Option<Client>,
+    statements: &mut Statements,
+    url: &str,
+) -> Option<&'a mut Client> {
+    if client.as_ref().is_none_or(Client::is_closed) {
+        *statements = Statements::default();
+        *client = Client::connect(url, NoTls)
+            .inspect_err(|e| tracing::warn!(error = %e, "PostgreSQL unreachable"))
+            .ok();
+    }
+    client.as_mut()
+}
+
+fn begin(client: &mut Client) -> Result<WriterState, StoreError> {
+    client.batch_execute(&format!(
+        "BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"
+    ))?;
+    load_state(client)
 }
 
 fn fail_all(batch: Vec<Job>, why: &str) {
@@ -323,26 +360,14 @@ fn fail_all(batch: Vec<Job>, why: &str) {
     drop(batch);
 }
 
+/// Runs `batch` in the transaction `begin` opened, one savepoint per job, and commits once.
 fn run_batch(
     client: &mut Client,
     statements: &mut Statements,
+    mut state: WriterState,
     batch: Vec<Job>,
     listener: &dyn CommitListener,
 ) {
-    let begun = client
-        .batch_execute(&format!(
-            "BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"
-        ))
-        .map_err(StoreError::from)
-        .and_then(|()| load_state(client));
-    let mut state = match begun {
-        Ok(state) => state,
-        Err(e) => {
-            let _ = client.batch_execute("ROLLBACK");
-            fail_all(batch, &e.to_string());
-            return;
-        }
-    };
     let versions_before = state.flag_version;
     let mut finishers: Vec<Finisher> = Vec::with_capacity(batch.len());
     let mut changes = Vec::new();
@@ -413,21 +438,25 @@ fn read_loop(url: &str, stop: &std::sync::atomic::AtomicBool, queue: mpsc::Recei
     let mut client: Option<Client> = None;
     let mut statements = Statements::default();
     while let Ok(Queue::Work(job)) = queue.recv() {
-        if client.as_ref().is_none_or(Client::is_closed) {
-            statements = Statements::default();
-            client = Client::connect(url, NoTls).ok();
+        let mut began = false;
+        for _attempt in 0..2 {
+            let Some(connected) = connected(&mut client, &mut statements, url) else {
+                break;
+            };
+            if connected.batch_execute("BEGIN READ ONLY").is_ok() {
+                began = true;
+                break;
+            }
+            client = None;
         }
-        let Some(connected) = client.as_mut() else {
+        let Some(connected) = client.as_mut().filter(|_| began) else {
+            // Dropping the job answers its caller "unavailable".
             drop(job);
             if !stop.load(std::sync::atomic::Ordering::Acquire) {
                 std::thread::sleep(Duration::from_millis(50));
             }
             continue;
         };
-        if connected.batch_execute("BEGIN READ ONLY").is_err() {
-            drop(job);
-            continue;
-        }
         let mut changes = Vec::new();
         let mut tx = PgTx {
             client: connected,

@@ -1,0 +1,376 @@
+//! The PostgreSQL store with three real sidecar processes sharing one database. Needs
+//! CORESDK_TEST_POSTGRES_URL (./scripts/test starts a throwaway server and sets it).
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use coresdk::proto::{self, WebhookOutcome};
+use serde_json::json;
+use tokio_stream::StreamExt as _;
+
+fn server_url() -> String {
+    std::env::var("CORESDK_TEST_POSTGRES_URL").unwrap_or_else(|_| {
+        panic!(
+            "CORESDK_TEST_POSTGRES_URL is not set: run ./scripts/test, which starts a throwaway PostgreSQL with scripts/postgres-test-server"
+        )
+    })
+}
+
+/// A new, empty database on the test server, so tests never share state.
+async fn fresh_database(server: String) -> String {
+    tokio::task::spawn_blocking(move || {
+        let name = format!(
+            "coresdk_{}_{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        );
+        let mut admin = postgres::Client::connect(&server, postgres::NoTls)
+            .expect("the test PostgreSQL is reachable");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .expect("create database");
+        let (base, _) = server.rsplit_once('/').expect("a database in the URL");
+        format!("{base}/{name}")
+    })
+    .await
+    .expect("blocking task")
+}
+
+async fn replicas(url: &str, count: usize) -> Vec<Sidecar> {
+    let mut started = Vec::new();
+    for _ in 0..count {
+        let options = Options {
+            args: vec![
+                "--store".into(),
+                url.into(),
+                "--tenants-file".into(),
+                concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tenants.json").into(),
+            ],
+            ..Options::default()
+        };
+        started.push(Sidecar::start(options).await);
+    }
+    started
+}
+
+async fn send(
+    sidecar: &Sidecar,
+    body: Vec<u8>,
+) -> Result<proto::HandleStripeWebhookResponse, tonic::Status> {
+    sidecar
+        .webhooks()
+        .handle_stripe_webhook(signed(SECRET, body))
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test]
+async fn one_event_at_three_replicas_at_once_applies_once() {
+    let url = fresh_database(server_url()).await;
+    let nodes = replicas(&url, 3).await;
+    for round in 0..5 {
+        let body = event(
+            &format!("evt_race_{round}"),
+            "invoice.paid",
+            now(),
+            json!({"customer": "cus_acme_001"}),
+        );
+        let (a, b, c) = tokio::join!(
+            send(&nodes[0], body.clone()),
+            send(&nodes[1], body.clone()),
+            send(&nodes[2], body)
+        );
+        let mut outcomes: Vec<WebhookOutcome> = [a, b, c]
+            .into_iter()
+            .map(|r| r.expect("acknowledged").outcome())
+            .collect();
+        outcomes.sort_by_key(|o| *o as i32);
+        assert_eq!(
+            outcomes,
+            vec![
+                WebhookOutcome::Applied,
+                WebhookOutcome::Duplicate,
+                WebhookOutcome::Duplicate
+            ],
+            "round {round}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_thousand_mixed_deliveries_over_three_replicas() {
+    let url = fresh_database(server_url()).await;
+    let nodes = replicas(&url, 3).await;
+    let customers = ["cus_acme_001", "cus_globex_001", "cus_initech_001"];
+    let types = [
+        "invoice.paid",
+        "invoice.payment_failed",
+        "charge.refunded",
+        "subscription.upgraded",
+    ];
+    // 500 distinct events, each delivered twice (Stripe retries), in an interleaved order.
+    let mut deliveries = Vec::new();
+    for i in 0..500usize {
+        let body = event(
+            &format!("evt_mix_{i}"),
+            types[i % types.len()],
+            now() - (i % 7) as i64,
+            json!({"customer": customers[i % 3]}),
+        );
+        deliveries.push((format!("evt_mix_{i}"), body));
+    }
+    let mut order: Vec<usize> = (0..1000)
+        .map(|n| {
+            if n % 2 == 0 {
+                n / 2
+            } else {
+                (n / 2 + 250) % 500
+            }
+        })
+        .collect();
+    order.rotate_left(7);
+    let queue = std::sync::Arc::new(tokio::sync::Mutex::new(
+        order.into_iter().enumerate().collect::<Vec<_>>(),
+    ));
+    let deliveries = std::sync::Arc::new(deliveries);
+    let mut senders = Vec::new();
+    for sender in 0..16 {
+        let queue = queue.clone();
+        let deliveries = deliveries.clone();
+        let clients: Vec<_> = nodes.iter().map(Sidecar::webhooks).collect();
+        senders.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            loop {
+                let next = queue.lock().await.pop();
+                let Some((n, index)) = next else { return seen };
+                let (id, body) = &deliveries[index];
+                let mut client = clients[(n + sender) % clients.len()].clone();
+                let answer = client
+                    .handle_stripe_webhook(signed(SECRET, body.clone()))
+                    .await
+                    .expect("acknowledged")
+                    .into_inner();
+                seen.push((id.clone(), answer.outcome()));
+            }
+        }));
+    }
+    let mut by_event: HashMap<String, Vec<WebhookOutcome>> = HashMap::new();
+    for sender in senders {
+        for (id, outcome) in sender.await.expect("sender") {
+            by_event.entry(id).or_default().push(outcome);
+        }
+    }
+    assert_eq!(by_event.len(), 500);
+    for (id, outcomes) in &by_event {
+        assert_eq!(outcomes.len(), 2, "{id}");
+        let duplicates = outcomes
+            .iter()
+            .filter(|o| **o == WebhookOutcome::Duplicate)
+            .count();
+        assert_eq!(
+            duplicates, 1,
+            "{id}: exactly one of its two deliveries is a duplicate: {outcomes:?}"
+        );
+    }
+    for node in &nodes {
+        let report = node
+            .audit()
+            .verify(proto::VerifyAuditRequest {})
+            .await
+            .expect("Verify")
+            .into_inner();
+        assert!(report.ok, "{report:?}");
+        // 1000 deliveries + the 3 customer mappings of the first replica to start.
+        assert_eq!(report.records_checked, 1003, "{report:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_change_through_replica_a_reaches_a_watch_on_replica_c() {
+    let url = fresh_database(server_url()).await;
+    let nodes = replicas(&url, 3).await;
+    let mut watch = nodes[2]
+        .flags()
+        .watch_flags(proto::WatchFlagsRequest {
+            tenant_id: "acme-corp".into(),
+        })
+        .await
+        .expect("WatchFlags")
+        .into_inner();
+    let first = watch.next().await.expect("snapshot").expect("ok");
+    assert!(matches!(
+        first.event,
+        Some(proto::watch_flags_response::Event::Snapshot(_))
+    ));
+
+    nodes[0]
+        .flags()
+        .set_flag(admin(proto::SetFlagRequest {
+            tenant_id: "acme-corp".into(),
+            key: "seats".into(),
+            value: Some(proto::FlagValue {
+                kind: Some(proto::flag_value::Kind::NumberValue(40.0)),
+            }),
+            actor: "ops".into(),
+            reason: String::new(),
+        }))
+        .await
+        .expect("SetFlag on A");
+    let change = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .expect("the change reaches C")
+        .expect("a message")
+        .expect("ok");
+    let Some(proto::watch_flags_response::Event::Change(flag)) = change.event else {
+        panic!("a change")
+    };
+    assert_eq!(
+        (flag.key.as_str(), flag.tenant_id.as_str()),
+        ("seats", "acme-corp")
+    );
+
+    // A webhook through B changes C's cache as well.
+    send(
+        &nodes[1],
+        event(
+            "evt_b",
+            "invoice.paid",
+            now(),
+            json!({"customer": "cus_acme_001"}),
+        ),
+    )
+    .await
+    .expect("B");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !is_on(&nodes[2], "acme-corp", "pro_features").await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "C never saw B's webhook"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+const OUTAGE_PG_DIR: &str = "/tmp/coresdk-test-pg-outage";
+
+/// Starts (or reuses) the outage test's own server, with the same options every time.
+fn start_outage_server() -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/postgres-test-server");
+    let output = std::process::Command::new(script)
+        .env("CORESDK_TEST_PG_PORT", "54331")
+        .env("CORESDK_TEST_PG_DIR", OUTAGE_PG_DIR)
+        .output()
+        .expect("the script runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_owned()
+}
+
+fn stop_outage_server() {
+    let bin = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is installed")
+        .filter_map(Result::ok)
+        .map(|e| e.path().join("bin"))
+        .max()
+        .expect("a PostgreSQL version");
+    let status = std::process::Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(bin.join("pg_ctl"))
+        .args(["-D", OUTAGE_PG_DIR, "-m", "fast", "-w", "stop"])
+        .status()
+        .expect("pg_ctl runs");
+    assert!(status.success(), "pg_ctl stop");
+}
+
+#[tokio::test]
+async fn postgres_going_away_mid_load_loses_nothing_acknowledged() {
+    // A server of its own, so stopping it does not disturb the other tests.
+    let url = fresh_database(start_outage_server()).await;
+    let nodes = replicas(&url, 3).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut senders = Vec::new();
+    for sender in 0..4 {
+        let clients: Vec<_> = nodes.iter().map(Sidecar::webhooks).collect();
+        let stop = stop.clone();
+        senders.push(tokio::spawn(async move {
+            let (mut acked, mut refused) = (Vec::new(), 0usize);
+            let mut n = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let id = format!("evt_out_{sender}_{n}");
+                let body = event(
+                    &id,
+                    "invoice.paid",
+                    now(),
+                    json!({"customer": "cus_globex_001"}),
+                );
+                let mut client = clients[n % clients.len()].clone();
+                match client.handle_stripe_webhook(signed(SECRET, body)).await {
+                    Ok(_) => acked.push(id),
+                    Err(status) => {
+                        assert_eq!(
+                            status.code(),
+                            tonic::Code::Unavailable,
+                            "retryable while the database is away"
+                        );
+                        refused += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                n += 1;
+            }
+            (acked, refused)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop_outage_server();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Flag reads keep answering from the cache while the database is away.
+    let during = flag(&nodes[0], "globex", "pro_features").await;
+    assert_eq!(bool_value(&during), Some(true));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    start_outage_server();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acked = Vec::new();
+    let mut refused = 0;
+    for sender in senders {
+        let (a, r) = sender.await.expect("sender");
+        acked.extend(a);
+        refused += r;
+    }
+    assert!(refused > 0, "the outage was observed");
+    assert!(acked.len() > 20, "work was acknowledged: {}", acked.len());
+    // Every acknowledged event is known after recovery: a redelivery is a duplicate.
+    for id in &acked {
+        let body = event(
+            id,
+            "invoice.paid",
+            now(),
+            json!({"customer": "cus_globex_001"}),
+        );
+        let answer = send(&nodes[1], body).await.expect("recovered");
+        assert_eq!(
+            answer.outcome(),
+            WebhookOutcome::Duplicate,
+            "{id} was acknowledged before"
+        );
+    }
+    let report = nodes[2]
+        .audit()
+        .verify(proto::VerifyAuditRequest {})
+        .await
+        .expect("Verify")
+        .into_inner();
+    assert!(report.ok, "{report:?}");
+}
