@@ -189,6 +189,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     // Tests and tools read this line to learn the port when listening on port 0.
     println!("coresdk listening on {bound}");
 
+    let store_health = tokio::spawn(report_store_health(store.clone(), health_reporter.clone()));
     let checkpointing = state.config.checkpoints.clone().map(|checkpointer| {
         let feeds = state.feeds.clone();
         let every = state.config.checkpoint_interval;
@@ -219,6 +220,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         Ok(Err(join)) => tracing::error!(error = %join, "server task failed"),
         Err(_) => server.abort(),
     }
+    store_health.abort();
     if let Some(task) = checkpointing {
         task.abort();
     }
@@ -238,6 +240,36 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     }
     tracing::info!("store closed; bye");
     Ok(())
+}
+
+/// Services that need the database report NOT_SERVING while it is unreachable; the server as
+/// a whole (`""`), FlagService and AuthService stay SERVING, since they answer from memory.
+async fn report_store_health(store: Store, health: tonic_health::server::HealthReporter) {
+    const NEEDS_STORE: [&str; 3] = [
+        "coresdk.v1.WebhookService",
+        "coresdk.v1.AuditService",
+        "coresdk.v1.TenantService",
+    ];
+    let mut was_up = true;
+    let mut ticker = tokio::time::interval(std::time::Duration::from_millis(250));
+    loop {
+        ticker.tick().await;
+        let up = store.available();
+        if up == was_up {
+            continue;
+        }
+        was_up = up;
+        let status = if up {
+            tracing::info!("store reachable again");
+            ServingStatus::Serving
+        } else {
+            tracing::warn!("store unreachable: webhooks, audit and tenant RPCs answer UNAVAILABLE");
+            ServingStatus::NotServing
+        };
+        for name in NEEDS_STORE {
+            health.set_service_status(name, status).await;
+        }
+    }
 }
 
 /// Signs the chain head every `every` when it moved, off the async threads.

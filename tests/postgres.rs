@@ -293,6 +293,31 @@ fn stop_outage_server() {
     assert!(status.success(), "pg_ctl stop");
 }
 
+use tonic_health::pb::health_check_response::ServingStatus;
+
+async fn wait_for_health(sidecar: &Sidecar, service: &str, wanted: ServingStatus) {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(sidecar.channel.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("Check")
+            .into_inner()
+            .status();
+        if status == wanted {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{service:?} stayed {status:?}, wanted {wanted:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn postgres_going_away_mid_load_loses_nothing_acknowledged() {
     // A server of its own, so stopping it does not disturb the other tests.
@@ -338,8 +363,21 @@ async fn postgres_going_away_mid_load_loses_nothing_acknowledged() {
     // Flag reads keep answering from the cache while the database is away.
     let during = flag(&nodes[0], "globex", "pro_features").await;
     assert_eq!(bool_value(&during), Some(true));
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Health says which part is down: webhooks need the database, the server still serves.
+    wait_for_health(
+        &nodes[0],
+        "coresdk.v1.WebhookService",
+        ServingStatus::NotServing,
+    )
+    .await;
+    wait_for_health(&nodes[0], "", ServingStatus::Serving).await;
     start_outage_server();
+    wait_for_health(
+        &nodes[0],
+        "coresdk.v1.WebhookService",
+        ServingStatus::Serving,
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut acked = Vec::new();

@@ -163,6 +163,11 @@ pub trait Backend: Send + Sync {
     fn submit_read(&self, job: Job);
     /// Stops accepting work, finishes what was submitted and closes the database cleanly.
     fn close(&self);
+    /// Whether the database is reachable as far as the backend knows. The embedded store is
+    /// the process's own file, so it always is.
+    fn available(&self) -> bool {
+        true
+    }
 }
 
 /// Jobs queued for the store at most; further callers wait for room, so overload slows
@@ -281,6 +286,10 @@ impl Store {
 
     pub fn close(&self) {
         self.backend.close();
+    }
+
+    pub fn available(&self) -> bool {
+        self.backend.available()
     }
 }
 

@@ -149,6 +149,8 @@ pub struct PostgresStore {
     reader: mpsc::Sender<Queue>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Kept by the change-feed listener, which notices a lost server within half a second.
+    reachable: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Connects, retrying with backoff until `stop`; None when stopping.
@@ -187,6 +189,7 @@ impl PostgresStore {
         .map_err(|_| StoreError::Corrupt("the migration thread panicked".into()))??;
 
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reachable = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let (writer, writer_queue) = mpsc::channel();
         let (reader, reader_queue) = mpsc::channel();
         let mut threads = Vec::new();
@@ -211,10 +214,10 @@ impl PostgresStore {
             )?);
         }
         if let Some(cache) = cache {
-            let (url, stop) = (url.to_owned(), stop.clone());
+            let (url, stop, reachable) = (url.to_owned(), stop.clone(), reachable.clone());
             threads.push(spawn(
                 "coresdk-pg-listener",
-                Box::new(move || listen_loop(&url, &stop, &cache)),
+                Box::new(move || listen_loop(&url, &stop, &cache, &reachable)),
             )?);
         }
         Ok(Self {
@@ -222,6 +225,7 @@ impl PostgresStore {
             reader,
             threads: Mutex::new(threads),
             stop,
+            reachable,
         })
     }
 }
@@ -233,6 +237,10 @@ impl Backend for PostgresStore {
 
     fn submit_read(&self, job: Job) {
         let _ = self.reader.send(Queue::Work(job));
+    }
+
+    fn available(&self) -> bool {
+        self.reachable.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn close(&self) {
@@ -474,24 +482,33 @@ fn read_loop(url: &str, stop: &std::sync::atomic::AtomicBool, queue: mpsc::Recei
 
 /// Follows other replicas' flag changes. While the feed is down the cache is marked degraded,
 /// so access decisions for tenants it does not know fall back to the fail mode.
-fn listen_loop(url: &str, stop: &std::sync::atomic::AtomicBool, cache: &FlagCache) {
+fn listen_loop(
+    url: &str,
+    stop: &std::sync::atomic::AtomicBool,
+    cache: &FlagCache,
+    reachable: &std::sync::atomic::AtomicBool,
+) {
     let mut seen = cache.version();
+    let lost = |why: &str| {
+        tracing::warn!(why, "flag change feed lost; reconnecting");
+        cache.set_degraded(true);
+        reachable.store(false, std::sync::atomic::Ordering::Release);
+    };
     while !stop.load(std::sync::atomic::Ordering::Acquire) {
         let Some(mut client) = connect(url, stop, "flag change feed") else {
             return;
         };
         if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")) {
-            tracing::warn!(error = %e, "cannot LISTEN for flag changes");
-            cache.set_degraded(true);
+            lost(&e.to_string());
             continue;
         }
         // Anything committed while we were away is fetched now, by version.
         if let Err(e) = catch_up(&mut client, cache, &mut seen) {
-            tracing::warn!(error = %e, "flag resync failed");
-            cache.set_degraded(true);
+            lost(&e.to_string());
             continue;
         }
         cache.set_degraded(false);
+        reachable.store(true, std::sync::atomic::Ordering::Release);
         tracing::info!(version = seen, "flag change feed connected");
         loop {
             if stop.load(std::sync::atomic::Ordering::Acquire) {
@@ -517,13 +534,11 @@ fn listen_loop(url: &str, stop: &std::sync::atomic::AtomicBool, cache: &FlagCach
                 }
             }
             if failed || client.is_closed() {
-                tracing::warn!("flag change feed lost; reconnecting");
-                cache.set_degraded(true);
+                lost("the connection closed");
                 break;
             }
             if woke && let Err(e) = catch_up(&mut client, cache, &mut seen) {
-                tracing::warn!(error = %e, "flag resync failed; reconnecting");
-                cache.set_degraded(true);
+                lost(&e.to_string());
                 break;
             }
         }
