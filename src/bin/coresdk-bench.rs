@@ -43,6 +43,10 @@ struct Args {
     /// Concurrent webhook senders.
     #[arg(long, default_value_t = 32)]
     webhook_concurrency: usize,
+    /// Store for the started sidecar (default: SQLite in a temporary directory). With a
+    /// `postgres://` URL a second replica is started too, to measure cross-replica propagation.
+    #[arg(long)]
+    store: Option<String>,
     /// HTTP/2 connections the callers share.
     #[arg(long, default_value_t = 4)]
     connections: usize,
@@ -94,7 +98,10 @@ impl Drop for Sidecar {
     }
 }
 
-fn start_sidecar(binary: PathBuf) -> Result<Sidecar, Box<dyn std::error::Error>> {
+fn start_sidecar(
+    binary: PathBuf,
+    store: Option<&str>,
+) -> Result<Sidecar, Box<dyn std::error::Error>> {
     use std::io::{BufRead, BufReader};
     if !binary.exists() {
         return Err(format!(
@@ -114,10 +121,11 @@ fn start_sidecar(binary: PathBuf) -> Result<Sidecar, Box<dyn std::error::Error>>
     )?;
     let mut child = Command::new(&binary)
         .args(["serve", "--listen", "127.0.0.1:0", "--store"])
-        .arg(format!(
-            "sqlite://{}",
-            dir.path().join("coresdk.db").display()
-        ))
+        .arg(
+            store
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("coresdk.db").display())),
+        )
         .arg("--tenants-file")
         .arg(&tenants_file)
         .env("STRIPE_WEBHOOK_SECRET", SECRET)
@@ -144,6 +152,78 @@ fn start_sidecar(binary: PathBuf) -> Result<Sidecar, Box<dyn std::error::Error>>
         addr,
         _dir: dir,
     })
+}
+
+fn sidecar_binary(args: &Args) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    Ok(match &args.sidecar {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .ok_or("no binary directory")?
+            .join("coresdk"),
+    })
+}
+
+/// Milliseconds from sending a flag-changing webhook to replica A until replica C's
+/// `WatchFlags` stream delivers the change, `count` times.
+async fn propagation(
+    a: Channel,
+    c: Channel,
+    count: usize,
+) -> Result<Vec<f64>, Box<dyn std::error::Error>> {
+    use coresdk::proto::{WatchFlagsRequest, watch_flags_response::Event};
+    use tokio_stream::StreamExt as _;
+    let mut watch = FlagServiceClient::new(c)
+        .watch_flags(WatchFlagsRequest {
+            tenant_id: "tenant-1".into(),
+        })
+        .await?
+        .into_inner();
+    watch.next().await.ok_or("no snapshot")??;
+    let mut sender = WebhookServiceClient::new(a);
+    let mut latencies = Vec::with_capacity(count);
+    for n in 0..count {
+        let event_type = if n % 2 == 0 {
+            "invoice.payment_failed"
+        } else {
+            "invoice.paid"
+        };
+        let created = coresdk::time::now_s() + 10 + n as i64;
+        let body = serde_json::json!({
+            "id": format!("evt_prop_{}_{n}", std::process::id()),
+            "type": event_type,
+            "created": created,
+            "data": {"object": {"customer": "cus_bench_1"}},
+        })
+        .to_string()
+        .into_bytes();
+        let signature_header = coresdk::stripe::sign_header(SECRET, coresdk::time::now_s(), &body);
+        let started = Instant::now();
+        let answer = sender
+            .handle_stripe_webhook(HandleStripeWebhookRequest {
+                payload: body,
+                signature_header,
+            })
+            .await?
+            .into_inner();
+        // Only a delivery that changed pro_features produces the change we wait for.
+        if !answer.flag_changes.iter().any(|c| c.key == "pro_features") {
+            continue;
+        }
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(5), watch.next())
+                .await?
+                .ok_or("the watch ended")??;
+            if let Some(Event::Change(flag)) = message.event
+                && flag.key == "pro_features"
+            {
+                break;
+            }
+        }
+        latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    latencies.sort_by(f64::total_cmp);
+    Ok(latencies)
 }
 
 /// An HS256 token for `tenant`, valid for an hour.
@@ -249,16 +329,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let sidecar = match &args.addr {
         Some(_) => None,
-        None => {
-            let binary = match &args.sidecar {
-                Some(path) => path.clone(),
-                None => std::env::current_exe()?
-                    .parent()
-                    .ok_or("no binary directory")?
-                    .join("coresdk"),
-            };
-            Some(start_sidecar(binary)?)
-        }
+        None => Some(start_sidecar(
+            sidecar_binary(&args)?,
+            args.store.as_deref(),
+        )?),
     };
     let addr = match (&args.addr, &sidecar) {
         (Some(addr), _) => addr.clone(),
@@ -471,6 +545,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let _ = sampler.await;
     }
     print_phase(&webhooks, Some(&health));
+
+    if let (Some(store), Some(sidecar)) = (args.store.as_deref(), &sidecar)
+        && store.starts_with("postgres")
+    {
+        let other = start_sidecar(sidecar_binary(&args)?, Some(store))?;
+        let a = Channel::from_shared(format!("http://{}", sidecar.addr))?
+            .connect()
+            .await?;
+        let c = Channel::from_shared(format!("http://{}", other.addr))?
+            .connect()
+            .await?;
+        let latencies = propagation(a, c, 200).await?;
+        let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
+        println!(
+            "cross-replica propagation (webhook committed on A → change on C's WatchFlags): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} changes",
+            pct(0.5),
+            pct(0.99),
+            latencies[latencies.len() - 1],
+            latencies.len()
+        );
+    }
 
     if let Some(idle) = idle_rss {
         println!(

@@ -258,23 +258,25 @@ impl Backend for PostgresStore {
 }
 
 fn load_state(client: &mut Client) -> Result<WriterState, StoreError> {
-    let head = client.query_opt("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[])?;
-    let head = match head {
-        None => ChainHead::GENESIS,
-        Some(row) => {
-            let seq: i64 = row.get(0);
-            let hash: Vec<u8> = row.get(1);
-            ChainHead {
-                seq: to_u64(seq),
-                hash: hash.try_into().map_err(|_| {
-                    StoreError::Corrupt(format!("audit record {seq} has a bad hash"))
-                })?,
-            }
-        }
+    let row = client.query_one(
+        "SELECT (SELECT seq FROM audit ORDER BY seq DESC LIMIT 1),
+                (SELECT hash FROM audit ORDER BY seq DESC LIMIT 1),
+                (SELECT max(version) FROM flags)",
+        &[],
+    )?;
+    let head = match (
+        row.get::<_, Option<i64>>(0),
+        row.get::<_, Option<Vec<u8>>>(1),
+    ) {
+        (Some(seq), Some(hash)) => ChainHead {
+            seq: to_u64(seq),
+            hash: hash
+                .try_into()
+                .map_err(|_| StoreError::Corrupt(format!("audit record {seq} has a bad hash")))?,
+        },
+        _ => ChainHead::GENESIS,
     };
-    let version: Option<i64> = client
-        .query_one("SELECT max(version) FROM flags", &[])?
-        .get(0);
+    let version: Option<i64> = row.get(2);
     Ok(WriterState {
         head,
         flag_version: to_u64(version.unwrap_or(0)),
@@ -379,12 +381,16 @@ fn run_batch(
     let versions_before = state.flag_version;
     let mut finishers: Vec<Finisher> = Vec::with_capacity(batch.len());
     let mut changes = Vec::new();
+    // One savepoint is always open: after each job a single round trip either moves it past
+    // the job (RELEASE + SAVEPOINT) or undoes the job (ROLLBACK TO keeps it open).
+    if let Err(e) = client.batch_execute("SAVEPOINT job") {
+        let _ = client.batch_execute("ROLLBACK");
+        fail_all(batch, &e.to_string());
+        return;
+    }
     for job in batch {
         let saved = state;
         let changes_before = changes.len();
-        if client.batch_execute("SAVEPOINT job").is_err() {
-            continue;
-        }
         let mut tx = PgTx {
             client,
             statements,
@@ -394,11 +400,11 @@ fn run_batch(
         let ran = std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut tx)));
         let keep = matches!(ran, Ok((true, _)));
         let undo = if keep {
-            client.batch_execute("RELEASE SAVEPOINT job")
+            client.batch_execute("RELEASE SAVEPOINT job; SAVEPOINT job")
         } else {
             state = saved;
             changes.truncate(changes_before);
-            client.batch_execute("ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job")
+            client.batch_execute("ROLLBACK TO SAVEPOINT job")
         };
         if let Err(e) = undo {
             let _ = client.batch_execute("ROLLBACK");
