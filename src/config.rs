@@ -190,6 +190,10 @@ pub struct ServeArgs {
     pub tls_cert_file: Option<PathBuf>,
     #[arg(long, env = "CORESDK_TLS_KEY_FILE")]
     pub tls_key_file: Option<PathBuf>,
+    /// CA certificate(s) (PEM) that sign the PostgreSQL server's certificate; needed with
+    /// `sslmode=require`/`verify-full` in a postgres:// store URL.
+    #[arg(long, env = "CORESDK_POSTGRES_CA_FILE")]
+    pub postgres_ca_file: Option<PathBuf>,
     /// Signed audit checkpoints are appended here (default: beside a SQLite store, `<db>.checkpoints`).
     #[arg(long, env = "CORESDK_AUDIT_CHECKPOINT_FILE")]
     pub audit_checkpoint_file: Option<PathBuf>,
@@ -250,6 +254,7 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     pub checkpoints: Option<Arc<Checkpointer>>,
     pub checkpoint_interval: std::time::Duration,
+    pub postgres_ca_file: Option<PathBuf>,
 }
 
 fn read_file(setting: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ConfigError> {
@@ -478,6 +483,7 @@ impl Config {
             checkpoint_interval: std::time::Duration::from_secs(
                 args.audit_checkpoint_interval_s.max(1),
             ),
+            postgres_ca_file: args.postgres_ca_file,
         })
     }
 }

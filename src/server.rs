@@ -68,7 +68,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 
     let cache = Arc::new(FlagCache::new(config.rules.catalog().clone()));
     let feeds = Arc::new(Feeds::new(cache.clone()));
-    let store = Store::open(&config.store, feeds.clone(), cache.clone())?;
+    let store = Store::open(
+        &config.store,
+        config.postgres_ca_file.as_deref(),
+        feeds.clone(),
+        cache.clone(),
+    )?;
     cache.load(store.read(|tx| Ok(tx.load_flags()?)).await?);
     feeds.set_audit_head(store.read(|tx| Ok(tx.audit_head()?)).await?);
     seed_tenants(&store, &config).await?;

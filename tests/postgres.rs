@@ -104,7 +104,7 @@ async fn one_event_at_three_replicas_at_once_applies_once() {
 
 #[tokio::test]
 async fn a_thousand_mixed_deliveries_over_three_replicas() {
-    let url = fresh_database(server_url()).await;
+    let url = format!("{}?pool_size=3", fresh_database(server_url()).await);
     let nodes = replicas(&url, 3).await;
     let customers = ["cus_acme_001", "cus_globex_001", "cus_initech_001"];
     let types = [
@@ -411,4 +411,121 @@ async fn postgres_going_away_mid_load_loses_nothing_acknowledged() {
         .expect("Verify")
         .into_inner();
     assert!(report.ok, "{report:?}");
+}
+
+#[tokio::test]
+async fn tls_to_postgres_is_verified_against_the_configured_ca() {
+    let dir = "/tmp/coresdk-test-pg-tls";
+    let certs = tempfile::tempdir().expect("temp dir");
+    fixture("mint_certs.py", certs.path());
+    // A new cluster each run, which accepts TLS connections only.
+    let bin = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is installed")
+        .filter_map(Result::ok)
+        .map(|e| e.path().join("bin"))
+        .max()
+        .expect("a PostgreSQL version");
+    let _ = std::process::Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(bin.join("pg_ctl"))
+        .args(["-D", dir, "-m", "immediate", "-w", "stop"])
+        .output();
+    let _ = std::fs::remove_dir_all(dir);
+    let key_dir = format!("{dir}-keys");
+    let _ = std::fs::remove_dir_all(&key_dir);
+    std::fs::create_dir_all(&key_dir).expect("key dir");
+    for name in ["server.pem", "server.key"] {
+        std::fs::copy(certs.path().join(name), format!("{key_dir}/{name}")).expect("copy");
+    }
+    let owned = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "chown -R postgres {key_dir} && chmod 600 {key_dir}/server.key"
+        ))
+        .status()
+        .expect("chown");
+    assert!(owned.success());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/postgres-test-server");
+    let output = std::process::Command::new(script)
+        .env("CORESDK_TEST_PG_PORT", "54333")
+        .env("CORESDK_TEST_PG_DIR", dir)
+        .env(
+            "CORESDK_TEST_PG_OPTIONS",
+            format!("-c ssl=on -c ssl_cert_file={key_dir}/server.pem -c ssl_key_file={key_dir}/server.key"),
+        )
+        .env(
+            "CORESDK_TEST_PG_HBA",
+            "local all all trust\\nhostssl all all 127.0.0.1/32 trust\\nhostnossl all all 127.0.0.1/32 reject",
+        )
+        .output()
+        .expect("the script runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let url = String::from_utf8(output.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_owned();
+    let ca = certs.path().join("ca.pem").display().to_string();
+
+    let verified = Sidecar::start(Options {
+        args: vec!["--store".into(), format!("{url}?sslmode=verify-full")],
+        envs: vec![
+            ("STRIPE_WEBHOOK_SECRET".into(), SECRET.into()),
+            ("CORESDK_ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
+            ("CORESDK_POSTGRES_CA_FILE".into(), ca),
+        ],
+    })
+    .await;
+    verified
+        .tenants()
+        .map_customer(admin(proto::MapCustomerRequest {
+            customer_id: "cus_tls".into(),
+            tenant_id: "tls-co".into(),
+            actor: "test".into(),
+            reason: String::new(),
+        }))
+        .await
+        .expect("writes over TLS");
+    let applied = send(
+        &verified,
+        event(
+            "evt_tls",
+            "invoice.paid",
+            now(),
+            json!({"customer": "cus_tls"}),
+        ),
+    )
+    .await
+    .expect("a webhook over TLS");
+    assert_eq!(applied.outcome(), WebhookOutcome::Applied);
+
+    let run = |args: &[&str], envs: &[(&str, &str)]| {
+        std::process::Command::new(binary())
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env_clear()
+            .envs(envs.iter().copied())
+            .output()
+            .expect("runs")
+    };
+    // Plaintext is refused by the server; TLS without a CA is refused by the sidecar at start.
+    let plaintext = run(&["--store", &url], &[]);
+    assert!(!plaintext.status.success());
+    let no_ca = run(&["--store", &format!("{url}?sslmode=require")], &[]);
+    assert!(!no_ca.status.success());
+    assert!(String::from_utf8_lossy(&no_ca.stderr).contains("CORESDK_POSTGRES_CA_FILE"));
+    // A server certificate from another CA is refused.
+    let other = tempfile::tempdir().expect("temp dir");
+    fixture("mint_certs.py", other.path());
+    let wrong_ca = run(
+        &["--store", &format!("{url}?sslmode=verify-full")],
+        &[(
+            "CORESDK_POSTGRES_CA_FILE",
+            &other.path().join("ca.pem").display().to_string(),
+        )],
+    );
+    assert!(!wrong_ca.status.success());
 }

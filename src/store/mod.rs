@@ -219,19 +219,6 @@ impl StoreUrl {
             return Ok(StoreUrl::Memory);
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            // This build speaks plaintext to PostgreSQL: refuse rather than silently downgrade.
-            if [
-                "sslmode=require",
-                "sslmode=verify-ca",
-                "sslmode=verify-full",
-            ]
-            .iter()
-            .any(|mode| url.contains(mode))
-            {
-                return Err(StoreError::Unsupported(
-                    "TLS to PostgreSQL is not supported by this build: use sslmode=disable or prefer over a trusted network",
-                ));
-            }
             return Ok(StoreUrl::Postgres(url.to_owned()));
         }
         match url.strip_prefix("sqlite://") {
@@ -245,13 +232,16 @@ impl Store {
     /// `cache` is kept current by other replicas' changes when the store is shared.
     pub fn open(
         url: &StoreUrl,
+        postgres_ca_file: Option<&std::path::Path>,
         listener: Arc<dyn CommitListener>,
         cache: Arc<crate::flags::FlagCache>,
     ) -> Result<Self, StoreError> {
         let backend: Arc<dyn Backend> = match url {
-            StoreUrl::Postgres(pg) => {
-                Arc::new(postgres::PostgresStore::open(pg, listener, Some(cache))?)
-            }
+            StoreUrl::Postgres(pg) => Arc::new(postgres::PostgresStore::open(
+                &postgres::Connector::new(pg, postgres_ca_file)?,
+                listener,
+                Some(cache),
+            )?),
             _ => Arc::new(sqlite::SqliteStore::open(url, listener)?),
         };
         Ok(Self {

@@ -151,16 +151,111 @@ pub struct PostgresStore {
     stop: Arc<std::sync::atomic::AtomicBool>,
     /// Kept by the change-feed listener, which notices a lost server within half a second.
     reachable: Arc<std::sync::atomic::AtomicBool>,
+    read_connections: usize,
+}
+
+/// How to reach the database: the parsed URL, and TLS when the URL asks for it.
+#[derive(Clone)]
+pub struct Connector {
+    config: postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    /// Connections serving reads, from the URL's `pool_size` (default 2); writes always go
+    /// through one connection per replica, which is what group commit needs.
+    pub read_connections: usize,
+}
+
+impl Connector {
+    /// `sslmode=require`, `verify-ca` or `verify-full` turn TLS on, always verifying the server
+    /// against the CA in `ca_file` (stricter than libpq's `require`, which does not verify).
+    pub fn new(url: &str, ca_file: Option<&std::path::Path>) -> Result<Self, StoreError> {
+        let mut tls_wanted = false;
+        let mut read_connections = 2;
+        let cleaned = match url.split_once('?') {
+            None => url.to_owned(),
+            Some((base, query)) => {
+                let kept: Vec<&str> = query
+                    .split('&')
+                    .filter(|pair| {
+                        if let Some(size) = pair.strip_prefix("pool_size=") {
+                            read_connections = size.parse().unwrap_or(0);
+                            return false;
+                        }
+                        match pair.strip_prefix("sslmode=") {
+                            Some("require" | "verify-ca" | "verify-full") => {
+                                tls_wanted = true;
+                                false
+                            }
+                            Some(_) => false,
+                            None => true,
+                        }
+                    })
+                    .collect();
+                if kept.is_empty() {
+                    base.to_owned()
+                } else {
+                    format!("{base}?{}", kept.join("&"))
+                }
+            }
+        };
+        let mut config: postgres::Config = cleaned
+            .parse()
+            .map_err(|e: postgres::Error| StoreError::Postgres(format!("bad URL: {e}")))?;
+        if !(1..=64).contains(&read_connections) {
+            return Err(StoreError::Unsupported(
+                "pool_size must be between 1 and 64",
+            ));
+        }
+        if !tls_wanted {
+            return Ok(Self {
+                config,
+                tls: None,
+                read_connections,
+            });
+        }
+        let ca_file = ca_file.ok_or(StoreError::Unsupported(
+            "sslmode=require/verify-full needs CORESDK_POSTGRES_CA_FILE (the CA that signed the server certificate)",
+        ))?;
+        use rustls_pki_types::pem::PemObject as _;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca_file)
+            .map_err(|e| StoreError::Postgres(format!("{}: {e}", ca_file.display())))?
+        {
+            let cert =
+                cert.map_err(|e| StoreError::Postgres(format!("{}: {e}", ca_file.display())))?;
+            roots
+                .add(cert)
+                .map_err(|e| StoreError::Postgres(format!("{}: {e}", ca_file.display())))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| StoreError::Postgres(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.ssl_mode(postgres::config::SslMode::Require);
+        Ok(Self {
+            config,
+            tls: Some(tokio_postgres_rustls::MakeRustlsConnect::new(tls)),
+            read_connections,
+        })
+    }
+
+    fn connect(&self) -> Result<Client, postgres::Error> {
+        match &self.tls {
+            Some(tls) => self.config.connect(tls.clone()),
+            None => self.config.connect(NoTls),
+        }
+    }
 }
 
 /// Connects, retrying with backoff until `stop`; None when stopping.
-fn connect(url: &str, stop: &std::sync::atomic::AtomicBool, what: &str) -> Option<Client> {
+fn connect(url: &Connector, stop: &std::sync::atomic::AtomicBool, what: &str) -> Option<Client> {
     let mut delay = Duration::from_millis(100);
     loop {
         if stop.load(std::sync::atomic::Ordering::Acquire) {
             return None;
         }
-        match Client::connect(url, NoTls) {
+        match url.connect() {
             Ok(client) => return Some(client),
             Err(e) => {
                 tracing::warn!(error = %e, what, retry_in = ?delay, "PostgreSQL unreachable");
@@ -173,16 +268,16 @@ fn connect(url: &str, stop: &std::sync::atomic::AtomicBool, what: &str) -> Optio
 
 impl PostgresStore {
     pub fn open(
-        url: &str,
+        url: &Connector,
         listener: Arc<dyn CommitListener>,
         cache: Option<Arc<FlagCache>>,
     ) -> Result<Self, StoreError> {
         // The first connection and the migration happen before the sidecar serves, so a bad
         // URL or an unreachable database stops the start with a clear error.
         // The sync client drives its own runtime, so it must not run on an async thread.
-        let first_url = url.to_owned();
+        let first_url = url.clone();
         std::thread::spawn(move || -> Result<(), StoreError> {
-            let mut first = Client::connect(&first_url, NoTls)?;
+            let mut first = first_url.connect()?;
             migrate(&mut first)
         })
         .join()
@@ -200,21 +295,23 @@ impl PostgresStore {
                 .map_err(|e| StoreError::Corrupt(format!("cannot start {name}: {e}")))
         };
         {
-            let (url, stop) = (url.to_owned(), stop.clone());
+            let (url, stop) = (url.clone(), stop.clone());
             threads.push(spawn(
                 "coresdk-pg-writer",
                 Box::new(move || write_loop(&url, &stop, writer_queue, listener)),
             )?);
         }
-        {
-            let (url, stop) = (url.to_owned(), stop.clone());
+        // Readers (Query, Verify, Tail catch-up, ResolveCustomer) share one queue.
+        let reader_queue = Arc::new(Mutex::new(reader_queue));
+        for _ in 0..url.read_connections {
+            let (url, stop, queue) = (url.clone(), stop.clone(), reader_queue.clone());
             threads.push(spawn(
                 "coresdk-pg-reader",
-                Box::new(move || read_loop(&url, &stop, reader_queue)),
+                Box::new(move || read_loop(&url, &stop, &queue)),
             )?);
         }
         if let Some(cache) = cache {
-            let (url, stop, reachable) = (url.to_owned(), stop.clone(), reachable.clone());
+            let (url, stop, reachable) = (url.clone(), stop.clone(), reachable.clone());
             threads.push(spawn(
                 "coresdk-pg-listener",
                 Box::new(move || listen_loop(&url, &stop, &cache, &reachable)),
@@ -226,6 +323,7 @@ impl PostgresStore {
             threads: Mutex::new(threads),
             stop,
             reachable,
+            read_connections: url.read_connections,
         })
     }
 }
@@ -246,7 +344,9 @@ impl Backend for PostgresStore {
     fn close(&self) {
         self.stop.store(true, std::sync::atomic::Ordering::Release);
         let _ = self.writer.send(Queue::Close);
-        let _ = self.reader.send(Queue::Close);
+        for _ in 0..self.read_connections {
+            let _ = self.reader.send(Queue::Close);
+        }
         let threads = match self.threads.lock() {
             Ok(mut threads) => std::mem::take(&mut *threads),
             Err(_) => return,
@@ -284,7 +384,7 @@ fn load_state(client: &mut Client) -> Result<WriterState, StoreError> {
 }
 
 fn write_loop(
-    url: &str,
+    url: &Connector,
     stop: &std::sync::atomic::AtomicBool,
     queue: mpsc::Receiver<Queue>,
     listener: Arc<dyn CommitListener>,
@@ -346,11 +446,12 @@ fn write_loop(
 fn connected<'a>(
     client: &'a mut Option<Client>,
     statements: &mut Statements,
-    url: &str,
+    url: &Connector,
 ) -> Option<&'a mut Client> {
     if client.as_ref().is_none_or(Client::is_closed) {
         *statements = Statements::default();
-        *client = Client::connect(url, NoTls)
+        *client = url
+            .connect()
             .inspect_err(|e| tracing::warn!(error = %e, "PostgreSQL unreachable"))
             .ok();
     }
@@ -448,10 +549,19 @@ fn answer_all(finishers: Vec<Finisher>, outcome: Result<(), String>) {
     }
 }
 
-fn read_loop(url: &str, stop: &std::sync::atomic::AtomicBool, queue: mpsc::Receiver<Queue>) {
+fn read_loop(
+    url: &Connector,
+    stop: &std::sync::atomic::AtomicBool,
+    queue: &Mutex<mpsc::Receiver<Queue>>,
+) {
     let mut client: Option<Client> = None;
     let mut statements = Statements::default();
-    while let Ok(Queue::Work(job)) = queue.recv() {
+    loop {
+        let next = match queue.lock() {
+            Ok(queue) => queue.recv(),
+            Err(_) => return,
+        };
+        let Ok(Queue::Work(job)) = next else { return };
         let mut began = false;
         for _attempt in 0..2 {
             let Some(connected) = connected(&mut client, &mut statements, url) else {
@@ -489,7 +599,7 @@ fn read_loop(url: &str, stop: &std::sync::atomic::AtomicBool, queue: mpsc::Recei
 /// Follows other replicas' flag changes. While the feed is down the cache is marked degraded,
 /// so access decisions for tenants it does not know fall back to the fail mode.
 fn listen_loop(
-    url: &str,
+    url: &Connector,
     stop: &std::sync::atomic::AtomicBool,
     cache: &FlagCache,
     reachable: &std::sync::atomic::AtomicBool,
@@ -848,5 +958,39 @@ impl StoreTx for PgTx<'_> {
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_settings_are_read_and_refused_when_out_of_range() {
+        let plain =
+            Connector::new("postgres://u:p@127.0.0.1:5432/db?pool_size=4", None).expect("valid");
+        assert_eq!((plain.read_connections, plain.tls.is_some()), (4, false));
+        assert!(Connector::new("postgres://u@h/db?pool_size=0", None).is_err());
+        let no_ca = Connector::new("postgres://u@h/db?sslmode=require", None);
+        assert!(
+            matches!(no_ca, Err(StoreError::Unsupported(m)) if m.contains("CORESDK_POSTGRES_CA_FILE"))
+        );
+        assert_eq!(
+            Connector::new("postgres://u@h/db", None)
+                .map(|c| c.read_connections)
+                .ok(),
+            Some(2)
+        );
+    }
+
+    #[test]
+    fn passwords_never_reach_the_log() {
+        let url =
+            crate::store::StoreUrl::parse("postgres://app:s3cret@db:5432/coresdk").expect("valid");
+        let shown = format!("{url:?}");
+        assert!(
+            !shown.contains("s3cret") && shown.contains("app:***@db"),
+            "{shown}"
+        );
     }
 }
