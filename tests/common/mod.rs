@@ -25,6 +25,7 @@ pub struct Sidecar {
     envs: Vec<(String, String)>,
 }
 
+#[derive(Clone)]
 pub struct Options {
     pub args: Vec<String>,
     pub envs: Vec<(String, String)>,
@@ -93,6 +94,28 @@ async fn connect(addr: &str) -> Channel {
 impl Sidecar {
     pub async fn start(options: Options) -> Self {
         let (child, addr) = spawn(&options.args, &options.envs);
+        Self::started(child, addr, options).await
+    }
+
+    /// `count` sidecars launched at the same instant (their start-up work races), then connected.
+    pub async fn start_together(options: Options, count: usize) -> Vec<Self> {
+        let spawned: Vec<(Child, String)> = std::thread::scope(|scope| {
+            let launches: Vec<_> = (0..count)
+                .map(|_| scope.spawn(|| spawn(&options.args, &options.envs)))
+                .collect();
+            launches
+                .into_iter()
+                .map(|launch| launch.join().expect("a sidecar launched"))
+                .collect()
+        });
+        let mut sidecars = Vec::new();
+        for (child, addr) in spawned {
+            sidecars.push(Self::started(child, addr, options.clone()).await);
+        }
+        sidecars
+    }
+
+    async fn started(child: Child, addr: String, options: Options) -> Self {
         let channel = connect(&addr).await;
         Self {
             child: Some(child),
