@@ -369,6 +369,32 @@ async fn postgres_going_away_mid_load_loses_nothing_acknowledged() {
     )
     .await;
     wait_for_health(&nodes[0], "", ServingStatus::Serving).await;
+    // Access decisions: a tenant whose flags are cached is decided from the cache; one the
+    // cache cannot vouch for is decided by the fail mode (open by default), and says so.
+    let mut auth = proto::auth_service_client::AuthServiceClient::new(nodes[0].channel.clone());
+    let decide = |tenant: &str| proto::AuthorizeRequest {
+        tenant_id: tenant.into(),
+        required_features: vec!["pro_features".into()],
+        ..Default::default()
+    };
+    let cached = auth
+        .authorize(decide("globex"))
+        .await
+        .expect("Authorize")
+        .into_inner();
+    assert_eq!(
+        (cached.decision(), cached.fail_mode_applied),
+        (proto::Decision::Allow, false)
+    );
+    let unknown = auth
+        .authorize(decide("never-seen"))
+        .await
+        .expect("Authorize")
+        .into_inner();
+    assert_eq!(
+        (unknown.decision(), unknown.fail_mode_applied),
+        (proto::Decision::Allow, true)
+    );
     start_outage_server();
     wait_for_health(
         &nodes[0],

@@ -71,3 +71,21 @@ def test_changes_reach_the_cache_through_the_watch_stream(sidecar):
     wait_until(lambda: watcher.is_enabled("hooli", "beta_ui"), timeout=5)
     watcher.close()
     writer.close()
+
+
+def test_an_outage_is_logged_once_not_per_call(tmp_path, caplog):
+    import logging
+
+    process = Sidecar(tmp_path)
+    process.start()
+    client = client_for(process, fail_mode="open", timeout_ms=200)
+    process.stop()
+    wait_until(lambda: not client.cache.connected)
+    with caplog.at_level(logging.WARNING, logger="coresdk"):
+        for _ in range(5):
+            client.authorize(token=token("acme-corp"), require=["pro_features"])
+            client.audit("app.click", outcome="ok", actor="u")
+    unavailable = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(unavailable) <= 1, [r.getMessage() for r in unavailable]
+    assert client.outage.fail_mode_decisions >= 5
+    client.close()
