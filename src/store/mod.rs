@@ -158,6 +158,32 @@ pub type Finisher = Box<dyn FnOnce(Result<(), Error>) + Send>;
 /// A unit of work: runs inside the transaction and says whether to keep its writes.
 pub type Job = Box<dyn FnOnce(&mut dyn StoreTx) -> (bool, Finisher) + Send>;
 
+/// What a backend's worker thread receives.
+pub(crate) enum Queue {
+    Work(Job),
+    Close,
+}
+
+/// Blocks for the next job, then takes whatever else is already queued, up to `max`: the group
+/// one commit will share. None once the queue is closed; the flag says a close followed the work.
+pub(crate) fn next_batch(
+    queue: &std::sync::mpsc::Receiver<Queue>,
+    max: usize,
+) -> Option<(Vec<Job>, bool)> {
+    let mut batch = match queue.recv() {
+        Ok(Queue::Work(job)) => vec![job],
+        Ok(Queue::Close) | Err(_) => return None,
+    };
+    while batch.len() < max {
+        match queue.try_recv() {
+            Ok(Queue::Work(job)) => batch.push(job),
+            Ok(Queue::Close) => return Some((batch, true)),
+            Err(_) => break,
+        }
+    }
+    Some((batch, false))
+}
+
 pub trait Backend: Send + Sync {
     fn submit_write(&self, job: Job);
     fn submit_read(&self, job: Job);

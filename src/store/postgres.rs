@@ -24,8 +24,8 @@ use postgres::types::ToSql;
 use postgres::{Client, NoTls, Statement};
 
 use super::{
-    AuditQuery, Backend, CommitListener, Committed, Finisher, Job, Outcome, ProcessedEvent,
-    StoreError, StoreTx,
+    AuditQuery, Backend, CommitListener, Committed, Finisher, Job, Outcome, ProcessedEvent, Queue,
+    StoreError, StoreTx, next_batch,
 };
 use crate::audit::{self, AuditRecord, ChainHead, NewAuditRecord, StoredAuditRow};
 use crate::flags::{FlagCache, FlagOrigin, FlagRecord, FlagValue};
@@ -137,11 +137,6 @@ impl Statements {
 struct WriterState {
     head: ChainHead,
     flag_version: u64,
-}
-
-enum Queue {
-    Work(Job),
-    Close,
 }
 
 pub struct PostgresStore {
@@ -393,21 +388,10 @@ fn write_loop(
     let mut statements = Statements::default();
     let mut closing = false;
     while !closing {
-        let mut batch = Vec::new();
-        match queue.recv() {
-            Ok(Queue::Work(job)) => batch.push(job),
-            Ok(Queue::Close) | Err(_) => break,
-        }
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(Queue::Work(job)) => batch.push(job),
-                Ok(Queue::Close) => {
-                    closing = true;
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
+        let Some((batch, close_after)) = next_batch(&queue, MAX_BATCH) else {
+            break;
+        };
+        closing = close_after;
         // A connection that died since the last batch only shows it on first use: on a
         // failed BEGIN, reconnect once and retry before refusing the batch (UNAVAILABLE,
         // retryable), so callers' deadlines and Stripe's retries stay meaningful.

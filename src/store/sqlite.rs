@@ -16,8 +16,8 @@ use std::thread::JoinHandle;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use super::{
-    AuditQuery, Backend, CommitListener, Committed, Finisher, Job, Outcome, ProcessedEvent,
-    StoreError, StoreTx, StoreUrl,
+    AuditQuery, Backend, CommitListener, Committed, Finisher, Job, Outcome, ProcessedEvent, Queue,
+    StoreError, StoreTx, StoreUrl, next_batch,
 };
 use crate::audit::{self, AuditRecord, ChainHead, NewAuditRecord, StoredAuditRow};
 use crate::flags::{FlagOrigin, FlagRecord, FlagValue};
@@ -72,11 +72,6 @@ CREATE INDEX audit_by_tenant ON audit (tenant_id, seq);
 struct WriterState {
     head: ChainHead,
     flag_version: u64,
-}
-
-enum Queue {
-    Work(Job),
-    Close,
 }
 
 pub struct SqliteStore {
@@ -274,21 +269,10 @@ fn write_loop(
 ) {
     let mut closing = false;
     while !closing {
-        let mut batch = Vec::new();
-        match queue.recv() {
-            Ok(Queue::Work(job)) => batch.push(job),
-            Ok(Queue::Close) | Err(_) => break,
-        }
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(Queue::Work(job)) => batch.push(job),
-                Ok(Queue::Close) => {
-                    closing = true;
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
+        let Some((batch, close_after)) = next_batch(&queue, MAX_BATCH) else {
+            break;
+        };
+        closing = close_after;
         run_batch(&conn, &mut state, batch, listener.as_ref());
     }
     // Work queued behind the close marker is dropped, which answers it "unavailable".
