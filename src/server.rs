@@ -45,6 +45,8 @@ pub enum ServeError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot listen for SIGTERM/SIGINT: {0}")]
+    Signals(std::io::Error),
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("server: {0}")]
@@ -109,6 +111,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    let signals = ShutdownSignals::register().map_err(ServeError::Signals)?;
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|source| ServeError::Bind {
@@ -192,6 +195,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     ));
     tracing::info!(%bound, store = ?state.config.store, "serving");
     // Tests and tools read this line to learn the port when listening on port 0.
+    // Signals are registered first: whoever reads the line may stop us right away.
     println!("coresdk listening on {bound}");
 
     let store_health = tokio::spawn(report_store_health(store.clone(), health_reporter.clone()));
@@ -201,7 +205,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         tokio::spawn(checkpoint_loop(checkpointer, feeds, every))
     });
 
-    wait_for_signal().await;
+    signals.received().await;
     tracing::info!(
         in_flight = in_flight.current(),
         "shutting down: NOT_SERVING, draining in-flight calls"
@@ -327,29 +331,26 @@ async fn seed_tenants(store: &Store, config: &Config) -> Result<(), Error> {
     Ok(())
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
+/// SIGTERM and SIGINT, registered when this is created: a signal that arrives before the
+/// server waits for it must still mean "drain", never the default "die at once".
+struct ShutdownSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn register() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn received(mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {},
+            _ = self.interrupt.recv() => {},
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
     }
 }
