@@ -207,6 +207,20 @@ fn extension(problem: &proto::Problem, key: &str) -> Option<String> {
     }
 }
 
+async fn denial_records(sidecar: &Sidecar) -> Vec<proto::AuditRecord> {
+    sidecar
+        .audit()
+        .query(proto::QueryAuditRequest {
+            event_prefix: "auth.denied".into(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("Query")
+        .into_inner()
+        .records
+}
+
 #[tokio::test]
 async fn securepay_gates_end_to_end() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -380,18 +394,22 @@ async fn securepay_gates_end_to_end() {
         )
         .await;
     }
+    // Denials are audited without holding up the answer: wait until they are stored, then
+    // give any (wrongly) uncoalesced writes time to land before counting.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let records = denial_records(&sidecar).await;
+        let stored = records
+            .iter()
+            .any(|r| r.tenant_id == "globex" && r.actor == "user-7")
+            && records.iter().any(|r| r.tenant_id == "acme-corp");
+        if stored || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let denials = sidecar
-        .audit()
-        .query(proto::QueryAuditRequest {
-            event_prefix: "auth.denied".into(),
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await
-        .expect("Query")
-        .into_inner()
-        .records;
+    let denials = denial_records(&sidecar).await;
     let globex_paywall = denials
         .iter()
         .filter(|r| r.tenant_id == "globex" && r.actor == "user-7")
