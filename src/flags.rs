@@ -227,14 +227,6 @@ impl FlagCache {
         self.version.load(Ordering::Acquire)
     }
 
-    pub fn is_defined(&self, tenant_id: &str, key: &str) -> bool {
-        self.catalog.contains_key(key)
-            || self
-                .by_tenant
-                .get(tenant_id)
-                .is_some_and(|flags| flags.contains_key(key))
-    }
-
     pub fn get(&self, tenant_id: &str, key: &str) -> Result<proto::Flag, Error> {
         if let Some(flags) = self.by_tenant.get(tenant_id)
             && let Some(record) = flags.get(key)
