@@ -241,6 +241,17 @@ impl FlagCache {
         }
     }
 
+    /// Whether a tenant's flag is `true` (its own value, else the catalog default); unknown
+    /// keys are off. The access-decision hot path: no conversion, no allocation.
+    pub fn is_on(&self, tenant_id: &str, key: &str) -> bool {
+        if let Some(flags) = self.by_tenant.get(tenant_id)
+            && let Some(record) = flags.get(key)
+        {
+            return record.value == FlagValue::Bool(true);
+        }
+        self.catalog.get(key) == Some(&FlagValue::Bool(true))
+    }
+
     pub fn current(&self, tenant_id: &str, key: &str) -> Option<FlagRecord> {
         self.by_tenant
             .get(tenant_id)
@@ -337,6 +348,19 @@ mod tests {
             cache.get("acme", "nope"),
             Err(Error::FlagNotFound { .. })
         ));
+    }
+
+    #[test]
+    fn is_on_reads_the_tenant_value_then_the_default() {
+        let cache = FlagCache::new(BTreeMap::from([
+            ("on_by_default".to_owned(), FlagValue::Bool(true)),
+            ("k".to_owned(), FlagValue::Bool(false)),
+        ]));
+        assert!(cache.is_on("t", "on_by_default"));
+        assert!(!cache.is_on("t", "k"));
+        cache.apply(record("k", true, 1));
+        assert!(cache.is_on("t", "k"));
+        assert!(!cache.is_on("t", "unknown"));
     }
 
     #[test]

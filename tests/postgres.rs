@@ -254,6 +254,16 @@ async fn a_change_through_replica_a_reaches_a_watch_on_replica_c() {
     }
 }
 
+/// The newest installed PostgreSQL's bin directory (scripts/postgres-test-server installs one).
+fn postgres_bin() -> std::path::PathBuf {
+    std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is installed")
+        .filter_map(Result::ok)
+        .map(|e| e.path().join("bin"))
+        .max()
+        .expect("a PostgreSQL version")
+}
+
 const OUTAGE_PG_DIR: &str = "/tmp/coresdk-test-pg-outage";
 
 /// Starts (or reuses) the outage test's own server, with the same options every time.
@@ -276,12 +286,7 @@ fn start_outage_server() -> String {
 }
 
 fn stop_outage_server() {
-    let bin = std::fs::read_dir("/usr/lib/postgresql")
-        .expect("PostgreSQL is installed")
-        .filter_map(Result::ok)
-        .map(|e| e.path().join("bin"))
-        .max()
-        .expect("a PostgreSQL version");
+    let bin = postgres_bin();
     let status = std::process::Command::new("runuser")
         .args(["-u", "postgres", "--"])
         .arg(bin.join("pg_ctl"))
@@ -443,12 +448,7 @@ async fn tls_to_postgres_is_verified_against_the_configured_ca() {
     let certs = tempfile::tempdir().expect("temp dir");
     fixture("mint_certs.py", certs.path());
     // A new cluster each run, which accepts TLS connections only.
-    let bin = std::fs::read_dir("/usr/lib/postgresql")
-        .expect("PostgreSQL is installed")
-        .filter_map(Result::ok)
-        .map(|e| e.path().join("bin"))
-        .max()
-        .expect("a PostgreSQL version");
+    let bin = postgres_bin();
     let _ = std::process::Command::new("runuser")
         .args(["-u", "postgres", "--"])
         .arg(bin.join("pg_ctl"))

@@ -4,7 +4,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{ResponseStream, SharedState, required_text};
+use super::{ResponseStream, SharedState, required_text, validate_reason};
 use crate::flags::{FlagCache, FlagValue};
 use crate::ops::{self, AdminChange};
 use crate::problem::Error;
@@ -75,13 +75,7 @@ impl FlagService for FlagApi {
         let value = ops::validate_id("tenant_id", &request.tenant_id)
             .and_then(|()| validate_key(&request.key))
             .and_then(|()| required_text("actor", &request.actor, 256))
-            .and_then(|()| {
-                if request.reason.len() > 1024 {
-                    Err(Error::invalid("reason", "is longer than 1024 bytes"))
-                } else {
-                    Ok(())
-                }
-            })
+            .and_then(|()| validate_reason(&request.reason))
             .and_then(|()| FlagValue::from_proto(request.value.as_ref()))
             .map_err(|e| state.status(&e))?;
         let written = state

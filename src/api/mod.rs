@@ -167,6 +167,14 @@ pub fn api_token_check(
     }
 }
 
+/// The `reason` an admin gives for a change: optional, bounded (it lands in the audit trail).
+pub fn validate_reason(reason: &str) -> Result<(), Error> {
+    if reason.len() > 1024 {
+        return Err(Error::invalid("reason", "is longer than 1024 bytes"));
+    }
+    Ok(())
+}
+
 /// Validation of a required free-text field such as `actor`.
 pub fn required_text(field: &'static str, value: &str, max: usize) -> Result<(), Error> {
     if value.trim().is_empty() {

@@ -1,19 +1,12 @@
 use tonic::{Request, Response, Status};
 
-use super::{SharedState, required_text};
+use super::{SharedState, required_text, validate_reason};
 use crate::ops::{self, AdminChange};
 use crate::problem::Error;
 use crate::proto::{self, tenant_service_server::TenantService};
 
 pub struct TenantApi {
     pub state: SharedState,
-}
-
-fn validate_reason(reason: &str) -> Result<(), Error> {
-    if reason.len() > 1024 {
-        return Err(Error::invalid("reason", "is longer than 1024 bytes"));
-    }
-    Ok(())
 }
 
 #[tonic::async_trait]

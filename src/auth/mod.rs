@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::config::FailMode;
-use crate::flags::{FlagCache, FlagValue};
+use crate::flags::FlagCache;
 use crate::proto;
 pub use token::{Claims, TokenError, TokenVerifier};
 
@@ -146,14 +146,7 @@ pub fn decide(
             fail_mode_applied: true,
         };
     }
-    let is_on = |key: &str| {
-        cache
-            .get(tenant, key)
-            .ok()
-            .and_then(|f| f.value)
-            .map(|v| FlagValue::from_proto(Some(&v)).ok() == Some(FlagValue::Bool(true)))
-            .unwrap_or(false)
-    };
+    let is_on = |key: &str| cache.is_on(tenant, key);
     let denial = deny_if
         .iter()
         .find(|flag| is_on(flag))
@@ -245,6 +238,7 @@ impl FailModeCounter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flags::FlagValue;
     use std::collections::BTreeMap;
 
     fn cache() -> FlagCache {

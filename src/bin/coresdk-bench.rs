@@ -154,6 +154,29 @@ fn start_sidecar(
     })
 }
 
+/// A signed delivery of a Stripe event about `customer`, as Stripe would send it now.
+fn signed_event(
+    id: String,
+    event_type: &str,
+    created: i64,
+    customer: &str,
+) -> HandleStripeWebhookRequest {
+    let payload = serde_json::json!({
+        "id": id,
+        "object": "event",
+        "type": event_type,
+        "created": created,
+        "data": {"object": {"object": "invoice", "customer": customer}},
+    })
+    .to_string()
+    .into_bytes();
+    let signature_header = coresdk::stripe::sign_header(SECRET, coresdk::time::now_s(), &payload);
+    HandleStripeWebhookRequest {
+        payload,
+        signature_header,
+    }
+}
+
 fn sidecar_binary(args: &Args) -> Result<PathBuf, Box<dyn std::error::Error>> {
     Ok(match &args.sidecar {
         Some(path) => path.clone(),
@@ -188,24 +211,16 @@ async fn propagation(
         } else {
             "invoice.paid"
         };
+        // Created after every earlier bench event, so it is never stale.
         let created = coresdk::time::now_s() + 10 + n as i64;
-        let body = serde_json::json!({
-            "id": format!("evt_prop_{}_{n}", std::process::id()),
-            "type": event_type,
-            "created": created,
-            "data": {"object": {"customer": "cus_bench_1"}},
-        })
-        .to_string()
-        .into_bytes();
-        let signature_header = coresdk::stripe::sign_header(SECRET, coresdk::time::now_s(), &body);
+        let delivery = signed_event(
+            format!("evt_prop_{}_{n}", std::process::id()),
+            event_type,
+            created,
+            "cus_bench_1",
+        );
         let started = Instant::now();
-        let answer = sender
-            .handle_stripe_webhook(HandleStripeWebhookRequest {
-                payload: body,
-                signature_header,
-            })
-            .await?
-            .into_inner();
+        let answer = sender.handle_stripe_webhook(delivery).await?.into_inner();
         // Only a delivery that changed pro_features produces the change we wait for.
         if !answer.flag_changes.iter().any(|c| c.key == "pro_features") {
             continue;
@@ -417,21 +432,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Every bench tenant pays, so Authorize measures the common path: allowed.
     let mut setup = WebhookServiceClient::new(channels[0].clone());
     for i in 0..TENANTS {
-        let created = coresdk::time::now_s();
-        let body = serde_json::json!({
-            "id": format!("evt_setup_{}_{i}", std::process::id()),
-            "type": "invoice.paid",
-            "created": created,
-            "data": {"object": {"customer": format!("cus_bench_{i}")}},
-        })
-        .to_string()
-        .into_bytes();
-        let signature_header = coresdk::stripe::sign_header(SECRET, created, &body);
         setup
-            .handle_stripe_webhook(HandleStripeWebhookRequest {
-                payload: body,
-                signature_header,
-            })
+            .handle_stripe_webhook(signed_event(
+                format!("evt_setup_{}_{i}", std::process::id()),
+                "invoice.paid",
+                coresdk::time::now_s(),
+                &format!("cus_bench_{i}"),
+            ))
             .await?;
     }
     let rounds = args.seconds.max(1);
@@ -511,26 +518,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         } else {
             "invoice.payment_failed"
         };
-        let created = coresdk::time::now_s();
-        let body = serde_json::json!({
-            "id": format!("evt_bench_{run}_{w}_{n}"),
-            "object": "event",
-            "type": event_type,
-            "created": created,
-            "data": {"object": {"object": "invoice", "customer": format!("cus_bench_{}", (w + n as usize) % TENANTS)}},
-        })
-        .to_string()
-        .into_bytes();
-        let signature_header = coresdk::stripe::sign_header(SECRET, created, &body);
-        async move {
-            client
-                .handle_stripe_webhook(HandleStripeWebhookRequest {
-                    payload: body,
-                    signature_header,
-                })
-                .await
-                .is_ok()
-        }
+        let delivery = signed_event(
+            format!("evt_bench_{run}_{w}_{n}"),
+            event_type,
+            coresdk::time::now_s(),
+            &format!("cus_bench_{}", (w + n as usize) % TENANTS),
+        );
+        async move { client.handle_stripe_webhook(delivery).await.is_ok() }
     });
     let webhooks = run_phase(
         "WebhookService (durable)",
