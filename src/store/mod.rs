@@ -2,13 +2,23 @@
 //! flags and the audit chain.
 //!
 //! The domain logic (`crate::ops`) runs inside a store transaction through [`StoreTx`], so every
-//! backend gets the same semantics from the same code; a backend only provides the primitive
-//! reads and writes and the transaction boundaries. Work is submitted as closures to the
+//! backend gets the same semantics from the same code. Work is submitted as closures to the
 //! backend's worker, which may commit several of them together (group commit) and answers each
 //! only after the commit is durable.
+//!
+//! Both backends share all but what truly differs between them:
+//! - `engine`: the batch runner (savepoint per job, panics caught, state restored, every caller
+//!   answered) and the read loop, over a backend's `engine::Connection`;
+//! - `tx`: [`StoreTx`] once, over the SQL primitives of `dialect::Sql`;
+//! - `dialect`: those primitives, the statements and the column lists;
+//! - [`sqlite`] and [`postgres`]: connections, SQL text, locking, schema and (PostgreSQL) the
+//!   change feed.
 
+mod dialect;
+mod engine;
 pub mod postgres;
 pub mod sqlite;
+mod tx;
 
 use std::sync::Arc;
 
@@ -153,14 +163,19 @@ pub trait StoreTx {
     ) -> Result<(), StoreError>;
 }
 
-/// Called once the job's transaction committed (`Ok`) or failed to (`Err`).
-pub type Finisher = Box<dyn FnOnce(Result<(), Error>) + Send>;
-/// A unit of work: runs inside the transaction and says whether to keep its writes.
-pub type Job = Box<dyn FnOnce(&mut dyn StoreTx) -> (bool, Finisher) + Send>;
+/// A unit of work as a backend's worker sees it. The engine keeps the job after running it, so
+/// it can always answer: with the commit's outcome, or with an error when the work panicked or
+/// never ran.
+pub(crate) trait Job: Send {
+    /// Runs the work inside the transaction; true keeps its writes.
+    fn run(&mut self, tx: &mut dyn StoreTx) -> bool;
+    /// Answers the caller once the transaction committed (`Ok`) or did not.
+    fn answer(self: Box<Self>, outcome: Result<(), Error>);
+}
 
 /// What a backend's worker thread receives.
 pub(crate) enum Queue {
-    Work(Job),
+    Work(Box<dyn Job>),
     Close,
 }
 
@@ -169,7 +184,7 @@ pub(crate) enum Queue {
 pub(crate) fn next_batch(
     queue: &std::sync::mpsc::Receiver<Queue>,
     max: usize,
-) -> Option<(Vec<Job>, bool)> {
+) -> Option<(Vec<Box<dyn Job>>, bool)> {
     let mut batch = match queue.recv() {
         Ok(Queue::Work(job)) => vec![job],
         Ok(Queue::Close) | Err(_) => return None,
@@ -184,9 +199,9 @@ pub(crate) fn next_batch(
     Some((batch, false))
 }
 
-pub trait Backend: Send + Sync {
-    fn submit_write(&self, job: Job);
-    fn submit_read(&self, job: Job);
+pub(crate) trait Backend: Send + Sync {
+    fn submit_write(&self, job: Box<dyn Job>);
+    fn submit_read(&self, job: Box<dyn Job>);
     /// Stops accepting work, finishes what was submitted and closes the database cleanly.
     fn close(&self);
     /// Whether the database is reachable as far as the backend knows. The embedded store is
@@ -283,10 +298,8 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&mut dyn StoreTx) -> Result<T, Error> + Send + 'static,
     {
-        let _room = self.room.acquire().await.map_err(|_| dropped())?;
-        let (job, answer) = job(work);
-        self.backend.submit_write(job);
-        answer.await.unwrap_or_else(|_| Err(dropped()))
+        self.run(work, |backend, job| backend.submit_write(job))
+            .await
     }
 
     pub async fn read<T, F>(&self, work: F) -> Result<T, Error>
@@ -294,9 +307,23 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&mut dyn StoreTx) -> Result<T, Error> + Send + 'static,
     {
+        self.run(work, |backend, job| backend.submit_read(job))
+            .await
+    }
+
+    /// Queues `work` (waiting for room first) and waits for its answer.
+    async fn run<T, F>(
+        &self,
+        work: F,
+        submit: impl FnOnce(&dyn Backend, Box<dyn Job>),
+    ) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn StoreTx) -> Result<T, Error> + Send + 'static,
+    {
         let _room = self.room.acquire().await.map_err(|_| dropped())?;
         let (job, answer) = job(work);
-        self.backend.submit_read(job);
+        submit(self.backend.as_ref(), job);
         answer.await.unwrap_or_else(|_| Err(dropped()))
     }
 
@@ -309,24 +336,55 @@ impl Store {
     }
 }
 
-fn dropped() -> Error {
+/// What a caller hears when its work never reached a commit: the transaction could not begin,
+/// or the work panicked. The details are in the sidecar log, not in the answer.
+pub(crate) fn dropped() -> Error {
     Error::StoreUnavailable("the store could not run the transaction (see the sidecar log)".into())
 }
 
-fn job<T, F>(work: F) -> (Job, oneshot::Receiver<Result<T, Error>>)
+/// Wraps `work` as a [`Job`] whose answer arrives on the returned channel.
+pub(crate) fn job<T, F>(work: F) -> (Box<dyn Job>, oneshot::Receiver<Result<T, Error>>)
 where
     T: Send + 'static,
     F: FnOnce(&mut dyn StoreTx) -> Result<T, Error> + Send + 'static,
 {
     let (reply, answer) = oneshot::channel();
-    let job: Job = Box::new(move |tx| {
+    let job = Pending {
+        work: Some(work),
+        result: None,
+        reply,
+    };
+    (Box::new(job), answer)
+}
+
+/// A caller's work and where its answer goes; `result` is set once the work returned.
+struct Pending<T, F> {
+    work: Option<F>,
+    result: Option<Result<T, Error>>,
+    reply: oneshot::Sender<Result<T, Error>>,
+}
+
+impl<T, F> Job for Pending<T, F>
+where
+    T: Send,
+    F: FnOnce(&mut dyn StoreTx) -> Result<T, Error> + Send,
+{
+    fn run(&mut self, tx: &mut dyn StoreTx) -> bool {
+        let Some(work) = self.work.take() else {
+            return false;
+        };
         let result = work(tx);
         let keep = result.is_ok();
-        let finish: Finisher = Box::new(move |commit| {
-            // The caller may have gone away (deadline); the work is committed all the same.
-            let _ = reply.send(commit.and(result));
-        });
-        (keep, finish)
-    });
-    (job, answer)
+        self.result = Some(result);
+        keep
+    }
+
+    fn answer(self: Box<Self>, outcome: Result<(), Error>) {
+        // A failed commit outranks the work's own result; work that never returned (it
+        // panicked, or never ran) has nothing to report but the failure.
+        let Pending { result, reply, .. } = *self;
+        let answer = outcome.and_then(|()| result.unwrap_or_else(|| Err(dropped())));
+        // The caller may have gone away (deadline); the work is committed all the same.
+        let _ = reply.send(answer);
+    }
 }

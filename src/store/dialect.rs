@@ -1,0 +1,184 @@
+//! What a SQL dialect provides the transaction core: the text of each [`Statement`], binding
+//! [`Param`]s, and reading columns as [`Value`]s, over the two primitives of [`Sql`]. The column
+//! lists are here once, so that every dialect's SQL reads the columns in the order the core
+//! maps them.
+
+use super::StoreError;
+
+/// The columns of a flag row, in the order the core reads them and [`Statement::WriteFlag`]
+/// binds them. A macro so that dialects can `concat!` it into `&'static str` SQL.
+macro_rules! flag_columns {
+    () => {
+        "tenant_id, key, value, version, event_created, origin, updated_at_ms, updated_by, source_event_id"
+    };
+}
+
+/// The columns of an audit row, in the order the core reads them and [`Statement::AppendAudit`]
+/// binds them.
+macro_rules! audit_columns {
+    () => {
+        "seq, time_ms, tenant_id, actor, event, outcome, canonical, prev_hash, hash"
+    };
+}
+
+pub(crate) use {audit_columns, flag_columns};
+
+/// Every statement the core runs. Each dialect gives the SQL text; the parameters (in order)
+/// and the columns returned are fixed here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Statement {
+    /// event_id → event_type, tenant_id, outcome, audit_seq.
+    ProcessedEvent,
+    /// event_id, event_type, tenant_id, outcome, audit_seq, processed_at_ms.
+    RecordProcessed,
+    /// customer_id → tenant_id.
+    TenantOfCustomer,
+    /// customer_id, tenant_id, updated_at_ms: inserts or replaces the mapping.
+    MapCustomer,
+    /// customer_id.
+    UnmapCustomer,
+    /// tenant_id, key → flag columns.
+    Flag,
+    /// tenant_id, origin → flag columns, ordered by key.
+    FlagsWithOrigin,
+    /// → flag columns of every flag.
+    AllFlags,
+    /// version → flag columns of every flag changed after that version, ordered by version.
+    FlagsAfter,
+    /// The flag columns: inserts or replaces the flag.
+    WriteFlag,
+    /// tenant_id, key, created: raises the flag's event_created to `created`.
+    AdvanceEventCreated,
+    /// The audit columns.
+    AppendAudit,
+    /// → seq, hash of the newest audit record (no row when there is none).
+    AuditHead,
+    /// → newest audit seq, its hash, highest flag version: one row, NULLs when empty.
+    WriterState,
+    /// after_seq, tenant_id?, event_prefix?, outcome?, since_ms?, until_ms?, limit → audit
+    /// columns ordered by seq (a NULL filter matches everything).
+    QueryAudit,
+    /// after_seq, limit → audit columns ordered by seq.
+    AuditPage,
+}
+
+/// A statement parameter.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Param<'a> {
+    Text(&'a str),
+    OptText(Option<&'a str>),
+    Int(i64),
+    OptInt(Option<i64>),
+    Bytes(&'a [u8]),
+}
+
+/// One column of a result row, as the dialect read it.
+#[derive(Debug)]
+pub(crate) enum Value {
+    Null,
+    Int(i64),
+    Text(String),
+    Bytes(Vec<u8>),
+}
+
+/// A result row.
+pub(crate) trait Row {
+    fn value(&self, column: usize) -> Result<Value, StoreError>;
+}
+
+impl dyn Row + '_ {
+    pub(crate) fn text(&self, column: usize) -> Result<String, StoreError> {
+        match self.value(column)? {
+            Value::Text(text) => Ok(text),
+            other => Err(unexpected(column, "text", &other)),
+        }
+    }
+
+    pub(crate) fn int(&self, column: usize) -> Result<i64, StoreError> {
+        match self.opt_int(column)? {
+            Some(int) => Ok(int),
+            None => Err(unexpected(column, "an integer", &Value::Null)),
+        }
+    }
+
+    pub(crate) fn opt_int(&self, column: usize) -> Result<Option<i64>, StoreError> {
+        match self.value(column)? {
+            Value::Int(int) => Ok(Some(int)),
+            Value::Null => Ok(None),
+            other => Err(unexpected(column, "an integer", &other)),
+        }
+    }
+
+    pub(crate) fn bytes(&self, column: usize) -> Result<Vec<u8>, StoreError> {
+        match self.opt_bytes(column)? {
+            Some(bytes) => Ok(bytes),
+            None => Err(unexpected(column, "bytes", &Value::Null)),
+        }
+    }
+
+    pub(crate) fn opt_bytes(&self, column: usize) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.value(column)? {
+            Value::Bytes(bytes) => Ok(Some(bytes)),
+            Value::Null => Ok(None),
+            other => Err(unexpected(column, "bytes", &other)),
+        }
+    }
+}
+
+/// Names the kind only: a column's content has no place in a log line.
+fn unexpected(column: usize, wanted: &str, found: &Value) -> StoreError {
+    let found = match found {
+        Value::Null => "NULL",
+        Value::Int(_) => "an integer",
+        Value::Text(_) => "text",
+        Value::Bytes(_) => "bytes",
+    };
+    StoreError::Corrupt(format!(
+        "column {column} holds {found} where {wanted} belongs"
+    ))
+}
+
+/// The SQL primitives a dialect provides on an open connection. Statements are prepared once
+/// per connection and reused.
+pub(crate) trait Sql {
+    /// Runs a statement that returns rows, handing each to `each` until it returns false.
+    fn query(
+        &mut self,
+        statement: Statement,
+        params: &[Param<'_>],
+        each: &mut dyn FnMut(&dyn Row) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError>;
+
+    /// Runs a statement that returns no rows.
+    fn execute(&mut self, statement: Statement, params: &[Param<'_>]) -> Result<(), StoreError>;
+}
+
+/// The first row `map`ped, if there is one.
+pub(crate) fn query_opt<T>(
+    sql: &mut dyn Sql,
+    statement: Statement,
+    params: &[Param<'_>],
+    map: impl Fn(&dyn Row) -> Result<T, StoreError>,
+) -> Result<Option<T>, StoreError> {
+    let mut found = None;
+    sql.query(statement, params, &mut |row| {
+        found = Some(map(row)?);
+        Ok(false)
+    })?;
+    Ok(found)
+}
+
+/// Every row `map`ped.
+pub(crate) fn query_all<T>(
+    sql: &mut dyn Sql,
+    statement: Statement,
+    params: &[Param<'_>],
+    map: impl Fn(&dyn Row) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    let mut all = Vec::new();
+    sql.query(statement, params, &mut |row| {
+        all.push(map(row)?);
+        Ok(true)
+    })?;
+    Ok(all)
+}

@@ -1,0 +1,165 @@
+//! Reaching the database: the URL's settings, TLS, and connection errors that say where the
+//! sidecar tried to connect, why it failed and what to check.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use postgres::{Client, NoTls};
+
+use crate::store::StoreError;
+
+/// How to reach the database: the parsed URL, and TLS when the URL asks for it.
+#[derive(Clone)]
+pub struct Connector {
+    config: postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    /// Connections serving reads, from the URL's `pool_size` (default 2); writes always go
+    /// through one connection per replica, which is what group commit needs.
+    pub read_connections: usize,
+}
+
+impl Connector {
+    /// `sslmode=require`, `verify-ca` or `verify-full` turn TLS on, always verifying the server
+    /// against the CA in `ca_file` (stricter than libpq's `require`, which does not verify).
+    pub fn new(url: &str, ca_file: Option<&std::path::Path>) -> Result<Self, StoreError> {
+        let mut tls_wanted = false;
+        let mut read_connections = 2;
+        let cleaned = match url.split_once('?') {
+            None => url.to_owned(),
+            Some((base, query)) => {
+                let kept: Vec<&str> = query
+                    .split('&')
+                    .filter(|pair| {
+                        if let Some(size) = pair.strip_prefix("pool_size=") {
+                            read_connections = size.parse().unwrap_or(0);
+                            return false;
+                        }
+                        match pair.strip_prefix("sslmode=") {
+                            Some("require" | "verify-ca" | "verify-full") => {
+                                tls_wanted = true;
+                                false
+                            }
+                            Some(_) => false,
+                            None => true,
+                        }
+                    })
+                    .collect();
+                if kept.is_empty() {
+                    base.to_owned()
+                } else {
+                    format!("{base}?{}", kept.join("&"))
+                }
+            }
+        };
+        let mut config: postgres::Config = cleaned
+            .parse()
+            .map_err(|e: postgres::Error| StoreError::Postgres(format!("bad URL: {e}")))?;
+        if !(1..=64).contains(&read_connections) {
+            return Err(StoreError::Unsupported(
+                "pool_size must be between 1 and 64",
+            ));
+        }
+        if !tls_wanted {
+            return Ok(Self {
+                config,
+                tls: None,
+                read_connections,
+            });
+        }
+        let ca_file = ca_file.ok_or(StoreError::Unsupported(
+            "sslmode=require/verify-full needs CORESDK_POSTGRES_CA_FILE (the CA that signed the server certificate)",
+        ))?;
+        use rustls_pki_types::pem::PemObject as _;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca_file)
+            .map_err(|e| StoreError::Postgres(format!("{}: {e}", ca_file.display())))?
+        {
+            let cert =
+                cert.map_err(|e| StoreError::Postgres(format!("{}: {e}", ca_file.display())))?;
+            roots
+                .add(cert)
+                .map_err(|e| StoreError::Postgres(format!("{}: {e}", ca_file.display())))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| StoreError::Postgres(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.ssl_mode(postgres::config::SslMode::Require);
+        Ok(Self {
+            config,
+            tls: Some(tokio_postgres_rustls::MakeRustlsConnect::new(tls)),
+            read_connections,
+        })
+    }
+
+    /// Opens one connection. The sync client drives its own runtime, so this must not run on
+    /// an async thread.
+    pub(super) fn connect(&self) -> Result<Client, StoreError> {
+        let connected = match &self.tls {
+            Some(tls) => self.config.connect(tls.clone()),
+            None => self.config.connect(NoTls),
+        };
+        Ok(connected?)
+    }
+
+    /// Connects, retrying with backoff until `stop`; None when stopping.
+    pub(super) fn connect_with_backoff(&self, stop: &AtomicBool, what: &str) -> Option<Client> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            if stop.load(Ordering::Acquire) {
+                return None;
+            }
+            match self.connect() {
+                Ok(client) => return Some(client),
+                Err(e) => {
+                    tracing::warn!(error = %e, what, retry_in = ?delay, "PostgreSQL unreachable");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+impl From<postgres::Error> for StoreError {
+    fn from(e: postgres::Error) -> Self {
+        StoreError::Postgres(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_settings_are_read_and_refused_when_out_of_range() {
+        let plain =
+            Connector::new("postgres://u:p@127.0.0.1:5432/db?pool_size=4", None).expect("valid");
+        assert_eq!((plain.read_connections, plain.tls.is_some()), (4, false));
+        assert!(Connector::new("postgres://u@h/db?pool_size=0", None).is_err());
+        let no_ca = Connector::new("postgres://u@h/db?sslmode=require", None);
+        assert!(
+            matches!(no_ca, Err(StoreError::Unsupported(m)) if m.contains("CORESDK_POSTGRES_CA_FILE"))
+        );
+        assert_eq!(
+            Connector::new("postgres://u@h/db", None)
+                .map(|c| c.read_connections)
+                .ok(),
+            Some(2)
+        );
+    }
+
+    #[test]
+    fn passwords_never_reach_the_log() {
+        let url =
+            crate::store::StoreUrl::parse("postgres://app:s3cret@db:5432/coresdk").expect("valid");
+        let shown = format!("{url:?}");
+        assert!(
+            !shown.contains("s3cret") && shown.contains("app:***@db"),
+            "{shown}"
+        );
+    }
+}

@@ -1,0 +1,78 @@
+//! The PostgreSQL schema and its migrations, versioned in `coresdk_schema`.
+
+use postgres::Client;
+
+use crate::store::StoreError;
+
+/// Held while migrating, so replicas starting together apply the schema once.
+const MIGRATION_LOCK: i64 = 0x636f_7265_7364_6b02;
+const SCHEMA_VERSION: i32 = 1;
+
+const MIGRATION_1: &str = "
+CREATE TABLE IF NOT EXISTS processed_events (
+    event_id TEXT PRIMARY KEY,
+    event_type TEXT NOT NULL,
+    tenant_id TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    audit_seq BIGINT NOT NULL,
+    processed_at_ms BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS customers (
+    customer_id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    updated_at_ms BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS flags (
+    tenant_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    event_created BIGINT NOT NULL,
+    origin TEXT NOT NULL,
+    updated_at_ms BIGINT NOT NULL,
+    updated_by TEXT NOT NULL,
+    source_event_id TEXT NOT NULL,
+    PRIMARY KEY (tenant_id, key)
+);
+CREATE INDEX IF NOT EXISTS flags_by_version ON flags (version);
+CREATE TABLE IF NOT EXISTS audit (
+    seq BIGINT PRIMARY KEY,
+    time_ms BIGINT NOT NULL,
+    tenant_id TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    event TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    canonical BYTEA NOT NULL,
+    prev_hash BYTEA NOT NULL,
+    hash BYTEA NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_tenant ON audit (tenant_id, seq);
+";
+
+/// Applies the schema once, however many replicas start together.
+pub(super) fn migrate(client: &mut Client) -> Result<(), StoreError> {
+    client.batch_execute(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))?;
+    let applied = (|| -> Result<(), StoreError> {
+        client.batch_execute("CREATE TABLE IF NOT EXISTS coresdk_schema (version INT NOT NULL)")?;
+        let version: Option<i32> = client
+            .query_opt("SELECT max(version) FROM coresdk_schema", &[])?
+            .map(|row| row.try_get(0))
+            .transpose()?
+            .flatten();
+        let version = version.unwrap_or(0);
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Corrupt(format!(
+                "the database schema is version {version}, newer than this sidecar's {SCHEMA_VERSION}"
+            )));
+        }
+        if version < 1 {
+            let mut tx = client.transaction()?;
+            tx.batch_execute(MIGRATION_1)?;
+            tx.execute("INSERT INTO coresdk_schema (version) VALUES (1)", &[])?;
+            tx.commit()?;
+        }
+        Ok(())
+    })();
+    client.batch_execute(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"))?;
+    applied
+}

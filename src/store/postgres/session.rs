@@ -1,0 +1,108 @@
+//! A PostgreSQL connection as the write engine and the read loop drive it: reconnecting when
+//! the connection was lost, and the advisory lock that makes one writer of all replicas.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use super::connect::Connector;
+use super::sql::PgConn;
+use crate::store::StoreError;
+use crate::store::engine::{Connection, OpenTx};
+use crate::store::tx::WriterState;
+
+/// Held by every write transaction of every replica until it ends: writers take turns, so each
+/// reads the chain head and the flag version the previous one committed.
+const WRITE_LOCK: i64 = 0x636f_7265_7364_6b01;
+
+pub(super) struct Session {
+    connector: Connector,
+    stop: Arc<AtomicBool>,
+    conn: Option<PgConn>,
+    /// How long to wait after work was refused before taking more.
+    refusal_pause: Duration,
+}
+
+impl Session {
+    pub(super) fn new(
+        connector: Connector,
+        stop: Arc<AtomicBool>,
+        refusal_pause: Duration,
+    ) -> Self {
+        Self {
+            connector,
+            stop,
+            conn: None,
+            refusal_pause,
+        }
+    }
+
+    /// The open connection, connecting when there is none or it closed.
+    fn connected(&mut self) -> Result<&mut PgConn, StoreError> {
+        if self
+            .conn
+            .as_ref()
+            .is_none_or(|conn| conn.client.is_closed())
+        {
+            self.conn = None;
+            self.conn = Some(PgConn::new(self.connector.connect()?));
+        }
+        self.open()
+    }
+
+    fn open(&mut self) -> Result<&mut PgConn, StoreError> {
+        self.conn
+            .as_mut()
+            .ok_or_else(|| StoreError::Postgres("the connection closed".into()))
+    }
+
+    /// A connection that died since its last use only shows it on first use: when `begin`
+    /// fails, reconnect once and retry before refusing the work (UNAVAILABLE, retryable), so
+    /// callers' deadlines and Stripe's retries stay meaningful.
+    fn begin<T>(
+        &mut self,
+        begin: impl Fn(&mut PgConn) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut retried = false;
+        loop {
+            let conn = self.connected()?;
+            match begin(conn) {
+                Ok(began) => return Ok(began),
+                Err(e) => {
+                    let _ = conn.execute_script(<PgConn as OpenTx>::SCRIPTS.rollback);
+                    self.conn = None;
+                    if retried {
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %e, "cannot begin a transaction; reconnecting");
+                    retried = true;
+                }
+            }
+        }
+    }
+}
+
+impl Connection for Session {
+    type Open = PgConn;
+
+    fn begin_write(&mut self, state: &mut WriterState) -> Result<&mut PgConn, StoreError> {
+        *state = self.begin(|conn| {
+            conn.client.batch_execute(&format!(
+                "BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"
+            ))?;
+            WriterState::load(conn)
+        })?;
+        self.open()
+    }
+
+    fn begin_read(&mut self) -> Result<&mut PgConn, StoreError> {
+        self.begin(|conn| Ok(conn.client.batch_execute("BEGIN READ ONLY")?))?;
+        self.open()
+    }
+
+    fn pause_after_refusal(&mut self) {
+        if !self.stop.load(Ordering::Acquire) {
+            std::thread::sleep(self.refusal_pause);
+        }
+    }
+}

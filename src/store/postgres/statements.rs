@@ -1,0 +1,88 @@
+//! The PostgreSQL text of the core's statements and transaction scripts.
+
+use crate::store::dialect::{Statement, audit_columns, flag_columns};
+use crate::store::engine::TransactionSql;
+
+pub(super) const SCRIPTS: TransactionSql = TransactionSql {
+    open_savepoint: "SAVEPOINT job",
+    // One round trip per job: this took the shared store from 670 to ~1,650 webhooks/s.
+    keep_job: "RELEASE SAVEPOINT job; SAVEPOINT job",
+    // ROLLBACK TO leaves the savepoint open, ready for the next job.
+    undo_job: "ROLLBACK TO SAVEPOINT job",
+    commit: "COMMIT",
+    rollback: "ROLLBACK",
+};
+
+pub(super) fn text(statement: Statement) -> &'static str {
+    match statement {
+        Statement::ProcessedEvent => {
+            "SELECT event_type, tenant_id, outcome, audit_seq FROM processed_events WHERE event_id = $1"
+        }
+        Statement::RecordProcessed => {
+            "INSERT INTO processed_events (event_id, event_type, tenant_id, outcome, audit_seq, processed_at_ms)
+             VALUES ($1, $2, $3, $4, $5, $6)"
+        }
+        Statement::TenantOfCustomer => "SELECT tenant_id FROM customers WHERE customer_id = $1",
+        Statement::MapCustomer => {
+            "INSERT INTO customers (customer_id, tenant_id, updated_at_ms) VALUES ($1, $2, $3)
+             ON CONFLICT (customer_id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id, updated_at_ms = EXCLUDED.updated_at_ms"
+        }
+        Statement::UnmapCustomer => "DELETE FROM customers WHERE customer_id = $1",
+        Statement::Flag => concat!(
+            "SELECT ",
+            flag_columns!(),
+            " FROM flags WHERE tenant_id = $1 AND key = $2"
+        ),
+        Statement::FlagsWithOrigin => concat!(
+            "SELECT ",
+            flag_columns!(),
+            " FROM flags WHERE tenant_id = $1 AND origin = $2 ORDER BY key"
+        ),
+        Statement::AllFlags => concat!("SELECT ", flag_columns!(), " FROM flags"),
+        Statement::FlagsAfter => concat!(
+            "SELECT ",
+            flag_columns!(),
+            " FROM flags WHERE version > $1 ORDER BY version"
+        ),
+        Statement::WriteFlag => concat!(
+            "INSERT INTO flags (",
+            flag_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             ON CONFLICT (tenant_id, key) DO UPDATE SET value = EXCLUDED.value, version = EXCLUDED.version,
+               event_created = EXCLUDED.event_created, origin = EXCLUDED.origin, updated_at_ms = EXCLUDED.updated_at_ms,
+               updated_by = EXCLUDED.updated_by, source_event_id = EXCLUDED.source_event_id"
+        ),
+        Statement::AdvanceEventCreated => {
+            "UPDATE flags SET event_created = GREATEST(event_created, $3) WHERE tenant_id = $1 AND key = $2"
+        }
+        Statement::AppendAudit => concat!(
+            "INSERT INTO audit (",
+            audit_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+        ),
+        Statement::AuditHead => "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+        Statement::WriterState => {
+            "SELECT (SELECT seq FROM audit ORDER BY seq DESC LIMIT 1),
+                    (SELECT hash FROM audit ORDER BY seq DESC LIMIT 1),
+                    (SELECT max(version) FROM flags)"
+        }
+        // A parameter only compared with NULL has no type PostgreSQL could infer: cast it.
+        Statement::QueryAudit => concat!(
+            "SELECT ",
+            audit_columns!(),
+            " FROM audit
+             WHERE seq > $1
+               AND ($2::text IS NULL OR tenant_id = $2)
+               AND ($3::text IS NULL OR substr(event, 1, length($3)) = $3)
+               AND ($4::text IS NULL OR outcome = $4)
+               AND ($5::bigint IS NULL OR time_ms >= $5)
+               AND ($6::bigint IS NULL OR time_ms < $6)
+             ORDER BY seq LIMIT $7"
+        ),
+        Statement::AuditPage => concat!(
+            "SELECT ",
+            audit_columns!(),
+            " FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2"
+        ),
+    }
+}

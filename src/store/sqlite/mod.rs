@@ -1,0 +1,160 @@
+//! The embedded store: SQLite in WAL mode with `synchronous=FULL`, so a commit is on disk
+//! before it is acknowledged. `memory` is the same engine on an in-memory database, so mock
+//! mode and tests run exactly the code production runs.
+//!
+//! One writer thread owns the write connection and runs the shared write engine on it (group
+//! commit, one savepoint per job). Reads of a file database run on a second, read-only
+//! connection so a long `Verify` never holds up webhooks.
+
+mod connection;
+mod schema;
+mod statements;
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use self::connection::SqliteConn;
+use super::engine;
+use super::tx::{Tx, WriterState};
+use super::{Backend, CommitListener, Job, Queue, StoreError, StoreTx, StoreUrl};
+
+pub struct SqliteStore {
+    /// Held for the store's lifetime: two sidecars on one file would each keep their own
+    /// chain head and fork the audit chain, so the second one must not start.
+    _lock: Option<std::fs::File>,
+    writer: mpsc::Sender<Queue>,
+    /// Absent for an in-memory database, whose reads go through the writer.
+    reader: Option<mpsc::Sender<Queue>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl SqliteStore {
+    pub fn open(url: &StoreUrl, listener: Arc<dyn CommitListener>) -> Result<Self, StoreError> {
+        if let StoreUrl::Sqlite(path) = url
+            && let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        }
+        let lock = match url {
+            StoreUrl::Memory | StoreUrl::Postgres(_) => None,
+            StoreUrl::Sqlite(path) => Some(lock_exclusively(path)?),
+        };
+        let mut conn = SqliteConn::open(url, false)?;
+        schema::migrate(conn.raw())?;
+        let state = WriterState::load(&mut conn)?;
+        let (writer, writer_queue) = mpsc::channel();
+        let mut threads = vec![
+            std::thread::Builder::new()
+                .name("coresdk-store-writer".into())
+                .spawn(move || {
+                    engine::write_loop(&mut conn, state, &writer_queue, listener.as_ref());
+                    conn.close();
+                })
+                .map_err(|e| StoreError::Corrupt(format!("cannot start the writer: {e}")))?,
+        ];
+        let reader = match url {
+            StoreUrl::Memory | StoreUrl::Postgres(_) => None,
+            StoreUrl::Sqlite(_) => {
+                let mut conn = SqliteConn::open(url, true)?;
+                let (reader, reader_queue) = mpsc::channel();
+                let reader_queue = Mutex::new(reader_queue);
+                threads.push(
+                    std::thread::Builder::new()
+                        .name("coresdk-store-reader".into())
+                        .spawn(move || engine::read_loop(&mut conn, &reader_queue))
+                        .map_err(|e| {
+                            StoreError::Corrupt(format!("cannot start the reader: {e}"))
+                        })?,
+                );
+                Some(reader)
+            }
+        };
+        Ok(Self {
+            _lock: lock,
+            writer,
+            reader,
+            threads: Mutex::new(threads),
+        })
+    }
+}
+
+fn lock_exclusively(db: &Path) -> Result<std::fs::File, StoreError> {
+    let mut lock_path = db.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = std::path::PathBuf::from(lock_path);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|source| StoreError::DataDir {
+            path: lock_path.display().to_string(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked(db.display().to_string())),
+        Err(std::fs::TryLockError::Error(source)) => Err(StoreError::DataDir {
+            path: lock_path.display().to_string(),
+            source,
+        }),
+    }
+}
+
+impl Backend for SqliteStore {
+    fn submit_write(&self, job: Box<dyn Job>) {
+        // A closed queue drops the job, which answers the caller "unavailable".
+        let _ = self.writer.send(Queue::Work(job));
+    }
+
+    fn submit_read(&self, job: Box<dyn Job>) {
+        let queue = self.reader.as_ref().unwrap_or(&self.writer);
+        let _ = queue.send(Queue::Work(job));
+    }
+
+    fn close(&self) {
+        let _ = self.writer.send(Queue::Close);
+        if let Some(reader) = &self.reader {
+            let _ = reader.send(Queue::Close);
+        }
+        let threads = match self.threads.lock() {
+            Ok(mut threads) => std::mem::take(&mut *threads),
+            Err(_) => return,
+        };
+        for thread in threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Opens a database file read-only for offline tools (`coresdk audit verify`).
+pub fn open_read_only(path: &Path) -> Result<impl StoreTxOwner, StoreError> {
+    if !path.exists() {
+        return Err(StoreError::Corrupt(format!(
+            "{} does not exist",
+            path.display()
+        )));
+    }
+    let conn = SqliteConn::open(&StoreUrl::Sqlite(path.to_owned()), true)?;
+    Ok(OfflineStore { conn })
+}
+
+/// A store opened without the server, for command-line tools.
+pub trait StoreTxOwner {
+    fn with_tx<T>(&mut self, work: impl FnOnce(&mut dyn StoreTx) -> T) -> T;
+}
+
+struct OfflineStore {
+    conn: SqliteConn,
+}
+
+impl StoreTxOwner for OfflineStore {
+    fn with_tx<T>(&mut self, work: impl FnOnce(&mut dyn StoreTx) -> T) -> T {
+        work(&mut Tx::reading(&mut self.conn))
+    }
+}

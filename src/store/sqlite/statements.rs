@@ -1,0 +1,87 @@
+//! The SQLite text of the core's statements and transaction scripts.
+
+use crate::store::dialect::{Statement, audit_columns, flag_columns};
+use crate::store::engine::TransactionSql;
+
+pub(super) const SCRIPTS: TransactionSql = TransactionSql {
+    open_savepoint: "SAVEPOINT job",
+    keep_job: "RELEASE job; SAVEPOINT job",
+    // SQLite's ROLLBACK TO leaves the savepoint open, ready for the next job.
+    undo_job: "ROLLBACK TO job",
+    commit: "COMMIT",
+    rollback: "ROLLBACK",
+};
+
+pub(super) fn text(statement: Statement) -> &'static str {
+    match statement {
+        Statement::ProcessedEvent => {
+            "SELECT event_type, tenant_id, outcome, audit_seq FROM processed_events WHERE event_id = ?1"
+        }
+        Statement::RecordProcessed => {
+            "INSERT INTO processed_events (event_id, event_type, tenant_id, outcome, audit_seq, processed_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+        }
+        Statement::TenantOfCustomer => "SELECT tenant_id FROM customers WHERE customer_id = ?1",
+        Statement::MapCustomer => {
+            "INSERT INTO customers (customer_id, tenant_id, updated_at_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT (customer_id) DO UPDATE SET tenant_id = excluded.tenant_id, updated_at_ms = excluded.updated_at_ms"
+        }
+        Statement::UnmapCustomer => "DELETE FROM customers WHERE customer_id = ?1",
+        Statement::Flag => concat!(
+            "SELECT ",
+            flag_columns!(),
+            " FROM flags WHERE tenant_id = ?1 AND key = ?2"
+        ),
+        Statement::FlagsWithOrigin => concat!(
+            "SELECT ",
+            flag_columns!(),
+            " FROM flags WHERE tenant_id = ?1 AND origin = ?2 ORDER BY key"
+        ),
+        Statement::AllFlags => concat!("SELECT ", flag_columns!(), " FROM flags"),
+        Statement::FlagsAfter => concat!(
+            "SELECT ",
+            flag_columns!(),
+            " FROM flags WHERE version > ?1 ORDER BY version"
+        ),
+        Statement::WriteFlag => concat!(
+            "INSERT INTO flags (",
+            flag_columns!(),
+            ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             ON CONFLICT (tenant_id, key) DO UPDATE SET value = excluded.value,
+               version = excluded.version, event_created = excluded.event_created,
+               origin = excluded.origin, updated_at_ms = excluded.updated_at_ms,
+               updated_by = excluded.updated_by, source_event_id = excluded.source_event_id"
+        ),
+        Statement::AdvanceEventCreated => {
+            "UPDATE flags SET event_created = MAX(event_created, ?3) WHERE tenant_id = ?1 AND key = ?2"
+        }
+        Statement::AppendAudit => concat!(
+            "INSERT INTO audit (",
+            audit_columns!(),
+            ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+        ),
+        Statement::AuditHead => "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+        Statement::WriterState => {
+            "SELECT (SELECT seq FROM audit ORDER BY seq DESC LIMIT 1),
+                    (SELECT hash FROM audit ORDER BY seq DESC LIMIT 1),
+                    (SELECT MAX(version) FROM flags)"
+        }
+        Statement::QueryAudit => concat!(
+            "SELECT ",
+            audit_columns!(),
+            " FROM audit
+             WHERE seq > ?1
+               AND (?2 IS NULL OR tenant_id = ?2)
+               AND (?3 IS NULL OR substr(event, 1, length(?3)) = ?3)
+               AND (?4 IS NULL OR outcome = ?4)
+               AND (?5 IS NULL OR time_ms >= ?5)
+               AND (?6 IS NULL OR time_ms < ?6)
+             ORDER BY seq LIMIT ?7"
+        ),
+        Statement::AuditPage => concat!(
+            "SELECT ",
+            audit_columns!(),
+            " FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+        ),
+    }
+}

@@ -1,0 +1,352 @@
+//! The transaction core: [`StoreTx`] written once over a dialect's SQL primitives
+//! ([`Sql`]). The domain steps — the flag version bump and change capture, sealing an audit
+//! record onto the chain head and capturing it, read-then-upsert of customer mappings, refusing
+//! writes on a read connection, mapping rows to records — live here only.
+
+use super::dialect::{Param, Row, Sql, Statement, query_all, query_opt};
+use super::{AuditQuery, Committed, Outcome, ProcessedEvent, StoreError, StoreTx};
+use crate::audit::{self, AuditRecord, ChainHead, NewAuditRecord, StoredAuditRow};
+use crate::flags::{FlagOrigin, FlagRecord, FlagValue};
+use crate::problem::Error;
+
+/// Stored integers are `i64`; sequence numbers and versions are `u64` and never negative.
+pub(crate) fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+pub(crate) fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn flag_from_row(row: &dyn Row) -> Result<FlagRecord, StoreError> {
+    Ok(FlagRecord {
+        tenant_id: row.text(0)?,
+        key: row.text(1)?,
+        value: FlagValue::from_stored(&row.text(2)?).map_err(StoreError::Corrupt)?,
+        version: to_u64(row.int(3)?),
+        event_created: row.int(4)?,
+        origin: FlagOrigin::parse(&row.text(5)?),
+        updated_at_ms: row.int(6)?,
+        updated_by: row.text(7)?,
+        source_event_id: row.text(8)?,
+    })
+}
+
+fn audit_from_row(row: &dyn Row) -> Result<StoredAuditRow, StoreError> {
+    Ok(StoredAuditRow {
+        seq: to_u64(row.int(0)?),
+        time_ms: row.int(1)?,
+        tenant_id: row.text(2)?,
+        actor: row.text(3)?,
+        event: row.text(4)?,
+        outcome: row.text(5)?,
+        canonical: row.bytes(6)?,
+        prev_hash: row.bytes(7)?,
+        hash: row.bytes(8)?,
+    })
+}
+
+fn chain_head(seq: i64, hash: Vec<u8>) -> Result<ChainHead, StoreError> {
+    Ok(ChainHead {
+        seq: to_u64(seq),
+        hash: hash
+            .try_into()
+            .map_err(|_| StoreError::Corrupt(format!("audit record {seq} has a bad hash")))?,
+    })
+}
+
+/// What the writer carries from one job to the next: the chain head new audit records are
+/// sealed onto and the store-wide flag version counter. Restored when a job or a batch fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WriterState {
+    pub(crate) head: ChainHead,
+    pub(crate) flag_version: u64,
+}
+
+impl WriterState {
+    pub(crate) const EMPTY: WriterState = WriterState {
+        head: ChainHead::GENESIS,
+        flag_version: 0,
+    };
+
+    /// Reads the state from the tables.
+    pub(crate) fn load(sql: &mut dyn Sql) -> Result<Self, StoreError> {
+        let row = query_opt(sql, Statement::WriterState, &[], |row| {
+            Ok((row.opt_int(0)?, row.opt_bytes(1)?, row.opt_int(2)?))
+        })?;
+        let Some((seq, hash, version)) = row else {
+            return Ok(Self::EMPTY);
+        };
+        Ok(WriterState {
+            head: match (seq, hash) {
+                (Some(seq), Some(hash)) => chain_head(seq, hash)?,
+                _ => ChainHead::GENESIS,
+            },
+            flag_version: to_u64(version.unwrap_or(0)),
+        })
+    }
+}
+
+/// Every flag changed after `version`, oldest change first: how a replica catches up.
+pub(crate) fn flags_after(sql: &mut dyn Sql, version: u64) -> Result<Vec<FlagRecord>, StoreError> {
+    query_all(
+        sql,
+        Statement::FlagsAfter,
+        &[Param::Int(to_i64(version))],
+        flag_from_row,
+    )
+}
+
+/// Rows of the audit chain read per round trip by `scan_audit`, so a long chain is neither held
+/// in memory at once nor read through one long-running statement.
+const AUDIT_PAGE: i64 = 1000;
+
+/// A [`StoreTx`] over a dialect's [`Sql`].
+pub(crate) struct Tx<'a> {
+    sql: &'a mut dyn Sql,
+    /// None on a read connection, which refuses writes.
+    writes: Option<Writes<'a>>,
+}
+
+struct Writes<'a> {
+    state: &'a mut WriterState,
+    /// What the transaction changed, for the [`super::CommitListener`] once it commits.
+    changes: &'a mut Vec<Committed>,
+}
+
+impl<'a> Tx<'a> {
+    pub(crate) fn writing(
+        sql: &'a mut dyn Sql,
+        state: &'a mut WriterState,
+        changes: &'a mut Vec<Committed>,
+    ) -> Self {
+        Self {
+            sql,
+            writes: Some(Writes { state, changes }),
+        }
+    }
+
+    pub(crate) fn reading(sql: &'a mut dyn Sql) -> Self {
+        Self { sql, writes: None }
+    }
+
+    /// The connection and the writer's state, or [`StoreError::ReadOnly`].
+    fn for_write(&mut self) -> Result<(&mut dyn Sql, &mut Writes<'a>), StoreError> {
+        let writes = self.writes.as_mut().ok_or(StoreError::ReadOnly)?;
+        Ok((&mut *self.sql, writes))
+    }
+}
+
+impl StoreTx for Tx<'_> {
+    fn processed_event(&mut self, event_id: &str) -> Result<Option<ProcessedEvent>, StoreError> {
+        query_opt(
+            self.sql,
+            Statement::ProcessedEvent,
+            &[Param::Text(event_id)],
+            |row| {
+                let outcome = row.text(2)?;
+                Ok(ProcessedEvent {
+                    event_id: event_id.to_owned(),
+                    event_type: row.text(0)?,
+                    tenant_id: row.text(1)?,
+                    outcome: Outcome::parse(&outcome).ok_or_else(|| {
+                        StoreError::Corrupt(format!("unknown stored outcome '{outcome}'"))
+                    })?,
+                    audit_seq: to_u64(row.int(3)?),
+                })
+            },
+        )
+    }
+
+    fn record_processed(&mut self, event: &ProcessedEvent, at_ms: i64) -> Result<(), StoreError> {
+        let (sql, _) = self.for_write()?;
+        sql.execute(
+            Statement::RecordProcessed,
+            &[
+                Param::Text(&event.event_id),
+                Param::Text(&event.event_type),
+                Param::Text(&event.tenant_id),
+                Param::Text(event.outcome.as_str()),
+                Param::Int(to_i64(event.audit_seq)),
+                Param::Int(at_ms),
+            ],
+        )
+    }
+
+    fn tenant_of_customer(&mut self, customer_id: &str) -> Result<Option<String>, StoreError> {
+        query_opt(
+            self.sql,
+            Statement::TenantOfCustomer,
+            &[Param::Text(customer_id)],
+            |row| row.text(0),
+        )
+    }
+
+    fn map_customer(
+        &mut self,
+        customer_id: &str,
+        tenant_id: &str,
+        at_ms: i64,
+    ) -> Result<Option<String>, StoreError> {
+        self.for_write()?;
+        let previous = self.tenant_of_customer(customer_id)?;
+        self.sql.execute(
+            Statement::MapCustomer,
+            &[
+                Param::Text(customer_id),
+                Param::Text(tenant_id),
+                Param::Int(at_ms),
+            ],
+        )?;
+        Ok(previous)
+    }
+
+    fn unmap_customer(&mut self, customer_id: &str) -> Result<Option<String>, StoreError> {
+        self.for_write()?;
+        let previous = self.tenant_of_customer(customer_id)?;
+        self.sql
+            .execute(Statement::UnmapCustomer, &[Param::Text(customer_id)])?;
+        Ok(previous)
+    }
+
+    fn flag(&mut self, tenant_id: &str, key: &str) -> Result<Option<FlagRecord>, StoreError> {
+        query_opt(
+            self.sql,
+            Statement::Flag,
+            &[Param::Text(tenant_id), Param::Text(key)],
+            flag_from_row,
+        )
+    }
+
+    fn flags_with_origin(
+        &mut self,
+        tenant_id: &str,
+        origin: FlagOrigin,
+    ) -> Result<Vec<FlagRecord>, StoreError> {
+        query_all(
+            self.sql,
+            Statement::FlagsWithOrigin,
+            &[Param::Text(tenant_id), Param::Text(origin.as_str())],
+            flag_from_row,
+        )
+    }
+
+    fn write_flag(&mut self, mut record: FlagRecord) -> Result<FlagRecord, StoreError> {
+        let (sql, writes) = self.for_write()?;
+        writes.state.flag_version += 1;
+        record.version = writes.state.flag_version;
+        let value = record.value.to_stored();
+        sql.execute(
+            Statement::WriteFlag,
+            &[
+                Param::Text(&record.tenant_id),
+                Param::Text(&record.key),
+                Param::Text(&value),
+                Param::Int(to_i64(record.version)),
+                Param::Int(record.event_created),
+                Param::Text(record.origin.as_str()),
+                Param::Int(record.updated_at_ms),
+                Param::Text(&record.updated_by),
+                Param::Text(&record.source_event_id),
+            ],
+        )?;
+        writes.changes.push(Committed::Flag(record.clone()));
+        Ok(record)
+    }
+
+    fn advance_event_created(
+        &mut self,
+        tenant_id: &str,
+        key: &str,
+        created: i64,
+    ) -> Result<(), StoreError> {
+        let (sql, _) = self.for_write()?;
+        sql.execute(
+            Statement::AdvanceEventCreated,
+            &[
+                Param::Text(tenant_id),
+                Param::Text(key),
+                Param::Int(created),
+            ],
+        )
+    }
+
+    fn append_audit(&mut self, record: NewAuditRecord, at_ms: i64) -> Result<AuditRecord, Error> {
+        let (sql, writes) = self.for_write()?;
+        let sealed = audit::seal(&writes.state.head, record, at_ms)?;
+        writes.state.head = ChainHead {
+            seq: sealed.seq,
+            hash: sealed.hash,
+        };
+        sql.execute(
+            Statement::AppendAudit,
+            &[
+                Param::Int(to_i64(sealed.seq)),
+                Param::Int(sealed.time_ms),
+                Param::Text(&sealed.tenant_id),
+                Param::Text(&sealed.actor),
+                Param::Text(&sealed.event),
+                Param::Text(&sealed.outcome),
+                Param::Bytes(&sealed.canonical),
+                Param::Bytes(&sealed.prev_hash),
+                Param::Bytes(&sealed.hash),
+            ],
+        )?;
+        writes.changes.push(Committed::Audit(sealed.clone()));
+        Ok(sealed)
+    }
+
+    fn load_flags(&mut self) -> Result<Vec<FlagRecord>, StoreError> {
+        query_all(self.sql, Statement::AllFlags, &[], flag_from_row)
+    }
+
+    fn audit_head(&mut self) -> Result<ChainHead, StoreError> {
+        let head = query_opt(self.sql, Statement::AuditHead, &[], |row| {
+            chain_head(row.int(0)?, row.bytes(1)?)
+        })?;
+        Ok(head.unwrap_or(ChainHead::GENESIS))
+    }
+
+    fn query_audit(&mut self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
+        query_all(
+            self.sql,
+            Statement::QueryAudit,
+            &[
+                Param::Int(to_i64(query.after_seq)),
+                Param::OptText(query.tenant_id.as_deref()),
+                Param::OptText(query.event_prefix.as_deref()),
+                Param::OptText(query.outcome.as_deref()),
+                Param::OptInt(query.since_ms),
+                Param::OptInt(query.until_ms),
+                Param::Int(i64::from(query.limit)),
+            ],
+            |row| Ok(audit_from_row(row)?.into_record()),
+        )
+    }
+
+    fn scan_audit(
+        &mut self,
+        from_seq: u64,
+        visit: &mut dyn FnMut(StoredAuditRow) -> bool,
+    ) -> Result<(), StoreError> {
+        let mut after = to_i64(from_seq).saturating_sub(1);
+        loop {
+            let mut read = 0;
+            let mut stopped = false;
+            self.sql.query(
+                Statement::AuditPage,
+                &[Param::Int(after), Param::Int(AUDIT_PAGE)],
+                &mut |row| {
+                    let row = audit_from_row(row)?;
+                    read += 1;
+                    after = to_i64(row.seq);
+                    stopped = !visit(row);
+                    Ok(!stopped)
+                },
+            )?;
+            if stopped || read < AUDIT_PAGE {
+                return Ok(());
+            }
+        }
+    }
+}
