@@ -201,3 +201,6 @@ fn read<C: Connection>(conn: &mut C, mut job: Box<dyn Job>) {
         }
     }
 }
+
+#[cfg(test)]
+pub(super) mod tests;

@@ -158,3 +158,50 @@ impl StoreTxOwner for OfflineStore {
         work(&mut Tx::reading(&mut self.conn))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::problem::Error;
+    use crate::store::engine::tests::flag;
+    use crate::store::{Committed, job};
+
+    struct Ignore;
+
+    impl CommitListener for Ignore {
+        fn committed(&self, _: Vec<Committed>) {}
+    }
+
+    #[test]
+    fn a_panicking_job_leaves_nothing_in_the_database_and_the_others_commit() {
+        let mut conn = SqliteConn::open(&StoreUrl::Memory, false).expect("open");
+        schema::migrate(conn.raw()).expect("migrate");
+        let mut state = WriterState::load(&mut conn).expect("state");
+        let write = |key: &'static str, panics: bool| {
+            job(move |tx: &mut dyn StoreTx| -> Result<u64, Error> {
+                let written = tx.write_flag(flag(key))?;
+                assert!(!panics, "injected panic in a store job");
+                Ok(written.version)
+            })
+        };
+        let (a, mut a_answer) = write("a", false);
+        let (b, mut b_answer) = write("doomed", true);
+        let (c, mut c_answer) = write("c", false);
+        engine::run_batch(&mut conn, &mut state, vec![a, b, c], &Ignore);
+
+        assert_eq!(a_answer.try_recv().expect("answered").ok(), Some(1));
+        assert!(matches!(
+            b_answer.try_recv().expect("answered"),
+            Err(Error::StoreUnavailable(_))
+        ));
+        assert_eq!(c_answer.try_recv().expect("answered").ok(), Some(2));
+        let stored: Vec<(String, u64)> = Tx::reading(&mut conn)
+            .load_flags()
+            .expect("flags")
+            .into_iter()
+            .map(|f| (f.key, f.version))
+            .collect();
+        assert_eq!(stored, [("a".to_owned(), 1), ("c".to_owned(), 2)]);
+        assert_eq!(WriterState::load(&mut conn).expect("state"), state);
+    }
+}
