@@ -40,6 +40,15 @@ pub enum StoreError {
     UnsupportedUrl(String),
     #[error("PostgreSQL: {0}")]
     Postgres(String),
+    #[error("cannot connect to PostgreSQL at {target}: {cause}; {check}")]
+    PostgresUnreachable {
+        /// `host:port/database`, never the password.
+        target: String,
+        /// The client's error and every error behind it.
+        cause: String,
+        /// What the operator should look at.
+        check: &'static str,
+    },
     #[error("{0}")]
     Unsupported(&'static str),
     #[error(

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use postgres::config::Host;
 use postgres::{Client, NoTls};
 
 use crate::store::StoreError;
@@ -102,7 +103,7 @@ impl Connector {
             Some(tls) => self.config.connect(tls.clone()),
             None => self.config.connect(NoTls),
         };
-        Ok(connected?)
+        connected.map_err(|e| self.unreachable(&e))
     }
 
     /// Connects, retrying with backoff until `stop`; None when stopping.
@@ -122,11 +123,80 @@ impl Connector {
             }
         }
     }
+
+    /// Where the sidecar connects, as `host:port/database` (never the password).
+    pub(super) fn target(&self) -> String {
+        let ports = self.config.get_ports();
+        let hosts: Vec<String> = self
+            .config
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, host)| {
+                // libpq's rule: one port for every host, or one port per host.
+                let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+                match host {
+                    Host::Tcp(name) if name.contains(':') => format!("[{name}]:{port}"),
+                    Host::Tcp(name) => format!("{name}:{port}"),
+                    Host::Unix(dir) => format!("{}/.s.PGSQL.{port}", dir.display()),
+                }
+            })
+            .collect();
+        // Without a database name the server uses the user's name.
+        let database = self
+            .config
+            .get_dbname()
+            .or(self.config.get_user())
+            .unwrap_or("?");
+        let hosts = if hosts.is_empty() {
+            "(no host)".to_owned()
+        } else {
+            hosts.join(",")
+        };
+        format!("{hosts}/{database}")
+    }
+
+    fn unreachable(&self, error: &postgres::Error) -> StoreError {
+        // The server answered and refused the login (class 28) or the database (3D000);
+        // anything else (refused, timed out, shutting down, starting up) is about reaching it.
+        let login_refused = error
+            .code()
+            .is_some_and(|state| state.code().starts_with("28") || state.code() == "3D000");
+        let check = if login_refused {
+            "check the user, password and database in CORESDK_STORE (--store) and the server's pg_hba.conf"
+        } else if self.tls.is_some() {
+            "is the server running and reachable, and is its certificate signed by the CA in CORESDK_POSTGRES_CA_FILE? check CORESDK_STORE (--store)"
+        } else {
+            "is the server running and reachable? check the host, port and database in CORESDK_STORE (--store)"
+        };
+        StoreError::PostgresUnreachable {
+            target: self.target(),
+            cause: with_causes(error),
+            check,
+        }
+    }
+}
+
+/// The error and every error behind it: the client's own message ("error connecting to server",
+/// "db error") says what failed, only its sources say why.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let said = cause.to_string();
+        // Some errors repeat their source in their own message.
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 impl From<postgres::Error> for StoreError {
     fn from(e: postgres::Error) -> Self {
-        StoreError::Postgres(e.to_string())
+        StoreError::Postgres(with_causes(&e))
     }
 }
 
@@ -161,5 +231,48 @@ mod tests {
             !shown.contains("s3cret") && shown.contains("app:***@db"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn an_unreachable_server_is_named_with_the_cause_and_what_to_check() {
+        // A port nothing listens on: bound, then released.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free port")
+            .port();
+        let connector = Connector::new(
+            &format!("postgres://app:s3cret@127.0.0.1:{port}/coresdk"),
+            None,
+        )
+        .expect("valid");
+        let error = match connector.connect() {
+            Ok(_) => panic!("nothing listens on port {port}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            error.contains(&format!("127.0.0.1:{port}/coresdk")),
+            "names the server: {error}"
+        );
+        assert!(
+            error.contains("error connecting to server") && error.contains("refused"),
+            "gives the cause: {error}"
+        );
+        assert!(
+            error.contains("is the server running and reachable?")
+                && error.contains("CORESDK_STORE"),
+            "says what to check: {error}"
+        );
+        assert!(!error.contains("s3cret"), "never the password: {error}");
+    }
+
+    #[test]
+    fn the_target_names_every_host_and_defaults_the_port_and_database() {
+        let target = |url: &str| Connector::new(url, None).expect("valid").target();
+        assert_eq!(target("postgres://app@db/coresdk"), "db:5432/coresdk");
+        assert_eq!(
+            target("postgres://app:pw@a:6000,b:6001/x"),
+            "a:6000,b:6001/x"
+        );
+        assert_eq!(target("postgres://app@db:5433"), "db:5433/app");
     }
 }

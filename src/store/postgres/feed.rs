@@ -24,8 +24,9 @@ pub(super) fn listen_loop(
     reachable: &AtomicBool,
 ) {
     let mut seen = cache.version();
+    let server = connector.target();
     let lost = |why: &str| {
-        tracing::warn!(why, "flag change feed lost; reconnecting");
+        tracing::warn!(why, %server, "flag change feed lost; reconnecting");
         cache.set_degraded(true);
         reachable.store(false, Ordering::Release);
     };

@@ -74,7 +74,11 @@ impl Session {
                     if retried {
                         return Err(e);
                     }
-                    tracing::warn!(error = %e, "cannot begin a transaction; reconnecting");
+                    tracing::warn!(
+                        error = %e,
+                        server = %self.connector.target(),
+                        "cannot begin a transaction; reconnecting"
+                    );
                     retried = true;
                 }
             }
