@@ -188,3 +188,6 @@ pub fn verify_chain(tx: &mut dyn StoreTx) -> Result<VerifyReport, Error> {
     tx.scan_audit(1, &mut |row| verifier.feed(&row))?;
     Ok(verifier.finish())
 }
+
+#[cfg(test)]
+mod tests;
