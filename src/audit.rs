@@ -13,7 +13,6 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::problem::Error;
-use crate::proto;
 
 pub const DOMAIN_TAG: &[u8] = b"coresdk.audit.v1\0";
 pub const GENESIS_HASH: [u8; 32] = [0; 32];
@@ -305,21 +304,6 @@ impl ChainVerifier {
 }
 
 impl AuditRecord {
-    pub fn to_proto(&self) -> proto::AuditRecord {
-        proto::AuditRecord {
-            seq: self.seq,
-            time: Some(crate::time::timestamp_from_ms(self.time_ms)),
-            tenant_id: self.tenant_id.clone(),
-            actor: self.actor.clone(),
-            event: self.event.clone(),
-            outcome: self.outcome.clone(),
-            metadata: Some(crate::json::to_proto_struct(&self.metadata)),
-            prev_hash: hex::encode(self.prev_hash),
-            hash: hex::encode(self.hash),
-            canonical: self.canonical.clone(),
-        }
-    }
-
     pub fn to_row(&self) -> StoredAuditRow {
         StoredAuditRow {
             seq: self.seq,

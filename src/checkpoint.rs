@@ -224,3 +224,142 @@ pub fn check(
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::audit::NewAuditRecord;
+    use crate::feeds::Feeds;
+    use crate::flags::FlagCache;
+    use crate::store::{Store, StoreUrl};
+
+    /// A memory store holding `events` audit records, and its chain report.
+    async fn chain(events: &[&str]) -> (Store, VerifyReport) {
+        let cache = Arc::new(FlagCache::new(Default::default()));
+        let store = Store::open(
+            &StoreUrl::Memory,
+            None,
+            Arc::new(Feeds::new(cache.clone())),
+            cache,
+        )
+        .expect("memory store");
+        for event in events {
+            let record = NewAuditRecord {
+                tenant_id: "acme".into(),
+                actor: "test".into(),
+                event: (*event).to_owned(),
+                outcome: "applied".into(),
+                metadata: Default::default(),
+            };
+            store
+                .write(move |tx| tx.append_audit(record, 1_700_000_000_000))
+                .await
+                .expect("appended");
+        }
+        let report = store
+            .read(crate::ops::verify_chain)
+            .await
+            .expect("verified");
+        (store, report)
+    }
+
+    async fn checked(
+        store: &Store,
+        report: VerifyReport,
+        path: &Path,
+        key: VerifyingKey,
+    ) -> VerifyReport {
+        let path = path.to_owned();
+        store
+            .read(move |tx| check(tx, report, &path, &key))
+            .await
+            .expect("checked")
+    }
+
+    #[test]
+    fn the_key_is_created_private_once_and_read_back() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (_, key_file) = default_paths(&dir.path().join("coresdk.db"));
+        assert!(key_file.ends_with("coresdk.db.audit-key"));
+        let created = load_or_create_key(&key_file).expect("created");
+        let loaded = load_or_create_key(&key_file).expect("loaded");
+        assert_eq!(created.to_bytes(), loaded.to_bytes());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(&key_file)
+                .expect("exists")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        std::fs::write(&key_file, "not hex").expect("written");
+        assert!(matches!(
+            load_or_create_key(&key_file),
+            Err(CheckpointError::BadKey(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_checkpointed_chain_verifies_and_a_cut_or_rebuilt_one_does_not() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("checkpoints");
+        let signer = Checkpointer::new(
+            file.clone(),
+            load_or_create_key(&dir.path().join("key")).expect("key"),
+        );
+        let key = signer.verifying_key();
+
+        let (store, report) = chain(&["a", "b", "c"]).await;
+        assert!(
+            checked(&store, report.clone(), &file, key).await.ok,
+            "no checkpoint yet"
+        );
+        signer.write(report.head).expect("written");
+        let intact = checked(&store, report, &file, key).await;
+        assert!(intact.ok, "{intact:?}");
+
+        // The newest two records cut off.
+        let (cut, cut_report) = chain(&["a"]).await;
+        let cut = checked(&cut, cut_report, &file, key).await;
+        assert_eq!((cut.ok, cut.first_bad_seq), (false, 2));
+        assert!(
+            cut.reason.contains("records 2 to 3 were removed"),
+            "{}",
+            cut.reason
+        );
+
+        // A chain rebuilt with other content: it verifies alone, not against the checkpoint.
+        let (rebuilt, rebuilt_report) = chain(&["x", "y", "z"]).await;
+        assert!(rebuilt_report.ok);
+        let rebuilt = checked(&rebuilt, rebuilt_report, &file, key).await;
+        assert_eq!((rebuilt.ok, rebuilt.first_bad_seq), (false, 3));
+        assert!(rebuilt.reason.contains("rewritten"), "{}", rebuilt.reason);
+    }
+
+    #[tokio::test]
+    async fn forged_or_foreign_checkpoints_are_reported() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("checkpoints");
+        let signer = Checkpointer::new(
+            file.clone(),
+            load_or_create_key(&dir.path().join("key")).expect("key"),
+        );
+        let (store, report) = chain(&["a", "b"]).await;
+        signer.write(report.head).expect("written");
+
+        let other = load_or_create_key(&dir.path().join("other-key")).expect("key");
+        let foreign = checked(&store, report.clone(), &file, other.verifying_key()).await;
+        assert!(
+            !foreign.ok && foreign.reason.contains("bad signature"),
+            "{foreign:?}"
+        );
+
+        let text = std::fs::read_to_string(&file).expect("read");
+        std::fs::write(&file, text.replace("\"size\":2", "\"size\":1")).expect("written");
+        let forged = checked(&store, report, &file, signer.verifying_key()).await;
+        assert!(!forged.ok && forged.reason.contains("line 1"), "{forged:?}");
+    }
+}

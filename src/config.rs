@@ -8,9 +8,9 @@ use std::sync::Arc;
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
-use crate::auth::ProblemLinks;
 use crate::auth::token::{TokenSettings, TokenVerifier};
 use crate::checkpoint::Checkpointer;
+use crate::problem::ProblemLinks;
 use crate::rules::Rules;
 use crate::store::StoreUrl;
 use crate::stripe::SignatureVerifier;
@@ -91,11 +91,7 @@ pub enum StripeCommand {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum FailMode {
-    Open,
-    Closed,
-}
+pub use crate::auth::FailMode;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {

@@ -10,7 +10,6 @@ use serde_json::Value as Json;
 use tokio::sync::broadcast;
 
 use crate::problem::Error;
-use crate::proto;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum FlagValue {
@@ -29,9 +28,7 @@ impl FlagValue {
             FlagValue::String(s) => ("string", Json::String(s.clone())),
             FlagValue::Number(n) => (
                 "number",
-                crate::json::finite_number(*n)
-                    .map(Json::Number)
-                    .unwrap_or(Json::Null),
+                finite_number(*n).map(Json::Number).unwrap_or(Json::Null),
             ),
             FlagValue::Json(v) => ("json", v.clone()),
         };
@@ -63,31 +60,15 @@ impl FlagValue {
             FlagValue::Json(v) => v.to_string(),
         }
     }
+}
 
-    pub fn to_proto(&self) -> proto::FlagValue {
-        use proto::flag_value::Kind;
-        let kind = match self {
-            FlagValue::Bool(b) => Kind::BoolValue(*b),
-            FlagValue::String(s) => Kind::StringValue(s.clone()),
-            FlagValue::Number(n) => Kind::NumberValue(*n),
-            FlagValue::Json(v) => Kind::JsonValue(crate::json::to_proto_value(v)),
-        };
-        proto::FlagValue { kind: Some(kind) }
+/// Integral values stay integers so that canonical JSON prints `3`, not `3.0`; JSON has no NaN
+/// or infinity, so those are refused.
+pub fn finite_number(n: f64) -> Result<serde_json::Number, &'static str> {
+    if n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 {
+        return Ok(serde_json::Number::from(n as i64));
     }
-
-    pub fn from_proto(value: Option<&proto::FlagValue>) -> Result<Self, Error> {
-        use proto::flag_value::Kind;
-        match value.and_then(|v| v.kind.as_ref()) {
-            None => Err(Error::invalid("value", "a value is required")),
-            Some(Kind::BoolValue(b)) => Ok(FlagValue::Bool(*b)),
-            Some(Kind::StringValue(s)) => Ok(FlagValue::String(s.clone())),
-            Some(Kind::NumberValue(n)) if n.is_finite() => Ok(FlagValue::Number(*n)),
-            Some(Kind::NumberValue(_)) => Err(Error::invalid("value", "numbers must be finite")),
-            Some(Kind::JsonValue(v)) => crate::json::from_proto_value(v)
-                .map(FlagValue::Json)
-                .map_err(|e| Error::invalid("value.json_value", e)),
-        }
-    }
+    serde_json::Number::from_f64(n).ok_or("numbers must be finite")
 }
 
 /// Who last wrote a flag; entitlement-managed flags are the ones a new summary may turn off.
@@ -131,31 +112,46 @@ pub struct FlagRecord {
     pub source_event_id: String,
 }
 
-impl FlagRecord {
-    pub fn to_proto(&self) -> proto::Flag {
-        proto::Flag {
-            tenant_id: self.tenant_id.clone(),
-            key: self.key.clone(),
-            value: Some(self.value.to_proto()),
-            version: self.version,
-            is_default: false,
-            updated_at: Some(crate::time::timestamp_from_ms(self.updated_at_ms)),
-            updated_by: self.updated_by.clone(),
-            source_event_id: self.source_event_id.clone(),
-        }
-    }
+/// A tenant's flag as a read answers it: what was set for the tenant, or the catalog default
+/// for a flag the tenant never had.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Flag {
+    Set(FlagRecord),
+    Default {
+        tenant_id: String,
+        key: String,
+        value: FlagValue,
+    },
 }
 
-fn default_flag(tenant_id: &str, key: &str, value: &FlagValue) -> proto::Flag {
-    proto::Flag {
-        tenant_id: tenant_id.to_owned(),
-        key: key.to_owned(),
-        value: Some(value.to_proto()),
-        version: 0,
-        is_default: true,
-        updated_at: None,
-        updated_by: String::new(),
-        source_event_id: String::new(),
+impl Flag {
+    fn default_of(tenant_id: &str, key: &str, value: &FlagValue) -> Self {
+        Flag::Default {
+            tenant_id: tenant_id.to_owned(),
+            key: key.to_owned(),
+            value: value.clone(),
+        }
+    }
+
+    pub fn tenant_id(&self) -> &str {
+        match self {
+            Flag::Set(record) => &record.tenant_id,
+            Flag::Default { tenant_id, .. } => tenant_id,
+        }
+    }
+
+    pub fn key(&self) -> &str {
+        match self {
+            Flag::Set(record) => &record.key,
+            Flag::Default { key, .. } => key,
+        }
+    }
+
+    pub fn value(&self) -> &FlagValue {
+        match self {
+            Flag::Set(record) => &record.value,
+            Flag::Default { value, .. } => value,
+        }
     }
 }
 
@@ -227,14 +223,14 @@ impl FlagCache {
         self.version.load(Ordering::Acquire)
     }
 
-    pub fn get(&self, tenant_id: &str, key: &str) -> Result<proto::Flag, Error> {
+    pub fn get(&self, tenant_id: &str, key: &str) -> Result<Flag, Error> {
         if let Some(flags) = self.by_tenant.get(tenant_id)
             && let Some(record) = flags.get(key)
         {
-            return Ok(record.to_proto());
+            return Ok(Flag::Set(record.clone()));
         }
         match self.catalog.get(key) {
-            Some(default) => Ok(default_flag(tenant_id, key, default)),
+            Some(default) => Ok(Flag::default_of(tenant_id, key, default)),
             None => Err(Error::FlagNotFound {
                 key: key.to_owned(),
             }),
@@ -259,45 +255,39 @@ impl FlagCache {
     }
 
     /// A tenant's flags, with catalog defaults for the ones it never had, sorted by key.
-    pub fn all_of(&self, tenant_id: &str) -> Vec<proto::Flag> {
-        let mut out: BTreeMap<String, proto::Flag> = self
+    pub fn all_of(&self, tenant_id: &str) -> Vec<Flag> {
+        let mut out: BTreeMap<String, Flag> = self
             .catalog
             .iter()
-            .map(|(key, default)| (key.clone(), default_flag(tenant_id, key, default)))
+            .map(|(key, default)| (key.clone(), Flag::default_of(tenant_id, key, default)))
             .collect();
         if let Some(flags) = self.by_tenant.get(tenant_id) {
             for (key, record) in flags.iter() {
-                out.insert(key.clone(), record.to_proto());
+                out.insert(key.clone(), Flag::Set(record.clone()));
             }
         }
         out.into_values().collect()
     }
 
     /// Every stored flag of one tenant, or of all tenants when `tenant_id` is empty.
-    pub fn snapshot(&self, tenant_id: &str) -> Vec<proto::Flag> {
+    pub fn snapshot(&self, tenant_id: &str) -> Vec<Flag> {
         if !tenant_id.is_empty() {
             return self.all_of(tenant_id);
         }
-        let mut out: Vec<proto::Flag> = self
+        let mut out: Vec<FlagRecord> = self
             .by_tenant
             .iter()
-            .flat_map(|entry| {
-                entry
-                    .value()
-                    .values()
-                    .map(FlagRecord::to_proto)
-                    .collect::<Vec<_>>()
-            })
+            .flat_map(|entry| entry.value().values().cloned().collect::<Vec<_>>())
             .collect();
         out.sort_by(|a, b| (&a.tenant_id, &a.key).cmp(&(&b.tenant_id, &b.key)));
-        out
+        out.into_iter().map(Flag::Set).collect()
     }
 
     /// The catalog defaults, as flags of no tenant.
-    pub fn defaults(&self) -> Vec<proto::Flag> {
+    pub fn defaults(&self) -> Vec<Flag> {
         self.catalog
             .iter()
-            .map(|(key, value)| default_flag("", key, value))
+            .map(|(key, value)| Flag::default_of("", key, value))
             .collect()
     }
 
@@ -343,7 +333,7 @@ mod tests {
             FlagValue::Bool(false),
         )]));
         let flag = cache.get("acme", "pro_features").expect("catalog flag");
-        assert!(flag.is_default);
+        assert!(matches!(flag, Flag::Default { .. }));
         assert!(matches!(
             cache.get("acme", "nope"),
             Err(Error::FlagNotFound { .. })

@@ -3,13 +3,14 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod app;
 pub mod audit;
 pub mod auth;
 pub mod checkpoint;
 pub mod config;
 pub mod drain;
+pub mod feeds;
 pub mod flags;
-pub mod json;
 pub mod ops;
 pub mod problem;
 pub mod rules;

@@ -1,12 +1,50 @@
-//! The one domain error type, and its mapping to a gRPC status carrying an RFC 9457 problem.
+//! The one mapping from what went wrong (a domain [`Error`]) or what an access decision refused
+//! (a [`Denial`]) to an RFC 9457 [`Problem`], its HTTP status, its gRPC code and a stable reason.
 //!
-//! Every variant knows its gRPC code, its HTTP status and a stable reason, so the adapters in
-//! `api/` never decide codes themselves (the shape of Quickwit's error-code enum).
+//! Every variant knows its code, its status and its reason, so adapters never decide them
+//! (the shape of Quickwit's error-code enum); `api::status` only encodes what this decides.
 
-use prost::Message as _;
+use serde_json::{Map, Value, json};
 use tonic::Code;
 
-use crate::proto;
+/// Where problem documents point and which links they carry.
+#[derive(Debug, Clone)]
+pub struct ProblemLinks {
+    pub type_base: String,
+    pub billing_url: Option<String>,
+    pub upgrade_url: Option<String>,
+}
+
+/// An RFC 9457 problem document, ready to be returned as `application/problem+json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub type_uri: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    pub instance: String,
+    /// Always holds `reason`; denials add what the caller needs to act (links, flag, tenant).
+    pub extensions: Map<String, Value>,
+}
+
+impl Problem {
+    fn new(links: &ProblemLinks, mapping: &Mapping, detail: String, instance: &str) -> Self {
+        let mut extensions = Map::new();
+        extensions.insert("reason".into(), json!(mapping.reason));
+        Self {
+            type_uri: format!("{}/{}", links.type_base.trim_end_matches('/'), mapping.slug),
+            title: mapping.title.to_owned(),
+            status: mapping.http_status,
+            detail,
+            instance: instance.to_owned(),
+            extensions,
+        }
+    }
+
+    fn extend(&mut self, key: &str, value: &str) {
+        self.extensions.insert(key.to_owned(), json!(value));
+    }
+}
 
 /// A request field that failed validation, reported as a `google.rpc.BadRequest` violation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,31 +255,14 @@ impl Error {
         }
     }
 
-    /// The RFC 9457 problem for this error; `type_base` is the configured problem type base URI.
-    pub fn problem(&self, type_base: &str) -> proto::Problem {
+    /// The RFC 9457 problem for this error.
+    pub fn problem(&self, links: &ProblemLinks) -> Problem {
         let mapping = self.mapping();
-        let mut extensions = prost_types::Struct::default();
-        extensions.fields.insert(
-            "reason".to_owned(),
-            crate::json::string_value(mapping.reason),
-        );
-        proto::Problem {
-            r#type: format!("{}/{}", type_base.trim_end_matches('/'), mapping.slug),
-            title: mapping.title.to_owned(),
-            status: i32::from(mapping.http_status),
-            detail: self.to_string(),
-            instance: String::new(),
-            extensions: Some(extensions),
-        }
+        Problem::new(links, &mapping, self.to_string(), "")
     }
 
-    pub fn to_status(&self, type_base: &str) -> tonic::Status {
-        let mapping = self.mapping();
-        let problem = self.problem(type_base);
-        status_with_problem(mapping.code, mapping.reason, &problem, self.violations())
-    }
-
-    fn violations(&self) -> &[FieldViolation] {
+    /// Field violations, for a `BadRequest` beside the problem.
+    pub fn violations(&self) -> &[FieldViolation] {
         match self {
             Error::InvalidArgument(v) => v,
             _ => &[],
@@ -249,53 +270,180 @@ impl Error {
     }
 }
 
-pub const ERROR_DOMAIN: &str = "coresdk.dev";
+/// Why an access decision said no. A denial is an answer, not a failure: it travels as the
+/// problem of an `Authorize` response, and becomes an error status only for `VerifyToken`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Denial {
+    /// 401: no usable identity.
+    Unauthenticated(String),
+    /// 402: a billing flag says no (e.g. `paywall_active`).
+    PaymentRequired { flag: String },
+    /// 403: a required feature is off.
+    FeatureLocked { feature: String },
+    /// 403: the token belongs to another tenant than the one asked about.
+    WrongTenant,
+    /// 503: flags unavailable and fail mode `closed`.
+    Unavailable,
+}
 
-/// Builds a status whose details are a `google.rpc.Status` holding the problem, an `ErrorInfo`
-/// and, for field errors, a `BadRequest`. Exposed for problems that are not `Error`s (access
-/// decisions that deny by design).
-pub fn status_with_problem(
-    code: Code,
-    reason: &str,
-    problem: &proto::Problem,
-    violations: &[FieldViolation],
-) -> tonic::Status {
-    use tonic_types::pb;
-    let mut details = vec![
-        prost_types::Any {
-            type_url: "type.googleapis.com/coresdk.v1.Problem".to_owned(),
-            value: problem.encode_to_vec(),
-        },
-        prost_types::Any {
-            type_url: "type.googleapis.com/google.rpc.ErrorInfo".to_owned(),
-            value: pb::ErrorInfo {
-                reason: reason.to_owned(),
-                domain: ERROR_DOMAIN.to_owned(),
-                metadata: Default::default(),
-            }
-            .encode_to_vec(),
-        },
-    ];
-    if !violations.is_empty() {
-        details.push(prost_types::Any {
-            type_url: "type.googleapis.com/google.rpc.BadRequest".to_owned(),
-            value: pb::BadRequest {
-                field_violations: violations
-                    .iter()
-                    .map(|v| pb::bad_request::FieldViolation {
-                        field: v.field.to_owned(),
-                        description: v.description.clone(),
-                        ..Default::default()
-                    })
-                    .collect(),
-            }
-            .encode_to_vec(),
-        });
+impl Denial {
+    pub fn mapping(&self) -> Mapping {
+        let m = |code, http_status, slug, title, reason| Mapping {
+            code,
+            http_status,
+            slug,
+            title,
+            reason,
+        };
+        match self {
+            Denial::Unauthenticated(_) => m(
+                Code::Unauthenticated,
+                401,
+                "unauthenticated",
+                "Unauthenticated",
+                "UNAUTHENTICATED",
+            ),
+            Denial::PaymentRequired { .. } => m(
+                Code::PermissionDenied,
+                402,
+                "payment-required",
+                "Payment Required",
+                "PAYMENT_REQUIRED",
+            ),
+            Denial::FeatureLocked { .. } => m(
+                Code::PermissionDenied,
+                403,
+                "feature-locked",
+                "Feature Unavailable",
+                "FEATURE_LOCKED",
+            ),
+            Denial::WrongTenant => m(
+                Code::PermissionDenied,
+                403,
+                "wrong-tenant",
+                "Forbidden",
+                "WRONG_TENANT",
+            ),
+            Denial::Unavailable => m(
+                Code::Unavailable,
+                503,
+                "decision-unavailable",
+                "Service Unavailable",
+                "DECISION_UNAVAILABLE",
+            ),
+        }
     }
-    let status = pb::Status {
-        code: code as i32,
-        message: problem.detail.clone(),
-        details,
-    };
-    tonic::Status::with_details(code, problem.detail.clone(), status.encode_to_vec().into())
+
+    pub fn reason(&self) -> &'static str {
+        self.mapping().reason
+    }
+
+    /// The flag a denial names, if any (for coalescing and the audit record).
+    pub fn feature(&self) -> &str {
+        match self {
+            Denial::PaymentRequired { flag } => flag,
+            Denial::FeatureLocked { feature } => feature,
+            _ => "",
+        }
+    }
+
+    fn detail(&self) -> String {
+        match self {
+            Denial::Unauthenticated(why) => format!("The bearer token was not accepted: {why}."),
+            Denial::PaymentRequired { .. } => {
+                "The subscription has a payment problem. Update billing to continue.".to_owned()
+            }
+            Denial::FeatureLocked { feature } => {
+                format!("The '{feature}' feature is not included in this subscription.")
+            }
+            Denial::WrongTenant => "The token belongs to a different tenant.".to_owned(),
+            Denial::Unavailable => {
+                "Access could not be decided because feature flags are unavailable.".to_owned()
+            }
+        }
+    }
+
+    /// The problem to return for this denial of `tenant`'s request for `instance`.
+    pub fn problem(&self, links: &ProblemLinks, tenant: &str, instance: &str) -> Problem {
+        let mut problem = Problem::new(links, &self.mapping(), self.detail(), instance);
+        if !tenant.is_empty() {
+            problem.extend("tenant_id", tenant);
+        }
+        match self {
+            Denial::PaymentRequired { flag } => {
+                if let Some(url) = &links.billing_url {
+                    problem.extend("billing_url", url);
+                }
+                problem.extend("flag", flag);
+            }
+            Denial::FeatureLocked { feature } => {
+                if let Some(url) = &links.upgrade_url {
+                    problem.extend("upgrade_url", url);
+                }
+                problem.extend("feature", feature);
+            }
+            _ => {}
+        }
+        problem
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn links() -> ProblemLinks {
+        ProblemLinks {
+            type_base: "https://securepay.example/errors/".into(),
+            billing_url: Some("https://securepay.example/billing".into()),
+            upgrade_url: Some("https://securepay.example/pricing".into()),
+        }
+    }
+
+    #[test]
+    fn errors_become_problems_with_their_reason() {
+        let problem = Error::StoreUnavailable("disk".into()).problem(&links());
+        assert_eq!(
+            problem.type_uri,
+            "https://securepay.example/errors/store-unavailable"
+        );
+        assert_eq!(
+            (problem.status, problem.title.as_str()),
+            (503, "Store unavailable")
+        );
+        assert_eq!(problem.extensions["reason"], "STORE_UNAVAILABLE");
+        assert!(problem.detail.contains("disk"));
+        let invalid = Error::invalid("tenant_id", "is required");
+        assert_eq!(invalid.mapping().code, Code::InvalidArgument);
+        assert_eq!(invalid.violations().len(), 1);
+    }
+
+    #[test]
+    fn denials_carry_the_configured_links() {
+        let paywall = Denial::PaymentRequired {
+            flag: "paywall_active".into(),
+        }
+        .problem(&links(), "globex", "/api/dashboard");
+        assert_eq!(paywall.status, 402);
+        assert_eq!(
+            paywall.type_uri,
+            "https://securepay.example/errors/payment-required"
+        );
+        assert_eq!(paywall.instance, "/api/dashboard");
+        assert_eq!(
+            paywall.extensions["billing_url"],
+            "https://securepay.example/billing"
+        );
+        assert_eq!(paywall.extensions["tenant_id"], "globex");
+        let locked = Denial::FeatureLocked {
+            feature: "advanced_analytics".into(),
+        }
+        .problem(&links(), "acme", "");
+        assert_eq!(
+            (locked.status, locked.title.as_str()),
+            (403, "Feature Unavailable")
+        );
+        assert!(locked.extensions.contains_key("upgrade_url"));
+        assert_eq!(locked.extensions["reason"], "FEATURE_LOCKED");
+    }
 }

@@ -12,10 +12,11 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::api::{
-    AppState, Feeds, audit::AuditApi, auth::AuthApi, flags::FlagApi, tenants::TenantApi,
-    webhook::WebhookApi,
+    audit::AuditApi, auth::AuthApi, flags::FlagApi, tenants::TenantApi, webhook::WebhookApi,
 };
+use crate::app::App;
 use crate::config::Config;
+use crate::feeds::Feeds;
 use crate::flags::FlagCache;
 use crate::ops::{self, AdminChange};
 use crate::problem::Error;
@@ -84,19 +85,11 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let listen = config.listen;
     let grace = config.shutdown_grace;
-    let deny_audit_window = config.deny_audit_window;
     let max_message = config
         .webhook_max_body_bytes
         .saturating_mul(4)
         .max(4 * 1024 * 1024);
-    let state = Arc::new(AppState {
-        config,
-        store: store.clone(),
-        feeds,
-        shutdown: shutdown_rx.clone(),
-        deny_coalescer: crate::auth::DenialCoalescer::new(deny_audit_window),
-        fail_mode_decisions: crate::auth::FailModeCounter::default(),
-    });
+    let state = Arc::new(App::new(config, store.clone(), feeds, shutdown_rx.clone()));
     state
         .config
         .tokens
@@ -138,7 +131,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let check = crate::api::api_token_check(
         state.config.api_token.clone(),
         state.config.admin_token.clone(),
-        state.config.problem_type_base.clone(),
+        state.links().clone(),
     );
     // Oversized webhook bodies must reach the handler to get a problem answer, so the
     // transport limit sits well above the body limit.
@@ -148,34 +141,24 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         .add_service(InterceptedService::new(reflection_v1, check.clone()))
         .add_service(InterceptedService::new(reflection_v1alpha, check.clone()))
         .add_service(InterceptedService::new(
-            WebhookServiceServer::new(WebhookApi {
-                state: state.clone(),
-            })
-            .max_decoding_message_size(max_message),
+            WebhookServiceServer::new(WebhookApi { app: state.clone() })
+                .max_decoding_message_size(max_message),
             check.clone(),
         ))
         .add_service(FlagServiceServer::with_interceptor(
-            FlagApi {
-                state: state.clone(),
-            },
+            FlagApi { app: state.clone() },
             check.clone(),
         ))
         .add_service(AuditServiceServer::with_interceptor(
-            AuditApi {
-                state: state.clone(),
-            },
+            AuditApi { app: state.clone() },
             check.clone(),
         ))
         .add_service(TenantServiceServer::with_interceptor(
-            TenantApi {
-                state: state.clone(),
-            },
+            TenantApi { app: state.clone() },
             check.clone(),
         ))
         .add_service(AuthServiceServer::with_interceptor(
-            AuthApi {
-                state: state.clone(),
-            },
+            AuthApi { app: state.clone() },
             check,
         ));
 

@@ -198,7 +198,8 @@ async fn flag_reads_validate_and_type_values() {
         assert_eq!(problem(&status).status, 400);
     }
 
-    let json_value = coresdk::json::to_proto_value(&json!({"limit": 5, "tiers": ["a", "b"]}));
+    let json_value =
+        coresdk::api::convert::to_proto_value(&json!({"limit": 5, "tiers": ["a", "b"]}));
     for (key, kind) in [
         ("theme", Kind::StringValue("dark".into())),
         ("seats", Kind::NumberValue(25.0)),
@@ -337,7 +338,8 @@ async fn audit_append_query_pages_and_tail() {
         .expect("Tail")
         .into_inner();
     for i in 0..25 {
-        let metadata = coresdk::json::to_proto_struct(json!({"i": i}).as_object().expect("object"));
+        let metadata =
+            coresdk::api::convert::to_proto_struct(json!({"i": i}).as_object().expect("object"));
         audit
             .append(proto::AppendAuditRequest {
                 tenant_id: if i % 5 == 0 {
@@ -389,7 +391,7 @@ async fn audit_append_query_pages_and_tail() {
     assert_eq!(pdf.records.len(), 12);
     let future = audit
         .query(proto::QueryAuditRequest {
-            since: Some(coresdk::time::timestamp_from_ms(
+            since: Some(coresdk::api::convert::timestamp_from_ms(
                 coresdk::time::now_ms() + 60_000,
             )),
             ..Default::default()
@@ -426,7 +428,7 @@ async fn audit_append_query_pages_and_tail() {
         .await
         .expect_err("actor required");
     assert_eq!(invalid.code(), Code::InvalidArgument);
-    let big = coresdk::json::to_proto_struct(
+    let big = coresdk::api::convert::to_proto_struct(
         json!({"blob": "x".repeat(5000)})
             .as_object()
             .expect("object"),

@@ -6,15 +6,15 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{ResponseStream, SharedState};
-use crate::audit::{self, AuditRecord, NewAuditRecord};
-use crate::ops;
+use super::{ResponseStream, SharedApp, convert, status};
+use crate::app::App;
+use crate::audit::{AuditRecord, NewAuditRecord};
 use crate::problem::Error;
 use crate::proto::{self, audit_service_server::AuditService};
 use crate::store::AuditQuery;
 
 pub struct AuditApi {
-    pub state: SharedState,
+    pub app: SharedApp,
 }
 
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
@@ -47,11 +47,11 @@ impl AuditService for AuditApi {
         &self,
         request: Request<proto::AppendAuditRequest>,
     ) -> Result<Response<proto::AuditRecord>, Status> {
-        let state = &self.state;
+        let app = &self.app;
         let request = request.into_inner();
         let metadata = match &request.metadata {
-            Some(s) => crate::json::from_proto_struct(s)
-                .map_err(|e| state.status(&Error::invalid("metadata", e)))?,
+            Some(s) => convert::from_proto_struct(s)
+                .map_err(|e| status::of_error(&Error::invalid("metadata", e), app.links()))?,
             None => Default::default(),
         };
         let record = NewAuditRecord {
@@ -61,37 +61,21 @@ impl AuditService for AuditApi {
             outcome: request.outcome,
             metadata,
         };
-        audit::validate_new(&record)
-            .and_then(|()| {
-                if record.tenant_id.is_empty() {
-                    Ok(())
-                } else {
-                    ops::validate_id("tenant_id", &record.tenant_id)
-                }
-            })
-            .map_err(|e| state.status(&e))?;
-        let sealed = state
-            .store
-            .write(move |tx| tx.append_audit(record, crate::time::now_ms()))
+        let sealed = app
+            .append_audit(record)
             .await
-            .map_err(|e| state.status(&e))?;
-        Ok(Response::new(sealed.to_proto()))
+            .map_err(|e| status::of_error(&e, app.links()))?;
+        Ok(Response::new(convert::audit_record(&sealed)))
     }
 
     async fn query(
         &self,
         request: Request<proto::QueryAuditRequest>,
     ) -> Result<Response<proto::QueryAuditResponse>, Status> {
-        let state = &self.state;
+        let app = &self.app;
         let request = request.into_inner();
-        let after_seq = parse_page_token(&request.page_token).map_err(|e| state.status(&e))?;
-        let since_ms = request.since.as_ref().map(crate::time::ms_from_timestamp);
-        let until_ms = request.until.as_ref().map(crate::time::ms_from_timestamp);
-        if let (Some(since), Some(until)) = (since_ms, until_ms)
-            && since > until
-        {
-            return Err(state.status(&Error::invalid("until", "is before `since`")));
-        }
+        let after_seq =
+            parse_page_token(&request.page_token).map_err(|e| status::of_error(&e, app.links()))?;
         // AIP-158: an oversized page is coerced to the maximum rather than refused.
         let limit = match request.page_size {
             0 => DEFAULT_PAGE_SIZE,
@@ -101,16 +85,15 @@ impl AuditService for AuditApi {
             tenant_id: non_empty(request.tenant_id),
             event_prefix: non_empty(request.event_prefix),
             outcome: non_empty(request.outcome),
-            since_ms,
-            until_ms,
+            since_ms: request.since.as_ref().map(convert::ms_from_timestamp),
+            until_ms: request.until.as_ref().map(convert::ms_from_timestamp),
             after_seq,
             limit: limit + 1,
         };
-        let mut records = state
-            .store
-            .read(move |tx| Ok(tx.query_audit(&query)?))
+        let mut records = app
+            .query_audit(query)
             .await
-            .map_err(|e| state.status(&e))?;
+            .map_err(|e| status::of_error(&e, app.links()))?;
         let next_page_token = if records.len() > limit as usize {
             records.truncate(limit as usize);
             records
@@ -121,7 +104,7 @@ impl AuditService for AuditApi {
             String::new()
         };
         Ok(Response::new(proto::QueryAuditResponse {
-            records: records.iter().map(AuditRecord::to_proto).collect(),
+            records: records.iter().map(convert::audit_record).collect(),
             next_page_token,
         }))
     }
@@ -130,26 +113,11 @@ impl AuditService for AuditApi {
         &self,
         _request: Request<proto::VerifyAuditRequest>,
     ) -> Result<Response<proto::VerifyAuditResponse>, Status> {
-        let state = &self.state;
-        let checkpoints = state
-            .config
-            .checkpoints
-            .as_ref()
-            .map(|c| (c.path().to_owned(), c.verifying_key()));
-        let report = state
-            .store
-            .read(move |tx| {
-                let report = ops::verify_chain(tx)?;
-                match &checkpoints {
-                    Some((path, key)) => crate::checkpoint::check(tx, report, path, key),
-                    None => Ok(report),
-                }
-            })
+        let report = self
+            .app
+            .verify_audit()
             .await
-            .map_err(|e| state.status(&e))?;
-        if !report.ok {
-            tracing::error!(first_bad_seq = report.first_bad_seq, reason = %report.reason, "audit chain does not verify");
-        }
+            .map_err(|e| status::of_error(&e, self.app.links()))?;
         Ok(Response::new(proto::VerifyAuditResponse {
             ok: report.ok,
             records_checked: report.records_checked,
@@ -167,12 +135,11 @@ impl AuditService for AuditApi {
         request: Request<proto::TailAuditRequest>,
     ) -> Result<Response<Self::TailStream>, Status> {
         let request = request.into_inner();
-        if !request.tenant_id.is_empty() {
-            ops::validate_id("tenant_id", &request.tenant_id).map_err(|e| self.state.status(&e))?;
-        }
+        App::validate_tenant_filter(&request.tenant_id)
+            .map_err(|e| status::of_error(&e, self.app.links()))?;
         let (sender, receiver) = mpsc::channel(256);
-        let state = self.state.clone();
-        tokio::spawn(async move { tail(state, request, sender).await });
+        let app = self.app.clone();
+        tokio::spawn(async move { tail(app, request, sender).await });
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 }
@@ -182,7 +149,7 @@ type TailSender = mpsc::Sender<Result<proto::AuditRecord, Status>>;
 /// Sends stored records after `after_seq` page by page; returns the last sequence sent, or
 /// None when the client went away.
 async fn catch_up(
-    state: &SharedState,
+    app: &SharedApp,
     tenant: &Option<String>,
     mut after_seq: u64,
     sender: &TailSender,
@@ -194,21 +161,17 @@ async fn catch_up(
             limit: MAX_PAGE_SIZE,
             ..Default::default()
         };
-        let page = match state
-            .store
-            .read(move |tx| Ok(tx.query_audit(&query)?))
-            .await
-        {
+        let page = match app.query_audit(query).await {
             Ok(page) => page,
             Err(e) => {
-                let _ = sender.send(Err(state.status(&e))).await;
+                let _ = sender.send(Err(status::of_error(&e, app.links()))).await;
                 return None;
             }
         };
         let full = page.len() == MAX_PAGE_SIZE as usize;
         for record in page {
             after_seq = record.seq;
-            sender.send(Ok(record.to_proto())).await.ok()?;
+            sender.send(Ok(convert::audit_record(&record))).await.ok()?;
         }
         if !full {
             return Some(after_seq);
@@ -218,17 +181,17 @@ async fn catch_up(
 
 /// Subscribes first, then replays what is stored, then follows the feed, skipping what the
 /// replay already sent; a lagging client is caught up from the store again.
-async fn tail(state: SharedState, request: proto::TailAuditRequest, sender: TailSender) {
+async fn tail(app: SharedApp, request: proto::TailAuditRequest, sender: TailSender) {
     let tenant = non_empty(request.tenant_id);
-    let mut shutdown = state.shutdown.clone();
-    let mut feed: broadcast::Receiver<Arc<AuditRecord>> = state.feeds.audit.subscribe();
+    let mut shutdown = app.shutdown.clone();
+    let mut feed: broadcast::Receiver<Arc<AuditRecord>> = app.feeds.audit.subscribe();
     let mut last_sent = if request.from_seq > 0 {
-        match catch_up(&state, &tenant, request.from_seq - 1, &sender).await {
+        match catch_up(&app, &tenant, request.from_seq - 1, &sender).await {
             Some(last) => last,
             None => return,
         }
     } else {
-        state.feeds.audit_head().seq
+        app.feeds.audit_head().seq
     };
     loop {
         let next = tokio::select! {
@@ -243,12 +206,16 @@ async fn tail(state: SharedState, request: proto::TailAuditRequest, sender: Tail
                     continue;
                 }
                 last_sent = record.seq;
-                if sender.send(Ok(record.to_proto())).await.is_err() {
+                if sender
+                    .send(Ok(convert::audit_record(&record)))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
             Err(broadcast::error::RecvError::Lagged(_)) => {
-                match catch_up(&state, &tenant, last_sent, &sender).await {
+                match catch_up(&app, &tenant, last_sent, &sender).await {
                     Some(last) => last_sent = last,
                     None => return,
                 }

@@ -4,35 +4,22 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{ResponseStream, SharedState, required_text, validate_reason};
-use crate::flags::{FlagCache, FlagValue};
-use crate::ops::{self, AdminChange};
-use crate::problem::Error;
+use super::{ResponseStream, SharedApp, bearer, convert, status};
+use crate::app::{Admin, App};
+use crate::flags::FlagCache;
 use crate::proto::{self, flag_service_server::FlagService};
-use crate::rules::{MAX_FLAG_KEY_LEN, is_valid_flag_key};
 
 pub struct FlagApi {
-    pub state: SharedState,
-}
-
-fn validate_key(key: &str) -> Result<(), Error> {
-    if is_valid_flag_key(key) {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            "key",
-            format!("must be 1-{MAX_FLAG_KEY_LEN} characters of letters, digits, _ - . :"),
-        ))
-    }
+    pub app: SharedApp,
 }
 
 fn snapshot_message(cache: &FlagCache, tenant: &str, version: u64) -> proto::WatchFlagsResponse {
     proto::WatchFlagsResponse {
         event: Some(proto::watch_flags_response::Event::Snapshot(
             proto::FlagSnapshot {
-                flags: cache.snapshot(tenant),
+                flags: convert::flags(cache.snapshot(tenant)),
                 version,
-                defaults: cache.defaults(),
+                defaults: convert::flags(cache.defaults()),
             },
         )),
     }
@@ -45,11 +32,10 @@ impl FlagService for FlagApi {
         request: Request<proto::GetFlagRequest>,
     ) -> Result<Response<proto::Flag>, Status> {
         let request = request.into_inner();
-        ops::validate_id("tenant_id", &request.tenant_id)
-            .and_then(|()| validate_key(&request.key))
-            .and_then(|()| self.state.feeds.flags.get(&request.tenant_id, &request.key))
-            .map(Response::new)
-            .map_err(|e| self.state.status(&e))
+        self.app
+            .get_flag(&request.tenant_id, &request.key)
+            .map(|flag| Response::new(convert::flag(flag)))
+            .map_err(|e| status::of_error(&e, self.app.links()))
     }
 
     async fn get_flags(
@@ -57,11 +43,13 @@ impl FlagService for FlagApi {
         request: Request<proto::GetFlagsRequest>,
     ) -> Result<Response<proto::GetFlagsResponse>, Status> {
         let request = request.into_inner();
-        ops::validate_id("tenant_id", &request.tenant_id).map_err(|e| self.state.status(&e))?;
-        let flags = self.state.feeds.flags.all_of(&request.tenant_id);
+        let flags = self
+            .app
+            .get_flags(&request.tenant_id)
+            .map_err(|e| status::of_error(&e, self.app.links()))?;
         Ok(Response::new(proto::GetFlagsResponse {
             tenant_id: request.tenant_id,
-            flags,
+            flags: convert::flags(flags),
         }))
     }
 
@@ -69,34 +57,25 @@ impl FlagService for FlagApi {
         &self,
         request: Request<proto::SetFlagRequest>,
     ) -> Result<Response<proto::Flag>, Status> {
-        let state = &self.state;
-        state.admin_only(&request)?;
-        let request = request.into_inner();
-        let value = ops::validate_id("tenant_id", &request.tenant_id)
-            .and_then(|()| validate_key(&request.key))
-            .and_then(|()| required_text("actor", &request.actor, 256))
-            .and_then(|()| validate_reason(&request.reason))
-            .and_then(|()| FlagValue::from_proto(request.value.as_ref()))
-            .map_err(|e| state.status(&e))?;
-        let written = state
-            .store
-            .write(move |tx| {
-                ops::set_flag(
-                    tx,
-                    &request.tenant_id,
-                    &request.key,
-                    value,
-                    &AdminChange {
-                        actor: &request.actor,
-                        reason: &request.reason,
-                    },
-                    crate::time::now_ms(),
-                )
-            })
-            .await
-            .map_err(|e| state.status(&e))?;
-        tracing::info!(tenant = %written.tenant_id, key = %written.key, actor = %written.updated_by, "flag set by admin");
-        Ok(Response::new(written.to_proto()))
+        let (metadata, _, request) = request.into_parts();
+        let links = self.app.links();
+        let value = convert::flag_value_from_proto(request.value.as_ref());
+        let admin = Admin {
+            bearer: bearer(&metadata),
+            actor: &request.actor,
+            reason: &request.reason,
+        };
+        let written = match value {
+            Ok(value) => {
+                self.app
+                    .set_flag(admin, request.tenant_id.clone(), request.key.clone(), value)
+                    .await
+            }
+            // The admin check and field checks come first, as for every admin call.
+            Err(bad_value) => self.app.require_admin(admin.bearer).and(Err(bad_value)),
+        }
+        .map_err(|e| status::of_error(&e, links))?;
+        Ok(Response::new(convert::flag_record(written)))
     }
 
     type WatchFlagsStream = ResponseStream<proto::WatchFlagsResponse>;
@@ -106,12 +85,10 @@ impl FlagService for FlagApi {
         request: Request<proto::WatchFlagsRequest>,
     ) -> Result<Response<Self::WatchFlagsStream>, Status> {
         let tenant = request.into_inner().tenant_id;
-        if !tenant.is_empty() {
-            ops::validate_id("tenant_id", &tenant).map_err(|e| self.state.status(&e))?;
-        }
+        App::validate_tenant_filter(&tenant).map_err(|e| status::of_error(&e, self.app.links()))?;
         let (sender, receiver) = mpsc::channel(64);
-        let state = self.state.clone();
-        tokio::spawn(async move { watch(state, tenant, sender).await });
+        let app = self.app.clone();
+        tokio::spawn(async move { watch(app, tenant, sender).await });
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 }
@@ -119,12 +96,12 @@ impl FlagService for FlagApi {
 /// Subscribes before taking the snapshot, so no change can fall between the two; changes the
 /// snapshot already holds are skipped by version.
 async fn watch(
-    state: SharedState,
+    app: SharedApp,
     tenant: String,
     sender: mpsc::Sender<Result<proto::WatchFlagsResponse, Status>>,
 ) {
-    let cache = &state.feeds.flags;
-    let mut shutdown = state.shutdown.clone();
+    let cache = &app.feeds.flags;
+    let mut shutdown = app.shutdown.clone();
     let mut changes = cache.subscribe();
     let mut seen = cache.version();
     if sender
@@ -155,7 +132,7 @@ async fn watch(
                 *slot = record.version;
                 proto::WatchFlagsResponse {
                     event: Some(proto::watch_flags_response::Event::Change(
-                        record.to_proto(),
+                        convert::flag_record((*record).clone()),
                     )),
                 }
             }

@@ -1,12 +1,11 @@
 use tonic::{Request, Response, Status};
 
-use super::{SharedState, required_text, validate_reason};
-use crate::ops::{self, AdminChange};
-use crate::problem::Error;
+use super::{SharedApp, bearer, status};
+use crate::app::Admin;
 use crate::proto::{self, tenant_service_server::TenantService};
 
 pub struct TenantApi {
-    pub state: SharedState,
+    pub app: SharedApp,
 }
 
 #[tonic::async_trait]
@@ -15,63 +14,41 @@ impl TenantService for TenantApi {
         &self,
         request: Request<proto::MapCustomerRequest>,
     ) -> Result<Response<proto::CustomerMapping>, Status> {
-        let state = &self.state;
-        state.admin_only(&request)?;
-        let request = request.into_inner();
-        ops::validate_id("customer_id", &request.customer_id)
-            .and_then(|()| ops::validate_id("tenant_id", &request.tenant_id))
-            .and_then(|()| required_text("actor", &request.actor, 256))
-            .and_then(|()| validate_reason(&request.reason))
-            .map_err(|e| state.status(&e))?;
-        let answer = proto::CustomerMapping {
-            customer_id: request.customer_id.clone(),
-            tenant_id: request.tenant_id.clone(),
+        let (metadata, _, request) = request.into_parts();
+        let admin = Admin {
+            bearer: bearer(&metadata),
+            actor: &request.actor,
+            reason: &request.reason,
         };
-        state
-            .store
-            .write(move |tx| {
-                ops::map_customer(
-                    tx,
-                    &request.customer_id,
-                    &request.tenant_id,
-                    &AdminChange {
-                        actor: &request.actor,
-                        reason: &request.reason,
-                    },
-                    crate::time::now_ms(),
-                )
-            })
+        self.app
+            .map_customer(
+                admin,
+                request.customer_id.clone(),
+                request.tenant_id.clone(),
+            )
             .await
-            .map_err(|e| state.status(&e))?;
-        Ok(Response::new(answer))
+            .map_err(|e| status::of_error(&e, self.app.links()))?;
+        Ok(Response::new(proto::CustomerMapping {
+            customer_id: request.customer_id,
+            tenant_id: request.tenant_id,
+        }))
     }
 
     async fn unmap_customer(
         &self,
         request: Request<proto::UnmapCustomerRequest>,
     ) -> Result<Response<proto::UnmapCustomerResponse>, Status> {
-        let state = &self.state;
-        state.admin_only(&request)?;
-        let request = request.into_inner();
-        ops::validate_id("customer_id", &request.customer_id)
-            .and_then(|()| required_text("actor", &request.actor, 256))
-            .and_then(|()| validate_reason(&request.reason))
-            .map_err(|e| state.status(&e))?;
-        let previous = state
-            .store
-            .write(move |tx| {
-                ops::unmap_customer(
-                    tx,
-                    &request.customer_id,
-                    &AdminChange {
-                        actor: &request.actor,
-                        reason: &request.reason,
-                    },
-                    crate::time::now_ms(),
-                )
-            })
+        let (metadata, _, request) = request.into_parts();
+        let admin = Admin {
+            bearer: bearer(&metadata),
+            actor: &request.actor,
+            reason: &request.reason,
+        };
+        let previous = self
+            .app
+            .unmap_customer(admin, request.customer_id.clone())
             .await
-            .map_err(|e| state.status(&e))?;
+            .map_err(|e| status::of_error(&e, self.app.links()))?;
         Ok(Response::new(proto::UnmapCustomerResponse {
             removed: previous.is_some(),
             previous_tenant_id: previous.unwrap_or_default(),
@@ -82,22 +59,15 @@ impl TenantService for TenantApi {
         &self,
         request: Request<proto::ResolveCustomerRequest>,
     ) -> Result<Response<proto::CustomerMapping>, Status> {
-        let state = &self.state;
-        state.admin_only(&request)?;
-        let customer_id = request.into_inner().customer_id;
-        ops::validate_id("customer_id", &customer_id).map_err(|e| state.status(&e))?;
-        let lookup = customer_id.clone();
-        let tenant = state
-            .store
-            .read(move |tx| Ok(tx.tenant_of_customer(&lookup)?))
+        let (metadata, _, request) = request.into_parts();
+        let tenant_id = self
+            .app
+            .resolve_customer(bearer(&metadata), request.customer_id.clone())
             .await
-            .map_err(|e| state.status(&e))?;
-        match tenant {
-            Some(tenant_id) => Ok(Response::new(proto::CustomerMapping {
-                customer_id,
-                tenant_id,
-            })),
-            None => Err(state.status(&Error::CustomerNotFound(customer_id))),
-        }
+            .map_err(|e| status::of_error(&e, self.app.links()))?;
+        Ok(Response::new(proto::CustomerMapping {
+            customer_id: request.customer_id,
+            tenant_id,
+        }))
     }
 }

@@ -201,6 +201,11 @@ impl TokenVerifier {
         })
     }
 
+    /// The claim that names a token's tenant.
+    pub fn tenant_claim(&self) -> &str {
+        &self.tenant_claim
+    }
+
     pub fn is_configured(&self) -> bool {
         !self.hmac.is_empty() || self.public_key.is_some() || self.jwks_file.is_some()
     }

@@ -1,14 +1,15 @@
-//! The domain operations, each run inside one store transaction so that its effects, its
-//! dedup record and its audit record commit together or not at all.
+//! Stripe deliveries: verification, the refused-delivery policy, and applying a verified
+//! event inside one transaction (dedup, tenant, rules, ordering, flags, audit).
 
 use serde_json::{Map, Value, json};
 
-use crate::audit::{self, AuditRecord, ChainVerifier, NewAuditRecord, VerifyReport};
+use super::validate_id;
+use crate::audit::{self, AuditRecord, NewAuditRecord};
 use crate::flags::{FlagOrigin, FlagRecord, FlagValue};
 use crate::problem::Error;
 use crate::rules::{Effect, Rules};
 use crate::store::{Outcome, ProcessedEvent, StoreTx};
-use crate::stripe::StripeEvent;
+use crate::stripe::{SignatureVerifier, StripeEvent};
 
 pub const WEBHOOK_ACTOR: &str = "stripe-webhook";
 
@@ -288,170 +289,59 @@ fn finish(
     })
 }
 
-/// Audits a delivery refused before it reached the rules (bad signature, not an event).
-pub fn audit_refused_delivery(
-    tx: &mut dyn StoreTx,
-    reason: &str,
-    detail: &str,
-    payload_len: usize,
-    event_hint: Option<(&str, &str)>,
-    now_ms: i64,
-) -> Result<AuditRecord, Error> {
+/// Checks a delivery as received: size, then signature, then that the signed body is an event.
+pub fn verify_delivery(
+    verifier: &SignatureVerifier,
+    max_body_bytes: usize,
+    payload: &[u8],
+    signature_header: &str,
+    now_s: i64,
+) -> Result<StripeEvent, Error> {
+    if payload.len() > max_body_bytes {
+        return Err(Error::PayloadTooLarge {
+            size: payload.len(),
+            limit: max_body_bytes,
+        });
+    }
+    let signed_at = verifier.verify(payload, signature_header, now_s)?;
+    StripeEvent::parse(payload, signed_at)
+}
+
+/// What the audit trail keeps of a delivery refused before it reached the rules (bad
+/// signature, oversized, not an event); None when the refusal is the sidecar's own
+/// misconfiguration rather than something a sender did.
+pub fn refused_delivery_record(
+    refusal: &Error,
+    payload: &[u8],
+    max_body_bytes: usize,
+) -> Option<NewAuditRecord> {
+    if matches!(refusal, Error::WebhookSecretMissing) {
+        return None;
+    }
     let mut metadata = Map::new();
-    metadata.insert("reason".into(), json!(reason));
-    metadata.insert("detail".into(), json!(detail));
-    metadata.insert("payload_bytes".into(), json!(payload_len));
-    if let Some((id, event_type)) = event_hint {
+    metadata.insert("reason".into(), json!(refusal.mapping().reason));
+    metadata.insert("detail".into(), json!(refusal.to_string()));
+    metadata.insert("payload_bytes".into(), json!(payload.len()));
+    // The claimed id helps find a forged or replayed event; it is only ever a claim.
+    if payload.len() <= max_body_bytes
+        && let Some((id, event_type)) = claimed_identity(payload)
+    {
         metadata.insert("claimed_event_id".into(), json!(id));
         metadata.insert("claimed_event_type".into(), json!(event_type));
     }
-    tx.append_audit(
-        NewAuditRecord {
-            tenant_id: String::new(),
-            actor: WEBHOOK_ACTOR.to_owned(),
-            event: "billing.webhook.refused".to_owned(),
-            outcome: "rejected".to_owned(),
-            metadata: audit::bound_metadata(metadata),
-        },
-        now_ms,
-    )
+    Some(NewAuditRecord {
+        tenant_id: String::new(),
+        actor: WEBHOOK_ACTOR.to_owned(),
+        event: "billing.webhook.refused".to_owned(),
+        outcome: "rejected".to_owned(),
+        metadata: audit::bound_metadata(metadata),
+    })
 }
 
-pub const MAX_ID_LEN: usize = 128;
-
-/// Tenant and customer ids: printable, no whitespace, bounded.
-pub fn validate_id(field: &'static str, value: &str) -> Result<(), Error> {
-    if value.is_empty() {
-        return Err(Error::invalid(field, "is required"));
-    }
-    if value.len() > MAX_ID_LEN {
-        return Err(Error::invalid(
-            field,
-            format!("is longer than {MAX_ID_LEN} bytes"),
-        ));
-    }
-    if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(Error::invalid(
-            field,
-            "must not contain whitespace or control characters",
-        ));
-    }
-    Ok(())
-}
-
-pub struct AdminChange<'a> {
-    pub actor: &'a str,
-    pub reason: &'a str,
-}
-
-fn admin_metadata(
-    change: &AdminChange<'_>,
-    mut metadata: Map<String, Value>,
-) -> Map<String, Value> {
-    if !change.reason.is_empty() {
-        metadata.insert("reason".into(), json!(change.reason));
-    }
-    audit::bound_metadata(metadata)
-}
-
-/// An admin sets a flag. The event ordering mark is kept, so an admin override does not make
-/// later Stripe events look stale, and a later event may change the flag again.
-pub fn set_flag(
-    tx: &mut dyn StoreTx,
-    tenant_id: &str,
-    key: &str,
-    value: FlagValue,
-    change: &AdminChange<'_>,
-    now_ms: i64,
-) -> Result<FlagRecord, Error> {
-    let current = tx.flag(tenant_id, key)?;
-    let written = tx.write_flag(FlagRecord {
-        tenant_id: tenant_id.to_owned(),
-        key: key.to_owned(),
-        value: value.clone(),
-        version: 0,
-        event_created: current.as_ref().map_or(0, |c| c.event_created),
-        origin: FlagOrigin::Admin,
-        updated_at_ms: now_ms,
-        updated_by: change.actor.to_owned(),
-        source_event_id: String::new(),
-    })?;
-    let mut metadata = Map::new();
-    metadata.insert("flag".into(), json!(key));
-    metadata.insert(
-        "old_value".into(),
-        json!(current.map(|c| c.value.display())),
-    );
-    metadata.insert("new_value".into(), json!(value.display()));
-    metadata.insert("version".into(), json!(written.version));
-    tx.append_audit(
-        NewAuditRecord {
-            tenant_id: tenant_id.to_owned(),
-            actor: change.actor.to_owned(),
-            event: "flag.set".to_owned(),
-            outcome: "applied".to_owned(),
-            metadata: admin_metadata(change, metadata),
-        },
-        now_ms,
-    )?;
-    Ok(written)
-}
-
-pub fn map_customer(
-    tx: &mut dyn StoreTx,
-    customer_id: &str,
-    tenant_id: &str,
-    change: &AdminChange<'_>,
-    now_ms: i64,
-) -> Result<Option<String>, Error> {
-    let previous = tx.map_customer(customer_id, tenant_id, now_ms)?;
-    if previous.as_deref() == Some(tenant_id) {
-        return Ok(previous);
-    }
-    let mut metadata = Map::new();
-    metadata.insert("customer".into(), json!(customer_id));
-    if let Some(previous) = &previous {
-        metadata.insert("previous_tenant".into(), json!(previous));
-    }
-    tx.append_audit(
-        NewAuditRecord {
-            tenant_id: tenant_id.to_owned(),
-            actor: change.actor.to_owned(),
-            event: "tenant.customer_mapped".to_owned(),
-            outcome: "applied".to_owned(),
-            metadata: admin_metadata(change, metadata),
-        },
-        now_ms,
-    )?;
-    Ok(previous)
-}
-
-pub fn unmap_customer(
-    tx: &mut dyn StoreTx,
-    customer_id: &str,
-    change: &AdminChange<'_>,
-    now_ms: i64,
-) -> Result<Option<String>, Error> {
-    let previous = tx.unmap_customer(customer_id)?;
-    if let Some(tenant) = &previous {
-        let mut metadata = Map::new();
-        metadata.insert("customer".into(), json!(customer_id));
-        tx.append_audit(
-            NewAuditRecord {
-                tenant_id: tenant.clone(),
-                actor: change.actor.to_owned(),
-                event: "tenant.customer_unmapped".to_owned(),
-                outcome: "applied".to_owned(),
-                metadata: admin_metadata(change, metadata),
-            },
-            now_ms,
-        )?;
-    }
-    Ok(previous)
-}
-
-pub fn verify_chain(tx: &mut dyn StoreTx) -> Result<VerifyReport, Error> {
-    let mut verifier = ChainVerifier::default();
-    tx.scan_audit(1, &mut |row| verifier.feed(&row))?;
-    Ok(verifier.finish())
+fn claimed_identity(payload: &[u8]) -> Option<(String, String)> {
+    let value = serde_json::from_slice::<Value>(payload).ok()?;
+    let bounded = |field: &str| -> Option<String> {
+        Some(value.get(field)?.as_str()?.chars().take(255).collect())
+    };
+    Some((bounded("id")?, bounded("type")?))
 }

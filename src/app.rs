@@ -1,0 +1,341 @@
+//! The application: one method per use case, over the store, the flag cache and the
+//! configuration. Adapters (gRPC today; flagd, OFREP and HTTP later) decode a request, call
+//! one of these and encode the answer; validation, policy and auditing happen here, once.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::watch;
+
+use crate::audit::{self, AuditRecord, NewAuditRecord, VerifyReport};
+use crate::auth::{Access, AccessRequest, Authorizer, Claims, TokenError, tokens_match};
+use crate::config::Config;
+use crate::feeds::Feeds;
+use crate::flags::{Flag, FlagRecord, FlagValue};
+use crate::ops::{self, AdminChange, WebhookResult, validate_flag_key, validate_id};
+use crate::problem::{Error, ProblemLinks};
+use crate::store::{AuditQuery, Store};
+
+/// Longest `actor` an admin change or an appended record may name.
+const MAX_ACTOR_LEN: usize = 256;
+
+pub struct App {
+    pub config: Config,
+    pub store: Store,
+    pub feeds: Arc<Feeds>,
+    /// Flips to true at shutdown so that streams end and the server can drain.
+    pub shutdown: watch::Receiver<bool>,
+    authorizer: Authorizer,
+}
+
+/// An admin's change request, as every admin use case takes it.
+pub struct Admin<'a> {
+    /// `authorization: Bearer …` as presented, if at all.
+    pub bearer: Option<&'a str>,
+    pub actor: &'a str,
+    pub reason: &'a str,
+}
+
+impl Admin<'_> {
+    fn validate(&self) -> Result<(), Error> {
+        ops::required_text("actor", self.actor, MAX_ACTOR_LEN)?;
+        ops::validate_reason(self.reason)
+    }
+}
+
+impl App {
+    pub fn new(
+        config: Config,
+        store: Store,
+        feeds: Arc<Feeds>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let authorizer = Authorizer::new(
+            config.tokens.clone(),
+            config.fail_mode,
+            config.deny_audit_window,
+        );
+        Self {
+            config,
+            store,
+            feeds,
+            shutdown,
+            authorizer,
+        }
+    }
+
+    pub fn links(&self) -> &ProblemLinks {
+        &self.config.problem_links
+    }
+
+    /// Admin use cases need `authorization: Bearer <CORESDK_ADMIN_TOKEN>`; with no token
+    /// configured they are refused, except in mock mode where there is nothing to protect.
+    pub fn require_admin(&self, bearer: Option<&str>) -> Result<(), Error> {
+        let Some(expected) = &self.config.admin_token else {
+            if self.config.mock {
+                return Ok(());
+            }
+            return Err(Error::PermissionDenied(
+                "admin RPCs are disabled: set CORESDK_ADMIN_TOKEN on the sidecar",
+            ));
+        };
+        let presented = bearer.ok_or(Error::Unauthenticated(
+            "admin RPCs need 'authorization: Bearer <admin token>'",
+        ))?;
+        if tokens_match(presented, expected) {
+            Ok(())
+        } else {
+            Err(Error::Unauthenticated("the admin token is not valid"))
+        }
+    }
+
+    /// Verifies, deduplicates and applies a Stripe delivery in one durable transaction. Any
+    /// `Ok` means "acknowledge"; any `Err` means "let Stripe retry" (or stop, for a forgery).
+    pub async fn handle_webhook(
+        &self,
+        payload: Vec<u8>,
+        signature_header: &str,
+    ) -> Result<WebhookResult, Error> {
+        let max_body = self.config.webhook_max_body_bytes;
+        let event = match ops::verify_delivery(
+            &self.config.verifier,
+            max_body,
+            &payload,
+            signature_header,
+            crate::time::now_s(),
+        ) {
+            Ok(event) => event,
+            Err(refusal) => {
+                tracing::warn!(error = %refusal, bytes = payload.len(), "webhook refused");
+                if let Some(record) = ops::refused_delivery_record(&refusal, &payload, max_body)
+                    && let Err(e) = self.append(record).await
+                {
+                    tracing::error!(error = %e, "could not audit a refused webhook");
+                }
+                return Err(refusal);
+            }
+        };
+        let rules = self.config.rules.clone();
+        let event_id = event.id.clone();
+        let answer = self
+            .store
+            .write(move |tx| ops::apply_webhook(tx, &rules, &event, crate::time::now_ms()))
+            .await;
+        match &answer {
+            Ok(Ok(result)) => tracing::info!(
+                event_id = %result.event_id,
+                event_type = %result.event_type,
+                tenant = %result.tenant_id,
+                outcome = result.outcome.as_str(),
+                changes = result.flag_changes.len(),
+                "webhook"
+            ),
+            Ok(Err(refusal)) => tracing::warn!(%event_id, error = %refusal, "webhook refused"),
+            Err(failure) => {
+                tracing::error!(%event_id, error = %failure, "webhook not committed; Stripe will retry")
+            }
+        }
+        answer?
+    }
+
+    pub fn get_flag(&self, tenant_id: &str, key: &str) -> Result<Flag, Error> {
+        validate_id("tenant_id", tenant_id)?;
+        validate_flag_key("key", key)?;
+        self.feeds.flags.get(tenant_id, key)
+    }
+
+    /// Every flag of a tenant, catalog defaults included, sorted by key.
+    pub fn get_flags(&self, tenant_id: &str) -> Result<Vec<Flag>, Error> {
+        validate_id("tenant_id", tenant_id)?;
+        Ok(self.feeds.flags.all_of(tenant_id))
+    }
+
+    /// Streams and queries may name one tenant or none (all tenants).
+    pub fn validate_tenant_filter(tenant_id: &str) -> Result<(), Error> {
+        if tenant_id.is_empty() {
+            Ok(())
+        } else {
+            validate_id("tenant_id", tenant_id)
+        }
+    }
+
+    pub async fn set_flag(
+        &self,
+        admin: Admin<'_>,
+        tenant_id: String,
+        key: String,
+        value: FlagValue,
+    ) -> Result<FlagRecord, Error> {
+        self.require_admin(admin.bearer)?;
+        validate_id("tenant_id", &tenant_id)?;
+        validate_flag_key("key", &key)?;
+        admin.validate()?;
+        let (actor, reason) = (admin.actor.to_owned(), admin.reason.to_owned());
+        let written = self
+            .store
+            .write(move |tx| {
+                ops::set_flag(
+                    tx,
+                    &tenant_id,
+                    &key,
+                    value,
+                    &AdminChange {
+                        actor: &actor,
+                        reason: &reason,
+                    },
+                    crate::time::now_ms(),
+                )
+            })
+            .await?;
+        tracing::info!(tenant = %written.tenant_id, key = %written.key, actor = %written.updated_by, "flag set by admin");
+        Ok(written)
+    }
+
+    pub async fn map_customer(
+        &self,
+        admin: Admin<'_>,
+        customer_id: String,
+        tenant_id: String,
+    ) -> Result<(), Error> {
+        self.require_admin(admin.bearer)?;
+        validate_id("customer_id", &customer_id)?;
+        validate_id("tenant_id", &tenant_id)?;
+        admin.validate()?;
+        let (actor, reason) = (admin.actor.to_owned(), admin.reason.to_owned());
+        self.store
+            .write(move |tx| {
+                ops::map_customer(
+                    tx,
+                    &customer_id,
+                    &tenant_id,
+                    &AdminChange {
+                        actor: &actor,
+                        reason: &reason,
+                    },
+                    crate::time::now_ms(),
+                )
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Returns the tenant the customer was mapped to, if it was.
+    pub async fn unmap_customer(
+        &self,
+        admin: Admin<'_>,
+        customer_id: String,
+    ) -> Result<Option<String>, Error> {
+        self.require_admin(admin.bearer)?;
+        validate_id("customer_id", &customer_id)?;
+        admin.validate()?;
+        let (actor, reason) = (admin.actor.to_owned(), admin.reason.to_owned());
+        self.store
+            .write(move |tx| {
+                ops::unmap_customer(
+                    tx,
+                    &customer_id,
+                    &AdminChange {
+                        actor: &actor,
+                        reason: &reason,
+                    },
+                    crate::time::now_ms(),
+                )
+            })
+            .await
+    }
+
+    pub async fn resolve_customer(
+        &self,
+        bearer: Option<&str>,
+        customer_id: String,
+    ) -> Result<String, Error> {
+        self.require_admin(bearer)?;
+        validate_id("customer_id", &customer_id)?;
+        let lookup = customer_id.clone();
+        self.store
+            .read(move |tx| Ok(tx.tenant_of_customer(&lookup)?))
+            .await?
+            .ok_or(Error::CustomerNotFound(customer_id))
+    }
+
+    /// The application's own audit event, validated, sealed and committed.
+    pub async fn append_audit(&self, record: NewAuditRecord) -> Result<AuditRecord, Error> {
+        audit::validate_new(&record)?;
+        Self::validate_tenant_filter(&record.tenant_id)?;
+        self.append(record).await
+    }
+
+    async fn append(&self, record: NewAuditRecord) -> Result<AuditRecord, Error> {
+        self.store
+            .write(move |tx| tx.append_audit(record, crate::time::now_ms()))
+            .await
+    }
+
+    pub async fn query_audit(&self, query: AuditQuery) -> Result<Vec<AuditRecord>, Error> {
+        if let Some(tenant) = &query.tenant_id {
+            validate_id("tenant_id", tenant)?;
+        }
+        if let (Some(since), Some(until)) = (query.since_ms, query.until_ms)
+            && since > until
+        {
+            return Err(Error::invalid("until", "is before `since`"));
+        }
+        self.store.read(move |tx| Ok(tx.query_audit(&query)?)).await
+    }
+
+    /// Recomputes the chain and, when checkpoints are kept, checks it against the newest one.
+    pub async fn verify_audit(&self) -> Result<VerifyReport, Error> {
+        let checkpoints = self
+            .config
+            .checkpoints
+            .as_ref()
+            .map(|c| (c.path().to_owned(), c.verifying_key()));
+        let report = self
+            .store
+            .read(move |tx| {
+                let report = ops::verify_chain(tx)?;
+                match &checkpoints {
+                    Some((path, key)) => crate::checkpoint::check(tx, report, path, key),
+                    None => Ok(report),
+                }
+            })
+            .await?;
+        if !report.ok {
+            tracing::error!(first_bad_seq = report.first_bad_seq, reason = %report.reason, "audit chain does not verify");
+        }
+        Ok(report)
+    }
+
+    pub fn verify_token(&self, token: &str) -> Result<Arc<Claims>, TokenError> {
+        self.authorizer.tokens().verify(token)
+    }
+
+    /// Decides from memory; a denial is audited (coalesced) without the caller waiting for it.
+    pub fn authorize(&self, request: &AccessRequest) -> Result<Access, Error> {
+        let access = self.authorizer.authorize(&self.feeds.flags, request)?;
+        if let Some(denial) = &access.denial {
+            tracing::info!(
+                tenant = %access.tenant_id,
+                subject = %access.subject,
+                reason = denial.reason(),
+                resource = %request.resource,
+                "access denied"
+            );
+        }
+        if let Some(record) =
+            self.authorizer
+                .denial_record(&access, &request.resource, Instant::now())
+        {
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                if let Err(e) = store
+                    .write(move |tx| tx.append_audit(record, crate::time::now_ms()))
+                    .await
+                {
+                    tracing::error!(error = %e, "could not audit a denial");
+                }
+            });
+        }
+        Ok(access)
+    }
+}

@@ -1,0 +1,193 @@
+//! The domain operations, each run inside one store transaction so that its effects, its
+//! dedup record and its audit record commit together or not at all; and the validation of
+//! the ids and texts they accept.
+
+mod webhook;
+
+use serde_json::{Map, Value, json};
+
+use crate::audit::{self, ChainVerifier, NewAuditRecord, VerifyReport};
+use crate::flags::{FlagOrigin, FlagRecord, FlagValue};
+use crate::problem::Error;
+use crate::store::StoreTx;
+pub use webhook::{
+    FlagChange, WEBHOOK_ACTOR, WebhookResult, apply_webhook, audit_event_name,
+    refused_delivery_record, verify_delivery,
+};
+
+pub const MAX_ID_LEN: usize = 128;
+
+/// Tenant and customer ids: printable, no whitespace, bounded.
+pub fn validate_id(field: &'static str, value: &str) -> Result<(), Error> {
+    if value.is_empty() {
+        return Err(Error::invalid(field, "is required"));
+    }
+    if value.len() > MAX_ID_LEN {
+        return Err(Error::invalid(
+            field,
+            format!("is longer than {MAX_ID_LEN} bytes"),
+        ));
+    }
+    if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Error::invalid(
+            field,
+            "must not contain whitespace or control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// Flag keys: letters, digits and `_ - . :`, bounded.
+pub fn validate_flag_key(field: &'static str, key: &str) -> Result<(), Error> {
+    if crate::rules::is_valid_flag_key(key) {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            field,
+            format!(
+                "must be 1-{} characters of letters, digits, _ - . :",
+                crate::rules::MAX_FLAG_KEY_LEN
+            ),
+        ))
+    }
+}
+
+/// The `reason` an admin gives for a change: optional, bounded (it lands in the audit trail).
+pub fn validate_reason(reason: &str) -> Result<(), Error> {
+    if reason.len() > 1024 {
+        return Err(Error::invalid("reason", "is longer than 1024 bytes"));
+    }
+    Ok(())
+}
+
+/// A required free-text field such as `actor`: present and bounded.
+pub fn required_text(field: &'static str, value: &str, max: usize) -> Result<(), Error> {
+    if value.trim().is_empty() {
+        return Err(Error::invalid(field, "is required"));
+    }
+    if value.len() > max {
+        return Err(Error::invalid(field, format!("is longer than {max} bytes")));
+    }
+    Ok(())
+}
+
+/// Who makes an admin change and why, for the audit trail.
+pub struct AdminChange<'a> {
+    pub actor: &'a str,
+    pub reason: &'a str,
+}
+
+fn admin_metadata(
+    change: &AdminChange<'_>,
+    mut metadata: Map<String, Value>,
+) -> Map<String, Value> {
+    if !change.reason.is_empty() {
+        metadata.insert("reason".into(), json!(change.reason));
+    }
+    audit::bound_metadata(metadata)
+}
+
+/// An admin sets a flag. The event ordering mark is kept, so an admin override does not make
+/// later Stripe events look stale, and a later event may change the flag again.
+pub fn set_flag(
+    tx: &mut dyn StoreTx,
+    tenant_id: &str,
+    key: &str,
+    value: FlagValue,
+    change: &AdminChange<'_>,
+    now_ms: i64,
+) -> Result<FlagRecord, Error> {
+    let current = tx.flag(tenant_id, key)?;
+    let written = tx.write_flag(FlagRecord {
+        tenant_id: tenant_id.to_owned(),
+        key: key.to_owned(),
+        value: value.clone(),
+        version: 0,
+        event_created: current.as_ref().map_or(0, |c| c.event_created),
+        origin: FlagOrigin::Admin,
+        updated_at_ms: now_ms,
+        updated_by: change.actor.to_owned(),
+        source_event_id: String::new(),
+    })?;
+    let mut metadata = Map::new();
+    metadata.insert("flag".into(), json!(key));
+    metadata.insert(
+        "old_value".into(),
+        json!(current.map(|c| c.value.display())),
+    );
+    metadata.insert("new_value".into(), json!(value.display()));
+    metadata.insert("version".into(), json!(written.version));
+    tx.append_audit(
+        NewAuditRecord {
+            tenant_id: tenant_id.to_owned(),
+            actor: change.actor.to_owned(),
+            event: "flag.set".to_owned(),
+            outcome: "applied".to_owned(),
+            metadata: admin_metadata(change, metadata),
+        },
+        now_ms,
+    )?;
+    Ok(written)
+}
+
+pub fn map_customer(
+    tx: &mut dyn StoreTx,
+    customer_id: &str,
+    tenant_id: &str,
+    change: &AdminChange<'_>,
+    now_ms: i64,
+) -> Result<Option<String>, Error> {
+    let previous = tx.map_customer(customer_id, tenant_id, now_ms)?;
+    if previous.as_deref() == Some(tenant_id) {
+        return Ok(previous);
+    }
+    let mut metadata = Map::new();
+    metadata.insert("customer".into(), json!(customer_id));
+    if let Some(previous) = &previous {
+        metadata.insert("previous_tenant".into(), json!(previous));
+    }
+    tx.append_audit(
+        NewAuditRecord {
+            tenant_id: tenant_id.to_owned(),
+            actor: change.actor.to_owned(),
+            event: "tenant.customer_mapped".to_owned(),
+            outcome: "applied".to_owned(),
+            metadata: admin_metadata(change, metadata),
+        },
+        now_ms,
+    )?;
+    Ok(previous)
+}
+
+pub fn unmap_customer(
+    tx: &mut dyn StoreTx,
+    customer_id: &str,
+    change: &AdminChange<'_>,
+    now_ms: i64,
+) -> Result<Option<String>, Error> {
+    let previous = tx.unmap_customer(customer_id)?;
+    if let Some(tenant) = &previous {
+        let mut metadata = Map::new();
+        metadata.insert("customer".into(), json!(customer_id));
+        tx.append_audit(
+            NewAuditRecord {
+                tenant_id: tenant.clone(),
+                actor: change.actor.to_owned(),
+                event: "tenant.customer_unmapped".to_owned(),
+                outcome: "applied".to_owned(),
+                metadata: admin_metadata(change, metadata),
+            },
+            now_ms,
+        )?;
+    }
+    Ok(previous)
+}
+
+pub fn verify_chain(tx: &mut dyn StoreTx) -> Result<VerifyReport, Error> {
+    let mut verifier = ChainVerifier::default();
+    tx.scan_audit(1, &mut |row| verifier.feed(&row))?;
+    Ok(verifier.finish())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,361 @@
+//! The domain operations over the in-memory store (SQLite in memory: the production engine),
+//! without any adapter in between.
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use super::*;
+use crate::audit::AuditRecord;
+use crate::feeds::Feeds;
+use crate::flags::FlagCache;
+use crate::rules::Rules;
+use crate::store::{AuditQuery, Outcome, Store, StoreUrl};
+use crate::stripe::{SignatureVerifier, StripeEvent, sign_header};
+
+const NOW_MS: i64 = 1_700_000_000_000;
+const ADMIN: AdminChange<'static> = AdminChange {
+    actor: "ops@example.com",
+    reason: "contract 42",
+};
+
+struct Fixture {
+    store: Store,
+    feeds: Arc<Feeds>,
+    rules: Arc<Rules>,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let rules = Arc::new(Rules::built_in().expect("built-in rules"));
+        let cache = Arc::new(FlagCache::new(rules.catalog().clone()));
+        let feeds = Arc::new(Feeds::new(cache.clone()));
+        let store =
+            Store::open(&StoreUrl::Memory, None, feeds.clone(), cache).expect("memory store");
+        Self {
+            store,
+            feeds,
+            rules,
+        }
+    }
+
+    async fn map(&self, customer: &'static str, tenant: &'static str) -> Option<String> {
+        self.store
+            .write(move |tx| map_customer(tx, customer, tenant, &ADMIN, NOW_MS))
+            .await
+            .expect("mapped")
+    }
+
+    async fn deliver(&self, event: StripeEvent) -> Result<WebhookResult, Error> {
+        let rules = self.rules.clone();
+        self.store
+            .write(move |tx| apply_webhook(tx, &rules, &event, NOW_MS))
+            .await
+            .expect("the transaction commits")
+    }
+
+    fn is_on(&self, tenant: &str, key: &str) -> bool {
+        self.feeds.flags.is_on(tenant, key)
+    }
+
+    async fn audit(&self) -> Vec<AuditRecord> {
+        self.store
+            .read(|tx| {
+                Ok(tx.query_audit(&AuditQuery {
+                    limit: 1000,
+                    ..Default::default()
+                })?)
+            })
+            .await
+            .expect("query")
+    }
+
+    async fn verify(&self) -> VerifyReport {
+        self.store.read(verify_chain).await.expect("verify")
+    }
+}
+
+fn event(id: &str, event_type: &str, created: i64, object: serde_json::Value) -> StripeEvent {
+    let body =
+        json!({"id": id, "type": event_type, "created": created, "data": {"object": object}});
+    StripeEvent::parse(body.to_string().as_bytes(), created).expect("an event")
+}
+
+#[tokio::test]
+async fn a_paid_invoice_turns_features_on_once() {
+    let fx = Fixture::new();
+    fx.map("cus_1", "acme").await;
+    let paid = event("evt_1", "invoice.paid", 100, json!({"customer": "cus_1"}));
+    let first = fx.deliver(paid.clone()).await.expect("applied");
+    assert_eq!(
+        (first.outcome, first.tenant_id.as_str()),
+        (Outcome::Applied, "acme")
+    );
+    assert!(
+        first
+            .flag_changes
+            .iter()
+            .any(|c| c.key == "pro_features" && c.new_value == FlagValue::Bool(true))
+    );
+    assert!(
+        fx.is_on("acme", "pro_features"),
+        "the cache follows the commit"
+    );
+
+    let again = fx.deliver(paid).await.expect("answered");
+    assert_eq!(again.outcome, Outcome::Duplicate);
+    assert!(again.flag_changes.is_empty());
+
+    let events: Vec<String> = fx.audit().await.into_iter().map(|r| r.event).collect();
+    assert_eq!(
+        events,
+        [
+            "tenant.customer_mapped",
+            "billing.invoice.paid",
+            "billing.invoice.paid"
+        ]
+    );
+    let report = fx.verify().await;
+    assert!(report.ok && report.records_checked == 3, "{report:?}");
+}
+
+#[tokio::test]
+async fn an_older_event_never_overwrites_a_newer_one() {
+    let fx = Fixture::new();
+    fx.map("cus_1", "acme").await;
+    fx.deliver(event(
+        "evt_new",
+        "invoice.paid",
+        200,
+        json!({"customer": "cus_1"}),
+    ))
+    .await
+    .expect("applied");
+    let late = fx
+        .deliver(event(
+            "evt_old",
+            "invoice.payment_failed",
+            100,
+            json!({"customer": "cus_1"}),
+        ))
+        .await
+        .expect("answered");
+    assert_eq!(late.outcome, Outcome::Stale);
+    assert!(late.stale_flags.contains(&"pro_features".to_owned()));
+    assert!(fx.is_on("acme", "pro_features"));
+    assert!(!fx.is_on("acme", "paywall_active"));
+}
+
+#[tokio::test]
+async fn unknown_customers_are_refused_and_audited_and_unruled_events_ignored() {
+    let fx = Fixture::new();
+    let refused = fx
+        .deliver(event(
+            "evt_1",
+            "invoice.paid",
+            100,
+            json!({"customer": "cus_x"}),
+        ))
+        .await;
+    assert!(matches!(refused, Err(Error::UnknownCustomer(c)) if c == "cus_x"));
+    let ignored = fx
+        .deliver(event(
+            "evt_2",
+            "charge.refunded",
+            100,
+            json!({"customer": "cus_x"}),
+        ))
+        .await
+        .expect("answered");
+    assert_eq!(ignored.outcome, Outcome::Ignored);
+    // The refused one can be delivered again once the mapping exists: it was not recorded.
+    fx.map("cus_x", "globex").await;
+    let retried = fx
+        .deliver(event(
+            "evt_1",
+            "invoice.paid",
+            100,
+            json!({"customer": "cus_x"}),
+        ))
+        .await
+        .expect("applied");
+    assert_eq!(retried.outcome, Outcome::Applied);
+    let outcomes: Vec<String> = fx.audit().await.into_iter().map(|r| r.outcome).collect();
+    assert_eq!(outcomes, ["rejected", "ignored", "applied", "applied"]);
+}
+
+#[tokio::test]
+async fn checkout_records_the_mapping_and_metadata_names_a_tenant() {
+    let fx = Fixture::new();
+    let checkout = fx
+        .deliver(event(
+            "evt_c",
+            "checkout.session.completed",
+            100,
+            json!({"customer": "cus_new", "client_reference_id": "initech"}),
+        ))
+        .await
+        .expect("applied");
+    assert_eq!(
+        (checkout.outcome, checkout.tenant_id.as_str()),
+        (Outcome::Applied, "initech")
+    );
+    let tenant = fx
+        .store
+        .read(|tx| Ok(tx.tenant_of_customer("cus_new")?))
+        .await
+        .expect("read");
+    assert_eq!(tenant.as_deref(), Some("initech"));
+    let by_metadata = fx
+        .deliver(event(
+            "evt_m",
+            "invoice.paid",
+            100,
+            json!({"customer": "cus_other", "metadata": {"tenant_id": "hooli"}}),
+        ))
+        .await
+        .expect("applied");
+    assert_eq!(by_metadata.tenant_id, "hooli");
+}
+
+#[tokio::test]
+async fn admin_changes_are_audited_with_actor_and_reason() {
+    let fx = Fixture::new();
+    let written = fx
+        .store
+        .write(|tx| set_flag(tx, "acme", "seats", FlagValue::Number(25.0), &ADMIN, NOW_MS))
+        .await
+        .expect("set");
+    assert_eq!((written.origin, written.version), (FlagOrigin::Admin, 1));
+    assert_eq!(fx.map("cus_1", "acme").await, None);
+    assert_eq!(fx.map("cus_1", "acme").await.as_deref(), Some("acme"));
+    let removed = fx
+        .store
+        .write(|tx| unmap_customer(tx, "cus_1", &ADMIN, NOW_MS))
+        .await
+        .expect("unmapped");
+    assert_eq!(removed.as_deref(), Some("acme"));
+    let nothing = fx
+        .store
+        .write(|tx| unmap_customer(tx, "cus_1", &ADMIN, NOW_MS))
+        .await
+        .expect("unmapped");
+    assert_eq!(nothing, None);
+
+    let records = fx.audit().await;
+    let events: Vec<&str> = records.iter().map(|r| r.event.as_str()).collect();
+    // Mapping to the same tenant again and unmapping nothing change nothing, so audit nothing.
+    assert_eq!(
+        events,
+        [
+            "flag.set",
+            "tenant.customer_mapped",
+            "tenant.customer_unmapped"
+        ]
+    );
+    assert!(records.iter().all(|r| r.actor == "ops@example.com"));
+    assert_eq!(records[0].metadata["reason"], "contract 42");
+    assert_eq!(records[0].metadata["new_value"], "25");
+}
+
+#[tokio::test]
+async fn a_failed_operation_leaves_no_trace() {
+    let fx = Fixture::new();
+    let failed: Result<(), Error> = fx
+        .store
+        .write(|tx| {
+            set_flag(tx, "acme", "seats", FlagValue::Number(1.0), &ADMIN, NOW_MS)?;
+            Err(Error::Internal("changed my mind".into()))
+        })
+        .await;
+    assert!(failed.is_err());
+    assert!(fx.audit().await.is_empty());
+    assert!(fx.feeds.flags.current("acme", "seats").is_none());
+    // The chain continues from where the store is, not from the rolled-back record.
+    fx.map("cus_1", "acme").await;
+    assert_eq!(fx.audit().await[0].seq, 1);
+}
+
+#[test]
+fn deliveries_are_checked_for_size_signature_and_shape() {
+    let verifier = SignatureVerifier::new(vec!["whsec_unit".into()], 300);
+    let now = 1_700_000_000;
+    let body = br#"{"id":"evt_1","type":"invoice.paid","created":1700000000}"#;
+    let header = sign_header("whsec_unit", now, body);
+    let event = verify_delivery(&verifier, 1024, body, &header, now).expect("valid");
+    assert_eq!(event.id, "evt_1");
+    assert!(matches!(
+        verify_delivery(&verifier, 16, body, &header, now),
+        Err(Error::PayloadTooLarge { .. })
+    ));
+    assert!(matches!(
+        verify_delivery(
+            &verifier,
+            1024,
+            body,
+            &sign_header("whsec_other", now, body),
+            now
+        ),
+        Err(Error::SignatureMismatch)
+    ));
+    let not_an_event = b"[1,2,3]";
+    let header = sign_header("whsec_unit", now, not_an_event);
+    assert!(matches!(
+        verify_delivery(&verifier, 1024, not_an_event, &header, now),
+        Err(Error::NotAStripeEvent(_))
+    ));
+}
+
+#[test]
+fn refused_deliveries_keep_a_bounded_claim_and_misconfiguration_is_not_audited() {
+    let body = br#"{"id":"evt_forged","type":"invoice.paid"}"#;
+    let record = refused_delivery_record(&Error::SignatureMismatch, body, 1024).expect("audited");
+    assert_eq!(
+        (
+            record.event.as_str(),
+            record.outcome.as_str(),
+            record.tenant_id.as_str()
+        ),
+        ("billing.webhook.refused", "rejected", "")
+    );
+    assert_eq!(record.metadata["reason"], "SIGNATURE_MISMATCH");
+    assert_eq!(record.metadata["claimed_event_id"], "evt_forged");
+    assert_eq!(record.metadata["payload_bytes"], body.len());
+
+    let long_id = format!(r#"{{"id":"{}","type":"t"}}"#, "x".repeat(1000));
+    let record = refused_delivery_record(&Error::SignatureMismatch, long_id.as_bytes(), 4096)
+        .expect("audited");
+    assert_eq!(
+        record.metadata["claimed_event_id"].as_str().map(str::len),
+        Some(255)
+    );
+
+    let oversized = refused_delivery_record(
+        &Error::PayloadTooLarge {
+            size: body.len(),
+            limit: 8,
+        },
+        body,
+        8,
+    )
+    .expect("audited");
+    assert!(
+        !oversized.metadata.contains_key("claimed_event_id"),
+        "an oversized body is not parsed"
+    );
+    assert!(refused_delivery_record(&Error::WebhookSecretMissing, body, 1024).is_none());
+}
+
+#[test]
+fn ids_keys_and_texts_are_validated() {
+    assert!(validate_id("tenant_id", "acme-corp").is_ok());
+    for bad in ["", "has space", "tab\there", &"x".repeat(MAX_ID_LEN + 1)] {
+        assert!(validate_id("tenant_id", bad).is_err(), "{bad:?}");
+    }
+    assert!(validate_flag_key("key", "pro_features:v2").is_ok());
+    assert!(validate_flag_key("key", "bad key").is_err());
+    assert!(required_text("actor", "  ", 10).is_err());
+    assert!(required_text("actor", "ops", 2).is_err());
+    assert!(validate_reason(&"r".repeat(1025)).is_err());
+    assert!(validate_reason("").is_ok());
+}
