@@ -26,6 +26,13 @@ pub const MOCK_TENANTS: [(&str, &str); 3] = [
     ("cus_initech_001", "initech"),
 ];
 
+/// PEM material for the listener.
+pub struct TlsFiles {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+    pub client_ca: Option<Vec<u8>>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum FailMode {
     Open,
@@ -36,13 +43,6 @@ pub enum FailMode {
 pub enum LogFormat {
     Text,
     Json,
-}
-
-/// PEM material for the listener.
-pub struct TlsFiles {
-    pub cert: Vec<u8>,
-    pub key: Vec<u8>,
-    pub client_ca: Option<Vec<u8>>,
 }
 
 /// Where signed audit checkpoints go and which key signs them; the key is loaded, or created
