@@ -4,18 +4,20 @@
 
 FROM rust:1-bookworm AS build
 WORKDIR /src
-# Dependencies first, so code changes do not rebuild them.
+# Dependencies first, so code changes do not rebuild them. Cargo reads every workspace member's
+# manifest, so the benchmark's comes too, with a stub source; the image never builds it.
 COPY Cargo.toml Cargo.lock build.rs ./
+COPY bench/Cargo.toml ./bench/
 COPY proto ./proto
 COPY rules ./rules
-RUN mkdir -p src/bin \
+RUN mkdir -p src bench/src \
  && echo 'fn main() {}' > src/main.rs \
- && echo 'fn main() {}' > src/bin/coresdk-bench.rs \
+ && echo 'fn main() {}' > bench/src/main.rs \
  && touch src/lib.rs \
- && cargo build --release --locked --bin coresdk \
+ && cargo build --release --locked -p coresdk --bin coresdk \
  && rm -rf src
 COPY src ./src
-RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin coresdk
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked -p coresdk --bin coresdk
 
 FROM debian:bookworm-slim
 RUN useradd --system --uid 10001 --home-dir /var/lib/coresdk --create-home coresdk

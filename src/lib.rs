@@ -7,6 +7,7 @@ pub mod app;
 pub mod audit;
 pub mod auth;
 pub mod checkpoint;
+pub mod cli;
 pub mod config;
 pub mod drain;
 pub mod feeds;

@@ -3,8 +3,9 @@
 use std::io::{IsTerminal as _, Read as _};
 use std::process::ExitCode;
 
-use clap::Parser as _;
-use coresdk::config::{AuditCommand, Cli, Command, Config, LogFormat, StripeCommand};
+use coresdk::cli::{AuditCommand, Command, Invocation, ParseError, ServeArgs, StripeCommand};
+use coresdk::config::{Config, LogFormat};
+use coresdk::server::ServeError;
 use coresdk::store::StoreUrl;
 use coresdk::store::sqlite::{StoreTxOwner as _, open_read_only};
 
@@ -22,11 +23,25 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Exit status of a setting that cannot be used: the start never began.
+const CONFIGURATION_ERROR: u8 = 2;
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        None => serve(cli.serve),
-        Some(Command::Serve(args)) => serve(args),
+    let mut invocation = match Invocation::parse_from(std::env::args_os().collect()) {
+        Ok(invocation) => invocation,
+        Err(ParseError::Setting(line)) => {
+            eprintln!("coresdk: {line}");
+            return ExitCode::from(CONFIGURATION_ERROR);
+        }
+        // Help and version print and exit 0; anything else clap explains itself and exits 2.
+        Err(ParseError::Clap(e)) => e.exit(),
+    };
+    match invocation.cli.command.take() {
+        None => {
+            let args = invocation.cli.serve.clone();
+            serve(&invocation, args)
+        }
+        Some(Command::Serve(args)) => serve(&invocation, args),
         Some(Command::Audit(AuditCommand::Verify {
             store,
             checkpoint_file,
@@ -65,12 +80,17 @@ fn health(addr: &str, service: String, timeout_s: u64) -> ExitCode {
             .timeout(timeout)
             .connect()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| {
+                format!(
+                    "cannot connect: {}; check that the sidecar runs and listens there (--addr or CORESDK_LISTEN)",
+                    causes(&e)
+                )
+            })?;
         HealthClient::new(channel)
             .check(HealthCheckRequest { service })
             .await
             .map(|r| r.into_inner().status())
-            .map_err(|e| e.message().to_owned())
+            .map_err(|e| format!("{}: {}", e.code(), e.message()))
     });
     match answer {
         Ok(ServingStatus::Serving) => {
@@ -88,12 +108,28 @@ fn health(addr: &str, service: String, timeout_s: u64) -> ExitCode {
     }
 }
 
-fn serve(args: coresdk::config::ServeArgs) -> ExitCode {
+/// An error and its causes, outermost first: tonic's transport error alone says only
+/// "transport error", the cause ("Connection refused") is further down.
+fn causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+fn serve(invocation: &Invocation, args: ServeArgs) -> ExitCode {
     let config = match Config::from_args(args) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("coresdk: configuration error: {e}");
-            return ExitCode::from(2);
+            eprintln!("coresdk: {}", invocation.explain(&e));
+            return ExitCode::from(CONFIGURATION_ERROR);
         }
     };
     init_logging(config.log_format);
@@ -106,6 +142,14 @@ fn serve(args: coresdk::config::ServeArgs) -> ExitCode {
     };
     match runtime.block_on(coresdk::server::serve(config)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(ServeError::Checkpoints(e)) => {
+            tracing::error!(error = %e, "stopped");
+            eprintln!(
+                "coresdk: cannot prepare the audit checkpoints: {}",
+                invocation.explain(&e)
+            );
+            ExitCode::from(CONFIGURATION_ERROR)
+        }
         Err(e) => {
             tracing::error!(error = %e, "stopped");
             eprintln!("coresdk: {e}");
@@ -194,6 +238,13 @@ fn audit_verify(
 }
 
 fn stripe_sign(secret: &str, timestamp: Option<i64>) -> ExitCode {
+    // Waiting silently for a body typed at a terminal looks like a hang.
+    if std::io::stdin().is_terminal() {
+        eprintln!(
+            "coresdk: stripe sign reads the body to sign from standard input: printf '%s' \"$BODY\" | coresdk stripe sign --secret whsec_…"
+        );
+        return ExitCode::from(CONFIGURATION_ERROR);
+    }
     let mut body = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut body) {
         eprintln!("coresdk: cannot read the body from standard input: {e}");

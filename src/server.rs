@@ -37,6 +37,8 @@ const SERVICE_NAMES: [&str; 5] = [
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    #[error("cannot prepare the audit checkpoints: {0}")]
+    Checkpoints(#[from] crate::config::ConfigError),
     #[error("cannot open the store: {0}")]
     Store(#[from] crate::store::StoreError),
     #[error("cannot prepare the store: {0}")]
@@ -54,7 +56,7 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-pub async fn serve(config: Config) -> Result<(), ServeError> {
+pub async fn serve(mut config: Config) -> Result<(), ServeError> {
     if config.mock {
         tracing::warn!(
             "MOCK MODE: in-memory store (nothing survives a restart), seeded test tenants, test webhook secret unless one is set. Never use in production."
@@ -67,6 +69,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     }
     if config.admin_token.is_none() && !config.mock {
         tracing::warn!("no CORESDK_ADMIN_TOKEN: admin RPCs (SetFlag, TenantService) are refused");
+    }
+
+    // The key is created here rather than while parsing, so a start that fails validation
+    // leaves no key (and no data directory) behind.
+    if let Some(files) = &config.checkpoint_files {
+        config.checkpoints = Some(Arc::new(files.open()?));
     }
 
     let cache = Arc::new(FlagCache::new(config.rules.catalog().clone()));

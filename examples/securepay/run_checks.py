@@ -6,7 +6,10 @@
 Against a real sidecar, it must know the tenants cus_acme_001 → acme-corp, cus_globex_001 →
 globex, cus_initech_001 → initech (mock mode, or examples/tenants.json), and share
 STRIPE_WEBHOOK_SECRET and CORESDK_JWT_SECRET with this script. Test events are signed with
-Stripe's own library. Exit status 0 only when all 12 pass.
+Stripe's own library; every run uses fresh event ids and sets up the state it checks, so it
+passes run after run against the same durable sidecar. Needs the packages in
+requirements.txt and the client (`pip install '../../clients/python[fastapi]'`). Exit status 0
+only when all 12 pass.
 """
 from __future__ import annotations
 
@@ -100,6 +103,10 @@ def main() -> int:
 
     print("▸ subscription.upgraded — Tier Promotion")
     initech = {"authorization": f"Bearer {token('initech')}"}
+    # A durable sidecar remembers the last run's upgrade: start from a cancelled subscription,
+    # so "before the upgrade" holds on every run against the same sidecar, not only the first.
+    body = event("customer.subscription.deleted", "cus_initech_001")
+    post(body, signed(body))
     before = client.get("/api/analytics", headers=initech)
     body = event("subscription.upgraded", "cus_initech_001")
     post(body, signed(body))

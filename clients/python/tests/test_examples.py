@@ -26,13 +26,17 @@ def test_securepay_checks_in_mock_mode():
 def test_securepay_checks_against_the_sidecar(tmp_path):
     process = Sidecar(tmp_path, {"CORESDK_JWT_SECRET": "securepay-demo-jwt-secret-32-bytes-min"})
     process.start()
+    env = {
+        "CORESDK_USE_MOCK": "false",
+        "CORESDK_SIDECAR_ADDR": process.addr,
+        "CORESDK_JWT_SECRET": "securepay-demo-jwt-secret-32-bytes-min",
+        "STRIPE_WEBHOOK_SECRET": "whsec_test_secret",
+    }
     try:
-        out = run_checks({
-            "CORESDK_USE_MOCK": "false",
-            "CORESDK_SIDECAR_ADDR": process.addr,
-            "CORESDK_JWT_SECRET": "securepay-demo-jwt-secret-32-bytes-min",
-            "STRIPE_WEBHOOK_SECRET": "whsec_test_secret",
-        })
+        # Twice against the same durable sidecar, as the README runs it: the second run must
+        # not depend on a fresh store.
+        outs = [run_checks(env), run_checks(env)]
     finally:
         process.stop()
-    assert out.count("[PASS]") == 12 and out.rstrip().endswith("12/12 passed")
+    for out in outs:
+        assert out.count("[PASS]") == 12 and out.rstrip().endswith("12/12 passed")

@@ -6,8 +6,9 @@
 //! at its peak under load. All traffic stays on loopback, bounded in time.
 #![forbid(unsafe_code)]
 
+mod sidecar;
+
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -18,6 +19,7 @@ use coresdk::proto::{
     auth_service_client::AuthServiceClient, flag_service_client::FlagServiceClient,
     webhook_service_client::WebhookServiceClient,
 };
+use sidecar::{rss_kib, sidecar_binary, start_sidecar};
 use tonic::transport::Channel;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
@@ -83,77 +85,6 @@ impl Phase {
     }
 }
 
-struct Sidecar {
-    child: Child,
-    addr: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_sidecar(
-    binary: PathBuf,
-    store: Option<&str>,
-) -> Result<Sidecar, Box<dyn std::error::Error>> {
-    use std::io::{BufRead, BufReader};
-    if !binary.exists() {
-        return Err(format!(
-            "{} not found: build it first with `cargo build --release --bins`",
-            binary.display()
-        )
-        .into());
-    }
-    let dir = tempfile::tempdir()?;
-    let tenants: serde_json::Map<String, serde_json::Value> = (0..TENANTS)
-        .map(|i| (format!("cus_bench_{i}"), format!("tenant-{i}").into()))
-        .collect();
-    let tenants_file = dir.path().join("tenants.json");
-    std::fs::write(
-        &tenants_file,
-        serde_json::Value::Object(tenants).to_string(),
-    )?;
-    let mut child = Command::new(&binary)
-        .args(["serve", "--listen", "127.0.0.1:0", "--store"])
-        .arg(
-            store
-                .map(str::to_owned)
-                .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("coresdk.db").display())),
-        )
-        .arg("--tenants-file")
-        .arg(&tenants_file)
-        .env("STRIPE_WEBHOOK_SECRET", SECRET)
-        .env("CORESDK_JWT_SECRET", JWT_SECRET)
-        .env("CORESDK_LOG", "error")
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        match lines.next() {
-            Some(Ok(line)) => {
-                if let Some(addr) = line.strip_prefix("coresdk listening on ") {
-                    break addr.to_owned();
-                }
-            }
-            _ => return Err("the sidecar exited before listening".into()),
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    Ok(Sidecar {
-        child,
-        addr,
-        _dir: dir,
-    })
-}
-
 /// A signed delivery of a Stripe event about `customer`, as Stripe would send it now.
 fn signed_event(
     id: String,
@@ -175,16 +106,6 @@ fn signed_event(
         payload,
         signature_header,
     }
-}
-
-fn sidecar_binary(args: &Args) -> Result<PathBuf, Box<dyn std::error::Error>> {
-    Ok(match &args.sidecar {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .ok_or("no binary directory")?
-            .join("coresdk"),
-    })
 }
 
 /// Milliseconds from sending a flag-changing webhook to replica A until replica C's
@@ -253,14 +174,6 @@ fn bench_token(tenant: &str) -> Result<String, jsonwebtoken::errors::Error> {
         &claims,
         &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
     )
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Runs `call` from `concurrency` tasks for `warm_up` and then `measured`.
@@ -345,7 +258,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let sidecar = match &args.addr {
         Some(_) => None,
         None => Some(start_sidecar(
-            sidecar_binary(&args)?,
+            sidecar_binary(args.sidecar.as_deref())?,
             args.store.as_deref(),
         )?),
     };
@@ -543,7 +456,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let (Some(store), Some(sidecar)) = (args.store.as_deref(), &sidecar)
         && store.starts_with("postgres")
     {
-        let other = start_sidecar(sidecar_binary(&args)?, Some(store))?;
+        let other = start_sidecar(sidecar_binary(args.sidecar.as_deref())?, Some(store))?;
         let a = Channel::from_shared(format!("http://{}", sidecar.addr))?
             .connect()
             .await?;

@@ -1,0 +1,296 @@
+//! Parsing and validating `coresdk serve`'s settings, from flags only (the environment is
+//! ignored here, so a developer's shell cannot change the outcome).
+
+use std::path::{Path, PathBuf};
+
+use clap::{CommandFactory as _, FromArgMatches as _};
+
+use super::*;
+use crate::cli::Cli;
+
+fn args(flags: &[&str]) -> ServeArgs {
+    let matches = Cli::command()
+        .mut_args(|arg| arg.env(None::<&str>))
+        .try_get_matches_from(std::iter::once("coresdk").chain(flags.iter().copied()))
+        .expect("flags parse");
+    Cli::from_arg_matches(&matches).expect("matches").serve
+}
+
+fn config(flags: &[&str]) -> Config {
+    Config::from_args(args(flags)).expect("valid configuration")
+}
+
+fn error(flags: &[&str]) -> ConfigError {
+    Config::from_args(args(flags))
+        .err()
+        .expect("a configuration error")
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write");
+    path
+}
+
+fn text(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 temp path")
+}
+
+#[test]
+fn defaults_serve_sqlite_on_loopback_with_checkpoints_beside_the_database() {
+    let config = config(&[]);
+    assert_eq!(config.listen, "127.0.0.1:50051".parse().expect("addr"));
+    assert_eq!(
+        config.store,
+        StoreUrl::Sqlite("./coresdk-data/coresdk.db".into())
+    );
+    assert_eq!(config.fail_mode, FailMode::Open);
+    assert_eq!(config.log_format, LogFormat::Text);
+    assert!(!config.mock);
+    assert!(!config.verifier.has_secrets());
+    assert!(config.admin_token.is_none() && config.api_token.is_none());
+    assert!(config.tenants.is_empty());
+    assert!(config.tls.is_none());
+    assert_eq!(config.webhook_max_body_bytes, 1024 * 1024);
+    assert_eq!(config.shutdown_grace, std::time::Duration::from_secs(10));
+    assert_eq!(config.deny_audit_window, std::time::Duration::from_secs(60));
+    assert_eq!(
+        config.checkpoint_interval,
+        std::time::Duration::from_secs(10)
+    );
+    assert_eq!(config.tenant_claim, "tenant_id");
+    assert_eq!(
+        config.checkpoint_files,
+        Some(CheckpointFiles {
+            file: "./coresdk-data/coresdk.db.checkpoints".into(),
+            key_file: "./coresdk-data/coresdk.db.audit-key".into(),
+        })
+    );
+    assert!(
+        config.checkpoints.is_none(),
+        "the server opens the key, not parsing"
+    );
+}
+
+#[test]
+fn parsing_creates_nothing_even_where_the_key_will_go() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("data").join("coresdk.db");
+    let config = config(&["--store", &format!("sqlite://{}", text(&db))]);
+    let files = config.checkpoint_files.expect("checkpoints beside SQLite");
+    assert_eq!(files.file, dir.path().join("data/coresdk.db.checkpoints"));
+    assert_eq!(files.key_file, dir.path().join("data/coresdk.db.audit-key"));
+    assert!(
+        !dir.path().join("data").exists(),
+        "parsing created the data directory"
+    );
+}
+
+#[test]
+fn opening_the_checkpoint_files_creates_the_key_once_and_then_reuses_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let files = CheckpointFiles {
+        file: dir.path().join("cp"),
+        key_file: dir.path().join("keys/audit-key"),
+    };
+    let first = files.open().expect("creates the directory and the key");
+    let again = files.open().expect("loads the key");
+    assert_eq!(first.verifying_key(), again.verifying_key());
+    assert_eq!(again.path(), dir.path().join("cp"));
+}
+
+#[test]
+fn a_bad_checkpoint_key_names_the_key_setting() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let files = CheckpointFiles {
+        file: dir.path().join("cp"),
+        key_file: write(dir.path(), "key", "not a hex seed"),
+    };
+    let error = files.open().err().expect("refused");
+    assert_eq!(error.setting, "CORESDK_AUDIT_SIGNING_KEY_FILE");
+}
+
+#[test]
+fn explicit_checkpoint_files_are_used_with_any_store_and_the_interval_is_at_least_a_second() {
+    let config = config(&[
+        "--store",
+        "memory",
+        "--audit-checkpoint-file",
+        "/elsewhere/cp",
+        "--audit-signing-key-file",
+        "/secrets/key",
+        "--audit-checkpoint-interval-s",
+        "0",
+    ]);
+    assert_eq!(
+        config.checkpoint_files,
+        Some(CheckpointFiles {
+            file: "/elsewhere/cp".into(),
+            key_file: "/secrets/key".into()
+        })
+    );
+    assert_eq!(
+        config.checkpoint_interval,
+        std::time::Duration::from_secs(1)
+    );
+    assert!(
+        self::config(&["--store", "memory"])
+            .checkpoint_files
+            .is_none()
+    );
+    assert!(
+        self::config(&["--store", "postgres://u@127.0.0.1/db"])
+            .checkpoint_files
+            .is_none()
+    );
+}
+
+#[test]
+fn mock_mode_has_a_memory_store_seeded_tenants_and_the_test_secret() {
+    let config = config(&["--mock", "--store", "sqlite:///ignored/in/mock/mode.db"]);
+    assert!(config.mock);
+    assert_eq!(config.store, StoreUrl::Memory);
+    assert!(config.verifier.has_secrets());
+    assert!(config.checkpoint_files.is_none());
+    for (customer, tenant) in MOCK_TENANTS {
+        assert_eq!(
+            config.tenants.get(customer).map(String::as_str),
+            Some(tenant)
+        );
+    }
+    assert!(self::config(&["--mock=false"]).store != StoreUrl::Memory);
+}
+
+#[test]
+fn webhook_secrets_come_from_the_flag_and_from_a_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(dir.path(), "secret", "whsec_one\n whsec_two ,\n");
+    assert!(
+        config(&["--webhook-secret-file", text(&file)])
+            .verifier
+            .has_secrets()
+    );
+    assert!(
+        config(&["--webhook-secret", "whsec_a,whsec_b"])
+            .verifier
+            .has_secrets()
+    );
+
+    let empty = write(dir.path(), "empty", " \n,\n");
+    let e = error(&["--webhook-secret-file", text(&empty)]);
+    assert_eq!(e.setting, "STRIPE_WEBHOOK_SECRET_FILE");
+    assert!(e.message.contains("holds no secret"), "{e}");
+}
+
+#[test]
+fn tls_needs_both_halves_and_reads_them_at_parse_time() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cert = write(dir.path(), "cert.pem", "CERT");
+    let key = write(dir.path(), "key.pem", "KEY");
+    let ca = write(dir.path(), "ca.pem", "CA");
+    let config = config(&[
+        "--tls-cert-file",
+        text(&cert),
+        "--tls-key-file",
+        text(&key),
+        "--tls-client-ca-file",
+        text(&ca),
+    ]);
+    let tls = config.tls.expect("TLS on");
+    assert_eq!(
+        (tls.cert.as_slice(), tls.key.as_slice()),
+        (&b"CERT"[..], &b"KEY"[..])
+    );
+    assert_eq!(tls.client_ca.as_deref(), Some(&b"CA"[..]));
+
+    assert_eq!(
+        error(&["--tls-cert-file", text(&cert)]).setting,
+        "CORESDK_TLS_KEY_FILE"
+    );
+    assert_eq!(
+        error(&["--tls-key-file", text(&key)]).setting,
+        "CORESDK_TLS_CERT_FILE"
+    );
+    assert_eq!(
+        error(&["--tls-client-ca-file", text(&ca)]).setting,
+        "CORESDK_TLS_CLIENT_CA_FILE"
+    );
+}
+
+#[test]
+fn a_tenants_file_is_validated_and_added_to_the_mock_tenants() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let good = write(dir.path(), "tenants.json", r#"{"cus_new": "new-co"}"#);
+    let config = config(&["--mock", "--tenants-file", text(&good)]);
+    assert_eq!(config.tenants.len(), MOCK_TENANTS.len() + 1);
+    assert_eq!(
+        config.tenants.get("cus_new").map(String::as_str),
+        Some("new-co")
+    );
+
+    for bad in [r#"["cus_a"]"#, r#"{"cus_a": 1}"#, r#"{"cus a": "x"}"#, "{"] {
+        let file = write(dir.path(), "bad.json", bad);
+        let e = error(&["--tenants-file", text(&file)]);
+        assert_eq!(e.setting, "CORESDK_TENANTS_FILE", "{bad}: {e}");
+    }
+}
+
+#[test]
+fn every_validated_setting_names_itself_when_its_value_is_bad() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let missing = dir.path().join("missing");
+    let missing = text(&missing);
+    let short_jwt = write(dir.path(), "short-jwt", "too-short");
+    let short_jwt = text(&short_jwt);
+    let cases: &[(&[&str], &str)] = &[
+        (&["--store", "mysql://x"], "CORESDK_STORE"),
+        (&["--store", "sqlite://"], "CORESDK_STORE"),
+        (
+            &["--webhook-secret-file", missing],
+            "STRIPE_WEBHOOK_SECRET_FILE",
+        ),
+        (
+            &["--webhook-max-body-bytes", "0"],
+            "CORESDK_WEBHOOK_MAX_BODY_BYTES",
+        ),
+        (
+            &["--webhook-max-body-bytes", "67108865"],
+            "CORESDK_WEBHOOK_MAX_BODY_BYTES",
+        ),
+        (
+            &["--problem-type-base", "problems"],
+            "CORESDK_PROBLEM_TYPE_BASE",
+        ),
+        (&["--admin-token", "short"], "CORESDK_ADMIN_TOKEN"),
+        (&["--admin-token", "   "], "CORESDK_ADMIN_TOKEN"),
+        (&["--api-token", "short"], "CORESDK_API_TOKEN"),
+        (&["--jwt-secret", "short"], "CORESDK_JWT_SECRET"),
+        (&["--jwt-secret-file", missing], "CORESDK_JWT_SECRET_FILE"),
+        (&["--jwt-secret-file", short_jwt], "CORESDK_JWT_SECRET_FILE"),
+        (
+            &["--jwt-public-key-file", missing],
+            "CORESDK_JWT_PUBLIC_KEY_FILE",
+        ),
+        (&["--jwks-file", missing], "CORESDK_JWKS_FILE"),
+        (&["--billing-url", "billing"], "CORESDK_BILLING_URL"),
+        (&["--upgrade-url", "ftp://x"], "CORESDK_UPGRADE_URL"),
+        (&["--rules-file", missing], "CORESDK_RULES_FILE"),
+        (&["--tenants-file", missing], "CORESDK_TENANTS_FILE"),
+        (
+            &["--store", "memory", "--audit-checkpoint-file", "/cp"],
+            "CORESDK_AUDIT_SIGNING_KEY_FILE",
+        ),
+    ];
+    for (flags, setting) in cases {
+        let e = error(flags);
+        assert_eq!(e.setting, *setting, "{flags:?}: {e}");
+    }
+}
+
+#[test]
+fn secrets_never_appear_in_errors() {
+    let e = error(&["--admin-token", "short-secret"]);
+    assert!(!e.to_string().contains("short-secret"), "{e}");
+    let e = error(&["--jwt-secret", "hmac-secret-too-short"]);
+    assert!(!e.to_string().contains("hmac-secret-too-short"), "{e}");
+}
