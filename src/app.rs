@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use crate::audit::{self, AuditRecord, NewAuditRecord, VerifyReport};
 use crate::auth::{Access, AccessRequest, Authorizer, Claims, TokenError, tokens_match};
+use crate::checkpoint::Checkpointer;
 use crate::config::Config;
 use crate::feeds::Feeds;
 use crate::flags::{Flag, FlagRecord, FlagValue};
@@ -23,6 +24,8 @@ pub struct App {
     pub config: Config,
     pub store: Store,
     pub feeds: Arc<Feeds>,
+    /// Signs the chain head now and then, when checkpoints are kept.
+    pub checkpoints: Option<Arc<Checkpointer>>,
     /// Flips to true at shutdown so that streams end and the server can drain.
     pub shutdown: watch::Receiver<bool>,
     authorizer: Authorizer,
@@ -48,6 +51,7 @@ impl App {
         config: Config,
         store: Store,
         feeds: Arc<Feeds>,
+        checkpoints: Option<Arc<Checkpointer>>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         let authorizer = Authorizer::new(
@@ -59,6 +63,7 @@ impl App {
             config,
             store,
             feeds,
+            checkpoints,
             shutdown,
             authorizer,
         }
@@ -286,7 +291,6 @@ impl App {
     /// Recomputes the chain and, when checkpoints are kept, checks it against the newest one.
     pub async fn verify_audit(&self) -> Result<VerifyReport, Error> {
         let checkpoints = self
-            .config
             .checkpoints
             .as_ref()
             .map(|c| (c.path().to_owned(), c.verifying_key()));

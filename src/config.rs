@@ -116,8 +116,6 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// Where checkpoints go, when they are on (by default beside a SQLite store).
     pub checkpoint_files: Option<CheckpointFiles>,
-    /// The signer for `checkpoint_files`: `None` after parsing; the server opens it at start.
-    pub checkpoints: Option<Arc<Checkpointer>>,
     pub checkpoint_interval: std::time::Duration,
     pub postgres_ca_file: Option<PathBuf>,
 }
@@ -273,7 +271,6 @@ impl Config {
             deny_audit_window: std::time::Duration::from_secs(args.deny_audit_window_s),
             tls,
             checkpoint_files,
-            checkpoints: None,
             checkpoint_interval: std::time::Duration::from_secs(
                 args.audit_checkpoint_interval_s.max(1),
             ),

@@ -56,7 +56,7 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-pub async fn serve(mut config: Config) -> Result<(), ServeError> {
+pub async fn serve(config: Config) -> Result<(), ServeError> {
     if config.mock {
         tracing::warn!(
             "MOCK MODE: in-memory store (nothing survives a restart), seeded test tenants, test webhook secret unless one is set. Never use in production."
@@ -73,9 +73,10 @@ pub async fn serve(mut config: Config) -> Result<(), ServeError> {
 
     // The key is created here rather than while parsing, so a start that fails validation
     // leaves no key (and no data directory) behind.
-    if let Some(files) = &config.checkpoint_files {
-        config.checkpoints = Some(Arc::new(files.open()?));
-    }
+    let checkpoints = match &config.checkpoint_files {
+        Some(files) => Some(Arc::new(files.open()?)),
+        None => None,
+    };
 
     let cache = Arc::new(FlagCache::new(config.rules.catalog().clone()));
     let feeds = Arc::new(Feeds::new(cache.clone()));
@@ -97,7 +98,13 @@ pub async fn serve(mut config: Config) -> Result<(), ServeError> {
         .webhook_max_body_bytes
         .saturating_mul(4)
         .max(4 * 1024 * 1024);
-    let state = Arc::new(App::new(config, store.clone(), feeds, shutdown_rx.clone()));
+    let state = Arc::new(App::new(
+        config,
+        store.clone(),
+        feeds,
+        checkpoints,
+        shutdown_rx.clone(),
+    ));
     state
         .config
         .tokens
@@ -190,7 +197,7 @@ pub async fn serve(mut config: Config) -> Result<(), ServeError> {
     println!("coresdk listening on {bound}");
 
     let store_health = tokio::spawn(report_store_health(store.clone(), health_reporter.clone()));
-    let checkpointing = state.config.checkpoints.clone().map(|checkpointer| {
+    let checkpointing = state.checkpoints.clone().map(|checkpointer| {
         let feeds = state.feeds.clone();
         let every = state.config.checkpoint_interval;
         tokio::spawn(checkpoint_loop(checkpointer, feeds, every))
@@ -225,7 +232,6 @@ pub async fn serve(mut config: Config) -> Result<(), ServeError> {
         task.abort();
     }
     let last = state
-        .config
         .checkpoints
         .clone()
         .map(|c| (c, state.feeds.audit_head()));
