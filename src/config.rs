@@ -7,17 +7,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::ValueEnum;
-
 use crate::auth::token::{TokenSettings, TokenVerifier};
 use crate::checkpoint::Checkpointer;
-pub use crate::cli::ServeArgs;
 use crate::problem::ProblemLinks;
 use crate::rules::Rules;
+pub use crate::settings::{DEFAULT_STORE, LogFormat, ServeArgs};
 use crate::store::StoreUrl;
 use crate::stripe::SignatureVerifier;
 
-pub const DEFAULT_STORE: &str = "sqlite://./coresdk-data/coresdk.db";
 pub const MOCK_WEBHOOK_SECRET: &str = "whsec_test_secret";
 /// Tenants every mock-mode sidecar knows, as in the SecurePay walkthrough.
 pub const MOCK_TENANTS: [(&str, &str); 3] = [
@@ -34,12 +31,6 @@ pub struct TlsFiles {
 }
 
 pub use crate::auth::FailMode;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
 
 /// Where signed audit checkpoints go and which key signs them; the key is loaded, or created
 /// when missing, by [`CheckpointFiles::open`] at server start.

@@ -16,6 +16,7 @@ pub mod ops;
 pub mod problem;
 pub mod rules;
 pub mod server;
+pub mod settings;
 pub mod store;
 pub mod stripe;
 pub mod time;

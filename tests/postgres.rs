@@ -287,13 +287,19 @@ fn start_outage_server() -> String {
 
 fn stop_outage_server() {
     let bin = postgres_bin();
-    let status = std::process::Command::new("runuser")
+    // From `/`: the postgres user may not be able to enter the checkout, and pg_ctl says so.
+    let output = std::process::Command::new("runuser")
         .args(["-u", "postgres", "--"])
         .arg(bin.join("pg_ctl"))
         .args(["-D", OUTAGE_PG_DIR, "-m", "fast", "-w", "stop"])
-        .status()
+        .current_dir("/")
+        .output()
         .expect("pg_ctl runs");
-    assert!(status.success(), "pg_ctl stop");
+    assert!(
+        output.status.success(),
+        "pg_ctl stop: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -453,6 +459,7 @@ async fn tls_to_postgres_is_verified_against_the_configured_ca() {
         .args(["-u", "postgres", "--"])
         .arg(bin.join("pg_ctl"))
         .args(["-D", dir, "-m", "immediate", "-w", "stop"])
+        .current_dir("/")
         .output();
     let _ = std::fs::remove_dir_all(dir);
     let key_dir = format!("{dir}-keys");

@@ -1,0 +1,134 @@
+//! Every setting of `coresdk serve`: its flag, environment variable, default and help. The
+//! command line (`cli`) parses these; `config` validates them into a `Config`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Args, ValueEnum};
+
+use crate::auth::FailMode;
+
+pub const DEFAULT_STORE: &str = "sqlite://./coresdk-data/coresdk.db";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (loopback by default: the sidecar serves its own pod).
+    #[arg(long, env = "CORESDK_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// `sqlite://PATH` (durable, one sidecar), `postgres://USER:PASS@HOST/DB` (shared by
+    /// replicas) or `memory`. Default: `sqlite://./coresdk-data/coresdk.db` (`memory` with --mock).
+    #[arg(long, env = "CORESDK_STORE")]
+    pub store: Option<String>,
+    /// JSON object of Stripe customer id → tenant id, loaded into the store at start.
+    #[arg(long, env = "CORESDK_TENANTS_FILE")]
+    pub tenants_file: Option<PathBuf>,
+    /// TOML rules replacing the built-in ones (see rules/default.toml).
+    #[arg(long, env = "CORESDK_RULES_FILE")]
+    pub rules_file: Option<PathBuf>,
+    /// Local development: memory store, seeded tenants, test secret.
+    #[arg(long, env = "CORESDK_USE_MOCK", action = ArgAction::Set, num_args = 0..=1,
+          default_value = "false", default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub mock: bool,
+    /// Stripe endpoint secrets (`whsec_…`), comma-separated: all are accepted, for rotation.
+    #[arg(long, env = "STRIPE_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// A file holding secrets (comma or newline separated), e.g. a mounted Kubernetes secret.
+    #[arg(long, env = "STRIPE_WEBHOOK_SECRET_FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
+    /// Bearer token that admin RPCs require. Without it admin RPCs are refused (except in mock mode).
+    #[arg(long, env = "CORESDK_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Accepted distance between a signature's timestamp and now, in both directions.
+    #[arg(long, env = "CORESDK_WEBHOOK_TOLERANCE_S", default_value_t = 300)]
+    pub webhook_tolerance_s: u64,
+    /// Largest webhook body accepted.
+    #[arg(long, env = "CORESDK_WEBHOOK_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub webhook_max_body_bytes: usize,
+    /// Base URI of RFC 9457 problem `type`s.
+    #[arg(
+        long,
+        env = "CORESDK_PROBLEM_TYPE_BASE",
+        default_value = "https://coresdk.dev/problems"
+    )]
+    pub problem_type_base: String,
+    /// What clients and access decisions do when a dependency is down.
+    #[arg(long, env = "CORESDK_FAIL_MODE", value_enum, default_value_t = FailMode::Open)]
+    pub fail_mode: FailMode,
+    /// Log lines as text or JSON, on standard error; the level is `CORESDK_LOG` or `RUST_LOG`.
+    #[arg(long, env = "CORESDK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// How long in-flight calls may take to finish after SIGTERM.
+    #[arg(long, env = "CORESDK_SHUTDOWN_GRACE_S", default_value_t = 10)]
+    pub shutdown_grace_s: u64,
+    /// When set, every RPC but health needs `authorization: Bearer <token>` (this token or the
+    /// admin token) or `x-coresdk-api-token: <token>`.
+    #[arg(long, env = "CORESDK_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// HMAC secret(s) for HS256/384/512 tokens, comma-separated.
+    #[arg(long, env = "CORESDK_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// A file holding HMAC secrets (comma or newline separated), added to --jwt-secret.
+    #[arg(long, env = "CORESDK_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// A PEM public key (RSA, EC P-256/P-384 or Ed25519) for RS*/ES*/EdDSA tokens.
+    #[arg(long, env = "CORESDK_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// A JWK set; keys are picked by `kid`, and the file is re-read when it changes.
+    #[arg(long, env = "CORESDK_JWKS_FILE")]
+    pub jwks_file: Option<PathBuf>,
+    /// Required `iss` of tokens; any issuer is accepted when unset.
+    #[arg(long, env = "CORESDK_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Accepted audiences, comma-separated.
+    #[arg(long, env = "CORESDK_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// The token claim naming the caller's tenant.
+    #[arg(long, env = "CORESDK_JWT_TENANT_CLAIM", default_value = "tenant_id")]
+    pub jwt_tenant_claim: String,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[arg(long, env = "CORESDK_JWT_LEEWAY_S", default_value_t = 60)]
+    pub jwt_leeway_s: u64,
+    /// Link put in 402 problems as `billing_url`.
+    #[arg(long, env = "CORESDK_BILLING_URL")]
+    pub billing_url: Option<String>,
+    /// Link put in 403 feature-locked problems as `upgrade_url`.
+    #[arg(long, env = "CORESDK_UPGRADE_URL")]
+    pub upgrade_url: Option<String>,
+    /// Identical denials within this window are audited once, with a count.
+    #[arg(long, env = "CORESDK_DENY_AUDIT_WINDOW_S", default_value_t = 60)]
+    pub deny_audit_window_s: u64,
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key-file.
+    #[arg(long, env = "CORESDK_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert-file.
+    #[arg(long, env = "CORESDK_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    /// CA certificate(s) (PEM) that sign the PostgreSQL server's certificate; needed with
+    /// `sslmode=require`/`verify-full` in a postgres:// store URL.
+    #[arg(long, env = "CORESDK_POSTGRES_CA_FILE")]
+    pub postgres_ca_file: Option<PathBuf>,
+    /// Signed audit checkpoints are appended here (default: beside a SQLite store, `<db>.checkpoints`).
+    #[arg(long, env = "CORESDK_AUDIT_CHECKPOINT_FILE")]
+    pub audit_checkpoint_file: Option<PathBuf>,
+    /// Ed25519 seed (64 hex characters) signing the checkpoints; created at start when missing
+    /// (default: `<db>.audit-key`). Mount it from a secret in production.
+    #[arg(long, env = "CORESDK_AUDIT_SIGNING_KEY_FILE")]
+    pub audit_signing_key_file: Option<PathBuf>,
+    /// Seconds between checkpoints of a chain head that moved (at least 1).
+    #[arg(
+        long,
+        env = "CORESDK_AUDIT_CHECKPOINT_INTERVAL_S",
+        default_value_t = 10
+    )]
+    pub audit_checkpoint_interval_s: u64,
+    /// Require client certificates signed by this CA (mutual TLS).
+    #[arg(long, env = "CORESDK_TLS_CLIENT_CA_FILE")]
+    pub tls_client_ca_file: Option<PathBuf>,
+}
