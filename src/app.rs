@@ -13,7 +13,9 @@ use crate::checkpoint::Checkpointer;
 use crate::config::Config;
 use crate::feeds::Feeds;
 use crate::flags::{Flag, FlagRecord, FlagValue};
-use crate::ops::{self, AdminChange, WebhookResult, validate_flag_key, validate_id};
+use crate::ops::{
+    self, AdminChange, WebhookResult, validate_flag_key, validate_id, validate_optional_id,
+};
 use crate::problem::{Error, ProblemLinks};
 use crate::store::{AuditQuery, Store};
 
@@ -155,26 +157,19 @@ impl App {
         Ok(self.feeds.flags.all_of(tenant_id))
     }
 
-    /// Streams and queries may name one tenant or none (all tenants).
-    pub fn validate_tenant_filter(tenant_id: &str) -> Result<(), Error> {
-        if tenant_id.is_empty() {
-            Ok(())
-        } else {
-            validate_id("tenant_id", tenant_id)
-        }
-    }
-
     pub async fn set_flag(
         &self,
         admin: Admin<'_>,
         tenant_id: String,
         key: String,
-        value: FlagValue,
+        // Decoded by the adapter, checked here after the other fields, like every field.
+        value: Result<FlagValue, Error>,
     ) -> Result<FlagRecord, Error> {
         self.require_admin(admin.bearer)?;
         validate_id("tenant_id", &tenant_id)?;
         validate_flag_key("key", &key)?;
         admin.validate()?;
+        let value = value?;
         let (actor, reason) = (admin.actor.to_owned(), admin.reason.to_owned());
         let written = self
             .store
@@ -266,7 +261,7 @@ impl App {
     /// The application's own audit event, validated, sealed and committed.
     pub async fn append_audit(&self, record: NewAuditRecord) -> Result<AuditRecord, Error> {
         audit::validate_new(&record)?;
-        Self::validate_tenant_filter(&record.tenant_id)?;
+        validate_optional_id("tenant_id", &record.tenant_id)?;
         self.append(record).await
     }
 
@@ -277,9 +272,7 @@ impl App {
     }
 
     pub async fn query_audit(&self, query: AuditQuery) -> Result<Vec<AuditRecord>, Error> {
-        if let Some(tenant) = &query.tenant_id {
-            validate_id("tenant_id", tenant)?;
-        }
+        validate_optional_id("tenant_id", query.tenant_id.as_deref().unwrap_or_default())?;
         if let (Some(since), Some(until)) = (query.since_ms, query.until_ms)
             && since > until
         {

@@ -175,7 +175,8 @@ fn line(setting: &str, origin: &Origin, value: Option<&str>, message: &str) -> S
         Origin::Default => "the default".to_owned(),
         Origin::Unset => "not set".to_owned(),
     };
-    match value {
+    // A URL's password must not reach a log, even in a URL that is wrong otherwise.
+    match value.map(crate::store::redact_password) {
         Some(value) => format!("{setting} ({origin}) = {value:?}: {message}"),
         None => format!("{setting} ({origin}): {message}"),
     }

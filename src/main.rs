@@ -83,7 +83,7 @@ fn health(addr: &str, service: String, timeout_s: u64) -> ExitCode {
             .map_err(|e| {
                 format!(
                     "cannot connect: {}; check that the sidecar runs and listens there (--addr or CORESDK_LISTEN)",
-                    causes(&e)
+                    coresdk::problem::with_causes(&e)
                 )
             })?;
         HealthClient::new(channel)
@@ -108,22 +108,6 @@ fn health(addr: &str, service: String, timeout_s: u64) -> ExitCode {
     }
 }
 
-/// An error and its causes, outermost first: tonic's transport error alone says only
-/// "transport error", the cause ("Connection refused") is further down.
-fn causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 fn serve(invocation: &Invocation, args: ServeArgs) -> ExitCode {
     let config = match Config::from_args(args) {
         Ok(config) => config,
@@ -142,8 +126,8 @@ fn serve(invocation: &Invocation, args: ServeArgs) -> ExitCode {
     };
     match runtime.block_on(coresdk::server::serve(config)) {
         Ok(()) => ExitCode::SUCCESS,
+        // A setting's error: one line, like every other configuration error.
         Err(ServeError::Checkpoints(e)) => {
-            tracing::error!(error = %e, "stopped");
             eprintln!(
                 "coresdk: cannot prepare the audit checkpoints: {}",
                 invocation.explain(&e)

@@ -7,6 +7,23 @@
 use serde_json::{Map, Value, json};
 use tonic::Code;
 
+/// An error and every error behind it, outermost first: a client's own message ("error
+/// connecting to server", "transport error") says what failed, only its sources say why.
+pub fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let said = cause.to_string();
+        // Some errors repeat their source in their own message.
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// Where problem documents point and which links they carry.
 #[derive(Debug, Clone)]
 pub struct ProblemLinks {
@@ -125,6 +142,24 @@ pub struct Mapping {
     pub reason: &'static str,
 }
 
+impl Mapping {
+    const fn new(
+        code: Code,
+        http_status: u16,
+        slug: &'static str,
+        title: &'static str,
+        reason: &'static str,
+    ) -> Self {
+        Self {
+            code,
+            http_status,
+            slug,
+            title,
+            reason,
+        }
+    }
+}
+
 impl Error {
     pub fn invalid(field: &'static str, description: impl Into<String>) -> Self {
         Self::InvalidArgument(vec![FieldViolation::new(field, description)])
@@ -132,13 +167,7 @@ impl Error {
 
     pub fn mapping(&self) -> Mapping {
         use Error::*;
-        let m = |code, http_status, slug, title, reason| Mapping {
-            code,
-            http_status,
-            slug,
-            title,
-            reason,
-        };
+        let m = Mapping::new;
         match self {
             SignatureMissing => m(
                 Code::Unauthenticated,
@@ -288,13 +317,7 @@ pub enum Denial {
 
 impl Denial {
     pub fn mapping(&self) -> Mapping {
-        let m = |code, http_status, slug, title, reason| Mapping {
-            code,
-            http_status,
-            slug,
-            title,
-            reason,
-        };
+        let m = Mapping::new;
         match self {
             Denial::Unauthenticated(_) => m(
                 Code::Unauthenticated,

@@ -131,8 +131,6 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         source,
     })?;
 
-    // Oversized webhook bodies must reach the handler to get a problem answer, so the
-    // transport limit sits well above the body limit.
     let in_flight = crate::drain::InFlight::default();
     let mut builder = Server::builder();
     if let Some(tls) = &state.config.tls {
@@ -231,14 +229,14 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     if let Some(task) = checkpointing {
         task.abort();
     }
-    let last = state
-        .checkpoints
-        .clone()
-        .map(|c| (c, state.feeds.audit_head()));
+    let last = state.checkpoints.clone();
+    let feeds = state.feeds.clone();
     drop(state);
     let closing = store.clone();
     let _ = tokio::task::spawn_blocking(move || closing.close()).await;
-    if let Some((checkpointer, head)) = last
+    // Read after the close: whatever the store committed while closing is covered too.
+    let head = feeds.audit_head();
+    if let Some(checkpointer) = last
         && head.seq > 0
         && let Err(e) = checkpointer.write(head)
     {

@@ -7,7 +7,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{ResponseStream, SharedApp, convert, status};
-use crate::app::App;
 use crate::audit::{AuditRecord, NewAuditRecord};
 use crate::problem::Error;
 use crate::proto::{self, audit_service_server::AuditService};
@@ -135,7 +134,7 @@ impl AuditService for AuditApi {
         request: Request<proto::TailAuditRequest>,
     ) -> Result<Response<Self::TailStream>, Status> {
         let request = request.into_inner();
-        App::validate_tenant_filter(&request.tenant_id)
+        crate::ops::validate_optional_id("tenant_id", &request.tenant_id)
             .map_err(|e| status::of_error(&e, self.app.links()))?;
         let (sender, receiver) = mpsc::channel(256);
         let app = self.app.clone();

@@ -5,7 +5,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{ResponseStream, SharedApp, bearer, convert, status};
-use crate::app::{Admin, App};
+use crate::app::Admin;
 use crate::flags::FlagCache;
 use crate::proto::{self, flag_service_server::FlagService};
 
@@ -65,16 +65,11 @@ impl FlagService for FlagApi {
             actor: &request.actor,
             reason: &request.reason,
         };
-        let written = match value {
-            Ok(value) => {
-                self.app
-                    .set_flag(admin, request.tenant_id.clone(), request.key.clone(), value)
-                    .await
-            }
-            // The admin check and field checks come first, as for every admin call.
-            Err(bad_value) => self.app.require_admin(admin.bearer).and(Err(bad_value)),
-        }
-        .map_err(|e| status::of_error(&e, links))?;
+        let written = self
+            .app
+            .set_flag(admin, request.tenant_id.clone(), request.key.clone(), value)
+            .await
+            .map_err(|e| status::of_error(&e, links))?;
         Ok(Response::new(convert::flag_record(written)))
     }
 
@@ -85,7 +80,8 @@ impl FlagService for FlagApi {
         request: Request<proto::WatchFlagsRequest>,
     ) -> Result<Response<Self::WatchFlagsStream>, Status> {
         let tenant = request.into_inner().tenant_id;
-        App::validate_tenant_filter(&tenant).map_err(|e| status::of_error(&e, self.app.links()))?;
+        crate::ops::validate_optional_id("tenant_id", &tenant)
+            .map_err(|e| status::of_error(&e, self.app.links()))?;
         let (sender, receiver) = mpsc::channel(64);
         let app = self.app.clone();
         tokio::spawn(async move { watch(app, tenant, sender).await });

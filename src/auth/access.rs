@@ -10,7 +10,6 @@ use super::{Claims, Denial, DenialCoalescer, FailMode, FailModeCounter, TokenVer
 use crate::audit::{self, NewAuditRecord};
 use crate::flags::FlagCache;
 use crate::problem::Error;
-use crate::rules::is_valid_flag_key;
 
 /// Flags one request may name at most.
 const MAX_FLAGS: usize = 32;
@@ -38,13 +37,9 @@ fn validate_flag_list(field: &'static str, flags: &[String]) -> Result<(), Error
             format!("names more than {MAX_FLAGS} flags"),
         ));
     }
-    match flags.iter().find(|f| !is_valid_flag_key(f)) {
-        Some(bad) => Err(Error::invalid(
-            field,
-            format!("'{bad}' is not a valid flag key"),
-        )),
-        None => Ok(()),
-    }
+    flags
+        .iter()
+        .try_for_each(|flag| crate::ops::validate_flag_key(field, flag))
 }
 
 impl AccessRequest {
@@ -52,9 +47,7 @@ impl AccessRequest {
         if self.token.trim().is_empty() && self.tenant_id.is_empty() {
             return Err(Error::invalid("token", "give a token or a tenant_id"));
         }
-        if !self.tenant_id.is_empty() {
-            crate::ops::validate_id("tenant_id", &self.tenant_id)?;
-        }
+        crate::ops::validate_optional_id("tenant_id", &self.tenant_id)?;
         validate_flag_list("required_features", &self.required_features)?;
         validate_flag_list("deny_if", &self.deny_if)?;
         if self.resource.len() > MAX_RESOURCE_LEN {

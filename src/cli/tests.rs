@@ -155,6 +155,11 @@ fn a_configuration_error_says_where_the_value_came_from_and_hides_secrets() {
         explain(&["coresdk", "--store", "mysql://x"]),
         "CORESDK_STORE (from --store on the command line) = \"mysql://x\": unsupported store URL 'mysql://x': use sqlite://PATH, postgres://… or memory"
     );
+    let line = explain(&["coresdk", "--store", "postgress://app:s3cret@db/x"]);
+    assert!(
+        !line.contains("s3cret") && line.contains("postgress://app:***@db/x"),
+        "{line}"
+    );
     let line = explain(&["coresdk", "serve", "--admin-token", "short-secret"]);
     assert!(
         line.starts_with("CORESDK_ADMIN_TOKEN (from --admin-token on the command line): "),

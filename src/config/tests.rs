@@ -58,7 +58,7 @@ fn defaults_serve_sqlite_on_loopback_with_checkpoints_beside_the_database() {
         config.checkpoint_interval,
         std::time::Duration::from_secs(10)
     );
-    assert_eq!(config.tenant_claim, "tenant_id");
+    assert_eq!(config.tokens.tenant_claim(), "tenant_id");
     assert_eq!(
         config.checkpoint_files,
         Some(CheckpointFiles {

@@ -37,18 +37,27 @@ pub fn validate_id(field: &'static str, value: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Flag keys: letters, digits and `_ - . :`, bounded.
+/// Flag keys: letters, digits and `_ - . :`, bounded. The refused key is quoted, cut short.
 pub fn validate_flag_key(field: &'static str, key: &str) -> Result<(), Error> {
     if crate::rules::is_valid_flag_key(key) {
+        return Ok(());
+    }
+    let shown: String = key.chars().take(64).collect();
+    Err(Error::invalid(
+        field,
+        format!(
+            "'{shown}' is not a valid flag key: use 1-{} characters of letters, digits, _ - . :",
+            crate::rules::MAX_FLAG_KEY_LEN
+        ),
+    ))
+}
+
+/// An id that may be left empty, meaning "any" (a tenant filter) or "none".
+pub fn validate_optional_id(field: &'static str, value: &str) -> Result<(), Error> {
+    if value.is_empty() {
         Ok(())
     } else {
-        Err(Error::invalid(
-            field,
-            format!(
-                "must be 1-{} characters of letters, digits, _ - . :",
-                crate::rules::MAX_FLAG_KEY_LEN
-            ),
-        ))
+        validate_id(field, value)
     }
 }
 

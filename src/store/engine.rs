@@ -161,7 +161,8 @@ fn abandon<T: OpenTx>(
     *state = at_begin;
     for job in ran.into_iter().chain(not_run) {
         job.answer(Err(Error::StoreUnavailable(format!(
-            "the transaction did not commit: {why}"
+            "the transaction did not commit: {}",
+            why.summary()
         ))));
     }
 }

@@ -62,9 +62,18 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// What a caller may be told: the first line only, since PostgreSQL's `DETAIL` and `HINT`
+    /// lines can quote row values (the log keeps them whole).
+    pub fn summary(&self) -> String {
+        let text = self.to_string();
+        text.lines().next().unwrap_or_default().to_owned()
+    }
+}
+
 impl From<StoreError> for Error {
     fn from(e: StoreError) -> Self {
-        Error::StoreUnavailable(e.to_string())
+        Error::StoreUnavailable(e.summary())
     }
 }
 
@@ -250,16 +259,36 @@ impl std::fmt::Debug for StoreUrl {
 }
 
 /// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+/// A `password=` query parameter is hidden too.
 pub fn redact_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let Some((userinfo, host)) = rest.split_once('@') else {
-        return url.to_owned();
+    let (authority_and_path, query) = match rest.split_once('?') {
+        Some((before, query)) => (before, Some(query)),
+        None => (rest, None),
     };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
+    // The last `@` ends the user info: a password may itself contain `@`.
+    let authority_and_path = match authority_and_path.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => authority_and_path.to_owned(),
+        },
+        None => authority_and_path.to_owned(),
+    };
+    let query = query.map(|query| {
+        query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("&")
+    });
+    match query {
+        Some(query) => format!("{scheme}://{authority_and_path}?{query}"),
+        None => format!("{scheme}://{authority_and_path}"),
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use postgres::config::Host;
 use postgres::{Client, NoTls};
 
+use crate::problem::with_causes;
 use crate::store::StoreError;
 
 /// How to reach the database: the parsed URL, and TLS when the URL asks for it.
@@ -177,23 +178,6 @@ impl Connector {
     }
 }
 
-/// The error and every error behind it: the client's own message ("error connecting to server",
-/// "db error") says what failed, only its sources say why.
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let said = cause.to_string();
-        // Some errors repeat their source in their own message.
-        if !text.contains(&said) {
-            text.push_str(": ");
-            text.push_str(&said);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 impl From<postgres::Error> for StoreError {
     fn from(e: postgres::Error) -> Self {
         StoreError::Postgres(with_causes(&e))
@@ -231,6 +215,16 @@ mod tests {
             !shown.contains("s3cret") && shown.contains("app:***@db"),
             "{shown}"
         );
+        for (url, shown) in [
+            ("postgres://app:p@ss@db/x", "postgres://app:***@db/x"),
+            (
+                "postgres://app@db/x?sslmode=require&password=s3cret",
+                "postgres://app@db/x?sslmode=require&password=***",
+            ),
+            ("postgres://db/x", "postgres://db/x"),
+        ] {
+            assert_eq!(crate::store::redact_password(url), shown);
+        }
     }
 
     #[test]
