@@ -55,6 +55,11 @@ pub enum StoreError {
         "{0} is in use by another sidecar (one writer per SQLite file; use postgres:// for several replicas)"
     )]
     Locked(String),
+    #[error("cannot start the {name} thread: {source}")]
+    Thread {
+        name: &'static str,
+        source: std::io::Error,
+    },
     #[error("cannot create the data directory {path}: {source}")]
     DataDir {
         path: String,
@@ -215,6 +220,38 @@ pub(crate) fn next_batch(
         }
     }
     Some((batch, false))
+}
+
+/// The threads a backend runs (writer, readers, feed), joined once when it closes.
+#[derive(Default)]
+pub(crate) struct Workers(std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>);
+
+impl Workers {
+    pub(crate) fn spawn(
+        &self,
+        name: &'static str,
+        body: impl FnOnce() + Send + 'static,
+    ) -> Result<(), StoreError> {
+        let handle = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(body)
+            .map_err(|source| StoreError::Thread { name, source })?;
+        if let Ok(mut threads) = self.0.lock() {
+            threads.push(handle);
+        }
+        Ok(())
+    }
+
+    /// Waits for every thread; a second call finds none left.
+    pub(crate) fn join_all(&self) {
+        let threads = match self.0.lock() {
+            Ok(mut threads) => std::mem::take(&mut *threads),
+            Err(_) => return,
+        };
+        for thread in threads {
+            let _ = thread.join();
+        }
+    }
 }
 
 pub(crate) trait Backend: Send + Sync {

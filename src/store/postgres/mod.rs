@@ -25,14 +25,13 @@ mod statements;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 pub use self::connect::Connector;
 use self::session::Session;
 use super::engine;
 use super::tx::WriterState;
-use super::{Backend, CommitListener, Job, Queue, StoreError};
+use super::{Backend, CommitListener, Job, Queue, StoreError, Workers};
 use crate::flags::FlagCache;
 
 /// The `NOTIFY` channel a commit that changed flags announces its new version on.
@@ -45,7 +44,7 @@ const READER_REFUSAL_PAUSE: Duration = Duration::from_millis(50);
 pub struct PostgresStore {
     writer: mpsc::Sender<Queue>,
     reader: mpsc::Sender<Queue>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    workers: Workers,
     stop: Arc<AtomicBool>,
     /// Kept by the change-feed listener, which notices a lost server within half a second.
     reachable: Arc<AtomicBool>,
@@ -73,49 +72,38 @@ impl PostgresStore {
         let reachable = Arc::new(AtomicBool::new(true));
         let (writer, writer_queue) = mpsc::channel();
         let (reader, reader_queue) = mpsc::channel();
-        let mut threads = Vec::new();
-        let spawn = |name: &str, body: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new()
-                .name(name.to_owned())
-                .spawn(body)
-                .map_err(|e| StoreError::Corrupt(format!("cannot start {name}: {e}")))
-        };
+        let workers = Workers::default();
         {
             let mut session = Session::new(url.clone(), stop.clone(), WRITER_REFUSAL_PAUSE);
-            threads.push(spawn(
-                "coresdk-pg-writer",
-                // Each batch reads the state afresh under the write lock; this one is never used.
-                Box::new(move || {
-                    engine::write_loop(
-                        &mut session,
-                        WriterState::EMPTY,
-                        &writer_queue,
-                        listener.as_ref(),
-                    );
-                }),
-            )?);
+            // Each batch reads the state afresh under the write lock; this one is never used.
+            workers.spawn("coresdk-pg-writer", move || {
+                engine::write_loop(
+                    &mut session,
+                    WriterState::EMPTY,
+                    &writer_queue,
+                    listener.as_ref(),
+                );
+            })?;
         }
         // Readers (Query, Verify, Tail catch-up, ResolveCustomer) share one queue.
         let reader_queue = Arc::new(Mutex::new(reader_queue));
         for _ in 0..url.read_connections {
             let mut session = Session::new(url.clone(), stop.clone(), READER_REFUSAL_PAUSE);
             let queue = reader_queue.clone();
-            threads.push(spawn(
-                "coresdk-pg-reader",
-                Box::new(move || engine::read_loop(&mut session, &queue)),
-            )?);
+            workers.spawn("coresdk-pg-reader", move || {
+                engine::read_loop(&mut session, &queue)
+            })?;
         }
         if let Some(cache) = cache {
             let (url, stop, reachable) = (url.clone(), stop.clone(), reachable.clone());
-            threads.push(spawn(
-                "coresdk-pg-listener",
-                Box::new(move || feed::listen_loop(&url, &stop, &cache, &reachable)),
-            )?);
+            workers.spawn("coresdk-pg-listener", move || {
+                feed::listen_loop(&url, &stop, &cache, &reachable)
+            })?;
         }
         Ok(Self {
             writer,
             reader,
-            threads: Mutex::new(threads),
+            workers,
             stop,
             reachable,
             read_connections: url.read_connections,
@@ -142,12 +130,6 @@ impl Backend for PostgresStore {
         for _ in 0..self.read_connections {
             let _ = self.reader.send(Queue::Close);
         }
-        let threads = match self.threads.lock() {
-            Ok(mut threads) => std::mem::take(&mut *threads),
-            Err(_) => return,
-        };
-        for thread in threads {
-            let _ = thread.join();
-        }
+        self.workers.join_all();
     }
 }

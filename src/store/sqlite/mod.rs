@@ -13,12 +13,11 @@ mod statements;
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use self::connection::SqliteConn;
 use super::engine;
 use super::tx::{Tx, WriterState};
-use super::{Backend, CommitListener, Job, Queue, StoreError, StoreTx, StoreUrl};
+use super::{Backend, CommitListener, Job, Queue, StoreError, StoreTx, StoreUrl, Workers};
 
 pub struct SqliteStore {
     /// Held for the store's lifetime: two sidecars on one file would each keep their own
@@ -27,7 +26,7 @@ pub struct SqliteStore {
     writer: mpsc::Sender<Queue>,
     /// Absent for an in-memory database, whose reads go through the writer.
     reader: Option<mpsc::Sender<Queue>>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    workers: Workers,
 }
 
 impl SqliteStore {
@@ -48,29 +47,20 @@ impl SqliteStore {
         schema::migrate(conn.raw())?;
         let state = WriterState::load(&mut conn)?;
         let (writer, writer_queue) = mpsc::channel();
-        let mut threads = vec![
-            std::thread::Builder::new()
-                .name("coresdk-store-writer".into())
-                .spawn(move || {
-                    engine::write_loop(&mut conn, state, &writer_queue, listener.as_ref());
-                    conn.close();
-                })
-                .map_err(|e| StoreError::Corrupt(format!("cannot start the writer: {e}")))?,
-        ];
+        let workers = Workers::default();
+        workers.spawn("coresdk-store-writer", move || {
+            engine::write_loop(&mut conn, state, &writer_queue, listener.as_ref());
+            conn.close();
+        })?;
         let reader = match url {
             StoreUrl::Memory | StoreUrl::Postgres(_) => None,
             StoreUrl::Sqlite(_) => {
                 let mut conn = SqliteConn::open(url, true)?;
                 let (reader, reader_queue) = mpsc::channel();
                 let reader_queue = Mutex::new(reader_queue);
-                threads.push(
-                    std::thread::Builder::new()
-                        .name("coresdk-store-reader".into())
-                        .spawn(move || engine::read_loop(&mut conn, &reader_queue))
-                        .map_err(|e| {
-                            StoreError::Corrupt(format!("cannot start the reader: {e}"))
-                        })?,
-                );
+                workers.spawn("coresdk-store-reader", move || {
+                    engine::read_loop(&mut conn, &reader_queue)
+                })?;
                 Some(reader)
             }
         };
@@ -78,7 +68,7 @@ impl SqliteStore {
             _lock: lock,
             writer,
             reader,
-            threads: Mutex::new(threads),
+            workers,
         })
     }
 }
@@ -122,13 +112,7 @@ impl Backend for SqliteStore {
         if let Some(reader) = &self.reader {
             let _ = reader.send(Queue::Close);
         }
-        let threads = match self.threads.lock() {
-            Ok(mut threads) => std::mem::take(&mut *threads),
-            Err(_) => return,
-        };
-        for thread in threads {
-            let _ = thread.join();
-        }
+        self.workers.join_all();
     }
 }
 
