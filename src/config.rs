@@ -160,6 +160,18 @@ impl Config {
             (url, false) => StoreUrl::parse(url.as_deref().unwrap_or(DEFAULT_STORE))
                 .map_err(|e| config_error("CORESDK_STORE", e.to_string()))?,
         };
+        if args.audit_checkpoint_interval_s == 0 {
+            return Err(config_error(
+                "CORESDK_AUDIT_CHECKPOINT_INTERVAL_S",
+                "must be at least 1 (seconds)",
+            ));
+        }
+        // A PostgreSQL URL's own settings (pool_size, sslmode, port) are checked now, not when
+        // the store opens, so a mistake is a setting error like any other.
+        if let StoreUrl::Postgres(url) = &store {
+            crate::store::postgres::Connector::new(url, args.postgres_ca_file.as_deref())
+                .map_err(|e| config_error("CORESDK_STORE", e.to_string()))?;
+        }
 
         let mut secrets: Vec<String> = args
             .webhook_secret
@@ -258,9 +270,7 @@ impl Config {
             deny_audit_window: std::time::Duration::from_secs(args.deny_audit_window_s),
             tls,
             checkpoint_files,
-            checkpoint_interval: std::time::Duration::from_secs(
-                args.audit_checkpoint_interval_s.max(1),
-            ),
+            checkpoint_interval: std::time::Duration::from_secs(args.audit_checkpoint_interval_s),
             postgres_ca_file: args.postgres_ca_file,
         })
     }

@@ -59,7 +59,7 @@ pub enum ServeError {
 pub async fn serve(config: Config) -> Result<(), ServeError> {
     if config.mock {
         tracing::warn!(
-            "MOCK MODE: in-memory store (nothing survives a restart), seeded test tenants, test webhook secret unless one is set. Never use in production."
+            "MOCK MODE: in-memory store (nothing survives a restart), seeded test tenants, test webhook secret unless one is set, admin RPCs allowed without a token. Never use in production."
         );
     }
     if !config.verifier.has_secrets() {

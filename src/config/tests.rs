@@ -108,6 +108,10 @@ fn a_bad_checkpoint_key_names_the_key_setting() {
 
 #[test]
 fn explicit_checkpoint_files_are_used_with_any_store_and_the_interval_is_at_least_a_second() {
+    assert_eq!(
+        error(&["--audit-checkpoint-interval-s", "0"]).setting,
+        "CORESDK_AUDIT_CHECKPOINT_INTERVAL_S"
+    );
     let config = config(&[
         "--store",
         "memory",
@@ -116,7 +120,7 @@ fn explicit_checkpoint_files_are_used_with_any_store_and_the_interval_is_at_leas
         "--audit-signing-key-file",
         "/secrets/key",
         "--audit-checkpoint-interval-s",
-        "0",
+        "2",
     ]);
     assert_eq!(
         config.checkpoint_files,
@@ -127,7 +131,7 @@ fn explicit_checkpoint_files_are_used_with_any_store_and_the_interval_is_at_leas
     );
     assert_eq!(
         config.checkpoint_interval,
-        std::time::Duration::from_secs(1)
+        std::time::Duration::from_secs(2)
     );
     assert!(
         self::config(&["--store", "memory"])
@@ -289,4 +293,20 @@ fn secrets_never_appear_in_errors() {
     assert!(!e.to_string().contains("short-secret"), "{e}");
     let e = error(&["--jwt-secret", "hmac-secret-too-short"]);
     assert!(!e.to_string().contains("hmac-secret-too-short"), "{e}");
+}
+
+#[test]
+fn a_postgres_url_is_checked_when_parsed() {
+    for (url, says) in [
+        ("postgres://u@127.0.0.1/db?pool_size=0", "pool_size"),
+        ("postgres://u@127.0.0.1/db?sslmode=requir", "sslmode=requir"),
+        (
+            "postgres://u@127.0.0.1/db?sslmode=require",
+            "CORESDK_POSTGRES_CA_FILE",
+        ),
+    ] {
+        let refused = error(&["--store", url]);
+        assert_eq!(refused.setting, "CORESDK_STORE");
+        assert!(refused.message.contains(says), "{url}: {}", refused.message);
+    }
 }

@@ -26,6 +26,7 @@ impl Connector {
     /// against the CA in `ca_file` (stricter than libpq's `require`, which does not verify).
     pub fn new(url: &str, ca_file: Option<&std::path::Path>) -> Result<Self, StoreError> {
         let mut tls_wanted = false;
+        let mut unknown_sslmode = None;
         let mut read_connections = 2;
         let cleaned = match url.split_once('?') {
             None => url.to_owned(),
@@ -42,7 +43,12 @@ impl Connector {
                                 tls_wanted = true;
                                 false
                             }
-                            Some(_) => false,
+                            Some("disable") => false,
+                            // A typo must not quietly mean "no TLS".
+                            Some(other) => {
+                                unknown_sslmode = Some(other.to_owned());
+                                false
+                            }
                             None => true,
                         }
                     })
@@ -54,6 +60,11 @@ impl Connector {
                 }
             }
         };
+        if let Some(mode) = unknown_sslmode {
+            return Err(StoreError::Postgres(format!(
+                "sslmode={mode} is not supported: use disable, require, verify-ca or verify-full (the last three verify the server against CORESDK_POSTGRES_CA_FILE)"
+            )));
+        }
         let mut config: postgres::Config = cleaned
             .parse()
             .map_err(|e: postgres::Error| StoreError::Postgres(format!("bad URL: {e}")))?;
@@ -194,6 +205,10 @@ mod tests {
             Connector::new("postgres://u:p@127.0.0.1:5432/db?pool_size=4", None).expect("valid");
         assert_eq!((plain.read_connections, plain.tls.is_some()), (4, false));
         assert!(Connector::new("postgres://u@h/db?pool_size=0", None).is_err());
+        assert!(
+            matches!(Connector::new("postgres://u@h/db?sslmode=requir", None), Err(StoreError::Postgres(m)) if m.contains("sslmode=requir"))
+        );
+        assert!(Connector::new("postgres://u@h/db?sslmode=disable", None).is_ok());
         let no_ca = Connector::new("postgres://u@h/db?sslmode=require", None);
         assert!(
             matches!(no_ca, Err(StoreError::Unsupported(m)) if m.contains("CORESDK_POSTGRES_CA_FILE"))
