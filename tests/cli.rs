@@ -130,17 +130,30 @@ fn a_bad_checkpoint_key_stops_the_start_before_the_store_is_created() {
     assert!(!dir.path().join("coresdk-data").exists());
 }
 
+/// Kills the sidecar if the test fails before stopping it: no process outlives a test.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn a_good_start_creates_the_data_directory_and_the_key() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_coresdk"))
-        .args(["--listen", "127.0.0.1:0"])
-        .current_dir(dir.path())
-        .env_clear()
-        .env("CORESDK_LOG", "error")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starts");
+    let mut running = Running(
+        Command::new(env!("CARGO_BIN_EXE_coresdk"))
+            .args(["--listen", "127.0.0.1:0"])
+            .current_dir(dir.path())
+            .env_clear()
+            .env("CORESDK_LOG", "error")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starts"),
+    );
+    let child = &mut running.0;
     let stdout = child.stdout.take().expect("stdout");
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).expect("read");
