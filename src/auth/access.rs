@@ -212,16 +212,9 @@ impl Authorizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::tests::cache;
     use crate::auth::{FailMode, token};
     use crate::flags::FlagValue;
-    use std::collections::BTreeMap;
-
-    fn cache() -> FlagCache {
-        FlagCache::new(BTreeMap::from([
-            ("pro_features".to_owned(), FlagValue::Bool(false)),
-            ("paywall_active".to_owned(), FlagValue::Bool(false)),
-        ]))
-    }
 
     const SECRET: &[u8] = b"unit-test-secret-that-is-32-bytes-long";
 

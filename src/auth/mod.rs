@@ -78,7 +78,8 @@ mod tests {
     use crate::flags::FlagValue;
     use std::collections::BTreeMap;
 
-    fn cache() -> FlagCache {
+    /// The catalog the access tests decide against.
+    pub(crate) fn cache() -> FlagCache {
         FlagCache::new(BTreeMap::from([
             ("pro_features".to_owned(), FlagValue::Bool(false)),
             ("paywall_active".to_owned(), FlagValue::Bool(false)),
