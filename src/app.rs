@@ -42,9 +42,29 @@ pub struct Admin<'a> {
 }
 
 impl Admin<'_> {
-    fn validate(&self) -> Result<(), Error> {
+    /// Checks who and why, and keeps them for the transaction, which outlives the request.
+    fn validated(&self) -> Result<Author, Error> {
         ops::required_text("actor", self.actor, MAX_ACTOR_LEN)?;
-        ops::validate_reason(self.reason)
+        ops::validate_reason(self.reason)?;
+        Ok(Author {
+            actor: self.actor.to_owned(),
+            reason: self.reason.to_owned(),
+        })
+    }
+}
+
+/// A validated admin's name and reason, owned.
+struct Author {
+    actor: String,
+    reason: String,
+}
+
+impl Author {
+    fn change(&self) -> AdminChange<'_> {
+        AdminChange {
+            actor: &self.actor,
+            reason: &self.reason,
+        }
     }
 }
 
@@ -168,9 +188,8 @@ impl App {
         self.require_admin(admin.bearer)?;
         validate_id("tenant_id", &tenant_id)?;
         validate_flag_key("key", &key)?;
-        admin.validate()?;
+        let author = admin.validated()?;
         let value = value?;
-        let (actor, reason) = (admin.actor.to_owned(), admin.reason.to_owned());
         let written = self
             .store
             .write(move |tx| {
@@ -179,10 +198,7 @@ impl App {
                     &tenant_id,
                     &key,
                     value,
-                    &AdminChange {
-                        actor: &actor,
-                        reason: &reason,
-                    },
+                    &author.change(),
                     crate::time::now_ms(),
                 )
             })
@@ -200,18 +216,14 @@ impl App {
         self.require_admin(admin.bearer)?;
         validate_id("customer_id", &customer_id)?;
         validate_id("tenant_id", &tenant_id)?;
-        admin.validate()?;
-        let (actor, reason) = (admin.actor.to_owned(), admin.reason.to_owned());
+        let author = admin.validated()?;
         self.store
             .write(move |tx| {
                 ops::map_customer(
                     tx,
                     &customer_id,
                     &tenant_id,
-                    &AdminChange {
-                        actor: &actor,
-                        reason: &reason,
-                    },
+                    &author.change(),
                     crate::time::now_ms(),
                 )
             })
@@ -227,19 +239,10 @@ impl App {
     ) -> Result<Option<String>, Error> {
         self.require_admin(admin.bearer)?;
         validate_id("customer_id", &customer_id)?;
-        admin.validate()?;
-        let (actor, reason) = (admin.actor.to_owned(), admin.reason.to_owned());
+        let author = admin.validated()?;
         self.store
             .write(move |tx| {
-                ops::unmap_customer(
-                    tx,
-                    &customer_id,
-                    &AdminChange {
-                        actor: &actor,
-                        reason: &reason,
-                    },
-                    crate::time::now_ms(),
-                )
+                ops::unmap_customer(tx, &customer_id, &author.change(), crate::time::now_ms())
             })
             .await
     }
