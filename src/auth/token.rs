@@ -40,6 +40,11 @@ pub enum TokenError {
     MissingClaim(String),
     #[error("the token's claim '{0}' has the wrong type")]
     BadClaim(String),
+    #[error("the token's claim '{claim}' is not a valid tenant id: it {defect}")]
+    BadTenantClaim {
+        claim: String,
+        defect: crate::ops::IdDefect,
+    },
     #[error(
         "token verification is not configured (set CORESDK_JWT_SECRET, CORESDK_JWT_PUBLIC_KEY_FILE or CORESDK_JWKS_FILE)"
     )]
@@ -350,7 +355,7 @@ impl TokenVerifier {
         let mut last = TokenError::BadSignature;
         for key in &keys {
             match jsonwebtoken::decode::<Map<String, Value>>(token, key, &validation) {
-                Ok(data) => return Ok(self.claims(data.claims)),
+                Ok(data) => return self.claims(data.claims),
                 Err(e) => {
                     last = map_error(e.kind());
                     // Only a signature failure means "try the next key".
@@ -363,7 +368,22 @@ impl TokenVerifier {
         Err(last)
     }
 
-    fn claims(&self, all: Map<String, Value>) -> Claims {
+    /// The claims of a verified token. A tenant claim, when present, must be a valid tenant id:
+    /// the signature vouches for who issued it, not for what the issuer put in it.
+    fn claims(&self, all: Map<String, Value>) -> Result<Claims, TokenError> {
+        let tenant_id = match all.get(&self.tenant_claim) {
+            None => String::new(),
+            Some(Value::String(tenant)) => match crate::ops::id_defect(tenant) {
+                None => tenant.clone(),
+                Some(defect) => {
+                    return Err(TokenError::BadTenantClaim {
+                        claim: self.tenant_claim.clone(),
+                        defect,
+                    });
+                }
+            },
+            Some(_) => return Err(TokenError::BadClaim(self.tenant_claim.clone())),
+        };
         let text = |name: &str| {
             all.get(name)
                 .and_then(Value::as_str)
@@ -372,9 +392,9 @@ impl TokenVerifier {
         };
         let mut scopes = strings(all.get("scope"), true);
         scopes.extend(strings(all.get("scp"), true));
-        Claims {
+        Ok(Claims {
             subject: text("sub"),
-            tenant_id: text(&self.tenant_claim),
+            tenant_id,
             roles: strings(all.get("roles"), true),
             scopes,
             issued_at: all.get("iat").and_then(Value::as_i64),
@@ -382,13 +402,15 @@ impl TokenVerifier {
             issuer: text("iss"),
             audience: strings(all.get("aud"), false),
             all,
-        }
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::IdDefect;
+    use serde_json::json;
 
     const SECRET: &[u8] = b"unit-test-secret-that-is-32-bytes-long";
 
@@ -406,12 +428,56 @@ mod tests {
     }
 
     fn token(exp: i64) -> String {
+        signed(&serde_json::json!({"sub": "u", "tenant_id": "t", "exp": exp}))
+    }
+
+    fn signed(claims: &Value) -> String {
         jsonwebtoken::encode(
             &jsonwebtoken::Header::new(Algorithm::HS256),
-            &serde_json::json!({"sub": "u", "tenant_id": "t", "exp": exp}),
+            claims,
             &jsonwebtoken::EncodingKey::from_secret(SECRET),
         )
         .expect("encodes")
+    }
+
+    #[test]
+    fn a_tenant_claim_must_be_a_valid_tenant_id() {
+        let verifier = verifier(0);
+        let exp = crate::time::now_s() + 600;
+        let with_tenant = |tenant: Value| {
+            signed(&serde_json::json!({"sub": "u", "tenant_id": tenant, "exp": exp}))
+        };
+        for (tenant, defect) in [
+            (json!(""), IdDefect::Empty),
+            (json!("t".repeat(4096)), IdDefect::TooLong),
+            (
+                json!("acme\u{202E}corp"),
+                IdDefect::Unprintable {
+                    code_point: 0x202E,
+                    position: 5,
+                },
+            ),
+        ] {
+            assert_eq!(
+                verifier.verify(&with_tenant(tenant)),
+                Err(TokenError::BadTenantClaim {
+                    claim: "tenant_id".into(),
+                    defect
+                })
+            );
+        }
+        assert_eq!(
+            verifier.verify(&with_tenant(json!(42))),
+            Err(TokenError::BadClaim("tenant_id".into()))
+        );
+        let tenantless = verifier
+            .verify(&signed(&serde_json::json!({"sub": "u", "exp": exp})))
+            .expect("a token without a tenant is still a valid token");
+        assert_eq!(tenantless.tenant_id, "");
+        let accented = verifier
+            .verify(&with_tenant(json!("müller-gmbh")))
+            .expect("letters of any script");
+        assert_eq!(accented.tenant_id, "müller-gmbh");
     }
 
     #[test]

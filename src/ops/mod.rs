@@ -17,24 +17,54 @@ pub use webhook::{
 
 pub const MAX_ID_LEN: usize = 128;
 
-/// Tenant and customer ids: printable, no whitespace, bounded.
-pub fn validate_id(field: &'static str, value: &str) -> Result<(), Error> {
+/// Why a string cannot be a tenant or customer id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdDefect {
+    #[error("is required")]
+    Empty,
+    #[error("is longer than {MAX_ID_LEN} bytes")]
+    TooLong,
+    #[error(
+        "must be printable: U+{code_point:04X} (character {position}) is whitespace, a control, a format character such as a bidi override or zero-width space, or unassigned"
+    )]
+    Unprintable { code_point: u32, position: usize },
+}
+
+/// Tenant and customer ids: bounded, and only characters that show as themselves. Refused by
+/// general category: separators (whitespace, U+2028/2029) and "other" (controls; format
+/// characters, which include the bidi overrides and isolates U+202A–202E and U+2066–2069, the
+/// zero-width U+200B–200F and the BOM U+FEFF; private use; unassigned). Such characters let
+/// two ids that look alike be different tenants, or one id display as another in logs and
+/// the audit trail. Letters of any script stay valid.
+pub fn id_defect(value: &str) -> Option<IdDefect> {
+    use unicode_properties::{GeneralCategoryGroup, UnicodeGeneralCategory as _};
     if value.is_empty() {
-        return Err(Error::invalid(field, "is required"));
+        return Some(IdDefect::Empty);
     }
     if value.len() > MAX_ID_LEN {
-        return Err(Error::invalid(
-            field,
-            format!("is longer than {MAX_ID_LEN} bytes"),
-        ));
+        return Some(IdDefect::TooLong);
     }
-    if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(Error::invalid(
-            field,
-            "must not contain whitespace or control characters",
-        ));
+    value
+        .chars()
+        .enumerate()
+        .find(|(_, c)| {
+            matches!(
+                c.general_category_group(),
+                GeneralCategoryGroup::Separator | GeneralCategoryGroup::Other
+            )
+        })
+        .map(|(position, c)| IdDefect::Unprintable {
+            code_point: u32::from(c),
+            position: position + 1,
+        })
+}
+
+/// [`id_defect`] as the problem for the request field `field`.
+pub fn validate_id(field: &'static str, value: &str) -> Result<(), Error> {
+    match id_defect(value) {
+        None => Ok(()),
+        Some(defect) => Err(Error::invalid(field, defect.to_string())),
     }
-    Ok(())
 }
 
 /// Flag keys: letters, digits and `_ - . :`, bounded. The refused key is quoted, cut short.

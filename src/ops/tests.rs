@@ -359,3 +359,47 @@ fn ids_keys_and_texts_are_validated() {
     assert!(validate_reason(&"r".repeat(1025)).is_err());
     assert!(validate_reason("").is_ok());
 }
+
+#[test]
+fn ids_are_printable_and_bounded() {
+    for good in [
+        "acme-corp",
+        "cus_NffrFeUfNV2Hib",
+        "müller-gmbh",
+        "東京-株式会社",
+        "org:42/eu",
+    ] {
+        assert_eq!(id_defect(good), None, "{good:?}");
+    }
+    assert_eq!(id_defect(&"é".repeat(MAX_ID_LEN / 2)), None);
+    assert_eq!(id_defect(""), Some(IdDefect::Empty));
+    assert_eq!(
+        id_defect(&"é".repeat(MAX_ID_LEN / 2 + 1)),
+        Some(IdDefect::TooLong)
+    );
+    for (bad, code_point) in [
+        ("acme\u{202E}corp", 0x202E), // right-to-left override
+        ("acme\u{2066}corp", 0x2066), // left-to-right isolate
+        ("acme\u{200B}corp", 0x200B), // zero-width space
+        ("acme\u{200D}corp", 0x200D), // zero-width joiner
+        ("acme\u{FEFF}corp", 0xFEFF), // byte order mark
+        ("acme\u{2028}corp", 0x2028), // line separator
+        ("acme\u{00AD}corp", 0x00AD), // soft hyphen, a format character
+        ("acme\u{E000}corp", 0xE000), // private use
+        ("acme\u{0085}corp", 0x0085), // next line, a control
+        ("acme\u{00A0}corp", 0x00A0), // no-break space
+        ("acme\u{0378}corp", 0x0378), // unassigned
+        ("acme\tcorp", 0x09),
+    ] {
+        assert_eq!(
+            id_defect(bad),
+            Some(IdDefect::Unprintable {
+                code_point,
+                position: 5
+            }),
+            "{bad:?}"
+        );
+    }
+    let refused = validate_id("tenant_id", "acme\u{202E}corp").expect_err("refused");
+    assert!(refused.to_string().contains("U+202E"), "{refused}");
+}

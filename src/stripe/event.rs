@@ -7,6 +7,12 @@ use crate::problem::Error;
 /// Longest event id or type accepted; Stripe's are far shorter, and both end up in the audit.
 pub const MAX_ID_LEN: usize = 255;
 
+/// How far `created` may lie after the signature timestamp. Stripe creates an event before it
+/// signs any delivery of it, and both times come from Stripe's clocks, so a real event is never
+/// ahead; the margin only absorbs skew between Stripe's own servers. Without a bound, one signed
+/// event created in the far future would make every later event of its tenant stale.
+pub const MAX_CREATED_AHEAD_S: i64 = 300;
+
 #[derive(Debug, Clone)]
 pub struct StripeEvent {
     pub id: String,
@@ -33,9 +39,7 @@ impl StripeEvent {
         let event_type = required_string(&event, "type")?;
         let created = match event.get("created") {
             None | Some(Value::Null) => signed_at,
-            Some(v) => v.as_i64().ok_or_else(|| {
-                Error::NotAStripeEvent("`created` is not an integer timestamp".into())
-            })?,
+            Some(v) => plausible_created(v, signed_at)?,
         };
         let livemode = event
             .get("livemode")
@@ -137,6 +141,25 @@ impl StripeEvent {
     }
 }
 
+/// `created` as Unix seconds that can be a real event's: not before 1970, and not after the
+/// delivery was signed (give or take [`MAX_CREATED_AHEAD_S`]).
+fn plausible_created(value: &Value, signed_at: i64) -> Result<i64, Error> {
+    let created = value
+        .as_i64()
+        .ok_or_else(|| Error::NotAStripeEvent("`created` is not an integer timestamp".into()))?;
+    if created < 0 {
+        return Err(Error::NotAStripeEvent(format!(
+            "`created` ({created}) is before 1970"
+        )));
+    }
+    if created > signed_at.saturating_add(MAX_CREATED_AHEAD_S) {
+        return Err(Error::NotAStripeEvent(format!(
+            "`created` ({created}) is more than {MAX_CREATED_AHEAD_S} s after the signature timestamp ({signed_at}); Stripe signs events after creating them"
+        )));
+    }
+    Ok(created)
+}
+
 fn required_string(event: &Map<String, Value>, field: &'static str) -> Result<String, Error> {
     match event.get(field) {
         Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_ID_LEN => Ok(s.clone()),
@@ -183,6 +206,37 @@ mod tests {
         assert_eq!(event.metadata_tenant(), Some("t1"));
         assert_eq!(event.plan_names(), vec!["pro_monthly", "Pro", "Enterprise"]);
         assert_eq!(event.entitlement_lookup_keys(), vec!["sso", "audit"]);
+    }
+
+    #[test]
+    fn created_must_be_a_plausible_unix_time() {
+        let body = |created: &str| format!(r#"{{"id":"evt_1","type":"x","created":{created}}}"#);
+        let signed_at = 1_700_000_000;
+        for created in [
+            i64::MAX.to_string(),
+            (signed_at + MAX_CREATED_AHEAD_S + 1).to_string(),
+            "-1".to_owned(),
+            i64::MIN.to_string(),
+            "1e300".to_owned(),
+        ] {
+            assert!(
+                matches!(
+                    StripeEvent::parse(body(&created).as_bytes(), signed_at),
+                    Err(Error::NotAStripeEvent(_))
+                ),
+                "{created}"
+            );
+        }
+        for created in [
+            0,
+            signed_at - 30 * 86_400,
+            signed_at,
+            signed_at + MAX_CREATED_AHEAD_S,
+        ] {
+            let event = StripeEvent::parse(body(&created.to_string()).as_bytes(), signed_at)
+                .expect("plausible");
+            assert_eq!(event.created, created);
+        }
     }
 
     #[test]
