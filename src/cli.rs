@@ -44,17 +44,42 @@ pub enum Command {
     Stripe(StripeCommand),
     /// Ask a running sidecar's health service; exits 0 only when it is SERVING. For exec
     /// probes and container health checks, which cannot reach a loopback-only gRPC port.
-    Health {
-        /// Address of the sidecar to ask (the address it listens on).
-        #[arg(long, env = "CORESDK_LISTEN", default_value = "127.0.0.1:50051")]
-        addr: String,
-        /// A service name such as `coresdk.v1.WebhookService`; empty asks for the whole server.
-        #[arg(long, default_value = "")]
-        service: String,
-        /// Seconds to wait for the connection and for the answer, each.
-        #[arg(long, default_value_t = 2)]
-        timeout_s: u64,
-    },
+    Health(HealthArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct HealthArgs {
+    /// Address of the sidecar to ask (the address it listens on).
+    #[arg(long, env = "CORESDK_LISTEN", default_value = "127.0.0.1:50051")]
+    pub addr: String,
+    /// A service name such as `coresdk.v1.WebhookService`; empty asks for the whole server.
+    #[arg(long, default_value = "")]
+    pub service: String,
+    /// Seconds to wait for the connection and for the answer, each.
+    #[arg(long, default_value_t = 2)]
+    pub timeout_s: u64,
+    /// Connect with TLS, trusting the server certificate only if this CA (PEM) signed it; for a
+    /// sidecar started with --tls-cert-file.
+    #[arg(long, env = "CORESDK_HEALTH_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// The name the server certificate must carry; by default the host of --addr.
+    #[arg(long, env = "CORESDK_HEALTH_TLS_SERVER_NAME", requires = "tls_ca_file")]
+    pub tls_server_name: Option<String>,
+    /// Client certificate (PEM) for a sidecar that requires one (its --tls-client-ca-file);
+    /// needs --tls-client-key-file.
+    #[arg(
+        long,
+        env = "CORESDK_HEALTH_TLS_CLIENT_CERT_FILE",
+        requires_all = ["tls_client_key_file", "tls_ca_file"]
+    )]
+    pub tls_client_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of --tls-client-cert-file.
+    #[arg(
+        long,
+        env = "CORESDK_HEALTH_TLS_CLIENT_KEY_FILE",
+        requires = "tls_client_cert_file"
+    )]
+    pub tls_client_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

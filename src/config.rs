@@ -120,21 +120,27 @@ fn read_file(setting: &'static str, path: &std::path::Path) -> Result<Vec<u8>, C
     })
 }
 
+/// A bearer token setting, trimmed: a secret mounted from a file often ends in a newline, and
+/// presented tokens are compared trimmed, so an untrimmed one could never match.
 fn checked_token(
     setting: &'static str,
     token: Option<String>,
 ) -> Result<Option<String>, ConfigError> {
-    match token {
-        Some(token) if token.trim().is_empty() => Err(config_error(
+    let Some(token) = token else { return Ok(None) };
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(config_error(
             setting,
             "is set but empty; unset it, or set a token of at least 16 characters",
-        )),
-        Some(token) if token.len() < 16 => Err(config_error(
+        ));
+    }
+    if token.len() < 16 {
+        return Err(config_error(
             setting,
             "must be at least 16 characters; generate one with `openssl rand -hex 16`",
-        )),
-        other => Ok(other),
+        ));
     }
+    Ok(Some(token.to_owned()))
 }
 
 fn checked_url(setting: &'static str, url: Option<String>) -> Result<Option<String>, ConfigError> {

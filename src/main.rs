@@ -1,13 +1,17 @@
 #![forbid(unsafe_code)]
 
 use std::io::{IsTerminal as _, Read as _};
+use std::path::Path;
 use std::process::ExitCode;
 
-use coresdk::cli::{AuditCommand, Command, Invocation, ParseError, ServeArgs, StripeCommand};
+use coresdk::cli::{
+    AuditCommand, Command, HealthArgs, Invocation, ParseError, ServeArgs, StripeCommand,
+};
 use coresdk::config::{Config, LogFormat};
 use coresdk::server::ServeError;
 use coresdk::store::StoreUrl;
 use coresdk::store::sqlite::{StoreTxOwner as _, open_read_only};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CORESDK_LOG")
@@ -50,17 +54,47 @@ fn main() -> ExitCode {
         Some(Command::Stripe(StripeCommand::Sign { secret, timestamp })) => {
             stripe_sign(&secret, timestamp)
         }
-        Some(Command::Health {
-            addr,
-            service,
-            timeout_s,
-        }) => health(&addr, service, timeout_s),
+        Some(Command::Health(args)) => health(args),
     }
 }
 
-fn health(addr: &str, service: String, timeout_s: u64) -> ExitCode {
+/// The TLS side of `coresdk health`: None for a plaintext listener.
+fn health_tls(args: &HealthArgs) -> Result<Option<ClientTlsConfig>, String> {
+    let Some(ca_file) = &args.tls_ca_file else {
+        return Ok(None);
+    };
+    let read = |flag: &str, path: &Path| {
+        std::fs::read(path).map_err(|e| {
+            format!(
+                "{flag}: cannot read {}: {e}; point it at a readable PEM file",
+                path.display()
+            )
+        })
+    };
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("--tls-ca-file", ca_file)?));
+    if let Some(name) = &args.tls_server_name {
+        tls = tls.domain_name(name.clone());
+    }
+    if let (Some(cert), Some(key)) = (&args.tls_client_cert_file, &args.tls_client_key_file) {
+        tls = tls.identity(Identity::from_pem(
+            read("--tls-client-cert-file", cert)?,
+            read("--tls-client-key-file", key)?,
+        ));
+    }
+    Ok(Some(tls))
+}
+
+fn health(args: HealthArgs) -> ExitCode {
     use tonic_health::pb::{
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let tls = match health_tls(&args) {
+        Ok(tls) => tls,
+        Err(line) => {
+            eprintln!("coresdk: {line}");
+            return ExitCode::from(CONFIGURATION_ERROR);
+        }
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -72,25 +106,44 @@ fn health(addr: &str, service: String, timeout_s: u64) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let HealthArgs {
+        addr,
+        service,
+        timeout_s,
+        ..
+    } = args;
+    // A plaintext probe of a TLS listener fails in ways that do not say so.
+    let hint = if tls.is_some() {
+        ""
+    } else {
+        "; if the sidecar serves TLS, give --tls-ca-file"
+    };
     let timeout = std::time::Duration::from_secs(timeout_s.max(1));
     let answer = runtime.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
             .map_err(|e| e.to_string())?
             .connect_timeout(timeout)
-            .timeout(timeout)
-            .connect()
-            .await
-            .map_err(|e| {
+            .timeout(timeout);
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls).map_err(|e| {
                 format!(
-                    "cannot connect: {}; check that the sidecar runs and listens there (--addr or CORESDK_LISTEN)",
+                    "unusable TLS settings: {}",
                     coresdk::problem::with_causes(&e)
                 )
             })?;
+        }
+        let channel = endpoint.connect().await.map_err(|e| {
+            format!(
+                "cannot connect: {}; check that the sidecar runs and listens there (--addr or CORESDK_LISTEN){hint}",
+                coresdk::problem::with_causes(&e)
+            )
+        })?;
         HealthClient::new(channel)
             .check(HealthCheckRequest { service })
             .await
             .map(|r| r.into_inner().status())
-            .map_err(|e| format!("{}: {}", e.code(), e.message()))
+            .map_err(|e| format!("{}: {}{hint}", e.code(), e.message()))
     });
     match answer {
         Ok(ServingStatus::Serving) => {

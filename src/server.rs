@@ -70,6 +70,11 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     if config.admin_token.is_none() && !config.mock {
         tracing::warn!("no CORESDK_ADMIN_TOKEN: admin RPCs (SetFlag, TenantService) are refused");
     }
+    if config.tokens.accepts_other_apps_tokens() {
+        tracing::warn!(
+            "JWT public keys (CORESDK_JWT_PUBLIC_KEY_FILE or CORESDK_JWKS_FILE) without CORESDK_JWT_AUDIENCE: tokens their issuer made for any other application are accepted; set CORESDK_JWT_AUDIENCE to this application's audience"
+        );
+    }
 
     // The key is created here rather than while parsing, so a start that fails validation
     // leaves no key (and no data directory) behind.

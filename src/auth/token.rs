@@ -211,6 +211,14 @@ impl TokenVerifier {
         &self.tenant_claim
     }
 
+    /// Public keys (a PEM key or a JWKS) usually belong to an identity provider that signs
+    /// tokens for many applications; without a required audience, a token it issued for any of
+    /// them is accepted here.
+    pub fn accepts_other_apps_tokens(&self) -> bool {
+        (self.public_key.is_some() || self.jwks_file.is_some())
+            && !self.validation_base.validate_aud
+    }
+
     pub fn is_configured(&self) -> bool {
         !self.hmac.is_empty() || self.public_key.is_some() || self.jwks_file.is_some()
     }
@@ -438,6 +446,35 @@ mod tests {
             &jsonwebtoken::EncodingKey::from_secret(SECRET),
         )
         .expect("encodes")
+    }
+
+    #[test]
+    fn public_keys_without_an_audience_are_flagged() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let jwks = dir.path().join("jwks.json");
+        std::fs::write(&jwks, r#"{"keys":[]}"#).expect("write");
+        let with = |hmac: bool, jwks_file: Option<PathBuf>, audience: &[&str]| {
+            TokenVerifier::new(TokenSettings {
+                hmac_secrets: if hmac {
+                    vec![SECRET.to_vec()]
+                } else {
+                    Vec::new()
+                },
+                public_key_pem: None,
+                jwks_file,
+                issuer: None,
+                audience: audience.iter().map(|a| (*a).to_owned()).collect(),
+                tenant_claim: "tenant_id".into(),
+                leeway_s: 0,
+            })
+            .expect("valid settings")
+            .accepts_other_apps_tokens()
+        };
+        assert!(with(false, Some(jwks.clone()), &[]));
+        assert!(with(true, Some(jwks.clone()), &[]));
+        assert!(!with(false, Some(jwks), &["my-app"]));
+        // A shared HMAC secret is this application's own.
+        assert!(!with(true, None, &[]));
     }
 
     #[test]

@@ -296,6 +296,26 @@ fn secrets_never_appear_in_errors() {
 }
 
 #[test]
+fn tokens_are_trimmed_like_a_mounted_secret_file() {
+    let config = config(&[
+        "--admin-token",
+        "admin-token-0123456789\n",
+        "--api-token",
+        " api-token-0123456789\r\n",
+    ]);
+    assert_eq!(
+        config.admin_token.as_deref(),
+        Some("admin-token-0123456789")
+    );
+    assert_eq!(config.api_token.as_deref(), Some("api-token-0123456789"));
+    // Length counts what is left once trimmed.
+    let e = error(&["--admin-token", "short-token\n\n\n\n\n\n"]);
+    assert_eq!(e.setting, "CORESDK_ADMIN_TOKEN");
+    let e = error(&["--api-token", "\n"]);
+    assert!(e.message.contains("empty"), "{e}");
+}
+
+#[test]
 fn a_postgres_url_is_checked_when_parsed() {
     for (url, says) in [
         ("postgres://u@127.0.0.1/db?pool_size=0", "pool_size"),
