@@ -4,6 +4,7 @@ mod common;
 
 use std::path::Path;
 
+use common::inputs::spawn_tls;
 use common::*;
 use coresdk::proto::{
     self, AuthorizeRequest, Decision, VerifyTokenRequest, auth_service_client::AuthServiceClient,
@@ -520,29 +521,12 @@ async fn get_flag_over(channel: tonic::transport::Channel) -> Result<proto::Flag
         .map(|r| r.into_inner())
 }
 
-/// Starts a sidecar with TLS; `Sidecar::start` connects in plaintext, so this one connects itself.
-fn spawn_tls(dir: &Path, mutual: bool) -> (std::process::Child, String) {
-    let path = |name: &str| dir.join(name).display().to_string();
-    let mut args = vec![
-        "--store".to_owned(),
-        "memory".to_owned(),
-        "--tls-cert-file".to_owned(),
-        path("server.pem"),
-        "--tls-key-file".to_owned(),
-        path("server.key"),
-    ];
-    if mutual {
-        args.extend(["--tls-client-ca-file".to_owned(), path("ca.pem")]);
-    }
-    spawn(&args, &[])
-}
-
 #[tokio::test]
 async fn tls_and_mutual_tls() {
     let dir = tempfile::tempdir().expect("temp dir");
     fixture("mint_certs.py", dir.path());
 
-    let (mut tls_child, addr) = spawn_tls(dir.path(), false);
+    let (tls_sidecar, addr) = spawn_tls(dir.path(), false);
     let channel = tls_channel(&addr, dir.path(), false)
         .await
         .expect("TLS connects");
@@ -557,10 +541,9 @@ async fn tls_and_mutual_tls() {
             "plaintext must not be served over TLS"
         );
     }
-    let _ = tls_child.kill();
-    let _ = tls_child.wait();
+    drop(tls_sidecar);
 
-    let (mut mtls_child, addr) = spawn_tls(dir.path(), true);
+    let (_mtls_sidecar, addr) = spawn_tls(dir.path(), true);
     let with_cert = tls_channel(&addr, dir.path(), true)
         .await
         .expect("mTLS connects");
@@ -573,6 +556,4 @@ async fn tls_and_mutual_tls() {
         Ok(channel) => get_flag_over(channel).await.is_err(),
     };
     assert!(refused, "refused without a client certificate");
-    let _ = mtls_child.kill();
-    let _ = mtls_child.wait();
 }

@@ -6,6 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
+use common::inputs::spawn_tls;
 use common::*;
 use coresdk::proto::{
     self, AuthorizeRequest, Decision, GetFlagRequest, VerifyTokenRequest, WebhookOutcome,
@@ -204,33 +205,6 @@ fn health(args: &[&str]) -> Output {
         .env_clear()
         .output()
         .expect("coresdk health runs")
-}
-
-/// A sidecar serving TLS with the certificates `mint_certs.py` wrote into `dir`.
-fn spawn_tls(dir: &Path, mutual: bool) -> (Killed, String) {
-    let path = |name: &str| dir.join(name).display().to_string();
-    let mut args = vec![
-        "--mock".to_owned(),
-        "--tls-cert-file".to_owned(),
-        path("server.pem"),
-        "--tls-key-file".to_owned(),
-        path("server.key"),
-    ];
-    if mutual {
-        args.extend(["--tls-client-ca-file".to_owned(), path("ca.pem")]);
-    }
-    let (child, addr) = spawn(&args, &[]);
-    (Killed(child), addr)
-}
-
-/// A sidecar that is killed however the test ends.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]
