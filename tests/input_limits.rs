@@ -3,8 +3,9 @@
 //! and `coresdk health` against a TLS listener.
 mod common;
 
+use std::io::{BufRead as _, BufReader, Read as _};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use common::inputs::spawn_tls;
 use common::*;
@@ -270,4 +271,50 @@ fn health_probes_a_tls_listener_with_the_right_ca() {
 
     let unreadable = health(&["--addr", &addr, "--tls-ca-file", "/nonexistent/ca.pem"]);
     assert_eq!(unreadable.status.code(), Some(2), "{unreadable:?}");
+}
+
+/// What a sidecar with `envs` logs at warning level until it listens.
+fn start_warnings(envs: &[(&str, &str)]) -> String {
+    let mut child = Command::new(binary())
+        .args(["serve", "--listen", "127.0.0.1:0", "--mock"])
+        .env_clear()
+        .env("CORESDK_LOG", "warn")
+        .envs(envs.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the coresdk binary starts");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let listening = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .any(|line| line.starts_with("coresdk listening on "));
+    let _ = child.kill();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("piped stderr")
+        .read_to_string(&mut stderr)
+        .expect("readable stderr");
+    let _ = child.wait();
+    assert!(listening, "the sidecar started: {stderr}");
+    stderr
+}
+
+#[test]
+fn public_jwt_keys_without_an_audience_are_warned_about_at_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, r#"{"keys":[]}"#).expect("write");
+    let jwks = jwks.display().to_string();
+    let warned = start_warnings(&[("CORESDK_JWKS_FILE", &jwks)]);
+    assert!(warned.contains("without CORESDK_JWT_AUDIENCE"), "{warned}");
+    let quiet = start_warnings(&[
+        ("CORESDK_JWKS_FILE", &jwks),
+        ("CORESDK_JWT_AUDIENCE", "securepay"),
+    ]);
+    assert!(!quiet.contains("CORESDK_JWT_AUDIENCE"), "{quiet}");
+    let hmac_only = start_warnings(&[("CORESDK_JWT_SECRET", JWT_SECRET)]);
+    assert!(!hmac_only.contains("CORESDK_JWT_AUDIENCE"), "{hmac_only}");
 }
