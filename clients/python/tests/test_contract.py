@@ -37,6 +37,14 @@ def test_redelivery_is_a_duplicate_and_older_events_are_stale(sdk):
     assert deliver(sdk, stripe_event("charge.refunded", "cus_globex_001")).outcome == "ignored"
 
 
+def test_an_event_created_in_the_far_future_is_refused_and_does_not_block_later_ones(sdk):
+    with pytest.raises(ProblemError) as caught:
+        deliver(sdk, stripe_event("invoice.payment_failed", "cus_initech_001", created=9223372036854775807))
+    assert (caught.value.status, caught.value.problem.reason) == (400, "INVALID_EVENT")
+    assert deliver(sdk, stripe_event("invoice.paid", "cus_initech_001")).outcome == "applied"
+    assert sdk.is_enabled("initech", "pro_features")
+
+
 @pytest.mark.parametrize(
     "header, reason",
     [

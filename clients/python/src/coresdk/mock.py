@@ -32,6 +32,8 @@ MOCK_SECRET = "whsec_test_secret"
 MOCK_TENANTS = {"cus_acme_001": "acme-corp", "cus_globex_001": "globex", "cus_initech_001": "initech"}
 ACTOR = "stripe-webhook"
 TOLERANCE_S = 300
+# Seconds `created` may lie after the signature timestamp (the sidecar's MAX_CREATED_AHEAD_S).
+MAX_CREATED_AHEAD_S = 300
 MAX_BODY = 1024 * 1024
 
 
@@ -209,6 +211,11 @@ class MockSidecar(BaseSDK):
                 event = None
             if not isinstance(event, dict) or not isinstance(event.get("id"), str) or not event["id"] or not isinstance(event.get("type"), str) or not event["type"]:
                 raise ProblemError(_problem(self._base, "invalid-event", "Not a Stripe event", 400, "the verified payload is not a Stripe event", "INVALID_EVENT"))
+            created = event.get("created")
+            # As the sidecar: Stripe signs an event after creating it, so a `created` far past the
+            # signature time (or before 1970) is not a real event's and would make later ones stale.
+            if isinstance(created, int) and not 0 <= created <= signed_at + MAX_CREATED_AHEAD_S:
+                raise ProblemError(_problem(self._base, "invalid-event", "Not a Stripe event", 400, f"`created` ({created}) is not a plausible event time", "INVALID_EVENT"))
         except ProblemError as e:
             raise self._refuse(e, len(payload)) from None
         event_id, event_type = event["id"], event["type"]
