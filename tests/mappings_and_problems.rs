@@ -281,3 +281,39 @@ async fn a_huge_customer_id_gets_a_bounded_problem() {
         record.canonical.len()
     );
 }
+
+#[tokio::test]
+async fn a_huge_key_id_in_a_token_gets_a_bounded_problem() {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, r#"{"keys": []}"#).expect("write the key set");
+    let mut options = Options::default();
+    options
+        .args
+        .extend(["--jwks-file".to_owned(), jwks.display().to_string()]);
+    let sidecar = Sidecar::start(options).await;
+    let part =
+        |json: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json.to_string());
+    // Refused on the key id before any signature is checked, so none is needed; as long as
+    // the sidecar's token bound allows.
+    let token = format!(
+        "{}.{}.c2ln",
+        part(json!({"alg": "RS256", "typ": "JWT", "kid": "k".repeat(11 * 1024)})),
+        part(json!({"sub": "someone", "tenant_id": "acme-corp"}))
+    );
+    let token_len_ok = token.len() <= coresdk::auth::token::MAX_TOKEN_LEN;
+    let refused =
+        coresdk::proto::auth_service_client::AuthServiceClient::new(sidecar.channel.clone())
+            .verify_token(coresdk::proto::VerifyTokenRequest { token })
+            .await
+            .expect_err("no such key");
+    assert!(
+        token_len_ok,
+        "the token stays under the sidecar's 16 KiB bound"
+    );
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    let problem = problem(&refused);
+    assert!(problem.detail.contains("key id"), "{}", problem.detail);
+    assert!(problem.detail.len() < 512, "{}", problem.detail);
+}
