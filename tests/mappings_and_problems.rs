@@ -317,3 +317,43 @@ async fn a_huge_key_id_in_a_token_gets_a_bounded_problem() {
     assert!(problem.detail.contains("key id"), "{}", problem.detail);
     assert!(problem.detail.len() < 512, "{}", problem.detail);
 }
+
+#[tokio::test]
+async fn a_store_failure_shows_a_generic_detail_and_an_incident_id() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sidecar = Sidecar::on_disk(dir.path(), Options::default()).await;
+    // Another process holding the write lock past the sidecar's busy timeout is a real SQLite
+    // failure ("database is locked") whose text must stay in the log.
+    let holder = rusqlite::Connection::open(dir.path().join("coresdk.db")).expect("open");
+    holder
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("take the write lock");
+    let mut request = tonic::Request::new(AppendAuditRequest {
+        tenant_id: "acme-corp".into(),
+        actor: "user:42".into(),
+        event: "app.login".into(),
+        outcome: "success".into(),
+        metadata: None,
+    });
+    request.set_timeout(std::time::Duration::from_secs(30));
+    let refused = sidecar
+        .audit()
+        .append(request)
+        .await
+        .expect_err("the store is locked");
+    holder.execute_batch("ROLLBACK").expect("release");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert_eq!(error_reason(&refused), "STORE_UNAVAILABLE");
+    let problem = problem(&refused);
+    assert_eq!(problem.detail, "the store is unavailable; retry later");
+    assert!(
+        !refused.message().contains("locked"),
+        "{}",
+        refused.message()
+    );
+    assert!(
+        problem.instance.starts_with("urn:coresdk:error:"),
+        "{}",
+        problem.instance
+    );
+}
