@@ -99,6 +99,22 @@ pub fn bound_metadata(mut metadata: Map<String, Value>) -> Map<String, Value> {
     metadata
 }
 
+/// Event namespaces only the sidecar writes (`billing.<stripe type>`, `auth.denied`,
+/// `flag.set`, `tenant.customer_mapped`, …): an application's `Append` may not use them, so a
+/// query for `billing.` or `auth.` returns only what the sidecar itself recorded.
+pub const RESERVED_NAMESPACES: [&str; 5] = ["billing", "auth", "flag", "tenant", "audit"];
+
+/// The reserved namespace `event` falls in, compared the way a reader would (case and leading
+/// blanks ignored), if any.
+pub fn reserved_namespace(event: &str) -> Option<&'static str> {
+    let event = event.trim_start().to_ascii_lowercase();
+    RESERVED_NAMESPACES.into_iter().find(|namespace| {
+        event
+            .strip_prefix(namespace)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+    })
+}
+
 /// Validates a record the application appends itself.
 pub fn validate_new(record: &NewAuditRecord) -> Result<(), Error> {
     let mut violations = Vec::new();
@@ -116,6 +132,28 @@ pub fn validate_new(record: &NewAuditRecord) -> Result<(), Error> {
                 format!("is longer than {MAX_FIELD_LEN} bytes"),
             ));
         }
+    }
+    if let Some(namespace) = reserved_namespace(&record.event) {
+        violations.push(crate::problem::FieldViolation::new(
+            "event",
+            format!(
+                "'{namespace}.' is reserved for the sidecar's own records; name application events in a namespace of your own, e.g. 'app.'"
+            ),
+        ));
+    }
+    // The one actor that vouches for a verified Stripe delivery.
+    if record
+        .actor
+        .trim()
+        .eq_ignore_ascii_case(crate::ops::WEBHOOK_ACTOR)
+    {
+        violations.push(crate::problem::FieldViolation::new(
+            "actor",
+            format!(
+                "'{}' is reserved for verified Stripe deliveries",
+                crate::ops::WEBHOOK_ACTOR
+            ),
+        ));
     }
     let size = serde_jcs::to_vec(&record.metadata).map_or(usize::MAX, |b| b.len());
     if size > MAX_METADATA_BYTES {
@@ -416,6 +454,35 @@ mod tests {
         rows[3] = StoredAuditRow { seq: 4, ..third };
         let report = verify(&rows);
         assert_eq!((report.ok, report.first_bad_seq), (false, 3));
+    }
+
+    #[test]
+    fn application_records_stay_out_of_the_sidecar_namespaces() {
+        for event in [
+            "billing.invoice.paid",
+            "auth.denied",
+            "flag.set",
+            "tenant.customer_mapped",
+            "audit.checkpoint",
+            "Billing.x",
+            " tenant.x",
+            "audit",
+        ] {
+            let refused = validate_new(&new(event)).expect_err(event);
+            assert_eq!(refused.violations()[0].field, "event", "{event}");
+        }
+        for event in [
+            "app.login",
+            "billingx.y",
+            "authority.changed",
+            "app.billing.x",
+        ] {
+            assert!(validate_new(&new(event)).is_ok(), "{event}");
+        }
+        let mut impostor = new("app.login");
+        impostor.actor = crate::ops::WEBHOOK_ACTOR.to_owned();
+        let refused = validate_new(&impostor).expect_err("the webhook actor");
+        assert_eq!(refused.violations()[0].field, "actor");
     }
 
     #[test]

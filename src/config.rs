@@ -90,6 +90,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub store: StoreUrl,
     pub tenants: BTreeMap<String, String>,
+    /// The tenants file (and mock tenants) replace runtime mappings instead of only seeding.
+    pub tenants_file_overrides: bool,
     pub rules: Arc<Rules>,
     pub mock: bool,
     pub verifier: SignatureVerifier,
@@ -262,6 +264,7 @@ impl Config {
             listen: args.listen,
             store,
             tenants,
+            tenants_file_overrides: args.tenants_file_overrides,
             rules: Arc::new(rules),
             mock: args.mock,
             verifier: SignatureVerifier::new(secrets, args.webhook_tolerance_s),

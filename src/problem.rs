@@ -24,6 +24,20 @@ pub fn with_causes(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// How many characters of a caller's input a problem quotes. Problems travel in response
+/// headers (`grpc-status-details-bin`), which clients cap at 8-16 KiB: echoing input whole
+/// would turn a clear refusal into `RESOURCE_EXHAUSTED` at the client.
+pub const MAX_QUOTED_CHARS: usize = 64;
+
+/// Input as a problem (or an audit record of one) may quote it: at most
+/// [`MAX_QUOTED_CHARS`] characters, with `…` marking a cut.
+pub fn quoted(input: &str) -> String {
+    match input.char_indices().nth(MAX_QUOTED_CHARS) {
+        Some((cut, _)) => format!("{}…", &input[..cut]),
+        None => input.to_owned(),
+    }
+}
+
 /// Where problem documents point and which links they carry.
 #[derive(Debug, Clone)]
 pub struct ProblemLinks {
@@ -101,15 +115,15 @@ pub enum Error {
     PayloadTooLarge { size: usize, limit: usize },
     #[error("the verified payload is not a Stripe event: {0}")]
     NotAStripeEvent(String),
-    #[error("no tenant is mapped for customer '{0}'")]
+    #[error("no tenant is mapped for customer '{}'", quoted(.0))]
     UnknownCustomer(String),
     #[error("the event names no customer and no metadata.tenant_id, so no tenant can be resolved")]
     NoTenant,
     #[error("invalid request: {}", describe(.0))]
     InvalidArgument(Vec<FieldViolation>),
-    #[error("flag '{key}' is not defined")]
+    #[error("flag '{}' is not defined", quoted(key))]
     FlagNotFound { key: String },
-    #[error("customer '{0}' has no tenant mapping")]
+    #[error("customer '{}' has no tenant mapping", quoted(.0))]
     CustomerNotFound(String),
     #[error("{0}")]
     Unauthenticated(&'static str),
@@ -121,6 +135,18 @@ pub enum Error {
     ShuttingDown,
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// A `urn:coresdk:error:` id unique to this failure: the process's start time and id tell
+/// replicas and restarts apart, a counter tells this process's failures apart.
+fn incident_instance() -> String {
+    use std::sync::LazyLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static PROCESS: LazyLock<String> =
+        LazyLock::new(|| format!("{:x}-{:x}", crate::time::now_ms(), std::process::id()));
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("urn:coresdk:error:{}-{n}", *PROCESS)
 }
 
 fn describe(violations: &[FieldViolation]) -> String {
@@ -284,10 +310,19 @@ impl Error {
         }
     }
 
-    /// The RFC 9457 problem for this error.
+    /// The RFC 9457 problem for this error. A store or internal failure's own text (SQLite and
+    /// PostgreSQL messages can name tables, paths and row values) goes to the log under an
+    /// incident id; the problem only says what the caller can do, with that id as `instance`.
     pub fn problem(&self, links: &ProblemLinks) -> Problem {
         let mapping = self.mapping();
-        Problem::new(links, &mapping, self.to_string(), "")
+        let public_detail = match self {
+            Error::StoreUnavailable(_) => "the store is unavailable; retry later",
+            Error::Internal(_) => "the sidecar failed to handle the request",
+            _ => return Problem::new(links, &mapping, self.to_string(), ""),
+        };
+        let instance = incident_instance();
+        tracing::error!(instance = %instance, reason = mapping.reason, error = %self, "request failed");
+        Problem::new(links, &mapping, public_detail.to_owned(), &instance)
     }
 
     /// Field violations, for a `BadRequest` beside the problem.
@@ -435,10 +470,59 @@ mod tests {
             (503, "Store unavailable")
         );
         assert_eq!(problem.extensions["reason"], "STORE_UNAVAILABLE");
-        assert!(problem.detail.contains("disk"));
         let invalid = Error::invalid("tenant_id", "is required");
         assert_eq!(invalid.mapping().code, Code::InvalidArgument);
         assert_eq!(invalid.violations().len(), 1);
+    }
+
+    #[test]
+    fn store_and_internal_failures_show_a_generic_detail_and_an_incident_id() {
+        for error in [
+            Error::StoreUnavailable("no such table: customer_tenants (in /var/lib/x.db)".into()),
+            Error::Internal("canonical encoding: key must be a string".into()),
+        ] {
+            let first = error.problem(&links());
+            let second = error.problem(&links());
+            assert!(
+                !first.detail.contains("customer_tenants"),
+                "{}",
+                first.detail
+            );
+            assert!(!first.detail.contains("canonical"), "{}", first.detail);
+            assert!(
+                first.instance.starts_with("urn:coresdk:error:"),
+                "{}",
+                first.instance
+            );
+            assert_ne!(
+                first.instance, second.instance,
+                "each failure has its own id"
+            );
+        }
+        let retry = Error::StoreUnavailable("disk I/O error".into());
+        assert_eq!(
+            retry.problem(&links()).detail,
+            "the store is unavailable; retry later"
+        );
+        assert_eq!(retry.mapping().code, Code::Unavailable, "still retryable");
+    }
+
+    #[test]
+    fn quoted_input_is_cut_short() {
+        assert_eq!(quoted("cus_123"), "cus_123");
+        let exact = "é".repeat(MAX_QUOTED_CHARS);
+        assert_eq!(quoted(&exact), exact);
+        let long = "é".repeat(100_000);
+        assert_eq!(quoted(&long), format!("{}…", "é".repeat(MAX_QUOTED_CHARS)));
+        for error in [
+            Error::UnknownCustomer(long.clone()),
+            Error::CustomerNotFound(long.clone()),
+            Error::FlagNotFound { key: long.clone() },
+        ] {
+            let detail = error.problem(&links()).detail;
+            assert!(detail.chars().count() < MAX_QUOTED_CHARS + 64, "{detail}");
+            assert!(detail.contains('…'), "{detail}");
+        }
     }
 
     #[test]

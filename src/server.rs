@@ -18,7 +18,7 @@ use crate::app::App;
 use crate::config::Config;
 use crate::feeds::Feeds;
 use crate::flags::FlagCache;
-use crate::ops::{self, AdminChange};
+use crate::ops;
 use crate::problem::Error;
 use crate::proto::{
     audit_service_server::AuditServiceServer, auth_service_server::AuthServiceServer,
@@ -309,25 +309,22 @@ async fn seed_tenants(store: &Store, config: &Config) -> Result<(), Error> {
         return Ok(());
     }
     let tenants = config.tenants.clone();
-    let count = tenants.len();
-    store
-        .write(move |tx| {
-            for (customer, tenant) in &tenants {
-                ops::map_customer(
-                    tx,
-                    customer,
-                    tenant,
-                    &AdminChange {
-                        actor: "config",
-                        reason: "tenants file",
-                    },
-                    crate::time::now_ms(),
-                )?;
-            }
-            Ok(())
-        })
+    let overrides = config.tenants_file_overrides;
+    let report = store
+        .write(move |tx| ops::seed_customers(tx, &tenants, overrides, crate::time::now_ms()))
         .await?;
-    tracing::info!(count, "customer → tenant mappings loaded");
+    tracing::info!(
+        added = report.added,
+        unchanged = report.unchanged,
+        overridden = report.overridden,
+        "customer → tenant mappings seeded from the configuration"
+    );
+    if report.kept > 0 {
+        tracing::warn!(
+            kept = report.kept,
+            "customers the tenants file maps elsewhere keep their runtime mapping; set CORESDK_TENANTS_FILE_OVERRIDES=true to let the file win"
+        );
+    }
     Ok(())
 }
 

@@ -183,8 +183,9 @@ async fn a_thousand_mixed_deliveries_over_three_replicas() {
             .expect("Verify")
             .into_inner();
         assert!(report.ok, "{report:?}");
-        // 1000 deliveries + the 3 customer mappings, recorded once however the replicas raced.
-        assert_eq!(report.records_checked, 1003, "{report:?}");
+        // 1000 deliveries + the one record of seeding the tenants file, written once however
+        // the replicas raced (the later ones found every customer mapped).
+        assert_eq!(report.records_checked, 1001, "{report:?}");
     }
 }
 

@@ -61,3 +61,40 @@ fn encode(mapping: &Mapping, problem: Problem, violations: &[FieldViolation]) ->
     };
     tonic::Status::with_details(code, detail, status.encode_to_vec().into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_failure_reaches_the_client_as_a_generic_retryable_problem() {
+        let links = ProblemLinks {
+            type_base: "https://coresdk.dev/problems".into(),
+            billing_url: None,
+            upgrade_url: None,
+        };
+        let status = of_error(
+            &Error::StoreUnavailable("database disk image is malformed: /data/coresdk.db".into()),
+            &links,
+        );
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(
+            !status.message().contains("malformed"),
+            "{}",
+            status.message()
+        );
+        let details = pb::Status::decode(status.details()).expect("google.rpc.Status");
+        let problem = details
+            .details
+            .iter()
+            .find(|d| d.type_url.ends_with("coresdk.v1.Problem"))
+            .map(|d| crate::proto::Problem::decode(d.value.as_slice()).expect("a Problem"))
+            .expect("a Problem in the details");
+        assert!(!problem.detail.contains("coresdk.db"), "{}", problem.detail);
+        assert!(
+            problem.instance.starts_with("urn:coresdk:error:"),
+            "{}",
+            problem.instance
+        );
+    }
+}

@@ -24,7 +24,7 @@ pub enum TokenError {
     UnsupportedAlgorithm,
     #[error("no configured key can verify a {0} token")]
     NoKeyForAlgorithm(String),
-    #[error("the token names key id '{0}', which the key set does not hold")]
+    #[error("the token names key id '{}', which the key set does not hold", crate::problem::quoted(.0))]
     UnknownKid(String),
     #[error("the token's signature does not verify")]
     BadSignature,

@@ -50,6 +50,7 @@ fn defaults_serve_sqlite_on_loopback_with_checkpoints_beside_the_database() {
     assert!(!config.verifier.has_secrets());
     assert!(config.admin_token.is_none() && config.api_token.is_none());
     assert!(config.tenants.is_empty());
+    assert!(!config.tenants_file_overrides);
     assert!(config.tls.is_none());
     assert_eq!(config.webhook_max_body_bytes, 1024 * 1024);
     assert_eq!(config.shutdown_grace, std::time::Duration::from_secs(10));

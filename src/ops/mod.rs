@@ -72,11 +72,11 @@ pub fn validate_flag_key(field: &'static str, key: &str) -> Result<(), Error> {
     if crate::rules::is_valid_flag_key(key) {
         return Ok(());
     }
-    let shown: String = key.chars().take(64).collect();
     Err(Error::invalid(
         field,
         format!(
-            "'{shown}' is not a valid flag key: use 1-{} characters of letters, digits, _ - . :",
+            "'{}' is not a valid flag key: use 1-{} characters of letters, digits, _ - . :",
+            crate::problem::quoted(key),
             crate::rules::MAX_FLAG_KEY_LEN
         ),
     ))
@@ -221,6 +221,78 @@ pub fn unmap_customer(
     }
     Ok(previous)
 }
+
+/// What seeding the configured mappings did; also the metadata of its audit record.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SeedReport {
+    /// Customers that had no tenant and now have the configured one.
+    pub added: u64,
+    /// Customers already mapped as configured.
+    pub unchanged: u64,
+    /// Customers mapped elsewhere at runtime, left there.
+    pub kept: u64,
+    /// Customers mapped elsewhere at runtime, moved to the configured tenant (overrides only).
+    pub overridden: u64,
+}
+
+/// How many moved customers the seeding record names; the counts cover the rest.
+const SEED_RECORD_MOVES: usize = 16;
+
+/// Maps the configured customers (tenants file, mock tenants). A customer mapped at runtime
+/// keeps its mapping unless `overrides`: the file is where mappings start, `MapCustomer` and
+/// checkouts are where they change, and a restart must not undo a change. One audit record
+/// summarises a seeding that changed anything, so restarts do not grow the trail.
+pub fn seed_customers(
+    tx: &mut dyn StoreTx,
+    configured: &std::collections::BTreeMap<String, String>,
+    overrides: bool,
+    now_ms: i64,
+) -> Result<SeedReport, Error> {
+    let mut report = SeedReport::default();
+    let mut moves = Vec::new();
+    for (customer, tenant) in configured {
+        match tx.tenant_of_customer(customer)? {
+            None => {
+                tx.map_customer(customer, tenant, now_ms)?;
+                report.added += 1;
+            }
+            Some(current) if current == *tenant => report.unchanged += 1,
+            Some(current) if overrides => {
+                tx.map_customer(customer, tenant, now_ms)?;
+                report.overridden += 1;
+                if moves.len() < SEED_RECORD_MOVES {
+                    moves.push(json!({"customer": customer, "from": current, "to": tenant}));
+                }
+            }
+            Some(_) => report.kept += 1,
+        }
+    }
+    if report.added + report.overridden > 0 {
+        let mut metadata = Map::new();
+        metadata.insert("configured".into(), json!(configured.len()));
+        metadata.insert("added".into(), json!(report.added));
+        metadata.insert("unchanged".into(), json!(report.unchanged));
+        metadata.insert("kept_runtime".into(), json!(report.kept));
+        metadata.insert("overridden".into(), json!(report.overridden));
+        if !moves.is_empty() {
+            metadata.insert("moved".into(), Value::Array(moves));
+        }
+        tx.append_audit(
+            NewAuditRecord {
+                tenant_id: String::new(),
+                actor: SEED_ACTOR.to_owned(),
+                event: "tenant.mappings_seeded".to_owned(),
+                outcome: "applied".to_owned(),
+                metadata: audit::bound_metadata(metadata),
+            },
+            now_ms,
+        )?;
+    }
+    Ok(report)
+}
+
+/// The actor of changes made from the sidecar's configuration.
+pub const SEED_ACTOR: &str = "config";
 
 pub fn verify_chain(tx: &mut dyn StoreTx) -> Result<VerifyReport, Error> {
     let mut verifier = ChainVerifier::default();

@@ -108,6 +108,17 @@ pub fn apply_webhook(
             mapping_recorded = true;
             Some(tenant)
         }
+        Resolved::MappingRefused { tenant, claimed } => {
+            tracing::warn!(
+                event_id = %event.id,
+                tenant = %tenant,
+                claimed = %claimed,
+                "checkout names another tenant for an already mapped customer; the mapping stays"
+            );
+            metadata.insert("mapping_refused".into(), json!(true));
+            metadata.insert("conflicting_client_reference_id".into(), json!(claimed));
+            Some(tenant)
+        }
         Resolved::None => None,
     };
 
@@ -213,30 +224,44 @@ enum Resolved {
     Tenant(String),
     /// A checkout completed with `client_reference_id`: the mapping was just recorded.
     Mapped(String),
+    /// A checkout's `client_reference_id` names another tenant than the customer's mapping:
+    /// the mapping stays and the event applies to the mapped tenant.
+    MappingRefused {
+        tenant: String,
+        claimed: String,
+    },
     None,
 }
 
+/// The mapping table first; a checkout's `client_reference_id` only maps a customer that has
+/// no tenant yet. Moving a mapped customer is an admin decision (`MapCustomer`), never one a
+/// checkout session can make: whoever can start a checkout can set its reference.
 fn resolve_tenant(
     tx: &mut dyn StoreTx,
     event: &StripeEvent,
     now_ms: i64,
 ) -> Result<Resolved, Error> {
     let customer = event.customer_id();
-    if event.event_type == "checkout.session.completed"
-        && let (Some(customer), Some(tenant)) = (customer, event.object_str("client_reference_id"))
-        && validate_id("client_reference_id", tenant).is_ok()
-    {
-        let previous = tx.map_customer(customer, tenant, now_ms)?;
-        return Ok(if previous.as_deref() == Some(tenant) {
-            Resolved::Tenant(tenant.to_owned())
-        } else {
-            Resolved::Mapped(tenant.to_owned())
-        });
-    }
+    let reference = event
+        .object_str("client_reference_id")
+        .filter(|_| event.event_type == "checkout.session.completed")
+        .filter(|tenant| validate_id("client_reference_id", tenant).is_ok());
     if let Some(customer) = customer
         && let Some(tenant) = tx.tenant_of_customer(customer)?
     {
-        return Ok(Resolved::Tenant(tenant));
+        return Ok(match reference {
+            Some(claimed) if claimed != tenant => Resolved::MappingRefused {
+                tenant,
+                claimed: claimed.to_owned(),
+            },
+            _ => Resolved::Tenant(tenant),
+        });
+    }
+    if let (Some(customer), Some(tenant)) = (customer, reference)
+        && validate_id("customer", customer).is_ok()
+    {
+        tx.map_customer(customer, tenant, now_ms)?;
+        return Ok(Resolved::Mapped(tenant.to_owned()));
     }
     Ok(match event.metadata_tenant() {
         Some(tenant) if validate_id("metadata.tenant_id", tenant).is_ok() => {

@@ -84,6 +84,24 @@ def test_unknown_customer_is_422_until_mapped(sdk):
     assert deliver(sdk, body).tenant_id == "nobody-inc"
 
 
+def test_a_checkout_maps_only_unmapped_customers(sdk):
+    moved = deliver(sdk, stripe_event("checkout.session.completed", "cus_acme_001", client_reference_id="intruder"))
+    assert moved.tenant_id == "acme-corp"
+    assert sdk.resolve_customer("cus_acme_001") == "acme-corp"
+    [record] = sdk.audit_query(tenant_id="acme-corp", event_prefix="billing.checkout.session.completed")
+    assert record.metadata["conflicting_client_reference_id"] == "intruder"
+    fresh = deliver(sdk, stripe_event("checkout.session.completed", "cus_fresh", client_reference_id="hooli"))
+    assert fresh.tenant_id == "hooli"
+    assert sdk.resolve_customer("cus_fresh") == "hooli"
+
+
+def test_a_huge_customer_id_is_quoted_short(sdk):
+    with pytest.raises(ProblemError) as caught:
+        deliver(sdk, stripe_event("invoice.paid", "c" * 100_000))
+    assert caught.value.status == 422
+    assert len(caught.value.problem.detail) < 512
+
+
 def test_flags_defaults_set_and_not_found(sdk):
     flag = sdk.get_flag("hooli", "pro_features")
     assert (flag.value, flag.is_default) == (False, True)
@@ -134,6 +152,10 @@ def test_application_audit_events(sdk):
     assert [r.metadata.get("rows") for r in found] == [10]
     with pytest.raises(ProblemError):
         sdk.audit("", outcome="x", actor="y")
+    for event, actor in [("billing.invoice.paid", "user:42"), ("auth.denied", "user:42"), ("app.x", "stripe-webhook")]:
+        with pytest.raises(ProblemError) as caught:
+            sdk.audit(event, outcome="applied", actor=actor)
+        assert (caught.value.status, caught.value.problem.reason) == (400, "INVALID_ARGUMENT")
     assert sdk.audit_verify().ok
 
 

@@ -31,10 +31,18 @@ from coresdk.models import AuditRecord, Claims, Decision, Flag, FlagChange, Flag
 MOCK_SECRET = "whsec_test_secret"
 MOCK_TENANTS = {"cus_acme_001": "acme-corp", "cus_globex_001": "globex", "cus_initech_001": "initech"}
 ACTOR = "stripe-webhook"
+
+# Event namespaces only the sidecar writes; Append refuses them (and the webhook actor).
+RESERVED_NAMESPACES = ("billing", "auth", "flag", "tenant", "audit")
 TOLERANCE_S = 300
 # Seconds `created` may lie after the signature timestamp (the sidecar's MAX_CREATED_AHEAD_S).
 MAX_CREATED_AHEAD_S = 300
 MAX_BODY = 1024 * 1024
+
+
+def _quoted(text: str, limit: int = 64) -> str:
+    """Input as a problem quotes it: cut short, so a problem always fits in response headers."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _problem(type_base: str, slug: str, title: str, status: int, detail: str, reason: str, **extensions: Any) -> Problem:
@@ -97,6 +105,14 @@ class MockSidecar(BaseSDK):
     def audit(self, event: str, *, outcome: str, actor: str, tenant_id: str = "", metadata: Optional[Mapping[str, Any]] = None) -> Optional[AuditRecord]:
         if not event.strip() or not outcome.strip() or not actor.strip():
             raise self._invalid("event, outcome and actor are required")
+        name = event.lstrip().lower()
+        for namespace in RESERVED_NAMESPACES:
+            if name == namespace or name.startswith(namespace + "."):
+                raise self._invalid(
+                    f"event: '{namespace}.' is reserved for the sidecar's own records; name application events in a namespace of your own, e.g. 'app.'"
+                )
+        if actor.strip().lower() == ACTOR:
+            raise self._invalid(f"actor: '{ACTOR}' is reserved for verified Stripe deliveries")
         return self._append(tenant_id, actor, event, outcome, json.loads(json.dumps(metadata or {}, default=str)))
 
     def audit_query(self, *, tenant_id: str = "", event_prefix: str = "", outcome: str = "", limit: int = 1000) -> list[AuditRecord]:
@@ -240,9 +256,14 @@ class MockSidecar(BaseSDK):
             tenant = None
             reference = obj.get("client_reference_id")
             if event_type == "checkout.session.completed" and customer and reference:
-                mapped = self._customers.get(customer) != reference
-                self._customers[customer] = reference
-                tenant = reference
+                # A checkout maps only a customer without a tenant; it never moves one.
+                current = self._customers.get(customer)
+                if current is None:
+                    mapped = True
+                    self._customers[customer] = reference
+                elif current != reference:
+                    meta["mapping_refused"] = True
+                    meta["conflicting_client_reference_id"] = reference
             if tenant is None and customer:
                 tenant = self._customers.get(customer)
             if tenant is None:
@@ -250,7 +271,7 @@ class MockSidecar(BaseSDK):
             if tenant is None:
                 if kind == "ignored":
                     return self._finish(event_id, event_type, "", "ignored", [], [], meta)
-                detail = f"no tenant is mapped for customer '{customer}'" if customer else "no tenant can be resolved"
+                detail = f"no tenant is mapped for customer '{_quoted(customer)}'" if customer else "no tenant can be resolved"
                 self._append("", ACTOR, audit_event, "rejected", {**meta, "reason": detail})
                 raise ProblemError(_problem(self._base, "unknown-customer", "Unknown customer", 422, detail, "UNKNOWN_CUSTOMER"))
             if kind == "entitlements":
