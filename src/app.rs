@@ -292,7 +292,7 @@ impl App {
             .map(|c| (c.path().to_owned(), c.verifying_key()));
         let report = self
             .store
-            .read(move |tx| {
+            .long_read(move |tx| {
                 let report = ops::verify_chain(tx)?;
                 match &checkpoints {
                     Some((path, key)) => crate::checkpoint::check(tx, report, path, key),
