@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::audit::{self, AuditRecord, NewAuditRecord, VerifyReport};
 use crate::auth::{Access, AccessRequest, Authorizer, Claims, TokenError, tokens_match};
@@ -31,7 +31,12 @@ pub struct App {
     /// Flips to true at shutdown so that streams end and the server can drain.
     pub shutdown: watch::Receiver<bool>,
     authorizer: Authorizer,
+    /// One permit per open stream, up to `config.max_streams`.
+    streams: Arc<Semaphore>,
 }
+
+/// Held by a stream's task for as long as it serves the stream.
+pub type StreamSlot = OwnedSemaphorePermit;
 
 /// An admin's change request, as every admin use case takes it.
 pub struct Admin<'a> {
@@ -81,6 +86,7 @@ impl App {
             config.fail_mode,
             config.deny_audit_window,
         );
+        let streams = Arc::new(Semaphore::new(config.max_streams));
         Self {
             config,
             store,
@@ -88,7 +94,19 @@ impl App {
             checkpoints,
             shutdown,
             authorizer,
+            streams,
         }
+    }
+
+    /// Room for one more stream, or `TooManyStreams` when `--max-streams` are open: each one
+    /// holds a task, a channel and a broadcast receiver that every change is cloned into.
+    pub fn open_stream(&self) -> Result<StreamSlot, Error> {
+        self.streams
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Error::TooManyStreams {
+                limit: self.config.max_streams,
+            })
     }
 
     pub fn links(&self) -> &ProblemLinks {
@@ -292,7 +310,7 @@ impl App {
             .map(|c| (c.path().to_owned(), c.verifying_key()));
         let report = self
             .store
-            .read(move |tx| {
+            .long_read(move |tx| {
                 let report = ops::verify_chain(tx)?;
                 match &checkpoints {
                     Some((path, key)) => crate::checkpoint::check(tx, report, path, key),

@@ -109,6 +109,8 @@ pub struct Config {
     pub checkpoint_files: Option<CheckpointFiles>,
     pub checkpoint_interval: std::time::Duration,
     pub postgres_ca_file: Option<PathBuf>,
+    /// Streams served at once at most.
+    pub max_streams: usize,
 }
 
 const READABLE: &str = "point it at a readable file";
@@ -168,6 +170,15 @@ impl Config {
             (url, false) => StoreUrl::parse(url.as_deref().unwrap_or(DEFAULT_STORE))
                 .map_err(|e| config_error("CORESDK_STORE", e.to_string()))?,
         };
+        if args.max_streams == 0 || args.max_streams > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err(config_error(
+                "CORESDK_MAX_STREAMS",
+                format!(
+                    "must be between 1 and {}",
+                    tokio::sync::Semaphore::MAX_PERMITS
+                ),
+            ));
+        }
         if args.audit_checkpoint_interval_s == 0 {
             return Err(config_error(
                 "CORESDK_AUDIT_CHECKPOINT_INTERVAL_S",
@@ -281,6 +292,7 @@ impl Config {
             checkpoint_files,
             checkpoint_interval: std::time::Duration::from_secs(args.audit_checkpoint_interval_s),
             postgres_ca_file: args.postgres_ca_file,
+            max_streams: args.max_streams,
         })
     }
 }

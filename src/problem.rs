@@ -133,6 +133,10 @@ pub enum Error {
     StoreUnavailable(String),
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error(
+        "{limit} streams (WatchFlags, Tail) are open, as many as this sidecar serves at once; close one or raise CORESDK_MAX_STREAMS"
+    )]
+    TooManyStreams { limit: usize },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -299,6 +303,13 @@ impl Error {
                 "shutting-down",
                 "Shutting down",
                 "SHUTTING_DOWN",
+            ),
+            TooManyStreams { .. } => m(
+                Code::ResourceExhausted,
+                429,
+                "too-many-streams",
+                "Too many streams",
+                "TOO_MANY_STREAMS",
             ),
             Internal(_) => m(
                 Code::Internal,

@@ -134,6 +134,10 @@ pub struct ServeArgs {
         default_value_t = 10
     )]
     pub audit_checkpoint_interval_s: u64,
+    /// Streams (`WatchFlags`, `Tail`) open at once at most; more are refused with
+    /// RESOURCE_EXHAUSTED until one ends.
+    #[arg(long, env = "CORESDK_MAX_STREAMS", default_value_t = 1024)]
+    pub max_streams: usize,
     /// Require client certificates signed by this CA (mutual TLS).
     #[arg(long, env = "CORESDK_TLS_CLIENT_CA_FILE")]
     pub tls_client_ca_file: Option<PathBuf>,

@@ -136,9 +136,16 @@ impl AuditService for AuditApi {
         let request = request.into_inner();
         crate::ops::validate_optional_id("tenant_id", &request.tenant_id)
             .map_err(|e| status::of_error(&e, self.app.links()))?;
+        let slot = self
+            .app
+            .open_stream()
+            .map_err(|e| status::of_error(&e, self.app.links()))?;
         let (sender, receiver) = mpsc::channel(256);
         let app = self.app.clone();
-        tokio::spawn(async move { tail(app, request, sender).await });
+        tokio::spawn(async move {
+            tail(app, request, sender).await;
+            drop(slot);
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 }
@@ -160,7 +167,12 @@ async fn catch_up(
             limit: MAX_PAGE_SIZE,
             ..Default::default()
         };
-        let page = match app.query_audit(query).await {
+        // A client that leaves while a page is read drops the read with it.
+        let page = tokio::select! {
+            page = app.query_audit(query) => page,
+            () = sender.closed() => return None,
+        };
+        let page = match page {
             Ok(page) => page,
             Err(e) => {
                 let _ = sender.send(Err(status::of_error(&e, app.links()))).await;
@@ -179,7 +191,8 @@ async fn catch_up(
 }
 
 /// Subscribes first, then replays what is stored, then follows the feed, skipping what the
-/// replay already sent; a lagging client is caught up from the store again.
+/// replay already sent; a lagging client is caught up from the store again. Ends as soon as
+/// the client goes away, like `WatchFlags`.
 async fn tail(app: SharedApp, request: proto::TailAuditRequest, sender: TailSender) {
     let tenant = non_empty(request.tenant_id);
     let mut shutdown = app.shutdown.clone();
@@ -195,6 +208,7 @@ async fn tail(app: SharedApp, request: proto::TailAuditRequest, sender: TailSend
     loop {
         let next = tokio::select! {
             next = feed.recv() => next,
+            () = sender.closed() => return,
             _ = shutdown.changed() => return,
         };
         match next {

@@ -82,15 +82,24 @@ impl FlagService for FlagApi {
         let tenant = request.into_inner().tenant_id;
         crate::ops::validate_optional_id("tenant_id", &tenant)
             .map_err(|e| status::of_error(&e, self.app.links()))?;
+        let slot = self
+            .app
+            .open_stream()
+            .map_err(|e| status::of_error(&e, self.app.links()))?;
         let (sender, receiver) = mpsc::channel(64);
         let app = self.app.clone();
-        tokio::spawn(async move { watch(app, tenant, sender).await });
+        tokio::spawn(async move {
+            watch(app, tenant, sender).await;
+            drop(slot);
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 }
 
 /// Subscribes before taking the snapshot, so no change can fall between the two; changes the
-/// snapshot already holds are skipped by version.
+/// snapshot already holds are skipped by version. Ends as soon as the client goes away, not
+/// at the next change: a quiet tenant's watcher would otherwise keep its task and broadcast
+/// receiver, which every change to any tenant is cloned into, forever.
 async fn watch(
     app: SharedApp,
     tenant: String,
@@ -112,6 +121,7 @@ async fn watch(
     loop {
         let change = tokio::select! {
             change = changes.recv() => change,
+            () = sender.closed() => return,
             _ = shutdown.changed() => return,
         };
         let message = match change {

@@ -331,3 +331,13 @@ fn a_postgres_url_is_checked_when_parsed() {
         assert!(refused.message.contains(says), "{url}: {}", refused.message);
     }
 }
+
+#[test]
+fn streams_are_capped_at_a_positive_number() {
+    assert_eq!(config(&[]).max_streams, 1024);
+    assert_eq!(config(&["--max-streams", "5"]).max_streams, 5);
+    assert_eq!(
+        error(&["--max-streams", "0"]).setting,
+        "CORESDK_MAX_STREAMS"
+    );
+}

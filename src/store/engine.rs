@@ -84,12 +84,21 @@ pub(crate) fn write_loop(
 /// Runs `batch` in one transaction, one savepoint per job, and commits once. Every job is
 /// answered: with the commit's outcome if its work returned, with an error if it panicked or
 /// the batch could not begin or commit. The listener hears the changes only of a commit.
+///
+/// A job whose caller has gone before it runs ([`Job::abandoned`]) is dropped unrun, checked
+/// once before the transaction begins (which may wait for a lock) and again just before the
+/// job would run; a job that ran is never dropped, since the commit is what its caller, if it
+/// is still there, will be told.
 pub(crate) fn run_batch<C: Connection>(
     conn: &mut C,
     state: &mut WriterState,
-    batch: Vec<Box<dyn Job>>,
+    mut batch: Vec<Box<dyn Job>>,
     listener: &dyn CommitListener,
 ) {
+    batch.retain(|job| !job.abandoned());
+    if batch.is_empty() {
+        return;
+    }
     let tx = match conn.begin_write(state) {
         Ok(tx) => tx,
         Err(e) => {
@@ -110,6 +119,9 @@ pub(crate) fn run_batch<C: Connection>(
         return abandon(tx, state, at_begin, ran, pending, &e);
     }
     while let Some(mut job) = pending.next() {
+        if job.abandoned() {
+            continue;
+        }
         let saved = *state;
         let changes_before = changes.len();
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -168,7 +180,7 @@ fn abandon<T: OpenTx>(
 }
 
 /// Serves reads from `queue`, one read-only transaction each, until the queue is closed.
-/// Several connections may share one queue.
+/// Several connections may share one queue. A read whose caller has gone is dropped unrun.
 pub(crate) fn read_loop(conn: &mut impl Connection, queue: &Mutex<Receiver<Queue>>) {
     loop {
         let next = match queue.lock() {
@@ -181,6 +193,9 @@ pub(crate) fn read_loop(conn: &mut impl Connection, queue: &Mutex<Receiver<Queue
 }
 
 fn read<C: Connection>(conn: &mut C, mut job: Box<dyn Job>) {
+    if job.abandoned() {
+        return;
+    }
     let tx = match conn.begin_read() {
         Ok(tx) => tx,
         Err(e) => {

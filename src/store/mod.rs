@@ -22,7 +22,7 @@ mod tx;
 
 use std::sync::Arc;
 
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::audit::{AuditRecord, NewAuditRecord, StoredAuditRow};
 use crate::flags::{FlagOrigin, FlagRecord};
@@ -194,6 +194,11 @@ pub(crate) trait Job: Send {
     fn run(&mut self, tx: &mut dyn StoreTx) -> bool;
     /// Answers the caller once the transaction committed (`Ok`) or did not.
     fn answer(self: Box<Self>, outcome: Result<(), Error>);
+    /// True when the job has not run, its caller has stopped waiting (deadline, disconnect),
+    /// and it was not submitted to run regardless: the engine then drops it unrun. See
+    /// [`Store::write`] for why that is safe, and [`Store::write_detached`] for work that
+    /// must never be skipped.
+    fn abandoned(&self) -> bool;
 }
 
 /// What a backend's worker thread receives.
@@ -267,13 +272,24 @@ pub(crate) trait Backend: Send + Sync {
 }
 
 /// Jobs queued for the store at most; further callers wait for room, so overload slows
-/// callers down instead of growing memory without bound.
+/// callers down instead of growing memory without bound. A job keeps its room until it is
+/// answered or dropped, whether or not its caller still waits.
 const MAX_QUEUED_JOBS: usize = 8192;
 
 #[derive(Clone)]
 pub struct Store {
     backend: Arc<dyn Backend>,
-    room: Arc<tokio::sync::Semaphore>,
+    room: Arc<Semaphore>,
+    /// One long read (a scan of the whole chain) at a time: however many are asked for, they
+    /// occupy at most one reader connection, and the other readers keep serving reads.
+    long_reads: Arc<Semaphore>,
+}
+
+/// Whether a job's work must run even when its caller has stopped waiting.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum WhenAbandoned {
+    Skip,
+    Run,
 }
 
 /// Where the state lives, from `--store`.
@@ -360,44 +376,108 @@ impl Store {
             )?),
             _ => Arc::new(sqlite::SqliteStore::open(url, listener)?),
         };
-        Ok(Self {
+        Ok(Self::over(backend))
+    }
+
+    fn over(backend: Arc<dyn Backend>) -> Self {
+        Self {
             backend,
-            room: Arc::new(tokio::sync::Semaphore::new(MAX_QUEUED_JOBS)),
-        })
+            room: Arc::new(Semaphore::new(MAX_QUEUED_JOBS)),
+            long_reads: Arc::new(Semaphore::new(1)),
+        }
     }
 
     /// Runs `work` in a write transaction; an `Err` rolls back its writes. Answers only after
     /// the commit is durable.
+    ///
+    /// Work whose caller stops waiting (dropped this future: a deadline, a disconnect) before
+    /// the work started is skipped. That is safe because such work has had no effect and its
+    /// caller was told nothing but an error: a webhook's app answered Stripe with an error, so
+    /// Stripe redelivers and the event id's deduplication makes the redelivery exact; an admin
+    /// saw the call fail. Work that already ran is never skipped: it commits with its batch
+    /// whether or not anyone is still listening. Work with no waiting caller by design goes
+    /// through [`Store::write_detached`].
     pub async fn write<T, F>(&self, work: F) -> Result<T, Error>
     where
         T: Send + 'static,
         F: FnOnce(&mut dyn StoreTx) -> Result<T, Error> + Send + 'static,
     {
-        self.run(work, |backend, job| backend.submit_write(job))
-            .await
+        self.run(work, WhenAbandoned::Skip, None, |backend, job| {
+            backend.submit_write(job)
+        })
+        .await
     }
 
+    /// Like [`Store::write`], but once queued the work runs and commits even if nobody waits
+    /// for its answer any more: for background work (audit records written off the request
+    /// path) whose submitter may drop this future after the work is queued.
+    pub async fn write_detached<T, F>(&self, work: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn StoreTx) -> Result<T, Error> + Send + 'static,
+    {
+        self.run(work, WhenAbandoned::Run, None, |backend, job| {
+            backend.submit_write(job)
+        })
+        .await
+    }
+
+    /// Runs `work` in a read-only transaction; skipped, like a write, when its caller has
+    /// gone before it started.
     pub async fn read<T, F>(&self, work: F) -> Result<T, Error>
     where
         T: Send + 'static,
         F: FnOnce(&mut dyn StoreTx) -> Result<T, Error> + Send + 'static,
     {
-        self.run(work, |backend, job| backend.submit_read(job))
-            .await
+        self.run(work, WhenAbandoned::Skip, None, |backend, job| {
+            backend.submit_read(job)
+        })
+        .await
     }
 
-    /// Queues `work` (waiting for room first) and waits for its answer.
+    /// A read that scans far more than a page (verifying the whole chain): it waits until no
+    /// other long read is queued or running, so however many callers ask, at most one such
+    /// read occupies a reader connection. A caller that gives up while waiting leaves no work
+    /// behind.
+    pub async fn long_read<T, F>(&self, work: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn StoreTx) -> Result<T, Error> + Send + 'static,
+    {
+        let lane = self
+            .long_reads
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| dropped())?;
+        self.run(work, WhenAbandoned::Skip, Some(lane), |backend, job| {
+            backend.submit_read(job)
+        })
+        .await
+    }
+
+    /// Queues `work` (waiting for room first) and waits for its answer. The room, and the
+    /// `lane` when given, travel with the job: a caller that stops waiting does not free them
+    /// while its work is still queued.
     async fn run<T, F>(
         &self,
         work: F,
+        when_abandoned: WhenAbandoned,
+        lane: Option<OwnedSemaphorePermit>,
         submit: impl FnOnce(&dyn Backend, Box<dyn Job>),
     ) -> Result<T, Error>
     where
         T: Send + 'static,
         F: FnOnce(&mut dyn StoreTx) -> Result<T, Error> + Send + 'static,
     {
-        let _room = self.room.acquire().await.map_err(|_| dropped())?;
-        let (job, answer) = job(work);
+        let room = self
+            .room
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| dropped())?;
+        let permits = std::iter::once(room).chain(lane).collect();
+        let (job, answer) = queued_job(work, when_abandoned, permits);
         submit(self.backend.as_ref(), job);
         answer.await.unwrap_or_else(|_| Err(dropped()))
     }
@@ -417,8 +497,22 @@ pub(crate) fn dropped() -> Error {
     Error::StoreUnavailable("the store could not run the transaction (see the sidecar log)".into())
 }
 
-/// Wraps `work` as a [`Job`] whose answer arrives on the returned channel.
+/// Wraps `work` as a [`Job`] whose answer arrives on the returned channel; it is skipped if
+/// that channel is dropped before the work starts.
+#[cfg(test)]
 pub(crate) fn job<T, F>(work: F) -> (Box<dyn Job>, oneshot::Receiver<Result<T, Error>>)
+where
+    T: Send + 'static,
+    F: FnOnce(&mut dyn StoreTx) -> Result<T, Error> + Send + 'static,
+{
+    queued_job(work, WhenAbandoned::Skip, Vec::new())
+}
+
+fn queued_job<T, F>(
+    work: F,
+    when_abandoned: WhenAbandoned,
+    permits: Vec<OwnedSemaphorePermit>,
+) -> (Box<dyn Job>, oneshot::Receiver<Result<T, Error>>)
 where
     T: Send + 'static,
     F: FnOnce(&mut dyn StoreTx) -> Result<T, Error> + Send + 'static,
@@ -428,6 +522,8 @@ where
         work: Some(work),
         result: None,
         reply,
+        when_abandoned,
+        _permits: permits,
     };
     (Box::new(job), answer)
 }
@@ -437,6 +533,9 @@ struct Pending<T, F> {
     work: Option<F>,
     result: Option<Result<T, Error>>,
     reply: oneshot::Sender<Result<T, Error>>,
+    when_abandoned: WhenAbandoned,
+    /// Queue room (and a long read's lane), given back when the job is answered or dropped.
+    _permits: Vec<OwnedSemaphorePermit>,
 }
 
 impl<T, F> Job for Pending<T, F>
@@ -459,7 +558,86 @@ where
         // panicked, or never ran) has nothing to report but the failure.
         let Pending { result, reply, .. } = *self;
         let answer = outcome.and_then(|()| result.unwrap_or_else(|| Err(dropped())));
-        // The caller may have gone away (deadline); the work is committed all the same.
+        // The caller may have gone away (deadline) after the work ran; it is committed all
+        // the same.
         let _ = reply.send(answer);
+    }
+
+    fn abandoned(&self) -> bool {
+        self.when_abandoned == WhenAbandoned::Skip && self.work.is_some() && self.reply.is_closed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A backend that only keeps what it is given, like a worker stuck behind a lock.
+    #[derive(Default)]
+    struct Stuck {
+        writes: Mutex<Vec<Box<dyn Job>>>,
+        reads: Mutex<Vec<Box<dyn Job>>>,
+    }
+
+    impl Backend for Stuck {
+        fn submit_write(&self, job: Box<dyn Job>) {
+            self.writes.lock().expect("lock").push(job);
+        }
+        fn submit_read(&self, job: Box<dyn Job>) {
+            self.reads.lock().expect("lock").push(job);
+        }
+        fn close(&self) {}
+    }
+
+    fn store_with_room(backend: Arc<Stuck>, room: usize) -> Store {
+        Store {
+            room: Arc::new(Semaphore::new(room)),
+            ..Store::over(backend)
+        }
+    }
+
+    async fn give_up_after_submitting<T: Send + 'static>(
+        call: impl std::future::Future<Output = Result<T, Error>>,
+    ) {
+        let gave_up = tokio::time::timeout(Duration::from_millis(20), call).await;
+        assert!(gave_up.is_err(), "a stuck backend answers nothing");
+    }
+
+    #[tokio::test]
+    async fn queued_work_keeps_its_room_after_its_caller_gave_up() {
+        let backend = Arc::new(Stuck::default());
+        let store = store_with_room(backend.clone(), 2);
+        for _ in 0..2 {
+            give_up_after_submitting(store.write(|_| Ok(()))).await;
+        }
+        assert_eq!(backend.writes.lock().expect("lock").len(), 2);
+        assert_eq!(store.room.available_permits(), 0, "both jobs still queued");
+        // A third caller waits for room instead of queueing past the bound.
+        give_up_after_submitting(store.write(|_| Ok(()))).await;
+        assert_eq!(backend.writes.lock().expect("lock").len(), 2);
+
+        // Answering (here: dropping) the queued jobs gives their room back.
+        backend.writes.lock().expect("lock").clear();
+        assert_eq!(store.room.available_permits(), 2);
+    }
+
+    #[tokio::test]
+    async fn one_long_read_at_a_time_reaches_the_readers() {
+        let backend = Arc::new(Stuck::default());
+        let store = store_with_room(backend.clone(), 8);
+        give_up_after_submitting(store.long_read(|_| Ok(()))).await;
+        assert_eq!(backend.reads.lock().expect("lock").len(), 1);
+        // While the first is queued, others wait for the lane, and leave nothing when they
+        // give up; plain reads are not held up.
+        give_up_after_submitting(store.long_read(|_| Ok(()))).await;
+        give_up_after_submitting(store.read(|_| Ok(()))).await;
+        assert_eq!(backend.reads.lock().expect("lock").len(), 2);
+
+        backend.reads.lock().expect("lock").clear();
+        give_up_after_submitting(store.long_read(|_| Ok(()))).await;
+        assert_eq!(backend.reads.lock().expect("lock").len(), 1);
     }
 }

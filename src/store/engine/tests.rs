@@ -321,3 +321,97 @@ fn reads_refuse_writes_and_a_panicking_read_is_answered() {
         ["begin read", "commit", "begin read", "query", "commit"]
     );
 }
+
+#[test]
+fn jobs_whose_callers_left_before_they_ran_are_skipped_and_the_rest_commit() {
+    let mut conn = Scripted::default();
+    let (a, mut a_answer) = write("a");
+    let (gone_early, gone_early_answer) = write("gone early");
+    // The caller of "gone late" leaves while the batch is already running ("a" drops it).
+    let (gone_late, gone_late_answer) = write("gone late");
+    let leave = Mutex::new(Some(gone_late_answer));
+    let (leaves, mut leaves_answer) = job(move |tx: &mut dyn StoreTx| {
+        drop(leave.lock().expect("lock").take());
+        Ok(tx.write_flag(flag("leaves"))?.version)
+    });
+    drop(gone_early_answer);
+    let heard = Heard::default();
+    let mut state = WriterState::EMPTY;
+    run_batch(
+        &mut conn,
+        &mut state,
+        vec![a, gone_early, leaves, gone_late],
+        &heard,
+    );
+
+    assert_eq!(answered(&mut a_answer).ok(), Some(1));
+    assert_eq!(answered(&mut leaves_answer).ok(), Some(2));
+    assert_eq!(
+        heard.flags(),
+        vec![vec![("a".to_owned(), 1), ("leaves".to_owned(), 2)]]
+    );
+    assert_eq!(
+        conn.log.iter().filter(|step| **step == "write").count(),
+        2,
+        "skipped jobs wrote nothing: {:?}",
+        conn.log
+    );
+}
+
+#[test]
+fn a_job_that_ran_commits_even_if_its_caller_leaves_before_the_commit() {
+    let mut conn = Scripted::default();
+    let own_answer: std::sync::Arc<Mutex<Option<Answer<u64>>>> = Default::default();
+    let cell = own_answer.clone();
+    let (leaving, answer) = job(move |tx: &mut dyn StoreTx| {
+        drop(cell.lock().expect("lock").take());
+        Ok(tx.write_flag(flag("leaving"))?.version)
+    });
+    *own_answer.lock().expect("lock") = Some(answer);
+    let heard = Heard::default();
+    let mut state = WriterState::EMPTY;
+    run_batch(&mut conn, &mut state, vec![leaving], &heard);
+
+    assert_eq!(heard.flags(), vec![vec![("leaving".to_owned(), 1)]]);
+    assert_eq!(conn.log.last(), Some(&"commit"));
+}
+
+#[test]
+fn a_batch_of_abandoned_jobs_begins_no_transaction() {
+    let mut conn = Scripted::default();
+    let (a, a_answer) = write("a");
+    drop(a_answer);
+    let heard = Heard::default();
+    let mut state = WriterState::EMPTY;
+    run_batch(&mut conn, &mut state, vec![a], &heard);
+    assert!(conn.log.is_empty(), "{:?}", conn.log);
+    assert!(heard.flags().is_empty());
+}
+
+#[test]
+fn detached_work_runs_though_nobody_waits_for_it() {
+    use crate::store::{WhenAbandoned, queued_job};
+    let mut conn = Scripted::default();
+    let (detached, answer) = queued_job(
+        |tx: &mut dyn StoreTx| Ok(tx.write_flag(flag("audit"))?.version),
+        WhenAbandoned::Run,
+        Vec::new(),
+    );
+    drop::<Answer<u64>>(answer);
+    let heard = Heard::default();
+    let mut state = WriterState::EMPTY;
+    run_batch(&mut conn, &mut state, vec![detached], &heard);
+    assert_eq!(heard.flags(), vec![vec![("audit".to_owned(), 1)]]);
+}
+
+#[test]
+fn a_read_whose_caller_left_is_not_run() {
+    let mut conn = Scripted::default();
+    let (gone, answer) = job(|tx: &mut dyn StoreTx| -> Result<(), Error> {
+        tx.load_flags()?;
+        Ok(())
+    });
+    drop(answer);
+    read(&mut conn, gone);
+    assert!(conn.log.is_empty(), "{:?}", conn.log);
+}

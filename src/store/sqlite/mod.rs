@@ -3,8 +3,9 @@
 //! mode and tests run exactly the code production runs.
 //!
 //! One writer thread owns the write connection and runs the shared write engine on it (group
-//! commit, one savepoint per job). Reads of a file database run on a second, read-only
-//! connection so a long `Verify` never holds up webhooks.
+//! commit, one savepoint per job). Reads of a file database run on [`READERS`] read-only
+//! connections sharing one queue, so a long `Verify` never holds up webhooks, and (since the
+//! store runs one long read at a time) never holds up the other reads either.
 
 mod connection;
 mod schema;
@@ -19,12 +20,17 @@ use super::engine;
 use super::tx::{Tx, WriterState};
 use super::{Backend, CommitListener, Job, Queue, StoreError, StoreTx, StoreUrl, Workers};
 
+/// Read-only connections of a file database: one for the long read the store allows at a
+/// time, and one that is always left for every other read.
+const READERS: usize = 2;
+
 pub struct SqliteStore {
     /// Held for the store's lifetime: two sidecars on one file would each keep their own
     /// chain head and fork the audit chain, so the second one must not start.
     _lock: Option<std::fs::File>,
     writer: mpsc::Sender<Queue>,
-    /// Absent for an in-memory database, whose reads go through the writer.
+    /// Absent for an in-memory database, whose reads go through the writer (a long read there
+    /// holds up writes too; the memory store is for mock mode and tests).
     reader: Option<mpsc::Sender<Queue>>,
     workers: Workers,
 }
@@ -55,12 +61,15 @@ impl SqliteStore {
         let reader = match url {
             StoreUrl::Memory | StoreUrl::Postgres(_) => None,
             StoreUrl::Sqlite(_) => {
-                let mut conn = SqliteConn::open(url, true)?;
                 let (reader, reader_queue) = mpsc::channel();
-                let reader_queue = Mutex::new(reader_queue);
-                workers.spawn("coresdk-store-reader", move || {
-                    engine::read_loop(&mut conn, &reader_queue)
-                })?;
+                let reader_queue = Arc::new(Mutex::new(reader_queue));
+                for _ in 0..READERS {
+                    let mut conn = SqliteConn::open(url, true)?;
+                    let queue = reader_queue.clone();
+                    workers.spawn("coresdk-store-reader", move || {
+                        engine::read_loop(&mut conn, &queue)
+                    })?;
+                }
                 Some(reader)
             }
         };
@@ -110,7 +119,9 @@ impl Backend for SqliteStore {
     fn close(&self) {
         let _ = self.writer.send(Queue::Close);
         if let Some(reader) = &self.reader {
-            let _ = reader.send(Queue::Close);
+            for _ in 0..READERS {
+                let _ = reader.send(Queue::Close);
+            }
         }
         self.workers.join_all();
     }
