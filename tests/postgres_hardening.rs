@@ -200,8 +200,18 @@ async fn a_hung_database_is_answered_unavailable_within_seconds_and_recovered_fr
         .expect("Verify")
         .into_inner();
     assert!(report.ok, "{report:?}");
-    drop(sidecar);
-    drop(server);
+
+    // Stopping the sidecar while the database hangs again ends within bounds.
+    let _hung = Hung::stop(HUNG_PG_DIR);
+    let mut sidecar = sidecar;
+    let stopped = tokio::time::timeout(
+        HANG_GUARD,
+        tokio::task::spawn_blocking(move || sidecar.stop()),
+    )
+    .await
+    .expect("the sidecar shuts down while the database hangs")
+    .expect("stopped");
+    assert!(stopped.success(), "{stopped:?}");
 }
 
 async fn append(sidecar: &Sidecar, event: &str) -> u64 {
