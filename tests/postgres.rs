@@ -11,21 +11,6 @@ use coresdk::proto::{self, WebhookOutcome};
 use serde_json::json;
 use tokio_stream::StreamExt as _;
 
-/// `count` replicas on one fresh database, launched together so that their schema migrations
-/// and tenant seeding race, as when a deployment scales up.
-async fn replicas(url: &str, count: usize) -> Vec<Sidecar> {
-    let options = Options {
-        args: vec![
-            "--store".into(),
-            url.into(),
-            "--tenants-file".into(),
-            concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tenants.json").into(),
-        ],
-        ..Options::default()
-    };
-    Sidecar::start_together(options, count).await
-}
-
 async fn send(
     sidecar: &Sidecar,
     body: Vec<u8>,

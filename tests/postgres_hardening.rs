@@ -22,18 +22,6 @@ const HUNG_PG_DIR: &str = "/tmp/coresdk-test-pg-hung";
 /// Far longer than an answer may take: only a hang reaches it.
 const HANG_GUARD: Duration = Duration::from_secs(30);
 
-fn options(url: &str) -> Options {
-    Options {
-        args: vec![
-            "--store".into(),
-            url.into(),
-            "--tenants-file".into(),
-            concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tenants.json").into(),
-        ],
-        ..Options::default()
-    }
-}
-
 fn paid(id: &str) -> Vec<u8> {
     event(
         id,
@@ -123,7 +111,7 @@ fn signal(command: &[&str]) {
 async fn a_hung_database_is_answered_unavailable_within_seconds_and_recovered_from() {
     let server = OwnServer::start(HUNG_PG_PORT, HUNG_PG_DIR);
     let url = fresh_database(server.url.clone()).await;
-    let sidecar = Sidecar::start(options(&url)).await;
+    let sidecar = Sidecar::start(replica_options(&url)).await;
     let before = send_patiently(&sidecar, paid("evt_hung_before"))
         .await
         .expect("applied while the database answers");
@@ -233,7 +221,7 @@ async fn append(sidecar: &Sidecar, event: &str) -> u64 {
 #[tokio::test]
 async fn tail_on_every_replica_follows_every_replicas_records_once_in_order() {
     let url = fresh_database(server_url()).await;
-    let nodes = Sidecar::start_together(options(&url), 3).await;
+    let nodes = replicas(&url, 3).await;
     let head = nodes[2]
         .audit()
         .verify(proto::VerifyAuditRequest {})

@@ -4,7 +4,26 @@ use std::time::Duration;
 
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use super::Sidecar;
+use super::{Options, Sidecar};
+
+/// A sidecar on the store at `url`, with the example tenants.
+pub fn replica_options(url: &str) -> Options {
+    Options {
+        args: vec![
+            "--store".into(),
+            url.into(),
+            "--tenants-file".into(),
+            concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tenants.json").into(),
+        ],
+        ..Options::default()
+    }
+}
+
+/// `count` replicas on one database, launched together so that their schema migrations and
+/// tenant seeding race, as when a deployment scales up.
+pub async fn replicas(url: &str, count: usize) -> Vec<Sidecar> {
+    Sidecar::start_together(replica_options(url), count).await
+}
 
 /// The shared test server (`./scripts/test` starts one and sets CORESDK_TEST_POSTGRES_URL).
 pub fn server_url() -> String {
