@@ -63,7 +63,8 @@ pub struct PostgresStore {
     reader: mpsc::Sender<Queue>,
     workers: Arc<Workers>,
     stop: Arc<AtomicBool>,
-    /// Kept by the change-feed listener, which notices a lost server within half a second.
+    /// Kept by the change feed, which probes the server every second and counts it lost when
+    /// the connection fails or a probe is not answered within two seconds.
     reachable: Arc<AtomicBool>,
     read_connections: usize,
 }
@@ -76,7 +77,7 @@ impl PostgresStore {
     ) -> Result<Self, StoreError> {
         // The first connection and the migration happen before the sidecar serves, so a bad
         // URL or an unreachable database stops the start with a clear error.
-        // The sync client drives its own runtime, so it must not run on an async thread.
+        // A connection drives its own runtime, so it must not run on an async thread.
         // The flag version and audit head read then are where the feed starts: the server
         // loads the flags and reads the head once this returns, so the feed never starts past
         // what the server knows.

@@ -89,7 +89,10 @@ impl Session {
     ) -> Result<T, StoreError> {
         let mut retried = false;
         loop {
-            let reused = self.conn.is_some();
+            let reused = self
+                .conn
+                .as_ref()
+                .is_some_and(|conn| !conn.client.is_closed());
             let conn = self.connected()?;
             match begin(conn) {
                 Ok(began) => return Ok(began),
