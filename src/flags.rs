@@ -191,14 +191,19 @@ impl FlagCache {
         !self.degraded.load(Ordering::Acquire) || self.by_tenant.contains_key(tenant_id)
     }
 
-    /// Loads the store's flags at start, before the server reports SERVING.
+    /// Loads the store's flags at start, before the server reports SERVING. A shared store's
+    /// change feed runs already and may have applied a change newer than this snapshot: per
+    /// flag, the newer version stays.
     pub fn load(&self, records: Vec<FlagRecord>) {
         for record in records {
             self.version.fetch_max(record.version, Ordering::AcqRel);
-            self.by_tenant
-                .entry(record.tenant_id.clone())
-                .or_default()
-                .insert(record.key.clone(), record);
+            let mut flags = self.by_tenant.entry(record.tenant_id.clone()).or_default();
+            match flags.get(&record.key) {
+                Some(current) if current.version >= record.version => {}
+                _ => {
+                    flags.insert(record.key.clone(), record);
+                }
+            }
         }
     }
 
@@ -351,6 +356,24 @@ mod tests {
         cache.apply(record("k", true, 1));
         assert!(cache.is_on("t", "k"));
         assert!(!cache.is_on("t", "unknown"));
+    }
+
+    #[test]
+    fn loading_a_snapshot_keeps_newer_changes_the_feed_applied() {
+        let cache = FlagCache::new(BTreeMap::new());
+        cache.apply(record("k", true, 7));
+        cache.load(vec![record("k", false, 4), record("other", true, 2)]);
+        assert_eq!(
+            cache.current("t", "k").map(|r| (r.value, r.version)),
+            Some((FlagValue::Bool(true), 7))
+        );
+        assert_eq!(cache.current("t", "other").map(|r| r.version), Some(2));
+        cache.load(vec![record("other", false, 9)]);
+        assert_eq!(
+            cache.current("t", "other").map(|r| r.value),
+            Some(FlagValue::Bool(false))
+        );
+        assert_eq!(cache.version(), 9);
     }
 
     #[test]

@@ -5,56 +5,11 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use common::pg::*;
 use common::*;
 use coresdk::proto::{self, WebhookOutcome};
 use serde_json::json;
 use tokio_stream::StreamExt as _;
-
-fn server_url() -> String {
-    std::env::var("CORESDK_TEST_POSTGRES_URL").unwrap_or_else(|_| {
-        panic!(
-            "CORESDK_TEST_POSTGRES_URL is not set: run ./scripts/test, which starts a throwaway PostgreSQL with scripts/postgres-test-server"
-        )
-    })
-}
-
-/// A new, empty database on the test server, so tests never share state.
-async fn fresh_database(server: String) -> String {
-    tokio::task::spawn_blocking(move || {
-        let name = format!(
-            "coresdk_{}_{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
-        );
-        let mut admin = postgres::Client::connect(&server, postgres::NoTls)
-            .expect("the test PostgreSQL is reachable");
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .expect("create database");
-        let (base, _) = server.rsplit_once('/').expect("a database in the URL");
-        format!("{base}/{name}")
-    })
-    .await
-    .expect("blocking task")
-}
-
-/// `count` replicas on one fresh database, launched together so that their schema migrations
-/// and tenant seeding race, as when a deployment scales up.
-async fn replicas(url: &str, count: usize) -> Vec<Sidecar> {
-    let options = Options {
-        args: vec![
-            "--store".into(),
-            url.into(),
-            "--tenants-file".into(),
-            concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tenants.json").into(),
-        ],
-        ..Options::default()
-    };
-    Sidecar::start_together(options, count).await
-}
 
 async fn send(
     sidecar: &Sidecar,
@@ -255,78 +210,17 @@ async fn a_change_through_replica_a_reaches_a_watch_on_replica_c() {
     }
 }
 
-/// The newest installed PostgreSQL's bin directory (scripts/postgres-test-server installs one).
-fn postgres_bin() -> std::path::PathBuf {
-    std::fs::read_dir("/usr/lib/postgresql")
-        .expect("PostgreSQL is installed")
-        .filter_map(Result::ok)
-        .map(|e| e.path().join("bin"))
-        .max()
-        .expect("a PostgreSQL version")
-}
-
 const OUTAGE_PG_DIR: &str = "/tmp/coresdk-test-pg-outage";
 
-/// Starts (or reuses) the outage test's own server, with the same options every time.
 fn start_outage_server() -> String {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/postgres-test-server");
-    let output = std::process::Command::new(script)
-        .env("CORESDK_TEST_PG_PORT", "54331")
-        .env("CORESDK_TEST_PG_DIR", OUTAGE_PG_DIR)
-        .output()
-        .expect("the script runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout)
-        .expect("utf-8")
-        .trim()
-        .to_owned()
+    start_own_server(54331, OUTAGE_PG_DIR)
 }
 
 fn stop_outage_server() {
-    let bin = postgres_bin();
-    // From `/`: the postgres user may not be able to enter the checkout, and pg_ctl says so.
-    let output = std::process::Command::new("runuser")
-        .args(["-u", "postgres", "--"])
-        .arg(bin.join("pg_ctl"))
-        .args(["-D", OUTAGE_PG_DIR, "-m", "fast", "-w", "stop"])
-        .current_dir("/")
-        .output()
-        .expect("pg_ctl runs");
-    assert!(
-        output.status.success(),
-        "pg_ctl stop: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    stop_own_server(OUTAGE_PG_DIR)
 }
 
 use tonic_health::pb::health_check_response::ServingStatus;
-
-async fn wait_for_health(sidecar: &Sidecar, service: &str, wanted: ServingStatus) {
-    let mut health = tonic_health::pb::health_client::HealthClient::new(sidecar.channel.clone());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let status = health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .expect("Check")
-            .into_inner()
-            .status();
-        if status == wanted {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{service:?} stayed {status:?}, wanted {wanted:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 #[tokio::test]
 async fn postgres_going_away_mid_load_loses_nothing_acknowledged() {

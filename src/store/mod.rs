@@ -311,39 +311,9 @@ impl std::fmt::Debug for StoreUrl {
     }
 }
 
-/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
-/// A `password=` query parameter is hidden too.
-pub fn redact_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (authority_and_path, query) = match rest.split_once('?') {
-        Some((before, query)) => (before, Some(query)),
-        None => (rest, None),
-    };
-    // The last `@` ends the user info: a password may itself contain `@`.
-    let authority_and_path = match authority_and_path.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{user}:***@{host}"),
-            None => authority_and_path.to_owned(),
-        },
-        None => authority_and_path.to_owned(),
-    };
-    let query = query.map(|query| {
-        query
-            .split('&')
-            .map(|pair| match pair.split_once('=') {
-                Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
-                _ => pair.to_owned(),
-            })
-            .collect::<Vec<_>>()
-            .join("&")
-    });
-    match query {
-        Some(query) => format!("{scheme}://{authority_and_path}?{query}"),
-        None => format!("{scheme}://{authority_and_path}"),
-    }
-}
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`; a password given as a
+/// URL setting is hidden too.
+pub use postgres::redact_url as redact_password;
 
 impl StoreUrl {
     pub fn parse(url: &str) -> Result<Self, StoreError> {

@@ -15,6 +15,8 @@ use coresdk::proto::{
 use prost::Message as _;
 use tonic::transport::Channel;
 
+pub mod pg;
+
 pub const SECRET: &str = "whsec_integration_secret";
 pub const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789";
 

@@ -3,18 +3,30 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use postgres::config::Host;
-use postgres::{Client, NoTls};
+use tokio_postgres::config::Host;
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{NoTls, Socket};
 
+use super::link::{ANSWER_DEADLINE, Link, no_answer};
 use crate::problem::with_causes;
 use crate::store::StoreError;
+
+/// How long opening a connection may take in all: TCP, TLS, login and the session settings.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Set on every session, so the server itself ends what runs too long. The advisory write lock
+/// is normally held for milliseconds (one batch); waiting seconds for it means the replica
+/// holding it is stuck, and the caller is better told UNAVAILABLE. A session left idle inside a
+/// transaction (its replica vanished mid-batch) would hold that lock for every replica: the
+/// server ends it.
+const SESSION_SETTINGS: &str = "SET statement_timeout = '4s'; SET lock_timeout = '3s';      SET idle_in_transaction_session_timeout = '10s'";
 
 /// How to reach the database: the parsed URL, and TLS when the URL asks for it.
 #[derive(Clone)]
 pub struct Connector {
-    config: postgres::Config,
+    config: tokio_postgres::Config,
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     /// Connections serving reads, from the URL's `pool_size` (default 2); writes always go
     /// through one connection per replica, which is what group commit needs.
@@ -28,12 +40,14 @@ impl Connector {
         let mut tls_wanted = false;
         let mut unknown_sslmode = None;
         let mut read_connections = 2;
+        let mut named = Vec::new();
         let cleaned = match url.split_once('?') {
             None => url.to_owned(),
             Some((base, query)) => {
                 let kept: Vec<&str> = query
                     .split('&')
                     .filter(|pair| {
+                        named.push(pair.split_once('=').map_or(*pair, |(key, _)| key));
                         if let Some(size) = pair.strip_prefix("pool_size=") {
                             read_connections = size.parse().unwrap_or(0);
                             return false;
@@ -65,9 +79,31 @@ impl Connector {
                 "sslmode={mode} is not supported: use disable, require, verify-ca or verify-full (the last three verify the server against CORESDK_POSTGRES_CA_FILE)"
             )));
         }
-        let mut config: postgres::Config = cleaned
+        let mut config: tokio_postgres::Config = cleaned
             .parse()
-            .map_err(|e: postgres::Error| StoreError::Postgres(format!("bad URL: {e}")))?;
+            .map_err(|e: tokio_postgres::Error| StoreError::Postgres(format!("bad URL: {e}")))?;
+        // TCP settings unless the URL names them: keepalive probes find a vanished peer of an
+        // idle connection within seconds (not the system's two hours), and `tcp_user_timeout`
+        // bounds how long sent data may stay unacknowledged (Linux).
+        let unnamed = |key: &str| !named.contains(&key);
+        if unnamed("connect_timeout") {
+            config.connect_timeout(CONNECT_DEADLINE);
+        }
+        if unnamed("keepalives") {
+            config.keepalives(true);
+        }
+        if unnamed("keepalives_idle") {
+            config.keepalives_idle(Duration::from_secs(5));
+        }
+        if unnamed("keepalives_interval") {
+            config.keepalives_interval(Duration::from_secs(2));
+        }
+        if unnamed("keepalives_retries") {
+            config.keepalives_retries(3);
+        }
+        if unnamed("tcp_user_timeout") {
+            config.tcp_user_timeout(Duration::from_secs(10));
+        }
         if !(1..=64).contains(&read_connections) {
             return Err(StoreError::Unsupported(
                 "pool_size must be between 1 and 64",
@@ -100,7 +136,7 @@ impl Connector {
             .map_err(|e| StoreError::Postgres(e.to_string()))?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        config.ssl_mode(postgres::config::SslMode::Require);
+        config.ssl_mode(tokio_postgres::config::SslMode::Require);
         Ok(Self {
             config,
             tls: Some(tokio_postgres_rustls::MakeRustlsConnect::new(tls)),
@@ -108,18 +144,47 @@ impl Connector {
         })
     }
 
-    /// Opens one connection. The sync client drives its own runtime, so this must not run on
-    /// an async thread.
-    pub(super) fn connect(&self) -> Result<Client, StoreError> {
-        let connected = match &self.tls {
-            Some(tls) => self.config.connect(tls.clone()),
-            None => self.config.connect(NoTls),
-        };
-        connected.map_err(|e| self.unreachable(&e))
+    /// Opens one connection with the session settings applied, within [`CONNECT_DEADLINE`]. It
+    /// drives its own runtime, so this must not run on an async thread.
+    pub(super) fn connect(&self) -> Result<Link, StoreError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Postgres(format!("cannot start a connection runtime: {e}")))?;
+        let started = Instant::now();
+        let mut link = match &self.tls {
+            Some(tls) => self.open(runtime, tls.clone()),
+            None => self.open(runtime, NoTls),
+        }?;
+        // What is left of the connect deadline, but at least a moment for one round trip.
+        link.set_deadline(
+            CONNECT_DEADLINE
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_secs(1)),
+        );
+        link.batch_execute(SESSION_SETTINGS)
+            .map_err(|e| self.unanswered(&e))?;
+        link.set_deadline(ANSWER_DEADLINE);
+        Ok(link)
+    }
+
+    fn open<T>(&self, runtime: tokio::runtime::Runtime, tls: T) -> Result<Link, StoreError>
+    where
+        T: MakeTlsConnect<Socket>,
+        T::Stream: Send + 'static,
+    {
+        let opened = runtime.block_on(async {
+            tokio::time::timeout(CONNECT_DEADLINE, self.config.connect(tls)).await
+        });
+        match opened {
+            Ok(Ok((client, connection))) => Ok(Link::new(runtime, client, connection)),
+            Ok(Err(e)) => Err(self.unreachable(&e)),
+            Err(_) => Err(self.unanswered(&no_answer(CONNECT_DEADLINE))),
+        }
     }
 
     /// Connects, retrying with backoff until `stop`; None when stopping.
-    pub(super) fn connect_with_backoff(&self, stop: &AtomicBool, what: &str) -> Option<Client> {
+    pub(super) fn connect_with_backoff(&self, stop: &AtomicBool, what: &str) -> Option<Link> {
         let mut delay = Duration::from_millis(100);
         loop {
             if stop.load(Ordering::Acquire) {
@@ -129,8 +194,8 @@ impl Connector {
                 Ok(client) => return Some(client),
                 Err(e) => {
                     tracing::warn!(error = %e, what, retry_in = ?delay, "PostgreSQL unreachable");
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    sleep_unless_stopped(delay, stop);
+                    delay = (delay * 2).min(MAX_BACKOFF);
                 }
             }
         }
@@ -168,7 +233,16 @@ impl Connector {
         format!("{hosts}/{database}")
     }
 
-    fn unreachable(&self, error: &postgres::Error) -> StoreError {
+    /// A connection that opened but did not answer in time, said like [`Self::unreachable`].
+    fn unanswered(&self, error: &StoreError) -> StoreError {
+        StoreError::PostgresUnreachable {
+            target: self.target(),
+            cause: error.to_string(),
+            check: "is the server hung, overloaded or cut off? check the server and the network to it",
+        }
+    }
+
+    fn unreachable(&self, error: &tokio_postgres::Error) -> StoreError {
         // The server answered and refused the login (class 28) or the database (3D000);
         // anything else (refused, timed out, shutting down, starting up) is about reaching it.
         let login_refused = error
@@ -189,8 +263,73 @@ impl Connector {
     }
 }
 
-impl From<postgres::Error> for StoreError {
-    fn from(e: postgres::Error) -> Self {
+/// URL settings whose values are shown in logs and errors; any other's value is hidden, since
+/// a password may come as `password=`, percent-encoded (`pass%77ord=`) or in a setting added
+/// later.
+const SHOWN_SETTINGS: [&str; 14] = [
+    "sslmode",
+    "pool_size",
+    "user",
+    "dbname",
+    "host",
+    "hostaddr",
+    "port",
+    "connect_timeout",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_retries",
+    "tcp_user_timeout",
+    "application_name",
+];
+
+/// A PostgreSQL URL as logs and errors may show it: no password, wherever it was given.
+///
+/// Read the way the client reads the URL, never more leniently: the credentials run to the
+/// *first* `@` (a `?` or `/` before it is part of the password), and a password containing
+/// `@` is hidden up to the *last* `@`, so neither reading shows any of it.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let rest = match (rest.split_once('@'), rest.rsplit_once('@')) {
+        (Some((credentials, _)), Some((_, after_last))) => match credentials.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{after_last}"),
+            None => rest.to_owned(),
+        },
+        _ => rest.to_owned(),
+    };
+    let Some((base, query)) = rest.split_once('?') else {
+        return format!("{scheme}://{rest}");
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if !SHOWN_SETTINGS.contains(&key) => format!("{key}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{scheme}://{base}?{}", query.join("&"))
+}
+
+/// The longest pause between attempts to reach a server that is away: short, so that a
+/// recovered server is in use again within a second or two.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Sleeps `delay`, waking early when `stop` is set, so closing never waits out a backoff.
+pub(super) fn sleep_unless_stopped(delay: Duration, stop: &AtomicBool) {
+    let until = Instant::now() + delay;
+    while !stop.load(Ordering::Acquire) {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(50)));
+    }
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
         StoreError::Postgres(with_causes(&e))
     }
 }
@@ -237,8 +376,44 @@ mod tests {
                 "postgres://app@db/x?sslmode=require&password=***",
             ),
             ("postgres://db/x", "postgres://db/x"),
+            // The client reads the password up to the first `@`, `?` and `/` included.
+            ("postgres://app:s3?cret@db/x", "postgres://app:***@db/x"),
+            ("postgres://app:s3/cr?et@db/x", "postgres://app:***@db/x"),
+            // The client decodes setting names: only known settings show their values.
+            (
+                "postgres://app@db/x?pass%77ord=s3cret&sslmode=disable",
+                "postgres://app@db/x?pass%77ord=***&sslmode=disable",
+            ),
+            (
+                "postgres://app@db/x?PASSWORD=s3cret&pool_size=4",
+                "postgres://app@db/x?PASSWORD=***&pool_size=4",
+            ),
         ] {
             assert_eq!(crate::store::redact_password(url), shown);
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever password the client would send, the shown URL holds none of it.
+        #[test]
+        fn no_password_the_client_reads_is_shown(
+            password in "[a-zA-Z0-9?/:&=#!]{0,6}S3CRET[a-zA-Z0-9?/:@&=#!]{0,6}",
+            in_query in proptest::bool::ANY,
+            extra in "(&sslmode=disable|&pool_size=2|)",
+        ) {
+            let url = if in_query {
+                format!("postgres://app@db:5432/x?password={}{extra}", password.replace('&', "%26"))
+            } else {
+                format!("postgres://app:{password}@db:5432/x{}", extra.replacen('&', "?", 1))
+            };
+            let shown = redact_url(&url);
+            if let Ok(config) = url.parse::<tokio_postgres::Config>()
+                && let Some(read) = config.get_password()
+            {
+                let read = String::from_utf8_lossy(read);
+                proptest::prop_assert!(read.len() < 4 || !shown.contains(read.as_ref()), "{url} shown as {shown}");
+            }
+            proptest::prop_assert!(!shown.contains("S3CRET"), "{url} shown as {shown}");
         }
     }
 

@@ -1,7 +1,6 @@
 //! The PostgreSQL schema and its migrations, versioned in `coresdk_schema`.
 
-use postgres::Client;
-
+use super::link::Link;
 use crate::store::StoreError;
 
 /// Held while migrating, so replicas starting together apply the schema once.
@@ -50,15 +49,20 @@ CREATE INDEX IF NOT EXISTS audit_by_tenant ON audit (tenant_id, seq);
 ";
 
 /// Applies the schema once, however many replicas start together.
-pub(super) fn migrate(client: &mut Client) -> Result<(), StoreError> {
+pub(super) fn migrate(client: &mut Link) -> Result<(), StoreError> {
     client.batch_execute(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))?;
     let applied = (|| -> Result<(), StoreError> {
         client.batch_execute("CREATE TABLE IF NOT EXISTS coresdk_schema (version INT NOT NULL)")?;
-        let version: Option<i32> = client
-            .query_opt("SELECT max(version) FROM coresdk_schema", &[])?
-            .map(|row| row.try_get(0))
-            .transpose()?
-            .flatten();
+        let current = client.prepare("SELECT max(version) FROM coresdk_schema")?;
+        let version: Option<i32> = match client.query(&current, &[])?.first() {
+            Some(row) => row.try_get(0).map_err(|e| {
+                StoreError::Corrupt(format!(
+                    "coresdk_schema.version: {}",
+                    crate::problem::with_causes(&e)
+                ))
+            })?,
+            None => None,
+        };
         let version = version.unwrap_or(0);
         if version > SCHEMA_VERSION {
             return Err(StoreError::Corrupt(format!(
@@ -66,10 +70,10 @@ pub(super) fn migrate(client: &mut Client) -> Result<(), StoreError> {
             )));
         }
         if version < 1 {
-            let mut tx = client.transaction()?;
-            tx.batch_execute(MIGRATION_1)?;
-            tx.execute("INSERT INTO coresdk_schema (version) VALUES (1)", &[])?;
-            tx.commit()?;
+            // One script is one implicit transaction: it commits whole or not at all.
+            client.batch_execute(&format!(
+                "{MIGRATION_1}INSERT INTO coresdk_schema (version) VALUES (1)"
+            ))?;
         }
         Ok(())
     })();

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::connect::Connector;
 use super::sql::PgConn;
@@ -15,12 +15,19 @@ use crate::store::tx::WriterState;
 /// reads the chain head and the flag version the previous one committed.
 const WRITE_LOCK: i64 = 0x636f_7265_7364_6b01;
 
+/// After failing to reach the server, how long work is refused at once instead of trying
+/// again: while the server does not answer, each attempt costs a connect deadline, and the
+/// work queued behind it must not wait out one attempt per batch.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
 pub(super) struct Session {
     connector: Connector,
     stop: Arc<AtomicBool>,
     conn: Option<PgConn>,
     /// How long to wait after work was refused before taking more.
     refusal_pause: Duration,
+    /// When and why reaching the server last failed, until a connection opens.
+    unreachable: Option<(Instant, String)>,
 }
 
 impl Session {
@@ -34,10 +41,12 @@ impl Session {
             stop,
             conn: None,
             refusal_pause,
+            unreachable: None,
         }
     }
 
-    /// The open connection, connecting when there is none or it closed.
+    /// The open connection, connecting when there is none or it closed; refused at once
+    /// within [`RETRY_AFTER`] of a failed attempt.
     fn connected(&mut self) -> Result<&mut PgConn, StoreError> {
         if self
             .conn
@@ -45,7 +54,21 @@ impl Session {
             .is_none_or(|conn| conn.client.is_closed())
         {
             self.conn = None;
-            self.conn = Some(PgConn::new(self.connector.connect()?));
+            if let Some((since, why)) = &self.unreachable
+                && since.elapsed() < RETRY_AFTER
+            {
+                return Err(StoreError::Postgres(why.clone()));
+            }
+            match self.connector.connect() {
+                Ok(link) => {
+                    self.unreachable = None;
+                    self.conn = Some(PgConn::new(link));
+                }
+                Err(e) => {
+                    self.unreachable = Some((Instant::now(), e.to_string()));
+                    return Err(e);
+                }
+            }
         }
         self.open()
     }
@@ -57,21 +80,30 @@ impl Session {
     }
 
     /// A connection that died since its last use only shows it on first use: when `begin`
-    /// fails, reconnect once and retry before refusing the work (UNAVAILABLE, retryable), so
-    /// callers' deadlines and Stripe's retries stay meaningful.
+    /// fails on such a connection, reconnect once and retry before refusing the work
+    /// (UNAVAILABLE, retryable), so callers' deadlines and Stripe's retries stay meaningful.
+    /// A server that did not answer in time is not asked again: that would double the wait.
     fn begin<T>(
         &mut self,
         begin: impl Fn(&mut PgConn) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let mut retried = false;
         loop {
+            let reused = self
+                .conn
+                .as_ref()
+                .is_some_and(|conn| !conn.client.is_closed());
             let conn = self.connected()?;
             match begin(conn) {
                 Ok(began) => return Ok(began),
                 Err(e) => {
+                    let died_idle = reused && conn.client.is_closed() && !conn.client.timed_out();
                     let _ = conn.execute_script(<PgConn as OpenTx>::SCRIPTS.rollback);
                     self.conn = None;
-                    if retried {
+                    if retried || !died_idle {
+                        if !died_idle {
+                            self.unreachable = Some((Instant::now(), e.to_string()));
+                        }
                         return Err(e);
                     }
                     tracing::warn!(
@@ -100,7 +132,7 @@ impl Connection for Session {
     }
 
     fn begin_read(&mut self) -> Result<&mut PgConn, StoreError> {
-        self.begin(|conn| Ok(conn.client.batch_execute("BEGIN READ ONLY")?))?;
+        self.begin(|conn| conn.client.batch_execute("BEGIN READ ONLY"))?;
         self.open()
     }
 

@@ -3,26 +3,30 @@
 
 use std::collections::HashMap;
 
-use postgres::types::{ToSql, Type};
-use postgres::{Client, Statement as Prepared};
+use tokio_postgres::Statement as Prepared;
+use tokio_postgres::types::{ToSql, Type};
 
-use super::{CHANNEL, statements};
+use super::link::Link;
+use super::{AUDIT_CHANNEL, FLAG_CHANNEL, statements};
 use crate::store::StoreError;
 use crate::store::dialect::{Param, Row, Sql, Statement, Value};
 use crate::store::engine::{OpenTx, TransactionSql};
 use crate::store::tx::WriterState;
 
 pub(super) struct PgConn {
-    pub(super) client: Client,
+    pub(super) client: Link,
     /// Prepared on first use; they live as long as the connection.
     prepared: HashMap<Statement, Prepared>,
+    /// `NOTIFY` statements for the open write transaction, sent with its `COMMIT`.
+    notify_on_commit: String,
 }
 
 impl PgConn {
-    pub(super) fn new(client: Client) -> Self {
+    pub(super) fn new(client: Link) -> Self {
         Self {
             client,
             prepared: HashMap::new(),
+            notify_on_commit: String::new(),
         }
     }
 
@@ -40,21 +44,36 @@ impl OpenTx for PgConn {
     const SCRIPTS: TransactionSql = statements::SCRIPTS;
 
     fn execute_script(&mut self, script: &'static str) -> Result<(), StoreError> {
-        Ok(self.client.batch_execute(script)?)
+        let notify = std::mem::take(&mut self.notify_on_commit);
+        if script == Self::SCRIPTS.commit && !notify.is_empty() {
+            // One round trip: the writers' lock is held until this returns.
+            return self.client.batch_execute(&format!("{notify}{script}"));
+        }
+        self.client.batch_execute(script)
     }
 
+    /// Other replicas follow through `LISTEN`: the new flag version and audit head are
+    /// announced, delivered when (and only if) the transaction commits.
     fn before_commit(
         &mut self,
         at_begin: &WriterState,
         now: &WriterState,
     ) -> Result<(), StoreError> {
+        let mut notify = String::new();
+        // Numbers only: nothing from outside reaches this text.
         if now.flag_version > at_begin.flag_version {
-            // Delivered to every listening replica when (and only if) the transaction commits.
-            self.client.execute(
-                "SELECT pg_notify($1, $2)",
-                &[&CHANNEL, &now.flag_version.to_string()],
-            )?;
+            notify.push_str(&format!(
+                "SELECT pg_notify('{FLAG_CHANNEL}', '{}'); ",
+                now.flag_version
+            ));
         }
+        if now.head.seq > at_begin.head.seq {
+            notify.push_str(&format!(
+                "SELECT pg_notify('{AUDIT_CHANNEL}', '{}'); ",
+                now.head.seq
+            ));
+        }
+        self.notify_on_commit = notify;
         Ok(())
     }
 }
@@ -94,7 +113,7 @@ fn to_sql<'p>(param: &'p Param<'_>) -> &'p (dyn ToSql + Sync) {
     }
 }
 
-struct PgRow(postgres::Row);
+struct PgRow(tokio_postgres::Row);
 
 impl Row for PgRow {
     fn value(&self, column: usize) -> Result<Value, StoreError> {
@@ -103,20 +122,30 @@ impl Row for PgRow {
         };
         let ty = found.type_();
         let value = if *ty == Type::INT8 {
-            self.0.try_get::<_, Option<i64>>(column)?.map(Value::Int)
+            self.get::<i64>(column)?.map(Value::Int)
         } else if *ty == Type::INT4 {
-            self.0
-                .try_get::<_, Option<i32>>(column)?
+            self.get::<i32>(column)?
                 .map(|int| Value::Int(i64::from(int)))
         } else if *ty == Type::BYTEA {
-            self.0
-                .try_get::<_, Option<Vec<u8>>>(column)?
-                .map(Value::Bytes)
+            self.get::<Vec<u8>>(column)?.map(Value::Bytes)
         } else {
-            self.0
-                .try_get::<_, Option<String>>(column)?
-                .map(Value::Text)
+            self.get::<String>(column)?.map(Value::Text)
         };
         Ok(value.unwrap_or(Value::Null))
+    }
+}
+
+impl PgRow {
+    /// A column that does not read as `T` is corrupt data, never a panic.
+    fn get<'a, T: tokio_postgres::types::FromSql<'a>>(
+        &'a self,
+        column: usize,
+    ) -> Result<Option<T>, StoreError> {
+        self.0.try_get::<_, Option<T>>(column).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "column {column}: {}",
+                crate::problem::with_causes(&e)
+            ))
+        })
     }
 }

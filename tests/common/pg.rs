@@ -1,0 +1,130 @@
+//! PostgreSQL test servers and databases, shared by the PostgreSQL test files.
+
+use std::time::Duration;
+
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use super::{Options, Sidecar};
+
+/// A sidecar on the store at `url`, with the example tenants.
+pub fn replica_options(url: &str) -> Options {
+    Options {
+        args: vec![
+            "--store".into(),
+            url.into(),
+            "--tenants-file".into(),
+            concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tenants.json").into(),
+        ],
+        ..Options::default()
+    }
+}
+
+/// `count` replicas on one database, launched together so that their schema migrations and
+/// tenant seeding race, as when a deployment scales up.
+pub async fn replicas(url: &str, count: usize) -> Vec<Sidecar> {
+    Sidecar::start_together(replica_options(url), count).await
+}
+
+/// The shared test server (`./scripts/test` starts one and sets CORESDK_TEST_POSTGRES_URL).
+pub fn server_url() -> String {
+    std::env::var("CORESDK_TEST_POSTGRES_URL").unwrap_or_else(|_| {
+        panic!(
+            "CORESDK_TEST_POSTGRES_URL is not set: run ./scripts/test, which starts a throwaway PostgreSQL with scripts/postgres-test-server"
+        )
+    })
+}
+
+/// A new, empty database on the test server, so tests never share state.
+pub async fn fresh_database(server: String) -> String {
+    tokio::task::spawn_blocking(move || {
+        let name = format!(
+            "coresdk_{}_{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        );
+        let mut admin = postgres::Client::connect(&server, postgres::NoTls)
+            .expect("the test PostgreSQL is reachable");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .expect("create database");
+        let (base, _) = server.rsplit_once('/').expect("a database in the URL");
+        format!("{base}/{name}")
+    })
+    .await
+    .expect("blocking task")
+}
+
+/// The newest installed PostgreSQL's bin directory (scripts/postgres-test-server installs one).
+pub fn postgres_bin() -> std::path::PathBuf {
+    std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is installed")
+        .filter_map(Result::ok)
+        .map(|e| e.path().join("bin"))
+        .max()
+        .expect("a PostgreSQL version")
+}
+
+/// Starts (or reuses) a test's own server on `port` in `dir`, with the same options every
+/// time, and returns its URL.
+pub fn start_own_server(port: u16, dir: &str) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/postgres-test-server");
+    let output = std::process::Command::new(script)
+        .env("CORESDK_TEST_PG_PORT", port.to_string())
+        .env("CORESDK_TEST_PG_DIR", dir)
+        .output()
+        .expect("the script runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_owned()
+}
+
+/// Stops the server in `dir` (fast shutdown).
+pub fn stop_own_server(dir: &str) {
+    let bin = postgres_bin();
+    // From `/`: the postgres user may not be able to enter the checkout, and pg_ctl says so.
+    let output = std::process::Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(bin.join("pg_ctl"))
+        .args(["-D", dir, "-m", "fast", "-w", "stop"])
+        .current_dir("/")
+        .output()
+        .expect("pg_ctl runs");
+    assert!(
+        output.status.success(),
+        "pg_ctl stop: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Waits (up to a generous hang guard) until `service` reports `wanted`.
+pub async fn wait_for_health(sidecar: &Sidecar, service: &str, wanted: ServingStatus) {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(sidecar.channel.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("Check")
+            .into_inner()
+            .status();
+        if status == wanted {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{service:?} stayed {status:?}, wanted {wanted:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
