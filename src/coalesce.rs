@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use serde_json::{Map, Value, json};
+use serde_json::{Map, json};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::audit::{self, NewAuditRecord};
@@ -156,7 +156,7 @@ impl<K: CoalesceKey> Coalescer<K> {
         let tally = entry.value();
         if entry.is_fresh() {
             self.reporter
-                .submit(with_count(tally.first.clone(), 1, None), 1);
+                .submit(1, || with_count(tally.first.clone(), 1, None));
             return;
         }
         let before = tally.unreported.fetch_add(1, Ordering::Relaxed);
@@ -164,7 +164,7 @@ impl<K: CoalesceKey> Coalescer<K> {
             // The window was reported between the lookup and the increment (the cache may
             // evict during the lookup itself): this occurrence is reported on its own.
             self.reporter
-                .submit(with_count(tally.first.clone(), 1, None), 1);
+                .submit(1, || with_count(tally.first.clone(), 1, None));
         }
     }
 
@@ -189,10 +189,10 @@ impl<K: CoalesceKey> Flush for Coalescer<K> {
 }
 
 impl Reporter {
-    /// Queues `record` if the window's budget and the queue allow; otherwise its `count`
-    /// joins the overflow.
-    fn submit(&self, record: NewAuditRecord, count: u64) {
-        if !self.take_budget() || self.queue.0.try_send(record).is_err() {
+    /// Queues the record of `count` occurrences if the window's budget and the queue allow
+    /// (it is built only then); otherwise the count joins the overflow.
+    fn submit(&self, count: u64, record: impl FnOnce() -> NewAuditRecord) {
+        if !self.take_budget() || self.queue.0.try_send(record()).is_err() {
             self.overflow.fetch_add(count, Ordering::Relaxed);
         }
     }
@@ -216,12 +216,13 @@ impl Reporter {
         let before = tally.unreported.fetch_or(REPORTED, Ordering::Relaxed);
         let count = before & !REPORTED;
         if before & REPORTED == 0 && count > 0 {
-            let record = with_count(
-                tally.first.clone(),
-                count,
-                Some(("repeats", tally.opened_ms)),
-            );
-            self.submit(record, count);
+            self.submit(count, || {
+                with_count(
+                    tally.first.clone(),
+                    count,
+                    Some(("repeats", tally.opened_ms)),
+                )
+            });
         }
     }
 
@@ -284,8 +285,8 @@ fn with_count(
 }
 
 fn approximate_bytes(record: &NewAuditRecord) -> usize {
-    let metadata = serde_json::to_vec(&Value::Object(record.metadata.clone()))
-        .map_or(audit::MAX_METADATA_BYTES, |b| b.len());
+    let metadata =
+        serde_json::to_vec(&record.metadata).map_or(audit::MAX_METADATA_BYTES, |b| b.len());
     ENTRY_OVERHEAD
         + record.tenant_id.len()
         + record.actor.len()

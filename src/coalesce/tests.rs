@@ -1,4 +1,5 @@
 use super::*;
+use serde_json::Value;
 
 const KIND: Kind = Kind {
     event: "test.coalesced",
