@@ -168,8 +168,8 @@ impl<K: CoalesceKey> Coalescer<K> {
         }
     }
 
-    /// Keys tracked now (for tests and the memory bound).
-    pub fn tracked(&self) -> u64 {
+    #[cfg(test)]
+    fn tracked(&self) -> u64 {
         self.windows.run_pending_tasks();
         self.windows.entry_count()
     }
