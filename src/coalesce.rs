@@ -8,7 +8,9 @@
 //! and window: at most [`MAX_RECORDS_PER_WINDOW`] such records; occurrences beyond that, and
 //! any the full queue could not take, go into one `coalesced: "overflow"` record per window.
 //! So the `count`s of a kind's records add up to the occurrences, and a flood adds at most
-//! `MAX_RECORDS_PER_WINDOW + 1` records per window, even with a new key on every call.
+//! `MAX_RECORDS_PER_WINDOW + 1` records per window, even with a new key on every call; a key
+//! first seen once the budget is spent is only counted, not kept, so such a flood costs one
+//! cache lookup and one counter per call.
 //!
 //! Entries live in a `moka` cache: time-to-live is the window, capacity is bounded by weight,
 //! and its eviction listener reports whatever an entry still counted, so no count is dropped
@@ -143,6 +145,16 @@ impl<K: CoalesceKey> Coalescer<K> {
 
     /// Counts one occurrence; `first_record` is called only when it opens a window.
     pub fn admit(&self, key: K, first_record: impl FnOnce() -> NewAuditRecord) {
+        if let Some(tally) = self.windows.get(&key) {
+            self.count_repeat(&tally);
+            return;
+        }
+        // A new window costs a record now. Without budget the occurrence is only counted, and
+        // its key not kept: a flood of new keys then costs neither memory nor records.
+        if !self.reporter.take_budget() {
+            self.reporter.overflow.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let entry = self.windows.entry(key).or_insert_with(|| {
             let first = first_record();
             let bytes = approximate_bytes(&first);
@@ -156,9 +168,14 @@ impl<K: CoalesceKey> Coalescer<K> {
         let tally = entry.value();
         if entry.is_fresh() {
             self.reporter
-                .submit(1, || with_count(tally.first.clone(), 1, None));
-            return;
+                .send(1, || with_count(tally.first.clone(), 1, None));
+        } else {
+            // Another call opened the window meanwhile; the budget taken goes unused.
+            self.count_repeat(tally);
         }
+    }
+
+    fn count_repeat(&self, tally: &Tally) {
         let before = tally.unreported.fetch_add(1, Ordering::Relaxed);
         if before & REPORTED != 0 {
             // The window was reported between the lookup and the increment (the cache may
@@ -192,7 +209,16 @@ impl Reporter {
     /// Queues the record of `count` occurrences if the window's budget and the queue allow
     /// (it is built only then); otherwise the count joins the overflow.
     fn submit(&self, count: u64, record: impl FnOnce() -> NewAuditRecord) {
-        if !self.take_budget() || self.queue.0.try_send(record()).is_err() {
+        if self.take_budget() {
+            self.send(count, record);
+        } else {
+            self.overflow.fetch_add(count, Ordering::Relaxed);
+        }
+    }
+
+    /// [`Self::submit`] with the budget already taken.
+    fn send(&self, count: u64, record: impl FnOnce() -> NewAuditRecord) {
+        if self.queue.0.try_send(record()).is_err() {
             self.overflow.fetch_add(count, Ordering::Relaxed);
         }
     }
