@@ -177,7 +177,8 @@ async fn denied(mut client: AuthServiceClient<Channel>, tenant_id: String) -> bo
 }
 
 /// Authorize throughput when every call names a tenant never seen before (after `distinct`
-/// such calls), against one denied tenant over and over, alternating rounds.
+/// such calls), against one denied tenant over and over, alternating rounds; and that one
+/// tenant before the fill, since a fill that slows every call would hide in the ratio.
 pub async fn distinct_denials(
     channels: &Arc<Vec<Channel>>,
     concurrency: usize,
@@ -202,6 +203,21 @@ pub async fn distinct_denials(
             "denied-always".into(),
         )
     });
+
+    // The same tenant before the fill: what the fill itself may cost every later call.
+    let mut unfilled = None;
+    for _ in 0..rounds {
+        let s = run_phase(
+            "Authorize, one tenant, unfilled",
+            concurrency,
+            Duration::from_millis(300),
+            Duration::from_secs(1),
+            same_call.clone(),
+        )
+        .await;
+        unfilled = merge(unfilled, s);
+    }
+    let unfilled = unfilled.ok_or("no rounds ran")?;
 
     // Fill: `distinct` tenants denied once each (bounded in time, for a slow sidecar).
     let started = Instant::now();
@@ -251,7 +267,8 @@ pub async fn distinct_denials(
     let (Some(same), Some(fresh)) = (same, fresh) else {
         return Err("no rounds ran".into());
     };
-    print_phase(&same, None);
+    print_phase(&unfilled, None);
+    print_phase(&same, Some(&unfilled));
     print_phase(&fresh, Some(&same));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let added = audit_count(channels[0].clone(), "auth.denied")
