@@ -6,11 +6,11 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::abuse::audit_records;
 use common::*;
 use coresdk::coalesce::MAX_RECORDS_PER_WINDOW;
 use coresdk::proto::{
-    AuditRecord, AuthorizeRequest, QueryAuditRequest, WebhookOutcome,
-    auth_service_client::AuthServiceClient,
+    AuditRecord, AuthorizeRequest, WebhookOutcome, auth_service_client::AuthServiceClient,
 };
 use prost_types::value::Kind;
 use serde_json::json;
@@ -18,30 +18,6 @@ use tokio::sync::Semaphore;
 
 /// Calls in flight at once during a flood.
 const CONCURRENCY: usize = 32;
-
-/// Every record under `event_prefix`, all pages.
-async fn records(sidecar: &Sidecar, event_prefix: &str) -> Vec<AuditRecord> {
-    let mut all = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = sidecar
-            .audit()
-            .query(QueryAuditRequest {
-                event_prefix: event_prefix.into(),
-                page_size: 1000,
-                page_token,
-                ..Default::default()
-            })
-            .await
-            .expect("Query")
-            .into_inner();
-        all.extend(page.records);
-        if page.next_page_token.is_empty() {
-            return all;
-        }
-        page_token = page.next_page_token;
-    }
-}
 
 /// Waits (bounded) until at least `at_least` records exist under `event_prefix`, then a little
 /// longer for stragglers, and returns them.
@@ -51,12 +27,12 @@ async fn settled_records(
     at_least: usize,
 ) -> Vec<AuditRecord> {
     let deadline = Instant::now() + Duration::from_secs(15);
-    while records(sidecar, event_prefix).await.len() < at_least && Instant::now() < deadline {
+    while audit_records(sidecar, event_prefix).await.len() < at_least && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The writer runs its periodic flush once a second.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    records(sidecar, event_prefix).await
+    audit_records(sidecar, event_prefix).await
 }
 
 fn field<'a>(record: &'a AuditRecord, name: &str) -> Option<&'a Kind> {
@@ -149,7 +125,7 @@ async fn a_forged_webhook_flood_adds_a_bounded_number_of_counted_records() {
     // The window is still open: stopping writes its count, so no occurrence is lost.
     assert!(sidecar.stop().success());
     sidecar.restart().await;
-    let refused = records(&sidecar, "billing.webhook.refused").await;
+    let refused = audit_records(&sidecar, "billing.webhook.refused").await;
     assert!(refused.len() <= 3, "{} records", refused.len());
     assert_eq!(
         refused.iter().map(count).sum::<u64>(),
@@ -223,7 +199,7 @@ async fn denials_with_a_new_tenant_each_call_are_bounded_in_records_and_memory()
     }
     assert!(sidecar.stop().success());
     sidecar.restart().await;
-    let denied = records(&sidecar, "auth.denied").await;
+    let denied = audit_records(&sidecar, "auth.denied").await;
     assert!(denied.len() <= bound + 1, "{} records", denied.len());
     assert_eq!(
         denied.iter().map(count).sum::<u64>(),
