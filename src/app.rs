@@ -3,13 +3,14 @@
 //! one of these and encode the answer; validation, policy and auditing happen here, once.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::audit::{self, AuditRecord, NewAuditRecord, VerifyReport};
-use crate::auth::{Access, AccessRequest, Authorizer, Claims, TokenError, tokens_match};
+use crate::auth::{Access, AccessRequest, Authorizer, Claims, DenialKey, TokenError, tokens_match};
 use crate::checkpoint::Checkpointer;
+use crate::coalesce::{AuditWriter, Coalescer, Flush, Kind, audit_queue};
 use crate::config::Config;
 use crate::feeds::Feeds;
 use crate::flags::{Flag, FlagRecord, FlagValue};
@@ -33,6 +34,10 @@ pub struct App {
     authorizer: Authorizer,
     /// One permit per open stream, up to `config.max_streams`.
     streams: Arc<Semaphore>,
+    /// Refused deliveries, by refusal reason: anyone can send them, so they are coalesced.
+    refusals: Arc<Coalescer<&'static str>>,
+    denials: Arc<Coalescer<DenialKey>>,
+    audit_writer: AuditWriter,
 }
 
 /// Held by a stream's task for as long as it serves the stream.
@@ -81,12 +86,28 @@ impl App {
         checkpoints: Option<Arc<Checkpointer>>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
-        let authorizer = Authorizer::new(
-            config.tokens.clone(),
-            config.fail_mode,
-            config.deny_audit_window,
-        );
+        let authorizer = Authorizer::new(config.tokens.clone(), config.fail_mode);
         let streams = Arc::new(Semaphore::new(config.max_streams));
+        let (queue, inbox) = audit_queue();
+        let window = config.deny_audit_window;
+        let refusals = Arc::new(Coalescer::new(
+            Kind {
+                event: ops::REFUSED_DELIVERY_EVENT,
+                outcome: ops::REFUSED_DELIVERY_OUTCOME,
+            },
+            window,
+            queue.clone(),
+        ));
+        let denials = Arc::new(Coalescer::new(
+            Kind {
+                event: "auth.denied",
+                outcome: "denied",
+            },
+            window,
+            queue,
+        ));
+        let flushers: Vec<Arc<dyn Flush>> = vec![refusals.clone(), denials.clone()];
+        let audit_writer = AuditWriter::spawn(store.clone(), inbox, flushers);
         Self {
             config,
             store,
@@ -95,7 +116,15 @@ impl App {
             shutdown,
             authorizer,
             streams,
+            refusals,
+            denials,
+            audit_writer,
         }
+    }
+
+    /// Writes the counts of open coalescing windows; call before closing the store.
+    pub async fn close_audits(&self, within: Duration) {
+        self.audit_writer.close(within).await;
     }
 
     /// Room for one more stream, or `TooManyStreams` when `--max-streams` are open: each one
@@ -152,10 +181,10 @@ impl App {
             Ok(event) => event,
             Err(refusal) => {
                 tracing::warn!(error = %refusal, bytes = payload.len(), "webhook refused");
-                if let Some(record) = ops::refused_delivery_record(&refusal, &payload, max_body)
-                    && let Err(e) = self.append(record).await
-                {
-                    tracing::error!(error = %e, "could not audit a refused webhook");
+                if ops::audits_refusal(&refusal) {
+                    self.refusals.admit(refusal.mapping().reason, || {
+                        ops::refused_delivery_record(&refusal, &payload)
+                    });
                 }
                 return Err(refusal);
             }
@@ -339,19 +368,9 @@ impl App {
                 resource = %request.resource,
                 "access denied"
             );
-        }
-        if let Some(record) =
-            self.authorizer
-                .denial_record(&access, &request.resource, Instant::now())
-        {
-            let store = self.store.clone();
-            tokio::spawn(async move {
-                if let Err(e) = store
-                    .write(move |tx| tx.append_audit(record, crate::time::now_ms()))
-                    .await
-                {
-                    tracing::error!(error = %e, "could not audit a denial");
-                }
+            let key = DenialKey::new(&access.tenant_id, &access.subject, denial);
+            self.denials.admit(key, || {
+                crate::auth::denial_record(&access, denial, &request.resource)
             });
         }
         Ok(access)

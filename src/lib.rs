@@ -8,6 +8,7 @@ pub mod audit;
 pub mod auth;
 pub mod checkpoint;
 pub mod cli;
+pub mod coalesce;
 pub mod config;
 pub mod drain;
 pub mod feeds;

@@ -234,6 +234,8 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     if let Some(task) = checkpointing {
         task.abort();
     }
+    // Counts still open in coalescing windows become records while the store is open.
+    state.close_audits(grace).await;
     let last = state.checkpoints.clone();
     let feeds = state.feeds.clone();
     drop(state);

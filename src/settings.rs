@@ -107,7 +107,8 @@ pub struct ServeArgs {
     /// Link put in 403 feature-locked problems as `upgrade_url`.
     #[arg(long, env = "CORESDK_UPGRADE_URL")]
     pub upgrade_url: Option<String>,
-    /// Identical denials within this window are audited once, with a count.
+    /// Identical denials (and refused webhooks, per reason) within this window are audited
+    /// once, with a count.
     #[arg(long, env = "CORESDK_DENY_AUDIT_WINDOW_S", default_value_t = 60)]
     pub deny_audit_window_s: u64,
     /// Serve TLS with this certificate chain (PEM); needs --tls-key-file.

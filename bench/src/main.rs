@@ -3,9 +3,11 @@
 //! `grpc.health.v1.Health/Check` (the baseline: the cheapest call the server answers),
 //! `FlagService/GetFlag` (reported as a ratio to the baseline), and durable webhook
 //! throughput on the embedded store with concurrent senders; plus the server's RSS idle and
-//! at its peak under load. All traffic stays on loopback, bounded in time.
+//! at its peak under load; then the abuse phases (`abuse.rs`). All traffic stays on loopback,
+//! bounded in time.
 #![forbid(unsafe_code)]
 
+mod abuse;
 mod sidecar;
 
 use std::path::PathBuf;
@@ -52,6 +54,12 @@ struct Args {
     /// HTTP/2 connections the callers share.
     #[arg(long, default_value_t = 4)]
     connections: usize,
+    /// Forged webhooks per second during the flood rounds.
+    #[arg(long, default_value_t = 2000)]
+    flood_rate: u64,
+    /// Distinct denied tenants sent before the "new tenant per call" Authorize rounds.
+    #[arg(long, default_value_t = 100_000)]
+    distinct_tenants: u64,
 }
 
 struct Phase {
@@ -444,7 +452,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.webhook_concurrency,
         Duration::from_secs(1),
         Duration::from_secs(args.seconds),
-        webhook_call,
+        webhook_call.clone(),
     )
     .await;
     sampling.store(false, Ordering::Relaxed);
@@ -479,6 +487,33 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "server RSS: idle {:.1} MiB, peak under webhook load {:.1} MiB",
             idle as f64 / 1024.0,
             peak_rss.load(Ordering::Relaxed) as f64 / 1024.0
+        );
+    }
+
+    println!("abuse: durable webhooks while forged ones flood in (ratio to none, same run)");
+    abuse::forged_flood(
+        &channels,
+        args.webhook_concurrency,
+        rounds,
+        args.flood_rate,
+        webhook_call,
+    )
+    .await?;
+    println!(
+        "abuse: Authorize denials, a new tenant per call after {} (ratio to one tenant)",
+        args.distinct_tenants
+    );
+    abuse::distinct_denials(
+        &channels,
+        args.read_concurrency,
+        rounds,
+        args.distinct_tenants,
+    )
+    .await?;
+    if let Some(rss) = pid.and_then(rss_kib) {
+        println!(
+            "server RSS after the abuse phases: {:.1} MiB",
+            rss as f64 / 1024.0
         );
     }
     Ok(())

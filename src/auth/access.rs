@@ -2,11 +2,10 @@
 //! worth an audit record.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use serde_json::{Map, json};
 
-use super::{Claims, Denial, DenialCoalescer, FailMode, FailModeCounter, TokenVerifier, decide};
+use super::{Claims, Denial, FailMode, FailModeCounter, TokenVerifier, decide};
 use crate::audit::{self, NewAuditRecord};
 use crate::flags::FlagCache;
 use crate::problem::Error;
@@ -73,24 +72,48 @@ pub struct Access {
     pub fail_mode_applied: bool,
 }
 
-/// Decides access: token, tenant, flags, fail mode; and which denials are worth an audit record.
+/// The `auth.denied` record of `access`, denied for `denial`.
+pub fn denial_record(access: &Access, denial: &Denial, resource: &str) -> NewAuditRecord {
+    let (tenant, subject) = (access.tenant_id.as_str(), access.subject.as_str());
+    let mut metadata = Map::new();
+    metadata.insert("reason".into(), json!(denial.reason()));
+    if !denial.feature().is_empty() {
+        metadata.insert("feature".into(), json!(denial.feature()));
+    }
+    if !subject.is_empty() {
+        metadata.insert("subject".into(), json!(subject));
+    }
+    if !resource.is_empty() {
+        metadata.insert("resource".into(), json!(resource));
+    }
+    if let Denial::Unauthenticated(why) = denial {
+        metadata.insert("detail".into(), json!(why));
+    }
+    NewAuditRecord {
+        tenant_id: tenant.to_owned(),
+        actor: if subject.is_empty() {
+            "anonymous".to_owned()
+        } else {
+            subject.to_owned()
+        },
+        event: "auth.denied".to_owned(),
+        outcome: "denied".to_owned(),
+        metadata: audit::bound_metadata(metadata),
+    }
+}
+
+/// Decides access: token, tenant, flags, fail mode.
 pub struct Authorizer {
     tokens: Arc<TokenVerifier>,
     fail_mode: FailMode,
-    coalescer: DenialCoalescer,
     fail_mode_decisions: FailModeCounter,
 }
 
 impl Authorizer {
-    pub fn new(
-        tokens: Arc<TokenVerifier>,
-        fail_mode: FailMode,
-        deny_audit_window: Duration,
-    ) -> Self {
+    pub fn new(tokens: Arc<TokenVerifier>, fail_mode: FailMode) -> Self {
         Self {
             tokens,
             fail_mode,
-            coalescer: DenialCoalescer::new(deny_audit_window),
             fail_mode_decisions: FailModeCounter::default(),
         }
     }
@@ -167,46 +190,6 @@ impl Authorizer {
             fail_mode_applied: decision.fail_mode_applied,
         })
     }
-
-    /// The `auth.denied` record for a denial, unless an identical one was audited moments ago.
-    pub fn denial_record(
-        &self,
-        access: &Access,
-        resource: &str,
-        now: Instant,
-    ) -> Option<NewAuditRecord> {
-        let denial = access.denial.as_ref()?;
-        let (tenant, subject) = (access.tenant_id.as_str(), access.subject.as_str());
-        let suppressed = self.coalescer.admit(tenant, subject, denial, now)?;
-        let mut metadata = Map::new();
-        metadata.insert("reason".into(), json!(denial.reason()));
-        if !denial.feature().is_empty() {
-            metadata.insert("feature".into(), json!(denial.feature()));
-        }
-        if !subject.is_empty() {
-            metadata.insert("subject".into(), json!(subject));
-        }
-        if !resource.is_empty() {
-            metadata.insert("resource".into(), json!(resource));
-        }
-        if let Denial::Unauthenticated(why) = denial {
-            metadata.insert("detail".into(), json!(why));
-        }
-        if suppressed > 0 {
-            metadata.insert("suppressed_before".into(), json!(suppressed));
-        }
-        Some(NewAuditRecord {
-            tenant_id: tenant.to_owned(),
-            actor: if subject.is_empty() {
-                "anonymous".to_owned()
-            } else {
-                subject.to_owned()
-            },
-            event: "auth.denied".to_owned(),
-            outcome: "denied".to_owned(),
-            metadata: audit::bound_metadata(metadata),
-        })
-    }
 }
 
 #[cfg(test)]
@@ -229,7 +212,7 @@ mod tests {
             leeway_s: 0,
         })
         .expect("valid settings");
-        Authorizer::new(Arc::new(tokens), fail_mode, Duration::from_secs(60))
+        Authorizer::new(Arc::new(tokens), fail_mode)
     }
 
     fn token(claims: serde_json::Value) -> String {
@@ -275,20 +258,13 @@ mod tests {
             access.claims.as_ref().map(|c| c.subject.as_str()),
             Some("u1")
         );
-        let record = authorizer
-            .denial_record(&access, &request.resource, Instant::now())
-            .expect("the first denial is audited");
+        let denial = access.denial.as_ref().expect("denied");
+        let record = denial_record(&access, denial, &request.resource);
         assert_eq!(
             (record.event.as_str(), record.actor.as_str()),
             ("auth.denied", "u1")
         );
         assert_eq!(record.metadata["resource"], "GET /api/analytics");
-        assert!(
-            authorizer
-                .denial_record(&access, &request.resource, Instant::now())
-                .is_none(),
-            "an identical denial moments later is coalesced"
-        );
 
         cache.apply(crate::flags::FlagRecord {
             tenant_id: "acme".into(),
@@ -303,11 +279,6 @@ mod tests {
         });
         let allowed = authorizer.authorize(&cache, &request).expect("valid");
         assert_eq!(allowed.denial, None);
-        assert!(
-            authorizer
-                .denial_record(&allowed, "", Instant::now())
-                .is_none()
-        );
     }
 
     #[test]

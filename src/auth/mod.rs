@@ -11,8 +11,8 @@ use subtle::ConstantTimeEq;
 
 use crate::flags::FlagCache;
 pub use crate::problem::Denial;
-pub use access::{Access, AccessRequest, Authorizer};
-pub use denials::{DenialCoalescer, FailModeCounter};
+pub use access::{Access, AccessRequest, Authorizer, denial_record};
+pub use denials::{DenialKey, FailModeCounter};
 pub use token::{Claims, TokenError, TokenVerifier};
 
 /// What access decisions (and clients) do when flags cannot be known.

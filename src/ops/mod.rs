@@ -11,8 +11,9 @@ use crate::flags::{FlagOrigin, FlagRecord, FlagValue};
 use crate::problem::Error;
 use crate::store::StoreTx;
 pub use webhook::{
-    FlagChange, WEBHOOK_ACTOR, WebhookResult, apply_webhook, audit_event_name,
-    refused_delivery_record, verify_delivery,
+    CLAIM_PREFIX_BYTES, ClaimedIdentity, FlagChange, REFUSED_DELIVERY_EVENT,
+    REFUSED_DELIVERY_OUTCOME, WEBHOOK_ACTOR, WebhookResult, apply_webhook, audit_event_name,
+    audits_refusal, claimed_identity, refused_delivery_record, verify_delivery,
 };
 
 pub const MAX_ID_LEN: usize = 128;

@@ -309,7 +309,7 @@ fn deliveries_are_checked_for_size_signature_and_shape() {
 #[test]
 fn refused_deliveries_keep_a_bounded_claim_and_misconfiguration_is_not_audited() {
     let body = br#"{"id":"evt_forged","type":"invoice.paid"}"#;
-    let record = refused_delivery_record(&Error::SignatureMismatch, body, 1024).expect("audited");
+    let record = refused_delivery_record(&Error::SignatureMismatch, body);
     assert_eq!(
         (
             record.event.as_str(),
@@ -320,30 +320,46 @@ fn refused_deliveries_keep_a_bounded_claim_and_misconfiguration_is_not_audited()
     );
     assert_eq!(record.metadata["reason"], "SIGNATURE_MISMATCH");
     assert_eq!(record.metadata["claimed_event_id"], "evt_forged");
+    assert_eq!(record.metadata["claimed_event_type"], "invoice.paid");
     assert_eq!(record.metadata["payload_bytes"], body.len());
 
     let long_id = format!(r#"{{"id":"{}","type":"t"}}"#, "x".repeat(1000));
-    let record = refused_delivery_record(&Error::SignatureMismatch, long_id.as_bytes(), 4096)
-        .expect("audited");
+    let record = refused_delivery_record(&Error::SignatureMismatch, long_id.as_bytes());
     assert_eq!(
         record.metadata["claimed_event_id"].as_str().map(str::len),
         Some(255)
     );
 
-    let oversized = refused_delivery_record(
-        &Error::PayloadTooLarge {
-            size: body.len(),
-            limit: 8,
+    assert!(audits_refusal(&Error::SignatureMismatch));
+    assert!(!audits_refusal(&Error::WebhookSecretMissing));
+}
+
+#[test]
+fn only_a_small_prefix_of_an_unverified_body_is_read() {
+    // Stripe's order: `id` first, the (large) `data`, `type` last.
+    let mut body =
+        br#"{"id":"evt_big","object":"event","data":{"object":{"id":"in_1","note":""#.to_vec();
+    body.extend(std::iter::repeat_n(b'x', 8 * 1024 * 1024));
+    body.extend_from_slice(br#""}},"type":"invoice.paid"}"#);
+    assert_eq!(
+        claimed_identity(&body),
+        ClaimedIdentity {
+            id: Some("evt_big".into()),
+            event_type: None,
         },
-        body,
-        8,
-    )
-    .expect("audited");
-    assert!(
-        !oversized.metadata.contains_key("claimed_event_id"),
-        "an oversized body is not parsed"
+        "the id is in the prefix, the type past it, and the nested id is not the event's"
     );
-    assert!(refused_delivery_record(&Error::WebhookSecretMissing, body, 1024).is_none());
+    let buried = format!(
+        r#"{{"pad":"{}","id":"evt_late"}}"#,
+        "p".repeat(CLAIM_PREFIX_BYTES)
+    );
+    assert_eq!(
+        claimed_identity(buried.as_bytes()),
+        ClaimedIdentity::default()
+    );
+    for junk in [&b"[1,2,3]"[..], b"", b"{", b"{\"id\":7}", b"\xff\xfe"] {
+        assert_eq!(claimed_identity(junk), ClaimedIdentity::default());
+    }
 }
 
 #[test]

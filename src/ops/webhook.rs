@@ -332,41 +332,87 @@ pub fn verify_delivery(
     StripeEvent::parse(payload, signed_at)
 }
 
-/// What the audit trail keeps of a delivery refused before it reached the rules (bad
-/// signature, oversized, not an event); None when the refusal is the sidecar's own
-/// misconfiguration rather than something a sender did.
-pub fn refused_delivery_record(
-    refusal: &Error,
-    payload: &[u8],
-    max_body_bytes: usize,
-) -> Option<NewAuditRecord> {
-    if matches!(refusal, Error::WebhookSecretMissing) {
-        return None;
-    }
+/// Whether a delivery refused before it reached the rules (bad signature, oversized, not an
+/// event) is audited: not when the refusal is the sidecar's own misconfiguration rather than
+/// something a sender did.
+pub fn audits_refusal(refusal: &Error) -> bool {
+    !matches!(refusal, Error::WebhookSecretMissing)
+}
+
+/// Bytes of an unverified body read for the identity it claims. Stripe writes `id` first, so
+/// it is nearly always there; `type` comes last, so only a small event shows it.
+pub const CLAIM_PREFIX_BYTES: usize = 1024;
+
+/// What the audit trail keeps of a refused delivery (see [`audits_refusal`]).
+pub fn refused_delivery_record(refusal: &Error, payload: &[u8]) -> NewAuditRecord {
     let mut metadata = Map::new();
     metadata.insert("reason".into(), json!(refusal.mapping().reason));
     metadata.insert("detail".into(), json!(refusal.to_string()));
     metadata.insert("payload_bytes".into(), json!(payload.len()));
     // The claimed id helps find a forged or replayed event; it is only ever a claim.
-    if payload.len() <= max_body_bytes
-        && let Some((id, event_type)) = claimed_identity(payload)
-    {
+    let claimed = claimed_identity(payload);
+    if let Some(id) = claimed.id {
         metadata.insert("claimed_event_id".into(), json!(id));
+    }
+    if let Some(event_type) = claimed.event_type {
         metadata.insert("claimed_event_type".into(), json!(event_type));
     }
-    Some(NewAuditRecord {
+    NewAuditRecord {
         tenant_id: String::new(),
         actor: WEBHOOK_ACTOR.to_owned(),
-        event: "billing.webhook.refused".to_owned(),
-        outcome: "rejected".to_owned(),
+        event: REFUSED_DELIVERY_EVENT.to_owned(),
+        outcome: REFUSED_DELIVERY_OUTCOME.to_owned(),
         metadata: audit::bound_metadata(metadata),
-    })
+    }
 }
 
-fn claimed_identity(payload: &[u8]) -> Option<(String, String)> {
-    let value = serde_json::from_slice::<Value>(payload).ok()?;
-    let bounded = |field: &str| -> Option<String> {
-        Some(value.get(field)?.as_str()?.chars().take(255).collect())
-    };
-    Some((bounded("id")?, bounded("type")?))
+pub const REFUSED_DELIVERY_EVENT: &str = "billing.webhook.refused";
+pub const REFUSED_DELIVERY_OUTCOME: &str = "rejected";
+
+/// The top-level string `id` and `type` a body claims.
+#[derive(Debug, Default, PartialEq)]
+pub struct ClaimedIdentity {
+    pub id: Option<String>,
+    pub event_type: Option<String>,
+}
+
+/// Reads the claimed identity from the first [`CLAIM_PREFIX_BYTES`] only, whatever the body's
+/// size: a real JSON parser walks the prefix and keeps the top-level fields it meets before
+/// the prefix ends (the cut is then a parse error, which is expected and ignored).
+pub fn claimed_identity(payload: &[u8]) -> ClaimedIdentity {
+    let prefix = &payload[..payload.len().min(CLAIM_PREFIX_BYTES)];
+    let mut claimed = ClaimedIdentity::default();
+    let mut parser = serde_json::Deserializer::from_slice(prefix);
+    let _ = serde::Deserializer::deserialize_map(&mut parser, ClaimVisitor(&mut claimed));
+    claimed
+}
+
+struct ClaimVisitor<'a>(&'a mut ClaimedIdentity);
+
+impl<'de> serde::de::Visitor<'de> for ClaimVisitor<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let bounded =
+            |value: Value| -> Option<String> { Some(value.as_str()?.chars().take(255).collect()) };
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "id" if self.0.id.is_none() => self.0.id = bounded(map.next_value()?),
+                "type" if self.0.event_type.is_none() => {
+                    self.0.event_type = bounded(map.next_value()?)
+                }
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+            if self.0.id.is_some() && self.0.event_type.is_some() {
+                break;
+            }
+        }
+        Ok(())
+    }
 }

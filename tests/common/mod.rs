@@ -1,6 +1,7 @@
 //! Starts the real `coresdk` binary on an ephemeral port and talks to it over gRPC.
 #![allow(dead_code)]
 
+pub mod abuse;
 pub mod inputs;
 
 use std::io::{BufRead, BufReader};
