@@ -64,6 +64,18 @@ def test_bad_signatures_are_400_problems(sdk, header, reason):
     assert not sdk.is_enabled("acme-corp", "pro_features")
 
 
+def test_forged_deliveries_are_audited_once_per_window_with_a_count(sdk):
+    body = stripe_event("invoice.paid", "cus_acme_001")
+    for _ in range(5):
+        with pytest.raises(ProblemError):
+            sdk.handle_stripe_webhook(body, sign(body, "whsec_forged"))
+    # The sidecar writes coalesced records off the request path: give its writer a moment.
+    deadline = time.monotonic() + 5
+    while not (records := sdk.audit_query(event_prefix="billing.webhook.refused")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [(r.metadata.get("reason"), r.metadata.get("count")) for r in records] == [("SIGNATURE_MISMATCH", 1)]
+
+
 def test_replayed_signature_is_refused(sdk):
     import stripe
 

@@ -37,6 +37,8 @@ RESERVED_NAMESPACES = ("billing", "auth", "flag", "tenant", "audit")
 TOLERANCE_S = 300
 # Seconds `created` may lie after the signature timestamp (the sidecar's MAX_CREATED_AHEAD_S).
 MAX_CREATED_AHEAD_S = 300
+# The sidecar's CORESDK_DENY_AUDIT_WINDOW_S default.
+DENY_AUDIT_WINDOW_S = 60
 MAX_BODY = 1024 * 1024
 
 
@@ -88,7 +90,8 @@ class MockSidecar(BaseSDK):
         self._processed: dict[str, tuple[str, str, int]] = {}
         self._audit: list[dict[str, Any]] = []
         self._version = 0
-        self._denials: dict[tuple[str, str, str, str], tuple[float, int]] = {}
+        # Coalescing windows by key: (start, start in ms, repeats since, the repeated record's fields).
+        self._windows: dict[tuple[str, ...], tuple[float, int, int, tuple[str, str, str, str, dict[str, Any]]]] = {}
 
     # -- audit ----------------------------------------------------------------------------
 
@@ -185,8 +188,27 @@ class MockSidecar(BaseSDK):
         return timestamp
 
     def _refuse(self, error: ProblemError, payload_len: int) -> ProblemError:
-        self._append("", ACTOR, "billing.webhook.refused", "rejected", {"reason": error.problem.reason, "detail": error.problem.detail, "payload_bytes": payload_len})
+        reason = error.problem.reason or ""
+        self._coalesced(("refused", reason), ("", ACTOR, "billing.webhook.refused", "rejected", {"reason": reason, "detail": error.problem.detail, "payload_bytes": payload_len}))
         return error
+
+    def _coalesced(self, key: tuple[str, ...], record: tuple[str, str, str, str, dict[str, Any]]) -> None:
+        """As the sidecar coalesces what anyone can trigger (refused deliveries, denials): the first
+        occurrence of a key in a window is recorded with `count: 1`, the rest of the window are
+        counted into one `coalesced: "repeats"` record. The sidecar writes that record when the
+        window ends; the mock, which runs no background task, when the key next occurs."""
+        now = time.monotonic()
+        with self._lock:
+            window = self._windows.get(key)
+            if window is not None and now - window[0] < DENY_AUDIT_WINDOW_S:
+                self._windows[key] = (window[0], window[1], window[2] + 1, record)
+                return
+            if window is not None and window[2]:
+                tenant, actor, event, outcome, meta = window[3]
+                self._append(tenant, actor, event, outcome, {**meta, "count": window[2], "coalesced": "repeats", "since_ms": window[1]})
+            self._windows[key] = (now, int(time.time() * 1000), 0, record)
+            tenant, actor, event, outcome, meta = record
+            self._append(tenant, actor, event, outcome, {**meta, "count": 1})
 
     def _evaluate(self, event_type: str, obj: Mapping[str, Any]) -> tuple[str, list[tuple[str, FlagValue]]]:
         wanted: list[tuple[str, FlagValue]] = []
@@ -441,18 +463,9 @@ class MockSidecar(BaseSDK):
     def _deny(self, tenant: str, subject: str, problem: Problem, resource: str, reason: str, feature: str, claims: Optional[Claims] = None) -> Decision:
         if resource:
             problem = Problem(problem.type, problem.title, problem.status, problem.detail, resource, problem.extensions)
-        key = (tenant, subject, reason, feature)
-        now = time.monotonic()
-        with self._lock:
-            since, suppressed = self._denials.get(key, (None, 0))
-            if since is None or now - since >= 60:
-                meta = {"reason": reason, "feature": feature, "resource": resource}
-                if suppressed:
-                    meta["suppressed_before"] = suppressed
-                self._denials[key] = (now, 0)
-                self._append(tenant, subject or "anonymous", "auth.denied", "denied", {k: v for k, v in meta.items() if v})
-            else:
-                self._denials[key] = (since, suppressed + 1)
+        meta = {"reason": reason, "feature": feature, "subject": subject, "resource": resource}
+        record = (tenant, subject or "anonymous", "auth.denied", "denied", {k: v for k, v in meta.items() if v})
+        self._coalesced(("denied", tenant, subject, reason, feature), record)
         return Decision(False, problem, tenant, subject, False, claims)
 
 
