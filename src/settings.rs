@@ -121,13 +121,13 @@ pub struct ServeArgs {
     /// (default: `<db>.audit-key`). Mount it from a secret in production.
     #[arg(long, env = "CORESDK_AUDIT_SIGNING_KEY_FILE")]
     pub audit_signing_key_file: Option<PathBuf>,
-    /// Seconds between checkpoints of a chain head that moved (at least 1).
+    /// Seconds between checkpoints of a chain head that moved; decimals allowed (at least 0.01).
     #[arg(
         long,
         env = "CORESDK_AUDIT_CHECKPOINT_INTERVAL_S",
-        default_value_t = 10
+        default_value_t = 10.0
     )]
-    pub audit_checkpoint_interval_s: u64,
+    pub audit_checkpoint_interval_s: f64,
     /// Require client certificates signed by this CA (mutual TLS).
     #[arg(long, env = "CORESDK_TLS_CLIENT_CA_FILE")]
     pub tls_client_ca_file: Option<PathBuf>,
