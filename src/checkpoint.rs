@@ -490,6 +490,16 @@ mod tests {
         )
     }
 
+    /// A chain of `events` with one checkpoint of it, in a directory that lives as long as the
+    /// returned guard.
+    async fn checkpointed(events: &[&str]) -> (tempfile::TempDir, Checkpointer, Store, ChainHead) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let signer = signer(dir.path());
+        let (store, head) = chain(events).await;
+        signer.write(head).expect("written");
+        (dir, signer, store, head)
+    }
+
     fn text(path: &Path) -> String {
         std::fs::read_to_string(path).expect("read")
     }
@@ -549,10 +559,7 @@ mod tests {
 
     #[tokio::test]
     async fn forged_or_foreign_checkpoints_are_reported() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let signer = signer(dir.path());
-        let (store, head) = chain(&["a", "b"]).await;
-        signer.write(head).expect("written");
+        let (dir, signer, store, _) = checkpointed(&["a", "b"]).await;
 
         let other = load_or_create_key(&dir.path().join("other-key")).expect("key");
         let foreign = Checkpoints {
@@ -574,10 +581,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_time_is_signed_and_version_1_lines_still_verify() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let signer = signer(dir.path());
-        let (store, head) = chain(&["a", "b"]).await;
-        signer.write(head).expect("written");
+        let (_dir, signer, store, head) = checkpointed(&["a", "b"]).await;
         let line = text(signer.path());
         assert!(line.starts_with("{\"v\":2,"), "{line}");
 
@@ -615,10 +619,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_torn_last_line_is_a_warning_and_the_next_write_cuts_it_off() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let signer = signer(dir.path());
-        let (store, head) = chain(&["a", "b"]).await;
-        signer.write(head).expect("written");
+        let (_dir, signer, store, head) = checkpointed(&["a", "b"]).await;
         signer.write(head).expect("written");
         let whole = text(signer.path());
         let torn = &whole[..whole.len() - 40];
@@ -643,10 +644,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_torn_line_before_the_last_or_a_bad_last_line_is_tampering() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let signer = signer(dir.path());
-        let (store, head) = chain(&["a", "b"]).await;
-        signer.write(head).expect("written");
+        let (_dir, signer, store, _) = checkpointed(&["a", "b"]).await;
         let line = text(signer.path());
         let torn = &line[..line.len() - 40];
 
@@ -669,10 +667,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_file_is_compacted_to_its_newest_lines() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let signer = signer(dir.path());
-        let (store, head) = chain(&["a", "b"]).await;
-        signer.write(head).expect("written");
+        let (_dir, signer, store, head) = checkpointed(&["a", "b"]).await;
         // A file grown before compaction existed.
         let line = text(signer.path());
         std::fs::write(signer.path(), line.repeat(100 * MAX_LINES)).expect("written");

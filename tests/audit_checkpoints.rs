@@ -4,9 +4,11 @@ mod common;
 
 use std::time::Duration;
 
+use common::audit::{map, offline_verify, verify};
 use common::*;
-use coresdk::proto::VerifyAuditRequest;
+use coresdk::proto::webhook_service_client::WebhookServiceClient;
 use serde_json::json;
+use tonic::transport::Channel;
 
 /// Checkpoints as often as the sidecar allows, so that one lands during most verifications.
 const FAST_CHECKPOINTS: [&str; 2] = ["--audit-checkpoint-interval-s", "0.01"];
@@ -17,21 +19,30 @@ fn options_with(args: &[&str]) -> Options {
     options
 }
 
-async fn map(sidecar: &Sidecar, customer: &str, tenant: &str) {
-    sidecar
-        .tenants()
-        .map_customer(admin(coresdk::proto::MapCustomerRequest {
-            customer_id: customer.into(),
-            tenant_id: tenant.into(),
-            actor: "test".into(),
-            reason: String::new(),
-        }))
-        .await
-        .expect("MapCustomer");
+/// Sends `count` distinct signed webhooks for a mapped customer through `client`, pausing
+/// `pause` after each.
+async fn send_webhooks(
+    mut client: WebhookServiceClient<Channel>,
+    prefix: &str,
+    count: usize,
+    pause: Duration,
+) {
+    for i in 0..count {
+        let body = event(
+            &format!("evt_{prefix}_{i}"),
+            "invoice.paid",
+            now(),
+            json!({"customer": "cus_flow"}),
+        );
+        client
+            .handle_stripe_webhook(signed(SECRET, body))
+            .await
+            .expect("webhook applied");
+        tokio::time::sleep(pause).await;
+    }
 }
 
-/// Sends `per_sender` distinct signed webhooks from each of `senders` concurrent clients,
-/// pausing `pause` between them.
+/// `per_sender` webhooks from each of `senders` concurrent clients.
 fn flow_webhooks(
     sidecar: &Sidecar,
     senders: usize,
@@ -41,44 +52,15 @@ fn flow_webhooks(
     let clients: Vec<_> = (0..senders).map(|_| sidecar.webhooks()).collect();
     tokio::spawn(async move {
         let mut tasks = Vec::new();
-        for (sender, mut client) in clients.into_iter().enumerate() {
+        for (sender, client) in clients.into_iter().enumerate() {
             tasks.push(tokio::spawn(async move {
-                for i in 0..per_sender {
-                    let body = event(
-                        &format!("evt_flow_{sender}_{i}"),
-                        "invoice.paid",
-                        now(),
-                        json!({"customer": "cus_flow"}),
-                    );
-                    client
-                        .handle_stripe_webhook(signed(SECRET, body))
-                        .await
-                        .expect("webhook applied");
-                    tokio::time::sleep(pause).await;
-                }
+                send_webhooks(client, &format!("flow_{sender}"), per_sender, pause).await;
             }));
         }
         for task in tasks {
             task.await.expect("sender");
         }
     })
-}
-
-/// `coresdk audit verify --store …`, as an operator would run it.
-fn offline_verify(store: &str) -> std::process::Output {
-    std::process::Command::new(binary())
-        .args(["audit", "verify", "--store", store])
-        .output()
-        .expect("runs")
-}
-
-async fn verify(sidecar: &Sidecar) -> coresdk::proto::VerifyAuditResponse {
-    sidecar
-        .audit()
-        .verify(admin(VerifyAuditRequest {}))
-        .await
-        .expect("Verify")
-        .into_inner()
 }
 
 fn checkpoint_file(dir: &std::path::Path) -> std::path::PathBuf {
@@ -138,22 +120,6 @@ async fn verification_while_webhooks_flow_and_checkpoints_are_written_never_repo
     );
 }
 
-async fn send_webhooks(sidecar: &Sidecar, prefix: &str, count: usize) {
-    for i in 0..count {
-        let body = event(
-            &format!("evt_{prefix}_{i}"),
-            "invoice.paid",
-            now(),
-            json!({"customer": "cus_flow"}),
-        );
-        sidecar
-            .webhooks()
-            .handle_stripe_webhook(signed(SECRET, body))
-            .await
-            .expect("webhook applied");
-    }
-}
-
 fn stderr_of(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -168,11 +134,11 @@ async fn a_line_torn_by_a_crash_is_a_warning_and_the_next_checkpoint_replaces_it
     let mut sidecar =
         Sidecar::on_disk(dir.path(), options_with(&CHECKPOINTS_AT_START_AND_STOP)).await;
     map(&sidecar, "cus_flow", "acme").await;
-    send_webhooks(&sidecar, "before", 3).await;
+    send_webhooks(sidecar.webhooks(), "before", 3, Duration::ZERO).await;
     assert!(sidecar.stop().success());
     let at_stop = lines_in(&file);
     sidecar.restart().await;
-    send_webhooks(&sidecar, "after", 2).await;
+    send_webhooks(sidecar.webhooks(), "after", 2, Duration::ZERO).await;
     // The start writes one line; a crash cuts it short.
     let started = async {
         while lines_in(&file) == at_stop {
@@ -248,7 +214,7 @@ async fn a_checkpoint_file_of_100k_lines_is_cut_down_by_the_next_checkpoint() {
     std::fs::write(&file, &grown).expect("grown");
 
     sidecar.restart().await;
-    send_webhooks(&sidecar, "later", 1).await;
+    send_webhooks(sidecar.webhooks(), "later", 1, Duration::ZERO).await;
     let changed = async {
         while std::fs::read_to_string(&file).expect("checkpoints") == grown {
             tokio::time::sleep(Duration::from_millis(20)).await;

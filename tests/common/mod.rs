@@ -1,6 +1,8 @@
 //! Starts the real `coresdk` binary on an ephemeral port and talks to it over gRPC.
 #![allow(dead_code)]
 
+pub mod audit;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
