@@ -146,10 +146,10 @@ impl StoreTxOwner for OfflineStore {
         &mut self,
         work: impl FnOnce(&mut dyn StoreTx) -> T,
     ) -> Result<T, StoreError> {
-        use super::engine::{Connection as _, OpenTx as _};
+        use super::engine::{Connection as _, OpenTx};
         let tx = self.conn.begin_read()?;
         let done = work(&mut Tx::reading(&mut *tx));
-        tx.execute_script(<SqliteConn as super::engine::OpenTx>::SCRIPTS.commit)?;
+        tx.execute_script(<SqliteConn as OpenTx>::SCRIPTS.commit)?;
         Ok(done)
     }
 }
