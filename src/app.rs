@@ -333,22 +333,16 @@ impl App {
 
     /// Recomputes the chain and, when checkpoints are kept, checks it against the newest one.
     pub async fn verify_audit(&self) -> Result<VerifyReport, Error> {
-        let checkpoints = self
-            .checkpoints
-            .as_ref()
-            .map(|c| (c.path().to_owned(), c.verifying_key()));
+        let checkpoints = self.checkpoints.as_ref().map(|c| c.checkpoints());
         let report = self
             .store
-            .long_read(move |tx| {
-                let report = ops::verify_chain(tx)?;
-                match &checkpoints {
-                    Some((path, key)) => crate::checkpoint::check(tx, report, path, key),
-                    None => Ok(report),
-                }
-            })
+            .long_read(move |tx| crate::checkpoint::verify(tx, checkpoints.as_ref()))
             .await?;
         if !report.ok {
             tracing::error!(first_bad_seq = report.first_bad_seq, reason = %report.reason, "audit chain does not verify");
+        }
+        for warning in &report.warnings {
+            tracing::warn!(%warning, "audit verification");
         }
         Ok(report)
     }

@@ -239,6 +239,8 @@ pub struct VerifyReport {
     pub first_bad_seq: u64,
     pub reason: String,
     pub head: ChainHead,
+    /// What deserves an operator's attention without being evidence of tampering.
+    pub warnings: Vec<String>,
 }
 
 /// Walks stored rows in sequence order and stops at the first one that does not verify.
@@ -329,6 +331,7 @@ impl ChainVerifier {
                 first_bad_seq,
                 reason,
                 head: self.head,
+                warnings: Vec::new(),
             },
             None => VerifyReport {
                 ok: true,
@@ -336,6 +339,7 @@ impl ChainVerifier {
                 first_bad_seq: 0,
                 reason: String::new(),
                 head: self.head,
+                warnings: Vec::new(),
             },
         }
     }

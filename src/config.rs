@@ -179,12 +179,7 @@ impl Config {
                 ),
             ));
         }
-        if args.audit_checkpoint_interval_s == 0 {
-            return Err(config_error(
-                "CORESDK_AUDIT_CHECKPOINT_INTERVAL_S",
-                "must be at least 1 (seconds)",
-            ));
-        }
+        let checkpoint_interval = checkpoint_interval(args.audit_checkpoint_interval_s)?;
         // A PostgreSQL URL's own settings (pool_size, sslmode, port) are checked now, not when
         // the store opens, so a mistake is a setting error like any other.
         if let StoreUrl::Postgres(url) = &store {
@@ -290,7 +285,7 @@ impl Config {
             deny_audit_window: std::time::Duration::from_secs(args.deny_audit_window_s),
             tls,
             checkpoint_files,
-            checkpoint_interval: std::time::Duration::from_secs(args.audit_checkpoint_interval_s),
+            checkpoint_interval,
             postgres_ca_file: args.postgres_ca_file,
             max_streams: args.max_streams,
         })
@@ -374,6 +369,22 @@ fn tls_files(args: &ServeArgs) -> Result<Option<TlsFiles>, ConfigError> {
 }
 
 /// Checkpoints are on by default beside a SQLite store; elsewhere only when both paths are set.
+/// Every checkpoint is an fsync of its own: far below 10 ms they would compete with the
+/// store's commits for the disk.
+const MIN_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+
+fn checkpoint_interval(seconds: f64) -> Result<std::time::Duration, ConfigError> {
+    std::time::Duration::try_from_secs_f64(seconds)
+        .ok()
+        .filter(|interval| *interval >= MIN_CHECKPOINT_INTERVAL)
+        .ok_or_else(|| {
+            config_error(
+                "CORESDK_AUDIT_CHECKPOINT_INTERVAL_S",
+                "must be a number of seconds, at least 0.01",
+            )
+        })
+}
+
 fn checkpoint_files(
     args: &ServeArgs,
     store: &StoreUrl,

@@ -243,13 +243,19 @@ fn audit_verify(
         );
         None
     };
-    let verified = offline.with_tx(|tx| {
-        let report = coresdk::ops::verify_chain(tx)?;
-        match &key {
-            Some(key) => coresdk::checkpoint::check(tx, report, &checkpoint_file, key),
-            None => Ok(report),
-        }
+    let checkpoints = key.map(|key| coresdk::checkpoint::Checkpoints {
+        path: checkpoint_file,
+        key,
     });
+    let verified = offline
+        .with_read_tx(|tx| coresdk::checkpoint::verify(tx, checkpoints.as_ref()))
+        .map_err(coresdk::problem::Error::from)
+        .and_then(|verified| verified);
+    if let Ok(report) = &verified {
+        for warning in &report.warnings {
+            eprintln!("coresdk: warning: {warning}");
+        }
+    }
     match verified {
         Ok(report) if report.ok => {
             println!(

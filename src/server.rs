@@ -291,6 +291,8 @@ async fn checkpoint_loop(
 ) {
     let mut written = 0;
     let mut ticker = tokio::time::interval(every);
+    // After a slow write, wait a full interval rather than catching up with a burst.
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
         let head = feeds.audit_head();

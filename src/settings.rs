@@ -128,13 +128,13 @@ pub struct ServeArgs {
     /// (default: `<db>.audit-key`). Mount it from a secret in production.
     #[arg(long, env = "CORESDK_AUDIT_SIGNING_KEY_FILE")]
     pub audit_signing_key_file: Option<PathBuf>,
-    /// Seconds between checkpoints of a chain head that moved (at least 1).
+    /// Seconds between checkpoints of a chain head that moved; decimals allowed (at least 0.01).
     #[arg(
         long,
         env = "CORESDK_AUDIT_CHECKPOINT_INTERVAL_S",
-        default_value_t = 10
+        default_value_t = 10.0
     )]
-    pub audit_checkpoint_interval_s: u64,
+    pub audit_checkpoint_interval_s: f64,
     /// Streams (`WatchFlags`, `Tail`) open at once at most; more are refused with
     /// RESOURCE_EXHAUSTED until one ends.
     #[arg(long, env = "CORESDK_MAX_STREAMS", default_value_t = 1024)]

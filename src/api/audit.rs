@@ -124,6 +124,7 @@ impl AuditService for AuditApi {
             reason: report.reason,
             head_seq: report.head.seq,
             head_hash: hex::encode(report.head.hash),
+            warnings: report.warnings,
         }))
     }
 

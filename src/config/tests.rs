@@ -108,10 +108,17 @@ fn a_bad_checkpoint_key_names_the_key_setting() {
 }
 
 #[test]
-fn explicit_checkpoint_files_are_used_with_any_store_and_the_interval_is_at_least_a_second() {
+fn explicit_checkpoint_files_are_used_with_any_store_and_the_interval_is_at_least_10_ms() {
+    for refused in ["0", "0.009", "-1", "NaN", "inf"] {
+        assert_eq!(
+            error(&[&format!("--audit-checkpoint-interval-s={refused}")]).setting,
+            "CORESDK_AUDIT_CHECKPOINT_INTERVAL_S",
+            "{refused}"
+        );
+    }
     assert_eq!(
-        error(&["--audit-checkpoint-interval-s", "0"]).setting,
-        "CORESDK_AUDIT_CHECKPOINT_INTERVAL_S"
+        config(&["--store", "memory", "--audit-checkpoint-interval-s", "0.25"]).checkpoint_interval,
+        std::time::Duration::from_millis(250)
     );
     let config = config(&[
         "--store",

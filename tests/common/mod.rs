@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod abuse;
+pub mod audit;
 pub mod inputs;
 
 use std::io::{BufRead, BufReader};

@@ -131,8 +131,14 @@ impl Connection for Session {
         self.open()
     }
 
+    /// One snapshot for the whole read, taken at its first query: a read that pages (`Verify`
+    /// scans the chain page by page) sees one state, and work done before that query (reading
+    /// the checkpoint file) happens before the snapshot.
     fn begin_read(&mut self) -> Result<&mut PgConn, StoreError> {
-        self.begin(|conn| conn.client.batch_execute("BEGIN READ ONLY"))?;
+        self.begin(|conn| {
+            conn.client
+                .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        })?;
         self.open()
     }
 

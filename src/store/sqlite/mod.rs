@@ -141,7 +141,11 @@ pub fn open_read_only(path: &Path) -> Result<impl StoreTxOwner, StoreError> {
 
 /// A store opened without the server, for command-line tools.
 pub trait StoreTxOwner {
-    fn with_tx<T>(&mut self, work: impl FnOnce(&mut dyn StoreTx) -> T) -> T;
+    /// Runs `work` in one read transaction, whose snapshot is taken at its first query.
+    fn with_read_tx<T>(
+        &mut self,
+        work: impl FnOnce(&mut dyn StoreTx) -> T,
+    ) -> Result<T, StoreError>;
 }
 
 struct OfflineStore {
@@ -149,8 +153,15 @@ struct OfflineStore {
 }
 
 impl StoreTxOwner for OfflineStore {
-    fn with_tx<T>(&mut self, work: impl FnOnce(&mut dyn StoreTx) -> T) -> T {
-        work(&mut Tx::reading(&mut self.conn))
+    fn with_read_tx<T>(
+        &mut self,
+        work: impl FnOnce(&mut dyn StoreTx) -> T,
+    ) -> Result<T, StoreError> {
+        use super::engine::{Connection as _, OpenTx};
+        let tx = self.conn.begin_read()?;
+        let done = work(&mut Tx::reading(&mut *tx));
+        tx.execute_script(<SqliteConn as OpenTx>::SCRIPTS.commit)?;
+        Ok(done)
     }
 }
 

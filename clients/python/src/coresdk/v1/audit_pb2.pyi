@@ -79,20 +79,22 @@ class VerifyAuditRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class VerifyAuditResponse(_message.Message):
-    __slots__ = ("ok", "records_checked", "first_bad_seq", "reason", "head_seq", "head_hash")
+    __slots__ = ("ok", "records_checked", "first_bad_seq", "reason", "head_seq", "head_hash", "warnings")
     OK_FIELD_NUMBER: _ClassVar[int]
     RECORDS_CHECKED_FIELD_NUMBER: _ClassVar[int]
     FIRST_BAD_SEQ_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     HEAD_SEQ_FIELD_NUMBER: _ClassVar[int]
     HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     records_checked: int
     first_bad_seq: int
     reason: str
     head_seq: int
     head_hash: str
-    def __init__(self, ok: _Optional[bool] = ..., records_checked: _Optional[int] = ..., first_bad_seq: _Optional[int] = ..., reason: _Optional[str] = ..., head_seq: _Optional[int] = ..., head_hash: _Optional[str] = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ok: _Optional[bool] = ..., records_checked: _Optional[int] = ..., first_bad_seq: _Optional[int] = ..., reason: _Optional[str] = ..., head_seq: _Optional[int] = ..., head_hash: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TailAuditRequest(_message.Message):
     __slots__ = ("from_seq", "tenant_id")
