@@ -157,6 +157,16 @@ def test_verify_token(sdk):
     assert caught.value.status == 401
 
 
+@pytest.mark.parametrize("tenant_claim", ["acme\u202ecorp", "acme\u200bcorp", "x" * 129, 42, None])
+def test_a_verified_token_with_a_bad_tenant_claim_is_not_accepted(sdk, tenant_claim):
+    bad = token("acme-corp", tenant_id=tenant_claim)
+    with pytest.raises(ProblemError) as caught:
+        sdk.verify_token(bad)
+    assert caught.value.status == 401
+    decision = sdk.authorize(token=bad, require=["pro_features"])
+    assert (decision.allowed, decision.problem.status) == (False, 401)
+
+
 def test_application_audit_events(sdk):
     record = sdk.audit("app.export.csv", outcome="success", actor="user:42", tenant_id="acme-corp", metadata={"rows": 10})
     assert record is not None and record.seq > 0

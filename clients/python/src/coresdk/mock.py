@@ -25,7 +25,7 @@ from typing import Any, Mapping, Optional, Sequence
 from coresdk.base import BaseSDK
 from coresdk.config import Settings
 from coresdk.errors import FlagNotFound, Problem, ProblemError
-from coresdk.validation import FLAG_KEY, check_ids, invalid
+from coresdk.validation import FLAG_KEY, check_ids, id_defect, invalid
 from coresdk.models import AuditRecord, Claims, Decision, Flag, FlagChange, FlagValue, VerifyResult, WebhookResult
 
 MOCK_SECRET = "whsec_test_secret"
@@ -419,9 +419,15 @@ class MockSidecar(BaseSDK):
         if self._jwt_audience and not any(a in self._jwt_audience for a in auds):
             raise self._unauthenticated("the token's audience is not accepted")
         roles = claims.get("roles") or []
+        # As the sidecar: the signature vouches for who issued the token, not for its tenant claim.
+        tenant = claims.get(self._tenant_claim, "")
+        if not isinstance(tenant, str):
+            raise self._unauthenticated(f"the token's claim '{self._tenant_claim}' has the wrong type")
+        if tenant and (defect := id_defect(tenant)) is not None:
+            raise self._unauthenticated(f"the token's claim '{self._tenant_claim}' is not a valid tenant id: it {defect}")
         return Claims(
             subject=str(claims.get("sub", "")),
-            tenant_id=str(claims.get(self._tenant_claim, "")),
+            tenant_id=tenant,
             roles=roles.split() if isinstance(roles, str) else list(roles),
             scopes=str(claims.get("scope", "")).split(),
             claims=claims,

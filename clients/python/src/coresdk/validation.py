@@ -22,8 +22,21 @@ def invalid(detail: str, type_base: str) -> ProblemError:
     )
 
 
+def id_defect(value: str) -> Optional[str]:
+    """What makes `value` no valid tenant or customer id, or None. As the sidecar: 1-128 bytes,
+    and no character of the Unicode separator or "other" categories (whitespace, controls, bidi
+    and zero-width format characters), which `str.isprintable` excludes except the space."""
+    if not value:
+        return "is required"
+    if len(value.encode()) > 128:
+        return "is longer than 128 bytes"
+    if any(c.isspace() or not c.isprintable() for c in value):
+        return "must not contain whitespace, control, bidi or zero-width characters"
+    return None
+
+
 def check_ids(tenant_id: str, key: Optional[str], type_base: str) -> None:
-    if not tenant_id or len(tenant_id.encode()) > 128 or any(c.isspace() or not c.isprintable() for c in tenant_id):
-        raise invalid("tenant_id: must be 1-128 bytes without whitespace or control characters", type_base)
+    if (defect := id_defect(tenant_id)) is not None:
+        raise invalid(f"tenant_id: {defect}", type_base)
     if key is not None and not FLAG_KEY.match(key):
         raise invalid("key: must be 1-128 characters of letters, digits, _ - . :", type_base)
