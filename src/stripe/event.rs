@@ -5,7 +5,7 @@ use serde_json::{Map, Value};
 use crate::problem::Error;
 
 /// Longest event id or type accepted; Stripe's are far shorter, and both end up in the audit.
-pub const MAX_ID_LEN: usize = 255;
+pub const MAX_EVENT_FIELD_LEN: usize = 255;
 
 /// How far `created` may lie after the signature timestamp. Stripe creates an event before it
 /// signs any delivery of it, and both times come from Stripe's clocks, so a real event is never
@@ -162,9 +162,9 @@ fn plausible_created(value: &Value, signed_at: i64) -> Result<i64, Error> {
 
 fn required_string(event: &Map<String, Value>, field: &'static str) -> Result<String, Error> {
     match event.get(field) {
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_ID_LEN => Ok(s.clone()),
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_EVENT_FIELD_LEN => Ok(s.clone()),
         Some(Value::String(s)) if !s.is_empty() => Err(Error::NotAStripeEvent(format!(
-            "`{field}` is longer than {MAX_ID_LEN} characters"
+            "`{field}` is longer than {MAX_EVENT_FIELD_LEN} characters"
         ))),
         _ => Err(Error::NotAStripeEvent(format!(
             "no `{field}` string in the event"
