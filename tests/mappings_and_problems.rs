@@ -4,25 +4,11 @@ mod common;
 
 use common::abuse::audit_records as records;
 use common::audit::map;
+use common::mapping::{resolve, tenant_of, unmap};
 use common::*;
-use coresdk::proto::{
-    AppendAuditRequest, AuditRecord, HandleStripeWebhookResponse, ResolveCustomerRequest,
-    UnmapCustomerRequest,
-};
+use coresdk::proto::{AppendAuditRequest, AuditRecord, HandleStripeWebhookResponse};
 use prost::Message as _;
 use serde_json::{Value, json};
-
-async fn tenant_of(sidecar: &Sidecar, customer: &str) -> String {
-    sidecar
-        .tenants()
-        .resolve_customer(admin(ResolveCustomerRequest {
-            customer_id: customer.into(),
-        }))
-        .await
-        .expect("ResolveCustomer")
-        .into_inner()
-        .tenant_id
-}
 
 async fn send(
     sidecar: &Sidecar,
@@ -100,26 +86,12 @@ async fn a_restart_keeps_a_runtime_unmapping_over_the_tenants_file() {
     let options = tenants_file(dir.path());
     let mut sidecar = Sidecar::on_disk(dir.path(), options.clone()).await;
     assert_eq!(tenant_of(&sidecar, "cus_acme_001").await, "acme-corp");
-    let unmapped = sidecar
-        .tenants()
-        .unmap_customer(admin(UnmapCustomerRequest {
-            customer_id: "cus_acme_001".into(),
-            actor: "ops@example.com".into(),
-            reason: "offboarded".into(),
-        }))
-        .await
-        .expect("UnmapCustomer")
-        .into_inner();
-    assert!(unmapped.removed);
+    assert!(unmap(&sidecar, "cus_acme_001").await);
 
     assert!(sidecar.stop().success());
     sidecar.restart().await;
 
-    let lookup = sidecar
-        .tenants()
-        .resolve_customer(admin(ResolveCustomerRequest {
-            customer_id: "cus_acme_001".into(),
-        }))
+    let lookup = resolve(&sidecar, "cus_acme_001")
         .await
         .expect_err("still unmapped");
     assert_eq!(lookup.code(), tonic::Code::NotFound, "{lookup:?}");
