@@ -323,10 +323,11 @@ async fn seed_tenants(store: &Store, config: &Config) -> Result<(), Error> {
         overridden = report.overridden,
         "customer → tenant mappings seeded from the configuration"
     );
-    if report.kept > 0 {
+    if report.kept + report.kept_unmapped > 0 {
         tracing::warn!(
             kept = report.kept,
-            "customers the tenants file maps elsewhere keep their runtime mapping; set CORESDK_TENANTS_FILE_OVERRIDES=true to let the file win"
+            kept_unmapped = report.kept_unmapped,
+            "customers the tenants file maps elsewhere keep their runtime mapping, and customers unmapped at runtime stay unmapped; set CORESDK_TENANTS_FILE_OVERRIDES=true to let the file win"
         );
     }
     Ok(())

@@ -26,12 +26,12 @@ pub struct ServeArgs {
     /// replicas) or `memory`. Default: `sqlite://./coresdk-data/coresdk.db` (`memory` with --mock).
     #[arg(long, env = "CORESDK_STORE")]
     pub store: Option<String>,
-    /// JSON object of Stripe customer id → tenant id; at start it maps the customers the store
-    /// has no tenant for, leaving mappings made at runtime (MapCustomer, checkout) alone.
+    /// JSON object of Stripe customer id → tenant id; at start it maps the customers never
+    /// mapped, leaving runtime changes (MapCustomer, UnmapCustomer, checkout) alone.
     #[arg(long, env = "CORESDK_TENANTS_FILE")]
     pub tenants_file: Option<PathBuf>,
-    /// Let the --tenants-file win: at start it also moves customers mapped at runtime back to
-    /// the tenant it names.
+    /// Let the --tenants-file win: at start it also maps customers mapped elsewhere or unmapped
+    /// at runtime back to the tenant it names.
     #[arg(long, env = "CORESDK_TENANTS_FILE_OVERRIDES", action = ArgAction::Set, num_args = 0..=1,
           default_value = "false", default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub tenants_file_overrides: bool,

@@ -2,38 +2,13 @@
 //! namespaces, and problems that stay small whatever the input.
 mod common;
 
+use common::abuse::audit_records as records;
+use common::audit::map;
+use common::mapping::{resolve, tenant_of, unmap};
 use common::*;
-use coresdk::proto::{
-    AppendAuditRequest, AuditRecord, HandleStripeWebhookResponse, MapCustomerRequest,
-    QueryAuditRequest, ResolveCustomerRequest,
-};
+use coresdk::proto::{AppendAuditRequest, AuditRecord, HandleStripeWebhookResponse};
 use prost::Message as _;
 use serde_json::{Value, json};
-
-async fn map(sidecar: &Sidecar, customer: &str, tenant: &str) {
-    sidecar
-        .tenants()
-        .map_customer(admin(MapCustomerRequest {
-            customer_id: customer.into(),
-            tenant_id: tenant.into(),
-            actor: "ops@example.com".into(),
-            reason: "moved to the new workspace".into(),
-        }))
-        .await
-        .expect("MapCustomer");
-}
-
-async fn tenant_of(sidecar: &Sidecar, customer: &str) -> String {
-    sidecar
-        .tenants()
-        .resolve_customer(admin(ResolveCustomerRequest {
-            customer_id: customer.into(),
-        }))
-        .await
-        .expect("ResolveCustomer")
-        .into_inner()
-        .tenant_id
-}
 
 async fn send(
     sidecar: &Sidecar,
@@ -44,20 +19,6 @@ async fn send(
         .handle_stripe_webhook(signed(SECRET, body))
         .await
         .map(|r| r.into_inner())
-}
-
-async fn records(sidecar: &Sidecar, event_prefix: &str) -> Vec<AuditRecord> {
-    sidecar
-        .audit()
-        .query(QueryAuditRequest {
-            event_prefix: event_prefix.into(),
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await
-        .expect("Query")
-        .into_inner()
-        .records
 }
 
 fn metadata(record: &AuditRecord) -> Value {
@@ -117,6 +78,60 @@ async fn a_restart_keeps_a_runtime_mapping_over_the_tenants_file() {
         (Some(2), Some(2))
     );
     assert_eq!(seeded[0].actor, "config");
+}
+
+#[tokio::test]
+async fn a_restart_keeps_a_runtime_unmapping_over_the_tenants_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let options = tenants_file(dir.path());
+    let mut sidecar = Sidecar::on_disk(dir.path(), options.clone()).await;
+    assert_eq!(tenant_of(&sidecar, "cus_acme_001").await, "acme-corp");
+    assert!(unmap(&sidecar, "cus_acme_001").await);
+
+    assert!(sidecar.stop().success());
+    sidecar.restart().await;
+
+    let lookup = resolve(&sidecar, "cus_acme_001")
+        .await
+        .expect_err("still unmapped");
+    assert_eq!(lookup.code(), tonic::Code::NotFound, "{lookup:?}");
+    let refused = send(
+        &sidecar,
+        event(
+            "evt_after_unmap",
+            "invoice.paid",
+            now(),
+            json!({"customer": "cus_acme_001"}),
+        ),
+    )
+    .await
+    .expect_err("no tenant for an unmapped customer");
+    assert_eq!(error_reason(&refused), "UNKNOWN_CUSTOMER");
+    assert_eq!(problem(&refused).status, 422);
+    assert_eq!(tenant_of(&sidecar, "cus_globex").await, "globex");
+
+    // An unmapped customer is unmapped for checkouts too: its next checkout maps it.
+    let checkout = send(
+        &sidecar,
+        event(
+            "evt_checkout_after_unmap",
+            "checkout.session.completed",
+            now(),
+            json!({"id": "cs_3", "customer": "cus_acme_001", "client_reference_id": "acme-new"}),
+        ),
+    )
+    .await
+    .expect("delivered");
+    assert_eq!(checkout.tenant_id, "acme-new");
+    assert_eq!(tenant_of(&sidecar, "cus_acme_001").await, "acme-new");
+    assert!(sidecar.stop().success());
+    drop(sidecar);
+
+    // Only the explicit override lets the file map it back.
+    let mut overriding = options;
+    overriding.args.push("--tenants-file-overrides".into());
+    let sidecar = Sidecar::on_disk(dir.path(), overriding).await;
+    assert_eq!(tenant_of(&sidecar, "cus_acme_001").await, "acme-corp");
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use serde_json::{Map, Value, json};
 use crate::audit::{self, ChainVerifier, NewAuditRecord, VerifyReport};
 use crate::flags::{FlagOrigin, FlagRecord, FlagValue};
 use crate::problem::Error;
-use crate::store::StoreTx;
+use crate::store::{CustomerMapping, StoreTx};
 pub use webhook::{
     CLAIM_PREFIX_BYTES, ClaimedIdentity, FlagChange, REFUSED_DELIVERY_EVENT,
     REFUSED_DELIVERY_OUTCOME, WEBHOOK_ACTOR, WebhookResult, apply_webhook, audit_event_name,
@@ -205,7 +205,7 @@ pub fn unmap_customer(
     change: &AdminChange<'_>,
     now_ms: i64,
 ) -> Result<Option<String>, Error> {
-    let previous = tx.unmap_customer(customer_id)?;
+    let previous = tx.unmap_customer(customer_id, now_ms)?;
     if let Some(tenant) = &previous {
         let mut metadata = Map::new();
         metadata.insert("customer".into(), json!(customer_id));
@@ -232,17 +232,21 @@ pub struct SeedReport {
     pub unchanged: u64,
     /// Customers mapped elsewhere at runtime, left there.
     pub kept: u64,
-    /// Customers mapped elsewhere at runtime, moved to the configured tenant (overrides only).
+    /// Customers unmapped at runtime, left unmapped.
+    pub kept_unmapped: u64,
+    /// Customers mapped elsewhere or unmapped at runtime, moved to the configured tenant
+    /// (overrides only).
     pub overridden: u64,
 }
 
 /// How many moved customers the seeding record names; the counts cover the rest.
 const SEED_RECORD_MOVES: usize = 16;
 
-/// Maps the configured customers (tenants file, mock tenants). A customer mapped at runtime
-/// keeps its mapping unless `overrides`: the file is where mappings start, `MapCustomer` and
-/// checkouts are where they change, and a restart must not undo a change. One audit record
-/// summarises a seeding that changed anything, so restarts do not grow the trail.
+/// Maps the configured customers (tenants file, mock tenants) that were never mapped. A
+/// customer mapped or unmapped at runtime stays so unless `overrides`: the file is where
+/// mappings start, `MapCustomer`, `UnmapCustomer` and checkouts are where they change, and a
+/// restart must not undo a change. One audit record summarises a seeding that changed
+/// anything, so restarts do not grow the trail.
 pub fn seed_customers(
     tx: &mut dyn StoreTx,
     configured: &std::collections::BTreeMap<String, String>,
@@ -252,20 +256,30 @@ pub fn seed_customers(
     let mut report = SeedReport::default();
     let mut moves = Vec::new();
     for (customer, tenant) in configured {
-        match tx.tenant_of_customer(customer)? {
-            None => {
+        let current = match tx.customer_mapping(customer)? {
+            CustomerMapping::NeverMapped => {
                 tx.map_customer(customer, tenant, now_ms)?;
                 report.added += 1;
+                continue;
             }
-            Some(current) if current == *tenant => report.unchanged += 1,
-            Some(current) if overrides => {
-                tx.map_customer(customer, tenant, now_ms)?;
-                report.overridden += 1;
-                if moves.len() < SEED_RECORD_MOVES {
-                    moves.push(json!({"customer": customer, "from": current, "to": tenant}));
-                }
+            CustomerMapping::Mapped(current) if current == *tenant => {
+                report.unchanged += 1;
+                continue;
             }
-            Some(_) => report.kept += 1,
+            CustomerMapping::Mapped(current) => Some(current),
+            CustomerMapping::Unmapped => None,
+        };
+        if !overrides {
+            match current {
+                Some(_) => report.kept += 1,
+                None => report.kept_unmapped += 1,
+            }
+            continue;
+        }
+        tx.map_customer(customer, tenant, now_ms)?;
+        report.overridden += 1;
+        if moves.len() < SEED_RECORD_MOVES {
+            moves.push(json!({"customer": customer, "from": current, "to": tenant}));
         }
     }
     if report.added + report.overridden > 0 {
@@ -274,6 +288,7 @@ pub fn seed_customers(
         metadata.insert("added".into(), json!(report.added));
         metadata.insert("unchanged".into(), json!(report.unchanged));
         metadata.insert("kept_runtime".into(), json!(report.kept));
+        metadata.insert("kept_unmapped".into(), json!(report.kept_unmapped));
         metadata.insert("overridden".into(), json!(report.overridden));
         if !moves.is_empty() {
             metadata.insert("moved".into(), Value::Array(moves));

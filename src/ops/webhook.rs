@@ -234,7 +234,8 @@ enum Resolved {
 }
 
 /// The mapping table first; a checkout's `client_reference_id` only maps a customer that has
-/// no tenant yet. Moving a mapped customer is an admin decision (`MapCustomer`), never one a
+/// no tenant yet, unmapped ones included: the unmapping tombstone guards against the tenants
+/// file at start, not against a customer's next checkout. Moving a mapped customer is an admin decision (`MapCustomer`), never one a
 /// checkout session can make: whoever can start a checkout can set its reference.
 fn resolve_tenant(
     tx: &mut dyn StoreTx,

@@ -31,11 +31,13 @@ pub(crate) enum Statement {
     ProcessedEvent,
     /// event_id, event_type, tenant_id, outcome, audit_seq, processed_at_ms.
     RecordProcessed,
-    /// customer_id → tenant_id.
-    TenantOfCustomer,
-    /// customer_id, tenant_id, updated_at_ms: inserts or replaces the mapping.
+    /// customer_id → tenant_id, unmapped_at_ms (NULL while mapped).
+    CustomerMapping,
+    /// customer_id, tenant_id, updated_at_ms: inserts or replaces the mapping, clearing a
+    /// tombstone.
     MapCustomer,
-    /// customer_id.
+    /// customer_id, unmapped_at_ms: turns the mapping into a tombstone. The row stays so that
+    /// seeding from the tenants file can tell "unmapped" from "never mapped".
     UnmapCustomer,
     /// tenant_id, key → flag columns.
     Flag,

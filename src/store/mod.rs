@@ -134,6 +134,26 @@ pub struct AuditQuery {
 }
 
 /// What a committed transaction changed, handed to the [`CommitListener`] in commit order.
+/// What the store knows about a customer's tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CustomerMapping {
+    /// Never mapped: the tenants file may map it.
+    NeverMapped,
+    Mapped(String),
+    /// Unmapped at runtime. Kept apart from [`Self::NeverMapped`] so that a restart does not
+    /// hand the customer back to the tenant the tenants file names.
+    Unmapped,
+}
+
+impl CustomerMapping {
+    pub fn tenant(self) -> Option<String> {
+        match self {
+            Self::Mapped(tenant) => Some(tenant),
+            Self::NeverMapped | Self::Unmapped => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum Committed {
     Flag(FlagRecord),
@@ -149,15 +169,24 @@ pub trait CommitListener: Send + Sync {
 pub trait StoreTx {
     fn processed_event(&mut self, event_id: &str) -> Result<Option<ProcessedEvent>, StoreError>;
     fn record_processed(&mut self, event: &ProcessedEvent, at_ms: i64) -> Result<(), StoreError>;
-    fn tenant_of_customer(&mut self, customer_id: &str) -> Result<Option<String>, StoreError>;
-    /// Returns the tenant the customer was mapped to before, if any.
+    fn customer_mapping(&mut self, customer_id: &str) -> Result<CustomerMapping, StoreError>;
+    /// The customer's tenant; none for a customer never mapped or unmapped.
+    fn tenant_of_customer(&mut self, customer_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.customer_mapping(customer_id)?.tenant())
+    }
+    /// Maps the customer, unmapped or not. Returns the tenant it was mapped to before, if any.
     fn map_customer(
         &mut self,
         customer_id: &str,
         tenant_id: &str,
         at_ms: i64,
     ) -> Result<Option<String>, StoreError>;
-    fn unmap_customer(&mut self, customer_id: &str) -> Result<Option<String>, StoreError>;
+    /// Marks a mapped customer unmapped. Returns the tenant it was mapped to, if any.
+    fn unmap_customer(
+        &mut self,
+        customer_id: &str,
+        at_ms: i64,
+    ) -> Result<Option<String>, StoreError>;
     fn flag(&mut self, tenant_id: &str, key: &str) -> Result<Option<FlagRecord>, StoreError>;
     fn flags_with_origin(
         &mut self,

@@ -1,10 +1,10 @@
 //! The transaction core: [`StoreTx`] written once over a dialect's SQL primitives
 //! ([`Sql`]). The domain steps — the flag version bump and change capture, sealing an audit
-//! record onto the chain head and capturing it, read-then-upsert of customer mappings, refusing
+//! record onto the chain head and capturing it, read-then-upsert of customer mappings and their tombstones, refusing
 //! writes on a read connection, mapping rows to records — live here only.
 
 use super::dialect::{Param, Row, Sql, Statement, query_all, query_opt};
-use super::{AuditQuery, Committed, Outcome, ProcessedEvent, StoreError, StoreTx};
+use super::{AuditQuery, Committed, CustomerMapping, Outcome, ProcessedEvent, StoreError, StoreTx};
 use crate::audit::{self, AuditRecord, ChainHead, NewAuditRecord, StoredAuditRow};
 use crate::flags::{FlagOrigin, FlagRecord, FlagValue};
 use crate::problem::Error;
@@ -173,13 +173,18 @@ impl StoreTx for Tx<'_> {
         )
     }
 
-    fn tenant_of_customer(&mut self, customer_id: &str) -> Result<Option<String>, StoreError> {
-        query_opt(
+    fn customer_mapping(&mut self, customer_id: &str) -> Result<CustomerMapping, StoreError> {
+        let row = query_opt(
             self.sql,
-            Statement::TenantOfCustomer,
+            Statement::CustomerMapping,
             &[Param::Text(customer_id)],
-            |row| row.text(0),
-        )
+            |row| Ok((row.text(0)?, row.opt_int(1)?)),
+        )?;
+        Ok(match row {
+            None => CustomerMapping::NeverMapped,
+            Some((_, Some(_unmapped_at))) => CustomerMapping::Unmapped,
+            Some((tenant, None)) => CustomerMapping::Mapped(tenant),
+        })
     }
 
     fn map_customer(
@@ -201,11 +206,19 @@ impl StoreTx for Tx<'_> {
         Ok(previous)
     }
 
-    fn unmap_customer(&mut self, customer_id: &str) -> Result<Option<String>, StoreError> {
+    fn unmap_customer(
+        &mut self,
+        customer_id: &str,
+        at_ms: i64,
+    ) -> Result<Option<String>, StoreError> {
         self.for_write()?;
         let previous = self.tenant_of_customer(customer_id)?;
-        self.sql
-            .execute(Statement::UnmapCustomer, &[Param::Text(customer_id)])?;
+        if previous.is_some() {
+            self.sql.execute(
+                Statement::UnmapCustomer,
+                &[Param::Text(customer_id), Param::Int(at_ms)],
+            )?;
+        }
         Ok(previous)
     }
 

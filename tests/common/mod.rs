@@ -4,6 +4,7 @@
 pub mod abuse;
 pub mod audit;
 pub mod inputs;
+pub mod mapping;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -5,7 +5,6 @@ use crate::store::StoreError;
 
 /// Held while migrating, so replicas starting together apply the schema once.
 const MIGRATION_LOCK: i64 = 0x636f_7265_7364_6b02;
-const SCHEMA_VERSION: i32 = 1;
 
 const MIGRATION_1: &str = "
 CREATE TABLE IF NOT EXISTS processed_events (
@@ -48,6 +47,13 @@ CREATE TABLE IF NOT EXISTS audit (
 CREATE INDEX IF NOT EXISTS audit_by_tenant ON audit (tenant_id, seq);
 ";
 
+/// Customers unmapped at runtime keep their row as a tombstone.
+const MIGRATION_2: &str = "ALTER TABLE customers ADD COLUMN IF NOT EXISTS unmapped_at_ms BIGINT;";
+
+/// Migration `n` (from 1) brings the schema from version `n - 1` to `n`.
+const MIGRATIONS: [&str; 2] = [MIGRATION_1, MIGRATION_2];
+const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
 /// Applies the schema once, however many replicas start together.
 pub(super) fn migrate(client: &mut Link) -> Result<(), StoreError> {
     client.batch_execute(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))?;
@@ -69,10 +75,13 @@ pub(super) fn migrate(client: &mut Link) -> Result<(), StoreError> {
                 "the database schema is version {version}, newer than this sidecar's {SCHEMA_VERSION}"
             )));
         }
-        if version < 1 {
+        for (reached, migration) in (1..)
+            .zip(MIGRATIONS)
+            .skip(usize::try_from(version).unwrap_or(0))
+        {
             // One script is one implicit transaction: it commits whole or not at all.
             client.batch_execute(&format!(
-                "{MIGRATION_1}INSERT INTO coresdk_schema (version) VALUES (1)"
+                "{migration}\nINSERT INTO coresdk_schema (version) VALUES ({reached})"
             ))?;
         }
         Ok(())

@@ -22,12 +22,17 @@ pub(super) fn text(statement: Statement) -> &'static str {
             "INSERT INTO processed_events (event_id, event_type, tenant_id, outcome, audit_seq, processed_at_ms)
              VALUES ($1, $2, $3, $4, $5, $6)"
         }
-        Statement::TenantOfCustomer => "SELECT tenant_id FROM customers WHERE customer_id = $1",
+        Statement::CustomerMapping => {
+            "SELECT tenant_id, unmapped_at_ms FROM customers WHERE customer_id = $1"
+        }
         Statement::MapCustomer => {
             "INSERT INTO customers (customer_id, tenant_id, updated_at_ms) VALUES ($1, $2, $3)
-             ON CONFLICT (customer_id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id, updated_at_ms = EXCLUDED.updated_at_ms"
+             ON CONFLICT (customer_id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id,
+               updated_at_ms = EXCLUDED.updated_at_ms, unmapped_at_ms = NULL"
         }
-        Statement::UnmapCustomer => "DELETE FROM customers WHERE customer_id = $1",
+        Statement::UnmapCustomer => {
+            "UPDATE customers SET unmapped_at_ms = $2, updated_at_ms = $2 WHERE customer_id = $1"
+        }
         Statement::Flag => concat!(
             "SELECT ",
             flag_columns!(),

@@ -4,8 +4,6 @@ use rusqlite::Connection;
 
 use crate::store::StoreError;
 
-const SCHEMA_VERSION: i64 = 1;
-
 const MIGRATION_1: &str = "
 CREATE TABLE processed_events (
     event_id TEXT PRIMARY KEY,
@@ -46,18 +44,69 @@ CREATE TABLE audit (
 CREATE INDEX audit_by_tenant ON audit (tenant_id, seq);
 ";
 
+/// Customers unmapped at runtime keep their row as a tombstone.
+const MIGRATION_2: &str = "ALTER TABLE customers ADD COLUMN unmapped_at_ms INTEGER;";
+
+/// Migration `n` (from 1) brings the schema from version `n - 1` to `n`.
+const MIGRATIONS: [&str; 2] = [MIGRATION_1, MIGRATION_2];
+const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
 /// Brings the schema up to this sidecar's version; refuses a database from a newer sidecar.
+/// The version is read under the write lock and every step commits with it, so a migration
+/// applies once and whole.
 pub(super) fn migrate(conn: &Connection) -> Result<(), StoreError> {
-    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    if version > SCHEMA_VERSION {
-        return Err(StoreError::Corrupt(format!(
-            "the database schema is version {version}, newer than this sidecar's {SCHEMA_VERSION}"
-        )));
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let migrated = (|| -> Result<(), StoreError> {
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Corrupt(format!(
+                "the database schema is version {version}, newer than this sidecar's {SCHEMA_VERSION}"
+            )));
+        }
+        for migration in MIGRATIONS
+            .iter()
+            .skip(usize::try_from(version).unwrap_or(0))
+        {
+            conn.execute_batch(migration)?;
+        }
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        Ok(())
+    })();
+    match migrated {
+        Ok(()) => Ok(conn.execute_batch("COMMIT")?),
+        Err(e) => {
+            // The migration's own error is the one to report, whatever the rollback says.
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
     }
-    if version < 1 {
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_1_database_keeps_its_mappings_and_migrates_once() {
+        let conn = Connection::open_in_memory().expect("open");
         conn.execute_batch(&format!(
-            "BEGIN IMMEDIATE; {MIGRATION_1} PRAGMA user_version = 1; COMMIT;"
-        ))?;
+            "{MIGRATION_1} PRAGMA user_version = 1;
+             INSERT INTO customers (customer_id, tenant_id, updated_at_ms) VALUES ('cus_1', 'acme', 1);"
+        ))
+        .expect("a version 1 database");
+        migrate(&conn).expect("migrated");
+        migrate(&conn).expect("migrating again changes nothing");
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, SCHEMA_VERSION);
+        let row: (String, Option<i64>) = conn
+            .query_row(
+                "SELECT tenant_id, unmapped_at_ms FROM customers WHERE customer_id = 'cus_1'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .expect("the mapping survives");
+        assert_eq!(row, ("acme".to_owned(), None));
     }
-    Ok(())
 }
