@@ -275,3 +275,44 @@ async fn tail_on_every_replica_follows_every_replicas_records_once_in_order() {
     }
     assert_eq!(received, written);
 }
+
+/// The writers' advisory lock (`WRITE_LOCK` in src/store/postgres/session.rs).
+const WRITERS_LOCK: i64 = 0x636f_7265_7364_6b01;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lock_wait_past_lock_timeout_refuses_only_its_own_batch() {
+    let url = fresh_database(server_url()).await;
+    let sidecar = Sidecar::start(replica_options(&url)).await;
+    assert_eq!(
+        send_patiently(&sidecar, paid("evt_lock_before"))
+            .await
+            .expect("applied")
+            .outcome(),
+        WebhookOutcome::Applied
+    );
+    // Another replica stuck while it holds the writers' lock, past the server's lock_timeout.
+    let (holder, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("a connection of our own");
+    tokio::spawn(connection);
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({WRITERS_LOCK})"
+        ))
+        .await
+        .expect("the writers' lock");
+    let refused = send_patiently(&sidecar, paid("evt_lock_waited"))
+        .await
+        .expect_err("nothing commits while another replica holds the lock");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    holder.batch_execute("COMMIT").await.expect("released");
+
+    // The server answered (with an error), so the replica counts it as reachable: the next
+    // webhooks commit at once instead of being refused for a while as if it were down.
+    for id in ["evt_lock_after", "evt_lock_waited"] {
+        let answer = send_patiently(&sidecar, paid(id))
+            .await
+            .unwrap_or_else(|status| panic!("{id} commits once the lock is free: {status:?}"));
+        assert_eq!(answer.outcome(), WebhookOutcome::Applied, "{id}");
+    }
+}
