@@ -6,6 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::audit::verify;
 use common::pg::*;
 use common::*;
 use coresdk::proto::{self, WebhookOutcome};
@@ -50,27 +51,6 @@ async fn send_through(
         .await
         .expect("the sidecar answers while the database is hung instead of hanging")
         .map(|answer| answer.into_inner())
-}
-
-/// A server of our own, stopped when the test ends however it ends.
-struct OwnServer {
-    url: String,
-    dir: &'static str,
-}
-
-impl OwnServer {
-    fn start(port: u16, dir: &'static str) -> Self {
-        Self {
-            url: start_own_server(port, dir),
-            dir,
-        }
-    }
-}
-
-impl Drop for OwnServer {
-    fn drop(&mut self) {
-        stop_own_server(self.dir);
-    }
 }
 
 /// The server's postmaster and every backend SIGSTOPped: it accepts connections and its kernel
@@ -181,12 +161,7 @@ async fn a_hung_database_is_answered_unavailable_within_seconds_and_recovered_fr
             }
         }
     }
-    let report = sidecar
-        .audit()
-        .verify(proto::VerifyAuditRequest {})
-        .await
-        .expect("Verify")
-        .into_inner();
+    let report = verify(&sidecar).await;
     assert!(report.ok, "{report:?}");
 
     // Stopping the sidecar while the database hangs again ends within bounds.
@@ -222,13 +197,7 @@ async fn append(sidecar: &Sidecar, event: &str) -> u64 {
 async fn tail_on_every_replica_follows_every_replicas_records_once_in_order() {
     let url = fresh_database(server_url()).await;
     let nodes = replicas(&url, 3).await;
-    let head = nodes[2]
-        .audit()
-        .verify(proto::VerifyAuditRequest {})
-        .await
-        .expect("Verify")
-        .into_inner()
-        .head_seq;
+    let head = verify(&nodes[2]).await.head_seq;
     let mut tail = nodes[2]
         .audit()
         .tail(proto::TailAuditRequest {
