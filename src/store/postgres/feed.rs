@@ -172,7 +172,7 @@ mod tests {
 
     /// A chain of `records` audit records served page by page; the page numbered `fails_on`
     /// (1 = the first) fails after handing out `fails_after` of its rows, as a scan does when
-    /// a row does not decode or the connection goes between rows.
+    /// one of its rows does not decode.
     struct Chain {
         records: u64,
         fails_on: Option<usize>,
