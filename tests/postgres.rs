@@ -5,6 +5,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use common::audit::verify;
 use common::pg::*;
 use common::*;
 use coresdk::proto::{self, WebhookOutcome};
@@ -131,12 +132,7 @@ async fn a_thousand_mixed_deliveries_over_three_replicas() {
         );
     }
     for node in &nodes {
-        let report = node
-            .audit()
-            .verify(proto::VerifyAuditRequest {})
-            .await
-            .expect("Verify")
-            .into_inner();
+        let report = verify(node).await;
         assert!(report.ok, "{report:?}");
         // 1000 deliveries + the one record of seeding the tenants file, written once however
         // the replicas raced (the later ones found every customer mapped).
@@ -210,22 +206,19 @@ async fn a_change_through_replica_a_reaches_a_watch_on_replica_c() {
     }
 }
 
+/// The outage and TLS tests' own servers: stopping or reconfiguring them must not disturb the
+/// other tests.
+const OUTAGE_PG_PORT: u16 = 54331;
 const OUTAGE_PG_DIR: &str = "/tmp/coresdk-test-pg-outage";
-
-fn start_outage_server() -> String {
-    start_own_server(54331, OUTAGE_PG_DIR)
-}
-
-fn stop_outage_server() {
-    stop_own_server(OUTAGE_PG_DIR)
-}
+const TLS_PG_PORT: u16 = 54333;
+const TLS_PG_DIR: &str = "/tmp/coresdk-test-pg-tls";
 
 use tonic_health::pb::health_check_response::ServingStatus;
 
 #[tokio::test]
 async fn postgres_going_away_mid_load_loses_nothing_acknowledged() {
-    // A server of its own, so stopping it does not disturb the other tests.
-    let url = fresh_database(start_outage_server()).await;
+    let server = OwnServer::start(OUTAGE_PG_PORT, OUTAGE_PG_DIR);
+    let url = fresh_database(server.url.clone()).await;
     let nodes = replicas(&url, 3).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut senders = Vec::new();
@@ -262,7 +255,7 @@ async fn postgres_going_away_mid_load_loses_nothing_acknowledged() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(800)).await;
-    stop_outage_server();
+    stop_own_server(OUTAGE_PG_DIR);
     tokio::time::sleep(Duration::from_millis(400)).await;
     // Flag reads keep answering from the cache while the database is away.
     let during = flag(&nodes[0], "globex", "pro_features").await;
@@ -301,7 +294,7 @@ async fn postgres_going_away_mid_load_loses_nothing_acknowledged() {
         (unknown.decision(), unknown.fail_mode_applied),
         (proto::Decision::Allow, true)
     );
-    start_outage_server();
+    start_own_server(OUTAGE_PG_PORT, OUTAGE_PG_DIR);
     wait_for_health(
         &nodes[0],
         "coresdk.v1.WebhookService",
@@ -334,30 +327,17 @@ async fn postgres_going_away_mid_load_loses_nothing_acknowledged() {
             "{id} was acknowledged before"
         );
     }
-    let report = nodes[2]
-        .audit()
-        .verify(proto::VerifyAuditRequest {})
-        .await
-        .expect("Verify")
-        .into_inner();
+    let report = verify(&nodes[2]).await;
     assert!(report.ok, "{report:?}");
 }
 
 #[tokio::test]
 async fn tls_to_postgres_is_verified_against_the_configured_ca() {
-    let dir = "/tmp/coresdk-test-pg-tls";
     let certs = tempfile::tempdir().expect("temp dir");
     fixture("mint_certs.py", certs.path());
     // A new cluster each run, which accepts TLS connections only.
-    let bin = postgres_bin();
-    let _ = std::process::Command::new("runuser")
-        .args(["-u", "postgres", "--"])
-        .arg(bin.join("pg_ctl"))
-        .args(["-D", dir, "-m", "immediate", "-w", "stop"])
-        .current_dir("/")
-        .output();
-    let _ = std::fs::remove_dir_all(dir);
-    let key_dir = format!("{dir}-keys");
+    discard_own_server(TLS_PG_DIR);
+    let key_dir = format!("{TLS_PG_DIR}-keys");
     let _ = std::fs::remove_dir_all(&key_dir);
     std::fs::create_dir_all(&key_dir).expect("key dir");
     for name in ["server.pem", "server.key"] {
@@ -371,29 +351,21 @@ async fn tls_to_postgres_is_verified_against_the_configured_ca() {
         .status()
         .expect("chown");
     assert!(owned.success());
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/postgres-test-server");
-    let output = std::process::Command::new(script)
-        .env("CORESDK_TEST_PG_PORT", "54333")
-        .env("CORESDK_TEST_PG_DIR", dir)
-        .env(
-            "CORESDK_TEST_PG_OPTIONS",
-            format!("-c ssl=on -c ssl_cert_file={key_dir}/server.pem -c ssl_key_file={key_dir}/server.key"),
-        )
-        .env(
-            "CORESDK_TEST_PG_HBA",
-            "local all all trust\\nhostssl all all 127.0.0.1/32 trust\\nhostnossl all all 127.0.0.1/32 reject",
-        )
-        .output()
-        .expect("the script runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let options = format!(
+        "-c ssl=on -c ssl_cert_file={key_dir}/server.pem -c ssl_key_file={key_dir}/server.key"
     );
-    let url = String::from_utf8(output.stdout)
-        .expect("utf-8")
-        .trim()
-        .to_owned();
+    let server = OwnServer::start_with(
+        TLS_PG_PORT,
+        TLS_PG_DIR,
+        &[
+            ("CORESDK_TEST_PG_OPTIONS", &options),
+            (
+                "CORESDK_TEST_PG_HBA",
+                "local all all trust\\nhostssl all all 127.0.0.1/32 trust\\nhostnossl all all 127.0.0.1/32 reject",
+            ),
+        ],
+    );
+    let url = server.url.clone();
     let ca = certs.path().join("ca.pem").display().to_string();
 
     let verified = Sidecar::start(Options {

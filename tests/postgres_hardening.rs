@@ -6,6 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::audit::verify;
 use common::pg::*;
 use common::*;
 use coresdk::proto::{self, WebhookOutcome};
@@ -50,27 +51,6 @@ async fn send_through(
         .await
         .expect("the sidecar answers while the database is hung instead of hanging")
         .map(|answer| answer.into_inner())
-}
-
-/// A server of our own, stopped when the test ends however it ends.
-struct OwnServer {
-    url: String,
-    dir: &'static str,
-}
-
-impl OwnServer {
-    fn start(port: u16, dir: &'static str) -> Self {
-        Self {
-            url: start_own_server(port, dir),
-            dir,
-        }
-    }
-}
-
-impl Drop for OwnServer {
-    fn drop(&mut self) {
-        stop_own_server(self.dir);
-    }
 }
 
 /// The server's postmaster and every backend SIGSTOPped: it accepts connections and its kernel
@@ -181,12 +161,7 @@ async fn a_hung_database_is_answered_unavailable_within_seconds_and_recovered_fr
             }
         }
     }
-    let report = sidecar
-        .audit()
-        .verify(proto::VerifyAuditRequest {})
-        .await
-        .expect("Verify")
-        .into_inner();
+    let report = verify(&sidecar).await;
     assert!(report.ok, "{report:?}");
 
     // Stopping the sidecar while the database hangs again ends within bounds.
@@ -222,13 +197,7 @@ async fn append(sidecar: &Sidecar, event: &str) -> u64 {
 async fn tail_on_every_replica_follows_every_replicas_records_once_in_order() {
     let url = fresh_database(server_url()).await;
     let nodes = replicas(&url, 3).await;
-    let head = nodes[2]
-        .audit()
-        .verify(proto::VerifyAuditRequest {})
-        .await
-        .expect("Verify")
-        .into_inner()
-        .head_seq;
+    let head = verify(&nodes[2]).await.head_seq;
     let mut tail = nodes[2]
         .audit()
         .tail(proto::TailAuditRequest {
@@ -274,4 +243,45 @@ async fn tail_on_every_replica_follows_every_replicas_records_once_in_order() {
         received.push(record.event);
     }
     assert_eq!(received, written);
+}
+
+/// The writers' advisory lock (`WRITE_LOCK` in src/store/postgres/session.rs).
+const WRITERS_LOCK: i64 = 0x636f_7265_7364_6b01;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lock_wait_past_lock_timeout_refuses_only_its_own_batch() {
+    let url = fresh_database(server_url()).await;
+    let sidecar = Sidecar::start(replica_options(&url)).await;
+    assert_eq!(
+        send_patiently(&sidecar, paid("evt_lock_before"))
+            .await
+            .expect("applied")
+            .outcome(),
+        WebhookOutcome::Applied
+    );
+    // Another replica stuck while it holds the writers' lock, past the server's lock_timeout.
+    let (holder, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("a connection of our own");
+    tokio::spawn(connection);
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({WRITERS_LOCK})"
+        ))
+        .await
+        .expect("the writers' lock");
+    let refused = send_patiently(&sidecar, paid("evt_lock_waited"))
+        .await
+        .expect_err("nothing commits while another replica holds the lock");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    holder.batch_execute("COMMIT").await.expect("released");
+
+    // The server answered (with an error), so the replica counts it as reachable: the next
+    // webhooks commit at once instead of being refused for a while as if it were down.
+    for id in ["evt_lock_after", "evt_lock_waited"] {
+        let answer = send_patiently(&sidecar, paid(id))
+            .await
+            .unwrap_or_else(|status| panic!("{id} commits once the lock is free: {status:?}"));
+        assert_eq!(answer.outcome(), WebhookOutcome::Applied, "{id}");
+    }
 }

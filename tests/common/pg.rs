@@ -70,10 +70,16 @@ pub fn postgres_bin() -> std::path::PathBuf {
 /// Starts (or reuses) a test's own server on `port` in `dir`, with the same options every
 /// time, and returns its URL.
 pub fn start_own_server(port: u16, dir: &str) -> String {
+    start_own_server_with(port, dir, &[])
+}
+
+/// [`start_own_server`] with more of the script's settings (server options, pg_hba.conf).
+pub fn start_own_server_with(port: u16, dir: &str, settings: &[(&str, &str)]) -> String {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/postgres-test-server");
     let output = std::process::Command::new(script)
         .env("CORESDK_TEST_PG_PORT", port.to_string())
         .env("CORESDK_TEST_PG_DIR", dir)
+        .envs(settings.iter().copied())
         .output()
         .expect("the script runs");
     assert!(
@@ -87,22 +93,60 @@ pub fn start_own_server(port: u16, dir: &str) -> String {
         .to_owned()
 }
 
-/// Stops the server in `dir` (fast shutdown).
-pub fn stop_own_server(dir: &str) {
-    let bin = postgres_bin();
+/// `pg_ctl stop` in `mode` (`fast`, `immediate`) on the server in `dir`.
+fn pg_ctl_stop(dir: &str, mode: &str) -> std::process::Output {
     // From `/`: the postgres user may not be able to enter the checkout, and pg_ctl says so.
-    let output = std::process::Command::new("runuser")
+    std::process::Command::new("runuser")
         .args(["-u", "postgres", "--"])
-        .arg(bin.join("pg_ctl"))
-        .args(["-D", dir, "-m", "fast", "-w", "stop"])
+        .arg(postgres_bin().join("pg_ctl"))
+        .args(["-D", dir, "-m", mode, "-w", "stop"])
         .current_dir("/")
         .output()
-        .expect("pg_ctl runs");
+        .expect("pg_ctl runs")
+}
+
+/// Stops the server in `dir` (fast shutdown).
+pub fn stop_own_server(dir: &str) {
+    let output = pg_ctl_stop(dir, "fast");
     assert!(
         output.status.success(),
         "pg_ctl stop: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// Stops whatever server an earlier run left in `dir`, if any, and removes the directory, so
+/// that a new cluster starts there.
+pub fn discard_own_server(dir: &str) {
+    let _ = pg_ctl_stop(dir, "immediate");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A test's own server, stopped when the test ends however it ends.
+pub struct OwnServer {
+    pub url: String,
+    dir: &'static str,
+}
+
+impl OwnServer {
+    pub fn start(port: u16, dir: &'static str) -> Self {
+        Self::start_with(port, dir, &[])
+    }
+
+    pub fn start_with(port: u16, dir: &'static str, settings: &[(&str, &str)]) -> Self {
+        Self {
+            url: start_own_server_with(port, dir, settings),
+            dir,
+        }
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        // Not asserted: the test may have stopped it already, or be failing (a panic while
+        // unwinding aborts every other test).
+        let _ = pg_ctl_stop(self.dir, "fast");
+    }
 }
 
 /// Waits (up to a generous hang guard) until `service` reports `wanted`.

@@ -21,7 +21,7 @@ const CONNECT_DEADLINE: Duration = Duration::from_secs(5);
 /// holding it is stuck, and the caller is better told UNAVAILABLE. A session left idle inside a
 /// transaction (its replica vanished mid-batch) would hold that lock for every replica: the
 /// server ends it.
-const SESSION_SETTINGS: &str = "SET statement_timeout = '4s'; SET lock_timeout = '3s';      SET idle_in_transaction_session_timeout = '10s'";
+const SESSION_SETTINGS: &str = "SET statement_timeout = '4s'; SET lock_timeout = '3s'; SET idle_in_transaction_session_timeout = '10s'";
 
 /// How to reach the database: the parsed URL, and TLS when the URL asks for it.
 #[derive(Clone)]

@@ -16,7 +16,9 @@ use std::time::Duration;
 use super::connect::Connector;
 use super::sql::PgConn;
 use super::{AUDIT_CHANNEL, FLAG_CHANNEL};
+use crate::audit::AuditRecord;
 use crate::flags::FlagCache;
+use crate::store::dialect::Sql;
 use crate::store::tx::{self, Tx, WriterState};
 use crate::store::{CommitListener, Committed, StoreError, StoreTx as _};
 
@@ -112,33 +114,45 @@ impl Feed {
         Ok(())
     }
 
-    fn catch_up(&mut self, conn: &mut PgConn, wake: Wake) -> Result<(), StoreError> {
+    /// Hands the listener every change above what it was handed before. The cursor in `seen`
+    /// moves only with what the listener was handed: a scan that fails partway (a page past
+    /// its deadline, a lost connection, a row that does not decode) hands over what it read
+    /// before failing, and the next catch-up starts right after that, so no record is skipped.
+    fn catch_up(&mut self, sql: &mut dyn Sql, wake: Wake) -> Result<(), StoreError> {
         if wake.flags {
-            let changed = tx::flags_after(conn, self.seen.flag_version)?;
+            // One statement: it fails whole, before the cursor moves.
+            let changed = tx::flags_after(sql, self.seen.flag_version)?;
             if let Some(newest) = changed.iter().map(|flag| flag.version).max() {
-                self.seen.flag_version = newest;
                 self.listener
                     .committed(changed.into_iter().map(Committed::Flag).collect());
+                self.seen.flag_version = newest;
             }
         }
         if wake.audit {
             let mut chunk = Vec::new();
             let listener = &self.listener;
             let seen = &mut self.seen.head.seq;
-            Tx::reading(conn).scan_audit(*seen + 1, &mut |row| {
-                *seen = row.seq;
-                chunk.push(Committed::Audit(row.into_record()));
+            let scanned = Tx::reading(sql).scan_audit(*seen + 1, &mut |row| {
+                chunk.push(row.into_record());
                 if chunk.len() >= AUDIT_CHUNK {
-                    listener.committed(std::mem::take(&mut chunk));
+                    hand_over(listener.as_ref(), seen, std::mem::take(&mut chunk));
                 }
                 true
-            })?;
-            if !chunk.is_empty() {
-                listener.committed(chunk);
-            }
+            });
+            hand_over(listener.as_ref(), seen, chunk);
+            scanned?;
         }
         Ok(())
     }
+}
+
+/// Hands `records` (in sequence order) to the listener, then moves `seen` past them.
+fn hand_over(listener: &dyn CommitListener, seen: &mut u64, records: Vec<AuditRecord>) {
+    let Some(last) = records.last().map(|record| record.seq) else {
+        return;
+    };
+    listener.committed(records.into_iter().map(Committed::Audit).collect());
+    *seen = last;
 }
 
 /// A round trip the server must answer within [`PROBE_DEADLINE`].
@@ -147,4 +161,118 @@ fn probe(conn: &mut PgConn) -> Result<(), StoreError> {
     let answered = conn.client.batch_execute("SELECT 1");
     conn.client.set_deadline(super::link::ANSWER_DEADLINE);
     answered
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::store::dialect::{Param, Row, Statement, Value};
+
+    /// A chain of `records` audit records served page by page; the page numbered `fails_on`
+    /// (1 = the first) fails after handing out `fails_after` of its rows, as a scan does when
+    /// one of its rows does not decode.
+    struct Chain {
+        records: u64,
+        fails_on: Option<usize>,
+        fails_after: usize,
+        pages: usize,
+    }
+
+    struct AuditRow(u64);
+
+    impl Row for AuditRow {
+        fn value(&self, column: usize) -> Result<Value, StoreError> {
+            let seq = i64::try_from(self.0).unwrap_or(i64::MAX);
+            Ok(match column {
+                0 => Value::Int(seq),
+                1 => Value::Int(0),
+                2..=5 => Value::Text("t".into()),
+                _ => Value::Bytes(vec![0; 32]),
+            })
+        }
+    }
+
+    impl Sql for Chain {
+        fn query(
+            &mut self,
+            statement: Statement,
+            params: &[Param<'_>],
+            each: &mut dyn FnMut(&dyn Row) -> Result<bool, StoreError>,
+        ) -> Result<(), StoreError> {
+            let (Statement::AuditPage, [Param::Int(after), Param::Int(limit)]) =
+                (statement, params)
+            else {
+                return Ok(());
+            };
+            self.pages += 1;
+            let first = u64::try_from(*after).unwrap_or(0) + 1;
+            let last = self
+                .records
+                .min(first + u64::try_from(*limit).unwrap_or(0) - 1);
+            for (handed, seq) in (first..=last).enumerate() {
+                if self.fails_on == Some(self.pages) && handed == self.fails_after {
+                    return Err(StoreError::Postgres("injected failure mid-page".into()));
+                }
+                if !each(&AuditRow(seq))? {
+                    break;
+                }
+            }
+            Ok(())
+        }
+
+        fn execute(&mut self, _: Statement, _: &[Param<'_>]) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    #[derive(Default)]
+    struct Received(Mutex<Vec<u64>>);
+
+    impl CommitListener for Received {
+        fn committed(&self, changes: Vec<Committed>) {
+            let mut received = self.0.lock().expect("not poisoned");
+            for change in changes {
+                if let Committed::Audit(record) = change {
+                    received.push(record.seq);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_scan_failing_partway_skips_no_record_on_the_next_catch_up() {
+        let received = Arc::new(Received::default());
+        let mut feed = Feed {
+            connector: Connector::new("postgres://u@db/x", None).expect("valid"),
+            stop: Arc::new(AtomicBool::new(false)),
+            cache: Arc::new(FlagCache::new(Default::default())),
+            listener: received.clone(),
+            reachable: Arc::new(AtomicBool::new(true)),
+            seen: WriterState::EMPTY,
+        };
+        let audit = || Wake {
+            flags: false,
+            audit: true,
+        };
+        let mut chain = Chain {
+            records: 2500,
+            fails_on: Some(2),
+            fails_after: 500,
+            pages: 0,
+        };
+        assert!(feed.catch_up(&mut chain, audit()).is_err());
+        // The feed reconnects and catches up again; this time the scan goes through.
+        chain.fails_on = None;
+        feed.catch_up(&mut chain, audit()).expect("caught up");
+        let received = received.0.lock().expect("not poisoned");
+        assert!(
+            received.iter().copied().eq(1..=2500),
+            "every record handed over once, in order: {} handed over, the first gap at {:?}",
+            received.len(),
+            received.windows(2).find(|pair| pair[1] != pair[0] + 1)
+        );
+        assert_eq!(feed.seen.head.seq, 2500);
+    }
 }

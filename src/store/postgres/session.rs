@@ -83,6 +83,11 @@ impl Session {
     /// fails on such a connection, reconnect once and retry before refusing the work
     /// (UNAVAILABLE, retryable), so callers' deadlines and Stripe's retries stay meaningful.
     /// A server that did not answer in time is not asked again: that would double the wait.
+    ///
+    /// A server that answered with an error (the writers' lock not granted within
+    /// `lock_timeout` while another replica holds it, a statement past `statement_timeout`)
+    /// is reachable and the connection sound: only this work is refused, the failed
+    /// transaction is rolled back and the connection kept for the next.
     fn begin<T>(
         &mut self,
         begin: impl Fn(&mut PgConn) -> Result<T, StoreError>,
@@ -97,8 +102,14 @@ impl Session {
             match begin(conn) {
                 Ok(began) => return Ok(began),
                 Err(e) => {
+                    let answered = !conn.client.is_closed();
+                    let rolled_back = conn
+                        .execute_script(<PgConn as OpenTx>::SCRIPTS.rollback)
+                        .is_ok();
+                    if answered && rolled_back {
+                        return Err(e);
+                    }
                     let died_idle = reused && conn.client.is_closed() && !conn.client.timed_out();
-                    let _ = conn.execute_script(<PgConn as OpenTx>::SCRIPTS.rollback);
                     self.conn = None;
                     if retried || !died_idle {
                         if !died_idle {

@@ -149,3 +149,49 @@ impl PgRow {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::postgres::Connector;
+
+    /// Rows as the server sends them. Needs the test server (`./scripts/test` starts one and
+    /// sets CORESDK_TEST_POSTGRES_URL), like the PostgreSQL integration tests.
+    fn rows(sql: &str) -> Vec<PgRow> {
+        let url = std::env::var("CORESDK_TEST_POSTGRES_URL").unwrap_or_else(|_| {
+            panic!("CORESDK_TEST_POSTGRES_URL is not set: run ./scripts/test, which starts a throwaway PostgreSQL")
+        });
+        let mut link = Connector::new(&url, None)
+            .expect("a valid URL")
+            .connect()
+            .expect("the test server answers");
+        let statement = link.prepare(sql).expect("prepared");
+        let rows = link.query(&statement, &[]).expect("queried");
+        rows.into_iter().map(PgRow).collect()
+    }
+
+    #[test]
+    fn a_column_missing_or_of_another_type_is_corrupt_data_not_a_panic() {
+        let rows = rows("SELECT 7::int8, 'x'::text, NULL::bytea, true, 3::int4");
+        let row = &rows[0];
+        assert!(matches!(row.value(0), Ok(Value::Int(7))));
+        assert!(matches!(row.value(2), Ok(Value::Null)));
+        assert!(matches!(row.value(4), Ok(Value::Int(3))));
+        assert!(matches!(row.get::<Vec<u8>>(2), Ok(None)));
+        for misread in [
+            row.get::<String>(0).map(|_| ()),
+            row.get::<i64>(1).map(|_| ()),
+            // Even where the value is NULL.
+            row.get::<i64>(2).map(|_| ()),
+            row.get::<i64>(9).map(|_| ()),
+            // A type the dialect does not map is read as text, which a boolean is not.
+            row.value(3).map(|_| ()),
+            row.value(9).map(|_| ()),
+        ] {
+            assert!(
+                matches!(misread, Err(StoreError::Corrupt(_))),
+                "{misread:?}"
+            );
+        }
+    }
+}
