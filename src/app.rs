@@ -184,17 +184,14 @@ impl App {
             Err(refusal) => {
                 // Anyone can send these: one line per coalescing window (the coalescer logs
                 // the window's count when it closes), not one per request.
-                let admitted = if ops::audits_refusal(&refusal) {
-                    self.refusals.admit(refusal.mapping().reason, || {
+                let counted = ops::audits_refusal(&refusal)
+                    && self.refusals.admit(refusal.mapping().reason, || {
                         ops::refused_delivery_record(&refusal, &payload)
-                    })
-                } else {
-                    Admitted::Opened
-                };
-                if admitted == Admitted::Opened {
-                    tracing::warn!(error = %refusal, bytes = payload.len(), "webhook refused; more like it are counted");
-                } else {
+                    }) == Admitted::Counted;
+                if counted {
                     tracing::debug!(error = %refusal, bytes = payload.len(), "webhook refused");
+                } else {
+                    tracing::warn!(error = %refusal, bytes = payload.len(), "webhook refused");
                 }
                 return Err(refusal);
             }
@@ -372,14 +369,6 @@ impl App {
             // Logged like it is audited: a line per window, its count when the window closes.
             if admitted == Admitted::Opened {
                 tracing::info!(
-                    tenant = %access.tenant_id,
-                    subject = %access.subject,
-                    reason = denial.reason(),
-                    resource = %request.resource,
-                    "access denied"
-                );
-            } else {
-                tracing::debug!(
                     tenant = %access.tenant_id,
                     subject = %access.subject,
                     reason = denial.reason(),

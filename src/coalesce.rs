@@ -15,7 +15,7 @@
 //! records do not draw on that budget: there is at most one per window opened, so they are
 //! bounded by it already, and a flood of new keys must not hide what the keys already open
 //! (a real tenant's repeated denials) in the overflow. So the `count`s of a kind's records add
-//! up to the occurrences, and a flood adds at most `2 × MAX_RECORDS_PER_WINDOW + 1` records
+//! up to the occurrences, and a flood adds about `2 × MAX_RECORDS_PER_WINDOW + 1` records at most
 //! per window, even with a new key on every call; a key first seen once the budget is spent is
 //! only counted, not kept, so such a flood costs one cache lookup and one counter per call.
 //!
