@@ -10,7 +10,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use crate::audit::{self, AuditRecord, NewAuditRecord, VerifyReport};
 use crate::auth::{Access, AccessRequest, Authorizer, Claims, DenialKey, TokenError, tokens_match};
 use crate::checkpoint::Checkpointer;
-use crate::coalesce::{AuditWriter, Coalescer, Flush, Kind, audit_queue};
+use crate::coalesce::{Admitted, AuditWriter, Coalescer, Flush, Kind, audit_queue};
 use crate::config::Config;
 use crate::feeds::Feeds;
 use crate::flags::{Flag, FlagRecord, FlagValue};
@@ -94,6 +94,7 @@ impl App {
             Kind {
                 event: ops::REFUSED_DELIVERY_EVENT,
                 outcome: ops::REFUSED_DELIVERY_OUTCOME,
+                key_fields: ops::REFUSED_DELIVERY_KEY_FIELDS,
             },
             window,
             queue.clone(),
@@ -102,6 +103,7 @@ impl App {
             Kind {
                 event: "auth.denied",
                 outcome: "denied",
+                key_fields: crate::auth::DENIAL_KEY_FIELDS,
             },
             window,
             queue,
@@ -180,11 +182,16 @@ impl App {
         ) {
             Ok(event) => event,
             Err(refusal) => {
-                tracing::warn!(error = %refusal, bytes = payload.len(), "webhook refused");
-                if ops::audits_refusal(&refusal) {
-                    self.refusals.admit(refusal.mapping().reason, || {
+                // Anyone can send these: one line per coalescing window (the coalescer logs
+                // the window's count when it closes), not one per request.
+                let counted = ops::audits_refusal(&refusal)
+                    && self.refusals.admit(refusal.mapping().reason, || {
                         ops::refused_delivery_record(&refusal, &payload)
-                    });
+                    }) == Admitted::Counted;
+                if counted {
+                    tracing::debug!(error = %refusal, bytes = payload.len(), "webhook refused");
+                } else {
+                    tracing::warn!(error = %refusal, bytes = payload.len(), "webhook refused");
                 }
                 return Err(refusal);
             }
@@ -355,17 +362,20 @@ impl App {
     pub fn authorize(&self, request: &AccessRequest) -> Result<Access, Error> {
         let access = self.authorizer.authorize(&self.feeds.flags, request)?;
         if let Some(denial) = &access.denial {
-            tracing::info!(
-                tenant = %access.tenant_id,
-                subject = %access.subject,
-                reason = denial.reason(),
-                resource = %request.resource,
-                "access denied"
-            );
             let key = DenialKey::new(&access.tenant_id, &access.subject, denial);
-            self.denials.admit(key, || {
+            let admitted = self.denials.admit(key, || {
                 crate::auth::denial_record(&access, denial, &request.resource)
             });
+            // Logged like it is audited: a line per window, its count when the window closes.
+            if admitted == Admitted::Opened {
+                tracing::info!(
+                    tenant = %access.tenant_id,
+                    subject = %access.subject,
+                    reason = denial.reason(),
+                    resource = %request.resource,
+                    "access denied"
+                );
+            }
         }
         Ok(access)
     }

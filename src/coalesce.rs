@@ -2,21 +2,29 @@
 //! buy durable writes one for one. They are coalesced per key and window, bounded in number
 //! and memory whatever the key space, and written off the request path by one writer task.
 //!
-//! Per key and window: the first occurrence is written at once (`count: 1`); later ones are
-//! counted, and one record carrying their `count` (`coalesced: "repeats"`) is written when the
-//! window's entry ends (it expires, is evicted for room, or the sidecar stops). Per coalescer
-//! and window: at most [`MAX_RECORDS_PER_WINDOW`] such records; occurrences beyond that, and
-//! any the full queue could not take, go into one `coalesced: "overflow"` record per window.
-//! So the `count`s of a kind's records add up to the occurrences, and a flood adds at most
-//! `MAX_RECORDS_PER_WINDOW + 1` records per window, even with a new key on every call; a key
-//! first seen once the budget is spent is only counted, not kept, so such a flood costs one
-//! cache lookup and one counter per call.
+//! Per key and window: the first occurrence is written at once (`count: 1`) with all its
+//! details; later ones are counted, and one record carrying their `count` (`coalesced:
+//! "repeats"`) is written when the window's entry ends (it expires, is evicted for room, or the
+//! sidecar stops). A repeats record keeps only what the key says (the kind's `key_fields`, the
+//! tenant and actor): the first occurrence's own details (a claimed event id, a size, a
+//! resource) did not apply to the others.
+//!
+//! Per coalescer and window: at most [`MAX_RECORDS_PER_WINDOW`] windows open, each with a
+//! record at once; keys first seen beyond that, and records the full queue could not take, go
+//! into one `coalesced: "overflow"` record per window, its count broken down by reason. Repeats
+//! records do not draw on that budget: there is at most one per window opened, so they are
+//! bounded by it already, and a flood of new keys must not hide what the keys already open
+//! (a real tenant's repeated denials) in the overflow. So the `count`s of a kind's records add
+//! up to the occurrences, and a flood adds about `2 × MAX_RECORDS_PER_WINDOW + 1` records at most
+//! per window, even with a new key on every call; a key first seen once the budget is spent is
+//! only counted, not kept, so such a flood costs one cache lookup and one counter per call.
 //!
 //! Entries live in a `moka` cache: time-to-live is the window, capacity is bounded by weight,
 //! and its eviction listener reports whatever an entry still counted, so no count is dropped
 //! with the entry. Each call is O(1) amortized (moka batches its housekeeping); the writer task
 //! runs what is overdue once a second, so a window that sees no further event still reports.
 
+use std::collections::BTreeMap;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -28,7 +36,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::audit::{self, NewAuditRecord};
 use crate::store::Store;
 
-/// Records one coalescer writes per window at most (first occurrences and repeat counts).
+/// Windows one coalescer opens per window at most, each written at once and once more with
+/// its repeat count if it had repeats.
 pub const MAX_RECORDS_PER_WINDOW: u32 = 1000;
 /// Approximate bytes of keys and first records one coalescer keeps at most: a few thousand
 /// windows, more than the budget lets a window write.
@@ -51,22 +60,41 @@ const REPORTED: u64 = 1 << 63;
 /// The actor of overflow records, which stand for many actors.
 const OVERFLOW_ACTOR: &str = "coresdk";
 
-/// What a coalescer's records are: their event name and outcome.
+/// What a coalescer's records are: their event name and outcome, and the metadata fields
+/// that belong to the key, so they hold for every occurrence a repeats record counts.
 #[derive(Debug, Clone, Copy)]
 pub struct Kind {
     pub event: &'static str,
     pub outcome: &'static str,
+    pub key_fields: &'static [&'static str],
 }
 
-/// A coalescing key; its size counts toward the coalescer's memory bound.
+/// A coalescing key; its size counts toward the coalescer's memory bound, its reason (one of
+/// a small fixed set) breaks the overflow count down.
 pub trait CoalesceKey: Hash + Eq + Clone + Send + Sync + 'static {
     fn bytes(&self) -> usize;
+    fn reason(&self) -> &'static str;
 }
 
+/// A reason alone is the key.
 impl CoalesceKey for &'static str {
     fn bytes(&self) -> usize {
         0
     }
+
+    fn reason(&self) -> &'static str {
+        self
+    }
+}
+
+/// What [`Coalescer::admit`] did with an occurrence; callers log only what opens a window,
+/// so a flood costs log lines no more than records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admitted {
+    /// The first of its key in this window: its record is on its way.
+    Opened,
+    /// Counted into an open window or the overflow.
+    Counted,
 }
 
 /// The sending side of the one bounded queue every coalescer writes through.
@@ -83,8 +111,9 @@ pub fn audit_queue() -> (AuditQueue, AuditInbox) {
 
 /// One window of one key.
 struct Tally {
-    /// The first occurrence's record: written at once, and the pattern of the repeat count.
-    first: NewAuditRecord,
+    /// The first occurrence's record without its own details: the repeats record's pattern.
+    repeats: NewAuditRecord,
+    reason: &'static str,
     opened_ms: i64,
     /// Occurrences after the first not yet written, and the [`REPORTED`] bit once they were.
     unreported: AtomicU64,
@@ -106,7 +135,8 @@ struct Reporter {
     budget_window: Duration,
     queue: AuditQueue,
     budget: Mutex<Budget>,
-    overflow: AtomicU64,
+    /// Occurrences not yet in any record, by reason.
+    overflow: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 pub struct Coalescer<K: CoalesceKey> {
@@ -126,7 +156,7 @@ impl<K: CoalesceKey> Coalescer<K> {
                 overflow_reported: None,
                 overflow_since_ms: crate::time::now_ms(),
             }),
-            overflow: AtomicU64::new(0),
+            overflow: Mutex::new(BTreeMap::new()),
         });
         let listener = reporter.clone();
         let windows = moka::sync::Cache::builder()
@@ -144,34 +174,42 @@ impl<K: CoalesceKey> Coalescer<K> {
     }
 
     /// Counts one occurrence; `first_record` is called only when it opens a window.
-    pub fn admit(&self, key: K, first_record: impl FnOnce() -> NewAuditRecord) {
+    pub fn admit(&self, key: K, first_record: impl FnOnce() -> NewAuditRecord) -> Admitted {
         if let Some(tally) = self.windows.get(&key) {
             self.count_repeat(&tally);
-            return;
+            return Admitted::Counted;
         }
         // A new window costs a record now. Without budget the occurrence is only counted, and
         // its key not kept: a flood of new keys then costs neither memory nor records.
+        let reason = key.reason();
         if !self.reporter.take_budget() {
-            self.reporter.overflow.fetch_add(1, Ordering::Relaxed);
-            return;
+            self.reporter.overflow(reason, 1);
+            return Admitted::Counted;
         }
+        let mut first = None;
         let entry = self.windows.entry(key).or_insert_with(|| {
-            let first = first_record();
-            let bytes = approximate_bytes(&first);
+            let record = with_count(first_record(), 1, None);
+            let repeats = self.reporter.without_details(&record);
+            first = Some(record);
+            let bytes = approximate_bytes(&repeats);
             Arc::new(Tally {
-                first,
+                repeats,
+                reason,
                 opened_ms: crate::time::now_ms(),
                 unreported: AtomicU64::new(0),
                 bytes,
             })
         });
-        let tally = entry.value();
-        if entry.is_fresh() {
-            self.reporter
-                .send(1, || with_count(tally.first.clone(), 1, None));
-        } else {
-            // Another call opened the window meanwhile; the budget taken goes unused.
-            self.count_repeat(tally);
+        match first {
+            Some(record) if entry.is_fresh() => {
+                self.reporter.send(reason, 1, record);
+                Admitted::Opened
+            }
+            _ => {
+                // Another call opened the window meanwhile; the budget taken goes unused.
+                self.count_repeat(entry.value());
+                Admitted::Counted
+            }
         }
     }
 
@@ -179,9 +217,9 @@ impl<K: CoalesceKey> Coalescer<K> {
         let before = tally.unreported.fetch_add(1, Ordering::Relaxed);
         if before & REPORTED != 0 {
             // The window was reported between the lookup and the increment (the cache may
-            // evict during the lookup itself): this occurrence is reported on its own.
-            self.reporter
-                .submit(1, || with_count(tally.first.clone(), 1, None));
+            // evict during the lookup itself): this occurrence is reported on its own, as
+            // the repeat it is (once per window at most, so outside the budget too).
+            self.reporter.send(tally.reason, 1, tally.repeats_record(1));
         }
     }
 
@@ -205,21 +243,43 @@ impl<K: CoalesceKey> Flush for Coalescer<K> {
     }
 }
 
+impl Tally {
+    fn repeats_record(&self, count: u64) -> NewAuditRecord {
+        with_count(
+            self.repeats.clone(),
+            count,
+            Some(("repeats", self.opened_ms)),
+        )
+    }
+}
+
 impl Reporter {
-    /// Queues the record of `count` occurrences if the window's budget and the queue allow
-    /// (it is built only then); otherwise the count joins the overflow.
-    fn submit(&self, count: u64, record: impl FnOnce() -> NewAuditRecord) {
-        if self.take_budget() {
-            self.send(count, record);
-        } else {
-            self.overflow.fetch_add(count, Ordering::Relaxed);
+    /// Queues `record`, which stands for `count` occurrences of `reason`; if the queue is
+    /// full, the count joins the overflow.
+    fn send(&self, reason: &'static str, count: u64, record: NewAuditRecord) {
+        if self.queue.0.try_send(record).is_err() {
+            self.overflow(reason, count);
         }
     }
 
-    /// [`Self::submit`] with the budget already taken.
-    fn send(&self, count: u64, record: impl FnOnce() -> NewAuditRecord) {
-        if self.queue.0.try_send(record()).is_err() {
-            self.overflow.fetch_add(count, Ordering::Relaxed);
+    fn overflow(&self, reason: &'static str, count: u64) {
+        let mut overflow = self.overflow.lock().unwrap_or_else(PoisonError::into_inner);
+        *overflow.entry(reason).or_default() += count;
+    }
+
+    /// `first` with only what every occurrence of its key shares.
+    fn without_details(&self, first: &NewAuditRecord) -> NewAuditRecord {
+        NewAuditRecord {
+            tenant_id: first.tenant_id.clone(),
+            actor: first.actor.clone(),
+            event: first.event.clone(),
+            outcome: first.outcome.clone(),
+            metadata: first
+                .metadata
+                .iter()
+                .filter(|(name, _)| self.kind.key_fields.contains(&name.as_str()))
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect(),
         }
     }
 
@@ -242,13 +302,16 @@ impl Reporter {
         let before = tally.unreported.fetch_or(REPORTED, Ordering::Relaxed);
         let count = before & !REPORTED;
         if before & REPORTED == 0 && count > 0 {
-            self.submit(count, || {
-                with_count(
-                    tally.first.clone(),
-                    count,
-                    Some(("repeats", tally.opened_ms)),
-                )
-            });
+            // The log line that pairs with the caller's line for the window's first occurrence.
+            tracing::info!(
+                event = self.kind.event,
+                reason = tally.reason,
+                tenant = %tally.repeats.tenant_id,
+                count,
+                since_ms = tally.opened_ms,
+                "repeats coalesced into one audit record"
+            );
+            self.send(tally.reason, count, tally.repeats_record(count));
         }
     }
 
@@ -263,17 +326,21 @@ impl Reporter {
         if !due {
             return;
         }
-        let count = self.overflow.swap(0, Ordering::Relaxed);
+        let reasons =
+            std::mem::take(&mut *self.overflow.lock().unwrap_or_else(PoisonError::into_inner));
+        let count: u64 = reasons.values().sum();
         if count == 0 {
             return;
         }
+        let mut metadata = Map::new();
+        metadata.insert("reasons".into(), json!(reasons));
         let record = with_count(
             NewAuditRecord {
                 tenant_id: String::new(),
                 actor: OVERFLOW_ACTOR.to_owned(),
                 event: self.kind.event.to_owned(),
                 outcome: self.kind.outcome.to_owned(),
-                metadata: Map::new(),
+                metadata,
             },
             count,
             Some(("overflow", budget.overflow_since_ms)),
@@ -281,12 +348,15 @@ impl Reporter {
         // The overflow record is what keeps the count when the budget is spent, so it
         // bypasses the budget; only a full queue delays it to the next flush.
         if self.queue.0.try_send(record).is_err() {
-            self.overflow.fetch_add(count, Ordering::Relaxed);
+            for (reason, count) in reasons {
+                self.overflow(reason, count);
+            }
             return;
         }
         tracing::warn!(
             event = self.kind.event,
             count,
+            reasons = %json!(reasons),
             "audit records coalesced into one overflow record"
         );
         budget.overflow_reported = Some(now);

@@ -4,6 +4,9 @@
 //! Every variant knows its code, its status and its reason, so adapters never decide them
 //! (the shape of Quickwit's error-code enum); `api::status` only encodes what this decides.
 
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
 use serde_json::{Map, Value, json};
 use tonic::Code;
 
@@ -151,6 +154,49 @@ fn incident_instance() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     format!("urn:coresdk:error:{}-{n}", *PROCESS)
+}
+
+/// A hung database fails every request at once: a log line each would flood the log. So the
+/// first failure per second is logged at `error`, with how many were not since the previous
+/// such line; those are logged at `debug`, each with its incident id, so every id a caller
+/// quotes can still be found (with debug logging on) and the error log stays bounded.
+static INCIDENT_LOG: Throttle = Throttle::new(Duration::from_secs(1));
+
+/// Lets one event per interval through and counts the others.
+struct Throttle {
+    every: Duration,
+    state: Mutex<ThrottleState>,
+}
+
+struct ThrottleState {
+    last: Option<Instant>,
+    held_back: u64,
+}
+
+impl Throttle {
+    const fn new(every: Duration) -> Self {
+        Self {
+            every,
+            state: Mutex::new(ThrottleState {
+                last: None,
+                held_back: 0,
+            }),
+        }
+    }
+
+    /// `Some(events held back since the last one let through)` if this one goes through.
+    fn admit(&self, now: Instant) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state
+            .last
+            .is_some_and(|last| now.saturating_duration_since(last) < self.every)
+        {
+            state.held_back += 1;
+            return None;
+        }
+        state.last = Some(now);
+        Some(std::mem::take(&mut state.held_back))
+    }
 }
 
 fn describe(violations: &[FieldViolation]) -> String {
@@ -332,7 +378,18 @@ impl Error {
             _ => return Problem::new(links, &mapping, self.to_string(), ""),
         };
         let instance = incident_instance();
-        tracing::error!(instance = %instance, reason = mapping.reason, error = %self, "request failed");
+        match INCIDENT_LOG.admit(Instant::now()) {
+            Some(suppressed) => tracing::error!(
+                instance = %instance,
+                reason = mapping.reason,
+                error = %self,
+                suppressed,
+                "request failed ({suppressed} more failures since the last such line are logged at debug)"
+            ),
+            None => {
+                tracing::debug!(instance = %instance, reason = mapping.reason, error = %self, "request failed")
+            }
+        }
         Problem::new(links, &mapping, public_detail.to_owned(), &instance)
     }
 
@@ -516,6 +573,24 @@ mod tests {
             "the store is unavailable; retry later"
         );
         assert_eq!(retry.mapping().code, Code::Unavailable, "still retryable");
+    }
+
+    #[test]
+    fn failures_log_at_error_once_per_interval_and_count_the_rest() {
+        let throttle = Throttle::new(Duration::from_secs(1));
+        let start = Instant::now();
+        assert_eq!(throttle.admit(start), Some(0));
+        for ms in 1..400 {
+            assert_eq!(throttle.admit(start + Duration::from_millis(ms)), None);
+        }
+        let later = start + Duration::from_millis(1000);
+        assert_eq!(
+            throttle.admit(later),
+            Some(399),
+            "the next line says how many it held"
+        );
+        assert_eq!(throttle.admit(later), None);
+        assert_eq!(throttle.admit(later + Duration::from_secs(5)), Some(1));
     }
 
     #[test]

@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::abuse::audit_records;
+use common::abuse::{audit_records, start_logging};
 use common::*;
 use coresdk::coalesce::MAX_RECORDS_PER_WINDOW;
 use coresdk::proto::{
@@ -132,6 +132,18 @@ async fn a_forged_webhook_flood_adds_a_bounded_number_of_counted_records() {
         forged,
         "the counts add up to the forged deliveries: {refused:?}"
     );
+    let repeats = refused
+        .iter()
+        .find(|r| text(r, "coalesced") == Some("repeats"))
+        .expect("the repeats were written at the stop");
+    assert_eq!(text(repeats, "reason"), Some("SIGNATURE_MISMATCH"));
+    for detail in ["claimed_event_id", "payload_bytes", "detail"] {
+        assert!(
+            field(repeats, detail).is_none(),
+            "the first delivery's {detail} does not apply to the {} others: {repeats:?}",
+            count(repeats)
+        );
+    }
 }
 
 async fn deny(client: &mut AuthServiceClient<tonic::transport::Channel>, tenant: String) {
@@ -200,15 +212,75 @@ async fn denials_with_a_new_tenant_each_call_are_bounded_in_records_and_memory()
     assert!(sidecar.stop().success());
     sidecar.restart().await;
     let denied = audit_records(&sidecar, "auth.denied").await;
-    assert!(denied.len() <= bound + 1, "{} records", denied.len());
+    // Each window opened wrote its first record and, if it had any, its repeats.
+    assert!(denied.len() <= 2 * bound, "{} records", denied.len());
     assert_eq!(
         denied.iter().map(count).sum::<u64>(),
         distinct + 2 * identical,
         "every denial is in some record's count"
     );
-    assert_eq!(
-        denied.iter().filter(|r| r.tenant_id == "acme").count(),
-        1,
-        "acme's later denials were counted, not written one by one"
+    // The flood spent the budget for new windows, but acme's window was open: its repeats
+    // are acme's, not hidden in the overflow.
+    let acme: Vec<_> = denied.iter().filter(|r| r.tenant_id == "acme").collect();
+    assert_eq!(acme.len(), 2, "acme's first and its repeats: {acme:?}");
+    assert_eq!(count(acme[1]), 2 * identical - 1);
+    assert_eq!(text(acme[1], "coalesced"), Some("repeats"));
+    assert_eq!(text(acme[1], "feature"), Some("pro_features"));
+    assert!(
+        field(acme[1], "resource").is_none(),
+        "one call's resource does not apply to all"
     );
+    let overflow: Vec<_> = denied
+        .iter()
+        .filter(|r| text(r, "coalesced") == Some("overflow"))
+        .collect();
+    assert!(!overflow.is_empty());
+    for record in overflow {
+        let Some(Kind::StructValue(reasons)) = field(record, "reasons") else {
+            panic!("the overflow breaks its count down by reason: {record:?}");
+        };
+        let by_reason: u64 = reasons
+            .fields
+            .values()
+            .map(|n| match n.kind {
+                Some(Kind::NumberValue(n)) => n as u64,
+                _ => panic!("a count per reason: {reasons:?}"),
+            })
+            .sum();
+        assert_eq!(by_reason, count(record));
+        assert!(
+            reasons
+                .fields
+                .contains_key(text(acme[0], "reason").expect("a reason"))
+        );
+    }
+}
+
+#[tokio::test]
+async fn forged_webhooks_log_a_line_per_window_not_per_request() {
+    let (mut sidecar, logs) = start_logging(Options::default(), "info").await;
+    let forged = 200;
+    let mut client = sidecar.webhooks();
+    for i in 0..forged {
+        let body = event(&format!("evt_forged_{i}"), "invoice.paid", now(), json!({}));
+        client
+            .handle_stripe_webhook(signed("whsec_not_the_secret", body))
+            .await
+            .expect_err("forged");
+    }
+    let opened = logs.awaiting("webhook refused").await;
+    assert_eq!(
+        opened.len(),
+        1,
+        "one line for the window, not one per request"
+    );
+    assert_eq!(opened[0]["level"], "WARN");
+
+    // The window is still open; stopping closes it, and its count is logged.
+    assert!(sidecar.stop().success());
+    let closed = logs.awaiting("repeats coalesced").await;
+    assert_eq!(closed.len(), 1, "{closed:?}");
+    assert_eq!(closed[0]["fields"]["count"], forged - 1);
+    assert_eq!(closed[0]["fields"]["reason"], "SIGNATURE_MISMATCH");
+    assert_eq!(logs.with_message("webhook refused").len(), 1);
 }

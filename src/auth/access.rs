@@ -72,6 +72,10 @@ pub struct Access {
     pub fail_mode_applied: bool,
 }
 
+/// What a denial's record shares with every denial coalesced with it (see `DenialKey`; the
+/// tenant is the record's own field); its resource and detail belong to that one call.
+pub const DENIAL_KEY_FIELDS: &[&str] = &["reason", "feature", "subject"];
+
 /// The `auth.denied` record of `access`, denied for `denial`.
 pub fn denial_record(access: &Access, denial: &Denial, resource: &str) -> NewAuditRecord {
     let (tenant, subject) = (access.tenant_id.as_str(), access.subject.as_str());

@@ -30,6 +30,10 @@ impl CoalesceKey for DenialKey {
     fn bytes(&self) -> usize {
         std::mem::size_of::<Self>() + self.tenant.len() + self.subject.len() + self.feature.len()
     }
+
+    fn reason(&self) -> &'static str {
+        self.reason
+    }
 }
 
 /// Counts decisions the fail mode made, for logs and the answer.

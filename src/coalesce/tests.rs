@@ -4,6 +4,7 @@ use serde_json::Value;
 const KIND: Kind = Kind {
     event: "test.coalesced",
     outcome: "counted",
+    key_fields: &["key"],
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -13,6 +14,14 @@ impl CoalesceKey for Key {
     fn bytes(&self) -> usize {
         self.0.len()
     }
+
+    fn reason(&self) -> &'static str {
+        if self.0.starts_with("late") {
+            "late"
+        } else {
+            "early"
+        }
+    }
 }
 
 fn record(key: &str) -> NewAuditRecord {
@@ -21,6 +30,7 @@ fn record(key: &str) -> NewAuditRecord {
         "key".into(),
         json!(key.chars().take(64).collect::<String>()),
     );
+    metadata.insert("detail".into(), json!(format!("this occurrence of {key}")));
     NewAuditRecord {
         tenant_id: key.chars().take(64).collect(),
         actor: "tester".into(),
@@ -30,8 +40,8 @@ fn record(key: &str) -> NewAuditRecord {
     }
 }
 
-fn admit(coalescer: &Coalescer<Key>, key: &str) {
-    coalescer.admit(Key(key.to_owned()), || record(key));
+fn admit(coalescer: &Coalescer<Key>, key: &str) -> Admitted {
+    coalescer.admit(Key(key.to_owned()), || record(key))
 }
 
 fn drain(inbox: &mut AuditInbox) -> Vec<NewAuditRecord> {
@@ -218,4 +228,75 @@ fn a_zero_window_writes_each_occurrence_within_the_budget() {
     let written = drain(&mut inbox);
     assert_eq!(written.len(), 5);
     assert!(written.iter().all(|r| count(r) == 1));
+}
+
+#[test]
+fn a_repeats_record_keeps_the_key_not_the_first_occurrences_details() {
+    let (queue, mut inbox) = audit_queue();
+    let coalescer = Coalescer::new(KIND, Duration::from_secs(3600), queue);
+    assert_eq!(admit(&coalescer, "a"), Admitted::Opened);
+    for _ in 0..4 {
+        assert_eq!(admit(&coalescer, "a"), Admitted::Counted);
+    }
+    let first = drain(&mut inbox);
+    assert_eq!(first[0].metadata["detail"], "this occurrence of a");
+    coalescer.flush(true);
+    let repeats = drain(&mut inbox);
+    assert_eq!(repeats.len(), 1);
+    let fields: Vec<&str> = repeats[0].metadata.keys().map(String::as_str).collect();
+    assert_eq!(fields, ["coalesced", "count", "key", "since_ms"]);
+    assert_eq!(
+        (repeats[0].tenant_id.as_str(), repeats[0].actor.as_str()),
+        ("a", "tester"),
+        "the key's own fields stay"
+    );
+    assert_eq!(count(&repeats[0]), 4);
+}
+
+#[test]
+fn a_flood_of_new_keys_does_not_hide_the_repeats_of_open_windows() {
+    let (queue, mut inbox) = audit_queue();
+    let coalescer = Coalescer::new(KIND, Duration::from_secs(3600), queue);
+    admit(&coalescer, "real");
+    let flood = 2 * u64::from(MAX_RECORDS_PER_WINDOW);
+    let mut written = Vec::new();
+    for i in 0..flood {
+        admit(&coalescer, &format!("flood-{i}"));
+        if i % 512 == 0 {
+            written.extend(drain(&mut inbox));
+        }
+    }
+    for _ in 0..7 {
+        admit(&coalescer, "real");
+    }
+    for i in 0..3 {
+        assert_eq!(admit(&coalescer, &format!("late-{i}")), Admitted::Counted);
+    }
+    coalescer.flush(true);
+    written.extend(drain(&mut inbox));
+    coalescer.flush(true);
+    written.extend(drain(&mut inbox));
+
+    let real: Vec<_> = written.iter().filter(|r| r.tenant_id == "real").collect();
+    assert_eq!(real.len(), 2, "its first and its repeats: {real:?}");
+    assert_eq!((count(real[1]), coalesced(real[1])), (7, Some("repeats")));
+
+    let overflow: Vec<_> = written
+        .iter()
+        .filter(|r| coalesced(r) == Some("overflow"))
+        .collect();
+    assert_eq!(overflow.len(), 1, "{overflow:?}");
+    // The first key took one of the budget's windows before the flood.
+    let flooded = flood + 1 - u64::from(MAX_RECORDS_PER_WINDOW);
+    assert_eq!(
+        overflow[0].metadata["reasons"],
+        json!({"early": flooded, "late": 3}),
+        "the overflow says what it counted"
+    );
+    assert_eq!(count(overflow[0]), flooded + 3);
+    assert_eq!(
+        written.iter().map(count).sum::<u64>(),
+        flood + 8 + 3,
+        "every occurrence is in some count"
+    );
 }

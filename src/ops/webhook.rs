@@ -369,6 +369,9 @@ pub fn refused_delivery_record(refusal: &Error, payload: &[u8]) -> NewAuditRecor
 
 pub const REFUSED_DELIVERY_EVENT: &str = "billing.webhook.refused";
 pub const REFUSED_DELIVERY_OUTCOME: &str = "rejected";
+/// What a refused delivery's record shares with every refusal coalesced with it (the key is
+/// the reason); its claimed id, size and detail belong to that one delivery.
+pub const REFUSED_DELIVERY_KEY_FIELDS: &[&str] = &["reason"];
 
 /// The top-level string `id` and `type` a body claims.
 #[derive(Debug, Default, PartialEq)]

@@ -27,3 +27,74 @@ pub async fn audit_records(sidecar: &Sidecar, event_prefix: &str) -> Vec<AuditRe
         page_token = page.next_page_token;
     }
 }
+
+/// Log lines (JSON) a sidecar wrote to standard error so far.
+#[derive(Clone, Default)]
+pub struct LogLines(std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>);
+
+impl LogLines {
+    /// The lines whose message starts with `message`.
+    pub fn with_message(&self, message: &str) -> Vec<serde_json::Value> {
+        self.0
+            .lock()
+            .expect("log lines")
+            .iter()
+            .filter(|line| {
+                line["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(message))
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Waits (bounded) until a line with `message` shows, and returns those lines.
+    pub async fn awaiting(&self, message: &str) -> Vec<serde_json::Value> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.with_message(message).is_empty() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        self.with_message(message)
+    }
+}
+
+/// [`Sidecar::start`], logging JSON at `level` into the returned [`LogLines`] instead of the
+/// test's standard error.
+pub async fn start_logging(options: super::Options, level: &str) -> (Sidecar, LogLines) {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut command = Command::new(super::binary());
+    command
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(&options.args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(options.envs.iter().map(|(k, v)| (k, v)))
+        .env("CORESDK_LOG", level)
+        .env("CORESDK_LOG_FORMAT", "json")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().expect("the coresdk binary starts");
+    let logs = LogLines::default();
+    let stderr = child.stderr.take().expect("piped stderr");
+    let kept = logs.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(line) = serde_json::from_str(&line) {
+                kept.0.lock().expect("log lines").push(line);
+            }
+        }
+    });
+    let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("the sidecar printed its address before exiting")
+            .expect("readable stdout");
+        if let Some(addr) = line.strip_prefix("coresdk listening on ") {
+            break addr.to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (Sidecar::started(child, addr, options).await, logs)
+}

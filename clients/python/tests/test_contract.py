@@ -6,8 +6,9 @@ import time
 
 import pytest
 
-from conftest import sign, stripe_event, token
-from coresdk import FlagNotFound, ProblemError
+from conftest import ENV, Sidecar, client_for, sign, stripe_event, token
+from coresdk import FlagNotFound, ProblemError, Settings
+from coresdk.mock import MockSidecar
 
 
 def deliver(sdk, body: bytes):
@@ -74,6 +75,41 @@ def test_forged_deliveries_are_audited_once_per_window_with_a_count(sdk):
     while not (records := sdk.audit_query(event_prefix="billing.webhook.refused")) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert [(r.metadata.get("reason"), r.metadata.get("count")) for r in records] == [("SIGNATURE_MISMATCH", 1)]
+
+
+@pytest.fixture(params=["mock", "sidecar"])
+def one_second_windows(request, tmp_path):
+    env = {**ENV, "CORESDK_DENY_AUDIT_WINDOW_S": "1"}
+    if request.param == "mock":
+        yield MockSidecar(Settings(use_mock=True), env=env)
+        return
+    process = Sidecar(tmp_path, extra_env={"CORESDK_DENY_AUDIT_WINDOW_S": "1"})
+    process.start()
+    client = client_for(process)
+    yield client
+    client.close()
+    process.stop()
+
+
+def test_denied_repeats_are_counted_without_the_first_calls_details(one_second_windows):
+    sdk = one_second_windows
+    for path in ["GET /a", "GET /b", "GET /c"]:
+        assert not sdk.authorize(tenant_id="hooli", require=["pro_features"], resource=path).allowed
+    time.sleep(1.2)
+    # The mock reports a window when its key next occurs; the sidecar once it has expired.
+    assert not sdk.authorize(tenant_id="hooli", require=["pro_features"], resource="GET /d").allowed
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        records = sdk.audit_query(tenant_id="hooli", event_prefix="auth.denied")
+        if any(r.metadata.get("coalesced") == "repeats" for r in records):
+            break
+        time.sleep(0.05)
+    first = records[0]
+    assert (first.metadata.get("count"), first.metadata.get("resource")) == (1, "GET /a")
+    [repeats] = [r for r in records if r.metadata.get("coalesced") == "repeats"]
+    assert (repeats.tenant_id, repeats.metadata.get("count")) == ("hooli", 2)
+    assert (repeats.metadata.get("reason"), repeats.metadata.get("feature")) == ("FEATURE_LOCKED", "pro_features")
+    assert "resource" not in repeats.metadata, "the first call's resource is not every call's"
 
 
 def test_replayed_signature_is_refused(sdk):

@@ -76,6 +76,7 @@ class MockSidecar(BaseSDK):
         self._jwt_issuer = env.get("CORESDK_JWT_ISSUER") or None
         self._jwt_audience = [a.strip() for a in env.get("CORESDK_JWT_AUDIENCE", "").split(",") if a.strip()]
         self._tenant_claim = env.get("CORESDK_JWT_TENANT_CLAIM", "tenant_id")
+        self._audit_window_s = float(env.get("CORESDK_DENY_AUDIT_WINDOW_S") or DENY_AUDIT_WINDOW_S)
         self._base = env.get("CORESDK_PROBLEM_TYPE_BASE", self.settings.problem_type_base)
         self._billing_url = env.get("CORESDK_BILLING_URL")
         self._upgrade_url = env.get("CORESDK_UPGRADE_URL")
@@ -90,7 +91,7 @@ class MockSidecar(BaseSDK):
         self._processed: dict[str, tuple[str, str, int]] = {}
         self._audit: list[dict[str, Any]] = []
         self._version = 0
-        # Coalescing windows by key: (start, start in ms, repeats since, the repeated record's fields).
+        # Coalescing windows by key: (start, start in ms, repeats since, the repeats record's pattern).
         self._windows: dict[tuple[str, ...], tuple[float, int, int, tuple[str, str, str, str, dict[str, Any]]]] = {}
 
     # -- audit ----------------------------------------------------------------------------
@@ -189,25 +190,28 @@ class MockSidecar(BaseSDK):
 
     def _refuse(self, error: ProblemError, payload_len: int) -> ProblemError:
         reason = error.problem.reason or ""
-        self._coalesced(("refused", reason), ("", ACTOR, "billing.webhook.refused", "rejected", {"reason": reason, "detail": error.problem.detail, "payload_bytes": payload_len}))
+        self._coalesced(("refused", reason), ("", ACTOR, "billing.webhook.refused", "rejected", {"reason": reason, "detail": error.problem.detail, "payload_bytes": payload_len}), ("reason",))
         return error
 
-    def _coalesced(self, key: tuple[str, ...], record: tuple[str, str, str, str, dict[str, Any]]) -> None:
+    def _coalesced(self, key: tuple[str, ...], record: tuple[str, str, str, str, dict[str, Any]], key_fields: tuple[str, ...]) -> None:
         """As the sidecar coalesces what anyone can trigger (refused deliveries, denials): the first
         occurrence of a key in a window is recorded with `count: 1`, the rest of the window are
         counted into one `coalesced: "repeats"` record. The sidecar writes that record when the
-        window ends; the mock, which runs no background task, when the key next occurs."""
+        window ends; the mock, which runs no background task, when the key next occurs. The
+        repeats record is the first occurrence's with only its `key_fields` left in the metadata:
+        that occurrence's own details (size, resource, detail) did not apply to the others."""
         now = time.monotonic()
         with self._lock:
             window = self._windows.get(key)
-            if window is not None and now - window[0] < DENY_AUDIT_WINDOW_S:
-                self._windows[key] = (window[0], window[1], window[2] + 1, record)
+            if window is not None and now - window[0] < self._audit_window_s:
+                self._windows[key] = (window[0], window[1], window[2] + 1, window[3])
                 return
             if window is not None and window[2]:
                 tenant, actor, event, outcome, meta = window[3]
                 self._append(tenant, actor, event, outcome, {**meta, "count": window[2], "coalesced": "repeats", "since_ms": window[1]})
-            self._windows[key] = (now, int(time.time() * 1000), 0, record)
             tenant, actor, event, outcome, meta = record
+            pattern = (tenant, actor, event, outcome, {k: v for k, v in meta.items() if k in key_fields})
+            self._windows[key] = (now, int(time.time() * 1000), 0, pattern)
             self._append(tenant, actor, event, outcome, {**meta, "count": 1})
 
     def _evaluate(self, event_type: str, obj: Mapping[str, Any]) -> tuple[str, list[tuple[str, FlagValue]]]:
@@ -471,7 +475,7 @@ class MockSidecar(BaseSDK):
             problem = Problem(problem.type, problem.title, problem.status, problem.detail, resource, problem.extensions)
         meta = {"reason": reason, "feature": feature, "subject": subject, "resource": resource}
         record = (tenant, subject or "anonymous", "auth.denied", "denied", {k: v for k, v in meta.items() if v})
-        self._coalesced(("denied", tenant, subject, reason, feature), record)
+        self._coalesced(("denied", tenant, subject, reason, feature), record, ("reason", "feature", "subject"))
         return Decision(False, problem, tenant, subject, False, claims)
 
 
