@@ -295,8 +295,10 @@ async fn verify_calls_share_scans_and_leave_none_behind() {
         call.expect("joined");
     }
     let for_the_waiting = logged(&log, SCANNED) - after_the_abandoned;
+    // One under way and one queued serve them all, unless some arrived after the queued
+    // one started; one each is what sharing prevents.
     assert!(
-        (1..=2).contains(&for_the_waiting),
+        (1..=WAITING / 2).contains(&for_the_waiting),
         "{for_the_waiting} scans for {WAITING} Verify calls made together"
     );
 }
