@@ -18,10 +18,24 @@ use crate::ops::{
     self, AdminChange, WebhookResult, validate_flag_key, validate_id, validate_optional_id,
 };
 use crate::problem::{Error, ProblemLinks};
+use crate::shared_run::SharedRun;
 use crate::store::{AuditQuery, Store};
 
 /// Longest `actor` an admin change or an appended record may name.
 const MAX_ACTOR_LEN: usize = 256;
+
+/// The most audit records one `Query` page examines: bounded work per call, whatever its
+/// filters (they match by comparing, not through an index).
+pub const QUERY_SCAN_WINDOW: u64 = 10_000;
+
+/// A page of [`App::query_audit`]: every record up to `scanned_through` has been considered.
+#[derive(Debug)]
+pub struct AuditPage {
+    pub records: Vec<AuditRecord>,
+    pub scanned_through: u64,
+    /// Whether records after `scanned_through` existed when the page was read.
+    pub more: bool,
+}
 
 pub struct App {
     pub config: Config,
@@ -38,6 +52,8 @@ pub struct App {
     refusals: Arc<Coalescer<&'static str>>,
     denials: Arc<Coalescer<DenialKey>>,
     audit_writer: AuditWriter,
+    /// Concurrent `Verify` calls share one scan of the chain.
+    verify_runs: Arc<SharedRun<Result<VerifyReport, Arc<Error>>>>,
 }
 
 /// Held by a stream's task for as long as it serves the stream.
@@ -121,6 +137,7 @@ impl App {
             refusals,
             denials,
             audit_writer,
+            verify_runs: Arc::default(),
         }
     }
 
@@ -328,30 +345,75 @@ impl App {
             .await
     }
 
-    pub async fn query_audit(&self, query: AuditQuery) -> Result<Vec<AuditRecord>, Error> {
+    /// One page of matching records after `query.after_seq`, examining at most
+    /// [`QUERY_SCAN_WINDOW`] records: a filter that matches few of them yields a short (even
+    /// empty) page that says where the next one starts, instead of a scan of the whole chain
+    /// on a reader every other read needs. `query.through_seq` is set here.
+    pub async fn query_audit(&self, mut query: AuditQuery) -> Result<AuditPage, Error> {
         validate_optional_id("tenant_id", query.tenant_id.as_deref().unwrap_or_default())?;
         if let (Some(since), Some(until)) = (query.since_ms, query.until_ms)
             && since > until
         {
             return Err(Error::invalid("until", "is before `since`"));
         }
-        self.store.read(move |tx| Ok(tx.query_audit(&query)?)).await
+        self.store
+            .read(move |tx| {
+                let head = tx.audit_head()?.seq;
+                query.through_seq = query
+                    .after_seq
+                    .saturating_add(QUERY_SCAN_WINDOW)
+                    .min(head)
+                    .max(query.after_seq);
+                let page_size = query.limit;
+                // One more than the page holds tells whether the window has more matches.
+                query.limit = page_size.saturating_add(1);
+                let mut records = tx.query_audit(&query)?;
+                if records.len() > page_size as usize {
+                    records.truncate(page_size as usize);
+                    let last = records.last().map_or(query.after_seq, |r| r.seq);
+                    return Ok(AuditPage {
+                        records,
+                        scanned_through: last,
+                        more: true,
+                    });
+                }
+                Ok(AuditPage {
+                    records,
+                    scanned_through: query.through_seq,
+                    more: query.through_seq < head,
+                })
+            })
+            .await
     }
 
     /// Recomputes the chain and, when checkpoints are kept, checks it against the newest one.
-    pub async fn verify_audit(&self) -> Result<VerifyReport, Error> {
-        let checkpoints = self.checkpoints.as_ref().map(|c| c.checkpoints());
-        let report = self
-            .store
-            .long_read(move |tx| crate::checkpoint::verify(tx, checkpoints.as_ref()))
-            .await?;
-        if !report.ok {
-            tracing::error!(first_bad_seq = report.first_bad_seq, reason = %report.reason, "audit chain does not verify");
-        }
-        for warning in &report.warnings {
-            tracing::warn!(%warning, "audit verification");
-        }
-        Ok(report)
+    /// Callers share scans: one that arrives while a scan runs joins the next one, so the
+    /// answer covers every record committed before its call, and at most one scan runs and
+    /// one waits however many call.
+    pub async fn verify_audit(&self) -> Result<VerifyReport, Arc<Error>> {
+        let (store, checkpoints) = (self.store.clone(), self.checkpoints.clone());
+        self.verify_runs
+            .join(move || async move {
+                let checkpoints = checkpoints.as_ref().map(|c| c.checkpoints());
+                let report = store
+                    .long_read(move |tx| {
+                        let report = crate::checkpoint::verify(tx, checkpoints.as_ref())?;
+                        tracing::debug!(
+                            records = report.records_checked,
+                            "audit chain scanned"
+                        );
+                        Ok(report)
+                    })
+                    .await?;
+                if !report.ok {
+                    tracing::error!(first_bad_seq = report.first_bad_seq, reason = %report.reason, "audit chain does not verify");
+                }
+                for warning in &report.warnings {
+                    tracing::warn!(%warning, "audit verification");
+                }
+                Ok(report)
+            })
+            .await
     }
 
     pub fn verify_token(&self, token: &str) -> Result<Arc<Claims>, TokenError> {

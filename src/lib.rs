@@ -18,6 +18,7 @@ pub mod problem;
 pub mod rules;
 pub mod server;
 pub mod settings;
+pub mod shared_run;
 pub mod store;
 pub mod stripe;
 pub mod time;

@@ -2,6 +2,7 @@
 //! embedded SQLite store of the real binary.
 mod common;
 
+use common::audit::append_app_events;
 use common::*;
 use coresdk::proto::{QueryAuditRequest, VerifyAuditRequest, WebhookOutcome};
 use serde_json::json;
@@ -38,22 +39,6 @@ async fn audit_count(sidecar: &Sidecar) -> usize {
             return count;
         }
         page_token = page.next_page_token;
-    }
-}
-
-async fn append_app_events(sidecar: &Sidecar, count: usize) {
-    for i in 0..count {
-        sidecar
-            .audit()
-            .append(coresdk::proto::AppendAuditRequest {
-                tenant_id: "acme".into(),
-                actor: "app".into(),
-                event: format!("app.event.{i}"),
-                outcome: "success".into(),
-                metadata: None,
-            })
-            .await
-            .expect("Append");
     }
 }
 

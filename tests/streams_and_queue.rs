@@ -4,6 +4,8 @@ mod common;
 
 use std::time::Duration;
 
+use common::audit::{append_app_events, verify};
+use common::streams::{logged, on_disk_logging};
 use common::*;
 use coresdk::proto::{
     AppendAuditRequest, QueryAuditRequest, SetFlagRequest, TailAuditRequest, VerifyAuditRequest,
@@ -158,14 +160,6 @@ fn set_pro_features(reason: String) -> tonic::Request<SetFlagRequest> {
     })
 }
 
-async fn verify(sidecar: &Sidecar) -> coresdk::proto::VerifyAuditResponse {
-    tokio::time::timeout(HANG_GUARD, sidecar.audit().verify(VerifyAuditRequest {}))
-        .await
-        .expect("Verify answers")
-        .expect("Verify")
-        .into_inner()
-}
-
 /// While another connection holds the database's write lock, many admins give up on their
 /// SetFlag at a short deadline. Once the lock is gone none of those changes is committed (each
 /// caller was told it failed), and the next call is served.
@@ -229,37 +223,6 @@ async fn writes_whose_callers_gave_up_during_a_stall_are_not_committed() {
     );
 }
 
-/// A chain long enough that verifying it is real work.
-async fn grow_chain(sidecar: &Sidecar, records: usize) {
-    const AT_ONCE: usize = 50;
-    let mut appends = tokio::task::JoinSet::new();
-    for i in 0..records {
-        if appends.len() == AT_ONCE {
-            appends
-                .join_next()
-                .await
-                .expect("an append")
-                .expect("joined");
-        }
-        let mut audit = sidecar.audit();
-        appends.spawn(async move {
-            audit
-                .append(AppendAuditRequest {
-                    tenant_id: "acme".into(),
-                    actor: "app".into(),
-                    event: format!("app.event.{i}"),
-                    outcome: "success".into(),
-                    metadata: None,
-                })
-                .await
-                .expect("Append");
-        });
-    }
-    while let Some(append) = appends.join_next().await {
-        append.expect("joined");
-    }
-}
-
 async fn query_one_page(sidecar: &Sidecar) {
     sidecar
         .audit()
@@ -271,17 +234,19 @@ async fn query_one_page(sidecar: &Sidecar) {
         .expect("Query");
 }
 
-/// Verify scans the whole chain. Callers that give up on it leave no scans behind, and
-/// however many Verify calls run, other reads are still served beside them.
+/// Verify scans the whole chain. Callers that give up on it leave no scans behind, callers
+/// that wait share scans, and other reads are served beside them.
 #[tokio::test]
-async fn verify_calls_neither_pile_up_nor_starve_other_reads() {
+async fn verify_calls_share_scans_and_leave_none_behind() {
     const RECORDS: usize = 1500;
+    const SCANNED: &str = "audit chain scanned";
     let dir = tempfile::tempdir().expect("temp dir");
-    let sidecar = Sidecar::on_disk(dir.path(), Options::default()).await;
-    grow_chain(&sidecar, RECORDS).await;
+    let (sidecar, log) = on_disk_logging(dir.path(), Options::default()).await;
+    append_app_events(&sidecar, RECORDS).await;
 
-    // 100 Verify calls given up after 50 ms. Were they all scanned anyway, one after the
-    // other, the next Verify would wait for about 100 scans.
+    // 100 Verify calls given up after 50 ms, then one that waits. Scanned one by one they
+    // would be 101 scans; shared, the calls that came together share the scan under way
+    // and the one queued after it.
     let mut gave_up = tokio::task::JoinSet::new();
     for _ in 0..10 {
         let channel = connection(&sidecar).await;
@@ -298,49 +263,126 @@ async fn verify_calls_neither_pile_up_nor_starve_other_reads() {
     while let Some(call) = gave_up.join_next().await {
         call.expect("joined");
     }
-    // A hang guard of some twenty scans.
-    let next = tokio::time::timeout(
-        Duration::from_secs(5),
-        sidecar.audit().verify(VerifyAuditRequest {}),
-    )
-    .await
-    .expect("a Verify after the abandoned ones is served without working through them")
-    .expect("Verify")
-    .into_inner();
+    let next = tokio::time::timeout(HANG_GUARD, verify(&sidecar))
+        .await
+        .expect("a Verify after the abandoned ones is served");
     assert!(next.ok);
     assert_eq!(next.records_checked, RECORDS as u64);
+    let after_the_abandoned = logged(&log, SCANNED);
+    assert!(
+        (1..=4).contains(&after_the_abandoned),
+        "{after_the_abandoned} scans for 101 Verify calls"
+    );
 
-    // Verify calls that all wait for their answers: a Query sent after the first of them
-    // finished is answered while the others are still queued, not after all of them.
+    // Verify calls that all wait for their answers, and a Query among them.
     const WAITING: usize = 8;
-    let finished = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let (first_done, first_finished) = tokio::sync::oneshot::channel::<()>();
-    let first_done = std::sync::Arc::new(std::sync::Mutex::new(Some(first_done)));
     let mut waiting = tokio::task::JoinSet::new();
     for _ in 0..WAITING {
         let mut audit = sidecar.audit();
-        let (finished, first_done) = (finished.clone(), first_done.clone());
         waiting.spawn(async move {
-            tokio::time::timeout(HANG_GUARD, audit.verify(VerifyAuditRequest {}))
+            let report = tokio::time::timeout(HANG_GUARD, audit.verify(VerifyAuditRequest {}))
                 .await
                 .expect("Verify answers")
-                .expect("Verify");
-            finished.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            if let Some(first) = first_done.lock().expect("lock").take() {
-                let _ = first.send(());
-            }
+                .expect("Verify")
+                .into_inner();
+            assert_eq!(report.records_checked, RECORDS as u64);
         });
     }
-    first_finished.await.expect("a Verify finished");
     tokio::time::timeout(HANG_GUARD, query_one_page(&sidecar))
         .await
-        .expect("Query answers");
-    let finished_before_the_query = finished.load(std::sync::atomic::Ordering::SeqCst);
-    assert!(
-        finished_before_the_query < WAITING,
-        "the Query waited for all {WAITING} Verify calls"
-    );
+        .expect("Query answers beside the scans");
     while let Some(call) = waiting.join_next().await {
         call.expect("joined");
+    }
+    let for_the_waiting = logged(&log, SCANNED) - after_the_abandoned;
+    // One under way and one queued serve them all, unless some arrived after the queued
+    // one started; one each is what sharing prevents.
+    assert!(
+        (1..=WAITING / 2).contains(&for_the_waiting),
+        "{for_the_waiting} scans for {WAITING} Verify calls made together"
+    );
+}
+
+/// A Query examines a bounded window of the chain per call: a filter that matches little
+/// yields short pages with a token to go on, and paging through finds exactly the matches.
+#[tokio::test]
+async fn a_sparse_query_pages_through_bounded_windows() {
+    let window = coresdk::app::QUERY_SCAN_WINDOW as usize;
+    let sidecar = Sidecar::start(Options::default()).await;
+    let mut rare = Vec::new();
+    for count in [window / 2, window, window / 2] {
+        append_app_events(&sidecar, count).await;
+        let record = sidecar
+            .audit()
+            .append(AppendAuditRequest {
+                tenant_id: "rare".into(),
+                actor: "app".into(),
+                event: "rare.event".into(),
+                outcome: "success".into(),
+                metadata: None,
+            })
+            .await
+            .expect("Append")
+            .into_inner();
+        rare.push(record.seq);
+    }
+    let head = *rare.last().expect("appended") as usize;
+
+    let query = |outcome: &str, page_token: String| QueryAuditRequest {
+        event_prefix: "rare.".into(),
+        outcome: outcome.into(),
+        page_size: 100,
+        page_token,
+        ..Default::default()
+    };
+    let first = sidecar
+        .audit()
+        .query(query("no-such-outcome", String::new()))
+        .await
+        .expect("Query")
+        .into_inner();
+    assert!(first.records.is_empty());
+    assert!(
+        !first.next_page_token.is_empty(),
+        "a page that examined only part of the chain says where to go on"
+    );
+
+    for (outcome, expected) in [("success", rare.clone()), ("no-such-outcome", Vec::new())] {
+        let (mut found, mut pages, mut token) = (Vec::new(), 0, String::new());
+        loop {
+            let page = sidecar
+                .audit()
+                .query(query(outcome, token))
+                .await
+                .expect("Query")
+                .into_inner();
+            pages += 1;
+            found.extend(page.records.iter().map(|r| r.seq));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        assert_eq!(found, expected, "{outcome}");
+        assert_eq!(pages, head.div_ceil(window), "one page per window examined");
+    }
+
+    // Tail's catch-up goes through the same short pages.
+    let mut tail = sidecar
+        .audit()
+        .tail(TailAuditRequest {
+            tenant_id: "rare".into(),
+            from_seq: 1,
+        })
+        .await
+        .expect("Tail")
+        .into_inner();
+    for seq in &rare {
+        let record = tokio::time::timeout(HANG_GUARD, tail.message())
+            .await
+            .expect("caught up")
+            .expect("Tail")
+            .expect("a record");
+        assert_eq!(record.seq, *seq);
     }
 }

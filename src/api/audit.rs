@@ -87,23 +87,21 @@ impl AuditService for AuditApi {
             since_ms: request.since.as_ref().map(convert::ms_from_timestamp),
             until_ms: request.until.as_ref().map(convert::ms_from_timestamp),
             after_seq,
-            limit: limit + 1,
+            limit,
+            ..Default::default()
         };
-        let mut records = app
+        let page = app
             .query_audit(query)
             .await
             .map_err(|e| status::of_error(&e, app.links()))?;
-        let next_page_token = if records.len() > limit as usize {
-            records.truncate(limit as usize);
-            records
-                .last()
-                .map(|r| page_token(r.seq))
-                .unwrap_or_default()
+        // AIP-158 allows a short page with a token: the page examined a bounded window.
+        let next_page_token = if page.more {
+            page_token(page.scanned_through)
         } else {
             String::new()
         };
         Ok(Response::new(proto::QueryAuditResponse {
-            records: records.iter().map(convert::audit_record).collect(),
+            records: page.records.iter().map(convert::audit_record).collect(),
             next_page_token,
         }))
     }
@@ -153,8 +151,8 @@ impl AuditService for AuditApi {
 
 type TailSender = mpsc::Sender<Result<proto::AuditRecord, Status>>;
 
-/// Sends stored records after `after_seq` page by page; returns the last sequence sent, or
-/// None when the client went away.
+/// Sends stored records after `after_seq` page by page; returns the last sequence it
+/// considered (sent, or filtered out), or None when the client went away.
 async fn catch_up(
     app: &SharedApp,
     tenant: &Option<String>,
@@ -180,12 +178,11 @@ async fn catch_up(
                 return None;
             }
         };
-        let full = page.len() == MAX_PAGE_SIZE as usize;
-        for record in page {
-            after_seq = record.seq;
-            sender.send(Ok(convert::audit_record(&record))).await.ok()?;
+        for record in &page.records {
+            sender.send(Ok(convert::audit_record(record))).await.ok()?;
         }
-        if !full {
+        after_seq = page.scanned_through;
+        if !page.more {
             return Some(after_seq);
         }
     }

@@ -327,6 +327,7 @@ fn tokens_are_trimmed_like_a_mounted_secret_file() {
 fn a_postgres_url_is_checked_when_parsed() {
     for (url, says) in [
         ("postgres://u@127.0.0.1/db?pool_size=0", "pool_size"),
+        ("postgres://u@127.0.0.1/db?pool_size=1", "between 2 and 64"),
         ("postgres://u@127.0.0.1/db?sslmode=requir", "sslmode=requir"),
         (
             "postgres://u@127.0.0.1/db?sslmode=require",

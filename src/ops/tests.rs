@@ -62,6 +62,7 @@ impl Fixture {
         self.store
             .read(|tx| {
                 Ok(tx.query_audit(&AuditQuery {
+                    through_seq: u64::MAX,
                     limit: 1000,
                     ..Default::default()
                 })?)

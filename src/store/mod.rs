@@ -130,6 +130,9 @@ pub struct AuditQuery {
     pub until_ms: Option<i64>,
     /// Only records with a greater sequence number (the page cursor).
     pub after_seq: u64,
+    /// Only records up to this sequence number: with `after_seq` it bounds the rows the query
+    /// examines, whatever the other filters match.
+    pub through_seq: u64,
     pub limit: u32,
 }
 

@@ -332,6 +332,7 @@ impl StoreTx for Tx<'_> {
                 Param::OptInt(query.since_ms),
                 Param::OptInt(query.until_ms),
                 Param::Int(i64::from(query.limit)),
+                Param::Int(to_i64(query.through_seq)),
             ],
             |row| Ok(audit_from_row(row)?.into_record()),
         )

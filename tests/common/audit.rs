@@ -23,6 +23,37 @@ pub fn offline_verify(store: &str) -> std::process::Output {
         .expect("runs")
 }
 
+/// Appends `count` application events (`app.event.{i}`, tenant `acme`), some at once.
+pub async fn append_app_events(sidecar: &Sidecar, count: usize) {
+    const AT_ONCE: usize = 50;
+    let mut appends = tokio::task::JoinSet::new();
+    for i in 0..count {
+        if appends.len() == AT_ONCE {
+            appends
+                .join_next()
+                .await
+                .expect("an append")
+                .expect("joined");
+        }
+        let mut audit = sidecar.audit();
+        appends.spawn(async move {
+            audit
+                .append(coresdk::proto::AppendAuditRequest {
+                    tenant_id: "acme".into(),
+                    actor: "app".into(),
+                    event: format!("app.event.{i}"),
+                    outcome: "success".into(),
+                    metadata: None,
+                })
+                .await
+                .expect("Append");
+        });
+    }
+    while let Some(append) = appends.join_next().await {
+        append.expect("joined");
+    }
+}
+
 pub async fn verify(sidecar: &Sidecar) -> coresdk::proto::VerifyAuditResponse {
     sidecar
         .audit()

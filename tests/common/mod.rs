@@ -19,6 +19,7 @@ use prost::Message as _;
 use tonic::transport::Channel;
 
 pub mod pg;
+pub mod streams;
 
 pub const SECRET: &str = "whsec_integration_secret";
 pub const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789";
@@ -57,6 +58,15 @@ pub fn binary() -> &'static str {
 /// Starts `coresdk serve --listen 127.0.0.1:0 ARGS…` with only `envs` and returns it with the
 /// address it printed.
 pub fn spawn(args: &[String], envs: &[(String, String)]) -> (Child, String) {
+    spawn_with_stderr(args, envs, Stdio::inherit())
+}
+
+/// [`spawn`], with the sidecar's standard error (its log) going to `stderr`.
+pub fn spawn_with_stderr(
+    args: &[String],
+    envs: &[(String, String)],
+    stderr: Stdio,
+) -> (Child, String) {
     let mut command = Command::new(binary());
     command
         .args(["serve", "--listen", "127.0.0.1:0"])
@@ -68,7 +78,7 @@ pub fn spawn(args: &[String], envs: &[(String, String)]) -> (Child, String) {
             std::env::var("TEST_CORESDK_LOG").unwrap_or_else(|_| "error".into()),
         )
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        .stderr(stderr);
     for (k, v) in envs {
         command.env(k, v);
     }
@@ -96,6 +106,16 @@ async fn connect(addr: &str) -> Channel {
         .connect()
         .await
         .expect("connects to the sidecar")
+}
+
+/// `options` with the store on a SQLite file in `dir`.
+fn on_disk(dir: &Path, mut options: Options) -> Options {
+    options.args.retain(|a| a != "--store" && a != "memory");
+    options.args.extend([
+        "--store".to_owned(),
+        format!("sqlite://{}", dir.join("coresdk.db").display()),
+    ]);
+    options
 }
 
 impl Sidecar {
@@ -143,13 +163,8 @@ impl Sidecar {
     }
 
     /// A sidecar on a SQLite file in `dir`.
-    pub async fn on_disk(dir: &Path, mut options: Options) -> Self {
-        options.args.retain(|a| a != "--store" && a != "memory");
-        options.args.extend([
-            "--store".to_owned(),
-            format!("sqlite://{}", dir.join("coresdk.db").display()),
-        ]);
-        let mut sidecar = Self::start(options).await;
+    pub async fn on_disk(dir: &Path, options: Options) -> Self {
+        let mut sidecar = Self::start(on_disk(dir, options)).await;
         sidecar.data_dir = Some(dir.to_owned());
         sidecar
     }

@@ -104,9 +104,11 @@ impl Connector {
         if unnamed("tcp_user_timeout") {
             config.tcp_user_timeout(Duration::from_secs(10));
         }
-        if !(1..=64).contains(&read_connections) {
+        // Verify's chain scan holds one reader for as long as it runs; the others serve every
+        // other read meanwhile.
+        if !(2..=64).contains(&read_connections) {
             return Err(StoreError::Unsupported(
-                "pool_size must be between 1 and 64",
+                "pool_size must be between 2 and 64 (one read connection is kept busy by Verify's chain scan)",
             ));
         }
         if !tls_wanted {
@@ -344,6 +346,7 @@ mod tests {
             Connector::new("postgres://u:p@127.0.0.1:5432/db?pool_size=4", None).expect("valid");
         assert_eq!((plain.read_connections, plain.tls.is_some()), (4, false));
         assert!(Connector::new("postgres://u@h/db?pool_size=0", None).is_err());
+        assert!(Connector::new("postgres://u@h/db?pool_size=1", None).is_err());
         assert!(
             matches!(Connector::new("postgres://u@h/db?sslmode=requir", None), Err(StoreError::Postgres(m)) if m.contains("sslmode=requir"))
         );

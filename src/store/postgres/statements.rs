@@ -76,7 +76,7 @@ pub(super) fn text(statement: Statement) -> &'static str {
             "SELECT ",
             audit_columns!(),
             " FROM audit
-             WHERE seq > $1
+             WHERE seq > $1 AND seq <= $8
                AND ($2::text IS NULL OR tenant_id = $2)
                AND ($3::text IS NULL OR substr(event, 1, length($3)) = $3)
                AND ($4::text IS NULL OR outcome = $4)

@@ -75,7 +75,7 @@ pub(super) fn text(statement: Statement) -> &'static str {
             "SELECT ",
             audit_columns!(),
             " FROM audit
-             WHERE seq > ?1
+             WHERE seq > ?1 AND seq <= ?8
                AND (?2 IS NULL OR tenant_id = ?2)
                AND (?3 IS NULL OR substr(event, 1, length(?3)) = ?3)
                AND (?4 IS NULL OR outcome = ?4)
