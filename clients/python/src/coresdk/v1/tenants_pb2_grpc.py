@@ -63,7 +63,9 @@ class TenantServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UnmapCustomer(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The customer stays unmapped across restarts: the tenants file does not map it again
+        (unless the sidecar runs with --tenants-file-overrides). MapCustomer or a checkout can.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
