@@ -104,7 +104,7 @@ pub(crate) fn run_batch<C: Connection>(
         Err(e) => {
             tracing::warn!(error = %e, jobs = batch.len(), "cannot begin a write transaction; store writes refused");
             for job in batch {
-                job.answer(Err(dropped()));
+                job.answer(Err(not_begun(&e)));
             }
             conn.pause_after_refusal();
             return;
@@ -157,6 +157,12 @@ pub(crate) fn run_batch<C: Connection>(
     }
 }
 
+/// The answer to work refused because no transaction could begin. It names the cause: callers
+/// see only a generic problem, and the log line of its incident id then says what happened.
+fn not_begun(why: &StoreError) -> Error {
+    Error::StoreUnavailable(format!("cannot begin a transaction: {}", why.summary()))
+}
+
 /// Rolls the batch back, puts the writer state back where the batch began (which is what the
 /// database holds again) and answers every job, run or not, that nothing committed.
 fn abandon<T: OpenTx>(
@@ -200,7 +206,7 @@ fn read<C: Connection>(conn: &mut C, mut job: Box<dyn Job>) {
         Ok(tx) => tx,
         Err(e) => {
             tracing::warn!(error = %e, "cannot begin a read transaction; the read is refused");
-            job.answer(Err(dropped()));
+            job.answer(Err(not_begun(&e)));
             conn.pause_after_refusal();
             return;
         }
