@@ -331,7 +331,7 @@ impl App {
         self.store.read(move |tx| Ok(tx.query_audit(&query)?)).await
     }
 
-    /// Recomputes the chain and, when checkpoints are kept, checks it against the newest one.
+    /// Recomputes the chain and, when checkpoints are kept, checks it against every checkpoint.
     pub async fn verify_audit(&self) -> Result<VerifyReport, Error> {
         let checkpoints = self.checkpoints.as_ref().map(|c| c.checkpoints());
         let report = self
