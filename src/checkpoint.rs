@@ -383,9 +383,9 @@ impl Checkpointer {
     }
 
     /// Signs the head of the chain `store` holds if it extends the largest checkpoint, and
-    /// answers it. A chain that does not extend it (cut
-    /// or rewritten, while the sidecar ran or before it started) is refused with
-    /// [`CheckpointError::DoesNotExtend`], and the file is left as it is: the evidence.
+    /// answers it. A chain that does not (cut or rewritten, while the sidecar ran or before it
+    /// started) is refused with [`SignError::DoesNotExtend`], and the file is left as it is:
+    /// the evidence.
     pub async fn checkpoint(self: &Arc<Self>, store: &Store) -> Result<ChainHead, SignError> {
         let checker = self.clone();
         let extension = store.read(move |tx| Ok(checker.extension(tx))).await??;
