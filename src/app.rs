@@ -386,7 +386,7 @@ impl App {
             .await
     }
 
-    /// Recomputes the chain and, when checkpoints are kept, checks it against the newest one.
+    /// Recomputes the chain and, when checkpoints are kept, checks it against every checkpoint.
     /// Callers share scans: one that arrives while a scan runs joins the next one, so the
     /// answer covers every record committed before its call, and at most one scan runs and
     /// one waits however many call.

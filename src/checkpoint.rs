@@ -13,23 +13,27 @@
 //! crash cut short: verification reports it as a warning and the next write truncates it. Any
 //! other line that does not verify is evidence of tampering.
 //!
-//! The file holds at most [`MAX_LINES`] lines, so verifying it costs the same after years: past
-//! that the writer replaces it (atomically) with its newest [`KEPT_LINES`]. That loses nothing:
-//! the chain is verified from genesis, so the newest checkpoint implies every older one. A
-//! forged line among the dropped ones goes with them; whoever can write the file can delete
-//! lines anyway, and what the chain is checked against is the newest line that verifies.
-//! For real protection keep the key in a mounted secret and the file on other storage.
+//! The writer signs a head only if the chain, read from the store, extends the largest
+//! checkpoint in the file: it holds that checkpoint's record with its hash. A chain cut or
+//! rewritten (say while the sidecar was stopped) is refused loudly and never signed, so every
+//! line the writer adds covers more than the lines before it, and a checkpoint implies every
+//! smaller one. That is what lets the file be bounded: it holds at most [`MAX_LINES`] lines
+//! (verification checks each, one lookup apiece), and past that the writer replaces it
+//! (atomically) with its newest [`KEPT_LINES`], the last of them its new line, the largest.
+//! A forged line among the dropped ones goes with them; whoever can write the file can delete
+//! lines anyway. For real protection keep the key in a mounted secret and the file on other
+//! storage.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{ChainHead, VerifyReport};
 use crate::problem::Error;
-use crate::store::StoreTx;
+use crate::store::{Store, StoreError, StoreTx};
 
 const DOMAIN_TAG_V1: &[u8] = b"coresdk.checkpoint.v1\0";
 const DOMAIN_TAG_V2: &[u8] = b"coresdk.checkpoint.v2\0";
@@ -37,8 +41,8 @@ const CURRENT_VERSION: u32 = 2;
 
 /// The most lines a checkpoint file holds; verification reads them all.
 pub const MAX_LINES: usize = 64;
-/// The lines a full file is cut down to: the newest alone would do, a few more leave a reader
-/// some recent history.
+/// The lines a full file is cut down to: the newest (also the largest) alone would do, a few
+/// more leave a reader some recent history.
 pub const KEPT_LINES: usize = 8;
 const _: () = assert!(0 < KEPT_LINES && KEPT_LINES <= MAX_LINES);
 
@@ -51,6 +55,29 @@ pub enum CheckpointError {
     },
     #[error("{0} does not hold a 64-hex-character Ed25519 key seed")]
     BadKey(String),
+}
+
+/// Why a checkpoint was not signed.
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    #[error(transparent)]
+    File(#[from] CheckpointError),
+    #[error("cannot read the audit chain to check it against the largest checkpoint: {0}")]
+    Store(#[from] Error),
+    #[error(
+        "REFUSING TO SIGN the audit chain head {seq}: {reason}. The chain was cut or rewritten; keep the checkpoint file as evidence and investigate"
+    )]
+    DoesNotExtend { seq: u64, reason: String },
+    #[error(
+        "the checkpoint file changed while the chain was checked against it: checked again at the next checkpoint"
+    )]
+    Changed,
+}
+
+impl From<StoreError> for SignError {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e.into())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -114,6 +141,11 @@ impl std::fmt::Display for BadLine {
 /// The checkpoint a line holds, if `key` signed it.
 fn parse_line(line: &str, key: &VerifyingKey) -> Result<Checkpoint, BadLine> {
     let checkpoint: Checkpoint = serde_json::from_str(line).map_err(|_| BadLine::Unreadable)?;
+    check_signature(&checkpoint, key)?;
+    Ok(checkpoint)
+}
+
+fn check_signature(checkpoint: &Checkpoint, key: &VerifyingKey) -> Result<(), BadLine> {
     let mut hash = [0u8; 32];
     let mut signature = [0u8; 64];
     hex::decode_to_slice(&checkpoint.head_hash, &mut hash)
@@ -122,12 +154,18 @@ fn parse_line(line: &str, key: &VerifyingKey) -> Result<Checkpoint, BadLine> {
     let message = message(checkpoint.version, checkpoint.size, &hash, &checkpoint.time)
         .ok_or(BadLine::UnknownVersion(checkpoint.version))?;
     key.verify(&message, &Signature::from_bytes(&signature))
-        .map_err(|_| BadLine::BadSignature)?;
-    Ok(checkpoint)
+        .map_err(|_| BadLine::BadSignature)
 }
 
-/// Splits a file's text into its whole lines and what follows the last newline, which only a
-/// write cut short leaves.
+/// A line of a checkpoint file, numbered from 1.
+struct Line<'a> {
+    n: usize,
+    text: &'a str,
+    /// Text after the last newline, which only a write cut short leaves.
+    torn: bool,
+}
+
+/// Splits a file's text into its whole lines and what follows the last newline.
 fn split_torn_tail(text: &str) -> (&str, &str) {
     match text.rfind('\n') {
         Some(end) => text.split_at(end + 1),
@@ -142,25 +180,47 @@ fn whole_lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
         .filter(|(_, line)| !line.trim().is_empty())
 }
 
+/// The file's non-blank lines, the torn tail (if any) last.
+fn lines(text: &str) -> impl Iterator<Item = Line<'_>> {
+    let (whole, tail) = split_torn_tail(text);
+    let tail = Some(tail)
+        .filter(|tail| !tail.trim().is_empty())
+        .map(|tail| Line {
+            n: whole.lines().count() + 1,
+            text: tail,
+            torn: true,
+        });
+    whole_lines(whole)
+        .map(|(n, text)| Line {
+            n,
+            text,
+            torn: false,
+        })
+        .chain(tail)
+}
+
+/// The checkpoint with the largest size among the lines `key` signed: the one the chain must
+/// extend. Signatures are checked largest first, so a file of any length costs one check
+/// unless lines were forged.
+fn largest(text: &str, key: &VerifyingKey) -> Option<Checkpoint> {
+    let mut checkpoints: Vec<Checkpoint> = lines(text)
+        .filter_map(|line| serde_json::from_str(line.text).ok())
+        .collect();
+    // Of equal sizes, the later line.
+    checkpoints.reverse();
+    checkpoints.sort_by_key(|c| std::cmp::Reverse(c.size));
+    checkpoints
+        .into_iter()
+        .find(|c| check_signature(c, key).is_ok())
+}
+
 /// What a checkpoint file vouches for.
 #[derive(Debug, Default)]
 struct FileReading {
-    newest: Option<Checkpoint>,
+    checkpoints: Vec<Checkpoint>,
     /// Evidence that the file itself was tampered with.
     tampered: Option<String>,
     warnings: Vec<String>,
-}
-
-impl FileReading {
-    fn consider(&mut self, checkpoint: Checkpoint) {
-        if self
-            .newest
-            .as_ref()
-            .is_none_or(|c| checkpoint.size >= c.size)
-        {
-            self.newest = Some(checkpoint);
-        }
-    }
 }
 
 fn read_file(path: &Path, key: &VerifyingKey) -> FileReading {
@@ -173,27 +233,39 @@ fn read_file(path: &Path, key: &VerifyingKey) -> FileReading {
             return reading;
         }
     };
-    let (whole, tail) = split_torn_tail(&text);
-    for (n, line) in whole_lines(whole) {
-        match parse_line(line, key) {
-            Ok(checkpoint) => reading.consider(checkpoint),
+    for line in lines(&text) {
+        match parse_line(line.text, key) {
+            Ok(checkpoint) => reading.checkpoints.push(checkpoint),
+            Err(BadLine::Unreadable) if line.torn => reading.warnings.push(format!(
+                "checkpoint line {} is incomplete, as a write cut short by a crash leaves it: ignored, and replaced by the next checkpoint",
+                line.n
+            )),
             Err(bad) => {
-                reading.tampered = Some(format!("checkpoint line {n} {bad}"));
+                reading.tampered = Some(format!("checkpoint line {} {bad}", line.n));
                 return reading;
             }
         }
     }
-    if !tail.trim().is_empty() {
-        let n = whole.lines().count() + 1;
-        match parse_line(tail, key) {
-            Ok(checkpoint) => reading.consider(checkpoint),
-            Err(BadLine::Unreadable) => reading.warnings.push(format!(
-                "checkpoint line {n} is incomplete, as a write cut short by a crash leaves it: ignored, and replaced by the next checkpoint"
-            )),
-            Err(bad) => reading.tampered = Some(format!("checkpoint line {n} {bad}")),
-        }
-    }
     reading
+}
+
+/// Whether the chain `tx` sees holds record `seq` with the hash `hash`.
+fn holds(tx: &mut dyn StoreTx, seq: u64, hash: &[u8]) -> Result<bool, StoreError> {
+    if seq == 0 {
+        return Ok(hash == ChainHead::GENESIS.hash);
+    }
+    let mut held = false;
+    tx.scan_audit(seq, &mut |row| {
+        held = row.seq == seq && row.hash == hash;
+        false
+    })?;
+    Ok(held)
+}
+
+/// Whether the chain `tx` sees holds `checkpoint`'s record with its hash.
+fn holds_checkpoint(tx: &mut dyn StoreTx, checkpoint: &Checkpoint) -> Result<bool, StoreError> {
+    let hash = hex::decode(&checkpoint.head_hash).unwrap_or_default();
+    holds(tx, checkpoint.size, &hash)
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
@@ -296,21 +368,90 @@ impl Checkpointer {
         Ok(line)
     }
 
-    /// Adds a signed checkpoint of `head` and syncs the file: appended, after cutting off a
-    /// line a crash left incomplete; or, once the file is full, as the last of its newest
-    /// lines in a file that atomically replaces it.
-    pub fn write(&self, head: ChainHead) -> Result<(), CheckpointError> {
-        let _turn = self.turn.lock().unwrap_or_else(PoisonError::into_inner);
-        let line = self.signed_line(head)?;
-        let text = match std::fs::read_to_string(&self.path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(io_error(&self.path)(e)),
+    fn text(&self) -> Result<String, CheckpointError> {
+        match std::fs::read_to_string(&self.path) {
+            Ok(text) => Ok(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            Err(e) => Err(io_error(&self.path)(e)),
+        }
+    }
+
+    /// The checkpoint the next one must extend. Lines that do not verify are left for
+    /// verification to report; they vouch for nothing here.
+    fn largest_in(&self, text: &str) -> Option<Checkpoint> {
+        largest(text, &self.verifying_key())
+    }
+
+    /// Signs the head of the chain `store` holds if it extends the largest checkpoint, and
+    /// answers it. A chain that does not (cut or rewritten, while the sidecar ran or before it
+    /// started) is refused with [`SignError::DoesNotExtend`], and the file is left as it is:
+    /// the evidence.
+    pub async fn checkpoint(self: &Arc<Self>, store: &Store) -> Result<ChainHead, SignError> {
+        let checker = self.clone();
+        let extension = store.read(move |tx| Ok(checker.extension(tx))).await??;
+        let head = extension.head;
+        if extension.signs {
+            let signer = self.clone();
+            tokio::task::spawn_blocking(move || signer.write(&extension))
+                .await
+                .map_err(|e| io_error(&self.path)(std::io::Error::other(e)))??;
+        }
+        Ok(head)
+    }
+
+    /// Checks, in one read transaction of the store, that its chain extends the largest
+    /// checkpoint. The file is read first, as in [`verify`]; [`Checkpointer::write`] makes sure
+    /// it did not change until the new line is written.
+    fn extension(&self, tx: &mut dyn StoreTx) -> Result<Extension, SignError> {
+        let largest = self.largest_in(&self.text()?);
+        let head = tx.audit_head()?;
+        let refuse = |reason: String| SignError::DoesNotExtend {
+            seq: head.seq,
+            reason,
         };
+        let Some(largest) = largest else {
+            return Ok(Extension {
+                head,
+                largest: None,
+                signs: head.seq > 0,
+            });
+        };
+        if head.seq < largest.size {
+            return Err(refuse(format!(
+                "the chain ends at record {} but a checkpoint signed at {} covers {} records",
+                head.seq,
+                largest.signed_at(),
+                largest.size
+            )));
+        }
+        if !holds_checkpoint(tx, &largest)? {
+            return Err(refuse(format!(
+                "record {} differs from the checkpoint signed at {}",
+                largest.size,
+                largest.signed_at()
+            )));
+        }
+        Ok(Extension {
+            head,
+            largest: Some(largest),
+            signs: true,
+        })
+    }
+
+    /// Adds a signed checkpoint of the extension's head and syncs the file: appended, after
+    /// cutting off a line a crash left incomplete; or, once the file is full, as the last of
+    /// its newest lines in a file that atomically replaces it.
+    fn write(&self, extension: &Extension) -> Result<(), SignError> {
+        let _turn = self.turn.lock().unwrap_or_else(PoisonError::into_inner);
+        let text = self.text()?;
+        if self.largest_in(&text) != extension.largest {
+            return Err(SignError::Changed);
+        }
+        let line = self.signed_line(extension.head)?;
         let (whole, tail) = split_torn_tail(&text);
         let lines: Vec<&str> = whole_lines(whole).map(|(_, line)| line).collect();
         if lines.len() >= MAX_LINES {
-            return self.replace(&lines[lines.len() - (KEPT_LINES - 1)..], &line);
+            return Ok(self.replace(&lines[lines.len() - (KEPT_LINES - 1)..], &line)?);
         }
         let mut file = std::fs::OpenOptions::new()
             .create(true)
@@ -330,7 +471,8 @@ impl Checkpointer {
         }
         file.write_all(line.as_bytes())
             .and_then(|()| file.sync_data())
-            .map_err(io_error(&self.path))
+            .map_err(io_error(&self.path))?;
+        Ok(())
     }
 
     /// Replaces the file by `kept` and `last`, so that a reader sees the old file or the new
@@ -364,6 +506,14 @@ impl Checkpointer {
     }
 }
 
+/// A chain head, read from the store, that extends the largest checkpoint of the file.
+struct Extension {
+    head: ChainHead,
+    largest: Option<Checkpoint>,
+    /// Whether there is anything to sign: not before the first record.
+    signs: bool,
+}
+
 /// A checkpoint file and the key that vouches for its lines.
 #[derive(Debug, Clone)]
 pub struct Checkpoints {
@@ -371,7 +521,7 @@ pub struct Checkpoints {
     pub key: VerifyingKey,
 }
 
-/// Verifies the chain `tx` sees and, with `checkpoints`, that it still holds the newest one.
+/// Verifies the chain `tx` sees and, with `checkpoints`, that it still holds every checkpoint.
 ///
 /// Must be the first work of a read transaction that takes its snapshot at its first query
 /// (SQLite's deferred `BEGIN`, PostgreSQL's `REPEATABLE READ`): the file is read before that
@@ -400,37 +550,32 @@ pub fn verify(
     if let Some(reason) = file.tampered {
         return Ok(fail(report, 0, reason));
     }
-    let Some(checkpoint) = file.newest else {
-        return Ok(report);
-    };
-    if report.head.seq < checkpoint.size {
+    let mut checkpoints = file.checkpoints;
+    // Largest first: a cut chain is reported against the checkpoint covering the most.
+    checkpoints.sort_by_key(|c| std::cmp::Reverse(c.size));
+    if let Some(largest) = checkpoints.first()
+        && report.head.seq < largest.size
+    {
         let first_missing = report.head.seq + 1;
-        return Ok(fail(
-            report,
-            first_missing,
-            format!(
-                "records {first_missing} to {} were removed: a checkpoint signed at {} covers {} records",
-                checkpoint.size,
-                checkpoint.signed_at(),
-                checkpoint.size
-            ),
-        ));
+        let reason = format!(
+            "records {first_missing} to {} were removed: a checkpoint signed at {} covers {} records",
+            largest.size,
+            largest.signed_at(),
+            largest.size
+        );
+        return Ok(fail(report, first_missing, reason));
     }
-    let mut stored_hash = None;
-    tx.scan_audit(checkpoint.size, &mut |row| {
-        stored_hash = Some(hex::encode(&row.hash));
-        false
-    })?;
-    if stored_hash.as_deref() != Some(checkpoint.head_hash.as_str()) {
-        let size = checkpoint.size;
-        return Ok(fail(
-            report,
-            size,
-            format!(
+    // Every line, not the largest alone: the writer signs only a chain that extends the
+    // largest line, so any line the chain does not hold is evidence, whichever it is.
+    for checkpoint in &checkpoints {
+        if !holds_checkpoint(tx, checkpoint)? {
+            let size = checkpoint.size;
+            let reason = format!(
                 "record {size} differs from the checkpoint signed at {}: the chain was rewritten",
                 checkpoint.signed_at()
-            ),
-        ));
+            );
+            return Ok(fail(report, size, reason));
+        }
     }
     Ok(report)
 }
@@ -445,28 +590,37 @@ mod tests {
     use crate::flags::FlagCache;
     use crate::store::{Store, StoreUrl};
 
-    /// A memory store holding `events` audit records, and its head.
-    async fn chain(events: &[&str]) -> (Store, ChainHead) {
+    fn memory_store() -> Store {
         let cache = Arc::new(FlagCache::new(Default::default()));
-        let store = Store::open(
+        Store::open(
             &StoreUrl::Memory,
             None,
             Arc::new(Feeds::new(cache.clone())),
             cache,
         )
-        .expect("memory store");
+        .expect("memory store")
+    }
+
+    /// Appends one record for `event` to the chain of `store`.
+    async fn grow(store: &Store, event: &str) {
+        let record = NewAuditRecord {
+            tenant_id: "acme".into(),
+            actor: "test".into(),
+            event: event.to_owned(),
+            outcome: "applied".into(),
+            metadata: Default::default(),
+        };
+        store
+            .write(move |tx| tx.append_audit(record, 1_700_000_000_000))
+            .await
+            .expect("appended");
+    }
+
+    /// A memory store holding `events` audit records, and its head.
+    async fn chain(events: &[&str]) -> (Store, ChainHead) {
+        let store = memory_store();
         for event in events {
-            let record = NewAuditRecord {
-                tenant_id: "acme".into(),
-                actor: "test".into(),
-                event: (*event).to_owned(),
-                outcome: "applied".into(),
-                metadata: Default::default(),
-            };
-            store
-                .write(move |tx| tx.append_audit(record, 1_700_000_000_000))
-                .await
-                .expect("appended");
+            grow(&store, event).await;
         }
         let report = store
             .read(crate::ops::verify_chain)
@@ -483,20 +637,22 @@ mod tests {
             .expect("verified")
     }
 
-    fn signer(dir: &Path) -> Checkpointer {
-        Checkpointer::new(
+    fn signer(dir: &Path) -> Arc<Checkpointer> {
+        Arc::new(Checkpointer::new(
             dir.join("checkpoints"),
             load_or_create_key(&dir.join("key")).expect("key"),
-        )
+        ))
     }
 
     /// A chain of `events` with one checkpoint of it, in a directory that lives as long as the
     /// returned guard.
-    async fn checkpointed(events: &[&str]) -> (tempfile::TempDir, Checkpointer, Store, ChainHead) {
+    async fn checkpointed(
+        events: &[&str],
+    ) -> (tempfile::TempDir, Arc<Checkpointer>, Store, ChainHead) {
         let dir = tempfile::tempdir().expect("temp dir");
         let signer = signer(dir.path());
         let (store, head) = chain(events).await;
-        signer.write(head).expect("written");
+        assert_eq!(signer.checkpoint(&store).await.expect("signed"), head);
         (dir, signer, store, head)
     }
 
@@ -536,7 +692,7 @@ mod tests {
 
         let (store, head) = chain(&["a", "b", "c"]).await;
         assert!(verified(&store, &checkpoints).await.ok, "no checkpoint yet");
-        signer.write(head).expect("written");
+        assert_eq!(signer.checkpoint(&store).await.expect("signed"), head);
         let intact = verified(&store, &checkpoints).await;
         assert!(intact.ok && intact.warnings.is_empty(), "{intact:?}");
 
@@ -619,8 +775,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_torn_last_line_is_a_warning_and_the_next_write_cuts_it_off() {
-        let (_dir, signer, store, head) = checkpointed(&["a", "b"]).await;
-        signer.write(head).expect("written");
+        let (_dir, signer, store, _) = checkpointed(&["a", "b"]).await;
+        grow(&store, "c").await;
+        signer.checkpoint(&store).await.expect("signed");
         let whole = text(signer.path());
         let torn = &whole[..whole.len() - 40];
         std::fs::write(signer.path(), torn).expect("written");
@@ -634,7 +791,8 @@ mod tests {
         let (cut, _) = chain(&["a"]).await;
         assert!(!verified(&cut, &signer.checkpoints()).await.ok);
 
-        signer.write(head).expect("written");
+        grow(&store, "d").await;
+        signer.checkpoint(&store).await.expect("signed");
         let mended = text(signer.path());
         assert_eq!(mended.lines().count(), 2, "{mended}");
         assert!(mended.starts_with(whole.lines().next().expect("a line")));
@@ -667,29 +825,230 @@ mod tests {
 
     #[tokio::test]
     async fn the_file_is_compacted_to_its_newest_lines() {
-        let (_dir, signer, store, head) = checkpointed(&["a", "b"]).await;
+        let (_dir, signer, store, _) = checkpointed(&["a", "b"]).await;
         // A file grown before compaction existed.
         let line = text(signer.path());
         std::fs::write(signer.path(), line.repeat(100 * MAX_LINES)).expect("written");
 
-        signer.write(head).expect("written");
+        let signed = signer.checkpoint(&store).await.expect("signed");
         assert_eq!(text(signer.path()).lines().count(), KEPT_LINES);
-        // Up to full, then cut down again.
+        // Up to full, then cut down again, the new (and largest) line last.
         for lines in KEPT_LINES + 1..=MAX_LINES {
-            signer.write(head).expect("written");
+            grow(&store, "more").await;
+            signer.checkpoint(&store).await.expect("signed");
             assert_eq!(text(signer.path()).lines().count(), lines);
         }
-        signer.write(head).expect("written");
-        assert_eq!(text(signer.path()).lines().count(), KEPT_LINES);
+        grow(&store, "more").await;
+        let head = signer.checkpoint(&store).await.expect("signed");
+        assert!(head.seq > signed.seq);
+        let compacted = text(signer.path());
+        assert_eq!(compacted.lines().count(), KEPT_LINES);
+        let last = compacted.lines().last().expect("a line");
+        assert!(last.contains(&format!("\"size\":{},", head.seq)), "{last}");
         let report = verified(&store, &signer.checkpoints()).await;
         assert!(report.ok && report.warnings.is_empty(), "{report:?}");
 
         // A torn last line is cut off by a compaction too.
         let full = text(signer.path()).repeat(MAX_LINES / KEPT_LINES + 1);
         std::fs::write(signer.path(), &full[..full.len() - 40]).expect("written");
-        signer.write(head).expect("written");
+        signer.checkpoint(&store).await.expect("signed");
         assert_eq!(text(signer.path()).lines().count(), KEPT_LINES);
         let report = verified(&store, &signer.checkpoints()).await;
         assert!(report.ok && report.warnings.is_empty(), "{report:?}");
+    }
+
+    /// The scenario compaction used to hide: records cut off while the sidecar was stopped, the
+    /// chain grown again past the cut. Signing that head would add the largest line, and enough
+    /// of them would compact the line that shows the cut away.
+    #[tokio::test]
+    async fn a_chain_that_does_not_extend_the_largest_checkpoint_is_never_signed() {
+        let events: Vec<String> = (0..10).map(|i| format!("e{i}")).collect();
+        let events: Vec<&str> = events.iter().map(String::as_str).collect();
+        let (_dir, signer, _, _) = checkpointed(&events).await;
+        let evidence = text(signer.path());
+
+        let (cut, _) = chain(&events[..8]).await;
+        let refused = signer.checkpoint(&cut).await;
+        assert!(
+            matches!(&refused, Err(SignError::DoesNotExtend { seq: 8, reason }) if reason.contains("covers 10 records")),
+            "{refused:?}"
+        );
+        let mut refused = Ok(ChainHead::GENESIS);
+        for _ in 0..=MAX_LINES {
+            grow(&cut, "forged").await;
+            refused = signer.checkpoint(&cut).await;
+            assert!(
+                matches!(refused, Err(SignError::DoesNotExtend { .. })),
+                "{refused:?}"
+            );
+        }
+        assert!(
+            matches!(&refused, Err(SignError::DoesNotExtend { reason, .. }) if reason.contains("record 10 differs")),
+            "{refused:?}"
+        );
+        assert_eq!(
+            text(signer.path()),
+            evidence,
+            "the file is left as evidence"
+        );
+        let report = verified(&cut, &signer.checkpoints()).await;
+        assert_eq!((report.ok, report.first_bad_seq), (false, 10), "{report:?}");
+    }
+
+    #[tokio::test]
+    async fn every_line_is_checked_not_only_the_largest() {
+        let (_dir, signer, store, head) = checkpointed(&["a", "b", "c"]).await;
+        // A line for record 2 of another chain, signed with the key.
+        let other = ChainHead {
+            seq: 2,
+            hash: [7; 32],
+        };
+        let line = signer.signed_line(other).expect("signed");
+        std::fs::write(signer.path(), format!("{line}{}", text(signer.path()))).expect("written");
+        let report = verified(&store, &signer.checkpoints()).await;
+        assert_eq!((report.ok, report.first_bad_seq), (false, 2), "{report:?}");
+        assert!(report.reason.contains("record 2 differs"), "{report:?}");
+        assert_eq!(head.seq, 3);
+    }
+
+    /// A read transaction that runs `hook` when the chain is first queried: there its snapshot
+    /// starts.
+    struct FirstQueryHook<'a> {
+        tx: &'a mut dyn StoreTx,
+        hook: Option<Box<dyn FnOnce() + Send>>,
+    }
+
+    impl FirstQueryHook<'_> {
+        fn first_query(&mut self) {
+            if let Some(hook) = self.hook.take() {
+                hook();
+            }
+        }
+    }
+
+    impl StoreTx for FirstQueryHook<'_> {
+        fn processed_event(
+            &mut self,
+            event_id: &str,
+        ) -> Result<Option<crate::store::ProcessedEvent>, StoreError> {
+            self.tx.processed_event(event_id)
+        }
+        fn record_processed(
+            &mut self,
+            event: &crate::store::ProcessedEvent,
+            at_ms: i64,
+        ) -> Result<(), StoreError> {
+            self.tx.record_processed(event, at_ms)
+        }
+        fn customer_mapping(
+            &mut self,
+            customer_id: &str,
+        ) -> Result<crate::store::CustomerMapping, StoreError> {
+            self.tx.customer_mapping(customer_id)
+        }
+        fn map_customer(
+            &mut self,
+            customer_id: &str,
+            tenant_id: &str,
+            at_ms: i64,
+        ) -> Result<Option<String>, StoreError> {
+            self.tx.map_customer(customer_id, tenant_id, at_ms)
+        }
+        fn unmap_customer(
+            &mut self,
+            customer_id: &str,
+            at_ms: i64,
+        ) -> Result<Option<String>, StoreError> {
+            self.tx.unmap_customer(customer_id, at_ms)
+        }
+        fn flag(
+            &mut self,
+            tenant_id: &str,
+            key: &str,
+        ) -> Result<Option<crate::flags::FlagRecord>, StoreError> {
+            self.tx.flag(tenant_id, key)
+        }
+        fn flags_with_origin(
+            &mut self,
+            tenant_id: &str,
+            origin: crate::flags::FlagOrigin,
+        ) -> Result<Vec<crate::flags::FlagRecord>, StoreError> {
+            self.tx.flags_with_origin(tenant_id, origin)
+        }
+        fn write_flag(
+            &mut self,
+            record: crate::flags::FlagRecord,
+        ) -> Result<crate::flags::FlagRecord, StoreError> {
+            self.tx.write_flag(record)
+        }
+        fn advance_event_created(
+            &mut self,
+            tenant_id: &str,
+            key: &str,
+            created: i64,
+        ) -> Result<(), StoreError> {
+            self.tx.advance_event_created(tenant_id, key, created)
+        }
+        fn append_audit(
+            &mut self,
+            record: NewAuditRecord,
+            at_ms: i64,
+        ) -> Result<crate::audit::AuditRecord, Error> {
+            self.tx.append_audit(record, at_ms)
+        }
+        fn load_flags(&mut self) -> Result<Vec<crate::flags::FlagRecord>, StoreError> {
+            self.tx.load_flags()
+        }
+        fn audit_head(&mut self) -> Result<ChainHead, StoreError> {
+            self.first_query();
+            self.tx.audit_head()
+        }
+        fn query_audit(
+            &mut self,
+            query: &crate::store::AuditQuery,
+        ) -> Result<Vec<crate::audit::AuditRecord>, StoreError> {
+            self.first_query();
+            self.tx.query_audit(query)
+        }
+        fn scan_audit(
+            &mut self,
+            from_seq: u64,
+            visit: &mut dyn FnMut(crate::audit::StoredAuditRow) -> bool,
+        ) -> Result<(), StoreError> {
+            self.first_query();
+            self.tx.scan_audit(from_seq, visit)
+        }
+    }
+
+    /// The race behind false "removed" reports, made certain: a checkpoint of a record the
+    /// snapshot lacks is written just as the snapshot starts. Read before the snapshot, the file
+    /// does not hold it yet; read after the chain (the old order), it would.
+    #[tokio::test]
+    async fn a_checkpoint_written_as_the_snapshot_starts_is_no_false_alarm() {
+        let (dir, signer, store, _) = checkpointed(&["a", "b"]).await;
+        let (_, later) = chain(&["a", "b", "c"]).await;
+        let newer_line = signer.signed_line(later).expect("signed");
+        let checkpoints = signer.checkpoints();
+        let path = signer.path().to_owned();
+        let report = store
+            .read(move |tx| {
+                let hook = Box::new(move || {
+                    let mut file = std::fs::OpenOptions::new()
+                        .append(true)
+                        .open(&path)
+                        .expect("open");
+                    file.write_all(newer_line.as_bytes()).expect("appended");
+                });
+                let mut hooked = FirstQueryHook {
+                    tx,
+                    hook: Some(hook),
+                };
+                verify(&mut hooked, Some(&checkpoints))
+            })
+            .await
+            .expect("verified");
+        assert!(report.ok && report.head.seq == 2, "{report:?}");
+        assert_eq!(text(signer.path()).lines().count(), 2, "the hook ran");
+        drop(dir);
     }
 }

@@ -203,7 +203,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let checkpointing = state.checkpoints.clone().map(|checkpointer| {
         let feeds = state.feeds.clone();
         let every = state.config.checkpoint_interval;
-        tokio::spawn(checkpoint_loop(checkpointer, feeds, every))
+        tokio::spawn(checkpoint_loop(checkpointer, store.clone(), feeds, every))
     });
 
     signals.received().await;
@@ -236,19 +236,16 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     }
     // Counts still open in coalescing windows become records while the store is open.
     state.close_audits(grace).await;
-    let last = state.checkpoints.clone();
-    let feeds = state.feeds.clone();
-    drop(state);
-    let closing = store.clone();
-    let _ = tokio::task::spawn_blocking(move || closing.close()).await;
-    // Read after the close: whatever the store committed while closing is covered too.
-    let head = feeds.audit_head();
-    if let Some(checkpointer) = last
-        && head.seq > 0
-        && let Err(e) = checkpointer.write(head)
+    // The calls have drained and the audit writer has stopped, so the chain is complete: the
+    // final checkpoint reads its head, and checks it, while the store is still open.
+    if let Some(checkpointer) = state.checkpoints.clone()
+        && let Err(e) = checkpointer.checkpoint(&store).await
     {
         tracing::error!(error = %e, "could not write the final audit checkpoint");
     }
+    drop(state);
+    let closing = store.clone();
+    let _ = tokio::task::spawn_blocking(move || closing.close()).await;
     tracing::info!("store closed; bye");
     Ok(())
 }
@@ -283,27 +280,37 @@ async fn report_store_health(store: Store, health: tonic_health::server::HealthR
     }
 }
 
-/// Signs the chain head every `every` when it moved, off the async threads.
+/// Signs the chain head every `every` when it moved. The first round runs at start, so a
+/// chain cut or rewritten while the sidecar was down is reported right away.
 async fn checkpoint_loop(
     checkpointer: Arc<crate::checkpoint::Checkpointer>,
+    store: Store,
     feeds: Arc<Feeds>,
     every: std::time::Duration,
 ) {
-    let mut written = 0;
+    let mut covered = None;
     let mut ticker = tokio::time::interval(every);
     // After a slow write, wait a full interval rather than catching up with a burst.
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let head = feeds.audit_head();
-        if head.seq == written {
+        let published = feeds.audit_head().seq;
+        // The store's head may be ahead of what the commit listener has published yet.
+        if covered.is_some_and(|covered| covered >= published) {
             continue;
         }
-        let signer = checkpointer.clone();
-        match tokio::task::spawn_blocking(move || signer.write(head)).await {
-            Ok(Ok(())) => written = head.seq,
-            Ok(Err(e)) => tracing::error!(error = %e, "could not write an audit checkpoint"),
-            Err(e) => tracing::error!(error = %e, "checkpoint task failed"),
+        match checkpointer.checkpoint(&store).await {
+            Ok(head) => covered = Some(head.seq),
+            Err(e @ crate::checkpoint::SignError::DoesNotExtend { .. }) => {
+                tracing::error!(
+                    error = %e,
+                    file = %checkpointer.path().display(),
+                    "AUDIT CHAIN CUT OR REWRITTEN: no checkpoint is signed until it is resolved"
+                );
+                // Said again whenever the chain moves, not on every tick.
+                covered = Some(published);
+            }
+            Err(e) => tracing::error!(error = %e, "could not write an audit checkpoint"),
         }
     }
 }

@@ -234,3 +234,50 @@ async fn a_checkpoint_file_of_100k_lines_is_cut_down_by_the_next_checkpoint() {
     let report = verify(&sidecar).await;
     assert!(report.ok && report.warnings.is_empty(), "{report:?}");
 }
+
+/// Records cut off while the sidecar was stopped, and the chain grown again past the cut: the
+/// sidecar must not sign that chain, or enough checkpoints would compact the one showing the cut
+/// away and verification would pass again.
+#[tokio::test]
+async fn a_chain_cut_while_stopped_is_never_signed_after_the_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = checkpoint_file(dir.path());
+    let mut sidecar = Sidecar::on_disk(
+        dir.path(),
+        options_with(&["--audit-checkpoint-interval-s", "0.05"]),
+    )
+    .await;
+    map(&sidecar, "cus_flow", "acme").await;
+    send_webhooks(sidecar.webhooks(), "before", 4, Duration::ZERO).await;
+    let stopped_at = verify(&sidecar).await.head_seq;
+    assert!(sidecar.stop().success());
+    let evidence = std::fs::read_to_string(&file).expect("checkpoints");
+    assert!(
+        evidence.contains(&format!("\"size\":{stopped_at},")),
+        "{evidence}"
+    );
+
+    let db = rusqlite::Connection::open(dir.path().join("coresdk.db")).expect("open db");
+    db.execute(
+        "DELETE FROM audit WHERE seq > ?1",
+        [i64::try_from(stopped_at).expect("small") - 2],
+    )
+    .expect("cut");
+    drop(db);
+
+    sidecar.restart().await;
+    send_webhooks(sidecar.webhooks(), "after", 6, Duration::ZERO).await;
+    // Many checkpoint intervals with a chain that moved past the cut.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let report = verify(&sidecar).await;
+    assert!(report.head_seq > stopped_at, "{report:?}");
+    assert!(!report.ok, "{report:?}");
+    assert!(sidecar.stop().success());
+    assert_eq!(
+        std::fs::read_to_string(&file).expect("checkpoints"),
+        evidence,
+        "no checkpoint was signed over the cut chain"
+    );
+    let offline = offline_verify(&sidecar.store_url());
+    assert_eq!(offline.status.code(), Some(1), "{}", stderr_of(&offline));
+}
