@@ -2,61 +2,13 @@
 //! embedded SQLite store of the real binary.
 mod common;
 
-use common::audit::append_app_events;
+use common::audit::{append_app_events, map, offline_verify, verify};
 use common::*;
-use coresdk::proto::{QueryAuditRequest, VerifyAuditRequest, WebhookOutcome};
+use coresdk::proto::WebhookOutcome;
 use serde_json::json;
 
-async fn map(sidecar: &Sidecar, customer: &str, tenant: &str) {
-    sidecar
-        .tenants()
-        .map_customer(admin(coresdk::proto::MapCustomerRequest {
-            customer_id: customer.into(),
-            tenant_id: tenant.into(),
-            actor: "test".into(),
-            reason: String::new(),
-        }))
-        .await
-        .expect("MapCustomer");
-}
-
 async fn audit_count(sidecar: &Sidecar) -> usize {
-    let mut count = 0;
-    let mut page_token = String::new();
-    loop {
-        let page = sidecar
-            .audit()
-            .query(QueryAuditRequest {
-                page_size: 1000,
-                page_token,
-                ..Default::default()
-            })
-            .await
-            .expect("Query")
-            .into_inner();
-        count += page.records.len();
-        if page.next_page_token.is_empty() {
-            return count;
-        }
-        page_token = page.next_page_token;
-    }
-}
-
-/// `coresdk audit verify --store …`, as an operator would run it.
-fn offline_verify(store: &str) -> std::process::Output {
-    std::process::Command::new(binary())
-        .args(["audit", "verify", "--store", store])
-        .output()
-        .expect("runs")
-}
-
-async fn verify(sidecar: &Sidecar) -> coresdk::proto::VerifyAuditResponse {
-    sidecar
-        .audit()
-        .verify(VerifyAuditRequest {})
-        .await
-        .expect("Verify")
-        .into_inner()
+    common::abuse::audit_records(sidecar, "").await.len()
 }
 
 #[tokio::test]
