@@ -62,19 +62,11 @@ impl LogLines {
 /// test's standard error.
 pub async fn start_logging(options: super::Options, level: &str) -> (Sidecar, LogLines) {
     use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
-    let mut command = Command::new(super::binary());
-    command
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .args(&options.args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(options.envs.iter().map(|(k, v)| (k, v)))
-        .env("CORESDK_LOG", level)
-        .env("CORESDK_LOG_FORMAT", "json")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = command.spawn().expect("the coresdk binary starts");
+    let mut envs = options.envs.clone();
+    envs.push(("CORESDK_LOG".into(), level.into()));
+    envs.push(("CORESDK_LOG_FORMAT".into(), "json".into()));
+    let (mut child, addr) =
+        super::spawn_with_stderr(&options.args, &envs, std::process::Stdio::piped());
     let logs = LogLines::default();
     let stderr = child.stderr.take().expect("piped stderr");
     let kept = logs.clone();
@@ -85,16 +77,5 @@ pub async fn start_logging(options: super::Options, level: &str) -> (Sidecar, Lo
             }
         }
     });
-    let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("the sidecar printed its address before exiting")
-            .expect("readable stdout");
-        if let Some(addr) = line.strip_prefix("coresdk listening on ") {
-            break addr.to_owned();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
     (Sidecar::started(child, addr, options).await, logs)
 }
