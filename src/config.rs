@@ -173,10 +173,7 @@ impl Config {
         if args.max_streams == 0 || args.max_streams > tokio::sync::Semaphore::MAX_PERMITS {
             return Err(config_error(
                 "CORESDK_MAX_STREAMS",
-                format!(
-                    "must be between 1 and {}",
-                    tokio::sync::Semaphore::MAX_PERMITS
-                ),
+                "must be a whole number of 1 or more (and not absurdly large)",
             ));
         }
         let checkpoint_interval = checkpoint_interval(args.audit_checkpoint_interval_s)?;

@@ -137,7 +137,7 @@ pub enum Error {
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error(
-        "{limit} streams (WatchFlags, Tail) are open, as many as this sidecar serves at once; close one or raise CORESDK_MAX_STREAMS"
+        "this sidecar serves at most {limit} streams (WatchFlags, Tail) at once and all are open; close one or raise CORESDK_MAX_STREAMS"
     )]
     TooManyStreams { limit: usize },
     #[error("internal error: {0}")]
@@ -379,6 +379,12 @@ impl Error {
         };
         let instance = incident_instance();
         match INCIDENT_LOG.admit(Instant::now()) {
+            Some(0) => tracing::error!(
+                instance = %instance,
+                reason = mapping.reason,
+                error = %self,
+                "request failed"
+            ),
             Some(suppressed) => tracing::error!(
                 instance = %instance,
                 reason = mapping.reason,

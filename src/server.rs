@@ -197,7 +197,11 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     tracing::info!(%bound, store = ?state.config.store, "serving");
     // Tests and tools read this line to learn the port when listening on port 0.
     // Signals are registered first: whoever reads the line may stop us right away.
-    println!("coresdk listening on {bound}");
+    // A closed stdout (`coresdk … | true`) must not take the server down, as println! would.
+    {
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), "coresdk listening on {bound}");
+    }
 
     let store_health = tokio::spawn(report_store_health(store.clone(), health_reporter.clone()));
     let checkpointing = state.checkpoints.clone().map(|checkpointer| {
