@@ -34,6 +34,8 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
+    #[error("{0} does not exist: give the --store a sidecar wrote to")]
+    Missing(String),
     #[error("this store connection is read-only")]
     ReadOnly,
     #[error("unsupported store URL '{0}': use sqlite://PATH, postgres://… or memory")]

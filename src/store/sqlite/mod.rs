@@ -130,10 +130,7 @@ impl Backend for SqliteStore {
 /// Opens a database file read-only for offline tools (`coresdk audit verify`).
 pub fn open_read_only(path: &Path) -> Result<impl StoreTxOwner, StoreError> {
     if !path.exists() {
-        return Err(StoreError::Corrupt(format!(
-            "{} does not exist",
-            path.display()
-        )));
+        return Err(StoreError::Missing(path.display().to_string()));
     }
     let conn = SqliteConn::open(&StoreUrl::Sqlite(path.to_owned()), true)?;
     Ok(OfflineStore { conn })
