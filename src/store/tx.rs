@@ -101,6 +101,12 @@ pub(crate) fn flags_after(sql: &mut dyn Sql, version: u64) -> Result<Vec<FlagRec
 /// in memory at once nor read through one long-running statement.
 const AUDIT_PAGE: i64 = 1000;
 
+/// The first page of a scan is this small and each next one twice as large, up to
+/// [`AUDIT_PAGE`]: a scan that stops after a row or two (a checkpoint's point lookup) must not
+/// fetch a thousand rows where the database client reads whole pages (PostgreSQL), while a long
+/// scan pays only a few extra round trips.
+const FIRST_AUDIT_PAGE: i64 = 8;
+
 /// A [`StoreTx`] over a dialect's [`Sql`].
 pub(crate) struct Tx<'a> {
     sql: &'a mut dyn Sql,
@@ -344,12 +350,13 @@ impl StoreTx for Tx<'_> {
         visit: &mut dyn FnMut(StoredAuditRow) -> bool,
     ) -> Result<(), StoreError> {
         let mut after = to_i64(from_seq).saturating_sub(1);
+        let mut page = FIRST_AUDIT_PAGE;
         loop {
             let mut read = 0;
             let mut stopped = false;
             self.sql.query(
                 Statement::AuditPage,
-                &[Param::Int(after), Param::Int(AUDIT_PAGE)],
+                &[Param::Int(after), Param::Int(page)],
                 &mut |row| {
                     let row = audit_from_row(row)?;
                     read += 1;
@@ -358,9 +365,10 @@ impl StoreTx for Tx<'_> {
                     Ok(!stopped)
                 },
             )?;
-            if stopped || read < AUDIT_PAGE {
+            if stopped || read < page {
                 return Ok(());
             }
+            page = (page * 2).min(AUDIT_PAGE);
         }
     }
 }

@@ -170,14 +170,12 @@ mod tests {
     use super::*;
     use crate::store::dialect::{Param, Row, Statement, Value};
 
-    /// A chain of `records` audit records served page by page; the page numbered `fails_on`
-    /// (1 = the first) fails after handing out `fails_after` of its rows, as a scan does when
-    /// one of its rows does not decode.
+    /// A chain of `records` audit records served page by page; the page holding record
+    /// `fails_at` fails when it reaches that record, as a scan does when one of its rows does
+    /// not decode.
     struct Chain {
         records: u64,
-        fails_on: Option<usize>,
-        fails_after: usize,
-        pages: usize,
+        fails_at: Option<u64>,
     }
 
     struct AuditRow(u64);
@@ -206,13 +204,12 @@ mod tests {
             else {
                 return Ok(());
             };
-            self.pages += 1;
             let first = u64::try_from(*after).unwrap_or(0) + 1;
             let last = self
                 .records
                 .min(first + u64::try_from(*limit).unwrap_or(0) - 1);
-            for (handed, seq) in (first..=last).enumerate() {
-                if self.fails_on == Some(self.pages) && handed == self.fails_after {
+            for seq in first..=last {
+                if self.fails_at == Some(seq) {
                     return Err(StoreError::Postgres("injected failure mid-page".into()));
                 }
                 if !each(&AuditRow(seq))? {
@@ -258,13 +255,12 @@ mod tests {
         };
         let mut chain = Chain {
             records: 2500,
-            fails_on: Some(2),
-            fails_after: 500,
-            pages: 0,
+            // Past the first chunk the feed hands over, in the middle of the second.
+            fails_at: Some(1501),
         };
         assert!(feed.catch_up(&mut chain, audit()).is_err());
         // The feed reconnects and catches up again; this time the scan goes through.
-        chain.fails_on = None;
+        chain.fails_at = None;
         feed.catch_up(&mut chain, audit()).expect("caught up");
         let received = received.0.lock().expect("not poisoned");
         assert!(
