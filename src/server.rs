@@ -242,8 +242,13 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     state.close_audits(grace).await;
     // The calls have drained and the audit writer has stopped, so the chain is complete: the
     // final checkpoint reads its head, and checks it, while the store is still open.
+    // Aborting the loop does not stop a write it already handed to a blocking thread; when that
+    // one lands between our check and our write, the file changed under us: check again once.
     if let Some(checkpointer) = state.checkpoints.clone()
-        && let Err(e) = checkpointer.checkpoint(&store).await
+        && let Err(e) = match checkpointer.checkpoint(&store).await {
+            Err(crate::checkpoint::SignError::Changed) => checkpointer.checkpoint(&store).await,
+            done => done,
+        }
     {
         tracing::error!(error = %e, "could not write the final audit checkpoint");
     }

@@ -28,7 +28,8 @@ def id_defect(value: str) -> Optional[str]:
     and zero-width format characters), which `str.isprintable` excludes except the space."""
     if not value:
         return "is required"
-    if len(value.encode()) > 128:
+    # surrogatepass: a lone surrogate (JSON `"\ud800"`) is refused below, not a crash here.
+    if len(value.encode("utf-8", "surrogatepass")) > 128:
         return "is longer than 128 bytes"
     if any(c.isspace() or not c.isprintable() for c in value):
         return "must not contain whitespace, control, bidi or zero-width characters"
