@@ -134,6 +134,9 @@ class SidecarClient(BaseSDK):
         self.outage = Outage(self.settings.fail_mode)
         self.cache = FlagCache()
         self._spool: collections.deque = collections.deque(maxlen=self.settings.spool_limit)
+        # One flusher at a time (the watcher and a caller may both see the sidecar come back), and a
+        # record leaves the spool only once the sidecar acknowledged it, so `spooled == 0` means stored.
+        self._flushing = threading.Lock()
         self._closed = threading.Event()
         self._watcher: Optional[threading.Thread] = None
         if watch:
@@ -195,13 +198,20 @@ class SidecarClient(BaseSDK):
             backoff = min(backoff * 2, 5.0)
 
     def _flush_spool(self) -> None:
-        while self._spool:
-            request = self._spool.popleft()
-            try:
-                self._audit.Append(request, timeout=self.settings.timeout_ms / 1000, metadata=self._metadata())
-            except grpc.RpcError:
-                self._spool.appendleft(request)
-                return
+        if not self._flushing.acquire(blocking=False):
+            return
+        try:
+            while self._spool:
+                request = self._spool[0]
+                try:
+                    self._audit.Append(request, timeout=self.settings.timeout_ms / 1000, metadata=self._metadata())
+                except grpc.RpcError:
+                    return
+                # A full spool may have dropped this record to make room while it was in flight.
+                if self._spool and self._spool[0] is request:
+                    self._spool.popleft()
+        finally:
+            self._flushing.release()
 
     def close(self) -> None:
         self._closed.set()
