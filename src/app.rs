@@ -217,7 +217,15 @@ impl App {
         let event_id = event.id.clone();
         let answer = self
             .store
-            .write(move |tx| ops::apply_webhook(tx, &rules, &event, crate::time::now_ms()))
+            .write(move |tx| {
+                ops::apply_webhook(
+                    tx,
+                    &rules,
+                    &event,
+                    &ops::Delivery::STRIPE,
+                    crate::time::now_ms(),
+                )
+            })
             .await;
         match &answer {
             Ok(Ok(result)) => tracing::info!(

@@ -11,7 +11,7 @@ use crate::flags::{FlagOrigin, FlagRecord, FlagValue};
 use crate::problem::Error;
 use crate::store::{CustomerMapping, StoreTx};
 pub use webhook::{
-    CLAIM_PREFIX_BYTES, ClaimedIdentity, FlagChange, REFUSED_DELIVERY_EVENT,
+    CLAIM_PREFIX_BYTES, ClaimedIdentity, Delivery, FlagChange, REFUSED_DELIVERY_EVENT,
     REFUSED_DELIVERY_KEY_FIELDS, REFUSED_DELIVERY_OUTCOME, WEBHOOK_ACTOR, WebhookResult,
     apply_webhook, audit_event_name, audits_refusal, claimed_identity, refused_delivery_record,
     verify_delivery,

@@ -49,7 +49,7 @@ impl Fixture {
     async fn deliver(&self, event: StripeEvent) -> Result<WebhookResult, Error> {
         let rules = self.rules.clone();
         self.store
-            .write(move |tx| apply_webhook(tx, &rules, &event, NOW_MS))
+            .write(move |tx| apply_webhook(tx, &rules, &event, &Delivery::STRIPE, NOW_MS))
             .await
             .expect("the transaction commits")
     }

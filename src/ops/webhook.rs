@@ -13,6 +13,21 @@ use crate::stripe::{SignatureVerifier, StripeEvent};
 
 pub const WEBHOOK_ACTOR: &str = "stripe-webhook";
 
+/// Who feeds an event through the webhook path and why: Stripe's own delivery, or an
+/// operator's replay (actor `replay`, with the operator's reason in every audit record).
+#[derive(Debug, Clone, Copy)]
+pub struct Delivery<'a> {
+    pub actor: &'a str,
+    pub reason: Option<&'a str>,
+}
+
+impl Delivery<'static> {
+    pub const STRIPE: Delivery<'static> = Delivery {
+        actor: WEBHOOK_ACTOR,
+        reason: None,
+    };
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct FlagChange {
     pub key: String,
@@ -54,16 +69,20 @@ fn base_metadata(event: &StripeEvent) -> Map<String, Value> {
 
 fn audit_webhook(
     tx: &mut dyn StoreTx,
+    delivery: &Delivery<'_>,
     tenant_id: &str,
     event: &StripeEvent,
     outcome: &str,
-    metadata: Map<String, Value>,
+    mut metadata: Map<String, Value>,
     now_ms: i64,
 ) -> Result<AuditRecord, Error> {
+    if let Some(reason) = delivery.reason {
+        metadata.insert("reason".into(), json!(reason));
+    }
     tx.append_audit(
         NewAuditRecord {
             tenant_id: tenant_id.to_owned(),
-            actor: WEBHOOK_ACTOR.to_owned(),
+            actor: delivery.actor.to_owned(),
             event: audit_event_name(&event.event_type),
             outcome: outcome.to_owned(),
             metadata: audit::bound_metadata(metadata),
@@ -79,13 +98,22 @@ pub fn apply_webhook(
     tx: &mut dyn StoreTx,
     rules: &Rules,
     event: &StripeEvent,
+    delivery: &Delivery<'_>,
     now_ms: i64,
 ) -> Result<Result<WebhookResult, Error>, Error> {
     if let Some(first) = tx.processed_event(&event.id)? {
         let mut metadata = base_metadata(event);
         metadata.insert("first_outcome".into(), json!(first.outcome.as_str()));
         metadata.insert("first_audit_seq".into(), json!(first.audit_seq));
-        let record = audit_webhook(tx, &first.tenant_id, event, "duplicate", metadata, now_ms)?;
+        let record = audit_webhook(
+            tx,
+            delivery,
+            &first.tenant_id,
+            event,
+            "duplicate",
+            metadata,
+            now_ms,
+        )?;
         return Ok(Ok(WebhookResult {
             event_id: event.id.clone(),
             event_type: event.event_type.clone(),
@@ -126,6 +154,7 @@ pub fn apply_webhook(
         if effect == Effect::Ignored {
             return finish(
                 tx,
+                delivery,
                 event,
                 String::new(),
                 Outcome::Ignored,
@@ -141,7 +170,7 @@ pub fn apply_webhook(
             None => Error::NoTenant,
         };
         metadata.insert("reason".into(), json!(refusal.to_string()));
-        audit_webhook(tx, "", event, "rejected", metadata, now_ms)?;
+        audit_webhook(tx, delivery, "", event, "rejected", metadata, now_ms)?;
         return Ok(Err(refusal));
     };
 
@@ -168,6 +197,7 @@ pub fn apply_webhook(
     if wanted.is_empty() && !mapping_recorded {
         return finish(
             tx,
+            delivery,
             event,
             tenant,
             Outcome::Ignored,
@@ -201,7 +231,7 @@ pub fn apply_webhook(
             event_created: event.created,
             origin,
             updated_at_ms: now_ms,
-            updated_by: WEBHOOK_ACTOR.to_owned(),
+            updated_by: delivery.actor.to_owned(),
             source_event_id: event.id.clone(),
         })?;
         changes.push(FlagChange {
@@ -217,7 +247,10 @@ pub fn apply_webhook(
     } else {
         Outcome::Applied
     };
-    finish(tx, event, tenant, outcome, changes, stale, metadata, now_ms).map(Ok)
+    finish(
+        tx, delivery, event, tenant, outcome, changes, stale, metadata, now_ms,
+    )
+    .map(Ok)
 }
 
 enum Resolved {
@@ -275,6 +308,7 @@ fn resolve_tenant(
 #[allow(clippy::too_many_arguments)]
 fn finish(
     tx: &mut dyn StoreTx,
+    delivery: &Delivery<'_>,
     event: &StripeEvent,
     tenant_id: String,
     outcome: Outcome,
@@ -293,7 +327,15 @@ fn finish(
     if !stale_flags.is_empty() {
         metadata.insert("stale_flags".into(), json!(stale_flags));
     }
-    let record = audit_webhook(tx, &tenant_id, event, outcome.as_str(), metadata, now_ms)?;
+    let record = audit_webhook(
+        tx,
+        delivery,
+        &tenant_id,
+        event,
+        outcome.as_str(),
+        metadata,
+        now_ms,
+    )?;
     tx.record_processed(
         &ProcessedEvent {
             event_id: event.id.clone(),
