@@ -214,6 +214,7 @@ impl App {
             }
         };
         let rules = self.config.rules.clone();
+        let parking = self.config.parking;
         let event_id = event.id.clone();
         let answer = self
             .store
@@ -221,6 +222,7 @@ impl App {
                 ops::apply_webhook(
                     tx,
                     &rules,
+                    parking,
                     &event,
                     &ops::Delivery::STRIPE,
                     crate::time::now_ms(),
@@ -296,10 +298,13 @@ impl App {
         validate_id("customer_id", &customer_id)?;
         validate_id("tenant_id", &tenant_id)?;
         let author = admin.validated()?;
+        let (rules, parking) = (self.config.rules.clone(), self.config.parking);
         self.store
             .write(move |tx| {
                 ops::map_customer(
                     tx,
+                    &rules,
+                    parking,
                     &customer_id,
                     &tenant_id,
                     &author.change(),

@@ -961,6 +961,32 @@ mod tests {
         ) -> Result<Option<String>, StoreError> {
             self.tx.unmap_customer(customer_id, at_ms)
         }
+        fn parked_at(&mut self, event_id: &str) -> Result<Option<i64>, StoreError> {
+            self.tx.parked_at(event_id)
+        }
+        fn count_parked(
+            &mut self,
+            customer_id: Option<&str>,
+            up_to: u64,
+        ) -> Result<u64, StoreError> {
+            self.tx.count_parked(customer_id, up_to)
+        }
+        fn park_event(&mut self, event: &crate::store::ParkedEvent) -> Result<(), StoreError> {
+            self.tx.park_event(event)
+        }
+        fn take_parked(
+            &mut self,
+            customer_id: &str,
+        ) -> Result<Vec<crate::store::ParkedEvent>, StoreError> {
+            self.tx.take_parked(customer_id)
+        }
+        fn expire_parked(
+            &mut self,
+            before_ms: i64,
+            limit: u64,
+        ) -> Result<Vec<crate::store::ParkedEvent>, StoreError> {
+            self.tx.expire_parked(before_ms, limit)
+        }
         fn flag(
             &mut self,
             tenant_id: &str,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::auth::token::{TokenSettings, TokenVerifier};
 use crate::checkpoint::Checkpointer;
+use crate::ops::ParkingLimits;
 use crate::problem::ProblemLinks;
 use crate::rules::Rules;
 pub use crate::settings::{DEFAULT_STORE, LogFormat, ServeArgs};
@@ -111,6 +112,8 @@ pub struct Config {
     pub postgres_ca_file: Option<PathBuf>,
     /// Streams served at once at most.
     pub max_streams: usize,
+    /// How many events of customers with no tenant are kept until the customer is mapped.
+    pub parking: ParkingLimits,
 }
 
 const READABLE: &str = "point it at a readable file";
@@ -176,6 +179,7 @@ impl Config {
                 "must be a whole number of 1 or more (and not absurdly large)",
             ));
         }
+        let parking = parking_limits(&args)?;
         let checkpoint_interval = checkpoint_interval(args.audit_checkpoint_interval_s)?;
         // A PostgreSQL URL's own settings (pool_size, sslmode, port) are checked now, not when
         // the store opens, so a mistake is a setting error like any other.
@@ -285,8 +289,34 @@ impl Config {
             checkpoint_interval,
             postgres_ca_file: args.postgres_ca_file,
             max_streams: args.max_streams,
+            parking,
         })
     }
+}
+
+/// The most parked events a setting may ask for: each can be up to the webhook body limit,
+/// so the bound keeps a typo from promising more room than any disk has.
+const MAX_PARKED_EVENTS_LIMIT: u64 = 10_000_000;
+
+fn parking_limits(args: &ServeArgs) -> Result<ParkingLimits, ConfigError> {
+    for (setting, value) in [
+        ("CORESDK_MAX_PARKED_EVENTS", args.max_parked_events),
+        (
+            "CORESDK_MAX_PARKED_EVENTS_PER_CUSTOMER",
+            args.max_parked_events_per_customer,
+        ),
+    ] {
+        if value > MAX_PARKED_EVENTS_LIMIT {
+            return Err(config_error(
+                setting,
+                format!("must be at most {MAX_PARKED_EVENTS_LIMIT} (0 keeps none)"),
+            ));
+        }
+    }
+    Ok(ParkingLimits {
+        max_events: args.max_parked_events,
+        max_per_customer: args.max_parked_events_per_customer,
+    })
 }
 
 fn token_verifier(args: &ServeArgs) -> Result<TokenVerifier, ConfigError> {

@@ -163,7 +163,7 @@ fn incident_instance() -> String {
 static INCIDENT_LOG: Throttle = Throttle::new(Duration::from_secs(1));
 
 /// Lets one event per interval through and counts the others.
-struct Throttle {
+pub(crate) struct Throttle {
     every: Duration,
     state: Mutex<ThrottleState>,
 }
@@ -174,7 +174,7 @@ struct ThrottleState {
 }
 
 impl Throttle {
-    const fn new(every: Duration) -> Self {
+    pub(crate) const fn new(every: Duration) -> Self {
         Self {
             every,
             state: Mutex::new(ThrottleState {
@@ -185,7 +185,7 @@ impl Throttle {
     }
 
     /// `Some(events held back since the last one let through)` if this one goes through.
-    fn admit(&self, now: Instant) -> Option<u64> {
+    pub(crate) fn admit(&self, now: Instant) -> Option<u64> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if state
             .last

@@ -330,13 +330,24 @@ async fn seed_tenants(store: &Store, config: &Config) -> Result<(), Error> {
     }
     let tenants = config.tenants.clone();
     let overrides = config.tenants_file_overrides;
+    let (rules, parking) = (config.rules.clone(), config.parking);
     let report = store
-        .write(move |tx| ops::seed_customers(tx, &tenants, overrides, crate::time::now_ms()))
+        .write(move |tx| {
+            ops::seed_customers(
+                tx,
+                &rules,
+                parking,
+                &tenants,
+                overrides,
+                crate::time::now_ms(),
+            )
+        })
         .await?;
     tracing::info!(
         added = report.added,
         unchanged = report.unchanged,
         overridden = report.overridden,
+        parked_applied = report.parked_applied,
         "customer → tenant mappings seeded from the configuration"
     );
     if report.kept + report.kept_unmapped > 0 {

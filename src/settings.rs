@@ -139,6 +139,13 @@ pub struct ServeArgs {
     /// RESOURCE_EXHAUSTED until one ends.
     #[arg(long, env = "CORESDK_MAX_STREAMS", default_value_t = 1024)]
     pub max_streams: usize,
+    /// Verified events of customers with no tenant kept at most, to be applied when the
+    /// customer is mapped (0: none are kept; Stripe's retries are then the only way back).
+    #[arg(long, env = "CORESDK_MAX_PARKED_EVENTS", default_value_t = crate::ops::ParkingLimits::DEFAULT.max_events)]
+    pub max_parked_events: u64,
+    /// Of those, the most kept for one customer.
+    #[arg(long, env = "CORESDK_MAX_PARKED_EVENTS_PER_CUSTOMER", default_value_t = crate::ops::ParkingLimits::DEFAULT.max_per_customer)]
+    pub max_parked_events_per_customer: u64,
     /// Require client certificates signed by this CA (mutual TLS).
     #[arg(long, env = "CORESDK_TLS_CLIENT_CA_FILE")]
     pub tls_client_ca_file: Option<PathBuf>,

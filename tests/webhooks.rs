@@ -290,7 +290,8 @@ async fn refusals_answer_problems_and_are_audited() {
         "still serving"
     );
 
-    // Unknown customer → 422, audited, and a retry succeeds once the mapping exists.
+    // Unknown customer → 422, audited and parked; the mapping applies it, so Stripe's retry
+    // is a duplicate.
     let unknown = signed(
         SECRET,
         event(
@@ -315,12 +316,13 @@ async fn refusals_answer_problems_and_are_audited() {
         }))
         .await
         .expect("MapCustomer");
+    assert!(is_on(&sidecar, "newco", "pro_features").await);
     let retried = send(&sidecar, signed(SECRET, unknown.payload))
         .await
-        .expect("retry applies");
+        .expect("retry acknowledged");
     assert_eq!(
         (retried.outcome(), retried.tenant_id.as_str()),
-        (WebhookOutcome::Applied, "newco")
+        (WebhookOutcome::Duplicate, "newco")
     );
     let rejected = sidecar
         .audit()

@@ -2,6 +2,7 @@
 //! dedup record and its audit record commit together or not at all; and the validation of
 //! the ids and texts they accept.
 
+mod parking;
 mod webhook;
 
 use serde_json::{Map, Value, json};
@@ -9,7 +10,9 @@ use serde_json::{Map, Value, json};
 use crate::audit::{self, ChainVerifier, NewAuditRecord, VerifyReport};
 use crate::flags::{FlagOrigin, FlagRecord, FlagValue};
 use crate::problem::Error;
+use crate::rules::Rules;
 use crate::store::{CustomerMapping, StoreTx};
+pub use parking::{PARKED_RETENTION_MS, PARKING_ACTOR, Parking, ParkingLimits};
 pub use webhook::{
     CLAIM_PREFIX_BYTES, ClaimedIdentity, Delivery, FlagChange, REFUSED_DELIVERY_EVENT,
     REFUSED_DELIVERY_KEY_FIELDS, REFUSED_DELIVERY_OUTCOME, WEBHOOK_ACTOR, WebhookResult,
@@ -171,8 +174,13 @@ pub fn set_flag(
     Ok(written)
 }
 
+/// Maps the customer and applies its parked events (see [`parking::apply_parked`]) in the
+/// same transaction: the mapping's audit record counts them, each has its own record after it.
+#[allow(clippy::too_many_arguments)]
 pub fn map_customer(
     tx: &mut dyn StoreTx,
+    rules: &Rules,
+    parking: ParkingLimits,
     customer_id: &str,
     tenant_id: &str,
     change: &AdminChange<'_>,
@@ -187,6 +195,10 @@ pub fn map_customer(
     if let Some(previous) = &previous {
         metadata.insert("previous_tenant".into(), json!(previous));
     }
+    let parked = tx.count_parked(Some(customer_id), u64::MAX)?;
+    if parked > 0 {
+        metadata.insert("parked_events".into(), json!(parked));
+    }
     tx.append_audit(
         NewAuditRecord {
             tenant_id: tenant_id.to_owned(),
@@ -197,9 +209,14 @@ pub fn map_customer(
         },
         now_ms,
     )?;
+    if parked > 0 {
+        parking::apply_parked(tx, rules, parking, customer_id, None, now_ms)?;
+    }
     Ok(previous)
 }
 
+/// Marks the customer unmapped. Nothing already applied is undone or parked again; the
+/// customer's later events are parked until it is mapped again.
 pub fn unmap_customer(
     tx: &mut dyn StoreTx,
     customer_id: &str,
@@ -238,6 +255,8 @@ pub struct SeedReport {
     /// Customers mapped elsewhere or unmapped at runtime, moved to the configured tenant
     /// (overrides only).
     pub overridden: u64,
+    /// Parked events of the customers added or moved, applied.
+    pub parked_applied: u64,
 }
 
 /// How many moved customers the seeding record names; the counts cover the rest.
@@ -247,20 +266,30 @@ const SEED_RECORD_MOVES: usize = 16;
 /// customer mapped or unmapped at runtime stays so unless `overrides`: the file is where
 /// mappings start, `MapCustomer`, `UnmapCustomer` and checkouts are where they change, and a
 /// restart must not undo a change. One audit record summarises a seeding that changed
-/// anything, so restarts do not grow the trail.
+/// anything, so restarts do not grow the trail; the parked events of the customers it mapped
+/// are applied after it, each with its own record.
 pub fn seed_customers(
     tx: &mut dyn StoreTx,
+    rules: &Rules,
+    parking: ParkingLimits,
     configured: &std::collections::BTreeMap<String, String>,
     overrides: bool,
     now_ms: i64,
 ) -> Result<SeedReport, Error> {
     let mut report = SeedReport::default();
     let mut moves = Vec::new();
+    let mut with_parked = Vec::new();
+    let mut parked = 0;
     for (customer, tenant) in configured {
         let current = match tx.customer_mapping(customer)? {
             CustomerMapping::NeverMapped => {
                 tx.map_customer(customer, tenant, now_ms)?;
                 report.added += 1;
+                let count = tx.count_parked(Some(customer), u64::MAX)?;
+                if count > 0 {
+                    parked += count;
+                    with_parked.push(customer);
+                }
                 continue;
             }
             CustomerMapping::Mapped(current) if current == *tenant => {
@@ -279,6 +308,11 @@ pub fn seed_customers(
         }
         tx.map_customer(customer, tenant, now_ms)?;
         report.overridden += 1;
+        let count = tx.count_parked(Some(customer), u64::MAX)?;
+        if count > 0 {
+            parked += count;
+            with_parked.push(customer);
+        }
         if moves.len() < SEED_RECORD_MOVES {
             moves.push(json!({"customer": customer, "from": current, "to": tenant}));
         }
@@ -294,6 +328,9 @@ pub fn seed_customers(
         if !moves.is_empty() {
             metadata.insert("moved".into(), Value::Array(moves));
         }
+        if parked > 0 {
+            metadata.insert("parked_events".into(), json!(parked));
+        }
         tx.append_audit(
             NewAuditRecord {
                 tenant_id: String::new(),
@@ -304,6 +341,9 @@ pub fn seed_customers(
             },
             now_ms,
         )?;
+    }
+    for customer in with_parked {
+        report.parked_applied += parking::apply_parked(tx, rules, parking, customer, None, now_ms)?;
     }
     Ok(report)
 }

@@ -40,8 +40,19 @@ impl Fixture {
     }
 
     async fn map(&self, customer: &'static str, tenant: &'static str) -> Option<String> {
+        let rules = self.rules.clone();
         self.store
-            .write(move |tx| map_customer(tx, customer, tenant, &ADMIN, NOW_MS))
+            .write(move |tx| {
+                map_customer(
+                    tx,
+                    &rules,
+                    ParkingLimits::DEFAULT,
+                    customer,
+                    tenant,
+                    &ADMIN,
+                    NOW_MS,
+                )
+            })
             .await
             .expect("mapped")
     }
@@ -49,7 +60,16 @@ impl Fixture {
     async fn deliver(&self, event: StripeEvent) -> Result<WebhookResult, Error> {
         let rules = self.rules.clone();
         self.store
-            .write(move |tx| apply_webhook(tx, &rules, &event, &Delivery::STRIPE, NOW_MS))
+            .write(move |tx| {
+                apply_webhook(
+                    tx,
+                    &rules,
+                    ParkingLimits::DEFAULT,
+                    &event,
+                    &Delivery::STRIPE,
+                    NOW_MS,
+                )
+            })
             .await
             .expect("the transaction commits")
     }
@@ -148,7 +168,7 @@ async fn an_older_event_never_overwrites_a_newer_one() {
 }
 
 #[tokio::test]
-async fn unknown_customers_are_refused_and_audited_and_unruled_events_ignored() {
+async fn unknown_customers_are_refused_and_parked_until_mapped_and_unruled_events_ignored() {
     let fx = Fixture::new();
     let refused = fx
         .deliver(event(
@@ -169,8 +189,10 @@ async fn unknown_customers_are_refused_and_audited_and_unruled_events_ignored() 
         .await
         .expect("answered");
     assert_eq!(ignored.outcome, Outcome::Ignored);
-    // The refused one can be delivered again once the mapping exists: it was not recorded.
+    // The refused one was parked (the unruled one was not): the mapping applies it, and
+    // Stripe's retry is then a duplicate.
     fx.map("cus_x", "globex").await;
+    assert!(fx.is_on("globex", "pro_features"));
     let retried = fx
         .deliver(event(
             "evt_1",
@@ -179,10 +201,17 @@ async fn unknown_customers_are_refused_and_audited_and_unruled_events_ignored() 
             json!({"customer": "cus_x"}),
         ))
         .await
-        .expect("applied");
-    assert_eq!(retried.outcome, Outcome::Applied);
-    let outcomes: Vec<String> = fx.audit().await.into_iter().map(|r| r.outcome).collect();
-    assert_eq!(outcomes, ["rejected", "ignored", "applied", "applied"]);
+        .expect("answered");
+    assert_eq!(retried.outcome, Outcome::Duplicate);
+    let audit = fx.audit().await;
+    let outcomes: Vec<&str> = audit.iter().map(|r| r.outcome.as_str()).collect();
+    assert_eq!(
+        outcomes,
+        ["rejected", "ignored", "applied", "applied", "duplicate"]
+    );
+    assert_eq!(audit[0].metadata["parked"], json!(true));
+    assert_eq!(audit[2].metadata["parked_events"], json!(1));
+    assert_eq!(audit[3].metadata["parked_at_ms"], json!(NOW_MS));
 }
 
 #[tokio::test]

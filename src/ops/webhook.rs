@@ -3,6 +3,7 @@
 
 use serde_json::{Map, Value, json};
 
+use super::parking::{self, ParkingLimits};
 use super::validate_id;
 use crate::audit::{self, AuditRecord, NewAuditRecord};
 use crate::flags::{FlagOrigin, FlagRecord, FlagValue};
@@ -93,14 +94,57 @@ fn audit_webhook(
 
 /// Applies a verified event: dedup, tenant, rules, ordering, flags, audit. The outer `Result`
 /// is the transaction's (an `Err` rolls everything back); the inner one is the answer, which
-/// may be a refusal whose audit record still commits.
+/// may be a refusal whose audit record still commits. An event refused because its customer
+/// has no tenant is parked within `parking`'s limits (see [`parking`]).
 pub fn apply_webhook(
     tx: &mut dyn StoreTx,
     rules: &Rules,
+    parking: ParkingLimits,
     event: &StripeEvent,
     delivery: &Delivery<'_>,
     now_ms: i64,
 ) -> Result<Result<WebhookResult, Error>, Error> {
+    apply(tx, rules, parking, event, delivery, None, now_ms)
+}
+
+/// [`apply_webhook`] for an event parked at `parked_at_ms`, now that its customer has a tenant.
+pub(super) fn apply_unparked(
+    tx: &mut dyn StoreTx,
+    rules: &Rules,
+    parking: ParkingLimits,
+    event: &StripeEvent,
+    delivery: &Delivery<'_>,
+    parked_at_ms: i64,
+    now_ms: i64,
+) -> Result<Result<WebhookResult, Error>, Error> {
+    apply(
+        tx,
+        rules,
+        parking,
+        event,
+        delivery,
+        Some(parked_at_ms),
+        now_ms,
+    )
+}
+
+fn apply(
+    tx: &mut dyn StoreTx,
+    rules: &Rules,
+    parking: ParkingLimits,
+    event: &StripeEvent,
+    delivery: &Delivery<'_>,
+    parked_at_ms: Option<i64>,
+    now_ms: i64,
+) -> Result<Result<WebhookResult, Error>, Error> {
+    // Shadows the function so that every record of an unparked event says it was parked.
+    let base_metadata = |event: &StripeEvent| {
+        let mut metadata = base_metadata(event);
+        if let Some(parked_at_ms) = parked_at_ms {
+            metadata.insert("parked_at_ms".into(), json!(parked_at_ms));
+        }
+        metadata
+    };
     if let Some(first) = tx.processed_event(&event.id)? {
         let mut metadata = base_metadata(event);
         metadata.insert("first_outcome".into(), json!(first.outcome.as_str()));
@@ -133,6 +177,17 @@ pub fn apply_webhook(
         Resolved::Tenant(tenant) => Some(tenant),
         Resolved::Mapped(tenant) => {
             metadata.insert("mapped_customer".into(), json!(event.customer_id()));
+            // An event applied from parking resolves through the mapping that unparked it, so
+            // it never maps (nor unparks) anything: the recursion is one level deep.
+            if parked_at_ms.is_none()
+                && let Some(customer) = event.customer_id()
+            {
+                let applied =
+                    parking::apply_parked(tx, rules, parking, customer, Some(&event.id), now_ms)?;
+                if applied > 0 {
+                    metadata.insert("parked_events_applied".into(), json!(applied));
+                }
+            }
             mapping_recorded = true;
             Some(tenant)
         }
@@ -166,7 +221,10 @@ pub fn apply_webhook(
             .map(Ok);
         }
         let refusal = match event.customer_id() {
-            Some(customer) => Error::UnknownCustomer(customer.to_owned()),
+            Some(customer) => {
+                parking::park(tx, parking, event, customer, delivery, now_ms)?.note(&mut metadata);
+                Error::UnknownCustomer(customer.to_owned())
+            }
             None => Error::NoTenant,
         };
         metadata.insert("reason".into(), json!(refusal.to_string()));

@@ -21,7 +21,15 @@ macro_rules! audit_columns {
     };
 }
 
-pub(crate) use {audit_columns, flag_columns};
+/// The columns of a parked event, in the order the core reads them and
+/// [`Statement::ParkEvent`] binds them.
+macro_rules! parked_columns {
+    () => {
+        "event_id, event_type, customer_id, created, signed_at, payload, actor, reason, parked_at_ms"
+    };
+}
+
+pub(crate) use {audit_columns, flag_columns, parked_columns};
 
 /// Every statement the core runs. Each dialect gives the SQL text; the parameters (in order)
 /// and the columns returned are fixed here.
@@ -62,6 +70,19 @@ pub(crate) enum Statement {
     QueryAudit,
     /// after_seq, limit → audit columns ordered by seq.
     AuditPage,
+    /// event_id → parked_at_ms of the parked event.
+    ParkedAt,
+    /// limit → how many events are parked, counting no further than `limit`.
+    CountParked,
+    /// customer_id, limit → how many events of the customer are parked, up to `limit`.
+    CountParkedOfCustomer,
+    /// The parked columns: parks the event unless it is parked already.
+    ParkEvent,
+    /// customer_id → the parked columns of every event of the customer, deleted.
+    TakeParked,
+    /// before_ms, limit → the parked columns of up to `limit` events parked before
+    /// `before_ms`, oldest first, deleted.
+    ExpireParked,
 }
 
 /// A statement parameter.
@@ -92,6 +113,14 @@ impl dyn Row + '_ {
     pub(crate) fn text(&self, column: usize) -> Result<String, StoreError> {
         match self.value(column)? {
             Value::Text(text) => Ok(text),
+            other => Err(unexpected(column, "text", &other)),
+        }
+    }
+
+    pub(crate) fn opt_text(&self, column: usize) -> Result<Option<String>, StoreError> {
+        match self.value(column)? {
+            Value::Text(text) => Ok(Some(text)),
+            Value::Null => Ok(None),
             other => Err(unexpected(column, "text", &other)),
         }
     }

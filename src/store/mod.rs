@@ -138,7 +138,24 @@ pub struct AuditQuery {
     pub limit: u32,
 }
 
-/// What a committed transaction changed, handed to the [`CommitListener`] in commit order.
+/// A verified event kept while its customer has no tenant: what `StripeEvent::parse` needs to
+/// read it again (the payload as received and the signature's timestamp), who delivered it,
+/// and the columns it is found and ordered by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParkedEvent {
+    pub event_id: String,
+    pub event_type: String,
+    pub customer_id: String,
+    pub created: i64,
+    pub signed_at: i64,
+    pub payload: Vec<u8>,
+    /// The delivery's actor and reason (Stripe's, or an operator's replay).
+    pub actor: String,
+    pub reason: Option<String>,
+    /// When the event was first parked; redeliveries do not move it.
+    pub parked_at_ms: i64,
+}
+
 /// What the store knows about a customer's tenant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CustomerMapping {
@@ -192,6 +209,18 @@ pub trait StoreTx {
         customer_id: &str,
         at_ms: i64,
     ) -> Result<Option<String>, StoreError>;
+    /// When the event was parked, if it is.
+    fn parked_at(&mut self, event_id: &str) -> Result<Option<i64>, StoreError>;
+    /// How many events are parked (of `customer_id` only, when given), counting no further
+    /// than `up_to`: the work is bounded by the cap it is compared with.
+    fn count_parked(&mut self, customer_id: Option<&str>, up_to: u64) -> Result<u64, StoreError>;
+    /// Parks the event; an event parked already keeps its first row.
+    fn park_event(&mut self, event: &ParkedEvent) -> Result<(), StoreError>;
+    /// Deletes and returns every parked event of the customer, in no particular order.
+    fn take_parked(&mut self, customer_id: &str) -> Result<Vec<ParkedEvent>, StoreError>;
+    /// Deletes and returns up to `limit` events parked before `before_ms`, oldest first.
+    fn expire_parked(&mut self, before_ms: i64, limit: u64)
+    -> Result<Vec<ParkedEvent>, StoreError>;
     fn flag(&mut self, tenant_id: &str, key: &str) -> Result<Option<FlagRecord>, StoreError>;
     fn flags_with_origin(
         &mut self,

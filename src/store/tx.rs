@@ -4,7 +4,10 @@
 //! writes on a read connection, mapping rows to records — live here only.
 
 use super::dialect::{Param, Row, Sql, Statement, query_all, query_opt};
-use super::{AuditQuery, Committed, CustomerMapping, Outcome, ProcessedEvent, StoreError, StoreTx};
+use super::{
+    AuditQuery, Committed, CustomerMapping, Outcome, ParkedEvent, ProcessedEvent, StoreError,
+    StoreTx,
+};
 use crate::audit::{self, AuditRecord, ChainHead, NewAuditRecord, StoredAuditRow};
 use crate::flags::{FlagOrigin, FlagRecord, FlagValue};
 use crate::problem::Error;
@@ -29,6 +32,20 @@ fn flag_from_row(row: &dyn Row) -> Result<FlagRecord, StoreError> {
         updated_at_ms: row.int(6)?,
         updated_by: row.text(7)?,
         source_event_id: row.text(8)?,
+    })
+}
+
+fn parked_from_row(row: &dyn Row) -> Result<ParkedEvent, StoreError> {
+    Ok(ParkedEvent {
+        event_id: row.text(0)?,
+        event_type: row.text(1)?,
+        customer_id: row.text(2)?,
+        created: row.int(3)?,
+        signed_at: row.int(4)?,
+        payload: row.bytes(5)?,
+        actor: row.text(6)?,
+        reason: row.opt_text(7)?,
+        parked_at_ms: row.int(8)?,
     })
 }
 
@@ -226,6 +243,71 @@ impl StoreTx for Tx<'_> {
             )?;
         }
         Ok(previous)
+    }
+
+    fn parked_at(&mut self, event_id: &str) -> Result<Option<i64>, StoreError> {
+        query_opt(
+            self.sql,
+            Statement::ParkedAt,
+            &[Param::Text(event_id)],
+            |row| row.int(0),
+        )
+    }
+
+    fn count_parked(&mut self, customer_id: Option<&str>, up_to: u64) -> Result<u64, StoreError> {
+        let limit = Param::Int(to_i64(up_to));
+        let count = match customer_id {
+            Some(customer) => query_opt(
+                self.sql,
+                Statement::CountParkedOfCustomer,
+                &[Param::Text(customer), limit],
+                |row| row.int(0),
+            )?,
+            None => query_opt(self.sql, Statement::CountParked, &[limit], |row| row.int(0))?,
+        };
+        Ok(to_u64(count.unwrap_or(0)))
+    }
+
+    fn park_event(&mut self, event: &ParkedEvent) -> Result<(), StoreError> {
+        let (sql, _) = self.for_write()?;
+        sql.execute(
+            Statement::ParkEvent,
+            &[
+                Param::Text(&event.event_id),
+                Param::Text(&event.event_type),
+                Param::Text(&event.customer_id),
+                Param::Int(event.created),
+                Param::Int(event.signed_at),
+                Param::Bytes(&event.payload),
+                Param::Text(&event.actor),
+                Param::OptText(event.reason.as_deref()),
+                Param::Int(event.parked_at_ms),
+            ],
+        )
+    }
+
+    fn take_parked(&mut self, customer_id: &str) -> Result<Vec<ParkedEvent>, StoreError> {
+        let (sql, _) = self.for_write()?;
+        query_all(
+            sql,
+            Statement::TakeParked,
+            &[Param::Text(customer_id)],
+            parked_from_row,
+        )
+    }
+
+    fn expire_parked(
+        &mut self,
+        before_ms: i64,
+        limit: u64,
+    ) -> Result<Vec<ParkedEvent>, StoreError> {
+        let (sql, _) = self.for_write()?;
+        query_all(
+            sql,
+            Statement::ExpireParked,
+            &[Param::Int(before_ms), Param::Int(to_i64(limit))],
+            parked_from_row,
+        )
     }
 
     fn flag(&mut self, tenant_id: &str, key: &str) -> Result<Option<FlagRecord>, StoreError> {

@@ -1,5 +1,7 @@
 //! The parts of a verified Stripe event that the sidecar acts on.
 
+use std::sync::Arc;
+
 use serde_json::{Map, Value};
 
 use crate::problem::Error;
@@ -22,6 +24,26 @@ pub struct StripeEvent {
     pub livemode: bool,
     /// `data.object`, or an empty object when the event has none.
     pub object: Map<String, Value>,
+    /// The payload as received and the signature's timestamp: what [`Self::parse`] reads the
+    /// event again from (an event parked for a customer not mapped yet is kept as these).
+    pub payload: Payload,
+    pub signed_at: i64,
+}
+
+/// An event's bytes as received, shared rather than copied; shown by size only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Payload(Arc<[u8]>);
+
+impl Payload {
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Payload({} bytes)", self.0.len())
+    }
 }
 
 impl StripeEvent {
@@ -58,6 +80,8 @@ impl StripeEvent {
             created,
             livemode,
             object,
+            payload: Payload(Arc::from(payload)),
+            signed_at,
         })
     }
 
@@ -237,6 +261,19 @@ mod tests {
                 .expect("plausible");
             assert_eq!(event.created, created);
         }
+    }
+
+    #[test]
+    fn parsing_the_kept_payload_again_gives_the_same_event() {
+        let body =
+            br#"{"id":"evt_1","type":"invoice.paid","data":{"object":{"customer":"cus_1"}}}"#;
+        let event = StripeEvent::parse(body, 1_700_000_000).expect("valid");
+        assert_eq!(event.payload.bytes(), body);
+        let again = StripeEvent::parse(event.payload.bytes(), event.signed_at).expect("valid");
+        assert_eq!(
+            (again.id, again.created, again.object),
+            (event.id, event.created, event.object)
+        );
     }
 
     #[test]

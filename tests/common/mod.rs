@@ -5,6 +5,7 @@ pub mod abuse;
 pub mod audit;
 pub mod inputs;
 pub mod mapping;
+pub mod parking;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -50,8 +50,26 @@ CREATE INDEX IF NOT EXISTS audit_by_tenant ON audit (tenant_id, seq);
 /// Customers unmapped at runtime keep their row as a tombstone.
 const MIGRATION_2: &str = "ALTER TABLE customers ADD COLUMN IF NOT EXISTS unmapped_at_ms BIGINT;";
 
+/// Verified events of customers not mapped yet, kept as received until the customer gets a
+/// tenant (then applied and deleted) or they expire.
+const MIGRATION_3: &str = "
+CREATE TABLE IF NOT EXISTS parked_events (
+    event_id TEXT PRIMARY KEY,
+    event_type TEXT NOT NULL,
+    customer_id TEXT NOT NULL,
+    created BIGINT NOT NULL,
+    signed_at BIGINT NOT NULL,
+    payload BYTEA NOT NULL,
+    actor TEXT NOT NULL,
+    reason TEXT,
+    parked_at_ms BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS parked_events_by_customer ON parked_events (customer_id);
+CREATE INDEX IF NOT EXISTS parked_events_by_age ON parked_events (parked_at_ms);
+";
+
 /// Migration `n` (from 1) brings the schema from version `n - 1` to `n`.
-const MIGRATIONS: [&str; 2] = [MIGRATION_1, MIGRATION_2];
+const MIGRATIONS: [&str; 3] = [MIGRATION_1, MIGRATION_2, MIGRATION_3];
 const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
 /// Applies the schema once, however many replicas start together.

@@ -1,6 +1,6 @@
 //! The PostgreSQL text of the core's statements and transaction scripts.
 
-use crate::store::dialect::{Statement, audit_columns, flag_columns};
+use crate::store::dialect::{Statement, audit_columns, flag_columns, parked_columns};
 use crate::store::engine::TransactionSql;
 
 pub(super) const SCRIPTS: TransactionSql = TransactionSql {
@@ -88,6 +88,27 @@ pub(super) fn text(statement: Statement) -> &'static str {
             "SELECT ",
             audit_columns!(),
             " FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2"
+        ),
+        Statement::ParkedAt => "SELECT parked_at_ms FROM parked_events WHERE event_id = $1",
+        Statement::CountParked => {
+            "SELECT count(*) FROM (SELECT 1 FROM parked_events LIMIT $1) AS parked"
+        }
+        Statement::CountParkedOfCustomer => {
+            "SELECT count(*) FROM (SELECT 1 FROM parked_events WHERE customer_id = $1 LIMIT $2) AS parked"
+        }
+        Statement::ParkEvent => concat!(
+            "INSERT INTO parked_events (",
+            parked_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (event_id) DO NOTHING"
+        ),
+        Statement::TakeParked => concat!(
+            "DELETE FROM parked_events WHERE customer_id = $1 RETURNING ",
+            parked_columns!()
+        ),
+        Statement::ExpireParked => concat!(
+            "DELETE FROM parked_events WHERE event_id IN (SELECT event_id FROM parked_events
+               WHERE parked_at_ms < $1 ORDER BY parked_at_ms LIMIT $2) RETURNING ",
+            parked_columns!()
         ),
     }
 }

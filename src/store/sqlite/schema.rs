@@ -47,8 +47,27 @@ CREATE INDEX audit_by_tenant ON audit (tenant_id, seq);
 /// Customers unmapped at runtime keep their row as a tombstone.
 const MIGRATION_2: &str = "ALTER TABLE customers ADD COLUMN unmapped_at_ms INTEGER;";
 
+/// Verified events of customers not mapped yet, kept as received until the customer gets a
+/// tenant (then applied and deleted) or they expire. A rowid table: payloads are too large
+/// for WITHOUT ROWID's clustered rows.
+const MIGRATION_3: &str = "
+CREATE TABLE parked_events (
+    event_id TEXT PRIMARY KEY,
+    event_type TEXT NOT NULL,
+    customer_id TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    signed_at INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    actor TEXT NOT NULL,
+    reason TEXT,
+    parked_at_ms INTEGER NOT NULL
+);
+CREATE INDEX parked_events_by_customer ON parked_events (customer_id);
+CREATE INDEX parked_events_by_age ON parked_events (parked_at_ms);
+";
+
 /// Migration `n` (from 1) brings the schema from version `n - 1` to `n`.
-const MIGRATIONS: [&str; 2] = [MIGRATION_1, MIGRATION_2];
+const MIGRATIONS: [&str; 3] = [MIGRATION_1, MIGRATION_2, MIGRATION_3];
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Brings the schema up to this sidecar's version; refuses a database from a newer sidecar.

@@ -1,0 +1,97 @@
+//! Helpers of the parking tests (events of customers not mapped yet), on both backends.
+use serde_json::{Map, Value, json};
+
+use super::{SECRET, Sidecar, event, signed};
+use coresdk::proto::{HandleStripeWebhookResponse, QueryAuditRequest, WebhookOutcome};
+
+pub async fn deliver(
+    sidecar: &Sidecar,
+    body: Vec<u8>,
+) -> Result<HandleStripeWebhookResponse, tonic::Status> {
+    sidecar
+        .webhooks()
+        .handle_stripe_webhook(signed(SECRET, body))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// An `invoice.paid` or `invoice.payment_failed` (or any type) of `customer`.
+pub fn invoice(id: &str, event_type: &str, created: i64, customer: &str) -> Vec<u8> {
+    event(id, event_type, created, json!({"customer": customer}))
+}
+
+/// Delivers an event whose customer has no tenant: refused with 422 so Stripe retries.
+pub async fn refused(sidecar: &Sidecar, body: Vec<u8>) {
+    let refusal = deliver(sidecar, body)
+        .await
+        .expect_err("a customer with no tenant is refused");
+    assert_eq!(
+        refusal.code(),
+        tonic::Code::FailedPrecondition,
+        "{refusal:?}"
+    );
+    assert_eq!(super::error_reason(&refusal), "UNKNOWN_CUSTOMER");
+    assert_eq!(super::problem(&refusal).status, 422);
+}
+
+pub async fn outcome(sidecar: &Sidecar, body: Vec<u8>) -> WebhookOutcome {
+    deliver(sidecar, body)
+        .await
+        .expect("acknowledged")
+        .outcome()
+}
+
+/// An audit record as the tests read it.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub event: String,
+    pub outcome: String,
+    pub tenant: String,
+    pub actor: String,
+    pub metadata: Map<String, Value>,
+}
+
+impl Record {
+    pub fn event_id(&self) -> &str {
+        self.metadata
+            .get("event_id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+    }
+}
+
+/// Every audit record, oldest first (the tests write far fewer than a page).
+pub async fn records(sidecar: &Sidecar) -> Vec<Record> {
+    sidecar
+        .audit()
+        .query(QueryAuditRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("Query")
+        .into_inner()
+        .records
+        .into_iter()
+        .map(|r| Record {
+            event: r.event,
+            outcome: r.outcome,
+            tenant: r.tenant_id,
+            actor: r.actor,
+            metadata: r
+                .metadata
+                .as_ref()
+                .map(|m| coresdk::api::convert::from_proto_struct(m).expect("JSON metadata"))
+                .unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// The records about one event id, oldest first.
+pub async fn records_of(sidecar: &Sidecar, event_id: &str) -> Vec<Record> {
+    records(sidecar)
+        .await
+        .into_iter()
+        .filter(|r| r.event_id() == event_id)
+        .collect()
+}
