@@ -449,3 +449,5 @@ fn ids_are_printable_and_bounded() {
     let refused = validate_id("tenant_id", "acme\u{202E}corp").expect_err("refused");
     assert!(refused.to_string().contains("U+202E"), "{refused}");
 }
+
+mod parking;
