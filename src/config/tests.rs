@@ -349,3 +349,34 @@ fn streams_are_capped_at_a_positive_number() {
         "CORESDK_MAX_STREAMS"
     );
 }
+
+#[test]
+fn parking_limits_default_accept_zero_and_refuse_absurd_values() {
+    let defaults = ["--store", "memory"];
+    assert_eq!(config(&defaults).parking, ParkingLimits::DEFAULT);
+    let off = config(&[
+        "--store",
+        "memory",
+        "--max-parked-events",
+        "0",
+        "--max-parked-events-per-customer",
+        "0",
+    ]);
+    assert_eq!(
+        off.parking,
+        ParkingLimits {
+            max_events: 0,
+            max_per_customer: 0
+        }
+    );
+    for (flag, setting) in [
+        ("--max-parked-events", "CORESDK_MAX_PARKED_EVENTS"),
+        (
+            "--max-parked-events-per-customer",
+            "CORESDK_MAX_PARKED_EVENTS_PER_CUSTOMER",
+        ),
+    ] {
+        let e = error(&["--store", "memory", flag, "10000001"]);
+        assert_eq!(e.setting, setting, "{e}");
+    }
+}
