@@ -97,10 +97,13 @@ pub fn park(
             "the customer id is not one a tenant can be mapped to".into(),
         ));
     }
-    let full = if limits.max_events == 0 || limits.max_per_customer == 0 {
-        "parking is off (CORESDK_MAX_PARKED_EVENTS or CORESDK_MAX_PARKED_EVENTS_PER_CUSTOMER is 0)"
-            .to_owned()
-    } else if tx.count_parked(None, limits.max_events)? >= limits.max_events {
+    if limits.max_events == 0 || limits.max_per_customer == 0 {
+        return Ok(Parking::NotParked(
+            "parking is off (CORESDK_MAX_PARKED_EVENTS or CORESDK_MAX_PARKED_EVENTS_PER_CUSTOMER is 0)"
+                .into(),
+        ));
+    }
+    let full = if tx.count_parked(None, limits.max_events)? >= limits.max_events {
         format!(
             "{} events are parked, the most kept (CORESDK_MAX_PARKED_EVENTS)",
             limits.max_events

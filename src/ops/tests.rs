@@ -40,6 +40,15 @@ impl Fixture {
     }
 
     async fn map(&self, customer: &'static str, tenant: &'static str) -> Option<String> {
+        self.map_at(customer, tenant, NOW_MS).await
+    }
+
+    async fn map_at(
+        &self,
+        customer: &'static str,
+        tenant: &'static str,
+        now_ms: i64,
+    ) -> Option<String> {
         let rules = self.rules.clone();
         self.store
             .write(move |tx| {
@@ -50,7 +59,7 @@ impl Fixture {
                     customer,
                     tenant,
                     &ADMIN,
-                    NOW_MS,
+                    now_ms,
                 )
             })
             .await
@@ -58,6 +67,10 @@ impl Fixture {
     }
 
     async fn deliver(&self, event: StripeEvent) -> Result<WebhookResult, Error> {
+        self.deliver_at(event, NOW_MS).await
+    }
+
+    async fn deliver_at(&self, event: StripeEvent, now_ms: i64) -> Result<WebhookResult, Error> {
         let rules = self.rules.clone();
         self.store
             .write(move |tx| {
@@ -67,7 +80,7 @@ impl Fixture {
                     ParkingLimits::DEFAULT,
                     &event,
                     &Delivery::STRIPE,
-                    NOW_MS,
+                    now_ms,
                 )
             })
             .await

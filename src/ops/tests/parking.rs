@@ -2,45 +2,10 @@
 //! customer. The integration tests (tests/parking.rs) cover the rest against the binary.
 
 use super::*;
-use crate::ops::{PARKED_RETENTION_MS, ParkingLimits};
+use crate::ops::PARKED_RETENTION_MS;
 use crate::store::ParkedEvent;
 
 impl Fixture {
-    async fn deliver_at(&self, event: StripeEvent, now_ms: i64) -> Result<WebhookResult, Error> {
-        let rules = self.rules.clone();
-        self.store
-            .write(move |tx| {
-                apply_webhook(
-                    tx,
-                    &rules,
-                    ParkingLimits::DEFAULT,
-                    &event,
-                    &Delivery::STRIPE,
-                    now_ms,
-                )
-            })
-            .await
-            .expect("the transaction commits")
-    }
-
-    async fn map_at(&self, customer: &'static str, tenant: &'static str, now_ms: i64) {
-        let rules = self.rules.clone();
-        self.store
-            .write(move |tx| {
-                map_customer(
-                    tx,
-                    &rules,
-                    ParkingLimits::DEFAULT,
-                    customer,
-                    tenant,
-                    &ADMIN,
-                    now_ms,
-                )
-            })
-            .await
-            .expect("mapped");
-    }
-
     async fn parked(&self) -> u64 {
         self.store
             .read(|tx| Ok(tx.count_parked(None, u64::MAX)?))
