@@ -278,18 +278,13 @@ pub fn seed_customers(
 ) -> Result<SeedReport, Error> {
     let mut report = SeedReport::default();
     let mut moves = Vec::new();
-    let mut with_parked = Vec::new();
-    let mut parked = 0;
+    let mut mapped_now = Vec::new();
     for (customer, tenant) in configured {
         let current = match tx.customer_mapping(customer)? {
             CustomerMapping::NeverMapped => {
                 tx.map_customer(customer, tenant, now_ms)?;
                 report.added += 1;
-                let count = tx.count_parked(Some(customer), u64::MAX)?;
-                if count > 0 {
-                    parked += count;
-                    with_parked.push(customer);
-                }
+                mapped_now.push(customer);
                 continue;
             }
             CustomerMapping::Mapped(current) if current == *tenant => {
@@ -308,13 +303,18 @@ pub fn seed_customers(
         }
         tx.map_customer(customer, tenant, now_ms)?;
         report.overridden += 1;
+        mapped_now.push(customer);
+        if moves.len() < SEED_RECORD_MOVES {
+            moves.push(json!({"customer": customer, "from": current, "to": tenant}));
+        }
+    }
+    let mut with_parked = Vec::new();
+    let mut parked = 0;
+    for customer in mapped_now {
         let count = tx.count_parked(Some(customer), u64::MAX)?;
         if count > 0 {
             parked += count;
             with_parked.push(customer);
-        }
-        if moves.len() < SEED_RECORD_MOVES {
-            moves.push(json!({"customer": customer, "from": current, "to": tenant}));
         }
     }
     if report.added + report.overridden > 0 {
