@@ -2,7 +2,7 @@
 //! customer. The integration tests (tests/parking.rs) cover the rest against the binary.
 
 use super::*;
-use crate::ops::PARKED_RETENTION_MS;
+use crate::ops::{PARKED_RETENTION_MS, ParkingLimits};
 use crate::store::ParkedEvent;
 
 impl Fixture {
@@ -104,4 +104,39 @@ async fn a_parked_checkout_that_maps_its_customer_is_applied_once() {
         })
         .collect();
     assert_eq!(applied, ["evt_paid", "evt_checkout"]);
+}
+
+#[tokio::test]
+async fn a_parked_event_is_applied_as_the_delivery_that_brought_it() {
+    let fx = Fixture::new();
+    let rules = fx.rules.clone();
+    let replayed = paid("evt_replayed", "cus_r");
+    let refused = fx
+        .store
+        .write(move |tx| {
+            apply_webhook(
+                tx,
+                &rules,
+                ParkingLimits::DEFAULT,
+                &replayed,
+                &Delivery {
+                    actor: "replay",
+                    reason: Some("outage 42"),
+                },
+                NOW_MS,
+            )
+        })
+        .await
+        .expect("the transaction commits");
+    assert!(refused.is_err());
+
+    fx.map("cus_r", "rco").await;
+    let audit = fx.audit().await;
+    let applied = audit.last().expect("records");
+    assert_eq!(
+        (applied.outcome.as_str(), applied.actor.as_str()),
+        ("applied", "replay")
+    );
+    assert_eq!(applied.metadata["reason"], json!("outage 42"));
+    assert_eq!(applied.metadata["parked_at_ms"], json!(NOW_MS));
 }
