@@ -20,6 +20,7 @@ use crate::ops::{
 use crate::problem::{Error, ProblemLinks};
 use crate::shared_run::SharedRun;
 use crate::store::{AuditQuery, Store};
+use crate::stripe::StripeEvent;
 
 /// Longest `actor` an admin change or an appended record may name.
 const MAX_ACTOR_LEN: usize = 256;
@@ -213,18 +214,45 @@ impl App {
                 return Err(refusal);
             }
         };
+        self.apply_event(event, None).await
+    }
+
+    /// Feeds one exported event through the webhook path minus the signature: the admin
+    /// token vouches for it instead, and its audit record names actor `replay` and `reason`.
+    pub async fn replay_event(
+        &self,
+        bearer: Option<&str>,
+        payload: Vec<u8>,
+        reason: String,
+    ) -> Result<WebhookResult, Error> {
+        self.require_admin(bearer)?;
+        ops::required_text("reason", &reason, ops::MAX_REASON_LEN)?;
+        let event = ops::verify_export(
+            self.config.webhook_max_body_bytes,
+            &payload,
+            crate::time::now_s(),
+        )?;
+        self.apply_event(event, Some(reason)).await
+    }
+
+    /// Applies a verified event in one durable transaction: Stripe's delivery, or with a
+    /// `replay_reason`, an operator's replay.
+    async fn apply_event(
+        &self,
+        event: StripeEvent,
+        replay_reason: Option<String>,
+    ) -> Result<WebhookResult, Error> {
         let rules = self.config.rules.clone();
         let event_id = event.id.clone();
+        let replayed = replay_reason.is_some();
         let answer = self
             .store
             .write(move |tx| {
-                ops::apply_webhook(
-                    tx,
-                    &rules,
-                    &event,
-                    &ops::Delivery::STRIPE,
-                    crate::time::now_ms(),
-                )
+                let delivery = match &replay_reason {
+                    Some(reason) => ops::Delivery::replay(reason),
+                    None => ops::Delivery::STRIPE,
+                };
+                ops::apply_webhook(tx, &rules, &event, &delivery, crate::time::now_ms())
             })
             .await;
         match &answer {
@@ -234,11 +262,14 @@ impl App {
                 tenant = %result.tenant_id,
                 outcome = result.outcome.as_str(),
                 changes = result.flag_changes.len(),
+                replayed,
                 "webhook"
             ),
-            Ok(Err(refusal)) => tracing::warn!(%event_id, error = %refusal, "webhook refused"),
+            Ok(Err(refusal)) => {
+                tracing::warn!(%event_id, replayed, error = %refusal, "webhook refused")
+            }
             Err(failure) => {
-                tracing::error!(%event_id, error = %failure, "webhook not committed; Stripe will retry")
+                tracing::error!(%event_id, replayed, error = %failure, "webhook not committed; Stripe will retry")
             }
         }
         answer?
@@ -248,6 +279,19 @@ impl App {
         validate_id("tenant_id", tenant_id)?;
         validate_flag_key("key", key)?;
         self.feeds.flags.get(tenant_id, key)
+    }
+
+    /// What set a tenant's flag and what came too late for it, from the audit trail; searches
+    /// at most [`QUERY_SCAN_WINDOW`] of the newest records, like a `Query` page.
+    pub async fn explain_flag(
+        &self,
+        tenant_id: &str,
+        key: &str,
+    ) -> Result<ops::Explanation, Error> {
+        let current = self.get_flag(tenant_id, key)?;
+        self.store
+            .read(move |tx| ops::explain_flag(tx, current, QUERY_SCAN_WINDOW))
+            .await
     }
 
     /// Every flag of a tenant, catalog defaults included, sorted by key.
