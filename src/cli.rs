@@ -117,7 +117,9 @@ pub enum FlagsCommand {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ExplainArgs {
+    /// The tenant whose flag to explain.
     pub tenant: String,
+    /// The flag's key, e.g. `pro_features`.
     pub key: String,
     #[command(flatten)]
     pub sidecar: SidecarArgs,

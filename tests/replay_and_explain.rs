@@ -63,6 +63,20 @@ fn invoice(id: &str, event_type: &str, created: i64, tenant: &str) -> serde_json
     serde_json::from_slice(&body).expect("JSON")
 }
 
+/// Stripe's own, signed delivery of `event`.
+async fn deliver(
+    sidecar: &Sidecar,
+    event: &serde_json::Value,
+) -> coresdk::proto::HandleStripeWebhookResponse {
+    let body = serde_json::to_vec(event).expect("JSON");
+    sidecar
+        .webhooks()
+        .handle_stripe_webhook(signed(SECRET, body))
+        .await
+        .expect("acknowledged")
+        .into_inner()
+}
+
 /// The lines of stdout that report an event, in the order they were replayed.
 fn replayed_ids(output: &Output) -> Vec<String> {
     stdout(output)
@@ -174,15 +188,7 @@ async fn a_list_events_page_replays_oldest_first_audited_as_replay_and_again_as_
     assert!(is_on(&sidecar, "acme", "paywall_active").await);
 
     // Stripe's own later delivery of a replayed event is a duplicate as well.
-    let redelivered = sidecar
-        .webhooks()
-        .handle_stripe_webhook(signed(
-            SECRET,
-            serde_json::to_vec(&invoice("evt_paid", "invoice.paid", t, "acme")).expect("JSON"),
-        ))
-        .await
-        .expect("acknowledged")
-        .into_inner();
+    let redelivered = deliver(&sidecar, &invoice("evt_paid", "invoice.paid", t, "acme")).await;
     assert_eq!(redelivered.outcome(), WebhookOutcome::Duplicate);
 }
 
@@ -192,15 +198,7 @@ async fn json_lines_replay_an_event_older_than_the_flag_s_setter_as_stale_and_ex
     let dir = tempfile::tempdir().expect("temp dir");
     let t = now() - 3_600;
     // Stripe delivered the newest event itself.
-    let delivered = sidecar
-        .webhooks()
-        .handle_stripe_webhook(signed(
-            SECRET,
-            serde_json::to_vec(&invoice("evt_new", "invoice.paid", t, "globex")).expect("JSON"),
-        ))
-        .await
-        .expect("acknowledged")
-        .into_inner();
+    let delivered = deliver(&sidecar, &invoice("evt_new", "invoice.paid", t, "globex")).await;
     assert_eq!(delivered.outcome(), WebhookOutcome::Applied);
 
     let lines = [
@@ -484,6 +482,45 @@ async fn replay_needs_the_admin_token_a_reason_and_a_plausible_created() {
         .into_inner();
     assert_eq!(replayed.outcome(), WebhookOutcome::Applied);
     assert!(is_on(&sidecar, "hooli", "pro_features").await);
+}
+
+#[tokio::test]
+async fn a_dash_reads_the_export_from_standard_input() {
+    use std::io::Write as _;
+    let sidecar = Sidecar::start(Options::default()).await;
+    let mut child = Command::new(binary())
+        .args([
+            "stripe",
+            "replay",
+            "-",
+            "--reason",
+            "piped",
+            "--addr",
+            &sidecar.addr,
+        ])
+        .env_clear()
+        .env("CORESDK_LOG", "error")
+        .env("CORESDK_ADMIN_TOKEN", ADMIN_TOKEN)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    let event = invoice("evt_piped", "invoice.paid", now() - 60, "wayne");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(event.to_string().as_bytes())
+        .expect("written");
+    let output = child.wait_with_output().expect("it ends");
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("evt_piped invoice.paid"),
+        "{}",
+        stdout(&output)
+    );
+    assert!(is_on(&sidecar, "wayne", "pro_features").await);
 }
 
 #[tokio::test]

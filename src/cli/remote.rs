@@ -113,14 +113,26 @@ fn connected(
     Ok((runtime, channel))
 }
 
-fn authorized<T>(message: T, token: Option<&str>) -> Result<Request<T>, String> {
+/// `authorization: Bearer <token>`, checked once before anything is sent.
+type Authorization = Option<MetadataValue<tonic::metadata::Ascii>>;
+
+fn authorization(token: Option<&str>) -> Result<Authorization, String> {
+    token
+        .map(|token| {
+            MetadataValue::try_from(format!("Bearer {token}"))
+                .map_err(|_| "the token holds characters a header cannot carry".to_owned())
+        })
+        .transpose()
+}
+
+fn authorized<T>(message: T, authorization: &Authorization) -> Request<T> {
     let mut request = Request::new(message);
-    if let Some(token) = token {
-        let value = MetadataValue::try_from(format!("Bearer {token}"))
-            .map_err(|_| "the token holds characters a header cannot carry".to_owned())?;
-        request.metadata_mut().insert("authorization", value);
+    if let Some(value) = authorization {
+        request
+            .metadata_mut()
+            .insert("authorization", value.clone());
     }
-    Ok(request)
+    request
 }
 
 /// A refusal as one line: its code and the problem's detail.
@@ -172,6 +184,10 @@ pub fn replay(args: ReplayArgs) -> ExitCode {
             EXIT_NOTHING_SENT,
         );
     }
+    let authorization = match authorization(args.admin_token.as_deref()) {
+        Ok(authorization) => authorization,
+        Err(line) => return fail(&format!("--admin-token: {line}"), EXIT_NOTHING_SENT),
+    };
     let export = match read_file(&args.file) {
         Ok(export) => export,
         Err(line) => return fail(&line, EXIT_NOTHING_SENT),
@@ -190,16 +206,13 @@ pub fn replay(args: ReplayArgs) -> ExitCode {
     let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut sent = 0;
     for event in export.events {
-        let request = match authorized(
+        let request = authorized(
             ReplayStripeEventRequest {
                 payload: event.payload,
                 reason: args.reason.clone(),
             },
-            args.admin_token.as_deref(),
-        ) {
-            Ok(request) => request,
-            Err(line) => return fail(&format!("--admin-token: {line}"), EXIT_NOTHING_SENT),
-        };
+            &authorization,
+        );
         sent += 1;
         let answer = runtime.block_on(client.replay_stripe_event(request));
         let label = format!(
@@ -273,14 +286,14 @@ fn acknowledged(outcome: &str, answer: &proto::HandleStripeWebhookResponse) -> S
 }
 
 pub fn explain(args: ExplainArgs) -> ExitCode {
-    let request = match authorized(
-        ExplainFlagRequest {
-            tenant_id: args.tenant.clone(),
-            key: args.key.clone(),
-        },
-        args.api_token.as_deref(),
-    ) {
-        Ok(request) => request,
+    let request = match authorization(args.api_token.as_deref()) {
+        Ok(authorization) => authorized(
+            ExplainFlagRequest {
+                tenant_id: args.tenant.clone(),
+                key: args.key.clone(),
+            },
+            &authorization,
+        ),
         Err(line) => return fail(&format!("--api-token: {line}"), EXIT_NOTHING_SENT),
     };
     let (runtime, channel) = match connected(&args.sidecar, args.timeout_s) {

@@ -281,6 +281,27 @@ mod tests {
     }
 
     #[test]
+    fn no_cut_or_altered_byte_of_an_export_makes_it_panic() {
+        let page = format!(
+            "{{\"object\":\"list\",\"data\":[{},{}]}}\n",
+            event_json("evt_2", 2),
+            event_json("evt_1", 1)
+        );
+        let lines = format!("{}\n\n{}\n", event_json("evt_1", 1), event_json("evt_2", 2));
+        for text in [page, lines] {
+            let bytes = text.as_bytes();
+            for cut in 0..bytes.len() {
+                let _ = parse_export(&bytes[..cut]);
+                for replacement in [b'"', b'\n', b'[', b'}', 0xff] {
+                    let mut altered = bytes.to_vec();
+                    altered[cut] = replacement;
+                    let _ = parse_export(&altered);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn an_oversized_export_is_refused_before_parsing() {
         let endless = std::io::repeat(b' ');
         assert!(matches!(
