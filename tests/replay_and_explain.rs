@@ -603,3 +603,25 @@ async fn an_event_the_sidecar_refuses_fails_alone_and_the_exit_status_says_so() 
     );
     assert!(is_on(&sidecar, "stark", "pro_features").await);
 }
+
+#[tokio::test]
+async fn a_replayed_event_meets_the_webhook_body_limit() {
+    let mut options = Options::default();
+    options
+        .envs
+        .push(("CORESDK_WEBHOOK_MAX_BODY_BYTES".into(), "2048".into()));
+    let sidecar = Sidecar::start(options).await;
+    let mut padded = invoice("evt_big", "invoice.paid", now() - 60, "cyberdyne");
+    padded["data"]["object"]["description"] = json!("x".repeat(4096));
+    let refused = sidecar
+        .webhooks()
+        .replay_stripe_event(admin(ReplayStripeEventRequest {
+            payload: serde_json::to_vec(&padded).expect("JSON"),
+            reason: "too big".into(),
+        }))
+        .await
+        .expect_err("over the body limit");
+    assert_eq!(problem(&refused).status, 413);
+    assert_eq!(error_reason(&refused), "PAYLOAD_TOO_LARGE");
+    assert!(flag(&sidecar, "cyberdyne", "pro_features").await.is_default);
+}

@@ -233,3 +233,155 @@ fn stale_deliveries(
     stale.drain(..surplus);
     Ok(stale)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::audit::NewAuditRecord;
+    use crate::feeds::Feeds;
+    use crate::flags::{FlagCache, FlagOrigin, FlagValue};
+    use crate::ops::{Delivery, apply_webhook};
+    use crate::rules::Rules;
+    use crate::store::{Outcome, ProcessedEvent, Store, StoreUrl};
+    use crate::stripe::StripeEvent;
+
+    const NOW_MS: i64 = 1_700_000_000_000;
+
+    fn store() -> (Store, Arc<FlagCache>) {
+        let rules = Rules::built_in().expect("built-in rules");
+        let cache = Arc::new(FlagCache::new(rules.catalog().clone()));
+        let feeds = Arc::new(Feeds::new(cache.clone()));
+        let store = Store::open(&StoreUrl::Memory, None, feeds, cache.clone()).expect("store");
+        (store, cache)
+    }
+
+    fn invoice(id: &str, event_type: &str, created: i64) -> StripeEvent {
+        let body = json!({"id": id, "type": event_type, "created": created,
+            "data": {"object": {"metadata": {"tenant_id": "acme"}}}});
+        StripeEvent::parse(body.to_string().as_bytes(), created).expect("an event")
+    }
+
+    async fn deliver(store: &Store, event: StripeEvent) -> Outcome {
+        let rules = Rules::built_in().expect("built-in rules");
+        store
+            .write(move |tx| apply_webhook(tx, &rules, &event, &Delivery::replay("test"), NOW_MS))
+            .await
+            .expect("committed")
+            .expect("acknowledged")
+            .outcome
+    }
+
+    async fn explain(store: &Store, cache: &FlagCache, window: u64) -> Explanation {
+        let current = cache.get("acme", "pro_features").expect("a catalog flag");
+        store
+            .read(move |tx| explain_flag(tx, current, window))
+            .await
+            .expect("explained")
+    }
+
+    #[tokio::test]
+    async fn lists_the_latest_stale_deliveries_within_the_window() {
+        let (store, cache) = store();
+        assert_eq!(
+            deliver(&store, invoice("evt_setter", "invoice.paid", 1_000)).await,
+            Outcome::Applied
+        );
+        for n in 0..25 {
+            let late = invoice(&format!("evt_late_{n}"), "invoice.payment_failed", 100 + n);
+            assert_eq!(deliver(&store, late).await, Outcome::Stale);
+        }
+        let explained = explain(&store, &cache, 10_000).await;
+        let Some(SetBy::Event(setter)) = &explained.set_by else {
+            panic!("set by an event: {explained:?}");
+        };
+        assert_eq!(
+            (setter.event_id.as_str(), setter.audit_seq),
+            ("evt_setter", 1)
+        );
+        assert_eq!(setter.reason.as_deref(), Some("test"));
+        let stale: Vec<&str> = explained
+            .stale
+            .iter()
+            .map(|e| e.event_id.as_str())
+            .collect();
+        let latest: Vec<String> = (5..25).map(|n| format!("evt_late_{n}")).collect();
+        assert_eq!(stale, latest);
+        assert_eq!(
+            (explained.searched_from_seq, explained.searched_through_seq),
+            (1, 26)
+        );
+
+        // A window of the newest 4 records: the setter lies before it, the search starts there.
+        let bounded = explain(&store, &cache, 4).await;
+        let stale: Vec<&str> = bounded.stale.iter().map(|e| e.event_id.as_str()).collect();
+        assert_eq!(
+            stale,
+            ["evt_late_21", "evt_late_22", "evt_late_23", "evt_late_24"]
+        );
+        assert_eq!(bounded.searched_from_seq, 22);
+    }
+
+    #[tokio::test]
+    async fn the_rule_comes_from_the_setting_record_and_is_unknown_without_one() {
+        let (store, cache) = store();
+        deliver(&store, invoice("evt_plain", "invoice.paid", 1_000)).await;
+        assert_eq!(explain(&store, &cache, 100).await.rule, None);
+
+        // A record that names its rules, as the lifecycle rules write them.
+        store
+            .write(|tx| {
+                let mut metadata = Map::new();
+                metadata.insert("event_id".into(), json!("evt_ruled"));
+                metadata.insert("event_type".into(), json!("invoice.paid"));
+                metadata.insert("created".into(), json!(2_000));
+                metadata.insert("rules".into(), json!({"pro_features": "invoice-paid"}));
+                let record = tx.append_audit(
+                    NewAuditRecord {
+                        tenant_id: "acme".into(),
+                        actor: "stripe-webhook".into(),
+                        event: "billing.invoice.paid".into(),
+                        outcome: "applied".into(),
+                        metadata,
+                    },
+                    NOW_MS,
+                )?;
+                tx.record_processed(
+                    &ProcessedEvent {
+                        event_id: "evt_ruled".into(),
+                        event_type: "invoice.paid".into(),
+                        tenant_id: "acme".into(),
+                        outcome: Outcome::Applied,
+                        audit_seq: record.seq,
+                    },
+                    NOW_MS,
+                )?;
+                tx.write_flag(FlagRecord {
+                    tenant_id: "acme".into(),
+                    key: "pro_features".into(),
+                    value: FlagValue::Bool(true),
+                    version: 0,
+                    event_created: 2_000,
+                    origin: FlagOrigin::Rule,
+                    updated_at_ms: NOW_MS,
+                    updated_by: "stripe-webhook".into(),
+                    source_event_id: "evt_ruled".into(),
+                })?;
+                Ok(())
+            })
+            .await
+            .expect("written");
+        let explained = explain(&store, &cache, 100).await;
+        assert_eq!(explained.rule.as_deref(), Some("invoice-paid"));
+        let Some(SetBy::Event(setter)) = &explained.set_by else {
+            panic!("set by an event: {explained:?}");
+        };
+        assert_eq!(
+            (setter.event_id.as_str(), setter.created),
+            ("evt_ruled", 2_000)
+        );
+    }
+}
