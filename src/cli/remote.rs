@@ -420,7 +420,7 @@ pub fn explanation_text(answer: &proto::ExplainFlagResponse) -> String {
         text.push_str(&format!("stale events: none ({searched})\n"));
     } else {
         text.push_str(&format!(
-            "stale events (arrived later, but older than what set it; {searched}):\n"
+            "stale events (delivered later, but older than the flag's newest event; {searched}):\n"
         ));
         for event in &answer.stale_events {
             text.push_str(&format!("  {}\n", event_text(event)));
