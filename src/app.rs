@@ -268,8 +268,11 @@ impl App {
             Ok(Err(refusal)) => {
                 tracing::warn!(%event_id, replayed, error = %refusal, "webhook refused")
             }
+            Err(failure) if replayed => {
+                tracing::error!(%event_id, error = %failure, "replayed event not committed; the operator's call fails and may be repeated")
+            }
             Err(failure) => {
-                tracing::error!(%event_id, replayed, error = %failure, "webhook not committed; Stripe will retry")
+                tracing::error!(%event_id, error = %failure, "webhook not committed; Stripe will retry")
             }
         }
         answer?
