@@ -168,6 +168,17 @@ fn outcome(outcome: Outcome) -> proto::WebhookOutcome {
     }
 }
 
+/// The outcome a `WebhookOutcome` names; none for `UNSPECIFIED`.
+pub fn outcome_from_proto(outcome: proto::WebhookOutcome) -> Option<Outcome> {
+    match outcome {
+        proto::WebhookOutcome::Applied => Some(Outcome::Applied),
+        proto::WebhookOutcome::Duplicate => Some(Outcome::Duplicate),
+        proto::WebhookOutcome::Stale => Some(Outcome::Stale),
+        proto::WebhookOutcome::Ignored => Some(Outcome::Ignored),
+        proto::WebhookOutcome::Unspecified => None,
+    }
+}
+
 fn flag_change(change: FlagChange) -> proto::FlagChange {
     proto::FlagChange {
         key: change.key,

@@ -13,13 +13,13 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::{Code, Request};
 
 use super::{ExplainArgs, ReplayArgs, SidecarArgs};
-use crate::api::convert::{flag_value_from_proto, ms_from_timestamp};
+use crate::api::convert::{flag_value_from_proto, ms_from_timestamp, outcome_from_proto};
 use crate::flags::FlagValue;
 use crate::proto::{
-    self, ExplainFlagRequest, ReplayStripeEventRequest, WebhookOutcome,
-    explain_flag_response::SetBy, flag_service_client::FlagServiceClient,
-    webhook_service_client::WebhookServiceClient,
+    self, ExplainFlagRequest, ReplayStripeEventRequest, explain_flag_response::SetBy,
+    flag_service_client::FlagServiceClient, webhook_service_client::WebhookServiceClient,
 };
+use crate::store::Outcome;
 use crate::stripe::export::{Export, read_export};
 use crate::time::rfc3339_ms;
 
@@ -257,14 +257,8 @@ pub fn replay(args: ReplayArgs) -> ExitCode {
     }
 }
 
-fn outcome_name(outcome: WebhookOutcome) -> &'static str {
-    match outcome {
-        WebhookOutcome::Applied => "applied",
-        WebhookOutcome::Duplicate => "duplicate",
-        WebhookOutcome::Stale => "stale",
-        WebhookOutcome::Ignored => "ignored",
-        WebhookOutcome::Unspecified => "unspecified",
-    }
+fn outcome_name(outcome: proto::WebhookOutcome) -> &'static str {
+    outcome_from_proto(outcome).map_or("unspecified", Outcome::as_str)
 }
 
 fn acknowledged(outcome: &str, answer: &proto::HandleStripeWebhookResponse) -> String {
