@@ -112,16 +112,50 @@ async fn billing_records(sidecar: &Sidecar, tenant: &str) -> Vec<coresdk::proto:
         .records
 }
 
+async fn try_explain(
+    sidecar: &Sidecar,
+    tenant: &str,
+    key: &str,
+) -> Result<ExplainFlagResponse, tonic::Status> {
+    let request = ExplainFlagRequest {
+        tenant_id: tenant.into(),
+        key: key.into(),
+    };
+    let answer = sidecar.flags().explain_flag(request).await?;
+    Ok(answer.into_inner())
+}
+
 async fn explain(sidecar: &Sidecar, tenant: &str, key: &str) -> ExplainFlagResponse {
-    sidecar
-        .flags()
-        .explain_flag(ExplainFlagRequest {
-            tenant_id: tenant.into(),
-            key: key.into(),
-        })
+    try_explain(sidecar, tenant, key)
         .await
         .expect("ExplainFlag")
-        .into_inner()
+}
+
+/// `coresdk flags explain TENANT KEY EXTRA…` against `sidecar`.
+fn explain_command(sidecar: &Sidecar, tenant: &str, key: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["flags", "explain", tenant, key, "--addr", &sidecar.addr];
+    args.extend_from_slice(extra);
+    coresdk(&args, &[])
+}
+
+/// `ReplayStripeEvent` with the admin token, or without any when `as_admin` is false.
+async fn replay_rpc(
+    sidecar: &Sidecar,
+    payload: Vec<u8>,
+    reason: &str,
+    as_admin: bool,
+) -> Result<coresdk::proto::HandleStripeWebhookResponse, tonic::Status> {
+    let message = ReplayStripeEventRequest {
+        payload,
+        reason: reason.into(),
+    };
+    let request = if as_admin {
+        admin(message)
+    } else {
+        tonic::Request::new(message)
+    };
+    let answer = sidecar.webhooks().replay_stripe_event(request).await?;
+    Ok(answer.into_inner())
 }
 
 #[tokio::test]
@@ -256,17 +290,7 @@ async fn json_lines_replay_an_event_older_than_the_flag_s_setter_as_stale_and_ex
     assert!(stale.audit_seq > setter.audit_seq);
 
     // The command line prints the same facts.
-    let printed = coresdk(
-        &[
-            "flags",
-            "explain",
-            "globex",
-            "pro_features",
-            "--addr",
-            &sidecar.addr,
-        ],
-        &[],
-    );
+    let printed = explain_command(&sidecar, "globex", "pro_features", &[]);
     assert_eq!(printed.status.code(), Some(0), "{}", stderr(&printed));
     let text = stdout(&printed);
     assert!(text.starts_with("pro_features of globex = on"), "{text}");
@@ -281,18 +305,7 @@ async fn json_lines_replay_an_event_older_than_the_flag_s_setter_as_stale_and_ex
                 && l.contains("replayed by replay")),
         "{text}"
     );
-    let as_json = coresdk(
-        &[
-            "flags",
-            "explain",
-            "globex",
-            "pro_features",
-            "--addr",
-            &sidecar.addr,
-            "--json",
-        ],
-        &[],
-    );
+    let as_json = explain_command(&sidecar, "globex", "pro_features", &["--json"]);
     let parsed: serde_json::Value = serde_json::from_slice(&as_json.stdout).expect("JSON");
     assert_eq!(parsed["value"], json!(true));
     assert_eq!(parsed["set_by"]["event"]["event_id"], json!("evt_new"));
@@ -327,17 +340,7 @@ async fn explain_names_an_admin_change_a_default_and_refuses_an_unknown_key() {
     assert_eq!(change.reason, "ticket 42");
     assert_eq!(change.version, set.version);
     assert!(change.audit_seq > 0);
-    let printed = coresdk(
-        &[
-            "flags",
-            "explain",
-            "umbrella",
-            "pro_features",
-            "--addr",
-            &sidecar.addr,
-        ],
-        &[],
-    );
+    let printed = explain_command(&sidecar, "umbrella", "pro_features", &[]);
     let text = stdout(&printed);
     assert!(
         text.contains("set by: admin ops@umbrella") && text.contains("(reason: ticket 42)"),
@@ -348,35 +351,15 @@ async fn explain_names_an_admin_change_a_default_and_refuses_an_unknown_key() {
     assert!(default.flag.as_ref().is_some_and(|f| f.is_default));
     assert!(default.set_by.is_none());
 
-    let unknown = sidecar
-        .flags()
-        .explain_flag(ExplainFlagRequest {
-            tenant_id: "umbrella".into(),
-            key: "no_such_flag".into(),
-        })
+    let unknown = try_explain(&sidecar, "umbrella", "no_such_flag")
         .await
         .expect_err("unknown key");
     assert_eq!(unknown.code(), Code::NotFound);
-    let bad_tenant = sidecar
-        .flags()
-        .explain_flag(ExplainFlagRequest {
-            tenant_id: "a\u{202e}b".into(),
-            key: "pro_features".into(),
-        })
+    let bad_tenant = try_explain(&sidecar, "a\u{202e}b", "pro_features")
         .await
         .expect_err("bad tenant id");
     assert_eq!(bad_tenant.code(), Code::InvalidArgument);
-    let printed = coresdk(
-        &[
-            "flags",
-            "explain",
-            "umbrella",
-            "no_such_flag",
-            "--addr",
-            &sidecar.addr,
-        ],
-        &[],
-    );
+    let printed = explain_command(&sidecar, "umbrella", "no_such_flag", &[]);
     assert_eq!(printed.status.code(), Some(1));
     assert!(
         stderr(&printed).contains("NotFound"),
@@ -423,33 +406,18 @@ async fn replay_needs_the_admin_token_a_reason_and_a_plausible_created() {
     // The RPC itself refuses without the token, without a reason, and for an event from the
     // future or one with no `created`.
     let payload = serde_json::to_vec(&invoice("evt_1", "invoice.paid", t, "hooli")).expect("JSON");
-    let unauthenticated = sidecar
-        .webhooks()
-        .replay_stripe_event(ReplayStripeEventRequest {
-            payload: payload.clone(),
-            reason: "why".into(),
-        })
+    let unauthenticated = replay_rpc(&sidecar, payload.clone(), "why", false)
         .await
         .expect_err("no token");
     assert_eq!(unauthenticated.code(), Code::Unauthenticated);
-    let no_reason = sidecar
-        .webhooks()
-        .replay_stripe_event(admin(ReplayStripeEventRequest {
-            payload: payload.clone(),
-            reason: "  ".into(),
-        }))
+    let no_reason = replay_rpc(&sidecar, payload.clone(), "  ", true)
         .await
         .expect_err("no reason");
     assert_eq!(no_reason.code(), Code::InvalidArgument);
     assert_eq!(problem(&no_reason).status, 400);
     let future = serde_json::to_vec(&invoice("evt_f", "invoice.paid", now() + 3_600, "hooli"))
         .expect("JSON");
-    let from_the_future = sidecar
-        .webhooks()
-        .replay_stripe_event(admin(ReplayStripeEventRequest {
-            payload: future,
-            reason: "why".into(),
-        }))
+    let from_the_future = replay_rpc(&sidecar, future, "why", true)
         .await
         .expect_err("created in the future");
     assert_eq!(from_the_future.code(), Code::InvalidArgument);
@@ -459,27 +427,16 @@ async fn replay_needs_the_admin_token_a_reason_and_a_plausible_created() {
         from_the_future.message()
     );
     let undated = br#"{"id":"evt_u","type":"invoice.paid","data":{"object":{"metadata":{"tenant_id":"hooli"}}}}"#;
-    let undated = sidecar
-        .webhooks()
-        .replay_stripe_event(admin(ReplayStripeEventRequest {
-            payload: undated.to_vec(),
-            reason: "why".into(),
-        }))
+    let undated = replay_rpc(&sidecar, undated.to_vec(), "why", true)
         .await
         .expect_err("no created");
     assert_eq!(undated.code(), Code::InvalidArgument);
     assert!(flag(&sidecar, "hooli", "pro_features").await.is_default);
 
     // With the token and a reason it applies.
-    let replayed = sidecar
-        .webhooks()
-        .replay_stripe_event(admin(ReplayStripeEventRequest {
-            payload,
-            reason: "why".into(),
-        }))
+    let replayed = replay_rpc(&sidecar, payload, "why", true)
         .await
-        .expect("replayed")
-        .into_inner();
+        .expect("replayed");
     assert_eq!(replayed.outcome(), WebhookOutcome::Applied);
     assert!(is_on(&sidecar, "hooli", "pro_features").await);
 }
@@ -613,14 +570,14 @@ async fn a_replayed_event_meets_the_webhook_body_limit() {
     let sidecar = Sidecar::start(options).await;
     let mut padded = invoice("evt_big", "invoice.paid", now() - 60, "cyberdyne");
     padded["data"]["object"]["description"] = json!("x".repeat(4096));
-    let refused = sidecar
-        .webhooks()
-        .replay_stripe_event(admin(ReplayStripeEventRequest {
-            payload: serde_json::to_vec(&padded).expect("JSON"),
-            reason: "too big".into(),
-        }))
-        .await
-        .expect_err("over the body limit");
+    let refused = replay_rpc(
+        &sidecar,
+        serde_json::to_vec(&padded).expect("JSON"),
+        "too big",
+        true,
+    )
+    .await
+    .expect_err("over the body limit");
     assert_eq!(problem(&refused).status, 413);
     assert_eq!(error_reason(&refused), "PAYLOAD_TOO_LARGE");
     assert!(flag(&sidecar, "cyberdyne", "pro_features").await.is_default);
