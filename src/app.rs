@@ -20,6 +20,7 @@ use crate::ops::{
 use crate::problem::{Error, ProblemLinks};
 use crate::shared_run::SharedRun;
 use crate::store::{AuditQuery, Store};
+use crate::stripe::StripeEvent;
 
 /// Longest `actor` an admin change or an appended record may name.
 const MAX_ACTOR_LEN: usize = 256;
@@ -213,18 +214,51 @@ impl App {
                 return Err(refusal);
             }
         };
+        self.apply_event(event, None).await
+    }
+
+    /// Feeds one exported event through the webhook path minus the signature: the admin
+    /// token vouches for it instead, and its audit record names actor `replay` and `reason`.
+    pub async fn replay_event(
+        &self,
+        bearer: Option<&str>,
+        payload: Vec<u8>,
+        reason: String,
+    ) -> Result<WebhookResult, Error> {
+        self.require_admin(bearer)?;
+        ops::required_text("reason", &reason, ops::MAX_REASON_LEN)?;
+        let event = ops::verify_export(
+            self.config.webhook_max_body_bytes,
+            &payload,
+            crate::time::now_s(),
+        )?;
+        self.apply_event(event, Some(reason)).await
+    }
+
+    /// Applies a verified event in one durable transaction: Stripe's delivery, or with a
+    /// `replay_reason`, an operator's replay.
+    async fn apply_event(
+        &self,
+        event: StripeEvent,
+        replay_reason: Option<String>,
+    ) -> Result<WebhookResult, Error> {
         let rules = self.config.rules.clone();
         let parking = self.config.parking;
         let event_id = event.id.clone();
+        let replayed = replay_reason.is_some();
         let answer = self
             .store
             .write(move |tx| {
+                let delivery = match &replay_reason {
+                    Some(reason) => ops::Delivery::replay(reason),
+                    None => ops::Delivery::STRIPE,
+                };
                 ops::apply_webhook(
                     tx,
                     &rules,
                     parking,
                     &event,
-                    &ops::Delivery::STRIPE,
+                    &delivery,
                     crate::time::now_ms(),
                 )
             })
@@ -236,9 +270,15 @@ impl App {
                 tenant = %result.tenant_id,
                 outcome = result.outcome.as_str(),
                 changes = result.flag_changes.len(),
+                replayed,
                 "webhook"
             ),
-            Ok(Err(refusal)) => tracing::warn!(%event_id, error = %refusal, "webhook refused"),
+            Ok(Err(refusal)) => {
+                tracing::warn!(%event_id, replayed, error = %refusal, "webhook refused")
+            }
+            Err(failure) if replayed => {
+                tracing::error!(%event_id, error = %failure, "replayed event not committed; the operator's call fails and may be repeated")
+            }
             Err(failure) => {
                 tracing::error!(%event_id, error = %failure, "webhook not committed; Stripe will retry")
             }
@@ -250,6 +290,19 @@ impl App {
         validate_id("tenant_id", tenant_id)?;
         validate_flag_key("key", key)?;
         self.feeds.flags.get(tenant_id, key)
+    }
+
+    /// What set a tenant's flag and what came too late for it, from the audit trail; searches
+    /// at most [`QUERY_SCAN_WINDOW`] of the newest records, like a `Query` page.
+    pub async fn explain_flag(
+        &self,
+        tenant_id: &str,
+        key: &str,
+    ) -> Result<ops::Explanation, Error> {
+        let current = self.get_flag(tenant_id, key)?;
+        self.store
+            .read(move |tx| ops::explain_flag(tx, current, QUERY_SCAN_WINDOW))
+            .await
     }
 
     /// Every flag of a tenant, catalog defaults included, sorted by key.

@@ -45,19 +45,29 @@ pub enum Command {
     /// Ask a running sidecar's health service; exits 0 only when it is SERVING. For exec
     /// probes and container health checks, which cannot reach a loopback-only gRPC port.
     Health(HealthArgs),
+    /// Ask a running sidecar about flags.
+    #[command(subcommand)]
+    Flags(FlagsCommand),
 }
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct HealthArgs {
-    /// Address of the sidecar to ask (the address it listens on).
-    #[arg(long, env = "CORESDK_LISTEN", default_value = "127.0.0.1:50051")]
-    pub addr: String,
+    #[command(flatten)]
+    pub sidecar: SidecarArgs,
     /// A service name such as `coresdk.v1.WebhookService`; empty asks for the whole server.
     #[arg(long, default_value = "")]
     pub service: String,
     /// Seconds to wait for the connection and for the answer, each.
     #[arg(long, default_value_t = 2)]
     pub timeout_s: u64,
+}
+
+/// Where a client command finds a running sidecar, and how it connects.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SidecarArgs {
+    /// Address of the sidecar to ask (the address it listens on).
+    #[arg(long, env = "CORESDK_LISTEN", default_value = "127.0.0.1:50051")]
+    pub addr: String,
     /// Connect with TLS, trusting the server certificate only if this CA (PEM) signed it; for a
     /// sidecar started with --tls-cert-file.
     #[arg(long, env = "CORESDK_HEALTH_TLS_CA_FILE")]
@@ -99,6 +109,51 @@ pub enum AuditCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum FlagsCommand {
+    /// Print why a tenant's flag has its value: the event or admin change that set it, the
+    /// rule that mapped the event, and the later events that were STALE for it.
+    Explain(ExplainArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExplainArgs {
+    /// The tenant whose flag to explain.
+    pub tenant: String,
+    /// The flag's key, e.g. `pro_features`.
+    pub key: String,
+    #[command(flatten)]
+    pub sidecar: SidecarArgs,
+    /// The sidecar's API token (its CORESDK_API_TOKEN), when it has one; the admin token
+    /// works too.
+    #[arg(long, env = "CORESDK_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Seconds to wait for the connection and for the answer, each.
+    #[arg(long, default_value_t = 10)]
+    pub timeout_s: u64,
+    /// Print the answer as JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReplayArgs {
+    /// The export: a List Events page (`{"object": "list", "data": [...]}`), one event per
+    /// line, or one event; `-` reads standard input.
+    pub file: PathBuf,
+    /// Why you replay (recorded in every event's audit record), e.g. "outage 2024-05-01".
+    #[arg(long)]
+    pub reason: String,
+    #[command(flatten)]
+    pub sidecar: SidecarArgs,
+    /// The sidecar's admin token (its CORESDK_ADMIN_TOKEN).
+    #[arg(long, env = "CORESDK_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Seconds to wait for the connection, and for each event's answer.
+    #[arg(long, default_value_t = 10)]
+    pub timeout_s: u64,
+}
+
+#[derive(Debug, Subcommand)]
 pub enum StripeCommand {
     /// Sign a body read from standard input and print a `Stripe-Signature` header for it:
     /// `printf '%s' "$BODY" | coresdk stripe sign --secret whsec_…`.
@@ -110,6 +165,13 @@ pub enum StripeCommand {
         #[arg(long)]
         timestamp: Option<i64>,
     },
+    /// Feed exported events (Stripe's List Events, or `stripe events list`) to a running
+    /// sidecar through its webhook path without signatures, oldest first: recovery from an
+    /// outage longer than Stripe's retry window. Needs the admin token. Exits 0 when every
+    /// event was acknowledged (applied, duplicate, stale or ignored), 1 when the sidecar
+    /// refused or could not apply some, 2 when nothing was sent (unreadable or malformed file,
+    /// bad settings).
+    Replay(ReplayArgs),
 }
 
 /// A parsed command line, with the matches that remember where each value came from.
@@ -285,6 +347,8 @@ fn expected(arg: &clap::Arg) -> String {
         format!("see `coresdk help` for {}", long_flag(arg))
     }
 }
+
+pub mod remote;
 
 #[cfg(test)]
 mod tests;

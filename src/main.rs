@@ -1,17 +1,16 @@
 #![forbid(unsafe_code)]
 
 use std::io::{IsTerminal as _, Read as _};
-use std::path::Path;
 use std::process::ExitCode;
 
 use coresdk::cli::{
-    AuditCommand, Command, HealthArgs, Invocation, ParseError, ServeArgs, StripeCommand,
+    AuditCommand, Command, FlagsCommand, HealthArgs, Invocation, ParseError, ServeArgs,
+    StripeCommand, remote,
 };
 use coresdk::config::{Config, LogFormat};
 use coresdk::server::ServeError;
 use coresdk::store::StoreUrl;
 use coresdk::store::sqlite::{StoreTxOwner as _, open_read_only};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CORESDK_LOG")
@@ -54,42 +53,17 @@ fn main() -> ExitCode {
         Some(Command::Stripe(StripeCommand::Sign { secret, timestamp })) => {
             stripe_sign(&secret, timestamp)
         }
+        Some(Command::Stripe(StripeCommand::Replay(args))) => remote::replay(args),
         Some(Command::Health(args)) => health(args),
+        Some(Command::Flags(FlagsCommand::Explain(args))) => remote::explain(args),
     }
-}
-
-/// The TLS side of `coresdk health`: None for a plaintext listener.
-fn health_tls(args: &HealthArgs) -> Result<Option<ClientTlsConfig>, String> {
-    let Some(ca_file) = &args.tls_ca_file else {
-        return Ok(None);
-    };
-    let read = |flag: &str, path: &Path| {
-        std::fs::read(path).map_err(|e| {
-            format!(
-                "{flag}: cannot read {}: {e}; point it at a readable PEM file",
-                path.display()
-            )
-        })
-    };
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read("--tls-ca-file", ca_file)?));
-    if let Some(name) = &args.tls_server_name {
-        tls = tls.domain_name(name.clone());
-    }
-    if let (Some(cert), Some(key)) = (&args.tls_client_cert_file, &args.tls_client_key_file) {
-        tls = tls.identity(Identity::from_pem(
-            read("--tls-client-cert-file", cert)?,
-            read("--tls-client-key-file", key)?,
-        ));
-    }
-    Ok(Some(tls))
 }
 
 fn health(args: HealthArgs) -> ExitCode {
     use tonic_health::pb::{
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
     };
-    let tls = match health_tls(&args) {
+    let tls = match remote::tls(&args.sidecar) {
         Ok(tls) => tls,
         Err(line) => {
             eprintln!("coresdk: {line}");
@@ -107,38 +81,15 @@ fn health(args: HealthArgs) -> ExitCode {
         }
     };
     let HealthArgs {
-        addr,
+        sidecar,
         service,
         timeout_s,
-        ..
     } = args;
-    // A plaintext probe of a TLS listener fails in ways that do not say so.
-    let hint = if tls.is_some() {
-        ""
-    } else {
-        "; if the sidecar serves TLS, give --tls-ca-file"
-    };
+    let addr = sidecar.addr;
+    let hint = remote::tls_hint(tls.as_ref());
     let timeout = std::time::Duration::from_secs(timeout_s.max(1));
     let answer = runtime.block_on(async {
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
-            .map_err(|e| e.to_string())?
-            .connect_timeout(timeout)
-            .timeout(timeout);
-        if let Some(tls) = tls {
-            endpoint = endpoint.tls_config(tls).map_err(|e| {
-                format!(
-                    "unusable TLS settings: {}",
-                    coresdk::problem::with_causes(&e)
-                )
-            })?;
-        }
-        let channel = endpoint.connect().await.map_err(|e| {
-            format!(
-                "cannot connect: {}; check that the sidecar runs and listens there (--addr or CORESDK_LISTEN){hint}",
-                coresdk::problem::with_causes(&e)
-            )
-        })?;
+        let channel = remote::connect(&addr, tls, timeout).await?;
         HealthClient::new(channel)
             .check(HealthCheckRequest { service })
             .await

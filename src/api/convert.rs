@@ -6,7 +6,7 @@ use serde_json::{Map, Value as Json};
 use crate::audit::AuditRecord;
 use crate::auth::{Access, AccessRequest, Claims};
 use crate::flags::{Flag, FlagRecord, FlagValue, finite_number};
-use crate::ops::{FlagChange, WebhookResult};
+use crate::ops::{AdminTrace, EventTrace, Explanation, FlagChange, SetBy, WebhookResult};
 use crate::problem::{Error, Problem};
 use crate::proto;
 use crate::store::Outcome;
@@ -168,6 +168,17 @@ fn outcome(outcome: Outcome) -> proto::WebhookOutcome {
     }
 }
 
+/// The outcome a `WebhookOutcome` names; none for `UNSPECIFIED`.
+pub fn outcome_from_proto(outcome: proto::WebhookOutcome) -> Option<Outcome> {
+    match outcome {
+        proto::WebhookOutcome::Applied => Some(Outcome::Applied),
+        proto::WebhookOutcome::Duplicate => Some(Outcome::Duplicate),
+        proto::WebhookOutcome::Stale => Some(Outcome::Stale),
+        proto::WebhookOutcome::Ignored => Some(Outcome::Ignored),
+        proto::WebhookOutcome::Unspecified => None,
+    }
+}
+
 fn flag_change(change: FlagChange) -> proto::FlagChange {
     proto::FlagChange {
         key: change.key,
@@ -186,6 +197,43 @@ pub fn webhook_result(result: WebhookResult) -> proto::HandleStripeWebhookRespon
         flag_changes: result.flag_changes.into_iter().map(flag_change).collect(),
         audit_seq: result.audit_seq,
         stale_flags: result.stale_flags,
+    }
+}
+
+fn flag_event(trace: EventTrace) -> proto::FlagEvent {
+    proto::FlagEvent {
+        event_id: trace.event_id,
+        event_type: trace.event_type,
+        created: trace.created,
+        audit_seq: trace.audit_seq,
+        received_at: Some(timestamp_from_ms(trace.received_at_ms)),
+        actor: trace.actor,
+        reason: trace.reason.unwrap_or_default(),
+    }
+}
+
+fn admin_flag_change(admin: AdminTrace) -> proto::AdminFlagChange {
+    proto::AdminFlagChange {
+        actor: admin.actor,
+        reason: admin.reason.unwrap_or_default(),
+        at: Some(timestamp_from_ms(admin.at_ms)),
+        version: admin.version,
+        audit_seq: admin.audit_seq,
+    }
+}
+
+pub fn explanation(explanation: Explanation) -> proto::ExplainFlagResponse {
+    use proto::explain_flag_response::SetBy as Proto;
+    proto::ExplainFlagResponse {
+        flag: Some(flag(explanation.flag)),
+        set_by: explanation.set_by.map(|set_by| match set_by {
+            SetBy::Event(trace) => Proto::Event(flag_event(trace)),
+            SetBy::Admin(admin) => Proto::Admin(admin_flag_change(admin)),
+        }),
+        rule: explanation.rule.unwrap_or_default(),
+        stale_events: explanation.stale.into_iter().map(flag_event).collect(),
+        searched_from_seq: explanation.searched_from_seq,
+        searched_through_seq: explanation.searched_through_seq,
     }
 }
 

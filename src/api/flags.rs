@@ -73,6 +73,18 @@ impl FlagService for FlagApi {
         Ok(Response::new(convert::flag_record(written)))
     }
 
+    async fn explain_flag(
+        &self,
+        request: Request<proto::ExplainFlagRequest>,
+    ) -> Result<Response<proto::ExplainFlagResponse>, Status> {
+        let request = request.into_inner();
+        self.app
+            .explain_flag(&request.tenant_id, &request.key)
+            .await
+            .map(|explanation| Response::new(convert::explanation(explanation)))
+            .map_err(|e| status::of_error(&e, self.app.links()))
+    }
+
     type WatchFlagsStream = ResponseStream<proto::WatchFlagsResponse>;
 
     async fn watch_flags(

@@ -1,6 +1,6 @@
 use tonic::{Request, Response, Status};
 
-use super::{SharedApp, convert, status};
+use super::{SharedApp, bearer, convert, status};
 use crate::proto::{self, webhook_service_server::WebhookService};
 
 pub struct WebhookApi {
@@ -16,6 +16,18 @@ impl WebhookService for WebhookApi {
         let request = request.into_inner();
         self.app
             .handle_webhook(request.payload, &request.signature_header)
+            .await
+            .map(|result| Response::new(convert::webhook_result(result)))
+            .map_err(|e| status::of_error(&e, self.app.links()))
+    }
+
+    async fn replay_stripe_event(
+        &self,
+        request: Request<proto::ReplayStripeEventRequest>,
+    ) -> Result<Response<proto::HandleStripeWebhookResponse>, Status> {
+        let (metadata, _, request) = request.into_parts();
+        self.app
+            .replay_event(bearer(&metadata), request.payload, request.reason)
             .await
             .map(|result| Response::new(convert::webhook_result(result)))
             .map_err(|e| status::of_error(&e, self.app.links()))

@@ -2,6 +2,7 @@
 //! dedup record and its audit record commit together or not at all; and the validation of
 //! the ids and texts they accept.
 
+mod explain;
 mod parking;
 mod webhook;
 
@@ -13,11 +14,12 @@ use crate::problem::Error;
 use crate::rules::Rules;
 use crate::store::{CustomerMapping, StoreTx};
 pub use parking::{PARKED_RETENTION_MS, PARKING_ACTOR, ParkingLimits};
+pub use explain::{AdminTrace, EventTrace, Explanation, STALE_SHOWN, SetBy, explain_flag};
 pub use webhook::{
     CLAIM_PREFIX_BYTES, ClaimedIdentity, Delivery, FlagChange, REFUSED_DELIVERY_EVENT,
-    REFUSED_DELIVERY_KEY_FIELDS, REFUSED_DELIVERY_OUTCOME, WEBHOOK_ACTOR, WebhookResult,
-    apply_webhook, audit_event_name, audits_refusal, claimed_identity, refused_delivery_record,
-    verify_delivery,
+    REFUSED_DELIVERY_KEY_FIELDS, REFUSED_DELIVERY_OUTCOME, REPLAY_ACTOR, WEBHOOK_ACTOR,
+    WebhookResult, apply_webhook, audit_event_name, audits_refusal, claimed_identity,
+    refused_delivery_record, verify_delivery, verify_export,
 };
 
 pub const MAX_ID_LEN: usize = 128;
@@ -96,10 +98,15 @@ pub fn validate_optional_id(field: &'static str, value: &str) -> Result<(), Erro
     }
 }
 
+pub const MAX_REASON_LEN: usize = 1024;
+
 /// The `reason` an admin gives for a change: optional, bounded (it lands in the audit trail).
 pub fn validate_reason(reason: &str) -> Result<(), Error> {
-    if reason.len() > 1024 {
-        return Err(Error::invalid("reason", "is longer than 1024 bytes"));
+    if reason.len() > MAX_REASON_LEN {
+        return Err(Error::invalid(
+            "reason",
+            format!("is longer than {MAX_REASON_LEN} bytes"),
+        ));
     }
     Ok(())
 }

@@ -13,6 +13,8 @@ use crate::store::{Outcome, ProcessedEvent, StoreTx};
 use crate::stripe::{SignatureVerifier, StripeEvent};
 
 pub const WEBHOOK_ACTOR: &str = "stripe-webhook";
+/// The actor of an operator's replay of exported events.
+pub const REPLAY_ACTOR: &str = "replay";
 
 /// Who feeds an event through the webhook path and why: Stripe's own delivery, or an
 /// operator's replay (actor `replay`, with the operator's reason in every audit record).
@@ -27,6 +29,36 @@ impl Delivery<'static> {
         actor: WEBHOOK_ACTOR,
         reason: None,
     };
+}
+
+impl<'a> Delivery<'a> {
+    pub fn replay(reason: &'a str) -> Self {
+        Delivery {
+            actor: REPLAY_ACTOR,
+            reason: Some(reason),
+        }
+    }
+}
+
+/// Checks an exported event an operator replays: the delivery's size limit, then that it is
+/// an event whose `created` is not in the future. No signature: the admin token vouches.
+pub fn verify_export(
+    max_body_bytes: usize,
+    payload: &[u8],
+    now_s: i64,
+) -> Result<StripeEvent, Error> {
+    check_body_size(max_body_bytes, payload)?;
+    StripeEvent::parse_exported(payload, now_s)
+}
+
+fn check_body_size(max_body_bytes: usize, payload: &[u8]) -> Result<(), Error> {
+    if payload.len() > max_body_bytes {
+        return Err(Error::PayloadTooLarge {
+            size: payload.len(),
+            limit: max_body_bytes,
+        });
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -227,7 +259,7 @@ fn apply(
             }
             None => Error::NoTenant,
         };
-        metadata.insert("reason".into(), json!(refusal.to_string()));
+        metadata.insert("refusal".into(), json!(refusal.to_string()));
         audit_webhook(tx, delivery, "", event, "rejected", metadata, now_ms)?;
         return Ok(Err(refusal));
     };
@@ -423,12 +455,7 @@ pub fn verify_delivery(
     signature_header: &str,
     now_s: i64,
 ) -> Result<StripeEvent, Error> {
-    if payload.len() > max_body_bytes {
-        return Err(Error::PayloadTooLarge {
-            size: payload.len(),
-            limit: max_body_bytes,
-        });
-    }
+    check_body_size(max_body_bytes, payload)?;
     let signed_at = verifier.verify(payload, signature_header, now_s)?;
     StripeEvent::parse(payload, signed_at)
 }

@@ -50,6 +50,22 @@ impl StripeEvent {
     /// Parses a payload whose signature was already verified. `signed_at` stands in for a
     /// missing `created`, since the signature timestamp is the next best ordering Stripe gives.
     pub fn parse(payload: &[u8], signed_at: i64) -> Result<Self, Error> {
+        Self::parse_checked(payload, Some(signed_at), Latest::Signed(signed_at))
+    }
+
+    /// Parses an event exported from Stripe (List Events) for a replay: no signature vouches
+    /// for it, so `created` is required (standing in "now" for it would let an old event win
+    /// over every newer one) and may not lie after `now_s` (give or take the same margin). An
+    /// old `created` is what an export holds.
+    pub fn parse_exported(payload: &[u8], now_s: i64) -> Result<Self, Error> {
+        Self::parse_checked(payload, None, Latest::Now(now_s))
+    }
+
+    fn parse_checked(
+        payload: &[u8],
+        missing_created: Option<i64>,
+        latest: Latest,
+    ) -> Result<Self, Error> {
         let value: Value = serde_json::from_slice(payload)
             .map_err(|e| Error::NotAStripeEvent(format!("the body is not JSON ({e})")))?;
         let Value::Object(mut event) = value else {
@@ -59,9 +75,14 @@ impl StripeEvent {
         };
         let id = required_string(&event, "id")?;
         let event_type = required_string(&event, "type")?;
-        let created = match event.get("created") {
-            None | Some(Value::Null) => signed_at,
-            Some(v) => plausible_created(v, signed_at)?,
+        let created = match (event.get("created"), missing_created) {
+            (None | Some(Value::Null), Some(stand_in)) => stand_in,
+            (None | Some(Value::Null), None) => {
+                return Err(Error::NotAStripeEvent(
+                    "no `created` in the event; an exported event always has one".into(),
+                ));
+            }
+            (Some(v), _) => plausible_created(v, latest)?,
         };
         let livemode = event
             .get("livemode")
@@ -81,7 +102,11 @@ impl StripeEvent {
             livemode,
             object,
             payload: Payload(Arc::from(payload)),
-            signed_at,
+            // What vouched for the event and when: parsing the kept payload again with it
+            // (a parked event) passes the same checks.
+            signed_at: match latest {
+                Latest::Signed(at) | Latest::Now(at) => at,
+            },
         })
     }
 
@@ -165,9 +190,18 @@ impl StripeEvent {
     }
 }
 
-/// `created` as Unix seconds that can be a real event's: not before 1970, and not after the
-/// delivery was signed (give or take [`MAX_CREATED_AHEAD_S`]).
-fn plausible_created(value: &Value, signed_at: i64) -> Result<i64, Error> {
+/// The latest `created` an event may have (give or take [`MAX_CREATED_AHEAD_S`]).
+#[derive(Debug, Clone, Copy)]
+enum Latest {
+    /// A delivery's signature timestamp: Stripe signs events after creating them.
+    Signed(i64),
+    /// The sidecar's clock, for an export no signature vouches for.
+    Now(i64),
+}
+
+/// `created` as Unix seconds that can be a real event's: not before 1970, and not after
+/// `latest` (give or take [`MAX_CREATED_AHEAD_S`]).
+fn plausible_created(value: &Value, latest: Latest) -> Result<i64, Error> {
     let created = value
         .as_i64()
         .ok_or_else(|| Error::NotAStripeEvent("`created` is not an integer timestamp".into()))?;
@@ -176,9 +210,16 @@ fn plausible_created(value: &Value, signed_at: i64) -> Result<i64, Error> {
             "`created` ({created}) is before 1970"
         )));
     }
-    if created > signed_at.saturating_add(MAX_CREATED_AHEAD_S) {
+    let (bound, what) = match latest {
+        Latest::Signed(at) => (
+            at,
+            "the signature timestamp; Stripe signs events after creating them",
+        ),
+        Latest::Now(at) => (at, "now; an exported event cannot come from the future"),
+    };
+    if created > bound.saturating_add(MAX_CREATED_AHEAD_S) {
         return Err(Error::NotAStripeEvent(format!(
-            "`created` ({created}) is more than {MAX_CREATED_AHEAD_S} s after the signature timestamp ({signed_at}); Stripe signs events after creating them"
+            "`created` ({created}) is more than {MAX_CREATED_AHEAD_S} s after {what} ({bound})"
         )));
     }
     Ok(created)
@@ -274,6 +315,22 @@ mod tests {
             (again.id, again.created, again.object),
             (event.id, event.created, event.object)
         );
+    }
+
+    #[test]
+    fn an_exported_event_needs_a_created_that_is_not_in_the_future() {
+        let now = 1_700_000_000;
+        let missing = StripeEvent::parse_exported(br#"{"id":"evt_1","type":"x"}"#, now);
+        assert!(matches!(missing, Err(Error::NotAStripeEvent(m)) if m.contains("`created`")));
+        let ahead = format!(
+            r#"{{"id":"evt_1","type":"x","created":{}}}"#,
+            now + MAX_CREATED_AHEAD_S + 1
+        );
+        let ahead = StripeEvent::parse_exported(ahead.as_bytes(), now);
+        assert!(matches!(ahead, Err(Error::NotAStripeEvent(m)) if m.contains("after now")));
+        let old = br#"{"id":"evt_1","type":"x","created":1000}"#;
+        let event = StripeEvent::parse_exported(old, now).expect("an old event is fine");
+        assert_eq!(event.created, 1000);
     }
 
     #[test]

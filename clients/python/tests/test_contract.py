@@ -2,6 +2,7 @@
 real sidecar, so the mock cannot drift from the product."""
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -230,3 +231,48 @@ def test_the_asyncio_variant_answers_like_the_sync_one(sdk):
         return result.outcome, decision.allowed, client.is_enabled("initech", "pro_features")
 
     assert asyncio.run(scenario()) == ("applied", True, True)
+
+
+def test_a_replayed_event_takes_the_webhook_path_and_is_audited_as_replay(sdk):
+    now = int(time.time())
+    body = stripe_event("invoice.payment_failed", "cus_globex_001", created=now - 86_400, event_id="evt_replayed_1")
+    result = sdk.replay_event(body, reason="outage INC-7")
+    assert (result.outcome, result.tenant_id) == ("applied", "globex")
+    assert sdk.is_enabled("globex", "paywall_active")
+    records = sdk.audit_query(tenant_id="globex", event_prefix="billing.invoice.payment_failed")
+    assert [(r.actor, r.metadata.get("reason")) for r in records] == [("replay", "outage INC-7")]
+    assert sdk.replay_event(body, reason="again").outcome == "duplicate"
+    assert deliver(sdk, body).outcome == "duplicate"
+    older = stripe_event("invoice.paid", "cus_globex_001", created=now - 90_000)
+    assert sdk.replay_event(older, reason="older").outcome == "stale"
+    for payload, reason in [
+        (stripe_event("invoice.paid", "cus_globex_001", created=now + 3_600), "from the future"),
+        (json.dumps({"id": "evt_undated", "type": "invoice.paid"}).encode(), "undated"),
+    ]:
+        with pytest.raises(ProblemError) as caught:
+            sdk.replay_event(payload, reason=reason)
+        assert (caught.value.status, caught.value.problem.reason) == (400, "INVALID_EVENT")
+    with pytest.raises(ProblemError) as caught:
+        sdk.replay_event(stripe_event("invoice.paid", "cus_globex_001"), reason=" ")
+    assert caught.value.status == 400
+
+
+def test_explain_names_what_set_a_flag_and_the_later_stale_events(sdk):
+    now = int(time.time())
+    setter = deliver(sdk, stripe_event("invoice.paid", "cus_acme_001", created=now, event_id="evt_setter"))
+    late = stripe_event("invoice.payment_failed", "cus_acme_001", created=now - 60, event_id="evt_late")
+    assert sdk.replay_event(late, reason="INC-8").outcome == "stale"
+    explained = sdk.explain_flag("acme-corp", "pro_features")
+    assert explained.flag.value is True
+    assert (explained.event.event_id, explained.event.audit_seq, explained.event.actor) == ("evt_setter", setter.audit_seq, "stripe-webhook")
+    assert explained.admin is None
+    assert [(e.event_id, e.actor, e.reason, e.created) for e in explained.stale_events] == [("evt_late", "replay", "INC-8", now - 60)]
+
+    sdk.set_flag("acme-corp", "pro_features", False, actor="ops@acme", reason="ticket 9")
+    explained = sdk.explain_flag("acme-corp", "pro_features")
+    assert (explained.admin.actor, explained.admin.reason, explained.event) == ("ops@acme", "ticket 9", None)
+    assert explained.stale_events == []
+    default = sdk.explain_flag("acme-corp", "advanced_analytics")
+    assert default.flag.is_default and default.event is None and default.admin is None
+    with pytest.raises(FlagNotFound):
+        sdk.explain_flag("acme-corp", "no_such_flag")

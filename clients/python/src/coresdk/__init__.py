@@ -11,7 +11,18 @@ from typing import Optional
 from coresdk.base import BaseSDK
 from coresdk.config import Settings
 from coresdk.errors import FlagNotFound, Problem, ProblemError, SidecarUnavailable
-from coresdk.models import AuditRecord, Claims, Decision, Flag, FlagChange, VerifyResult, WebhookResult
+from coresdk.models import (
+    AdminFlagChange,
+    AuditRecord,
+    Claims,
+    Decision,
+    Flag,
+    FlagChange,
+    FlagEvent,
+    FlagExplanation,
+    VerifyResult,
+    WebhookResult,
+)
 
 __all__ = [
     "SDK",
@@ -21,11 +32,14 @@ __all__ = [
     "ProblemError",
     "FlagNotFound",
     "SidecarUnavailable",
+    "AdminFlagChange",
     "AuditRecord",
     "Claims",
     "Decision",
     "Flag",
     "FlagChange",
+    "FlagEvent",
+    "FlagExplanation",
     "VerifyResult",
     "WebhookResult",
 ]

@@ -19,7 +19,9 @@ from coresdk.config import Settings
 class AsyncSDK:
     _BLOCKING = {
         "handle_stripe_webhook",
+        "replay_event",
         "get_flag",
+        "explain_flag",
         "set_flag",
         "verify_token",
         "authorize",

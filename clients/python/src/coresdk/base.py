@@ -5,7 +5,7 @@ import abc
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from coresdk.config import Settings
-from coresdk.models import AuditRecord, Claims, Decision, Flag, FlagValue, VerifyResult, WebhookResult
+from coresdk.models import AuditRecord, Claims, Decision, Flag, FlagExplanation, FlagValue, VerifyResult, WebhookResult
 
 
 class BaseSDK(abc.ABC):
@@ -17,7 +17,16 @@ class BaseSDK(abc.ABC):
         is committed; raises ProblemError otherwise (answer `problem.status` so Stripe retries)."""
 
     @abc.abstractmethod
+    def replay_event(self, payload: bytes, *, reason: str) -> WebhookResult:
+        """Admin: feeds one exported event through the webhook path without a signature
+        (actor `replay`, `reason` in its audit record); duplicates and stale events answer as
+        for a delivery. `created` is required and may not lie in the future."""
+
+    @abc.abstractmethod
     def get_flag(self, tenant_id: str, key: str) -> Flag: ...
+
+    @abc.abstractmethod
+    def explain_flag(self, tenant_id: str, key: str) -> FlagExplanation: ...
 
     @abc.abstractmethod
     def get_flags(self, tenant_id: str) -> dict[str, Flag]: ...

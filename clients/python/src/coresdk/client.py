@@ -24,7 +24,7 @@ from coresdk.errors import (
     unavailable_problem,
 )
 from coresdk.validation import check_ids
-from coresdk.models import AuditRecord, Claims, Decision, Flag, FlagValue, VerifyResult, WebhookResult, value_to_proto
+from coresdk.models import AuditRecord, Claims, Decision, Flag, FlagExplanation, FlagValue, VerifyResult, WebhookResult, value_to_proto
 from coresdk.v1 import (
     audit_pb2,
     audit_pb2_grpc,
@@ -229,6 +229,12 @@ class SidecarClient(BaseSDK):
         self._await_cache(result.tenant_id, [(c.key, c.version) for c in result.flag_changes])
         return result
 
+    def replay_event(self, payload: bytes, *, reason: str) -> WebhookResult:
+        request = webhook_pb2.ReplayStripeEventRequest(payload=payload, reason=reason)
+        result = WebhookResult.from_proto(self._call(self._webhooks.ReplayStripeEvent, request, admin=True))
+        self._await_cache(result.tenant_id, [(c.key, c.version) for c in result.flag_changes])
+        return result
+
     def _await_cache(self, tenant_id: str, versions: list[tuple[str, int]]) -> None:
         """Read-your-writes: once a change is acknowledged, wait (briefly) until the local
         cache shows it, so the caller's next is_enabled sees what it just did."""
@@ -259,6 +265,11 @@ class SidecarClient(BaseSDK):
                 raise
             self.outage.decided_by_fail_mode()
             raise FlagNotFound(unavailable_problem(f"flag '{key}' is not known locally and the sidecar is away")) from None
+
+    def explain_flag(self, tenant_id: str, key: str) -> FlagExplanation:
+        check_ids(tenant_id, key, self.settings.problem_type_base)
+        request = flags_pb2.ExplainFlagRequest(tenant_id=tenant_id, key=key)
+        return FlagExplanation.from_proto(self._call(self._flags.ExplainFlag, request))
 
     def is_enabled(self, tenant_id: str, key: str) -> bool:
         # The hot path: a dictionary lookup once the cache is warm.

@@ -26,11 +26,27 @@ from coresdk.base import BaseSDK
 from coresdk.config import Settings
 from coresdk.errors import FlagNotFound, Problem, ProblemError
 from coresdk.validation import FLAG_KEY, check_ids, id_defect, invalid
-from coresdk.models import AuditRecord, Claims, Decision, Flag, FlagChange, FlagValue, VerifyResult, WebhookResult
+from coresdk.models import (
+    AdminFlagChange,
+    AuditRecord,
+    Claims,
+    Decision,
+    Flag,
+    FlagChange,
+    FlagEvent,
+    FlagExplanation,
+    FlagValue,
+    VerifyResult,
+    WebhookResult,
+)
 
 MOCK_SECRET = "whsec_test_secret"
 MOCK_TENANTS = {"cus_acme_001": "acme-corp", "cus_globex_001": "globex", "cus_initech_001": "initech"}
 ACTOR = "stripe-webhook"
+REPLAY_ACTOR = "replay"
+MAX_REASON_LEN = 1024
+# How many stale deliveries an explanation lists (the sidecar's STALE_SHOWN).
+STALE_SHOWN = 20
 
 # Event namespaces only the sidecar writes; Append refuses them (and the webhook actor).
 RESERVED_NAMESPACES = ("billing", "auth", "flag", "tenant", "audit")
@@ -64,6 +80,7 @@ class _Flag:
     event_created: int
     origin: str
     updated_by: str
+    source_event_id: str = ""
 
 
 class MockSidecar(BaseSDK):
@@ -242,17 +259,27 @@ class MockSidecar(BaseSDK):
                 names += [holder.get(f) for f in ("lookup_key", "nickname") if isinstance(holder.get(f), str)]
         return any(word.lower() in plans for name in names for word in re.split(r"[^0-9A-Za-z]+", name))
 
+    def _too_large(self, size: int) -> ProblemError:
+        return ProblemError(_problem(self._base, "payload-too-large", "Payload too large", 413, f"the payload is {size} bytes", "PAYLOAD_TOO_LARGE"))
+
+    def _not_an_event(self, detail: str) -> ProblemError:
+        return ProblemError(_problem(self._base, "invalid-event", "Not a Stripe event", 400, detail, "INVALID_EVENT"))
+
+    def _parse_event(self, payload: bytes) -> dict[str, Any]:
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            event = None
+        if not isinstance(event, dict) or not isinstance(event.get("id"), str) or not event["id"] or not isinstance(event.get("type"), str) or not event["type"]:
+            raise self._not_an_event("the verified payload is not a Stripe event")
+        return event
+
     def handle_stripe_webhook(self, payload: bytes, signature_header: str) -> WebhookResult:
         if len(payload) > MAX_BODY:
-            raise self._refuse(ProblemError(_problem(self._base, "payload-too-large", "Payload too large", 413, f"the payload is {len(payload)} bytes", "PAYLOAD_TOO_LARGE")), len(payload))
+            raise self._refuse(self._too_large(len(payload)), len(payload))
         try:
             signed_at = self._verify_signature(payload, signature_header)
-            try:
-                event = json.loads(payload)
-            except ValueError:
-                event = None
-            if not isinstance(event, dict) or not isinstance(event.get("id"), str) or not event["id"] or not isinstance(event.get("type"), str) or not event["type"]:
-                raise ProblemError(_problem(self._base, "invalid-event", "Not a Stripe event", 400, "the verified payload is not a Stripe event", "INVALID_EVENT"))
+            event = self._parse_event(payload)
             created = event.get("created")
             # As the sidecar: Stripe signs an event after creating it, so a `created` far past the
             # signature time (or before 1970) is not a real event's and would make later ones stale.
@@ -260,6 +287,26 @@ class MockSidecar(BaseSDK):
                 raise ProblemError(_problem(self._base, "invalid-event", "Not a Stripe event", 400, f"`created` ({created}) is not a plausible event time", "INVALID_EVENT"))
         except ProblemError as e:
             raise self._refuse(e, len(payload)) from None
+        return self._apply(event, signed_at, ACTOR, "")
+
+    def replay_event(self, payload: bytes, *, reason: str) -> WebhookResult:
+        if not reason.strip():
+            raise self._invalid("reason: is required")
+        if len(reason.encode()) > MAX_REASON_LEN:
+            raise self._invalid(f"reason: is longer than {MAX_REASON_LEN} bytes")
+        if len(payload) > MAX_BODY:
+            raise self._too_large(len(payload))
+        event = self._parse_event(payload)
+        created = event.get("created")
+        now = int(time.time())
+        # No signature vouches for an export: `created` is required, old is fine, the future is not.
+        if not isinstance(created, int) or isinstance(created, bool):
+            raise self._not_an_event("no `created` in the event; an exported event always has one")
+        if not 0 <= created <= now + MAX_CREATED_AHEAD_S:
+            raise self._not_an_event(f"`created` ({created}) is not a plausible event time: an exported event cannot come from the future")
+        return self._apply(event, now, REPLAY_ACTOR, reason)
+
+    def _apply(self, event: dict[str, Any], signed_at: int, actor: str, reason: str) -> WebhookResult:
         event_id, event_type = event["id"], event["type"]
         created = event.get("created") if isinstance(event.get("created"), int) else signed_at
         obj = (event.get("data") or {}).get("object") or {}
@@ -272,10 +319,12 @@ class MockSidecar(BaseSDK):
         meta = {"event_id": event_id, "event_type": event_type, "created": created}
         if customer:
             meta["customer"] = customer
+        if reason:
+            meta["reason"] = reason
         with self._lock:
             if event_id in self._processed:
                 tenant, first_outcome, first_seq = self._processed[event_id]
-                record = self._append(tenant, ACTOR, audit_event, "duplicate", {**meta, "first_outcome": first_outcome, "first_audit_seq": first_seq})
+                record = self._append(tenant, actor, audit_event, "duplicate", {**meta, "first_outcome": first_outcome, "first_audit_seq": first_seq})
                 return WebhookResult(event_id, event_type, tenant, "duplicate", [], record.seq, [])
             kind, wanted = self._evaluate(event_type, obj)
             mapped = False
@@ -296,16 +345,16 @@ class MockSidecar(BaseSDK):
                 tenant = (obj.get("metadata") or {}).get("tenant_id") or None
             if tenant is None:
                 if kind == "ignored":
-                    return self._finish(event_id, event_type, "", "ignored", [], [], meta)
+                    return self._finish(actor, event_id, event_type, "", "ignored", [], [], meta)
                 detail = f"no tenant is mapped for customer '{_quoted(customer)}'" if customer else "no tenant can be resolved"
-                self._append("", ACTOR, audit_event, "rejected", {**meta, "reason": detail})
+                self._append("", actor, audit_event, "rejected", {"refusal": detail, **meta})
                 raise ProblemError(_problem(self._base, "unknown-customer", "Unknown customer", 422, detail, "UNKNOWN_CUSTOMER"))
             if kind == "entitlements":
                 keep = {k for k, _ in wanted}
                 leaving = [(k, False) for (t, k), f in sorted(self._flags.items()) if t == tenant and f.origin == "entitlements" and f.value is True and k not in keep]
                 wanted = leaving + wanted
             if not wanted and not mapped:
-                return self._finish(event_id, event_type, tenant, "ignored", [], [], meta)
+                return self._finish(actor, event_id, event_type, tenant, "ignored", [], [], meta)
             changes, stale = [], []
             for key, value in wanted:
                 current = self._flags.get((tenant, key))
@@ -316,17 +365,17 @@ class MockSidecar(BaseSDK):
                     current.event_created = max(current.event_created, created)
                     continue
                 self._version += 1
-                self._flags[(tenant, key)] = _Flag(value, self._version, created, "entitlements" if kind == "entitlements" else "rule", ACTOR)
+                self._flags[(tenant, key)] = _Flag(value, self._version, created, "entitlements" if kind == "entitlements" else "rule", actor, event_id)
                 changes.append(FlagChange(key, current.value if current else None, value, self._version))
             outcome = "stale" if not changes and not mapped and stale else "applied"
-            return self._finish(event_id, event_type, tenant, outcome, changes, stale, meta)
+            return self._finish(actor, event_id, event_type, tenant, outcome, changes, stale, meta)
 
-    def _finish(self, event_id, event_type, tenant, outcome, changes, stale, meta) -> WebhookResult:
+    def _finish(self, actor, event_id, event_type, tenant, outcome, changes, stale, meta) -> WebhookResult:
         if changes:
             meta["flags"] = [f"{c.key}={'on' if c.new_value is True else 'off' if c.new_value is False else c.new_value}" for c in changes]
         if stale:
             meta["stale_flags"] = stale
-        record = self._append(tenant, ACTOR, f"billing.{event_type}", outcome, meta)
+        record = self._append(tenant, actor, f"billing.{event_type}", outcome, meta)
         self._processed[event_id] = (tenant, outcome, record.seq)
         return WebhookResult(event_id, event_type, tenant, outcome, changes, record.seq, stale)
 
@@ -344,6 +393,44 @@ class MockSidecar(BaseSDK):
         if key in self._catalog:
             return Flag(tenant_id, key, self._catalog[key], 0, True)
         raise FlagNotFound(_problem(self._base, "flag-not-found", "Flag not found", 404, f"flag '{key}' is not defined", "FLAG_NOT_FOUND"))
+
+    def explain_flag(self, tenant_id: str, key: str) -> FlagExplanation:
+        flag = self.get_flag(tenant_id, key)
+        with self._lock:
+            f = self._flags.get((tenant_id, key))
+            if f is None:
+                return FlagExplanation(flag)
+            event, admin, rule, setter_seq = None, None, "", 0
+            if f.source_event_id:
+                processed = self._processed.get(f.source_event_id)
+                if processed is None:
+                    event = FlagEvent(f.source_event_id, "", 0, 0, f.updated_by)
+                else:
+                    setter_seq = processed[2]
+                    record = self._audit[setter_seq - 1]
+                    event = self._flag_event(record)
+                    rules = record["metadata"].get("rules")
+                    rule = rules.get(key, "") if isinstance(rules, dict) else ""
+            else:
+                record = next(
+                    (r for r in reversed(self._audit)
+                     if r["tenant"] == tenant_id and r["event"] == "flag.set"
+                     and r["metadata"].get("flag") == key and r["metadata"].get("version") == f.version),
+                    None,
+                )
+                setter_seq = record["seq"] if record else 0
+                admin = AdminFlagChange(f.updated_by, record["metadata"].get("reason", "") if record else "", f.version, setter_seq)
+            stale = [
+                self._flag_event(r)
+                for r in self._audit[setter_seq:]
+                if r["tenant"] == tenant_id and r["event"].startswith("billing.") and key in (r["metadata"].get("stale_flags") or [])
+            ]
+            return FlagExplanation(flag, event, admin, rule, stale[-STALE_SHOWN:])
+
+    @staticmethod
+    def _flag_event(record: dict[str, Any]) -> FlagEvent:
+        meta = record["metadata"]
+        return FlagEvent(meta.get("event_id", ""), meta.get("event_type", ""), meta.get("created", 0), record["seq"], record["actor"], meta.get("reason", ""))
 
     def get_flags(self, tenant_id: str) -> dict[str, Flag]:
         self._check_ids(tenant_id)

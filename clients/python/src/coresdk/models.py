@@ -105,6 +105,58 @@ class WebhookResult:
 
 
 @dataclass(frozen=True)
+class FlagEvent:
+    """A Stripe event as its delivery's (or replay's) audit record tells it."""
+
+    event_id: str
+    event_type: str
+    created: int
+    audit_seq: int
+    actor: str
+    reason: str = ""
+
+    @classmethod
+    def from_proto(cls, e: flags_pb2.FlagEvent) -> "FlagEvent":
+        return cls(e.event_id, e.event_type, e.created, e.audit_seq, e.actor, e.reason)
+
+
+@dataclass(frozen=True)
+class AdminFlagChange:
+    actor: str
+    reason: str
+    version: int
+    audit_seq: int
+
+    @classmethod
+    def from_proto(cls, a: flags_pb2.AdminFlagChange) -> "AdminFlagChange":
+        return cls(a.actor, a.reason, a.version, a.audit_seq)
+
+
+@dataclass(frozen=True)
+class FlagExplanation:
+    """Why a flag has its value: what set it (an event or an admin change; neither for a
+    catalog default), the rule that mapped the event ("" when unknown), and the later
+    deliveries that were stale for it (oldest first, the latest 20 at most)."""
+
+    flag: Flag
+    event: Optional[FlagEvent] = None
+    admin: Optional[AdminFlagChange] = None
+    rule: str = ""
+    stale_events: list[FlagEvent] = field(default_factory=list)
+
+    @classmethod
+    def from_proto(cls, r: flags_pb2.ExplainFlagResponse) -> "FlagExplanation":
+        set_by = r.WhichOneof("set_by")
+        return cls(
+            flag=Flag.from_proto(r.flag),
+            event=FlagEvent.from_proto(r.event) if set_by == "event" else None,
+            admin=AdminFlagChange.from_proto(r.admin) if set_by == "admin" else None,
+            rule=r.rule,
+            stale_events=[FlagEvent.from_proto(e) for e in r.stale_events],
+        )
+
+
+@dataclass(frozen=True)
 class Claims:
     subject: str
     tenant_id: str

@@ -101,3 +101,61 @@ class WatchFlagsResponse(_message.Message):
     snapshot: FlagSnapshot
     change: Flag
     def __init__(self, snapshot: _Optional[_Union[FlagSnapshot, _Mapping]] = ..., change: _Optional[_Union[Flag, _Mapping]] = ...) -> None: ...
+
+class ExplainFlagRequest(_message.Message):
+    __slots__ = ("tenant_id", "key")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    key: str
+    def __init__(self, tenant_id: _Optional[str] = ..., key: _Optional[str] = ...) -> None: ...
+
+class FlagEvent(_message.Message):
+    __slots__ = ("event_id", "event_type", "created", "audit_seq", "received_at", "actor", "reason")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_AT_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    event_type: str
+    created: int
+    audit_seq: int
+    received_at: _timestamp_pb2.Timestamp
+    actor: str
+    reason: str
+    def __init__(self, event_id: _Optional[str] = ..., event_type: _Optional[str] = ..., created: _Optional[int] = ..., audit_seq: _Optional[int] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class AdminFlagChange(_message.Message):
+    __slots__ = ("actor", "reason", "at", "version", "audit_seq")
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    actor: str
+    reason: str
+    at: _timestamp_pb2.Timestamp
+    version: int
+    audit_seq: int
+    def __init__(self, actor: _Optional[str] = ..., reason: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., version: _Optional[int] = ..., audit_seq: _Optional[int] = ...) -> None: ...
+
+class ExplainFlagResponse(_message.Message):
+    __slots__ = ("flag", "event", "admin", "rule", "stale_events", "searched_from_seq", "searched_through_seq")
+    FLAG_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    ADMIN_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    STALE_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    SEARCHED_FROM_SEQ_FIELD_NUMBER: _ClassVar[int]
+    SEARCHED_THROUGH_SEQ_FIELD_NUMBER: _ClassVar[int]
+    flag: Flag
+    event: FlagEvent
+    admin: AdminFlagChange
+    rule: str
+    stale_events: _containers.RepeatedCompositeFieldContainer[FlagEvent]
+    searched_from_seq: int
+    searched_through_seq: int
+    def __init__(self, flag: _Optional[_Union[Flag, _Mapping]] = ..., event: _Optional[_Union[FlagEvent, _Mapping]] = ..., admin: _Optional[_Union[AdminFlagChange, _Mapping]] = ..., rule: _Optional[str] = ..., stale_events: _Optional[_Iterable[_Union[FlagEvent, _Mapping]]] = ..., searched_from_seq: _Optional[int] = ..., searched_through_seq: _Optional[int] = ...) -> None: ...

@@ -55,6 +55,11 @@ class FlagServiceStub:
                 request_serializer=coresdk_dot_v1_dot_flags__pb2.WatchFlagsRequest.SerializeToString,
                 response_deserializer=coresdk_dot_v1_dot_flags__pb2.WatchFlagsResponse.FromString,
                 _registered_method=True)
+        self.ExplainFlag = channel.unary_unary(
+                '/coresdk.v1.FlagService/ExplainFlag',
+                request_serializer=coresdk_dot_v1_dot_flags__pb2.ExplainFlagRequest.SerializeToString,
+                response_deserializer=coresdk_dot_v1_dot_flags__pb2.ExplainFlagResponse.FromString,
+                _registered_method=True)
 
 
 class FlagServiceServicer:
@@ -92,6 +97,15 @@ class FlagServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainFlag(self, request, context):
+        """Why a tenant's flag has its value: the event or admin change that set it, the rule that
+        mapped the event, and the newer events that came too late for it (STALE). Read-only, from
+        the audit trail; the same token as GetFlag.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FlagServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +128,11 @@ def add_FlagServiceServicer_to_server(servicer, server):
                     servicer.WatchFlags,
                     request_deserializer=coresdk_dot_v1_dot_flags__pb2.WatchFlagsRequest.FromString,
                     response_serializer=coresdk_dot_v1_dot_flags__pb2.WatchFlagsResponse.SerializeToString,
+            ),
+            'ExplainFlag': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainFlag,
+                    request_deserializer=coresdk_dot_v1_dot_flags__pb2.ExplainFlagRequest.FromString,
+                    response_serializer=coresdk_dot_v1_dot_flags__pb2.ExplainFlagResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +244,33 @@ class FlagService:
             '/coresdk.v1.FlagService/WatchFlags',
             coresdk_dot_v1_dot_flags__pb2.WatchFlagsRequest.SerializeToString,
             coresdk_dot_v1_dot_flags__pb2.WatchFlagsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainFlag(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coresdk.v1.FlagService/ExplainFlag',
+            coresdk_dot_v1_dot_flags__pb2.ExplainFlagRequest.SerializeToString,
+            coresdk_dot_v1_dot_flags__pb2.ExplainFlagResponse.FromString,
             options,
             channel_credentials,
             insecure,

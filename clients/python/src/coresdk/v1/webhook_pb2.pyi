@@ -21,6 +21,14 @@ WEBHOOK_OUTCOME_DUPLICATE: WebhookOutcome
 WEBHOOK_OUTCOME_STALE: WebhookOutcome
 WEBHOOK_OUTCOME_IGNORED: WebhookOutcome
 
+class ReplayStripeEventRequest(_message.Message):
+    __slots__ = ("payload", "reason")
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    reason: str
+    def __init__(self, payload: _Optional[bytes] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class HandleStripeWebhookRequest(_message.Message):
     __slots__ = ("payload", "signature_header")
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]

@@ -40,6 +40,11 @@ class WebhookServiceStub:
                 request_serializer=coresdk_dot_v1_dot_webhook__pb2.HandleStripeWebhookRequest.SerializeToString,
                 response_deserializer=coresdk_dot_v1_dot_webhook__pb2.HandleStripeWebhookResponse.FromString,
                 _registered_method=True)
+        self.ReplayStripeEvent = channel.unary_unary(
+                '/coresdk.v1.WebhookService/ReplayStripeEvent',
+                request_serializer=coresdk_dot_v1_dot_webhook__pb2.ReplayStripeEventRequest.SerializeToString,
+                response_deserializer=coresdk_dot_v1_dot_webhook__pb2.HandleStripeWebhookResponse.FromString,
+                _registered_method=True)
 
 
 class WebhookServiceServicer:
@@ -54,12 +59,27 @@ class WebhookServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReplayStripeEvent(self, request, context):
+        """Admin only (authorization: Bearer <CORESDK_ADMIN_TOKEN>). Feeds one exported event (from
+        Stripe's List Events, say) through the webhook path without a signature, to recover from an
+        outage longer than Stripe's retry window. Audited with actor `replay` and the reason;
+        duplicates and stale events answer as they do for a delivery.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WebhookServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'HandleStripeWebhook': grpc.unary_unary_rpc_method_handler(
                     servicer.HandleStripeWebhook,
                     request_deserializer=coresdk_dot_v1_dot_webhook__pb2.HandleStripeWebhookRequest.FromString,
+                    response_serializer=coresdk_dot_v1_dot_webhook__pb2.HandleStripeWebhookResponse.SerializeToString,
+            ),
+            'ReplayStripeEvent': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplayStripeEvent,
+                    request_deserializer=coresdk_dot_v1_dot_webhook__pb2.ReplayStripeEventRequest.FromString,
                     response_serializer=coresdk_dot_v1_dot_webhook__pb2.HandleStripeWebhookResponse.SerializeToString,
             ),
     }
@@ -90,6 +110,33 @@ class WebhookService:
             target,
             '/coresdk.v1.WebhookService/HandleStripeWebhook',
             coresdk_dot_v1_dot_webhook__pb2.HandleStripeWebhookRequest.SerializeToString,
+            coresdk_dot_v1_dot_webhook__pb2.HandleStripeWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplayStripeEvent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coresdk.v1.WebhookService/ReplayStripeEvent',
+            coresdk_dot_v1_dot_webhook__pb2.ReplayStripeEventRequest.SerializeToString,
             coresdk_dot_v1_dot_webhook__pb2.HandleStripeWebhookResponse.FromString,
             options,
             channel_credentials,
