@@ -268,7 +268,16 @@ mod tests {
     async fn deliver(store: &Store, event: StripeEvent) -> Outcome {
         let rules = Rules::built_in().expect("built-in rules");
         store
-            .write(move |tx| apply_webhook(tx, &rules, &event, &Delivery::replay("test"), NOW_MS))
+            .write(move |tx| {
+                apply_webhook(
+                    tx,
+                    &rules,
+                    crate::ops::ParkingLimits::DEFAULT,
+                    &event,
+                    &Delivery::replay("test"),
+                    NOW_MS,
+                )
+            })
             .await
             .expect("committed")
             .expect("acknowledged")

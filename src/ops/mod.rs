@@ -13,8 +13,8 @@ use crate::flags::{FlagOrigin, FlagRecord, FlagValue};
 use crate::problem::Error;
 use crate::rules::Rules;
 use crate::store::{CustomerMapping, StoreTx};
-pub use parking::{PARKED_RETENTION_MS, PARKING_ACTOR, ParkingLimits};
 pub use explain::{AdminTrace, EventTrace, Explanation, STALE_SHOWN, SetBy, explain_flag};
+pub use parking::{PARKED_RETENTION_MS, PARKING_ACTOR, ParkingLimits};
 pub use webhook::{
     CLAIM_PREFIX_BYTES, ClaimedIdentity, Delivery, FlagChange, REFUSED_DELIVERY_EVENT,
     REFUSED_DELIVERY_KEY_FIELDS, REFUSED_DELIVERY_OUTCOME, REPLAY_ACTOR, WEBHOOK_ACTOR,
