@@ -50,8 +50,26 @@ CREATE INDEX IF NOT EXISTS audit_by_tenant ON audit (tenant_id, seq);
 /// Customers unmapped at runtime keep their row as a tombstone.
 const MIGRATION_2: &str = "ALTER TABLE customers ADD COLUMN IF NOT EXISTS unmapped_at_ms BIGINT;";
 
+/// A flag's ordering mark becomes the whole event order (`created`, tie rank, event id); rows
+/// from before compare as rank 0 and empty id, below any event of the same second. Billing
+/// objects whose events replace one another as a whole (entitlement summaries) keep the order
+/// of the newest one applied. Event ids are compared in Rust (byte order), never in SQL, so the
+/// database collation does not matter.
+const MIGRATION_3: &str = "
+ALTER TABLE flags ADD COLUMN IF NOT EXISTS event_rank BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE flags ADD COLUMN IF NOT EXISTS order_event_id TEXT NOT NULL DEFAULT '';
+CREATE TABLE IF NOT EXISTS billing_objects (
+    tenant_id TEXT NOT NULL,
+    object TEXT NOT NULL,
+    event_created BIGINT NOT NULL,
+    event_rank BIGINT NOT NULL,
+    event_id TEXT NOT NULL,
+    PRIMARY KEY (tenant_id, object)
+);
+";
+
 /// Migration `n` (from 1) brings the schema from version `n - 1` to `n`.
-const MIGRATIONS: [&str; 2] = [MIGRATION_1, MIGRATION_2];
+const MIGRATIONS: [&str; 3] = [MIGRATION_1, MIGRATION_2, MIGRATION_3];
 const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
 /// Applies the schema once, however many replicas start together.

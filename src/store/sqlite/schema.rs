@@ -47,8 +47,25 @@ CREATE INDEX audit_by_tenant ON audit (tenant_id, seq);
 /// Customers unmapped at runtime keep their row as a tombstone.
 const MIGRATION_2: &str = "ALTER TABLE customers ADD COLUMN unmapped_at_ms INTEGER;";
 
+/// A flag's ordering mark becomes the whole event order (`created`, tie rank, event id); rows
+/// from before compare as rank 0 and empty id, below any event of the same second. Billing
+/// objects whose events replace one another as a whole (entitlement summaries) keep the order
+/// of the newest one applied.
+const MIGRATION_3: &str = "
+ALTER TABLE flags ADD COLUMN event_rank INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE flags ADD COLUMN order_event_id TEXT NOT NULL DEFAULT '';
+CREATE TABLE billing_objects (
+    tenant_id TEXT NOT NULL,
+    object TEXT NOT NULL,
+    event_created INTEGER NOT NULL,
+    event_rank INTEGER NOT NULL,
+    event_id TEXT NOT NULL,
+    PRIMARY KEY (tenant_id, object)
+) WITHOUT ROWID;
+";
+
 /// Migration `n` (from 1) brings the schema from version `n - 1` to `n`.
-const MIGRATIONS: [&str; 2] = [MIGRATION_1, MIGRATION_2];
+const MIGRATIONS: [&str; 3] = [MIGRATION_1, MIGRATION_2, MIGRATION_3];
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Brings the schema up to this sidecar's version; refuses a database from a newer sidecar.
