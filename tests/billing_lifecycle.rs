@@ -396,10 +396,14 @@ async fn pause_then_resume() {
     assert_eq!(state(&sidecar, "acme").await, GOOD_PAID_PLAN);
 }
 
-/// Every permutation of events that Stripe emits in the same second.
 #[tokio::test]
 async fn equal_second_deliveries_converge_in_every_order() {
-    let sidecar = Sidecar::start(Options::default()).await;
+    same_second_permutations(&Sidecar::start(Options::default()).await).await;
+}
+
+/// Every permutation of events that Stripe emits in the same second ends in the state of the
+/// greatest by the tie rule.
+async fn same_second_permutations(sidecar: &Sidecar) {
     let t = now() - 100;
     // A failed renewal, the move to past_due, then cancellation, all in one second; and a
     // second where the subscription is created together with its paid first invoice.
@@ -467,12 +471,12 @@ async fn equal_second_deliveries_converge_in_every_order() {
                 };
                 let previous = was.map(|was| json!({"status": was}));
                 deliver(
-                    &sidecar,
+                    sidecar,
                     body(&format!("{id}_{tenant}"), event_type, t, object, previous),
                 )
                 .await;
             }
-            assert_eq!(state(&sidecar, &tenant).await, expected, "{tenant}");
+            assert_eq!(state(sidecar, &tenant).await, expected, "{tenant}");
         }
     }
 }
@@ -564,7 +568,23 @@ async fn entitled(sidecar: &Sidecar, tenant: &str, key: &str) -> bool {
 
 #[tokio::test]
 async fn an_older_entitlement_summary_is_stale() {
-    let sidecar = Sidecar::start(Options::default()).await;
+    older_summary_is_stale(&Sidecar::start(Options::default()).await).await;
+}
+
+/// Both with the PostgreSQL store: its own statements and migration carry the order.
+#[tokio::test]
+async fn on_postgresql_too() {
+    let url = common::pg::fresh_database(common::pg::server_url()).await;
+    let sidecar = Sidecar::start(Options {
+        args: vec!["--store".into(), url],
+        ..Options::default()
+    })
+    .await;
+    same_second_permutations(&sidecar).await;
+    older_summary_is_stale(&sidecar).await;
+}
+
+async fn older_summary_is_stale(sidecar: &Sidecar) {
     let t = now() - 100;
     let summary = |keys: &[&str]| {
         let data: Vec<Value> = keys.iter().map(|k| json!({"lookup_key": k})).collect();
@@ -573,28 +593,28 @@ async fn an_older_entitlement_summary_is_stale() {
     };
     let kind = "entitlements.active_entitlement_summary.updated";
     let newer = deliver(
-        &sidecar,
+        sidecar,
         body("evt_s2", kind, t + 2, summary(&["sso"]), None),
     )
     .await;
     assert_eq!(newer.outcome(), WebhookOutcome::Applied);
     let older = deliver(
-        &sidecar,
+        sidecar,
         body("evt_s1", kind, t + 1, summary(&["audit_export"]), None),
     )
     .await;
     assert_eq!(older.outcome(), WebhookOutcome::Stale);
     assert!(older.flag_changes.is_empty());
-    assert!(entitled(&sidecar, "acme", "sso").await);
-    assert!(!entitled(&sidecar, "acme", "audit_export").await);
+    assert!(entitled(sidecar, "acme", "sso").await);
+    assert!(!entitled(sidecar, "acme", "audit_export").await);
     // A newer summary still replaces it.
     deliver(
-        &sidecar,
+        sidecar,
         body("evt_s3", kind, t + 3, summary(&["audit_export"]), None),
     )
     .await;
-    assert!(!entitled(&sidecar, "acme", "sso").await);
-    assert!(entitled(&sidecar, "acme", "audit_export").await);
+    assert!(!entitled(sidecar, "acme", "sso").await);
+    assert!(entitled(sidecar, "acme", "audit_export").await);
 }
 
 /// Point 2's property: 200 random realistic histories, each delivered chronologically and in

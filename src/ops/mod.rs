@@ -321,4 +321,6 @@ pub fn verify_chain(tx: &mut dyn StoreTx) -> Result<VerifyReport, Error> {
 }
 
 #[cfg(test)]
+mod lifecycle_tests;
+#[cfg(test)]
 mod tests;

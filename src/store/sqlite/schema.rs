@@ -126,4 +126,29 @@ mod tests {
             .expect("the mapping survives");
         assert_eq!(row, ("acme".to_owned(), None));
     }
+
+    #[test]
+    fn version_2_flags_keep_their_mark_with_the_lowest_tie_rank() {
+        let conn = Connection::open_in_memory().expect("open");
+        conn.execute_batch(&format!(
+            "{MIGRATION_1} {MIGRATION_2} PRAGMA user_version = 2;
+             INSERT INTO flags (tenant_id, key, value, version, event_created, origin, updated_at_ms,
+               updated_by, source_event_id)
+             VALUES ('acme', 'pro_features', '{{\"bool\":true}}', 1, 100, 'rule', 1, 'stripe-webhook', 'evt_1');"
+        ))
+        .expect("a version 2 database");
+        migrate(&conn).expect("migrated");
+        let mark: (i64, i64, String) = conn
+            .query_row(
+                "SELECT event_created, event_rank, order_event_id FROM flags",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .expect("the flag survives");
+        assert_eq!(mark, (100, 0, String::new()));
+        let objects: i64 = conn
+            .query_row("SELECT count(*) FROM billing_objects", [], |r| r.get(0))
+            .expect("the table exists");
+        assert_eq!(objects, 0);
+    }
 }
