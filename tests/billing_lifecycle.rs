@@ -66,26 +66,80 @@ const GOOD_BASIC_PLAN: [bool; 3] = [true, false, false];
 const ARREARS: [bool; 3] = [false, true, false];
 const OVER: [bool; 3] = [false, false, false];
 
-/// A created subscription to start from, a few seconds in the past.
-async fn subscribed(sidecar: &Sidecar, tenant: &str, plan: &str, t: i64) {
-    let created = subscription(tenant, "active", plan);
-    deliver(
-        sidecar,
-        body(
-            &format!("evt_{tenant}_c"),
-            "customer.subscription.created",
-            t,
-            created,
-            None,
-        ),
-    )
-    .await;
+/// One customer's subscription, as Stripe reports it to the sidecar.
+struct Customer<'a> {
+    sidecar: &'a Sidecar,
+    tenant: &'a str,
+    plan: &'a str,
+    status: &'a str,
+    /// Seconds, advanced by the caller; events of one step share it.
+    t: i64,
+}
+
+impl<'a> Customer<'a> {
+    /// Subscribed (created, active) a little while ago.
+    async fn subscribed(sidecar: &'a Sidecar, tenant: &'a str, plan: &'a str) -> Self {
+        let customer = Customer {
+            sidecar,
+            tenant,
+            plan,
+            status: "active",
+            t: now() - 100,
+        };
+        customer
+            .subscription("customer.subscription.created", None)
+            .await;
+        customer
+    }
+
+    async fn invoice(&self, event_type: &str) -> HandleStripeWebhookResponse {
+        let id = format!("evt_{}_{}_{event_type}", self.tenant, self.t);
+        deliver(
+            self.sidecar,
+            body(&id, event_type, self.t, invoice(self.tenant), None),
+        )
+        .await
+    }
+
+    /// A subscription event for the current status and plan; `previous` is its
+    /// `previous_attributes`.
+    async fn subscription(
+        &self,
+        event_type: &str,
+        previous: Option<Value>,
+    ) -> HandleStripeWebhookResponse {
+        let id = format!("evt_{}_{}_{event_type}", self.tenant, self.t);
+        let object = subscription(self.tenant, self.status, self.plan);
+        deliver(
+            self.sidecar,
+            body(&id, event_type, self.t, object, previous),
+        )
+        .await
+    }
+
+    /// Moves to `status` one second later: the update, with `with` (the invoice that caused
+    /// it, or the pause/resume/deletion event) in the same second.
+    async fn moves_to(&mut self, status: &'a str, with: &str) {
+        self.t += 1;
+        let was = std::mem::replace(&mut self.status, status);
+        let previous = Some(json!({"status": was}));
+        if with.starts_with("invoice.") {
+            self.invoice(with).await;
+        } else {
+            self.subscription(with, None).await;
+        }
+        self.subscription("customer.subscription.updated", previous)
+            .await;
+    }
+
+    async fn state(&self) -> [bool; 3] {
+        state(self.sidecar, self.tenant).await
+    }
 }
 
 #[tokio::test]
 async fn each_status_row_of_the_table() {
     let sidecar = Sidecar::start(Options::default()).await;
-    let t = now() - 100;
     let rows: [(&[&str], [bool; 3], [bool; 3]); 3] = [
         (&["active", "trialing"], GOOD_PAID_PLAN, GOOD_BASIC_PLAN),
         (&["past_due", "unpaid", "incomplete"], ARREARS, ARREARS),
@@ -95,88 +149,55 @@ async fn each_status_row_of_the_table() {
         for status in statuses {
             for (plan, expected) in [("pro_monthly", on_pro), ("basic_monthly", on_basic)] {
                 let tenant = format!("{status}-{plan}").replace('_', "-");
-                // The opposite corner first, so every flag the row sets has to move.
-                deliver(
-                    &sidecar,
-                    body(
-                        &format!("evt_{tenant}_0"),
-                        "invoice.paid",
-                        t,
-                        invoice(&tenant),
-                        None,
-                    ),
-                )
-                .await;
-                let updated = deliver(
-                    &sidecar,
-                    body(
-                        &format!("evt_{tenant}_1"),
-                        "customer.subscription.updated",
-                        t + 1,
-                        subscription(&tenant, status, plan),
-                        Some(json!({"status": "active"})),
-                    ),
-                )
-                .await;
+                let mut customer = Customer::subscribed(&sidecar, &tenant, plan).await;
+                // From arrears, so that every flag the row sets has to move from somewhere.
+                customer
+                    .moves_to("past_due", "invoice.payment_failed")
+                    .await;
+                customer.t += 1;
+                customer.status = status;
+                let previous = Some(json!({"status": "past_due"}));
+                let updated = customer
+                    .subscription("customer.subscription.updated", previous)
+                    .await;
                 assert_eq!(updated.outcome(), WebhookOutcome::Applied, "{tenant}");
-                assert_eq!(state(&sidecar, &tenant).await, expected, "{tenant}");
+                assert_eq!(customer.state().await, expected, "{tenant}");
             }
         }
     }
     // `.deleted` means canceled, whatever the object says.
-    deliver(
-        &sidecar,
-        body(
-            "evt_del_0",
-            "invoice.payment_failed",
-            t,
-            invoice("deleted"),
-            None,
-        ),
-    )
-    .await;
-    let deleted = subscription("deleted", "active", "pro_monthly");
-    deliver(
-        &sidecar,
-        body(
-            "evt_del_1",
-            "customer.subscription.deleted",
-            t + 1,
-            deleted,
-            None,
-        ),
-    )
-    .await;
-    assert_eq!(state(&sidecar, "deleted").await, OVER);
+    let mut deleted = Customer::subscribed(&sidecar, "deleted", "pro_monthly").await;
+    deleted.moves_to("past_due", "invoice.payment_failed").await;
+    deleted.t += 1;
+    deleted.status = "active";
+    deleted
+        .subscription("customer.subscription.deleted", None)
+        .await;
+    assert_eq!(deleted.state().await, OVER);
     // A status the table does not know sets nothing.
-    let unknown = subscription("unknown", "on_hold", "pro_monthly");
-    let ignored = deliver(
-        &sidecar,
-        body("evt_unk", "customer.subscription.updated", t, unknown, None),
-    )
-    .await;
+    let mut unknown = Customer::subscribed(&sidecar, "unknown", "pro_monthly").await;
+    unknown.t += 1;
+    unknown.status = "on_hold";
+    let ignored = unknown
+        .subscription("customer.subscription.updated", None)
+        .await;
     assert_eq!(ignored.outcome(), WebhookOutcome::Ignored);
     assert!(ignored.flag_changes.is_empty());
+    assert_eq!(unknown.state().await, GOOD_PAID_PLAN);
 }
 
 #[tokio::test]
 async fn a_downgrade_turns_advanced_analytics_off_and_the_audit_names_the_rule() {
     let sidecar = Sidecar::start(Options::default()).await;
-    let t = now() - 100;
-    subscribed(&sidecar, "acme", "enterprise_annual", t).await;
-    assert_eq!(state(&sidecar, "acme").await, GOOD_PAID_PLAN);
-    let downgraded = deliver(
-        &sidecar,
-        body(
-            "evt_down",
-            "customer.subscription.updated",
-            t + 1,
-            subscription("acme", "active", "basic_monthly"),
-            Some(json!({"items": {"data": [{"price": {"lookup_key": "enterprise_annual"}}]}})),
-        ),
-    )
-    .await;
-    assert_eq!(state(&sidecar, "acme").await, GOOD_BASIC_PLAN);
+    let mut acme = Customer::subscribed(&sidecar, "acme", "enterprise_annual").await;
+    assert_eq!(acme.state().await, GOOD_PAID_PLAN);
+    acme.t += 1;
+    acme.plan = "basic_monthly";
+    let previous = json!({"items": {"data": [{"price": {"lookup_key": "enterprise_annual"}}]}});
+    let downgraded = acme
+        .subscription("customer.subscription.updated", Some(previous))
+        .await;
+    assert_eq!(acme.state().await, GOOD_BASIC_PLAN);
     let changed: Vec<&str> = downgraded
         .flag_changes
         .iter()
@@ -220,108 +241,21 @@ async fn a_downgrade_turns_advanced_analytics_off_and_the_audit_names_the_rule()
 #[tokio::test]
 async fn dunning_recovery_turns_pro_back_on() {
     let sidecar = Sidecar::start(Options::default()).await;
-    let t = now() - 100;
-    subscribed(&sidecar, "acme", "pro_monthly", t).await;
-    deliver(
-        &sidecar,
-        body(
-            "evt_f",
-            "invoice.payment_failed",
-            t + 10,
-            invoice("acme"),
-            None,
-        ),
-    )
-    .await;
-    let past_due = subscription("acme", "past_due", "pro_monthly");
-    let previous = Some(json!({"status": "active"}));
-    deliver(
-        &sidecar,
-        body(
-            "evt_pd",
-            "customer.subscription.updated",
-            t + 10,
-            past_due,
-            previous,
-        ),
-    )
-    .await;
-    assert_eq!(state(&sidecar, "acme").await, ARREARS);
-
-    deliver(
-        &sidecar,
-        body("evt_p", "invoice.paid", t + 20, invoice("acme"), None),
-    )
-    .await;
-    let active = subscription("acme", "active", "pro_monthly");
-    let previous = Some(json!({"status": "past_due"}));
-    deliver(
-        &sidecar,
-        body(
-            "evt_a",
-            "customer.subscription.updated",
-            t + 20,
-            active,
-            previous,
-        ),
-    )
-    .await;
-    assert_eq!(state(&sidecar, "acme").await, GOOD_PAID_PLAN);
+    let mut acme = Customer::subscribed(&sidecar, "acme", "pro_monthly").await;
+    acme.moves_to("past_due", "invoice.payment_failed").await;
+    assert_eq!(acme.state().await, ARREARS);
+    acme.moves_to("active", "invoice.paid").await;
+    assert_eq!(acme.state().await, GOOD_PAID_PLAN);
 }
 
 #[tokio::test]
 async fn cancel_after_a_failed_payment_locks_features_without_the_paywall() {
     let sidecar = Sidecar::start(Options::default()).await;
-    let t = now() - 100;
-    subscribed(&sidecar, "acme", "pro_monthly", t).await;
-    deliver(
-        &sidecar,
-        body(
-            "evt_f",
-            "invoice.payment_failed",
-            t + 10,
-            invoice("acme"),
-            None,
-        ),
-    )
-    .await;
-    let past_due = subscription("acme", "past_due", "pro_monthly");
-    deliver(
-        &sidecar,
-        body(
-            "evt_pd",
-            "customer.subscription.updated",
-            t + 10,
-            past_due,
-            None,
-        ),
-    )
-    .await;
-    let canceled = subscription("acme", "canceled", "pro_monthly");
-    let previous = Some(json!({"status": "past_due"}));
-    deliver(
-        &sidecar,
-        body(
-            "evt_cx",
-            "customer.subscription.updated",
-            t + 30,
-            canceled.clone(),
-            previous,
-        ),
-    )
-    .await;
-    deliver(
-        &sidecar,
-        body(
-            "evt_del",
-            "customer.subscription.deleted",
-            t + 30,
-            canceled,
-            None,
-        ),
-    )
-    .await;
-    assert_eq!(state(&sidecar, "acme").await, OVER);
+    let mut acme = Customer::subscribed(&sidecar, "acme", "pro_monthly").await;
+    acme.moves_to("past_due", "invoice.payment_failed").await;
+    acme.moves_to("canceled", "customer.subscription.deleted")
+        .await;
+    assert_eq!(acme.state().await, OVER);
 
     let access = AuthServiceClient::new(sidecar.channel.clone())
         .authorize(AuthorizeRequest {
@@ -341,59 +275,13 @@ async fn cancel_after_a_failed_payment_locks_features_without_the_paywall() {
 #[tokio::test]
 async fn pause_then_resume() {
     let sidecar = Sidecar::start(Options::default()).await;
-    let t = now() - 100;
-    subscribed(&sidecar, "acme", "pro_monthly", t).await;
-    let paused = subscription("acme", "paused", "pro_monthly");
-    let previous = Some(json!({"status": "active"}));
-    deliver(
-        &sidecar,
-        body(
-            "evt_pz",
-            "customer.subscription.paused",
-            t + 10,
-            paused.clone(),
-            None,
-        ),
-    )
-    .await;
-    deliver(
-        &sidecar,
-        body(
-            "evt_pu",
-            "customer.subscription.updated",
-            t + 10,
-            paused,
-            previous,
-        ),
-    )
-    .await;
-    assert_eq!(state(&sidecar, "acme").await, OVER);
-    let active = subscription("acme", "active", "pro_monthly");
-    let previous = Some(json!({"status": "paused"}));
-    // The update first this time: the pair arrives in either order.
-    deliver(
-        &sidecar,
-        body(
-            "evt_ru",
-            "customer.subscription.updated",
-            t + 20,
-            active.clone(),
-            previous,
-        ),
-    )
-    .await;
-    deliver(
-        &sidecar,
-        body(
-            "evt_rz",
-            "customer.subscription.resumed",
-            t + 20,
-            active,
-            None,
-        ),
-    )
-    .await;
-    assert_eq!(state(&sidecar, "acme").await, GOOD_PAID_PLAN);
+    let mut acme = Customer::subscribed(&sidecar, "acme", "pro_monthly").await;
+    acme.moves_to("paused", "customer.subscription.paused")
+        .await;
+    assert_eq!(acme.state().await, OVER);
+    acme.moves_to("active", "customer.subscription.resumed")
+        .await;
+    assert_eq!(acme.state().await, GOOD_PAID_PLAN);
 }
 
 #[tokio::test]
