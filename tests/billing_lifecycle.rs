@@ -493,6 +493,7 @@ async fn older_summary_is_stale(sidecar: &Sidecar) {
     .await;
     assert_eq!(older.outcome(), WebhookOutcome::Stale);
     assert!(older.flag_changes.is_empty());
+    assert_eq!(older.stale_flags, ["audit_export"]);
     assert!(entitled(sidecar, "acme", "sso").await);
     assert!(!entitled(sidecar, "acme", "audit_export").await);
     // A newer summary still replaces it.

@@ -181,7 +181,7 @@ pub fn apply_webhook(
     let order = event.order();
     // A summary older than the newest one applied says nothing about now: it is stale as a
     // whole, even for flags no newer event touched.
-    let mut stale_object = false;
+    let mut stale_summary: Option<Vec<String>> = None;
     let wanted: Vec<(String, FlagValue, FlagOrigin, String)> = match effect {
         Effect::Ignored => Vec::new(),
         Effect::Set(set) => set
@@ -191,40 +191,39 @@ pub fn apply_webhook(
         Effect::Entitlements { keys, rule } => {
             match tx.object_order(&tenant, ENTITLEMENTS_OBJECT)? {
                 Some(newest) if newest > order => {
-                    stale_object = true;
+                    stale_summary = Some(keys);
                     metadata.insert("stale_object".into(), json!(ENTITLEMENTS_OBJECT));
                     metadata.insert("newer_event_id".into(), json!(newest.event_id));
                     Vec::new()
                 }
                 _ => {
                     tx.write_object_order(&tenant, ENTITLEMENTS_OBJECT, &order)?;
-                    let mut wanted: Vec<(String, FlagValue, FlagOrigin, String)> = tx
-                        .flags_with_origin(&tenant, FlagOrigin::Entitlements)?
-                        .into_iter()
-                        .filter(|f| f.value == FlagValue::Bool(true) && !keys.contains(&f.key))
-                        .map(|f| {
-                            (
-                                f.key,
-                                FlagValue::Bool(false),
-                                FlagOrigin::Entitlements,
-                                rule.clone(),
-                            )
-                        })
-                        .collect();
-                    wanted.extend(keys.into_iter().map(|k| {
+                    let entitled = |key, on| {
                         (
-                            k,
-                            FlagValue::Bool(true),
+                            key,
+                            FlagValue::Bool(on),
                             FlagOrigin::Entitlements,
                             rule.clone(),
                         )
-                    }));
-                    wanted
+                    };
+                    let departed: Vec<String> = tx
+                        .flags_with_origin(&tenant, FlagOrigin::Entitlements)?
+                        .into_iter()
+                        .filter(|f| f.value == FlagValue::Bool(true) && !keys.contains(&f.key))
+                        .map(|f| f.key)
+                        .collect();
+                    departed
+                        .into_iter()
+                        .map(|key| entitled(key, false))
+                        .chain(keys.into_iter().map(|key| entitled(key, true)))
+                        .collect()
                 }
             }
         }
     };
-    if stale_object && !mapping_recorded {
+    if let Some(keys) = stale_summary
+        && !mapping_recorded
+    {
         return finish(
             tx,
             delivery,
@@ -232,7 +231,7 @@ pub fn apply_webhook(
             tenant,
             Outcome::Stale,
             Vec::new(),
-            Vec::new(),
+            keys,
             metadata,
             now_ms,
         )
