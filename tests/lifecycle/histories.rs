@@ -123,7 +123,13 @@ impl Generator<'_> {
                 self.invoice("invoice.payment_failed");
                 self.subscription("customer.subscription.updated", Some(was));
             }
+            // When the last dunning retry fails and the settings cancel the subscription,
+            // the failure, the update and the deletion share a second and disagree about the
+            // paywall.
             "canceled" => {
+                if was == "past_due" && self.rng.gen_bool(0.5) {
+                    self.invoice("invoice.payment_failed");
+                }
                 self.subscription("customer.subscription.updated", Some(was));
                 self.subscription("customer.subscription.deleted", None);
             }
@@ -141,8 +147,16 @@ impl Generator<'_> {
 
     /// A new subscription: created (with the first invoice's outcome in the same second).
     fn start_subscription(&mut self) {
-        self.status = self.pick(&["trialing", "active", "incomplete"]);
+        self.status = self.pick(&["trialing", "active", "incomplete", "paid_at_once"]);
         self.plan = self.pick(&PLANS);
+        if self.status == "paid_at_once" {
+            // Created incomplete, its first invoice paid and the subscription active, all in
+            // the same second: the three disagree about the flags.
+            self.status = "incomplete";
+            self.subscription("customer.subscription.created", None);
+            self.transition("active");
+            return;
+        }
         self.subscription("customer.subscription.created", None);
         match self.status {
             "active" => self.invoice("invoice.paid"),
