@@ -1,5 +1,8 @@
-//! Rules: which Stripe events change which flags. The built-in set is `rules/default.toml`,
-//! parsed by the same code as a user's rules file, so both can only behave alike.
+//! Rules: which Stripe events change which flags, by event type and, for subscription events,
+//! by the subscription's status and plan (the lifecycle table). Each rule decides from the
+//! event alone, never from stored state, which is what lets the webhook path make the final
+//! flags independent of delivery order. The built-in set is `rules/default.toml`, parsed by the
+//! same code as a user's rules file, so both can only behave alike.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -223,14 +226,17 @@ impl Rule {
         spec: RuleSpec,
         catalog: &BTreeMap<String, FlagValue>,
     ) -> Result<Self, RulesError> {
-        let name = match spec.name {
+        let (name, label) = match spec.name {
             Some(name) if name.trim().is_empty() => {
                 return Err(RulesError::Invalid(format!("rule {n} has an empty `name`")));
             }
-            Some(name) => name,
-            None => format!("rule {n}"),
+            Some(name) => {
+                let label = format!("rule {n} ('{name}')");
+                (name, label)
+            }
+            None => (format!("rule {n}"), format!("rule {n}")),
         };
-        let invalid = |problem: String| RulesError::Invalid(format!("rule '{name}' {problem}"));
+        let invalid = |problem: String| RulesError::Invalid(format!("{label} {problem}"));
         if spec.events.is_empty() || spec.events.iter().any(String::is_empty) {
             return Err(invalid("needs a non-empty `events` list".into()));
         }

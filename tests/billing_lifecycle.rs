@@ -438,6 +438,34 @@ async fn a_rules_file_in_the_first_format_still_loads_and_applies() {
     assert!(is_on(&sidecar, "acme", "advanced_analytics").await);
 }
 
+#[test]
+fn a_rules_file_naming_an_unknown_status_stops_the_start_with_the_known_ones() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("rules.toml");
+    std::fs::write(
+        &path,
+        "[flags]\npro = false\n[[rule]]\nname = \"good standing\"\nevents = [\"customer.subscription.updated\"]\nstatus = [\"cancelled\"]\nset = { pro = true }\n",
+    )
+    .expect("write the rules");
+    let output = std::process::Command::new(binary())
+        .args(["--store", "memory", "--rules-file"])
+        .arg(&path)
+        .env_clear()
+        .env("CORESDK_LOG", "error")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("the binary runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for needle in [
+        "rule 1 ('good standing')",
+        "'cancelled'",
+        "past_due, unpaid, paused, canceled",
+    ] {
+        assert!(stderr.contains(needle), "{needle}: {stderr}");
+    }
+}
+
 /// Whether an entitlement flag is on; one no summary ever turned on is not defined at all.
 async fn entitled(sidecar: &Sidecar, tenant: &str, key: &str) -> bool {
     let found = sidecar
