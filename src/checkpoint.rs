@@ -1007,13 +1007,28 @@ mod tests {
         ) -> Result<crate::flags::FlagRecord, StoreError> {
             self.tx.write_flag(record)
         }
-        fn advance_event_created(
+        fn advance_flag_order(
             &mut self,
             tenant_id: &str,
             key: &str,
-            created: i64,
+            order: &crate::stripe::EventOrder,
         ) -> Result<(), StoreError> {
-            self.tx.advance_event_created(tenant_id, key, created)
+            self.tx.advance_flag_order(tenant_id, key, order)
+        }
+        fn object_order(
+            &mut self,
+            tenant_id: &str,
+            object: &str,
+        ) -> Result<Option<crate::stripe::EventOrder>, StoreError> {
+            self.tx.object_order(tenant_id, object)
+        }
+        fn write_object_order(
+            &mut self,
+            tenant_id: &str,
+            object: &str,
+            order: &crate::stripe::EventOrder,
+        ) -> Result<(), StoreError> {
+            self.tx.write_object_order(tenant_id, object, order)
         }
         fn append_audit(
             &mut self,

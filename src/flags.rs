@@ -10,6 +10,7 @@ use serde_json::Value as Json;
 use tokio::sync::broadcast;
 
 use crate::problem::Error;
+use crate::stripe::EventOrder;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum FlagValue {
@@ -104,8 +105,9 @@ pub struct FlagRecord {
     pub value: FlagValue,
     /// Store-wide change counter at this flag's last change.
     pub version: u64,
-    /// `created` of the Stripe event that last set it: older events may not overwrite it.
-    pub event_created: i64,
+    /// The order of the newest Stripe event that set or confirmed it: an event ordered before
+    /// it may not overwrite it. Admin changes keep it; the default is below every event.
+    pub order: EventOrder,
     pub origin: FlagOrigin,
     pub updated_at_ms: i64,
     pub updated_by: String,
@@ -311,7 +313,7 @@ mod tests {
             key: key.into(),
             value: FlagValue::Bool(value),
             version,
-            event_created: 0,
+            order: EventOrder::default(),
             origin: FlagOrigin::Rule,
             updated_at_ms: 0,
             updated_by: "test".into(),

@@ -116,14 +116,14 @@ async fn securepay_scenarios() {
     assert_eq!(upgraded.flag_changes[0].key, "advanced_analytics");
     assert!(is_on(&sidecar, "initech", "advanced_analytics").await);
 
-    // customer.subscription.updated to an enterprise price does the same.
+    // customer.subscription.updated, active on an enterprise price, does the same.
     let updated = send(
         &sidecar,
         mock_signed(event(
             "evt_up_2",
             "customer.subscription.updated",
             t,
-            json!({"customer": "cus_acme_001", "items": {"data": [{"price": {"lookup_key": "enterprise_monthly"}}]}}),
+            json!({"customer": "cus_acme_001", "status": "active", "items": {"data": [{"price": {"lookup_key": "enterprise_monthly"}}]}}),
         )),
     )
     .await

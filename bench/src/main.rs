@@ -8,6 +8,11 @@
 #![forbid(unsafe_code)]
 
 mod abuse;
+/// The generator and check of the lifecycle property test, shared so that this run is the
+/// same check, only bigger.
+#[path = "../../tests/lifecycle/histories.rs"]
+#[allow(dead_code)]
+mod histories;
 mod sidecar;
 
 use std::path::PathBuf;
@@ -60,6 +65,45 @@ struct Args {
     /// Distinct denied tenants sent before the "new tenant per call" Authorize rounds.
     #[arg(long, default_value_t = 100_000)]
     distinct_tenants: u64,
+    /// Instead of the load phases: check order independence (issue 10) over this many random
+    /// realistic Stripe histories, each delivered chronologically and in
+    /// `--lifecycle-orders` shuffled orders through the webhook path (in-process, in-memory
+    /// store); prints the counts and every divergence, and fails if there is one.
+    #[arg(long)]
+    lifecycle_histories: Option<usize>,
+    /// Shuffled delivery orders per history for `--lifecycle-histories`.
+    #[arg(long, default_value_t = 20)]
+    lifecycle_orders: usize,
+    /// Seed of the `--lifecycle-histories` run (the test's is 0x5eed2026).
+    #[arg(long, default_value_t = 1)]
+    lifecycle_seed: u64,
+}
+
+/// The `--lifecycle-histories` run.
+async fn lifecycle(
+    histories: usize,
+    orders: usize,
+    seed: u64,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let started = Instant::now();
+    let report = histories::check(seed, histories, orders).await;
+    println!(
+        "lifecycle: {} histories, {} delivery orders, {} events delivered, {} ending in a subscription event checked against the table, {} divergences ({:.1} s, seed {seed})",
+        report.histories,
+        report.deliveries,
+        report.events_delivered,
+        report.ending_in_a_subscription_event,
+        report.divergences.len(),
+        started.elapsed().as_secs_f64(),
+    );
+    for divergence in &report.divergences {
+        println!("  divergence: {divergence}");
+    }
+    if report.divergences.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{} divergences", report.divergences.len()).into())
+    }
 }
 
 struct Phase {
@@ -263,6 +307,9 @@ fn print_phase(phase: &Phase, baseline: Option<&Phase>) {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    if let Some(histories) = args.lifecycle_histories {
+        return lifecycle(histories, args.lifecycle_orders, args.lifecycle_seed).await;
+    }
     let sidecar = match &args.addr {
         Some(_) => None,
         None => Some(start_sidecar(

@@ -13,11 +13,11 @@ only when all 12 pass.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import jwt
@@ -31,7 +31,11 @@ from coresdk import SDK  # noqa: E402
 
 SECRET = os.environ.setdefault("STRIPE_WEBHOOK_SECRET", "whsec_test_secret")
 JWT_SECRET = os.environ.setdefault("CORESDK_JWT_SECRET", "securepay-demo-jwt-secret-32-bytes-min")
-RUN = uuid.uuid4().hex[:8]
+# Event ids sort in the order this script sends them, this run's after an earlier run's: the
+# sidecar orders events of the same second (and tie rank) by id (README: the tie rule), and
+# these checks send several per second.
+RUN = f"{time.time_ns():016x}"
+SENT = itertools.count()
 
 
 def token(tenant: str) -> str:
@@ -39,13 +43,13 @@ def token(tenant: str) -> str:
     return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
 
 
-def event(event_type: str, customer: str, **object_fields) -> str:
+def event(event_type: str, customer: str, *, seconds_ago: int = 0, **object_fields) -> str:
     return json.dumps(
         {
-            "id": f"evt_{RUN}_{uuid.uuid4().hex[:12]}",
+            "id": f"evt_{RUN}_{next(SENT):04d}",
             "object": "event",
             "type": event_type,
-            "created": int(time.time()),
+            "created": int(time.time()) - seconds_ago,
             "data": {"object": {"customer": customer, **object_fields}},
         }
     )
@@ -105,7 +109,9 @@ def main() -> int:
     initech = {"authorization": f"Bearer {token('initech')}"}
     # A durable sidecar remembers the last run's upgrade: start from a cancelled subscription,
     # so "before the upgrade" holds on every run against the same sidecar, not only the first.
-    body = event("customer.subscription.deleted", "cus_initech_001")
+    # Cancelled a second before the upgrade: within one second a deletion is the last word
+    # (the tie rule in the README), so an upgrade of the same second would be STALE.
+    body = event("customer.subscription.deleted", "cus_initech_001", seconds_ago=1)
     post(body, signed(body))
     before = client.get("/api/analytics", headers=initech)
     body = event("subscription.upgraded", "cus_initech_001")

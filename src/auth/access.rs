@@ -275,7 +275,7 @@ mod tests {
             key: "pro_features".into(),
             value: FlagValue::Bool(true),
             version: 1,
-            event_created: 0,
+            order: Default::default(),
             origin: crate::flags::FlagOrigin::Rule,
             updated_at_ms: 0,
             updated_by: "test".into(),

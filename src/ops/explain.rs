@@ -373,7 +373,11 @@ mod tests {
                     key: "pro_features".into(),
                     value: FlagValue::Bool(true),
                     version: 0,
-                    event_created: 2_000,
+                    order: crate::stripe::EventOrder {
+                        created: 2_000,
+                        rank: 20,
+                        event_id: "evt_ruled".into(),
+                    },
                     origin: FlagOrigin::Rule,
                     updated_at_ms: NOW_MS,
                     updated_by: "stripe-webhook".into(),

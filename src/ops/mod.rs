@@ -138,7 +138,7 @@ fn admin_metadata(
     audit::bound_metadata(metadata)
 }
 
-/// An admin sets a flag. The event ordering mark is kept, so an admin override does not make
+/// An admin sets a flag. The event ordering mark (the whole [`crate::stripe::EventOrder`]) is kept, so an admin override does not make
 /// later Stripe events look stale, and a later event may change the flag again.
 pub fn set_flag(
     tx: &mut dyn StoreTx,
@@ -154,7 +154,10 @@ pub fn set_flag(
         key: key.to_owned(),
         value: value.clone(),
         version: 0,
-        event_created: current.as_ref().map_or(0, |c| c.event_created),
+        order: current
+            .as_ref()
+            .map(|c| c.order.clone())
+            .unwrap_or_default(),
         origin: FlagOrigin::Admin,
         updated_at_ms: now_ms,
         updated_by: change.actor.to_owned(),
@@ -364,5 +367,7 @@ pub fn verify_chain(tx: &mut dyn StoreTx) -> Result<VerifyReport, Error> {
     Ok(verifier.finish())
 }
 
+#[cfg(test)]
+mod lifecycle_tests;
 #[cfg(test)]
 mod tests;

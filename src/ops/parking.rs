@@ -166,10 +166,8 @@ pub fn apply_parked(
             Err(e) => audit_dropped(tx, &parked, "dropped", &e.to_string(), now_ms)?,
         }
     }
-    // Event order: `created`, then the event id so equal seconds apply the same way every time.
-    // TODO(issue 10, point 2): order by `StripeEvent::order()` (created, then its tie rank)
-    // once it exists.
-    events.sort_by(|(a, _), (b, _)| (a.created, &a.id).cmp(&(b.created, &b.id)));
+    // The final flags do not depend on this order; the audit trail reads best in event order.
+    events.sort_by_cached_key(|(event, _)| event.order());
     let mut applied = 0;
     for (event, parked) in &events {
         let delivery = Delivery {

@@ -16,6 +16,10 @@ pub const WEBHOOK_ACTOR: &str = "stripe-webhook";
 /// The actor of an operator's replay of exported events.
 pub const REPLAY_ACTOR: &str = "replay";
 
+/// The billing object an active entitlement summary describes whole (see
+/// [`StoreTx::object_order`]).
+pub const ENTITLEMENTS_OBJECT: &str = "entitlements";
+
 /// Who feeds an event through the webhook path and why: Stripe's own delivery, or an
 /// operator's replay (actor `replay`, with the operator's reason in every audit record).
 #[derive(Debug, Clone, Copy)]
@@ -264,26 +268,65 @@ fn apply(
         return Ok(Err(refusal));
     };
 
-    let wanted = match effect {
+    let order = event.order();
+    // A summary older than the newest one applied says nothing about now: it is stale as a
+    // whole, even for flags no newer event touched.
+    let mut stale_summary: Option<Vec<String>> = None;
+    let wanted: Vec<(String, FlagValue, FlagOrigin, String)> = match effect {
         Effect::Ignored => Vec::new(),
         Effect::Set(set) => set
             .into_iter()
-            .map(|(key, value)| (key, value, FlagOrigin::Rule))
+            .map(|s| (s.key, s.value, FlagOrigin::Rule, s.rule))
             .collect(),
-        Effect::Entitlements(keys) => {
-            let mut wanted: Vec<(String, FlagValue, FlagOrigin)> = tx
-                .flags_with_origin(&tenant, FlagOrigin::Entitlements)?
-                .into_iter()
-                .filter(|f| f.value == FlagValue::Bool(true) && !keys.contains(&f.key))
-                .map(|f| (f.key, FlagValue::Bool(false), FlagOrigin::Entitlements))
-                .collect();
-            wanted.extend(
-                keys.into_iter()
-                    .map(|k| (k, FlagValue::Bool(true), FlagOrigin::Entitlements)),
-            );
-            wanted
+        Effect::Entitlements { keys, rule } => {
+            match tx.object_order(&tenant, ENTITLEMENTS_OBJECT)? {
+                Some(newest) if newest > order => {
+                    stale_summary = Some(keys);
+                    metadata.insert("stale_object".into(), json!(ENTITLEMENTS_OBJECT));
+                    metadata.insert("newer_event_id".into(), json!(newest.event_id));
+                    Vec::new()
+                }
+                _ => {
+                    tx.write_object_order(&tenant, ENTITLEMENTS_OBJECT, &order)?;
+                    let entitled = |key, on| {
+                        (
+                            key,
+                            FlagValue::Bool(on),
+                            FlagOrigin::Entitlements,
+                            rule.clone(),
+                        )
+                    };
+                    let departed: Vec<String> = tx
+                        .flags_with_origin(&tenant, FlagOrigin::Entitlements)?
+                        .into_iter()
+                        .filter(|f| f.value == FlagValue::Bool(true) && !keys.contains(&f.key))
+                        .map(|f| f.key)
+                        .collect();
+                    departed
+                        .into_iter()
+                        .map(|key| entitled(key, false))
+                        .chain(keys.into_iter().map(|key| entitled(key, true)))
+                        .collect()
+                }
+            }
         }
     };
+    if let Some(keys) = stale_summary
+        && !mapping_recorded
+    {
+        return finish(
+            tx,
+            delivery,
+            event,
+            tenant,
+            Outcome::Stale,
+            Vec::new(),
+            keys,
+            metadata,
+            now_ms,
+        )
+        .map(Ok);
+    }
     if wanted.is_empty() && !mapping_recorded {
         return finish(
             tx,
@@ -299,17 +342,22 @@ fn apply(
         .map(Ok);
     }
 
+    // Each flag keeps the value of the greatest event (by `EventOrder`) that set or confirmed
+    // it: with effects that depend on the event alone, that makes the final flags a function
+    // of the set of events delivered, whatever their order.
     let mut changes = Vec::new();
     let mut stale = Vec::new();
-    for (key, value, origin) in wanted {
+    let mut deciding_rules = Map::new();
+    for (key, value, origin, rule) in wanted {
         let current = tx.flag(&tenant, &key)?;
         if let Some(current) = &current {
-            if current.event_created > event.created {
+            if current.order > order {
                 stale.push(key);
                 continue;
             }
             if current.value == value {
-                tx.advance_event_created(&tenant, &key, event.created)?;
+                // The setter stays the source; the mark moves so older events stay stale.
+                tx.advance_flag_order(&tenant, &key, &order)?;
                 continue;
             }
         }
@@ -318,18 +366,22 @@ fn apply(
             key: key.clone(),
             value: value.clone(),
             version: 0,
-            event_created: event.created,
+            order: order.clone(),
             origin,
             updated_at_ms: now_ms,
             updated_by: delivery.actor.to_owned(),
             source_event_id: event.id.clone(),
         })?;
+        deciding_rules.insert(key.clone(), json!(rule));
         changes.push(FlagChange {
             key,
             old_value: current.map(|c| c.value),
             new_value: value,
             version: written.version,
         });
+    }
+    if !deciding_rules.is_empty() {
+        metadata.insert("rules".into(), Value::Object(deciding_rules));
     }
     // Nothing changed only because newer events got there first: tell the caller it was stale.
     let outcome = if changes.is_empty() && !mapping_recorded && !stale.is_empty() {

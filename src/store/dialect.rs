@@ -9,7 +9,7 @@ use super::StoreError;
 /// binds them. A macro so that dialects can `concat!` it into `&'static str` SQL.
 macro_rules! flag_columns {
     () => {
-        "tenant_id, key, value, version, event_created, origin, updated_at_ms, updated_by, source_event_id"
+        "tenant_id, key, value, version, event_created, origin, updated_at_ms, updated_by, source_event_id, event_rank, order_event_id"
     };
 }
 
@@ -57,8 +57,13 @@ pub(crate) enum Statement {
     FlagsAfter,
     /// The flag columns: inserts or replaces the flag.
     WriteFlag,
-    /// tenant_id, key, created: raises the flag's event_created to `created`.
-    AdvanceEventCreated,
+    /// tenant_id, key, created, rank, event_id: sets the flag's ordering mark (all three
+    /// columns together) without changing its value or version.
+    AdvanceFlagOrder,
+    /// tenant_id, object → created, rank, event_id of the newest event applied to the object.
+    ObjectOrder,
+    /// tenant_id, object, created, rank, event_id: inserts or replaces the object's order.
+    WriteObjectOrder,
     /// The audit columns.
     AppendAudit,
     /// → seq, hash of the newest audit record (no row when there is none).

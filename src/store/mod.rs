@@ -229,12 +229,26 @@ pub trait StoreTx {
     ) -> Result<Vec<FlagRecord>, StoreError>;
     /// Writes a flag under the next store-wide version (the given one is ignored) and returns it.
     fn write_flag(&mut self, record: FlagRecord) -> Result<FlagRecord, StoreError>;
-    /// Moves a flag's event ordering mark forward without changing its value or version.
-    fn advance_event_created(
+    /// Sets a flag's event ordering mark without changing its value or version: an event that
+    /// confirms the value moves it forward. The caller has checked that `order` is newer.
+    fn advance_flag_order(
         &mut self,
         tenant_id: &str,
         key: &str,
-        created: i64,
+        order: &crate::stripe::EventOrder,
+    ) -> Result<(), StoreError>;
+    /// The order of the newest event applied to one of a tenant's billing objects whose events
+    /// replace each other whole (e.g. `entitlements`, the active entitlement summary).
+    fn object_order(
+        &mut self,
+        tenant_id: &str,
+        object: &str,
+    ) -> Result<Option<crate::stripe::EventOrder>, StoreError>;
+    fn write_object_order(
+        &mut self,
+        tenant_id: &str,
+        object: &str,
+        order: &crate::stripe::EventOrder,
     ) -> Result<(), StoreError>;
     fn append_audit(&mut self, record: NewAuditRecord, at_ms: i64) -> Result<AuditRecord, Error>;
     fn load_flags(&mut self) -> Result<Vec<FlagRecord>, StoreError>;

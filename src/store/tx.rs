@@ -11,6 +11,7 @@ use super::{
 use crate::audit::{self, AuditRecord, ChainHead, NewAuditRecord, StoredAuditRow};
 use crate::flags::{FlagOrigin, FlagRecord, FlagValue};
 use crate::problem::Error;
+use crate::stripe::EventOrder;
 
 /// Stored integers are `i64`; sequence numbers and versions are `u64` and never negative.
 pub(crate) fn to_u64(v: i64) -> u64 {
@@ -27,7 +28,11 @@ fn flag_from_row(row: &dyn Row) -> Result<FlagRecord, StoreError> {
         key: row.text(1)?,
         value: FlagValue::from_stored(&row.text(2)?).map_err(StoreError::Corrupt)?,
         version: to_u64(row.int(3)?),
-        event_created: row.int(4)?,
+        order: EventOrder {
+            created: row.int(4)?,
+            rank: row.int(9)?,
+            event_id: row.text(10)?,
+        },
         origin: FlagOrigin::parse(&row.text(5)?),
         updated_at_ms: row.int(6)?,
         updated_by: row.text(7)?,
@@ -344,30 +349,72 @@ impl StoreTx for Tx<'_> {
                 Param::Text(&record.key),
                 Param::Text(&value),
                 Param::Int(to_i64(record.version)),
-                Param::Int(record.event_created),
+                Param::Int(record.order.created),
                 Param::Text(record.origin.as_str()),
                 Param::Int(record.updated_at_ms),
                 Param::Text(&record.updated_by),
                 Param::Text(&record.source_event_id),
+                Param::Int(record.order.rank),
+                Param::Text(&record.order.event_id),
             ],
         )?;
         writes.changes.push(Committed::Flag(record.clone()));
         Ok(record)
     }
 
-    fn advance_event_created(
+    fn advance_flag_order(
         &mut self,
         tenant_id: &str,
         key: &str,
-        created: i64,
+        order: &EventOrder,
     ) -> Result<(), StoreError> {
         let (sql, _) = self.for_write()?;
         sql.execute(
-            Statement::AdvanceEventCreated,
+            Statement::AdvanceFlagOrder,
             &[
                 Param::Text(tenant_id),
                 Param::Text(key),
-                Param::Int(created),
+                Param::Int(order.created),
+                Param::Int(order.rank),
+                Param::Text(&order.event_id),
+            ],
+        )
+    }
+
+    fn object_order(
+        &mut self,
+        tenant_id: &str,
+        object: &str,
+    ) -> Result<Option<EventOrder>, StoreError> {
+        query_opt(
+            self.sql,
+            Statement::ObjectOrder,
+            &[Param::Text(tenant_id), Param::Text(object)],
+            |row| {
+                Ok(EventOrder {
+                    created: row.int(0)?,
+                    rank: row.int(1)?,
+                    event_id: row.text(2)?,
+                })
+            },
+        )
+    }
+
+    fn write_object_order(
+        &mut self,
+        tenant_id: &str,
+        object: &str,
+        order: &EventOrder,
+    ) -> Result<(), StoreError> {
+        let (sql, _) = self.for_write()?;
+        sql.execute(
+            Statement::WriteObjectOrder,
+            &[
+                Param::Text(tenant_id),
+                Param::Text(object),
+                Param::Int(order.created),
+                Param::Int(order.rank),
+                Param::Text(&order.event_id),
             ],
         )
     }

@@ -15,6 +15,49 @@ pub const MAX_EVENT_FIELD_LEN: usize = 255;
 /// event created in the far future would make every later event of its tenant stale.
 pub const MAX_CREATED_AHEAD_S: i64 = 300;
 
+/// Stripe's subscription statuses, in lifecycle order: the order [`EventOrder`] ranks
+/// same-second subscription updates by. `canceled` and `incomplete_expired` are both terminal
+/// and share a rank.
+pub const SUBSCRIPTION_STATUSES: [&str; 8] = [
+    "incomplete",
+    "trialing",
+    "active",
+    "past_due",
+    "unpaid",
+    "paused",
+    "canceled",
+    "incomplete_expired",
+];
+
+/// The event types whose object is a subscription and whose flags follow its `status`.
+pub const SUBSCRIPTION_STATE_EVENTS: [&str; 5] = [
+    "customer.subscription.created",
+    "customer.subscription.updated",
+    "customer.subscription.paused",
+    "customer.subscription.resumed",
+    "customer.subscription.deleted",
+];
+
+/// A strict total order over events, computed from the event alone, so that applying
+/// "the greatest event wins" per flag gives the same flags whatever order deliveries arrive
+/// in. Compared field by field: `created`, then `rank` (the tie rule for events of the same
+/// second, see [`StripeEvent::order`]), then the event id's bytes. The default (all zero,
+/// empty id) is below every event: the mark of a flag no event set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EventOrder {
+    pub created: i64,
+    pub rank: i64,
+    pub event_id: String,
+}
+
+/// Tie ranks within one second. Gaps leave room; stored ranks are compared, never decoded.
+const RANK_SUBSCRIPTION_CREATED: i64 = 10;
+const RANK_OTHER: i64 = 20;
+/// Updates rank from here up, by the status they reach; an update without a known status
+/// ranks first among them.
+const RANK_SUBSCRIPTION_UPDATE: i64 = 30;
+const RANK_SUBSCRIPTION_DELETED: i64 = 100;
+
 #[derive(Debug, Clone)]
 pub struct StripeEvent {
     pub id: String,
@@ -24,6 +67,8 @@ pub struct StripeEvent {
     pub livemode: bool,
     /// `data.object`, or an empty object when the event has none.
     pub object: Map<String, Value>,
+    /// `data.previous_attributes`: what an `*.updated` event changed, with the old values.
+    pub previous_attributes: Option<Map<String, Value>>,
     /// The payload as received and the signature's timestamp: what [`Self::parse`] reads the
     /// event again from (an event parked for a customer not mapped yet is kept as these).
     pub payload: Payload,
@@ -88,12 +133,18 @@ impl StripeEvent {
             .get("livemode")
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        let object = match event.remove("data") {
-            Some(Value::Object(mut data)) => match data.remove("object") {
-                Some(Value::Object(object)) => object,
-                _ => Map::new(),
-            },
-            _ => Map::new(),
+        let (object, previous_attributes) = match event.remove("data") {
+            Some(Value::Object(mut data)) => (
+                match data.remove("object") {
+                    Some(Value::Object(object)) => object,
+                    _ => Map::new(),
+                },
+                match data.remove("previous_attributes") {
+                    Some(Value::Object(previous)) => Some(previous),
+                    _ => None,
+                },
+            ),
+            _ => (Map::new(), None),
         };
         Ok(Self {
             id,
@@ -101,6 +152,7 @@ impl StripeEvent {
             created,
             livemode,
             object,
+            previous_attributes,
             payload: Payload(Arc::from(payload)),
             // What vouched for the event and when: parsing the kept payload again with it
             // (a parked event) passes the same checks.
@@ -108,6 +160,61 @@ impl StripeEvent {
                 Latest::Signed(at) | Latest::Now(at) => at,
             },
         })
+    }
+
+    /// Where the event stands among events of the same `created` second (the tie rule):
+    /// 1. `customer.subscription.created` first: nothing happens to a subscription before it
+    ///    exists;
+    /// 2. then invoice, payment, entitlement and every other event;
+    /// 3. then `customer.subscription.updated|paused|resumed`, by the lifecycle position of the
+    ///    status they reach (incomplete < trialing < active < past_due < unpaid < paused <
+    ///    canceled = incomplete_expired): a subscription's object is the state Stripe reached
+    ///    after processing that second's invoice, and within a second a subscription only moves
+    ///    forward through dunning. Of two updates reaching the same status, the one whose
+    ///    `previous_attributes` shows a status change ranks after the one that changed
+    ///    something else: the transition is what closes the second's processing;
+    /// 4. `customer.subscription.deleted` last: it is terminal;
+    /// 5. finally the event id, byte by byte, so that two events never tie.
+    pub fn order(&self) -> EventOrder {
+        let rank = match self.event_type.as_str() {
+            "customer.subscription.created" => RANK_SUBSCRIPTION_CREATED,
+            "customer.subscription.deleted" => RANK_SUBSCRIPTION_DELETED,
+            "customer.subscription.updated"
+            | "customer.subscription.paused"
+            | "customer.subscription.resumed" => {
+                let reached = self
+                    .subscription_status()
+                    .and_then(lifecycle_position)
+                    .map_or(0, |position| {
+                        2 + 2 * position + i64::from(self.changed_status())
+                    });
+                RANK_SUBSCRIPTION_UPDATE + reached
+            }
+            _ => RANK_OTHER,
+        };
+        EventOrder {
+            created: self.created,
+            rank,
+            event_id: self.id.clone(),
+        }
+    }
+
+    /// The status a subscription event leaves the subscription in: `canceled` for
+    /// `customer.subscription.deleted` whatever its object says (a deleted subscription is
+    /// over), the object's `status` for the other subscription events, none for any other event.
+    pub fn subscription_status(&self) -> Option<&str> {
+        match self.event_type.as_str() {
+            "customer.subscription.deleted" => Some("canceled"),
+            t if t.starts_with("customer.subscription.") => self.object_str("status"),
+            _ => None,
+        }
+    }
+
+    /// Whether `previous_attributes` (Stripe's diff on `*.updated` events) names a status.
+    fn changed_status(&self) -> bool {
+        self.previous_attributes
+            .as_ref()
+            .is_some_and(|previous| previous.contains_key("status"))
     }
 
     /// The Stripe customer the event is about: `customer` as an id or an expanded object, or
@@ -188,6 +295,16 @@ impl StripeEvent {
             })
             .unwrap_or_default()
     }
+}
+
+/// A status's place in [`SUBSCRIPTION_STATUSES`], the two terminal ones sharing the last.
+fn lifecycle_position(status: &str) -> Option<i64> {
+    let index = SUBSCRIPTION_STATUSES.iter().position(|s| *s == status)?;
+    let terminal = SUBSCRIPTION_STATUSES
+        .iter()
+        .position(|s| *s == "canceled")
+        .unwrap_or(index);
+    i64::try_from(index.min(terminal)).ok()
 }
 
 /// The latest `created` an event may have (give or take [`MAX_CREATED_AHEAD_S`]).
@@ -337,5 +454,111 @@ mod tests {
     fn missing_created_falls_back_to_the_signature_time() {
         let event = StripeEvent::parse(br#"{"id":"evt_1","type":"x"}"#, 77).expect("valid");
         assert_eq!(event.created, 77);
+    }
+
+    fn order_of(id: &str, event_type: &str, status: Option<&str>, previous: bool) -> EventOrder {
+        let mut data = serde_json::json!({"object": {"status": status}});
+        if previous {
+            data["previous_attributes"] = serde_json::json!({"status": "active"});
+        }
+        let body = serde_json::json!({"id": id, "type": event_type, "created": 9, "data": data});
+        StripeEvent::parse(body.to_string().as_bytes(), 9)
+            .expect("valid")
+            .order()
+    }
+
+    #[test]
+    fn the_tie_rule_orders_a_second_by_lifecycle() {
+        // Ascending, each with an id that would sort it first if ids decided.
+        let ascending = [
+            order_of(
+                "evt_z",
+                "customer.subscription.created",
+                Some("active"),
+                false,
+            ),
+            order_of("evt_y", "invoice.payment_failed", None, false),
+            order_of("evt_x", "customer.subscription.updated", None, false),
+            order_of(
+                "evt_w",
+                "customer.subscription.updated",
+                Some("trialing"),
+                false,
+            ),
+            order_of(
+                "evt_v",
+                "customer.subscription.resumed",
+                Some("active"),
+                false,
+            ),
+            order_of(
+                "evt_u",
+                "customer.subscription.updated",
+                Some("past_due"),
+                false,
+            ),
+            order_of(
+                "evt_t",
+                "customer.subscription.updated",
+                Some("past_due"),
+                true,
+            ),
+            order_of(
+                "evt_s",
+                "customer.subscription.updated",
+                Some("unpaid"),
+                true,
+            ),
+            order_of(
+                "evt_r",
+                "customer.subscription.paused",
+                Some("paused"),
+                false,
+            ),
+            order_of(
+                "evt_q",
+                "customer.subscription.updated",
+                Some("canceled"),
+                true,
+            ),
+            order_of(
+                "evt_p",
+                "customer.subscription.deleted",
+                Some("active"),
+                false,
+            ),
+        ];
+        for pair in ascending.windows(2) {
+            assert!(pair[0] < pair[1], "{:?} < {:?}", pair[0], pair[1]);
+        }
+        // Same second, same rank: the id decides, so no two events ever tie.
+        let a = order_of(
+            "evt_a",
+            "customer.subscription.updated",
+            Some("canceled"),
+            false,
+        );
+        let b = order_of(
+            "evt_b",
+            "customer.subscription.updated",
+            Some("incomplete_expired"),
+            false,
+        );
+        assert_eq!(a.rank, b.rank);
+        assert!(a < b);
+        // An earlier second always comes first, whatever the rank.
+        let mut earlier = order_of("evt_z", "customer.subscription.deleted", None, false);
+        earlier.created = 8;
+        assert!(earlier < ascending[0]);
+    }
+
+    #[test]
+    fn deleted_subscriptions_are_canceled_whatever_the_object_says() {
+        let body = br#"{"id":"evt_1","type":"customer.subscription.deleted","data":{"object":{"status":"active"}}}"#;
+        let event = StripeEvent::parse(body, 0).expect("valid");
+        assert_eq!(event.subscription_status(), Some("canceled"));
+        let body = br#"{"id":"evt_1","type":"invoice.paid","data":{"object":{"status":"paid"}}}"#;
+        let event = StripeEvent::parse(body, 0).expect("valid");
+        assert_eq!(event.subscription_status(), None);
     }
 }

@@ -3,5 +3,5 @@ pub mod event;
 pub mod export;
 pub mod signature;
 
-pub use event::StripeEvent;
+pub use event::{EventOrder, SUBSCRIPTION_STATE_EVENTS, SUBSCRIPTION_STATUSES, StripeEvent};
 pub use signature::{SignatureVerifier, sign_header};

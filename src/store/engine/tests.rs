@@ -128,7 +128,7 @@ pub(crate) fn flag(key: &str) -> FlagRecord {
         key: key.into(),
         value: FlagValue::Bool(true),
         version: 0,
-        event_created: 0,
+        order: Default::default(),
         origin: FlagOrigin::Admin,
         updated_at_ms: 0,
         updated_by: "test".into(),

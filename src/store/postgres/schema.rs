@@ -50,8 +50,13 @@ CREATE INDEX IF NOT EXISTS audit_by_tenant ON audit (tenant_id, seq);
 /// Customers unmapped at runtime keep their row as a tombstone.
 const MIGRATION_2: &str = "ALTER TABLE customers ADD COLUMN IF NOT EXISTS unmapped_at_ms BIGINT;";
 
-/// Verified events of customers not mapped yet, kept as received until the customer gets a
-/// tenant (then applied and deleted) or they expire.
+/// Schema 3, the billing lifecycle. Parked events: verified events of customers not mapped yet,
+/// kept as received until the customer gets a tenant (then applied and deleted) or they expire.
+/// A flag's ordering mark becomes the whole event order (`created`, tie rank, event id); rows
+/// from before compare as rank 0 and empty id, below any event of the same second. Billing
+/// objects whose events replace one another as a whole (entitlement summaries) keep the order
+/// of the newest one applied. Event ids are compared in Rust (byte order), never in SQL, so the
+/// database collation does not matter.
 const MIGRATION_3: &str = "
 CREATE TABLE IF NOT EXISTS parked_events (
     event_id TEXT PRIMARY KEY,
@@ -66,6 +71,16 @@ CREATE TABLE IF NOT EXISTS parked_events (
 );
 CREATE INDEX IF NOT EXISTS parked_events_by_customer ON parked_events (customer_id);
 CREATE INDEX IF NOT EXISTS parked_events_by_age ON parked_events (parked_at_ms);
+ALTER TABLE flags ADD COLUMN IF NOT EXISTS event_rank BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE flags ADD COLUMN IF NOT EXISTS order_event_id TEXT NOT NULL DEFAULT '';
+CREATE TABLE IF NOT EXISTS billing_objects (
+    tenant_id TEXT NOT NULL,
+    object TEXT NOT NULL,
+    event_created BIGINT NOT NULL,
+    event_rank BIGINT NOT NULL,
+    event_id TEXT NOT NULL,
+    PRIMARY KEY (tenant_id, object)
+);
 ";
 
 /// Migration `n` (from 1) brings the schema from version `n - 1` to `n`.

@@ -52,13 +52,23 @@ pub(super) fn text(statement: Statement) -> &'static str {
         Statement::WriteFlag => concat!(
             "INSERT INTO flags (",
             flag_columns!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
              ON CONFLICT (tenant_id, key) DO UPDATE SET value = EXCLUDED.value, version = EXCLUDED.version,
                event_created = EXCLUDED.event_created, origin = EXCLUDED.origin, updated_at_ms = EXCLUDED.updated_at_ms,
-               updated_by = EXCLUDED.updated_by, source_event_id = EXCLUDED.source_event_id"
+               updated_by = EXCLUDED.updated_by, source_event_id = EXCLUDED.source_event_id,
+               event_rank = EXCLUDED.event_rank, order_event_id = EXCLUDED.order_event_id"
         ),
-        Statement::AdvanceEventCreated => {
-            "UPDATE flags SET event_created = GREATEST(event_created, $3) WHERE tenant_id = $1 AND key = $2"
+        Statement::AdvanceFlagOrder => {
+            "UPDATE flags SET event_created = $3, event_rank = $4, order_event_id = $5
+             WHERE tenant_id = $1 AND key = $2"
+        }
+        Statement::ObjectOrder => {
+            "SELECT event_created, event_rank, event_id FROM billing_objects WHERE tenant_id = $1 AND object = $2"
+        }
+        Statement::WriteObjectOrder => {
+            "INSERT INTO billing_objects (tenant_id, object, event_created, event_rank, event_id) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (tenant_id, object) DO UPDATE SET event_created = EXCLUDED.event_created, event_rank = EXCLUDED.event_rank,
+               event_id = EXCLUDED.event_id"
         }
         Statement::AppendAudit => concat!(
             "INSERT INTO audit (",

@@ -47,9 +47,13 @@ CREATE INDEX audit_by_tenant ON audit (tenant_id, seq);
 /// Customers unmapped at runtime keep their row as a tombstone.
 const MIGRATION_2: &str = "ALTER TABLE customers ADD COLUMN unmapped_at_ms INTEGER;";
 
-/// Verified events of customers not mapped yet, kept as received until the customer gets a
-/// tenant (then applied and deleted) or they expire. A rowid table: payloads are too large
+/// Schema 3, the billing lifecycle. Parked events: verified events of customers not mapped yet,
+/// kept as received until the customer gets a tenant (then applied and deleted) or they expire. A rowid table: payloads are too large
 /// for WITHOUT ROWID's clustered rows.
+/// A flag's ordering mark becomes the whole event order (`created`, tie rank, event id); rows
+/// from before compare as rank 0 and empty id, below any event of the same second. Billing
+/// objects whose events replace one another as a whole (entitlement summaries) keep the order
+/// of the newest one applied.
 const MIGRATION_3: &str = "
 CREATE TABLE parked_events (
     event_id TEXT PRIMARY KEY,
@@ -64,6 +68,16 @@ CREATE TABLE parked_events (
 );
 CREATE INDEX parked_events_by_customer ON parked_events (customer_id);
 CREATE INDEX parked_events_by_age ON parked_events (parked_at_ms);
+ALTER TABLE flags ADD COLUMN event_rank INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE flags ADD COLUMN order_event_id TEXT NOT NULL DEFAULT '';
+CREATE TABLE billing_objects (
+    tenant_id TEXT NOT NULL,
+    object TEXT NOT NULL,
+    event_created INTEGER NOT NULL,
+    event_rank INTEGER NOT NULL,
+    event_id TEXT NOT NULL,
+    PRIMARY KEY (tenant_id, object)
+) WITHOUT ROWID;
 ";
 
 /// Migration `n` (from 1) brings the schema from version `n - 1` to `n`.
@@ -127,5 +141,30 @@ mod tests {
             )
             .expect("the mapping survives");
         assert_eq!(row, ("acme".to_owned(), None));
+    }
+
+    #[test]
+    fn version_2_flags_keep_their_mark_with_the_lowest_tie_rank() {
+        let conn = Connection::open_in_memory().expect("open");
+        conn.execute_batch(&format!(
+            "{MIGRATION_1} {MIGRATION_2} PRAGMA user_version = 2;
+             INSERT INTO flags (tenant_id, key, value, version, event_created, origin, updated_at_ms,
+               updated_by, source_event_id)
+             VALUES ('acme', 'pro_features', '{{\"bool\":true}}', 1, 100, 'rule', 1, 'stripe-webhook', 'evt_1');"
+        ))
+        .expect("a version 2 database");
+        migrate(&conn).expect("migrated");
+        let mark: (i64, i64, String) = conn
+            .query_row(
+                "SELECT event_created, event_rank, order_event_id FROM flags",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .expect("the flag survives");
+        assert_eq!(mark, (100, 0, String::new()));
+        let objects: i64 = conn
+            .query_row("SELECT count(*) FROM billing_objects", [], |r| r.get(0))
+            .expect("the table exists");
+        assert_eq!(objects, 0);
     }
 }

@@ -51,14 +51,24 @@ pub(super) fn text(statement: Statement) -> &'static str {
         Statement::WriteFlag => concat!(
             "INSERT INTO flags (",
             flag_columns!(),
-            ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+            ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
              ON CONFLICT (tenant_id, key) DO UPDATE SET value = excluded.value,
                version = excluded.version, event_created = excluded.event_created,
                origin = excluded.origin, updated_at_ms = excluded.updated_at_ms,
-               updated_by = excluded.updated_by, source_event_id = excluded.source_event_id"
+               updated_by = excluded.updated_by, source_event_id = excluded.source_event_id,
+               event_rank = excluded.event_rank, order_event_id = excluded.order_event_id"
         ),
-        Statement::AdvanceEventCreated => {
-            "UPDATE flags SET event_created = MAX(event_created, ?3) WHERE tenant_id = ?1 AND key = ?2"
+        Statement::AdvanceFlagOrder => {
+            "UPDATE flags SET event_created = ?3, event_rank = ?4, order_event_id = ?5
+             WHERE tenant_id = ?1 AND key = ?2"
+        }
+        Statement::ObjectOrder => {
+            "SELECT event_created, event_rank, event_id FROM billing_objects WHERE tenant_id = ?1 AND object = ?2"
+        }
+        Statement::WriteObjectOrder => {
+            "INSERT INTO billing_objects (tenant_id, object, event_created, event_rank, event_id) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (tenant_id, object) DO UPDATE SET event_created = excluded.event_created, event_rank = excluded.event_rank,
+               event_id = excluded.event_id"
         }
         Statement::AppendAudit => concat!(
             "INSERT INTO audit (",

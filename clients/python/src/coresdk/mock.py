@@ -77,10 +77,43 @@ def _problem(type_base: str, slug: str, title: str, status: int, detail: str, re
 class _Flag:
     value: FlagValue
     version: int
-    event_created: int
+    # The sidecar's EventOrder of the newest event that set or confirmed the flag.
+    order: tuple[int, int, str]
     origin: str
     updated_by: str
     source_event_id: str = ""
+
+
+# Stripe's subscription statuses in lifecycle order; the two terminal ones share a place.
+SUBSCRIPTION_STATUSES = ["incomplete", "trialing", "active", "past_due", "unpaid", "paused", "canceled", "incomplete_expired"]
+
+
+def _subscription_status(event_type: str, obj: Mapping[str, Any]) -> Optional[str]:
+    """As the sidecar: `.deleted` is canceled whatever its object says."""
+    if event_type == "customer.subscription.deleted":
+        return "canceled"
+    if event_type.startswith("customer.subscription."):
+        status = obj.get("status")
+        return status if isinstance(status, str) and status else None
+    return None
+
+
+def _event_order(event_id: str, event_type: str, created: int, obj: Mapping[str, Any], previous: Any) -> tuple[int, int, str]:
+    """The sidecar's EventOrder (src/stripe/event.rs): created, the tie rank, the event id."""
+    if event_type == "customer.subscription.created":
+        rank = 10
+    elif event_type == "customer.subscription.deleted":
+        rank = 100
+    elif event_type in ("customer.subscription.updated", "customer.subscription.paused", "customer.subscription.resumed"):
+        status = _subscription_status(event_type, obj)
+        reached = 0
+        if status in SUBSCRIPTION_STATUSES:
+            position = min(SUBSCRIPTION_STATUSES.index(status), SUBSCRIPTION_STATUSES.index("canceled"))
+            reached = 2 + 2 * position + (1 if isinstance(previous, dict) and "status" in previous else 0)
+        rank = 30 + reached
+    else:
+        rank = 20
+    return (created, rank, event_id)
 
 
 class MockSidecar(BaseSDK):
@@ -106,6 +139,8 @@ class MockSidecar(BaseSDK):
         self._customers = dict(MOCK_TENANTS)
         self._flags: dict[tuple[str, str], _Flag] = {}
         self._processed: dict[str, tuple[str, str, int]] = {}
+        # The newest entitlement summary applied, per tenant.
+        self._summary_orders: dict[str, tuple[int, int, str]] = {}
         self._audit: list[dict[str, Any]] = []
         self._version = 0
         # Coalescing windows by key: (start, start in ms, repeats since, the repeats record's pattern).
@@ -231,21 +266,30 @@ class MockSidecar(BaseSDK):
             self._windows[key] = (now, int(time.time() * 1000), 0, pattern)
             self._append(tenant, actor, event, outcome, {**meta, "count": 1})
 
-    def _evaluate(self, event_type: str, obj: Mapping[str, Any]) -> tuple[str, list[tuple[str, FlagValue]]]:
-        wanted: list[tuple[str, FlagValue]] = []
-        for rule in self._rules:
+    def _evaluate(self, event_type: str, obj: Mapping[str, Any]) -> tuple[str, list[tuple[str, FlagValue, str]], str]:
+        """As the sidecar's rules: (kind, [(flag, value, the deciding rule's name)], the
+        entitlements rule's name for a summary)."""
+        status = _subscription_status(event_type, obj)
+        if status is not None and status not in SUBSCRIPTION_STATUSES:
+            return "ignored", [], ""
+        wanted: list[tuple[str, FlagValue, str]] = []
+        for n, rule in enumerate(self._rules, start=1):
             if event_type not in rule.get("events", []):
                 continue
-            plans = [p.lower() for p in rule.get("plans", [])]
-            if plans and not self._on_plan(obj, plans):
+            if rule.get("status") and status not in rule["status"]:
                 continue
+            name = rule.get("name") or f"rule {n}"
+            plans = [p.lower() for p in rule.get("plans", [])]
+            plan_matches = not plans or self._on_plan(obj, plans)
             if rule.get("entitlements"):
+                if not plan_matches:
+                    continue
                 items = (obj.get("entitlements") or {}).get("data") or []
                 keys = sorted({(i.get("lookup_key") or (i.get("feature") or {}).get("lookup_key") or "") for i in items if isinstance(i, dict)})
-                return "entitlements", [(k, True) for k in keys if FLAG_KEY.match(k)]
-            for key, value in rule.get("set", {}).items():
-                wanted = [(k, v) for k, v in wanted if k != key] + [(key, value)]
-        return ("set" if wanted else "ignored"), wanted
+                return "entitlements", [(k, True, name) for k in keys if FLAG_KEY.match(k)], name
+            for key, value in rule.get("set" if plan_matches else "else", {}).items():
+                wanted = [w for w in wanted if w[0] != key] + [(key, value, name)]
+        return ("set" if wanted else "ignored"), wanted, ""
 
     @staticmethod
     def _on_plan(obj: Mapping[str, Any], plans: list[str]) -> bool:
@@ -326,7 +370,7 @@ class MockSidecar(BaseSDK):
                 tenant, first_outcome, first_seq = self._processed[event_id]
                 record = self._append(tenant, actor, audit_event, "duplicate", {**meta, "first_outcome": first_outcome, "first_audit_seq": first_seq})
                 return WebhookResult(event_id, event_type, tenant, "duplicate", [], record.seq, [])
-            kind, wanted = self._evaluate(event_type, obj)
+            kind, wanted, summary_rule = self._evaluate(event_type, obj)
             mapped = False
             tenant = None
             reference = obj.get("client_reference_id")
@@ -349,24 +393,37 @@ class MockSidecar(BaseSDK):
                 detail = f"no tenant is mapped for customer '{_quoted(customer)}'" if customer else "no tenant can be resolved"
                 self._append("", actor, audit_event, "rejected", {"refusal": detail, **meta})
                 raise ProblemError(_problem(self._base, "unknown-customer", "Unknown customer", 422, detail, "UNKNOWN_CUSTOMER"))
+            order = _event_order(event_id, event_type, created, obj, (event.get("data") or {}).get("previous_attributes"))
             if kind == "entitlements":
-                keep = {k for k, _ in wanted}
-                leaving = [(k, False) for (t, k), f in sorted(self._flags.items()) if t == tenant and f.origin == "entitlements" and f.value is True and k not in keep]
-                wanted = leaving + wanted
+                newest = self._summary_orders.get(tenant)
+                if newest is not None and newest > order:
+                    # An older summary is stale as a whole.
+                    meta.update({"stale_object": "entitlements", "newer_event_id": newest[2]})
+                    if not mapped:
+                        return self._finish(actor, event_id, event_type, tenant, "stale", [], [k for k, _, _ in wanted], meta)
+                    wanted = []
+                else:
+                    self._summary_orders[tenant] = order
+                    keep = {k for k, _, _ in wanted}
+                    leaving = [(k, False, summary_rule) for (t, k), f in sorted(self._flags.items()) if t == tenant and f.origin == "entitlements" and f.value is True and k not in keep]
+                    wanted = leaving + wanted
             if not wanted and not mapped:
                 return self._finish(actor, event_id, event_type, tenant, "ignored", [], [], meta)
-            changes, stale = [], []
-            for key, value in wanted:
+            changes, stale, rules = [], [], {}
+            for key, value, rule in wanted:
                 current = self._flags.get((tenant, key))
-                if current is not None and current.event_created > created:
+                if current is not None and current.order > order:
                     stale.append(key)
                     continue
                 if current is not None and current.value == value:
-                    current.event_created = max(current.event_created, created)
+                    current.order = order
                     continue
                 self._version += 1
-                self._flags[(tenant, key)] = _Flag(value, self._version, created, "entitlements" if kind == "entitlements" else "rule", actor, event_id)
+                self._flags[(tenant, key)] = _Flag(value, self._version, order, "entitlements" if kind == "entitlements" else "rule", actor, event_id)
                 changes.append(FlagChange(key, current.value if current else None, value, self._version))
+                rules[key] = rule
+            if rules:
+                meta["rules"] = rules
             outcome = "stale" if not changes and not mapped and stale else "applied"
             return self._finish(actor, event_id, event_type, tenant, outcome, changes, stale, meta)
 
@@ -446,7 +503,7 @@ class MockSidecar(BaseSDK):
         with self._lock:
             current = self._flags.get((tenant_id, key))
             self._version += 1
-            self._flags[(tenant_id, key)] = _Flag(value, self._version, current.event_created if current else 0, "admin", actor)
+            self._flags[(tenant_id, key)] = _Flag(value, self._version, current.order if current else (0, 0, ""), "admin", actor)
             meta = {"flag": key, "new_value": value, "version": self._version}
             if reason:
                 meta["reason"] = reason
