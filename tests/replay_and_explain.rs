@@ -279,8 +279,8 @@ async fn json_lines_replay_an_event_older_than_the_flag_s_setter_as_stale_and_ex
     assert_eq!(setter.created, t);
     assert_eq!(setter.actor, "stripe-webhook");
     assert_eq!(setter.audit_seq, delivered.audit_seq);
-    // The rules metadata comes with the lifecycle rules; until then the record names none.
-    assert_eq!(explained.rule, "");
+    // The built-in rule's name, as the setting event's audit record gives it.
+    assert_eq!(explained.rule, "invoice paid");
     assert_eq!(explained.stale_events.len(), 1, "{explained:?}");
     let stale = &explained.stale_events[0];
     assert_eq!(stale.event_id, "evt_old_failure");
@@ -298,7 +298,7 @@ async fn json_lines_replay_an_event_older_than_the_flag_s_setter_as_stale_and_ex
         text.contains("set by: event evt_new (invoice.paid"),
         "{text}"
     );
-    assert!(text.contains("rule: unknown"), "{text}");
+    assert!(text.contains("rule: invoice paid"), "{text}");
     assert!(
         text.lines()
             .any(|l| l.trim_start().starts_with("event evt_old_failure")
