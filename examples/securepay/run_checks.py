@@ -109,12 +109,14 @@ def main() -> int:
     initech = {"authorization": f"Bearer {token('initech')}"}
     # A durable sidecar remembers the last run's upgrade: start from a cancelled subscription,
     # so "before the upgrade" holds on every run against the same sidecar, not only the first.
-    # Cancelled a second before the upgrade: within one second a deletion is the last word
-    # (the tie rule in the README), so an upgrade of the same second would be STALE.
-    body = event("customer.subscription.deleted", "cus_initech_001", seconds_ago=1)
+    # Flags follow the newest event by `created`, and within one second a deletion is the last
+    # word (the tie rule in the README). So: cancel at the start of a fresh second, later than
+    # any earlier run's upgrade, and upgrade one second after the cancellation.
+    time.sleep(1 - time.time() % 1)
+    body = event("customer.subscription.deleted", "cus_initech_001")
     post(body, signed(body))
     before = client.get("/api/analytics", headers=initech)
-    body = event("subscription.upgraded", "cus_initech_001")
+    body = event("subscription.upgraded", "cus_initech_001", seconds_ago=-1)
     post(body, signed(body))
     check("subscription.upgraded enables advanced_analytics", sdk.is_enabled("initech", "advanced_analytics"))
     check("/api/analytics returns 200 after upgrade", client.get("/api/analytics", headers=initech).status_code == 200)

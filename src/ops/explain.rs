@@ -338,16 +338,18 @@ mod tests {
     async fn the_rule_comes_from_the_setting_record_and_is_unknown_without_one() {
         let (store, cache) = store();
         deliver(&store, invoice("evt_plain", "invoice.paid", 1_000)).await;
-        assert_eq!(explain(&store, &cache, 100).await.rule, None);
+        assert_eq!(
+            explain(&store, &cache, 100).await.rule.as_deref(),
+            Some("invoice paid")
+        );
 
-        // A record that names its rules, as the lifecycle rules write them.
+        // A record written before applied webhooks named their rules.
         store
             .write(|tx| {
                 let mut metadata = Map::new();
                 metadata.insert("event_id".into(), json!("evt_ruled"));
                 metadata.insert("event_type".into(), json!("invoice.paid"));
                 metadata.insert("created".into(), json!(2_000));
-                metadata.insert("rules".into(), json!({"pro_features": "invoice-paid"}));
                 let record = tx.append_audit(
                     NewAuditRecord {
                         tenant_id: "acme".into(),
@@ -388,7 +390,7 @@ mod tests {
             .await
             .expect("written");
         let explained = explain(&store, &cache, 100).await;
-        assert_eq!(explained.rule.as_deref(), Some("invoice-paid"));
+        assert_eq!(explained.rule, None);
         let Some(SetBy::Event(setter)) = &explained.set_by else {
             panic!("set by an event: {explained:?}");
         };
