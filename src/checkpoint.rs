@@ -994,13 +994,6 @@ mod tests {
         ) -> Result<Option<crate::flags::FlagRecord>, StoreError> {
             self.tx.flag(tenant_id, key)
         }
-        fn flags_with_origin(
-            &mut self,
-            tenant_id: &str,
-            origin: crate::flags::FlagOrigin,
-        ) -> Result<Vec<crate::flags::FlagRecord>, StoreError> {
-            self.tx.flags_with_origin(tenant_id, origin)
-        }
         fn write_flag(
             &mut self,
             record: crate::flags::FlagRecord,
@@ -1015,20 +1008,28 @@ mod tests {
         ) -> Result<(), StoreError> {
             self.tx.advance_flag_order(tenant_id, key, order)
         }
-        fn object_order(
+        fn billing_object(
             &mut self,
             tenant_id: &str,
             object: &str,
-        ) -> Result<Option<crate::stripe::EventOrder>, StoreError> {
-            self.tx.object_order(tenant_id, object)
+        ) -> Result<Option<crate::store::BillingObject>, StoreError> {
+            self.tx.billing_object(tenant_id, object)
         }
-        fn write_object_order(
+        fn billing_objects_of_kind(
             &mut self,
             tenant_id: &str,
-            object: &str,
-            order: &crate::stripe::EventOrder,
+            kind: &str,
+            limit: u64,
+        ) -> Result<Vec<crate::store::BillingObject>, StoreError> {
+            self.tx.billing_objects_of_kind(tenant_id, kind, limit)
+        }
+        fn write_billing_object(
+            &mut self,
+            tenant_id: &str,
+            kind: &str,
+            object: &crate::store::BillingObject,
         ) -> Result<(), StoreError> {
-            self.tx.write_object_order(tenant_id, object, order)
+            self.tx.write_billing_object(tenant_id, kind, object)
         }
         fn append_audit(
             &mut self,

@@ -72,7 +72,8 @@ pub fn finite_number(n: f64) -> Result<serde_json::Number, &'static str> {
     serde_json::Number::from_f64(n).ok_or("numbers must be finite")
 }
 
-/// Who last wrote a flag; entitlement-managed flags are the ones a new summary may turn off.
+/// Who last wrote a flag: shown, never decided on (billing objects decide what a summary or
+/// a subscription turns off).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlagOrigin {
     Rule,

@@ -520,8 +520,21 @@ async fn older_summary_is_stale(sidecar: &Sidecar) {
     )
     .await;
     assert_eq!(older.outcome(), WebhookOutcome::Stale);
-    assert!(older.flag_changes.is_empty());
     assert_eq!(older.stale_flags, ["audit_export"]);
+    // The newest summary does not name audit_export: it is off, explicitly, as it would be had
+    // the older summary come first.
+    let turned_off: Vec<(&str, bool)> = older
+        .flag_changes
+        .iter()
+        .map(|c| {
+            let on = match c.new_value.as_ref().and_then(|v| v.kind.as_ref()) {
+                Some(coresdk::proto::flag_value::Kind::BoolValue(on)) => *on,
+                other => panic!("a bool flag, not {other:?}"),
+            };
+            (c.key.as_str(), on)
+        })
+        .collect();
+    assert_eq!(turned_off, [("audit_export", false)]);
     assert!(entitled(sidecar, "acme", "sso").await);
     assert!(!entitled(sidecar, "acme", "audit_export").await);
     // A newer summary still replaces it.
@@ -550,4 +563,106 @@ async fn any_delivery_order_of_a_realistic_history_ends_in_the_same_flags() {
     // Not vacuous: many histories end in a subscription event, and those are checked
     // against the table.
     assert!(report.ending_in_a_subscription_event > 100, "{report:?}");
+}
+
+/// Must-fix 2 of the review: a plan change made by cancelling the old subscription and
+/// creating the new one in the same second. The tie rule orders one subscription's events; the
+/// two subscriptions are two objects, and the one in good standing decides.
+#[tokio::test]
+async fn switching_plans_by_cancel_and_create_in_one_second_follows_the_new_subscription() {
+    let sidecar = Sidecar::start(Options::default()).await;
+    let t = now() - 100;
+    for (from, to, expected) in [
+        ("basic_monthly", "pro_monthly", GOOD_PAID_PLAN),
+        ("pro_monthly", "basic_monthly", GOOD_BASIC_PLAN),
+    ] {
+        for old_first in [true, false] {
+            let tenant = format!("switch-{to}-{old_first}");
+            let sub = |id: &str, status: &str, plan: &str| {
+                let mut object = subscription(&tenant, status, plan);
+                object["id"] = json!(id);
+                object
+            };
+            let created = |id: &str, plan: &str, at: i64| {
+                body(
+                    &format!("evt_{tenant}_{id}_created"),
+                    "customer.subscription.created",
+                    at,
+                    sub(id, "active", plan),
+                    None,
+                )
+            };
+            deliver(&sidecar, created("sub_old", from, t - 50)).await;
+            let cancel = body(
+                &format!("evt_{tenant}_sub_old_deleted"),
+                "customer.subscription.deleted",
+                t,
+                sub("sub_old", "canceled", from),
+                None,
+            );
+            let create = created("sub_new", to, t);
+            let (first, second) = if old_first {
+                (cancel, create)
+            } else {
+                (create, cancel)
+            };
+            deliver(&sidecar, first).await;
+            let last = deliver(&sidecar, second).await;
+            assert_ne!(last.outcome(), WebhookOutcome::Stale, "{tenant}");
+            assert_eq!(state(&sidecar, &tenant).await, expected, "{tenant}");
+        }
+    }
+}
+
+/// Must-fix 1 of the review: a key an entitlement summary named and a newer one dropped ends
+/// off whatever the order, even when a subscription rule also sets it in between.
+#[tokio::test]
+async fn a_key_the_newest_summary_dropped_ends_off_in_every_order() {
+    let sidecar = Sidecar::start(Options::default()).await;
+    let t = now() - 100;
+    let kind = "entitlements.active_entitlement_summary.updated";
+    for (o, order) in [[0, 1, 2], [1, 0, 2], [2, 1, 0], [1, 2, 0]]
+        .into_iter()
+        .enumerate()
+    {
+        let tenant = format!("summaries-{o}");
+        let summary = |keys: &[&str]| {
+            let data: Vec<Value> = keys.iter().map(|k| json!({"lookup_key": k})).collect();
+            json!({"object": "entitlements.active_entitlement_summary",
+                "customer": format!("cus_{tenant}"), "metadata": {"tenant_id": tenant},
+                "entitlements": {"data": data}})
+        };
+        let events = [
+            body(
+                &format!("evt_{tenant}_s1"),
+                kind,
+                t,
+                summary(&["advanced_analytics", "sso"]),
+                None,
+            ),
+            body(
+                &format!("evt_{tenant}_r"),
+                "customer.subscription.updated",
+                t + 1,
+                subscription(&tenant, "active", "pro_monthly"),
+                None,
+            ),
+            body(&format!("evt_{tenant}_s2"), kind, t + 2, summary(&[]), None),
+        ];
+        for i in order {
+            deliver(&sidecar, events[i].clone()).await;
+        }
+        assert_eq!(
+            state(&sidecar, &tenant).await,
+            [true, false, false],
+            "{order:?}"
+        );
+        // Off, not merely absent: every order answers the same is_default.
+        let sso = flag(&sidecar, &tenant, "sso").await;
+        assert_eq!(
+            (bool_value(&sso), sso.is_default),
+            (Some(false), false),
+            "{order:?}"
+        );
+    }
 }

@@ -135,3 +135,101 @@ async fn an_admin_override_keeps_the_whole_order() {
     .await;
     assert!(pro(&store).await.value == FlagValue::Bool(false));
 }
+fn summary(id: &str, created: i64, keys: &[&str]) -> StripeEvent {
+    let data: Vec<_> = keys.iter().map(|k| json!({"lookup_key": k})).collect();
+    let object = json!({"metadata": {"tenant_id": "acme"}, "entitlements": {"data": data}});
+    let body = json!({"id": id, "type": "entitlements.active_entitlement_summary.updated",
+        "created": created, "data": {"object": object}});
+    StripeEvent::parse(body.to_string().as_bytes(), created).expect("an event")
+}
+
+async fn final_flags(events: Vec<StripeEvent>) -> Vec<(String, String)> {
+    let (store, rules) = store();
+    for e in events {
+        deliver(&store, &rules, e).await;
+    }
+    let mut all = store
+        .read(|tx| Ok(tx.load_flags()?))
+        .await
+        .expect("read")
+        .into_iter()
+        .filter(|f| f.tenant_id == "acme")
+        .map(|f| (f.key, f.value.display()))
+        .collect::<Vec<_>>();
+    all.sort();
+    all
+}
+
+#[tokio::test]
+async fn a_summary_and_a_subscription_on_one_key_end_alike_in_any_order() {
+    let s1 = || summary("evt_s1", 100, &["advanced_analytics"]);
+    let r = || {
+        event(
+            "evt_r",
+            "customer.subscription.updated",
+            200,
+            Some("active"),
+        )
+    };
+    let s2 = || summary("evt_s2", 300, &[]);
+    let a = final_flags(vec![s1(), r(), s2()]).await;
+    let b = final_flags(vec![r(), s1(), s2()]).await;
+    assert_eq!(a, b, "S1,R,S2 vs R,S1,S2");
+}
+
+#[tokio::test]
+async fn a_key_that_left_the_summaries_ends_off_in_any_order() {
+    let s1 = || summary("evt_s1", 100, &["sso"]);
+    let s2 = || summary("evt_s2", 200, &[]);
+    let a = final_flags(vec![s1(), s2()]).await;
+    let b = final_flags(vec![s2(), s1()]).await;
+    assert_eq!(a, b, "S1,S2 vs S2,S1");
+}
+
+fn sub_event(
+    id: &str,
+    event_type: &str,
+    created: i64,
+    sub: &str,
+    status: &str,
+    plan: &str,
+) -> StripeEvent {
+    let object = json!({"id": sub, "object": "subscription", "customer": "cus_1",
+        "metadata": {"tenant_id": "acme"}, "status": status,
+        "items": {"data": [{"price": {"lookup_key": plan}}]}});
+    let body =
+        json!({"id": id, "type": event_type, "created": created, "data": {"object": object}});
+    StripeEvent::parse(body.to_string().as_bytes(), created).expect("an event")
+}
+
+#[tokio::test]
+async fn switching_plans_by_cancel_and_create_in_one_second_keeps_the_new_plan() {
+    // The app cancels the basic subscription and creates a pro one in the same API flow.
+    let old = || {
+        sub_event(
+            "evt_b",
+            "customer.subscription.deleted",
+            500,
+            "sub_old",
+            "canceled",
+            "basic_monthly",
+        )
+    };
+    let new = || {
+        sub_event(
+            "evt_a",
+            "customer.subscription.created",
+            500,
+            "sub_new",
+            "active",
+            "pro_monthly",
+        )
+    };
+    let expected = vec![
+        ("advanced_analytics".to_owned(), "on".to_owned()),
+        ("paywall_active".to_owned(), "off".to_owned()),
+        ("pro_features".to_owned(), "on".to_owned()),
+    ];
+    assert_eq!(final_flags(vec![old(), new()]).await, expected, "old, new");
+    assert_eq!(final_flags(vec![new(), old()]).await, expected, "new, old");
+}

@@ -3,6 +3,7 @@
 //! the ids and texts they accept.
 
 mod explain;
+mod objects;
 mod parking;
 mod webhook;
 

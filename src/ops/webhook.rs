@@ -3,10 +3,11 @@
 
 use serde_json::{Map, Value, json};
 
+use super::objects;
 use super::parking::{self, ParkingLimits};
 use super::validate_id;
 use crate::audit::{self, AuditRecord, NewAuditRecord};
-use crate::flags::{FlagOrigin, FlagRecord, FlagValue};
+use crate::flags::{FlagRecord, FlagValue};
 use crate::problem::Error;
 use crate::rules::{Effect, Rules};
 use crate::store::{Outcome, ProcessedEvent, StoreTx};
@@ -15,10 +16,6 @@ use crate::stripe::{SignatureVerifier, StripeEvent};
 pub const WEBHOOK_ACTOR: &str = "stripe-webhook";
 /// The actor of an operator's replay of exported events.
 pub const REPLAY_ACTOR: &str = "replay";
-
-/// The billing object an active entitlement summary describes whole (see
-/// [`StoreTx::object_order`]).
-pub const ENTITLEMENTS_OBJECT: &str = "entitlements";
 
 /// Who feeds an event through the webhook path and why: Stripe's own delivery, or an
 /// operator's replay (actor `replay`, with the operator's reason in every audit record).
@@ -268,96 +265,59 @@ fn apply(
         return Ok(Err(refusal));
     };
 
-    let order = event.order();
-    // A summary older than the newest one applied says nothing about now: it is stale as a
-    // whole, even for flags no newer event touched.
-    let mut stale_summary: Option<Vec<String>> = None;
-    let wanted: Vec<(String, FlagValue, FlagOrigin, String)> = match effect {
-        Effect::Ignored => Vec::new(),
-        Effect::Set(set) => set
-            .into_iter()
-            .map(|s| (s.key, s.value, FlagOrigin::Rule, s.rule))
-            .collect(),
-        Effect::Entitlements { keys, rule } => {
-            match tx.object_order(&tenant, ENTITLEMENTS_OBJECT)? {
-                Some(newest) if newest > order => {
-                    stale_summary = Some(keys);
-                    metadata.insert("stale_object".into(), json!(ENTITLEMENTS_OBJECT));
-                    metadata.insert("newer_event_id".into(), json!(newest.event_id));
-                    Vec::new()
-                }
-                _ => {
-                    tx.write_object_order(&tenant, ENTITLEMENTS_OBJECT, &order)?;
-                    let entitled = |key, on| {
-                        (
-                            key,
-                            FlagValue::Bool(on),
-                            FlagOrigin::Entitlements,
-                            rule.clone(),
-                        )
-                    };
-                    let departed: Vec<String> = tx
-                        .flags_with_origin(&tenant, FlagOrigin::Entitlements)?
-                        .into_iter()
-                        .filter(|f| f.value == FlagValue::Bool(true) && !keys.contains(&f.key))
-                        .map(|f| f.key)
-                        .collect();
-                    departed
-                        .into_iter()
-                        .map(|key| entitled(key, false))
-                        .chain(keys.into_iter().map(|key| entitled(key, true)))
-                        .collect()
-                }
-            }
-        }
-    };
-    if let Some(keys) = stale_summary
-        && !mapping_recorded
-    {
-        return finish(
-            tx,
-            delivery,
-            event,
-            tenant,
-            Outcome::Stale,
-            Vec::new(),
-            keys,
-            metadata,
-            now_ms,
-        )
-        .map(Ok);
+    let resolution = objects::resolve(tx, rules, &tenant, event, effect)?;
+    let mut stale: Vec<String> = Vec::new();
+    let stale_object = resolution.stale.is_some();
+    if let Some(object) = resolution.stale {
+        metadata.insert("stale_object".into(), json!(object.object));
+        metadata.insert("newer_event_id".into(), json!(object.newer_event_id));
+        stale = object.keys;
     }
-    if wanted.is_empty() && !mapping_recorded {
+    if resolution.wanted.is_empty() && !mapping_recorded {
+        let outcome = if stale.is_empty() {
+            Outcome::Ignored
+        } else {
+            Outcome::Stale
+        };
         return finish(
             tx,
             delivery,
             event,
             tenant,
-            Outcome::Ignored,
+            outcome,
             Vec::new(),
-            Vec::new(),
+            stale,
             metadata,
             now_ms,
         )
         .map(Ok);
     }
 
-    // Each flag keeps the value of the greatest event (by `EventOrder`) that set or confirmed
-    // it: with effects that depend on the event alone, that makes the final flags a function
-    // of the set of events delivered, whatever their order.
+    // Each flag keeps the value of the write with the greatest order mark; the marks and what
+    // they make the final flags a function of are in `objects`.
     let mut changes = Vec::new();
-    let mut stale = Vec::new();
     let mut deciding_rules = Map::new();
-    for (key, value, origin, rule) in wanted {
+    for objects::Wanted {
+        key,
+        value,
+        origin,
+        rule,
+        order,
+    } in resolution.wanted
+    {
         let current = tx.flag(&tenant, &key)?;
         if let Some(current) = &current {
             if current.order > order {
-                stale.push(key);
+                if !stale.contains(&key) {
+                    stale.push(key);
+                }
                 continue;
             }
             if current.value == value {
                 // The setter stays the source; the mark moves so older events stay stale.
-                tx.advance_flag_order(&tenant, &key, &order)?;
+                if current.order < order {
+                    tx.advance_flag_order(&tenant, &key, &order)?;
+                }
                 continue;
             }
         }
@@ -366,7 +326,7 @@ fn apply(
             key: key.clone(),
             value: value.clone(),
             version: 0,
-            order: order.clone(),
+            order,
             origin,
             updated_at_ms: now_ms,
             updated_by: delivery.actor.to_owned(),
@@ -383,12 +343,15 @@ fn apply(
     if !deciding_rules.is_empty() {
         metadata.insert("rules".into(), Value::Object(deciding_rules));
     }
-    // Nothing changed only because newer events got there first: tell the caller it was stale.
-    let outcome = if changes.is_empty() && !mapping_recorded && !stale.is_empty() {
-        Outcome::Stale
-    } else {
-        Outcome::Applied
-    };
+    // Nothing changed only because newer events got there first, or the event's object had a
+    // newer event (what it changed then is what the newer event says): tell the caller it was
+    // stale.
+    let outcome =
+        if !mapping_recorded && (stale_object || (changes.is_empty() && !stale.is_empty())) {
+            Outcome::Stale
+        } else {
+            Outcome::Applied
+        };
     finish(
         tx, delivery, event, tenant, outcome, changes, stale, metadata, now_ms,
     )

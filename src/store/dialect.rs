@@ -49,8 +49,6 @@ pub(crate) enum Statement {
     UnmapCustomer,
     /// tenant_id, key → flag columns.
     Flag,
-    /// tenant_id, origin → flag columns, ordered by key.
-    FlagsWithOrigin,
     /// → flag columns of every flag.
     AllFlags,
     /// version → flag columns of every flag changed after that version, ordered by version.
@@ -60,10 +58,14 @@ pub(crate) enum Statement {
     /// tenant_id, key, created, rank, event_id: sets the flag's ordering mark (all three
     /// columns together) without changing its value or version.
     AdvanceFlagOrder,
-    /// tenant_id, object → created, rank, event_id of the newest event applied to the object.
-    ObjectOrder,
-    /// tenant_id, object, created, rank, event_id: inserts or replaces the object's order.
-    WriteObjectOrder,
+    /// tenant_id, object → object, created, rank, event_id, state of the newest event applied
+    /// to the object.
+    BillingObject,
+    /// tenant_id, kind, limit → object, created, rank, event_id, state of the tenant's objects
+    /// of that kind, newest `created` and rank first (event ids are compared in Rust).
+    BillingObjectsOfKind,
+    /// tenant_id, object, kind, created, rank, event_id, state: inserts or replaces the object.
+    WriteBillingObject,
     /// The audit columns.
     AppendAudit,
     /// → seq, hash of the newest audit record (no row when there is none).

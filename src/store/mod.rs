@@ -25,7 +25,7 @@ use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::audit::{AuditRecord, NewAuditRecord, StoredAuditRow};
-use crate::flags::{FlagOrigin, FlagRecord};
+use crate::flags::FlagRecord;
 use crate::problem::Error;
 
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +112,15 @@ impl Outcome {
             _ => return None,
         })
     }
+}
+
+/// A billing object whose events replace one another whole (a subscription, the active
+/// entitlement summary): the newest event's order and the state it left, as JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BillingObject {
+    pub object: String,
+    pub order: crate::stripe::EventOrder,
+    pub state: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -222,11 +231,6 @@ pub trait StoreTx {
     fn expire_parked(&mut self, before_ms: i64, limit: u64)
     -> Result<Vec<ParkedEvent>, StoreError>;
     fn flag(&mut self, tenant_id: &str, key: &str) -> Result<Option<FlagRecord>, StoreError>;
-    fn flags_with_origin(
-        &mut self,
-        tenant_id: &str,
-        origin: FlagOrigin,
-    ) -> Result<Vec<FlagRecord>, StoreError>;
     /// Writes a flag under the next store-wide version (the given one is ignored) and returns it.
     fn write_flag(&mut self, record: FlagRecord) -> Result<FlagRecord, StoreError>;
     /// Sets a flag's event ordering mark without changing its value or version: an event that
@@ -237,18 +241,27 @@ pub trait StoreTx {
         key: &str,
         order: &crate::stripe::EventOrder,
     ) -> Result<(), StoreError>;
-    /// The order of the newest event applied to one of a tenant's billing objects whose events
-    /// replace each other whole (e.g. `entitlements`, the active entitlement summary).
-    fn object_order(
+    /// One of a tenant's billing objects: the order of the newest event applied to it and the
+    /// state that event left (see `ops::webhook`).
+    fn billing_object(
         &mut self,
         tenant_id: &str,
         object: &str,
-    ) -> Result<Option<crate::stripe::EventOrder>, StoreError>;
-    fn write_object_order(
+    ) -> Result<Option<BillingObject>, StoreError>;
+    /// Up to `limit` of the tenant's billing objects of `kind`, newest first by `created` and
+    /// rank (objects of the same second and rank in no particular order).
+    fn billing_objects_of_kind(
         &mut self,
         tenant_id: &str,
-        object: &str,
-        order: &crate::stripe::EventOrder,
+        kind: &str,
+        limit: u64,
+    ) -> Result<Vec<BillingObject>, StoreError>;
+    /// Inserts or replaces a billing object.
+    fn write_billing_object(
+        &mut self,
+        tenant_id: &str,
+        kind: &str,
+        object: &BillingObject,
     ) -> Result<(), StoreError>;
     fn append_audit(&mut self, record: NewAuditRecord, at_ms: i64) -> Result<AuditRecord, Error>;
     fn load_flags(&mut self) -> Result<Vec<FlagRecord>, StoreError>;

@@ -5,8 +5,8 @@
 
 use super::dialect::{Param, Row, Sql, Statement, query_all, query_opt};
 use super::{
-    AuditQuery, Committed, CustomerMapping, Outcome, ParkedEvent, ProcessedEvent, StoreError,
-    StoreTx,
+    AuditQuery, BillingObject, Committed, CustomerMapping, Outcome, ParkedEvent, ProcessedEvent,
+    StoreError, StoreTx,
 };
 use crate::audit::{self, AuditRecord, ChainHead, NewAuditRecord, StoredAuditRow};
 use crate::flags::{FlagOrigin, FlagRecord, FlagValue};
@@ -20,6 +20,18 @@ pub(crate) fn to_u64(v: i64) -> u64 {
 
 pub(crate) fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn billing_object_from_row(row: &dyn Row) -> Result<BillingObject, StoreError> {
+    Ok(BillingObject {
+        object: row.text(0)?,
+        order: EventOrder {
+            created: row.int(1)?,
+            rank: row.int(2)?,
+            event_id: row.text(3)?,
+        },
+        state: row.text(4)?,
+    })
 }
 
 fn flag_from_row(row: &dyn Row) -> Result<FlagRecord, StoreError> {
@@ -324,19 +336,6 @@ impl StoreTx for Tx<'_> {
         )
     }
 
-    fn flags_with_origin(
-        &mut self,
-        tenant_id: &str,
-        origin: FlagOrigin,
-    ) -> Result<Vec<FlagRecord>, StoreError> {
-        query_all(
-            self.sql,
-            Statement::FlagsWithOrigin,
-            &[Param::Text(tenant_id), Param::Text(origin.as_str())],
-            flag_from_row,
-        )
-    }
-
     fn write_flag(&mut self, mut record: FlagRecord) -> Result<FlagRecord, StoreError> {
         let (sql, writes) = self.for_write()?;
         writes.state.flag_version += 1;
@@ -381,40 +380,54 @@ impl StoreTx for Tx<'_> {
         )
     }
 
-    fn object_order(
+    fn billing_object(
         &mut self,
         tenant_id: &str,
         object: &str,
-    ) -> Result<Option<EventOrder>, StoreError> {
+    ) -> Result<Option<BillingObject>, StoreError> {
         query_opt(
             self.sql,
-            Statement::ObjectOrder,
+            Statement::BillingObject,
             &[Param::Text(tenant_id), Param::Text(object)],
-            |row| {
-                Ok(EventOrder {
-                    created: row.int(0)?,
-                    rank: row.int(1)?,
-                    event_id: row.text(2)?,
-                })
-            },
+            billing_object_from_row,
         )
     }
 
-    fn write_object_order(
+    fn billing_objects_of_kind(
         &mut self,
         tenant_id: &str,
-        object: &str,
-        order: &EventOrder,
+        kind: &str,
+        limit: u64,
+    ) -> Result<Vec<BillingObject>, StoreError> {
+        query_all(
+            self.sql,
+            Statement::BillingObjectsOfKind,
+            &[
+                Param::Text(tenant_id),
+                Param::Text(kind),
+                Param::Int(to_i64(limit)),
+            ],
+            billing_object_from_row,
+        )
+    }
+
+    fn write_billing_object(
+        &mut self,
+        tenant_id: &str,
+        kind: &str,
+        object: &BillingObject,
     ) -> Result<(), StoreError> {
         let (sql, _) = self.for_write()?;
         sql.execute(
-            Statement::WriteObjectOrder,
+            Statement::WriteBillingObject,
             &[
                 Param::Text(tenant_id),
-                Param::Text(object),
-                Param::Int(order.created),
-                Param::Int(order.rank),
-                Param::Text(&order.event_id),
+                Param::Text(&object.object),
+                Param::Text(kind),
+                Param::Int(object.order.created),
+                Param::Int(object.order.rank),
+                Param::Text(&object.order.event_id),
+                Param::Text(&object.state),
             ],
         )
     }

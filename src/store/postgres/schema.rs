@@ -54,8 +54,9 @@ const MIGRATION_2: &str = "ALTER TABLE customers ADD COLUMN IF NOT EXISTS unmapp
 /// kept as received until the customer gets a tenant (then applied and deleted) or they expire.
 /// A flag's ordering mark becomes the whole event order (`created`, tie rank, event id); rows
 /// from before compare as rank 0 and empty id, below any event of the same second. Billing
-/// objects whose events replace one another as a whole (entitlement summaries) keep the order
-/// of the newest one applied. Event ids are compared in Rust (byte order), never in SQL, so the
+/// objects whose events replace one another as a whole (each subscription, the entitlement
+/// summary) keep the order of the newest one applied and the state it left (JSON, see
+/// `ops::objects`); `kind` lists a tenant's subscriptions. Event ids are compared in Rust (byte order), never in SQL, so the
 /// database collation does not matter.
 const MIGRATION_3: &str = "
 CREATE TABLE IF NOT EXISTS parked_events (
@@ -76,9 +77,11 @@ ALTER TABLE flags ADD COLUMN IF NOT EXISTS order_event_id TEXT NOT NULL DEFAULT 
 CREATE TABLE IF NOT EXISTS billing_objects (
     tenant_id TEXT NOT NULL,
     object TEXT NOT NULL,
+    kind TEXT NOT NULL,
     event_created BIGINT NOT NULL,
     event_rank BIGINT NOT NULL,
     event_id TEXT NOT NULL,
+    state TEXT NOT NULL,
     PRIMARY KEY (tenant_id, object)
 );
 ";

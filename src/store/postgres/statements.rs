@@ -38,11 +38,6 @@ pub(super) fn text(statement: Statement) -> &'static str {
             flag_columns!(),
             " FROM flags WHERE tenant_id = $1 AND key = $2"
         ),
-        Statement::FlagsWithOrigin => concat!(
-            "SELECT ",
-            flag_columns!(),
-            " FROM flags WHERE tenant_id = $1 AND origin = $2 ORDER BY key"
-        ),
         Statement::AllFlags => concat!("SELECT ", flag_columns!(), " FROM flags"),
         Statement::FlagsAfter => concat!(
             "SELECT ",
@@ -62,13 +57,21 @@ pub(super) fn text(statement: Statement) -> &'static str {
             "UPDATE flags SET event_created = $3, event_rank = $4, order_event_id = $5
              WHERE tenant_id = $1 AND key = $2"
         }
-        Statement::ObjectOrder => {
-            "SELECT event_created, event_rank, event_id FROM billing_objects WHERE tenant_id = $1 AND object = $2"
+        Statement::BillingObject => {
+            "SELECT object, event_created, event_rank, event_id, state FROM billing_objects
+             WHERE tenant_id = $1 AND object = $2"
         }
-        Statement::WriteObjectOrder => {
-            "INSERT INTO billing_objects (tenant_id, object, event_created, event_rank, event_id) VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (tenant_id, object) DO UPDATE SET event_created = EXCLUDED.event_created, event_rank = EXCLUDED.event_rank,
-               event_id = EXCLUDED.event_id"
+        Statement::BillingObjectsOfKind => {
+            "SELECT object, event_created, event_rank, event_id, state FROM billing_objects
+             WHERE tenant_id = $1 AND kind = $2
+             ORDER BY event_created DESC, event_rank DESC LIMIT $3"
+        }
+        Statement::WriteBillingObject => {
+            "INSERT INTO billing_objects (tenant_id, object, kind, event_created, event_rank, event_id, state)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (tenant_id, object) DO UPDATE SET kind = EXCLUDED.kind,
+               event_created = EXCLUDED.event_created, event_rank = EXCLUDED.event_rank,
+               event_id = EXCLUDED.event_id, state = EXCLUDED.state"
         }
         Statement::AppendAudit => concat!(
             "INSERT INTO audit (",

@@ -52,8 +52,9 @@ const MIGRATION_2: &str = "ALTER TABLE customers ADD COLUMN unmapped_at_ms INTEG
 /// for WITHOUT ROWID's clustered rows.
 /// A flag's ordering mark becomes the whole event order (`created`, tie rank, event id); rows
 /// from before compare as rank 0 and empty id, below any event of the same second. Billing
-/// objects whose events replace one another as a whole (entitlement summaries) keep the order
-/// of the newest one applied.
+/// objects whose events replace one another as a whole (each subscription, the entitlement
+/// summary) keep the order of the newest one applied and the state it left (JSON, see
+/// `ops::objects`); `kind` lists a tenant's subscriptions.
 const MIGRATION_3: &str = "
 CREATE TABLE parked_events (
     event_id TEXT PRIMARY KEY,
@@ -73,9 +74,11 @@ ALTER TABLE flags ADD COLUMN order_event_id TEXT NOT NULL DEFAULT '';
 CREATE TABLE billing_objects (
     tenant_id TEXT NOT NULL,
     object TEXT NOT NULL,
+    kind TEXT NOT NULL,
     event_created INTEGER NOT NULL,
     event_rank INTEGER NOT NULL,
     event_id TEXT NOT NULL,
+    state TEXT NOT NULL,
     PRIMARY KEY (tenant_id, object)
 ) WITHOUT ROWID;
 ";
