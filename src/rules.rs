@@ -277,6 +277,16 @@ impl Rule {
                 "has a `status` condition but lists '{other}': only customer.subscription.* events carry a subscription status"
             )));
         }
+        // Plan names are matched word by word, so an entry that is not one word never matches.
+        if let Some(plan) = spec
+            .plans
+            .iter()
+            .find(|p| p.is_empty() || p.chars().any(|c| !c.is_alphanumeric()))
+        {
+            return Err(invalid(format!(
+                "lists plan '{plan}', which can never match: each `plans` entry is one word (letters and digits) of a price lookup_key or nickname, e.g. \"pro\" matches \"Pro Monthly\" and \"pro_annual\""
+            )));
+        }
         let flags = |table: BTreeMap<String, toml::Value>| {
             table
                 .into_iter()
@@ -578,6 +588,16 @@ mod tests {
             (
                 format!("{FLAG}[[rule]]\nname = \" \"\nevents = [\"x\"]\nset = {{ a = true }}"),
                 "empty `name`",
+            ),
+            (
+                format!(
+                    "{FLAG}[[rule]]\nevents = [\"x\"]\nplans = [\"pro monthly\"]\nset = {{ a = true }}"
+                ),
+                "plan 'pro monthly', which can never match",
+            ),
+            (
+                format!("{FLAG}[[rule]]\nevents = [\"x\"]\nplans = [\"\"]\nset = {{ a = true }}"),
+                "plan '', which can never match",
             ),
         ] {
             let err = Rules::parse(&text).expect_err(&text).to_string();
