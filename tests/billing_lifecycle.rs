@@ -548,8 +548,9 @@ async fn older_summary_is_stale(sidecar: &Sidecar) {
 }
 
 /// Point 2's property: 200 random realistic histories, each delivered chronologically and in
-/// 5 shuffled orders with redeliveries, all end in the same flags; those ending in a
-/// subscription event end in the table's state. Fixed seed: a failure reproduces.
+/// 5 shuffled orders with redeliveries, all end in the same flags; those whose newest event is
+/// a subscription event end in the table's state for the subscription in the best standing.
+/// Fixed seed: a failure reproduces.
 #[tokio::test]
 async fn any_delivery_order_of_a_realistic_history_ends_in_the_same_flags() {
     let report = histories::check(0x5eed_2026, 200, 5).await;
@@ -559,10 +560,12 @@ async fn any_delivery_order_of_a_realistic_history_ends_in_the_same_flags() {
         report.divergences.len(),
         &report.divergences[..report.divergences.len().min(3)]
     );
+    println!("{report:?}");
     assert_eq!((report.histories, report.deliveries), (200, 1200));
-    // Not vacuous: many histories end in a subscription event, and those are checked
-    // against the table.
-    assert!(report.ending_in_a_subscription_event > 100, "{report:?}");
+    // Not vacuous: many histories are checked against the table, and some map their
+    // customer late.
+    assert!(report.checked_against_the_table > 80, "{report:?}");
+    assert!(report.mapped_late > 20, "{report:?}");
 }
 
 /// Must-fix 2 of the review: a plan change made by cancelling the old subscription and

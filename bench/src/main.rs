@@ -88,11 +88,12 @@ async fn lifecycle(
     let started = Instant::now();
     let report = histories::check(seed, histories, orders).await;
     println!(
-        "lifecycle: {} histories, {} delivery orders, {} events delivered, {} ending in a subscription event checked against the table, {} divergences ({:.1} s, seed {seed})",
+        "lifecycle: {} histories ({} mapped late), {} delivery orders, {} events delivered, {} checked against the table, {} divergences ({:.1} s, seed {seed})",
         report.histories,
+        report.mapped_late,
         report.deliveries,
         report.events_delivered,
-        report.ending_in_a_subscription_event,
+        report.checked_against_the_table,
         report.divergences.len(),
         started.elapsed().as_secs_f64(),
     );

@@ -1,8 +1,14 @@
-//! Realistic Stripe subscription histories, and the order-independence check over them (issue
-//! 10, point 2): every history is delivered in its chronological order and in shuffled orders
-//! with redeliveries, through the real webhook path on an in-memory SQLite store; every order
-//! must end in the same flags, and a history ending in a subscription event must end in the
-//! lifecycle table's state for that event's status and plan.
+//! Realistic Stripe billing histories, and the order-independence check over them (issue 10,
+//! point 2): every history is delivered in its chronological order and in shuffled orders
+//! with redeliveries, through the real webhook path on an in-memory SQLite store, and every
+//! order must end in the same flags (value and is-default of every key). Histories hold
+//! several subscriptions per customer, overlapping (a plan change made by cancelling one and
+//! creating another in the same second, in both orders; a second subscription), entitlement
+//! summaries naming a catalog flag and fresh keys, `subscription.upgraded`, and customers
+//! mapped to a tenant only midway (their first deliveries are parked, then applied by the
+//! mapping). When a subscription event is the newest event, the flags must be the lifecycle
+//! table's for the subscription in the best standing, as a model of the subscriptions
+//! (independent of the sidecar's code) computes it.
 //!
 //! Shared by the property test (`tests/billing_lifecycle.rs`, a fixed seed, bounded) and the
 //! benchmark's `--lifecycle-histories N` (a bigger run); not part of the sidecar.
@@ -12,10 +18,11 @@ use std::sync::Arc;
 
 use coresdk::feeds::Feeds;
 use coresdk::flags::{FlagCache, FlagValue};
-use coresdk::ops::{Delivery, ParkingLimits, apply_webhook};
+use coresdk::ops::{AdminChange, Delivery, ParkingLimits, apply_webhook, map_customer};
+use coresdk::problem::Error;
 use coresdk::rules::Rules;
 use coresdk::store::{Store, StoreUrl};
-use coresdk::stripe::StripeEvent;
+use coresdk::stripe::{SUBSCRIPTION_STATE_EVENTS, StripeEvent};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -23,6 +30,18 @@ use serde_json::{Value, json};
 
 pub const FLAGS: [&str; 3] = ["pro_features", "paywall_active", "advanced_analytics"];
 const PLANS: [&str; 3] = ["basic_monthly", "pro_monthly", "enterprise_annual"];
+/// Entitlement features: one that is also a catalog flag (a rule sets it too) and fresh keys.
+const FEATURES: [&str; 3] = ["advanced_analytics", "sso", "audit_export"];
+/// Every key a history can touch: the catalog and the entitlement features.
+const KEYS: [&str; 5] = [
+    "pro_features",
+    "paywall_active",
+    "advanced_analytics",
+    "sso",
+    "audit_export",
+];
+/// A customer has at most this many subscriptions running at once.
+const MAX_RUNNING: usize = 3;
 
 /// One event of a history, before a delivery run gives it its id prefix and tenant.
 #[derive(Debug, Clone)]
@@ -35,21 +54,34 @@ pub struct HistoryEvent {
     pub previous_attributes: Option<Value>,
 }
 
-/// A history in the order Stripe produced it, and the subscription state its last event
-/// leaves when that event is a subscription event.
+/// A history in the order Stripe produced it, and whether its customer is only mapped to a
+/// tenant midway (its first deliveries are then refused and parked).
 #[derive(Debug, Clone)]
 pub struct History {
     pub events: Vec<HistoryEvent>,
-    pub ends_in: Option<(String, String)>,
+    pub mapped_late: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Subscription {
+    id: u32,
+    status: &'static str,
+    plan: &'static str,
+}
+
+impl Subscription {
+    fn over(&self) -> bool {
+        matches!(self.status, "canceled" | "incomplete_expired")
+    }
 }
 
 struct Generator<'a> {
     rng: &'a mut StdRng,
     events: Vec<HistoryEvent>,
     t: i64,
-    subscription: u32,
-    status: &'static str,
-    plan: &'static str,
+    subscriptions: Vec<Subscription>,
+    /// The subscription the next subscription events are about.
+    current: usize,
 }
 
 impl Generator<'_> {
@@ -75,12 +107,17 @@ impl Generator<'_> {
         });
     }
 
+    fn sub(&mut self) -> &mut Subscription {
+        &mut self.subscriptions[self.current]
+    }
+
     fn subscription_object(&self) -> Value {
+        let sub = &self.subscriptions[self.current];
         json!({
-            "id": format!("sub_{}", self.subscription),
+            "id": format!("sub_{}", sub.id),
             "object": "subscription",
-            "status": self.status,
-            "items": {"data": [{"price": {"lookup_key": self.plan}}]},
+            "status": sub.status,
+            "items": {"data": [{"price": {"lookup_key": sub.plan}}]},
         })
     }
 
@@ -95,15 +132,32 @@ impl Generator<'_> {
         let object = json!({
             "id": format!("in_{}", self.id()),
             "object": "invoice",
-            "subscription": format!("sub_{}", self.subscription),
+            "subscription": format!("sub_{}", self.subscriptions[self.current].id),
         });
         self.push(event_type, object, None);
     }
 
-    /// Moves to `status`: the subscription update Stripe sends, with what it sends in the
-    /// same second (the invoice that caused it, the pause or resume event, the deletion).
+    /// An Entitlements summary: a random set of active features.
+    fn summary(&mut self) {
+        let data: Vec<Value> = FEATURES
+            .iter()
+            .filter(|_| self.rng.gen_bool(0.5))
+            .map(|key| json!({"lookup_key": key}))
+            .collect();
+        let object = json!({"object": "entitlements.active_entitlement_summary",
+            "entitlements": {"data": data}});
+        self.push(
+            "entitlements.active_entitlement_summary.updated",
+            object,
+            None,
+        );
+    }
+
+    /// Moves the current subscription to `status`: the update Stripe sends, with what it
+    /// sends in the same second (the invoice that caused it, the pause or resume event, the
+    /// deletion).
     fn transition(&mut self, status: &'static str) {
-        let was = std::mem::replace(&mut self.status, status);
+        let was = std::mem::replace(&mut self.sub().status, status);
         match status {
             "active" if was == "paused" => {
                 self.subscription("customer.subscription.resumed", None);
@@ -145,58 +199,106 @@ impl Generator<'_> {
         }
     }
 
-    /// A new subscription: created (with the first invoice's outcome in the same second).
+    /// A new subscription, made current: created (with the first invoice's outcome in the
+    /// same second).
     fn start_subscription(&mut self) {
-        self.status = self.pick(&["trialing", "active", "incomplete", "paid_at_once"]);
-        self.plan = self.pick(&PLANS);
-        if self.status == "paid_at_once" {
+        let status = self.pick(&["trialing", "active", "incomplete", "paid_at_once"]);
+        let plan = self.pick(&PLANS);
+        let id = self.subscriptions.len() as u32 + 1;
+        self.subscriptions.push(Subscription { id, status, plan });
+        self.current = self.subscriptions.len() - 1;
+        if status == "paid_at_once" {
             // Created incomplete, its first invoice paid and the subscription active, all in
             // the same second: the three disagree about the flags.
-            self.status = "incomplete";
+            self.sub().status = "incomplete";
             self.subscription("customer.subscription.created", None);
             self.transition("active");
             return;
         }
         self.subscription("customer.subscription.created", None);
-        match self.status {
+        match status {
             "active" => self.invoice("invoice.paid"),
             "incomplete" if self.rng.gen_bool(0.5) => self.invoice("invoice.payment_failed"),
             _ => {}
         }
     }
+
+    /// A plan change made by cancelling the current subscription and creating one on another
+    /// plan in the same second, the two in either order (both happen).
+    fn switch_by_cancel_and_create(&mut self) {
+        let old = self.current;
+        let cancelled_at = self.events.len();
+        self.sub().status = "canceled";
+        self.subscription("customer.subscription.deleted", None);
+        let plan = self.pick(&PLANS);
+        let id = self.subscriptions.len() as u32 + 1;
+        self.subscriptions.push(Subscription {
+            id,
+            status: "active",
+            plan,
+        });
+        self.current = self.subscriptions.len() - 1;
+        self.subscription("customer.subscription.created", None);
+        self.invoice("invoice.paid");
+        if self.rng.gen_bool(0.5) {
+            let cancel = self.events.remove(cancelled_at);
+            self.events.push(cancel);
+        }
+        debug_assert!(self.subscriptions[old].over());
+    }
 }
 
 /// A random, realistic history of one customer starting at `start` (Unix seconds).
 pub fn history(rng: &mut StdRng, start: i64) -> History {
+    let mapped_late = rng.gen_bool(0.25);
     let mut g = Generator {
         rng,
         events: Vec::new(),
         t: start,
-        subscription: 1,
-        status: "incomplete",
-        plan: "basic_monthly",
+        subscriptions: Vec::new(),
+        current: 0,
     };
     g.start_subscription();
-    let steps = g.rng.gen_range(1..12);
+    let steps = g.rng.gen_range(1..14);
     for _ in 0..steps {
-        g.t += g.rng.gen_range(1..=3);
-        let next: &'static str = match g.status {
+        g.t += g.rng.gen_range(0..=3);
+        let running: Vec<usize> = (0..g.subscriptions.len())
+            .filter(|&i| !g.subscriptions[i].over())
+            .collect();
+        if running.is_empty() {
+            // Over: the customer may subscribe again, to a new subscription.
+            if g.rng.gen_bool(0.4) {
+                g.start_subscription();
+                continue;
+            }
+            break;
+        }
+        g.current = running[g.rng.gen_range(0..running.len())];
+        if g.rng.gen_bool(0.1) {
+            g.summary();
+            continue;
+        }
+        let next: &'static str = match g.sub().status {
             "incomplete" => g.pick(&["active", "incomplete_expired"]),
             "trialing" => g.pick(&["active", "past_due", "canceled", "plan"]),
-            "active" => g.pick(&["renewal", "plan", "past_due", "paused", "canceled"]),
+            "active" => g.pick(&[
+                "renewal", "plan", "past_due", "paused", "canceled", "switch", "add", "upgraded",
+            ]),
             "past_due" => g.pick(&["active", "retry_failed", "unpaid", "canceled"]),
             "unpaid" => g.pick(&["active", "canceled"]),
-            "paused" => g.pick(&["active", "canceled"]),
-            // Over: the customer may subscribe again, to a new subscription.
-            _ if g.rng.gen_bool(0.3) => "resubscribe",
-            _ => break,
+            _ => g.pick(&["active", "canceled"]),
         };
         match next {
             "renewal" => g.invoice("invoice.paid"),
             "retry_failed" => g.invoice("invoice.payment_failed"),
+            "upgraded" => {
+                let object = g.subscription_object();
+                g.push("subscription.upgraded", object, None);
+            }
             "plan" => {
-                let was = g.plan;
-                g.plan = g.pick(&PLANS);
+                let was = g.sub().plan;
+                let plan = g.pick(&PLANS);
+                g.sub().plan = plan;
                 let object = g.subscription_object();
                 g.push(
                     "customer.subscription.updated",
@@ -204,28 +306,15 @@ pub fn history(rng: &mut StdRng, start: i64) -> History {
                     Some(json!({"items": {"data": [{"price": {"lookup_key": was}}]}})),
                 );
             }
-            "resubscribe" => {
-                g.subscription += 1;
-                g.start_subscription();
-            }
+            "switch" => g.switch_by_cancel_and_create(),
+            "add" if running.len() < MAX_RUNNING => g.start_subscription(),
+            "add" => g.invoice("invoice.paid"),
             status => g.transition(status),
         }
     }
-    let ends_in = g.events.last().and_then(|last| {
-        let status = if last.event_type == "customer.subscription.deleted" {
-            "canceled"
-        } else {
-            last.event_type
-                .starts_with("customer.subscription.")
-                .then(|| last.object["status"].as_str())
-                .flatten()?
-        };
-        let plan = last.object["items"]["data"][0]["price"]["lookup_key"].as_str()?;
-        Some((status.to_owned(), plan.to_owned()))
-    });
     History {
         events: g.events,
-        ends_in,
+        mapped_late,
     }
 }
 
@@ -252,15 +341,22 @@ pub struct Report {
     /// Delivery runs: the chronological one and the shuffled ones, per history.
     pub deliveries: usize,
     pub events_delivered: usize,
-    pub ending_in_a_subscription_event: usize,
+    /// Histories whose customer was mapped midway (deliveries parked, then applied).
+    pub mapped_late: usize,
+    /// Histories whose newest event is a subscription event, checked against the table for
+    /// the subscription in the best standing.
+    pub checked_against_the_table: usize,
     /// Human-readable descriptions of every divergence (empty when all orders agree).
     pub divergences: Vec<String>,
 }
 
+/// Every key's stored value; `None` is "never set" (GetFlag answers the default with
+/// `is_default`), so comparing these compares value and is-default.
 type Flags = BTreeMap<&'static str, Option<FlagValue>>;
 
 /// Generates `histories` histories from `seed` and delivers each chronologically and in
-/// `shuffled_orders` random orders, each with a few redeliveries.
+/// `shuffled_orders` random orders, each with a few redeliveries; a customer mapped late is
+/// mapped after a random number of deliveries of each order.
 pub async fn check(seed: u64, histories: usize, shuffled_orders: usize) -> Report {
     let rules = Arc::new(Rules::built_in().expect("built-in rules"));
     let cache = Arc::new(FlagCache::new(rules.catalog().clone()));
@@ -270,6 +366,7 @@ pub async fn check(seed: u64, histories: usize, shuffled_orders: usize) -> Repor
     let mut report = Report::default();
     for h in 0..histories {
         let history = history(&mut rng, 1_700_000_000 + 100_000 * h as i64);
+        report.mapped_late += usize::from(history.mapped_late);
         let mut orders = vec![history.events.clone()];
         for _ in 0..shuffled_orders {
             let mut order = history.events.clone();
@@ -287,10 +384,21 @@ pub async fn check(seed: u64, histories: usize, shuffled_orders: usize) -> Repor
             let tenant = format!("h{h}-o{o}");
             let shown: Vec<String> = order
                 .iter()
-                .map(|e| format!("{}@{}({})", e.event_type, e.created, e.object["status"]))
+                .map(|e| {
+                    format!(
+                        "{}@{}({} {})",
+                        e.event_type, e.created, e.object["id"], e.object["status"]
+                    )
+                })
                 .collect();
-            let flags = deliver(&store, &rules, &tenant, order).await;
-            let flags = match flags {
+            let mapped_after = history.mapped_late.then(|| rng.gen_range(0..=order.len()));
+            let events = events(&tenant, order, history.mapped_late);
+            let expected = if o == 0 {
+                table_expectation(&events)
+            } else {
+                None
+            };
+            let flags = match deliver(&store, &rules, &tenant, events, mapped_after).await {
                 Ok(flags) => flags,
                 Err(refused) => {
                     report
@@ -299,22 +407,21 @@ pub async fn check(seed: u64, histories: usize, shuffled_orders: usize) -> Repor
                     continue;
                 }
             };
-            match &chronological {
-                None => {
-                    if let Some((status, plan)) = &history.ends_in {
-                        report.ending_in_a_subscription_event += 1;
-                        let expected: Flags = table_state(status, plan)
-                            .into_iter()
-                            .map(|(k, v)| (k, Some(FlagValue::Bool(v))))
-                            .collect();
-                        if flags != expected {
-                            report.divergences.push(format!(
-                                "history {h} ends {status} on {plan}: expected {expected:?}, got {flags:?} after {shown:?}"
-                            ));
-                        }
-                    }
-                    chronological = Some(flags);
+            if let Some((status, plan)) = expected {
+                report.checked_against_the_table += 1;
+                let table = table_state(&status, &plan);
+                let got: BTreeMap<&str, bool> = FLAGS
+                    .iter()
+                    .map(|k| (*k, flags[k] == Some(FlagValue::Bool(true))))
+                    .collect();
+                if got != table {
+                    report.divergences.push(format!(
+                        "history {h}: the best subscription is {status} on {plan}: expected {table:?}, got {flags:?} after {shown:?}"
+                    ));
                 }
+            }
+            match &chronological {
+                None => chronological = Some(flags),
                 Some(first) if *first != flags => report.divergences.push(format!(
                     "history {h} order {o}: {flags:?} differs from the chronological {first:?}; delivered {shown:?}"
                 )),
@@ -326,19 +433,17 @@ pub async fn check(seed: u64, histories: usize, shuffled_orders: usize) -> Repor
     report
 }
 
-/// Delivers one order through the webhook path, in one transaction, and reads the flags.
-async fn deliver(
-    store: &Store,
-    rules: &Arc<Rules>,
-    tenant: &str,
-    order: Vec<HistoryEvent>,
-) -> Result<Flags, String> {
-    let events: Vec<StripeEvent> = order
+/// The events of one delivery run, for `tenant`: by `metadata.tenant_id`, or, for a customer
+/// mapped late, by the customer's mapping only.
+fn events(tenant: &str, order: Vec<HistoryEvent>, mapped_late: bool) -> Vec<StripeEvent> {
+    order
         .into_iter()
         .map(|e| {
             let mut object = e.object;
             object["customer"] = json!(format!("cus_{tenant}"));
-            object["metadata"] = json!({"tenant_id": tenant});
+            if !mapped_late {
+                object["metadata"] = json!({"tenant_id": tenant});
+            }
             let mut data = json!({"object": object});
             if let Some(previous) = e.previous_attributes {
                 data["previous_attributes"] = previous;
@@ -348,13 +453,83 @@ async fn deliver(
                 "created": e.created, "data": data});
             StripeEvent::parse(body.to_string().as_bytes(), e.created).expect("a valid event")
         })
-        .collect();
+        .collect()
+}
+
+/// The status and plan of the subscription in the best standing (then the newest), from a
+/// model of the subscriptions: each one's newest event by the event order. `None` when an
+/// event of another kind is newer than every subscription event: the table then does not
+/// decide alone.
+fn table_expectation(events: &[StripeEvent]) -> Option<(String, String)> {
+    let mut newest: BTreeMap<String, &StripeEvent> = BTreeMap::new();
+    for event in events
+        .iter()
+        .filter(|e| SUBSCRIPTION_STATE_EVENTS.contains(&e.event_type.as_str()))
+    {
+        let id = event.object_str("id").unwrap_or_default().to_owned();
+        if newest.get(&id).is_none_or(|n| n.order() < event.order()) {
+            newest.insert(id, event);
+        }
+    }
+    let newest_subscription_event = newest.values().map(|e| e.order()).max()?;
+    if events
+        .iter()
+        .filter(|e| !SUBSCRIPTION_STATE_EVENTS.contains(&e.event_type.as_str()))
+        .any(|e| e.order() > newest_subscription_event)
+    {
+        return None;
+    }
+    let standing = |status: &str| match status {
+        "active" | "trialing" => 3,
+        "past_due" | "unpaid" | "incomplete" => 2,
+        "paused" => 1,
+        _ => 0,
+    };
+    let best = newest.values().max_by_key(|e| {
+        (
+            standing(e.subscription_status().unwrap_or_default()),
+            e.order(),
+        )
+    })?;
+    let plan = best.object["items"]["data"][0]["price"]["lookup_key"].as_str()?;
+    Some((best.subscription_status()?.to_owned(), plan.to_owned()))
+}
+
+/// Delivers one run through the webhook path, in one transaction (mapping a late customer
+/// after `mapped_after` deliveries), and reads every key's flag.
+async fn deliver(
+    store: &Store,
+    rules: &Arc<Rules>,
+    tenant: &str,
+    events: Vec<StripeEvent>,
+    mapped_after: Option<usize>,
+) -> Result<Flags, String> {
     let rules = rules.clone();
     let tenant = tenant.to_owned();
+    let customer = format!("cus_{tenant}");
     store
         .write(move |tx| {
-            for event in &events {
-                if let Err(refused) = apply_webhook(
+            let map = |tx: &mut dyn coresdk::store::StoreTx| {
+                let change = AdminChange {
+                    actor: "ops@example.com",
+                    reason: "the customer signed up",
+                };
+                map_customer(
+                    tx,
+                    &rules,
+                    ParkingLimits::DEFAULT,
+                    &customer,
+                    &tenant,
+                    &change,
+                    0,
+                )
+            };
+            for (i, event) in events.iter().enumerate() {
+                if mapped_after == Some(i) {
+                    map(tx)?;
+                }
+                let unmapped = mapped_after.is_some_and(|after| i < after);
+                match apply_webhook(
                     tx,
                     &rules,
                     ParkingLimits::DEFAULT,
@@ -362,11 +537,19 @@ async fn deliver(
                     &Delivery::STRIPE,
                     0,
                 )? {
-                    return Ok(Err(format!("{} refused: {refused}", event.id)));
+                    Err(Error::UnknownCustomer(_)) if unmapped => {}
+                    Err(refused) => return Ok(Err(format!("{} refused: {refused}", event.id))),
+                    Ok(_) if unmapped => {
+                        return Ok(Err(format!("{} applied before the mapping", event.id)));
+                    }
+                    Ok(_) => {}
                 }
             }
+            if mapped_after == Some(events.len()) {
+                map(tx)?;
+            }
             let mut flags = Flags::new();
-            for key in FLAGS {
+            for key in KEYS {
                 flags.insert(key, tx.flag(&tenant, key)?.map(|f| f.value));
             }
             Ok(Ok(flags))
