@@ -63,8 +63,44 @@ def test_an_older_entitlement_summary_is_stale(sdk):
 
     assert summary("evt_s2", t + 2, ["sso"]).outcome == "applied"
     older = summary("evt_s1", t + 1, ["audit_export"])
-    assert (older.outcome, older.flag_changes, older.stale_flags) == ("stale", [], ["audit_export"])
+    assert (older.outcome, older.stale_flags) == ("stale", ["audit_export"])
+    # The newest summary does not name audit_export: off, explicitly, as in the other order.
+    assert [(c.key, c.new_value) for c in older.flag_changes] == [("audit_export", False)]
     assert sdk.is_enabled("ent", "sso") and not sdk.is_enabled("ent", "audit_export")
+    assert not sdk.get_flag("ent", "audit_export").is_default
+
+
+def test_a_key_the_newest_summary_dropped_ends_off_whatever_the_order(sdk):
+    t = int(time.time()) - 100
+    for n, order in enumerate(itertools.permutations(range(3))):
+        tenant = f"dropped-{n}"
+        summary = lambda keys: {"object": "entitlements.active_entitlement_summary", "metadata": {"tenant_id": tenant},
+                                "entitlements": {"data": [{"lookup_key": k} for k in keys]}}
+        kind = "entitlements.active_entitlement_summary.updated"
+        events = [
+            body(f"evt_s1_{tenant}", kind, t, summary(["advanced_analytics"])),
+            body(f"evt_r_{tenant}", "customer.subscription.updated", t + 1, subscription(tenant, "active", "pro_monthly")),
+            body(f"evt_s2_{tenant}", kind, t + 2, summary([])),
+        ]
+        for i in order:
+            sdk.handle_stripe_webhook(*signed(events[i]))
+        assert state(sdk, tenant) == (True, False, False), order
+
+
+def test_a_plan_switch_by_cancel_and_create_in_one_second_follows_the_new_subscription(sdk):
+    t = int(time.time()) - 100
+    for old_first in (True, False):
+        tenant = f"switch-{old_first}"
+
+        def sub(sub_id: str, status: str, plan: str) -> dict:
+            return {**subscription(tenant, status, plan), "id": sub_id}
+
+        sdk.handle_stripe_webhook(*signed(body(f"evt_0_{tenant}", "customer.subscription.created", t - 50, sub("sub_old", "active", "basic_monthly"))))
+        cancel = body(f"evt_b_{tenant}", "customer.subscription.deleted", t, sub("sub_old", "canceled", "basic_monthly"))
+        create = body(f"evt_a_{tenant}", "customer.subscription.created", t, sub("sub_new", "active", "pro_monthly"))
+        for payload in (cancel, create) if old_first else (create, cancel):
+            sdk.handle_stripe_webhook(*signed(payload))
+        assert state(sdk, tenant) == (True, False, True), old_first
 
 
 def signed(payload: bytes) -> tuple[bytes, str]:

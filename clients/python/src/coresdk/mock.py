@@ -116,6 +116,19 @@ def _event_order(event_id: str, event_type: str, created: int, obj: Mapping[str,
     return (created, rank, event_id)
 
 
+SUBSCRIPTION_STATE_EVENTS = ("customer.subscription.created", "customer.subscription.updated", "customer.subscription.paused",
+                             "customer.subscription.resumed", "customer.subscription.deleted")
+# As the sidecar: the subscriptions that decide a tenant's flags, and the entitlement keys it remembers.
+MAX_SUBSCRIPTIONS_CONSIDERED = 100
+MAX_ENTITLEMENT_KEYS = 1000
+NO_SUBSCRIPTION_SETS_IT = "catalog default (no subscription sets it)"
+
+
+def _standing(status: Optional[str]) -> int:
+    """As the sidecar: of a tenant's subscriptions, the one in the best standing decides."""
+    return {"active": 3, "trialing": 3, "past_due": 2, "unpaid": 2, "incomplete": 2, "paused": 1}.get(status or "", 0)
+
+
 class MockSidecar(BaseSDK):
     def __init__(self, settings: Optional[Settings] = None, env: Optional[Mapping[str, str]] = None):
         self.settings = settings or Settings.from_env(env)
@@ -140,7 +153,9 @@ class MockSidecar(BaseSDK):
         self._flags: dict[tuple[str, str], _Flag] = {}
         self._processed: dict[str, tuple[str, str, int]] = {}
         # The newest entitlement summary applied, per tenant.
-        self._summary_orders: dict[str, tuple[int, int, str]] = {}
+        # The sidecar's billing objects (src/ops/objects.rs): (tenant, "subscription:<id>" or
+        # "entitlements") -> (the newest event's order, the state it left).
+        self._objects: dict[tuple[str, str], tuple[tuple[int, int, str], dict[str, Any]]] = {}
         self._audit: list[dict[str, Any]] = []
         self._version = 0
         # Coalescing windows by key: (start, start in ms, repeats since, the repeats record's pattern).
@@ -394,38 +409,93 @@ class MockSidecar(BaseSDK):
                 self._append("", actor, audit_event, "rejected", {"refusal": detail, **meta})
                 raise ProblemError(_problem(self._base, "unknown-customer", "Unknown customer", 422, detail, "UNKNOWN_CUSTOMER"))
             order = _event_order(event_id, event_type, created, obj, (event.get("data") or {}).get("previous_attributes"))
-            if kind == "entitlements":
-                newest = self._summary_orders.get(tenant)
-                if newest is not None and newest > order:
-                    # An older summary is stale as a whole.
-                    meta.update({"stale_object": "entitlements", "newer_event_id": newest[2]})
-                    if not mapped:
-                        return self._finish(actor, event_id, event_type, tenant, "stale", [], [k for k, _, _ in wanted], meta)
-                    wanted = []
-                else:
-                    self._summary_orders[tenant] = order
-                    keep = {k for k, _, _ in wanted}
-                    leaving = [(k, False, summary_rule) for (t, k), f in sorted(self._flags.items()) if t == tenant and f.origin == "entitlements" and f.value is True and k not in keep]
-                    wanted = leaving + wanted
+            wanted, stale_object = self._resolve(tenant, kind, event_type, obj, order, wanted, summary_rule)
+            stale: list[str] = []
+            if stale_object is not None:
+                meta.update({"stale_object": stale_object[0], "newer_event_id": stale_object[1]})
+                stale = list(stale_object[2])
             if not wanted and not mapped:
-                return self._finish(actor, event_id, event_type, tenant, "ignored", [], [], meta)
-            changes, stale, rules = [], [], {}
-            for key, value, rule in wanted:
+                return self._finish(actor, event_id, event_type, tenant, "stale" if stale else "ignored", [], stale, meta)
+            changes, rules = [], {}
+            for key, value, rule, mark, origin in wanted:
                 current = self._flags.get((tenant, key))
-                if current is not None and current.order > order:
-                    stale.append(key)
+                if current is not None and current.order > mark:
+                    if key not in stale:
+                        stale.append(key)
                     continue
                 if current is not None and current.value == value:
-                    current.order = order
+                    current.order = max(current.order, mark)
                     continue
                 self._version += 1
-                self._flags[(tenant, key)] = _Flag(value, self._version, order, "entitlements" if kind == "entitlements" else "rule", actor, event_id)
+                self._flags[(tenant, key)] = _Flag(value, self._version, mark, origin, actor, event_id)
                 changes.append(FlagChange(key, current.value if current else None, value, self._version))
                 rules[key] = rule
             if rules:
                 meta["rules"] = rules
-            outcome = "stale" if not changes and not mapped and stale else "applied"
+            outcome = "stale" if not mapped and (stale_object is not None or (not changes and stale)) else "applied"
             return self._finish(actor, event_id, event_type, tenant, outcome, changes, stale, meta)
+
+    def _resolve(self, tenant, kind, event_type, obj, order, wanted, summary_rule):
+        """As the sidecar's billing objects (src/ops/objects.rs): the flag writes an event asks
+        for, each (key, value, rule, order mark, origin), and (object, newer event id, keys) when
+        the event is older than its object's newest."""
+        if kind == "entitlements":
+            keys = sorted({k for k, _, _ in wanted})
+            stored = self._objects.get((tenant, "entitlements"))
+            known = set(stored[1]["known"]) if stored else set()
+            first_named = []
+            for key in keys:
+                if len(known) >= MAX_ENTITLEMENT_KEYS:
+                    break
+                if key not in known:
+                    known.add(key)
+                    first_named.append(key)
+            if stored is not None and stored[0] > order:
+                # Stale as a whole, but the newest summary's verdict on a key only this one named is off.
+                self._objects[(tenant, "entitlements")] = (stored[0], {**stored[1], "known": known})
+                return [(k, False, summary_rule, stored[0], "entitlements") for k in first_named], ("entitlements", stored[0][2], keys)
+            self._objects[(tenant, "entitlements")] = (order, {"keys": set(keys), "known": known})
+            verdicts = [(k, k in keys, summary_rule, order, "entitlements") for k in sorted(known)]
+            return verdicts + [(k, True, summary_rule, order, "entitlements") for k in keys if k not in known], None
+        if kind == "set" and event_type in SUBSCRIPTION_STATE_EVENTS:
+            sub_id = obj.get("id") if isinstance(obj.get("id"), str) else ""
+            name = f"subscription:{sub_id[:255]}"
+            stored = self._objects.get((tenant, name))
+            keys = set(stored[1]["keys"]) if stored else set()
+            keys |= {k for k, _, _ in wanted}
+            stale = None
+            if stored is not None and stored[0] > order:
+                self._objects[(tenant, name)] = (stored[0], {**stored[1], "keys": keys})
+                stale = (name, stored[0][2], [k for k, _, _ in wanted])
+            else:
+                status = _subscription_status(event_type, obj)
+                self._objects[(tenant, name)] = (order, {"standing": _standing(status), "settings": wanted, "keys": keys})
+            return self._subscription_flags(tenant), stale
+        return [(k, v, r, order, "rule") for k, v, r in wanted], None
+
+    def _subscription_flags(self, tenant: str) -> list[tuple[str, FlagValue, str, tuple[int, int, str], str]]:
+        """Per key, the setting of the best subscription that sets it (standing, then order), all
+        at the greatest order of the tenant's subscriptions."""
+        rows = sorted(((o, st) for (t, name), (o, st) in self._objects.items() if t == tenant and name.startswith("subscription:")),
+                      key=lambda row: row[0], reverse=True)[:MAX_SUBSCRIPTIONS_CONSIDERED]
+        if not rows:
+            return []
+        mark = rows[0][0]
+        best: dict[str, tuple[tuple[int, tuple[int, int, str]], FlagValue, str]] = {}
+        keys: set[str] = set()
+        for row_order, state in rows:
+            keys |= state["keys"]
+            rank = (state["standing"], row_order)
+            for key, value, rule in state["settings"]:
+                if key not in best or best[key][0] < rank:
+                    best[key] = (rank, value, rule)
+        out = []
+        for key in sorted(keys):
+            if key in best:
+                out.append((key, best[key][1], best[key][2], mark, "rule"))
+            elif key in self._catalog:
+                out.append((key, self._catalog[key], NO_SUBSCRIPTION_SETS_IT, mark, "rule"))
+        return out
 
     def _finish(self, actor, event_id, event_type, tenant, outcome, changes, stale, meta) -> WebhookResult:
         if changes:
