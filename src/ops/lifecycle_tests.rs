@@ -233,3 +233,89 @@ async fn switching_plans_by_cancel_and_create_in_one_second_keeps_the_new_plan()
     assert_eq!(final_flags(vec![old(), new()]).await, expected, "old, new");
     assert_eq!(final_flags(vec![new(), old()]).await, expected, "new, old");
 }
+
+#[tokio::test]
+async fn an_older_event_of_the_same_subscription_is_stale_as_a_whole() {
+    let (store, rules) = store();
+    let newer = sub_event(
+        "evt_2",
+        "customer.subscription.updated",
+        200,
+        "sub_1",
+        "past_due",
+        "pro_monthly",
+    );
+    deliver(&store, &rules, newer).await;
+    // Newer than every flag's own setter would not matter: the subscription has a newer event.
+    let older = sub_event(
+        "evt_1",
+        "customer.subscription.updated",
+        100,
+        "sub_1",
+        "active",
+        "pro_monthly",
+    );
+    let result = deliver(&store, &rules, older).await;
+    assert_eq!(result.outcome, Outcome::Stale);
+    assert!(result.flag_changes.is_empty());
+    assert!(pro(&store).await.value == FlagValue::Bool(false));
+}
+
+/// An older event of another subscription can change which subscription decides without
+/// moving the newest order: the flags are rewritten at the same mark, in any delivery order.
+#[tokio::test]
+async fn an_older_event_of_another_subscription_can_still_decide() {
+    let b_created = || {
+        sub_event(
+            "evt_b1",
+            "customer.subscription.created",
+            100,
+            "sub_b",
+            "active",
+            "basic_monthly",
+        )
+    };
+    let a_created = || {
+        sub_event(
+            "evt_a1",
+            "customer.subscription.created",
+            200,
+            "sub_a",
+            "active",
+            "pro_monthly",
+        )
+    };
+    let a_deleted = || {
+        sub_event(
+            "evt_a2",
+            "customer.subscription.deleted",
+            300,
+            "sub_a",
+            "canceled",
+            "pro_monthly",
+        )
+    };
+    let b_past_due = || {
+        sub_event(
+            "evt_b2",
+            "customer.subscription.updated",
+            250,
+            "sub_b",
+            "past_due",
+            "basic_monthly",
+        )
+    };
+    let expected = vec![
+        ("advanced_analytics".to_owned(), "off".to_owned()),
+        ("paywall_active".to_owned(), "on".to_owned()),
+        ("pro_features".to_owned(), "off".to_owned()),
+    ];
+    let chronological =
+        final_flags(vec![b_created(), a_created(), b_past_due(), a_deleted()]).await;
+    assert_eq!(chronological, expected);
+    let late = final_flags(vec![b_created(), a_created(), a_deleted(), b_past_due()]).await;
+    assert_eq!(
+        late, expected,
+        "sub_b's older update arrives after sub_a's deletion"
+    );
+}

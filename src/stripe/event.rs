@@ -175,6 +175,11 @@ impl StripeEvent {
     ///    something else: the transition is what closes the second's processing;
     /// 4. `customer.subscription.deleted` last: it is terminal;
     /// 5. finally the event id, byte by byte, so that two events never tie.
+    ///
+    /// Among subscription events the rank orders one subscription's own history: each
+    /// subscription is its own billing object, and which of a tenant's subscriptions decides
+    /// is its standing, not this order (see `ops::objects`), so a deletion of one subscription
+    /// never overrides the creation of another in the same second.
     pub fn order(&self) -> EventOrder {
         let rank = match self.event_type.as_str() {
             "customer.subscription.created" => RANK_SUBSCRIPTION_CREATED,
