@@ -319,3 +319,29 @@ async fn an_older_event_of_another_subscription_can_still_decide() {
         "sub_b's older update arrives after sub_a's deletion"
     );
 }
+
+/// The documented bound: a tenant's first 1,000 entitlement keys are remembered; a key first
+/// named beyond them is turned on by the summary naming it, and a later one does not turn it off.
+#[tokio::test]
+async fn entitlement_keys_beyond_the_bound_are_turned_on_but_not_remembered() {
+    let (store, rules) = store();
+    let many: Vec<String> = (0..1_000).map(|n| format!("feature_{n}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    deliver(&store, &rules, summary("evt_s1", 100, &many)).await;
+    deliver(&store, &rules, summary("evt_s2", 200, &["extra"])).await;
+    let value = |key: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .read(move |tx| Ok(tx.flag("acme", key)?))
+                .await
+                .expect("read")
+                .map(|f| f.value)
+        }
+    };
+    assert_eq!(value("extra").await, Some(FlagValue::Bool(true)));
+    assert_eq!(value("feature_0").await, Some(FlagValue::Bool(false)));
+    deliver(&store, &rules, summary("evt_s3", 300, &[])).await;
+    assert_eq!(value("extra").await, Some(FlagValue::Bool(true)));
+    assert_eq!(value("feature_999").await, Some(FlagValue::Bool(false)));
+}
