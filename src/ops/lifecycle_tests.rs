@@ -345,3 +345,44 @@ async fn entitlement_keys_beyond_the_bound_are_turned_on_but_not_remembered() {
     assert_eq!(value("extra").await, Some(FlagValue::Bool(true)));
     assert_eq!(value("feature_999").await, Some(FlagValue::Bool(false)));
 }
+
+#[tokio::test]
+async fn a_stale_subscription_event_leaves_an_admin_override_alone() {
+    let (store, rules) = store();
+    let newer = sub_event(
+        "evt_2",
+        "customer.subscription.updated",
+        200,
+        "sub_1",
+        "past_due",
+        "pro_monthly",
+    );
+    deliver(&store, &rules, newer).await;
+    let change = AdminChange {
+        actor: "ops@example.com",
+        reason: "goodwill",
+    };
+    store
+        .write(move |tx| {
+            set_flag(
+                tx,
+                "acme",
+                "pro_features",
+                FlagValue::Bool(true),
+                &change,
+                NOW_MS,
+            )
+        })
+        .await
+        .expect("set");
+    let older = sub_event(
+        "evt_1",
+        "customer.subscription.updated",
+        100,
+        "sub_1",
+        "canceled",
+        "pro_monthly",
+    );
+    assert_eq!(deliver(&store, &rules, older).await.outcome, Outcome::Stale);
+    assert!(pro(&store).await.value == FlagValue::Bool(true));
+}

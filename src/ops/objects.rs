@@ -269,10 +269,11 @@ fn subscription(
     };
     let before = keys.len();
     keys.extend(settings.iter().map(|s| s.key.clone()));
+    let keys_grew = keys.len() > before;
     let stale = match stored {
         Some(newest) if newest.order > order => {
             // Stale as a whole; only the keys it sets join the subscription's.
-            if keys.len() > before {
+            if keys_grew {
                 let mut state: SubscriptionState = from_json(&newest)?;
                 state.keys = keys;
                 let state = to_json(&object, &state)?;
@@ -318,10 +319,14 @@ fn subscription(
             None
         }
     };
-    Ok(Resolution {
-        wanted: subscription_flags(tx, rules, tenant)?,
-        stale,
-    })
+    // The rows are unchanged after a stale event that brought no new key: recomputing would
+    // only undo an admin's SetFlag made since, which the event is older than.
+    let wanted = if stale.is_none() || keys_grew {
+        subscription_flags(tx, rules, tenant)?
+    } else {
+        Vec::new()
+    };
+    Ok(Resolution { wanted, stale })
 }
 
 /// The tenant's subscription-derived flags, a pure function of its subscription rows: per

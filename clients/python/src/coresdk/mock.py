@@ -465,8 +465,11 @@ class MockSidecar(BaseSDK):
             keys |= {k for k, _, _ in wanted}
             stale = None
             if stored is not None and stored[0] > order:
+                keys_grew = keys != stored[1]["keys"]
                 self._objects[(tenant, name)] = (stored[0], {**stored[1], "keys": keys})
                 stale = (name, stored[0][2], [k for k, _, _ in wanted])
+                if not keys_grew:
+                    return [], stale
             else:
                 status = _subscription_status(event_type, obj)
                 self._objects[(tenant, name)] = (order, {"standing": _standing(status), "settings": wanted, "keys": keys})
