@@ -1,8 +1,9 @@
 //! Load benchmark for the sidecar. Starts the release binary on an ephemeral loopback port
 //! (or targets `--addr`), then measures in one run, against the same server:
 //! `grpc.health.v1.Health/Check` (the baseline: the cheapest call the server answers),
-//! `FlagService/GetFlag` (reported as a ratio to the baseline), and durable webhook
-//! throughput on the embedded store with concurrent senders; plus the server's RSS idle and
+//! `FlagService/GetFlag` (reported as a ratio to the baseline), durable webhook throughput
+//! on the embedded store with concurrent senders (invoices; then subscription updates, as a
+//! ratio to the invoices: the lifecycle rules and subscription objects at work); plus the server's RSS idle and
 //! at its peak under load; then the abuse phases (`abuse.rs`). All traffic stays on loopback,
 //! bounded in time.
 #![forbid(unsafe_code)]
@@ -145,12 +146,48 @@ fn signed_event(
     created: i64,
     customer: &str,
 ) -> HandleStripeWebhookRequest {
+    signed_object_event(
+        id,
+        event_type,
+        created,
+        serde_json::json!({"object": "invoice", "customer": customer}),
+    )
+}
+
+/// A subscription update as Stripe sends it: the subscription object with its status and plan,
+/// so the lifecycle rules and the tenant's subscription objects do their whole work.
+fn signed_subscription_update(
+    id: String,
+    created: i64,
+    customer: &str,
+    status: &str,
+) -> HandleStripeWebhookRequest {
+    signed_object_event(
+        id,
+        "customer.subscription.updated",
+        created,
+        serde_json::json!({
+            "object": "subscription",
+            "id": format!("sub_{customer}"),
+            "customer": customer,
+            "status": status,
+            "items": {"data": [{"price": {"lookup_key": "pro_monthly"}}]},
+        }),
+    )
+}
+
+fn signed_object_event(
+    id: String,
+    event_type: &str,
+    created: i64,
+    object: serde_json::Value,
+) -> HandleStripeWebhookRequest {
     let payload = serde_json::json!({
         "id": id,
         "object": "event",
         "type": event_type,
         "created": created,
-        "data": {"object": {"object": "invoice", "customer": customer}},
+        "data": {"object": object},
     })
     .to_string()
     .into_bytes();
@@ -503,11 +540,36 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         webhook_call.clone(),
     )
     .await;
+    let chans = channels.clone();
+    let subscription_call = Arc::new(move |w: usize, n: u64| {
+        let mut client = WebhookServiceClient::new(chans[w % chans.len()].clone());
+        let status = if n.is_multiple_of(2) {
+            "active"
+        } else {
+            "past_due"
+        };
+        let delivery = signed_subscription_update(
+            format!("evt_bench_sub_{run}_{w}_{n}"),
+            coresdk::time::now_s(),
+            &format!("cus_bench_{}", (w + n as usize) % TENANTS),
+            status,
+        );
+        async move { client.handle_stripe_webhook(delivery).await.is_ok() }
+    });
+    let subscription_webhooks = run_phase(
+        "WebhookService subscription updates (durable)",
+        args.webhook_concurrency,
+        Duration::from_secs(1),
+        Duration::from_secs(args.seconds),
+        subscription_call,
+    )
+    .await;
     sampling.store(false, Ordering::Relaxed);
     if let Some(sampler) = sampler {
         let _ = sampler.await;
     }
     print_phase(&webhooks, Some(&health));
+    print_phase(&subscription_webhooks, Some(&webhooks));
 
     if let (Some(store), Some(sidecar)) = (args.store.as_deref(), &sidecar)
         && store.starts_with("postgres")
