@@ -234,6 +234,7 @@ pub fn explanation(explanation: Explanation) -> proto::ExplainFlagResponse {
         stale_events: explanation.stale.into_iter().map(flag_event).collect(),
         searched_from_seq: explanation.searched_from_seq,
         searched_through_seq: explanation.searched_through_seq,
+        newest_event: explanation.newest.map(flag_event),
     }
 }
 

@@ -406,6 +406,12 @@ pub fn explanation_text(answer: &proto::ExplainFlagResponse) -> String {
         }
         None => text.push_str("set by: unknown\n"),
     }
+    if let Some(newest) = &answer.newest_event {
+        text.push_str(&format!(
+            "newest event that set or confirmed it: {}\n",
+            event_text(newest)
+        ));
+    }
     let searched = format!(
         "searched the audit records after seq {} through {}",
         answer.searched_from_seq, answer.searched_through_seq
@@ -456,6 +462,7 @@ pub fn explanation_json(answer: &proto::ExplainFlagResponse) -> Json {
         "version": flag.map_or(0, |f| f.version),
         "set_by": set_by,
         "rule": if answer.rule.is_empty() { Json::Null } else { json!(answer.rule) },
+        "newest_event": answer.newest_event.as_ref().map(event_json),
         "stale_events": answer.stale_events.iter().map(event_json).collect::<Vec<_>>(),
         "searched_from_seq": answer.searched_from_seq,
         "searched_through_seq": answer.searched_through_seq,

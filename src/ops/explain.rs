@@ -23,6 +23,9 @@ pub struct Explanation {
     pub set_by: Option<SetBy>,
     /// The rule that mapped the setting event to this flag, when its record names it.
     pub rule: Option<String>,
+    /// The event of the flag's order mark when it is not the setter: the newest event that
+    /// set or confirmed the value, which the stale deliveries are older than.
+    pub newest: Option<EventTrace>,
     /// Oldest first, at most [`STALE_SHOWN`].
     pub stale: Vec<EventTrace>,
     /// The audit records searched for stale deliveries: `(from, through]`.
@@ -73,6 +76,7 @@ pub fn explain_flag(
             flag: current,
             set_by: None,
             rule: None,
+            newest: None,
             stale: Vec::new(),
             searched_from_seq: 0,
             searched_through_seq: 0,
@@ -91,12 +95,23 @@ pub fn explain_flag(
         SetBy::Event(trace) => trace.audit_seq,
         SetBy::Admin(admin) => admin.audit_seq,
     };
+    let mark = &record.order.event_id;
+    let newest = if mark.is_empty() || *mark == record.source_event_id {
+        None
+    } else {
+        let unrecorded = EventTrace {
+            event_id: mark.clone(),
+            ..EventTrace::default()
+        };
+        Some(delivered_event(tx, &record.key, unrecorded)?.0)
+    };
     let searched_from_seq = setter_seq.max(oldest_searched);
     let stale = stale_deliveries(tx, &record, searched_from_seq, head, window)?;
     Ok(Explanation {
         flag: Flag::Set(record),
         set_by: Some(set_by),
         rule,
+        newest,
         stale,
         searched_from_seq,
         searched_through_seq: head,
@@ -115,7 +130,17 @@ fn setting_event(
         received_at_ms: flag.updated_at_ms,
         ..EventTrace::default()
     };
-    let Some(processed) = tx.processed_event(&flag.source_event_id)? else {
+    delivered_event(tx, &flag.key, unrecorded)
+}
+
+/// An event's delivery record and the rule it names for `key`; `unrecorded` (which names the
+/// event) is what is known when the record is not found.
+fn delivered_event(
+    tx: &mut dyn StoreTx,
+    key: &str,
+    unrecorded: EventTrace,
+) -> Result<(EventTrace, Option<String>), Error> {
+    let Some(processed) = tx.processed_event(&unrecorded.event_id)? else {
         return Ok((unrecorded, None));
     };
     let Some(record) = audit_record_at(tx, processed.audit_seq)? else {
@@ -128,7 +153,7 @@ fn setting_event(
     let rule = record
         .metadata
         .get("rules")
-        .and_then(|rules| rules.get(&flag.key))
+        .and_then(|rules| rules.get(key))
         .and_then(Value::as_str)
         .map(str::to_owned);
     Ok((event_trace(&record), rule))

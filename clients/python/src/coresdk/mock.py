@@ -555,7 +555,12 @@ class MockSidecar(BaseSDK):
                 for r in self._audit[setter_seq:]
                 if r["tenant"] == tenant_id and r["event"].startswith("billing.") and key in (r["metadata"].get("stale_flags") or [])
             ]
-            return FlagExplanation(flag, event, admin, rule, stale[-STALE_SHOWN:])
+            newest = None
+            mark = f.order[2]
+            if mark and mark != f.source_event_id:
+                processed = self._processed.get(mark)
+                newest = self._flag_event(self._audit[processed[2] - 1]) if processed else FlagEvent(mark, "", 0, 0, "")
+            return FlagExplanation(flag, event, admin, rule, stale[-STALE_SHOWN:], newest)
 
     @staticmethod
     def _flag_event(record: dict[str, Any]) -> FlagEvent:

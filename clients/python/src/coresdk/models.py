@@ -136,13 +136,15 @@ class AdminFlagChange:
 class FlagExplanation:
     """Why a flag has its value: what set it (an event or an admin change; neither for a
     catalog default), the rule that mapped the event ("" when unknown), and the later
-    deliveries that were stale for it (oldest first, the latest 20 at most)."""
+    deliveries that were stale for it (oldest first, the latest 20 at most): older than
+    `newest_event`, the newest event that set or confirmed the value when it is not `event`."""
 
     flag: Flag
     event: Optional[FlagEvent] = None
     admin: Optional[AdminFlagChange] = None
     rule: str = ""
     stale_events: list[FlagEvent] = field(default_factory=list)
+    newest_event: Optional[FlagEvent] = None
 
     @classmethod
     def from_proto(cls, r: flags_pb2.ExplainFlagResponse) -> "FlagExplanation":
@@ -153,6 +155,7 @@ class FlagExplanation:
             admin=AdminFlagChange.from_proto(r.admin) if set_by == "admin" else None,
             rule=r.rule,
             stale_events=[FlagEvent.from_proto(e) for e in r.stale_events],
+            newest_event=FlagEvent.from_proto(r.newest_event) if r.HasField("newest_event") else None,
         )
 
 

@@ -143,7 +143,7 @@ class AdminFlagChange(_message.Message):
     def __init__(self, actor: _Optional[str] = ..., reason: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., version: _Optional[int] = ..., audit_seq: _Optional[int] = ...) -> None: ...
 
 class ExplainFlagResponse(_message.Message):
-    __slots__ = ("flag", "event", "admin", "rule", "stale_events", "searched_from_seq", "searched_through_seq")
+    __slots__ = ("flag", "event", "admin", "rule", "stale_events", "searched_from_seq", "searched_through_seq", "newest_event")
     FLAG_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
     ADMIN_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,7 @@ class ExplainFlagResponse(_message.Message):
     STALE_EVENTS_FIELD_NUMBER: _ClassVar[int]
     SEARCHED_FROM_SEQ_FIELD_NUMBER: _ClassVar[int]
     SEARCHED_THROUGH_SEQ_FIELD_NUMBER: _ClassVar[int]
+    NEWEST_EVENT_FIELD_NUMBER: _ClassVar[int]
     flag: Flag
     event: FlagEvent
     admin: AdminFlagChange
@@ -158,4 +159,5 @@ class ExplainFlagResponse(_message.Message):
     stale_events: _containers.RepeatedCompositeFieldContainer[FlagEvent]
     searched_from_seq: int
     searched_through_seq: int
-    def __init__(self, flag: _Optional[_Union[Flag, _Mapping]] = ..., event: _Optional[_Union[FlagEvent, _Mapping]] = ..., admin: _Optional[_Union[AdminFlagChange, _Mapping]] = ..., rule: _Optional[str] = ..., stale_events: _Optional[_Iterable[_Union[FlagEvent, _Mapping]]] = ..., searched_from_seq: _Optional[int] = ..., searched_through_seq: _Optional[int] = ...) -> None: ...
+    newest_event: FlagEvent
+    def __init__(self, flag: _Optional[_Union[Flag, _Mapping]] = ..., event: _Optional[_Union[FlagEvent, _Mapping]] = ..., admin: _Optional[_Union[AdminFlagChange, _Mapping]] = ..., rule: _Optional[str] = ..., stale_events: _Optional[_Iterable[_Union[FlagEvent, _Mapping]]] = ..., searched_from_seq: _Optional[int] = ..., searched_through_seq: _Optional[int] = ..., newest_event: _Optional[_Union[FlagEvent, _Mapping]] = ...) -> None: ...
