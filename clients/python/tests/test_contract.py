@@ -47,6 +47,21 @@ def test_an_event_created_in_the_far_future_is_refused_and_does_not_block_later_
     assert sdk.is_enabled("initech", "pro_features")
 
 
+@pytest.mark.parametrize("created", [None, "yesterday", 1.5, True])
+def test_an_event_without_an_integer_created_is_refused(sdk, created):
+    # A stand-in such as the signature time would differ between delivery attempts of the event.
+    event = json.loads(stripe_event("invoice.paid", "cus_acme_001"))
+    if created is None:
+        del event["created"]
+    else:
+        event["created"] = created
+    with pytest.raises(ProblemError) as caught:
+        deliver(sdk, json.dumps(event).encode())
+    assert (caught.value.status, caught.value.problem.reason) == (400, "INVALID_EVENT")
+    assert "`created`" in caught.value.problem.detail
+    assert not sdk.is_enabled("acme-corp", "pro_features")
+
+
 @pytest.mark.parametrize(
     "header, reason",
     [

@@ -309,13 +309,25 @@ class MockSidecar(BaseSDK):
     def _not_an_event(self, detail: str) -> ProblemError:
         return ProblemError(_problem(self._base, "invalid-event", "Not a Stripe event", 400, detail, "INVALID_EVENT"))
 
-    def _parse_event(self, payload: bytes) -> dict[str, Any]:
+    def _parse_event(self, payload: bytes, latest: int, after_what: str) -> dict[str, Any]:
+        """The sidecar's StripeEvent::parse: `created` is required (Stripe always sends it; any
+        stand-in would differ between delivery attempts) and may not lie more than
+        MAX_CREATED_AHEAD_S after `latest` (the signature time, or now for an export)."""
         try:
             event = json.loads(payload)
         except ValueError:
             event = None
         if not isinstance(event, dict) or not isinstance(event.get("id"), str) or not event["id"] or not isinstance(event.get("type"), str) or not event["type"]:
             raise self._not_an_event("the verified payload is not a Stripe event")
+        created = event.get("created")
+        if created is None:
+            raise self._not_an_event("no `created` in the event; Stripe always sends one")
+        if not isinstance(created, int) or isinstance(created, bool):
+            raise self._not_an_event("`created` is not an integer timestamp")
+        if created < 0:
+            raise self._not_an_event(f"`created` ({created}) is before 1970")
+        if created > latest + MAX_CREATED_AHEAD_S:
+            raise self._not_an_event(f"`created` ({created}) is more than {MAX_CREATED_AHEAD_S} s after {after_what} ({latest})")
         return event
 
     def handle_stripe_webhook(self, payload: bytes, signature_header: str) -> WebhookResult:
@@ -323,12 +335,7 @@ class MockSidecar(BaseSDK):
             raise self._refuse(self._too_large(len(payload)), len(payload))
         try:
             signed_at = self._verify_signature(payload, signature_header)
-            event = self._parse_event(payload)
-            created = event.get("created")
-            # As the sidecar: Stripe signs an event after creating it, so a `created` far past the
-            # signature time (or before 1970) is not a real event's and would make later ones stale.
-            if isinstance(created, int) and not 0 <= created <= signed_at + MAX_CREATED_AHEAD_S:
-                raise ProblemError(_problem(self._base, "invalid-event", "Not a Stripe event", 400, f"`created` ({created}) is not a plausible event time", "INVALID_EVENT"))
+            event = self._parse_event(payload, signed_at, "the signature timestamp; Stripe signs events after creating them")
         except ProblemError as e:
             raise self._refuse(e, len(payload)) from None
         return self._apply(event, signed_at, ACTOR, "")
@@ -340,19 +347,13 @@ class MockSidecar(BaseSDK):
             raise self._invalid(f"reason: is longer than {MAX_REASON_LEN} bytes")
         if len(payload) > MAX_BODY:
             raise self._too_large(len(payload))
-        event = self._parse_event(payload)
-        created = event.get("created")
         now = int(time.time())
-        # No signature vouches for an export: `created` is required, old is fine, the future is not.
-        if not isinstance(created, int) or isinstance(created, bool):
-            raise self._not_an_event("no `created` in the event; an exported event always has one")
-        if not 0 <= created <= now + MAX_CREATED_AHEAD_S:
-            raise self._not_an_event(f"`created` ({created}) is not a plausible event time: an exported event cannot come from the future")
+        event = self._parse_event(payload, now, "now; an exported event cannot come from the future")
         return self._apply(event, now, REPLAY_ACTOR, reason)
 
     def _apply(self, event: dict[str, Any], signed_at: int, actor: str, reason: str) -> WebhookResult:
         event_id, event_type = event["id"], event["type"]
-        created = event.get("created") if isinstance(event.get("created"), int) else signed_at
+        created = event["created"]
         obj = (event.get("data") or {}).get("object") or {}
         customer = obj.get("customer")
         if isinstance(customer, dict):
