@@ -199,3 +199,44 @@ fn help_describes_the_store_choices() {
         assert!(help.contains(needed), "{needed}: {help}");
     }
 }
+
+#[test]
+fn client_commands_read_sidecar_tls_and_health_keeps_its_old_names() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let missing = dir.path().join("no-such-ca.pem");
+    let missing = missing.to_str().expect("UTF-8 path");
+    let nobody = ["--addr", "127.0.0.1:1"];
+    let health = [&["health"][..], &nobody].concat();
+    let explain = [&["flags", "explain", "acme", "pro_features"][..], &nobody].concat();
+    let reads_the_ca = |args: &[&str], var: &str| {
+        let output = coresdk(dir.path(), args, &[(var, missing)]);
+        String::from_utf8_lossy(&output.stderr).contains(&format!("cannot read {missing}"))
+    };
+    assert!(reads_the_ca(&health, "CORESDK_SIDECAR_TLS_CA_FILE"));
+    assert!(reads_the_ca(&explain, "CORESDK_SIDECAR_TLS_CA_FILE"));
+    assert!(reads_the_ca(&health, "CORESDK_HEALTH_TLS_CA_FILE"));
+    // The old name belongs to `health` alone.
+    assert!(!reads_the_ca(&explain, "CORESDK_HEALTH_TLS_CA_FILE"));
+    // Given both, the new name wins: the old one is not even read.
+    let output = coresdk(
+        dir.path(),
+        &health,
+        &[
+            ("CORESDK_SIDECAR_TLS_CA_FILE", missing),
+            ("CORESDK_HEALTH_TLS_CA_FILE", "/elsewhere.pem"),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("cannot read {missing}")),
+        "{stderr}"
+    );
+    // The alias is checked like the flag: a server name needs a CA file.
+    let output = coresdk(
+        dir.path(),
+        &health,
+        &[("CORESDK_HEALTH_TLS_SERVER_NAME", "localhost")],
+    );
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--tls-ca-file"));
+}
