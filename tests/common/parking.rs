@@ -95,3 +95,50 @@ pub async fn records_of(sidecar: &Sidecar, event_id: &str) -> Vec<Record> {
         .filter(|r| r.event_id() == event_id)
         .collect()
 }
+
+/// Parks events of one customer whose event order (`created`, then the tie rank, then the id's
+/// bytes) differs from their delivery order and from a locale's order of their ids, maps the
+/// customer, and checks that they were applied in event order.
+pub async fn parked_events_apply_in_event_order(sidecar: &Sidecar, mapper: &Sidecar) {
+    let t = super::now() - 60;
+    let subscription = |id: &str, event_type: &str, status: &str| {
+        event(
+            id,
+            event_type,
+            t,
+            json!({"object": "subscription", "customer": "cus_order", "status": status,
+                   "items": {"data": [{"price": {"lookup_key": "pro_monthly"}}]}}),
+        )
+    };
+    // Delivered newest first; "evt_B" < "evt_Z" < "evt_a" in bytes, not in most locales.
+    let delivered = [
+        (
+            "evt_late",
+            invoice("evt_late", "invoice.paid", t + 1, "cus_order"),
+        ),
+        (
+            "evt_a",
+            subscription("evt_a", "customer.subscription.deleted", "canceled"),
+        ),
+        (
+            "evt_Z",
+            invoice("evt_Z", "invoice.payment_failed", t, "cus_order"),
+        ),
+        ("evt_B", invoice("evt_B", "invoice.paid", t, "cus_order")),
+        (
+            "evt_z",
+            subscription("evt_z", "customer.subscription.created", "active"),
+        ),
+    ];
+    for (_, body) in &delivered {
+        refused(sidecar, body.clone()).await;
+    }
+    super::audit::map(mapper, "cus_order", "orderco").await;
+    let applied: Vec<String> = records(mapper)
+        .await
+        .into_iter()
+        .filter(|r| r.tenant == "orderco" && r.event.starts_with("billing."))
+        .map(|r| r.event_id().to_owned())
+        .collect();
+    assert_eq!(applied, ["evt_z", "evt_B", "evt_Z", "evt_a", "evt_late"]);
+}
