@@ -530,7 +530,7 @@ async fn a_malformed_export_sends_nothing_and_says_where() {
 }
 
 #[tokio::test]
-async fn an_event_the_sidecar_refuses_fails_alone_and_the_exit_status_says_so() {
+async fn an_unmapped_customer_s_event_fails_alone_is_parked_and_applies_on_mapping() {
     let sidecar = Sidecar::start(Options::default()).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let t = now() - 600;
@@ -559,6 +559,34 @@ async fn an_event_the_sidecar_refuses_fails_alone_and_the_exit_status_says_so() 
         "{out}"
     );
     assert!(is_on(&sidecar, "stark", "pro_features").await);
+
+    // Refused like a delivery, and parked like one: mapping the customer applies it, still
+    // as the operator's replay.
+    let refused = common::parking::records_of(&sidecar, "evt_unmapped").await;
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(
+        (refused[0].actor.as_str(), &refused[0].metadata["parked"]),
+        ("replay", &json!(true))
+    );
+    common::audit::map(&sidecar, "cus_nobody", "nobodyco").await;
+    assert!(is_on(&sidecar, "nobodyco", "pro_features").await);
+    let applied = common::parking::records_of(&sidecar, "evt_unmapped").await;
+    let applied = applied.last().expect("a record");
+    assert_eq!(
+        (
+            applied.outcome.as_str(),
+            applied.actor.as_str(),
+            &applied.metadata["reason"]
+        ),
+        ("applied", "replay", &json!("partial"))
+    );
+    let again = replay(&sidecar, &file, "again", WITH_ADMIN_TOKEN);
+    assert_eq!(again.status.code(), Some(0), "{}", stdout(&again));
+    assert!(
+        stdout(&again).contains("replayed 2 of 2 events: 2 duplicate"),
+        "{}",
+        stdout(&again)
+    );
 }
 
 #[tokio::test]
