@@ -3,7 +3,7 @@
 //! `coresdk flags explain` says what set a flag and what came too late for it.
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use common::*;
@@ -14,21 +14,10 @@ use coresdk::proto::{
 use serde_json::json;
 use tonic::Code;
 
-/// Runs the real `coresdk` with only `envs`, against `sidecar`.
-fn coresdk(args: &[&str], envs: &[(&str, &str)]) -> Output {
-    Command::new(binary())
-        .args(args)
-        .env_clear()
-        .env("CORESDK_LOG", "error")
-        .envs(envs.iter().copied())
-        .stdin(Stdio::null())
-        .output()
-        .expect("the binary runs")
-}
-
 fn replay(sidecar: &Sidecar, file: &Path, reason: &str, envs: &[(&str, &str)]) -> Output {
     let file = file.to_str().expect("a UTF-8 path");
-    coresdk(
+    run_coresdk(
+        None,
         &[
             "stripe",
             "replay",
@@ -43,6 +32,13 @@ fn replay(sidecar: &Sidecar, file: &Path, reason: &str, envs: &[(&str, &str)]) -
 }
 
 const WITH_ADMIN_TOKEN: &[(&str, &str)] = &[("CORESDK_ADMIN_TOKEN", ADMIN_TOKEN)];
+
+/// `lines` as a JSON Lines export, `events.jsonl` in `dir`.
+fn json_lines_export(dir: &Path, lines: &[String]) -> PathBuf {
+    let file = dir.join("events.jsonl");
+    std::fs::write(&file, lines.join("\n")).expect("written");
+    file
+}
 
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
@@ -135,7 +131,7 @@ async fn explain(sidecar: &Sidecar, tenant: &str, key: &str) -> ExplainFlagRespo
 fn explain_command(sidecar: &Sidecar, tenant: &str, key: &str, extra: &[&str]) -> Output {
     let mut args = vec!["flags", "explain", tenant, key, "--addr", &sidecar.addr];
     args.extend_from_slice(extra);
-    coresdk(&args, &[])
+    run_coresdk(None, &args, &[])
 }
 
 /// `ReplayStripeEvent` with the admin token, or without any when `as_admin` is false.
@@ -247,8 +243,7 @@ async fn json_lines_replay_an_event_older_than_the_flag_s_setter_as_stale_and_ex
         invoice("evt_other", "invoice.paid", t - 900, "initech").to_string(),
         "   ".to_owned(),
     ];
-    let file = dir.path().join("events.jsonl");
-    std::fs::write(&file, lines.join("\n")).expect("written");
+    let file = json_lines_export(dir.path(), &lines);
     let output = replay(&sidecar, &file, "recover globex", WITH_ADMIN_TOKEN);
     assert_eq!(
         output.status.code(),
@@ -373,12 +368,11 @@ async fn replay_needs_the_admin_token_a_reason_and_a_plausible_created() {
     let sidecar = Sidecar::start(Options::default()).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let t = now() - 600;
-    let file = dir.path().join("events.jsonl");
     let lines = [
         invoice("evt_1", "invoice.paid", t, "hooli").to_string(),
         invoice("evt_2", "invoice.paid", t + 1, "hooli").to_string(),
     ];
-    std::fs::write(&file, lines.join("\n")).expect("written");
+    let file = json_lines_export(dir.path(), &lines);
 
     // No token: the first refusal stops the run; nothing is applied.
     let output = replay(&sidecar, &file, "no token", &[]);
@@ -485,12 +479,11 @@ async fn a_malformed_export_sends_nothing_and_says_where() {
     let sidecar = Sidecar::start(Options::default()).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let t = now() - 600;
-    let file = dir.path().join("events.jsonl");
     let lines = [
         invoice("evt_1", "invoice.paid", t, "pied").to_string(),
         "{\"id\": \"evt_2\", \"type\": \"invoice.paid\"".to_owned(),
     ];
-    std::fs::write(&file, lines.join("\n")).expect("written");
+    let file = json_lines_export(dir.path(), &lines);
     let output = replay(&sidecar, &file, "broken file", WITH_ADMIN_TOKEN);
     assert_eq!(output.status.code(), Some(2));
     let error = stderr(&output);
@@ -544,8 +537,7 @@ async fn an_unmapped_customer_s_event_fails_alone_is_parked_and_applies_on_mappi
         String::from_utf8(unmapped).expect("UTF-8"),
         invoice("evt_ok", "invoice.paid", t + 5, "stark").to_string(),
     ];
-    let file = dir.path().join("events.jsonl");
-    std::fs::write(&file, lines.join("\n")).expect("written");
+    let file = json_lines_export(dir.path(), &lines);
     let output = replay(&sidecar, &file, "partial", WITH_ADMIN_TOKEN);
     assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
     let out = stdout(&output);

@@ -1,19 +1,8 @@
 //! Helpers of the parking tests (events of customers not mapped yet), on both backends.
 use serde_json::{Map, Value, json};
 
-use super::{SECRET, Sidecar, event, signed};
-use coresdk::proto::{HandleStripeWebhookResponse, QueryAuditRequest, WebhookOutcome};
-
-pub async fn deliver(
-    sidecar: &Sidecar,
-    body: Vec<u8>,
-) -> Result<HandleStripeWebhookResponse, tonic::Status> {
-    sidecar
-        .webhooks()
-        .handle_stripe_webhook(signed(SECRET, body))
-        .await
-        .map(|r| r.into_inner())
-}
+use super::{Sidecar, deliver, event};
+use coresdk::proto::WebhookOutcome;
 
 /// An `invoice.paid` or `invoice.payment_failed` (or any type) of `customer`.
 pub fn invoice(id: &str, event_type: &str, created: i64, customer: &str) -> Vec<u8> {
@@ -60,18 +49,10 @@ impl Record {
     }
 }
 
-/// Every audit record, oldest first (the tests write far fewer than a page).
+/// Every audit record, oldest first.
 pub async fn records(sidecar: &Sidecar) -> Vec<Record> {
-    sidecar
-        .audit()
-        .query(QueryAuditRequest {
-            page_size: 1000,
-            ..Default::default()
-        })
+    super::abuse::audit_records(sidecar, "")
         .await
-        .expect("Query")
-        .into_inner()
-        .records
         .into_iter()
         .map(|r| Record {
             event: r.event,
