@@ -4,8 +4,10 @@ the same rules file (`default_rules.toml` is the sidecar's `rules/default.toml`)
 STALE / IGNORED, the seeded SecurePay tenants, the same 401/402/403 problems, and an audit list
 with a hash chain. The shared test suite runs against both so they cannot drift apart.
 
-Differences, by design: state lives in memory only; tokens are verified for HS256/384/512
-(`CORESDK_JWT_SECRET`) only.
+Events of customers with no tenant are parked with the sidecar's bounds and applied when the
+customer is mapped. Differences, by design: state lives in memory only (so parked events never
+reach the sidecar's 30-day expiry); tokens are verified for HS256/384/512 (`CORESDK_JWT_SECRET`)
+only.
 """
 from __future__ import annotations
 
@@ -56,6 +58,9 @@ MAX_CREATED_AHEAD_S = 300
 # The sidecar's CORESDK_DENY_AUDIT_WINDOW_S default.
 DENY_AUDIT_WINDOW_S = 60
 MAX_BODY = 1024 * 1024
+# The sidecar's parking bounds (CORESDK_MAX_PARKED_EVENTS, CORESDK_MAX_PARKED_EVENTS_PER_CUSTOMER).
+MAX_PARKED_EVENTS = 10_000
+MAX_PARKED_EVENTS_PER_CUSTOMER = 100
 
 
 def _quoted(text: str, limit: int = 64) -> str:
@@ -82,6 +87,16 @@ class _Flag:
     origin: str
     updated_by: str
     source_event_id: str = ""
+
+
+@dataclass
+class _Parked:
+    """A refused event of a customer with no tenant, kept until the customer is mapped."""
+    event: dict[str, Any]
+    customer: str
+    actor: str
+    reason: str
+    parked_at_ms: int
 
 
 # Stripe's subscription statuses in lifecycle order; the two terminal ones share a place.
@@ -127,6 +142,8 @@ class MockSidecar(BaseSDK):
         self._jwt_audience = [a.strip() for a in env.get("CORESDK_JWT_AUDIENCE", "").split(",") if a.strip()]
         self._tenant_claim = env.get("CORESDK_JWT_TENANT_CLAIM", "tenant_id")
         self._audit_window_s = float(env.get("CORESDK_DENY_AUDIT_WINDOW_S") or DENY_AUDIT_WINDOW_S)
+        self._max_parked = int(env.get("CORESDK_MAX_PARKED_EVENTS") or MAX_PARKED_EVENTS)
+        self._max_parked_per_customer = int(env.get("CORESDK_MAX_PARKED_EVENTS_PER_CUSTOMER") or MAX_PARKED_EVENTS_PER_CUSTOMER)
         self._base = env.get("CORESDK_PROBLEM_TYPE_BASE", self.settings.problem_type_base)
         self._billing_url = env.get("CORESDK_BILLING_URL")
         self._upgrade_url = env.get("CORESDK_UPGRADE_URL")
@@ -139,6 +156,8 @@ class MockSidecar(BaseSDK):
         self._customers = dict(MOCK_TENANTS)
         self._flags: dict[tuple[str, str], _Flag] = {}
         self._processed: dict[str, tuple[str, str, int]] = {}
+        # Events of customers with no tenant, by event id (see _park).
+        self._parked: dict[str, _Parked] = {}
         # The newest entitlement summary applied, per tenant.
         self._summary_orders: dict[str, tuple[int, int, str]] = {}
         self._audit: list[dict[str, Any]] = []
@@ -351,7 +370,45 @@ class MockSidecar(BaseSDK):
         event = self._parse_event(payload, now, "now; an exported event cannot come from the future")
         return self._apply(event, now, REPLAY_ACTOR, reason)
 
-    def _apply(self, event: dict[str, Any], signed_at: int, actor: str, reason: str) -> WebhookResult:
+    def _park(self, event: dict[str, Any], customer: str, actor: str, reason: str, meta: dict[str, Any]) -> None:
+        """As the sidecar's parking (src/ops/parking.rs): keeps the refused event unless it is
+        kept already or a bound is reached, and says which in the refusal's record."""
+        parked = self._parked.get(event["id"])
+        why = None
+        if parked is None:
+            if id_defect(customer) is not None:
+                why = "the customer id is not one a tenant can be mapped to"
+            elif self._max_parked == 0 or self._max_parked_per_customer == 0:
+                why = "parking is off (CORESDK_MAX_PARKED_EVENTS or CORESDK_MAX_PARKED_EVENTS_PER_CUSTOMER is 0)"
+            elif len(self._parked) >= self._max_parked:
+                why = f"{self._max_parked} events are parked, the most kept (CORESDK_MAX_PARKED_EVENTS)"
+            elif sum(1 for p in self._parked.values() if p.customer == customer) >= self._max_parked_per_customer:
+                why = f"{self._max_parked_per_customer} events of this customer are parked, the most kept per customer (CORESDK_MAX_PARKED_EVENTS_PER_CUSTOMER)"
+            else:
+                parked = self._parked[event["id"]] = _Parked(event, customer, actor, reason, int(time.time() * 1000))
+        if parked is not None:
+            meta.update({"parked": True, "parked_at_ms": parked.parked_at_ms})
+        else:
+            meta.update({"parked": False, "not_parked": why})
+
+    def _apply_parked(self, customer: str, except_id: Optional[str] = None) -> int:
+        """Applies the customer's parked events in event order, each as its own delivery, and
+        drops them; returns how many were applied."""
+        taken = [p for p in self._parked.values() if p.customer == customer]
+        for parked in taken:
+            del self._parked[parked.event["id"]]
+        taken = [p for p in taken if p.event["id"] != except_id]
+        order = lambda p: _event_order(p.event["id"], p.event["type"], p.event["created"], (p.event.get("data") or {}).get("object") or {}, (p.event.get("data") or {}).get("previous_attributes"))
+        applied = 0
+        for parked in sorted(taken, key=order):
+            try:
+                self._apply(parked.event, parked.event["created"], parked.actor, parked.reason, parked_at_ms=parked.parked_at_ms)
+                applied += 1
+            except ProblemError:
+                pass
+        return applied
+
+    def _apply(self, event: dict[str, Any], signed_at: int, actor: str, reason: str, parked_at_ms: Optional[int] = None) -> WebhookResult:
         event_id, event_type = event["id"], event["type"]
         created = event["created"]
         obj = (event.get("data") or {}).get("object") or {}
@@ -366,6 +423,8 @@ class MockSidecar(BaseSDK):
             meta["customer"] = customer
         if reason:
             meta["reason"] = reason
+        if parked_at_ms is not None:
+            meta["parked_at_ms"] = parked_at_ms
         with self._lock:
             if event_id in self._processed:
                 tenant, first_outcome, first_seq = self._processed[event_id]
@@ -381,6 +440,10 @@ class MockSidecar(BaseSDK):
                 if current is None:
                     mapped = True
                     self._customers[customer] = reference
+                    meta["mapped_customer"] = customer
+                    # An event applied from parking never maps: the recursion is one level deep.
+                    if parked_at_ms is None and (applied := self._apply_parked(customer, except_id=event_id)):
+                        meta["parked_events_applied"] = applied
                 elif current != reference:
                     meta["mapping_refused"] = True
                     meta["conflicting_client_reference_id"] = reference
@@ -392,6 +455,8 @@ class MockSidecar(BaseSDK):
                 if kind == "ignored":
                     return self._finish(actor, event_id, event_type, "", "ignored", [], [], meta)
                 detail = f"no tenant is mapped for customer '{_quoted(customer)}'" if customer else "no tenant can be resolved"
+                if customer:
+                    self._park(event, customer, actor, reason, meta)
                 self._append("", actor, audit_event, "rejected", {"refusal": detail, **meta})
                 raise ProblemError(_problem(self._base, "unknown-customer", "Unknown customer", 422, detail, "UNKNOWN_CUSTOMER"))
             order = _event_order(event_id, event_type, created, obj, (event.get("data") or {}).get("previous_attributes"))
@@ -518,7 +583,13 @@ class MockSidecar(BaseSDK):
         with self._lock:
             if self._customers.get(customer_id) != tenant_id:
                 self._customers[customer_id] = tenant_id
-                self._append(tenant_id, actor, "tenant.customer_mapped", "applied", {"customer": customer_id, "reason": reason})
+                meta: dict[str, Any] = {"customer": customer_id, "reason": reason}
+                parked = sum(1 for p in self._parked.values() if p.customer == customer_id)
+                if parked:
+                    meta["parked_events"] = parked
+                self._append(tenant_id, actor, "tenant.customer_mapped", "applied", meta)
+                # In the mapping's "transaction": the flags are current when this returns.
+                self._apply_parked(customer_id)
 
     def resolve_customer(self, customer_id: str) -> Optional[str]:
         with self._lock:
