@@ -15,6 +15,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import os
 import re
 import threading
@@ -131,6 +132,84 @@ def _event_order(event_id: str, event_type: str, created: int, obj: Mapping[str,
     return (created, rank, event_id)
 
 
+class RulesError(ValueError):
+    """A rules file the sidecar would refuse to start with; the message is the sidecar's."""
+
+
+_RULE_KEYS = {"name", "events", "status", "plans", "set", "else", "entitlements"}
+
+
+def _parse_rules(text: str) -> tuple[dict[str, FlagValue], list[dict[str, Any]]]:
+    """The sidecar's Rules::parse (src/rules.rs): the same checks, so a file the sidecar refuses
+    is refused here too instead of behaving differently; the same messages, except that TOML
+    syntax errors and unknown keys are worded by the parser (both name the offending key)."""
+    def invalid(problem: str) -> RulesError:
+        return RulesError(f"invalid rules: {problem}")
+
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise invalid(str(e)) from None
+    for unknown in sorted(set(document) - {"flags", "rule"}):
+        raise invalid(f"unknown field `{unknown}`, expected `flags` or `rule`")
+    flags, specs = document.get("flags", {}), document.get("rule", [])
+    if not isinstance(flags, dict) or not isinstance(specs, list) or not all(isinstance(r, dict) for r in specs):
+        raise invalid("`flags` must be a table and `rule` an array of tables ([[rule]])")
+    catalog: dict[str, FlagValue] = {}
+    for key, value in flags.items():
+        if not FLAG_KEY.match(key):
+            raise invalid(f"flag key '{key}' must be 1-128 characters of letters, digits, _ - . :")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise invalid("flag numbers must be finite")
+        catalog[key] = value
+    rules: list[dict[str, Any]] = []
+    names: set[str] = set()
+    for n, spec in enumerate(specs, start=1):
+        name = spec.get("name")
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise invalid(f"rule {n} has an empty `name`")
+        label = f"rule {n} ('{name}')" if name is not None else f"rule {n}"
+
+        def bad(problem: str) -> RulesError:
+            return invalid(f"{label} {problem}")
+
+        for unknown in sorted(set(spec) - _RULE_KEYS):
+            raise bad(f"has an unknown field `{unknown}`, expected one of {', '.join(sorted(_RULE_KEYS))}")
+        events, plans = spec.get("events", []), spec.get("plans", [])
+        to_set, otherwise = spec.get("set", {}), spec.get("else", {})
+        entitlements, status = spec.get("entitlements", False), spec.get("status")
+        if not isinstance(events, list) or not events or not all(isinstance(e, str) and e for e in events):
+            raise bad("needs a non-empty `events` list")
+        if not isinstance(plans, list) or not all(isinstance(p, str) for p in plans) or not isinstance(entitlements, bool) or not isinstance(to_set, dict) or not isinstance(otherwise, dict):
+            raise bad("has a field of the wrong type (`plans`: strings, `set`/`else`: tables, `entitlements`: a boolean)")
+        if entitlements == bool(to_set):
+            raise bad("needs exactly one of `set` or `entitlements = true`")
+        if otherwise and (not plans or entitlements):
+            raise bad("has an `else`, which only a `set` rule with `plans` can have: it is what the rule sets when the plan does not match")
+        if status is not None:
+            if not isinstance(status, list) or not all(isinstance(x, str) for x in status):
+                raise bad("has a `status` that is not a list of strings")
+            if not status:
+                raise bad("has an empty `status` list, which no event matches; leave it out to match any status")
+            for unknown in status:
+                if unknown not in SUBSCRIPTION_STATUSES:
+                    raise bad(f"names status '{unknown}', which is not one of Stripe's subscription statuses ({', '.join(SUBSCRIPTION_STATUSES)})")
+            for other in events:
+                if not other.startswith("customer.subscription."):
+                    raise bad(f"has a `status` condition but lists '{other}': only customer.subscription.* events carry a subscription status")
+        for key, value in [*to_set.items(), *otherwise.items()]:
+            if key not in catalog:
+                raise bad(f"sets flag '{key}', which [flags] does not define")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise invalid("flag numbers must be finite")
+        name = name if name is not None else f"rule {n}"
+        if name in names:
+            raise invalid(f"two rules are named '{name}'; `flags explain` tells rules apart by name")
+        names.add(name)
+        rules.append(spec)
+    return catalog, rules
+
+
 class MockSidecar(BaseSDK):
     def __init__(self, settings: Optional[Settings] = None, env: Optional[Mapping[str, str]] = None):
         self.settings = settings or Settings.from_env(env)
@@ -149,9 +228,7 @@ class MockSidecar(BaseSDK):
         self._upgrade_url = env.get("CORESDK_UPGRADE_URL")
         rules_file = env.get("CORESDK_RULES_FILE")
         text = open(rules_file, encoding="utf-8").read() if rules_file else resources.files("coresdk").joinpath("default_rules.toml").read_text("utf-8")
-        rules = tomllib.loads(text)
-        self._catalog: dict[str, FlagValue] = dict(rules.get("flags", {}))
-        self._rules: list[dict[str, Any]] = rules.get("rule", [])
+        self._catalog, self._rules = _parse_rules(text)
         self._lock = threading.RLock()
         self._customers = dict(MOCK_TENANTS)
         self._flags: dict[tuple[str, str], _Flag] = {}
