@@ -40,6 +40,12 @@ fn json_lines_export(dir: &Path, lines: &[String]) -> PathBuf {
     file
 }
 
+/// Fails showing the whole `text` when it lacks `needle`.
+#[track_caller]
+fn assert_contains(text: &str, needle: &str) {
+    assert!(text.contains(needle), "{needle:?} is not in:\n{text}");
+}
+
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
@@ -181,11 +187,7 @@ async fn a_list_events_page_replays_oldest_first_audited_as_replay_and_again_as_
         stderr(&output)
     );
     assert_eq!(replayed_ids(&output), ["evt_paid", "evt_failed"]);
-    assert!(
-        stdout(&output).contains("replayed 2 of 2 events: 2 applied"),
-        "{}",
-        stdout(&output)
-    );
+    assert_contains(&stdout(&output), "replayed 2 of 2 events: 2 applied");
     assert!(!is_on(&sidecar, "acme", "pro_features").await);
     assert!(is_on(&sidecar, "acme", "paywall_active").await);
 
@@ -356,11 +358,7 @@ async fn explain_names_an_admin_change_a_default_and_refuses_an_unknown_key() {
     assert_eq!(bad_tenant.code(), Code::InvalidArgument);
     let printed = explain_command(&sidecar, "umbrella", "no_such_flag", &[]);
     assert_eq!(printed.status.code(), Some(1));
-    assert!(
-        stderr(&printed).contains("NotFound"),
-        "{}",
-        stderr(&printed)
-    );
+    assert_contains(&stderr(&printed), "NotFound");
 }
 
 #[tokio::test]
@@ -377,16 +375,8 @@ async fn replay_needs_the_admin_token_a_reason_and_a_plausible_created() {
     // No token: the first refusal stops the run; nothing is applied.
     let output = replay(&sidecar, &file, "no token", &[]);
     assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
-    assert!(
-        stdout(&output).contains("FAILED Unauthenticated"),
-        "{}",
-        stdout(&output)
-    );
-    assert!(
-        stderr(&output).contains("1 not sent"),
-        "{}",
-        stderr(&output)
-    );
+    assert_contains(&stdout(&output), "FAILED Unauthenticated");
+    assert_contains(&stderr(&output), "1 not sent");
     let wrong = replay(
         &sidecar,
         &file,
@@ -415,16 +405,16 @@ async fn replay_needs_the_admin_token_a_reason_and_a_plausible_created() {
         .await
         .expect_err("created in the future");
     assert_eq!(from_the_future.code(), Code::InvalidArgument);
-    assert!(
-        from_the_future.message().contains("after now"),
-        "{}",
-        from_the_future.message()
-    );
+    assert_contains(from_the_future.message(), "after now");
     let undated = br#"{"id":"evt_u","type":"invoice.paid","data":{"object":{"metadata":{"tenant_id":"hooli"}}}}"#;
     let undated = replay_rpc(&sidecar, undated.to_vec(), "why", true)
         .await
         .expect_err("no created");
     assert_eq!(undated.code(), Code::InvalidArgument);
+    assert_contains(
+        undated.message(),
+        "no `created` in the event; Stripe always sends one",
+    );
     assert!(flag(&sidecar, "hooli", "pro_features").await.is_default);
 
     // With the token and a reason it applies.
@@ -466,11 +456,7 @@ async fn a_dash_reads_the_export_from_standard_input() {
         .expect("written");
     let output = child.wait_with_output().expect("it ends");
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
-    assert!(
-        stdout(&output).contains("evt_piped invoice.paid"),
-        "{}",
-        stdout(&output)
-    );
+    assert_contains(&stdout(&output), "evt_piped invoice.paid");
     assert!(is_on(&sidecar, "wayne", "pro_features").await);
 }
 
@@ -499,11 +485,7 @@ async fn a_malformed_export_sends_nothing_and_says_where() {
     std::fs::write(&page, missing_type.to_string()).expect("written");
     let output = replay(&sidecar, &page, "broken page", WITH_ADMIN_TOKEN);
     assert_eq!(output.status.code(), Some(2));
-    assert!(
-        stderr(&output).contains("data[1]: not a Stripe event"),
-        "{}",
-        stderr(&output)
-    );
+    assert_contains(&stderr(&output), "data[1]: not a Stripe event");
 
     let missing = replay(
         &sidecar,
@@ -512,11 +494,7 @@ async fn a_malformed_export_sends_nothing_and_says_where() {
         WITH_ADMIN_TOKEN,
     );
     assert_eq!(missing.status.code(), Some(2));
-    assert!(
-        stderr(&missing).contains("cannot open"),
-        "{}",
-        stderr(&missing)
-    );
+    assert_contains(&stderr(&missing), "cannot open");
 
     assert!(flag(&sidecar, "pied", "pro_features").await.is_default);
     assert!(billing_records(&sidecar, "pied").await.is_empty());
@@ -574,11 +552,7 @@ async fn an_unmapped_customer_s_event_fails_alone_is_parked_and_applies_on_mappi
     );
     let again = replay(&sidecar, &file, "again", WITH_ADMIN_TOKEN);
     assert_eq!(again.status.code(), Some(0), "{}", stdout(&again));
-    assert!(
-        stdout(&again).contains("replayed 2 of 2 events: 2 duplicate"),
-        "{}",
-        stdout(&again)
-    );
+    assert_contains(&stdout(&again), "replayed 2 of 2 events: 2 duplicate");
 }
 
 #[tokio::test]
