@@ -974,11 +974,14 @@ mod tests {
         fn park_event(&mut self, event: &crate::store::ParkedEvent) -> Result<(), StoreError> {
             self.tx.park_event(event)
         }
-        fn take_parked(
+        fn parked_ids(&mut self, customer_id: &str) -> Result<Vec<String>, StoreError> {
+            self.tx.parked_ids(customer_id)
+        }
+        fn take_parked_event(
             &mut self,
-            customer_id: &str,
-        ) -> Result<Vec<crate::store::ParkedEvent>, StoreError> {
-            self.tx.take_parked(customer_id)
+            event_id: &str,
+        ) -> Result<Option<crate::store::ParkedEvent>, StoreError> {
+            self.tx.take_parked_event(event_id)
         }
         fn expire_parked(
             &mut self,

@@ -62,6 +62,45 @@ pub struct HealthArgs {
     pub timeout_s: u64,
 }
 
+/// The names `coresdk health` read its TLS settings from before `stripe replay` and `flags
+/// explain` shared them as `CORESDK_SIDECAR_TLS_*`: probes deployed with them keep working. Each
+/// alias is read only by `health`, and only when the new name is unset.
+const HEALTH_TLS_ALIASES: [(&str, &str); 4] = [
+    ("tls_ca_file", "CORESDK_HEALTH_TLS_CA_FILE"),
+    ("tls_server_name", "CORESDK_HEALTH_TLS_SERVER_NAME"),
+    (
+        "tls_client_cert_file",
+        "CORESDK_HEALTH_TLS_CLIENT_CERT_FILE",
+    ),
+    ("tls_client_key_file", "CORESDK_HEALTH_TLS_CLIENT_KEY_FILE"),
+];
+
+/// The command line as parsed in `env`: [`Cli`], with `health` reading each old TLS variable
+/// (see [`HEALTH_TLS_ALIASES`]) in place of its new name when only the old one is set. clap reads
+/// one variable per argument, so the alias takes the argument's place rather than a second read,
+/// and every check (`requires`, the value parser) applies to it unchanged.
+fn command_in(env: &dyn Fn(&str) -> Option<OsString>) -> clap::Command {
+    Cli::command().mut_subcommand("health", |health| {
+        health.mut_args(|arg| {
+            let Some((_, alias)) = HEALTH_TLS_ALIASES
+                .iter()
+                .find(|(id, _)| arg.get_id() == *id)
+            else {
+                return arg;
+            };
+            let new_name_set = arg
+                .get_env()
+                .and_then(OsStr::to_str)
+                .is_some_and(|name| env(name).is_some());
+            if !new_name_set && env(alias).is_some() {
+                arg.env(*alias)
+            } else {
+                arg
+            }
+        })
+    })
+}
+
 /// Where a client command finds a running sidecar, and how it connects.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SidecarArgs {
@@ -70,23 +109,27 @@ pub struct SidecarArgs {
     pub addr: String,
     /// Connect with TLS, trusting the server certificate only if this CA (PEM) signed it; for a
     /// sidecar started with --tls-cert-file.
-    #[arg(long, env = "CORESDK_HEALTH_TLS_CA_FILE")]
+    #[arg(long, env = "CORESDK_SIDECAR_TLS_CA_FILE")]
     pub tls_ca_file: Option<PathBuf>,
     /// The name the server certificate must carry; by default the host of --addr.
-    #[arg(long, env = "CORESDK_HEALTH_TLS_SERVER_NAME", requires = "tls_ca_file")]
+    #[arg(
+        long,
+        env = "CORESDK_SIDECAR_TLS_SERVER_NAME",
+        requires = "tls_ca_file"
+    )]
     pub tls_server_name: Option<String>,
     /// Client certificate (PEM) for a sidecar that requires one (its --tls-client-ca-file);
     /// needs --tls-client-key-file.
     #[arg(
         long,
-        env = "CORESDK_HEALTH_TLS_CLIENT_CERT_FILE",
+        env = "CORESDK_SIDECAR_TLS_CLIENT_CERT_FILE",
         requires_all = ["tls_client_key_file", "tls_ca_file"]
     )]
     pub tls_client_cert_file: Option<PathBuf>,
     /// The private key (PEM) of --tls-client-cert-file.
     #[arg(
         long,
-        env = "CORESDK_HEALTH_TLS_CLIENT_KEY_FILE",
+        env = "CORESDK_SIDECAR_TLS_CLIENT_KEY_FILE",
         requires = "tls_client_cert_file"
     )]
     pub tls_client_key_file: Option<PathBuf>,
@@ -185,7 +228,7 @@ impl Invocation {
     /// line naming the setting, its source and the fix; `--help`, `--version` and errors clap
     /// explains best itself (an unknown flag, say) come back as clap's error.
     pub fn parse_from(args: Vec<OsString>) -> Result<Self, ParseError> {
-        let matches = match Cli::command().try_get_matches_from(&args) {
+        let matches = match command_in(&|name| std::env::var_os(name)).try_get_matches_from(&args) {
             Ok(matches) => matches,
             Err(e) => {
                 return Err(

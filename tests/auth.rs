@@ -209,17 +209,7 @@ fn extension(problem: &proto::Problem, key: &str) -> Option<String> {
 }
 
 async fn denial_records(sidecar: &Sidecar) -> Vec<proto::AuditRecord> {
-    sidecar
-        .audit()
-        .query(proto::QueryAuditRequest {
-            event_prefix: "auth.denied".into(),
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await
-        .expect("Query")
-        .into_inner()
-        .records
+    common::abuse::audit_records(sidecar, "auth.denied").await
 }
 
 #[tokio::test]

@@ -1,21 +1,11 @@
 //! The command line as a user meets it: the real binary, with settings from flags and from the
 //! environment, in a working directory of its own.
+mod common;
 
 use std::io::{BufRead as _, BufReader};
-use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-fn coresdk(cwd: &Path, args: &[&str], envs: &[(&str, &str)]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_coresdk"))
-        .args(args)
-        .current_dir(cwd)
-        .env_clear()
-        .env("CORESDK_LOG", "error")
-        .envs(envs.iter().copied())
-        .stdin(Stdio::null())
-        .output()
-        .expect("the binary runs")
-}
+use common::run_coresdk;
 
 fn one_line(output: &Output) -> String {
     let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
@@ -26,15 +16,15 @@ fn one_line(output: &Output) -> String {
 #[test]
 fn a_bad_value_from_the_environment_is_reported_under_the_variable() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let output = coresdk(dir.path(), &[], &[("CORESDK_FAIL_MODE", "sometimes")]);
+    let output = run_coresdk(Some(dir.path()), &[], &[("CORESDK_FAIL_MODE", "sometimes")]);
     assert_eq!(output.status.code(), Some(2));
     assert_eq!(
         one_line(&output),
         r#"coresdk: CORESDK_FAIL_MODE (from the environment) = "sometimes": invalid value; use open or closed"#
     );
 
-    let output = coresdk(
-        dir.path(),
+    let output = run_coresdk(
+        Some(dir.path()),
         &["serve"],
         &[("CORESDK_SHUTDOWN_GRACE_S", "ten")],
     );
@@ -45,7 +35,11 @@ fn a_bad_value_from_the_environment_is_reported_under_the_variable() {
         "{line}"
     );
 
-    let output = coresdk(dir.path(), &[], &[("CORESDK_WEBHOOK_MAX_BODY_BYTES", "0")]);
+    let output = run_coresdk(
+        Some(dir.path()),
+        &[],
+        &[("CORESDK_WEBHOOK_MAX_BODY_BYTES", "0")],
+    );
     assert_eq!(output.status.code(), Some(2));
     assert_eq!(
         one_line(&output),
@@ -57,8 +51,8 @@ fn a_bad_value_from_the_environment_is_reported_under_the_variable() {
 fn a_bad_flag_is_reported_under_the_flag_and_the_variable() {
     let dir = tempfile::tempdir().expect("temp dir");
     // The flag wins over the environment, and the error says so.
-    let output = coresdk(
-        dir.path(),
+    let output = run_coresdk(
+        Some(dir.path()),
         &["--fail-mode", "sometimes"],
         &[("CORESDK_FAIL_MODE", "open")],
     );
@@ -72,7 +66,11 @@ fn a_bad_flag_is_reported_under_the_flag_and_the_variable() {
 #[test]
 fn secrets_are_named_but_never_shown() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let output = coresdk(dir.path(), &[], &[("CORESDK_ADMIN_TOKEN", "short-secret")]);
+    let output = run_coresdk(
+        Some(dir.path()),
+        &[],
+        &[("CORESDK_ADMIN_TOKEN", "short-secret")],
+    );
     assert_eq!(output.status.code(), Some(2));
     let line = one_line(&output);
     assert!(
@@ -98,7 +96,7 @@ fn a_start_that_fails_validation_leaves_no_data_directory_and_no_key() {
         (&["--tls-cert-file", "/nonexistent/cert.pem"], &[]),
     ];
     for (args, envs) in cases {
-        let output = coresdk(dir.path(), args, envs);
+        let output = run_coresdk(Some(dir.path()), args, envs);
         assert_eq!(output.status.code(), Some(2), "{args:?} {envs:?}");
         let left: Vec<_> = std::fs::read_dir(dir.path())
             .expect("list")
@@ -114,8 +112,8 @@ fn a_bad_checkpoint_key_stops_the_start_before_the_store_is_created() {
     let key = dir.path().join("audit-key");
     std::fs::write(&key, "not a key").expect("write");
     let key = key.to_str().expect("UTF-8");
-    let output = coresdk(
-        dir.path(),
+    let output = run_coresdk(
+        Some(dir.path()),
         &["--listen", "127.0.0.1:0"],
         &[("CORESDK_AUDIT_SIGNING_KEY_FILE", key)],
     );
@@ -177,8 +175,8 @@ fn health_with_nothing_listening_names_the_address_and_the_cause() {
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .to_string();
-    let output = coresdk(
-        dir.path(),
+    let output = run_coresdk(
+        Some(dir.path()),
         &["health", "--addr", &addr, "--timeout-s", "1"],
         &[],
     );
@@ -192,10 +190,51 @@ fn health_with_nothing_listening_names_the_address_and_the_cause() {
 #[test]
 fn help_describes_the_store_choices() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let output = coresdk(dir.path(), &["serve", "--help"], &[]);
+    let output = run_coresdk(Some(dir.path()), &["serve", "--help"], &[]);
     assert!(output.status.success());
     let help = String::from_utf8_lossy(&output.stdout);
     for needed in ["sqlite://PATH", "postgres://", "`memory`", "--tls-key-file"] {
         assert!(help.contains(needed), "{needed}: {help}");
     }
+}
+
+#[test]
+fn client_commands_read_sidecar_tls_and_health_keeps_its_old_names() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let missing = dir.path().join("no-such-ca.pem");
+    let missing = missing.to_str().expect("UTF-8 path");
+    let nobody = ["--addr", "127.0.0.1:1"];
+    let health = [&["health"][..], &nobody].concat();
+    let explain = [&["flags", "explain", "acme", "pro_features"][..], &nobody].concat();
+    let reads_the_ca = |args: &[&str], var: &str| {
+        let output = run_coresdk(Some(dir.path()), args, &[(var, missing)]);
+        String::from_utf8_lossy(&output.stderr).contains(&format!("cannot read {missing}"))
+    };
+    assert!(reads_the_ca(&health, "CORESDK_SIDECAR_TLS_CA_FILE"));
+    assert!(reads_the_ca(&explain, "CORESDK_SIDECAR_TLS_CA_FILE"));
+    assert!(reads_the_ca(&health, "CORESDK_HEALTH_TLS_CA_FILE"));
+    // The old name belongs to `health` alone.
+    assert!(!reads_the_ca(&explain, "CORESDK_HEALTH_TLS_CA_FILE"));
+    // Given both, the new name wins: the old one is not even read.
+    let output = run_coresdk(
+        Some(dir.path()),
+        &health,
+        &[
+            ("CORESDK_SIDECAR_TLS_CA_FILE", missing),
+            ("CORESDK_HEALTH_TLS_CA_FILE", "/elsewhere.pem"),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("cannot read {missing}")),
+        "{stderr}"
+    );
+    // The alias is checked like the flag: a server name needs a CA file.
+    let output = run_coresdk(
+        Some(dir.path()),
+        &health,
+        &[("CORESDK_HEALTH_TLS_SERVER_NAME", "localhost")],
+    );
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--tls-ca-file"));
 }

@@ -6,20 +6,9 @@ use common::abuse::audit_records as records;
 use common::audit::map;
 use common::mapping::{resolve, tenant_of, unmap};
 use common::*;
-use coresdk::proto::{AppendAuditRequest, AuditRecord, HandleStripeWebhookResponse};
+use coresdk::proto::{AppendAuditRequest, AuditRecord};
 use prost::Message as _;
 use serde_json::{Value, json};
-
-async fn send(
-    sidecar: &Sidecar,
-    body: Vec<u8>,
-) -> Result<HandleStripeWebhookResponse, tonic::Status> {
-    sidecar
-        .webhooks()
-        .handle_stripe_webhook(signed(SECRET, body))
-        .await
-        .map(|r| r.into_inner())
-}
 
 fn metadata(record: &AuditRecord) -> Value {
     let canonical: Value = serde_json::from_slice(&record.canonical).expect("canonical JSON");
@@ -51,7 +40,7 @@ async fn a_restart_keeps_a_runtime_mapping_over_the_tenants_file() {
     sidecar.restart().await;
 
     assert_eq!(tenant_of(&sidecar, "cus_acme_001").await, "acme-new");
-    let paid = send(
+    let paid = deliver(
         &sidecar,
         event(
             "evt_after_restart",
@@ -95,7 +84,7 @@ async fn a_restart_keeps_a_runtime_unmapping_over_the_tenants_file() {
         .await
         .expect_err("still unmapped");
     assert_eq!(lookup.code(), tonic::Code::NotFound, "{lookup:?}");
-    let refused = send(
+    let refused = deliver(
         &sidecar,
         event(
             "evt_after_unmap",
@@ -111,7 +100,7 @@ async fn a_restart_keeps_a_runtime_unmapping_over_the_tenants_file() {
     assert_eq!(tenant_of(&sidecar, "cus_globex").await, "globex");
 
     // An unmapped customer is unmapped for checkouts too: its next checkout maps it.
-    let checkout = send(
+    let checkout = deliver(
         &sidecar,
         event(
             "evt_checkout_after_unmap",
@@ -162,7 +151,7 @@ async fn with_overrides_the_tenants_file_wins_at_start() {
 async fn a_checkout_cannot_move_a_mapped_customer() {
     let sidecar = Sidecar::start(Options::default()).await;
     map(&sidecar, "cus_taken", "acme-corp").await;
-    let checkout = send(
+    let checkout = deliver(
         &sidecar,
         event(
             "evt_checkout_conflict",
@@ -186,7 +175,7 @@ async fn a_checkout_cannot_move_a_mapped_customer() {
     assert_eq!(metadata["conflicting_client_reference_id"], "intruder");
 
     // An unmapped customer is still mapped by its checkout.
-    let first = send(
+    let first = deliver(
         &sidecar,
         event(
             "evt_checkout_new",
@@ -263,7 +252,7 @@ async fn append_refuses_the_sidecars_own_namespaces() {
 async fn a_huge_customer_id_gets_a_bounded_problem() {
     let sidecar = Sidecar::start(Options::default()).await;
     let customer = "c".repeat(100 * 1024);
-    let refused = send(
+    let refused = deliver(
         &sidecar,
         event(
             "evt_huge_customer",

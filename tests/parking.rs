@@ -84,6 +84,12 @@ async fn map_customer_applies_parked_events_at_once_in_event_order() {
 }
 
 #[tokio::test]
+async fn parked_events_are_applied_in_the_event_order_the_store_reads_them_in() {
+    let sidecar = Sidecar::start(Options::default()).await;
+    parked_events_apply_in_event_order(&sidecar, &sidecar).await;
+}
+
+#[tokio::test]
 async fn a_checkout_that_maps_the_customer_applies_its_parked_events() {
     let sidecar = Sidecar::start(Options::default()).await;
     let t = now();

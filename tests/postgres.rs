@@ -12,17 +12,6 @@ use coresdk::proto::{self, WebhookOutcome};
 use serde_json::json;
 use tokio_stream::StreamExt as _;
 
-async fn send(
-    sidecar: &Sidecar,
-    body: Vec<u8>,
-) -> Result<proto::HandleStripeWebhookResponse, tonic::Status> {
-    sidecar
-        .webhooks()
-        .handle_stripe_webhook(signed(SECRET, body))
-        .await
-        .map(|r| r.into_inner())
-}
-
 #[tokio::test]
 async fn one_event_at_three_replicas_at_once_applies_once() {
     let url = fresh_database(server_url()).await;
@@ -35,9 +24,9 @@ async fn one_event_at_three_replicas_at_once_applies_once() {
             json!({"customer": "cus_acme_001"}),
         );
         let (a, b, c) = tokio::join!(
-            send(&nodes[0], body.clone()),
-            send(&nodes[1], body.clone()),
-            send(&nodes[2], body)
+            deliver(&nodes[0], body.clone()),
+            deliver(&nodes[1], body.clone()),
+            deliver(&nodes[2], body)
         );
         let mut outcomes: Vec<WebhookOutcome> = [a, b, c]
             .into_iter()
@@ -185,7 +174,7 @@ async fn a_change_through_replica_a_reaches_a_watch_on_replica_c() {
     );
 
     // A webhook through B changes C's cache as well.
-    send(
+    deliver(
         &nodes[1],
         event(
             "evt_b",
@@ -320,7 +309,7 @@ async fn postgres_going_away_mid_load_loses_nothing_acknowledged() {
             now(),
             json!({"customer": "cus_globex_001"}),
         );
-        let answer = send(&nodes[1], body).await.expect("recovered");
+        let answer = deliver(&nodes[1], body).await.expect("recovered");
         assert_eq!(
             answer.outcome(),
             WebhookOutcome::Duplicate,
@@ -387,7 +376,7 @@ async fn tls_to_postgres_is_verified_against_the_configured_ca() {
         }))
         .await
         .expect("writes over TLS");
-    let applied = send(
+    let applied = deliver(
         &verified,
         event(
             "evt_tls",

@@ -68,3 +68,10 @@ async fn an_event_parked_on_one_replica_is_applied_when_another_maps_the_custome
             .any(|r| r.metadata.get("parked") == Some(&json!(false)))
     );
 }
+
+#[tokio::test]
+async fn parked_events_are_applied_in_event_order_whatever_the_database_collation() {
+    let url = fresh_locale_sorted_database(server_url()).await;
+    let nodes = replicas(&url, 2).await;
+    parked_events_apply_in_event_order(&nodes[0], &nodes[1]).await;
+}

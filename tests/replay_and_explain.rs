@@ -3,7 +3,7 @@
 //! `coresdk flags explain` says what set a flag and what came too late for it.
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use common::*;
@@ -14,21 +14,10 @@ use coresdk::proto::{
 use serde_json::json;
 use tonic::Code;
 
-/// Runs the real `coresdk` with only `envs`, against `sidecar`.
-fn coresdk(args: &[&str], envs: &[(&str, &str)]) -> Output {
-    Command::new(binary())
-        .args(args)
-        .env_clear()
-        .env("CORESDK_LOG", "error")
-        .envs(envs.iter().copied())
-        .stdin(Stdio::null())
-        .output()
-        .expect("the binary runs")
-}
-
 fn replay(sidecar: &Sidecar, file: &Path, reason: &str, envs: &[(&str, &str)]) -> Output {
     let file = file.to_str().expect("a UTF-8 path");
-    coresdk(
+    run_coresdk(
+        None,
         &[
             "stripe",
             "replay",
@@ -43,6 +32,19 @@ fn replay(sidecar: &Sidecar, file: &Path, reason: &str, envs: &[(&str, &str)]) -
 }
 
 const WITH_ADMIN_TOKEN: &[(&str, &str)] = &[("CORESDK_ADMIN_TOKEN", ADMIN_TOKEN)];
+
+/// `lines` as a JSON Lines export, `events.jsonl` in `dir`.
+fn json_lines_export(dir: &Path, lines: &[String]) -> PathBuf {
+    let file = dir.join("events.jsonl");
+    std::fs::write(&file, lines.join("\n")).expect("written");
+    file
+}
+
+/// Fails showing the whole `text` when it lacks `needle`.
+#[track_caller]
+fn assert_contains(text: &str, needle: &str) {
+    assert!(text.contains(needle), "{needle:?} is not in:\n{text}");
+}
 
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
@@ -135,7 +137,7 @@ async fn explain(sidecar: &Sidecar, tenant: &str, key: &str) -> ExplainFlagRespo
 fn explain_command(sidecar: &Sidecar, tenant: &str, key: &str, extra: &[&str]) -> Output {
     let mut args = vec!["flags", "explain", tenant, key, "--addr", &sidecar.addr];
     args.extend_from_slice(extra);
-    coresdk(&args, &[])
+    run_coresdk(None, &args, &[])
 }
 
 /// `ReplayStripeEvent` with the admin token, or without any when `as_admin` is false.
@@ -185,11 +187,7 @@ async fn a_list_events_page_replays_oldest_first_audited_as_replay_and_again_as_
         stderr(&output)
     );
     assert_eq!(replayed_ids(&output), ["evt_paid", "evt_failed"]);
-    assert!(
-        stdout(&output).contains("replayed 2 of 2 events: 2 applied"),
-        "{}",
-        stdout(&output)
-    );
+    assert_contains(&stdout(&output), "replayed 2 of 2 events: 2 applied");
     assert!(!is_on(&sidecar, "acme", "pro_features").await);
     assert!(is_on(&sidecar, "acme", "paywall_active").await);
 
@@ -247,8 +245,7 @@ async fn json_lines_replay_an_event_older_than_the_flag_s_setter_as_stale_and_ex
         invoice("evt_other", "invoice.paid", t - 900, "initech").to_string(),
         "   ".to_owned(),
     ];
-    let file = dir.path().join("events.jsonl");
-    std::fs::write(&file, lines.join("\n")).expect("written");
+    let file = json_lines_export(dir.path(), &lines);
     let output = replay(&sidecar, &file, "recover globex", WITH_ADMIN_TOKEN);
     assert_eq!(
         output.status.code(),
@@ -361,11 +358,7 @@ async fn explain_names_an_admin_change_a_default_and_refuses_an_unknown_key() {
     assert_eq!(bad_tenant.code(), Code::InvalidArgument);
     let printed = explain_command(&sidecar, "umbrella", "no_such_flag", &[]);
     assert_eq!(printed.status.code(), Some(1));
-    assert!(
-        stderr(&printed).contains("NotFound"),
-        "{}",
-        stderr(&printed)
-    );
+    assert_contains(&stderr(&printed), "NotFound");
 }
 
 #[tokio::test]
@@ -373,26 +366,17 @@ async fn replay_needs_the_admin_token_a_reason_and_a_plausible_created() {
     let sidecar = Sidecar::start(Options::default()).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let t = now() - 600;
-    let file = dir.path().join("events.jsonl");
     let lines = [
         invoice("evt_1", "invoice.paid", t, "hooli").to_string(),
         invoice("evt_2", "invoice.paid", t + 1, "hooli").to_string(),
     ];
-    std::fs::write(&file, lines.join("\n")).expect("written");
+    let file = json_lines_export(dir.path(), &lines);
 
     // No token: the first refusal stops the run; nothing is applied.
     let output = replay(&sidecar, &file, "no token", &[]);
     assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
-    assert!(
-        stdout(&output).contains("FAILED Unauthenticated"),
-        "{}",
-        stdout(&output)
-    );
-    assert!(
-        stderr(&output).contains("1 not sent"),
-        "{}",
-        stderr(&output)
-    );
+    assert_contains(&stdout(&output), "FAILED Unauthenticated");
+    assert_contains(&stderr(&output), "1 not sent");
     let wrong = replay(
         &sidecar,
         &file,
@@ -421,16 +405,16 @@ async fn replay_needs_the_admin_token_a_reason_and_a_plausible_created() {
         .await
         .expect_err("created in the future");
     assert_eq!(from_the_future.code(), Code::InvalidArgument);
-    assert!(
-        from_the_future.message().contains("after now"),
-        "{}",
-        from_the_future.message()
-    );
+    assert_contains(from_the_future.message(), "after now");
     let undated = br#"{"id":"evt_u","type":"invoice.paid","data":{"object":{"metadata":{"tenant_id":"hooli"}}}}"#;
     let undated = replay_rpc(&sidecar, undated.to_vec(), "why", true)
         .await
         .expect_err("no created");
     assert_eq!(undated.code(), Code::InvalidArgument);
+    assert_contains(
+        undated.message(),
+        "no `created` in the event; Stripe always sends one",
+    );
     assert!(flag(&sidecar, "hooli", "pro_features").await.is_default);
 
     // With the token and a reason it applies.
@@ -472,11 +456,7 @@ async fn a_dash_reads_the_export_from_standard_input() {
         .expect("written");
     let output = child.wait_with_output().expect("it ends");
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
-    assert!(
-        stdout(&output).contains("evt_piped invoice.paid"),
-        "{}",
-        stdout(&output)
-    );
+    assert_contains(&stdout(&output), "evt_piped invoice.paid");
     assert!(is_on(&sidecar, "wayne", "pro_features").await);
 }
 
@@ -485,12 +465,11 @@ async fn a_malformed_export_sends_nothing_and_says_where() {
     let sidecar = Sidecar::start(Options::default()).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let t = now() - 600;
-    let file = dir.path().join("events.jsonl");
     let lines = [
         invoice("evt_1", "invoice.paid", t, "pied").to_string(),
         "{\"id\": \"evt_2\", \"type\": \"invoice.paid\"".to_owned(),
     ];
-    std::fs::write(&file, lines.join("\n")).expect("written");
+    let file = json_lines_export(dir.path(), &lines);
     let output = replay(&sidecar, &file, "broken file", WITH_ADMIN_TOKEN);
     assert_eq!(output.status.code(), Some(2));
     let error = stderr(&output);
@@ -506,11 +485,7 @@ async fn a_malformed_export_sends_nothing_and_says_where() {
     std::fs::write(&page, missing_type.to_string()).expect("written");
     let output = replay(&sidecar, &page, "broken page", WITH_ADMIN_TOKEN);
     assert_eq!(output.status.code(), Some(2));
-    assert!(
-        stderr(&output).contains("data[1]: not a Stripe event"),
-        "{}",
-        stderr(&output)
-    );
+    assert_contains(&stderr(&output), "data[1]: not a Stripe event");
 
     let missing = replay(
         &sidecar,
@@ -519,18 +494,14 @@ async fn a_malformed_export_sends_nothing_and_says_where() {
         WITH_ADMIN_TOKEN,
     );
     assert_eq!(missing.status.code(), Some(2));
-    assert!(
-        stderr(&missing).contains("cannot open"),
-        "{}",
-        stderr(&missing)
-    );
+    assert_contains(&stderr(&missing), "cannot open");
 
     assert!(flag(&sidecar, "pied", "pro_features").await.is_default);
     assert!(billing_records(&sidecar, "pied").await.is_empty());
 }
 
 #[tokio::test]
-async fn an_event_the_sidecar_refuses_fails_alone_and_the_exit_status_says_so() {
+async fn an_unmapped_customer_s_event_fails_alone_is_parked_and_applies_on_mapping() {
     let sidecar = Sidecar::start(Options::default()).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let t = now() - 600;
@@ -544,8 +515,7 @@ async fn an_event_the_sidecar_refuses_fails_alone_and_the_exit_status_says_so() 
         String::from_utf8(unmapped).expect("UTF-8"),
         invoice("evt_ok", "invoice.paid", t + 5, "stark").to_string(),
     ];
-    let file = dir.path().join("events.jsonl");
-    std::fs::write(&file, lines.join("\n")).expect("written");
+    let file = json_lines_export(dir.path(), &lines);
     let output = replay(&sidecar, &file, "partial", WITH_ADMIN_TOKEN);
     assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
     let out = stdout(&output);
@@ -559,6 +529,30 @@ async fn an_event_the_sidecar_refuses_fails_alone_and_the_exit_status_says_so() 
         "{out}"
     );
     assert!(is_on(&sidecar, "stark", "pro_features").await);
+
+    // Refused like a delivery, and parked like one: mapping the customer applies it, still
+    // as the operator's replay.
+    let refused = common::parking::records_of(&sidecar, "evt_unmapped").await;
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(
+        (refused[0].actor.as_str(), &refused[0].metadata["parked"]),
+        ("replay", &json!(true))
+    );
+    common::audit::map(&sidecar, "cus_nobody", "nobodyco").await;
+    assert!(is_on(&sidecar, "nobodyco", "pro_features").await);
+    let applied = common::parking::records_of(&sidecar, "evt_unmapped").await;
+    let applied = applied.last().expect("a record");
+    assert_eq!(
+        (
+            applied.outcome.as_str(),
+            applied.actor.as_str(),
+            &applied.metadata["reason"]
+        ),
+        ("applied", "replay", &json!("partial"))
+    );
+    let again = replay(&sidecar, &file, "again", WITH_ADMIN_TOKEN);
+    assert_eq!(again.status.code(), Some(0), "{}", stdout(&again));
+    assert_contains(&stdout(&again), "replayed 2 of 2 events: 2 duplicate");
 }
 
 #[tokio::test]

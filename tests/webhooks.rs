@@ -207,11 +207,29 @@ async fn refusals_answer_problems_and_are_audited() {
             signed(SECRET, br#"{"id":"evt_1"}"#.to_vec()),
             "INVALID_EVENT",
         ),
+        (
+            // Standing a delivery's signature timestamp in for it would make the outcome
+            // depend on which attempt committed.
+            "no created",
+            signed(
+                SECRET,
+                br#"{"id":"evt_1","type":"invoice.paid","data":{"object":{"customer":"cus_y"}}}"#
+                    .to_vec(),
+            ),
+            "INVALID_EVENT",
+        ),
     ];
     for (name, request, reason) in cases {
         let status = send(&sidecar, request).await.expect_err(name);
         assert_eq!(error_reason(&status), reason, "{name}: {status:?}");
         let problem = problem(&status);
+        if name == "no created" {
+            assert!(
+                problem.detail.contains("no `created`"),
+                "{}",
+                problem.detail
+            );
+        }
         assert_eq!(problem.status, 400, "{name}");
         assert!(problem.r#type.starts_with("https://"), "{name}");
         assert!(

@@ -124,6 +124,7 @@ pub fn park(
             actor: delivery.actor.to_owned(),
             reason: delivery.reason.map(str::to_owned),
             parked_at_ms: now_ms,
+            rank: event.order().rank,
         })?;
         return Ok(Parking::Parked { at_ms: now_ms });
     };
@@ -141,8 +142,10 @@ pub fn park(
 
 /// Applies the parked events of `customer`, which just got a tenant, and deletes them: in
 /// event order, each through the webhook path (its own dedup record, flags and audit record),
-/// in the caller's transaction. `except` is the event whose own delivery mapped the customer:
-/// it is being applied already. Returns how many were applied.
+/// in the caller's transaction. The store gives the order, and each event is read, applied and
+/// deleted before the next is read: memory holds one payload, not all of a customer's.
+/// `except` is the event whose own delivery mapped the customer: it is being applied already.
+/// Returns how many were applied.
 pub fn apply_parked(
     tx: &mut dyn StoreTx,
     rules: &Rules,
@@ -151,8 +154,13 @@ pub fn apply_parked(
     except: Option<&str>,
     now_ms: i64,
 ) -> Result<u64, Error> {
-    let mut events = Vec::new();
-    for parked in tx.take_parked(customer)? {
+    let mut applied = 0;
+    // The final flags do not depend on this order; the audit trail reads best in event order.
+    for event_id in tx.parked_ids(customer)? {
+        // Gone since the ids were read only if an earlier event's path deleted it.
+        let Some(parked) = tx.take_parked_event(&event_id)? else {
+            continue;
+        };
         if except == Some(parked.event_id.as_str()) {
             continue;
         }
@@ -160,16 +168,14 @@ pub fn apply_parked(
             audit_dropped(tx, &parked, "expired", &expired_reason(), now_ms)?;
             continue;
         }
-        match StripeEvent::parse(&parked.payload, parked.signed_at) {
-            Ok(event) => events.push((event, parked)),
+        let event = match StripeEvent::parse(&parked.payload, parked.signed_at) {
+            Ok(event) => event,
             // Parsed once already; only a stricter parser after an upgrade gets here.
-            Err(e) => audit_dropped(tx, &parked, "dropped", &e.to_string(), now_ms)?,
-        }
-    }
-    // The final flags do not depend on this order; the audit trail reads best in event order.
-    events.sort_by_cached_key(|(event, _)| event.order());
-    let mut applied = 0;
-    for (event, parked) in &events {
+            Err(e) => {
+                audit_dropped(tx, &parked, "dropped", &e.to_string(), now_ms)?;
+                continue;
+            }
+        };
         let delivery = Delivery {
             actor: &parked.actor,
             reason: parked.reason.as_deref(),
@@ -178,7 +184,7 @@ pub fn apply_parked(
             tx,
             rules,
             limits,
-            event,
+            &event,
             &delivery,
             parked.parked_at_ms,
             now_ms,

@@ -25,7 +25,7 @@ macro_rules! audit_columns {
 /// [`Statement::ParkEvent`] binds them.
 macro_rules! parked_columns {
     () => {
-        "event_id, event_type, customer_id, created, signed_at, payload, actor, reason, parked_at_ms"
+        "event_id, event_type, customer_id, created, signed_at, payload, actor, reason, parked_at_ms, rank"
     };
 }
 
@@ -85,8 +85,11 @@ pub(crate) enum Statement {
     CountParkedOfCustomer,
     /// The parked columns: parks the event unless it is parked already.
     ParkEvent,
-    /// customer_id → the parked columns of every event of the customer, deleted.
-    TakeParked,
+    /// customer_id → the ids of the customer's parked events in event order (`created`, tie
+    /// rank, event id in byte order): the order [`crate::stripe::EventOrder`] compares by.
+    ParkedIdsOfCustomer,
+    /// event_id → the parked columns of that event, deleted.
+    TakeParkedEvent,
     /// before_ms, limit → the parked columns of up to `limit` events parked before
     /// `before_ms`, oldest first, deleted.
     ExpireParked,

@@ -163,6 +163,9 @@ pub struct ParkedEvent {
     pub reason: Option<String>,
     /// When the event was first parked; redeliveries do not move it.
     pub parked_at_ms: i64,
+    /// The event's tie rank ([`crate::stripe::EventOrder::rank`]): with `created` and the id,
+    /// the order its customer's parked events are applied in, read from the store.
+    pub rank: i64,
 }
 
 /// What the store knows about a customer's tenant.
@@ -225,8 +228,11 @@ pub trait StoreTx {
     fn count_parked(&mut self, customer_id: Option<&str>, up_to: u64) -> Result<u64, StoreError>;
     /// Parks the event; an event parked already keeps its first row.
     fn park_event(&mut self, event: &ParkedEvent) -> Result<(), StoreError>;
-    /// Deletes and returns every parked event of the customer, in no particular order.
-    fn take_parked(&mut self, customer_id: &str) -> Result<Vec<ParkedEvent>, StoreError>;
+    /// The ids of the customer's parked events, in event order; only ids, so that applying
+    /// them holds one payload in memory at a time.
+    fn parked_ids(&mut self, customer_id: &str) -> Result<Vec<String>, StoreError>;
+    /// Deletes and returns the parked event, if it is (still) parked.
+    fn take_parked_event(&mut self, event_id: &str) -> Result<Option<ParkedEvent>, StoreError>;
     /// Deletes and returns up to `limit` events parked before `before_ms`, oldest first.
     fn expire_parked(&mut self, before_ms: i64, limit: u64)
     -> Result<Vec<ParkedEvent>, StoreError>;

@@ -63,6 +63,7 @@ fn parked_from_row(row: &dyn Row) -> Result<ParkedEvent, StoreError> {
         actor: row.text(6)?,
         reason: row.opt_text(7)?,
         parked_at_ms: row.int(8)?,
+        rank: row.int(9)?,
     })
 }
 
@@ -299,16 +300,27 @@ impl StoreTx for Tx<'_> {
                 Param::Text(&event.actor),
                 Param::OptText(event.reason.as_deref()),
                 Param::Int(event.parked_at_ms),
+                Param::Int(event.rank),
             ],
         )
     }
 
-    fn take_parked(&mut self, customer_id: &str) -> Result<Vec<ParkedEvent>, StoreError> {
+    fn parked_ids(&mut self, customer_id: &str) -> Result<Vec<String>, StoreError> {
         let (sql, _) = self.for_write()?;
         query_all(
             sql,
-            Statement::TakeParked,
+            Statement::ParkedIdsOfCustomer,
             &[Param::Text(customer_id)],
+            |row| row.text(0),
+        )
+    }
+
+    fn take_parked_event(&mut self, event_id: &str) -> Result<Option<ParkedEvent>, StoreError> {
+        let (sql, _) = self.for_write()?;
+        query_opt(
+            sql,
+            Statement::TakeParkedEvent,
+            &[Param::Text(event_id)],
             parked_from_row,
         )
     }

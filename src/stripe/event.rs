@@ -92,25 +92,23 @@ impl std::fmt::Debug for Payload {
 }
 
 impl StripeEvent {
-    /// Parses a payload whose signature was already verified. `signed_at` stands in for a
-    /// missing `created`, since the signature timestamp is the next best ordering Stripe gives.
+    /// Parses a payload whose signature was already verified; `created` may not lie after
+    /// `signed_at` (give or take [`MAX_CREATED_AHEAD_S`]).
     pub fn parse(payload: &[u8], signed_at: i64) -> Result<Self, Error> {
-        Self::parse_checked(payload, Some(signed_at), Latest::Signed(signed_at))
+        Self::parse_checked(payload, Latest::Signed(signed_at))
     }
 
     /// Parses an event exported from Stripe (List Events) for a replay: no signature vouches
-    /// for it, so `created` is required (standing in "now" for it would let an old event win
-    /// over every newer one) and may not lie after `now_s` (give or take the same margin). An
-    /// old `created` is what an export holds.
+    /// for it, so `created` may not lie after `now_s` (give or take the same margin). An old
+    /// `created` is what an export holds.
     pub fn parse_exported(payload: &[u8], now_s: i64) -> Result<Self, Error> {
-        Self::parse_checked(payload, None, Latest::Now(now_s))
+        Self::parse_checked(payload, Latest::Now(now_s))
     }
 
-    fn parse_checked(
-        payload: &[u8],
-        missing_created: Option<i64>,
-        latest: Latest,
-    ) -> Result<Self, Error> {
+    /// `created` is required on every path: Stripe always sends it, and anything standing in
+    /// for it (a delivery's signature timestamp, the replay's clock) differs between attempts
+    /// at the same event, so which attempt committed would decide the final flags.
+    fn parse_checked(payload: &[u8], latest: Latest) -> Result<Self, Error> {
         let value: Value = serde_json::from_slice(payload)
             .map_err(|e| Error::NotAStripeEvent(format!("the body is not JSON ({e})")))?;
         let Value::Object(mut event) = value else {
@@ -120,14 +118,13 @@ impl StripeEvent {
         };
         let id = required_string(&event, "id")?;
         let event_type = required_string(&event, "type")?;
-        let created = match (event.get("created"), missing_created) {
-            (None | Some(Value::Null), Some(stand_in)) => stand_in,
-            (None | Some(Value::Null), None) => {
+        let created = match event.get("created") {
+            None | Some(Value::Null) => {
                 return Err(Error::NotAStripeEvent(
-                    "no `created` in the event; an exported event always has one".into(),
+                    "no `created` in the event; Stripe always sends one".into(),
                 ));
             }
-            (Some(v), _) => plausible_created(v, latest)?,
+            Some(v) => plausible_created(v, latest)?,
         };
         let livemode = event
             .get("livemode")
@@ -429,7 +426,7 @@ mod tests {
     #[test]
     fn parsing_the_kept_payload_again_gives_the_same_event() {
         let body =
-            br#"{"id":"evt_1","type":"invoice.paid","data":{"object":{"customer":"cus_1"}}}"#;
+            br#"{"id":"evt_1","type":"invoice.paid","created":1699999999,"data":{"object":{"customer":"cus_1"}}}"#;
         let event = StripeEvent::parse(body, 1_700_000_000).expect("valid");
         assert_eq!(event.payload.bytes(), body);
         let again = StripeEvent::parse(event.payload.bytes(), event.signed_at).expect("valid");
@@ -456,9 +453,21 @@ mod tests {
     }
 
     #[test]
-    fn missing_created_falls_back_to_the_signature_time() {
-        let event = StripeEvent::parse(br#"{"id":"evt_1","type":"x"}"#, 77).expect("valid");
-        assert_eq!(event.created, 77);
+    fn every_event_needs_created() {
+        for body in [
+            &br#"{"id":"evt_1","type":"x"}"#[..],
+            br#"{"id":"evt_1","type":"x","created":null}"#,
+        ] {
+            for parsed in [
+                StripeEvent::parse(body, 77),
+                StripeEvent::parse_exported(body, 77),
+            ] {
+                assert!(
+                    matches!(parsed, Err(Error::NotAStripeEvent(ref m)) if m == "no `created` in the event; Stripe always sends one"),
+                    "{parsed:?}"
+                );
+            }
+        }
     }
 
     fn order_of(id: &str, event_type: &str, status: Option<&str>, previous: bool) -> EventOrder {
@@ -559,10 +568,10 @@ mod tests {
 
     #[test]
     fn deleted_subscriptions_are_canceled_whatever_the_object_says() {
-        let body = br#"{"id":"evt_1","type":"customer.subscription.deleted","data":{"object":{"status":"active"}}}"#;
+        let body = br#"{"id":"evt_1","type":"customer.subscription.deleted","created":0,"data":{"object":{"status":"active"}}}"#;
         let event = StripeEvent::parse(body, 0).expect("valid");
         assert_eq!(event.subscription_status(), Some("canceled"));
-        let body = br#"{"id":"evt_1","type":"invoice.paid","data":{"object":{"status":"paid"}}}"#;
+        let body = br#"{"id":"evt_1","type":"invoice.paid","created":0,"data":{"object":{"status":"paid"}}}"#;
         let event = StripeEvent::parse(body, 0).expect("valid");
         assert_eq!(event.subscription_status(), None);
     }

@@ -9,7 +9,7 @@ pub mod parking;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use coresdk::proto::{
@@ -54,6 +54,22 @@ impl Default for Options {
 
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_coresdk")
+}
+
+/// Runs `coresdk ARGS…` to its end with only `envs` (and `CORESDK_LOG=error`), in `cwd` when
+/// given, with no standard input: a command as a user types it.
+pub fn run_coresdk(cwd: Option<&Path>, args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(binary());
+    command
+        .args(args)
+        .env_clear()
+        .env("CORESDK_LOG", "error")
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null());
+    if let Some(cwd) = cwd {
+        command.current_dir(cwd);
+    }
+    command.output().expect("the binary runs")
 }
 
 /// Starts `coresdk serve --listen 127.0.0.1:0 ARGS…` with only `envs` and returns it with the
@@ -251,6 +267,18 @@ pub fn event(id: &str, event_type: &str, created: i64, object: serde_json::Value
     })
     .to_string()
     .into_bytes()
+}
+
+/// Stripe's delivery of `body`, signed with [`SECRET`].
+pub async fn deliver(
+    sidecar: &Sidecar,
+    body: Vec<u8>,
+) -> Result<coresdk::proto::HandleStripeWebhookResponse, tonic::Status> {
+    sidecar
+        .webhooks()
+        .handle_stripe_webhook(signed(SECRET, body))
+        .await
+        .map(|r| r.into_inner())
 }
 
 pub fn signed(secret: &str, body: Vec<u8>) -> coresdk::proto::HandleStripeWebhookRequest {

@@ -1,19 +1,8 @@
 //! Helpers of the parking tests (events of customers not mapped yet), on both backends.
 use serde_json::{Map, Value, json};
 
-use super::{SECRET, Sidecar, event, signed};
-use coresdk::proto::{HandleStripeWebhookResponse, QueryAuditRequest, WebhookOutcome};
-
-pub async fn deliver(
-    sidecar: &Sidecar,
-    body: Vec<u8>,
-) -> Result<HandleStripeWebhookResponse, tonic::Status> {
-    sidecar
-        .webhooks()
-        .handle_stripe_webhook(signed(SECRET, body))
-        .await
-        .map(|r| r.into_inner())
-}
+use super::{Sidecar, deliver, event};
+use coresdk::proto::WebhookOutcome;
 
 /// An `invoice.paid` or `invoice.payment_failed` (or any type) of `customer`.
 pub fn invoice(id: &str, event_type: &str, created: i64, customer: &str) -> Vec<u8> {
@@ -60,18 +49,10 @@ impl Record {
     }
 }
 
-/// Every audit record, oldest first (the tests write far fewer than a page).
+/// Every audit record, oldest first.
 pub async fn records(sidecar: &Sidecar) -> Vec<Record> {
-    sidecar
-        .audit()
-        .query(QueryAuditRequest {
-            page_size: 1000,
-            ..Default::default()
-        })
+    super::abuse::audit_records(sidecar, "")
         .await
-        .expect("Query")
-        .into_inner()
-        .records
         .into_iter()
         .map(|r| Record {
             event: r.event,
@@ -94,4 +75,40 @@ pub async fn records_of(sidecar: &Sidecar, event_id: &str) -> Vec<Record> {
         .into_iter()
         .filter(|r| r.event_id() == event_id)
         .collect()
+}
+
+/// Parks events of one customer whose event order (`created`, then the tie rank, then the id's
+/// bytes) differs from their delivery order and from a locale's order of their ids, maps the
+/// customer, and checks that they were applied in event order.
+pub async fn parked_events_apply_in_event_order(sidecar: &Sidecar, mapper: &Sidecar) {
+    let t = super::now() - 60;
+    let subscription = |id: &str, event_type: &str, status: &str| {
+        event(
+            id,
+            event_type,
+            t,
+            json!({"object": "subscription", "customer": "cus_order", "status": status,
+                   "items": {"data": [{"price": {"lookup_key": "pro_monthly"}}]}}),
+        )
+    };
+    // Delivered newest first. The two invoices tie but for their ids: "evt_Z" < "evt_a" in
+    // bytes, the other way round in most locales.
+    let delivered = [
+        invoice("evt_late", "invoice.paid", t + 1, "cus_order"),
+        subscription("evt_B", "customer.subscription.deleted", "canceled"),
+        invoice("evt_a", "invoice.payment_failed", t, "cus_order"),
+        invoice("evt_Z", "invoice.paid", t, "cus_order"),
+        subscription("evt_z", "customer.subscription.created", "active"),
+    ];
+    for body in delivered {
+        refused(sidecar, body).await;
+    }
+    super::audit::map(mapper, "cus_order", "orderco").await;
+    let applied: Vec<String> = records(mapper)
+        .await
+        .into_iter()
+        .filter(|r| r.tenant == "orderco" && r.event.starts_with("billing."))
+        .map(|r| r.event_id().to_owned())
+        .collect();
+    assert_eq!(applied, ["evt_z", "evt_Z", "evt_a", "evt_B", "evt_late"]);
 }

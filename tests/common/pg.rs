@@ -36,6 +36,20 @@ pub fn server_url() -> String {
 
 /// A new, empty database on the test server, so tests never share state.
 pub async fn fresh_database(server: String) -> String {
+    fresh_database_with(server, "").await
+}
+
+/// [`fresh_database`] whose text sorts by the rules of an English-speaking locale (ICU
+/// `en-US`: "evt_a" < "evt_B"), not byte by byte as under the test server's C locale.
+pub async fn fresh_locale_sorted_database(server: String) -> String {
+    fresh_database_with(
+        server,
+        " TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'",
+    )
+    .await
+}
+
+async fn fresh_database_with(server: String, options: &'static str) -> String {
     tokio::task::spawn_blocking(move || {
         let name = format!(
             "coresdk_{}_{}",
@@ -48,7 +62,7 @@ pub async fn fresh_database(server: String) -> String {
         let mut admin = postgres::Client::connect(&server, postgres::NoTls)
             .expect("the test PostgreSQL is reachable");
         admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .batch_execute(&format!("CREATE DATABASE {name}{options}"))
             .expect("create database");
         let (base, _) = server.rsplit_once('/').expect("a database in the URL");
         format!("{base}/{name}")

@@ -47,6 +47,21 @@ def test_an_event_created_in_the_far_future_is_refused_and_does_not_block_later_
     assert sdk.is_enabled("initech", "pro_features")
 
 
+@pytest.mark.parametrize("created", [None, "yesterday", 1.5, True])
+def test_an_event_without_an_integer_created_is_refused(sdk, created):
+    # A stand-in such as the signature time would differ between delivery attempts of the event.
+    event = json.loads(stripe_event("invoice.paid", "cus_acme_001"))
+    if created is None:
+        del event["created"]
+    else:
+        event["created"] = created
+    with pytest.raises(ProblemError) as caught:
+        deliver(sdk, json.dumps(event).encode())
+    assert (caught.value.status, caught.value.problem.reason) == (400, "INVALID_EVENT")
+    assert "`created`" in caught.value.problem.detail
+    assert not sdk.is_enabled("acme-corp", "pro_features")
+
+
 @pytest.mark.parametrize(
     "header, reason",
     [
@@ -131,6 +146,74 @@ def test_unknown_customer_is_422_until_mapped(sdk):
     sdk.map_customer("cus_nobody", "nobody-inc", actor="ops")
     assert sdk.resolve_customer("cus_nobody") == "nobody-inc"
     assert deliver(sdk, body).tenant_id == "nobody-inc"
+
+
+def test_a_parked_event_applies_on_mapping_in_event_order_and_its_retry_is_a_duplicate(sdk):
+    now = int(time.time())
+    # Delivered newest first: the payment after the failure must win.
+    paid = stripe_event("invoice.paid", "cus_parked_1", created=now - 10, event_id="evt_parked_paid")
+    failed = stripe_event("invoice.payment_failed", "cus_parked_1", created=now - 30, event_id="evt_parked_failed")
+    for body in (paid, failed, paid):
+        with pytest.raises(ProblemError) as caught:
+            deliver(sdk, body)
+        assert (caught.value.status, caught.value.problem.reason) == (422, "UNKNOWN_CUSTOMER")
+    refusals = [r for r in sdk.audit_query(event_prefix="billing.invoice.paid") if r.metadata.get("event_id") == "evt_parked_paid"]
+    assert [(r.outcome, r.metadata.get("parked")) for r in refusals] == [("rejected", True)] * 2
+    # Stripe's retry finds it parked already: one row, its first time.
+    assert refusals[0].metadata["parked_at_ms"] == refusals[1].metadata["parked_at_ms"]
+
+    sdk.map_customer("cus_parked_1", "parkco", actor="ops")
+    # Current in the store when the mapping answers (the client's cache follows a moment later).
+    assert sdk.explain_flag("parkco", "pro_features").flag.value is True
+    assert sdk.explain_flag("parkco", "paywall_active").flag.value is False
+    mapped = sdk.audit_query(tenant_id="parkco", event_prefix="tenant.customer_mapped")
+    assert [r.metadata.get("parked_events") for r in mapped] == [2]
+    applied = [r for r in sdk.audit_query(tenant_id="parkco") if r.event.startswith("billing.")]
+    assert [(r.metadata["event_id"], r.outcome, r.actor, "parked_at_ms" in r.metadata) for r in applied] == [
+        ("evt_parked_failed", "applied", "stripe-webhook", True),
+        ("evt_parked_paid", "applied", "stripe-webhook", True),
+    ]
+    assert deliver(sdk, paid).outcome == "duplicate"
+    assert deliver(sdk, failed).outcome == "duplicate"
+
+
+def test_a_checkout_applies_the_parked_events_of_the_customer_it_maps(sdk):
+    paid = stripe_event("invoice.paid", "cus_parked_2", event_id="evt_parked_2")
+    with pytest.raises(ProblemError):
+        deliver(sdk, paid)
+    checkout = deliver(sdk, stripe_event("checkout.session.completed", "cus_parked_2", client_reference_id="checkoutco"))
+    assert checkout.tenant_id == "checkoutco"
+    assert sdk.explain_flag("checkoutco", "pro_features").flag.value is True
+    records = [r for r in sdk.audit_query(tenant_id="checkoutco") if r.event.startswith("billing.")]
+    assert [r.event for r in records] == ["billing.invoice.paid", "billing.checkout.session.completed"]
+    assert records[1].metadata.get("parked_events_applied") == 1
+    assert deliver(sdk, paid).outcome == "duplicate"
+
+
+@pytest.fixture(params=["mock", "sidecar"])
+def one_parked_per_customer(request, tmp_path):
+    extra = {"CORESDK_MAX_PARKED_EVENTS_PER_CUSTOMER": "1"}
+    if request.param == "mock":
+        yield MockSidecar(Settings(use_mock=True), env={**ENV, **extra})
+        return
+    process = Sidecar(tmp_path, extra_env=extra)
+    process.start()
+    client = client_for(process)
+    yield client
+    client.close()
+    process.stop()
+
+
+def test_over_the_per_customer_cap_an_event_is_refused_and_not_parked(one_parked_per_customer):
+    sdk = one_parked_per_customer
+    for n in (1, 2):
+        with pytest.raises(ProblemError) as caught:
+            deliver(sdk, stripe_event("invoice.paid", "cus_capped", event_id=f"evt_capped_{n}"))
+        assert caught.value.status == 422
+    records = {r.metadata["event_id"]: r.metadata for r in sdk.audit_query(event_prefix="billing.invoice.paid")}
+    assert records["evt_capped_1"]["parked"] is True
+    assert records["evt_capped_2"]["parked"] is False
+    assert "CORESDK_MAX_PARKED_EVENTS_PER_CUSTOMER" in records["evt_capped_2"]["not_parked"]
 
 
 def test_a_checkout_maps_only_unmapped_customers(sdk):

@@ -26,7 +26,7 @@ def test_committed_stubs_are_current(tmp_path: Path):
 
 
 def test_coresdk_stripe_sign_is_accepted_by_stripes_library():
-    body = '{"id":"evt_sign_1","object":"event","type":"invoice.paid"}'
+    body = '{"id":"evt_sign_1","object":"event","type":"invoice.paid","created":1700000000}'
     header = subprocess.run(
         [str(binary()), "stripe", "sign", "--secret", "whsec_cli"], input=body, capture_output=True, text=True, check=True
     ).stdout.strip()

@@ -80,6 +80,7 @@ async fn a_parked_checkout_that_maps_its_customer_is_applied_once() {
         actor: WEBHOOK_ACTOR.into(),
         reason: None,
         parked_at_ms: NOW_MS,
+        rank: checkout.order().rank,
     };
     fx.store
         .write(move |tx| Ok(tx.park_event(&parked)?))

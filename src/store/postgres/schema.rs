@@ -56,7 +56,8 @@ const MIGRATION_2: &str = "ALTER TABLE customers ADD COLUMN IF NOT EXISTS unmapp
 /// from before compare as rank 0 and empty id, below any event of the same second. Billing
 /// objects whose events replace one another as a whole (each subscription, the entitlement
 /// summary) keep the order of the newest one applied and the state it left (JSON, see
-/// `ops::objects`); `kind` lists a tenant's subscriptions. Event ids are compared in Rust (byte order), never in SQL, so the
+/// `ops::objects`); `kind` lists a tenant's subscriptions. Event ids are compared in Rust (byte
+/// order), or in SQL under `COLLATE "C"` (byte order too: a customer's parked events), so the
 /// database collation does not matter.
 const MIGRATION_3: &str = "
 CREATE TABLE IF NOT EXISTS parked_events (
@@ -68,9 +69,11 @@ CREATE TABLE IF NOT EXISTS parked_events (
     payload BYTEA NOT NULL,
     actor TEXT NOT NULL,
     reason TEXT,
-    parked_at_ms BIGINT NOT NULL
+    parked_at_ms BIGINT NOT NULL,
+    rank BIGINT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS parked_events_by_customer ON parked_events (customer_id);
+CREATE INDEX IF NOT EXISTS parked_events_by_customer
+    ON parked_events (customer_id, created, rank, event_id COLLATE \"C\");
 CREATE INDEX IF NOT EXISTS parked_events_by_age ON parked_events (parked_at_ms);
 ALTER TABLE flags ADD COLUMN IF NOT EXISTS event_rank BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE flags ADD COLUMN IF NOT EXISTS order_event_id TEXT NOT NULL DEFAULT '';

@@ -112,10 +112,14 @@ pub(super) fn text(statement: Statement) -> &'static str {
         Statement::ParkEvent => concat!(
             "INSERT INTO parked_events (",
             parked_columns!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (event_id) DO NOTHING"
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (event_id) DO NOTHING"
         ),
-        Statement::TakeParked => concat!(
-            "DELETE FROM parked_events WHERE customer_id = $1 RETURNING ",
+        Statement::ParkedIdsOfCustomer => {
+            "SELECT event_id FROM parked_events WHERE customer_id = $1
+               ORDER BY created, rank, event_id COLLATE \"C\""
+        }
+        Statement::TakeParkedEvent => concat!(
+            "DELETE FROM parked_events WHERE event_id = $1 RETURNING ",
             parked_columns!()
         ),
         Statement::ExpireParked => concat!(

@@ -65,9 +65,10 @@ CREATE TABLE parked_events (
     payload BLOB NOT NULL,
     actor TEXT NOT NULL,
     reason TEXT,
-    parked_at_ms INTEGER NOT NULL
+    parked_at_ms INTEGER NOT NULL,
+    rank INTEGER NOT NULL
 );
-CREATE INDEX parked_events_by_customer ON parked_events (customer_id);
+CREATE INDEX parked_events_by_customer ON parked_events (customer_id, created, rank, event_id);
 CREATE INDEX parked_events_by_age ON parked_events (parked_at_ms);
 ALTER TABLE flags ADD COLUMN event_rank INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE flags ADD COLUMN order_event_id TEXT NOT NULL DEFAULT '';

@@ -4,8 +4,10 @@ the same rules file (`default_rules.toml` is the sidecar's `rules/default.toml`)
 STALE / IGNORED, the seeded SecurePay tenants, the same 401/402/403 problems, and an audit list
 with a hash chain. The shared test suite runs against both so they cannot drift apart.
 
-Differences, by design: state lives in memory only; tokens are verified for HS256/384/512
-(`CORESDK_JWT_SECRET`) only.
+Events of customers with no tenant are parked with the sidecar's bounds and applied when the
+customer is mapped. Differences, by design: state lives in memory only (so parked events never
+reach the sidecar's 30-day expiry); tokens are verified for HS256/384/512 (`CORESDK_JWT_SECRET`)
+only.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import os
 import re
 import threading
@@ -56,6 +59,9 @@ MAX_CREATED_AHEAD_S = 300
 # The sidecar's CORESDK_DENY_AUDIT_WINDOW_S default.
 DENY_AUDIT_WINDOW_S = 60
 MAX_BODY = 1024 * 1024
+# The sidecar's parking bounds (CORESDK_MAX_PARKED_EVENTS, CORESDK_MAX_PARKED_EVENTS_PER_CUSTOMER).
+MAX_PARKED_EVENTS = 10_000
+MAX_PARKED_EVENTS_PER_CUSTOMER = 100
 
 
 def _quoted(text: str, limit: int = 64) -> str:
@@ -82,6 +88,16 @@ class _Flag:
     origin: str
     updated_by: str
     source_event_id: str = ""
+
+
+@dataclass
+class _Parked:
+    """A refused event of a customer with no tenant, kept until the customer is mapped."""
+    event: dict[str, Any]
+    customer: str
+    actor: str
+    reason: str
+    parked_at_ms: int
 
 
 # Stripe's subscription statuses in lifecycle order; the two terminal ones share a place.
@@ -129,6 +145,88 @@ def _standing(status: Optional[str]) -> int:
     return {"active": 3, "trialing": 3, "past_due": 2, "unpaid": 2, "incomplete": 2, "paused": 1}.get(status or "", 0)
 
 
+class RulesError(ValueError):
+    """A rules file the sidecar would refuse to start with; the message is the sidecar's."""
+
+
+_RULE_KEYS = {"name", "events", "status", "plans", "set", "else", "entitlements"}
+
+
+def _parse_rules(text: str) -> tuple[dict[str, FlagValue], list[dict[str, Any]]]:
+    """The sidecar's Rules::parse (src/rules.rs): the same checks, so a file the sidecar refuses
+    is refused here too instead of behaving differently; the same messages, except that TOML
+    syntax errors and unknown keys are worded by the parser (both name the offending key)."""
+    def invalid(problem: str) -> RulesError:
+        return RulesError(f"invalid rules: {problem}")
+
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise invalid(str(e)) from None
+    for unknown in sorted(set(document) - {"flags", "rule"}):
+        raise invalid(f"unknown field `{unknown}`, expected `flags` or `rule`")
+    flags, specs = document.get("flags", {}), document.get("rule", [])
+    if not isinstance(flags, dict) or not isinstance(specs, list) or not all(isinstance(r, dict) for r in specs):
+        raise invalid("`flags` must be a table and `rule` an array of tables ([[rule]])")
+    catalog: dict[str, FlagValue] = {}
+    for key, value in flags.items():
+        if not FLAG_KEY.match(key):
+            raise invalid(f"flag key '{key}' must be 1-128 characters of letters, digits, _ - . :")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise invalid("flag numbers must be finite")
+        catalog[key] = value
+    rules: list[dict[str, Any]] = []
+    names: set[str] = set()
+    for n, spec in enumerate(specs, start=1):
+        name = spec.get("name")
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise invalid(f"rule {n} has an empty `name`")
+        label = f"rule {n} ('{name}')" if name is not None else f"rule {n}"
+
+        def bad(problem: str) -> RulesError:
+            return invalid(f"{label} {problem}")
+
+        for unknown in sorted(set(spec) - _RULE_KEYS):
+            raise bad(f"has an unknown field `{unknown}`, expected one of {', '.join(sorted(_RULE_KEYS))}")
+        events, plans = spec.get("events", []), spec.get("plans", [])
+        to_set, otherwise = spec.get("set", {}), spec.get("else", {})
+        entitlements, status = spec.get("entitlements", False), spec.get("status")
+        if not isinstance(events, list) or not events or not all(isinstance(e, str) and e for e in events):
+            raise bad("needs a non-empty `events` list")
+        if not isinstance(plans, list) or not all(isinstance(p, str) for p in plans) or not isinstance(entitlements, bool) or not isinstance(to_set, dict) or not isinstance(otherwise, dict):
+            raise bad("has a field of the wrong type (`plans`: strings, `set`/`else`: tables, `entitlements`: a boolean)")
+        if entitlements == bool(to_set):
+            raise bad("needs exactly one of `set` or `entitlements = true`")
+        for plan in plans:
+            # As the sidecar: plan names are matched word by word, so an entry that is not one word never matches.
+            if not plan or not plan.isalnum():
+                raise bad(f"lists plan '{plan}', which can never match: each `plans` entry is one word (letters and digits) of a price lookup_key or nickname, e.g. \"pro\" matches \"Pro Monthly\" and \"pro_annual\"")
+        if otherwise and (not plans or entitlements):
+            raise bad("has an `else`, which only a `set` rule with `plans` can have: it is what the rule sets when the plan does not match")
+        if status is not None:
+            if not isinstance(status, list) or not all(isinstance(x, str) for x in status):
+                raise bad("has a `status` that is not a list of strings")
+            if not status:
+                raise bad("has an empty `status` list, which no event matches; leave it out to match any status")
+            for unknown in status:
+                if unknown not in SUBSCRIPTION_STATUSES:
+                    raise bad(f"names status '{unknown}', which is not one of Stripe's subscription statuses ({', '.join(SUBSCRIPTION_STATUSES)})")
+            for other in events:
+                if not other.startswith("customer.subscription."):
+                    raise bad(f"has a `status` condition but lists '{other}': only customer.subscription.* events carry a subscription status")
+        for key, value in [*to_set.items(), *otherwise.items()]:
+            if key not in catalog:
+                raise bad(f"sets flag '{key}', which [flags] does not define")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise invalid("flag numbers must be finite")
+        name = name if name is not None else f"rule {n}"
+        if name in names:
+            raise invalid(f"two rules are named '{name}'; `flags explain` tells rules apart by name")
+        names.add(name)
+        rules.append(spec)
+    return catalog, rules
+
+
 class MockSidecar(BaseSDK):
     def __init__(self, settings: Optional[Settings] = None, env: Optional[Mapping[str, str]] = None):
         self.settings = settings or Settings.from_env(env)
@@ -140,18 +238,20 @@ class MockSidecar(BaseSDK):
         self._jwt_audience = [a.strip() for a in env.get("CORESDK_JWT_AUDIENCE", "").split(",") if a.strip()]
         self._tenant_claim = env.get("CORESDK_JWT_TENANT_CLAIM", "tenant_id")
         self._audit_window_s = float(env.get("CORESDK_DENY_AUDIT_WINDOW_S") or DENY_AUDIT_WINDOW_S)
+        self._max_parked = int(env.get("CORESDK_MAX_PARKED_EVENTS") or MAX_PARKED_EVENTS)
+        self._max_parked_per_customer = int(env.get("CORESDK_MAX_PARKED_EVENTS_PER_CUSTOMER") or MAX_PARKED_EVENTS_PER_CUSTOMER)
         self._base = env.get("CORESDK_PROBLEM_TYPE_BASE", self.settings.problem_type_base)
         self._billing_url = env.get("CORESDK_BILLING_URL")
         self._upgrade_url = env.get("CORESDK_UPGRADE_URL")
         rules_file = env.get("CORESDK_RULES_FILE")
         text = open(rules_file, encoding="utf-8").read() if rules_file else resources.files("coresdk").joinpath("default_rules.toml").read_text("utf-8")
-        rules = tomllib.loads(text)
-        self._catalog: dict[str, FlagValue] = dict(rules.get("flags", {}))
-        self._rules: list[dict[str, Any]] = rules.get("rule", [])
+        self._catalog, self._rules = _parse_rules(text)
         self._lock = threading.RLock()
         self._customers = dict(MOCK_TENANTS)
         self._flags: dict[tuple[str, str], _Flag] = {}
         self._processed: dict[str, tuple[str, str, int]] = {}
+        # Events of customers with no tenant, by event id (see _park).
+        self._parked: dict[str, _Parked] = {}
         # The newest entitlement summary applied, per tenant.
         # The sidecar's billing objects (src/ops/objects.rs): (tenant, "subscription:<id>" or
         # "entitlements") -> (the newest event's order, the state it left).
@@ -324,13 +424,25 @@ class MockSidecar(BaseSDK):
     def _not_an_event(self, detail: str) -> ProblemError:
         return ProblemError(_problem(self._base, "invalid-event", "Not a Stripe event", 400, detail, "INVALID_EVENT"))
 
-    def _parse_event(self, payload: bytes) -> dict[str, Any]:
+    def _parse_event(self, payload: bytes, latest: int, after_what: str) -> dict[str, Any]:
+        """The sidecar's StripeEvent::parse: `created` is required (Stripe always sends it; any
+        stand-in would differ between delivery attempts) and may not lie more than
+        MAX_CREATED_AHEAD_S after `latest` (the signature time, or now for an export)."""
         try:
             event = json.loads(payload)
         except ValueError:
             event = None
         if not isinstance(event, dict) or not isinstance(event.get("id"), str) or not event["id"] or not isinstance(event.get("type"), str) or not event["type"]:
             raise self._not_an_event("the verified payload is not a Stripe event")
+        created = event.get("created")
+        if created is None:
+            raise self._not_an_event("no `created` in the event; Stripe always sends one")
+        if not isinstance(created, int) or isinstance(created, bool):
+            raise self._not_an_event("`created` is not an integer timestamp")
+        if created < 0:
+            raise self._not_an_event(f"`created` ({created}) is before 1970")
+        if created > latest + MAX_CREATED_AHEAD_S:
+            raise self._not_an_event(f"`created` ({created}) is more than {MAX_CREATED_AHEAD_S} s after {after_what} ({latest})")
         return event
 
     def handle_stripe_webhook(self, payload: bytes, signature_header: str) -> WebhookResult:
@@ -338,12 +450,7 @@ class MockSidecar(BaseSDK):
             raise self._refuse(self._too_large(len(payload)), len(payload))
         try:
             signed_at = self._verify_signature(payload, signature_header)
-            event = self._parse_event(payload)
-            created = event.get("created")
-            # As the sidecar: Stripe signs an event after creating it, so a `created` far past the
-            # signature time (or before 1970) is not a real event's and would make later ones stale.
-            if isinstance(created, int) and not 0 <= created <= signed_at + MAX_CREATED_AHEAD_S:
-                raise ProblemError(_problem(self._base, "invalid-event", "Not a Stripe event", 400, f"`created` ({created}) is not a plausible event time", "INVALID_EVENT"))
+            event = self._parse_event(payload, signed_at, "the signature timestamp; Stripe signs events after creating them")
         except ProblemError as e:
             raise self._refuse(e, len(payload)) from None
         return self._apply(event, signed_at, ACTOR, "")
@@ -355,19 +462,51 @@ class MockSidecar(BaseSDK):
             raise self._invalid(f"reason: is longer than {MAX_REASON_LEN} bytes")
         if len(payload) > MAX_BODY:
             raise self._too_large(len(payload))
-        event = self._parse_event(payload)
-        created = event.get("created")
         now = int(time.time())
-        # No signature vouches for an export: `created` is required, old is fine, the future is not.
-        if not isinstance(created, int) or isinstance(created, bool):
-            raise self._not_an_event("no `created` in the event; an exported event always has one")
-        if not 0 <= created <= now + MAX_CREATED_AHEAD_S:
-            raise self._not_an_event(f"`created` ({created}) is not a plausible event time: an exported event cannot come from the future")
+        event = self._parse_event(payload, now, "now; an exported event cannot come from the future")
         return self._apply(event, now, REPLAY_ACTOR, reason)
 
-    def _apply(self, event: dict[str, Any], signed_at: int, actor: str, reason: str) -> WebhookResult:
+    def _park(self, event: dict[str, Any], customer: str, actor: str, reason: str, meta: dict[str, Any]) -> None:
+        """As the sidecar's parking (src/ops/parking.rs): keeps the refused event unless it is
+        kept already or a bound is reached, and says which in the refusal's record."""
+        parked = self._parked.get(event["id"])
+        why = None
+        if parked is None:
+            if id_defect(customer) is not None:
+                why = "the customer id is not one a tenant can be mapped to"
+            elif self._max_parked == 0 or self._max_parked_per_customer == 0:
+                why = "parking is off (CORESDK_MAX_PARKED_EVENTS or CORESDK_MAX_PARKED_EVENTS_PER_CUSTOMER is 0)"
+            elif len(self._parked) >= self._max_parked:
+                why = f"{self._max_parked} events are parked, the most kept (CORESDK_MAX_PARKED_EVENTS)"
+            elif sum(1 for p in self._parked.values() if p.customer == customer) >= self._max_parked_per_customer:
+                why = f"{self._max_parked_per_customer} events of this customer are parked, the most kept per customer (CORESDK_MAX_PARKED_EVENTS_PER_CUSTOMER)"
+            else:
+                parked = self._parked[event["id"]] = _Parked(event, customer, actor, reason, int(time.time() * 1000))
+        if parked is not None:
+            meta.update({"parked": True, "parked_at_ms": parked.parked_at_ms})
+        else:
+            meta.update({"parked": False, "not_parked": why})
+
+    def _apply_parked(self, customer: str, except_id: Optional[str] = None) -> int:
+        """Applies the customer's parked events in event order, each as its own delivery, and
+        drops them; returns how many were applied."""
+        taken = [p for p in self._parked.values() if p.customer == customer]
+        for parked in taken:
+            del self._parked[parked.event["id"]]
+        taken = [p for p in taken if p.event["id"] != except_id]
+        order = lambda p: _event_order(p.event["id"], p.event["type"], p.event["created"], (p.event.get("data") or {}).get("object") or {}, (p.event.get("data") or {}).get("previous_attributes"))
+        applied = 0
+        for parked in sorted(taken, key=order):
+            try:
+                self._apply(parked.event, parked.event["created"], parked.actor, parked.reason, parked_at_ms=parked.parked_at_ms)
+                applied += 1
+            except ProblemError:
+                pass
+        return applied
+
+    def _apply(self, event: dict[str, Any], signed_at: int, actor: str, reason: str, parked_at_ms: Optional[int] = None) -> WebhookResult:
         event_id, event_type = event["id"], event["type"]
-        created = event.get("created") if isinstance(event.get("created"), int) else signed_at
+        created = event["created"]
         obj = (event.get("data") or {}).get("object") or {}
         customer = obj.get("customer")
         if isinstance(customer, dict):
@@ -380,6 +519,8 @@ class MockSidecar(BaseSDK):
             meta["customer"] = customer
         if reason:
             meta["reason"] = reason
+        if parked_at_ms is not None:
+            meta["parked_at_ms"] = parked_at_ms
         with self._lock:
             if event_id in self._processed:
                 tenant, first_outcome, first_seq = self._processed[event_id]
@@ -395,6 +536,10 @@ class MockSidecar(BaseSDK):
                 if current is None:
                     mapped = True
                     self._customers[customer] = reference
+                    meta["mapped_customer"] = customer
+                    # An event applied from parking never maps: the recursion is one level deep.
+                    if parked_at_ms is None and (applied := self._apply_parked(customer, except_id=event_id)):
+                        meta["parked_events_applied"] = applied
                 elif current != reference:
                     meta["mapping_refused"] = True
                     meta["conflicting_client_reference_id"] = reference
@@ -406,6 +551,8 @@ class MockSidecar(BaseSDK):
                 if kind == "ignored":
                     return self._finish(actor, event_id, event_type, "", "ignored", [], [], meta)
                 detail = f"no tenant is mapped for customer '{_quoted(customer)}'" if customer else "no tenant can be resolved"
+                if customer:
+                    self._park(event, customer, actor, reason, meta)
                 self._append("", actor, audit_event, "rejected", {"refusal": detail, **meta})
                 raise ProblemError(_problem(self._base, "unknown-customer", "Unknown customer", 422, detail, "UNKNOWN_CUSTOMER"))
             order = _event_order(event_id, event_type, created, obj, (event.get("data") or {}).get("previous_attributes"))
@@ -595,7 +742,13 @@ class MockSidecar(BaseSDK):
         with self._lock:
             if self._customers.get(customer_id) != tenant_id:
                 self._customers[customer_id] = tenant_id
-                self._append(tenant_id, actor, "tenant.customer_mapped", "applied", {"customer": customer_id, "reason": reason})
+                meta: dict[str, Any] = {"customer": customer_id, "reason": reason}
+                parked = sum(1 for p in self._parked.values() if p.customer == customer_id)
+                if parked:
+                    meta["parked_events"] = parked
+                self._append(tenant_id, actor, "tenant.customer_mapped", "applied", meta)
+                # In the mapping's "transaction": the flags are current when this returns.
+                self._apply_parked(customer_id)
 
     def resolve_customer(self, customer_id: str) -> Optional[str]:
         with self._lock:
