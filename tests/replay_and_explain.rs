@@ -576,3 +576,57 @@ async fn a_replayed_event_meets_the_webhook_body_limit() {
     assert_eq!(error_reason(&refused), "PAYLOAD_TOO_LARGE");
     assert!(flag(&sidecar, "cyberdyne", "pro_features").await.is_default);
 }
+
+#[tokio::test]
+async fn explain_names_the_newest_event_that_confirmed_the_value_and_the_stale_ones_are_older_than_it()
+ {
+    let sidecar = Sidecar::start(Options::default()).await;
+    let t = now();
+    // Paid, paid again later (a confirmation: the value stays, the order mark moves), then a
+    // failure dated between the two arrives: older than the newest event, so stale.
+    for (id, event_type, created) in [
+        ("evt_first_paid", "invoice.paid", t - 100),
+        ("evt_second_paid", "invoice.paid", t),
+        ("evt_failed_between", "invoice.payment_failed", t - 50),
+    ] {
+        deliver(&sidecar, &invoice(id, event_type, created, "hooli")).await;
+    }
+    let explained = explain(&sidecar, "hooli", "pro_features").await;
+    let Some(SetBy::Event(setter)) = &explained.set_by else {
+        panic!("set by an event: {explained:?}");
+    };
+    assert_eq!(setter.event_id, "evt_first_paid");
+    let newest = explained
+        .newest_event
+        .as_ref()
+        .expect("a newer confirming event");
+    assert_eq!(
+        (newest.event_id.as_str(), newest.created),
+        ("evt_second_paid", t)
+    );
+    let stale: Vec<&str> = explained
+        .stale_events
+        .iter()
+        .map(|e| e.event_id.as_str())
+        .collect();
+    assert_eq!(stale, ["evt_failed_between"]);
+
+    let printed = explain_command(&sidecar, "hooli", "pro_features", &[]);
+    let text = stdout(&printed);
+    assert!(
+        text.contains("newest event that set or confirmed it: event evt_second_paid"),
+        "{text}"
+    );
+    let as_json = explain_command(&sidecar, "hooli", "pro_features", &["--json"]);
+    let parsed: serde_json::Value = serde_json::from_slice(&as_json.stdout).expect("JSON");
+    assert_eq!(parsed["newest_event"]["event_id"], json!("evt_second_paid"));
+
+    // When the setter is the newest event, there is no separate one to name.
+    deliver(
+        &sidecar,
+        &invoice("evt_only", "invoice.paid", t, "pied-piper"),
+    )
+    .await;
+    let setter_only = explain(&sidecar, "pied-piper", "pro_features").await;
+    assert!(setter_only.newest_event.is_none(), "{setter_only:?}");
+}

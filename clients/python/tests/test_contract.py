@@ -359,3 +359,16 @@ def test_explain_names_what_set_a_flag_and_the_later_stale_events(sdk):
     assert default.flag.is_default and default.event is None and default.admin is None
     with pytest.raises(FlagNotFound):
         sdk.explain_flag("acme-corp", "no_such_flag")
+
+
+def test_explain_names_the_newest_event_that_confirmed_the_value(sdk):
+    now = int(time.time())
+    deliver(sdk, stripe_event("invoice.paid", "cus_acme_001", created=now - 100, event_id="evt_paid_first"))
+    assert sdk.explain_flag("acme-corp", "pro_features").newest_event is None
+    deliver(sdk, stripe_event("invoice.paid", "cus_acme_001", created=now, event_id="evt_paid_again"))
+    between = stripe_event("invoice.payment_failed", "cus_acme_001", created=now - 50, event_id="evt_failed_between")
+    assert sdk.handle_stripe_webhook(between, sign(between)).outcome == "stale"
+    explained = sdk.explain_flag("acme-corp", "pro_features")
+    assert explained.event.event_id == "evt_paid_first"
+    assert (explained.newest_event.event_id, explained.newest_event.created) == ("evt_paid_again", now)
+    assert [e.event_id for e in explained.stale_events] == ["evt_failed_between"]
