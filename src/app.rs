@@ -346,7 +346,7 @@ impl App {
         admin: Admin<'_>,
         customer_id: String,
         tenant_id: String,
-    ) -> Result<(), Error> {
+    ) -> Result<ops::Mapped, Error> {
         self.require_admin(admin.bearer)?;
         validate_id("customer_id", &customer_id)?;
         validate_id("tenant_id", &tenant_id)?;
@@ -364,8 +364,7 @@ impl App {
                     crate::time::now_ms(),
                 )
             })
-            .await?;
-        Ok(())
+            .await
     }
 
     /// Returns the tenant the customer was mapped to, if it was.

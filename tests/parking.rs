@@ -48,7 +48,7 @@ async fn map_customer_applies_parked_events_at_once_in_event_order() {
     );
     assert!(flag(&sidecar, "newco", "pro_features").await.is_default);
 
-    map(&sidecar, "cus_new", "newco").await;
+    assert_eq!(map(&sidecar, "cus_new", "newco").await, 2);
     // Applied when MapCustomer answered: the older failure first, then the newer payment.
     assert!(is_on(&sidecar, "newco", "pro_features").await);
     assert!(!is_on(&sidecar, "newco", "paywall_active").await);

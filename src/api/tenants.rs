@@ -20,7 +20,8 @@ impl TenantService for TenantApi {
             actor: &request.actor,
             reason: &request.reason,
         };
-        self.app
+        let mapped = self
+            .app
             .map_customer(
                 admin,
                 request.customer_id.clone(),
@@ -31,6 +32,7 @@ impl TenantService for TenantApi {
         Ok(Response::new(proto::CustomerMapping {
             customer_id: request.customer_id,
             tenant_id: request.tenant_id,
+            parked_events_applied: mapped.parked_applied,
         }))
     }
 
@@ -68,6 +70,7 @@ impl TenantService for TenantApi {
         Ok(Response::new(proto::CustomerMapping {
             customer_id: request.customer_id,
             tenant_id,
+            parked_events_applied: 0,
         }))
     }
 }

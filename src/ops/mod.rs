@@ -185,6 +185,15 @@ pub fn set_flag(
     Ok(written)
 }
 
+/// What [`map_customer`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapped {
+    /// The tenant the customer had before, if any.
+    pub previous: Option<String>,
+    /// Parked events of the customer applied in the mapping's transaction.
+    pub parked_applied: u64,
+}
+
 /// Maps the customer and applies its parked events (see [`parking::apply_parked`]) in the
 /// same transaction: the mapping's audit record counts them, each has its own record after it.
 #[allow(clippy::too_many_arguments)]
@@ -196,10 +205,13 @@ pub fn map_customer(
     tenant_id: &str,
     change: &AdminChange<'_>,
     now_ms: i64,
-) -> Result<Option<String>, Error> {
+) -> Result<Mapped, Error> {
     let previous = tx.map_customer(customer_id, tenant_id, now_ms)?;
     if previous.as_deref() == Some(tenant_id) {
-        return Ok(previous);
+        return Ok(Mapped {
+            previous,
+            parked_applied: 0,
+        });
     }
     let mut metadata = Map::new();
     metadata.insert("customer".into(), json!(customer_id));
@@ -220,10 +232,15 @@ pub fn map_customer(
         },
         now_ms,
     )?;
-    if parked > 0 {
-        parking::apply_parked(tx, rules, parking, customer_id, None, now_ms)?;
-    }
-    Ok(previous)
+    let parked_applied = if parked > 0 {
+        parking::apply_parked(tx, rules, parking, customer_id, None, now_ms)?
+    } else {
+        0
+    };
+    Ok(Mapped {
+        previous,
+        parked_applied,
+    })
 }
 
 /// Marks the customer unmapped. Nothing already applied is undone or parked again; the

@@ -64,6 +64,7 @@ impl Fixture {
             })
             .await
             .expect("mapped")
+            .previous
     }
 
     async fn deliver(&self, event: StripeEvent) -> Result<WebhookResult, Error> {

@@ -2,7 +2,8 @@
 use super::{Sidecar, admin, binary};
 use coresdk::proto::VerifyAuditRequest;
 
-pub async fn map(sidecar: &Sidecar, customer: &str, tenant: &str) {
+/// `MapCustomer`; answers how many parked events the mapping applied.
+pub async fn map(sidecar: &Sidecar, customer: &str, tenant: &str) -> u64 {
     sidecar
         .tenants()
         .map_customer(admin(coresdk::proto::MapCustomerRequest {
@@ -12,7 +13,9 @@ pub async fn map(sidecar: &Sidecar, customer: &str, tenant: &str) {
             reason: String::new(),
         }))
         .await
-        .expect("MapCustomer");
+        .expect("MapCustomer")
+        .into_inner()
+        .parked_events_applied
 }
 
 /// `coresdk audit verify --store …`, as an operator would run it.

@@ -162,7 +162,7 @@ def test_a_parked_event_applies_on_mapping_in_event_order_and_its_retry_is_a_dup
     # Stripe's retry finds it parked already: one row, its first time.
     assert refusals[0].metadata["parked_at_ms"] == refusals[1].metadata["parked_at_ms"]
 
-    sdk.map_customer("cus_parked_1", "parkco", actor="ops")
+    assert sdk.map_customer("cus_parked_1", "parkco", actor="ops") == 2
     # Current in the store when the mapping answers (the client's cache follows a moment later).
     assert sdk.explain_flag("parkco", "pro_features").flag.value is True
     assert sdk.explain_flag("parkco", "paywall_active").flag.value is False

@@ -68,7 +68,9 @@ class BaseSDK(abc.ABC):
     def audit_verify(self) -> VerifyResult: ...
 
     @abc.abstractmethod
-    def map_customer(self, customer_id: str, tenant_id: str, *, actor: str, reason: str = "") -> None: ...
+    def map_customer(self, customer_id: str, tenant_id: str, *, actor: str, reason: str = "") -> int:
+        """Maps a Stripe customer to a tenant (admin); returns how many of the customer's parked
+        events (delivered while it had no tenant) the mapping applied."""
 
     @abc.abstractmethod
     def resolve_customer(self, customer_id: str) -> Optional[str]: ...

@@ -378,9 +378,9 @@ class SidecarClient(BaseSDK):
 
     # -- tenants --------------------------------------------------------------------------
 
-    def map_customer(self, customer_id: str, tenant_id: str, *, actor: str, reason: str = "") -> None:
+    def map_customer(self, customer_id: str, tenant_id: str, *, actor: str, reason: str = "") -> int:
         request = tenants_pb2.MapCustomerRequest(customer_id=customer_id, tenant_id=tenant_id, actor=actor, reason=reason)
-        self._call(self._tenants.MapCustomer, request, admin=True)
+        return self._call(self._tenants.MapCustomer, request, admin=True).parked_events_applied
 
     def resolve_customer(self, customer_id: str) -> Optional[str]:
         try:

@@ -737,18 +737,19 @@ class MockSidecar(BaseSDK):
 
     # -- tenants --------------------------------------------------------------------------
 
-    def map_customer(self, customer_id: str, tenant_id: str, *, actor: str, reason: str = "") -> None:
+    def map_customer(self, customer_id: str, tenant_id: str, *, actor: str, reason: str = "") -> int:
         self._check_ids(tenant_id)
         with self._lock:
-            if self._customers.get(customer_id) != tenant_id:
-                self._customers[customer_id] = tenant_id
-                meta: dict[str, Any] = {"customer": customer_id, "reason": reason}
-                parked = sum(1 for p in self._parked.values() if p.customer == customer_id)
-                if parked:
-                    meta["parked_events"] = parked
-                self._append(tenant_id, actor, "tenant.customer_mapped", "applied", meta)
-                # In the mapping's "transaction": the flags are current when this returns.
-                self._apply_parked(customer_id)
+            if self._customers.get(customer_id) == tenant_id:
+                return 0
+            self._customers[customer_id] = tenant_id
+            meta: dict[str, Any] = {"customer": customer_id, "reason": reason}
+            parked = sum(1 for p in self._parked.values() if p.customer == customer_id)
+            if parked:
+                meta["parked_events"] = parked
+            self._append(tenant_id, actor, "tenant.customer_mapped", "applied", meta)
+            # In the mapping's "transaction": the flags are current when this returns.
+            return self._apply_parked(customer_id)
 
     def resolve_customer(self, customer_id: str) -> Optional[str]:
         with self._lock:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63oresdk/v1/tenants.proto\x12\ncoresdk.v1\"9\n\x0f\x43ustomerMapping\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\"[\n\x12MapCustomerRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"J\n\x14UnmapCustomerRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"D\n\x15UnmapCustomerResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\x12\x1a\n\x12previous_tenant_id\x18\x02 \x01(\t\"-\n\x16ResolveCustomerRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t2\x85\x02\n\rTenantService\x12J\n\x0bMapCustomer\x12\x1e.coresdk.v1.MapCustomerRequest\x1a\x1b.coresdk.v1.CustomerMapping\x12T\n\rUnmapCustomer\x12 .coresdk.v1.UnmapCustomerRequest\x1a!.coresdk.v1.UnmapCustomerResponse\x12R\n\x0fResolveCustomer\x12\".coresdk.v1.ResolveCustomerRequest\x1a\x1b.coresdk.v1.CustomerMappingb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63oresdk/v1/tenants.proto\x12\ncoresdk.v1\"X\n\x0f\x43ustomerMapping\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x1d\n\x15parked_events_applied\x18\x03 \x01(\x04\"[\n\x12MapCustomerRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"J\n\x14UnmapCustomerRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"D\n\x15UnmapCustomerResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\x12\x1a\n\x12previous_tenant_id\x18\x02 \x01(\t\"-\n\x16ResolveCustomerRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t2\x85\x02\n\rTenantService\x12J\n\x0bMapCustomer\x12\x1e.coresdk.v1.MapCustomerRequest\x1a\x1b.coresdk.v1.CustomerMapping\x12T\n\rUnmapCustomer\x12 .coresdk.v1.UnmapCustomerRequest\x1a!.coresdk.v1.UnmapCustomerResponse\x12R\n\x0fResolveCustomer\x12\".coresdk.v1.ResolveCustomerRequest\x1a\x1b.coresdk.v1.CustomerMappingb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,15 +32,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'coresdk.v1.tenants_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CUSTOMERMAPPING']._serialized_start=40
-  _globals['_CUSTOMERMAPPING']._serialized_end=97
-  _globals['_MAPCUSTOMERREQUEST']._serialized_start=99
-  _globals['_MAPCUSTOMERREQUEST']._serialized_end=190
-  _globals['_UNMAPCUSTOMERREQUEST']._serialized_start=192
-  _globals['_UNMAPCUSTOMERREQUEST']._serialized_end=266
-  _globals['_UNMAPCUSTOMERRESPONSE']._serialized_start=268
-  _globals['_UNMAPCUSTOMERRESPONSE']._serialized_end=336
-  _globals['_RESOLVECUSTOMERREQUEST']._serialized_start=338
-  _globals['_RESOLVECUSTOMERREQUEST']._serialized_end=383
-  _globals['_TENANTSERVICE']._serialized_start=386
-  _globals['_TENANTSERVICE']._serialized_end=647
+  _globals['_CUSTOMERMAPPING']._serialized_end=128
+  _globals['_MAPCUSTOMERREQUEST']._serialized_start=130
+  _globals['_MAPCUSTOMERREQUEST']._serialized_end=221
+  _globals['_UNMAPCUSTOMERREQUEST']._serialized_start=223
+  _globals['_UNMAPCUSTOMERREQUEST']._serialized_end=297
+  _globals['_UNMAPCUSTOMERRESPONSE']._serialized_start=299
+  _globals['_UNMAPCUSTOMERRESPONSE']._serialized_end=367
+  _globals['_RESOLVECUSTOMERREQUEST']._serialized_start=369
+  _globals['_RESOLVECUSTOMERREQUEST']._serialized_end=414
+  _globals['_TENANTSERVICE']._serialized_start=417
+  _globals['_TENANTSERVICE']._serialized_end=678
 # @@protoc_insertion_point(module_scope)

@@ -5,12 +5,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CustomerMapping(_message.Message):
-    __slots__ = ("customer_id", "tenant_id")
+    __slots__ = ("customer_id", "tenant_id", "parked_events_applied")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    PARKED_EVENTS_APPLIED_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     tenant_id: str
-    def __init__(self, customer_id: _Optional[str] = ..., tenant_id: _Optional[str] = ...) -> None: ...
+    parked_events_applied: int
+    def __init__(self, customer_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., parked_events_applied: _Optional[int] = ...) -> None: ...
 
 class MapCustomerRequest(_message.Message):
     __slots__ = ("customer_id", "tenant_id", "actor", "reason")
