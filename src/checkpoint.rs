@@ -1022,9 +1022,8 @@ mod tests {
             &mut self,
             tenant_id: &str,
             kind: &str,
-            limit: u64,
         ) -> Result<Vec<crate::store::BillingObject>, StoreError> {
-            self.tx.billing_objects_of_kind(tenant_id, kind, limit)
+            self.tx.billing_objects_of_kind(tenant_id, kind)
         }
         fn write_billing_object(
             &mut self,

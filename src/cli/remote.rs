@@ -408,7 +408,7 @@ pub fn explanation_text(answer: &proto::ExplainFlagResponse) -> String {
     }
     if let Some(newest) = &answer.newest_event {
         text.push_str(&format!(
-            "newest event that set or confirmed it: {}\n",
+            "order mark: {} (only a newer event changes this flag)\n",
             event_text(newest)
         ));
     }

@@ -23,8 +23,8 @@ pub struct Explanation {
     pub set_by: Option<SetBy>,
     /// The rule that mapped the setting event to this flag, when its record names it.
     pub rule: Option<String>,
-    /// The event of the flag's order mark when it is not the setter: the newest event that
-    /// set or confirmed the value, which the stale deliveries are older than.
+    /// The event of the flag's order mark when it is not the setter: only a newer event changes
+    /// the flag, and the stale deliveries are older than it (see `ExplainFlagResponse`).
     pub newest: Option<EventTrace>,
     /// Oldest first, at most [`STALE_SHOWN`].
     pub stale: Vec<EventTrace>,

@@ -320,10 +320,10 @@ async fn an_older_event_of_another_subscription_can_still_decide() {
     );
 }
 
-/// The documented bound: a tenant's first 1,000 entitlement keys are remembered; a key first
-/// named beyond them is turned on by the summary naming it, and a later one does not turn it off.
+/// Every key any summary named is remembered, however many: a later summary without one turns
+/// it off (a cap would leave the keys past it to the order of arrival).
 #[tokio::test]
-async fn entitlement_keys_beyond_the_bound_are_turned_on_but_not_remembered() {
+async fn every_entitlement_key_ever_named_is_remembered() {
     let (store, rules) = store();
     let many: Vec<String> = (0..1_000).map(|n| format!("feature_{n}")).collect();
     let many: Vec<&str> = many.iter().map(String::as_str).collect();
@@ -342,7 +342,7 @@ async fn entitlement_keys_beyond_the_bound_are_turned_on_but_not_remembered() {
     assert_eq!(value("extra").await, Some(FlagValue::Bool(true)));
     assert_eq!(value("feature_0").await, Some(FlagValue::Bool(false)));
     deliver(&store, &rules, summary("evt_s3", 300, &[])).await;
-    assert_eq!(value("extra").await, Some(FlagValue::Bool(true)));
+    assert_eq!(value("extra").await, Some(FlagValue::Bool(false)));
     assert_eq!(value("feature_999").await, Some(FlagValue::Bool(false)));
 }
 
@@ -385,4 +385,52 @@ async fn a_stale_subscription_event_leaves_an_admin_override_alone() {
     );
     assert_eq!(deliver(&store, &rules, older).await.outcome, Outcome::Stale);
     assert!(pro(&store).await.value == FlagValue::Bool(true));
+}
+
+/// An older event of ANOTHER subscription (a replay, a parked event) re-derives the tenant's
+/// subscription flags at an unchanged mark; it must not undo an admin override made since.
+#[tokio::test]
+async fn an_older_event_of_another_subscription_leaves_an_admin_override_alone() {
+    let (store, rules) = store();
+    let active_pro = sub_event(
+        "evt_a",
+        "customer.subscription.created",
+        100,
+        "sub_a",
+        "active",
+        "pro_monthly",
+    );
+    deliver(&store, &rules, active_pro).await;
+    let change = AdminChange {
+        actor: "ops@example.com",
+        reason: "analytics off during the audit",
+    };
+    store
+        .write(move |tx| {
+            set_flag(
+                tx,
+                "acme",
+                "advanced_analytics",
+                FlagValue::Bool(false),
+                &change,
+                NOW_MS,
+            )
+        })
+        .await
+        .expect("set");
+    let older_other = sub_event(
+        "evt_b",
+        "customer.subscription.updated",
+        50,
+        "sub_b",
+        "canceled",
+        "basic_monthly",
+    );
+    deliver(&store, &rules, older_other).await;
+    let analytics = store
+        .read(|tx| Ok(tx.flag("acme", "advanced_analytics")?))
+        .await
+        .expect("read")
+        .expect("set");
+    assert_eq!(analytics.value, FlagValue::Bool(false), "{analytics:?}");
 }

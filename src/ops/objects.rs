@@ -40,13 +40,6 @@ pub const ENTITLEMENTS_OBJECT: &str = "entitlements";
 pub const ENTITLEMENTS_KIND: &str = "entitlements";
 /// The kind of the `subscription:<id>` objects.
 pub const SUBSCRIPTION_KIND: &str = "subscription";
-/// The subscriptions of one tenant that decide its subscription-derived flags: the newest by
-/// event order. A tenant has a handful; the bound only keeps one tenant's work bounded.
-pub const MAX_SUBSCRIPTIONS_CONSIDERED: u64 = 100;
-/// Entitlement keys remembered per tenant (see [`EntitlementsState::known`]). A key first
-/// named beyond this is still turned on by the newest summary naming it, but a later summary
-/// without it does not turn it off.
-pub const MAX_ENTITLEMENT_KEYS: usize = 1_000;
 /// Subscription ids longer than this are cut: Stripe's are about 30 characters.
 const MAX_OBJECT_ID_LEN: usize = 255;
 /// The rule named for a key that some subscription once set and none sets now.
@@ -174,10 +167,9 @@ fn entitlements(
     };
     let keys: BTreeSet<String> = keys.into_iter().collect();
     let mut first_named = Vec::new();
+    // No cap on the keys remembered: a key left out would keep whichever verdict its order
+    // of arrival gave it. Keys come from verified summaries only (each within the body limit).
     for key in &keys {
-        if state.known.len() >= MAX_ENTITLEMENT_KEYS {
-            break;
-        }
         if state.known.insert(key.clone()) {
             first_named.push(key.clone());
         }
@@ -218,16 +210,10 @@ fn entitlements(
             })
         }
         _ => {
-            // Keys beyond the cap are turned on without being remembered.
             let wanted = state
                 .known
                 .iter()
                 .map(|key| verdict(key, keys.contains(key), &order))
-                .chain(
-                    keys.iter()
-                        .filter(|key| !state.known.contains(*key))
-                        .map(|key| verdict(key, true, &order)),
-                )
                 .collect();
             state.keys = keys;
             tx.write_billing_object(
@@ -338,8 +324,10 @@ fn subscription_flags(
     rules: &Rules,
     tenant: &str,
 ) -> Result<Vec<Wanted>, Error> {
-    let rows =
-        tx.billing_objects_of_kind(tenant, SUBSCRIPTION_KIND, MAX_SUBSCRIPTIONS_CONSIDERED)?;
+    // Every row, not the newest few: a row left out would leave the keys only it sets to
+    // whichever order delivered it. Rows come from verified Stripe events only, one per
+    // subscription the customer ever had, so the work is linear in that (small) number.
+    let rows = tx.billing_objects_of_kind(tenant, SUBSCRIPTION_KIND)?;
     let Some(mark) = rows.iter().map(|row| row.order.clone()).max() else {
         return Ok(Vec::new());
     };

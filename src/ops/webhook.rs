@@ -7,7 +7,7 @@ use super::objects;
 use super::parking::{self, ParkingLimits};
 use super::validate_id;
 use crate::audit::{self, AuditRecord, NewAuditRecord};
-use crate::flags::{FlagRecord, FlagValue};
+use crate::flags::{FlagOrigin, FlagRecord, FlagValue};
 use crate::problem::Error;
 use crate::rules::{Effect, Rules};
 use crate::store::{Outcome, ProcessedEvent, StoreTx};
@@ -307,7 +307,11 @@ fn apply(
     {
         let current = tx.flag(&tenant, &key)?;
         if let Some(current) = &current {
-            if current.order > order {
+            // An admin's value stands until a strictly newer event: the subscription aggregate
+            // re-writes at an unchanged mark when an older subscription's event arrives (a
+            // replay, a parked event), which must not undo an override made since.
+            let admin_holds = current.origin == FlagOrigin::Admin && current.order == order;
+            if current.order > order || admin_holds {
                 if !stale.contains(&key) {
                     stale.push(key);
                 }

@@ -254,13 +254,11 @@ pub trait StoreTx {
         tenant_id: &str,
         object: &str,
     ) -> Result<Option<BillingObject>, StoreError>;
-    /// Up to `limit` of the tenant's billing objects of `kind`, newest first by `created` and
-    /// rank (objects of the same second and rank in no particular order).
+    /// Every billing object of `kind` of the tenant, in no particular order.
     fn billing_objects_of_kind(
         &mut self,
         tenant_id: &str,
         kind: &str,
-        limit: u64,
     ) -> Result<Vec<BillingObject>, StoreError>;
     /// Inserts or replaces a billing object.
     fn write_billing_object(

@@ -409,16 +409,11 @@ impl StoreTx for Tx<'_> {
         &mut self,
         tenant_id: &str,
         kind: &str,
-        limit: u64,
     ) -> Result<Vec<BillingObject>, StoreError> {
         query_all(
             self.sql,
             Statement::BillingObjectsOfKind,
-            &[
-                Param::Text(tenant_id),
-                Param::Text(kind),
-                Param::Int(to_i64(limit)),
-            ],
+            &[Param::Text(tenant_id), Param::Text(kind)],
             billing_object_from_row,
         )
     }

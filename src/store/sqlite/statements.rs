@@ -63,8 +63,7 @@ pub(super) fn text(statement: Statement) -> &'static str {
         }
         Statement::BillingObjectsOfKind => {
             "SELECT object, event_created, event_rank, event_id, state FROM billing_objects
-             WHERE tenant_id = ?1 AND kind = ?2
-             ORDER BY event_created DESC, event_rank DESC LIMIT ?3"
+             WHERE tenant_id = ?1 AND kind = ?2"
         }
         Statement::WriteBillingObject => {
             "INSERT INTO billing_objects (tenant_id, object, kind, event_created, event_rank, event_id, state)

@@ -134,9 +134,7 @@ def _event_order(event_id: str, event_type: str, created: int, obj: Mapping[str,
 
 SUBSCRIPTION_STATE_EVENTS = ("customer.subscription.created", "customer.subscription.updated", "customer.subscription.paused",
                              "customer.subscription.resumed", "customer.subscription.deleted")
-# As the sidecar: the subscriptions that decide a tenant's flags, and the entitlement keys it remembers.
-MAX_SUBSCRIPTIONS_CONSIDERED = 100
-MAX_ENTITLEMENT_KEYS = 1000
+# As the sidecar: the rule explain names for a key some subscription once set and none sets now.
 NO_SUBSCRIPTION_SETS_IT = "catalog default (no subscription sets it)"
 
 
@@ -566,7 +564,8 @@ class MockSidecar(BaseSDK):
             changes, rules = [], {}
             for key, value, rule, mark, origin in wanted:
                 current = self._flags.get((tenant, key))
-                if current is not None and current.order > mark:
+                # As the sidecar: an admin's value stands until a strictly newer event.
+                if current is not None and (current.order > mark or (current.origin == "admin" and current.order == mark)):
                     if key not in stale:
                         stale.append(key)
                     continue
@@ -592,8 +591,6 @@ class MockSidecar(BaseSDK):
             known = set(stored[1]["known"]) if stored else set()
             first_named = []
             for key in keys:
-                if len(known) >= MAX_ENTITLEMENT_KEYS:
-                    break
                 if key not in known:
                     known.add(key)
                     first_named.append(key)
@@ -602,8 +599,7 @@ class MockSidecar(BaseSDK):
                 self._objects[(tenant, "entitlements")] = (stored[0], {**stored[1], "known": known})
                 return [(k, False, summary_rule, stored[0], "entitlements") for k in first_named], ("entitlements", stored[0][2], keys)
             self._objects[(tenant, "entitlements")] = (order, {"keys": set(keys), "known": known})
-            verdicts = [(k, k in keys, summary_rule, order, "entitlements") for k in sorted(known)]
-            return verdicts + [(k, True, summary_rule, order, "entitlements") for k in keys if k not in known], None
+            return [(k, k in keys, summary_rule, order, "entitlements") for k in sorted(known)], None
         if kind == "set" and event_type in SUBSCRIPTION_STATE_EVENTS:
             sub_id = obj.get("id") if isinstance(obj.get("id"), str) else ""
             name = f"subscription:{sub_id[:255]}"
@@ -627,7 +623,7 @@ class MockSidecar(BaseSDK):
         """Per key, the setting of the best subscription that sets it (standing, then order), all
         at the greatest order of the tenant's subscriptions."""
         rows = sorted(((o, st) for (t, name), (o, st) in self._objects.items() if t == tenant and name.startswith("subscription:")),
-                      key=lambda row: row[0], reverse=True)[:MAX_SUBSCRIPTIONS_CONSIDERED]
+                      key=lambda row: row[0], reverse=True)
         if not rows:
             return []
         mark = rows[0][0]
