@@ -548,13 +548,14 @@ async fn older_summary_is_stale(sidecar: &Sidecar) {
     assert!(entitled(sidecar, "acme", "audit_export").await);
 }
 
-/// Point 2's property: 200 random realistic histories, each delivered chronologically and in
-/// 5 shuffled orders with redeliveries, all end in the same flags; those whose newest event is
-/// a subscription event end in the table's state for the subscription in the best standing.
-/// Fixed seed: a failure reproduces.
+/// Point 2's property: 100 random realistic histories, each delivered chronologically and in
+/// 5 shuffled orders with redeliveries, all end in the same flags, under the built-in rules and
+/// under rules whose statuses set different keys (`histories::VARIED_RULES`); under the
+/// built-in rules, those whose newest event is a subscription event end in the table's state
+/// for the subscription in the best standing. Fixed seed: a failure reproduces.
 #[tokio::test]
 async fn any_delivery_order_of_a_realistic_history_ends_in_the_same_flags() {
-    let report = histories::check(0x5eed_2026, 200, 5).await;
+    let report = histories::check(0x5eed_2026, 100, 5).await;
     assert!(
         report.divergences.is_empty(),
         "{} divergences, first: {:#?}",
@@ -562,10 +563,11 @@ async fn any_delivery_order_of_a_realistic_history_ends_in_the_same_flags() {
         &report.divergences[..report.divergences.len().min(3)]
     );
     println!("{report:?}");
+    // Both rule sets ran every history.
     assert_eq!((report.histories, report.deliveries), (200, 1200));
     // Not vacuous: many histories are checked against the table, and some map their
     // customer late.
-    assert!(report.checked_against_the_table > 80, "{report:?}");
+    assert!(report.checked_against_the_table > 60, "{report:?}");
     assert!(report.mapped_late > 20, "{report:?}");
 }
 
