@@ -24,5 +24,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .compile_fds(descriptors)?;
+    // flagd's published protocol, kept apart so reflection on the main port lists only what
+    // that port serves.
+    let flagd = protox::compile(
+        [
+            "proto/flagd/evaluation/v1/evaluation.proto",
+            "proto/flagd/evaluation/v2/evaluation.proto",
+        ],
+        ["proto"],
+    )?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(flagd)?;
     Ok(())
 }

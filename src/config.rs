@@ -89,6 +89,10 @@ fn config_error(setting: &'static str, message: impl Into<String>) -> ConfigErro
 
 pub struct Config {
     pub listen: SocketAddr,
+    /// Where the flagd evaluation service listens, if it does.
+    pub flagd_listen: Option<SocketAddr>,
+    /// The evaluation-context attribute naming the tenant (else the `targetingKey`).
+    pub openfeature_tenant_attribute: String,
     pub store: StoreUrl,
     pub tenants: BTreeMap<String, String>,
     /// The tenants file (and mock tenants) replace runtime mappings instead of only seeding.
@@ -180,6 +184,26 @@ impl Config {
             ));
         }
         let parking = parking_limits(&args)?;
+        let openfeature_tenant_attribute = args.openfeature_tenant_attribute.trim().to_owned();
+        if openfeature_tenant_attribute.is_empty() {
+            return Err(config_error(
+                "CORESDK_OPENFEATURE_TENANT_ATTRIBUTE",
+                "is empty; name the evaluation-context attribute holding the tenant id, e.g. tenant_id",
+            ));
+        }
+        if args
+            .flagd_listen
+            .0
+            .is_some_and(|flagd| flagd == args.listen && flagd.port() != 0)
+        {
+            return Err(config_error(
+                "CORESDK_FLAGD_LISTEN",
+                format!(
+                    "{} is also CORESDK_LISTEN; give the flagd service its own port, or off",
+                    args.listen
+                ),
+            ));
+        }
         let checkpoint_interval = checkpoint_interval(args.audit_checkpoint_interval_s)?;
         // A PostgreSQL URL's own settings (pool_size, sslmode, port) are checked now, not when
         // the store opens, so a mistake is a setting error like any other.
@@ -269,6 +293,8 @@ impl Config {
 
         Ok(Self {
             listen: args.listen,
+            flagd_listen: args.flagd_listen.0,
+            openfeature_tenant_attribute,
             store,
             tenants,
             tenants_file_overrides: args.tenants_file_overrides,

@@ -299,6 +299,15 @@ impl FlagCache {
             .collect()
     }
 
+    /// Every flag key any tenant or the catalog has.
+    pub fn known_keys(&self) -> std::collections::BTreeSet<String> {
+        let mut keys: std::collections::BTreeSet<String> = self.catalog.keys().cloned().collect();
+        for entry in self.by_tenant.iter() {
+            keys.extend(entry.value().keys().cloned());
+        }
+        keys
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<FlagRecord>> {
         self.changes.subscribe()
     }

@@ -13,6 +13,7 @@ pub mod config;
 pub mod drain;
 pub mod feeds;
 pub mod flags;
+pub mod openfeature;
 pub mod ops;
 pub mod problem;
 pub mod rules;
@@ -28,4 +29,18 @@ pub mod proto {
     tonic::include_proto!("coresdk.v1");
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("coresdk_descriptor");
+}
+
+/// flagd's evaluation protocol as published (proto/flagd), for OpenFeature's flagd providers.
+pub mod flagd_proto {
+    pub mod evaluation {
+        pub mod v1 {
+            #![allow(clippy::all, clippy::pedantic)]
+            tonic::include_proto!("flagd.evaluation.v1");
+        }
+        pub mod v2 {
+            #![allow(clippy::all, clippy::pedantic)]
+            tonic::include_proto!("flagd.evaluation.v2");
+        }
+    }
 }

@@ -137,15 +137,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     })?;
 
     let in_flight = crate::drain::InFlight::default();
-    let mut builder = Server::builder();
-    if let Some(tls) = &state.config.tls {
-        let mut tls_config =
-            ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key));
-        if let Some(ca) = &tls.client_ca {
-            tls_config = tls_config.client_ca_root(Certificate::from_pem(ca));
-        }
-        builder = builder.tls_config(tls_config)?;
-    }
+    let builder = server_builder(&state.config)?;
     let check = crate::api::api_token_check(
         state.config.api_token.clone(),
         state.config.admin_token.clone(),
@@ -177,7 +169,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         ))
         .add_service(AuthServiceServer::with_interceptor(
             AuthApi { app: state.clone() },
-            check,
+            check.clone(),
         ));
 
     for name in SERVICE_NAMES.into_iter().chain([""]) {
@@ -185,6 +177,22 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             .set_service_status(name, ServingStatus::Serving)
             .await;
     }
+
+    // Bound before the main listener announces itself, so its line comes first and whoever
+    // waits for `coresdk listening on` knows both ports.
+    let mut flagd = match state.config.flagd_listen {
+        Some(addr) => Some(
+            serve_flagd(
+                addr,
+                &state,
+                check.clone(),
+                in_flight.clone(),
+                shutdown_rx.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
 
     let mut drain = shutdown_rx.clone();
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(
@@ -234,6 +242,13 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         Ok(Err(join)) => tracing::error!(error = %join, "server task failed"),
         Err(_) => server.abort(),
     }
+    if let Some(flagd) = flagd.as_mut() {
+        match tokio::time::timeout(std::time::Duration::from_millis(200), &mut *flagd).await {
+            Ok(Ok(result)) => result?,
+            Ok(Err(join)) => tracing::error!(error = %join, "flagd server task failed"),
+            Err(_) => flagd.abort(),
+        }
+    }
     store_health.abort();
     if let Some(task) = checkpointing {
         task.abort();
@@ -257,6 +272,65 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let _ = tokio::task::spawn_blocking(move || closing.close()).await;
     tracing::info!("store closed; bye");
     Ok(())
+}
+
+/// A server builder with the listener's TLS settings, if any.
+fn server_builder(config: &Config) -> Result<Server, ServeError> {
+    let mut builder = Server::builder();
+    if let Some(tls) = &config.tls {
+        let mut tls_config =
+            ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key));
+        if let Some(ca) = &tls.client_ca {
+            tls_config = tls_config.client_ca_root(Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(tls_config)?;
+    }
+    Ok(builder)
+}
+
+type ServerTask = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
+
+/// flagd's evaluation service (v1 and v2) on its own listener, with the main listener's TLS
+/// and API token, drained with it. Prints `coresdk flagd listening on ADDR` once bound.
+async fn serve_flagd<C>(
+    addr: std::net::SocketAddr,
+    state: &Arc<App>,
+    check: C,
+    in_flight: crate::drain::InFlight,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<ServerTask, ServeError>
+where
+    C: tonic::service::Interceptor + Clone + Send + Sync + 'static,
+{
+    use crate::flagd_proto::evaluation::{v1, v2};
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let evaluation = crate::openfeature::evaluation::Evaluation { app: state.clone() };
+    let router = server_builder(&state.config)?
+        .layer(in_flight)
+        .add_service(v1::service_server::ServiceServer::with_interceptor(
+            evaluation.clone(),
+            check.clone(),
+        ))
+        .add_service(v2::service_server::ServiceServer::with_interceptor(
+            evaluation, check,
+        ));
+    let task = tokio::spawn(router.serve_with_incoming_shutdown(
+        TcpIncoming::from(listener).with_nodelay(Some(true)),
+        async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        },
+    ));
+    tracing::info!(%bound, "serving flagd evaluation (flagd.evaluation.v1, v2)");
+    {
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), "coresdk flagd listening on {bound}");
+    }
+    Ok(task)
 }
 
 /// Services that need the database report NOT_SERVING while it is unreachable; the server as

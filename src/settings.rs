@@ -17,11 +17,41 @@ pub enum LogFormat {
     Json,
 }
 
+/// A listener address, or `off` for a listener that is not wanted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionalListen(pub Option<SocketAddr>);
+
+impl std::str::FromStr for OptionalListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.trim().eq_ignore_ascii_case("off") {
+            return Ok(Self(None));
+        }
+        s.trim().parse().map(|addr| Self(Some(addr))).map_err(|_| {
+            format!(
+                "{s:?} is not an address; use an IP address and port, e.g. 127.0.0.1:8013, or off"
+            )
+        })
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Address to listen on (loopback by default: the sidecar serves its own pod).
     #[arg(long, env = "CORESDK_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Address of the flagd evaluation service (`flagd.evaluation.v1` and `v2`) for
+    /// OpenFeature's flagd providers in RPC mode, or `off`.
+    #[arg(long, env = "CORESDK_FLAGD_LISTEN", default_value = "127.0.0.1:8013")]
+    pub flagd_listen: OptionalListen,
+    /// The evaluation-context attribute naming the tenant; without it, the `targetingKey` does.
+    #[arg(
+        long,
+        env = "CORESDK_OPENFEATURE_TENANT_ATTRIBUTE",
+        default_value = "tenant_id"
+    )]
+    pub openfeature_tenant_attribute: String,
     /// `sqlite://PATH` (durable, one sidecar), `postgres://USER:PASS@HOST/DB` (shared by
     /// replicas) or `memory`. Default: `sqlite://./coresdk-data/coresdk.db` (`memory` with --mock).
     #[arg(long, env = "CORESDK_STORE")]

@@ -146,6 +146,7 @@ fn a_good_start_creates_the_data_directory_and_the_key() {
             .args(["--listen", "127.0.0.1:0"])
             .current_dir(dir.path())
             .env_clear()
+            .env("CORESDK_FLAGD_LISTEN", "off")
             .env("CORESDK_LOG", "error")
             .stdout(Stdio::piped())
             .spawn()

@@ -278,6 +278,7 @@ fn start_warnings(envs: &[(&str, &str)]) -> String {
     let mut child = Command::new(binary())
         .args(["serve", "--listen", "127.0.0.1:0", "--mock"])
         .env_clear()
+        .env("CORESDK_FLAGD_LISTEN", "off")
         .env("CORESDK_LOG", "warn")
         .envs(envs.iter().copied())
         .stdout(Stdio::piped())

@@ -3,6 +3,7 @@
 
 pub mod abuse;
 pub mod audit;
+pub mod flagd;
 pub mod inputs;
 pub mod mapping;
 pub mod parking;
@@ -90,6 +91,8 @@ pub fn spawn_with_stderr(
         .args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
+        // Sidecars run side by side: none may take flagd's fixed default port.
+        .env("CORESDK_FLAGD_LISTEN", "off")
         .env(
             "CORESDK_LOG",
             std::env::var("TEST_CORESDK_LOG").unwrap_or_else(|_| "error".into()),

@@ -1,0 +1,109 @@
+//! A sidecar with its flagd evaluation listener on an ephemeral port, and clients for it.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use coresdk::flagd_proto::evaluation::{v1, v2};
+use prost_types::{Struct, Value, value::Kind};
+use tonic::transport::Channel;
+
+use super::{Options, Sidecar, binary, connect};
+
+/// A started sidecar and the address of its flagd listener (`--flagd-listen 127.0.0.1:0`),
+/// read from the `coresdk flagd listening on` line printed before the main one.
+pub async fn start(options: Options) -> (Sidecar, String) {
+    let mut command = Command::new(binary());
+    command
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--flagd-listen",
+            "127.0.0.1:0",
+        ])
+        .args(&options.args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env(
+            "CORESDK_LOG",
+            std::env::var("TEST_CORESDK_LOG").unwrap_or_else(|_| "error".into()),
+        )
+        .envs(options.envs.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = command.spawn().expect("the coresdk binary starts");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let mut flagd = None;
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("the sidecar printed its address before exiting")
+            .expect("readable stdout");
+        if let Some(addr) = line.strip_prefix("coresdk flagd listening on ") {
+            flagd = Some(addr.to_owned());
+        } else if let Some(addr) = line.strip_prefix("coresdk listening on ") {
+            break addr.to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let channel = connect(&addr).await;
+    let sidecar = Sidecar {
+        child: Some(child),
+        addr,
+        channel,
+        data_dir: None,
+        args: options.args,
+        envs: options.envs,
+    };
+    (
+        sidecar,
+        flagd.expect("the flagd address is printed before the main one"),
+    )
+}
+
+pub async fn channel(addr: &str) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .expect("valid uri")
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connects to the flagd listener")
+}
+
+pub fn v2_client(channel: &Channel) -> v2::service_client::ServiceClient<Channel> {
+    v2::service_client::ServiceClient::new(channel.clone())
+}
+
+pub fn v1_client(channel: &Channel) -> v1::service_client::ServiceClient<Channel> {
+    v1::service_client::ServiceClient::new(channel.clone())
+}
+
+/// An evaluation context of string attributes.
+pub fn context(attributes: &[(&str, &str)]) -> Option<Struct> {
+    Some(Struct {
+        fields: attributes
+            .iter()
+            .map(|(k, v)| {
+                (
+                    (*k).to_owned(),
+                    Value {
+                        kind: Some(Kind::StringValue((*v).to_owned())),
+                    },
+                )
+            })
+            .collect(),
+    })
+}
+
+/// The keys of a `configuration_change` event's `data.flags`.
+pub fn changed_keys(data: Option<&Struct>) -> Vec<String> {
+    let Some(Kind::StructValue(flags)) = data
+        .and_then(|d| d.fields.get("flags"))
+        .and_then(|v| v.kind.as_ref())
+    else {
+        return Vec::new();
+    };
+    flags.fields.keys().cloned().collect()
+}

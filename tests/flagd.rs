@@ -1,0 +1,345 @@
+//! The flagd evaluation service (`flagd.evaluation.v1` and `v2`) against the real binary, with
+//! clients generated from the vendored flagd protos.
+mod common;
+
+use std::time::Duration;
+
+use common::flagd::{changed_keys, context, start, v1_client, v2_client};
+use common::*;
+use coresdk::flagd_proto::evaluation::{v1, v2};
+use coresdk::proto::{self, flag_value::Kind};
+use serde_json::json;
+use tonic::Code;
+
+const MOCK_SECRET: &str = "whsec_test_secret";
+
+fn mock() -> Options {
+    Options {
+        args: vec!["--mock".into()],
+        envs: Vec::new(),
+    }
+}
+
+async fn pay(sidecar: &Sidecar, id: &str, customer: &str) {
+    sidecar
+        .webhooks()
+        .handle_stripe_webhook(signed(
+            MOCK_SECRET,
+            event(
+                id,
+                "invoice.paid",
+                now(),
+                json!({"id": "in_1", "customer": customer}),
+            ),
+        ))
+        .await
+        .expect("invoice.paid accepted");
+}
+
+async fn set(sidecar: &Sidecar, tenant: &str, key: &str, kind: Kind) {
+    sidecar
+        .flags()
+        .set_flag(admin(proto::SetFlagRequest {
+            tenant_id: tenant.into(),
+            key: key.into(),
+            value: Some(proto::FlagValue { kind: Some(kind) }),
+            actor: "ops@example.com".into(),
+            reason: String::new(),
+        }))
+        .await
+        .expect("SetFlag");
+}
+
+fn boolean(key: &str, ctx: &[(&str, &str)]) -> v2::ResolveBooleanRequest {
+    v2::ResolveBooleanRequest {
+        flag_key: key.into(),
+        context: context(ctx),
+    }
+}
+
+#[tokio::test]
+async fn a_tenants_boolean_follows_a_stripe_webhook() {
+    let (sidecar, addr) = start(mock()).await;
+    let channel = common::flagd::channel(&addr).await;
+    let mut v2 = v2_client(&channel);
+    let mut v1 = v1_client(&channel);
+
+    let before = v2
+        .resolve_boolean(boolean("pro_features", &[("tenant_id", "acme-corp")]))
+        .await
+        .expect("ResolveBoolean")
+        .into_inner();
+    assert_eq!(
+        (
+            before.value,
+            before.reason.as_str(),
+            before.variant.as_deref()
+        ),
+        (Some(false), "DEFAULT", Some("default"))
+    );
+
+    pay(&sidecar, "evt_paid_flagd", "cus_acme_001").await;
+
+    let after = v2
+        .resolve_boolean(boolean("pro_features", &[("tenant_id", "acme-corp")]))
+        .await
+        .expect("ResolveBoolean")
+        .into_inner();
+    assert_eq!(
+        (after.value, after.reason.as_str(), after.variant.as_deref()),
+        (Some(true), "TARGETING_MATCH", Some("tenant"))
+    );
+    // The targetingKey names the tenant when the tenant attribute is absent; the attribute
+    // wins when both are there.
+    let by_key = v2
+        .resolve_boolean(boolean("pro_features", &[("targetingKey", "acme-corp")]))
+        .await
+        .expect("ResolveBoolean")
+        .into_inner();
+    assert_eq!(
+        (by_key.value, by_key.reason.as_str()),
+        (Some(true), "TARGETING_MATCH")
+    );
+    let attribute_wins = v2
+        .resolve_boolean(boolean(
+            "pro_features",
+            &[("tenant_id", "globex"), ("targetingKey", "acme-corp")],
+        ))
+        .await
+        .expect("ResolveBoolean")
+        .into_inner();
+    assert_eq!(
+        (attribute_wins.value, attribute_wins.reason.as_str()),
+        (Some(false), "DEFAULT")
+    );
+    // A tenant the sidecar never heard of, and no context at all: the catalog default.
+    for ctx in [vec![("tenant_id", "nobody")], vec![]] {
+        let default = v2
+            .resolve_boolean(boolean("pro_features", &ctx))
+            .await
+            .expect("ResolveBoolean")
+            .into_inner();
+        assert_eq!(
+            (default.value, default.reason.as_str()),
+            (Some(false), "DEFAULT")
+        );
+    }
+
+    // v1, the older providers' protocol, answers alike.
+    let old = v1
+        .resolve_boolean(v1::ResolveBooleanRequest {
+            flag_key: "pro_features".into(),
+            context: context(&[("tenant_id", "acme-corp")]),
+        })
+        .await
+        .expect("v1 ResolveBoolean")
+        .into_inner();
+    assert_eq!((old.value, old.reason.as_str()), (true, "TARGETING_MATCH"));
+    let all = v1
+        .resolve_all(v1::ResolveAllRequest {
+            context: context(&[("targetingKey", "acme-corp")]),
+        })
+        .await
+        .expect("ResolveAll")
+        .into_inner();
+    let pro = &all.flags["pro_features"];
+    assert_eq!(pro.reason, "TARGETING_MATCH");
+    assert_eq!(pro.value, Some(v1::any_flag::Value::BoolValue(true)));
+    let nobody = v1
+        .resolve_all(v1::ResolveAllRequest {
+            context: context(&[("targetingKey", "nobody")]),
+        })
+        .await
+        .expect("ResolveAll")
+        .into_inner();
+    assert!(!nobody.flags.is_empty());
+    assert!(
+        nobody.flags.values().all(|flag| flag.reason == "DEFAULT"),
+        "{nobody:?}"
+    );
+}
+
+#[tokio::test]
+async fn strings_numbers_objects_and_errors_as_flagd_answers_them() {
+    let (sidecar, addr) = start(mock()).await;
+    let mut v2 = v2_client(&common::flagd::channel(&addr).await);
+    set(
+        &sidecar,
+        "acme-corp",
+        "plan",
+        Kind::StringValue("pro".into()),
+    )
+    .await;
+    set(&sidecar, "acme-corp", "seats", Kind::NumberValue(40.0)).await;
+    set(&sidecar, "acme-corp", "ratio", Kind::NumberValue(2.5)).await;
+    set(
+        &sidecar,
+        "acme-corp",
+        "limits",
+        Kind::JsonValue(prost_types::Value {
+            kind: Some(prost_types::value::Kind::StructValue(prost_types::Struct {
+                fields: [(
+                    "max".to_owned(),
+                    prost_types::Value {
+                        kind: Some(prost_types::value::Kind::NumberValue(3.0)),
+                    },
+                )]
+                .into(),
+            })),
+        }),
+    )
+    .await;
+    let acme = || context(&[("tenant_id", "acme-corp")]);
+
+    let plan = v2
+        .resolve_string(v2::ResolveStringRequest {
+            flag_key: "plan".into(),
+            context: acme(),
+        })
+        .await
+        .expect("ResolveString")
+        .into_inner();
+    assert_eq!(
+        (plan.value.as_deref(), plan.reason.as_str()),
+        (Some("pro"), "TARGETING_MATCH")
+    );
+    let seats = v2
+        .resolve_int(v2::ResolveIntRequest {
+            flag_key: "seats".into(),
+            context: acme(),
+        })
+        .await
+        .expect("ResolveInt")
+        .into_inner();
+    assert_eq!(seats.value, Some(40));
+    let ratio = v2
+        .resolve_float(v2::ResolveFloatRequest {
+            flag_key: "ratio".into(),
+            context: acme(),
+        })
+        .await
+        .expect("ResolveFloat")
+        .into_inner();
+    assert_eq!(ratio.value, Some(2.5));
+    let limits = v2
+        .resolve_object(v2::ResolveObjectRequest {
+            flag_key: "limits".into(),
+            context: acme(),
+        })
+        .await
+        .expect("ResolveObject")
+        .into_inner();
+    assert_eq!(
+        limits.value.and_then(|v| v.fields.get("max").cloned()),
+        Some(prost_types::Value {
+            kind: Some(prost_types::value::Kind::NumberValue(3.0))
+        })
+    );
+
+    // A fractional number is no integer, and a boolean no string: TYPE_MISMATCH.
+    let fractional = v2
+        .resolve_int(v2::ResolveIntRequest {
+            flag_key: "ratio".into(),
+            context: acme(),
+        })
+        .await
+        .expect_err("2.5 is not an integer");
+    let not_a_string = v2
+        .resolve_string(v2::ResolveStringRequest {
+            flag_key: "pro_features".into(),
+            context: acme(),
+        })
+        .await
+        .expect_err("a boolean is not a string");
+    for status in [fractional, not_a_string] {
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("TYPE_MISMATCH"), "{status:?}");
+    }
+    // A key no catalog and no tenant has: FLAG_NOT_FOUND.
+    let missing = v2
+        .resolve_boolean(boolean("no_such_flag", &[("tenant_id", "acme-corp")]))
+        .await
+        .expect_err("unknown flag");
+    assert_eq!(missing.code(), Code::NotFound);
+    assert!(missing.message().contains("FLAG_NOT_FOUND"), "{missing:?}");
+    // A tenant id no tenant can have: INVALID_CONTEXT.
+    let bad = v2
+        .resolve_boolean(boolean("pro_features", &[("tenant_id", "acme\ncorp")]))
+        .await
+        .expect_err("bad tenant id");
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().contains("INVALID_CONTEXT"), "{bad:?}");
+}
+
+async fn next<T>(stream: &mut tonic::Streaming<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("an event within 10 s")
+        .expect("the stream stays healthy")
+        .expect("the stream stays open")
+}
+
+#[tokio::test]
+async fn event_stream_announces_ready_then_each_change() {
+    let (sidecar, addr) = start(mock()).await;
+    let channel = common::flagd::channel(&addr).await;
+    let mut v2_events = v2_client(&channel)
+        .event_stream(v2::EventStreamRequest {})
+        .await
+        .expect("v2 EventStream")
+        .into_inner();
+    let mut v1_events = v1_client(&channel)
+        .event_stream(v1::EventStreamRequest {})
+        .await
+        .expect("v1 EventStream")
+        .into_inner();
+    assert_eq!(next(&mut v2_events).await.r#type, "provider_ready");
+    assert_eq!(next(&mut v1_events).await.r#type, "provider_ready");
+
+    pay(&sidecar, "evt_paid_events", "cus_acme_001").await;
+
+    for change in [
+        {
+            let e = next(&mut v2_events).await;
+            (e.r#type, changed_keys(e.data.as_ref()))
+        },
+        {
+            let e = next(&mut v1_events).await;
+            (e.r#type, changed_keys(e.data.as_ref()))
+        },
+    ] {
+        assert_eq!(change.0, "configuration_change");
+        assert!(change.1.contains(&"pro_features".to_owned()), "{change:?}");
+    }
+}
+
+#[tokio::test]
+async fn the_api_token_guards_the_flagd_listener() {
+    let mut options = mock();
+    options.envs.push((
+        "CORESDK_API_TOKEN".into(),
+        "flagd-api-token-0123456789".into(),
+    ));
+    let (_sidecar, addr) = start(options).await;
+    let mut v2 = v2_client(&common::flagd::channel(&addr).await);
+    let refused = v2
+        .resolve_boolean(boolean("pro_features", &[]))
+        .await
+        .expect_err("no token");
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    let mut request = tonic::Request::new(boolean("pro_features", &[]));
+    request.metadata_mut().insert(
+        "authorization",
+        "Bearer flagd-api-token-0123456789".parse().expect("ascii"),
+    );
+    let answered = v2.resolve_boolean(request).await.expect("with the token");
+    assert_eq!(answered.into_inner().reason, "DEFAULT");
+}
+
+#[test]
+fn a_bad_flagd_address_is_a_setting_error() {
+    let output = run_coresdk(None, &["serve", "--mock", "--flagd-listen", "nowhere"], &[]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("flagd-listen"), "{stderr}");
+}
