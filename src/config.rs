@@ -93,6 +93,8 @@ pub struct Config {
     pub flagd_listen: Option<SocketAddr>,
     /// The evaluation-context attribute naming the tenant (else the `targetingKey`).
     pub openfeature_tenant_attribute: String,
+    /// How often an idle flagd `EventStream` says `keep_alive`.
+    pub flagd_keep_alive: std::time::Duration,
     pub store: StoreUrl,
     pub tenants: BTreeMap<String, String>,
     /// The tenants file (and mock tenants) replace runtime mappings instead of only seeding.
@@ -204,7 +206,11 @@ impl Config {
                 ),
             ));
         }
-        let checkpoint_interval = checkpoint_interval(args.audit_checkpoint_interval_s)?;
+        let checkpoint_interval = interval(
+            "CORESDK_AUDIT_CHECKPOINT_INTERVAL_S",
+            args.audit_checkpoint_interval_s,
+        )?;
+        let flagd_keep_alive = interval("CORESDK_FLAGD_KEEP_ALIVE_S", args.flagd_keep_alive_s)?;
         // A PostgreSQL URL's own settings (pool_size, sslmode, port) are checked now, not when
         // the store opens, so a mistake is a setting error like any other.
         if let StoreUrl::Postgres(url) = &store {
@@ -295,6 +301,7 @@ impl Config {
             listen: args.listen,
             flagd_listen: args.flagd_listen.0,
             openfeature_tenant_attribute,
+            flagd_keep_alive,
             store,
             tenants,
             tenants_file_overrides: args.tenants_file_overrides,
@@ -423,19 +430,14 @@ fn tls_files(args: &ServeArgs) -> Result<Option<TlsFiles>, ConfigError> {
 
 /// Checkpoints are on by default beside a SQLite store; elsewhere only when both paths are set.
 /// Every checkpoint is an fsync of its own: far below 10 ms they would compete with the
-/// store's commits for the disk.
-const MIN_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+/// store's commits for the disk. Keep-alive intervals share the same floor.
+const MIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
 
-fn checkpoint_interval(seconds: f64) -> Result<std::time::Duration, ConfigError> {
+fn interval(setting: &'static str, seconds: f64) -> Result<std::time::Duration, ConfigError> {
     std::time::Duration::try_from_secs_f64(seconds)
         .ok()
-        .filter(|interval| *interval >= MIN_CHECKPOINT_INTERVAL)
-        .ok_or_else(|| {
-            config_error(
-                "CORESDK_AUDIT_CHECKPOINT_INTERVAL_S",
-                "must be a number of seconds, at least 0.01",
-            )
-        })
+        .filter(|interval| *interval >= MIN_INTERVAL)
+        .ok_or_else(|| config_error(setting, "must be a number of seconds, at least 0.01"))
 }
 
 fn checkpoint_files(

@@ -52,6 +52,10 @@ pub struct ServeArgs {
         default_value = "tenant_id"
     )]
     pub openfeature_tenant_attribute: String,
+    /// Seconds between `keep_alive` events on an idle flagd `EventStream`; decimals allowed
+    /// (at least 0.01).
+    #[arg(long, env = "CORESDK_FLAGD_KEEP_ALIVE_S", default_value_t = 30.0)]
+    pub flagd_keep_alive_s: f64,
     /// `sqlite://PATH` (durable, one sidecar), `postgres://USER:PASS@HOST/DB` (shared by
     /// replicas) or `memory`. Default: `sqlite://./coresdk-data/coresdk.db` (`memory` with --mock).
     #[arg(long, env = "CORESDK_STORE")]

@@ -298,18 +298,18 @@ async fn event_stream_announces_ready_then_each_change() {
 
     pay(&sidecar, "evt_paid_events", "cus_acme_001").await;
 
-    for change in [
-        {
-            let e = next(&mut v2_events).await;
-            (e.r#type, changed_keys(e.data.as_ref()))
-        },
-        {
-            let e = next(&mut v1_events).await;
-            (e.r#type, changed_keys(e.data.as_ref()))
-        },
-    ] {
-        assert_eq!(change.0, "configuration_change");
-        assert!(change.1.contains(&"pro_features".to_owned()), "{change:?}");
+    // One webhook changes several flags; they may come as one event or several.
+    let mut v2_changed = Vec::new();
+    while !v2_changed.contains(&"pro_features".to_owned()) {
+        let event = next(&mut v2_events).await;
+        assert_eq!(event.r#type, "configuration_change");
+        v2_changed.extend(changed_keys(event.data.as_ref()));
+    }
+    let mut v1_changed = Vec::new();
+    while !v1_changed.contains(&"pro_features".to_owned()) {
+        let event = next(&mut v1_events).await;
+        assert_eq!(event.r#type, "configuration_change");
+        v1_changed.extend(changed_keys(event.data.as_ref()));
     }
 }
 
@@ -342,4 +342,31 @@ fn a_bad_flagd_address_is_a_setting_error() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("flagd-listen"), "{stderr}");
+}
+
+#[tokio::test]
+async fn an_idle_event_stream_says_keep_alive_and_streams_are_capped() {
+    let mut options = mock();
+    options.args.extend([
+        "--flagd-keep-alive-s".into(),
+        "0.05".into(),
+        "--max-streams".into(),
+        "1".into(),
+    ]);
+    let (_sidecar, addr) = start(options).await;
+    let mut client = v2_client(&common::flagd::channel(&addr).await);
+    let mut events = client
+        .event_stream(v2::EventStreamRequest {})
+        .await
+        .expect("EventStream")
+        .into_inner();
+    assert_eq!(next(&mut events).await.r#type, "provider_ready");
+    assert_eq!(next(&mut events).await.r#type, "keep_alive");
+    assert_eq!(next(&mut events).await.r#type, "keep_alive");
+    // The one stream --max-streams allows is taken.
+    let refused = client
+        .event_stream(v2::EventStreamRequest {})
+        .await
+        .expect_err("a second stream");
+    assert_eq!(refused.code(), Code::ResourceExhausted);
 }

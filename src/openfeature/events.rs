@@ -2,7 +2,6 @@
 //! keys on every flag change, `keep_alive` while idle.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use prost_types::{Struct, Value, value::Kind};
 use tokio::sync::{broadcast, mpsc};
@@ -15,9 +14,6 @@ pub const PROVIDER_READY: &str = "provider_ready";
 pub const CONFIGURATION_CHANGE: &str = "configuration_change";
 pub const KEEP_ALIVE: &str = "keep_alive";
 
-/// Providers treat a silent stream as broken only after much longer; this keeps proxies and
-/// load balancers from closing an idle one.
-const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(30);
 /// Changes already queued are sent as one event, at most this many keys at a time.
 const BATCH: usize = 256;
 /// Events queued per subscriber; a slower one falls behind on the broadcast instead, and is
@@ -58,10 +54,9 @@ where
     {
         return;
     }
-    let mut keep_alive = tokio::time::interval_at(
-        tokio::time::Instant::now() + KEEP_ALIVE_EVERY,
-        KEEP_ALIVE_EVERY,
-    );
+    // Keeps proxies and load balancers from closing an idle stream (`--flagd-keep-alive-s`).
+    let every = app.config.flagd_keep_alive;
+    let mut keep_alive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let message = tokio::select! {
