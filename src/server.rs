@@ -178,8 +178,8 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             .await;
     }
 
-    // Bound before the main listener announces itself, so its line comes first and whoever
-    // waits for `coresdk listening on` knows both ports.
+    // Bound before the main listener announces itself: a start that cannot have its flagd
+    // port fails before anyone is told it serves.
     let mut flagd = match state.config.flagd_listen {
         Some(addr) => Some(
             serve_flagd(
@@ -209,6 +209,13 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     {
         use std::io::Write as _;
         let _ = writeln!(std::io::stdout(), "coresdk listening on {bound}");
+        // Second, so readers of the first line alone are unaffected.
+        if let Some((_, flagd_bound)) = &flagd {
+            let _ = writeln!(
+                std::io::stdout(),
+                "coresdk flagd listening on {flagd_bound}"
+            );
+        }
     }
 
     let store_health = tokio::spawn(report_store_health(store.clone(), health_reporter.clone()));
@@ -242,7 +249,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         Ok(Err(join)) => tracing::error!(error = %join, "server task failed"),
         Err(_) => server.abort(),
     }
-    if let Some(flagd) = flagd.as_mut() {
+    if let Some((flagd, _)) = flagd.as_mut() {
         match tokio::time::timeout(std::time::Duration::from_millis(200), &mut *flagd).await {
             Ok(Ok(result)) => result?,
             Ok(Err(join)) => tracing::error!(error = %join, "flagd server task failed"),
@@ -291,14 +298,14 @@ fn server_builder(config: &Config) -> Result<Server, ServeError> {
 type ServerTask = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
 
 /// flagd's evaluation service (v1 and v2) on its own listener, with the main listener's TLS
-/// and API token, drained with it. Prints `coresdk flagd listening on ADDR` once bound.
+/// and API token, drained with it; answers the task and the bound address.
 async fn serve_flagd<C>(
     addr: std::net::SocketAddr,
     state: &Arc<App>,
     check: C,
     in_flight: crate::drain::InFlight,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<ServerTask, ServeError>
+) -> Result<(ServerTask, std::net::SocketAddr), ServeError>
 where
     C: tonic::service::Interceptor + Clone + Send + Sync + 'static,
 {
@@ -326,11 +333,7 @@ where
         },
     ));
     tracing::info!(%bound, "serving flagd evaluation (flagd.evaluation.v1, v2)");
-    {
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stdout(), "coresdk flagd listening on {bound}");
-    }
-    Ok(task)
+    Ok((task, bound))
 }
 
 /// Services that need the database report NOT_SERVING while it is unreachable; the server as

@@ -11,7 +11,7 @@ use tonic::transport::Channel;
 use super::{Options, Sidecar, binary, connect};
 
 /// A started sidecar and the address of its flagd listener (`--flagd-listen 127.0.0.1:0`),
-/// read from the `coresdk flagd listening on` line printed before the main one.
+/// read from the `coresdk flagd listening on` line printed after the main one.
 pub async fn start(options: Options) -> (Sidecar, String) {
     let mut command = Command::new(binary());
     command
@@ -35,18 +35,17 @@ pub async fn start(options: Options) -> (Sidecar, String) {
     let mut child = command.spawn().expect("the coresdk binary starts");
     let stdout = child.stdout.take().expect("piped stdout");
     let mut lines = BufReader::new(stdout).lines();
-    let mut flagd = None;
-    let addr = loop {
+    let mut next_address = |prefix: &str| loop {
         let line = lines
             .next()
-            .expect("the sidecar printed its address before exiting")
+            .expect("the sidecar printed its addresses before exiting")
             .expect("readable stdout");
-        if let Some(addr) = line.strip_prefix("coresdk flagd listening on ") {
-            flagd = Some(addr.to_owned());
-        } else if let Some(addr) = line.strip_prefix("coresdk listening on ") {
+        if let Some(addr) = line.strip_prefix(prefix) {
             break addr.to_owned();
         }
     };
+    let addr = next_address("coresdk listening on ");
+    let flagd = next_address("coresdk flagd listening on ");
     std::thread::spawn(move || for _ in lines {});
     let channel = connect(&addr).await;
     let sidecar = Sidecar {
@@ -57,10 +56,7 @@ pub async fn start(options: Options) -> (Sidecar, String) {
         args: options.args,
         envs: options.envs,
     };
-    (
-        sidecar,
-        flagd.expect("the flagd address is printed before the main one"),
-    )
+    (sidecar, flagd)
 }
 
 pub async fn channel(addr: &str) -> Channel {

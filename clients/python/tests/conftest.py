@@ -27,6 +27,8 @@ ENV = {
     "CORESDK_PROBLEM_TYPE_BASE": "https://securepay.example/errors",
     "CORESDK_BILLING_URL": "https://securepay.example/billing",
     "CORESDK_UPGRADE_URL": "https://securepay.example/pricing",
+    # Tests that want the flagd listener give it a free port of its own.
+    "CORESDK_FLAGD_LISTEN": "off",
 }
 
 
