@@ -1,0 +1,67 @@
+"""The real OpenFeature Python SDK and flagd provider (RPC mode, flagd.evaluation.v2), unmodified
+from PyPI, pointed at the sidecar's flagd listener."""
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from openfeature import api
+from openfeature.contrib.provider.flagd import FlagdProvider
+from openfeature.contrib.provider.flagd.config import ResolverType
+from openfeature.evaluation_context import EvaluationContext
+from openfeature.event import ProviderEvent
+from openfeature.exception import ErrorCode
+from openfeature.flag_evaluation import Reason
+
+from conftest import Sidecar, client_for, free_port, sign, stripe_event
+
+
+@pytest.fixture
+def flagd(tmp_path: Path):
+    port = free_port()
+    process = Sidecar(tmp_path, {"CORESDK_FLAGD_LISTEN": f"127.0.0.1:{port}"})
+    process.start()
+    provider = FlagdProvider(host="127.0.0.1", port=port, resolver_type=ResolverType.RPC, deadline_ms=5000)
+    api.set_provider_and_wait(provider)
+    yield process, api.get_client()
+    api.shutdown()
+    process.stop()
+
+
+def tenant(tenant_id: str) -> EvaluationContext:
+    return EvaluationContext(attributes={"tenant_id": tenant_id})
+
+
+def test_a_tenants_flag_follows_a_stripe_webhook_through_the_provider(flagd):
+    process, client = flagd
+    changed = threading.Event()
+    client.add_handler(ProviderEvent.PROVIDER_CONFIGURATION_CHANGED, lambda details: changed.set())
+
+    before = client.get_boolean_details("pro_features", True, tenant("acme-corp"))
+    assert (before.value, before.reason) == (False, Reason.DEFAULT)
+
+    sidecar = client_for(process)
+    try:
+        body = stripe_event("invoice.paid", "cus_acme_001", id="in_1")
+        sidecar.handle_stripe_webhook(body, sign(body))
+    finally:
+        sidecar.close()
+    assert changed.wait(5), "the provider saw no configuration_change"
+
+    after = client.get_boolean_details("pro_features", False, tenant("acme-corp"))
+    assert (after.value, after.reason) == (True, Reason.TARGETING_MATCH)
+    # The targetingKey names the tenant when no tenant_id attribute is given.
+    by_key = client.get_boolean_details("pro_features", False, EvaluationContext(targeting_key="acme-corp"))
+    assert (by_key.value, by_key.reason) == (True, Reason.TARGETING_MATCH)
+    # Another tenant keeps the catalog default.
+    other = client.get_boolean_details("pro_features", True, tenant("globex"))
+    assert (other.value, other.reason) == (False, Reason.DEFAULT)
+
+
+def test_missing_flags_and_type_mismatches_reach_the_app_as_openfeature_errors(flagd):
+    _, client = flagd
+    missing = client.get_boolean_details("no_such_flag", True, tenant("acme-corp"))
+    assert (missing.value, missing.error_code) == (True, ErrorCode.FLAG_NOT_FOUND)
+    mismatch = client.get_string_details("pro_features", "fallback", tenant("acme-corp"))
+    assert (mismatch.value, mismatch.error_code) == ("fallback", ErrorCode.TYPE_MISMATCH)
