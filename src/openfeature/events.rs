@@ -4,11 +4,14 @@
 use std::collections::BTreeSet;
 
 use prost_types::{Struct, Value, value::Kind};
-use tokio::sync::{broadcast, mpsc};
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use crate::api::{ResponseStream, SharedApp, status};
+use crate::flags::FlagCache;
 
 pub const PROVIDER_READY: &str = "provider_ready";
 pub const CONFIGURATION_CHANGE: &str = "configuration_change";
@@ -31,20 +34,26 @@ where
         .open_stream()
         .map_err(|e| status::of_error(&e, app.links()))?;
     let (sender, receiver) = mpsc::channel(QUEUE);
-    let app = app.clone();
+    let (cache, shutdown) = (app.feeds.flags.clone(), app.shutdown.clone());
+    let every = app.config.flagd_keep_alive;
     tokio::spawn(async move {
-        follow(app, sender, make).await;
+        follow(&cache, shutdown, every, sender, make).await;
         drop(slot);
     });
     Ok(Box::pin(ReceiverStream::new(receiver)))
 }
 
-async fn follow<T, F>(app: SharedApp, sender: mpsc::Sender<Result<T, Status>>, make: F)
-where
+/// `every`: how often an idle stream says `keep_alive` (`--flagd-keep-alive-s`); it keeps
+/// proxies and load balancers from closing it.
+async fn follow<T, F>(
+    cache: &FlagCache,
+    mut shutdown: watch::Receiver<bool>,
+    every: Duration,
+    sender: mpsc::Sender<Result<T, Status>>,
+    make: F,
+) where
     F: Fn(&'static str, Struct) -> T,
 {
-    let cache = &app.feeds.flags;
-    let mut shutdown = app.shutdown.clone();
     // Subscribed before `provider_ready`, so no change after it goes unannounced.
     let mut changes = cache.subscribe();
     if sender
@@ -54,8 +63,6 @@ where
     {
         return;
     }
-    // Keeps proxies and load balancers from closing an idle stream (`--flagd-keep-alive-s`).
-    let every = app.config.flagd_keep_alive;
     let mut keep_alive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -126,5 +133,84 @@ fn changed_flags(keys: BTreeSet<String>) -> Struct {
             },
         )]
         .into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flags::{FlagOrigin, FlagRecord, FlagValue};
+
+    fn change(key: String, version: u64) -> FlagRecord {
+        FlagRecord {
+            tenant_id: "acme".into(),
+            key,
+            value: FlagValue::Bool(true),
+            version,
+            order: Default::default(),
+            origin: FlagOrigin::Admin,
+            updated_at_ms: 0,
+            updated_by: "test".into(),
+            source_event_id: String::new(),
+        }
+    }
+
+    fn keys(data: &Struct) -> usize {
+        match data.fields.get("flags").and_then(|v| v.kind.as_ref()) {
+            Some(Kind::StructValue(flags)) => flags.fields.len(),
+            _ => 0,
+        }
+    }
+
+    /// A subscriber that reads nothing holds its queue and no more: the broadcast drops what
+    /// it missed, and it is then told that every known key changed.
+    #[tokio::test]
+    async fn a_subscriber_that_falls_behind_hears_every_key() {
+        const CHANGES: u64 = 6000;
+        let cache = std::sync::Arc::new(FlagCache::new(Default::default()));
+        let (_stop, shutdown) = watch::channel(false);
+        let (sender, mut receiver) = mpsc::channel(QUEUE);
+        let follower = {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                follow(
+                    &cache,
+                    shutdown,
+                    Duration::from_secs(3600),
+                    sender,
+                    |kind, data| (kind, data),
+                )
+                .await;
+            })
+        };
+        let ready = receiver.recv().await.and_then(Result::ok);
+        assert_eq!(ready.map(|(kind, _)| kind), Some(PROVIDER_READY));
+        for n in 1..=CHANGES {
+            cache.apply(change(format!("flag_{n}"), n));
+            // Let the follower run, so it fills its queue and then blocks.
+            if n % 64 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        let mut events = 0;
+        let everything = loop {
+            let event = tokio::time::timeout(Duration::from_secs(10), receiver.recv())
+                .await
+                .ok()
+                .flatten()
+                .and_then(Result::ok);
+            let Some((kind, data)) = event else {
+                panic!("the stream ended or went quiet before announcing every key");
+            };
+            assert_eq!(kind, CONFIGURATION_CHANGE);
+            events += 1;
+            if keys(&data) > BATCH {
+                break keys(&data);
+            }
+        };
+        assert_eq!(everything, CHANGES as usize);
+        // Queue, batches and the one catch-up event: far fewer events than changes.
+        assert!(events <= QUEUE + 2, "{events} events");
+        follower.abort();
     }
 }
