@@ -370,3 +370,49 @@ async fn an_idle_event_stream_says_keep_alive_and_streams_are_capped() {
         .expect_err("a second stream");
     assert_eq!(refused.code(), Code::ResourceExhausted);
 }
+
+#[tokio::test]
+async fn the_flagd_listener_serves_tls_when_the_main_one_does() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    fixture("mint_certs.py", dir.path());
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let (child, _, addr) = common::flagd::spawn(
+        &[
+            "--mock".to_owned(),
+            "--tls-cert-file".to_owned(),
+            path("server.pem"),
+            "--tls-key-file".to_owned(),
+            path("server.key"),
+        ],
+        &[],
+    );
+    let _running = common::inputs::Running(child);
+    let ca = std::fs::read(path("ca.pem")).expect("ca.pem");
+    let channel = tonic::transport::Channel::from_shared(format!("https://{addr}"))
+        .expect("valid uri")
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                .domain_name("localhost"),
+        )
+        .expect("tls config")
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("a TLS connection to the flagd listener");
+    let answered = v2_client(&channel)
+        .resolve_boolean(boolean("pro_features", &[("tenant_id", "acme-corp")]))
+        .await
+        .expect("ResolveBoolean over TLS");
+    assert_eq!(answered.into_inner().reason, "DEFAULT");
+    // Plaintext is not served there.
+    let plaintext = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("valid uri")
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5))
+        .connect_lazy();
+    let refused = v2_client(&plaintext)
+        .resolve_boolean(boolean("pro_features", &[]))
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+}

@@ -1,7 +1,7 @@
 //! A sidecar with its flagd evaluation listener on an ephemeral port, and clients for it.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use coresdk::flagd_proto::evaluation::{v1, v2};
@@ -10,9 +10,25 @@ use tonic::transport::Channel;
 
 use super::{Options, Sidecar, binary, connect};
 
-/// A started sidecar and the address of its flagd listener (`--flagd-listen 127.0.0.1:0`),
-/// read from the `coresdk flagd listening on` line printed after the main one.
+/// A started sidecar and the address of its flagd listener (`--flagd-listen 127.0.0.1:0`).
 pub async fn start(options: Options) -> (Sidecar, String) {
+    let (child, addr, flagd) = spawn(&options.args, &options.envs);
+    let channel = connect(&addr).await;
+    let sidecar = Sidecar {
+        child: Some(child),
+        addr,
+        channel,
+        data_dir: None,
+        args: options.args,
+        envs: options.envs,
+    };
+    (sidecar, flagd)
+}
+
+/// Starts `coresdk serve` with both listeners on ephemeral ports and returns it with the main
+/// address and the flagd one, read from the `coresdk flagd listening on` line that follows the
+/// main one.
+pub fn spawn(args: &[String], envs: &[(String, String)]) -> (Child, String, String) {
     let mut command = Command::new(binary());
     command
         .args([
@@ -22,14 +38,14 @@ pub async fn start(options: Options) -> (Sidecar, String) {
             "--flagd-listen",
             "127.0.0.1:0",
         ])
-        .args(&options.args)
+        .args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env(
             "CORESDK_LOG",
             std::env::var("TEST_CORESDK_LOG").unwrap_or_else(|_| "error".into()),
         )
-        .envs(options.envs.iter().map(|(k, v)| (k, v)))
+        .envs(envs.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     let mut child = command.spawn().expect("the coresdk binary starts");
@@ -47,16 +63,7 @@ pub async fn start(options: Options) -> (Sidecar, String) {
     let addr = next_address("coresdk listening on ");
     let flagd = next_address("coresdk flagd listening on ");
     std::thread::spawn(move || for _ in lines {});
-    let channel = connect(&addr).await;
-    let sidecar = Sidecar {
-        child: Some(child),
-        addr,
-        channel,
-        data_dir: None,
-        args: options.args,
-        envs: options.envs,
-    };
-    (sidecar, flagd)
+    (child, addr, flagd)
 }
 
 pub async fn channel(addr: &str) -> Channel {
