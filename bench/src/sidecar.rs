@@ -66,6 +66,8 @@ pub fn start_sidecar(
         .env("STRIPE_WEBHOOK_SECRET", SECRET)
         .env("CORESDK_JWT_SECRET", JWT_SECRET)
         .env("CORESDK_LOG", "error")
+        // Several sidecars may run at once: none takes flagd's fixed default port.
+        .env("CORESDK_FLAGD_LISTEN", "off")
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;

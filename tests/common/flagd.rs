@@ -1,14 +1,14 @@
 //! A sidecar with its flagd evaluation listener on an ephemeral port, and clients for it.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use coresdk::flagd_proto::evaluation::{v1, v2};
 use prost_types::{Struct, Value, value::Kind};
 use tonic::transport::Channel;
 
-use super::{Options, Sidecar, binary, connect};
+use super::{Options, Sidecar, connect, serve_command};
 
 /// A started sidecar and the address of its flagd listener (`--flagd-listen 127.0.0.1:0`).
 pub async fn start(options: Options) -> (Sidecar, String) {
@@ -29,25 +29,9 @@ pub async fn start(options: Options) -> (Sidecar, String) {
 /// address and the flagd one, read from the `coresdk flagd listening on` line that follows the
 /// main one.
 pub fn spawn(args: &[String], envs: &[(String, String)]) -> (Child, String, String) {
-    let mut command = Command::new(binary());
-    command
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--flagd-listen",
-            "127.0.0.1:0",
-        ])
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env(
-            "CORESDK_LOG",
-            std::env::var("TEST_CORESDK_LOG").unwrap_or_else(|_| "error".into()),
-        )
-        .envs(envs.iter().map(|(k, v)| (k, v)))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+    let mut flagd_args = vec!["--flagd-listen".to_owned(), "127.0.0.1:0".to_owned()];
+    flagd_args.extend_from_slice(args);
+    let mut command = serve_command(&flagd_args, envs, Stdio::inherit());
     let mut child = command.spawn().expect("the coresdk binary starts");
     let stdout = child.stdout.take().expect("piped stdout");
     let mut lines = BufReader::new(stdout).lines();

@@ -79,12 +79,9 @@ pub fn spawn(args: &[String], envs: &[(String, String)]) -> (Child, String) {
     spawn_with_stderr(args, envs, Stdio::inherit())
 }
 
-/// [`spawn`], with the sidecar's standard error (its log) going to `stderr`.
-pub fn spawn_with_stderr(
-    args: &[String],
-    envs: &[(String, String)],
-    stderr: Stdio,
-) -> (Child, String) {
+/// `coresdk serve --listen 127.0.0.1:0 ARGS…` with only `envs`, stdout piped to read the
+/// address lines from.
+pub fn serve_command(args: &[String], envs: &[(String, String)], stderr: Stdio) -> Command {
     let mut command = Command::new(binary());
     command
         .args(["serve", "--listen", "127.0.0.1:0"])
@@ -102,6 +99,16 @@ pub fn spawn_with_stderr(
     for (k, v) in envs {
         command.env(k, v);
     }
+    command
+}
+
+/// [`spawn`], with the sidecar's standard error (its log) going to `stderr`.
+pub fn spawn_with_stderr(
+    args: &[String],
+    envs: &[(String, String)],
+    stderr: Stdio,
+) -> (Child, String) {
+    let mut command = serve_command(args, envs, stderr);
     let mut child = command.spawn().expect("the coresdk binary starts");
     let stdout = child.stdout.take().expect("piped stdout");
     let mut lines = BufReader::new(stdout).lines();
