@@ -33,6 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ],
         ["proto"],
     )?;
+    fs::write(out_dir.join("flagd_descriptor.bin"), flagd.encode_to_vec())?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

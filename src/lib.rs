@@ -33,6 +33,7 @@ pub mod proto {
 
 /// flagd's evaluation protocol as published (proto/flagd), for OpenFeature's flagd providers.
 pub mod flagd_proto {
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("flagd_descriptor");
     pub mod evaluation {
         pub mod v1 {
             #![allow(clippy::all, clippy::pedantic)]

@@ -317,8 +317,13 @@ where
         .local_addr()
         .map_err(|source| ServeError::Bind { addr, source })?;
     let evaluation = crate::openfeature::evaluation::Evaluation { app: state.clone() };
+    // So grpcurl needs no local copy of flagd's protos either.
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::flagd_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
     let router = server_builder(&state.config)?
         .layer(in_flight)
+        .add_service(InterceptedService::new(reflection, check.clone()))
         .add_service(v1::service_server::ServiceServer::with_interceptor(
             evaluation.clone(),
             check.clone(),

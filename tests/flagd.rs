@@ -416,3 +416,48 @@ async fn the_flagd_listener_serves_tls_when_the_main_one_does() {
         .await;
     assert!(refused.is_err(), "{refused:?}");
 }
+
+#[tokio::test]
+async fn reflection_on_the_flagd_listener_describes_flagds_services() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let (_sidecar, addr) = start(mock()).await;
+    let mut client = ServerReflectionClient::new(common::flagd::channel(&addr).await);
+    let requests = [
+        MessageRequest::ListServices(String::new()),
+        // A symbol whose file imports google/protobuf/struct.proto: grpcurl needs both.
+        MessageRequest::FileContainingSymbol("flagd.evaluation.v2.Service".into()),
+    ]
+    .map(|request| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(request),
+    });
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter(requests))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) = responses
+        .message()
+        .await
+        .expect("an answer")
+        .and_then(|r| r.message_response)
+    else {
+        panic!("not a service list")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in ["flagd.evaluation.v1.Service", "flagd.evaluation.v2.Service"] {
+        assert!(names.iter().any(|n| n == expected), "{names:?}");
+    }
+    let Some(MessageResponse::FileDescriptorResponse(files)) = responses
+        .message()
+        .await
+        .expect("an answer")
+        .and_then(|r| r.message_response)
+    else {
+        panic!("no file descriptors")
+    };
+    assert!(!files.file_descriptor_proto.is_empty());
+}
