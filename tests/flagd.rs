@@ -461,3 +461,33 @@ async fn reflection_on_the_flagd_listener_describes_flagds_services() {
     };
     assert!(!files.file_descriptor_proto.is_empty());
 }
+
+#[tokio::test]
+async fn the_tenant_attribute_can_be_renamed() {
+    let mut options = mock();
+    options
+        .args
+        .extend(["--openfeature-tenant-attribute".into(), "org".into()]);
+    let (sidecar, addr) = start(options).await;
+    let mut v2 = v2_client(&common::flagd::channel(&addr).await);
+    pay(&sidecar, "evt_paid_org", "cus_acme_001").await;
+    let by_org = v2
+        .resolve_boolean(boolean("pro_features", &[("org", "acme-corp")]))
+        .await
+        .expect("ResolveBoolean")
+        .into_inner();
+    assert_eq!(
+        (by_org.value, by_org.reason.as_str()),
+        (Some(true), "TARGETING_MATCH")
+    );
+    // `tenant_id` is then an attribute like any other.
+    let ignored = v2
+        .resolve_boolean(boolean("pro_features", &[("tenant_id", "acme-corp")]))
+        .await
+        .expect("ResolveBoolean")
+        .into_inner();
+    assert_eq!(
+        (ignored.value, ignored.reason.as_str()),
+        (Some(false), "DEFAULT")
+    );
+}

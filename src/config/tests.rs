@@ -380,3 +380,36 @@ fn parking_limits_default_accept_zero_and_refuse_absurd_values() {
         assert_eq!(e.setting, setting, "{e}");
     }
 }
+
+#[test]
+fn the_flagd_listener_defaults_to_flagds_port_and_can_be_turned_off() {
+    let defaults = config(&[]);
+    assert_eq!(
+        defaults.flagd_listen,
+        Some("127.0.0.1:8013".parse().expect("addr"))
+    );
+    assert_eq!(defaults.openfeature_tenant_attribute, "tenant_id");
+    assert_eq!(
+        defaults.flagd_keep_alive,
+        std::time::Duration::from_secs(30)
+    );
+    assert_eq!(config(&["--flagd-listen", "off"]).flagd_listen, None);
+    assert_eq!(config(&["--flagd-listen", "OFF"]).flagd_listen, None);
+    // Ephemeral ports may both be 0; one fixed port cannot serve both.
+    assert!(
+        config(&["--listen", "127.0.0.1:0", "--flagd-listen", "127.0.0.1:0"])
+            .flagd_listen
+            .is_some()
+    );
+    let same = error(&[
+        "--listen",
+        "127.0.0.1:9000",
+        "--flagd-listen",
+        "127.0.0.1:9000",
+    ]);
+    assert_eq!(same.setting, "CORESDK_FLAGD_LISTEN");
+    let blank = error(&["--openfeature-tenant-attribute", " "]);
+    assert_eq!(blank.setting, "CORESDK_OPENFEATURE_TENANT_ATTRIBUTE");
+    let keep_alive = error(&["--flagd-keep-alive-s", "0"]);
+    assert_eq!(keep_alive.setting, "CORESDK_FLAGD_KEEP_ALIVE_S");
+}
