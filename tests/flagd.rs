@@ -491,3 +491,22 @@ async fn the_tenant_attribute_can_be_renamed() {
         (Some(false), "DEFAULT")
     );
 }
+
+#[tokio::test]
+async fn sigterm_ends_event_streams_and_the_sidecar_exits_cleanly() {
+    let (mut sidecar, addr) = start(mock()).await;
+    let mut events = v2_client(&common::flagd::channel(&addr).await)
+        .event_stream(v2::EventStreamRequest {})
+        .await
+        .expect("EventStream")
+        .into_inner();
+    assert_eq!(next(&mut events).await.r#type, "provider_ready");
+    let status = tokio::task::spawn_blocking(move || sidecar.stop())
+        .await
+        .expect("stopped");
+    assert!(status.success(), "{status:?}");
+    let end = tokio::time::timeout(Duration::from_secs(10), events.message())
+        .await
+        .expect("the stream ends with the sidecar");
+    assert!(!matches!(end, Ok(Some(_))), "{end:?}");
+}
