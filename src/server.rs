@@ -48,6 +48,13 @@ pub enum ServeError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error(
+        "cannot listen for flagd on {addr} (--flagd-listen / CORESDK_FLAGD_LISTEN): {source}; choose another address, or off"
+    )]
+    FlagdBind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot listen for SIGTERM/SIGINT: {0}")]
     Signals(std::io::Error),
     #[error("reflection: {0}")]
@@ -180,17 +187,32 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 
     // Bound before the main listener announces itself: a start that cannot have its flagd
     // port fails before anyone is told it serves.
+    // A port taken at flagd's default address (a real flagd in the pod, another sidecar) must
+    // not stop a sidecar that was never asked for flagd: it serves without it, and says so. An
+    // address the operator chose is theirs to fix.
     let mut flagd = match state.config.flagd_listen {
-        Some(addr) => Some(
-            serve_flagd(
-                addr,
-                &state,
-                check.clone(),
-                in_flight.clone(),
-                shutdown_rx.clone(),
-            )
-            .await?,
-        ),
+        Some(addr) => match serve_flagd(
+            addr,
+            &state,
+            check.clone(),
+            in_flight.clone(),
+            shutdown_rx.clone(),
+        )
+        .await
+        {
+            Ok(flagd) => Some(flagd),
+            Err(ServeError::FlagdBind { addr, source })
+                if addr.to_string() == crate::settings::DEFAULT_FLAGD_LISTEN =>
+            {
+                tracing::warn!(
+                    %addr,
+                    error = %source,
+                    "flagd evaluation is not served: its default address is taken; set CORESDK_FLAGD_LISTEN to a free address, or off"
+                );
+                None
+            }
+            Err(e) => return Err(e),
+        },
         None => None,
     };
 
@@ -312,10 +334,10 @@ where
     use crate::flagd_proto::evaluation::{v1, v2};
     let listener = TcpListener::bind(addr)
         .await
-        .map_err(|source| ServeError::Bind { addr, source })?;
+        .map_err(|source| ServeError::FlagdBind { addr, source })?;
     let bound = listener
         .local_addr()
-        .map_err(|source| ServeError::Bind { addr, source })?;
+        .map_err(|source| ServeError::FlagdBind { addr, source })?;
     let evaluation = crate::openfeature::evaluation::Evaluation { app: state.clone() };
     // So grpcurl needs no local copy of flagd's protos either.
     let reflection = tonic_reflection::server::Builder::configure()

@@ -9,6 +9,9 @@ use clap::{ArgAction, Args, ValueEnum};
 
 use crate::auth::FailMode;
 
+/// flagd's own default evaluation port, so providers find the sidecar unconfigured.
+pub const DEFAULT_FLAGD_LISTEN: &str = "127.0.0.1:8013";
+
 pub const DEFAULT_STORE: &str = "sqlite://./coresdk-data/coresdk.db";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -43,7 +46,7 @@ pub struct ServeArgs {
     pub listen: SocketAddr,
     /// Address of the flagd evaluation service (`flagd.evaluation.v1` and `v2`) for
     /// OpenFeature's flagd providers in RPC mode, or `off`.
-    #[arg(long, env = "CORESDK_FLAGD_LISTEN", default_value = "127.0.0.1:8013")]
+    #[arg(long, env = "CORESDK_FLAGD_LISTEN", default_value = DEFAULT_FLAGD_LISTEN)]
     pub flagd_listen: OptionalListen,
     /// The evaluation-context attribute naming the tenant; without it, the `targetingKey` does.
     #[arg(

@@ -510,3 +510,63 @@ async fn sigterm_ends_event_streams_and_the_sidecar_exits_cleanly() {
         .expect("the stream ends with the sidecar");
     assert!(!matches!(end, Ok(Some(_))), "{end:?}");
 }
+
+/// An address the operator chose for flagd that is taken stops the start with a message that
+/// names the setting; flagd's default address taken (a real flagd in the pod) does not stop a
+/// sidecar that was never asked for flagd.
+#[tokio::test]
+async fn a_taken_flagd_address_fails_the_start_unless_it_is_the_default() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let taken = held.local_addr().expect("address").to_string();
+    let mut chosen = serve_command(
+        &["--mock".into()],
+        &[("CORESDK_FLAGD_LISTEN".into(), taken.clone())],
+        std::process::Stdio::piped(),
+    )
+    .spawn()
+    .expect("the coresdk binary starts");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = chosen.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = chosen.kill();
+            panic!("the sidecar kept running with its flagd address taken");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut chosen.stderr.take().expect("stderr"), &mut stderr)
+        .expect("stderr");
+    assert!(
+        stderr.contains(&format!("cannot listen for flagd on {taken}"))
+            && stderr.contains("CORESDK_FLAGD_LISTEN"),
+        "{stderr}"
+    );
+
+    // The default address: hold it (or find it held already) and the sidecar serves anyway.
+    let _default = std::net::TcpListener::bind(coresdk::settings::DEFAULT_FLAGD_LISTEN);
+    let (mut child, addr) = spawn_with_stderr(
+        &["--mock".into()],
+        &[(
+            "CORESDK_FLAGD_LISTEN".into(),
+            coresdk::settings::DEFAULT_FLAGD_LISTEN.into(),
+        )],
+        std::process::Stdio::null(),
+    );
+    let channel = connect(&addr).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let answer = health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("the sidecar serves without flagd")
+        .into_inner();
+    assert_eq!(
+        answer.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

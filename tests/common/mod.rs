@@ -126,7 +126,7 @@ pub fn spawn_with_stderr(
     (child, addr)
 }
 
-async fn connect(addr: &str) -> Channel {
+pub async fn connect(addr: &str) -> Channel {
     Channel::from_shared(format!("http://{addr}"))
         .expect("valid uri")
         .connect_timeout(Duration::from_secs(5))
