@@ -14,19 +14,27 @@ from openfeature.event import ProviderEvent
 from openfeature.exception import ErrorCode
 from openfeature.flag_evaluation import Reason
 
-from conftest import Sidecar, client_for, free_port, sign, stripe_event
+from conftest import Sidecar, client_for, sign, stripe_event
 
 
 @pytest.fixture
 def flagd(tmp_path: Path):
-    port = free_port()
-    process = Sidecar(tmp_path, {"CORESDK_FLAGD_LISTEN": f"127.0.0.1:{port}"})
+    # An ephemeral port, read from the line that follows the main listener's: no port to race for.
+    process = Sidecar(tmp_path, {"CORESDK_FLAGD_LISTEN": "127.0.0.1:0"})
     process.start()
-    provider = FlagdProvider(host="127.0.0.1", port=port, resolver_type=ResolverType.RPC, deadline_ms=5000)
-    api.set_provider_and_wait(provider)
-    yield process, api.get_client()
-    api.shutdown()
-    process.stop()
+    try:
+        assert process.process is not None and process.process.stdout is not None
+        line = process.process.stdout.readline()
+        assert line.startswith("coresdk flagd listening on "), line
+        port = int(line.rsplit(":", 1)[1])
+        provider = FlagdProvider(host="127.0.0.1", port=port, resolver_type=ResolverType.RPC, deadline_ms=5000)
+        api.set_provider_and_wait(provider)
+        try:
+            yield process, api.get_client()
+        finally:
+            api.shutdown()
+    finally:
+        process.stop()
 
 
 def tenant(tenant_id: str) -> EvaluationContext:
