@@ -124,10 +124,9 @@ impl v1::service_server::Service for Evaluation {
         let flags = cache
             .all_of(tenant.as_deref().unwrap_or(""))
             .into_iter()
-            // Keys and values come from the cache itself, so each resolves.
             .filter_map(|flag| {
                 let key = flag.key().to_owned();
-                let resolved = resolve(cache, tenant.as_deref(), &key).ok()?;
+                let resolved = Resolved::from(flag);
                 let value = match resolved.value {
                     FlagValue::Bool(b) => v1::any_flag::Value::BoolValue(b),
                     FlagValue::String(s) => v1::any_flag::Value::StringValue(s),

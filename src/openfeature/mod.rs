@@ -29,7 +29,10 @@ fn flag_not_found(key: &str) -> Status {
     flagd_error(
         Code::NotFound,
         "FLAG_NOT_FOUND",
-        format!("flag {key:?} is not in the catalog"),
+        format!(
+            "flag '{}' is not in the catalog",
+            crate::problem::quoted(key)
+        ),
     )
 }
 
@@ -84,18 +87,25 @@ pub fn resolve(cache: &FlagCache, tenant: Option<&str>, key: &str) -> Result<Res
     let flag = cache
         .get(tenant.unwrap_or(""), key)
         .map_err(|_| flag_not_found(key))?;
-    Ok(match flag {
-        Flag::Set(record) => Resolved {
-            value: record.value,
-            reason: TARGETING_MATCH,
-            variant: TENANT_VARIANT,
-        },
-        Flag::Default { value, .. } => Resolved {
-            value,
-            reason: DEFAULT,
-            variant: DEFAULT_VARIANT,
-        },
-    })
+    Ok(Resolved::from(flag))
+}
+
+impl From<Flag> for Resolved {
+    /// A tenant's own value is a targeting match; the catalog default is the default.
+    fn from(flag: Flag) -> Self {
+        match flag {
+            Flag::Set(record) => Resolved {
+                value: record.value,
+                reason: TARGETING_MATCH,
+                variant: TENANT_VARIANT,
+            },
+            Flag::Default { value, .. } => Resolved {
+                value,
+                reason: DEFAULT,
+                variant: DEFAULT_VARIANT,
+            },
+        }
+    }
 }
 
 pub fn as_bool(key: &str, value: &FlagValue) -> Result<bool, Status> {

@@ -48,6 +48,18 @@ async fn deliver(store: &Store, rules: &Arc<Rules>, event: StripeEvent) -> Webho
         .expect("applied")
 }
 
+/// An admin's `SetFlag` of one of acme's boolean flags, as ops@example.com.
+async fn admin_sets(store: &Store, key: &'static str, on: bool, reason: &'static str) {
+    let change = AdminChange {
+        actor: "ops@example.com",
+        reason,
+    };
+    store
+        .write(move |tx| set_flag(tx, "acme", key, FlagValue::Bool(on), &change, NOW_MS))
+        .await
+        .expect("set");
+}
+
 async fn pro(store: &Store) -> FlagRecord {
     store
         .read(|tx| Ok(tx.flag("acme", "pro_features")?))
@@ -93,23 +105,7 @@ async fn an_admin_override_keeps_the_whole_order() {
     );
     let mark: EventOrder = past_due.order();
     deliver(&store, &rules, past_due).await;
-    let change = AdminChange {
-        actor: "ops@example.com",
-        reason: "goodwill",
-    };
-    store
-        .write(move |tx| {
-            set_flag(
-                tx,
-                "acme",
-                "pro_features",
-                FlagValue::Bool(true),
-                &change,
-                NOW_MS,
-            )
-        })
-        .await
-        .expect("set");
+    admin_sets(&store, "pro_features", true, "goodwill").await;
     assert_eq!(pro(&store).await.order, mark);
     // Same second, but the invoice ranks before the subscription update: still stale, even
     // though its id sorts after (the rank decides before the id).
@@ -358,23 +354,7 @@ async fn a_stale_subscription_event_leaves_an_admin_override_alone() {
         "pro_monthly",
     );
     deliver(&store, &rules, newer).await;
-    let change = AdminChange {
-        actor: "ops@example.com",
-        reason: "goodwill",
-    };
-    store
-        .write(move |tx| {
-            set_flag(
-                tx,
-                "acme",
-                "pro_features",
-                FlagValue::Bool(true),
-                &change,
-                NOW_MS,
-            )
-        })
-        .await
-        .expect("set");
+    admin_sets(&store, "pro_features", true, "goodwill").await;
     let older = sub_event(
         "evt_1",
         "customer.subscription.updated",
@@ -401,23 +381,13 @@ async fn an_older_event_of_another_subscription_leaves_an_admin_override_alone()
         "pro_monthly",
     );
     deliver(&store, &rules, active_pro).await;
-    let change = AdminChange {
-        actor: "ops@example.com",
-        reason: "analytics off during the audit",
-    };
-    store
-        .write(move |tx| {
-            set_flag(
-                tx,
-                "acme",
-                "advanced_analytics",
-                FlagValue::Bool(false),
-                &change,
-                NOW_MS,
-            )
-        })
-        .await
-        .expect("set");
+    admin_sets(
+        &store,
+        "advanced_analytics",
+        false,
+        "analytics off during the audit",
+    )
+    .await;
     let older_other = sub_event(
         "evt_b",
         "customer.subscription.updated",
