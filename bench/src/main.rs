@@ -1,10 +1,11 @@
 //! Load benchmark for the sidecar. Starts the release binary on an ephemeral loopback port
 //! (or targets `--addr`), then measures in one run, against the same server:
 //! `grpc.health.v1.Health/Check` (the baseline: the cheapest call the server answers),
-//! `FlagService/GetFlag` (reported as a ratio to the baseline), durable webhook throughput
+//! `FlagService/GetFlag` and flagd's `ResolveBoolean` (reported as ratios to the baseline), durable webhook throughput
 //! on the embedded store with concurrent senders (invoices; then subscription updates, as a
 //! ratio to the invoices: the lifecycle rules and subscription objects at work); plus the server's RSS idle and
-//! at its peak under load; then the abuse phases (`abuse.rs`). All traffic stays on loopback,
+//! at its peak under load; how long a flag change takes to reach watchers (`WatchFlags`, flagd's
+//! `EventStream`; across replicas with PostgreSQL); then the abuse phases (`abuse.rs`). All traffic stays on loopback,
 //! bounded in time.
 #![forbid(unsafe_code)]
 
@@ -14,6 +15,7 @@ mod abuse;
 #[path = "../../tests/lifecycle/histories.rs"]
 #[allow(dead_code)]
 mod histories;
+mod openfeature;
 mod sidecar;
 
 use std::path::PathBuf;
@@ -34,6 +36,8 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 const SECRET: &str = "whsec_bench_secret";
 const JWT_SECRET: &str = "bench-jwt-secret-that-is-at-least-32-bytes";
 const TENANTS: usize = 64;
+
+type BoxError = Box<dyn std::error::Error>;
 
 #[derive(Parser)]
 #[command(about = "Benchmark the CoreSDK sidecar over loopback gRPC")]
@@ -198,60 +202,6 @@ fn signed_object_event(
     }
 }
 
-/// Milliseconds from sending a flag-changing webhook to replica A until replica C's
-/// `WatchFlags` stream delivers the change, `count` times.
-async fn propagation(
-    a: Channel,
-    c: Channel,
-    count: usize,
-) -> Result<Vec<f64>, Box<dyn std::error::Error>> {
-    use coresdk::proto::{WatchFlagsRequest, watch_flags_response::Event};
-    use tokio_stream::StreamExt as _;
-    let mut watch = FlagServiceClient::new(c)
-        .watch_flags(WatchFlagsRequest {
-            tenant_id: "tenant-1".into(),
-        })
-        .await?
-        .into_inner();
-    watch.next().await.ok_or("no snapshot")??;
-    let mut sender = WebhookServiceClient::new(a);
-    let mut latencies = Vec::with_capacity(count);
-    for n in 0..count {
-        let event_type = if n % 2 == 0 {
-            "invoice.payment_failed"
-        } else {
-            "invoice.paid"
-        };
-        // Created after every earlier bench event, so it is never stale.
-        let created = coresdk::time::now_s() + 10 + n as i64;
-        let delivery = signed_event(
-            format!("evt_prop_{}_{n}", std::process::id()),
-            event_type,
-            created,
-            "cus_bench_1",
-        );
-        let started = Instant::now();
-        let answer = sender.handle_stripe_webhook(delivery).await?.into_inner();
-        // Only a delivery that changed pro_features produces the change we wait for.
-        if !answer.flag_changes.iter().any(|c| c.key == "pro_features") {
-            continue;
-        }
-        loop {
-            let message = tokio::time::timeout(Duration::from_secs(5), watch.next())
-                .await?
-                .ok_or("the watch ended")??;
-            if let Some(Event::Change(flag)) = message.event
-                && flag.key == "pro_features"
-            {
-                break;
-            }
-        }
-        latencies.push(started.elapsed().as_secs_f64() * 1000.0);
-    }
-    latencies.sort_by(f64::total_cmp);
-    Ok(latencies)
-}
-
 /// An HS256 token for `tenant`, valid for an hour.
 fn bench_token(tenant: &str) -> Result<String, jsonwebtoken::errors::Error> {
     let claims = serde_json::json!({
@@ -370,6 +320,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     let channels = Arc::new(channels);
+    let flagd_addr = sidecar.as_ref().and_then(|s| s.sides.get("flagd").cloned());
+    let mut flagd_channels = Vec::new();
+    if let Some(flagd) = &flagd_addr {
+        for _ in 0..args.connections.max(1) {
+            flagd_channels.push(
+                Channel::from_shared(format!("http://{flagd}"))?
+                    .connect()
+                    .await?,
+            );
+        }
+    }
+    let flagd_channels = Arc::new(flagd_channels);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle_rss = pid.and_then(rss_kib);
 
@@ -452,6 +414,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut health: Option<Phase> = None;
     let mut get_flag: Option<Phase> = None;
     let mut authorize: Option<Phase> = None;
+    let mut resolve_boolean: Option<Phase> = None;
+    let resolve_boolean_call = openfeature::resolve_boolean_call(flagd_channels.clone());
     for i in 0..rounds {
         let warm_up = if i == 0 {
             Duration::from_secs(1)
@@ -482,6 +446,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             authorize_call.clone(),
         )
         .await;
+        if !flagd_channels.is_empty() {
+            let r = run_phase(
+                "flagd v2 ResolveBoolean",
+                args.read_concurrency,
+                warm_up,
+                round,
+                resolve_boolean_call.clone(),
+            )
+            .await;
+            resolve_boolean = Some(match resolve_boolean {
+                Some(p) => p.merge(r),
+                None => r,
+            });
+        }
         authorize = Some(match authorize {
             Some(p) => p.merge(a),
             None => a,
@@ -501,6 +479,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     print_phase(&health, None);
     print_phase(&get_flag, Some(&health));
     print_phase(&authorize, Some(&health));
+    match &resolve_boolean {
+        Some(resolve_boolean) => print_phase(resolve_boolean, Some(&health)),
+        None => println!("flagd v2 ResolveBoolean: skipped (the sidecar has no flagd listener)"),
+    }
 
     let peak_rss = Arc::new(AtomicU64::new(0));
     let sampling = Arc::new(AtomicBool::new(true));
@@ -581,14 +563,33 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let c = Channel::from_shared(format!("http://{}", other.addr))?
             .connect()
             .await?;
-        let latencies = propagation(a, c, 200).await?;
-        let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
-        println!(
-            "cross-replica propagation (webhook committed on A → change on C's WatchFlags): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} changes",
-            pct(0.5),
-            pct(0.99),
-            latencies[latencies.len() - 1],
-            latencies.len()
+        let mut watch = openfeature::WatchFlags::open(c).await?;
+        let latencies = openfeature::change_latencies(a.clone(), &mut watch, 200, "prop").await?;
+        openfeature::print_latencies(
+            "cross-replica propagation (webhook committed on A → change on C's WatchFlags)",
+            &latencies,
+        );
+        if let Some(flagd) = other.sides.get("flagd") {
+            let flagd = Channel::from_shared(format!("http://{flagd}"))?
+                .connect()
+                .await?;
+            let mut events = openfeature::EventStream::open(flagd).await?;
+            let latencies =
+                openfeature::change_latencies(a, &mut events, 200, "prop_flagd").await?;
+            openfeature::print_latencies(
+                "cross-replica change to provider (webhook committed on A → configuration_change on C's flagd EventStream)",
+                &latencies,
+            );
+        }
+    }
+
+    if let Some(flagd) = flagd_channels.first() {
+        let mut events = openfeature::EventStream::open(flagd.clone()).await?;
+        let latencies =
+            openfeature::change_latencies(channels[0].clone(), &mut events, 200, "flagd").await?;
+        openfeature::print_latencies(
+            "change to provider (webhook → configuration_change on flagd EventStream)",
+            &latencies,
         );
     }
 

@@ -1,8 +1,11 @@
 //! The sidecar under test: started from the release binary beside this one, with its store in
 //! a temporary directory, and stopped with SIGTERM when dropped.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use crate::{JWT_SECRET, SECRET, TENANTS};
 
@@ -21,6 +24,9 @@ pub fn sidecar_binary(given: Option<&Path>) -> Result<PathBuf, Box<dyn std::erro
 pub struct Sidecar {
     pub child: Child,
     pub addr: String,
+    /// The OpenFeature listeners it announced, by name (`flagd`, `flagd-sync`, `ofrep`); an
+    /// older sidecar has none.
+    pub sides: HashMap<String, String>,
     _dir: tempfile::TempDir,
 }
 
@@ -66,27 +72,46 @@ pub fn start_sidecar(
         .env("STRIPE_WEBHOOK_SECRET", SECRET)
         .env("CORESDK_JWT_SECRET", JWT_SECRET)
         .env("CORESDK_LOG", "error")
-        // Several sidecars may run at once: none takes flagd's fixed default port.
-        .env("CORESDK_FLAGD_LISTEN", "off")
+        // Several sidecars may run at once: each OpenFeature listener takes an ephemeral port
+        // (through the environment, which an older sidecar without them ignores).
+        .env("CORESDK_FLAGD_LISTEN", "127.0.0.1:0")
+        .env("CORESDK_FLAGD_SYNC_LISTEN", "127.0.0.1:0")
+        .env("CORESDK_OFREP_LISTEN", "127.0.0.1:0")
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
     let stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
+    let (lines_tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            // Nobody listens any more once the addresses are known: keep draining.
+            let _ = lines_tx.send(line);
+        }
+    });
     let addr = loop {
-        match lines.next() {
-            Some(Ok(line)) => {
+        match lines.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => {
                 if let Some(addr) = line.strip_prefix("coresdk listening on ") {
                     break addr.to_owned();
                 }
             }
-            _ => return Err("the sidecar exited before listening".into()),
+            Err(_) => return Err("the sidecar exited (or hung) before listening".into()),
         }
     };
-    std::thread::spawn(move || for _ in lines {});
+    // The side listeners' lines follow the main one at once, when the sidecar has them.
+    let mut sides = HashMap::new();
+    while let Ok(line) = lines.recv_timeout(Duration::from_millis(300)) {
+        if let Some((name, side)) = line
+            .strip_prefix("coresdk ")
+            .and_then(|rest| rest.split_once(" listening on "))
+        {
+            sides.insert(name.to_owned(), side.to_owned());
+        }
+    }
     Ok(Sidecar {
         child,
         addr,
+        sides,
         _dir: dir,
     })
 }
