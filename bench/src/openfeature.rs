@@ -30,12 +30,14 @@ fn tenant_context(tenant: &str) -> Struct {
     }
 }
 
+/// One bench call's outcome, boxed so a phase's calls share one type.
+pub type Call = std::pin::Pin<Box<dyn Future<Output = bool> + Send>>;
+
 /// `ResolveBoolean(pro_features)` for the same tenants `GetFlag` reads, spread over the flagd
 /// listener's connections.
 pub fn resolve_boolean_call(
     channels: Arc<Vec<Channel>>,
-) -> Arc<impl Fn(usize, u64) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>
-{
+) -> Arc<impl Fn(usize, u64) -> Call + Send + Sync> {
     let contexts: Arc<Vec<Struct>> = Arc::new(
         (0..TENANTS)
             .map(|i| tenant_context(&format!("tenant-{i}")))
@@ -52,7 +54,7 @@ pub fn resolve_boolean_call(
                 })
                 .await
                 .is_ok()
-        }) as std::pin::Pin<Box<dyn Future<Output = bool> + Send>>
+        }) as Call
     })
 }
 
