@@ -39,6 +39,9 @@ const TENANTS: usize = 64;
 
 type BoxError = Box<dyn std::error::Error>;
 
+/// The server the bench started, whose CPU time each phase reports.
+static SERVER_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
 #[derive(Parser)]
 #[command(about = "Benchmark the CoreSDK sidecar over loopback gRPC")]
 struct Args {
@@ -118,6 +121,8 @@ struct Phase {
     errors: u64,
     elapsed: Duration,
     latencies_us: Vec<u32>,
+    /// CPU seconds the server spent while the phase was measured (when the bench started it).
+    server_cpu_s: Option<f64>,
 }
 
 impl Phase {
@@ -127,11 +132,23 @@ impl Phase {
         self.elapsed += other.elapsed;
         self.latencies_us.extend(other.latencies_us);
         self.latencies_us.sort_unstable();
+        self.server_cpu_s = self
+            .server_cpu_s
+            .zip(other.server_cpu_s)
+            .map(|(a, b)| a + b);
         self
     }
 
     fn throughput(&self) -> f64 {
         self.calls as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// Calls per second of server CPU: the throughput one fully busy server core would give
+    /// (the bench client shares the machine, so the wall-clock rate understates it).
+    fn per_server_core(&self) -> Option<f64> {
+        self.server_cpu_s
+            .filter(|cpu| *cpu > 0.0)
+            .map(|cpu| self.calls as f64 / cpu)
     }
 
     fn percentile(&self, p: f64) -> f64 {
@@ -257,11 +274,16 @@ where
         }));
     }
     tokio::time::sleep(warm_up).await;
+    let server = SERVER_PID.get().copied();
+    let cpu_before = server.and_then(sidecar::cpu_seconds);
     measuring.store(true, Ordering::Relaxed);
     let started = Instant::now();
     tokio::time::sleep(measured).await;
     measuring.store(false, Ordering::Relaxed);
     let elapsed = started.elapsed();
+    let server_cpu_s = cpu_before
+        .zip(server.and_then(sidecar::cpu_seconds))
+        .map(|(before, after)| after - before);
     stop.store(true, Ordering::Relaxed);
     let mut latencies_us = Vec::new();
     for task in tasks {
@@ -274,6 +296,7 @@ where
         errors: errors.load(Ordering::Relaxed),
         elapsed,
         latencies_us,
+        server_cpu_s,
     }
 }
 
@@ -281,14 +304,19 @@ fn print_phase(phase: &Phase, baseline: Option<&Phase>) {
     let ratio = baseline
         .map(|b| format!("{:.2}x", phase.throughput() / b.throughput()))
         .unwrap_or_else(|| "baseline".into());
+    let per_core = phase
+        .per_server_core()
+        .map(|rate| format!("  ({rate:.0}/s per server core)"))
+        .unwrap_or_default();
     println!(
-        "{:<28} {:>10.0}/s  p50 {:>7.3} ms  p99 {:>7.3} ms  errors {:>5}  {}",
+        "{:<28} {:>10.0}/s  p50 {:>7.3} ms  p99 {:>7.3} ms  errors {:>5}  {}{}",
         phase.name,
         phase.throughput(),
         phase.percentile(0.50),
         phase.percentile(0.99),
         phase.errors,
-        ratio
+        ratio,
+        per_core
     );
 }
 
@@ -311,6 +339,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         (None, None) => return Err("no address".into()),
     };
     let pid = sidecar.as_ref().map(|s| s.child.id());
+    if let Some(pid) = pid {
+        let _ = SERVER_PID.set(pid);
+    }
     let mut channels = Vec::new();
     for _ in 0..args.connections.max(1) {
         channels.push(
