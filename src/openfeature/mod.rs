@@ -4,6 +4,7 @@
 
 pub mod evaluation;
 pub mod events;
+pub mod ofrep;
 
 use prost_types::{Struct, value::Kind};
 use serde_json::Value as Json;
