@@ -410,16 +410,28 @@ where
     }))
 }
 
-/// flagd's sync service (`flagd.sync.v1`) for in-process providers.
+/// flagd's sync service (`flagd.sync.v1`) for in-process providers, with the main listener's
+/// TLS and API token.
 fn serve_flagd_sync<C>(side: Side<C>) -> Result<ServerTask, ServeError>
 where
     C: tonic::service::Interceptor + Clone + Send + Sync + 'static,
 {
-    // PLUMBING PLACEHOLDER: the sync slice replaces this body.
-    let _ = side;
-    Err(ServeError::Signals(std::io::Error::other(
-        "flagd sync is not built yet",
-    )))
+    use crate::flagd_proto::sync::v1::flag_sync_service_server::FlagSyncServiceServer;
+    let sync = crate::openfeature::sync::Sync::start(side.state.clone());
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::flagd_proto::sync::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let stopping = side.stopping();
+    let router = server_builder(&side.state.config)?
+        .layer(side.in_flight)
+        .add_service(InterceptedService::new(reflection, side.check.clone()))
+        .add_service(FlagSyncServiceServer::with_interceptor(sync, side.check));
+    let incoming = TcpIncoming::from(side.listener).with_nodelay(Some(true));
+    Ok(tokio::spawn(async move {
+        Ok(router
+            .serve_with_incoming_shutdown(incoming, stopping)
+            .await?)
+    }))
 }
 
 /// Services that need the database report NOT_SERVING while it is unreachable; the server as

@@ -4,6 +4,7 @@
 pub mod abuse;
 pub mod audit;
 pub mod flagd;
+pub mod flagd_sync;
 pub mod inputs;
 pub mod mapping;
 pub mod parking;
