@@ -454,3 +454,49 @@ async fn sigterm_ends_sync_streams_and_the_sidecar_exits_cleanly() {
         assert!(!matches!(end, Ok(Some(_))), "{end:?}");
     }
 }
+
+/// A webhook applied by one replica reaches the sync streams of another through the store's
+/// change feed.
+#[tokio::test]
+async fn a_webhook_through_one_replica_reaches_sync_streams_on_another() {
+    let url = common::pg::fresh_database(common::pg::server_url()).await;
+    let options = common::pg::replica_options(&url);
+    let (_syncing, addr) = start(options.clone()).await;
+    let other = Sidecar::start(options).await;
+    let mut all = subscribe(&addr, tonic::Request::new(SyncFlagsRequest::default())).await;
+    let mut acme = subscribe(
+        &addr,
+        with_header(
+            SyncFlagsRequest::default(),
+            "flagd-selector",
+            "tenant=acme-corp",
+        ),
+    )
+    .await;
+    assert_eq!(
+        value_for(&next(&mut all).await, "pro_features", "acme-corp"),
+        Some(json!(false))
+    );
+    next(&mut acme).await;
+
+    deliver(
+        &other,
+        event(
+            "evt_sync_replica",
+            "invoice.paid",
+            now(),
+            json!({"id": "in_1", "customer": "cus_acme_001"}),
+        ),
+    )
+    .await
+    .expect("invoice.paid accepted by the other replica");
+
+    next_where(&mut all, |d| {
+        value_for(d, "pro_features", "acme-corp") == Some(json!(true))
+    })
+    .await;
+    next_where(&mut acme, |d| {
+        d["flags"]["pro_features"]["variants"]["tenant"] == json!(true)
+    })
+    .await;
+}
