@@ -4,53 +4,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::flagd_sync::{client, start};
+use common::flagd_sync::{client, mock, pay, set, start};
 use common::*;
 use coresdk::flagd_proto::sync::v1::{
     FetchAllFlagsRequest, GetMetadataRequest, SyncFlagsRequest, SyncFlagsResponse,
 };
-use coresdk::proto::{self, flag_value::Kind};
+use coresdk::proto::flag_value::Kind;
 use serde_json::{Value as Json, json};
 use tonic::Code;
-
-const MOCK_SECRET: &str = "whsec_test_secret";
-
-fn mock() -> Options {
-    Options {
-        args: vec!["--mock".into()],
-        envs: Vec::new(),
-    }
-}
-
-async fn pay(sidecar: &Sidecar, id: &str, customer: &str) {
-    sidecar
-        .webhooks()
-        .handle_stripe_webhook(signed(
-            MOCK_SECRET,
-            event(
-                id,
-                "invoice.paid",
-                now(),
-                json!({"id": "in_1", "customer": customer}),
-            ),
-        ))
-        .await
-        .expect("invoice.paid accepted");
-}
-
-async fn set(sidecar: &Sidecar, tenant: &str, key: &str, kind: Kind) {
-    sidecar
-        .flags()
-        .set_flag(admin(proto::SetFlagRequest {
-            tenant_id: tenant.into(),
-            key: key.into(),
-            value: Some(proto::FlagValue { kind: Some(kind) }),
-            actor: "ops@example.com".into(),
-            reason: String::new(),
-        }))
-        .await
-        .expect("SetFlag");
-}
 
 fn with_header<T>(message: T, name: &'static str, value: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
@@ -70,6 +31,20 @@ async fn subscribe(
         .await
         .expect("SyncFlags")
         .into_inner()
+}
+
+async fn subscribe_all(addr: &str) -> tonic::Streaming<SyncFlagsResponse> {
+    subscribe(addr, tonic::Request::new(SyncFlagsRequest::default())).await
+}
+
+/// With the selector in the `flagd-selector` header, as current providers send it.
+async fn subscribe_tenant(addr: &str, tenant: &str) -> tonic::Streaming<SyncFlagsResponse> {
+    let selector = format!("tenant={tenant}");
+    subscribe(
+        addr,
+        with_header(SyncFlagsRequest::default(), "flagd-selector", &selector),
+    )
+    .await
 }
 
 /// The next configuration on the stream, parsed.
@@ -171,7 +146,7 @@ fn assert_flagd_shape(document: &Json) {
 #[tokio::test]
 async fn a_subscriber_gets_the_configuration_then_a_new_one_after_a_webhook() {
     let (sidecar, addr) = start(mock()).await;
-    let mut stream = subscribe(&addr, tonic::Request::new(SyncFlagsRequest::default())).await;
+    let mut stream = subscribe_all(&addr).await;
 
     let first = next(&mut stream).await;
     assert_flagd_shape(&first);
@@ -222,20 +197,10 @@ async fn numbers_objects_and_tenant_only_keys_survive_as_variants() {
         &sidecar,
         "acme-corp",
         "limits",
-        Kind::JsonValue(prost_types::Value {
-            kind: Some(prost_types::value::Kind::StructValue(prost_types::Struct {
-                fields: [(
-                    "max".to_owned(),
-                    prost_types::Value {
-                        kind: Some(prost_types::value::Kind::NumberValue(3.0)),
-                    },
-                )]
-                .into(),
-            })),
-        }),
+        Kind::JsonValue(coresdk::api::convert::to_proto_value(&json!({"max": 3}))),
     )
     .await;
-    let mut stream = subscribe(&addr, tonic::Request::new(SyncFlagsRequest::default())).await;
+    let mut stream = subscribe_all(&addr).await;
     // The changes may still be on their way into the shared configuration.
     let document = next_where(&mut stream, |d| {
         d["flags"]["seats"]["variants"].as_object().map(|v| v.len()) == Some(2)
@@ -262,15 +227,7 @@ async fn numbers_objects_and_tenant_only_keys_survive_as_variants() {
 #[tokio::test]
 async fn a_tenant_selector_in_the_header_or_the_field_gives_static_flags() {
     let (sidecar, addr) = start(mock()).await;
-    let mut by_header = subscribe(
-        &addr,
-        with_header(
-            SyncFlagsRequest::default(),
-            "flagd-selector",
-            "tenant=acme-corp",
-        ),
-    )
-    .await;
+    let mut by_header = subscribe_tenant(&addr, "acme-corp").await;
     #[allow(deprecated)]
     let mut by_field = subscribe(
         &addr,
@@ -394,7 +351,7 @@ async fn sync_streams_count_against_max_streams() {
     let mut options = mock();
     options.args.extend(["--max-streams".into(), "1".into()]);
     let (_sidecar, addr) = start(options).await;
-    let mut stream = subscribe(&addr, tonic::Request::new(SyncFlagsRequest::default())).await;
+    let mut stream = subscribe_all(&addr).await;
     next(&mut stream).await;
     let refused = client(&addr)
         .await
@@ -431,16 +388,8 @@ async fn sync_streams_count_against_max_streams() {
 #[tokio::test]
 async fn sigterm_ends_sync_streams_and_the_sidecar_exits_cleanly() {
     let (mut sidecar, addr) = start(mock()).await;
-    let mut all = subscribe(&addr, tonic::Request::new(SyncFlagsRequest::default())).await;
-    let mut one = subscribe(
-        &addr,
-        with_header(
-            SyncFlagsRequest::default(),
-            "flagd-selector",
-            "tenant=globex",
-        ),
-    )
-    .await;
+    let mut all = subscribe_all(&addr).await;
+    let mut one = subscribe_tenant(&addr, "globex").await;
     next(&mut all).await;
     next(&mut one).await;
     let status = tokio::task::spawn_blocking(move || sidecar.stop())
@@ -463,16 +412,8 @@ async fn a_webhook_through_one_replica_reaches_sync_streams_on_another() {
     let options = common::pg::replica_options(&url);
     let (_syncing, addr) = start(options.clone()).await;
     let other = Sidecar::start(options).await;
-    let mut all = subscribe(&addr, tonic::Request::new(SyncFlagsRequest::default())).await;
-    let mut acme = subscribe(
-        &addr,
-        with_header(
-            SyncFlagsRequest::default(),
-            "flagd-selector",
-            "tenant=acme-corp",
-        ),
-    )
-    .await;
+    let mut all = subscribe_all(&addr).await;
+    let mut acme = subscribe_tenant(&addr, "acme-corp").await;
     assert_eq!(
         value_for(&next(&mut all).await, "pro_features", "acme-corp"),
         Some(json!(false))

@@ -154,12 +154,14 @@ struct Group<'a> {
 /// the evaluation service.
 pub fn document(cache: &FlagCache, tenant_attribute: &str) -> String {
     let stored = cache.snapshot("");
-    let defaults = cache.defaults();
-    // Per key, per value (by its JSON text, so equal values group whatever their origin).
-    let mut groups: BTreeMap<&str, BTreeMap<String, Group<'_>>> = defaults
+    let catalog = cache.defaults();
+    let defaults: BTreeMap<&str, &FlagValue> = catalog
         .iter()
-        .map(|flag| (flag.key(), BTreeMap::new()))
+        .map(|flag| (flag.key(), flag.value()))
         .collect();
+    // Per key, per value (by its JSON text, so equal values group whatever their origin).
+    let mut groups: BTreeMap<&str, BTreeMap<String, Group<'_>>> =
+        defaults.keys().map(|key| (*key, BTreeMap::new())).collect();
     for flag in &stored {
         let value = variant_value(flag.value());
         let group = groups
@@ -177,12 +179,8 @@ pub fn document(cache: &FlagCache, tenant_attribute: &str) -> String {
         .into_iter()
         .map(|(key, by_value)| {
             let mut variants = BTreeMap::new();
-            let default = defaults
-                .iter()
-                .find(|flag| flag.key() == key)
-                .map(|flag| variant_value(flag.value()));
-            let default_variant = default.map(|value| {
-                variants.insert(DEFAULT_VARIANT.to_owned(), value);
+            let default_variant = defaults.get(key).map(|value| {
+                variants.insert(DEFAULT_VARIANT.to_owned(), variant_value(value));
                 DEFAULT_VARIANT
             });
             let mut branches = Vec::with_capacity(by_value.len() * 2 + 1);
