@@ -441,3 +441,53 @@ async fn a_webhook_through_one_replica_reaches_sync_streams_on_another() {
     })
     .await;
 }
+
+/// Reflection there lists the sync service, and not the evaluation services it does not serve.
+#[tokio::test]
+async fn reflection_on_the_sync_listener_lists_the_sync_service() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let (_sidecar, addr) = start(mock()).await;
+    let mut client = ServerReflectionClient::new(common::flagd::channel(&addr).await);
+    let list = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let answer = client
+        .server_reflection_info(tokio_stream::iter([list]))
+        .await
+        .expect("reflection")
+        .into_inner()
+        .message()
+        .await
+        .expect("an answer")
+        .and_then(|r| r.message_response);
+    let Some(MessageResponse::ListServicesResponse(list)) = answer else {
+        panic!("not a service list: {answer:?}")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.iter().any(|n| n == "flagd.sync.v1.FlagSyncService"),
+        "{names:?}"
+    );
+    assert!(
+        !names.iter().any(|n| n.starts_with("flagd.evaluation")),
+        "{names:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_renamed_tenant_attribute_is_the_one_targeting_reads() {
+    let mut options = mock();
+    options
+        .args
+        .extend(["--openfeature-tenant-attribute".into(), "org".into()]);
+    let (_sidecar, addr) = start(options).await;
+    let document = next(&mut subscribe_all(&addr).await).await;
+    assert_eq!(
+        document["$evaluators"]["tenant"],
+        json!({"if": [{"var": "org"}, {"var": "org"}, {"var": "targetingKey"}]})
+    );
+}
