@@ -330,7 +330,7 @@ impl FlagSyncService for Sync {
     type SyncFlagsStream = ResponseStream<SyncFlagsResponse>;
 
     /// The configuration at once, then the latest one after every change. Counted against
-    /// `--max-streams`; ends at shutdown.
+    /// `--max-streams`; ends at shutdown with UNAVAILABLE.
     async fn sync_flags(
         &self,
         request: Request<SyncFlagsRequest>,
@@ -357,7 +357,14 @@ impl FlagSyncService for Sync {
             })
             .take_until(async move {
                 let _ = shutdown.wait_for(|stop| *stop).await;
-            });
+            })
+            // An error, not a clean end: the providers reconnect after an error, and some
+            // (Node's) never after a stream that ended OK.
+            .chain(futures_util::stream::once(async {
+                Err(Status::unavailable(
+                    "the sidecar is shutting down; reconnect to its next instance",
+                ))
+            }));
         Ok(Response::new(Box::pin(stream)))
     }
 
