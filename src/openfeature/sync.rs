@@ -306,6 +306,34 @@ fn follow(app: &SharedApp, selector: Selector) -> watch::Receiver<Arc<str>> {
     receiver
 }
 
+/// A `SyncFlags` stream: the current document, then the latest one whenever the reader is
+/// ready for more, so a slow reader skips documents instead of queueing them. It holds
+/// `slot` while it lives, and ends at shutdown with UNAVAILABLE rather than a clean end: the
+/// providers reconnect after an error, and some (Node's) never after a stream that ended OK.
+fn responses<S: Send + 'static>(
+    documents: watch::Receiver<Arc<str>>,
+    slot: S,
+    mut shutdown: watch::Receiver<bool>,
+) -> ResponseStream<SyncFlagsResponse> {
+    let stream = WatchStream::new(documents)
+        .map(move |document| {
+            let _slot = &slot;
+            Ok(SyncFlagsResponse {
+                flag_configuration: document.to_string(),
+                sync_context: None,
+            })
+        })
+        .take_until(async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
+        .chain(futures_util::stream::once(async {
+            Err(Status::unavailable(
+                "the sidecar is shutting down; reconnect to its next instance",
+            ))
+        }));
+    Box::pin(stream)
+}
+
 /// The sync service. Every all-tenants stream reads the one shared document.
 #[derive(Clone)]
 pub struct Sync {
@@ -345,27 +373,11 @@ impl FlagSyncService for Sync {
             Selector::All => self.all.clone(),
             Selector::Tenant(_) => follow(&self.app, selector),
         };
-        let mut shutdown = self.app.shutdown.clone();
-        let stream = WatchStream::new(documents)
-            .map(move |document| {
-                // The stream holds its slot for as long as it lives.
-                let _slot = &slot;
-                Ok(SyncFlagsResponse {
-                    flag_configuration: document.to_string(),
-                    sync_context: None,
-                })
-            })
-            .take_until(async move {
-                let _ = shutdown.wait_for(|stop| *stop).await;
-            })
-            // An error, not a clean end: the providers reconnect after an error, and some
-            // (Node's) never after a stream that ended OK.
-            .chain(futures_util::stream::once(async {
-                Err(Status::unavailable(
-                    "the sidecar is shutting down; reconnect to its next instance",
-                ))
-            }));
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(responses(
+            documents,
+            slot,
+            self.app.shutdown.clone(),
+        )))
     }
 
     async fn fetch_all_flags(
@@ -488,6 +500,33 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    /// A reader that falls behind gets the newest document next, not the ones it missed;
+    /// at shutdown the stream ends with UNAVAILABLE and gives its slot back.
+    #[tokio::test]
+    async fn a_slow_reader_skips_to_the_latest_document() {
+        let (sender, documents) = watch::channel(Arc::from("0"));
+        let (stop, shutdown) = watch::channel(false);
+        let slots = Arc::new(tokio::sync::Semaphore::new(1));
+        let slot = slots.clone().try_acquire_owned().expect("a slot");
+        let mut stream = responses(documents, slot, shutdown);
+        let first = stream.next().await.and_then(Result::ok);
+        assert_eq!(first.map(|r| r.flag_configuration), Some("0".to_owned()));
+        for n in 1..=1000 {
+            sender.send_replace(Arc::from(n.to_string()));
+        }
+        let next = stream.next().await.and_then(Result::ok);
+        assert_eq!(next.map(|r| r.flag_configuration), Some("1000".to_owned()));
+        stop.send_replace(true);
+        let end = stream.next().await;
+        assert_eq!(
+            end.and_then(Result::err).map(|s| s.code()),
+            Some(tonic::Code::Unavailable)
+        );
+        assert!(stream.next().await.is_none());
+        drop(stream);
+        assert_eq!(slots.available_permits(), 1);
     }
 
     /// A tenant's stream hears a burst of its changes, and ends up at their final state.
