@@ -101,12 +101,12 @@ impl Selector {
 struct Document<'a> {
     #[serde(rename = "$evaluators", skip_serializing_if = "Option::is_none")]
     evaluators: Option<Json>,
-    flags: BTreeMap<&'a str, Definition>,
+    flags: BTreeMap<&'a str, Definition<'a>>,
 }
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct Definition {
+struct Definition<'a> {
     state: &'static str,
     variants: BTreeMap<String, Json>,
     /// Absent for a key the catalog lacks: the provider then answers the caller's default,
@@ -115,7 +115,33 @@ struct Definition {
     #[serde(skip_serializing_if = "Option::is_none")]
     default_variant: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    targeting: Option<Json>,
+    targeting: Option<Targeting<'a>>,
+}
+
+/// `{"if": [{"in": [{"$ref": "tenant"}, [<ids>]]}, "<variant>", …, null]}`: the variant of
+/// the list that names the tenant; `null` (the default variant, reason DEFAULT) for none.
+#[derive(Serialize)]
+struct Targeting<'a> {
+    #[serde(rename = "if")]
+    branches: Vec<Branch<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Branch<'a> {
+    Listed {
+        #[serde(rename = "in")]
+        within: (TenantReference, Vec<&'a str>),
+    },
+    Variant(String),
+    Otherwise(()),
+}
+
+/// `{"$ref": "tenant"}`: the shared tenant expression.
+#[derive(Serialize)]
+struct TenantReference {
+    #[serde(rename = "$ref")]
+    reference: &'static str,
 }
 
 /// A value as a flagd variant: integral numbers stay integers, so that a provider's integer
@@ -174,7 +200,6 @@ pub fn document(cache: &FlagCache, tenant_attribute: &str) -> String {
             });
         group.tenants.push(flag.tenant_id());
     }
-    let reference = json!({ "$ref": TENANT_EVALUATOR });
     let flags = groups
         .into_iter()
         .map(|(key, by_value)| {
@@ -186,17 +211,21 @@ pub fn document(cache: &FlagCache, tenant_attribute: &str) -> String {
             let mut branches = Vec::with_capacity(by_value.len() * 2 + 1);
             for (n, group) in by_value.into_values().enumerate() {
                 let name = format!("{TENANT_VARIANT}-{}", n + 1);
-                branches.push(json!({"in": [reference, group.tenants]}));
-                branches.push(Json::String(name.clone()));
+                let reference = TenantReference {
+                    reference: TENANT_EVALUATOR,
+                };
+                branches.push(Branch::Listed {
+                    within: (reference, group.tenants),
+                });
+                branches.push(Branch::Variant(name.clone()));
                 variants.insert(name, group.value);
             }
-            // No match falls through to `null`: the default variant, reason DEFAULT.
-            branches.push(Json::Null);
+            branches.push(Branch::Otherwise(()));
             let definition = Definition {
                 state: "ENABLED",
                 variants,
                 default_variant,
-                targeting: Some(json!({ "if": branches })),
+                targeting: Some(Targeting { branches }),
             };
             (key, definition)
         })
@@ -205,8 +234,7 @@ pub fn document(cache: &FlagCache, tenant_attribute: &str) -> String {
         evaluators: Some(json!({ TENANT_EVALUATOR: tenant_expression(tenant_attribute) })),
         flags,
     };
-    // Maps with string keys and JSON values always serialize.
-    serde_json::to_string(&document).unwrap_or_default()
+    serialize(&document)
 }
 
 /// One tenant's configuration: its flags (catalog defaults included) as static flags, the
@@ -232,7 +260,12 @@ pub fn tenant_document(cache: &FlagCache, tenant: &str) -> String {
             })
             .collect(),
     };
-    serde_json::to_string(&document).unwrap_or_default()
+    serialize(&document)
+}
+
+fn serialize(document: &Document<'_>) -> String {
+    // Only string-keyed maps, strings and JSON values: serializing cannot fail.
+    serde_json::to_string(document).unwrap_or_default()
 }
 
 /// Keeps `sender` at the current configuration of `selector`: after each burst of changes
