@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use common::flagd_sync::{client, mock, pay, set, start};
 use common::*;
+use coresdk::flagd_proto::sync::v1::flag_sync_service_client::FlagSyncServiceClient;
 use coresdk::flagd_proto::sync::v1::{
     FetchAllFlagsRequest, GetMetadataRequest, SyncFlagsRequest, SyncFlagsResponse,
 };
@@ -495,4 +496,43 @@ async fn the_renamed_tenant_attribute_is_the_one_targeting_reads() {
         document["$evaluators"]["tenant"],
         json!({"if": [{"var": "org"}, {"var": "org"}, {"var": "targetingKey"}]})
     );
+}
+
+#[tokio::test]
+async fn the_sync_listener_serves_tls_when_the_main_one_does() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    fixture("mint_certs.py", dir.path());
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let (child, _, mut sides) = common::flagd::spawn_with_sides(
+        &[coresdk::settings::SideListener::FlagdSync],
+        &[
+            "--mock".to_owned(),
+            "--tls-cert-file".to_owned(),
+            path("server.pem"),
+            "--tls-key-file".to_owned(),
+            path("server.key"),
+        ],
+        &[],
+    );
+    let _running = common::inputs::Running(child);
+    let addr = sides.remove(0);
+    let ca = std::fs::read(path("ca.pem")).expect("ca.pem");
+    let channel = tonic::transport::Channel::from_shared(format!("https://{addr}"))
+        .expect("valid uri")
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                .domain_name("localhost"),
+        )
+        .expect("tls config")
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("a TLS connection to the sync listener");
+    let mut stream = FlagSyncServiceClient::new(channel)
+        .sync_flags(SyncFlagsRequest::default())
+        .await
+        .expect("SyncFlags over TLS")
+        .into_inner();
+    assert_flagd_shape(&next(&mut stream).await);
 }
