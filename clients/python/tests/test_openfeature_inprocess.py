@@ -12,7 +12,7 @@ from openfeature.client import OpenFeatureClient
 from openfeature.contrib.provider.flagd import FlagdProvider
 from openfeature.contrib.provider.flagd.config import ResolverType
 from openfeature.evaluation_context import EvaluationContext
-from openfeature.exception import ErrorCode
+from openfeature.exception import ErrorCode, ProviderFatalError
 from openfeature.flag_evaluation import FlagEvaluationDetails, Reason
 
 from conftest import Sidecar, client_for, free_port, sign, stripe_event
@@ -150,6 +150,13 @@ def test_a_tenant_selector_gives_that_tenants_flags_without_context(synced):
     eventually(lambda: acme.get_boolean_details("pro_features", False), (True, Reason.STATIC))
     paywall = acme.get_boolean_details("paywall_active", True)
     assert (paywall.value, paywall.reason) == (False, Reason.STATIC)
+
+
+def test_a_selector_the_sidecar_does_not_serve_is_refused_as_an_invalid_argument(synced):
+    # Providers retry sync errors unless told a code is fatal; then the refusal is immediate.
+    bad = in_process(synced.sync_port, selector="source=database", fatal_status_codes=["INVALID_ARGUMENT"])
+    with pytest.raises(ProviderFatalError):
+        api.set_provider_and_wait(bad, "bad-selector")
 
 
 def test_the_provider_follows_the_sidecar_through_a_restart(synced):
