@@ -112,8 +112,14 @@ async fn a_tenants_boolean_follows_a_stripe_webhook() {
         (attribute_wins.value, attribute_wins.reason.as_str()),
         (Some(false), "DEFAULT")
     );
-    // A tenant the sidecar never heard of, and no context at all: the catalog default.
-    for ctx in [vec![("tenant_id", "nobody")], vec![]] {
+    // A tenant the sidecar never heard of, a targetingKey no tenant can have (a user's name
+    // and email: it names no tenant, it is no error), and no context at all: the catalog
+    // default.
+    for ctx in [
+        vec![("tenant_id", "nobody")],
+        vec![("targetingKey", "Jane Doe <jane@example.com>")],
+        vec![],
+    ] {
         let default = v2
             .resolve_boolean(boolean("pro_features", &ctx))
             .await
@@ -262,7 +268,7 @@ async fn strings_numbers_objects_and_errors_as_flagd_answers_them() {
         .expect_err("unknown flag");
     assert_eq!(missing.code(), Code::NotFound);
     assert!(missing.message().contains("FLAG_NOT_FOUND"), "{missing:?}");
-    // A tenant id no tenant can have: INVALID_CONTEXT.
+    // A tenant attribute no tenant can have: INVALID_CONTEXT.
     let bad = v2
         .resolve_boolean(boolean("pro_features", &[("tenant_id", "acme\ncorp")]))
         .await
