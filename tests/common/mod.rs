@@ -6,6 +6,7 @@ pub mod audit;
 pub mod flagd;
 pub mod inputs;
 pub mod mapping;
+pub mod ofrep;
 pub mod parking;
 
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,244 @@
+//! OFREP (OpenFeature Remote Evaluation Protocol) against the real binary, over HTTP/1.1 and
+//! h2c with prior knowledge.
+mod common;
+
+use common::ofrep::{Http, Ofrep, start};
+use common::*;
+use hyper::StatusCode;
+use serde_json::{Value, json};
+
+const MOCK_SECRET: &str = "whsec_test_secret";
+
+fn mock() -> Options {
+    Options {
+        args: vec!["--mock".into()],
+        envs: Vec::new(),
+    }
+}
+
+async fn pay(sidecar: &Sidecar, id: &str, customer: &str) {
+    sidecar
+        .webhooks()
+        .handle_stripe_webhook(signed(
+            MOCK_SECRET,
+            event(
+                id,
+                "invoice.paid",
+                now(),
+                json!({"id": "in_1", "customer": customer}),
+            ),
+        ))
+        .await
+        .expect("invoice.paid accepted");
+}
+
+fn flag_of<'a>(bulk: &'a Value, key: &str) -> &'a Value {
+    bulk["flags"]
+        .as_array()
+        .expect("a flags array")
+        .iter()
+        .find(|flag| flag["key"] == key)
+        .unwrap_or_else(|| panic!("{key} in {bulk}"))
+}
+
+async fn single_and_bulk_follow_a_stripe_webhook(http: Http) {
+    let (sidecar, addr) = start(mock()).await;
+    let ofrep = Ofrep::new(&addr, http);
+    let acme = json!({"tenant_id": "acme-corp"});
+
+    let before = ofrep.flag("pro_features", acme.clone()).await;
+    assert_eq!(before.status, StatusCode::OK, "{before:?}");
+    assert_eq!(
+        before.body,
+        json!({"key": "pro_features", "value": false, "reason": "DEFAULT", "variant": "default", "metadata": {}})
+    );
+    let bulk_before = ofrep.flags(acme.clone(), None).await;
+    assert_eq!(bulk_before.status, StatusCode::OK, "{bulk_before:?}");
+    assert_eq!(
+        flag_of(&bulk_before.body, "pro_features")["reason"],
+        "DEFAULT"
+    );
+    let etag_before = bulk_before.etag();
+    // Nothing changed: the same ETag is not modified, and says so without a body.
+    let unchanged = ofrep.flags(acme.clone(), Some(&etag_before)).await;
+    assert_eq!(unchanged.status, StatusCode::NOT_MODIFIED, "{unchanged:?}");
+    assert_eq!(unchanged.body, Value::Null);
+    assert_eq!(unchanged.etag(), etag_before);
+
+    pay(&sidecar, "evt_paid_ofrep", "cus_acme_001").await;
+
+    let after = ofrep.flag("pro_features", acme.clone()).await;
+    assert_eq!(
+        after.body,
+        json!({"key": "pro_features", "value": true, "reason": "TARGETING_MATCH", "variant": "tenant", "metadata": {}})
+    );
+    let bulk_after = ofrep.flags(acme.clone(), Some(&etag_before)).await;
+    assert_eq!(bulk_after.status, StatusCode::OK, "{bulk_after:?}");
+    assert_ne!(bulk_after.etag(), etag_before);
+    let pro = flag_of(&bulk_after.body, "pro_features");
+    assert_eq!(
+        (&pro["value"], &pro["reason"]),
+        (&json!(true), &json!("TARGETING_MATCH"))
+    );
+
+    // The targetingKey names the tenant without the attribute; the attribute wins over it.
+    let by_key = ofrep
+        .flag("pro_features", json!({"targetingKey": "acme-corp"}))
+        .await;
+    assert_eq!(by_key.body["reason"], "TARGETING_MATCH", "{by_key:?}");
+    let bulk_by_key = ofrep
+        .flags(json!({"targetingKey": "acme-corp"}), None)
+        .await;
+    assert_eq!(bulk_by_key.etag(), bulk_after.etag());
+    let attribute_wins = ofrep
+        .flag(
+            "pro_features",
+            json!({"tenant_id": "globex", "targetingKey": "acme-corp"}),
+        )
+        .await;
+    assert_eq!(
+        attribute_wins.body["reason"], "DEFAULT",
+        "{attribute_wins:?}"
+    );
+    // A user's key that cannot be a tenant, an unknown tenant, no context: the catalog default.
+    for context in [
+        json!({"targetingKey": "Jane Doe <jane@example.com>"}),
+        json!({"tenant_id": "nobody"}),
+        json!({}),
+    ] {
+        let default = ofrep.flag("pro_features", context.clone()).await;
+        assert_eq!(
+            (
+                default.status,
+                &default.body["value"],
+                &default.body["reason"]
+            ),
+            (StatusCode::OK, &json!(false), &json!("DEFAULT")),
+            "{context}"
+        );
+    }
+    let no_context = ofrep
+        .post("/ofrep/v1/evaluate/flags/pro_features", "{}", &[])
+        .await;
+    assert_eq!(no_context.body["reason"], "DEFAULT", "{no_context:?}");
+    let bulk_default = ofrep.flags(json!({}), None).await;
+    assert!(
+        bulk_default.body["flags"].as_array().is_some_and(
+            |flags| !flags.is_empty() && flags.iter().all(|f| f["reason"] == "DEFAULT")
+        ),
+        "{bulk_default:?}"
+    );
+}
+
+#[tokio::test]
+async fn single_and_bulk_follow_a_stripe_webhook_over_http1() {
+    single_and_bulk_follow_a_stripe_webhook(Http::One).await;
+}
+
+#[tokio::test]
+async fn single_and_bulk_follow_a_stripe_webhook_over_h2c() {
+    single_and_bulk_follow_a_stripe_webhook(Http::TwoCleartext).await;
+}
+
+#[tokio::test]
+async fn errors_come_in_ofreps_shapes_and_statuses() {
+    let (_sidecar, addr) = start(mock()).await;
+    for http in [Http::One, Http::TwoCleartext] {
+        let ofrep = Ofrep::new(&addr, http);
+        let missing = ofrep
+            .flag("no_such_flag", json!({"tenant_id": "acme-corp"}))
+            .await;
+        assert_eq!(missing.status, StatusCode::NOT_FOUND, "{missing:?}");
+        assert_eq!(missing.body["key"], "no_such_flag");
+        assert_eq!(missing.body["errorCode"], "FLAG_NOT_FOUND");
+        assert!(missing.body["errorDetails"].is_string(), "{missing:?}");
+
+        // An explicit tenant attribute that no tenant can have is an invalid context, for one
+        // flag and for all of them.
+        for context in [json!({"tenant_id": 42}), json!({"tenant_id": "acme\ncorp"})] {
+            let single = ofrep.flag("pro_features", context.clone()).await;
+            assert_eq!(single.status, StatusCode::BAD_REQUEST, "{single:?}");
+            assert_eq!(
+                (&single.body["key"], &single.body["errorCode"]),
+                (&json!("pro_features"), &json!("INVALID_CONTEXT"))
+            );
+            let bulk = ofrep.flags(context, None).await;
+            assert_eq!(bulk.status, StatusCode::BAD_REQUEST, "{bulk:?}");
+            assert_eq!(bulk.body["errorCode"], "INVALID_CONTEXT");
+            assert!(bulk.body.get("key").is_none(), "{bulk:?}");
+        }
+        let not_an_object = ofrep
+            .post(
+                "/ofrep/v1/evaluate/flags/pro_features",
+                r#"{"context": "acme"}"#,
+                &[],
+            )
+            .await;
+        assert_eq!(not_an_object.status, StatusCode::BAD_REQUEST);
+        assert_eq!(not_an_object.body["errorCode"], "INVALID_CONTEXT");
+
+        for path in [
+            "/ofrep/v1/evaluate/flags/pro_features",
+            "/ofrep/v1/evaluate/flags",
+        ] {
+            let malformed = ofrep.post(path, r#"{"context": {"tenant_id": "#, &[]).await;
+            assert_eq!(malformed.status, StatusCode::BAD_REQUEST, "{malformed:?}");
+            assert_eq!(malformed.body["errorCode"], "PARSE_ERROR");
+            // Far past the 64 KiB bound: refused before it is read whole.
+            let padding = "x".repeat(256 * 1024);
+            let oversized = ofrep
+                .post(
+                    path,
+                    json!({"context": {"tenant_id": "acme-corp", "padding": padding}}).to_string(),
+                    &[],
+                )
+                .await;
+            assert_eq!(oversized.status, StatusCode::PAYLOAD_TOO_LARGE, "{path}");
+            assert_eq!(oversized.body["errorCode"], "GENERAL");
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_api_token_guards_ofrep_as_it_guards_grpc() {
+    const API_TOKEN: &str = "api-token-for-ofrep-tests-0123456789";
+    let mut options = Options::default();
+    options
+        .envs
+        .push(("CORESDK_API_TOKEN".into(), API_TOKEN.into()));
+    let (_sidecar, addr) = start(options).await;
+    let ofrep = Ofrep::new(&addr, Http::One);
+    let body = json!({"context": {"tenant_id": "acme-corp"}}).to_string();
+    let bearer = format!("Bearer {API_TOKEN}");
+    let admin = format!("Bearer {ADMIN_TOKEN}");
+    for path in [
+        "/ofrep/v1/evaluate/flags/pro_features",
+        "/ofrep/v1/evaluate/flags",
+    ] {
+        for refused in [
+            vec![],
+            vec![("authorization", "Bearer not-the-token")],
+            vec![("x-coresdk-api-token", "not-the-token")],
+        ] {
+            let answer = ofrep.post(path, body.clone(), &refused).await;
+            assert_eq!(
+                answer.status,
+                StatusCode::UNAUTHORIZED,
+                "{path} {refused:?}"
+            );
+            assert_eq!(answer.body["errorCode"], "GENERAL");
+        }
+        for accepted in [
+            vec![("authorization", bearer.as_str())],
+            vec![("x-coresdk-api-token", API_TOKEN)],
+            vec![("authorization", admin.as_str())],
+        ] {
+            let answer = ofrep.post(path, body.clone(), &accepted).await;
+            assert_eq!(
+                answer.status,
+                StatusCode::OK,
+                "{path} {accepted:?}: {answer:?}"
+            );
+        }
+    }
+}
