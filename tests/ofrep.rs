@@ -242,3 +242,85 @@ async fn the_api_token_guards_ofrep_as_it_guards_grpc() {
         }
     }
 }
+
+/// Requests whose heads arrived and whose bodies never will: each holds an admission until
+/// its connection goes.
+async fn stalled_requests(addr: &str, count: usize) -> Vec<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt as _;
+    let mut stalled = Vec::with_capacity(count);
+    for _ in 0..count {
+        let mut tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("a connection");
+        tcp.write_all(
+            b"POST /ofrep/v1/evaluate/flags/pro_features HTTP/1.1\r\nhost: ofrep\r\ncontent-length: 100\r\n\r\n{",
+        )
+        .await
+        .expect("a request head");
+        stalled.push(tcp);
+    }
+    stalled
+}
+
+/// Evaluates until the answer has `status`; the deadline only guards against a hang.
+async fn until_status(ofrep: &Ofrep, status: StatusCode) -> common::ofrep::Answer {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let answer = ofrep
+            .flag("pro_features", json!({"tenant_id": "acme-corp"}))
+            .await;
+        if answer.status == status || tokio::time::Instant::now() > deadline {
+            return answer;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn requests_beyond_the_in_flight_bound_are_told_to_retry_later() {
+    use coresdk::openfeature::ofrep::MAX_REQUESTS_IN_FLIGHT;
+    let (_sidecar, addr) = start(mock()).await;
+    let stalled = stalled_requests(&addr, MAX_REQUESTS_IN_FLIGHT).await;
+    let ofrep = Ofrep::new(&addr, Http::One);
+    let refused = until_status(&ofrep, StatusCode::TOO_MANY_REQUESTS).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS, "{refused:?}");
+    assert_eq!(
+        refused
+            .headers
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    assert_eq!(refused.body["errorCode"], "GENERAL");
+    // The stalled senders go: their admissions are free again.
+    drop(stalled);
+    let served = until_status(&ofrep, StatusCode::OK).await;
+    assert_eq!(served.status, StatusCode::OK, "{served:?}");
+}
+
+#[tokio::test]
+async fn sigterm_stops_ofrep_with_connections_open() {
+    // A request stalled mid-body is in flight: the drain gives it the grace, kept short here.
+    let mut options = mock();
+    options
+        .args
+        .extend(["--shutdown-grace-s".to_owned(), "1".to_owned()]);
+    let (mut sidecar, addr) = start(options).await;
+    // An idle keep-alive connection of each kind stays open through the stop.
+    let mut idle = Vec::new();
+    for http in [Http::One, Http::TwoCleartext] {
+        let ofrep = Ofrep::new(&addr, http);
+        let answer = ofrep.flag("pro_features", json!({})).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        idle.push(ofrep);
+    }
+    let _stalled = stalled_requests(&addr, 1).await;
+    let stopped = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        tokio::task::spawn_blocking(move || sidecar.stop()),
+    )
+    .await
+    .expect("the sidecar exits within 20 s")
+    .expect("stop ran");
+    assert!(stopped.success(), "{stopped:?}");
+}

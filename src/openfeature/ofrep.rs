@@ -41,6 +41,11 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// h2 connection this bounds the requests held at once, and so their bodies' memory.
 const MAX_CONNECTIONS: usize = 512;
 const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+/// Requests held at once, bodies included; one more is answered 429 at once rather than
+/// queued. With [`MAX_BODY_BYTES`] this bounds what bodies can take (16 MiB), whatever the
+/// connections and streams.
+pub const MAX_REQUESTS_IN_FLIGHT: usize = 256;
+const RETRY_AFTER_S: u64 = 1;
 const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 type TokenCheck =
@@ -91,6 +96,10 @@ fn router(ofrep: Ofrep, in_flight: crate::drain::InFlight) -> Router {
         .route_layer(from_fn_with_state(ofrep.clone(), authenticate))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(from_fn(within_request_timeout))
+        .layer(from_fn_with_state(
+            Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT)),
+            admit,
+        ))
         .layer(in_flight)
         .with_state(ofrep)
 }
@@ -416,6 +425,26 @@ async fn authenticate(State(ofrep): State<Ofrep>, request: Request, next: Next) 
             Failure::new(http, "GENERAL", status.message()).answer(None)
         }
     }
+}
+
+/// Admits a request while fewer than [`MAX_REQUESTS_IN_FLIGHT`] are held; beyond, 429 with
+/// `Retry-After` (the providers pause until then).
+async fn admit(State(admission): State<Arc<Semaphore>>, request: Request, next: Next) -> Response {
+    let Ok(_admitted) = admission.try_acquire_owned() else {
+        let mut answer = Failure::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "GENERAL",
+            format!(
+                "more than {MAX_REQUESTS_IN_FLIGHT} requests at once; retry after {RETRY_AFTER_S} s"
+            ),
+        )
+        .answer(None);
+        answer
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
+        return answer;
+    };
+    next.run(request).await
 }
 
 /// Bounds how long a request may take, its body included (a slow sender holds a slot).
