@@ -4,37 +4,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::flagd::{changed_keys, context, start, v1_client, v2_client};
+use common::flagd::{changed_keys, context, mock, pay, start, v1_client, v2_client};
 use common::*;
 use coresdk::flagd_proto::evaluation::{v1, v2};
 use coresdk::proto::{self, flag_value::Kind};
-use serde_json::json;
 use tonic::Code;
-
-const MOCK_SECRET: &str = "whsec_test_secret";
-
-fn mock() -> Options {
-    Options {
-        args: vec!["--mock".into()],
-        envs: Vec::new(),
-    }
-}
-
-async fn pay(sidecar: &Sidecar, id: &str, customer: &str) {
-    sidecar
-        .webhooks()
-        .handle_stripe_webhook(signed(
-            MOCK_SECRET,
-            event(
-                id,
-                "invoice.paid",
-                now(),
-                json!({"id": "in_1", "customer": customer}),
-            ),
-        ))
-        .await
-        .expect("invoice.paid accepted");
-}
 
 async fn set(sidecar: &Sidecar, tenant: &str, key: &str, kind: Kind) {
     sidecar

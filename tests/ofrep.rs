@@ -2,35 +2,11 @@
 //! h2c with prior knowledge.
 mod common;
 
+use common::flagd::{mock, pay};
 use common::ofrep::{Http, Ofrep, start};
 use common::*;
 use hyper::StatusCode;
 use serde_json::{Value, json};
-
-const MOCK_SECRET: &str = "whsec_test_secret";
-
-fn mock() -> Options {
-    Options {
-        args: vec!["--mock".into()],
-        envs: Vec::new(),
-    }
-}
-
-async fn pay(sidecar: &Sidecar, id: &str, customer: &str) {
-    sidecar
-        .webhooks()
-        .handle_stripe_webhook(signed(
-            MOCK_SECRET,
-            event(
-                id,
-                "invoice.paid",
-                now(),
-                json!({"id": "in_1", "customer": customer}),
-            ),
-        ))
-        .await
-        .expect("invoice.paid accepted");
-}
 
 fn flag_of<'a>(bulk: &'a Value, key: &str) -> &'a Value {
     bulk["flags"]
@@ -323,4 +299,134 @@ async fn sigterm_stops_ofrep_with_connections_open() {
     .expect("the sidecar exits within 20 s")
     .expect("stop ran");
     assert!(stopped.success(), "{stopped:?}");
+}
+
+/// One POST over a TLS connection that offered only `alpn`, with a client certificate when
+/// `client` names its files; answers the negotiated protocol and the status, or the failure.
+async fn over_tls(
+    addr: &str,
+    ca: &[u8],
+    alpn: &[u8],
+    client: Option<(&[u8], &[u8])>,
+) -> Result<(Option<Vec<u8>>, StatusCode), String> {
+    use http_body_util::{BodyExt as _, Full};
+    use hyper::body::Bytes;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _};
+    use std::sync::Arc;
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca) {
+        roots.add(cert.expect("a CA certificate")).expect("a root");
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots);
+    let mut config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(cert)
+                    .collect::<Result<_, _>>()
+                    .expect("client.pem"),
+                PrivateKeyDer::from_pem_slice(key).expect("client.key"),
+            )
+            .expect("a client identity"),
+    };
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("a connection");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").expect("a name"), tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let negotiated = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    let request = hyper::Request::post("/ofrep/v1/evaluate/flags/pro_features")
+        .header("host", "localhost")
+        .body(Full::new(Bytes::from(
+            json!({"context": {"tenant_id": "acme-corp"}}).to_string(),
+        )))
+        .expect("a request");
+    let io = TokioIo::new(tls);
+    let response = if alpn == b"h2" {
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(|e| format!("h2: {e}"))?;
+        tokio::spawn(connection);
+        sender.send_request(request).await
+    } else {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| format!("http/1.1: {e}"))?;
+        tokio::spawn(connection);
+        sender.send_request(request).await
+    }
+    .map_err(|e| format!("request: {e}"))?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?
+        .to_bytes();
+    let body: Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(body["reason"], "DEFAULT", "{body}");
+    Ok((negotiated, status))
+}
+
+fn spawn_tls(dir: &std::path::Path, mutual: bool) -> (common::inputs::Running, String) {
+    let path = |name: &str| dir.join(name).display().to_string();
+    let mut args = vec![
+        "--mock".to_owned(),
+        "--tls-cert-file".to_owned(),
+        path("server.pem"),
+        "--tls-key-file".to_owned(),
+        path("server.key"),
+    ];
+    if mutual {
+        args.extend(["--tls-client-ca-file".to_owned(), path("ca.pem")]);
+    }
+    let (child, _, mut sides) =
+        common::flagd::spawn_with_sides(&[coresdk::settings::SideListener::Ofrep], &args, &[]);
+    (common::inputs::Running(child), sides.remove(0))
+}
+
+async fn within_10_s<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(10), future)
+        .await
+        .expect("an end within 10 s")
+}
+
+#[tokio::test]
+async fn ofrep_serves_tls_with_alpn_when_the_main_listener_does() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    fixture("mint_certs.py", dir.path());
+    let (_running, addr) = spawn_tls(dir.path(), false);
+    let ca = std::fs::read(dir.path().join("ca.pem")).expect("ca.pem");
+    for alpn in [&b"h2"[..], &b"http/1.1"[..]] {
+        let answer = within_10_s(over_tls(&addr, &ca, alpn, None)).await;
+        assert_eq!(answer, Ok((Some(alpn.to_vec()), StatusCode::OK)));
+    }
+    // Plaintext is not served there.
+    let plaintext =
+        within_10_s(Ofrep::new(&addr, Http::One).try_post("/ofrep/v1/evaluate/flags", "{}")).await;
+    assert!(plaintext.is_err(), "{plaintext:?}");
+}
+
+#[tokio::test]
+async fn ofrep_requires_a_client_certificate_under_mutual_tls() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    fixture("mint_certs.py", dir.path());
+    let (_running, addr) = spawn_tls(dir.path(), true);
+    let read = |name: &str| std::fs::read(dir.path().join(name)).expect(name);
+    let (ca, cert, key) = (read("ca.pem"), read("client.pem"), read("client.key"));
+    let without = within_10_s(over_tls(&addr, &ca, b"http/1.1", None)).await;
+    assert!(without.is_err(), "{without:?}");
+    let with = within_10_s(over_tls(&addr, &ca, b"http/1.1", Some((&cert, &key)))).await;
+    assert_eq!(with, Ok((Some(b"http/1.1".to_vec()), StatusCode::OK)));
 }

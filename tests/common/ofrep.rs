@@ -11,22 +11,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use super::{Options, Sidecar, connect};
+use super::{Options, Sidecar};
 
 /// A started sidecar and the address of its OFREP listener (`--ofrep-listen 127.0.0.1:0`).
 pub async fn start(options: Options) -> (Sidecar, String) {
-    let (child, addr, mut sides) =
-        super::flagd::spawn_with_sides(&[SideListener::Ofrep], &options.args, &options.envs);
-    let channel = connect(&addr).await;
-    let sidecar = Sidecar {
-        child: Some(child),
-        addr,
-        channel,
-        data_dir: None,
-        args: options.args,
-        envs: options.envs,
-    };
-    (sidecar, sides.remove(0))
+    super::flagd::start_side(SideListener::Ofrep, options).await
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -110,6 +99,20 @@ impl Ofrep {
             headers,
             body,
         }
+    }
+
+    /// POSTs `body` to `path`; the status, or why there was none.
+    pub async fn try_post(
+        &self,
+        path: &str,
+        body: &'static str,
+    ) -> Result<StatusCode, hyper_util::client::legacy::Error> {
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(format!("{}{path}", self.base))
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .expect("a valid request");
+        Ok(self.client.request(request).await?.status())
     }
 
     /// Evaluates one flag with `context` (a JSON value).
