@@ -380,17 +380,8 @@ async fn over_tls(
 }
 
 fn spawn_tls(dir: &std::path::Path, mutual: bool) -> (common::inputs::Running, String) {
-    let path = |name: &str| dir.join(name).display().to_string();
-    let mut args = vec![
-        "--mock".to_owned(),
-        "--tls-cert-file".to_owned(),
-        path("server.pem"),
-        "--tls-key-file".to_owned(),
-        path("server.key"),
-    ];
-    if mutual {
-        args.extend(["--tls-client-ca-file".to_owned(), path("ca.pem")]);
-    }
+    let mut args = vec!["--mock".to_owned()];
+    args.extend(common::inputs::tls_args(dir, mutual));
     let (child, _, mut sides) =
         common::flagd::spawn_with_sides(&[coresdk::settings::SideListener::Ofrep], &args, &[]);
     (common::inputs::Running(child), sides.remove(0))
