@@ -11,7 +11,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::middleware::{Next, from_fn, from_fn_with_state};
+use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -95,7 +95,7 @@ fn router(ofrep: Ofrep, in_flight: crate::drain::InFlight) -> Router {
         .route("/ofrep/v1/evaluate/flags", post(evaluate_flags))
         .route_layer(from_fn_with_state(ofrep.clone(), authenticate))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(from_fn(within_request_timeout))
+        .layer(from_fn_with_state(REQUEST_TIMEOUT, within_deadline))
         .layer(from_fn_with_state(
             Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT)),
             admit,
@@ -448,15 +448,19 @@ async fn admit(State(admission): State<Arc<Semaphore>>, request: Request, next: 
 }
 
 /// Bounds how long a request may take, its body included (a slow sender holds a slot).
-async fn within_request_timeout(request: Request, next: Next) -> Response {
-    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+async fn within_deadline(
+    State(deadline): State<Duration>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match tokio::time::timeout(deadline, next.run(request)).await {
         Ok(response) => response,
         Err(_) => Failure::new(
             StatusCode::REQUEST_TIMEOUT,
             "GENERAL",
             format!(
-                "the request was not complete within {} s",
-                REQUEST_TIMEOUT.as_secs()
+                "the request was not complete within {} ms",
+                deadline.as_millis()
             ),
         )
         .answer(None),
@@ -484,6 +488,27 @@ mod tests {
         assert!(matches_etag(&headers("*"), "\"abc\""));
         assert!(!matches_etag(&headers("\"abd\""), "\"abc\""));
         assert!(!matches_etag(&HeaderMap::new(), "\"abc\""));
+    }
+
+    #[tokio::test]
+    async fn a_request_that_outlives_its_deadline_is_answered_408() {
+        use tower::ServiceExt as _;
+        let never = Router::new()
+            .route("/", post(std::future::pending::<()>))
+            .layer(from_fn_with_state(
+                Duration::from_millis(20),
+                within_deadline,
+            ));
+        let request = axum::http::Request::post("/")
+            .body(axum::body::Body::empty())
+            .expect("a request");
+        let answer = tokio::time::timeout(Duration::from_secs(10), never.oneshot(request))
+            .await
+            .expect("an answer within 10 s");
+        assert_eq!(
+            answer.map(|response| response.status()).ok(),
+            Some(StatusCode::REQUEST_TIMEOUT)
+        );
     }
 
     #[test]
