@@ -30,14 +30,13 @@ use crate::server::{ServeError, ServerTask, Side};
 
 /// A context is a few attributes: 64 KiB is far more than any provider sends, and bounds what
 /// a request may make the sidecar hold.
-pub const MAX_BODY_BYTES: usize = 64 * 1024;
+const MAX_BODY_BYTES: usize = 64 * 1024;
 /// A client must send its request head within this (slowloris), and the whole request and
 /// its answer within [`REQUEST_TIMEOUT`].
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections served at once; further ones wait in the listen backlog. With the streams per
-/// h2 connection this bounds the requests held at once, and so their bodies' memory.
+/// Connections served at once; further ones wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 512;
 const MAX_STREAMS_PER_CONNECTION: u32 = 16;
 /// Requests held at once, bodies included; one more is answered 429 at once rather than
@@ -108,7 +107,8 @@ fn connection_builder() -> auto::Builder<TokioExecutor> {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEADER_BYTES.max(8192) + MAX_BODY_BYTES);
+        // The read buffer: a request head (its bound) plus a body's worth of bytes.
+        .max_buf_size(MAX_HEADER_BYTES + MAX_BODY_BYTES);
     builder
         .http2()
         .timer(TokioTimer::new())
