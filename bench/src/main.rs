@@ -1,7 +1,8 @@
 //! Load benchmark for the sidecar. Starts the release binary on an ephemeral loopback port
 //! (or targets `--addr`), then measures in one run, against the same server:
 //! `grpc.health.v1.Health/Check` (the baseline: the cheapest call the server answers),
-//! `FlagService/GetFlag` and flagd's `ResolveBoolean` (reported as ratios to the baseline), durable webhook throughput
+//! `FlagService/GetFlag`, flagd's `ResolveBoolean` and OFREP single evaluation over keep-alive
+//! HTTP/1.1 (each reported as a ratio to the baseline, and per server CPU-second), durable webhook throughput
 //! on the embedded store with concurrent senders (invoices; then subscription updates, as a
 //! ratio to the invoices: the lifecycle rules and subscription objects at work); plus the server's RSS idle and
 //! at its peak under load; how long a flag change takes to reach watchers (`WatchFlags`, flagd's
@@ -15,6 +16,7 @@ mod abuse;
 #[path = "../../tests/lifecycle/histories.rs"]
 #[allow(dead_code)]
 mod histories;
+mod ofrep;
 mod openfeature;
 mod sidecar;
 mod sync_size;
@@ -52,6 +54,9 @@ struct Args {
     /// The sidecar binary to start; defaults to `coresdk` next to this one.
     #[arg(long)]
     sidecar: Option<PathBuf>,
+    /// With `--addr`: the running sidecar's OFREP listener, to measure it too.
+    #[arg(long)]
+    ofrep_addr: Option<String>,
     /// Seconds measured per phase (reads alternate in one-second rounds; after a warm-up).
     #[arg(long, default_value_t = 5)]
     seconds: u64,
@@ -350,6 +355,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(pid) = pid {
         let _ = SERVER_PID.set(pid);
     }
+    let ofrep_addr = match &sidecar {
+        Some(started) => started.sides.get("ofrep").cloned(),
+        None => args.ofrep_addr.clone(),
+    };
     let mut channels = Vec::new();
     for _ in 0..args.connections.max(1) {
         channels.push(
@@ -436,6 +445,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .is_ok()
         }
     });
+    // Same tenants and flag as GetFlag, one keep-alive connection per caller.
+    let ofrep_call = ofrep_addr.map(|addr| {
+        let callers = Arc::new(ofrep::Callers::new(addr, args.read_concurrency));
+        let tenant_ids: Arc<Vec<String>> =
+            Arc::new((0..TENANTS).map(|i| format!("tenant-{i}")).collect());
+        Arc::new(move |w: usize, n: u64| {
+            let callers = callers.clone();
+            let tenant_ids = tenant_ids.clone();
+            async move {
+                callers
+                    .evaluate(w, &tenant_ids[(n as usize + w) % TENANTS], "pro_features")
+                    .await
+            }
+        })
+    });
+    if ofrep_call.is_none() {
+        println!(
+            "OFREP: skipped (the sidecar does not serve it: built before OFREP, or --addr without --ofrep-addr)"
+        );
+    }
     // Every bench tenant pays, so Authorize measures the common path: allowed.
     let mut setup = WebhookServiceClient::new(channels[0].clone());
     for i in 0..TENANTS {
@@ -455,6 +484,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut authorize: Option<Phase> = None;
     let mut resolve_boolean: Option<Phase> = None;
     let resolve_boolean_call = openfeature::resolve_boolean_call(flagd_channels.clone());
+    let mut ofrep_phase: Option<Phase> = None;
     for i in 0..rounds {
         let warm_up = if i == 0 {
             Duration::from_secs(1)
@@ -503,6 +533,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Some(p) => p.merge(a),
             None => a,
         });
+        if let Some(call) = &ofrep_call {
+            let o = run_phase(
+                "OFREP evaluate (HTTP/1.1)",
+                args.read_concurrency,
+                warm_up,
+                round,
+                call.clone(),
+            )
+            .await;
+            ofrep_phase = Some(match ofrep_phase {
+                Some(p) => p.merge(o),
+                None => o,
+            });
+        }
         health = Some(match health {
             Some(p) => p.merge(h),
             None => h,
@@ -521,6 +565,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     match &resolve_boolean {
         Some(resolve_boolean) => print_phase(resolve_boolean, Some(&health)),
         None => println!("flagd v2 ResolveBoolean: skipped (the sidecar has no flagd listener)"),
+    }
+    if let Some(ofrep_phase) = &ofrep_phase {
+        print_phase(ofrep_phase, Some(&health));
     }
 
     let peak_rss = Arc::new(AtomicU64::new(0));
