@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
@@ -270,7 +271,9 @@ fn serialize(document: &Document<'_>) -> String {
 
 /// Keeps `sender` at the current configuration of `selector`: after each burst of changes
 /// that concerns it, one rebuild, published only when the document differs. Readers of the
-/// watch see the latest document, never a backlog. Ends at shutdown, or when nobody reads.
+/// watch see the latest document, never a backlog. Ends at shutdown, or, for a document of
+/// its own (`idle` is `None`), when nobody reads it. A shared document (`idle` given) outlives
+/// its readers, but is not rebuilt while it has none: `idle` then says it is stale.
 async fn publish(
     cache: Arc<FlagCache>,
     tenant_attribute: Arc<str>,
@@ -278,7 +281,15 @@ async fn publish(
     mut changes: broadcast::Receiver<Arc<FlagRecord>>,
     mut shutdown: watch::Receiver<bool>,
     sender: watch::Sender<Arc<str>>,
+    idle: Option<Arc<AtomicBool>>,
 ) {
+    let unread = async {
+        match &idle {
+            Some(_) => std::future::pending().await,
+            None => sender.closed().await,
+        }
+    };
+    tokio::pin!(unread);
     loop {
         tokio::select! {
             change = changes.recv() => match change {
@@ -288,7 +299,7 @@ async fn publish(
                 Err(broadcast::error::RecvError::Closed) => return,
             },
             _ = shutdown.wait_for(|stop| *stop) => return,
-            () = sender.closed() => return,
+            () = &mut unread => return,
         }
         tokio::select! {
             () = tokio::time::sleep(DEBOUNCE) => {}
@@ -297,27 +308,46 @@ async fn publish(
         // Everything queued so far is in the cache already (it is applied before it is
         // announced), so the rebuild covers it; what comes after is heard afresh.
         changes = changes.resubscribe();
-        let build = {
-            let (cache, attribute, selector) =
-                (cache.clone(), tenant_attribute.clone(), selector.clone());
-            // Many tenants make a large document: built off the async workers.
-            tokio::task::spawn_blocking(move || selector.document(&cache, &attribute))
-        };
-        let document = match build.await {
-            Ok(document) => document,
-            Err(error) => {
-                tracing::error!(%error, "building the flagd sync configuration failed");
+        if let Some(stale) = &idle {
+            // Marked before the count is read: a reader arriving in between finds it stale
+            // and rebuilds itself (see `Shared::follow`).
+            stale.store(true, Ordering::SeqCst);
+            if sender.receiver_count() == 0 {
                 continue;
             }
-        };
-        sender.send_if_modified(|current| {
-            let changed = **current != *document;
-            if changed {
-                *current = Arc::from(document);
-            }
-            changed
-        });
+            stale.store(false, Ordering::SeqCst);
+        }
+        rebuild(&cache, &tenant_attribute, &selector, &sender).await;
     }
+}
+
+/// Builds `selector`'s configuration off the async workers (many tenants make a large
+/// document) and publishes it if it differs.
+async fn rebuild(
+    cache: &Arc<FlagCache>,
+    tenant_attribute: &Arc<str>,
+    selector: &Selector,
+    sender: &watch::Sender<Arc<str>>,
+) {
+    let build = {
+        let (cache, attribute, selector) =
+            (cache.clone(), tenant_attribute.clone(), selector.clone());
+        tokio::task::spawn_blocking(move || selector.document(&cache, &attribute))
+    };
+    let document = match build.await {
+        Ok(document) => document,
+        Err(error) => {
+            tracing::error!(%error, "building the flagd sync configuration failed");
+            return;
+        }
+    };
+    sender.send_if_modified(|current| {
+        let changed = **current != *document;
+        if changed {
+            *current = Arc::from(document);
+        }
+        changed
+    });
 }
 
 /// Starts following `selector`'s configuration: the receiver holds it now, and the latest
@@ -335,8 +365,64 @@ fn follow(app: &SharedApp, selector: Selector) -> watch::Receiver<Arc<str>> {
         changes,
         app.shutdown.clone(),
         sender,
+        None,
     ));
     receiver
+}
+
+/// The all-tenants configuration, shared by every stream that wants it, and rebuilt after
+/// changes only while one follows it: a sidecar whose sync listener nobody uses spends
+/// nothing on it.
+struct Shared {
+    cache: Arc<FlagCache>,
+    tenant_attribute: Arc<str>,
+    sender: watch::Sender<Arc<str>>,
+    stale: Arc<AtomicBool>,
+}
+
+impl Shared {
+    fn start(
+        cache: Arc<FlagCache>,
+        tenant_attribute: Arc<str>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let changes = cache.subscribe();
+        // Built at first use, not at start: until then nobody needs it.
+        let (sender, _) = watch::channel(Arc::from(""));
+        let stale = Arc::new(AtomicBool::new(true));
+        tokio::spawn(publish(
+            cache.clone(),
+            tenant_attribute.clone(),
+            Selector::All,
+            changes,
+            shutdown,
+            sender.clone(),
+            Some(stale.clone()),
+        ));
+        Self {
+            cache,
+            tenant_attribute,
+            sender,
+            stale,
+        }
+    }
+
+    /// A reader of the current document (rebuilt first if changes went unbuilt while
+    /// nobody read it), then of the latest after every change.
+    async fn follow(&self) -> watch::Receiver<Arc<str>> {
+        // Counted as a reader before `stale` is read: see `publish`.
+        let receiver = self.sender.subscribe();
+        if self.stale.swap(false, Ordering::SeqCst) {
+            rebuild(
+                &self.cache,
+                &self.tenant_attribute,
+                &Selector::All,
+                &self.sender,
+            )
+            .await;
+        }
+        receiver
+    }
 }
 
 /// A `SyncFlags` stream: the current document, then the latest one whenever the reader is
@@ -371,13 +457,17 @@ fn responses<S: Send + 'static>(
 #[derive(Clone)]
 pub struct Sync {
     app: SharedApp,
-    all: watch::Receiver<Arc<str>>,
+    all: Arc<Shared>,
 }
 
 impl Sync {
-    /// Builds the all-tenants document and starts keeping it current.
+    /// Starts keeping the all-tenants document current while anyone follows it.
     pub fn start(app: SharedApp) -> Self {
-        let all = follow(&app, Selector::All);
+        let all = Arc::new(Shared::start(
+            app.feeds.flags.clone(),
+            Arc::from(app.config.openfeature_tenant_attribute.as_str()),
+            app.shutdown.clone(),
+        ));
         Self { app, all }
     }
 
@@ -403,7 +493,7 @@ impl FlagSyncService for Sync {
             .open_stream()
             .map_err(|e| status::of_error(&e, self.app.links()))?;
         let documents = match selector {
-            Selector::All => self.all.clone(),
+            Selector::All => self.all.follow().await,
             Selector::Tenant(_) => follow(&self.app, selector),
         };
         Ok(Response::new(responses(
@@ -420,7 +510,7 @@ impl FlagSyncService for Sync {
         #[allow(deprecated)]
         let selector = self.selector(&request, &request.get_ref().selector)?;
         let flag_configuration = match selector {
-            Selector::All => self.all.borrow().to_string(),
+            Selector::All => self.all.follow().await.borrow().to_string(),
             Selector::Tenant(tenant) => tenant_document(&self.app.feeds.flags, &tenant),
         };
         Ok(Response::new(FetchAllFlagsResponse { flag_configuration }))
@@ -579,6 +669,7 @@ mod tests {
             changes,
             shutdown,
             sender,
+            None,
         ));
         for (n, seats) in (11..).zip([2.0, 3.0, 4.0]) {
             cache.apply(record("acme", "seats", FlagValue::Number(seats), n));
@@ -601,5 +692,37 @@ mod tests {
             FlagValue::Bool(true),
             1
         )));
+    }
+
+    /// Nobody following the all-tenants document: changes cost no rebuild, and the first
+    /// follower still gets them all; while followed, every change is published.
+    #[tokio::test]
+    async fn the_shared_document_is_built_only_while_followed() {
+        let cache = Arc::new(cache());
+        let (_stop, shutdown) = watch::channel(false);
+        let shared = Shared::start(cache.clone(), Arc::from("tenant_id"), shutdown);
+        cache.apply(record("acme", "seats", FlagValue::Number(7.0), 20));
+        tokio::time::sleep(DEBOUNCE * 4).await;
+        assert_eq!(&**shared.sender.borrow(), "", "built with nobody following");
+
+        let mut follower = shared.follow().await;
+        let document: Json = serde_json::from_str(&follower.borrow_and_update()).expect("JSON");
+        assert!(
+            document["flags"]["seats"]["variants"]
+                .as_object()
+                .is_some_and(|variants| variants.values().any(|v| *v == json!(7)))
+        );
+
+        cache.apply(record("acme", "seats", FlagValue::Number(8.0), 21));
+        tokio::time::timeout(Duration::from_secs(10), follower.changed())
+            .await
+            .expect("a new document while followed")
+            .expect("publisher alive");
+        let document: Json = serde_json::from_str(&follower.borrow_and_update()).expect("JSON");
+        assert!(
+            document["flags"]["seats"]["variants"]
+                .as_object()
+                .is_some_and(|variants| variants.values().any(|v| *v == json!(8)))
+        );
     }
 }
