@@ -276,9 +276,13 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             "in-flight calls did not finish within the grace period"
         );
     }
-    finish(&mut server, "main").await?;
+    // A server that failed still lets the rest shut down cleanly (the audit windows closed,
+    // the final checkpoint written, the store closed); its error is the exit status.
+    let mut failed = finish(&mut server, "main").await.err();
     for (listener, _, task) in &mut sides {
-        finish(task, listener.name()).await?;
+        if let Err(e) = finish(task, listener.name()).await {
+            failed.get_or_insert(e);
+        }
     }
     store_health.abort();
     if let Some(task) = checkpointing {
@@ -302,7 +306,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let closing = store.clone();
     let _ = tokio::task::spawn_blocking(move || closing.close()).await;
     tracing::info!("store closed; bye");
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 /// A server builder with the listener's TLS settings, if any.
