@@ -650,7 +650,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .connect()
             .await?;
         let mut watch = openfeature::WatchFlags::open(c).await?;
-        let latencies = openfeature::change_latencies(a.clone(), &mut watch, 200, "prop").await?;
+        let latencies =
+            openfeature::change_latencies(a.clone(), &mut watch, 200, Duration::ZERO, "prop")
+                .await?;
         openfeature::print_latencies(
             "cross-replica propagation (webhook committed on A → change on C's WatchFlags)",
             &latencies,
@@ -661,7 +663,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .await?;
             let mut events = openfeature::EventStream::open(flagd).await?;
             let latencies =
-                openfeature::change_latencies(a, &mut events, 200, "prop_flagd").await?;
+                openfeature::change_latencies(a, &mut events, 200, Duration::ZERO, "prop_flagd")
+                    .await?;
             openfeature::print_latencies(
                 "cross-replica change to provider (webhook committed on A → configuration_change on C's flagd EventStream)",
                 &latencies,
@@ -671,10 +674,37 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     if let Some(flagd) = flagd_channels.first() {
         let mut events = openfeature::EventStream::open(flagd.clone()).await?;
-        let latencies =
-            openfeature::change_latencies(channels[0].clone(), &mut events, 200, "flagd").await?;
+        let latencies = openfeature::change_latencies(
+            channels[0].clone(),
+            &mut events,
+            200,
+            Duration::ZERO,
+            "flagd",
+        )
+        .await?;
         openfeature::print_latencies(
             "change to provider (webhook → configuration_change on flagd EventStream)",
+            &latencies,
+        );
+    }
+    if let Some(sync) = sidecar.as_ref().and_then(|s| s.sides.get("flagd-sync")) {
+        let sync = Channel::from_shared(format!("http://{sync}"))?
+            .connect()
+            .await?;
+        let mut configurations = openfeature::SyncFlags::open(sync).await?;
+        let latencies =
+            // Apart by more than the rebuild spacing: each change is measured on its own, not
+            // as part of a burst (which is published at most every 75 ms).
+            openfeature::change_latencies(
+                channels[0].clone(),
+                &mut configurations,
+                100,
+                Duration::from_millis(100),
+                "sync",
+            )
+            .await?;
+        openfeature::print_latencies(
+            "change to in-process provider (webhook → new configuration on flagd SyncFlags; changes 100 ms apart)",
             &latencies,
         );
     }

@@ -2,6 +2,8 @@
 //! `GetFlag`, and how long a change takes to reach a provider.
 
 use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use coresdk::flagd_proto::evaluation::v2::{
@@ -137,27 +139,69 @@ impl ChangeWatch for EventStream {
     }
 }
 
+/// flagd's `SyncFlags` (all tenants), as an in-process provider follows it: a new
+/// configuration is when the provider evaluates the change.
+pub struct SyncFlags(tonic::Streaming<coresdk::flagd_proto::sync::v1::SyncFlagsResponse>);
+
+impl SyncFlags {
+    pub async fn open(sync: Channel) -> Result<Self, BoxError> {
+        use coresdk::flagd_proto::sync::v1::{
+            SyncFlagsRequest, flag_sync_service_client::FlagSyncServiceClient,
+        };
+        let mut stream = FlagSyncServiceClient::new(sync)
+            .sync_flags(SyncFlagsRequest::default())
+            .await?
+            .into_inner();
+        stream.next().await.ok_or("no first configuration")??;
+        Ok(Self(stream))
+    }
+}
+
+impl ChangeWatch for SyncFlags {
+    /// The sidecar sends a configuration only when it differs, and the bench changes only
+    /// `pro_features` while measuring: the next one carries the change.
+    async fn changed(&mut self) -> Result<(), BoxError> {
+        tokio::time::timeout(Duration::from_secs(5), self.0.next())
+            .await?
+            .ok_or("the sync stream ended")??;
+        Ok(())
+    }
+}
+
+/// The `created` of every measured event, a minute after the first was sent (Stripe signs
+/// events at most 300 s before their `created`, so this stays acceptable throughout).
+static BASE: OnceLock<i64> = OnceLock::new();
+/// Measured events sent so far.
+static SENT: AtomicU64 = AtomicU64::new(0);
+
 /// Milliseconds from sending a webhook that flips tenant-1's `pro_features` through `sender`
-/// until `watch` has seen the change, `count` times, sorted. `tag` keeps event ids unique
-/// between measurements.
+/// until `watch` has seen the change, `count` times, `pause` apart, sorted. `tag` names the
+/// measurement in event ids.
 pub async fn change_latencies(
     sender: Channel,
     watch: &mut impl ChangeWatch,
     count: usize,
+    pause: Duration,
     tag: &str,
 ) -> Result<Vec<f64>, BoxError> {
     let mut sender = WebhookServiceClient::new(sender);
     let mut latencies = Vec::with_capacity(count);
     for n in 0..count {
+        tokio::time::sleep(pause).await;
         let event_type = if n % 2 == 0 {
             "invoice.payment_failed"
         } else {
             "invoice.paid"
         };
-        // Created after every earlier bench event, so it is never stale.
-        let created = coresdk::time::now_s() + 10 + n as i64;
+        // Created after every earlier bench event, all in the same second: their order is
+        // then their ids', which count up across measurements, so none is ever stale.
+        let created = *BASE.get_or_init(|| coresdk::time::now_s() + 60);
         let delivery = signed_event(
-            format!("evt_{tag}_{}_{n}", std::process::id()),
+            format!(
+                "evt_{:010}_{tag}_{}",
+                SENT.fetch_add(1, Ordering::Relaxed),
+                std::process::id()
+            ),
             event_type,
             created,
             "cus_bench_1",

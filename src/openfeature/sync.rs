@@ -35,9 +35,12 @@ pub const SELECTOR_HEADER: &str = "flagd-selector";
 pub const TENANT_SELECTOR: &str = "tenant=";
 /// The shared `$evaluators` entry: the tenant an evaluation context names.
 pub const TENANT_EVALUATOR: &str = "tenant";
-/// A burst of changes (a webhook turning several flags, a migration) becomes one document:
-/// changes arriving this soon after the first one ride along.
-const DEBOUNCE: Duration = Duration::from_millis(75);
+/// The changes of one commit (a webhook turning several flags) reach the cache one by one:
+/// waiting this long after the first lets the rest ride along in the same document.
+const SETTLE: Duration = Duration::from_millis(5);
+/// Documents are rebuilt at most this often: a burst of changes (a migration, a flood of
+/// webhooks) costs one build per interval, not one per change.
+const MIN_SPACING: Duration = Duration::from_millis(75);
 
 /// Which configuration a provider asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -290,6 +293,7 @@ async fn publish(
         }
     };
     tokio::pin!(unread);
+    let mut last_build: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             change = changes.recv() => match change {
@@ -301,8 +305,9 @@ async fn publish(
             _ = shutdown.wait_for(|stop| *stop) => return,
             () = &mut unread => return,
         }
+        let next_build = last_build.map_or(tokio::time::Instant::now(), |at| at + MIN_SPACING);
         tokio::select! {
-            () = tokio::time::sleep(DEBOUNCE) => {}
+            () = tokio::time::sleep_until(next_build.max(tokio::time::Instant::now() + SETTLE)) => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
         // Everything queued so far is in the cache already (it is applied before it is
@@ -317,6 +322,7 @@ async fn publish(
             }
             stale.store(false, Ordering::SeqCst);
         }
+        last_build = Some(tokio::time::Instant::now());
         rebuild(&cache, &tenant_attribute, &selector, &sender).await;
     }
 }
@@ -702,7 +708,7 @@ mod tests {
         let (_stop, shutdown) = watch::channel(false);
         let shared = Shared::start(cache.clone(), Arc::from("tenant_id"), shutdown);
         cache.apply(record("acme", "seats", FlagValue::Number(7.0), 20));
-        tokio::time::sleep(DEBOUNCE * 4).await;
+        tokio::time::sleep(MIN_SPACING * 4).await;
         assert_eq!(&**shared.sender.borrow(), "", "built with nobody following");
 
         let mut follower = shared.follow().await;
