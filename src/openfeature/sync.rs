@@ -10,7 +10,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
@@ -275,8 +274,9 @@ fn serialize(document: &Document<'_>) -> String {
 /// Keeps `sender` at the current configuration of `selector`: after each burst of changes
 /// that concerns it, one rebuild, published only when the document differs. Readers of the
 /// watch see the latest document, never a backlog. Ends at shutdown, or, for a document of
-/// its own (`idle` is `None`), when nobody reads it. A shared document (`idle` given) outlives
-/// its readers, but is not rebuilt while it has none: `idle` then says it is stale.
+/// its own (`shared` is `None`), when nobody reads it. A shared document (`shared` given)
+/// outlives its readers, but is not rebuilt while it has none: its flag then says it is
+/// stale, and the next reader rebuilds it (see [`Shared::follow`]).
 async fn publish(
     cache: Arc<FlagCache>,
     tenant_attribute: Arc<str>,
@@ -284,10 +284,10 @@ async fn publish(
     mut changes: broadcast::Receiver<Arc<FlagRecord>>,
     mut shutdown: watch::Receiver<bool>,
     sender: watch::Sender<Arc<str>>,
-    idle: Option<Arc<AtomicBool>>,
+    shared: Option<Arc<tokio::sync::Mutex<bool>>>,
 ) {
     let unread = async {
-        match &idle {
+        match &shared {
             Some(_) => std::future::pending().await,
             None => sender.closed().await,
         }
@@ -313,28 +313,34 @@ async fn publish(
         // Everything queued so far is in the cache already (it is applied before it is
         // announced), so the rebuild covers it; what comes after is heard afresh.
         changes = changes.resubscribe();
-        if let Some(stale) = &idle {
-            // Marked before the count is read: a reader arriving in between finds it stale
-            // and rebuilds itself (see `Shared::follow`).
-            stale.store(true, Ordering::SeqCst);
-            if sender.receiver_count() == 0 {
-                continue;
+        match &shared {
+            // Readers subscribe and check the flag under the same lock: none can see a
+            // document this skipped, or one half rebuilt.
+            Some(stale) => {
+                let mut stale = stale.lock().await;
+                if sender.receiver_count() > 0 {
+                    last_build = Some(tokio::time::Instant::now());
+                    *stale = !rebuild(&cache, &tenant_attribute, &selector, &sender).await;
+                } else {
+                    *stale = true;
+                }
             }
-            stale.store(false, Ordering::SeqCst);
+            None => {
+                last_build = Some(tokio::time::Instant::now());
+                rebuild(&cache, &tenant_attribute, &selector, &sender).await;
+            }
         }
-        last_build = Some(tokio::time::Instant::now());
-        rebuild(&cache, &tenant_attribute, &selector, &sender).await;
     }
 }
 
 /// Builds `selector`'s configuration off the async workers (many tenants make a large
-/// document) and publishes it if it differs.
+/// document) and publishes it if it differs; `false` when it could not be built.
 async fn rebuild(
     cache: &Arc<FlagCache>,
     tenant_attribute: &Arc<str>,
     selector: &Selector,
     sender: &watch::Sender<Arc<str>>,
-) {
+) -> bool {
     let build = {
         let (cache, attribute, selector) =
             (cache.clone(), tenant_attribute.clone(), selector.clone());
@@ -344,7 +350,7 @@ async fn rebuild(
         Ok(document) => document,
         Err(error) => {
             tracing::error!(%error, "building the flagd sync configuration failed");
-            return;
+            return false;
         }
     };
     sender.send_if_modified(|current| {
@@ -354,6 +360,7 @@ async fn rebuild(
         }
         changed
     });
+    true
 }
 
 /// Starts following `selector`'s configuration: the receiver holds it now, and the latest
@@ -383,7 +390,8 @@ struct Shared {
     cache: Arc<FlagCache>,
     tenant_attribute: Arc<str>,
     sender: watch::Sender<Arc<str>>,
-    stale: Arc<AtomicBool>,
+    /// Whether changes went unbuilt while nobody read; held while (re)building.
+    stale: Arc<tokio::sync::Mutex<bool>>,
 }
 
 impl Shared {
@@ -395,7 +403,7 @@ impl Shared {
         let changes = cache.subscribe();
         // Built at first use, not at start: until then nobody needs it.
         let (sender, _) = watch::channel(Arc::from(""));
-        let stale = Arc::new(AtomicBool::new(true));
+        let stale = Arc::new(tokio::sync::Mutex::new(true));
         tokio::spawn(publish(
             cache.clone(),
             tenant_attribute.clone(),
@@ -416,10 +424,10 @@ impl Shared {
     /// A reader of the current document (rebuilt first if changes went unbuilt while
     /// nobody read it), then of the latest after every change.
     async fn follow(&self) -> watch::Receiver<Arc<str>> {
-        // Counted as a reader before `stale` is read: see `publish`.
+        let mut stale = self.stale.lock().await;
         let receiver = self.sender.subscribe();
-        if self.stale.swap(false, Ordering::SeqCst) {
-            rebuild(
+        if *stale {
+            *stale = !rebuild(
                 &self.cache,
                 &self.tenant_attribute,
                 &Selector::All,
@@ -710,6 +718,19 @@ mod tests {
         cache.apply(record("acme", "seats", FlagValue::Number(7.0), 20));
         tokio::time::sleep(MIN_SPACING * 4).await;
         assert_eq!(&**shared.sender.borrow(), "", "built with nobody following");
+
+        // Readers arriving together all get the built document, never the placeholder.
+        let shared = Arc::new(shared);
+        let readers: Vec<_> = (0..16)
+            .map(|_| {
+                let shared = shared.clone();
+                tokio::spawn(async move { shared.follow().await.borrow().to_string() })
+            })
+            .collect();
+        for reader in readers {
+            let document = reader.await.expect("a reader");
+            assert!(!document.is_empty(), "a reader got the unbuilt placeholder");
+        }
 
         let mut follower = shared.follow().await;
         let document: Json = serde_json::from_str(&follower.borrow_and_update()).expect("JSON");
