@@ -33,7 +33,8 @@ impl FlagValue {
         serde_json::json!({ kind: self.clone().into_json() }).to_string()
     }
 
-    /// The value as plain JSON, as the HTTP protocols answer it.
+    /// The value as plain JSON, as the HTTP protocols answer it and flagd variants hold it:
+    /// integral numbers stay integers, so that a provider's integer evaluation accepts them.
     pub fn into_json(self) -> Json {
         match self {
             FlagValue::Bool(b) => Json::Bool(b),
@@ -120,6 +121,22 @@ pub struct FlagRecord {
     pub updated_at_ms: i64,
     pub updated_by: String,
     pub source_event_id: String,
+}
+
+/// An operator's change of `tenant`'s `key`, for the tests that feed a [`FlagCache`].
+#[cfg(test)]
+pub(crate) fn test_record(tenant: &str, key: &str, value: FlagValue, version: u64) -> FlagRecord {
+    FlagRecord {
+        tenant_id: tenant.into(),
+        key: key.into(),
+        value,
+        version,
+        order: EventOrder::default(),
+        origin: FlagOrigin::Admin,
+        updated_at_ms: 0,
+        updated_by: "test".into(),
+        source_event_id: String::new(),
+    }
 }
 
 /// A tenant's flag as a read answers it: what was set for the tenant, or the catalog default
@@ -325,17 +342,7 @@ mod tests {
     use super::*;
 
     fn record(key: &str, value: bool, version: u64) -> FlagRecord {
-        FlagRecord {
-            tenant_id: "t".into(),
-            key: key.into(),
-            value: FlagValue::Bool(value),
-            version,
-            order: EventOrder::default(),
-            origin: FlagOrigin::Rule,
-            updated_at_ms: 0,
-            updated_by: "test".into(),
-            source_event_id: String::new(),
-        }
+        test_record("t", key, FlagValue::Bool(value), version)
     }
 
     #[test]

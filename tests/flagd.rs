@@ -4,25 +4,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::flagd::{changed_keys, context, mock, pay, start, v1_client, v2_client};
+use common::flagd::{
+    changed_keys, context, mock, pay, set, spawn_tls_side, start, tls_channel, v1_client, v2_client,
+};
 use common::*;
 use coresdk::flagd_proto::evaluation::{v1, v2};
-use coresdk::proto::{self, flag_value::Kind};
+use coresdk::proto::flag_value::Kind;
+use coresdk::settings::SideListener;
 use tonic::Code;
-
-async fn set(sidecar: &Sidecar, tenant: &str, key: &str, kind: Kind) {
-    sidecar
-        .flags()
-        .set_flag(admin(proto::SetFlagRequest {
-            tenant_id: tenant.into(),
-            key: key.into(),
-            value: Some(proto::FlagValue { kind: Some(kind) }),
-            actor: "ops@example.com".into(),
-            reason: String::new(),
-        }))
-        .await
-        .expect("SetFlag");
-}
 
 fn boolean(key: &str, ctx: &[(&str, &str)]) -> v2::ResolveBooleanRequest {
     v2::ResolveBooleanRequest {
@@ -34,7 +23,7 @@ fn boolean(key: &str, ctx: &[(&str, &str)]) -> v2::ResolveBooleanRequest {
 #[tokio::test]
 async fn a_tenants_boolean_follows_a_stripe_webhook() {
     let (sidecar, addr) = start(mock()).await;
-    let channel = common::flagd::channel(&addr).await;
+    let channel = connect(&addr).await;
     let mut v2 = v2_client(&channel);
     let mut v1 = v1_client(&channel);
 
@@ -142,7 +131,7 @@ async fn a_tenants_boolean_follows_a_stripe_webhook() {
 #[tokio::test]
 async fn strings_numbers_objects_and_errors_as_flagd_answers_them() {
     let (sidecar, addr) = start(mock()).await;
-    let mut v2 = v2_client(&common::flagd::channel(&addr).await);
+    let mut v2 = v2_client(&connect(&addr).await);
     set(
         &sidecar,
         "acme-corp",
@@ -262,7 +251,7 @@ async fn next<T>(stream: &mut tonic::Streaming<T>) -> T {
 #[tokio::test]
 async fn event_stream_announces_ready_then_each_change() {
     let (sidecar, addr) = start(mock()).await;
-    let channel = common::flagd::channel(&addr).await;
+    let channel = connect(&addr).await;
     let mut v2_events = v2_client(&channel)
         .event_stream(v2::EventStreamRequest {})
         .await
@@ -301,7 +290,7 @@ async fn the_api_token_guards_the_flagd_listener() {
         "flagd-api-token-0123456789".into(),
     ));
     let (_sidecar, addr) = start(options).await;
-    let mut v2 = v2_client(&common::flagd::channel(&addr).await);
+    let mut v2 = v2_client(&connect(&addr).await);
     let refused = v2
         .resolve_boolean(boolean("pro_features", &[]))
         .await
@@ -334,7 +323,7 @@ async fn an_idle_event_stream_says_keep_alive_and_streams_are_capped() {
         "1".into(),
     ]);
     let (_sidecar, addr) = start(options).await;
-    let mut client = v2_client(&common::flagd::channel(&addr).await);
+    let mut client = v2_client(&connect(&addr).await);
     let mut events = client
         .event_stream(v2::EventStreamRequest {})
         .await
@@ -355,31 +344,8 @@ async fn an_idle_event_stream_says_keep_alive_and_streams_are_capped() {
 async fn the_flagd_listener_serves_tls_when_the_main_one_does() {
     let dir = tempfile::tempdir().expect("temp dir");
     fixture("mint_certs.py", dir.path());
-    let path = |name: &str| dir.path().join(name).display().to_string();
-    let (child, _, addr) = common::flagd::spawn(
-        &[
-            "--mock".to_owned(),
-            "--tls-cert-file".to_owned(),
-            path("server.pem"),
-            "--tls-key-file".to_owned(),
-            path("server.key"),
-        ],
-        &[],
-    );
-    let _running = common::inputs::Running(child);
-    let ca = std::fs::read(path("ca.pem")).expect("ca.pem");
-    let channel = tonic::transport::Channel::from_shared(format!("https://{addr}"))
-        .expect("valid uri")
-        .tls_config(
-            tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
-                .domain_name("localhost"),
-        )
-        .expect("tls config")
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .expect("a TLS connection to the flagd listener");
+    let (_running, addr) = spawn_tls_side(SideListener::Flagd, dir.path());
+    let channel = tls_channel(&addr, &dir.path().join("ca.pem")).await;
     let answered = v2_client(&channel)
         .resolve_boolean(boolean("pro_features", &[("tenant_id", "acme-corp")]))
         .await
@@ -404,7 +370,7 @@ async fn reflection_on_the_flagd_listener_describes_flagds_services() {
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
     let (_sidecar, addr) = start(mock()).await;
-    let mut client = ServerReflectionClient::new(common::flagd::channel(&addr).await);
+    let mut client = ServerReflectionClient::new(connect(&addr).await);
     let requests = [
         MessageRequest::ListServices(String::new()),
         // A symbol whose file imports google/protobuf/struct.proto: grpcurl needs both.
@@ -449,7 +415,7 @@ async fn the_tenant_attribute_can_be_renamed() {
         .args
         .extend(["--openfeature-tenant-attribute".into(), "org".into()]);
     let (sidecar, addr) = start(options).await;
-    let mut v2 = v2_client(&common::flagd::channel(&addr).await);
+    let mut v2 = v2_client(&connect(&addr).await);
     pay(&sidecar, "evt_paid_org", "cus_acme_001").await;
     let by_org = v2
         .resolve_boolean(boolean("pro_features", &[("org", "acme-corp")]))
@@ -475,7 +441,7 @@ async fn the_tenant_attribute_can_be_renamed() {
 #[tokio::test]
 async fn sigterm_ends_event_streams_and_the_sidecar_exits_cleanly() {
     let (mut sidecar, addr) = start(mock()).await;
-    let mut events = v2_client(&common::flagd::channel(&addr).await)
+    let mut events = v2_client(&connect(&addr).await)
         .event_stream(v2::EventStreamRequest {})
         .await
         .expect("EventStream")

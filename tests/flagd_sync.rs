@@ -4,13 +4,15 @@ mod common;
 
 use std::time::Duration;
 
-use common::flagd_sync::{client, mock, pay, set, start};
+use common::flagd::{mock, pay, set, spawn_tls_side, tls_channel};
+use common::flagd_sync::{client, start};
 use common::*;
 use coresdk::flagd_proto::sync::v1::flag_sync_service_client::FlagSyncServiceClient;
 use coresdk::flagd_proto::sync::v1::{
     FetchAllFlagsRequest, GetMetadataRequest, SyncFlagsRequest, SyncFlagsResponse,
 };
 use coresdk::proto::flag_value::Kind;
+use coresdk::settings::SideListener;
 use serde_json::{Value as Json, json};
 use tonic::Code;
 
@@ -456,7 +458,7 @@ async fn reflection_on_the_sync_listener_lists_the_sync_service() {
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
     let (_sidecar, addr) = start(mock()).await;
-    let mut client = ServerReflectionClient::new(common::flagd::channel(&addr).await);
+    let mut client = ServerReflectionClient::new(connect(&addr).await);
     let list = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
@@ -502,33 +504,8 @@ async fn the_renamed_tenant_attribute_is_the_one_targeting_reads() {
 async fn the_sync_listener_serves_tls_when_the_main_one_does() {
     let dir = tempfile::tempdir().expect("temp dir");
     fixture("mint_certs.py", dir.path());
-    let path = |name: &str| dir.path().join(name).display().to_string();
-    let (child, _, mut sides) = common::flagd::spawn_with_sides(
-        &[coresdk::settings::SideListener::FlagdSync],
-        &[
-            "--mock".to_owned(),
-            "--tls-cert-file".to_owned(),
-            path("server.pem"),
-            "--tls-key-file".to_owned(),
-            path("server.key"),
-        ],
-        &[],
-    );
-    let _running = common::inputs::Running(child);
-    let addr = sides.remove(0);
-    let ca = std::fs::read(path("ca.pem")).expect("ca.pem");
-    let channel = tonic::transport::Channel::from_shared(format!("https://{addr}"))
-        .expect("valid uri")
-        .tls_config(
-            tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
-                .domain_name("localhost"),
-        )
-        .expect("tls config")
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .expect("a TLS connection to the sync listener");
+    let (_running, addr) = spawn_tls_side(SideListener::FlagdSync, dir.path());
+    let channel = tls_channel(&addr, &dir.path().join("ca.pem")).await;
     let mut stream = FlagSyncServiceClient::new(channel)
         .sync_flags(SyncFlagsRequest::default())
         .await

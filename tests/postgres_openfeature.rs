@@ -15,7 +15,7 @@ async fn a_webhook_through_replica_a_reaches_an_event_stream_on_replica_c() {
     let url = fresh_database(server_url()).await;
     let a = Sidecar::start(replica_options(&url)).await;
     let (_c, c_flagd) = common::flagd::start(replica_options(&url)).await;
-    let channel = common::flagd::channel(&c_flagd).await;
+    let channel = connect(&c_flagd).await;
     let mut events = v2_client(&channel)
         .event_stream(v2::EventStreamRequest {})
         .await

@@ -139,21 +139,7 @@ fn changed_flags(keys: BTreeSet<String>) -> Struct {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flags::{FlagOrigin, FlagRecord, FlagValue};
-
-    fn change(key: String, version: u64) -> FlagRecord {
-        FlagRecord {
-            tenant_id: "acme".into(),
-            key,
-            value: FlagValue::Bool(true),
-            version,
-            order: Default::default(),
-            origin: FlagOrigin::Admin,
-            updated_at_ms: 0,
-            updated_by: "test".into(),
-            source_event_id: String::new(),
-        }
-    }
+    use crate::flags::{FlagValue, test_record};
 
     fn keys(data: &Struct) -> usize {
         match data.fields.get("flags").and_then(|v| v.kind.as_ref()) {
@@ -186,7 +172,12 @@ mod tests {
         let ready = receiver.recv().await.and_then(Result::ok);
         assert_eq!(ready.map(|(kind, _)| kind), Some(PROVIDER_READY));
         for n in 1..=CHANGES {
-            cache.apply(change(format!("flag_{n}"), n));
+            cache.apply(test_record(
+                "acme",
+                &format!("flag_{n}"),
+                FlagValue::Bool(true),
+                n,
+            ));
             // Let the follower run, so it fills its queue and then blocks.
             if n % 64 == 0 {
                 tokio::task::yield_now().await;

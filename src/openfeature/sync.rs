@@ -147,20 +147,6 @@ struct TenantReference {
     reference: &'static str,
 }
 
-/// A value as a flagd variant: integral numbers stay integers, so that a provider's integer
-/// evaluation accepts them.
-fn variant_value(value: &FlagValue) -> Json {
-    match value {
-        FlagValue::Bool(b) => Json::Bool(*b),
-        FlagValue::String(s) => Json::String(s.clone()),
-        // The store refuses non-finite numbers, so none reaches here.
-        FlagValue::Number(n) => crate::flags::finite_number(*n)
-            .map(Json::Number)
-            .unwrap_or(Json::Null),
-        FlagValue::Json(v) => v.clone(),
-    }
-}
-
 /// The JSONLogic for "the tenant the context names": its tenant attribute if set, else its
 /// `targetingKey`, as the evaluation service picks it.
 pub fn tenant_expression(tenant_attribute: &str) -> Json {
@@ -192,7 +178,7 @@ pub fn document(cache: &FlagCache, tenant_attribute: &str) -> String {
     let mut groups: BTreeMap<&str, BTreeMap<String, Group<'_>>> =
         defaults.keys().map(|key| (*key, BTreeMap::new())).collect();
     for flag in &stored {
-        let value = variant_value(flag.value());
+        let value = flag.value().clone().into_json();
         let group = groups
             .entry(flag.key())
             .or_default()
@@ -208,7 +194,7 @@ pub fn document(cache: &FlagCache, tenant_attribute: &str) -> String {
         .map(|(key, by_value)| {
             let mut variants = BTreeMap::new();
             let default_variant = defaults.get(key).map(|value| {
-                variants.insert(DEFAULT_VARIANT.to_owned(), variant_value(value));
+                variants.insert(DEFAULT_VARIANT.to_owned(), (*value).clone().into_json());
                 DEFAULT_VARIANT
             });
             let mut branches = Vec::with_capacity(by_value.len() * 2 + 1);
@@ -255,7 +241,7 @@ pub fn tenant_document(cache: &FlagCache, tenant: &str) -> String {
                 };
                 let definition = Definition {
                     state: "ENABLED",
-                    variants: BTreeMap::from([(name.to_owned(), variant_value(flag.value()))]),
+                    variants: BTreeMap::from([(name.to_owned(), flag.value().clone().into_json())]),
                     default_variant: Some(name),
                     targeting: None,
                 };
@@ -547,21 +533,7 @@ impl FlagSyncService for Sync {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flags::FlagOrigin;
-
-    fn record(tenant: &str, key: &str, value: FlagValue, version: u64) -> FlagRecord {
-        FlagRecord {
-            tenant_id: tenant.into(),
-            key: key.into(),
-            value,
-            version,
-            order: Default::default(),
-            origin: FlagOrigin::Admin,
-            updated_at_ms: 0,
-            updated_by: "test".into(),
-            source_event_id: String::new(),
-        }
-    }
+    use crate::flags::test_record as record;
 
     fn cache() -> FlagCache {
         let cache = FlagCache::new(BTreeMap::from([

@@ -2,15 +2,18 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use coresdk::flagd_proto::evaluation::{v1, v2};
+use coresdk::proto::{self, flag_value::Kind};
 use coresdk::settings::SideListener;
-use prost_types::{Struct, Value, value::Kind};
-use tonic::transport::Channel;
+use prost_types::{Struct, Value, value::Kind as ValueKind};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
-use super::{Options, Sidecar, connect, event, now, serve_command, signed};
+use super::inputs::{Running, tls_args};
+use super::{Options, Sidecar, admin, event, now, serve_command, signed};
 
 /// A started sidecar and the address of its flagd listener (`--flagd-listen 127.0.0.1:0`).
 pub async fn start(options: Options) -> (Sidecar, String) {
@@ -20,24 +23,37 @@ pub async fn start(options: Options) -> (Sidecar, String) {
 /// A started sidecar and the address of its `listener`, on an ephemeral port.
 pub async fn start_side(listener: SideListener, options: Options) -> (Sidecar, String) {
     let (child, addr, mut sides) = spawn_with_sides(&[listener], &options.args, &options.envs);
-    let side = sides.remove(0);
-    let channel = connect(&addr).await;
-    let sidecar = Sidecar {
-        child: Some(child),
-        addr,
-        channel,
-        data_dir: None,
-        args: options.args,
-        envs: options.envs,
-    };
-    (sidecar, side)
+    (
+        Sidecar::started(child, addr, options).await,
+        sides.remove(0),
+    )
 }
 
-/// Starts `coresdk serve` with both listeners on ephemeral ports and returns it with the main
-/// address and the flagd one.
-pub fn spawn(args: &[String], envs: &[(String, String)]) -> (Child, String, String) {
-    let (child, addr, mut sides) = spawn_with_sides(&[SideListener::Flagd], args, envs);
-    (child, addr, sides.remove(0))
+/// A `--mock` sidecar serving TLS with the certificates `mint_certs.py` wrote into `dir`, and
+/// the address of its `listener`. `Sidecar::started` connects in plaintext, so the caller
+/// connects itself (see [`tls_channel`]).
+pub fn spawn_tls_side(listener: SideListener, dir: &Path) -> (Running, String) {
+    let mut args = vec!["--mock".to_owned()];
+    args.extend(tls_args(dir, false));
+    let (child, _, mut sides) = spawn_with_sides(&[listener], &args, &[]);
+    (Running(child), sides.remove(0))
+}
+
+/// A TLS channel to `addr`, trusting the CA certificate at `ca` for the name `localhost`.
+pub async fn tls_channel(addr: &str, ca: &Path) -> Channel {
+    let ca = std::fs::read(ca).expect("the CA certificate");
+    Channel::from_shared(format!("https://{addr}"))
+        .expect("valid uri")
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name("localhost"),
+        )
+        .expect("tls config")
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("a TLS connection")
 }
 
 /// Starts `coresdk serve` with the main listener and each of `sides` on ephemeral ports, and
@@ -83,15 +99,6 @@ pub fn spawn_with_sides(
     (child, addr.expect("the main address"), sides)
 }
 
-pub async fn channel(addr: &str) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .expect("valid uri")
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .expect("connects to the flagd listener")
-}
-
 pub fn v2_client(channel: &Channel) -> v2::service_client::ServiceClient<Channel> {
     v2::service_client::ServiceClient::new(channel.clone())
 }
@@ -109,7 +116,7 @@ pub fn context(attributes: &[(&str, &str)]) -> Option<Struct> {
                 (
                     (*k).to_owned(),
                     Value {
-                        kind: Some(Kind::StringValue((*v).to_owned())),
+                        kind: Some(ValueKind::StringValue((*v).to_owned())),
                     },
                 )
             })
@@ -119,7 +126,7 @@ pub fn context(attributes: &[(&str, &str)]) -> Option<Struct> {
 
 /// The keys of a `configuration_change` event's `data.flags`.
 pub fn changed_keys(data: Option<&Struct>) -> Vec<String> {
-    let Some(Kind::StructValue(flags)) = data
+    let Some(ValueKind::StructValue(flags)) = data
         .and_then(|d| d.fields.get("flags"))
         .and_then(|v| v.kind.as_ref())
     else {
@@ -128,10 +135,8 @@ pub fn changed_keys(data: Option<&Struct>) -> Vec<String> {
     flags.fields.keys().cloned().collect()
 }
 
-/// The webhook secret mock mode accepts.
-pub const MOCK_SECRET: &str = "whsec_test_secret";
-
-/// Mock mode: seeded tenants (`cus_acme_001 → acme-corp`), the test secret.
+/// Mock mode: seeded tenants (`cus_acme_001 → acme-corp`), the mock webhook secret, admin calls
+/// without a token.
 pub fn mock() -> Options {
     Options {
         args: vec!["--mock".into()],
@@ -144,7 +149,7 @@ pub async fn pay(sidecar: &Sidecar, id: &str, customer: &str) {
     sidecar
         .webhooks()
         .handle_stripe_webhook(signed(
-            MOCK_SECRET,
+            coresdk::config::MOCK_WEBHOOK_SECRET,
             event(
                 id,
                 "invoice.paid",
@@ -154,4 +159,19 @@ pub async fn pay(sidecar: &Sidecar, id: &str, customer: &str) {
         ))
         .await
         .expect("invoice.paid accepted");
+}
+
+/// An operator's `SetFlag`.
+pub async fn set(sidecar: &Sidecar, tenant: &str, key: &str, kind: Kind) {
+    sidecar
+        .flags()
+        .set_flag(admin(proto::SetFlagRequest {
+            tenant_id: tenant.into(),
+            key: key.into(),
+            value: Some(proto::FlagValue { kind: Some(kind) }),
+            actor: "ops@example.com".into(),
+            reason: String::new(),
+        }))
+        .await
+        .expect("SetFlag");
 }

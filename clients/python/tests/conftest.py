@@ -8,7 +8,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import pytest
 
@@ -82,6 +82,84 @@ def sidecar(tmp_path: Path) -> Iterator[Sidecar]:
     process.start()
     yield process
     process.stop()
+
+
+# What each OpenFeature listener's setting names it in its `coresdk <name> listening on ADDR` line.
+OPENFEATURE_LISTENERS = {
+    "CORESDK_FLAGD_LISTEN": "flagd",
+    "CORESDK_FLAGD_SYNC_LISTEN": "flagd-sync",
+    "CORESDK_OFREP_LISTEN": "ofrep",
+}
+
+
+@pytest.fixture
+def openfeature_sidecar(tmp_path: Path) -> Iterator[Callable[..., tuple[Sidecar, list[str]]]]:
+    """A factory: `openfeature_sidecar(*listener_env_vars, restartable=False)` starts a sidecar
+    with those OpenFeature listeners and returns it with their addresses, in the order asked,
+    read from the lines that follow the main listener's. Each listener gets an ephemeral port
+    (no port to race for) unless `restartable`: then a fixed free one, so that a restarted
+    sidecar is found where the providers look. The sidecar stops when the test ends."""
+    started: list[Sidecar] = []
+
+    def start(*listeners: str, restartable: bool = False) -> tuple[Sidecar, list[str]]:
+        wanted = {env: f"127.0.0.1:{free_port() if restartable else 0}" for env in listeners}
+        process = Sidecar(tmp_path, wanted)
+        started.append(process)
+        process.start()
+        assert process.process is not None and process.process.stdout is not None
+        announced = {}
+        for _ in listeners:
+            line = process.process.stdout.readline()
+            name, _, addr = line.removeprefix("coresdk ").rstrip("\n").partition(" listening on ")
+            assert name in OPENFEATURE_LISTENERS.values() and addr, line
+            announced[name] = addr
+        addrs = [announced[OPENFEATURE_LISTENERS[env]] for env in listeners]
+        if restartable:
+            assert addrs == list(wanted.values()), addrs
+        return process, addrs
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def tenant(tenant_id: str):
+    """The evaluation context that names `tenant_id` by the default tenant attribute."""
+    from openfeature.evaluation_context import EvaluationContext
+
+    return EvaluationContext(attributes={"tenant_id": tenant_id})
+
+
+Details = TypeVar("Details")
+
+# Only a hang guard: a change normally reaches a provider in well under a second.
+HANG_GUARD_S = 20
+
+
+def eventually(evaluate: Callable[[], Details], wanted: Callable[[Details], bool]) -> Details:
+    """Evaluates until `wanted` holds; fails only when the hang guard runs out."""
+    deadline = time.monotonic() + HANG_GUARD_S
+    while True:
+        details = evaluate()
+        if wanted(details):
+            return details
+        assert time.monotonic() < deadline, f"still {details}"
+        time.sleep(0.05)
+
+
+def webhook(process: Sidecar, event_type: str, customer: str, **fields) -> None:
+    """Delivers a signed Stripe event about `customer` to `process` through the SDK."""
+    sidecar = client_for(process)
+    try:
+        body = stripe_event(event_type, customer, **fields)
+        sidecar.handle_stripe_webhook(body, sign(body))
+    finally:
+        sidecar.close()
+
+
+def pay(process: Sidecar, invoice: str = "in_1") -> None:
+    """A paid invoice of `cus_acme_001`: `acme-corp`'s `pro_features` turns on."""
+    webhook(process, "invoice.paid", "cus_acme_001", id=invoice)
 
 
 def client_for(sidecar: Sidecar, **overrides) -> SidecarClient:

@@ -2,8 +2,6 @@
 from PyPI, pointed at the sidecar's flagd listener."""
 
 import threading
-import time
-from pathlib import Path
 
 import pytest
 from openfeature import api
@@ -14,31 +12,18 @@ from openfeature.event import ProviderEvent
 from openfeature.exception import ErrorCode
 from openfeature.flag_evaluation import Reason
 
-from conftest import Sidecar, client_for, sign, stripe_event
+from conftest import pay, tenant
 
 
 @pytest.fixture
-def flagd(tmp_path: Path):
-    # An ephemeral port, read from the line that follows the main listener's: no port to race for.
-    process = Sidecar(tmp_path, {"CORESDK_FLAGD_LISTEN": "127.0.0.1:0"})
-    process.start()
+def flagd(openfeature_sidecar):
+    process, (addr,) = openfeature_sidecar("CORESDK_FLAGD_LISTEN")
+    host, port = addr.rsplit(":", 1)
+    api.set_provider_and_wait(FlagdProvider(host=host, port=int(port), resolver_type=ResolverType.RPC, deadline_ms=5000))
     try:
-        assert process.process is not None and process.process.stdout is not None
-        line = process.process.stdout.readline()
-        assert line.startswith("coresdk flagd listening on "), line
-        port = int(line.rsplit(":", 1)[1])
-        provider = FlagdProvider(host="127.0.0.1", port=port, resolver_type=ResolverType.RPC, deadline_ms=5000)
-        api.set_provider_and_wait(provider)
-        try:
-            yield process, api.get_client()
-        finally:
-            api.shutdown()
+        yield process, api.get_client()
     finally:
-        process.stop()
-
-
-def tenant(tenant_id: str) -> EvaluationContext:
-    return EvaluationContext(attributes={"tenant_id": tenant_id})
+        api.shutdown()
 
 
 def test_a_tenants_flag_follows_a_stripe_webhook_through_the_provider(flagd):
@@ -49,12 +34,7 @@ def test_a_tenants_flag_follows_a_stripe_webhook_through_the_provider(flagd):
     before = client.get_boolean_details("pro_features", True, tenant("acme-corp"))
     assert (before.value, before.reason) == (False, Reason.DEFAULT)
 
-    sidecar = client_for(process)
-    try:
-        body = stripe_event("invoice.paid", "cus_acme_001", id="in_1")
-        sidecar.handle_stripe_webhook(body, sign(body))
-    finally:
-        sidecar.close()
+    pay(process)
     assert changed.wait(5), "the provider saw no configuration_change"
 
     after = client.get_boolean_details("pro_features", False, tenant("acme-corp"))

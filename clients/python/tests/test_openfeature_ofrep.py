@@ -2,60 +2,24 @@
 sidecar's OFREP listener. The provider keeps no cache (each evaluation is one POST), so a change
 is seen by the next evaluation."""
 
-import time
-from collections.abc import Callable
-from pathlib import Path
-
 import pytest
 from openfeature import api
 from openfeature.contrib.provider.ofrep import OFREPProvider
 from openfeature.evaluation_context import EvaluationContext
 from openfeature.exception import ErrorCode
-from openfeature.flag_evaluation import FlagEvaluationDetails, Reason
+from openfeature.flag_evaluation import Reason
 
-from conftest import Sidecar, client_for, free_port, sign, stripe_event
+from conftest import eventually, pay, tenant
 
 
 @pytest.fixture
-def ofrep(tmp_path: Path):
-    # A fixed free port rather than :0, so a restarted sidecar is found where the provider looks.
-    port = free_port()
-    process = Sidecar(tmp_path, {"CORESDK_OFREP_LISTEN": f"127.0.0.1:{port}"})
-    process.start()
+def ofrep(openfeature_sidecar):
+    process, (addr,) = openfeature_sidecar("CORESDK_OFREP_LISTEN", restartable=True)
+    api.set_provider_and_wait(OFREPProvider(f"http://{addr}", timeout=5.0))
     try:
-        assert process.process is not None and process.process.stdout is not None
-        line = process.process.stdout.readline()
-        assert line == f"coresdk ofrep listening on 127.0.0.1:{port}\n", line
-        api.set_provider_and_wait(OFREPProvider(f"http://127.0.0.1:{port}", timeout=5.0))
-        try:
-            yield process, api.get_client()
-        finally:
-            api.shutdown()
+        yield process, api.get_client()
     finally:
-        process.stop()
-
-
-def tenant(tenant_id: str) -> EvaluationContext:
-    return EvaluationContext(attributes={"tenant_id": tenant_id})
-
-
-def eventually(evaluate: Callable[[], FlagEvaluationDetails], wanted: Callable[[FlagEvaluationDetails], bool]):
-    """Evaluates until `wanted` holds; the deadline only guards against a hang."""
-    deadline = time.monotonic() + 15
-    while True:
-        details = evaluate()
-        if wanted(details) or time.monotonic() > deadline:
-            return details
-        time.sleep(0.05)
-
-
-def pay(process: Sidecar) -> None:
-    sidecar = client_for(process)
-    try:
-        body = stripe_event("invoice.paid", "cus_acme_001", id="in_1")
-        sidecar.handle_stripe_webhook(body, sign(body))
-    finally:
-        sidecar.close()
+        api.shutdown()
 
 
 def test_a_tenants_flag_follows_a_stripe_webhook_through_the_provider(ofrep):
