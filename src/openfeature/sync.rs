@@ -163,6 +163,18 @@ struct Group<'a> {
     tenants: Vec<&'a str>,
 }
 
+/// Whether flagd's schema lets a value be a variant: objects only among JSON values (arrays
+/// and JSON scalars are refused by strict providers, and would cost every tenant its flags).
+fn servable(value: &FlagValue) -> bool {
+    !matches!(value, FlagValue::Json(json) if !json.is_object())
+}
+
+/// flagd's schema wants every variant of a flag to be of one type: the catalog default's,
+/// else (a key only operators set) the first stored value's.
+fn same_kind(a: &FlagValue, b: &FlagValue) -> bool {
+    std::mem::discriminant(a) == std::mem::discriminant(b)
+}
+
 /// The all-tenants configuration: per flag, the catalog default as `defaultVariant` and one
 /// variant per distinct tenant value, chosen by targeting on the tenant. A tenant whose own
 /// value equals the default is still listed, so its evaluation is a `TARGETING_MATCH` as on
@@ -177,7 +189,14 @@ pub fn document(cache: &FlagCache, tenant_attribute: &str) -> String {
     // Per key, per value (by its JSON text, so equal values group whatever their origin).
     let mut groups: BTreeMap<&str, BTreeMap<String, Group<'_>>> =
         defaults.keys().map(|key| (*key, BTreeMap::new())).collect();
+    let mut kinds: BTreeMap<&str, &FlagValue> = defaults.clone();
+    let mut left_out = 0usize;
     for flag in &stored {
+        let kind = *kinds.entry(flag.key()).or_insert(flag.value());
+        if !servable(flag.value()) || !same_kind(flag.value(), kind) {
+            left_out += 1;
+            continue;
+        }
         let value = flag.value().clone().into_json();
         let group = groups
             .entry(flag.key())
@@ -219,6 +238,12 @@ pub fn document(cache: &FlagCache, tenant_attribute: &str) -> String {
             (key, definition)
         })
         .collect();
+    if left_out > 0 {
+        tracing::warn!(
+            left_out,
+            "flagd sync: tenant values that flagd's schema cannot hold (a JSON array or scalar, or a type other than the flag's) are left out; those tenants get the flag's default in-process"
+        );
+    }
     let document = Document {
         evaluators: Some(json!({ TENANT_EVALUATOR: tenant_expression(tenant_attribute) })),
         flags,
@@ -234,6 +259,7 @@ pub fn tenant_document(cache: &FlagCache, tenant: &str) -> String {
         evaluators: None,
         flags: flags
             .iter()
+            .filter(|flag| servable(flag.value()))
             .map(|flag| {
                 let name = match flag {
                     Flag::Set(_) => TENANT_VARIANT,
@@ -584,6 +610,38 @@ mod tests {
         let limits = &document["flags"]["limits"];
         assert_eq!(limits["variants"], json!({"tenant-1": {"rps": 10}}));
         assert!(limits.get("defaultVariant").is_none());
+    }
+
+    /// flagd's schema: one type per flag, and objects only among JSON values. A value that
+    /// breaks it is left out (that tenant gets the default in-process), not the document.
+    #[test]
+    fn values_flagds_schema_cannot_hold_are_left_out() {
+        let cache = cache();
+        cache.apply(record(
+            "globex",
+            "seats",
+            FlagValue::String("many".into()),
+            6,
+        ));
+        cache.apply(record(
+            "initech",
+            "seats",
+            FlagValue::Json(json!([1, 2])),
+            7,
+        ));
+        cache.apply(record("globex", "limits", FlagValue::Json(json!(3)), 8));
+        let document: Json = serde_json::from_str(&document(&cache, "tenant_id")).expect("JSON");
+        assert_eq!(
+            document["flags"]["seats"]["variants"],
+            json!({"default": 1, "tenant-1": 25})
+        );
+        assert_eq!(
+            document["flags"]["limits"]["variants"],
+            json!({"tenant-1": {"rps": 10}})
+        );
+        let initech: Json =
+            serde_json::from_str(&tenant_document(&cache, "initech")).expect("JSON");
+        assert!(initech["flags"].get("seats").is_none(), "{initech}");
     }
 
     #[test]
