@@ -195,6 +195,7 @@ async fn the_api_token_guards_ofrep_as_it_guards_grpc() {
             vec![],
             vec![("authorization", "Bearer not-the-token")],
             vec![("x-coresdk-api-token", "not-the-token")],
+            vec![("x-api-key", "not-the-token")],
         ] {
             let answer = ofrep.post(path, body.clone(), &refused).await;
             assert_eq!(
@@ -207,6 +208,8 @@ async fn the_api_token_guards_ofrep_as_it_guards_grpc() {
         for accepted in [
             vec![("authorization", bearer.as_str())],
             vec![("x-coresdk-api-token", API_TOKEN)],
+            // OFREP's own API-key header.
+            vec![("x-api-key", API_TOKEN)],
             vec![("authorization", admin.as_str())],
         ] {
             let answer = ofrep.post(path, body.clone(), &accepted).await;
@@ -405,7 +408,8 @@ async fn ofrep_serves_tls_with_alpn_when_the_main_listener_does() {
     }
     // Plaintext is not served there.
     let plaintext =
-        within_10_s(Ofrep::new(&addr, Http::One).try_post("/ofrep/v1/evaluate/flags", "{}")).await;
+        within_10_s(Ofrep::new(&addr, Http::One).try_post("/ofrep/v1/evaluate/flags", "{}", &[]))
+            .await;
     assert!(plaintext.is_err(), "{plaintext:?}");
 }
 
@@ -450,4 +454,143 @@ async fn a_request_head_sent_too_slowly_loses_its_connection() {
         .flag("pro_features", json!({}))
         .await;
     assert_eq!(answer.status, StatusCode::OK);
+}
+
+/// Reads until the sidecar ends the connection: `true` when it did within the hang guard.
+async fn closed_by_the_sidecar(tcp: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let mut sink = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        tcp.read_to_end(&mut sink),
+    )
+    .await
+    .is_ok()
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_and_busy_ones_kept() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::io::AsyncWriteExt as _;
+    let (_sidecar, addr) = start(mock()).await;
+    let connect = || async {
+        tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("a connection")
+    };
+    let request = || {
+        hyper::Request::post("/ofrep/v1/evaluate/flags/pro_features")
+            .header("host", "ofrep")
+            .body(http_body_util::Full::new(hyper::body::Bytes::from_static(
+                b"{}",
+            )))
+            .expect("a request")
+    };
+
+    // Sends nothing at all: the protocol is never known.
+    let silent = async {
+        let mut tcp = connect().await;
+        closed_by_the_sidecar(&mut tcp).await
+    };
+    // Starts the HTTP/2 preface and stops halfway.
+    let partial_preface = async {
+        let mut tcp = connect().await;
+        tcp.write_all(b"PRI * HTTP/2.0\r\n")
+            .await
+            .expect("half a preface");
+        closed_by_the_sidecar(&mut tcp).await
+    };
+    // An h2c client that asks once and then only answers the sidecar's pings.
+    let idle_h2c = async {
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            TokioExecutor::new(),
+            TokioIo::new(connect().await),
+        )
+        .await
+        .expect("an h2c handshake");
+        let connection = tokio::spawn(connection);
+        let status = sender
+            .send_request(request())
+            .await
+            .map(|answer| answer.status());
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(30), connection).await;
+        (status.ok(), ended.is_ok())
+    };
+    // One HTTP/1.1 connection asked every 4 s: longer in all than the idle limit, never idle
+    // that long.
+    let busy = async {
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(connect().await))
+                .await
+                .expect("an HTTP/1.1 connection");
+        tokio::spawn(connection);
+        let mut statuses = Vec::new();
+        for _ in 0..4 {
+            statuses.push(
+                sender
+                    .send_request(request())
+                    .await
+                    .map(|answer| answer.status())
+                    .ok(),
+            );
+            tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+        }
+        statuses
+    };
+    let (silent, partial_preface, idle_h2c, busy) =
+        tokio::join!(silent, partial_preface, idle_h2c, busy);
+    // (silent closed, partial preface closed, idle h2c answered and closed, busy answered)
+    assert_eq!(
+        (silent, partial_preface, idle_h2c, busy),
+        (
+            true,
+            true,
+            (Some(StatusCode::OK), true),
+            vec![Some(StatusCode::OK); 4]
+        )
+    );
+}
+
+#[tokio::test]
+async fn if_none_match_star_is_no_match_for_a_first_fetch() {
+    let (_sidecar, addr) = start(mock()).await;
+    let ofrep = Ofrep::new(&addr, Http::One);
+    let first = ofrep
+        .flags(json!({"tenant_id": "acme-corp"}), Some("*"))
+        .await;
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    assert!(first.body["flags"].is_array(), "{first:?}");
+    // The tag we gave is still a match, also when the answer is served again.
+    let again = ofrep
+        .flags(json!({"tenant_id": "acme-corp"}), Some(&first.etag()))
+        .await;
+    assert_eq!(again.status, StatusCode::NOT_MODIFIED, "{again:?}");
+}
+
+#[tokio::test]
+async fn request_heads_are_bounded_and_bodies_are_not_held_to_that_bound() {
+    let (_sidecar, addr) = start(mock()).await;
+    let ofrep = Ofrep::new(&addr, Http::One);
+    let big_header = "x".repeat(20 * 1024);
+    let refused = ofrep
+        .try_post(
+            "/ofrep/v1/evaluate/flags/pro_features",
+            "{}",
+            &[("x-padding", &big_header)],
+        )
+        .await;
+    assert_eq!(
+        refused.ok(),
+        Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+    );
+    // A 40 KiB body, past the head bound and within the body bound, is read whole.
+    let padded = json!({"context": {"tenant_id": "acme-corp", "padding": "y".repeat(40 * 1024)}});
+    let answer = ofrep
+        .post(
+            "/ofrep/v1/evaluate/flags/pro_features",
+            padded.to_string(),
+            &[],
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
 }

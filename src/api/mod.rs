@@ -37,18 +37,26 @@ pub fn api_token_check(
             return Ok(request);
         };
         let metadata = request.metadata();
-        let header = metadata
-            .get("x-coresdk-api-token")
-            .and_then(|v| v.to_str().ok());
-        let accepted = bearer(metadata).is_some_and(|b| {
-            tokens_match(b, expected) || admin_token.as_deref().is_some_and(|a| tokens_match(b, a))
-        }) || header.is_some_and(|h| tokens_match(h, expected));
+        // `x-api-key` is OFREP's API-key header; accepted everywhere so one rule decides.
+        let by_header = ["x-coresdk-api-token", "x-api-key"]
+            .into_iter()
+            .any(|name| {
+                metadata
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|h| tokens_match(h, expected))
+            });
+        let accepted = by_header
+            || bearer(metadata).is_some_and(|b| {
+                tokens_match(b, expected)
+                    || admin_token.as_deref().is_some_and(|a| tokens_match(b, a))
+            });
         if accepted {
             Ok(request)
         } else {
             Err(status::of_error(
                 &Error::Unauthenticated(
-                    "this sidecar needs its API token: 'authorization: Bearer <token>' or 'x-coresdk-api-token'",
+                    "this sidecar needs its API token: 'authorization: Bearer <token>', 'x-coresdk-api-token' or 'x-api-key'",
                 ),
                 &links,
             ))

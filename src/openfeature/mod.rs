@@ -42,19 +42,33 @@ impl EvaluationError {
             Self::InvalidContext(_) => "INVALID_CONTEXT",
         }
     }
+
+    /// The gRPC code flagd's providers map back to [`Self::code`].
+    pub fn grpc_code(&self) -> Code {
+        match self {
+            Self::FlagNotFound { .. } => Code::NotFound,
+            Self::TypeMismatch { .. } | Self::InvalidContext(_) => Code::InvalidArgument,
+        }
+    }
+
+    /// The HTTP status OFREP answers it with.
+    pub fn http_status(&self) -> axum::http::StatusCode {
+        use axum::http::StatusCode;
+        match self {
+            Self::FlagNotFound { .. } => StatusCode::NOT_FOUND,
+            Self::TypeMismatch { .. } | Self::InvalidContext(_) => StatusCode::BAD_REQUEST,
+        }
+    }
 }
 
 /// flagd's error answers: the gRPC code its providers map to an OpenFeature error code, and
 /// flagd's message shape (`FlagdError:, <CODE>`).
 impl From<EvaluationError> for Status {
     fn from(error: EvaluationError) -> Self {
-        let code = match error {
-            EvaluationError::FlagNotFound { .. } => Code::NotFound,
-            EvaluationError::TypeMismatch { .. } | EvaluationError::InvalidContext(_) => {
-                Code::InvalidArgument
-            }
-        };
-        Status::new(code, format!("FlagdError:, {}: {error}", error.code()))
+        Status::new(
+            error.grpc_code(),
+            format!("FlagdError:, {}: {error}", error.code()),
+        )
     }
 }
 

@@ -15,12 +15,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use serde_json::{Map, Value as Json, json};
 use sha2::{Digest as _, Sha256};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use super::{EvaluationError, Resolved, resolve, tenant_of};
@@ -44,7 +44,13 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 16;
 /// connections and streams.
 pub const MAX_REQUESTS_IN_FLIGHT: usize = 256;
 const RETRY_AFTER_S: u64 = 1;
-const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// A request head (HTTP/1 request line and headers, HTTP/2 header list) is refused past this.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// A connection that answered nothing for this long is closed (one that never sent a request
+/// too, from its start).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection told to go that is still open this long after its last answer is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 type TokenCheck =
     dyn Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send + Sync;
@@ -54,6 +60,20 @@ struct Ofrep {
     app: Arc<App>,
     /// The main listener's API-token interceptor, so one rule decides for every protocol.
     check: Arc<TokenCheck>,
+    /// Per tenant, its last bulk answer and the cache version it was made at: a 304 or a
+    /// repeated fetch costs no serialization or digest until a flag changes.
+    bulk: moka::sync::Cache<String, Arc<BulkAnswer>>,
+}
+
+/// Tenants whose bulk answers are kept; the others are made again when asked.
+const MAX_BULK_ANSWERS_KEPT: u64 = 10_000;
+
+struct BulkAnswer {
+    /// [`crate::flags::FlagCache::version`] when it was made: any flag change since makes it
+    /// stale.
+    version: u64,
+    body: Bytes,
+    etag: HeaderValue,
 }
 
 /// Serves OFREP on the side listener until the sidecar stops.
@@ -81,6 +101,7 @@ where
         Ofrep {
             app: side.state,
             check: Arc::new(side.check),
+            bulk: moka::sync::Cache::new(MAX_BULK_ANSWERS_KEPT),
         },
         side.in_flight,
     );
@@ -107,17 +128,70 @@ fn connection_builder() -> auto::Builder<TokioExecutor> {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        // The read buffer: a request head (its bound) plus a body's worth of bytes.
-        .max_buf_size(MAX_HEADER_BYTES + MAX_BODY_BYTES);
+        // hyper's read buffer: a head that does not fit is refused (431). Bodies stream
+        // through it in pieces, so it bounds heads only.
+        .max_buf_size(MAX_HEAD_BYTES);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_header_list_size(MAX_HEAD_BYTES as u32)
         // Finds peers that vanished without closing, so they do not keep a connection slot.
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
     builder
+}
+
+/// The requests a connection is answering, and when it last answered one (or opened).
+struct Activity {
+    state: std::sync::Mutex<(usize, Instant)>,
+}
+
+/// A request being answered; its connection is idle again from when the last one drops.
+struct Answering(Arc<Activity>);
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            state: std::sync::Mutex::new((0, Instant::now())),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, (usize, Instant)> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn begin(self: &Arc<Self>) -> Answering {
+        self.state().0 += 1;
+        Answering(self.clone())
+    }
+
+    /// Returns once the connection has answered nothing for `limit`, counted from `since` at
+    /// the earliest.
+    async fn idle_for(&self, limit: Duration, since: Instant) {
+        loop {
+            let (answering, last) = *self.state();
+            if answering == 0 {
+                let deadline = last.max(since) + limit;
+                if Instant::now() >= deadline {
+                    return;
+                }
+                tokio::time::sleep_until(deadline).await;
+            } else {
+                tokio::time::sleep(limit).await;
+            }
+        }
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        let mut state = self.0.state();
+        state.0 = state.0.saturating_sub(1);
+        state.1 = Instant::now();
+    }
 }
 
 async fn accept(
@@ -127,12 +201,15 @@ async fn accept(
     stopping: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let builder = Arc::new(connection_builder());
-    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // Dropped with this task (the sidecar gives up waiting), it ends every connection.
+    let mut connections = tokio::task::JoinSet::new();
+    let (stop, stopped) = watch::channel(false);
     tokio::pin!(stopping);
     loop {
+        while connections.try_join_next().is_some() {}
         let permit = tokio::select! {
-            permit = connections.clone().acquire_owned() => match permit {
+            permit = slots.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
                 Err(_) => break,
             },
@@ -151,32 +228,30 @@ async fn accept(
             () = &mut stopping => break,
         };
         let _ = tcp.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        let app = app.clone();
         let builder = builder.clone();
-        let watcher = graceful.watcher();
         let tls = tls.clone();
-        tokio::spawn(async move {
+        let mut stopped = stopped.clone();
+        connections.spawn(async move {
             let _permit = permit;
             let served = match tls {
-                None => {
-                    let connection = builder.serve_connection(TokioIo::new(tcp), service);
-                    watcher.watch(connection.into_owned()).await
-                }
+                None => serve_connection(&builder, tcp, app, stopped).await,
                 Some(tls) => {
-                    let stream =
-                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
-                            Ok(Ok(stream)) => stream,
-                            Ok(Err(error)) => {
-                                tracing::debug!(%error, "OFREP TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!("OFREP TLS handshake timed out");
-                                return;
-                            }
-                        };
-                    let connection = builder.serve_connection(TokioIo::new(stream), service);
-                    watcher.watch(connection.into_owned()).await
+                    let handshake = tokio::select! {
+                        handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(tcp)) => handshake,
+                        _ = stopped.wait_for(|stop| *stop) => return,
+                    };
+                    match handshake {
+                        Ok(Ok(stream)) => serve_connection(&builder, stream, app, stopped).await,
+                        Ok(Err(error)) => {
+                            tracing::debug!(%error, "OFREP TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!("OFREP TLS handshake timed out");
+                            return;
+                        }
+                    }
                 }
             };
             if let Err(error) = served {
@@ -184,9 +259,64 @@ async fn accept(
             }
         });
     }
-    // Answers in flight finish (the drain waits for them); idle connections are told to go.
-    graceful.shutdown().await;
+    // Every connection is told to go; answers in flight finish first (the drain waits for
+    // them), and each connection is bounded on its own, so this wait is too.
+    let _ = stop.send(true);
+    let all_closed = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(REQUEST_TIMEOUT + CLOSE_GRACE, all_closed)
+        .await
+        .is_err()
+    {
+        tracing::debug!(
+            left = connections.len(),
+            "OFREP connections closed by force"
+        );
+    }
     Ok(())
+}
+
+/// Serves one connection until it ends, or until it has answered nothing for
+/// [`IDLE_TIMEOUT`] (from its start when it never sent a request: a silent peer or a partial
+/// HTTP/2 preface) or the sidecar stops. Then it is told to go (idle HTTP/1 closed, HTTP/2
+/// `GOAWAY`) and, still open [`CLOSE_GRACE`] after its last answer, dropped.
+async fn serve_connection<I>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    app: Router,
+    mut stopped: watch::Receiver<bool>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = Activity::new();
+    let service = {
+        let activity = activity.clone();
+        let app = TowerToHyperService::new(app);
+        hyper::service::service_fn(move |request| {
+            let answering = activity.begin();
+            let answer = hyper::service::Service::call(&app, request);
+            async move {
+                let answer = answer.await;
+                drop(answering);
+                answer
+            }
+        })
+    };
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        served = connection.as_mut() => return served,
+        () = activity.idle_for(IDLE_TIMEOUT, Instant::now()) => {}
+        _ = stopped.wait_for(|stop| *stop) => {}
+    }
+    connection.as_mut().graceful_shutdown();
+    tokio::select! {
+        served = connection.as_mut() => served,
+        () = activity.idle_for(CLOSE_GRACE, Instant::now()) => {
+            tracing::debug!("OFREP connection closed by force after its grace");
+            Ok(())
+        }
+    }
 }
 
 /// The main listener's certificate and client CA, with ALPN for both HTTP versions.
@@ -256,13 +386,7 @@ impl Failure {
 
 impl From<EvaluationError> for Failure {
     fn from(error: EvaluationError) -> Self {
-        let status = match error {
-            EvaluationError::FlagNotFound { .. } => StatusCode::NOT_FOUND,
-            EvaluationError::TypeMismatch { .. } | EvaluationError::InvalidContext(_) => {
-                StatusCode::BAD_REQUEST
-            }
-        };
-        Failure::new(status, error.code(), error.to_string())
+        Failure::new(error.http_status(), error.code(), error.to_string())
     }
 }
 
@@ -339,6 +463,38 @@ fn context_of(body: &[u8]) -> Result<Option<Map<String, Json>>, Failure> {
 }
 
 impl Ofrep {
+    /// The bulk answer for `tenant` ("" for none) as the cache holds it now. The version is
+    /// read first: a change landing meanwhile is in the answer, or bumps the version past it.
+    fn bulk_answer(&self, tenant: &str) -> Result<BulkAnswer, Failure> {
+        let cache = &self.app.feeds.flags;
+        let version = cache.version();
+        let flags: Vec<Json> = cache
+            .all_of(tenant)
+            .into_iter()
+            .map(|flag| {
+                let key = flag.key().to_owned();
+                success(&key, Resolved::from(flag))
+            })
+            .collect();
+        let body = json!({ "flags": flags }).to_string();
+        let etag = format!(
+            "\"{}\"",
+            hex::encode(&Sha256::digest(body.as_bytes())[..16])
+        );
+        let etag = HeaderValue::from_str(&etag).map_err(|_| {
+            Failure::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "GENERAL",
+                "could not make the ETag",
+            )
+        })?;
+        Ok(BulkAnswer {
+            version,
+            body: Bytes::from(body),
+            etag,
+        })
+    }
+
     fn tenant(&self, context: Option<&Map<String, Json>>) -> Result<Option<String>, Failure> {
         Ok(tenant_of(
             context,
@@ -388,55 +544,49 @@ async fn evaluate_flags(State(ofrep): State<Ofrep>, headers: HeaderMap, body: Bo
         Ok(tenant) => tenant,
         Err(failure) => return failure.answer(None),
     };
-    let flags: Vec<Json> = ofrep
-        .app
-        .feeds
-        .flags
-        .all_of(tenant.as_deref().unwrap_or(""))
-        .into_iter()
-        .map(|flag| {
-            let key = flag.key().to_owned();
-            success(&key, Resolved::from(flag))
-        })
-        .collect();
-    let body = json!({ "flags": flags }).to_string();
-    let etag = format!(
-        "\"{}\"",
-        hex::encode(&Sha256::digest(body.as_bytes())[..16])
-    );
-    let Ok(etag_value) = HeaderValue::from_str(&etag) else {
-        return Failure::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "GENERAL",
-            "could not make the ETag",
-        )
-        .answer(None);
+    let tenant = tenant.unwrap_or_default();
+    let answer = match ofrep.bulk.get(&tenant) {
+        Some(kept) if kept.version == ofrep.app.feeds.flags.version() => kept,
+        _ => match ofrep.bulk_answer(&tenant) {
+            Ok(answer) => {
+                let answer = Arc::new(answer);
+                ofrep.bulk.insert(tenant, answer.clone());
+                answer
+            }
+            Err(failure) => return failure.answer(None),
+        },
     };
-    if matches_etag(&headers, &etag) {
-        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response();
+    if matches_etag(&headers, &answer.etag) {
+        return (
+            StatusCode::NOT_MODIFIED,
+            [(header::ETAG, answer.etag.clone())],
+        )
+            .into_response();
     }
     (
         [
-            (header::ETAG, etag_value),
+            (header::ETAG, answer.etag.clone()),
             (
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             ),
         ],
-        body,
+        answer.body.clone(),
     )
         .into_response()
 }
 
-/// `If-None-Match` as RFC 9110 compares it: weakly, against a list or `*`.
-fn matches_etag(headers: &HeaderMap, etag: &str) -> bool {
+/// `If-None-Match` compared weakly against each listed entity tag. `*` (RFC 9110: any current
+/// representation) is no tag the providers were given, and would make a first fetch a 304.
+fn matches_etag(headers: &HeaderMap, etag: &HeaderValue) -> bool {
     headers
         .get_all(header::IF_NONE_MATCH)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
         .map(str::trim)
-        .any(|candidate| candidate == "*" || candidate.trim_start_matches("W/") == etag)
+        // `*` would match on a first fetch: only the tags we gave out are compared.
+        .any(|candidate| candidate.trim_start_matches("W/").as_bytes() == etag.as_bytes())
 }
 
 /// The API token, by the main listener's own interceptor: 401 in OFREP's shape when refused.
@@ -508,14 +658,18 @@ mod tests {
         headers
     }
 
+    fn abc() -> HeaderValue {
+        HeaderValue::from_static("\"abc\"")
+    }
+
     #[test]
     fn if_none_match_compares_weakly_against_each_listed_tag() {
-        assert!(matches_etag(&headers("\"abc\""), "\"abc\""));
-        assert!(matches_etag(&headers("W/\"abc\""), "\"abc\""));
-        assert!(matches_etag(&headers("\"x\", \"abc\""), "\"abc\""));
-        assert!(matches_etag(&headers("*"), "\"abc\""));
-        assert!(!matches_etag(&headers("\"abd\""), "\"abc\""));
-        assert!(!matches_etag(&HeaderMap::new(), "\"abc\""));
+        assert!(matches_etag(&headers("\"abc\""), &abc()));
+        assert!(matches_etag(&headers("W/\"abc\""), &abc()));
+        assert!(matches_etag(&headers("\"x\", \"abc\""), &abc()));
+        assert!(!matches_etag(&headers("*"), &abc()));
+        assert!(!matches_etag(&headers("\"abd\""), &abc()));
+        assert!(!matches_etag(&HeaderMap::new(), &abc()));
     }
 
     #[tokio::test]

@@ -101,18 +101,27 @@ impl Ofrep {
         }
     }
 
-    /// POSTs `body` to `path`; the status, or why there was none.
+    /// POSTs `body` to `path` with `headers`; the status, or why there was none. A 10 s hang
+    /// guard.
     pub async fn try_post(
         &self,
         path: &str,
         body: &'static str,
+        headers: &[(&str, &str)],
     ) -> Result<StatusCode, hyper_util::client::legacy::Error> {
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(Method::POST)
-            .uri(format!("{}{path}", self.base))
+            .uri(format!("{}{path}", self.base));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request
             .body(Full::new(Bytes::from_static(body.as_bytes())))
             .expect("a valid request");
-        Ok(self.client.request(request).await?.status())
+        let answer = tokio::time::timeout(Duration::from_secs(10), self.client.request(request))
+            .await
+            .expect("an answer within 10 s")?;
+        Ok(answer.status())
     }
 
     /// Evaluates one flag with `context` (a JSON value).
