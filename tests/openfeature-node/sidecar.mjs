@@ -171,6 +171,8 @@ export class Sidecar {
     const first = await lines.next(START_TIMEOUT_MS);
     const main = first?.match(LISTENING);
     if (!main) {
+      // A binary that exited says why on stderr; give the pipe a moment to deliver it.
+      await Promise.race([this.#exited, sleep(1_000)]);
       throw new Error(`the sidecar did not start: first line ${JSON.stringify(first)}; stderr: ${this.#stderr}`);
     }
     this.addr = main[1];
