@@ -38,5 +38,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .compile_fds(flagd)?;
+    // The sync service has a listener of its own, and its reflection lists only it.
+    let flagd_sync = protox::compile(["proto/flagd/sync/v1/sync.proto"], ["proto"])?;
+    fs::write(
+        out_dir.join("flagd_sync_descriptor.bin"),
+        flagd_sync.encode_to_vec(),
+    )?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(flagd_sync)?;
     Ok(())
 }

@@ -12,7 +12,7 @@ use crate::checkpoint::Checkpointer;
 use crate::ops::ParkingLimits;
 use crate::problem::ProblemLinks;
 use crate::rules::Rules;
-pub use crate::settings::{DEFAULT_STORE, LogFormat, ServeArgs};
+pub use crate::settings::{DEFAULT_STORE, LogFormat, ServeArgs, SideListener};
 use crate::store::StoreUrl;
 use crate::stripe::SignatureVerifier;
 
@@ -91,6 +91,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Where the flagd evaluation service listens, if it does.
     pub flagd_listen: Option<SocketAddr>,
+    pub flagd_sync_listen: Option<SocketAddr>,
+    pub ofrep_listen: Option<SocketAddr>,
     /// The evaluation-context attribute naming the tenant (else the `targetingKey`).
     pub openfeature_tenant_attribute: String,
     /// How often an idle flagd `EventStream` says `keep_alive`.
@@ -173,6 +175,14 @@ fn split_secrets(text: &str) -> impl Iterator<Item = String> + '_ {
 }
 
 impl Config {
+    pub fn listen_of(&self, listener: SideListener) -> Option<SocketAddr> {
+        match listener {
+            SideListener::Flagd => self.flagd_listen,
+            SideListener::FlagdSync => self.flagd_sync_listen,
+            SideListener::Ofrep => self.ofrep_listen,
+        }
+    }
+
     pub fn from_args(mut args: ServeArgs) -> Result<Self, ConfigError> {
         let store = match (&args.store, args.mock) {
             (_, true) => StoreUrl::Memory,
@@ -193,19 +203,7 @@ impl Config {
                 "is empty; name the evaluation-context attribute holding the tenant id, e.g. tenant_id",
             ));
         }
-        if args
-            .flagd_listen
-            .0
-            .is_some_and(|flagd| flagd == args.listen && flagd.port() != 0)
-        {
-            return Err(config_error(
-                "CORESDK_FLAGD_LISTEN",
-                format!(
-                    "{} is also CORESDK_LISTEN; give the flagd service its own port, or off",
-                    args.listen
-                ),
-            ));
-        }
+        check_listeners_distinct(&args)?;
         let checkpoint_interval = interval(
             "CORESDK_AUDIT_CHECKPOINT_INTERVAL_S",
             args.audit_checkpoint_interval_s,
@@ -300,6 +298,8 @@ impl Config {
         Ok(Self {
             listen: args.listen,
             flagd_listen: args.flagd_listen.0,
+            flagd_sync_listen: args.flagd_sync_listen.0,
+            ofrep_listen: args.ofrep_listen.0,
             openfeature_tenant_attribute,
             flagd_keep_alive,
             store,
@@ -330,6 +330,36 @@ impl Config {
 /// The most parked events a setting may ask for: each can be up to the webhook body limit,
 /// so the bound keeps a typo from promising more room than any disk has.
 const MAX_PARKED_EVENTS_LIMIT: u64 = 10_000_000;
+
+/// Where a side listener listens, as asked: `None` when it is off.
+fn side_listen(args: &ServeArgs, listener: SideListener) -> Option<SocketAddr> {
+    match listener {
+        SideListener::Flagd => args.flagd_listen.0,
+        SideListener::FlagdSync => args.flagd_sync_listen.0,
+        SideListener::Ofrep => args.ofrep_listen.0,
+    }
+}
+
+/// One fixed address cannot serve two protocols; ephemeral ports (`:0`) may repeat.
+fn check_listeners_distinct(args: &ServeArgs) -> Result<(), ConfigError> {
+    let mut taken = vec![("CORESDK_LISTEN", args.listen)];
+    for listener in SideListener::ALL {
+        let Some(addr) = side_listen(args, listener) else {
+            continue;
+        };
+        if let Some((other, _)) = taken
+            .iter()
+            .find(|(_, used)| *used == addr && addr.port() != 0)
+        {
+            return Err(config_error(
+                listener.setting(),
+                format!("{addr} is also {other}; give each protocol its own port, or off"),
+            ));
+        }
+        taken.push((listener.setting(), addr));
+    }
+    Ok(())
+}
 
 fn parking_limits(args: &ServeArgs) -> Result<ParkingLimits, ConfigError> {
     for (setting, value) in [

@@ -31,7 +31,8 @@ pub mod proto {
         tonic::include_file_descriptor_set!("coresdk_descriptor");
 }
 
-/// flagd's evaluation protocol as published (proto/flagd), for OpenFeature's flagd providers.
+/// flagd's evaluation and sync protocols as published (proto/flagd), for OpenFeature's flagd
+/// providers.
 pub mod flagd_proto {
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("flagd_descriptor");
     pub mod evaluation {
@@ -42,6 +43,14 @@ pub mod flagd_proto {
         pub mod v2 {
             #![allow(clippy::all, clippy::pedantic)]
             tonic::include_proto!("flagd.evaluation.v2");
+        }
+    }
+    pub mod sync {
+        pub const FILE_DESCRIPTOR_SET: &[u8] =
+            tonic::include_file_descriptor_set!("flagd_sync_descriptor");
+        pub mod v1 {
+            #![allow(clippy::all, clippy::pedantic)]
+            tonic::include_proto!("flagd.sync.v1");
         }
     }
 }

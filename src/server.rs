@@ -15,7 +15,7 @@ use crate::api::{
     audit::AuditApi, auth::AuthApi, flags::FlagApi, tenants::TenantApi, webhook::WebhookApi,
 };
 use crate::app::App;
-use crate::config::Config;
+use crate::config::{Config, SideListener};
 use crate::feeds::Feeds;
 use crate::flags::FlagCache;
 use crate::ops;
@@ -49,9 +49,11 @@ pub enum ServeError {
         source: std::io::Error,
     },
     #[error(
-        "cannot listen for flagd on {addr} (--flagd-listen / CORESDK_FLAGD_LISTEN): {source}; choose another address, or off"
+        "cannot listen for {} on {addr} ({} / {}): {source}; choose another address, or off",
+        listener.name(), listener.flag(), listener.setting()
     )]
-    FlagdBind {
+    SideBind {
+        listener: SideListener,
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
@@ -185,36 +187,36 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             .await;
     }
 
-    // Bound before the main listener announces itself: a start that cannot have its flagd
-    // port fails before anyone is told it serves.
-    // A port taken at flagd's default address (a real flagd in the pod, another sidecar) must
-    // not stop a sidecar that was never asked for flagd: it serves without it, and says so. An
-    // address the operator chose is theirs to fix.
-    let mut flagd = match state.config.flagd_listen {
-        Some(addr) => match serve_flagd(
+    // Bound before the main listener announces itself: a start that cannot have a side
+    // listener it was asked for fails before anyone is told it serves.
+    let mut sides = Vec::new();
+    for listener in SideListener::ALL {
+        let Some(addr) = state.config.listen_of(listener) else {
+            continue;
+        };
+        let Some(tcp) = bind_side(listener, addr).await? else {
+            continue;
+        };
+        let bound = tcp.local_addr().map_err(|source| ServeError::SideBind {
+            listener,
             addr,
-            &state,
-            check.clone(),
-            in_flight.clone(),
-            shutdown_rx.clone(),
-        )
-        .await
-        {
-            Ok(flagd) => Some(flagd),
-            Err(ServeError::FlagdBind { addr, source })
-                if addr.to_string() == crate::settings::DEFAULT_FLAGD_LISTEN =>
-            {
-                tracing::warn!(
-                    %addr,
-                    error = %source,
-                    "flagd evaluation is not served: its default address is taken; set CORESDK_FLAGD_LISTEN to a free address, or off"
-                );
-                None
-            }
-            Err(e) => return Err(e),
-        },
-        None => None,
-    };
+            source,
+        })?;
+        let side = Side {
+            listener: tcp,
+            state: state.clone(),
+            check: check.clone(),
+            in_flight: in_flight.clone(),
+            shutdown: shutdown_rx.clone(),
+        };
+        let task = match listener {
+            SideListener::Flagd => serve_flagd(side)?,
+            SideListener::FlagdSync => serve_flagd_sync(side)?,
+            SideListener::Ofrep => crate::openfeature::ofrep::serve(side)?,
+        };
+        tracing::info!(%bound, "serving {}", listener.serves());
+        sides.push((listener, bound, task));
+    }
 
     let mut drain = shutdown_rx.clone();
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(
@@ -231,11 +233,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     {
         use std::io::Write as _;
         let _ = writeln!(std::io::stdout(), "coresdk listening on {bound}");
-        // Second, so readers of the first line alone are unaffected.
-        if let Some((_, flagd_bound)) = &flagd {
+        // After it, so readers of the first line alone are unaffected.
+        for (listener, side_bound, _) in &sides {
             let _ = writeln!(
                 std::io::stdout(),
-                "coresdk flagd listening on {flagd_bound}"
+                "coresdk {} listening on {side_bound}",
+                listener.name()
             );
         }
     }
@@ -265,18 +268,9 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             "in-flight calls did not finish within the grace period"
         );
     }
-    // Idle client connections would hold the transport's own drain open indefinitely.
-    match tokio::time::timeout(std::time::Duration::from_millis(200), &mut server).await {
-        Ok(Ok(result)) => result?,
-        Ok(Err(join)) => tracing::error!(error = %join, "server task failed"),
-        Err(_) => server.abort(),
-    }
-    if let Some((flagd, _)) = flagd.as_mut() {
-        match tokio::time::timeout(std::time::Duration::from_millis(200), &mut *flagd).await {
-            Ok(Ok(result)) => result?,
-            Ok(Err(join)) => tracing::error!(error = %join, "flagd server task failed"),
-            Err(_) => flagd.abort(),
-        }
+    finish(&mut server, "main").await?;
+    for (listener, _, task) in &mut sides {
+        finish(task, listener.name()).await?;
     }
     store_health.abort();
     if let Some(task) = checkpointing {
@@ -317,50 +311,127 @@ fn server_builder(config: &Config) -> Result<Server, ServeError> {
     Ok(builder)
 }
 
-type ServerTask = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
+/// A server's task; it ends when the shutdown signal has drained it.
+pub type ServerTask = tokio::task::JoinHandle<Result<(), ServeError>>;
 
-/// flagd's evaluation service (v1 and v2) on its own listener, with the main listener's TLS
-/// and API token, drained with it; answers the task and the bound address.
-async fn serve_flagd<C>(
+/// Waits briefly for a server task to end: idle client connections would hold the transport's
+/// own drain open indefinitely, so after that it is aborted.
+async fn finish<E>(
+    task: &mut tokio::task::JoinHandle<Result<(), E>>,
+    which: &str,
+) -> Result<(), ServeError>
+where
+    ServeError: From<E>,
+{
+    match tokio::time::timeout(std::time::Duration::from_millis(200), &mut *task).await {
+        Ok(Ok(result)) => result?,
+        Ok(Err(join)) => tracing::error!(error = %join, server = which, "server task failed"),
+        Err(_) => task.abort(),
+    }
+    Ok(())
+}
+
+/// What a server beside the main one shares with it: the app, the API-token check, the
+/// in-flight count SIGTERM drains, and the shutdown signal.
+pub struct Side<C> {
+    pub listener: TcpListener,
+    pub state: Arc<App>,
+    pub check: C,
+    pub in_flight: crate::drain::InFlight,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl<C> Side<C> {
+    /// A future that completes when the sidecar shuts down.
+    pub fn stopping(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut shutdown = self.shutdown.clone();
+        async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        }
+    }
+}
+
+/// Binds a side listener. A port taken at a protocol's default address (a real flagd in the
+/// pod, another sidecar) must not stop a sidecar that was never asked for that protocol: it
+/// serves without it, and says so (`None`). An address the operator chose is theirs to fix.
+async fn bind_side(
+    listener: SideListener,
     addr: std::net::SocketAddr,
-    state: &Arc<App>,
-    check: C,
-    in_flight: crate::drain::InFlight,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(ServerTask, std::net::SocketAddr), ServeError>
+) -> Result<Option<TcpListener>, ServeError> {
+    match TcpListener::bind(addr).await {
+        Ok(tcp) => Ok(Some(tcp)),
+        Err(source) if addr.to_string() == listener.default_addr() => {
+            tracing::warn!(
+                %addr,
+                error = %source,
+                "{} is not served: its default address is taken; set {} to a free address, or off",
+                listener.name(),
+                listener.setting()
+            );
+            Ok(None)
+        }
+        Err(source) => Err(ServeError::SideBind {
+            listener,
+            addr,
+            source,
+        }),
+    }
+}
+
+/// flagd's evaluation service (v1 and v2), with the main listener's TLS and API token.
+fn serve_flagd<C>(side: Side<C>) -> Result<ServerTask, ServeError>
 where
     C: tonic::service::Interceptor + Clone + Send + Sync + 'static,
 {
     use crate::flagd_proto::evaluation::{v1, v2};
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::FlagdBind { addr, source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| ServeError::FlagdBind { addr, source })?;
-    let evaluation = crate::openfeature::evaluation::Evaluation { app: state.clone() };
+    let evaluation = crate::openfeature::evaluation::Evaluation {
+        app: side.state.clone(),
+    };
     // So grpcurl needs no local copy of flagd's protos either.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::flagd_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let router = server_builder(&state.config)?
-        .layer(in_flight)
-        .add_service(InterceptedService::new(reflection, check.clone()))
+    let stopping = side.stopping();
+    let router = server_builder(&side.state.config)?
+        .layer(side.in_flight)
+        .add_service(InterceptedService::new(reflection, side.check.clone()))
         .add_service(v1::service_server::ServiceServer::with_interceptor(
             evaluation.clone(),
-            check.clone(),
+            side.check.clone(),
         ))
         .add_service(v2::service_server::ServiceServer::with_interceptor(
-            evaluation, check,
+            evaluation, side.check,
         ));
-    let task = tokio::spawn(router.serve_with_incoming_shutdown(
-        TcpIncoming::from(listener).with_nodelay(Some(true)),
-        async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        },
-    ));
-    tracing::info!(%bound, "serving flagd evaluation (flagd.evaluation.v1, v2)");
-    Ok((task, bound))
+    let incoming = TcpIncoming::from(side.listener).with_nodelay(Some(true));
+    Ok(tokio::spawn(async move {
+        Ok(router
+            .serve_with_incoming_shutdown(incoming, stopping)
+            .await?)
+    }))
+}
+
+/// flagd's sync service (`flagd.sync.v1`) for in-process providers, with the main listener's
+/// TLS and API token.
+fn serve_flagd_sync<C>(side: Side<C>) -> Result<ServerTask, ServeError>
+where
+    C: tonic::service::Interceptor + Clone + Send + Sync + 'static,
+{
+    use crate::flagd_proto::sync::v1::flag_sync_service_server::FlagSyncServiceServer;
+    let sync = crate::openfeature::sync::Sync::start(side.state.clone());
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::flagd_proto::sync::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let stopping = side.stopping();
+    let router = server_builder(&side.state.config)?
+        .layer(side.in_flight)
+        .add_service(InterceptedService::new(reflection, side.check.clone()))
+        .add_service(FlagSyncServiceServer::with_interceptor(sync, side.check));
+    let incoming = TcpIncoming::from(side.listener).with_nodelay(Some(true));
+    Ok(tokio::spawn(async move {
+        Ok(router
+            .serve_with_incoming_shutdown(incoming, stopping)
+            .await?)
+    }))
 }
 
 /// Services that need the database report NOT_SERVING while it is unreachable; the server as

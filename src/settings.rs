@@ -9,8 +9,65 @@ use clap::{ArgAction, Args, ValueEnum};
 
 use crate::auth::FailMode;
 
-/// flagd's own default evaluation port, so providers find the sidecar unconfigured.
+/// flagd's own default ports, so providers find the sidecar unconfigured.
 pub const DEFAULT_FLAGD_LISTEN: &str = "127.0.0.1:8013";
+pub const DEFAULT_FLAGD_SYNC_LISTEN: &str = "127.0.0.1:8015";
+pub const DEFAULT_OFREP_LISTEN: &str = "127.0.0.1:8016";
+
+/// The listeners beside the main one, each for a protocol OpenFeature providers speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SideListener {
+    Flagd,
+    FlagdSync,
+    Ofrep,
+}
+
+impl SideListener {
+    /// In the order their `coresdk <name> listening on ADDR` lines follow the main one.
+    pub const ALL: [Self; 3] = [Self::Flagd, Self::FlagdSync, Self::Ofrep];
+
+    /// Its name in the listening line and in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Flagd => "flagd",
+            Self::FlagdSync => "flagd-sync",
+            Self::Ofrep => "ofrep",
+        }
+    }
+
+    pub fn flag(self) -> &'static str {
+        match self {
+            Self::Flagd => "--flagd-listen",
+            Self::FlagdSync => "--flagd-sync-listen",
+            Self::Ofrep => "--ofrep-listen",
+        }
+    }
+
+    pub fn setting(self) -> &'static str {
+        match self {
+            Self::Flagd => "CORESDK_FLAGD_LISTEN",
+            Self::FlagdSync => "CORESDK_FLAGD_SYNC_LISTEN",
+            Self::Ofrep => "CORESDK_OFREP_LISTEN",
+        }
+    }
+
+    pub fn default_addr(self) -> &'static str {
+        match self {
+            Self::Flagd => DEFAULT_FLAGD_LISTEN,
+            Self::FlagdSync => DEFAULT_FLAGD_SYNC_LISTEN,
+            Self::Ofrep => DEFAULT_OFREP_LISTEN,
+        }
+    }
+
+    /// What it serves, for the log.
+    pub fn serves(self) -> &'static str {
+        match self {
+            Self::Flagd => "flagd evaluation (flagd.evaluation.v1, v2)",
+            Self::FlagdSync => "flagd sync (flagd.sync.v1)",
+            Self::Ofrep => "OFREP (HTTP/1.1 and h2c)",
+        }
+    }
+}
 
 pub const DEFAULT_STORE: &str = "sqlite://./coresdk-data/coresdk.db";
 
@@ -48,6 +105,13 @@ pub struct ServeArgs {
     /// OpenFeature's flagd providers in RPC mode, or `off`.
     #[arg(long, env = "CORESDK_FLAGD_LISTEN", default_value = DEFAULT_FLAGD_LISTEN)]
     pub flagd_listen: OptionalListen,
+    /// Address of the flagd sync service (`flagd.sync.v1`) for OpenFeature's flagd providers
+    /// in in-process mode, or `off`.
+    #[arg(long, env = "CORESDK_FLAGD_SYNC_LISTEN", default_value = DEFAULT_FLAGD_SYNC_LISTEN)]
+    pub flagd_sync_listen: OptionalListen,
+    /// Address of the OpenFeature Remote Evaluation Protocol (OFREP, HTTP) service, or `off`.
+    #[arg(long, env = "CORESDK_OFREP_LISTEN", default_value = DEFAULT_OFREP_LISTEN)]
+    pub ofrep_listen: OptionalListen,
     /// The evaluation-context attribute naming the tenant; without it, the `targetingKey` does.
     #[arg(
         long,

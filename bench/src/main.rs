@@ -15,6 +15,7 @@ mod abuse;
 #[allow(dead_code)]
 mod histories;
 mod sidecar;
+mod sync_size;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -78,6 +79,10 @@ struct Args {
     /// Seed of the `--lifecycle-histories` run (the test's is 0x5eed2026).
     #[arg(long, default_value_t = 1)]
     lifecycle_seed: u64,
+    /// Instead of the load phases: build the flagd sync configuration for this many tenants
+    /// (in-process, realistic values per the built-in rules) and print its size and build time.
+    #[arg(long)]
+    sync_tenants: Option<usize>,
 }
 
 /// The `--lifecycle-histories` run.
@@ -347,6 +352,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     if let Some(histories) = args.lifecycle_histories {
         return lifecycle(histories, args.lifecycle_orders, args.lifecycle_seed).await;
+    }
+    if let Some(tenants) = args.sync_tenants {
+        return sync_size::run(tenants);
     }
     let sidecar = match &args.addr {
         Some(_) => None,

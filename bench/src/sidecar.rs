@@ -66,8 +66,10 @@ pub fn start_sidecar(
         .env("STRIPE_WEBHOOK_SECRET", SECRET)
         .env("CORESDK_JWT_SECRET", JWT_SECRET)
         .env("CORESDK_LOG", "error")
-        // Several sidecars may run at once: none takes flagd's fixed default port.
+        // Several sidecars may run at once: none takes an OpenFeature protocol's fixed port.
         .env("CORESDK_FLAGD_LISTEN", "off")
+        .env("CORESDK_FLAGD_SYNC_LISTEN", "off")
+        .env("CORESDK_OFREP_LISTEN", "off")
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;

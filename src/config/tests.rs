@@ -382,11 +382,19 @@ fn parking_limits_default_accept_zero_and_refuse_absurd_values() {
 }
 
 #[test]
-fn the_flagd_listener_defaults_to_flagds_port_and_can_be_turned_off() {
+fn the_openfeature_listeners_default_to_flagds_ports_and_can_be_turned_off() {
     let defaults = config(&[]);
     assert_eq!(
         defaults.flagd_listen,
         Some("127.0.0.1:8013".parse().expect("addr"))
+    );
+    assert_eq!(
+        defaults.flagd_sync_listen,
+        Some("127.0.0.1:8015".parse().expect("addr"))
+    );
+    assert_eq!(
+        defaults.ofrep_listen,
+        Some("127.0.0.1:8016".parse().expect("addr"))
     );
     assert_eq!(defaults.openfeature_tenant_attribute, "tenant_id");
     assert_eq!(
@@ -408,6 +416,14 @@ fn the_flagd_listener_defaults_to_flagds_port_and_can_be_turned_off() {
         "127.0.0.1:9000",
     ]);
     assert_eq!(same.setting, "CORESDK_FLAGD_LISTEN");
+    let shared = error(&[
+        "--flagd-listen",
+        "127.0.0.1:9001",
+        "--ofrep-listen",
+        "127.0.0.1:9001",
+    ]);
+    assert_eq!(shared.setting, "CORESDK_OFREP_LISTEN");
+    assert!(shared.message.contains("CORESDK_FLAGD_LISTEN"), "{shared}");
     let blank = error(&["--openfeature-tenant-attribute", " "]);
     assert_eq!(blank.setting, "CORESDK_OPENFEATURE_TENANT_ATTRIBUTE");
     let keep_alive = error(&["--flagd-keep-alive-s", "0"]);

@@ -1,9 +1,11 @@
-//! OpenFeature adapters: flagd's evaluation protocol (`flagd.evaluation.v1` and `v2`) over the
-//! in-memory flag cache. Like `api`, they decode, read and encode; the decisions (which tenant,
+//! OpenFeature adapters: flagd's evaluation protocol (`flagd.evaluation.v1` and `v2`) and its
+//! sync protocol (`flagd.sync.v1`) over the in-memory flag cache. Like `api`, they decode, read and encode; the decisions (which tenant,
 //! which reason) live in [`resolve`].
 
 pub mod evaluation;
 pub mod events;
+pub mod ofrep;
+pub mod sync;
 
 use prost_types::{Struct, value::Kind};
 use serde_json::Value as Json;

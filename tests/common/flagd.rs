@@ -1,10 +1,12 @@
 //! A sidecar with its flagd evaluation listener on an ephemeral port, and clients for it.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use coresdk::flagd_proto::evaluation::{v1, v2};
+use coresdk::settings::SideListener;
 use prost_types::{Struct, Value, value::Kind};
 use tonic::transport::Channel;
 
@@ -26,28 +28,53 @@ pub async fn start(options: Options) -> (Sidecar, String) {
 }
 
 /// Starts `coresdk serve` with both listeners on ephemeral ports and returns it with the main
-/// address and the flagd one, read from the `coresdk flagd listening on` line that follows the
-/// main one.
+/// address and the flagd one.
 pub fn spawn(args: &[String], envs: &[(String, String)]) -> (Child, String, String) {
-    let mut flagd_args = vec!["--flagd-listen".to_owned(), "127.0.0.1:0".to_owned()];
-    flagd_args.extend_from_slice(args);
-    let mut command = serve_command(&flagd_args, envs, Stdio::inherit());
+    let (child, addr, mut sides) = spawn_with_sides(&[SideListener::Flagd], args, envs);
+    (child, addr, sides.remove(0))
+}
+
+/// Starts `coresdk serve` with the main listener and each of `sides` on ephemeral ports, and
+/// returns it with the main address and the sides' addresses in the order asked, read from the
+/// `coresdk <name> listening on ADDR` lines that follow the main one.
+pub fn spawn_with_sides(
+    sides: &[SideListener],
+    args: &[String],
+    envs: &[(String, String)],
+) -> (Child, String, Vec<String>) {
+    let mut all_args: Vec<String> = sides
+        .iter()
+        .flat_map(|side| [side.flag().to_owned(), "127.0.0.1:0".to_owned()])
+        .collect();
+    all_args.extend_from_slice(args);
+    let mut command = serve_command(&all_args, envs, Stdio::inherit());
     let mut child = command.spawn().expect("the coresdk binary starts");
     let stdout = child.stdout.take().expect("piped stdout");
     let mut lines = BufReader::new(stdout).lines();
-    let mut next_address = |prefix: &str| loop {
+    let mut announced = HashMap::new();
+    let mut addr = None;
+    while addr.is_none() || announced.len() < sides.len() {
         let line = lines
             .next()
             .expect("the sidecar printed its addresses before exiting")
             .expect("readable stdout");
-        if let Some(addr) = line.strip_prefix(prefix) {
-            break addr.to_owned();
+        if let Some(main) = line.strip_prefix("coresdk listening on ") {
+            addr = Some(main.to_owned());
         }
-    };
-    let addr = next_address("coresdk listening on ");
-    let flagd = next_address("coresdk flagd listening on ");
+        for side in sides {
+            if let Some(side_addr) =
+                line.strip_prefix(&format!("coresdk {} listening on ", side.name()))
+            {
+                announced.insert(side.name(), side_addr.to_owned());
+            }
+        }
+    }
     std::thread::spawn(move || for _ in lines {});
-    (child, addr, flagd)
+    let sides = sides
+        .iter()
+        .map(|side| announced[side.name()].clone())
+        .collect();
+    (child, addr.expect("the main address"), sides)
 }
 
 pub async fn channel(addr: &str) -> Channel {

@@ -4,6 +4,7 @@
 pub mod abuse;
 pub mod audit;
 pub mod flagd;
+pub mod flagd_sync;
 pub mod inputs;
 pub mod mapping;
 pub mod parking;
@@ -88,8 +89,11 @@ pub fn serve_command(args: &[String], envs: &[(String, String)], stderr: Stdio) 
         .args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        // Sidecars run side by side: none may take flagd's fixed default port.
+        // Sidecars run side by side: none may take the OpenFeature protocols' fixed default
+        // ports.
         .env("CORESDK_FLAGD_LISTEN", "off")
+        .env("CORESDK_FLAGD_SYNC_LISTEN", "off")
+        .env("CORESDK_OFREP_LISTEN", "off")
         .env(
             "CORESDK_LOG",
             std::env::var("TEST_CORESDK_LOG").unwrap_or_else(|_| "error".into()),

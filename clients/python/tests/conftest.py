@@ -27,8 +27,10 @@ ENV = {
     "CORESDK_PROBLEM_TYPE_BASE": "https://securepay.example/errors",
     "CORESDK_BILLING_URL": "https://securepay.example/billing",
     "CORESDK_UPGRADE_URL": "https://securepay.example/pricing",
-    # Tests that want the flagd listener give it a free port of its own.
+    # Tests that want an OpenFeature listener give it a free port of their own.
     "CORESDK_FLAGD_LISTEN": "off",
+    "CORESDK_FLAGD_SYNC_LISTEN": "off",
+    "CORESDK_OFREP_LISTEN": "off",
 }
 
 
