@@ -24,16 +24,23 @@ impl FlagValue {
     /// The stored form: a one-key object naming the kind, so a JSON string flag and a string
     /// flag stay distinct.
     pub fn to_stored(&self) -> String {
-        let (kind, value) = match self {
-            FlagValue::Bool(b) => ("bool", Json::Bool(*b)),
-            FlagValue::String(s) => ("string", Json::String(s.clone())),
-            FlagValue::Number(n) => (
-                "number",
-                finite_number(*n).map(Json::Number).unwrap_or(Json::Null),
-            ),
-            FlagValue::Json(v) => ("json", v.clone()),
+        let kind = match self {
+            FlagValue::Bool(_) => "bool",
+            FlagValue::String(_) => "string",
+            FlagValue::Number(_) => "number",
+            FlagValue::Json(_) => "json",
         };
-        serde_json::json!({ kind: value }).to_string()
+        serde_json::json!({ kind: self.clone().into_json() }).to_string()
+    }
+
+    /// The value as plain JSON, as the HTTP protocols answer it.
+    pub fn into_json(self) -> Json {
+        match self {
+            FlagValue::Bool(b) => Json::Bool(b),
+            FlagValue::String(s) => Json::String(s),
+            FlagValue::Number(n) => finite_number(n).map(Json::Number).unwrap_or(Json::Null),
+            FlagValue::Json(v) => v,
+        }
     }
 
     pub fn from_stored(stored: &str) -> Result<Self, String> {

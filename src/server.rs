@@ -57,6 +57,14 @@ pub enum ServeError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error(
+        "cannot serve {} over TLS: {message}; check CORESDK_TLS_CERT_FILE, CORESDK_TLS_KEY_FILE and CORESDK_TLS_CLIENT_CA_FILE",
+        listener.name()
+    )]
+    SideTls {
+        listener: SideListener,
+        message: String,
+    },
     #[error("cannot listen for SIGTERM/SIGINT: {0}")]
     Signals(std::io::Error),
     #[error("reflection: {0}")]

@@ -4,37 +4,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::flagd::{changed_keys, context, start, v1_client, v2_client};
+use common::flagd::{changed_keys, context, mock, pay, start, v1_client, v2_client};
 use common::*;
 use coresdk::flagd_proto::evaluation::{v1, v2};
 use coresdk::proto::{self, flag_value::Kind};
-use serde_json::json;
 use tonic::Code;
-
-const MOCK_SECRET: &str = "whsec_test_secret";
-
-fn mock() -> Options {
-    Options {
-        args: vec!["--mock".into()],
-        envs: Vec::new(),
-    }
-}
-
-async fn pay(sidecar: &Sidecar, id: &str, customer: &str) {
-    sidecar
-        .webhooks()
-        .handle_stripe_webhook(signed(
-            MOCK_SECRET,
-            event(
-                id,
-                "invoice.paid",
-                now(),
-                json!({"id": "in_1", "customer": customer}),
-            ),
-        ))
-        .await
-        .expect("invoice.paid accepted");
-}
 
 async fn set(sidecar: &Sidecar, tenant: &str, key: &str, kind: Kind) {
     sidecar
@@ -112,8 +86,14 @@ async fn a_tenants_boolean_follows_a_stripe_webhook() {
         (attribute_wins.value, attribute_wins.reason.as_str()),
         (Some(false), "DEFAULT")
     );
-    // A tenant the sidecar never heard of, and no context at all: the catalog default.
-    for ctx in [vec![("tenant_id", "nobody")], vec![]] {
+    // A tenant the sidecar never heard of, a targetingKey no tenant can have (a user's name
+    // and email: it names no tenant, it is no error), and no context at all: the catalog
+    // default.
+    for ctx in [
+        vec![("tenant_id", "nobody")],
+        vec![("targetingKey", "Jane Doe <jane@example.com>")],
+        vec![],
+    ] {
         let default = v2
             .resolve_boolean(boolean("pro_features", &ctx))
             .await
@@ -262,7 +242,7 @@ async fn strings_numbers_objects_and_errors_as_flagd_answers_them() {
         .expect_err("unknown flag");
     assert_eq!(missing.code(), Code::NotFound);
     assert!(missing.message().contains("FLAG_NOT_FOUND"), "{missing:?}");
-    // A tenant id no tenant can have: INVALID_CONTEXT.
+    // A tenant attribute no tenant can have: INVALID_CONTEXT.
     let bad = v2
         .resolve_boolean(boolean("pro_features", &[("tenant_id", "acme\ncorp")]))
         .await

@@ -1,7 +1,8 @@
 //! Load benchmark for the sidecar. Starts the release binary on an ephemeral loopback port
 //! (or targets `--addr`), then measures in one run, against the same server:
 //! `grpc.health.v1.Health/Check` (the baseline: the cheapest call the server answers),
-//! `FlagService/GetFlag` (reported as a ratio to the baseline), durable webhook throughput
+//! `FlagService/GetFlag` and OFREP single evaluation over keep-alive HTTP/1.1 (each reported as
+//! a ratio to the baseline; OFREP also per server CPU-second), durable webhook throughput
 //! on the embedded store with concurrent senders (invoices; then subscription updates, as a
 //! ratio to the invoices: the lifecycle rules and subscription objects at work); plus the server's RSS idle and
 //! at its peak under load; then the abuse phases (`abuse.rs`). All traffic stays on loopback,
@@ -14,6 +15,7 @@ mod abuse;
 #[path = "../../tests/lifecycle/histories.rs"]
 #[allow(dead_code)]
 mod histories;
+mod ofrep;
 mod sidecar;
 mod sync_size;
 
@@ -28,7 +30,7 @@ use coresdk::proto::{
     auth_service_client::AuthServiceClient, flag_service_client::FlagServiceClient,
     webhook_service_client::WebhookServiceClient,
 };
-use sidecar::{rss_kib, sidecar_binary, start_sidecar};
+use sidecar::{cpu_seconds, rss_kib, sidecar_binary, start_sidecar};
 use tonic::transport::Channel;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
@@ -45,6 +47,9 @@ struct Args {
     /// The sidecar binary to start; defaults to `coresdk` next to this one.
     #[arg(long)]
     sidecar: Option<PathBuf>,
+    /// With `--addr`: the running sidecar's OFREP listener, to measure it too.
+    #[arg(long)]
+    ofrep_addr: Option<String>,
     /// Seconds measured per phase (reads alternate in one-second rounds; after a warm-up).
     #[arg(long, default_value_t = 5)]
     seconds: u64,
@@ -369,6 +374,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         (None, None) => return Err("no address".into()),
     };
     let pid = sidecar.as_ref().map(|s| s.child.id());
+    let ofrep_addr = match &sidecar {
+        Some(started) => started.ofrep.clone(),
+        None => args.ofrep_addr.clone(),
+    };
     let mut channels = Vec::new();
     for _ in 0..args.connections.max(1) {
         channels.push(
@@ -443,6 +452,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .is_ok()
         }
     });
+    // Same tenants and flag as GetFlag, one keep-alive connection per caller.
+    let ofrep_call = ofrep_addr.map(|addr| {
+        let callers = Arc::new(ofrep::Callers::new(addr, args.read_concurrency));
+        let tenant_ids: Arc<Vec<String>> =
+            Arc::new((0..TENANTS).map(|i| format!("tenant-{i}")).collect());
+        Arc::new(move |w: usize, n: u64| {
+            let callers = callers.clone();
+            let tenant_ids = tenant_ids.clone();
+            async move {
+                callers
+                    .evaluate(w, &tenant_ids[(n as usize + w) % TENANTS], "pro_features")
+                    .await
+            }
+        })
+    });
+    if ofrep_call.is_none() {
+        println!(
+            "OFREP: skipped (the sidecar does not serve it: built before OFREP, or --addr without --ofrep-addr)"
+        );
+    }
     // Every bench tenant pays, so Authorize measures the common path: allowed.
     let mut setup = WebhookServiceClient::new(channels[0].clone());
     for i in 0..TENANTS {
@@ -460,6 +489,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut health: Option<Phase> = None;
     let mut get_flag: Option<Phase> = None;
     let mut authorize: Option<Phase> = None;
+    let mut ofrep_phase: Option<Phase> = None;
+    // The server's CPU time and the wall time over the OFREP rounds (warm-ups included).
+    let mut ofrep_cpu = Duration::ZERO;
+    let mut ofrep_wall = Duration::ZERO;
     for i in 0..rounds {
         let warm_up = if i == 0 {
             Duration::from_secs(1)
@@ -494,6 +527,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Some(p) => p.merge(a),
             None => a,
         });
+        if let Some(call) = &ofrep_call {
+            let cpu_before = pid.and_then(cpu_seconds);
+            let wall_before = Instant::now();
+            let o = run_phase(
+                "OFREP evaluate (HTTP/1.1)",
+                args.read_concurrency,
+                warm_up,
+                round,
+                call.clone(),
+            )
+            .await;
+            ofrep_wall += wall_before.elapsed();
+            if let (Some(before), Some(after)) = (cpu_before, pid.and_then(cpu_seconds)) {
+                ofrep_cpu += Duration::from_secs_f64((after - before).max(0.0));
+            }
+            ofrep_phase = Some(match ofrep_phase {
+                Some(p) => p.merge(o),
+                None => o,
+            });
+        }
         health = Some(match health {
             Some(p) => p.merge(h),
             None => h,
@@ -509,6 +562,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     print_phase(&health, None);
     print_phase(&get_flag, Some(&health));
     print_phase(&authorize, Some(&health));
+    if let Some(ofrep_phase) = &ofrep_phase {
+        print_phase(ofrep_phase, Some(&health));
+        // Per core: the calls answered per second of the server's own CPU time (its busy
+        // cores measured from /proc while the OFREP rounds ran), so the bench client's share
+        // of the machine does not count against the server.
+        if !ofrep_cpu.is_zero() && !ofrep_wall.is_zero() {
+            let busy_cores = ofrep_cpu.as_secs_f64() / ofrep_wall.as_secs_f64();
+            println!(
+                "OFREP per server core: {:.0} evaluations per CPU-second (server busy {:.2} cores)",
+                ofrep_phase.throughput() / busy_cores,
+                busy_cores
+            );
+        }
+    }
 
     let peak_rss = Arc::new(AtomicU64::new(0));
     let sampling = Arc::new(AtomicBool::new(true));

@@ -21,7 +21,18 @@ pub fn sidecar_binary(given: Option<&Path>) -> Result<PathBuf, Box<dyn std::erro
 pub struct Sidecar {
     pub child: Child,
     pub addr: String,
+    /// Its OFREP listener; `None` for a sidecar built before OFREP.
+    pub ofrep: Option<String>,
     _dir: tempfile::TempDir,
+}
+
+/// Whether `binary` serves OFREP: asked of its `serve --help`, so an older binary is known
+/// before it starts rather than by waiting for a line it never prints.
+fn serves_ofrep(binary: &Path) -> bool {
+    Command::new(binary)
+        .args(["serve", "--help"])
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("--ofrep-listen"))
 }
 
 impl Drop for Sidecar {
@@ -45,6 +56,7 @@ pub fn start_sidecar(
         )
         .into());
     }
+    let ofrep = serves_ofrep(&binary);
     let dir = tempfile::tempdir()?;
     let tenants: serde_json::Map<String, serde_json::Value> = (0..TENANTS)
         .map(|i| (format!("cus_bench_{i}"), format!("tenant-{i}").into()))
@@ -69,26 +81,36 @@ pub fn start_sidecar(
         // Several sidecars may run at once: none takes an OpenFeature protocol's fixed port.
         .env("CORESDK_FLAGD_LISTEN", "off")
         .env("CORESDK_FLAGD_SYNC_LISTEN", "off")
-        .env("CORESDK_OFREP_LISTEN", "off")
+        .env(
+            "CORESDK_OFREP_LISTEN",
+            if ofrep { "127.0.0.1:0" } else { "off" },
+        )
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
     let stdout = child.stdout.take().ok_or("no stdout")?;
     let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
+    let mut address = |prefix: &str| loop {
         match lines.next() {
             Some(Ok(line)) => {
-                if let Some(addr) = line.strip_prefix("coresdk listening on ") {
-                    break addr.to_owned();
+                if let Some(addr) = line.strip_prefix(prefix) {
+                    break Ok(addr.to_owned());
                 }
             }
-            _ => return Err("the sidecar exited before listening".into()),
+            _ => break Err("the sidecar exited before listening"),
         }
+    };
+    let addr = address("coresdk listening on ")?;
+    // Its line follows the main one.
+    let ofrep = match ofrep {
+        true => Some(address("coresdk ofrep listening on ")?),
+        false => None,
     };
     std::thread::spawn(move || for _ in lines {});
     Ok(Sidecar {
         child,
         addr,
+        ofrep,
         _dir: dir,
     })
 }
@@ -100,4 +122,14 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// CPU time a process has used (user + system), from /proc; Linux counts it in USER_HZ,
+/// which is 100 on every architecture it supports.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: the fields counted start after its closing paren.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
 }

@@ -19,7 +19,7 @@ pub struct Evaluation {
 impl Evaluation {
     fn resolve(&self, key: &str, context: Option<&Struct>) -> Result<Resolved, Status> {
         let tenant = tenant_of(context, &self.app.config.openfeature_tenant_attribute)?;
-        resolve(&self.app.feeds.flags, tenant.as_deref(), key)
+        Ok(resolve(&self.app.feeds.flags, tenant.as_deref(), key)?)
     }
 }
 

@@ -21,58 +21,116 @@ pub const DEFAULT: &str = "DEFAULT";
 pub const TENANT_VARIANT: &str = "tenant";
 pub const DEFAULT_VARIANT: &str = "default";
 
+/// Why an evaluation has no value, with the OpenFeature error code each protocol reports.
+#[derive(Debug, thiserror::Error)]
+pub enum EvaluationError {
+    #[error("flag '{}' is not in the catalog", crate::problem::quoted(.key))]
+    FlagNotFound { key: String },
+    #[error("flag {key:?} is not a {wanted}")]
+    TypeMismatch { key: String, wanted: &'static str },
+    #[error("{0}")]
+    InvalidContext(String),
+}
+
+impl EvaluationError {
+    /// OpenFeature's error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::FlagNotFound { .. } => "FLAG_NOT_FOUND",
+            Self::TypeMismatch { .. } => "TYPE_MISMATCH",
+            Self::InvalidContext(_) => "INVALID_CONTEXT",
+        }
+    }
+}
+
 /// flagd's error answers: the gRPC code its providers map to an OpenFeature error code, and
 /// flagd's message shape (`FlagdError:, <CODE>`).
-fn flagd_error(code: Code, error_code: &str, detail: impl std::fmt::Display) -> Status {
-    Status::new(code, format!("FlagdError:, {error_code}: {detail}"))
+impl From<EvaluationError> for Status {
+    fn from(error: EvaluationError) -> Self {
+        let code = match error {
+            EvaluationError::FlagNotFound { .. } => Code::NotFound,
+            EvaluationError::TypeMismatch { .. } | EvaluationError::InvalidContext(_) => {
+                Code::InvalidArgument
+            }
+        };
+        Status::new(code, format!("FlagdError:, {}: {error}", error.code()))
+    }
 }
 
-fn flag_not_found(key: &str) -> Status {
-    flagd_error(
-        Code::NotFound,
-        "FLAG_NOT_FOUND",
-        format!(
-            "flag '{}' is not in the catalog",
-            crate::problem::quoted(key)
-        ),
-    )
+fn type_mismatch(key: &str, wanted: &'static str) -> EvaluationError {
+    EvaluationError::TypeMismatch {
+        key: key.to_owned(),
+        wanted,
+    }
 }
 
-fn type_mismatch(key: &str, wanted: &str) -> Status {
-    flagd_error(
-        Code::InvalidArgument,
-        "TYPE_MISMATCH",
-        format!("flag {key:?} is not a {wanted}"),
-    )
+/// An evaluation-context attribute, as tenant selection reads it.
+pub enum Attribute<'a> {
+    Absent,
+    Text(&'a str),
+    Other,
 }
 
-fn invalid_context(detail: impl std::fmt::Display) -> Status {
-    flagd_error(Code::InvalidArgument, "INVALID_CONTEXT", detail)
+/// An evaluation context as a protocol carries it: flagd's protobuf `Struct`, OFREP's JSON.
+pub trait EvaluationContext {
+    fn attribute(&self, name: &str) -> Attribute<'_>;
 }
 
-/// The tenant an evaluation context names: its `attribute` (a string), else its
-/// `targetingKey`; `None` when it names none. A named tenant must be a valid tenant id.
-pub fn tenant_of(context: Option<&Struct>, attribute: &str) -> Result<Option<String>, Status> {
+impl EvaluationContext for Struct {
+    fn attribute(&self, name: &str) -> Attribute<'_> {
+        match self.fields.get(name).and_then(|v| v.kind.as_ref()) {
+            None | Some(Kind::NullValue(_)) => Attribute::Absent,
+            Some(Kind::StringValue(s)) => Attribute::Text(s),
+            Some(_) => Attribute::Other,
+        }
+    }
+}
+
+impl EvaluationContext for serde_json::Map<String, Json> {
+    fn attribute(&self, name: &str) -> Attribute<'_> {
+        match self.get(name) {
+            None | Some(Json::Null) => Attribute::Absent,
+            Some(Json::String(s)) => Attribute::Text(s),
+            Some(_) => Attribute::Other,
+        }
+    }
+}
+
+/// OpenFeature's name for the evaluated subject's key.
+pub const TARGETING_KEY: &str = "targetingKey";
+
+/// The tenant an evaluation context names: its `attribute`, which must then be a valid tenant
+/// id, else its `targetingKey` when that is one; `None` when it names none.
+pub fn tenant_of<C: EvaluationContext>(
+    context: Option<&C>,
+    attribute: &str,
+) -> Result<Option<String>, EvaluationError> {
+    use crate::ops::{IdDefect, id_defect};
     let Some(context) = context else {
         return Ok(None);
     };
-    let named = |field: &str| -> Result<Option<String>, Status> {
-        match context.fields.get(field).and_then(|v| v.kind.as_ref()) {
-            None | Some(Kind::NullValue(_)) => Ok(None),
-            Some(Kind::StringValue(s)) if s.is_empty() => Ok(None),
-            Some(Kind::StringValue(s)) => {
-                crate::ops::validate_id("tenant_id", s)
-                    .map_err(|e| invalid_context(format!("{field}: {e}")))?;
-                Ok(Some(s.clone()))
+    match context.attribute(attribute) {
+        Attribute::Text(tenant) => match id_defect(tenant) {
+            None => return Ok(Some(tenant.to_owned())),
+            Some(IdDefect::Empty) => {}
+            Some(defect) => {
+                return Err(EvaluationError::InvalidContext(format!(
+                    "{attribute} {defect}"
+                )));
             }
-            Some(_) => Err(invalid_context(format!(
-                "{field} must be a string naming the tenant"
-            ))),
+        },
+        Attribute::Absent => {}
+        Attribute::Other => {
+            return Err(EvaluationError::InvalidContext(format!(
+                "{attribute} must be a string naming the tenant"
+            )));
         }
-    };
-    match named(attribute)? {
-        Some(tenant) => Ok(Some(tenant)),
-        None => named("targetingKey"),
+    }
+    // The targetingKey is the application's key for whoever is evaluated, often a user (an
+    // email, a name): it names a tenant only when it could be one, and otherwise names none.
+    match context.attribute(TARGETING_KEY) {
+        Attribute::Text(key) if id_defect(key).is_none() => Ok(Some(key.to_owned())),
+        _ => Ok(None),
     }
 }
 
@@ -84,11 +142,17 @@ pub struct Resolved {
 }
 
 /// Reads the cache only: no I/O on the evaluation path.
-pub fn resolve(cache: &FlagCache, tenant: Option<&str>, key: &str) -> Result<Resolved, Status> {
+pub fn resolve(
+    cache: &FlagCache,
+    tenant: Option<&str>,
+    key: &str,
+) -> Result<Resolved, EvaluationError> {
     // No tenant reads the catalog default: the empty id is never a tenant's.
     let flag = cache
         .get(tenant.unwrap_or(""), key)
-        .map_err(|_| flag_not_found(key))?;
+        .map_err(|_| EvaluationError::FlagNotFound {
+            key: key.to_owned(),
+        })?;
     Ok(Resolved::from(flag))
 }
 
@@ -110,21 +174,21 @@ impl From<Flag> for Resolved {
     }
 }
 
-pub fn as_bool(key: &str, value: &FlagValue) -> Result<bool, Status> {
+pub fn as_bool(key: &str, value: &FlagValue) -> Result<bool, EvaluationError> {
     match value {
         FlagValue::Bool(b) => Ok(*b),
         _ => Err(type_mismatch(key, "boolean")),
     }
 }
 
-pub fn as_string(key: &str, value: FlagValue) -> Result<String, Status> {
+pub fn as_string(key: &str, value: FlagValue) -> Result<String, EvaluationError> {
     match value {
         FlagValue::String(s) => Ok(s),
         _ => Err(type_mismatch(key, "string")),
     }
 }
 
-pub fn as_float(key: &str, value: &FlagValue) -> Result<f64, Status> {
+pub fn as_float(key: &str, value: &FlagValue) -> Result<f64, EvaluationError> {
     match value {
         FlagValue::Number(n) => Ok(*n),
         _ => Err(type_mismatch(key, "number")),
@@ -133,7 +197,7 @@ pub fn as_float(key: &str, value: &FlagValue) -> Result<f64, Status> {
 
 /// Numbers are stored as f64: an integral one in i64's range is an integer, a fractional one
 /// is not.
-pub fn as_int(key: &str, value: &FlagValue) -> Result<i64, Status> {
+pub fn as_int(key: &str, value: &FlagValue) -> Result<i64, EvaluationError> {
     match value {
         FlagValue::Number(n) if n.fract() == 0.0 && n.abs() < 9_223_372_036_854_775_808.0 => {
             Ok(*n as i64)
@@ -143,7 +207,7 @@ pub fn as_int(key: &str, value: &FlagValue) -> Result<i64, Status> {
 }
 
 /// Object flags are JSON objects; other JSON (arrays, scalars) is not an object.
-pub fn as_object(key: &str, value: FlagValue) -> Result<Struct, Status> {
+pub fn as_object(key: &str, value: FlagValue) -> Result<Struct, EvaluationError> {
     match value {
         FlagValue::Json(Json::Object(map)) => Ok(crate::api::convert::to_proto_struct(&map)),
         _ => Err(type_mismatch(key, "object")),
@@ -185,24 +249,60 @@ mod tests {
             tenant_of(Some(&both), "org").ok().flatten(),
             Some("globex".into())
         );
-        assert_eq!(tenant_of(None, "tenant_id").ok().flatten(), None);
+        assert_eq!(tenant_of(None::<&Struct>, "tenant_id").ok().flatten(), None);
     }
 
     #[test]
-    fn a_bad_tenant_is_an_invalid_context() {
+    fn a_bad_tenant_attribute_is_an_invalid_context() {
         let number = context(&[("tenant_id", Kind::NumberValue(3.0))]);
-        let bad = context(&[(
-            "targetingKey",
-            Kind::StringValue("no spaces allowed".into()),
-        )]);
-        for ctx in [number, bad] {
-            let status = tenant_of(Some(&ctx), "tenant_id").err();
-            assert_eq!(
-                status.as_ref().map(Status::code),
-                Some(Code::InvalidArgument)
+        let spaced = context(&[("tenant_id", Kind::StringValue("acme corp".into()))]);
+        for ctx in [number, spaced] {
+            let error = tenant_of(Some(&ctx), "tenant_id").err();
+            assert!(
+                matches!(error, Some(EvaluationError::InvalidContext(_))),
+                "{error:?}"
             );
-            assert!(status.is_some_and(|s| s.message().contains("INVALID_CONTEXT")));
+            let status = Status::from(error.expect("an error"));
+            assert_eq!(status.code(), Code::InvalidArgument);
+            assert!(status.message().contains("INVALID_CONTEXT"), "{status:?}");
         }
+    }
+
+    #[test]
+    fn a_targeting_key_that_cannot_be_a_tenant_names_none() {
+        let user = context(&[(
+            "targetingKey",
+            Kind::StringValue("Jane Doe <jane@example.com>".into()),
+        )]);
+        let number = context(&[("targetingKey", Kind::NumberValue(7.0))]);
+        for ctx in [user, number] {
+            assert!(matches!(tenant_of(Some(&ctx), "tenant_id"), Ok(None)));
+        }
+    }
+
+    #[test]
+    fn json_contexts_select_tenants_like_protobuf_ones() {
+        let json = |value: Json| match value {
+            Json::Object(map) => map,
+            _ => panic!("an object"),
+        };
+        let both = json(serde_json::json!({"tenant_id": "acme", "targetingKey": "globex"}));
+        assert_eq!(
+            tenant_of(Some(&both), "tenant_id").ok().flatten(),
+            Some("acme".into())
+        );
+        let by_key = json(serde_json::json!({"tenant_id": null, "targetingKey": "globex"}));
+        assert_eq!(
+            tenant_of(Some(&by_key), "tenant_id").ok().flatten(),
+            Some("globex".into())
+        );
+        let user = json(serde_json::json!({"targetingKey": "Jane Doe"}));
+        assert!(matches!(tenant_of(Some(&user), "tenant_id"), Ok(None)));
+        let bad = json(serde_json::json!({"tenant_id": ["acme"]}));
+        assert!(matches!(
+            tenant_of(Some(&bad), "tenant_id"),
+            Err(EvaluationError::InvalidContext(_))
+        ));
     }
 
     #[test]

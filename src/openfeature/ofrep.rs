@@ -1,10 +1,530 @@
-//! PLUMBING PLACEHOLDER: the OFREP slice replaces this file.
+//! OFREP, the OpenFeature Remote Evaluation Protocol: single and bulk evaluation over HTTP/1.1
+//! and h2c on one port (or TLS with ALPN when the main listener has TLS), answered from the
+//! flag cache in OFREP's JSON shapes. Tenant selection and reasons are the flagd evaluation
+//! service's ([`super::tenant_of`], [`super::resolve`]).
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{Next, from_fn_with_state};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use serde_json::{Map, Value as Json, json};
+use sha2::{Digest as _, Sha256};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+use super::{EvaluationError, Resolved, resolve, tenant_of};
+use crate::app::App;
+use crate::config::{SideListener, TlsFiles};
 use crate::server::{ServeError, ServerTask, Side};
 
-pub fn serve<C>(side: Side<C>) -> Result<ServerTask, ServeError> {
-    let _ = side;
-    Err(ServeError::Signals(std::io::Error::other(
-        "OFREP is not built yet",
-    )))
+/// A context is a few attributes: 64 KiB is far more than any provider sends, and bounds what
+/// a request may make the sidecar hold.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// A client must send its request head within this (slowloris), and the whole request and
+/// its answer within [`REQUEST_TIMEOUT`].
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; further ones wait in the listen backlog. With the streams per
+/// h2 connection this bounds the requests held at once, and so their bodies' memory.
+const MAX_CONNECTIONS: usize = 512;
+const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+/// Requests held at once, bodies included; one more is answered 429 at once rather than
+/// queued. With [`MAX_BODY_BYTES`] this bounds what bodies can take (16 MiB), whatever the
+/// connections and streams.
+pub const MAX_REQUESTS_IN_FLIGHT: usize = 256;
+const RETRY_AFTER_S: u64 = 1;
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+type TokenCheck =
+    dyn Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send + Sync;
+
+#[derive(Clone)]
+struct Ofrep {
+    app: Arc<App>,
+    /// The main listener's API-token interceptor, so one rule decides for every protocol.
+    check: Arc<TokenCheck>,
+}
+
+/// Serves OFREP on the side listener until the sidecar stops.
+pub fn serve<C>(side: Side<C>) -> Result<ServerTask, ServeError>
+where
+    C: Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    let tls = side
+        .state
+        .config
+        .tls
+        .as_ref()
+        .map(tls_acceptor)
+        .transpose()
+        .map_err(|message| ServeError::SideTls {
+            listener: SideListener::Ofrep,
+            message,
+        })?;
+    let stopping = side.stopping();
+    let app = router(
+        Ofrep {
+            app: side.state,
+            check: Arc::new(side.check),
+        },
+        side.in_flight,
+    );
+    Ok(tokio::spawn(accept(side.listener, app, tls, stopping)))
+}
+
+fn router(ofrep: Ofrep, in_flight: crate::drain::InFlight) -> Router {
+    Router::new()
+        .route("/ofrep/v1/evaluate/flags/{key}", post(evaluate_flag))
+        .route("/ofrep/v1/evaluate/flags", post(evaluate_flags))
+        .route_layer(from_fn_with_state(ofrep.clone(), authenticate))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(from_fn_with_state(REQUEST_TIMEOUT, within_deadline))
+        .layer(from_fn_with_state(
+            Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT)),
+            admit,
+        ))
+        .layer(in_flight)
+        .with_state(ofrep)
+}
+
+fn connection_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES.max(8192) + MAX_BODY_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        // Finds peers that vanished without closing, so they do not keep a connection slot.
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    builder
+}
+
+async fn accept(
+    listener: TcpListener,
+    app: Router,
+    tls: Option<TlsAcceptor>,
+    stopping: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let builder = Arc::new(connection_builder());
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(stopping);
+    loop {
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = &mut stopping => break,
+        };
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(error) => {
+                    // Out of file descriptors and the like: pause rather than spin.
+                    tracing::warn!(%error, "OFREP could not accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stopping => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let served = match tls {
+                None => {
+                    let connection = builder.serve_connection(TokioIo::new(tcp), service);
+                    watcher.watch(connection.into_owned()).await
+                }
+                Some(tls) => {
+                    let stream =
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(error)) => {
+                                tracing::debug!(%error, "OFREP TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!("OFREP TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    let connection = builder.serve_connection(TokioIo::new(stream), service);
+                    watcher.watch(connection.into_owned()).await
+                }
+            };
+            if let Err(error) = served {
+                tracing::debug!(%error, "OFREP connection ended with an error");
+            }
+        });
+    }
+    // Answers in flight finish (the drain waits for them); idle connections are told to go.
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// The main listener's certificate and client CA, with ALPN for both HTTP versions.
+fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_slice_iter(&files.cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("CORESDK_TLS_CERT_FILE: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(&files.key)
+        .map_err(|e| format!("CORESDK_TLS_KEY_FILE: {e}"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = match &files.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(ca) {
+                let cert = cert.map_err(|e| format!("CORESDK_TLS_CLIENT_CA_FILE: {e}"))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("CORESDK_TLS_CLIENT_CA_FILE: {e}"))?;
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()
+                    .map_err(|e| format!("CORESDK_TLS_CLIENT_CA_FILE: {e}"))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("CORESDK_TLS_CERT_FILE / CORESDK_TLS_KEY_FILE: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// An OFREP error answer: `{key, errorCode, errorDetails}` (no `key` for the bulk endpoint).
+#[derive(Debug)]
+struct Failure {
+    status: StatusCode,
+    code: &'static str,
+    details: String,
+}
+
+impl Failure {
+    fn new(status: StatusCode, code: &'static str, details: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            details: details.into(),
+        }
+    }
+
+    fn answer(self, key: Option<&str>) -> Response {
+        let mut body = Map::new();
+        if let Some(key) = key {
+            body.insert("key".into(), Json::String(key.to_owned()));
+        }
+        body.insert("errorCode".into(), Json::String(self.code.to_owned()));
+        body.insert("errorDetails".into(), Json::String(self.details));
+        (self.status, axum::Json(Json::Object(body))).into_response()
+    }
+}
+
+impl From<EvaluationError> for Failure {
+    fn from(error: EvaluationError) -> Self {
+        let status = match error {
+            EvaluationError::FlagNotFound { .. } => StatusCode::NOT_FOUND,
+            EvaluationError::TypeMismatch { .. } | EvaluationError::InvalidContext(_) => {
+                StatusCode::BAD_REQUEST
+            }
+        };
+        Failure::new(status, error.code(), error.to_string())
+    }
+}
+
+/// The evaluation context of a request body `{"context": {...}}`. No body, or no context, is
+/// an empty context (the Python provider sends `{}` when it has none).
+fn context_of(body: Result<Bytes, BytesRejection>) -> Result<Option<Map<String, Json>>, Failure> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Failure::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "GENERAL",
+                format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
+            )
+        } else {
+            Failure::new(
+                StatusCode::BAD_REQUEST,
+                "PARSE_ERROR",
+                rejection.body_text(),
+            )
+        }
+    })?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let parsed: Json = serde_json::from_slice(&body).map_err(|e| {
+        Failure::new(
+            StatusCode::BAD_REQUEST,
+            "PARSE_ERROR",
+            format!("the body is not JSON: {e}"),
+        )
+    })?;
+    let Json::Object(mut request) = parsed else {
+        return Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            "PARSE_ERROR",
+            r#"the body must be a JSON object: {"context": {...}}"#,
+        ));
+    };
+    match request.remove("context") {
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::Object(context)) => Ok(Some(context)),
+        Some(_) => Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            "INVALID_CONTEXT",
+            "context must be a JSON object",
+        )),
+    }
+}
+
+impl Ofrep {
+    fn tenant(&self, context: Option<&Map<String, Json>>) -> Result<Option<String>, Failure> {
+        Ok(tenant_of(
+            context,
+            &self.app.config.openfeature_tenant_attribute,
+        )?)
+    }
+}
+
+fn success(key: &str, resolved: Resolved) -> Json {
+    json!({
+        "key": key,
+        "value": resolved.value.into_json(),
+        "reason": resolved.reason,
+        "variant": resolved.variant,
+        "metadata": {},
+    })
+}
+
+async fn evaluate_flag(
+    State(ofrep): State<Ofrep>,
+    Path(key): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let answer = context_of(body).and_then(|context| {
+        let tenant = ofrep.tenant(context.as_ref())?;
+        Ok(resolve(&ofrep.app.feeds.flags, tenant.as_deref(), &key)?)
+    });
+    match answer {
+        Ok(resolved) => axum::Json(success(&key, resolved)).into_response(),
+        Err(failure) => failure.answer(Some(&key)),
+    }
+}
+
+/// Every flag of the tenant the context names (the catalog defaults for no tenant). The ETag
+/// is a digest of the answer itself, so it changes exactly when the answer does, whichever
+/// replica gives it.
+async fn evaluate_flags(
+    State(ofrep): State<Ofrep>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let tenant = match context_of(body).and_then(|context| ofrep.tenant(context.as_ref())) {
+        Ok(tenant) => tenant,
+        Err(failure) => return failure.answer(None),
+    };
+    let flags: Vec<Json> = ofrep
+        .app
+        .feeds
+        .flags
+        .all_of(tenant.as_deref().unwrap_or(""))
+        .into_iter()
+        .map(|flag| {
+            let key = flag.key().to_owned();
+            success(&key, Resolved::from(flag))
+        })
+        .collect();
+    let body = json!({ "flags": flags }).to_string();
+    let etag = format!(
+        "\"{}\"",
+        hex::encode(&Sha256::digest(body.as_bytes())[..16])
+    );
+    let Ok(etag_value) = HeaderValue::from_str(&etag) else {
+        return Failure::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "GENERAL",
+            "could not make the ETag",
+        )
+        .answer(None);
+    };
+    if matches_etag(&headers, &etag) {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response();
+    }
+    (
+        [
+            (header::ETAG, etag_value),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// `If-None-Match` as RFC 9110 compares it: weakly, against a list or `*`.
+fn matches_etag(headers: &HeaderMap, etag: &str) -> bool {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .any(|candidate| candidate == "*" || candidate.trim_start_matches("W/") == etag)
+}
+
+/// The API token, by the main listener's own interceptor: 401 in OFREP's shape when refused.
+async fn authenticate(State(ofrep): State<Ofrep>, request: Request, next: Next) -> Response {
+    let metadata = tonic::metadata::MetadataMap::from_headers(request.headers().clone());
+    let call = tonic::Request::from_parts(metadata, tonic::Extensions::default(), ());
+    match (ofrep.check)(call) {
+        Ok(_) => next.run(request).await,
+        Err(status) => {
+            let http = match status.code() {
+                tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
+                _ => StatusCode::UNAUTHORIZED,
+            };
+            Failure::new(http, "GENERAL", status.message()).answer(None)
+        }
+    }
+}
+
+/// Admits a request while fewer than [`MAX_REQUESTS_IN_FLIGHT`] are held; beyond, 429 with
+/// `Retry-After` (the providers pause until then).
+async fn admit(State(admission): State<Arc<Semaphore>>, request: Request, next: Next) -> Response {
+    let Ok(_admitted) = admission.try_acquire_owned() else {
+        let mut answer = Failure::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "GENERAL",
+            format!(
+                "more than {MAX_REQUESTS_IN_FLIGHT} requests at once; retry after {RETRY_AFTER_S} s"
+            ),
+        )
+        .answer(None);
+        answer
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
+        return answer;
+    };
+    next.run(request).await
+}
+
+/// Bounds how long a request may take, its body included (a slow sender holds a slot).
+async fn within_deadline(
+    State(deadline): State<Duration>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match tokio::time::timeout(deadline, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => Failure::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "GENERAL",
+            format!(
+                "the request was not complete within {} ms",
+                deadline.as_millis()
+            ),
+        )
+        .answer(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(if_none_match: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::IF_NONE_MATCH,
+            HeaderValue::from_str(if_none_match).expect("a header value"),
+        );
+        headers
+    }
+
+    #[test]
+    fn if_none_match_compares_weakly_against_each_listed_tag() {
+        assert!(matches_etag(&headers("\"abc\""), "\"abc\""));
+        assert!(matches_etag(&headers("W/\"abc\""), "\"abc\""));
+        assert!(matches_etag(&headers("\"x\", \"abc\""), "\"abc\""));
+        assert!(matches_etag(&headers("*"), "\"abc\""));
+        assert!(!matches_etag(&headers("\"abd\""), "\"abc\""));
+        assert!(!matches_etag(&HeaderMap::new(), "\"abc\""));
+    }
+
+    #[tokio::test]
+    async fn a_request_that_outlives_its_deadline_is_answered_408() {
+        use tower::ServiceExt as _;
+        let never = Router::new()
+            .route("/", post(std::future::pending::<()>))
+            .layer(from_fn_with_state(
+                Duration::from_millis(20),
+                within_deadline,
+            ));
+        let request = axum::http::Request::post("/")
+            .body(axum::body::Body::empty())
+            .expect("a request");
+        let answer = tokio::time::timeout(Duration::from_secs(10), never.oneshot(request))
+            .await
+            .expect("an answer within 10 s");
+        assert_eq!(
+            answer.map(|response| response.status()).ok(),
+            Some(StatusCode::REQUEST_TIMEOUT)
+        );
+    }
+
+    #[test]
+    fn bodies_name_their_context_or_none() {
+        let parse = |body: &str| context_of(Ok(Bytes::from(body.to_owned())));
+        assert!(matches!(parse(""), Ok(None)));
+        assert!(matches!(parse("{}"), Ok(None)));
+        assert!(matches!(parse(r#"{"context": {"a": 1}}"#), Ok(Some(_))));
+        for (body, code) in [
+            ("{", "PARSE_ERROR"),
+            ("[]", "PARSE_ERROR"),
+            (r#"{"context": "acme"}"#, "INVALID_CONTEXT"),
+        ] {
+            let failure = parse(body).expect_err(body);
+            assert_eq!(failure.status, StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(failure.code, code, "{body}");
+        }
+    }
 }

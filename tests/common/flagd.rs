@@ -10,11 +10,17 @@ use coresdk::settings::SideListener;
 use prost_types::{Struct, Value, value::Kind};
 use tonic::transport::Channel;
 
-use super::{Options, Sidecar, connect, serve_command};
+use super::{Options, Sidecar, connect, event, now, serve_command, signed};
 
 /// A started sidecar and the address of its flagd listener (`--flagd-listen 127.0.0.1:0`).
 pub async fn start(options: Options) -> (Sidecar, String) {
-    let (child, addr, flagd) = spawn(&options.args, &options.envs);
+    start_side(SideListener::Flagd, options).await
+}
+
+/// A started sidecar and the address of its `listener`, on an ephemeral port.
+pub async fn start_side(listener: SideListener, options: Options) -> (Sidecar, String) {
+    let (child, addr, mut sides) = spawn_with_sides(&[listener], &options.args, &options.envs);
+    let side = sides.remove(0);
     let channel = connect(&addr).await;
     let sidecar = Sidecar {
         child: Some(child),
@@ -24,7 +30,7 @@ pub async fn start(options: Options) -> (Sidecar, String) {
         args: options.args,
         envs: options.envs,
     };
-    (sidecar, flagd)
+    (sidecar, side)
 }
 
 /// Starts `coresdk serve` with both listeners on ephemeral ports and returns it with the main
@@ -120,4 +126,32 @@ pub fn changed_keys(data: Option<&Struct>) -> Vec<String> {
         return Vec::new();
     };
     flags.fields.keys().cloned().collect()
+}
+
+/// The webhook secret mock mode accepts.
+pub const MOCK_SECRET: &str = "whsec_test_secret";
+
+/// Mock mode: seeded tenants (`cus_acme_001 → acme-corp`), the test secret.
+pub fn mock() -> Options {
+    Options {
+        args: vec!["--mock".into()],
+        envs: Vec::new(),
+    }
+}
+
+/// A paid invoice of `customer`: its tenant's `pro_features` turns on.
+pub async fn pay(sidecar: &Sidecar, id: &str, customer: &str) {
+    sidecar
+        .webhooks()
+        .handle_stripe_webhook(signed(
+            MOCK_SECRET,
+            event(
+                id,
+                "invoice.paid",
+                now(),
+                serde_json::json!({"id": "in_1", "customer": customer}),
+            ),
+        ))
+        .await
+        .expect("invoice.paid accepted");
 }

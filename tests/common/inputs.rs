@@ -17,10 +17,16 @@ impl Drop for Running {
 /// certificates from its CA when `mutual`; returns it with its address. `Sidecar::start`
 /// connects in plaintext, so the caller connects itself.
 pub fn spawn_tls(dir: &Path, mutual: bool) -> (Running, String) {
+    let mut args = vec!["--store".to_owned(), "memory".to_owned()];
+    args.extend(tls_args(dir, mutual));
+    let (child, addr) = super::spawn(&args, &[]);
+    (Running(child), addr)
+}
+
+/// The TLS settings for the certificates `mint_certs.py` wrote into `dir`.
+pub fn tls_args(dir: &Path, mutual: bool) -> Vec<String> {
     let path = |name: &str| dir.join(name).display().to_string();
     let mut args = vec![
-        "--store".to_owned(),
-        "memory".to_owned(),
         "--tls-cert-file".to_owned(),
         path("server.pem"),
         "--tls-key-file".to_owned(),
@@ -29,6 +35,5 @@ pub fn spawn_tls(dir: &Path, mutual: bool) -> (Running, String) {
     if mutual {
         args.extend(["--tls-client-ca-file".to_owned(), path("ca.pem")]);
     }
-    let (child, addr) = super::spawn(&args, &[]);
-    (Running(child), addr)
+    args
 }

@@ -7,6 +7,7 @@ pub mod flagd;
 pub mod flagd_sync;
 pub mod inputs;
 pub mod mapping;
+pub mod ofrep;
 pub mod parking;
 
 use std::io::{BufRead, BufReader};
