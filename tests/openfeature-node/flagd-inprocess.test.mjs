@@ -1,7 +1,6 @@
 // @openfeature/flagd-provider in in-process mode (flagd.sync.v1 SyncFlags, evaluated locally
 // by flagd-core with JSONLogic) against the sidecar's flagd-sync listener.
 
-import { StandardResolutionReasons } from '@openfeature/server-sdk';
 import { FlagdProvider } from '@openfeature/flagd-provider';
 
 import { openFeatureSuite } from './scenarios.mjs';
@@ -9,9 +8,6 @@ import { openFeatureSuite } from './scenarios.mjs';
 await openFeatureSuite({
   listener: 'flagd-sync',
   events: true,
-  // flagd-core says STATIC for a flag without targeting (no tenant has a value yet) and
-  // DEFAULT when its targeting matches no tenant.
-  defaultReasons: [StandardResolutionReasons.DEFAULT, StandardResolutionReasons.STATIC],
   provider: ({ host, port }) =>
     new FlagdProvider({
       host,
