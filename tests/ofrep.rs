@@ -421,3 +421,33 @@ async fn ofrep_requires_a_client_certificate_under_mutual_tls() {
     let with = within_10_s(over_tls(&addr, &ca, b"http/1.1", Some((&cert, &key)))).await;
     assert_eq!(with, Ok((Some(b"http/1.1".to_vec()), StatusCode::OK)));
 }
+
+#[tokio::test]
+async fn a_request_head_sent_too_slowly_loses_its_connection() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (_sidecar, addr) = start(mock()).await;
+    let mut slow = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("a connection");
+    // Half a request head, and then nothing: the sidecar closes the connection (after the
+    // header read timeout) instead of holding it.
+    slow.write_all(b"POST /ofrep/v1/evaluate/flags/pro_features HTTP/1.1\r\nhost: ofrep\r\n")
+        .await
+        .expect("half a head");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        slow.read_to_end(&mut rest),
+    )
+    .await
+    .expect("the sidecar ends the connection within 20 s (hyper's own default is 30 s)");
+    assert!(
+        read.is_err() || !String::from_utf8_lossy(&rest).contains("200 OK"),
+        "{rest:?}"
+    );
+    // Others are served meanwhile and after.
+    let answer = Ofrep::new(&addr, Http::One)
+        .flag("pro_features", json!({}))
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+}

@@ -1,6 +1,7 @@
-//! OpenFeature adapters: flagd's evaluation protocol (`flagd.evaluation.v1` and `v2`) and its
-//! sync protocol (`flagd.sync.v1`) over the in-memory flag cache. Like `api`, they decode, read and encode; the decisions (which tenant,
-//! which reason) live in [`resolve`].
+//! OpenFeature adapters: flagd's evaluation protocol (`flagd.evaluation.v1` and `v2`), its sync
+//! protocol (`flagd.sync.v1`) and OFREP over the in-memory flag cache. Like `api`, they decode,
+//! read and encode; the decisions (which tenant, which reason, which error) live here, in
+//! [`tenant_of`] and [`resolve`].
 
 pub mod evaluation;
 pub mod events;

@@ -7,9 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
@@ -31,14 +30,13 @@ use crate::server::{ServeError, ServerTask, Side};
 
 /// A context is a few attributes: 64 KiB is far more than any provider sends, and bounds what
 /// a request may make the sidecar hold.
-pub const MAX_BODY_BYTES: usize = 64 * 1024;
+const MAX_BODY_BYTES: usize = 64 * 1024;
 /// A client must send its request head within this (slowloris), and the whole request and
 /// its answer within [`REQUEST_TIMEOUT`].
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections served at once; further ones wait in the listen backlog. With the streams per
-/// h2 connection this bounds the requests held at once, and so their bodies' memory.
+/// Connections served at once; further ones wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 512;
 const MAX_STREAMS_PER_CONNECTION: u32 = 16;
 /// Requests held at once, bodies included; one more is answered 429 at once rather than
@@ -94,7 +92,6 @@ fn router(ofrep: Ofrep, in_flight: crate::drain::InFlight) -> Router {
         .route("/ofrep/v1/evaluate/flags/{key}", post(evaluate_flag))
         .route("/ofrep/v1/evaluate/flags", post(evaluate_flags))
         .route_layer(from_fn_with_state(ofrep.clone(), authenticate))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(from_fn_with_state(REQUEST_TIMEOUT, within_deadline))
         .layer(from_fn_with_state(
             Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT)),
@@ -110,7 +107,8 @@ fn connection_builder() -> auto::Builder<TokioExecutor> {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEADER_BYTES.max(8192) + MAX_BODY_BYTES);
+        // The read buffer: a request head (its bound) plus a body's worth of bytes.
+        .max_buf_size(MAX_HEADER_BYTES + MAX_BODY_BYTES);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -268,28 +266,54 @@ impl From<EvaluationError> for Failure {
     }
 }
 
-/// The evaluation context of a request body `{"context": {...}}`. No body, or no context, is
-/// an empty context (the Python provider sends `{}` when it has none).
-fn context_of(body: Result<Bytes, BytesRejection>) -> Result<Option<Map<String, Json>>, Failure> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            Failure::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "GENERAL",
-                format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
-            )
-        } else {
+/// A longer body is still read (and dropped) up to this, within the request deadline: its
+/// sender writes it whole before it reads the answer, and would otherwise find the connection
+/// reset instead of the 413.
+const MAX_DRAINED_BYTES: usize = 1024 * 1024;
+
+/// The body, at most [`MAX_BODY_BYTES`] of it.
+async fn read_body(body: Body) -> Result<Bytes, Failure> {
+    use futures_util::StreamExt as _;
+    let too_large = || {
+        Failure::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "GENERAL",
+            format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
+        )
+    };
+    let mut chunks = body.into_data_stream();
+    let mut kept = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|e| {
             Failure::new(
                 StatusCode::BAD_REQUEST,
                 "PARSE_ERROR",
-                rejection.body_text(),
+                format!("the body could not be read: {e}"),
             )
+        })?;
+        seen = seen.saturating_add(chunk.len());
+        if seen <= MAX_BODY_BYTES {
+            kept.extend_from_slice(&chunk);
+        } else if seen > MAX_DRAINED_BYTES {
+            return Err(too_large());
+        } else {
+            kept = Vec::new();
         }
-    })?;
+    }
+    if seen > MAX_BODY_BYTES {
+        return Err(too_large());
+    }
+    Ok(Bytes::from(kept))
+}
+
+/// The evaluation context of a request body `{"context": {...}}`. No body, or no context, is
+/// an empty context (the Python provider sends `{}` when it has none).
+fn context_of(body: &[u8]) -> Result<Option<Map<String, Json>>, Failure> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
-    let parsed: Json = serde_json::from_slice(&body).map_err(|e| {
+    let parsed: Json = serde_json::from_slice(body).map_err(|e| {
         Failure::new(
             StatusCode::BAD_REQUEST,
             "PARSE_ERROR",
@@ -336,9 +360,13 @@ fn success(key: &str, resolved: Resolved) -> Json {
 async fn evaluate_flag(
     State(ofrep): State<Ofrep>,
     Path(key): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
-    let answer = context_of(body).and_then(|context| {
+    let body = match read_body(body).await {
+        Ok(body) => body,
+        Err(failure) => return failure.answer(Some(&key)),
+    };
+    let answer = context_of(&body).and_then(|context| {
         let tenant = ofrep.tenant(context.as_ref())?;
         Ok(resolve(&ofrep.app.feeds.flags, tenant.as_deref(), &key)?)
     });
@@ -351,12 +379,12 @@ async fn evaluate_flag(
 /// Every flag of the tenant the context names (the catalog defaults for no tenant). The ETag
 /// is a digest of the answer itself, so it changes exactly when the answer does, whichever
 /// replica gives it.
-async fn evaluate_flags(
-    State(ofrep): State<Ofrep>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let tenant = match context_of(body).and_then(|context| ofrep.tenant(context.as_ref())) {
+async fn evaluate_flags(State(ofrep): State<Ofrep>, headers: HeaderMap, body: Body) -> Response {
+    let tenant = match read_body(body)
+        .await
+        .and_then(|body| context_of(&body))
+        .and_then(|context| ofrep.tenant(context.as_ref()))
+    {
         Ok(tenant) => tenant,
         Err(failure) => return failure.answer(None),
     };
@@ -511,9 +539,22 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn bodies_are_kept_up_to_the_bound_and_refused_past_it() {
+        let read = |len: usize| read_body(Body::from(vec![b' '; len]));
+        assert_eq!(
+            read(MAX_BODY_BYTES).await.map(|b| b.len()).ok(),
+            Some(MAX_BODY_BYTES)
+        );
+        for len in [MAX_BODY_BYTES + 1, MAX_DRAINED_BYTES + 1] {
+            let refused = read(len).await.err().map(|failure| failure.status);
+            assert_eq!(refused, Some(StatusCode::PAYLOAD_TOO_LARGE), "{len}");
+        }
+    }
+
     #[test]
     fn bodies_name_their_context_or_none() {
-        let parse = |body: &str| context_of(Ok(Bytes::from(body.to_owned())));
+        let parse = |body: &str| context_of(body.as_bytes());
         assert!(matches!(parse(""), Ok(None)));
         assert!(matches!(parse("{}"), Ok(None)));
         assert!(matches!(parse(r#"{"context": {"a": 1}}"#), Ok(Some(_))));
