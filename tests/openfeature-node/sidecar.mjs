@@ -17,7 +17,7 @@ import * as protoLoader from '@grpc/proto-loader';
 
 export const ROOT = resolve(fileURLToPath(new URL('.', import.meta.url)), '..', '..');
 export const STRIPE_SECRET = 'whsec_test_secret';
-export const ADMIN_TOKEN = 'node-suite-admin-token-0123456789';
+const ADMIN_TOKEN = 'node-suite-admin-token-0123456789';
 export const ENV = {
   STRIPE_WEBHOOK_SECRET: STRIPE_SECRET,
   CORESDK_JWT_SECRET: 'node-suite-jwt-secret-at-least-32-bytes',
