@@ -12,6 +12,7 @@ use tonic::Status;
 
 use crate::api::{ResponseStream, SharedApp, status};
 use crate::flags::FlagCache;
+use crate::problem::Error;
 
 pub const PROVIDER_READY: &str = "provider_ready";
 pub const CONFIGURATION_CHANGE: &str = "configuration_change";
@@ -36,8 +37,9 @@ where
     let (sender, receiver) = mpsc::channel(QUEUE);
     let (cache, shutdown) = (app.feeds.flags.clone(), app.shutdown.clone());
     let every = app.config.flagd_keep_alive;
+    let goodbye = status::of_error(&Error::ShuttingDown, app.links());
     tokio::spawn(async move {
-        follow(&cache, shutdown, every, sender, make).await;
+        follow(&cache, shutdown, goodbye, every, sender, make).await;
         drop(slot);
     });
     Ok(Box::pin(ReceiverStream::new(receiver)))
@@ -45,9 +47,13 @@ where
 
 /// `every`: how often an idle stream says `keep_alive` (`--flagd-keep-alive-s`); it keeps
 /// proxies and load balancers from closing it.
+/// `goodbye`: how the stream ends on shutdown. An error, not a clean end: the flagd providers
+/// reconnect their EventStream only after an error status, so a clean end would leave them
+/// deaf to every change once the sidecar is back (the Node provider, for one, never asks again).
 async fn follow<T, F>(
     cache: &FlagCache,
     mut shutdown: watch::Receiver<bool>,
+    goodbye: Status,
     every: Duration,
     sender: mpsc::Sender<Result<T, Status>>,
     make: F,
@@ -93,7 +99,11 @@ async fn follow<T, F>(
             }
             _ = keep_alive.tick() => make(KEEP_ALIVE, Struct::default()),
             () = sender.closed() => return,
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => {
+                // A full queue means a subscriber that reads nothing: shutdown waits for no one.
+                let _ = sender.try_send(Err(goodbye));
+                return;
+            }
         };
         if sender.send(Ok(message)).await.is_err() {
             return;
@@ -148,6 +158,33 @@ mod tests {
         }
     }
 
+    /// Providers reconnect only after an error status, so shutdown must not end the stream
+    /// cleanly.
+    #[tokio::test]
+    async fn shutdown_ends_the_stream_with_unavailable() {
+        let cache = FlagCache::new(Default::default());
+        let (stop, shutdown) = watch::channel(false);
+        let (sender, mut receiver) = mpsc::channel(QUEUE);
+        let follower = follow(
+            &cache,
+            shutdown,
+            Status::unavailable("shutting down"),
+            Duration::from_secs(3600),
+            sender,
+            |kind, _| kind,
+        );
+        let listener = async {
+            let ready = receiver.recv().await.and_then(Result::ok);
+            assert_eq!(ready, Some(PROVIDER_READY));
+            stop.send(true).expect("the follower listens");
+            receiver.recv().await
+        };
+        let ((), last) = tokio::join!(follower, listener);
+        let code = last.and_then(Result::err).map(|status| status.code());
+        assert_eq!(code, Some(tonic::Code::Unavailable));
+        assert!(receiver.recv().await.is_none(), "nothing after the goodbye");
+    }
+
     /// A subscriber that reads nothing holds its queue and no more: the broadcast drops what
     /// it missed, and it is then told that every known key changed.
     #[tokio::test]
@@ -162,6 +199,7 @@ mod tests {
                 follow(
                     &cache,
                     shutdown,
+                    Status::unavailable("shutting down"),
                     Duration::from_secs(3600),
                     sender,
                     |kind, data| (kind, data),
