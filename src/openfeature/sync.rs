@@ -192,8 +192,13 @@ pub fn document(cache: &FlagCache, tenant_attribute: &str) -> String {
     let mut kinds: BTreeMap<&str, &FlagValue> = defaults.clone();
     let mut left_out = 0usize;
     for flag in &stored {
+        if !servable(flag.value()) {
+            left_out += 1;
+            continue;
+        }
+        // Only a servable value may set the kind of a key the catalog lacks.
         let kind = *kinds.entry(flag.key()).or_insert(flag.value());
-        if !servable(flag.value()) || !same_kind(flag.value(), kind) {
+        if !same_kind(flag.value(), kind) {
             left_out += 1;
             continue;
         }
@@ -434,20 +439,31 @@ impl Shared {
     }
 
     /// A reader of the current document (rebuilt first if changes went unbuilt while
-    /// nobody read it), then of the latest after every change.
-    async fn follow(&self) -> watch::Receiver<Arc<str>> {
-        let mut stale = self.stale.lock().await;
-        let receiver = self.sender.subscribe();
-        if *stale {
-            *stale = !rebuild(
-                &self.cache,
-                &self.tenant_attribute,
-                &Selector::All,
-                &self.sender,
-            )
-            .await;
+    /// nobody read it), then of the latest after every change. The rebuild runs on a task of
+    /// its own: a caller that gives up (a reset, a 1 ms deadline) cannot leave it unfinished
+    /// and the document stale, making the next caller pay for another build.
+    async fn follow(self: &Arc<Self>) -> Result<watch::Receiver<Arc<str>>, Error> {
+        let shared = self.clone();
+        let followed = tokio::spawn(async move {
+            let mut stale = shared.stale.lock().await;
+            let receiver = shared.sender.subscribe();
+            if *stale {
+                *stale = !rebuild(
+                    &shared.cache,
+                    &shared.tenant_attribute,
+                    &Selector::All,
+                    &shared.sender,
+                )
+                .await;
+            }
+            (!*stale).then_some(receiver)
+        });
+        match followed.await {
+            Ok(Some(receiver)) => Ok(receiver),
+            _ => Err(Error::Internal(
+                "the flagd sync configuration could not be built".into(),
+            )),
         }
-        receiver
     }
 }
 
@@ -519,7 +535,11 @@ impl FlagSyncService for Sync {
             .open_stream()
             .map_err(|e| status::of_error(&e, self.app.links()))?;
         let documents = match selector {
-            Selector::All => self.all.follow().await,
+            Selector::All => self
+                .all
+                .follow()
+                .await
+                .map_err(|e| status::of_error(&e, self.app.links()))?,
             Selector::Tenant(_) => follow(&self.app, selector),
         };
         Ok(Response::new(responses(
@@ -536,7 +556,13 @@ impl FlagSyncService for Sync {
         #[allow(deprecated)]
         let selector = self.selector(&request, &request.get_ref().selector)?;
         let flag_configuration = match selector {
-            Selector::All => self.all.follow().await.borrow().to_string(),
+            Selector::All => self
+                .all
+                .follow()
+                .await
+                .map_err(|e| status::of_error(&e, self.app.links()))?
+                .borrow()
+                .to_string(),
             Selector::Tenant(tenant) => tenant_document(&self.app.feeds.flags, &tenant),
         };
         Ok(Response::new(FetchAllFlagsResponse { flag_configuration }))
@@ -744,17 +770,22 @@ mod tests {
     async fn the_shared_document_is_built_only_while_followed() {
         let cache = Arc::new(cache());
         let (_stop, shutdown) = watch::channel(false);
-        let shared = Shared::start(cache.clone(), Arc::from("tenant_id"), shutdown);
+        let shared = Arc::new(Shared::start(
+            cache.clone(),
+            Arc::from("tenant_id"),
+            shutdown,
+        ));
         cache.apply(record("acme", "seats", FlagValue::Number(7.0), 20));
         tokio::time::sleep(MIN_SPACING * 4).await;
         assert_eq!(&**shared.sender.borrow(), "", "built with nobody following");
 
         // Readers arriving together all get the built document, never the placeholder.
-        let shared = Arc::new(shared);
         let readers: Vec<_> = (0..16)
             .map(|_| {
                 let shared = shared.clone();
-                tokio::spawn(async move { shared.follow().await.borrow().to_string() })
+                tokio::spawn(
+                    async move { shared.follow().await.expect("built").borrow().to_string() },
+                )
             })
             .collect();
         for reader in readers {
@@ -762,15 +793,36 @@ mod tests {
             assert!(!document.is_empty(), "a reader got the unbuilt placeholder");
         }
 
-        let mut follower = shared.follow().await;
+        // Unread again, a change goes unbuilt.
+        cache.apply(record("acme", "seats", FlagValue::Number(9.0), 21));
+        tokio::time::sleep(MIN_SPACING * 4).await;
+        assert!(*shared.stale.lock().await);
+        // A reader that gives up at once still has the document built, once: the next one
+        // finds it current instead of paying for another build.
+        // Polled once (the rebuild is handed to its task) and dropped, as a reset call is.
+        let gave_up = futures_util::FutureExt::now_or_never(shared.follow());
+        assert!(
+            gave_up.is_none(),
+            "the reader could not give up before the build"
+        );
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !shared.sender.borrow().contains("9") {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("built although its reader left");
+        assert!(!*shared.stale.lock().await);
+
+        let mut follower = shared.follow().await.expect("built");
         let document: Json = serde_json::from_str(&follower.borrow_and_update()).expect("JSON");
         assert!(
             document["flags"]["seats"]["variants"]
                 .as_object()
-                .is_some_and(|variants| variants.values().any(|v| *v == json!(7)))
+                .is_some_and(|variants| variants.values().any(|v| *v == json!(9)))
         );
 
-        cache.apply(record("acme", "seats", FlagValue::Number(8.0), 21));
+        cache.apply(record("acme", "seats", FlagValue::Number(8.0), 22));
         tokio::time::timeout(Duration::from_secs(10), follower.changed())
             .await
             .expect("a new document while followed")
