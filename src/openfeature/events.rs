@@ -38,22 +38,24 @@ where
     let (cache, shutdown) = (app.feeds.flags.clone(), app.shutdown.clone());
     let every = app.config.flagd_keep_alive;
     let goodbye = status::of_error(&Error::ShuttingDown, app.links());
+    let stopping = shutdown.clone();
     tokio::spawn(async move {
-        follow(&cache, shutdown, goodbye, every, sender, make).await;
+        follow(&cache, shutdown, every, sender, make).await;
         drop(slot);
     });
-    Ok(Box::pin(ReceiverStream::new(receiver)))
+    Ok(super::ending_in_goodbye(
+        ReceiverStream::new(receiver),
+        stopping,
+        goodbye,
+    ))
 }
 
 /// `every`: how often an idle stream says `keep_alive` (`--flagd-keep-alive-s`); it keeps
 /// proxies and load balancers from closing it.
-/// `goodbye`: how the stream ends on shutdown. An error, not a clean end: the flagd providers
-/// reconnect their EventStream only after an error status, so a clean end would leave them
-/// deaf to every change once the sidecar is back (the Node provider, for one, never asks again).
+/// At shutdown it stops, and the stream ends in UNAVAILABLE ([`super::ending_in_goodbye`]).
 async fn follow<T, F>(
     cache: &FlagCache,
     mut shutdown: watch::Receiver<bool>,
-    goodbye: Status,
     every: Duration,
     sender: mpsc::Sender<Result<T, Status>>,
     make: F,
@@ -99,14 +101,12 @@ async fn follow<T, F>(
             }
             _ = keep_alive.tick() => make(KEEP_ALIVE, Struct::default()),
             () = sender.closed() => return,
-            _ = shutdown.changed() => {
-                // A full queue means a subscriber that reads nothing: shutdown waits for no one.
-                let _ = sender.try_send(Err(goodbye));
-                return;
-            }
+            _ = shutdown.changed() => return,
         };
-        if sender.send(Ok(message)).await.is_err() {
-            return;
+        // A subscriber that reads nothing must not hold the stream open past shutdown.
+        tokio::select! {
+            sent = sender.send(Ok(message)) => if sent.is_err() { return },
+            _ = shutdown.wait_for(|stop| *stop) => return,
         }
     }
 }
@@ -158,31 +158,48 @@ mod tests {
         }
     }
 
-    /// Providers reconnect only after an error status, so shutdown must not end the stream
-    /// cleanly.
+    /// Providers reconnect only after an error status, so shutdown never ends the stream
+    /// cleanly: not even for a subscriber whose queue is full, which hears the goodbye after
+    /// what was queued.
     #[tokio::test]
-    async fn shutdown_ends_the_stream_with_unavailable() {
+    async fn shutdown_ends_even_a_full_stream_with_unavailable() {
+        use futures_util::StreamExt as _;
         let cache = FlagCache::new(Default::default());
         let (stop, shutdown) = watch::channel(false);
-        let (sender, mut receiver) = mpsc::channel(QUEUE);
-        let follower = follow(
-            &cache,
-            shutdown,
+        let (sender, receiver) = mpsc::channel(QUEUE);
+        let mut stream = crate::openfeature::ending_in_goodbye(
+            ReceiverStream::new(receiver),
+            shutdown.clone(),
             Status::unavailable("shutting down"),
-            Duration::from_secs(3600),
-            sender,
-            |kind, _| kind,
         );
-        let listener = async {
-            let ready = receiver.recv().await.and_then(Result::ok);
-            assert_eq!(ready, Some(PROVIDER_READY));
-            stop.send(true).expect("the follower listens");
-            receiver.recv().await
+        // A short keep-alive fills the queue of a subscriber that reads nothing.
+        let follower = tokio::spawn(async move {
+            follow(
+                &cache,
+                shutdown,
+                Duration::from_millis(1),
+                sender,
+                |kind, _| kind,
+            )
+            .await;
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stop.send(true).expect("the follower listens");
+        tokio::time::timeout(Duration::from_secs(10), follower)
+            .await
+            .expect("the follower stops at shutdown")
+            .expect("the follower ran");
+        let mut queued = 0;
+        let last = loop {
+            match stream.next().await {
+                Some(Ok(_)) => queued += 1,
+                other => break other,
+            }
         };
-        let ((), last) = tokio::join!(follower, listener);
+        assert_eq!(queued, QUEUE, "the queue was full");
         let code = last.and_then(Result::err).map(|status| status.code());
         assert_eq!(code, Some(tonic::Code::Unavailable));
-        assert!(receiver.recv().await.is_none(), "nothing after the goodbye");
+        assert!(stream.next().await.is_none(), "nothing after the goodbye");
     }
 
     /// A subscriber that reads nothing holds its queue and no more: the broadcast drops what
@@ -199,7 +216,6 @@ mod tests {
                 follow(
                     &cache,
                     shutdown,
-                    Status::unavailable("shutting down"),
                     Duration::from_secs(3600),
                     sender,
                     |kind, data| (kind, data),

@@ -12,6 +12,7 @@ use prost_types::{Struct, value::Kind};
 use serde_json::Value as Json;
 use tonic::{Code, Status};
 
+use crate::api::ResponseStream;
 use crate::flags::{Flag, FlagCache, FlagValue};
 
 /// flagd's resolution reasons. `STATIC` is never used: the RPC providers cache answers with
@@ -227,6 +228,25 @@ pub fn as_object(key: &str, value: FlagValue) -> Result<Struct, EvaluationError>
         FlagValue::Json(Json::Object(map)) => Ok(crate::api::convert::to_proto_struct(&map)),
         _ => Err(type_mismatch(key, "object")),
     }
+}
+
+/// A stream's `messages`, then, when they end because the sidecar is shutting down,
+/// `goodbye` (UNAVAILABLE) after whatever was queued: never a clean end, which flagd's
+/// providers do not reconnect after (Node's never asks again, and stays deaf to changes).
+pub fn ending_in_goodbye<T, S>(
+    messages: S,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    goodbye: Status,
+) -> ResponseStream<T>
+where
+    T: Send + 'static,
+    S: futures_util::Stream<Item = Result<T, Status>> + Send + 'static,
+{
+    use futures_util::StreamExt as _;
+    let end =
+        futures_util::stream::once(async move { (*shutdown.borrow()).then_some(Err(goodbye)) })
+            .filter_map(std::future::ready);
+    Box::pin(messages.chain(end))
 }
 
 #[cfg(test)]

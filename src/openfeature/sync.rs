@@ -474,8 +474,10 @@ impl Shared {
 fn responses<S: Send + 'static>(
     documents: watch::Receiver<Arc<str>>,
     slot: S,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
+    goodbye: Status,
 ) -> ResponseStream<SyncFlagsResponse> {
+    let mut stopping = shutdown.clone();
     let stream = WatchStream::new(documents)
         .map(move |document| {
             let _slot = &slot;
@@ -485,14 +487,9 @@ fn responses<S: Send + 'static>(
             })
         })
         .take_until(async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        })
-        .chain(futures_util::stream::once(async {
-            Err(Status::unavailable(
-                "the sidecar is shutting down; reconnect to its next instance",
-            ))
-        }));
-    Box::pin(stream)
+            let _ = stopping.wait_for(|stop| *stop).await;
+        });
+    super::ending_in_goodbye(stream, shutdown, goodbye)
 }
 
 /// The sync service. Every all-tenants stream reads the one shared document.
@@ -546,6 +543,7 @@ impl FlagSyncService for Sync {
             documents,
             slot,
             self.app.shutdown.clone(),
+            status::of_error(&Error::ShuttingDown, self.app.links()),
         )))
     }
 
@@ -703,7 +701,12 @@ mod tests {
         let (stop, shutdown) = watch::channel(false);
         let slots = Arc::new(tokio::sync::Semaphore::new(1));
         let slot = slots.clone().try_acquire_owned().expect("a slot");
-        let mut stream = responses(documents, slot, shutdown);
+        let mut stream = responses(
+            documents,
+            slot,
+            shutdown,
+            Status::unavailable("shutting down"),
+        );
         let first = stream.next().await.and_then(Result::ok);
         assert_eq!(first.map(|r| r.flag_configuration), Some("0".to_owned()));
         for n in 1..=1000 {
