@@ -280,6 +280,13 @@ impl FlagCache {
         self.catalog.get(key) == Some(&FlagValue::Bool(true))
     }
 
+    /// Whether the tenant has a flag of its own (else it reads the catalog defaults alone).
+    pub fn has_own_flags(&self, tenant_id: &str) -> bool {
+        self.by_tenant
+            .get(tenant_id)
+            .is_some_and(|flags| !flags.is_empty())
+    }
+
     pub fn current(&self, tenant_id: &str, key: &str) -> Option<FlagRecord> {
         self.by_tenant
             .get(tenant_id)

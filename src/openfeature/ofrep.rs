@@ -65,8 +65,9 @@ struct Ofrep {
     bulk: moka::sync::Cache<String, Arc<BulkAnswer>>,
 }
 
-/// Tenants whose bulk answers are kept; the others are made again when asked.
-const MAX_BULK_ANSWERS_KEPT: u64 = 10_000;
+/// Bytes of bulk answers kept (bodies and tenant ids); the others are made again when asked.
+/// Tenants without flags of their own share one answer, so ids never seen cost nothing here.
+const MAX_BULK_ANSWER_BYTES: u64 = 16 * 1024 * 1024;
 
 struct BulkAnswer {
     /// [`crate::flags::FlagCache::version`] when it was made: any flag change since makes it
@@ -101,7 +102,12 @@ where
         Ofrep {
             app: side.state,
             check: Arc::new(side.check),
-            bulk: moka::sync::Cache::new(MAX_BULK_ANSWERS_KEPT),
+            bulk: moka::sync::Cache::builder()
+                .weigher(|tenant: &String, answer: &Arc<BulkAnswer>| {
+                    u32::try_from(tenant.len() + answer.body.len()).unwrap_or(u32::MAX)
+                })
+                .max_capacity(MAX_BULK_ANSWER_BYTES)
+                .build(),
         },
         side.in_flight,
     );
@@ -544,7 +550,10 @@ async fn evaluate_flags(State(ofrep): State<Ofrep>, headers: HeaderMap, body: Bo
         Ok(tenant) => tenant,
         Err(failure) => return failure.answer(None),
     };
-    let tenant = tenant.unwrap_or_default();
+    // A tenant without flags of its own gets the catalog defaults, as no tenant does.
+    let tenant = tenant
+        .filter(|tenant| ofrep.app.feeds.flags.has_own_flags(tenant))
+        .unwrap_or_default();
     let answer = match ofrep.bulk.get(&tenant) {
         Some(kept) if kept.version == ofrep.app.feeds.flags.version() => kept,
         _ => match ofrep.bulk_answer(&tenant) {
