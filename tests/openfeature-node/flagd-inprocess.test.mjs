@@ -8,7 +8,7 @@ import { OpenFeature, StandardResolutionReasons } from '@openfeature/server-sdk'
 import { FlagdProvider } from '@openfeature/flagd-provider';
 
 import { openFeatureSuite } from './scenarios.mjs';
-import { Sidecar, eventually, stripeEvent } from './sidecar.mjs';
+import { Sidecar, eventually, stripeEvent, within } from './sidecar.mjs';
 
 function inProcess({ host, port }, options = {}) {
   return new FlagdProvider({
@@ -25,12 +25,12 @@ function inProcess({ host, port }, options = {}) {
 
 await openFeatureSuite({ listener: 'flagd-sync', events: true, provider: (endpoint) => inProcess(endpoint) });
 
-const sidecar = await Sidecar.start({ listeners: ['flagd-sync'] });
-const endpoint = sidecar.endpoint('flagd-sync');
-
 test(
   "a tenant=<id> selector gives that tenant's flags, with no context, and follows its changes",
   async (t) => {
+    // Started here, not at load, so it does not run beside the suite's sidecar.
+    const sidecar = await Sidecar.start({ listeners: ['flagd-sync'] });
+    const endpoint = sidecar.endpoint('flagd-sync');
     t.after(async () => {
       try {
         await OpenFeature.close();
@@ -43,7 +43,11 @@ test(
     // Older than the payment failure below: Stripe's `created` orders the two.
     await sidecar.deliver(stripeEvent('invoice.paid', 'cus_acme_001', { id: 'in_acme', created: now - 60 }));
     // The provider sends the selector in the flagd-selector header (and the deprecated field).
-    await OpenFeature.setProviderAndWait('acme-only', inProcess(endpoint, { selector: 'tenant=acme-corp' }));
+    await within(
+      OpenFeature.setProviderAndWait('acme-only', inProcess(endpoint, { selector: 'tenant=acme-corp' })),
+      'the provider is ready',
+      30_000,
+    );
     const client = OpenFeature.getClient('acme-only');
 
     const paid = await client.getBooleanDetails('pro_features', false);

@@ -35,7 +35,7 @@ export async function openFeatureSuite({ listener, provider, events }) {
 
     before(async () => {
       assert.ok(endpoint, `the sidecar announced no ${listener} listener`);
-      await OpenFeature.setProviderAndWait(domain, provider(endpoint));
+      await within(OpenFeature.setProviderAndWait(domain, provider(endpoint)), 'the provider is ready', 30_000);
       client = OpenFeature.getClient(domain);
     });
 

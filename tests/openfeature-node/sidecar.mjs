@@ -203,6 +203,13 @@ export class Sidecar {
         await this.#exited;
         throw new Error(`the sidecar ignored SIGTERM for ${STOP_TIMEOUT_MS} ms; stderr: ${this.#stderr}`);
       }
+      // A clean stop is part of what is tested: a sidecar that fails its shutdown (or dies
+      // of SIGTERM instead of handling it) fails the test.
+      if (stopped.code !== 0 || stopped.signal !== null) {
+        throw new Error(
+          `the sidecar did not stop cleanly on SIGTERM (exit code ${stopped.code}, signal ${stopped.signal}); stderr: ${this.#stderr}`,
+        );
+      }
     }
   }
 
