@@ -229,6 +229,13 @@ fn signed_object_event(
     }
 }
 
+/// A plaintext HTTP/2 channel to a loopback listener.
+async fn channel(addr: &str) -> Result<Channel, BoxError> {
+    Ok(Channel::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?)
+}
+
 /// An HS256 token for `tenant`, valid for an hour.
 fn bench_token(tenant: &str) -> Result<String, jsonwebtoken::errors::Error> {
     let claims = serde_json::json!({
@@ -361,22 +368,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut channels = Vec::new();
     for _ in 0..args.connections.max(1) {
-        channels.push(
-            Channel::from_shared(format!("http://{addr}"))?
-                .connect()
-                .await?,
-        );
+        channels.push(channel(&addr).await?);
     }
     let channels = Arc::new(channels);
-    let flagd_addr = sidecar.as_ref().and_then(|s| s.sides.get("flagd").cloned());
     let mut flagd_channels = Vec::new();
-    if let Some(flagd) = &flagd_addr {
+    if let Some(flagd) = sidecar.as_ref().and_then(|s| s.sides.get("flagd")) {
         for _ in 0..args.connections.max(1) {
-            flagd_channels.push(
-                Channel::from_shared(format!("http://{flagd}"))?
-                    .connect()
-                    .await?,
-            );
+            flagd_channels.push(channel(flagd).await?);
         }
     }
     let flagd_channels = Arc::new(flagd_channels);
@@ -643,12 +641,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         && store.starts_with("postgres")
     {
         let other = start_sidecar(sidecar_binary(args.sidecar.as_deref())?, Some(store))?;
-        let a = Channel::from_shared(format!("http://{}", sidecar.addr))?
-            .connect()
-            .await?;
-        let c = Channel::from_shared(format!("http://{}", other.addr))?
-            .connect()
-            .await?;
+        let a = channel(&sidecar.addr).await?;
+        let c = channel(&other.addr).await?;
         let mut watch = openfeature::WatchFlags::open(c).await?;
         let latencies =
             openfeature::change_latencies(a.clone(), &mut watch, 200, Duration::ZERO, "prop")
@@ -658,9 +652,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             &latencies,
         );
         if let Some(flagd) = other.sides.get("flagd") {
-            let flagd = Channel::from_shared(format!("http://{flagd}"))?
-                .connect()
-                .await?;
+            let flagd = channel(flagd).await?;
             let mut events = openfeature::EventStream::open(flagd).await?;
             let latencies =
                 openfeature::change_latencies(a, &mut events, 200, Duration::ZERO, "prop_flagd")
@@ -688,9 +680,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     if let Some(sync) = sidecar.as_ref().and_then(|s| s.sides.get("flagd-sync")) {
-        let sync = Channel::from_shared(format!("http://{sync}"))?
-            .connect()
-            .await?;
+        let sync = channel(sync).await?;
         let mut configurations = openfeature::SyncFlags::open(sync).await?;
         let latencies =
             // Apart by more than the rebuild spacing: each change is measured on its own, not
