@@ -93,6 +93,8 @@ pub struct Config {
     pub flagd_listen: Option<SocketAddr>,
     pub flagd_sync_listen: Option<SocketAddr>,
     pub ofrep_listen: Option<SocketAddr>,
+    /// The side listeners whose address is their default, not one the operator chose.
+    pub side_listens_by_default: Vec<SideListener>,
     /// The evaluation-context attribute naming the tenant (else the `targetingKey`).
     pub openfeature_tenant_attribute: String,
     /// How often an idle flagd `EventStream` says `keep_alive`.
@@ -175,6 +177,11 @@ fn split_secrets(text: &str) -> impl Iterator<Item = String> + '_ {
 }
 
 impl Config {
+    /// Whether a side listener's address is its default (so, when taken, it is skipped).
+    pub fn listens_by_default(&self, listener: SideListener) -> bool {
+        self.side_listens_by_default.contains(&listener)
+    }
+
     pub fn listen_of(&self, listener: SideListener) -> Option<SocketAddr> {
         match listener {
             SideListener::Flagd => self.flagd_listen,
@@ -297,9 +304,13 @@ impl Config {
 
         Ok(Self {
             listen: args.listen,
-            flagd_listen: args.flagd_listen.0,
-            flagd_sync_listen: args.flagd_sync_listen.0,
-            ofrep_listen: args.ofrep_listen.0,
+            flagd_listen: side_listen(&args, SideListener::Flagd),
+            flagd_sync_listen: side_listen(&args, SideListener::FlagdSync),
+            ofrep_listen: side_listen(&args, SideListener::Ofrep),
+            side_listens_by_default: SideListener::ALL
+                .into_iter()
+                .filter(|listener| chosen_listen(&args, *listener).is_none())
+                .collect(),
             openfeature_tenant_attribute,
             flagd_keep_alive,
             store,
@@ -331,13 +342,19 @@ impl Config {
 /// so the bound keeps a typo from promising more room than any disk has.
 const MAX_PARKED_EVENTS_LIMIT: u64 = 10_000_000;
 
-/// Where a side listener listens, as asked: `None` when it is off.
-fn side_listen(args: &ServeArgs, listener: SideListener) -> Option<SocketAddr> {
+/// The address the operator gave a side listener, if any (`Some(None)`: `off`).
+fn chosen_listen(args: &ServeArgs, listener: SideListener) -> Option<Option<SocketAddr>> {
     match listener {
-        SideListener::Flagd => args.flagd_listen.0,
-        SideListener::FlagdSync => args.flagd_sync_listen.0,
-        SideListener::Ofrep => args.ofrep_listen.0,
+        SideListener::Flagd => args.flagd_listen,
+        SideListener::FlagdSync => args.flagd_sync_listen,
+        SideListener::Ofrep => args.ofrep_listen,
     }
+    .map(|chosen| chosen.0)
+}
+
+/// Where a side listener listens: the chosen address, else its default; `None` when off.
+fn side_listen(args: &ServeArgs, listener: SideListener) -> Option<SocketAddr> {
+    chosen_listen(args, listener).unwrap_or_else(|| listener.default_addr().parse().ok())
 }
 
 /// One fixed address cannot serve two protocols; ephemeral ports (`:0`) may repeat.

@@ -202,7 +202,8 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         let Some(addr) = state.config.listen_of(listener) else {
             continue;
         };
-        let Some(tcp) = bind_side(listener, addr).await? else {
+        let by_default = state.config.listens_by_default(listener);
+        let Some(tcp) = bind_side(listener, addr, by_default).await? else {
             continue;
         };
         let bound = tcp.local_addr().map_err(|source| ServeError::SideBind {
@@ -369,10 +370,11 @@ impl<C> Side<C> {
 async fn bind_side(
     listener: SideListener,
     addr: std::net::SocketAddr,
+    by_default: bool,
 ) -> Result<Option<TcpListener>, ServeError> {
     match TcpListener::bind(addr).await {
         Ok(tcp) => Ok(Some(tcp)),
-        Err(source) if addr.to_string() == listener.default_addr() => {
+        Err(source) if by_default => {
             tracing::warn!(
                 %addr,
                 error = %source,
@@ -403,10 +405,18 @@ where
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::flagd_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    // grpcurl up to 1.8 (PyPI's, for one) speaks only the older reflection version.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::flagd_proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
     let stopping = side.stopping();
     let router = server_builder(&side.state.config)?
         .layer(side.in_flight)
         .add_service(InterceptedService::new(reflection, side.check.clone()))
+        .add_service(InterceptedService::new(
+            reflection_v1alpha,
+            side.check.clone(),
+        ))
         .add_service(v1::service_server::ServiceServer::with_interceptor(
             evaluation.clone(),
             side.check.clone(),
@@ -433,10 +443,18 @@ where
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::flagd_proto::sync::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    // grpcurl up to 1.8 (PyPI's, for one) speaks only the older reflection version.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::flagd_proto::sync::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
     let stopping = side.stopping();
     let router = server_builder(&side.state.config)?
         .layer(side.in_flight)
         .add_service(InterceptedService::new(reflection, side.check.clone()))
+        .add_service(InterceptedService::new(
+            reflection_v1alpha,
+            side.check.clone(),
+        ))
         .add_service(FlagSyncServiceServer::with_interceptor(sync, side.check));
     let incoming = TcpIncoming::from(side.listener).with_nodelay(Some(true));
     Ok(tokio::spawn(async move {

@@ -90,7 +90,7 @@ impl std::str::FromStr for OptionalListen {
         }
         s.trim().parse().map(|addr| Self(Some(addr))).map_err(|_| {
             format!(
-                "{s:?} is not an address; use an IP address and port, e.g. 127.0.0.1:8013, or off"
+                "{s:?} is not an address; use an IP address and port, e.g. 127.0.0.1:9000, or off"
             )
         })
     }
@@ -101,17 +101,21 @@ pub struct ServeArgs {
     /// Address to listen on (loopback by default: the sidecar serves its own pod).
     #[arg(long, env = "CORESDK_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    // The OpenFeature listeners have no clap default: a default address that is taken is
+    // tolerated (the sidecar serves without that protocol), a chosen one is not, so whether
+    // the address was chosen must stay known.
     /// Address of the flagd evaluation service (`flagd.evaluation.v1` and `v2`) for
-    /// OpenFeature's flagd providers in RPC mode, or `off`.
-    #[arg(long, env = "CORESDK_FLAGD_LISTEN", default_value = DEFAULT_FLAGD_LISTEN)]
-    pub flagd_listen: OptionalListen,
+    /// OpenFeature's flagd providers in RPC mode, or `off` [default: 127.0.0.1:8013]
+    #[arg(long, env = "CORESDK_FLAGD_LISTEN")]
+    pub flagd_listen: Option<OptionalListen>,
     /// Address of the flagd sync service (`flagd.sync.v1`) for OpenFeature's flagd providers
-    /// in in-process mode, or `off`.
-    #[arg(long, env = "CORESDK_FLAGD_SYNC_LISTEN", default_value = DEFAULT_FLAGD_SYNC_LISTEN)]
-    pub flagd_sync_listen: OptionalListen,
-    /// Address of the OpenFeature Remote Evaluation Protocol (OFREP, HTTP) service, or `off`.
-    #[arg(long, env = "CORESDK_OFREP_LISTEN", default_value = DEFAULT_OFREP_LISTEN)]
-    pub ofrep_listen: OptionalListen,
+    /// in in-process mode, or `off` [default: 127.0.0.1:8015]
+    #[arg(long, env = "CORESDK_FLAGD_SYNC_LISTEN")]
+    pub flagd_sync_listen: Option<OptionalListen>,
+    /// Address of the OpenFeature Remote Evaluation Protocol (OFREP, HTTP) service, or `off`
+    /// [default: 127.0.0.1:8016]
+    #[arg(long, env = "CORESDK_OFREP_LISTEN")]
+    pub ofrep_listen: Option<OptionalListen>,
     /// The evaluation-context attribute naming the tenant; without it, the `targetingKey` does.
     #[arg(
         long,

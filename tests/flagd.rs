@@ -457,11 +457,27 @@ async fn sigterm_ends_event_streams_and_the_sidecar_exits_cleanly() {
     assert!(!matches!(end, Ok(Some(_))), "{end:?}");
 }
 
+/// Waits (at most 20 s) for a sidecar that must not start to exit, unsuccessfully.
+async fn assert_fails_to_start(child: &mut std::process::Child) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the sidecar kept running with its flagd address taken");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success());
+}
+
 /// An address the operator chose for flagd that is taken stops the start with a message that
 /// names the setting; flagd's default address taken (a real flagd in the pod) does not stop a
 /// sidecar that was never asked for flagd.
 #[tokio::test]
-async fn a_taken_flagd_address_fails_the_start_unless_it_is_the_default() {
+async fn a_taken_flagd_address_fails_the_start_unless_it_was_never_chosen() {
     let held = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
     let taken = held.local_addr().expect("address").to_string();
     let mut chosen = serve_command(
@@ -471,18 +487,7 @@ async fn a_taken_flagd_address_fails_the_start_unless_it_is_the_default() {
     )
     .spawn()
     .expect("the coresdk binary starts");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = chosen.try_wait().expect("wait") {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = chosen.kill();
-            panic!("the sidecar kept running with its flagd address taken");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert!(!status.success());
+    assert_fails_to_start(&mut chosen).await;
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut chosen.stderr.take().expect("stderr"), &mut stderr)
         .expect("stderr");
@@ -492,16 +497,12 @@ async fn a_taken_flagd_address_fails_the_start_unless_it_is_the_default() {
         "{stderr}"
     );
 
-    // The default address: hold it (or find it held already) and the sidecar serves anyway.
+    // The default address: hold it (or find it held already), and a sidecar never asked for
+    // flagd serves anyway...
     let _default = std::net::TcpListener::bind(coresdk::settings::DEFAULT_FLAGD_LISTEN);
-    let (mut child, addr) = spawn_with_stderr(
-        &["--mock".into()],
-        &[(
-            "CORESDK_FLAGD_LISTEN".into(),
-            coresdk::settings::DEFAULT_FLAGD_LISTEN.into(),
-        )],
-        std::process::Stdio::null(),
-    );
+    let mut by_default = serve_command(&["--mock".into()], &[], std::process::Stdio::null());
+    by_default.env_remove("CORESDK_FLAGD_LISTEN");
+    let (mut child, addr) = spawn_command(by_default);
     let channel = connect(&addr).await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let answer = health
@@ -515,4 +516,17 @@ async fn a_taken_flagd_address_fails_the_start_unless_it_is_the_default() {
     );
     let _ = child.kill();
     let _ = child.wait();
+
+    // ...while one asked for flagd at that very address fails, like any chosen address.
+    let mut asked = serve_command(
+        &["--mock".into()],
+        &[(
+            "CORESDK_FLAGD_LISTEN".into(),
+            coresdk::settings::DEFAULT_FLAGD_LISTEN.into(),
+        )],
+        std::process::Stdio::null(),
+    )
+    .spawn()
+    .expect("the coresdk binary starts");
+    assert_fails_to_start(&mut asked).await;
 }

@@ -401,6 +401,9 @@ fn the_openfeature_listeners_default_to_flagds_ports_and_can_be_turned_off() {
         defaults.flagd_keep_alive,
         std::time::Duration::from_secs(30)
     );
+    // An address given, even the default one, is chosen: taken, it fails the start.
+    assert!(defaults.listens_by_default(SideListener::Flagd));
+    assert!(!config(&["--flagd-listen", "127.0.0.1:8013"]).listens_by_default(SideListener::Flagd));
     assert_eq!(config(&["--flagd-listen", "off"]).flagd_listen, None);
     assert_eq!(config(&["--flagd-listen", "OFF"]).flagd_listen, None);
     // Ephemeral ports may both be 0; one fixed port cannot serve both.

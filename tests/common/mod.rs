@@ -113,7 +113,11 @@ pub fn spawn_with_stderr(
     envs: &[(String, String)],
     stderr: Stdio,
 ) -> (Child, String) {
-    let mut command = serve_command(args, envs, stderr);
+    spawn_command(serve_command(args, envs, stderr))
+}
+
+/// Starts a `serve_command` and returns it with the address it announced.
+pub fn spawn_command(mut command: Command) -> (Child, String) {
     let mut child = command.spawn().expect("the coresdk binary starts");
     let stdout = child.stdout.take().expect("piped stdout");
     let mut lines = BufReader::new(stdout).lines();
