@@ -12,7 +12,7 @@ from openfeature.event import ProviderEvent
 from openfeature.exception import ErrorCode
 from openfeature.flag_evaluation import Reason
 
-from conftest import pay, tenant
+from conftest import eventually, pay, tenant, webhook
 
 
 @pytest.fixture
@@ -53,3 +53,35 @@ def test_missing_flags_and_type_mismatches_reach_the_app_as_openfeature_errors(f
     assert (missing.value, missing.error_code) == (True, ErrorCode.FLAG_NOT_FOUND)
     mismatch = client.get_string_details("pro_features", "fallback", tenant("acme-corp"))
     assert (mismatch.value, mismatch.error_code) == ("fallback", ErrorCode.TYPE_MISMATCH)
+
+
+def test_the_provider_follows_the_sidecar_through_a_restart(openfeature_sidecar):
+    process, (addr,) = openfeature_sidecar("CORESDK_FLAGD_LISTEN", restartable=True)
+    host, port = addr.rsplit(":", 1)
+    api.set_provider_and_wait(FlagdProvider(host=host, port=int(port), resolver_type=ResolverType.RPC, deadline_ms=5000))
+    try:
+        client = api.get_client()
+        pay(process)
+        # Cached by the provider until a configuration_change says otherwise.
+        eventually(lambda: client.get_boolean_details("pro_features", False, tenant("acme-corp")), lambda d: d.value is True)
+
+        process.stop()
+        # Same ports, same store: the tenant's value was stored, and the provider reconnects
+        # its event stream (the sidecar ended it with UNAVAILABLE), so a change made after
+        # the restart reaches it too.
+        process.start()
+        back = eventually(
+            lambda: client.get_boolean_details("pro_features", False, tenant("acme-corp")),
+            lambda d: d.error_code is None,
+        )
+        assert (back.value, back.reason) == (True, Reason.TARGETING_MATCH)
+        webhook(process, "invoice.payment_failed", "cus_acme_001", id="in_after_restart")
+        # pro_features was read (and cached) before: only a configuration_change on the
+        # reconnected stream makes the provider ask again.
+        failed = eventually(
+            lambda: client.get_boolean_details("pro_features", True, tenant("acme-corp")),
+            lambda d: d.value is False,
+        )
+        assert failed.reason == Reason.TARGETING_MATCH
+    finally:
+        api.shutdown()
