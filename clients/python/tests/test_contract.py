@@ -372,3 +372,16 @@ def test_explain_names_the_newest_event_that_confirmed_the_value(sdk):
     assert explained.event.event_id == "evt_paid_first"
     assert (explained.newest_event.event_id, explained.newest_event.created) == ("evt_paid_again", now)
     assert [e.event_id for e in explained.stale_events] == ["evt_failed_between"]
+
+
+def test_a_flag_key_with_a_trailing_newline_is_refused(sdk):
+    # `^…$` lets "key\n" through (`$` matches before a final newline); the sidecar refuses it.
+    with pytest.raises(ProblemError) as caught:
+        sdk.get_flag("acme-corp", "pro_features\n")
+    assert (caught.value.status, caught.value.problem.reason) == (400, "INVALID_ARGUMENT")
+
+
+def test_settings_keep_tokens_out_of_their_repr():
+    settings = Settings(admin_token="admin-secret-token", api_token="api-secret-token")
+    assert "secret-token" not in repr(settings)
+    assert settings.admin_token == "admin-secret-token"

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 TRUE = {"1", "true", "yes", "on"}
@@ -14,8 +14,9 @@ class Settings:
     fail_mode: str = "open"
     use_mock: bool = False
     timeout_ms: int = 1000
-    admin_token: Optional[str] = None
-    api_token: Optional[str] = None
+    # Kept out of repr: settings end up in logs and tracebacks.
+    admin_token: Optional[str] = field(default=None, repr=False)
+    api_token: Optional[str] = field(default=None, repr=False)
     problem_type_base: str = "https://coresdk.dev/problems"
     # Audit records kept while the sidecar is away under fail mode `open`.
     spool_limit: int = 10_000

@@ -20,10 +20,14 @@ import os
 import re
 import threading
 import time
-import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Mapping, Optional, Sequence
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (a dependency there).
+    import tomli as tomllib  # type: ignore[no-redef]
 
 from coresdk.base import BaseSDK
 from coresdk.config import Settings
@@ -168,7 +172,7 @@ def _parse_rules(text: str) -> tuple[dict[str, FlagValue], list[dict[str, Any]]]
         raise invalid("`flags` must be a table and `rule` an array of tables ([[rule]])")
     catalog: dict[str, FlagValue] = {}
     for key, value in flags.items():
-        if not FLAG_KEY.match(key):
+        if not FLAG_KEY.fullmatch(key):
             raise invalid(f"flag key '{key}' must be 1-128 characters of letters, digits, _ - . :")
         if isinstance(value, float) and not math.isfinite(value):
             raise invalid("flag numbers must be finite")
@@ -399,7 +403,7 @@ class MockSidecar(BaseSDK):
                     continue
                 items = (obj.get("entitlements") or {}).get("data") or []
                 keys = sorted({(i.get("lookup_key") or (i.get("feature") or {}).get("lookup_key") or "") for i in items if isinstance(i, dict)})
-                return "entitlements", [(k, True, name) for k in keys if FLAG_KEY.match(k)], name
+                return "entitlements", [(k, True, name) for k in keys if FLAG_KEY.fullmatch(k)], name
             for key, value in rule.get("set" if plan_matches else "else", {}).items():
                 wanted = [w for w in wanted if w[0] != key] + [(key, value, name)]
         return ("set" if wanted else "ignored"), wanted, ""
@@ -813,7 +817,7 @@ class MockSidecar(BaseSDK):
         if not (token or "").strip() and not tenant_id:
             raise self._invalid("token: give a token or a tenant_id")
         for key in (*require, *deny_if):
-            if not FLAG_KEY.match(key):
+            if not FLAG_KEY.fullmatch(key):
                 raise self._invalid(f"'{key}' is not a valid flag key")
         claims = None
         subject = ""

@@ -7,7 +7,8 @@ from typing import Optional
 
 from coresdk.errors import Problem, ProblemError
 
-FLAG_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+# Used with fullmatch: `$` would also match before a trailing newline ("key\n").
+FLAG_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
 def invalid(detail: str, type_base: str) -> ProblemError:
@@ -39,5 +40,5 @@ def id_defect(value: str) -> Optional[str]:
 def check_ids(tenant_id: str, key: Optional[str], type_base: str) -> None:
     if (defect := id_defect(tenant_id)) is not None:
         raise invalid(f"tenant_id: {defect}", type_base)
-    if key is not None and not FLAG_KEY.match(key):
+    if key is not None and not FLAG_KEY.fullmatch(key):
         raise invalid("key: must be 1-128 characters of letters, digits, _ - . :", type_base)
