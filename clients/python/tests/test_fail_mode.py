@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import grpc
 import pytest
 
 from conftest import Sidecar, client_for, sign, stripe_event, token
@@ -89,3 +90,42 @@ def test_an_outage_is_logged_once_not_per_call(tmp_path, caplog):
     assert len(unavailable) <= 1, [r.getMessage() for r in unavailable]
     assert client.outage.fail_mode_decisions >= 5
     client.close()
+
+
+class _ConnectionLost(grpc.RpcError):
+    """What grpc raises when the connection drops mid-call: no answer, so no problem."""
+
+    def code(self):
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self):
+        return "connection reset"
+
+    def trailing_metadata(self):
+        return ()
+
+
+def test_writes_that_are_not_idempotent_are_not_retried_after_a_lost_connection():
+    from coresdk import Settings
+    from coresdk.client import SidecarClient
+
+    # Nothing listens there; the fake method below never uses the channel.
+    client = SidecarClient(Settings(sidecar_addr="127.0.0.1:9", timeout_ms=2000), watch=False)
+    calls = []
+
+    def lost(request, timeout, metadata):
+        calls.append(request)
+        raise _ConnectionLost()
+
+    try:
+        # The write may have committed before the connection dropped: one attempt only.
+        with pytest.raises(SidecarUnavailable):
+            client._call(lost, "append", idempotent=False)
+        assert len(calls) == 1
+        # A read, or a deduplicated webhook, is tried again within the deadline.
+        calls.clear()
+        with pytest.raises(SidecarUnavailable):
+            client._call(lost, "get")
+        assert len(calls) > 1
+    finally:
+        client.close()

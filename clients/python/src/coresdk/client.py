@@ -151,9 +151,11 @@ class SidecarClient(BaseSDK):
             token = self.settings.api_token
         return [("authorization", f"Bearer {token}")] if token else []
 
-    def _call(self, method: Callable[..., T], request: Any, *, admin: bool = False) -> T:
-        """One call within the deadline, retrying UNAVAILABLE with backoff and jitter. Safe for
-        every RPC here: webhooks are deduplicated by event id, the rest are reads or idempotent."""
+    def _call(self, method: Callable[..., T], request: Any, *, admin: bool = False, idempotent: bool = True) -> T:
+        """One call within the deadline, retrying UNAVAILABLE with backoff and jitter. Webhooks
+        are deduplicated by event id and reads repeat safely. A write that is not idempotent
+        (`Append`, `SetFlag`) is retried only after the sidecar said it committed nothing: a
+        transport failure may have come after the commit, and a retry would write it twice."""
         deadline = time.monotonic() + self.settings.timeout_ms / 1000
         delay = 0.02
         while True:
@@ -168,7 +170,7 @@ class SidecarClient(BaseSDK):
                 transport = isinstance(error, SidecarUnavailable)
                 if transport:
                     self.outage.failed(e.details() if hasattr(e, "details") else str(e))
-                if not error.retryable or time.monotonic() + delay >= deadline:
+                if not error.retryable or (transport and not idempotent) or time.monotonic() + delay >= deadline:
                     raise error from None
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.5)
@@ -293,7 +295,7 @@ class SidecarClient(BaseSDK):
         request = flags_pb2.SetFlagRequest(
             tenant_id=tenant_id, key=key, value=value_to_proto(value), actor=actor, reason=reason
         )
-        flag = Flag.from_proto(self._call(self._flags.SetFlag, request, admin=True))
+        flag = Flag.from_proto(self._call(self._flags.SetFlag, request, admin=True, idempotent=False))
         self._await_cache(tenant_id, [(key, flag.version)])
         return flag
 
@@ -339,7 +341,7 @@ class SidecarClient(BaseSDK):
             tenant_id=tenant_id, actor=actor, event=event, outcome=outcome, metadata=struct
         )
         try:
-            return AuditRecord.from_proto(self._call(self._audit.Append, request))
+            return AuditRecord.from_proto(self._call(self._audit.Append, request, idempotent=False))
         except SidecarUnavailable:
             if self.settings.fail_mode == "closed":
                 raise
