@@ -129,3 +129,30 @@ def test_writes_that_are_not_idempotent_are_not_retried_after_a_lost_connection(
         assert len(calls) > 1
     finally:
         client.close()
+
+
+def test_the_flag_stream_survives_a_failure_handling_a_message(tmp_path):
+    process = Sidecar(tmp_path)
+    process.start()
+    client = client_for(process)
+    try:
+        wait_until(lambda: client.cache.connected)
+        failed = []
+        apply = client.cache.apply
+
+        def fails_once(change):
+            if not failed:
+                failed.append(change.key)
+                raise RuntimeError("a bug in handling a change")
+            apply(change)
+
+        client.cache.apply = fails_once
+        body = stripe_event("invoice.paid", "cus_acme_001")
+        client.handle_stripe_webhook(body, sign(body))
+        wait_until(lambda: failed)
+        # The loop reconnects, and its snapshot brings what the failure lost.
+        wait_until(lambda: client.cache.connected and (flag := client.cache.get("acme-corp", "pro_features")) is not None and flag.value is True)
+        assert client._watcher.is_alive()
+    finally:
+        client.close()
+        process.stop()

@@ -195,6 +195,12 @@ class SidecarClient(BaseSDK):
                 if self._closed.is_set():
                     return
                 self.outage.failed(f"flag stream: {e.code().name if hasattr(e, 'code') else e}")
+            except Exception:
+                # A failure handling a message must not end the loop with the cache still
+                # marked current: it would serve stale flags as fresh from then on.
+                log.exception("coresdk: handling the flag stream failed; reconnecting")
+                if self._stream is not None:
+                    self._stream.cancel()
             self.cache.connected = False
             self._closed.wait(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 5.0)
