@@ -6,12 +6,10 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from grpc_status import rpc_status
 
 from coresdk.v1 import problem_pb2
 
-_DETAILS_KEY = "grpc-status-details-bin"
-_PROBLEM_TYPE_URL = "type.googleapis.com/coresdk.v1.Problem"
-_ERROR_INFO_TYPE_URL = "type.googleapis.com/google.rpc.ErrorInfo"
 
 
 @dataclass(frozen=True)
@@ -86,54 +84,31 @@ def unavailable_problem(detail: str, type_base: str = "https://coresdk.dev/probl
     )
 
 
-def _decode_varint(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-
-
-def _fields(data: bytes):
-    """Yields (field number, wire type, value) of a protobuf message; enough for google.rpc.Status."""
-    pos = 0
-    while pos < len(data):
-        key, pos = _decode_varint(data, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _decode_varint(data, pos)
-        elif wire == 2:
-            length, pos = _decode_varint(data, pos)
-            value, pos = data[pos : pos + length], pos + length
-        elif wire == 1:
-            value, pos = data[pos : pos + 8], pos + 8
-        elif wire == 5:
-            value, pos = data[pos : pos + 4], pos + 4
-        else:
-            return
-        yield number, wire, value
+def _problem_in(error: grpc.RpcError) -> "Problem | None":
+    """The sidecar's problem in the call's `google.rpc.Status` details, if it sent one."""
+    if not (hasattr(error, "trailing_metadata") and hasattr(error, "code")):
+        return None
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:
+        # Details that contradict the call's own code or message are not the sidecar's.
+        return None
+    for detail in status.details if status is not None else ():
+        if detail.Is(problem_pb2.Problem.DESCRIPTOR):
+            message = problem_pb2.Problem()
+            detail.Unpack(message)
+            return Problem.from_proto(message)
+    return None
 
 
 def problem_from_rpc_error(error: grpc.RpcError) -> ProblemError:
     """Turns a failed call into a ProblemError carrying the sidecar's problem."""
     code = error.code() if hasattr(error, "code") else None
-    trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
-    for key, value in trailers or ():
-        if key != _DETAILS_KEY:
-            continue
-        # google.rpc.Status: 3 = repeated Any (1 = type_url, 2 = value).
-        for number, _, any_bytes in _fields(value):
-            if number != 3:
-                continue
-            parts = {n: v for n, _, v in _fields(any_bytes)}
-            if parts.get(1, b"").decode() == _PROBLEM_TYPE_URL:
-                problem = Problem.from_proto(problem_pb2.Problem.FromString(parts.get(2, b"")))
-                if problem.reason == "FLAG_NOT_FOUND":
-                    return FlagNotFound(problem, code)
-                return ProblemError(problem, code)
+    problem = _problem_in(error)
+    if problem is not None:
+        if problem.reason == "FLAG_NOT_FOUND":
+            return FlagNotFound(problem, code)
+        return ProblemError(problem, code)
     details = error.details() if hasattr(error, "details") else str(error)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return SidecarUnavailable(unavailable_problem(f"the sidecar did not answer: {details}"), code)
