@@ -156,3 +156,35 @@ def test_the_flag_stream_survives_a_failure_handling_a_message(tmp_path):
     finally:
         client.close()
         process.stop()
+
+
+def test_a_call_after_an_outage_does_not_wait_for_the_spool_to_be_sent():
+    import threading
+
+    from coresdk import Settings
+    from coresdk.client import SidecarClient
+    from coresdk.v1 import audit_pb2
+
+    client = SidecarClient(Settings(sidecar_addr="127.0.0.1:9", timeout_ms=2000), watch=False)
+    release, sending, sent = threading.Event(), threading.Event(), []
+
+    class SlowAudit:
+        def Append(self, request, timeout, metadata):
+            sending.set()
+            release.wait(30)
+            sent.append(request)
+
+    try:
+        client._audit = SlowAudit()
+        client._spool.append(audit_pb2.AppendAuditRequest(event="app.spooled", outcome="x", actor="y"))
+        client.outage.failed("a test outage")
+        # The first call that succeeds after the outage returns at once; the spool is sent
+        # by a thread of its own.
+        assert client._call(lambda request, timeout, metadata: "answer", None) == "answer"
+        assert sending.wait(10) and client.spooled == 1
+        release.set()
+        wait_until(lambda: client.spooled == 0)
+        assert [r.event for r in sent] == ["app.spooled"]
+    finally:
+        release.set()
+        client.close()

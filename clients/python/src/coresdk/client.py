@@ -163,7 +163,7 @@ class SidecarClient(BaseSDK):
             try:
                 answer = method(request, timeout=max(remaining, 0.001), metadata=self._metadata(admin))
                 if self.outage.recovered():
-                    self._flush_spool()
+                    self._flush_spool_in_background()
                 return answer
             except grpc.RpcError as e:
                 error = problem_from_rpc_error(e)
@@ -204,6 +204,11 @@ class SidecarClient(BaseSDK):
             self.cache.connected = False
             self._closed.wait(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 5.0)
+
+    def _flush_spool_in_background(self) -> None:
+        """A caller must not wait while up to `spool_limit` records are sent."""
+        if self._spool and not self._flushing.locked():
+            threading.Thread(target=self._flush_spool, name="coresdk-spool", daemon=True).start()
 
     def _flush_spool(self) -> None:
         if not self._flushing.acquire(blocking=False):
