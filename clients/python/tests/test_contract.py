@@ -311,7 +311,7 @@ def test_the_asyncio_variant_answers_like_the_sync_one(sdk):
         body = stripe_event("invoice.paid", "cus_initech_001")
         result = await client.handle_stripe_webhook(body, sign(body))
         decision = await client.authorize(token=token("initech"), require=["pro_features"])
-        return result.outcome, decision.allowed, client.is_enabled("initech", "pro_features")
+        return result.outcome, decision.allowed, await client.is_enabled("initech", "pro_features")
 
     assert asyncio.run(scenario()) == ("applied", True, True)
 
@@ -385,3 +385,34 @@ def test_settings_keep_tokens_out_of_their_repr():
     settings = Settings(admin_token="admin-secret-token", api_token="api-secret-token")
     assert "secret-token" not in repr(settings)
     assert settings.admin_token == "admin-secret-token"
+
+
+def test_the_asyncio_variant_never_blocks_the_event_loop():
+    import asyncio
+
+    from coresdk.aio import AsyncSDK
+    from coresdk.client import SidecarClient
+
+    # Nothing listens there: every flag read waits for its timeout, in a thread.
+    sdk = AsyncSDK(SidecarClient(Settings(sidecar_addr="127.0.0.1:9", timeout_ms=500, fail_mode="closed"), watch=False))
+
+    async def scenario():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        beat = asyncio.create_task(ticker())
+        for read in (sdk.is_enabled("acme-corp", "pro_features"), sdk.get_flags("acme-corp")):
+            with pytest.raises(ProblemError):
+                await read
+        beat.cancel()
+        return ticks
+
+    try:
+        assert asyncio.run(scenario()) > 20, "the event loop stood still while the sidecar was asked"
+    finally:
+        sdk.sync.close()

@@ -1,8 +1,10 @@
-"""asyncio variant: the same client for `async def` handlers. Calls that talk to the sidecar
-run in the default thread pool so they never block the event loop; `is_enabled` and
-`get_flags` answer from the local cache and stay plain synchronous calls.
+"""asyncio variant: the same client for `async def` handlers. Every call that may talk to the
+sidecar runs in the default thread pool, so it never blocks the event loop. That includes
+`is_enabled` and `get_flags`: they answer from the local cache while it is current, but ask the
+sidecar (within its timeout) while it is not, or for a key the cache does not know.
 
     sdk = AsyncSDK.from_env()
+    if await sdk.is_enabled("acme-corp", "pro_features"): ...
     decision = await sdk.authorize(token=..., require=["advanced_analytics"])
 """
 from __future__ import annotations
@@ -21,6 +23,8 @@ class AsyncSDK:
         "handle_stripe_webhook",
         "replay_event",
         "get_flag",
+        "get_flags",
+        "is_enabled",
         "explain_flag",
         "set_flag",
         "verify_token",
@@ -39,9 +43,6 @@ class AsyncSDK:
     @classmethod
     def from_env(cls, settings: Optional[Settings] = None) -> "AsyncSDK":
         return cls(SDK.from_env(settings))
-
-    def is_enabled(self, tenant_id: str, key: str) -> bool:
-        return self.sync.is_enabled(tenant_id, key)
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self.sync, name)
