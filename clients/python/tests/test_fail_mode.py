@@ -188,3 +188,46 @@ def test_a_call_after_an_outage_does_not_wait_for_the_spool_to_be_sent():
     finally:
         release.set()
         client.close()
+
+
+def test_the_client_reaches_a_tls_sidecar_and_a_mutual_tls_one(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from coresdk import Settings
+    from coresdk.client import SidecarClient
+
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    mint = Path(__file__).resolve().parents[3] / "tests" / "fixtures" / "mint_certs.py"
+    subprocess.run([sys.executable, str(mint), str(certs)], check=True)
+    server = {"CORESDK_TLS_CERT_FILE": str(certs / "server.pem"), "CORESDK_TLS_KEY_FILE": str(certs / "server.key")}
+    client_env = {
+        "CORESDK_SIDECAR_TLS_CA_FILE": str(certs / "ca.pem"),
+        "CORESDK_SIDECAR_TLS_CLIENT_CERT_FILE": str(certs / "client.pem"),
+        "CORESDK_SIDECAR_TLS_CLIENT_KEY_FILE": str(certs / "client.key"),
+    }
+    for mutual in (False, True):
+        mutual_env = {"CORESDK_TLS_CLIENT_CA_FILE": str(certs / "ca.pem")} if mutual else {}
+        process = Sidecar(tmp_path / f"mutual-{mutual}", {**server, **mutual_env})
+        process.start()
+        try:
+            settings = Settings.from_env({**client_env, "CORESDK_SIDECAR_ADDR": process.addr})
+            assert settings.uses_tls
+            client = client_for(process, **{k: v for k, v in vars(settings).items() if k.startswith("tls_")})
+            try:
+                assert client.get_flag("acme-corp", "pro_features").is_default
+            finally:
+                client.close()
+            # A plaintext client cannot talk to it.
+            plain = SidecarClient(Settings(sidecar_addr=process.addr, timeout_ms=300, fail_mode="closed"), watch=False)
+            try:
+                with pytest.raises(SidecarUnavailable):
+                    plain.get_flag("acme-corp", "pro_features")
+            finally:
+                plain.close()
+        finally:
+            process.stop()
+    with pytest.raises(ValueError):
+        Settings.from_env({"CORESDK_SIDECAR_TLS_CLIENT_CERT_FILE": "client.pem"})

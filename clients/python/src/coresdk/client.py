@@ -8,6 +8,7 @@ import logging
 import random
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 
 import grpc
@@ -119,13 +120,29 @@ class FlagCache:
             return self._changed.wait_for(predicate, timeout)
 
 
+def _channel(settings: Settings) -> grpc.Channel:
+    """A channel to the sidecar: plaintext, or TLS (mutual with a client certificate)."""
+    options: list[tuple[str, Any]] = [("grpc.enable_retries", 0), ("grpc.keepalive_time_ms", 30_000)]
+    if not settings.uses_tls:
+        return grpc.insecure_channel(settings.sidecar_addr, options=options)
+
+    def read(path: Optional[str]) -> Optional[bytes]:
+        return Path(path).read_bytes() if path else None
+
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=read(settings.tls_ca_file),
+        private_key=read(settings.tls_client_key_file),
+        certificate_chain=read(settings.tls_client_cert_file),
+    )
+    if settings.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", settings.tls_server_name))
+    return grpc.secure_channel(settings.sidecar_addr, credentials, options=options)
+
+
 class SidecarClient(BaseSDK):
     def __init__(self, settings: Optional[Settings] = None, *, watch: bool = True):
         self.settings = settings or Settings.from_env()
-        self._channel = grpc.insecure_channel(
-            self.settings.sidecar_addr,
-            options=[("grpc.enable_retries", 0), ("grpc.keepalive_time_ms", 30_000)],
-        )
+        self._channel = _channel(self.settings)
         self._webhooks = webhook_pb2_grpc.WebhookServiceStub(self._channel)
         self._flags = flags_pb2_grpc.FlagServiceStub(self._channel)
         self._audit = audit_pb2_grpc.AuditServiceStub(self._channel)
