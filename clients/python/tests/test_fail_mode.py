@@ -113,7 +113,7 @@ def test_writes_that_are_not_idempotent_are_not_retried_after_a_lost_connection(
     client = SidecarClient(Settings(sidecar_addr="127.0.0.1:9", timeout_ms=2000), watch=False)
     calls = []
 
-    def lost(request, timeout, metadata):
+    def lost(request, timeout, metadata, **_):
         calls.append(request)
         raise _ConnectionLost()
 
@@ -127,6 +127,16 @@ def test_writes_that_are_not_idempotent_are_not_retried_after_a_lost_connection(
         with pytest.raises(SidecarUnavailable):
             client._call(lost, "get")
         assert len(calls) > 1
+        # audit() is such a write: one attempt, then (fail mode open) the spool.
+        calls.clear()
+
+        class LostAudit:
+            def Append(self, request, timeout, metadata, **_):
+                return lost(request, timeout, metadata)
+
+        client._audit = LostAudit()
+        assert client.audit("app.login", outcome="success", actor="user:1") is None
+        assert (len(calls), client.spooled) == (1, 1)
     finally:
         client.close()
 
@@ -180,7 +190,7 @@ def test_a_call_after_an_outage_does_not_wait_for_the_spool_to_be_sent():
         client.outage.failed("a test outage")
         # The first call that succeeds after the outage returns at once; the spool is sent
         # by a thread of its own.
-        assert client._call(lambda request, timeout, metadata: "answer", None) == "answer"
+        assert client._call(lambda request, timeout, metadata, **_: "answer", None) == "answer"
         assert sending.wait(10) and client.spooled == 1
         release.set()
         wait_until(lambda: client.spooled == 0)

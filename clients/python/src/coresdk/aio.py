@@ -4,7 +4,8 @@ sidecar runs in the default thread pool, so it never blocks the event loop. That
 sidecar (within its timeout) while it is not, or for a key the cache does not know.
 
     sdk = AsyncSDK.from_env()
-    if await sdk.is_enabled("acme-corp", "pro_features"): ...
+    if await sdk.is_enabled("acme-corp", "pro_features"): ...   # awaited: without `await` a
+                                                                # coroutine is always truthy
     decision = await sdk.authorize(token=..., require=["advanced_analytics"])
 """
 from __future__ import annotations
@@ -23,8 +24,6 @@ class AsyncSDK:
         "handle_stripe_webhook",
         "replay_event",
         "get_flag",
-        "get_flags",
-        "is_enabled",
         "explain_flag",
         "set_flag",
         "verify_token",
@@ -43,6 +42,20 @@ class AsyncSDK:
     @classmethod
     def from_env(cls, settings: Optional[Settings] = None) -> "AsyncSDK":
         return cls(SDK.from_env(settings))
+
+    async def is_enabled(self, tenant_id: str, key: str) -> bool:
+        # A current cache that knows the key answers with a lookup: no thread hop, and no
+        # place taken in the pool that blocking calls share during an outage.
+        cache = getattr(self.sync, "cache", None)
+        if cache is not None and cache.connected and cache.get(tenant_id, key) is not None:
+            return self.sync.is_enabled(tenant_id, key)
+        return await asyncio.to_thread(self.sync.is_enabled, tenant_id, key)
+
+    async def get_flags(self, tenant_id: str) -> Any:
+        cache = getattr(self.sync, "cache", None)
+        if cache is not None and cache.connected and cache.warm.is_set():
+            return self.sync.get_flags(tenant_id)
+        return await asyncio.to_thread(self.sync.get_flags, tenant_id)
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self.sync, name)

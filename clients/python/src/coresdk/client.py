@@ -154,6 +154,7 @@ class SidecarClient(BaseSDK):
         # One flusher at a time (the watcher and a caller may both see the sidecar come back), and a
         # record leaves the spool only once the sidecar acknowledged it, so `spooled == 0` means stored.
         self._flushing = threading.Lock()
+        self._stream: Any = None
         self._closed = threading.Event()
         self._watcher: Optional[threading.Thread] = None
         if watch:
@@ -178,7 +179,11 @@ class SidecarClient(BaseSDK):
         while True:
             remaining = deadline - time.monotonic()
             try:
-                answer = method(request, timeout=max(remaining, 0.001), metadata=self._metadata(admin))
+                # A write that must not be retried waits for the connection instead (within the
+                # deadline), so a sidecar that is restarting fails it before it was ever sent.
+                answer = method(
+                    request, timeout=max(remaining, 0.001), metadata=self._metadata(admin), wait_for_ready=not idempotent
+                )
                 if self.outage.recovered():
                     self._flush_spool_in_background()
                 return answer
@@ -205,7 +210,7 @@ class SidecarClient(BaseSDK):
                         self.cache.connected = True
                         backoff = 0.05
                         if self.outage.recovered():
-                            self._flush_spool()
+                            self._flush_spool_in_background()
                     elif kind == "change":
                         self.cache.apply(message.change)
             except grpc.RpcError as e:
@@ -213,6 +218,8 @@ class SidecarClient(BaseSDK):
                     return
                 self.outage.failed(f"flag stream: {e.code().name if hasattr(e, 'code') else e}")
             except Exception:
+                if self._closed.is_set():
+                    return
                 # A failure handling a message must not end the loop with the cache still
                 # marked current: it would serve stale flags as fresh from then on.
                 log.exception("coresdk: handling the flag stream failed; reconnecting")
@@ -231,17 +238,25 @@ class SidecarClient(BaseSDK):
         if not self._flushing.acquire(blocking=False):
             return
         try:
-            while self._spool:
+            while self._spool and not self._closed.is_set():
                 request = self._spool[0]
                 try:
                     self._audit.Append(request, timeout=self.settings.timeout_ms / 1000, metadata=self._metadata())
-                except grpc.RpcError:
+                except grpc.RpcError as e:
+                    # Down again: the next recovery sends the rest.
+                    self.outage.failed(f"audit spool: {e.code().name if hasattr(e, 'code') else e}")
                     return
+                except ValueError:
+                    return  # the channel was closed under us
                 # A full spool may have dropped this record to make room while it was in flight.
                 if self._spool and self._spool[0] is request:
                     self._spool.popleft()
         finally:
             self._flushing.release()
+        # A record spooled while this flush was ending (its recovery saw the lock held) is
+        # sent now rather than at the next outage's end.
+        if self._spool and not self.outage.down and not self._closed.is_set():
+            self._flush_spool_in_background()
 
     def close(self) -> None:
         self._closed.set()

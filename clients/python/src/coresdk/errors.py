@@ -6,10 +6,10 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from coresdk.v1 import problem_pb2
-
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,16 @@ def _problem_in(error: grpc.RpcError) -> "Problem | None":
     try:
         status = rpc_status.from_call(error)
     except ValueError:
-        # Details that contradict the call's own code or message are not the sidecar's.
-        return None
+        # The message in the details differs from the call's (grpc-message encodes some
+        # characters its own way): the details are still the sidecar's.
+        status = next(
+            (
+                status_pb2.Status.FromString(value)
+                for key, value in error.trailing_metadata() or ()
+                if key == "grpc-status-details-bin"
+            ),
+            None,
+        )
     for detail in status.details if status is not None else ():
         if detail.Is(problem_pb2.Problem.DESCRIPTOR):
             message = problem_pb2.Problem()

@@ -7,8 +7,8 @@ from typing import Optional
 
 from coresdk.errors import Problem, ProblemError
 
-# Used with fullmatch: `$` would also match before a trailing newline ("key\n").
-FLAG_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+# `\Z`, not `$`: `$` also matches before a trailing newline ("key\n"); used with fullmatch.
+FLAG_KEY = re.compile(r"\A[A-Za-z0-9_.:-]{1,128}\Z")
 
 
 def invalid(detail: str, type_base: str) -> ProblemError:
