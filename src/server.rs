@@ -132,14 +132,10 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         .tokens
         .spawn_jwks_watcher(std::time::Duration::from_secs(1));
 
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let (reflection_v1, reflection_v1alpha) = reflection(&[
+        crate::proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ])?;
 
     let signals = ShutdownSignals::register().map_err(ServeError::Signals)?;
     let listener = TcpListener::bind(listen)
@@ -392,6 +388,30 @@ async fn bind_side(
     }
 }
 
+/// Server reflection describing `descriptor_sets`, in both versions: grpcurl up to 1.8
+/// (PyPI's, for one) speaks only the older `v1alpha`.
+fn reflection(
+    descriptor_sets: &[&'static [u8]],
+) -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    ServeError,
+> {
+    let builder = || {
+        descriptor_sets.iter().fold(
+            tonic_reflection::server::Builder::configure(),
+            |builder, set| builder.register_encoded_file_descriptor_set(set),
+        )
+    };
+    Ok((builder().build_v1()?, builder().build_v1alpha()?))
+}
+
 /// flagd's evaluation service (v1 and v2), with the main listener's TLS and API token.
 fn serve_flagd<C>(side: Side<C>) -> Result<ServerTask, ServeError>
 where
@@ -402,13 +422,7 @@ where
         app: side.state.clone(),
     };
     // So grpcurl needs no local copy of flagd's protos either.
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::flagd_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    // grpcurl up to 1.8 (PyPI's, for one) speaks only the older reflection version.
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::flagd_proto::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let (reflection, reflection_v1alpha) = reflection(&[crate::flagd_proto::FILE_DESCRIPTOR_SET])?;
     let stopping = side.stopping();
     let router = server_builder(&side.state.config)?
         .layer(side.in_flight)
@@ -440,13 +454,8 @@ where
 {
     use crate::flagd_proto::sync::v1::flag_sync_service_server::FlagSyncServiceServer;
     let sync = crate::openfeature::sync::Sync::start(side.state.clone());
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::flagd_proto::sync::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    // grpcurl up to 1.8 (PyPI's, for one) speaks only the older reflection version.
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::flagd_proto::sync::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let (reflection, reflection_v1alpha) =
+        reflection(&[crate::flagd_proto::sync::FILE_DESCRIPTOR_SET])?;
     let stopping = side.stopping();
     let router = server_builder(&side.state.config)?
         .layer(side.in_flight)
