@@ -1,0 +1,62 @@
+// Typed errors that carry the sidecar's RFC 9457 problem, for both the client and the mock.
+
+import type { Problem } from './types.js';
+
+/** gRPC status codes the client tells apart (the numbers of `@grpc/grpc-js`'s `status`). */
+export const GrpcCode = {
+  OK: 0,
+  INVALID_ARGUMENT: 3,
+  DEADLINE_EXCEEDED: 4,
+  NOT_FOUND: 5,
+  PERMISSION_DENIED: 7,
+  RESOURCE_EXHAUSTED: 8,
+  FAILED_PRECONDITION: 9,
+  UNAVAILABLE: 14,
+  UNAUTHENTICATED: 16,
+} as const;
+
+/** A call failed; `problem` is what to return to your own HTTP caller, as is. */
+export class ProblemError extends Error {
+  override name = 'ProblemError';
+
+  constructor(
+    readonly problem: Problem,
+    /** The gRPC status code, when the answer came over gRPC. */
+    readonly code?: number,
+  ) {
+    super(`${problem.status} ${problem.title}${problem.detail ? `: ${problem.detail}` : ''}`);
+  }
+
+  get status(): number {
+    return this.problem.status;
+  }
+
+  get reason(): string {
+    return typeof this.problem.reason === 'string' ? this.problem.reason : '';
+  }
+
+  /** Worth trying again later (the sidecar was away or slow). */
+  get retryable(): boolean {
+    return this.code === GrpcCode.UNAVAILABLE || this.code === GrpcCode.DEADLINE_EXCEEDED;
+  }
+}
+
+/** No flag of that key is defined. */
+export class FlagNotFoundError extends ProblemError {
+  override name = 'FlagNotFoundError';
+}
+
+/** The sidecar could not be reached (or did not answer in time). */
+export class SidecarUnavailableError extends ProblemError {
+  override name = 'SidecarUnavailableError';
+}
+
+export function unavailableProblem(detail: string, typeBase = 'https://coresdk.dev/problems'): Problem {
+  return {
+    type: `${typeBase.replace(/\/+$/, '')}/sidecar-unavailable`,
+    title: 'Service Unavailable',
+    status: 503,
+    detail,
+    reason: 'SIDECAR_UNAVAILABLE',
+  };
+}
