@@ -398,10 +398,20 @@ impl App {
     }
 
     /// The application's own audit event, validated, sealed and committed.
-    pub async fn append_audit(&self, record: NewAuditRecord) -> Result<AuditRecord, Error> {
+    pub async fn append_audit(
+        &self,
+        record: NewAuditRecord,
+        idempotency_key: Option<String>,
+    ) -> Result<AuditRecord, Error> {
         audit::validate_new(&record)?;
         validate_optional_id("tenant_id", &record.tenant_id)?;
-        self.append(record).await
+        let Some(key) = idempotency_key else {
+            return self.append(record).await;
+        };
+        validate_id("idempotency_key", &key)?;
+        self.store
+            .write(move |tx| ops::append_once(tx, record, &key, crate::time::now_ms()))
+            .await
     }
 
     async fn append(&self, record: NewAuditRecord) -> Result<AuditRecord, Error> {

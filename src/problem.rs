@@ -128,6 +128,11 @@ pub enum Error {
     FlagNotFound { key: String },
     #[error("customer '{}' has no tenant mapping", quoted(.0))]
     CustomerNotFound(String),
+    #[error(
+        "idempotency key '{}' already belongs to audit record {seq}, which differs from this one; use a fresh key for a new record",
+        quoted(key)
+    )]
+    IdempotencyKeyReused { key: String, seq: u64 },
     #[error("{0}")]
     Unauthenticated(&'static str),
     #[error("{0}")]
@@ -321,6 +326,14 @@ impl Error {
                 "customer-not-found",
                 "Customer not mapped",
                 "CUSTOMER_NOT_FOUND",
+            ),
+            // The IETF Idempotency-Key draft's answer to a key reused with another payload.
+            IdempotencyKeyReused { .. } => m(
+                Code::FailedPrecondition,
+                422,
+                "idempotency-key-reused",
+                "Idempotency key reused",
+                "IDEMPOTENCY_KEY_REUSED",
             ),
             Unauthenticated(_) => m(
                 Code::Unauthenticated,

@@ -215,6 +215,7 @@ async fn append_refuses_the_sidecars_own_namespaces() {
         event: event.into(),
         outcome: "applied".into(),
         metadata: None,
+        idempotency_key: String::new(),
     };
     for (event, actor, field) in [
         ("billing.invoice.paid", "app", "event"),
@@ -246,6 +247,67 @@ async fn append_refuses_the_sidecars_own_namespaces() {
         .append(append("app.invoice.viewed", "user:42"))
         .await
         .expect("application namespaces are open");
+}
+
+#[tokio::test]
+async fn an_append_retried_with_its_idempotency_key_is_stored_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut sidecar = Sidecar::on_disk(dir.path(), Options::default()).await;
+    let login = |key: &str, outcome: &str| AppendAuditRequest {
+        tenant_id: "acme-corp".into(),
+        actor: "user:42".into(),
+        event: "app.login".into(),
+        outcome: outcome.into(),
+        metadata: Some(prost_types::Struct {
+            fields: [(
+                "attempt".to_owned(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::NumberValue(1.0)),
+                },
+            )]
+            .into(),
+        }),
+        idempotency_key: key.into(),
+    };
+    let first = sidecar
+        .audit()
+        .append(login("6f1c1a52-key-1", "success"))
+        .await
+        .expect("first append")
+        .into_inner();
+    // The answer to the first call was lost, say, and the caller sends it again; after a
+    // restart too, since the key is remembered in the store.
+    sidecar.stop();
+    sidecar.restart().await;
+    let again = sidecar
+        .audit()
+        .append(login("6f1c1a52-key-1", "success"))
+        .await
+        .expect("the retry")
+        .into_inner();
+    assert_eq!((again.seq, &again.hash), (first.seq, &first.hash));
+    let refused = sidecar
+        .audit()
+        .append(login("6f1c1a52-key-1", "failure"))
+        .await
+        .expect_err("another record under a used key");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(error_reason(&refused), "IDEMPOTENCY_KEY_REUSED");
+    let invalid = sidecar
+        .audit()
+        .append(login("a key with spaces", "success"))
+        .await
+        .expect_err("a key with whitespace");
+    assert_eq!(violation_fields(&invalid), ["idempotency_key"]);
+    let other = sidecar
+        .audit()
+        .append(login("6f1c1a52-key-2", "success"))
+        .await
+        .expect("a fresh key appends")
+        .into_inner();
+    assert_eq!(other.seq, first.seq + 1);
+    let logins = records(&sidecar, "app.login").await;
+    assert_eq!(logins.len(), 2, "one record per key: {logins:?}");
 }
 
 #[tokio::test]
@@ -338,6 +400,7 @@ async fn a_store_failure_shows_a_generic_detail_and_an_incident_id() {
         event: "app.login".into(),
         outcome: "success".into(),
         metadata: None,
+        idempotency_key: String::new(),
     });
     request.set_timeout(std::time::Duration::from_secs(30));
     let refused = sidecar

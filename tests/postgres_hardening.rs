@@ -186,6 +186,7 @@ async fn append(sidecar: &Sidecar, event: &str) -> u64 {
             event: event.into(),
             outcome: "success".into(),
             metadata: None,
+            idempotency_key: String::new(),
         })
         .await
         .expect("Append")

@@ -320,6 +320,7 @@ async fn a_sparse_query_pages_through_bounded_windows() {
                 event: "rare.event".into(),
                 outcome: "success".into(),
                 metadata: None,
+                idempotency_key: String::new(),
             })
             .await
             .expect("Append")

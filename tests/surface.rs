@@ -351,6 +351,7 @@ async fn audit_append_query_pages_and_tail() {
                 event: format!("app.export.{}", if i % 2 == 0 { "csv" } else { "pdf" }),
                 outcome: "success".into(),
                 metadata: Some(metadata),
+                idempotency_key: String::new(),
             })
             .await
             .expect("Append");

@@ -61,7 +61,7 @@ impl AuditService for AuditApi {
             metadata,
         };
         let sealed = app
-            .append_audit(record)
+            .append_audit(record, non_empty(request.idempotency_key))
             .await
             .map_err(|e| status::of_error(&e, app.links()))?;
         Ok(Response::new(convert::audit_record(&sealed)))

@@ -143,7 +143,7 @@ fn delivered_event(
     let Some(processed) = tx.processed_event(&unrecorded.event_id)? else {
         return Ok((unrecorded, None));
     };
-    let Some(record) = audit_record_at(tx, processed.audit_seq)? else {
+    let Some(record) = tx.audit_record(processed.audit_seq)? else {
         let trace = EventTrace {
             event_type: processed.event_type,
             ..unrecorded
@@ -157,16 +157,6 @@ fn delivered_event(
         .and_then(Value::as_str)
         .map(str::to_owned);
     Ok((event_trace(&record), rule))
-}
-
-fn audit_record_at(tx: &mut dyn StoreTx, seq: u64) -> Result<Option<AuditRecord>, Error> {
-    let query = AuditQuery {
-        after_seq: seq.saturating_sub(1),
-        through_seq: seq,
-        limit: 1,
-        ..AuditQuery::default()
-    };
-    Ok(tx.query_audit(&query)?.into_iter().next())
 }
 
 fn event_trace(record: &AuditRecord) -> EventTrace {

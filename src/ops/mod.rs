@@ -379,6 +379,58 @@ pub fn seed_customers(
 /// The actor of changes made from the sidecar's configuration.
 pub const SEED_ACTOR: &str = "config";
 
+/// Where an `Append` idempotency key is remembered: the webhook deduplication table, under a
+/// prefix no Stripe event id has, so keys share its bounds and its retention.
+const IDEMPOTENCY_KEY_PREFIX: &str = "coresdk:append:";
+
+/// Appends `record` once per idempotency key: a retry of the same record answers the record
+/// the first call appended (its answer may have been lost on the way), a different record
+/// under a used key is refused rather than silently answered with someone else's record.
+pub fn append_once(
+    tx: &mut dyn StoreTx,
+    record: NewAuditRecord,
+    key: &str,
+    now_ms: i64,
+) -> Result<audit::AuditRecord, Error> {
+    let id = format!("{IDEMPOTENCY_KEY_PREFIX}{key}");
+    if let Some(first) = tx.processed_event(&id)? {
+        let stored = tx.audit_record(first.audit_seq)?.ok_or_else(|| {
+            Error::Internal(format!(
+                "idempotency key names audit record {}, which is missing",
+                first.audit_seq
+            ))
+        })?;
+        // Metadata is compared canonically: a number read back may differ in representation
+        // (1 and 1.0) while hashing identically.
+        let same = stored.tenant_id == record.tenant_id
+            && stored.actor == record.actor
+            && stored.event == record.event
+            && stored.outcome == record.outcome
+            && serde_jcs::to_vec(&stored.metadata).ok() == serde_jcs::to_vec(&record.metadata).ok();
+        return if same {
+            Ok(stored)
+        } else {
+            Err(Error::IdempotencyKeyReused {
+                key: key.to_owned(),
+                seq: stored.seq,
+            })
+        };
+    }
+    let tenant_id = record.tenant_id.clone();
+    let sealed = tx.append_audit(record, now_ms)?;
+    tx.record_processed(
+        &crate::store::ProcessedEvent {
+            event_id: id,
+            event_type: "audit.append".to_owned(),
+            tenant_id,
+            outcome: crate::store::Outcome::Applied,
+            audit_seq: sealed.seq,
+        },
+        now_ms,
+    )?;
+    Ok(sealed)
+}
+
 pub fn verify_chain(tx: &mut dyn StoreTx) -> Result<VerifyReport, Error> {
     let mut verifier = ChainVerifier::default();
     tx.scan_audit(1, &mut |row| verifier.feed(&row))?;

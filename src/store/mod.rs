@@ -272,6 +272,16 @@ pub trait StoreTx {
     /// The newest audit record's sequence number and hash (genesis when empty).
     fn audit_head(&mut self) -> Result<crate::audit::ChainHead, StoreError>;
     fn query_audit(&mut self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError>;
+    /// The audit record with sequence number `seq`, if the chain has it.
+    fn audit_record(&mut self, seq: u64) -> Result<Option<AuditRecord>, StoreError> {
+        let query = AuditQuery {
+            after_seq: seq.saturating_sub(1),
+            through_seq: seq,
+            limit: 1,
+            ..AuditQuery::default()
+        };
+        Ok(self.query_audit(&query)?.into_iter().next())
+    }
     /// Calls `visit` with every audit row from `from_seq` in order until it returns false.
     fn scan_audit(
         &mut self,

@@ -47,6 +47,7 @@ pub async fn append_app_events(sidecar: &Sidecar, count: usize) {
                     event: format!("app.event.{i}"),
                     outcome: "success".into(),
                     metadata: None,
+                    idempotency_key: String::new(),
                 })
                 .await
                 .expect("Append");

@@ -127,7 +127,8 @@ def test_writes_that_are_not_idempotent_are_not_retried_after_a_lost_connection(
         with pytest.raises(SidecarUnavailable):
             client._call(lost, "get")
         assert len(calls) > 1
-        # audit() is such a write: one attempt, then (fail mode open) the spool.
+        # audit() carries an idempotency key, so it is retried like a read, every attempt
+        # and then (fail mode open) the spool with the same key.
         calls.clear()
 
         class LostAudit:
@@ -136,9 +137,37 @@ def test_writes_that_are_not_idempotent_are_not_retried_after_a_lost_connection(
 
         client._audit = LostAudit()
         assert client.audit("app.login", outcome="success", actor="user:1") is None
-        assert (len(calls), client.spooled) == (1, 1)
+        assert len(calls) > 1 and client.spooled == 1
+        keys = {c.idempotency_key for c in calls} | {client._spool[0].idempotency_key}
+        assert len(keys) == 1 and len(keys.pop()) == 32
     finally:
         client.close()
+
+
+def test_an_append_whose_answer_was_lost_is_stored_once(tmp_path):
+    process = Sidecar(tmp_path)
+    process.start()
+    client = client_for(process)
+    stub = client._audit
+    attempts = []
+
+    class AnswerLostOnce:
+        def Append(self, request, **kwargs):
+            attempts.append(request.idempotency_key)
+            answer = stub.Append(request, **kwargs)
+            if len(attempts) == 1:
+                raise _ConnectionLost()  # committed, but the caller never hears of it
+            return answer
+
+    try:
+        client._audit = AnswerLostOnce()
+        record = client.audit("app.export", outcome="success", actor="user:1", tenant_id="acme-corp")
+        assert record is not None and len(attempts) == 2 and attempts[0] == attempts[1]
+        client._audit = stub
+        assert [r.seq for r in client.audit_query(event_prefix="app.export")] == [record.seq]
+    finally:
+        client.close()
+        process.stop()
 
 
 def test_the_flag_stream_survives_a_failure_handling_a_message(tmp_path):

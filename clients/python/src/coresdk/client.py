@@ -8,6 +8,7 @@ import logging
 import random
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 
@@ -171,9 +172,10 @@ class SidecarClient(BaseSDK):
 
     def _call(self, method: Callable[..., T], request: Any, *, admin: bool = False, idempotent: bool = True) -> T:
         """One call within the deadline, retrying UNAVAILABLE with backoff and jitter. Webhooks
-        are deduplicated by event id and reads repeat safely. A write that is not idempotent
-        (`Append`, `SetFlag`) is retried only after the sidecar said it committed nothing: a
-        transport failure may have come after the commit, and a retry would write it twice."""
+        are deduplicated by event id, appends by their idempotency key, and reads repeat
+        safely. A write that is not idempotent (`SetFlag`) is retried only after the sidecar
+        said it committed nothing: a transport failure may have come after the commit, and a
+        retry would write it twice."""
         deadline = time.monotonic() + self.settings.timeout_ms / 1000
         delay = 0.02
         while True:
@@ -380,11 +382,14 @@ class SidecarClient(BaseSDK):
         struct = struct_pb2.Struct()
         if metadata:
             json_format.ParseDict(json.loads(json.dumps(metadata, default=str)), struct)
+        # The key makes every resend of this record, a retry or the spool's after an outage,
+        # answer the one record the sidecar stored, even when an answer was lost after a commit.
         request = audit_pb2.AppendAuditRequest(
-            tenant_id=tenant_id, actor=actor, event=event, outcome=outcome, metadata=struct
+            tenant_id=tenant_id, actor=actor, event=event, outcome=outcome, metadata=struct,
+            idempotency_key=uuid.uuid4().hex,
         )
         try:
-            return AuditRecord.from_proto(self._call(self._audit.Append, request, idempotent=False))
+            return AuditRecord.from_proto(self._call(self._audit.Append, request))
         except SidecarUnavailable:
             if self.settings.fail_mode == "closed":
                 raise

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63oresdk/v1/audit.proto\x12\ncoresdk.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe5\x01\n\x0b\x41uditRecord\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\r\n\x05\x65vent\x18\x05 \x01(\t\x12\x0f\n\x07outcome\x18\x06 \x01(\t\x12)\n\x08metadata\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tprev_hash\x18\x08 \x01(\t\x12\x0c\n\x04hash\x18\t \x01(\t\x12\x11\n\tcanonical\x18\n \x01(\x0c\"\x81\x01\n\x12\x41ppendAuditRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\r\n\x05\x65vent\x18\x03 \x01(\t\x12\x0f\n\x07outcome\x18\x04 \x01(\t\x12)\n\x08metadata\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xca\x01\n\x11QueryAuditRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x14\n\x0c\x65vent_prefix\x18\x02 \x01(\t\x12\x0f\n\x07outcome\x18\x03 \x01(\t\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x06 \x01(\r\x12\x12\n\npage_token\x18\x07 \x01(\t\"W\n\x12QueryAuditResponse\x12(\n\x07records\x18\x01 \x03(\x0b\x32\x17.coresdk.v1.AuditRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x14\n\x12VerifyAuditRequest\"\x98\x01\n\x13VerifyAuditResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x17\n\x0frecords_checked\x18\x02 \x01(\x04\x12\x15\n\rfirst_bad_seq\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08head_seq\x18\x05 \x01(\x04\x12\x11\n\thead_hash\x18\x06 \x01(\t\x12\x10\n\x08warnings\x18\x07 \x03(\t\"7\n\x10TailAuditRequest\x12\x10\n\x08\x66rom_seq\x18\x01 \x01(\x04\x12\x11\n\ttenant_id\x18\x02 \x01(\t2\xa5\x02\n\x0c\x41uditService\x12\x41\n\x06\x41ppend\x12\x1e.coresdk.v1.AppendAuditRequest\x1a\x17.coresdk.v1.AuditRecord\x12\x46\n\x05Query\x12\x1d.coresdk.v1.QueryAuditRequest\x1a\x1e.coresdk.v1.QueryAuditResponse\x12I\n\x06Verify\x12\x1e.coresdk.v1.VerifyAuditRequest\x1a\x1f.coresdk.v1.VerifyAuditResponse\x12?\n\x04Tail\x12\x1c.coresdk.v1.TailAuditRequest\x1a\x17.coresdk.v1.AuditRecord0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63oresdk/v1/audit.proto\x12\ncoresdk.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe5\x01\n\x0b\x41uditRecord\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\r\n\x05\x65vent\x18\x05 \x01(\t\x12\x0f\n\x07outcome\x18\x06 \x01(\t\x12)\n\x08metadata\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tprev_hash\x18\x08 \x01(\t\x12\x0c\n\x04hash\x18\t \x01(\t\x12\x11\n\tcanonical\x18\n \x01(\x0c\"\x9a\x01\n\x12\x41ppendAuditRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\r\n\x05\x65vent\x18\x03 \x01(\t\x12\x0f\n\x07outcome\x18\x04 \x01(\t\x12)\n\x08metadata\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\"\xca\x01\n\x11QueryAuditRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x14\n\x0c\x65vent_prefix\x18\x02 \x01(\t\x12\x0f\n\x07outcome\x18\x03 \x01(\t\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x06 \x01(\r\x12\x12\n\npage_token\x18\x07 \x01(\t\"W\n\x12QueryAuditResponse\x12(\n\x07records\x18\x01 \x03(\x0b\x32\x17.coresdk.v1.AuditRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x14\n\x12VerifyAuditRequest\"\x98\x01\n\x13VerifyAuditResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x17\n\x0frecords_checked\x18\x02 \x01(\x04\x12\x15\n\rfirst_bad_seq\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08head_seq\x18\x05 \x01(\x04\x12\x11\n\thead_hash\x18\x06 \x01(\t\x12\x10\n\x08warnings\x18\x07 \x03(\t\"7\n\x10TailAuditRequest\x12\x10\n\x08\x66rom_seq\x18\x01 \x01(\x04\x12\x11\n\ttenant_id\x18\x02 \x01(\t2\xa5\x02\n\x0c\x41uditService\x12\x41\n\x06\x41ppend\x12\x1e.coresdk.v1.AppendAuditRequest\x1a\x17.coresdk.v1.AuditRecord\x12\x46\n\x05Query\x12\x1d.coresdk.v1.QueryAuditRequest\x1a\x1e.coresdk.v1.QueryAuditResponse\x12I\n\x06Verify\x12\x1e.coresdk.v1.VerifyAuditRequest\x1a\x1f.coresdk.v1.VerifyAuditResponse\x12?\n\x04Tail\x12\x1c.coresdk.v1.TailAuditRequest\x1a\x17.coresdk.v1.AuditRecord0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,17 +36,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUDITRECORD']._serialized_start=102
   _globals['_AUDITRECORD']._serialized_end=331
   _globals['_APPENDAUDITREQUEST']._serialized_start=334
-  _globals['_APPENDAUDITREQUEST']._serialized_end=463
-  _globals['_QUERYAUDITREQUEST']._serialized_start=466
-  _globals['_QUERYAUDITREQUEST']._serialized_end=668
-  _globals['_QUERYAUDITRESPONSE']._serialized_start=670
-  _globals['_QUERYAUDITRESPONSE']._serialized_end=757
-  _globals['_VERIFYAUDITREQUEST']._serialized_start=759
-  _globals['_VERIFYAUDITREQUEST']._serialized_end=779
-  _globals['_VERIFYAUDITRESPONSE']._serialized_start=782
-  _globals['_VERIFYAUDITRESPONSE']._serialized_end=934
-  _globals['_TAILAUDITREQUEST']._serialized_start=936
-  _globals['_TAILAUDITREQUEST']._serialized_end=991
-  _globals['_AUDITSERVICE']._serialized_start=994
-  _globals['_AUDITSERVICE']._serialized_end=1287
+  _globals['_APPENDAUDITREQUEST']._serialized_end=488
+  _globals['_QUERYAUDITREQUEST']._serialized_start=491
+  _globals['_QUERYAUDITREQUEST']._serialized_end=693
+  _globals['_QUERYAUDITRESPONSE']._serialized_start=695
+  _globals['_QUERYAUDITRESPONSE']._serialized_end=782
+  _globals['_VERIFYAUDITREQUEST']._serialized_start=784
+  _globals['_VERIFYAUDITREQUEST']._serialized_end=804
+  _globals['_VERIFYAUDITRESPONSE']._serialized_start=807
+  _globals['_VERIFYAUDITRESPONSE']._serialized_end=959
+  _globals['_TAILAUDITREQUEST']._serialized_start=961
+  _globals['_TAILAUDITREQUEST']._serialized_end=1016
+  _globals['_AUDITSERVICE']._serialized_start=1019
+  _globals['_AUDITSERVICE']._serialized_end=1312
 # @@protoc_insertion_point(module_scope)

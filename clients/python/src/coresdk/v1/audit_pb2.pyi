@@ -35,18 +35,20 @@ class AuditRecord(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., tenant_id: _Optional[str] = ..., actor: _Optional[str] = ..., event: _Optional[str] = ..., outcome: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., prev_hash: _Optional[str] = ..., hash: _Optional[str] = ..., canonical: _Optional[bytes] = ...) -> None: ...
 
 class AppendAuditRequest(_message.Message):
-    __slots__ = ("tenant_id", "actor", "event", "outcome", "metadata")
+    __slots__ = ("tenant_id", "actor", "event", "outcome", "metadata", "idempotency_key")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     actor: str
     event: str
     outcome: str
     metadata: _struct_pb2.Struct
-    def __init__(self, tenant_id: _Optional[str] = ..., actor: _Optional[str] = ..., event: _Optional[str] = ..., outcome: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, tenant_id: _Optional[str] = ..., actor: _Optional[str] = ..., event: _Optional[str] = ..., outcome: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class QueryAuditRequest(_message.Message):
     __slots__ = ("tenant_id", "event_prefix", "outcome", "since", "until", "page_size", "page_token")
