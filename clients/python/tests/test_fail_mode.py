@@ -232,6 +232,7 @@ def test_a_call_after_an_outage_does_not_wait_for_the_spool_to_be_sent():
 def test_the_client_reaches_a_tls_sidecar_and_a_mutual_tls_one(tmp_path):
     import subprocess
     import sys
+    from dataclasses import replace
     from pathlib import Path
 
     from coresdk import Settings
@@ -259,6 +260,20 @@ def test_the_client_reaches_a_tls_sidecar_and_a_mutual_tls_one(tmp_path):
                 assert client.get_flag("acme-corp", "pro_features").is_default
             finally:
                 client.close()
+            # The server-name override is what the certificate is checked against.
+            for server_name, reaches in (("sidecar.coresdk.test", True), ("elsewhere.coresdk.test", False)):
+                named = Settings.from_env(
+                    {**client_env, "CORESDK_SIDECAR_ADDR": process.addr, "CORESDK_SIDECAR_TLS_SERVER_NAME": server_name}
+                )
+                client = SidecarClient(replace(named, timeout_ms=500, fail_mode="closed"), watch=False)
+                try:
+                    if reaches:
+                        assert client.get_flag("acme-corp", "pro_features").is_default
+                    else:
+                        with pytest.raises(SidecarUnavailable):
+                            client.get_flag("acme-corp", "pro_features")
+                finally:
+                    client.close()
             # A plaintext client cannot talk to it.
             plain = SidecarClient(Settings(sidecar_addr=process.addr, timeout_ms=300, fail_mode="closed"), watch=False)
             try:

@@ -32,3 +32,18 @@ def test_coresdk_stripe_sign_is_accepted_by_stripes_library():
     ).stdout.strip()
     event = stripe.Webhook.construct_event(body, header, "whsec_cli")
     assert event["id"] == "evt_sign_1"
+
+
+def test_the_mock_reads_rules_with_tomli_where_tomllib_is_missing():
+    # Python 3.10 has no tomllib; the package depends on tomli there. Without tomllib (a
+    # None entry in sys.modules makes its import fail) the mock must load the sidecar's rules.
+    script = (
+        "import sys; sys.modules['tomllib'] = None\n"
+        "from coresdk import Settings\n"
+        "from coresdk.mock import MockSidecar, tomllib\n"
+        "assert tomllib.__name__ == 'tomli', tomllib\n"
+        "mock = MockSidecar(Settings(use_mock=True), env={})\n"
+        "print(mock.get_flag('acme-corp', 'pro_features').value)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
