@@ -2,6 +2,7 @@
 // by WatchFlags, and the fail mode for when the sidecar is away. The semantics are the Python
 // client's (clients/python/src/coresdk/client.py).
 
+import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 
@@ -299,10 +300,10 @@ export class SidecarClient implements CoreSDKClient {
 
   /**
    * One call within the deadline, retrying UNAVAILABLE and DEADLINE_EXCEEDED with jittered
-   * exponential backoff. Webhooks are deduplicated by event id and reads repeat safely. A write
-   * that is not idempotent (`Append`, `SetFlag`) is retried only after the sidecar said it
-   * committed nothing: a transport failure may have come after the commit, and a retry would
-   * write it twice. Such a write waits for the connection instead (within the deadline), so a
+   * exponential backoff. Webhooks are deduplicated by event id, appends by their idempotency
+   * key, and reads repeat safely. A write that is not idempotent (`SetFlag`) is retried only
+   * after the sidecar said it committed nothing: a transport failure may have come after the
+   * commit, and a retry would write it twice. Such a write waits for the connection instead (within the deadline), so a
    * sidecar that is restarting fails it before it was ever sent.
    */
   async #call<T>(invoke: Invoke<T>, { admin = false, idempotent = true }: CallOptions = {}): Promise<T> {
@@ -575,9 +576,12 @@ export class SidecarClient implements CoreSDKClient {
       event: options.event,
       outcome: options.outcome,
       metadata: metadataToStruct(options.metadata, this.settings.problemTypeBase),
+      // Every resend of this record, a retry or the spool's after an outage, answers the one
+      // record the sidecar stored, even when an answer was lost after the commit.
+      idempotencyKey: randomUUID(),
     };
     try {
-      const answer = await this.#call<AuditRecord__Output>((m, o, cb) => this.#audit.Append(request, m, o, cb), { idempotent: false });
+      const answer = await this.#call<AuditRecord__Output>((m, o, cb) => this.#audit.Append(request, m, o, cb));
       return auditRecordFromProto(answer);
     } catch (error) {
       if (!(error instanceof SidecarUnavailableError) || this.settings.failMode === 'closed') throw error;

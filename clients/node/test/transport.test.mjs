@@ -81,36 +81,40 @@ describe('against one sidecar', () => {
     await sidecar?.close();
   });
 
-  test('Append is not sent again after the connection dropped; a read is', async () => {
+  test('SetFlag is not sent again after the connection dropped; an Append (keyed) and a read are', async () => {
     const proxy = await startProxy(sidecar.addr);
     const client = new SidecarClient(
       settingsFor(sidecar, { sidecarAddr: proxy.addr, failMode: 'closed', timeoutMs: 3_000 }),
       { watch: false, logger: recordingLogger() },
     );
+    const reader = await clientFor(sidecar);
     try {
       assert.equal((await client.auditVerify()).ok, true);
       assert.equal(proxy.connections, 1);
 
+      // The answer is cut after the sidecar committed: SetFlag has no key, so one attempt.
+      const before = await reader.auditQuery({ eventPrefix: 'flag.set' });
       proxy.cutNextAnswer();
-      await assert.rejects(
-        client.audit({ event: 'app.transfer.sent', outcome: 'success', actor: 'user:7', tenantId: 'acme-corp' }),
-        SidecarUnavailableError,
-      );
+      await assert.rejects(client.setFlag('acme-corp', 'beta_ui', true, { actor: 'ops' }), SidecarUnavailableError);
       assert.equal(proxy.connections, 1, 'the write was sent again over a new connection');
-      // What reached the sidecar reached it once.
-      const reader = await clientFor(sidecar);
-      try {
-        const sent = await reader.auditQuery({ eventPrefix: 'app.transfer.sent' });
-        assert.ok(sent.length <= 1, `${sent.length} records`);
-      } finally {
-        await reader.close();
-      }
+      const after = await reader.auditQuery({ eventPrefix: 'flag.set' });
+      assert.ok(after.length - before.length <= 1, `${after.length - before.length} changes`);
+
+      // An append carries an idempotency key: it is sent again and answered with the one
+      // record the sidecar stored.
+      proxy.cutNextAnswer();
+      const record = await client.audit({ event: 'app.transfer.sent', outcome: 'success', actor: 'user:7', tenantId: 'acme-corp' });
+      assert.ok(proxy.connections > 1, 'the append was not tried again');
+      const sent = await reader.auditQuery({ eventPrefix: 'app.transfer.sent' });
+      assert.deepEqual(sent.map((r) => r.seq), [record.seq]);
 
       // A read within the same deadline is tried again, over a new connection, and answers.
+      const connections = proxy.connections;
       proxy.cutNextAnswer();
       assert.equal((await client.auditVerify()).ok, true);
-      assert.ok(proxy.connections > 1, 'the read was not tried again');
+      assert.ok(proxy.connections > connections, 'the read was not tried again');
     } finally {
+      await reader.close();
       await client.close();
       await proxy.close();
     }
@@ -253,8 +257,9 @@ test('TLS and mutual TLS to the sidecar, from the CORESDK_SIDECAR_TLS_* settings
         env: { ...server, ...(mutual ? { CORESDK_TLS_CLIENT_CA_FILE: join(certs, 'ca.pem') } : {}) },
       });
       try {
-        // The certificate names localhost; the sidecar listens on 127.0.0.1, which it names too.
-        for (const serverName of [undefined, 'localhost']) {
+        // The certificate names 127.0.0.1, where the sidecar listens, and sidecar.coresdk.test,
+        // which no address resolves to: only the server-name override reaches that name.
+        for (const serverName of [undefined, 'sidecar.coresdk.test']) {
           const env = { ...clientEnv, CORESDK_SIDECAR_ADDR: sidecar.addr };
           if (serverName) env.CORESDK_SIDECAR_TLS_SERVER_NAME = serverName;
           const settings = settingsFromEnv(env, { adminToken: ENV.CORESDK_ADMIN_TOKEN, timeoutMs: 5_000 });
@@ -267,8 +272,15 @@ test('TLS and mutual TLS to the sidecar, from the CORESDK_SIDECAR_TLS_* settings
             await client.close();
           }
         }
-        // A plaintext client cannot talk to it; nor, under mutual TLS, one without a certificate.
-        const refused = [settingsFor(sidecar, { timeoutMs: 300, failMode: 'closed' })];
+        // A plaintext client cannot talk to it, nor one expecting a name the certificate lacks;
+        // nor, under mutual TLS, one without a certificate.
+        const refused = [
+          settingsFor(sidecar, { timeoutMs: 300, failMode: 'closed' }),
+          settingsFromEnv(
+            { ...clientEnv, CORESDK_SIDECAR_ADDR: sidecar.addr, CORESDK_SIDECAR_TLS_SERVER_NAME: 'elsewhere.coresdk.test' },
+            { timeoutMs: 300, failMode: 'closed' },
+          ),
+        ];
         if (mutual) {
           refused.push(
             settingsFor(sidecar, { timeoutMs: 300, failMode: 'closed', tls: { caFile: clientEnv.CORESDK_SIDECAR_TLS_CA_FILE } }),
