@@ -7,3 +7,5 @@
 export * from './types.js';
 export * from './errors.js';
 export * from './config.js';
+export * from './client.js';
+export * from './validation.js';
