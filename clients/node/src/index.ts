@@ -7,3 +7,4 @@
 export * from './types.js';
 export * from './errors.js';
 export * from './config.js';
+export * from './mock.js';
