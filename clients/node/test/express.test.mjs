@@ -50,7 +50,12 @@ function appRoutes(app, sdk) {
 }
 
 // Each way an app may combine its JSON parser with the webhook route and still have the
-// bytes verified as Stripe sent them.
+// bytes verified as Stripe sent them. In the last two the app's parser reads the body (and
+// answers a body over its own limit itself); in the others the route reads it first.
+const APP_PARSER_READS_FIRST = new Set([
+  'express.json({ verify: keepRawBody }) registered before the stripeWebhook router',
+  'express.raw() registered app-wide before the stripeWebhook router',
+]);
 const WORKING_REGISTRATIONS = {
   'express.json() registered before installStripeWebhook': (app, sdk) => {
     app.use(express.json());
@@ -128,13 +133,15 @@ for (const [backendName, makeBackend] of Object.entries(BACKENDS)) {
           assert.equal(await sdk.isEnabled(tenant, 'pro_features'), false);
         });
 
-        test('a body over the 1 MiB limit is a 413 problem', async () => {
-          const body = `{"padding":"${'x'.repeat(1024 * 1024)}"}`;
-          await assertProblem(await deliver(`${web.base}${WEBHOOK}`, body, signed(body)), 413, {
-            reason: 'PAYLOAD_TOO_LARGE',
-            instance: `POST ${WEBHOOK}`,
+        if (!APP_PARSER_READS_FIRST.has(label)) {
+          test('a body over the 1 MiB limit is a 413 problem', async () => {
+            const body = `{"padding":"${'x'.repeat(1024 * 1024)}"}`;
+            await assertProblem(await deliver(`${web.base}${WEBHOOK}`, body, signed(body)), 413, {
+              reason: 'PAYLOAD_TOO_LARGE',
+              instance: `POST ${WEBHOOK}`,
+            });
           });
-        });
+        }
 
         test("the app's own routes still get their parsed JSON", async () => {
           const response = await fetch(`${web.base}/api/echo`, {
