@@ -196,6 +196,39 @@ describe('against one sidecar', () => {
   });
 });
 
+test('the API token goes with every call and the admin token with admin calls', async () => {
+  const apiToken = 'node-suite-api-token-0123456789';
+  const sidecar = await Sidecar.start({ env: { CORESDK_API_TOKEN: apiToken } });
+  const clients = [];
+  const open = (overrides, options) => {
+    const client = new SidecarClient(settingsFor(sidecar, { timeoutMs: 2_000, ...overrides }), options);
+    clients.push(client);
+    return client;
+  };
+  try {
+    const both = open({ apiToken });
+    await eventually(() => (both.cacheCurrent ? true : undefined), 'WatchFlags never answered with the API token');
+    assert.equal((await both.getFlag('acme-corp', 'pro_features')).isDefault, true);
+    assert.equal((await both.setFlag('acme-corp', 'beta_ui', true, { actor: 'ops' })).value, true);
+    assert.equal(await both.isEnabled('acme-corp', 'beta_ui'), true);
+
+    const anonymous = open({ adminToken: undefined }, { watch: false });
+    const refused = await anonymous.getFlag('acme-corp', 'pro_features').then(() => assert.fail('answered'), (e) => e);
+    assert.ok(refused instanceof ProblemError && !(refused instanceof SidecarUnavailableError), String(refused));
+    assert.equal(refused.status, 401, JSON.stringify(refused.problem));
+
+    // Without an admin token the API token is sent, which no admin call accepts.
+    const apiOnly = open({ apiToken, adminToken: undefined }, { watch: false });
+    assert.equal((await apiOnly.getFlag('acme-corp', 'beta_ui')).value, true);
+    const notAdmin = await apiOnly.setFlag('acme-corp', 'beta_ui', false, { actor: 'ops' }).then(() => assert.fail('answered'), (e) => e);
+    assert.ok(notAdmin instanceof ProblemError, String(notAdmin));
+    assert.ok([401, 403].includes(notAdmin.status), JSON.stringify(notAdmin.problem));
+  } finally {
+    for (const client of clients) await client.close();
+    await sidecar.close();
+  }
+});
+
 test('TLS and mutual TLS to the sidecar, from the CORESDK_SIDECAR_TLS_* settings', async () => {
   const python = process.env.CORESDK_TEST_PYTHON;
   assert.ok(
