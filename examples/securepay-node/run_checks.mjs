@@ -133,4 +133,10 @@ async function main() {
   return passed === results.length && results.length === 12 ? 0 : 1;
 }
 
-process.exitCode = await main();
+try {
+  process.exitCode = await main();
+} catch (error) {
+  // A check that could not even run (the sidecar away, the app failing) is a failed run.
+  console.error(`run_checks: ${error instanceof Error ? error.message : error}`);
+  process.exitCode = 1;
+}

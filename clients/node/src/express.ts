@@ -171,7 +171,7 @@ export function stripeWebhook(sdk: CoreSDKClient, options: StripeWebhookOptions 
     }
     const instance = resourceOf(req.method, req.originalUrl);
     if (status === 413) {
-      // Whatever the client still sends is not worth reading on this connection.
+      // body-parser drained what was sent; a client that sends this much gets no kept-alive connection.
       res.set('Connection', 'close');
       sendProblem(res, payloadTooLargeProblem(sdk, limit, instance));
     } else {

@@ -157,30 +157,38 @@ for (const [backendName, makeBackend] of Object.entries(BACKENDS)) {
       });
     }
 
-    describe('a plain express.json() registered before the stripeWebhook router', () => {
-      let web;
-      before(async () => {
-        const app = express();
-        app.use(express.json());
-        app.use(stripeWebhook(backend.sdk));
-        web = await serve(app);
-      });
-      after(() => web?.close());
-
-      test('is a 500 problem naming the fix; the re-serialised body is never verified', async () => {
-        const { sdk } = backend;
-        const { customer, tenant } = await freshTenant(sdk, 'exp');
-        const body = prettyEvent('invoice.paid', customer);
-        const problem = await assertProblem(await deliver(`${web.base}${WEBHOOK}`, body, signed(body)), 500, {
-          reason: 'RAW_BODY_UNAVAILABLE',
-          instance: `POST ${WEBHOOK}`,
+    // Parsers that consumed the body and kept something other than its bytes.
+    const LOSSY_REGISTRATIONS = {
+      'a plain express.json() registered before the stripeWebhook router': (app) => app.use(express.json()),
+      "express.text() registered app-wide before the stripeWebhook router (a decoded string)": (app) =>
+        app.use(express.text({ type: '*/*' })),
+    };
+    for (const [label, registerParser] of Object.entries(LOSSY_REGISTRATIONS)) {
+      describe(label, () => {
+        let web;
+        before(async () => {
+          const app = express();
+          registerParser(app);
+          app.use(stripeWebhook(backend.sdk));
+          web = await serve(app);
         });
-        assert.match(problem.detail, /installStripeWebhook/);
-        assert.match(problem.detail, /keepRawBody/);
-        assert.equal(await sdk.isEnabled(tenant, 'pro_features'), false);
-        assert.deepEqual(await sdk.auditQuery({ tenantId: tenant, eventPrefix: 'billing.' }), []);
+        after(() => web?.close());
+
+        test('is a 500 problem naming the fix; the body is never verified from what the parser kept', async () => {
+          const { sdk } = backend;
+          const { customer, tenant } = await freshTenant(sdk, 'exp');
+          const body = prettyEvent('invoice.paid', customer);
+          const problem = await assertProblem(await deliver(`${web.base}${WEBHOOK}`, body, signed(body)), 500, {
+            reason: 'RAW_BODY_UNAVAILABLE',
+            instance: `POST ${WEBHOOK}`,
+          });
+          assert.match(problem.detail, /installStripeWebhook/);
+          assert.match(problem.detail, /keepRawBody/);
+          assert.equal(await sdk.isEnabled(tenant, 'pro_features'), false);
+          assert.deepEqual(await sdk.auditQuery({ tenantId: tenant, eventPrefix: 'billing.' }), []);
+        });
       });
-    });
+    }
 
     describe('requireAccess', () => {
       let web;
