@@ -7,4 +7,6 @@
 export * from './types.js';
 export * from './errors.js';
 export * from './config.js';
+export * from './client.js';
+export * from './validation.js';
 export * from './mock.js';
