@@ -1,0 +1,292 @@
+// The client's transport against the real sidecar: a write that may have committed is never
+// sent twice, TLS and mutual TLS, local validation that refuses what the sidecar refuses, and a
+// close() that lets the process exit.
+
+import assert from 'node:assert/strict';
+import { spawn, spawnSync } from 'node:child_process';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { createServer, connect } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { fileURLToPath } from 'node:url';
+
+import {
+  checkFlagKey,
+  checkId,
+  ProblemError,
+  SidecarClient,
+  SidecarUnavailableError,
+  settingsFromEnv,
+} from '../dist/index.js';
+import { clientFor, ENV, eventually, recordingLogger, settingsFor, Sidecar, within } from './helpers.mjs';
+
+const ROOT = fileURLToPath(new URL('../../../', import.meta.url));
+
+/**
+ * A TCP proxy in front of the sidecar that can drop the connection once the sidecar starts
+ * answering the next request: the request arrived (and may have committed), the client never
+ * hears back. Counts the connections the client opens.
+ */
+async function startProxy(target) {
+  const colon = target.lastIndexOf(':');
+  const [host, port] = [target.slice(0, colon), Number(target.slice(colon + 1))];
+  const sockets = new Set();
+  const proxy = { connections: 0, armed: false, requestSeen: false, addr: '' };
+  const server = createServer((client) => {
+    proxy.connections += 1;
+    const upstream = connect(port, host);
+    for (const socket of [client, upstream]) {
+      sockets.add(socket);
+      socket.on('error', () => {});
+      socket.on('close', () => sockets.delete(socket));
+    }
+    client.on('data', (chunk) => {
+      if (proxy.armed) proxy.requestSeen = true;
+      upstream.write(chunk);
+    });
+    upstream.on('data', (chunk) => {
+      if (proxy.armed && proxy.requestSeen) {
+        proxy.armed = false;
+        proxy.requestSeen = false;
+        client.destroy();
+        upstream.destroy();
+        return;
+      }
+      client.write(chunk);
+    });
+    client.on('close', () => upstream.destroy());
+    upstream.on('close', () => client.destroy());
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  proxy.addr = `127.0.0.1:${server.address().port}`;
+  proxy.cutNextAnswer = () => {
+    proxy.armed = true;
+    proxy.requestSeen = false;
+  };
+  proxy.close = () =>
+    new Promise((resolve) => {
+      for (const socket of sockets) socket.destroy();
+      server.close(resolve);
+    });
+  return proxy;
+}
+
+describe('against one sidecar', () => {
+  let sidecar;
+  before(async () => {
+    sidecar = await Sidecar.start();
+  });
+  after(async () => {
+    await sidecar?.close();
+  });
+
+  test('Append is not sent again after the connection dropped; a read is', async () => {
+    const proxy = await startProxy(sidecar.addr);
+    const client = new SidecarClient(
+      settingsFor(sidecar, { sidecarAddr: proxy.addr, failMode: 'closed', timeoutMs: 3_000 }),
+      { watch: false, logger: recordingLogger() },
+    );
+    try {
+      assert.equal((await client.auditVerify()).ok, true);
+      assert.equal(proxy.connections, 1);
+
+      proxy.cutNextAnswer();
+      await assert.rejects(
+        client.audit({ event: 'app.transfer.sent', outcome: 'success', actor: 'user:7', tenantId: 'acme-corp' }),
+        SidecarUnavailableError,
+      );
+      assert.equal(proxy.connections, 1, 'the write was sent again over a new connection');
+      // What reached the sidecar reached it once.
+      const reader = await clientFor(sidecar);
+      try {
+        const sent = await reader.auditQuery({ eventPrefix: 'app.transfer.sent' });
+        assert.ok(sent.length <= 1, `${sent.length} records`);
+      } finally {
+        await reader.close();
+      }
+
+      // A read within the same deadline is tried again, over a new connection, and answers.
+      proxy.cutNextAnswer();
+      assert.equal((await client.auditVerify()).ok, true);
+      assert.ok(proxy.connections > 1, 'the read was not tried again');
+    } finally {
+      await client.close();
+      await proxy.close();
+    }
+  });
+
+  test('ids and keys checked locally get the problem the sidecar sends', async () => {
+    const client = await clientFor(sidecar);
+    try {
+      const base = ENV.CORESDK_PROBLEM_TYPE_BASE;
+      const refusals = async (promise) => promise.then(() => assert.fail('accepted'), (error) => error.problem);
+      const local = (check) => {
+        try {
+          check();
+        } catch (error) {
+          assert.ok(error instanceof ProblemError);
+          return error.problem;
+        }
+        return assert.fail('accepted locally');
+      };
+      for (const tenant of ['', 'two words', 'zero\u200bwidth', 'bidi\u202eevil', 'x'.repeat(129), 'é'.repeat(65)]) {
+        const remote = await refusals(client.mapCustomer('cus_validation', tenant, { actor: 'suite' }));
+        assert.deepEqual(local(() => checkId('tenant_id', tenant, base)), remote, JSON.stringify(tenant));
+      }
+      for (const key of ['', 'bad key', 'naïve', 'k'.repeat(129), `${'k'.repeat(70)}!`, 'key\n']) {
+        const remote = await refusals(client.setFlag('acme-corp', key, true, { actor: 'suite' }));
+        assert.deepEqual(local(() => checkFlagKey(key, base)), remote, JSON.stringify(key));
+      }
+      // What the sidecar accepts, the client accepts.
+      checkId('tenant_id', 'école-ü', base);
+      checkFlagKey('a.b:c-d_e', base);
+    } finally {
+      await client.close();
+    }
+  });
+
+  test('close() ends the stream and the channel: the process exits by itself', async () => {
+    const script = `
+      import { SidecarClient, makeSettings } from ${JSON.stringify(new URL('../dist/index.js', import.meta.url).href)};
+      const client = new SidecarClient(makeSettings({ sidecarAddr: process.argv[1], timeoutMs: 2000 }));
+      const deadline = Date.now() + 10_000;
+      while (!client.cacheCurrent && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+      if (!client.cacheCurrent) { console.error('never current'); process.exit(3); }
+      await client.isEnabled('acme-corp', 'pro_features');
+      await client.close();
+      await client.close();
+      console.log('closed');
+    `;
+    for (const addr of [sidecar.addr, '127.0.0.1:1']) {
+      const child = spawn(process.execPath, ['--input-type=module', '-e', script, addr], {
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      let output = '';
+      child.stdout.on('data', (chunk) => (output += chunk));
+      child.stderr.on('data', (chunk) => (output += chunk));
+      const exited = new Promise((resolve) => child.once('exit', (code) => resolve(code)));
+      try {
+        const code = await within(exited, `a process that closed its client (${addr}) exited`, 20_000);
+        if (addr === sidecar.addr) assert.deepEqual([code, output.trim()], [0, 'closed']);
+        else assert.equal(code, 3, output);
+      } finally {
+        child.kill('SIGKILL');
+      }
+    }
+  });
+
+  test('a client left unclosed during an outage does not keep the process alive either', async () => {
+    // Nothing listens on port 1: the stream fails and its reconnect timer must not hold the loop.
+    const script = `
+      import { SidecarClient, makeSettings } from ${JSON.stringify(new URL('../dist/index.js', import.meta.url).href)};
+      const client = new SidecarClient(makeSettings({ sidecarAddr: '127.0.0.1:1', timeoutMs: 200 }), { logger: { warn() {}, error() {} } });
+      console.log(await client.isEnabled('acme-corp', 'pro_features'));
+    `;
+    const child = spawn(process.execPath, ['--input-type=module', '-e', script], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let output = '';
+    child.stdout.on('data', (chunk) => (output += chunk));
+    child.stderr.on('data', (chunk) => (output += chunk));
+    try {
+      const code = await within(new Promise((resolve) => child.once('exit', resolve)), 'the process exited', 20_000);
+      assert.deepEqual([code, output.trim()], [0, 'false']);
+    } finally {
+      child.kill('SIGKILL');
+    }
+  });
+});
+
+test('the API token goes with every call and the admin token with admin calls', async () => {
+  const apiToken = 'node-suite-api-token-0123456789';
+  const sidecar = await Sidecar.start({ env: { CORESDK_API_TOKEN: apiToken } });
+  const clients = [];
+  const open = (overrides, options) => {
+    const client = new SidecarClient(settingsFor(sidecar, { timeoutMs: 2_000, ...overrides }), options);
+    clients.push(client);
+    return client;
+  };
+  try {
+    const both = open({ apiToken });
+    await eventually(() => (both.cacheCurrent ? true : undefined), 'WatchFlags never answered with the API token');
+    assert.equal((await both.getFlag('acme-corp', 'pro_features')).isDefault, true);
+    assert.equal((await both.setFlag('acme-corp', 'beta_ui', true, { actor: 'ops' })).value, true);
+    assert.equal(await both.isEnabled('acme-corp', 'beta_ui'), true);
+
+    const anonymous = open({ adminToken: undefined }, { watch: false });
+    const refused = await anonymous.getFlag('acme-corp', 'pro_features').then(() => assert.fail('answered'), (e) => e);
+    assert.ok(refused instanceof ProblemError && !(refused instanceof SidecarUnavailableError), String(refused));
+    assert.equal(refused.status, 401, JSON.stringify(refused.problem));
+
+    // Without an admin token the API token is sent, which no admin call accepts.
+    const apiOnly = open({ apiToken, adminToken: undefined }, { watch: false });
+    assert.equal((await apiOnly.getFlag('acme-corp', 'beta_ui')).value, true);
+    const notAdmin = await apiOnly.setFlag('acme-corp', 'beta_ui', false, { actor: 'ops' }).then(() => assert.fail('answered'), (e) => e);
+    assert.ok(notAdmin instanceof ProblemError, String(notAdmin));
+    assert.ok([401, 403].includes(notAdmin.status), JSON.stringify(notAdmin.problem));
+  } finally {
+    for (const client of clients) await client.close();
+    await sidecar.close();
+  }
+});
+
+test('TLS and mutual TLS to the sidecar, from the CORESDK_SIDECAR_TLS_* settings', async () => {
+  const python = process.env.CORESDK_TEST_PYTHON;
+  assert.ok(
+    python,
+    'CORESDK_TEST_PYTHON is not set: the TLS test mints its certificates with tests/fixtures/mint_certs.py and needs a Python with `cryptography` (./scripts/test sets it)',
+  );
+  const certs = await mkdtemp(join(tmpdir(), 'coresdk-node-certs-'));
+  try {
+    const minted = spawnSync(python, [join(ROOT, 'tests', 'fixtures', 'mint_certs.py'), certs], { encoding: 'utf8' });
+    assert.equal(minted.status, 0, `mint_certs.py failed: ${minted.stderr}${minted.error ?? ''}`);
+    const server = {
+      CORESDK_TLS_CERT_FILE: join(certs, 'server.pem'),
+      CORESDK_TLS_KEY_FILE: join(certs, 'server.key'),
+    };
+    const clientEnv = {
+      CORESDK_SIDECAR_TLS_CA_FILE: join(certs, 'ca.pem'),
+      CORESDK_SIDECAR_TLS_CLIENT_CERT_FILE: join(certs, 'client.pem'),
+      CORESDK_SIDECAR_TLS_CLIENT_KEY_FILE: join(certs, 'client.key'),
+    };
+    for (const mutual of [false, true]) {
+      const sidecar = await Sidecar.start({
+        env: { ...server, ...(mutual ? { CORESDK_TLS_CLIENT_CA_FILE: join(certs, 'ca.pem') } : {}) },
+      });
+      try {
+        // The certificate names localhost; the sidecar listens on 127.0.0.1, which it names too.
+        for (const serverName of [undefined, 'localhost']) {
+          const env = { ...clientEnv, CORESDK_SIDECAR_ADDR: sidecar.addr };
+          if (serverName) env.CORESDK_SIDECAR_TLS_SERVER_NAME = serverName;
+          const settings = settingsFromEnv(env, { adminToken: ENV.CORESDK_ADMIN_TOKEN, timeoutMs: 5_000 });
+          const client = new SidecarClient(settings);
+          try {
+            await eventually(() => (client.cacheCurrent ? true : undefined), `the cache never became current over TLS (mutual ${mutual})`);
+            assert.equal((await client.getFlag('acme-corp', 'pro_features')).isDefault, true);
+            assert.equal((await client.auditVerify()).ok, true);
+          } finally {
+            await client.close();
+          }
+        }
+        // A plaintext client cannot talk to it; nor, under mutual TLS, one without a certificate.
+        const refused = [settingsFor(sidecar, { timeoutMs: 300, failMode: 'closed' })];
+        if (mutual) {
+          refused.push(
+            settingsFor(sidecar, { timeoutMs: 300, failMode: 'closed', tls: { caFile: clientEnv.CORESDK_SIDECAR_TLS_CA_FILE } }),
+          );
+        }
+        for (const settings of refused) {
+          const client = new SidecarClient(settings, { watch: false, logger: recordingLogger() });
+          try {
+            await assert.rejects(client.getFlag('acme-corp', 'pro_features'), SidecarUnavailableError);
+          } finally {
+            await client.close();
+          }
+        }
+      } finally {
+        await sidecar.close();
+      }
+    }
+  } finally {
+    await rm(certs, { recursive: true, force: true });
+  }
+});
