@@ -9,7 +9,5 @@ export * from './errors.js';
 export * from './config.js';
 export * from './client.js';
 export * from './validation.js';
-// idDefect and isValidFlagKey are validation.ts's (mock.ts has copies until the two merge).
-export { MOCK_WEBHOOK_SECRET, MOCK_TENANTS, SUBSCRIPTION_STATUSES, RulesError, parseRules, defaultRulesPath, loadRules, MockSidecar } from './mock.js';
-export type { Rules } from './mock.js';
+export * from './mock.js';
 export * from './sdk.js';

@@ -19,6 +19,7 @@ import { parse as parseToml, TomlDate, TomlError } from 'smol-toml';
 
 import { settingsFromEnv, type Settings } from './config.js';
 import { FlagNotFoundError, ProblemError } from './errors.js';
+import { checkFlagKey, checkId, idDefect, isValidFlagKey } from './validation.js';
 import type {
   AdminFlagChange,
   AuditOptions,
@@ -57,7 +58,6 @@ const REPLAY_ACTOR = 'replay';
 const PARKING_ACTOR = 'parking';
 const SEED_ACTOR = 'config';
 const OVERFLOW_ACTOR = 'coresdk';
-const MAX_ID_LEN = 128;
 const MAX_FLAG_KEY_LEN = 128;
 const MAX_REASON_LEN = 1024;
 const MAX_ACTOR_LEN = 256;
@@ -181,35 +181,6 @@ function quoted(input: string): string {
 
 function utf8Length(text: string): number {
   return Buffer.byteLength(text, 'utf8');
-}
-
-// ---------------------------------------------------------------------------------------------
-// Ids and flag keys (src/ops/mod.rs).
-
-/** Why a string cannot be a tenant or customer id (the sidecar's IdDefect), or null. */
-export function idDefect(value: string): string | null {
-  if (value.length === 0) return 'is required';
-  if (utf8Length(value) > MAX_ID_LEN) return `is longer than ${MAX_ID_LEN} bytes`;
-  let position = 0;
-  for (const char of value) {
-    position += 1;
-    // The sidecar refuses the Unicode general categories Separator and Other.
-    if (/[\p{Z}\p{C}]/u.test(char)) {
-      const codePoint = (char.codePointAt(0) ?? 0).toString(16).toUpperCase().padStart(4, '0');
-      return `must be printable: U+${codePoint} (character ${position}) is whitespace, a control, a format character such as a bidi override or zero-width space, or unassigned`;
-    }
-  }
-  return null;
-}
-
-export function isValidFlagKey(key: string): boolean {
-  return key.length > 0 && key.length <= MAX_FLAG_KEY_LEN && /^[A-Za-z0-9_.:-]+$/.test(key);
-}
-
-function flagKeyDefect(key: string): string | null {
-  return isValidFlagKey(key)
-    ? null
-    : `'${quoted(key)}' is not a valid flag key: use 1-${MAX_FLAG_KEY_LEN} characters of letters, digits, _ - . :`;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1228,13 +1199,11 @@ export class MockSidecar implements CoreSDKClient {
   }
 
   #checkId(field: string, value: string): void {
-    const defect = idDefect(value);
-    if (defect !== null) throw this.#invalid(field, defect);
+    checkId(field, value, this.#typeBase);
   }
 
   #checkFlagKey(field: string, key: string): void {
-    const defect = flagKeyDefect(key);
-    if (defect !== null) throw this.#invalid(field, defect);
+    checkFlagKey(key, this.#typeBase, field);
   }
 
   #checkText(field: string, value: string, max: number): void {
