@@ -213,7 +213,8 @@ function routerStackOf(app: Application): unknown[] {
  * Mounts `stripeWebhook(sdk, options)` AHEAD of everything already registered on `app`, so it
  * reads the body before any parser whatever the registration order (parsers added later run
  * after it anyway). Only `POST <path>` stops there; every other request goes on unchanged.
- * Middleware registered earlier (logging, CORS…) does not see webhook deliveries.
+ * Middleware registered earlier (logging, CORS…) does not see webhook deliveries. Call it on
+ * the top-level app: the parsers of an app that mounts this one run before it.
  */
 export function installStripeWebhook(app: Application, sdk: CoreSDKClient, options: StripeWebhookOptions = {}): void {
   // Express 5 runs middleware in the order of its router's stack; app.use() appends, so the

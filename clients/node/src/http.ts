@@ -50,7 +50,9 @@ export function bearerToken(authorization: string | string[] | undefined): strin
  */
 export function resourceOf(method: string, url: string): string {
   const query = url.search(/[?#]/);
-  let resource = `${method} ${query === -1 ? url : url.slice(0, query)}`;
+  // A character is at least one byte: cut to that many characters first, so a URL as long as
+  // the header limit allows costs at most MAX_RESOURCE_BYTES short steps.
+  let resource = `${method} ${query === -1 ? url : url.slice(0, query)}`.slice(0, MAX_RESOURCE_BYTES);
   while (Buffer.byteLength(resource) > MAX_RESOURCE_BYTES) resource = resource.slice(0, -1);
   return resource;
 }

@@ -47,6 +47,9 @@ function appRoutes(app, sdk) {
   app.get('/api/dashboard', requireAccess(sdk, { denyIf: ['paywall_active'] }), (_req, res) => {
     res.json({ tenant: res.locals.coresdk.tenantId });
   });
+  app.get('/api/items/:id', requireAccess(sdk, { require: ['advanced_analytics'] }), (req, res) => {
+    res.json({ id: req.params.id });
+  });
 }
 
 // Each way an app may combine its JSON parser with the webhook route and still have the
@@ -221,6 +224,18 @@ for (const [backendName, makeBackend] of Object.entries(BACKENDS)) {
         const allowed = await get(url, token(tenant));
         assert.equal(allowed.status, 200);
         assert.deepEqual(await allowed.json(), { tenant, subject: `user@${tenant}` });
+      });
+
+      test('a URL longer than the sidecar takes as a resource is still decided (cut to 256 bytes)', async () => {
+        const { sdk } = backend;
+        const { tenant } = await freshTenant(sdk, 'gate');
+        const id = 'x'.repeat(4000);
+        const problem = await assertProblem(await get(`${web.base}/api/items/${id}`, token(tenant)), 403, {
+          reason: 'FEATURE_LOCKED',
+        });
+        assert.equal(problem.instance, `GET /api/items/${id}`.slice(0, 256));
+        await sdk.setFlag(tenant, 'advanced_analytics', true, { actor: 'web-tests', reason: 'upgrade' });
+        assert.deepEqual(await (await get(`${web.base}/api/items/${id}`, token(tenant))).json(), { id });
       });
 
       test('402 while a denyIf flag is on', async () => {
