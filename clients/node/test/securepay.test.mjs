@@ -40,7 +40,7 @@ describe('examples/securepay-node run_checks.mjs', () => {
   before(() => {
     assert.ok(
       existsSync(join(EXAMPLE, 'node_modules', '@coresdk', 'client')),
-      `${EXAMPLE}/node_modules is missing: run ./scripts/node-env (it builds the client, then npm ci's the example)`,
+      `${EXAMPLE}/node_modules is missing: run ./scripts/node-env (it builds the client and npm ci's the example)`,
     );
   });
 
