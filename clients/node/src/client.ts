@@ -629,7 +629,21 @@ export class SidecarClient implements CoreSDKClient {
   async mapCustomer(customerId: string, tenantId: string, options: ChangeOptions): Promise<number> {
     const request = { customerId, tenantId, actor: options.actor, reason: options.reason ?? '' };
     const answer = await this.#call<CustomerMapping__Output>((m, o, cb) => this.#tenants.MapCustomer(request, m, o, cb), { admin: true });
+    if (answer.parkedEventsApplied > 0) await this.#awaitTenant(tenantId);
     return answer.parkedEventsApplied;
+  }
+
+  /**
+   * Read-your-writes for changes an answer does not list (the parked events a mapping applied):
+   * the cache waits for the versions the sidecar holds now.
+   */
+  async #awaitTenant(tenantId: string): Promise<void> {
+    if (!this.#cache.connected) return;
+    const answer = await this.#call<GetFlagsResponse__Output>((m, o, cb) => this.#flags.GetFlags({ tenantId }, m, o, cb));
+    await this.#awaitCache(
+      tenantId,
+      answer.flags.filter((flag) => !flag.isDefault).map((flag) => [flag.key, flag.version] as const),
+    );
   }
 
   async resolveCustomer(customerId: string): Promise<string | null> {

@@ -9,3 +9,5 @@ export * from './errors.js';
 export * from './config.js';
 export * from './client.js';
 export * from './validation.js';
+export * from './mock.js';
+export * from './sdk.js';

@@ -274,6 +274,10 @@ class SidecarClient(BaseSDK):
         request = webhook_pb2.HandleStripeWebhookRequest(payload=payload, signature_header=signature_header or "")
         result = WebhookResult.from_proto(self._call(self._webhooks.HandleStripeWebhook, request))
         self._await_cache(result.tenant_id, [(c.key, c.version) for c in result.flag_changes])
+        if result.event_type == "checkout.session.completed" and result.outcome == "applied":
+            # A checkout that maps its customer applies the customer's parked events, whose
+            # changes the answer does not list.
+            self._await_tenant(result.tenant_id)
         return result
 
     def replay_event(self, payload: bytes, *, reason: str) -> WebhookResult:
@@ -292,6 +296,14 @@ class SidecarClient(BaseSDK):
             return all((f := self.cache._flags.get((tenant_id, key))) is not None and f.version >= version for key, version in versions)
 
         self.cache.wait_for(caught_up, self.settings.timeout_ms / 1000)
+
+    def _await_tenant(self, tenant_id: str) -> None:
+        """Read-your-writes for changes an answer does not list (the parked events a mapping
+        applied): the cache waits for the versions the sidecar holds now."""
+        if not tenant_id or not self.cache.connected:
+            return
+        answer = self._call(self._flags.GetFlags, flags_pb2.GetFlagsRequest(tenant_id=tenant_id))
+        self._await_cache(tenant_id, [(f.key, f.version) for f in answer.flags if not f.is_default])
 
     # -- flags ----------------------------------------------------------------------------
 
@@ -430,7 +442,10 @@ class SidecarClient(BaseSDK):
 
     def map_customer(self, customer_id: str, tenant_id: str, *, actor: str, reason: str = "") -> int:
         request = tenants_pb2.MapCustomerRequest(customer_id=customer_id, tenant_id=tenant_id, actor=actor, reason=reason)
-        return self._call(self._tenants.MapCustomer, request, admin=True).parked_events_applied
+        applied = self._call(self._tenants.MapCustomer, request, admin=True).parked_events_applied
+        if applied:
+            self._await_tenant(tenant_id)
+        return applied
 
     def resolve_customer(self, customer_id: str) -> Optional[str]:
         try:

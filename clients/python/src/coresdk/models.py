@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Optional, Union
 
 from google.protobuf import json_format, struct_pb2
@@ -199,8 +200,18 @@ class Decision:
         )
 
 
+def rfc3339_ms(time_ms: int) -> str:
+    """The sidecar's record time: RFC 3339, UTC, milliseconds (`2026-05-01T09:00:00.000Z`)."""
+    seconds, ms = divmod(time_ms, 1000)
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + f".{ms:03d}Z"
+
+
 @dataclass(frozen=True)
 class AuditRecord:
+    """One record of the chain. `canonical` holds the exact RFC 8785 bytes that were hashed:
+    `hash` = SHA-256("coresdk.audit.v1\0" ‖ bytes of `prev_hash` ‖ `canonical`), so anyone
+    holding the records can check the chain without trusting whoever served them."""
+
     seq: int
     tenant_id: str
     actor: str
@@ -208,6 +219,9 @@ class AuditRecord:
     outcome: str
     metadata: dict[str, Any]
     hash: str = ""
+    time: str = ""
+    prev_hash: str = ""
+    canonical: bytes = b""
 
     @classmethod
     def from_proto(cls, r: audit_pb2.AuditRecord) -> "AuditRecord":
@@ -219,6 +233,9 @@ class AuditRecord:
             outcome=r.outcome,
             metadata=json_format.MessageToDict(r.metadata) if r.HasField("metadata") else {},
             hash=r.hash,
+            time=rfc3339_ms(r.time.seconds * 1000 + r.time.nanos // 1_000_000) if r.HasField("time") else "",
+            prev_hash=r.prev_hash,
+            canonical=r.canonical,
         )
 
 

@@ -1,0 +1,168 @@
+// The in-process mock: the client contract (test/suite.mjs, the same suite client.test.mjs runs
+// against the real sidecar), and what only the mock has to prove: it decides from the sidecar's
+// own rules file, and refuses a rules file the sidecar refuses, with the sidecar's message.
+
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+
+import { binary, ENV, ROOT, Sidecar } from '../../../tests/openfeature-node/sidecar.mjs';
+import { MockSidecar, RulesError, makeSettings } from '../dist/index.js';
+import { clientFor } from './helpers.mjs';
+import { defineClientSuite } from './suite.mjs';
+
+function mock(env = {}) {
+  const settings = makeSettings({ useMock: true, problemTypeBase: ENV.CORESDK_PROBLEM_TYPE_BASE });
+  return new MockSidecar(settings, { ...ENV, ...env });
+}
+
+defineClientSuite('mock', async () => {
+  const sdk = mock();
+  return {
+    sdk,
+    // A second client of the same mock: the same state, its own close() a no-op.
+    another: async () =>
+      new Proxy(sdk, {
+        get: (target, name) => {
+          if (name === 'close') return async () => {};
+          const value = Reflect.get(target, name, target);
+          return typeof value === 'function' ? value.bind(target) : value;
+        },
+      }),
+    close: () => sdk.close(),
+  };
+});
+
+const FLAGS = '[flags]\npro_features = false\nadvanced_analytics = false\n';
+const rule = (body) => `[[rule]]\n${body}\n`;
+
+// Each file the sidecar refuses; `exact` when the message is the sidecar's own wording (not the
+// TOML parser's, which differs between parsers: then both must name `mentions`).
+const REFUSED = [
+  { rules: FLAGS + rule('events = ["customer.subscription.updated"]\nstatus = ["actve"]\nset = { pro_features = true }'), exact: true },
+  { rules: FLAGS + rule('name = "paid"\nevents = ["invoice.paid"]\nstatus = ["active"]\nset = { pro_features = true }'), exact: true },
+  { rules: FLAGS + rule('events = ["customer.subscription.updated"]\nset = { advanced_analytics = true }\nelse = { advanced_analytics = false }'), exact: true },
+  {
+    rules:
+      FLAGS +
+      rule('name = "same"\nevents = ["invoice.paid"]\nset = { pro_features = true }') +
+      rule('name = "same"\nevents = ["invoice.payment_failed"]\nset = { pro_features = false }'),
+    exact: true,
+  },
+  { rules: FLAGS + rule('events = ["customer.subscription.updated"]\nstatus = []\nset = { pro_features = true }'), exact: true },
+  { rules: FLAGS + rule('events = ["invoice.paid"]\nset = { no_such_flag = true }'), exact: true },
+  { rules: FLAGS + rule('events = ["customer.subscription.updated"]\nplans = ["pro monthly"]\nset = { advanced_analytics = true }'), exact: true },
+  { rules: FLAGS + rule('name = "  "\nevents = ["invoice.paid"]\nset = { pro_features = true }'), exact: true },
+  { rules: FLAGS + rule('events = []\nset = { pro_features = true }'), exact: true },
+  { rules: FLAGS + rule('events = ["invoice.paid"]\nentitlements = true\nset = { pro_features = true }'), exact: true },
+  { rules: '[flags]\n"bad key!" = true\n', exact: true },
+  { rules: FLAGS + rule('events = ["invoice.paid"]\nbogus = 1\nset = { pro_features = true }'), mentions: '`bogus`' },
+  { rules: '[flag]\npro_features = false\n', mentions: '`flag`' },
+];
+
+/** What the sidecar says when it refuses to start with `path` as its rules file. */
+function sidecarRefusal(path) {
+  return new Promise((resolve, reject) => {
+    const child = spawn(binary(), ['serve', '--store', 'memory', '--listen', '127.0.0.1:0', '--rules-file', path], {
+      stdio: ['ignore', 'ignore', 'pipe'],
+      env: { ...process.env, ...ENV },
+    });
+    let stderr = '';
+    child.stderr.on('data', (chunk) => {
+      stderr += chunk;
+    });
+    // A hang guard: a sidecar that accepts the file keeps running.
+    const guard = setTimeout(() => child.kill('SIGKILL'), 30_000);
+    child.on('error', reject);
+    child.on('close', (code) => {
+      clearTimeout(guard);
+      resolve({ code, stderr });
+    });
+  });
+}
+
+/** The part of a refusal that names the defect: between `invalid rules: ` and `; fix the file`. */
+function defect(message) {
+  const match = /invalid rules: ([\s\S]*?)\s*; fix the file/.exec(message);
+  assert.ok(match, `not a rules refusal: ${message}`);
+  return match[1];
+}
+
+describe('mock: the rules', () => {
+  let dir;
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'coresdk-node-rules-'));
+  });
+  after(async () => {
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  REFUSED.forEach(({ rules, exact, mentions }, n) => {
+    test(`a rules file the sidecar refuses, the mock refuses with the same message (${n + 1})`, async () => {
+      const path = join(dir, `rules-${n}.toml`);
+      await writeFile(path, rules);
+      const sidecar = await sidecarRefusal(path);
+      assert.notEqual(sidecar.code, 0, 'the sidecar accepted the file');
+      const error = (() => {
+        try {
+          mock({ CORESDK_RULES_FILE: path });
+        } catch (caught) {
+          return caught;
+        }
+        return assert.fail('the mock accepted a rules file the sidecar refuses');
+      })();
+      assert.ok(error instanceof RulesError, String(error));
+      if (exact) assert.equal(defect(error.message), defect(sidecar.stderr));
+      else {
+        assert.ok(defect(sidecar.stderr).includes(mentions), sidecar.stderr);
+        assert.ok(defect(error.message).includes(mentions), error.message);
+      }
+    });
+  });
+
+  test('a rules file the sidecar accepts, the mock accepts, and both decide by it', async () => {
+    const path = join(dir, 'accepted.toml');
+    await writeFile(
+      path,
+      '[flags]\nreports = false\nseats = 1\n' +
+        rule('name = "paid"\nevents = ["invoice.paid"]\nset = { reports = true, seats = 5 }'),
+    );
+    const sdk = mock({ CORESDK_RULES_FILE: path });
+    try {
+      assert.deepEqual(
+        Object.fromEntries(Object.values(await sdk.getFlags('acme-corp')).map((f) => [f.key, f.value])),
+        { reports: false, seats: 1 },
+      );
+    } finally {
+      await sdk.close();
+    }
+  });
+
+  test('the default rules are the sidecar\'s: the same catalog, served by both', async () => {
+    const sidecar = await Sidecar.start();
+    const client = await clientFor(sidecar).catch(async (error) => {
+      await sidecar.close();
+      throw error;
+    });
+    const sdk = mock();
+    try {
+      const shown = (flags) => Object.values(flags).map((f) => [f.key, f.value, f.isDefault]);
+      const expected = shown(await client.getFlags('fresh-tenant'));
+      assert.ok(expected.length > 0);
+      assert.deepEqual(shown(await sdk.getFlags('fresh-tenant')), expected);
+    } finally {
+      await sdk.close();
+      await client.close();
+      await sidecar.close();
+    }
+  });
+
+  test('the packaged rules file is the repository\'s rules/default.toml', async () => {
+    const { readFile } = await import('node:fs/promises');
+    const { defaultRulesPath } = await import('../dist/index.js');
+    assert.equal(await readFile(defaultRulesPath(), 'utf8'), await readFile(join(ROOT, 'rules', 'default.toml'), 'utf8'));
+  });
+});

@@ -1,0 +1,448 @@
+"""The language-neutral contract suite (`tests/contract/scenarios.json`, format in its README),
+played against the real sidecar and against the in-process mock through the public client API:
+the mock passes exactly what the sidecar passes."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import pytest
+import rfc8785
+
+from conftest import ROOT, Sidecar
+from coresdk import ProblemError, Settings
+from coresdk.base import BaseSDK
+from coresdk.client import SidecarClient
+from coresdk.errors import Problem
+from coresdk.mock import MOCK_TENANTS, MockSidecar
+from coresdk.models import AuditRecord
+
+SUITE = json.loads((ROOT / "tests" / "contract" / "scenarios.json").read_text(encoding="utf-8"))
+SCENARIOS = SUITE["scenarios"]
+DOMAIN_TAG = b"coresdk.audit.v1\0"
+RFC3339_MS = re.compile(r"\A\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z\Z")
+# Only a hang guard for records the sidecar writes off the request path.
+POLL_GUARD_S = 10
+ACTIONS = {
+    "webhook", "get_flag", "get_flags", "is_enabled", "set_flag", "map_customer", "resolve_customer",
+    "authorize", "verify_token", "audit", "audit_query", "verify_chain", "wait",
+}
+
+
+def test_the_suite_is_well_formed():
+    assert SUITE["format"] == 1
+    tenants = json.loads((ROOT / "examples" / "tenants.json").read_text(encoding="utf-8"))
+    assert SUITE["tenants"] == tenants == MOCK_TENANTS
+    names = [s["name"] for s in SCENARIOS]
+    assert len(names) == len(set(names)), "scenario names must be unique"
+    for scenario in SCENARIOS:
+        assert set(scenario) <= {"name", "about", "env", "steps"}, scenario["name"]
+        labels = [s["webhook"]["event"] for s in scenario["steps"] if "webhook" in s and "event" in s["webhook"]]
+        assert len(labels) == len(set(labels)), f"{scenario['name']}: event labels must be unique"
+        for step in scenario["steps"]:
+            actions = set(step) & ACTIONS
+            assert len(actions) == 1 and set(step) - actions <= {"expect", "about"}, f"{scenario['name']}: {step}"
+
+
+@pytest.fixture(params=["sidecar", "mock"])
+def implementation(request, tmp_path: Path) -> Iterator[Callable[[dict[str, str]], BaseSDK]]:
+    """A factory: the implementation under test, fresh, with a scenario's environment."""
+    made: list[tuple[BaseSDK, Optional[Sidecar]]] = []
+
+    def start(env: dict[str, str]) -> BaseSDK:
+        if request.param == "mock":
+            sdk: BaseSDK = MockSidecar(Settings(use_mock=True), env=env)
+            made.append((sdk, None))
+            return sdk
+        process = Sidecar(tmp_path, extra_env=env)
+        process.start()
+        settings = Settings(
+            sidecar_addr=process.addr,
+            admin_token=env["CORESDK_ADMIN_TOKEN"],
+            problem_type_base=env["CORESDK_PROBLEM_TYPE_BASE"],
+            timeout_ms=5000,
+        )
+        client = SidecarClient(settings)
+        made.append((client, process))
+        assert client.cache.warm.wait(5), "the flag cache never warmed"
+        return client
+
+    yield start
+    for sdk, process in made:
+        sdk.close()
+        if process is not None:
+            process.stop()
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s["name"] for s in SCENARIOS])
+def test_scenario(scenario: dict[str, Any], implementation: Callable[[dict[str, str]], BaseSDK]) -> None:
+    env = {**SUITE["env"], **scenario.get("env", {})}
+    Run(scenario, env, implementation(env)).play()
+
+
+def jwt(claims: dict[str, Any], secret: str, alg: str) -> str:
+    digest = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}[alg]
+
+    def part(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    signing_input = part(json.dumps({"alg": alg, "typ": "JWT"}).encode()) + "." + part(json.dumps(claims).encode())
+    return signing_input + "." + part(hmac.new(secret.encode(), signing_input.encode(), digest).digest())
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def wire_numbers(value: Any, where: str) -> None:
+    """Every number on the wire is a double: a Python client hands back floats, never ints."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            wire_numbers(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for n, item in enumerate(value):
+            wire_numbers(item, f"{where}[{n}]")
+    else:
+        assert not is_number(value) or isinstance(value, float), f"{where}: {value!r} is an int; the wire has a double"
+
+
+class Run:
+    """One scenario against one implementation."""
+
+    def __init__(self, scenario: dict[str, Any], env: dict[str, str], sdk: BaseSDK):
+        self.scenario = scenario
+        self.env = env
+        self.sdk = sdk
+        self.nonce = secrets.token_hex(4)
+        self.base = int(time.time())
+        self.bodies: dict[str, bytes] = {}
+        self.types: dict[str, str] = {}
+        self.created: dict[str, Any] = {}
+        self.seqs: dict[str, int] = {}
+        self.where = ""
+
+    def play(self) -> None:
+        for n, step in enumerate(self.scenario["steps"]):
+            (action,) = set(step) & ACTIONS
+            self.where = f"{self.scenario['name']} step {n} ({action})"
+            getattr(self, action)(step[action], step.get("expect", {}))
+
+    # -- matching -------------------------------------------------------------------------
+
+    def fail(self, what: str) -> None:
+        raise AssertionError(f"{self.where}: {what}")
+
+    def match(self, expected: Any, actual: Any, path: str = "") -> None:
+        if isinstance(expected, str) and expected.startswith("$"):
+            kind, _, label = expected[1:].partition(":")
+            if expected.startswith("$$"):
+                expected = expected[1:]
+            elif kind == "any":
+                return
+            elif kind in ("number", "string", "bool"):
+                ok = {"number": is_number(actual), "string": isinstance(actual, str), "bool": isinstance(actual, bool)}[kind]
+                if not ok:
+                    self.fail(f"{path}: {actual!r} is not a {kind}")
+                return
+            elif kind == "event_id":
+                expected = self.event_id(label)
+            elif kind == "created":
+                expected = self.created[label]
+            elif kind == "seq":
+                expected = self.seqs[label]
+            else:
+                self.fail(f"{path}: unknown matcher {expected!r}")
+        if isinstance(expected, bool) or expected is None:
+            same = actual is expected
+        elif is_number(expected):
+            same = is_number(actual) and actual == expected
+        elif isinstance(expected, str):
+            same = actual == expected
+        elif isinstance(expected, list):
+            if not isinstance(actual, list) or len(actual) != len(expected):
+                self.fail(f"{path}: expected {expected!r}, got {actual!r}")
+            for n, (e, a) in enumerate(zip(expected, actual)):
+                self.match(e, a, f"{path}[{n}]")
+            return
+        elif isinstance(expected, dict):
+            if not isinstance(actual, dict) or set(actual) != set(expected):
+                self.fail(f"{path}: expected keys {sorted(expected)}, got {actual!r}")
+            for key in expected:
+                self.match(expected[key], actual[key], f"{path}.{key}")
+            return
+        else:
+            raise TypeError(expected)
+        if not same:
+            self.fail(f"{path}: expected {expected!r}, got {actual!r}")
+
+    def check_problem(self, expected: dict[str, Any], problem: Optional[Problem], path: str = "problem") -> None:
+        if problem is None:
+            self.fail(f"expected a problem {expected}, got none")
+        for key, want in expected.items():
+            if key == "status":
+                self.match(want, problem.status, f"{path}.status")
+            elif key == "reason":
+                self.match(want, problem.reason, f"{path}.reason")
+            elif key == "type":
+                self.match(self.env["CORESDK_PROBLEM_TYPE_BASE"].rstrip("/") + "/" + want, problem.type, f"{path}.type")
+            elif key == "title":
+                self.match(want, problem.title, f"{path}.title")
+            elif key == "detail_contains":
+                if want not in problem.detail:
+                    self.fail(f"{path}.detail {problem.detail!r} does not contain {want!r}")
+            elif key == "extensions":
+                for name, value in want.items():
+                    if name not in problem.extensions:
+                        self.fail(f"{path}.extensions lacks {name!r}: {problem.extensions}")
+                    self.match(value, problem.extensions[name], f"{path}.extensions.{name}")
+            else:
+                self.fail(f"unknown problem field {key!r}")
+
+    def call(self, expect: dict[str, Any], call: Callable[[], Any]) -> Any:
+        """Runs the step's call: it must fail with the expected problem, or succeed."""
+        try:
+            answer = call()
+        except ProblemError as e:
+            if "problem" not in expect:
+                self.fail(f"unexpected problem {e.problem.to_dict()}")
+            self.check_problem(expect["problem"], e.problem)
+            return None
+        if "problem" in expect:
+            self.fail(f"expected the problem {expect['problem']}, got the answer {answer!r}")
+        return answer
+
+    def fields(self, expect: dict[str, Any], actual: dict[str, Any], allowed: set[str]) -> None:
+        for key, want in expect.items():
+            if key not in allowed:
+                self.fail(f"unknown expectation {key!r}")
+            self.match(want, actual[key], key)
+
+    # -- webhooks -------------------------------------------------------------------------
+
+    def event_id(self, label: str) -> str:
+        return f"evt_{self.nonce}_{label}"
+
+    def body(self, spec: dict[str, Any]) -> tuple[bytes, str, str]:
+        """The delivery's bytes, event id and type."""
+        if "redeliver" in spec:
+            label = spec["redeliver"]
+            return self.bodies[label], self.event_id(label), self.types[label]
+        label = spec["event"]
+        raw = spec.get("raw_body")
+        if raw is not None:
+            text = raw if isinstance(raw, str) else raw["repeat"] * raw["times"]
+            return text.encode(), "", ""
+        obj: dict[str, Any] = {}
+        if spec.get("customer") is not None:
+            obj["customer"] = spec["customer"]
+        obj.update(spec.get("object", {}))
+        data: dict[str, Any] = {"object": obj}
+        if "previous_attributes" in spec:
+            data["previous_attributes"] = spec["previous_attributes"]
+        event: dict[str, Any] = {
+            "id": self.event_id(label),
+            "object": "event",
+            "created": self.base + spec.get("created", 0),
+            "data": data,
+            "livemode": False,
+            "type": spec["type"],
+        }
+        event.update(spec.get("event_fields", {}))
+        for key in spec.get("drop", []):
+            event.pop(key, None)
+        body = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+        self.bodies[label], self.types[label], self.created[label] = body, spec["type"], event.get("created")
+        return body, self.event_id(label), spec["type"]
+
+    def header(self, body: bytes, how: Any) -> str:
+        if how == "missing":
+            return ""
+        if isinstance(how, dict) and "header" in how:
+            return how["header"]
+        secret = self.env["STRIPE_WEBHOOK_SECRET"].split(",")[0].strip()
+        offset = 0
+        if how == "forged":
+            secret = SUITE["forged_secret"]
+        elif isinstance(how, dict):
+            secret, offset = how.get("secret", secret), how.get("t_offset", 0)
+        elif how != "valid":
+            self.fail(f"unknown signature {how!r}")
+        t = int(time.time()) + offset
+        signature = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+        return f"t={t},v1={signature}"
+
+    def webhook(self, spec: dict[str, Any], expect: dict[str, Any]) -> None:
+        body, event_id, event_type = self.body(spec)
+        header = self.header(body, spec.get("signature", "valid"))
+        result = self.call(expect, lambda: self.sdk.handle_stripe_webhook(body, header))
+        if result is None:
+            return
+        if "event" in spec:
+            self.seqs[spec["event"]] = result.audit_seq
+        self.match(event_id, result.event_id, "event_id")
+        self.match(event_type, result.event_type, "event_type")
+        for change in result.flag_changes:
+            wire_numbers([change.old_value, change.new_value], f"flag change {change.key}")
+        actual = {
+            "outcome": result.outcome,
+            "tenant": result.tenant_id,
+            "changes": {c.key: c.new_value for c in result.flag_changes},
+            "stale_flags": sorted(result.stale_flags),
+        }
+        old = {c.key: c.old_value for c in result.flag_changes}
+        for key, want in expect.items():
+            if key == "old":
+                for flag, value in want.items():
+                    if flag not in old:
+                        self.fail(f"old: no change of {flag!r} in {result.flag_changes}")
+                    self.match(value, old[flag], f"old.{flag}")
+            elif key == "stale_flags":
+                self.match(sorted(want), actual["stale_flags"], "stale_flags")
+            elif key in actual:
+                self.match(want, actual[key], key)
+            else:
+                self.fail(f"unknown expectation {key!r}")
+
+    # -- flags ----------------------------------------------------------------------------
+
+    def get_flag(self, spec: dict[str, Any], expect: dict[str, Any]) -> None:
+        flag = self.call(expect, lambda: self.sdk.get_flag(spec["tenant"], spec["key"]))
+        if flag is not None:
+            wire_numbers(flag.value, "value")
+            self.fields(expect, {"value": flag.value, "is_default": flag.is_default, "updated_by": flag.updated_by},
+                        {"value", "is_default", "updated_by"})
+
+    def get_flags(self, spec: dict[str, Any], expect: dict[str, Any]) -> None:
+        flags = self.call(expect, lambda: self.sdk.get_flags(spec["tenant"]))
+        if flags is not None:
+            values = {key: flag.value for key, flag in flags.items()}
+            wire_numbers(values, "values")
+            defaults = sorted(key for key, flag in flags.items() if flag.is_default)
+            expect = {k: sorted(v) if k == "defaults" else v for k, v in expect.items()}
+            self.fields(expect, {"values": values, "defaults": defaults}, {"values", "defaults"})
+
+    def is_enabled(self, spec: dict[str, Any], expect: dict[str, Any]) -> None:
+        self.fields(expect, {"value": self.sdk.is_enabled(spec["tenant"], spec["key"])}, {"value"})
+
+    def set_flag(self, spec: dict[str, Any], expect: dict[str, Any]) -> None:
+        flag = self.call(expect, lambda: self.sdk.set_flag(
+            spec["tenant"], spec["key"], spec["value"], actor=spec.get("actor", ""), reason=spec.get("reason", "")))
+        if flag is not None:
+            wire_numbers(flag.value, "value")
+            self.fields(expect, {"value": flag.value, "is_default": flag.is_default, "updated_by": flag.updated_by},
+                        {"value", "is_default", "updated_by"})
+
+    # -- tenants --------------------------------------------------------------------------
+
+    def map_customer(self, spec: dict[str, Any], expect: dict[str, Any]) -> None:
+        applied = self.call(expect, lambda: self.sdk.map_customer(
+            spec["customer"], spec["tenant"], actor=spec.get("actor", ""), reason=spec.get("reason", "")))
+        if applied is not None:
+            self.fields(expect, {"parked_events_applied": applied}, {"parked_events_applied"})
+
+    def resolve_customer(self, spec: dict[str, Any], expect: dict[str, Any]) -> None:
+        tenant = self.call(expect, lambda: self.sdk.resolve_customer(spec["customer"]))
+        if "problem" not in expect:
+            self.fields(expect, {"tenant": tenant}, {"tenant"})
+
+    # -- access ---------------------------------------------------------------------------
+
+    def token(self, spec: Any) -> str:
+        if isinstance(spec, str):
+            return spec
+        claims = dict(spec.get("claims", {}))
+        exp_in = spec.get("exp_in", 600)
+        if exp_in is not None:
+            claims["exp"] = int(time.time()) + exp_in
+        secret = spec.get("secret", self.env["CORESDK_JWT_SECRET"].split(",")[0].strip())
+        return jwt(claims, secret, spec.get("alg", "HS256"))
+
+    def authorize(self, spec: dict[str, Any], expect: dict[str, Any]) -> None:
+        token = self.token(spec["token"]) if "token" in spec else None
+        call_expect = {"problem": expect["error"]} if "error" in expect else {}
+        decision = self.call(call_expect, lambda: self.sdk.authorize(
+            token=token, tenant_id=spec.get("tenant"), require=spec.get("require", []),
+            deny_if=spec.get("deny_if", []), resource=spec.get("resource", "")))
+        if decision is None:
+            return
+        for key, want in expect.items():
+            if key == "problem":
+                self.check_problem(want, decision.problem)
+            elif key in ("allowed", "tenant", "subject"):
+                actual = {"allowed": decision.allowed, "tenant": decision.tenant_id, "subject": decision.subject}[key]
+                self.match(want, actual, key)
+            else:
+                self.fail(f"unknown expectation {key!r}")
+        if decision.allowed and decision.problem is not None:
+            self.fail(f"allowed, with a problem {decision.problem.to_dict()}")
+
+    def verify_token(self, spec: dict[str, Any], expect: dict[str, Any]) -> None:
+        claims = self.call(expect, lambda: self.sdk.verify_token(self.token(spec["token"])))
+        if claims is not None:
+            self.fields(expect, {"subject": claims.subject, "tenant": claims.tenant_id}, {"subject", "tenant"})
+
+    # -- audit ----------------------------------------------------------------------------
+
+    def record(self, expected: dict[str, Any], record: AuditRecord, path: str) -> None:
+        wire_numbers(record.metadata, f"{path}.metadata")
+        actual = {"tenant": record.tenant_id, "actor": record.actor, "event": record.event, "outcome": record.outcome,
+                  "metadata": record.metadata}
+        for key, want in expected.items():
+            if key not in actual:
+                self.fail(f"{path}: unknown record field {key!r}")
+            self.match(want, actual[key], f"{path}.{key}")
+
+    def audit(self, spec: dict[str, Any], expect: dict[str, Any]) -> None:
+        record = self.call(expect, lambda: self.sdk.audit(
+            spec["event"], outcome=spec.get("outcome", ""), actor=spec.get("actor", ""),
+            tenant_id=spec.get("tenant", ""), metadata=spec.get("metadata")))
+        if record is not None and "record" in expect:
+            self.record(expect["record"], record, "record")
+
+    def audit_query(self, spec: dict[str, Any], expect: dict[str, Any]) -> None:
+        wanted = expect["records"]
+        deadline = time.monotonic() + POLL_GUARD_S
+        while True:
+            records = self.sdk.audit_query(tenant_id=spec.get("tenant", ""), event_prefix=spec.get("event_prefix", ""),
+                                           outcome=spec.get("outcome", ""))
+            if len(records) >= len(wanted) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if len(records) != len(wanted):
+            self.fail(f"expected {len(wanted)} records, got {[(r.event, r.outcome, r.metadata) for r in records]}")
+        for n, (want, record) in enumerate(zip(wanted, records)):
+            self.record(want, record, f"records[{n}]")
+
+    def verify_chain(self, spec: dict[str, Any], expect: dict[str, Any]) -> None:
+        assert expect == {"ok": True}, "verify_chain expects {\"ok\": true}"
+        records = self.sdk.audit_query(limit=1_000_000)
+        prev = "0" * 64
+        for n, r in enumerate(records, start=1):
+            where = f"record {r.seq}"
+            if r.seq != n:
+                self.fail(f"{where}: expected seq {n}")
+            if r.prev_hash != prev:
+                self.fail(f"{where}: prev_hash {r.prev_hash} is not the previous hash {prev}")
+            if not RFC3339_MS.match(r.time):
+                self.fail(f"{where}: time {r.time!r} is not RFC 3339 with milliseconds")
+            canonical = rfc8785.dumps({"v": 1, "seq": r.seq, "time": r.time, "tenant": r.tenant_id, "actor": r.actor,
+                                       "event": r.event, "outcome": r.outcome, "metadata": r.metadata})
+            if r.canonical != canonical:
+                self.fail(f"{where}: canonical {r.canonical!r} is not RFC 8785 of the record: {canonical!r}")
+            digest = hashlib.sha256(DOMAIN_TAG + bytes.fromhex(prev) + r.canonical).hexdigest()
+            if r.hash != digest:
+                self.fail(f"{where}: hash {r.hash} is not {digest}")
+            prev = r.hash
+        verdict = self.sdk.audit_verify()
+        if not verdict.ok or verdict.records_checked < len(records):
+            self.fail(f"audit_verify: {verdict} after {len(records)} records")
+
+    def wait(self, seconds: float, expect: dict[str, Any]) -> None:
+        time.sleep(seconds)
