@@ -18,8 +18,9 @@ import canonicalize from 'canonicalize';
 import { parse as parseToml, TomlDate, TomlError } from 'smol-toml';
 
 import { settingsFromEnv, type Settings } from './config.js';
-import { FlagNotFoundError, ProblemError } from './errors.js';
-import { checkFlagKey, checkId, idDefect, isValidFlagKey } from './validation.js';
+import { FlagNotFoundError, GrpcCode, ProblemError } from './errors.js';
+import { checkFlagKey, checkId, idDefect, invalidProblem, isValidFlagKey } from './validation.js';
+import { asJson } from './wire.js';
 import type {
   AdminFlagChange,
   AuditOptions,
@@ -89,6 +90,7 @@ const MAX_AUDIT_RECORDS = 100_000;
 const MAX_PROCESSED_EVENTS = 100_000;
 const MAX_FLAGS = 100_000;
 const MAX_CUSTOMERS = 100_000;
+const MAX_BILLING_OBJECTS = 100_000;
 
 export const SUBSCRIPTION_STATUSES = [
   'incomplete',
@@ -112,6 +114,8 @@ const SUBSCRIPTION_STATE_EVENTS = [
 // Problems, with the sidecar's types, titles, reasons and details (src/problem.rs).
 
 interface ProblemShape {
+  /** The gRPC status the sidecar answers it with. */
+  code: number;
   slug: string;
   title: string;
   status: number;
@@ -119,25 +123,26 @@ interface ProblemShape {
 }
 
 const SHAPES = {
-  signatureMissing: { slug: 'invalid-signature', title: 'Invalid webhook signature', status: 400, reason: 'SIGNATURE_MISSING' },
-  signatureMalformed: { slug: 'invalid-signature', title: 'Invalid webhook signature', status: 400, reason: 'SIGNATURE_MALFORMED' },
+  signatureMissing: { slug: 'invalid-signature', title: 'Invalid webhook signature', status: 400, reason: 'SIGNATURE_MISSING', code: GrpcCode.UNAUTHENTICATED },
+  signatureMalformed: { slug: 'invalid-signature', title: 'Invalid webhook signature', status: 400, reason: 'SIGNATURE_MALFORMED', code: GrpcCode.UNAUTHENTICATED },
   signatureTolerance: {
     slug: 'invalid-signature',
     title: 'Invalid webhook signature',
     status: 400,
     reason: 'SIGNATURE_TIMESTAMP_OUT_OF_TOLERANCE',
+    code: GrpcCode.UNAUTHENTICATED,
   },
-  signatureMismatch: { slug: 'invalid-signature', title: 'Invalid webhook signature', status: 400, reason: 'SIGNATURE_MISMATCH' },
-  payloadTooLarge: { slug: 'payload-too-large', title: 'Payload too large', status: 413, reason: 'PAYLOAD_TOO_LARGE' },
-  invalidEvent: { slug: 'invalid-event', title: 'Not a Stripe event', status: 400, reason: 'INVALID_EVENT' },
-  unknownCustomer: { slug: 'unknown-customer', title: 'Unknown customer', status: 422, reason: 'UNKNOWN_CUSTOMER' },
-  invalid: { slug: 'invalid-request', title: 'Invalid request', status: 400, reason: 'INVALID_ARGUMENT' },
-  flagNotFound: { slug: 'flag-not-found', title: 'Flag not found', status: 404, reason: 'FLAG_NOT_FOUND' },
-  unauthenticated: { slug: 'unauthenticated', title: 'Unauthenticated', status: 401, reason: 'UNAUTHENTICATED' },
-  paymentRequired: { slug: 'payment-required', title: 'Payment Required', status: 402, reason: 'PAYMENT_REQUIRED' },
-  featureLocked: { slug: 'feature-locked', title: 'Feature Unavailable', status: 403, reason: 'FEATURE_LOCKED' },
-  wrongTenant: { slug: 'wrong-tenant', title: 'Forbidden', status: 403, reason: 'WRONG_TENANT' },
-  full: { slug: 'mock-capacity', title: 'Mock capacity reached', status: 507, reason: 'MOCK_CAPACITY' },
+  signatureMismatch: { slug: 'invalid-signature', title: 'Invalid webhook signature', status: 400, reason: 'SIGNATURE_MISMATCH', code: GrpcCode.UNAUTHENTICATED },
+  payloadTooLarge: { slug: 'payload-too-large', title: 'Payload too large', status: 413, reason: 'PAYLOAD_TOO_LARGE', code: GrpcCode.INVALID_ARGUMENT },
+  invalidEvent: { slug: 'invalid-event', title: 'Not a Stripe event', status: 400, reason: 'INVALID_EVENT', code: GrpcCode.INVALID_ARGUMENT },
+  unknownCustomer: { slug: 'unknown-customer', title: 'Unknown customer', status: 422, reason: 'UNKNOWN_CUSTOMER', code: GrpcCode.FAILED_PRECONDITION },
+  invalid: { slug: 'invalid-request', title: 'Invalid request', status: 400, reason: 'INVALID_ARGUMENT', code: GrpcCode.INVALID_ARGUMENT },
+  flagNotFound: { slug: 'flag-not-found', title: 'Flag not found', status: 404, reason: 'FLAG_NOT_FOUND', code: GrpcCode.NOT_FOUND },
+  unauthenticated: { slug: 'unauthenticated', title: 'Unauthenticated', status: 401, reason: 'UNAUTHENTICATED', code: GrpcCode.UNAUTHENTICATED },
+  paymentRequired: { slug: 'payment-required', title: 'Payment Required', status: 402, reason: 'PAYMENT_REQUIRED', code: GrpcCode.PERMISSION_DENIED },
+  featureLocked: { slug: 'feature-locked', title: 'Feature Unavailable', status: 403, reason: 'FEATURE_LOCKED', code: GrpcCode.PERMISSION_DENIED },
+  wrongTenant: { slug: 'wrong-tenant', title: 'Forbidden', status: 403, reason: 'WRONG_TENANT', code: GrpcCode.PERMISSION_DENIED },
+  full: { slug: 'mock-capacity', title: 'Mock capacity reached', status: 507, reason: 'MOCK_CAPACITY', code: GrpcCode.RESOURCE_EXHAUSTED },
 } as const satisfies Record<string, ProblemShape>;
 
 /** A domain error before it becomes a problem: its shape and its message (the problem's detail). */
@@ -722,28 +727,6 @@ function displayFlagValue(value: FlagValue): string {
   return compactJson(value);
 }
 
-/** Application metadata as the sidecar takes it from a protobuf Struct: JSON, numbers finite. */
-function toJsonMetadata(metadata: { [key: string]: unknown }): JsonObject | string {
-  const convert = (value: unknown): JsonValue | undefined => {
-    if (value === null || value === undefined) return null;
-    if (typeof value === 'boolean' || typeof value === 'string') return value;
-    if (typeof value === 'number') {
-      if (!Number.isFinite(value)) throw new TypeError('numbers must be finite');
-      return value;
-    }
-    if (Array.isArray(value)) return value.map((item) => convert(item) ?? null);
-    if (typeof value === 'object' && Object.getPrototypeOf(value) === Object.prototype) {
-      return Object.fromEntries(Object.entries(value as object).map(([k, v]) => [k, convert(v) ?? null]));
-    }
-    throw new TypeError(`a ${typeof value === 'object' ? (value.constructor?.name ?? 'object') : typeof value} is not a JSON value`);
-  };
-  try {
-    return convert(metadata) as JsonObject;
-  } catch (e) {
-    return (e as Error).message;
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The audit trail (src/audit.rs).
 
@@ -1126,6 +1109,7 @@ export class MockSidecar implements CoreSDKClient {
   readonly #parked = new Map<string, Parked>();
   readonly #objects = new Map<string, Map<string, BillingObject>>();
   #version = 0;
+  #billingObjects = 0;
   readonly #refusals: Coalescer;
   readonly #denials: Coalescer;
   #closed = false;
@@ -1191,7 +1175,8 @@ export class MockSidecar implements CoreSDKClient {
 
   #error(refusal: Refusal): ProblemError {
     const problem = this.#problem(refusal);
-    return refusal.shape === SHAPES.flagNotFound ? new FlagNotFoundError(problem) : new ProblemError(problem);
+    const code = refusal.shape.code;
+    return refusal.shape === SHAPES.flagNotFound ? new FlagNotFoundError(problem, code) : new ProblemError(problem, code);
   }
 
   #invalid(field: string, description: string): ProblemError {
@@ -1223,7 +1208,7 @@ export class MockSidecar implements CoreSDKClient {
         status: 503,
         detail: 'the mock is closed',
         reason: 'SHUTTING_DOWN',
-      });
+      }, GrpcCode.UNAVAILABLE);
     }
     this.#refusals.flush(false);
     this.#denials.flush(false);
@@ -1253,8 +1238,11 @@ export class MockSidecar implements CoreSDKClient {
       if (required && value.trim() === '') violations.push([field, 'is required']);
       else if (utf8Length(value) > MAX_FIELD_LEN) violations.push([field, `is longer than ${MAX_FIELD_LEN} bytes`]);
     }
-    const metadata = toJsonMetadata(options.metadata ?? {});
-    if (typeof metadata === 'string') throw this.#invalid('metadata', metadata);
+    // Converted as the client converts it for the wire, with the same problems.
+    const metadata = options.metadata === undefined ? {} : asJson('metadata', options.metadata, this.#typeBase);
+    if (metadata === null || typeof metadata !== 'object' || Array.isArray(metadata)) {
+      throw new ProblemError(invalidProblem('metadata', 'must be an object', this.#typeBase), GrpcCode.INVALID_ARGUMENT);
+    }
     const namespace = reservedNamespace(record.event);
     if (namespace !== null) {
       violations.push([
@@ -1509,9 +1497,7 @@ export class MockSidecar implements CoreSDKClient {
   }
 
   #capacity(what: string, max: number): ProblemError {
-    return new ProblemError(
-      this.#problem(new Refusal(SHAPES.full, `the mock keeps at most ${max} ${what}; it is a mock, not a store`)),
-    );
+    return this.#error(new Refusal(SHAPES.full, `the mock keeps at most ${max} ${what}; it is a mock, not a store`));
   }
 
   #finish(
@@ -1591,6 +1577,16 @@ export class MockSidecar implements CoreSDKClient {
 
   // -- billing objects (src/ops/objects.rs) ------------------------------------------------------
 
+  /** Stores a billing object; a new one counts against the mock's bound. */
+  #putObject(tenant: string, name: string, object: BillingObject): void {
+    const objects = this.#objectsOf(tenant);
+    if (!objects.has(name)) {
+      if (this.#billingObjects >= MAX_BILLING_OBJECTS) throw this.#capacity('billing objects', MAX_BILLING_OBJECTS);
+      this.#billingObjects += 1;
+    }
+    objects.set(name, object);
+  }
+
   #objectsOf(tenant: string): Map<string, BillingObject> {
     let objects = this.#objects.get(tenant);
     if (objects === undefined) {
@@ -1642,7 +1638,7 @@ export class MockSidecar implements CoreSDKClient {
       };
     }
     const named = new Set(keys);
-    objects.set('entitlements', {
+    this.#putObject(tenant, 'entitlements', {
       kind: 'entitlements',
       order,
       standing: 0,
@@ -1667,7 +1663,7 @@ export class MockSidecar implements CoreSDKClient {
       if (keysGrew) stored.keys = keys;
       stale = { object: name, newerEventId: stored.order.eventId, keys: settings.map((s) => s.key) };
     } else {
-      objects.set(name, {
+      this.#putObject(tenant, name, {
         kind: 'subscription',
         order,
         standing: standingOf(subscriptionStatus(event)),
@@ -1900,18 +1896,15 @@ export class MockSidecar implements CoreSDKClient {
     this.#checkText('actor', options?.actor ?? '', MAX_ACTOR_LEN);
     const reason = options.reason ?? '';
     this.#checkReason(reason);
-    if (value === undefined) throw this.#invalid('value', 'a value is required');
     if (typeof value === 'number' && !Number.isFinite(value)) throw this.#invalid('value', 'numbers must be finite');
-    if (typeof value === 'object') {
-      const json = toJsonMetadata({ value });
-      if (typeof json === 'string') throw this.#invalid('value.json_value', json);
-    }
+    // Anything else is JSON as the client sends it (`null` and objects as a JSON value).
+    const stored: FlagValue =
+      typeof value === 'boolean' || typeof value === 'string' || typeof value === 'number' ? value : asJson('value', value, this.#typeBase);
     const mapKey = flagMapKey(tenantId, key);
     const current = this.#flags.get(mapKey);
     if (current === undefined && this.#flags.size >= MAX_FLAGS) throw this.#capacity('flags', MAX_FLAGS);
     const nowMs = Date.now();
     this.#version += 1;
-    const stored = structuredClone(value);
     this.#flags.set(mapKey, {
       value: stored,
       version: this.#version,

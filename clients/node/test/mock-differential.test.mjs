@@ -333,3 +333,57 @@ test('mock: signed bodies that are not events are refused as the sidecar refuses
     }
   });
 });
+
+test('mock: application records, admin values and ids are taken or refused as the sidecar does', async () => {
+  const record = (answer) => {
+    if (answer.answer === undefined || answer.answer === null) return answer;
+    const { seq, time, hash, prevHash, canonical, ...rest } = answer.answer;
+    return { answer: rest };
+  };
+  const audits = [
+    { event: 'app.export', outcome: 'ok', actor: 'u1', tenantId: 'acme-corp', metadata: { n: 1.5, big: 1e21, tiny: 1e-7, neg: -0, s: 'é\u2028"', list: [1, null, { b: 2, a: 1 }] } },
+    { event: 'app.x', outcome: 'ok', actor: 'u1', metadata: { nan: NaN, inf: Infinity, date: new Date(0), skipped: undefined } },
+    { event: 'app.x', outcome: 'ok', actor: 'u1', metadata: { big: 10n } },
+    { event: 'app.x', outcome: 'ok', actor: 'u1', metadata: { blob: 'x'.repeat(5000) } },
+    { event: 'Billing.x', outcome: 'ok', actor: 'u1' },
+    { event: ' auth', outcome: 'ok', actor: 'u1' },
+    { event: 'flagship.x', outcome: 'ok', actor: 'u1' },
+    { event: 'app.x', outcome: 'ok', actor: ' Stripe-Webhook ' },
+    { event: '', outcome: '', actor: '' },
+    { event: 'app.x', outcome: 'ok', actor: 'a'.repeat(257), tenantId: 't'.repeat(129) },
+    { event: 'app.x', outcome: 'ok', actor: 'u1', tenantId: 'bad\ttenant' },
+  ];
+  const flags = [
+    ['acme-corp', 'beta', 3, 'ops'],
+    ['acme-corp', 'beta', 2.5, 'ops'],
+    ['acme-corp', 'beta', 1e21, 'ops'],
+    ['acme-corp', 'beta', 'gold', 'ops'],
+    ['acme-corp', 'beta', { tiers: [1, 2], z: null, a: 'x' }, 'ops'],
+    ['acme-corp', 'beta', [true, 'x'], 'ops'],
+    ['acme-corp', 'beta', null, 'ops'],
+    ['acme-corp', 'beta', NaN, 'ops'],
+    ['acme-corp', 'beta', true, ''],
+    ['acme-corp', 'beta', true, 'ops', 'r'.repeat(1025)],
+    ['acme-corp', 'pro_features', false, 'ops'],
+    ['acme-corp', 'k'.repeat(129), true, 'ops'],
+    ['', 'beta', true, 'ops'],
+  ];
+  await both(async (sidecar, mock) => {
+    for (const [n, options] of audits.entries()) {
+      const append = async (sdk) => record(await outcome(() => sdk.audit(options)));
+      assert.deepEqual(await append(mock), await append(sidecar), `audit ${n}`);
+    }
+    for (const [tenant, key, value, actor, reason = 'why'] of flags) {
+      const set = (sdk) => outcome(() => sdk.setFlag(tenant, key, value, { actor, reason }));
+      assert.deepEqual(await set(mock), await set(sidecar), `setFlag ${key}=${String(value)} by ${actor}`);
+    }
+    for (const [customer, tenant] of [['cus_x', 'bad tenant'], ['cus x', 't'], ['cus_x', 'x'.repeat(129)], ['cus_acme_001', 'acme-corp']]) {
+      const map = (sdk) => outcome(() => sdk.mapCustomer(customer, tenant, { actor: 'ops' }));
+      assert.deepEqual(await map(mock), await map(sidecar), `mapCustomer ${customer} → ${tenant}`);
+    }
+    const records = async (sdk) => (await sdk.auditQuery({ limit: 1000 })).map(comparableRecord);
+    assert.deepEqual(await records(mock), await records(sidecar));
+    const explain = (sdk) => sdk.explainFlag('acme-corp', 'beta');
+    assert.deepEqual(await explain(mock), await explain(sidecar));
+  });
+});
