@@ -990,14 +990,34 @@ const KNOWN_ALGORITHMS = new Set(['HS256', 'HS384', 'HS512', 'ES256', 'ES384', '
 
 class TokenError extends Error {}
 
-function b64urlJson(part: string): unknown {
-  if (!/^[A-Za-z0-9_-]*$/.test(part)) throw new TokenError('the token is malformed');
-  const text = Buffer.from(part, 'base64url').toString('utf8');
+const MALFORMED = "the token is malformed";
+
+/** Base64url without padding, strictly (canonical trailing bits), as the sidecar's JWT library. */
+function b64url(part: string): Buffer {
+  const bytes = /^[A-Za-z0-9_-]*$/.test(part) && part.length % 4 !== 1 ? Buffer.from(part, 'base64url') : null;
+  if (bytes === null || bytes.toString('base64url') !== part) throw new TokenError(MALFORMED);
+  return bytes;
+}
+
+/** A JSON value from a token part, or the TokenError `why` when it is not JSON. */
+function tokenJson(bytes: Buffer, why: string): JsonValue {
   try {
-    return JSON.parse(text) as unknown;
+    return parseJson(bytes);
   } catch {
-    throw new TokenError('the token is malformed');
+    throw new TokenError(why);
   }
+}
+
+/** A NumericDate as the sidecar's JWT library reads it: a non-negative number, rounded; else null. */
+function numericDate(value: JsonValue | undefined): number | null {
+  return typeof value === 'number' && value >= 0 && value < 2 ** 64 ? Math.round(value) : null;
+}
+
+/** `iss` / `aud`: a string or an array of strings; anything else is as if absent. */
+function stringSet(value: JsonValue | undefined): string[] | null {
+  if (typeof value === 'string') return [value];
+  if (Array.isArray(value) && value.every((v) => typeof v === 'string')) return value as string[];
+  return null;
 }
 
 function strings(value: unknown, splitSpaces: boolean): string[] {
@@ -2001,6 +2021,7 @@ export class MockSidecar implements CoreSDKClient {
 
   // -- auth -------------------------------------------------------------------------------------
 
+  /** The sidecar's TokenVerifier (src/auth/token.rs over jsonwebtoken), in its order of checks. */
   #verify(token: string): Claims {
     let text = token.trim();
     if (text.startsWith('Bearer ')) text = text.slice('Bearer '.length).trim();
@@ -2010,45 +2031,44 @@ export class MockSidecar implements CoreSDKClient {
       );
     }
     if (text === '') throw new TokenError('no token was given');
-    if (utf8Length(text) > MAX_TOKEN_LEN) throw new TokenError('the token is malformed');
-    const parts = text.split('.');
-    if (parts.length !== 3) throw new TokenError('the token is malformed');
-    const [headerPart = '', payloadPart = '', signaturePart = ''] = parts;
-    const header = b64urlJson(headerPart);
-    const alg = typeof header === 'object' && header !== null ? (header as { alg?: unknown }).alg : undefined;
+    if (utf8Length(text) > MAX_TOKEN_LEN) throw new TokenError(MALFORMED);
+    // Split from the right, as the library: the header is all before the second-to-last dot.
+    const lastDot = text.lastIndexOf('.');
+    const secondDot = lastDot < 0 ? -1 : text.lastIndexOf('.', lastDot - 1);
+    if (secondDot < 0) throw new TokenError(MALFORMED);
+    const headerPart = text.slice(0, secondDot);
+    const payloadPart = text.slice(secondDot + 1, lastDot);
+    const signaturePart = text.slice(lastDot + 1);
+    const header = tokenJson(b64url(headerPart), "the token's algorithm is not accepted");
+    const alg = asObject(header)?.alg;
     if (typeof alg !== 'string' || !KNOWN_ALGORITHMS.has(alg)) throw new TokenError("the token's algorithm is not accepted");
     const digest = HMAC_ALGORITHMS[alg];
     if (digest === undefined) throw new TokenError(`no configured key can verify a ${alg} token`);
-    if (!/^[A-Za-z0-9_-]*$/.test(signaturePart)) throw new TokenError('the token is malformed');
-    const signature = Buffer.from(signaturePart, 'base64url');
+    const signature = b64url(signaturePart);
     const signed = `${headerPart}.${payloadPart}`;
     const verified = this.#jwtSecrets.some((secret) => {
       const expected = createHmac(digest, secret).update(signed).digest();
       return expected.length === signature.length && timingSafeEqual(expected, signature);
     });
     if (!verified) throw new TokenError("the token's signature does not verify");
-    const all = b64urlJson(payloadPart);
-    if (typeof all !== 'object' || all === null || Array.isArray(all)) throw new TokenError('the token is malformed');
-    const claims = all as { [name: string]: JsonValue };
+    const claims = asObject(tokenJson(b64url(payloadPart), MALFORMED));
+    if (claims === null) throw new TokenError(MALFORMED);
     const now = Math.floor(Date.now() / 1000);
-    const numeric = (value: JsonValue | undefined) => (typeof value === 'number' && value >= 0 ? Math.floor(value) : null);
-    const exp = numeric(claims.exp);
+    const exp = numericDate(claims.exp);
     if (exp === null) throw new TokenError("the token lacks the required claim 'exp'");
-    if (claims.nbf !== undefined && numeric(claims.nbf) === null) throw new TokenError("the token's claim 'nbf' has the wrong type");
-    if (exp < now - this.#leewayS) throw new TokenError('the token has expired');
-    const nbf = numeric(claims.nbf);
-    if (nbf !== null && nbf > now + this.#leewayS) throw new TokenError('the token is not valid yet');
-    if (this.#jwtIssuer !== null) {
-      const iss = claims.iss;
-      const issuers = typeof iss === 'string' ? [iss] : Array.isArray(iss) ? iss : null;
-      if (issuers !== null && !issuers.includes(this.#jwtIssuer)) throw new TokenError("the token's issuer is not accepted");
+    const nbf = numericDate(claims.nbf);
+    if (claims.nbf !== undefined && nbf === null) {
+      throw new TokenError("the token's claim 'nbf' has the wrong type");
     }
-    if (this.#jwtAudience.length > 0) {
-      const aud = claims.aud;
-      const audiences = typeof aud === 'string' ? [aud] : Array.isArray(aud) ? aud : null;
-      if (audiences !== null && !audiences.some((a) => typeof a === 'string' && this.#jwtAudience.includes(a))) {
-        throw new TokenError("the token's audience is not accepted");
-      }
+    if (exp < now - this.#leewayS) throw new TokenError('the token has expired');
+    if (nbf !== null && nbf > now + this.#leewayS) throw new TokenError('the token is not valid yet');
+    const issuers = stringSet(claims.iss);
+    if (this.#jwtIssuer !== null && issuers !== null && !issuers.includes(this.#jwtIssuer)) {
+      throw new TokenError("the token's issuer is not accepted");
+    }
+    const audiences = stringSet(claims.aud);
+    if (this.#jwtAudience.length > 0 && audiences !== null && !audiences.some((a) => this.#jwtAudience.includes(a))) {
+      throw new TokenError("the token's audience is not accepted");
     }
     const tenantValue = claims[this.#tenantClaim];
     let tenantId = '';

@@ -118,6 +118,22 @@ const TOKENS = [
   jwt({ sub: 'lu', tenant_id: 'acme-corp', exp: NOW + 3600 }, { alg: 'RS256' }),
   'not.a.token',
   'garbage',
+  'eyJhbGciOiJIUzI1NiJ9.e30.',
+  'eyJhbGciOiJIUzI1NiJ9.!!.x',
+  '{}.e30.x',
+  'e30.e30.x',
+  'eyJhbGciOiJ4In0.e30.x',
+  'eyJhbGciOiJIUzI1NiJ9.bm90anNvbg.x',
+  'a.b.c.d',
+  'Bearer ',
+  `${jwt({ sub: 'mo', tenant_id: 'acme-corp', exp: NOW + 3600 }).slice(0, -2)}`,
+  jwt({ sub: 'ned', tenant_id: 'acme-corp', exp: NOW + 3600, nbf: 'later' }),
+  jwt({ sub: 'oz', tenant_id: 'acme-corp', exp: -5 }),
+  jwt({ sub: 'pia', tenant_id: 'acme-corp', exp: NOW + 3600.7, iss: 5, aud: ['a', 'b'] }),
+  jwt({ sub: 7, tenant_id: '', exp: NOW + 3600, roles: [1, 'r'], scp: ['a b', 'c'] }),
+  jwt(['not', 'an', 'object']),
+  jwt({ sub: 'quin', tenant_id: 'acme-corp', exp: NOW + 3600.5, nbf: null }),
+  jwt({ sub: 'ray', tenant_id: 'acme-corp', exp: null }),
 ];
 
 function sign(body) {
