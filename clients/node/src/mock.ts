@@ -122,28 +122,34 @@ interface ProblemShape {
   reason: string;
 }
 
+const shape = (code: number, status: number, slug: string, title: string, reason: string): ProblemShape => ({
+  code,
+  status,
+  slug,
+  title,
+  reason,
+});
+const BAD_SIGNATURE = [GrpcCode.UNAUTHENTICATED, 400, 'invalid-signature', 'Invalid webhook signature'] as const;
+
+/** The sidecar's mappings (src/problem.rs `Error::mapping`, `Denial::mapping`). */
 const SHAPES = {
-  signatureMissing: { slug: 'invalid-signature', title: 'Invalid webhook signature', status: 400, reason: 'SIGNATURE_MISSING', code: GrpcCode.UNAUTHENTICATED },
-  signatureMalformed: { slug: 'invalid-signature', title: 'Invalid webhook signature', status: 400, reason: 'SIGNATURE_MALFORMED', code: GrpcCode.UNAUTHENTICATED },
-  signatureTolerance: {
-    slug: 'invalid-signature',
-    title: 'Invalid webhook signature',
-    status: 400,
-    reason: 'SIGNATURE_TIMESTAMP_OUT_OF_TOLERANCE',
-    code: GrpcCode.UNAUTHENTICATED,
-  },
-  signatureMismatch: { slug: 'invalid-signature', title: 'Invalid webhook signature', status: 400, reason: 'SIGNATURE_MISMATCH', code: GrpcCode.UNAUTHENTICATED },
-  payloadTooLarge: { slug: 'payload-too-large', title: 'Payload too large', status: 413, reason: 'PAYLOAD_TOO_LARGE', code: GrpcCode.INVALID_ARGUMENT },
-  invalidEvent: { slug: 'invalid-event', title: 'Not a Stripe event', status: 400, reason: 'INVALID_EVENT', code: GrpcCode.INVALID_ARGUMENT },
-  unknownCustomer: { slug: 'unknown-customer', title: 'Unknown customer', status: 422, reason: 'UNKNOWN_CUSTOMER', code: GrpcCode.FAILED_PRECONDITION },
-  invalid: { slug: 'invalid-request', title: 'Invalid request', status: 400, reason: 'INVALID_ARGUMENT', code: GrpcCode.INVALID_ARGUMENT },
-  flagNotFound: { slug: 'flag-not-found', title: 'Flag not found', status: 404, reason: 'FLAG_NOT_FOUND', code: GrpcCode.NOT_FOUND },
-  unauthenticated: { slug: 'unauthenticated', title: 'Unauthenticated', status: 401, reason: 'UNAUTHENTICATED', code: GrpcCode.UNAUTHENTICATED },
-  paymentRequired: { slug: 'payment-required', title: 'Payment Required', status: 402, reason: 'PAYMENT_REQUIRED', code: GrpcCode.PERMISSION_DENIED },
-  featureLocked: { slug: 'feature-locked', title: 'Feature Unavailable', status: 403, reason: 'FEATURE_LOCKED', code: GrpcCode.PERMISSION_DENIED },
-  wrongTenant: { slug: 'wrong-tenant', title: 'Forbidden', status: 403, reason: 'WRONG_TENANT', code: GrpcCode.PERMISSION_DENIED },
-  full: { slug: 'mock-capacity', title: 'Mock capacity reached', status: 507, reason: 'MOCK_CAPACITY', code: GrpcCode.RESOURCE_EXHAUSTED },
-} as const satisfies Record<string, ProblemShape>;
+  signatureMissing: shape(...BAD_SIGNATURE, 'SIGNATURE_MISSING'),
+  signatureMalformed: shape(...BAD_SIGNATURE, 'SIGNATURE_MALFORMED'),
+  signatureTolerance: shape(...BAD_SIGNATURE, 'SIGNATURE_TIMESTAMP_OUT_OF_TOLERANCE'),
+  signatureMismatch: shape(...BAD_SIGNATURE, 'SIGNATURE_MISMATCH'),
+  payloadTooLarge: shape(GrpcCode.INVALID_ARGUMENT, 413, 'payload-too-large', 'Payload too large', 'PAYLOAD_TOO_LARGE'),
+  invalidEvent: shape(GrpcCode.INVALID_ARGUMENT, 400, 'invalid-event', 'Not a Stripe event', 'INVALID_EVENT'),
+  unknownCustomer: shape(GrpcCode.FAILED_PRECONDITION, 422, 'unknown-customer', 'Unknown customer', 'UNKNOWN_CUSTOMER'),
+  invalid: shape(GrpcCode.INVALID_ARGUMENT, 400, 'invalid-request', 'Invalid request', 'INVALID_ARGUMENT'),
+  flagNotFound: shape(GrpcCode.NOT_FOUND, 404, 'flag-not-found', 'Flag not found', 'FLAG_NOT_FOUND'),
+  unauthenticated: shape(GrpcCode.UNAUTHENTICATED, 401, 'unauthenticated', 'Unauthenticated', 'UNAUTHENTICATED'),
+  paymentRequired: shape(GrpcCode.PERMISSION_DENIED, 402, 'payment-required', 'Payment Required', 'PAYMENT_REQUIRED'),
+  featureLocked: shape(GrpcCode.PERMISSION_DENIED, 403, 'feature-locked', 'Feature Unavailable', 'FEATURE_LOCKED'),
+  wrongTenant: shape(GrpcCode.PERMISSION_DENIED, 403, 'wrong-tenant', 'Forbidden', 'WRONG_TENANT'),
+  shuttingDown: shape(GrpcCode.UNAVAILABLE, 503, 'shutting-down', 'Shutting down', 'SHUTTING_DOWN'),
+  // The mock's own: its memory bound (the sidecar's store is a database).
+  full: shape(GrpcCode.RESOURCE_EXHAUSTED, 507, 'mock-capacity', 'Mock capacity reached', 'MOCK_CAPACITY'),
+};
 
 /** A domain error before it becomes a problem: its shape and its message (the problem's detail). */
 class Refusal {
@@ -228,17 +234,23 @@ function isTable(value: unknown): value is Record<string, unknown> {
   return typeof value === 'object' && value !== null && !Array.isArray(value) && !(value instanceof TomlDate);
 }
 
+/** A TOML date-time as the sidecar's TOML library writes it: no fraction of zeros, `T` and `Z`. */
+function tomlDateText(date: TomlDate): string {
+  return date
+    .toISOString()
+    .replace(/\.(\d+)/, (_, digits: string) => (/^0+$/.test(digits) ? '' : `.${digits.replace(/0+$/, '')}`))
+    .replace(/z$/, 'Z');
+}
+
 function flagValueFromToml(value: unknown): FlagValue {
   if (typeof value === 'number' && !Number.isFinite(value)) {
     throw new RulesError('invalid rules: flag numbers must be finite');
   }
-  if (typeof value === 'bigint') return Number(value);
-  if (value instanceof TomlDate) return value.toISOString();
   return tomlToJson(value);
 }
 
 function tomlToJson(value: unknown): JsonValue {
-  if (value instanceof TomlDate) return value.toISOString();
+  if (value instanceof TomlDate) return tomlDateText(value);
   if (Array.isArray(value)) return value.map(tomlToJson);
   if (isTable(value)) return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, tomlToJson(v)]));
   if (typeof value === 'bigint') return Number(value);
@@ -598,12 +610,7 @@ function parseEvent(payload: Buffer, latest: number, signed: boolean): StripeEve
 /** The top-level string `id` and `type` the first 1024 bytes of an unverified body claim. */
 function claimedIdentity(payload: Buffer): { id?: string; type?: string } {
   const claimed: { id?: string; type?: string } = {};
-  let text: string;
-  try {
-    text = new TextDecoder('utf-8', { fatal: false }).decode(payload.subarray(0, CLAIM_PREFIX_BYTES));
-  } catch {
-    return claimed;
-  }
+  const text = new TextDecoder('utf-8').decode(payload.subarray(0, CLAIM_PREFIX_BYTES));
   let i = 0;
   const ws = () => {
     while (i < text.length && ' \t\r\n'.includes(text[i] ?? '')) i += 1;
@@ -1221,15 +1228,7 @@ export class MockSidecar implements CoreSDKClient {
   }
 
   #open(): void {
-    if (this.#closed) {
-      throw new ProblemError({
-        type: `${this.#typeBase}/shutting-down`,
-        title: 'Shutting down',
-        status: 503,
-        detail: 'the mock is closed',
-        reason: 'SHUTTING_DOWN',
-      }, GrpcCode.UNAVAILABLE);
-    }
+    if (this.#closed) throw this.#error(new Refusal(SHAPES.shuttingDown, 'the mock is closed'));
     this.#refusals.flush(false);
     this.#denials.flush(false);
   }
@@ -1433,11 +1432,12 @@ export class MockSidecar implements CoreSDKClient {
     const metadata = this.#baseMetadata(event, parkedAtMs);
     let mappingRecorded = false;
     let tenant: string | null = null;
-    const resolved = this.#resolveTenant(event, nowMs);
+    const resolved = this.#resolveTenant(event);
     if (resolved.kind === 'tenant') tenant = resolved.tenant;
     else if (resolved.kind === 'mapped') {
-      metadata.mapped_customer = customerId(event);
       const customer = customerId(event);
+      metadata.mapped_customer = customer;
+      // An event applied from parking never maps (nor unparks): the recursion is one level deep.
       if (parkedAtMs === null && customer !== null) {
         const applied = this.#applyParked(customer, event.id, nowMs);
         if (applied > 0) metadata.parked_events_applied = applied;
@@ -1541,14 +1541,16 @@ export class MockSidecar implements CoreSDKClient {
     return { eventId: event.id, eventType: event.type, tenantId: tenant, outcome, flagChanges: changes, auditSeq: record.seq, staleFlags: stale };
   }
 
+  /**
+   * The mapping first; a checkout's valid `client_reference_id` maps only a customer with no
+   * tenant (moving one is an admin's decision); then a valid `metadata.tenant_id`.
+   */
   #resolveTenant(
     event: StripeEvent,
-    nowMs: number,
   ):
     | { kind: 'tenant' | 'mapped'; tenant: string }
     | { kind: 'refused'; tenant: string; claimed: string }
     | { kind: 'none' } {
-    void nowMs;
     const customer = customerId(event);
     const candidate = event.type === 'checkout.session.completed' ? objectStr(event, 'client_reference_id') : null;
     const reference = candidate !== null && idDefect(candidate) === null ? candidate : null;
