@@ -407,11 +407,17 @@ class Run:
             self.record(expect["record"], record, "record")
 
     def audit_query(self, spec: dict[str, Any], expect: dict[str, Any]) -> None:
+        def query() -> list[AuditRecord]:
+            return self.sdk.audit_query(tenant_id=spec.get("tenant", ""), event_prefix=spec.get("event_prefix", ""),
+                                        outcome=spec.get("outcome", ""))
+
+        if "problem" in expect:
+            self.call(expect, query)
+            return
         wanted = expect["records"]
         deadline = time.monotonic() + POLL_GUARD_S
         while True:
-            records = self.sdk.audit_query(tenant_id=spec.get("tenant", ""), event_prefix=spec.get("event_prefix", ""),
-                                           outcome=spec.get("outcome", ""))
+            records = query()
             if len(records) >= len(wanted) or time.monotonic() > deadline:
                 break
             time.sleep(0.05)

@@ -55,6 +55,8 @@ MOCK_SECRET = "whsec_test_secret"
 MOCK_TENANTS = {"cus_acme_001": "acme-corp", "cus_globex_001": "globex", "cus_initech_001": "initech"}
 ACTOR = "stripe-webhook"
 REPLAY_ACTOR = "replay"
+# The actor of changes made from the configuration (the sidecar's SEED_ACTOR).
+SEED_ACTOR = "config"
 MAX_REASON_LEN = 1024
 # How many stale deliveries an explanation lists (the sidecar's STALE_SHOWN).
 STALE_SHOWN = 20
@@ -440,6 +442,10 @@ class MockSidecar(BaseSDK):
         # Refused deliveries and denials, coalesced as the sidecar does (src/coalesce.rs).
         self._refusals = _Coalescer("billing.webhook.refused", "rejected", ("reason",), self._audit_window_s)
         self._denials = _Coalescer("auth.denied", "denied", ("reason", "feature", "subject"), self._audit_window_s)
+        # As a sidecar's first start with its tenants file: the seeding is the chain's first record.
+        self._seal("", SEED_ACTOR, "tenant.mappings_seeded", "applied", {
+            "configured": len(MOCK_TENANTS), "added": len(MOCK_TENANTS), "unchanged": 0,
+            "kept_runtime": 0, "kept_unmapped": 0, "overridden": 0})
 
     # -- audit ----------------------------------------------------------------------------
 
