@@ -32,7 +32,7 @@ RFC3339_MS = re.compile(r"\A\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z\Z")
 POLL_GUARD_S = 10
 ACTIONS = {
     "webhook", "get_flag", "get_flags", "is_enabled", "set_flag", "map_customer", "resolve_customer",
-    "authorize", "verify_token", "audit", "audit_query", "verify_chain", "wait",
+    "authorize", "verify_token", "audit", "audit_query", "verify_chain", "wait", "replay", "explain_flag",
 }
 
 
@@ -44,7 +44,7 @@ def test_the_suite_is_well_formed():
     assert len(names) == len(set(names)), "scenario names must be unique"
     for scenario in SCENARIOS:
         assert set(scenario) <= {"name", "about", "env", "steps"}, scenario["name"]
-        labels = [s["webhook"]["event"] for s in scenario["steps"] if "webhook" in s and "event" in s["webhook"]]
+        labels = [s[a]["event"] for s in scenario["steps"] for a in ("webhook", "replay") if a in s and "event" in s[a]]
         assert len(labels) == len(set(labels)), f"{scenario['name']}: event labels must be unique"
         for step in scenario["steps"]:
             actions = set(step) & ACTIONS
@@ -192,8 +192,8 @@ class Run:
                 self.match(want, problem.reason, f"{path}.reason")
             elif key == "type":
                 self.match(self.env["CORESDK_PROBLEM_TYPE_BASE"].rstrip("/") + "/" + want, problem.type, f"{path}.type")
-            elif key == "title":
-                self.match(want, problem.title, f"{path}.title")
+            elif key in ("title", "instance"):
+                self.match(want, getattr(problem, key), f"{path}.{key}")
             elif key == "detail_contains":
                 if want not in problem.detail:
                     self.fail(f"{path}.detail {problem.detail!r} does not contain {want!r}")
@@ -281,7 +281,14 @@ class Run:
     def webhook(self, spec: dict[str, Any], expect: dict[str, Any]) -> None:
         body, event_id, event_type = self.body(spec)
         header = self.header(body, spec.get("signature", "valid"))
-        result = self.call(expect, lambda: self.sdk.handle_stripe_webhook(body, header))
+        self.answered(spec, expect, event_id, event_type, lambda: self.sdk.handle_stripe_webhook(body, header))
+
+    def replay(self, spec: dict[str, Any], expect: dict[str, Any]) -> None:
+        body, event_id, event_type = self.body(spec)
+        self.answered(spec, expect, event_id, event_type, lambda: self.sdk.replay_event(body, reason=spec.get("reason", "")))
+
+    def answered(self, spec: dict[str, Any], expect: dict[str, Any], event_id: str, event_type: str, call: Callable[[], Any]) -> None:
+        result = self.call(expect, call)
         if result is None:
             return
         if "event" in spec:
@@ -327,6 +334,27 @@ class Run:
             defaults = sorted(key for key, flag in flags.items() if flag.is_default)
             expect = {k: sorted(v) if k == "defaults" else v for k, v in expect.items()}
             self.fields(expect, {"values": values, "defaults": defaults}, {"values", "defaults"})
+
+    def flag_event(self, event: Any) -> Any:
+        if event is None:
+            return None
+        return {"event_id": event.event_id, "event_type": event.event_type, "created": event.created,
+                "audit_seq": event.audit_seq, "actor": event.actor, "reason": event.reason}
+
+    def explain_flag(self, spec: dict[str, Any], expect: dict[str, Any]) -> None:
+        why = self.call(expect, lambda: self.sdk.explain_flag(spec["tenant"], spec["key"]))
+        if why is None:
+            return
+        wire_numbers(why.flag.value, "value")
+        admin = None if why.admin is None else {
+            "actor": why.admin.actor, "reason": why.admin.reason, "version": why.admin.version, "audit_seq": why.admin.audit_seq}
+        actual = {
+            "value": why.flag.value, "is_default": why.flag.is_default,
+            "set_by": "event" if why.event is not None else "admin" if why.admin is not None else "default",
+            "event": self.flag_event(why.event), "admin": admin, "rule": why.rule,
+            "stale_events": [self.flag_event(e) for e in why.stale_events], "newest_event": self.flag_event(why.newest_event),
+        }
+        self.fields(expect, actual, set(actual))
 
     def is_enabled(self, spec: dict[str, Any], expect: dict[str, Any]) -> None:
         self.fields(expect, {"value": self.sdk.is_enabled(spec["tenant"], spec["key"])}, {"value"})
