@@ -1,8 +1,11 @@
 """An in-process stand-in for the sidecar (`CORESDK_USE_MOCK=true`), for local development
 and tests without a sidecar. It follows the sidecar's semantics: the same signature checks,
 the same rules file (`default_rules.toml` is the sidecar's `rules/default.toml`), DUPLICATE /
-STALE / IGNORED, the seeded SecurePay tenants, the same 401/402/403 problems, and an audit list
-with a hash chain. The shared test suite runs against both so they cannot drift apart.
+STALE / IGNORED, the seeded SecurePay tenants, the same 401/402/403 problems, refusals and
+denials coalesced per window, and an audit chain hashed exactly as the sidecar's (RFC 8785 of
+the same records, by the `rfc8785` package). Numbers come back as doubles, as they do over
+gRPC. The contract suite (`tests/contract/`) and the shared test suite run against both, so
+they cannot drift apart.
 
 Events of customers with no tenant are parked with the sidecar's bounds and applied when the
 customer is mapped. Differences, by design: state lives in memory only (so parked events never
