@@ -88,12 +88,14 @@ def test_scenario(scenario: dict[str, Any], implementation: Callable[[dict[str, 
 
 
 def jwt(claims: dict[str, Any], secret: str, alg: str) -> str:
-    digest = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}[alg]
-
+    """A compact JWS: HMAC-signed, or unsigned for `alg: none` (which must be refused)."""
     def part(data: bytes) -> str:
         return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
     signing_input = part(json.dumps({"alg": alg, "typ": "JWT"}).encode()) + "." + part(json.dumps(claims).encode())
+    if alg == "none":
+        return signing_input + "."
+    digest = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}[alg]
     return signing_input + "." + part(hmac.new(secret.encode(), signing_input.encode(), digest).digest())
 
 
@@ -276,7 +278,8 @@ class Run:
             self.fail(f"unknown signature {how!r}")
         t = int(time.time()) + offset
         signature = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-        return f"t={t},v1={signature}"
+        extra = how.get("extra") if isinstance(how, dict) else None
+        return f"t={t},{extra},v1={signature}" if extra else f"t={t},v1={signature}"
 
     def webhook(self, spec: dict[str, Any], expect: dict[str, Any]) -> None:
         body, event_id, event_type = self.body(spec)
@@ -389,6 +392,8 @@ class Run:
         exp_in = spec.get("exp_in", 600)
         if exp_in is not None:
             claims["exp"] = int(time.time()) + exp_in
+        if "nbf_in" in spec:
+            claims["nbf"] = int(time.time()) + spec["nbf_in"]
         secret = spec.get("secret", self.env["CORESDK_JWT_SECRET"].split(",")[0].strip())
         return jwt(claims, secret, spec.get("alg", "HS256"))
 

@@ -69,6 +69,8 @@ RESERVED_NAMESPACES = ("billing", "auth", "flag", "tenant", "audit")
 TOLERANCE_S = 300
 # Seconds `created` may lie after the signature timestamp (the sidecar's MAX_CREATED_AHEAD_S).
 MAX_CREATED_AHEAD_S = 300
+# The sidecar's CORESDK_JWT_LEEWAY_S default: clock skew allowed on `exp` and `nbf`.
+JWT_LEEWAY_S = 60
 # The sidecar's CORESDK_DENY_AUDIT_WINDOW_S default.
 DENY_AUDIT_WINDOW_S = 60
 MAX_BODY = 1024 * 1024
@@ -417,6 +419,7 @@ class MockSidecar(BaseSDK):
         self._jwt_issuer = env.get("CORESDK_JWT_ISSUER") or None
         self._jwt_audience = [a.strip() for a in env.get("CORESDK_JWT_AUDIENCE", "").split(",") if a.strip()]
         self._tenant_claim = env.get("CORESDK_JWT_TENANT_CLAIM", "tenant_id")
+        self._jwt_leeway_s = int(env.get("CORESDK_JWT_LEEWAY_S") or JWT_LEEWAY_S)
         self._audit_window_s = float(env.get("CORESDK_DENY_AUDIT_WINDOW_S") or DENY_AUDIT_WINDOW_S)
         self._tolerance_s = int(env.get("CORESDK_WEBHOOK_TOLERANCE_S") or TOLERANCE_S)
         self._max_body = int(env.get("CORESDK_WEBHOOK_MAX_BODY_BYTES") or MAX_BODY)
@@ -1045,13 +1048,17 @@ class MockSidecar(BaseSDK):
             signature = _b64decode(signature_b64)
         except (ValueError, TypeError):
             raise self._unauthenticated("the token is malformed") from None
+        if not isinstance(header, dict):
+            raise self._unauthenticated("the token's algorithm is not accepted")
         digest = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}.get(header.get("alg"))
         if digest is None:
             raise self._unauthenticated("the token's algorithm is not accepted")
         signing_input = f"{header_b64}.{payload_b64}".encode()
         if not any(hmac.compare_digest(hmac.new(s, signing_input, digest).digest(), signature) for s in self._jwt_secrets):
             raise self._unauthenticated("the token's signature does not verify")
-        now, leeway = time.time(), 60
+        if not isinstance(claims, dict):
+            raise self._unauthenticated("the token is malformed")
+        now, leeway = time.time(), self._jwt_leeway_s
         if not isinstance(claims.get("exp"), (int, float)):
             raise self._unauthenticated("the token lacks the required claim 'exp'")
         if claims["exp"] < now - leeway:
