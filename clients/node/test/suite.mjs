@@ -125,6 +125,20 @@ export function defineClientSuite(name, makeWorld) {
       });
     }
 
+    test('replayEvent (admin) feeds an exported event through the webhook path, audited as a replay', async () => {
+      const { customer, tenant } = await freshCustomer(sdk, 'replay');
+      const body = stripeEvent('invoice.paid', customer);
+      const replayed = await sdk.replayEvent(body, { reason: 'outage INC-42' });
+      assert.equal(replayed.outcome, 'applied');
+      assert.equal(replayed.tenantId, tenant);
+      assert.equal(await sdk.isEnabled(tenant, 'pro_features'), true);
+      assert.equal((await sdk.getFlag(tenant, 'pro_features')).updatedBy, 'replay');
+      assert.equal((await sdk.replayEvent(body, { reason: 'again' })).outcome, 'duplicate');
+      const explained = await sdk.explainFlag(tenant, 'pro_features');
+      assert.equal(explained.event?.actor, 'replay');
+      assert.equal(explained.event?.reason, 'outage INC-42');
+    });
+
     test('an unknown customer is 422 until mapped; resolveCustomer names its tenant', async () => {
       const unique = randomUUID().slice(0, 8);
       const customer = `cus_nobody_${unique}`;
