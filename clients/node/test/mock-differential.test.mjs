@@ -255,10 +255,10 @@ describe('mock: the same answers as the sidecar', () => {
 });
 
 /** Both implementations, fresh: the sidecar's client and the mock, with the suite's settings. */
-async function both(use) {
-  const sidecar = await Sidecar.start();
+async function both(use, env = {}) {
+  const sidecar = await Sidecar.start({ env });
   let client;
-  const mock = new MockSidecar(makeSettings({ useMock: true, problemTypeBase: ENV.CORESDK_PROBLEM_TYPE_BASE }), { ...ENV });
+  const mock = new MockSidecar(makeSettings({ useMock: true, problemTypeBase: ENV.CORESDK_PROBLEM_TYPE_BASE }), { ...ENV, ...env });
   try {
     client = await clientFor(sidecar, { adminToken: ENV.CORESDK_ADMIN_TOKEN, problemTypeBase: ENV.CORESDK_PROBLEM_TYPE_BASE });
     await use(client, mock);
@@ -402,4 +402,39 @@ test('mock: application records, admin values and ids are taken or refused as th
     const explain = (sdk) => sdk.explainFlag('acme-corp', 'beta');
     assert.deepEqual(await explain(mock), await explain(sidecar));
   });
+});
+
+test('mock: refused deliveries are recorded with the identity they claim, as the sidecar records them', async () => {
+  const filler = 'x'.repeat(1100);
+  const bodies = [
+    `{"id":"evt_claimed","object":"event","filler":"${filler}","type":"invoice.paid"}`,
+    `{"type":"invoice.paid","data":{"id":"nested","deep":[{"id":"deeper"}]},"id":"evt_after_nested"}`,
+    `{"filler":"${filler}","id":"evt_beyond_the_prefix"}`,
+    `{"id":42,"id":"evt_second","type":["x"],"type":"t"}`,
+    `{"id":"evt_${'é'.repeat(300)}","type":"invoice.paid"}`,
+    `{"id":"evt_escaped\\u00e9\\"q","type":"a\\nb"}`,
+    `{"id" : "evt_spaced" , "type" : "invoice.paid" }`,
+    `["evt_array"]`,
+    `not json "id":"evt_text"`,
+    `{"id":"evt_cut_${'y'.repeat(1100)}"}`,
+    `{"n":-1.5e3,"t":true,"f":false,"z":null,"id":"evt_after_scalars","type":"x"}`,
+  ];
+  const window0 = { CORESDK_DENY_AUDIT_WINDOW_S: '0' };
+  await both(async (sidecar, mock) => {
+    for (const body of bodies) {
+      const deliver = (sdk) => outcome(() => sdk.handleStripeWebhook(Buffer.from(body), 'garbage'));
+      assert.deepEqual(await deliver(mock), await deliver(sidecar), body.slice(0, 60));
+    }
+    const refused = async (sdk, wanted = 0) => {
+      const deadline = Date.now() + 10_000;
+      for (;;) {
+        const records = await sdk.auditQuery({ eventPrefix: 'billing.webhook.refused' });
+        if (records.length >= wanted || Date.now() > deadline) return records.map(comparableRecord).map(({ seq, ...r }) => r);
+        await sleep(50);
+      }
+    };
+    const fromMock = await refused(mock);
+    assert.equal(fromMock.length, bodies.length);
+    assert.deepEqual(fromMock, await refused(sidecar, bodies.length));
+  }, window0);
 });
