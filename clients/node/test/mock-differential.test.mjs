@@ -438,3 +438,42 @@ test('mock: refused deliveries are recorded with the identity they claim, as the
     assert.deepEqual(fromMock, await refused(sidecar, bodies.length));
   }, window0);
 });
+
+test('mock: an effect too large for an audit record is bounded as the sidecar bounds it', async () => {
+  const now = Math.floor(Date.now() / 1000);
+  const keys = (prefix, n) => Array.from({ length: n }, (_, i) => ({ lookup_key: `${prefix}_feature_${String(i).padStart(3, '0')}` }));
+  const summary = (id, created, data) =>
+    Buffer.from(
+      JSON.stringify({
+        id,
+        type: 'entitlements.active_entitlement_summary.updated',
+        created,
+        data: { object: { customer: 'cus_acme_001', entitlements: { data } } },
+      }),
+    );
+  const bodies = [
+    summary('evt_big_1', now - 5, keys('a', 150)),
+    summary('evt_big_2', now - 2, keys('b', 120)),
+    summary('evt_big_0', now - 9, keys('c', 90)),
+    summary('evt_big_3', now, []),
+  ];
+  await both(async (sidecar, mock) => {
+    for (const body of bodies) {
+      const deliver = async (sdk) => {
+        const answer = await outcome(() => sdk.handleStripeWebhook(body, sign(body)));
+        return answer.answer ? { ...answer.answer, changes: answer.answer.flagChanges.length, flagChanges: undefined } : answer;
+      };
+      assert.deepEqual(await deliver(mock), await deliver(sidecar));
+    }
+    const records = async (sdk) => (await sdk.auditQuery({ eventPrefix: 'billing.entitlements' })).map(comparableRecord);
+    const fromMock = await records(mock);
+    assert.ok(fromMock.some((r) => Object.values(r.metadata).includes('[truncated]')), 'no record was large enough to be bounded');
+    assert.deepEqual(fromMock, await records(sidecar));
+    // A record's key order is the client's own: compared sorted.
+    const flags = async (sdk) =>
+      Object.values(await sdk.getFlags('acme-corp'))
+        .map((f) => [f.key, f.value, f.version])
+        .sort(([a], [b]) => (a < b ? -1 : 1));
+    assert.deepEqual(await flags(mock), await flags(sidecar));
+  });
+});
