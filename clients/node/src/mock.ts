@@ -78,6 +78,8 @@ const QUERY_SCAN_WINDOW = 10_000;
 const PARKED_RETENTION_MS = 30 * 24 * 60 * 60 * 1000;
 const EXPIRE_PER_PARKING = 16;
 const MAX_RECORDS_PER_WINDOW = 1000;
+/** The sidecar's audit writer reports what coalescing held back this often. */
+const FLUSH_EVERY_MS = 1000;
 const DOMAIN_TAG = Buffer.from('coresdk.audit.v1\0', 'latin1');
 const GENESIS_HASH = '0'.repeat(64);
 const RESERVED_NAMESPACES = ['billing', 'auth', 'flag', 'tenant', 'audit'];
@@ -924,6 +926,8 @@ class Coalescer {
   #windows = new Map<string, Tally>();
   #budget = { openedAt: 0, used: 0 };
   #overflow = new Map<string, number>();
+  // When the oldest occurrence not yet in an overflow record was counted.
+  #overflowPendingAt: number | null = null;
   #overflowReportedAt: number | null = null;
   #overflowSinceMs = Date.now();
 
@@ -950,6 +954,7 @@ class Coalescer {
     if (now - this.#budget.openedAt >= this.#budgetWindowMs) this.#budget = { openedAt: now, used: 0 };
     if (this.#budget.used >= MAX_RECORDS_PER_WINDOW) {
       this.#overflow.set(reason, (this.#overflow.get(reason) ?? 0) + 1);
+      this.#overflowPendingAt ??= now;
       return;
     }
     this.#budget.used += 1;
@@ -972,8 +977,11 @@ class Coalescer {
       this.#windows.delete(key);
       if (tally.unreported > 0) this.write(withCount(tally.repeats, tally.unreported, ['repeats', tally.openedMs]));
     }
-    const due = closing || this.#overflowReportedAt === null || now - this.#overflowReportedAt >= this.#budgetWindowMs;
-    if (!due || this.#overflow.size === 0) return;
+    // The sidecar's writer reports overflow on its once-a-second tick, one record per budget
+    // window at most: so a flood's first second goes into one record here too.
+    const ticked = this.#overflowPendingAt !== null && now - this.#overflowPendingAt >= FLUSH_EVERY_MS;
+    const allowed = this.#overflowReportedAt === null || now - this.#overflowReportedAt >= this.#budgetWindowMs;
+    if (this.#overflow.size === 0 || !(closing || (ticked && allowed))) return;
     const reasons = Object.fromEntries([...this.#overflow].sort(([a], [b]) => (a < b ? -1 : 1)));
     const count = [...this.#overflow.values()].reduce((a, b) => a + b, 0);
     this.#overflow.clear();
@@ -985,6 +993,7 @@ class Coalescer {
       ),
     );
     this.#overflowReportedAt = now;
+    this.#overflowPendingAt = null;
     this.#overflowSinceMs = Date.now();
   }
 }

@@ -477,3 +477,32 @@ test('mock: an effect too large for an audit record is bounded as the sidecar bo
     assert.deepEqual(await flags(mock), await flags(sidecar));
   });
 });
+
+test('mock: a flood of distinct denials costs the records the sidecar allows, and one overflow record', async () => {
+  // One past the budget: a single held-back denial, whichever tick reports it.
+  const tenants = Array.from({ length: 1001 }, (_, i) => `flood-${i}`);
+  await both(async (sidecar, mock) => {
+    for (const sdk of [mock, sidecar]) {
+      for (const tenantId of tenants) await sdk.authorize({ tenantId, require: ['pro_features'] });
+    }
+    // Both report the held-back count on a once-a-second tick.
+    const denials = async (sdk, wanted) => {
+      const deadline = Date.now() + 10_000;
+      for (;;) {
+        const records = (await sdk.auditQuery({ eventPrefix: 'auth.denied', limit: 5000 })).map(comparableRecord);
+        if (records.length >= wanted || Date.now() > deadline) return records.map(({ seq, ...r }) => r);
+        await sleep(50);
+      }
+    };
+    const fromMock = await denials(mock, 1001);
+    assert.equal(fromMock.length, 1001, 'a window writes 1000 denials at most, then one overflow record');
+    assert.deepEqual(fromMock.at(-1), {
+      tenant: '',
+      actor: 'coresdk',
+      event: 'auth.denied',
+      outcome: 'denied',
+      metadata: { reasons: { FEATURE_LOCKED: 1 }, count: 1, coalesced: 'overflow', since_ms: 'number' },
+    });
+    assert.deepEqual(fromMock, await denials(sidecar, fromMock.length));
+  });
+});
