@@ -440,6 +440,9 @@ export class SidecarClient implements CoreSDKClient {
     const answer = await this.#call<HandleStripeWebhookResponse__Output>((m, o, cb) => this.#webhooks.HandleStripeWebhook(request, m, o, cb));
     const result = webhookResultFromProto(answer);
     await this.#awaitCache(result.tenantId, result.flagChanges.map((c) => [c.key, c.version] as const));
+    // A checkout that maps its customer applies the customer's parked events, whose changes the
+    // answer does not list.
+    if (result.eventType === 'checkout.session.completed' && result.outcome === 'applied') await this.#awaitTenant(result.tenantId);
     return result;
   }
 
@@ -448,6 +451,9 @@ export class SidecarClient implements CoreSDKClient {
     const answer = await this.#call<HandleStripeWebhookResponse__Output>((m, o, cb) => this.#webhooks.ReplayStripeEvent(request, m, o, cb), { admin: true });
     const result = webhookResultFromProto(answer);
     await this.#awaitCache(result.tenantId, result.flagChanges.map((c) => [c.key, c.version] as const));
+    // A checkout that maps its customer applies the customer's parked events, whose changes the
+    // answer does not list.
+    if (result.eventType === 'checkout.session.completed' && result.outcome === 'applied') await this.#awaitTenant(result.tenantId);
     return result;
   }
 

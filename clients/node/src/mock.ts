@@ -18,8 +18,9 @@ import canonicalize from 'canonicalize';
 import { parse as parseToml, TomlDate, TomlError } from 'smol-toml';
 
 import { settingsFromEnv, type Settings } from './config.js';
-import { FlagNotFoundError, ProblemError } from './errors.js';
-import { checkFlagKey, checkId, idDefect, isValidFlagKey } from './validation.js';
+import { FlagNotFoundError, GrpcCode, ProblemError } from './errors.js';
+import { checkFlagKey, checkId, idDefect, invalidProblem, isValidFlagKey } from './validation.js';
+import { asJson } from './wire.js';
 import type {
   AdminFlagChange,
   AuditOptions,
@@ -77,6 +78,8 @@ const QUERY_SCAN_WINDOW = 10_000;
 const PARKED_RETENTION_MS = 30 * 24 * 60 * 60 * 1000;
 const EXPIRE_PER_PARKING = 16;
 const MAX_RECORDS_PER_WINDOW = 1000;
+/** The sidecar's audit writer reports what coalescing held back this often. */
+const FLUSH_EVERY_MS = 1000;
 const DOMAIN_TAG = Buffer.from('coresdk.audit.v1\0', 'latin1');
 const GENESIS_HASH = '0'.repeat(64);
 const RESERVED_NAMESPACES = ['billing', 'auth', 'flag', 'tenant', 'audit'];
@@ -89,6 +92,7 @@ const MAX_AUDIT_RECORDS = 100_000;
 const MAX_PROCESSED_EVENTS = 100_000;
 const MAX_FLAGS = 100_000;
 const MAX_CUSTOMERS = 100_000;
+const MAX_BILLING_OBJECTS = 100_000;
 
 export const SUBSCRIPTION_STATUSES = [
   'incomplete',
@@ -112,33 +116,42 @@ const SUBSCRIPTION_STATE_EVENTS = [
 // Problems, with the sidecar's types, titles, reasons and details (src/problem.rs).
 
 interface ProblemShape {
+  /** The gRPC status the sidecar answers it with. */
+  code: number;
   slug: string;
   title: string;
   status: number;
   reason: string;
 }
 
+const shape = (code: number, status: number, slug: string, title: string, reason: string): ProblemShape => ({
+  code,
+  status,
+  slug,
+  title,
+  reason,
+});
+const BAD_SIGNATURE = [GrpcCode.UNAUTHENTICATED, 400, 'invalid-signature', 'Invalid webhook signature'] as const;
+
+/** The sidecar's mappings (src/problem.rs `Error::mapping`, `Denial::mapping`). */
 const SHAPES = {
-  signatureMissing: { slug: 'invalid-signature', title: 'Invalid webhook signature', status: 400, reason: 'SIGNATURE_MISSING' },
-  signatureMalformed: { slug: 'invalid-signature', title: 'Invalid webhook signature', status: 400, reason: 'SIGNATURE_MALFORMED' },
-  signatureTolerance: {
-    slug: 'invalid-signature',
-    title: 'Invalid webhook signature',
-    status: 400,
-    reason: 'SIGNATURE_TIMESTAMP_OUT_OF_TOLERANCE',
-  },
-  signatureMismatch: { slug: 'invalid-signature', title: 'Invalid webhook signature', status: 400, reason: 'SIGNATURE_MISMATCH' },
-  payloadTooLarge: { slug: 'payload-too-large', title: 'Payload too large', status: 413, reason: 'PAYLOAD_TOO_LARGE' },
-  invalidEvent: { slug: 'invalid-event', title: 'Not a Stripe event', status: 400, reason: 'INVALID_EVENT' },
-  unknownCustomer: { slug: 'unknown-customer', title: 'Unknown customer', status: 422, reason: 'UNKNOWN_CUSTOMER' },
-  invalid: { slug: 'invalid-request', title: 'Invalid request', status: 400, reason: 'INVALID_ARGUMENT' },
-  flagNotFound: { slug: 'flag-not-found', title: 'Flag not found', status: 404, reason: 'FLAG_NOT_FOUND' },
-  unauthenticated: { slug: 'unauthenticated', title: 'Unauthenticated', status: 401, reason: 'UNAUTHENTICATED' },
-  paymentRequired: { slug: 'payment-required', title: 'Payment Required', status: 402, reason: 'PAYMENT_REQUIRED' },
-  featureLocked: { slug: 'feature-locked', title: 'Feature Unavailable', status: 403, reason: 'FEATURE_LOCKED' },
-  wrongTenant: { slug: 'wrong-tenant', title: 'Forbidden', status: 403, reason: 'WRONG_TENANT' },
-  full: { slug: 'mock-capacity', title: 'Mock capacity reached', status: 507, reason: 'MOCK_CAPACITY' },
-} as const satisfies Record<string, ProblemShape>;
+  signatureMissing: shape(...BAD_SIGNATURE, 'SIGNATURE_MISSING'),
+  signatureMalformed: shape(...BAD_SIGNATURE, 'SIGNATURE_MALFORMED'),
+  signatureTolerance: shape(...BAD_SIGNATURE, 'SIGNATURE_TIMESTAMP_OUT_OF_TOLERANCE'),
+  signatureMismatch: shape(...BAD_SIGNATURE, 'SIGNATURE_MISMATCH'),
+  payloadTooLarge: shape(GrpcCode.INVALID_ARGUMENT, 413, 'payload-too-large', 'Payload too large', 'PAYLOAD_TOO_LARGE'),
+  invalidEvent: shape(GrpcCode.INVALID_ARGUMENT, 400, 'invalid-event', 'Not a Stripe event', 'INVALID_EVENT'),
+  unknownCustomer: shape(GrpcCode.FAILED_PRECONDITION, 422, 'unknown-customer', 'Unknown customer', 'UNKNOWN_CUSTOMER'),
+  invalid: shape(GrpcCode.INVALID_ARGUMENT, 400, 'invalid-request', 'Invalid request', 'INVALID_ARGUMENT'),
+  flagNotFound: shape(GrpcCode.NOT_FOUND, 404, 'flag-not-found', 'Flag not found', 'FLAG_NOT_FOUND'),
+  unauthenticated: shape(GrpcCode.UNAUTHENTICATED, 401, 'unauthenticated', 'Unauthenticated', 'UNAUTHENTICATED'),
+  paymentRequired: shape(GrpcCode.PERMISSION_DENIED, 402, 'payment-required', 'Payment Required', 'PAYMENT_REQUIRED'),
+  featureLocked: shape(GrpcCode.PERMISSION_DENIED, 403, 'feature-locked', 'Feature Unavailable', 'FEATURE_LOCKED'),
+  wrongTenant: shape(GrpcCode.PERMISSION_DENIED, 403, 'wrong-tenant', 'Forbidden', 'WRONG_TENANT'),
+  shuttingDown: shape(GrpcCode.UNAVAILABLE, 503, 'shutting-down', 'Shutting down', 'SHUTTING_DOWN'),
+  // The mock's own: its memory bound (the sidecar's store is a database).
+  full: shape(GrpcCode.RESOURCE_EXHAUSTED, 507, 'mock-capacity', 'Mock capacity reached', 'MOCK_CAPACITY'),
+};
 
 /** A domain error before it becomes a problem: its shape and its message (the problem's detail). */
 class Refusal {
@@ -223,17 +236,23 @@ function isTable(value: unknown): value is Record<string, unknown> {
   return typeof value === 'object' && value !== null && !Array.isArray(value) && !(value instanceof TomlDate);
 }
 
+/** A TOML date-time as the sidecar's TOML library writes it: no fraction of zeros, `T` and `Z`. */
+function tomlDateText(date: TomlDate): string {
+  return date
+    .toISOString()
+    .replace(/\.(\d+)/, (_, digits: string) => (/^0+$/.test(digits) ? '' : `.${digits.replace(/0+$/, '')}`))
+    .replace(/z$/, 'Z');
+}
+
 function flagValueFromToml(value: unknown): FlagValue {
   if (typeof value === 'number' && !Number.isFinite(value)) {
     throw new RulesError('invalid rules: flag numbers must be finite');
   }
-  if (typeof value === 'bigint') return Number(value);
-  if (value instanceof TomlDate) return value.toISOString();
   return tomlToJson(value);
 }
 
 function tomlToJson(value: unknown): JsonValue {
-  if (value instanceof TomlDate) return value.toISOString();
+  if (value instanceof TomlDate) return tomlDateText(value);
   if (Array.isArray(value)) return value.map(tomlToJson);
   if (isTable(value)) return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, tomlToJson(v)]));
   if (typeof value === 'bigint') return Number(value);
@@ -593,12 +612,7 @@ function parseEvent(payload: Buffer, latest: number, signed: boolean): StripeEve
 /** The top-level string `id` and `type` the first 1024 bytes of an unverified body claim. */
 function claimedIdentity(payload: Buffer): { id?: string; type?: string } {
   const claimed: { id?: string; type?: string } = {};
-  let text: string;
-  try {
-    text = new TextDecoder('utf-8', { fatal: false }).decode(payload.subarray(0, CLAIM_PREFIX_BYTES));
-  } catch {
-    return claimed;
-  }
+  const text = new TextDecoder('utf-8').decode(payload.subarray(0, CLAIM_PREFIX_BYTES));
   let i = 0;
   const ws = () => {
     while (i < text.length && ' \t\r\n'.includes(text[i] ?? '')) i += 1;
@@ -720,28 +734,6 @@ function displayFlagValue(value: FlagValue): string {
   if (value === false) return 'off';
   if (typeof value === 'number') return rustNumber(value);
   return compactJson(value);
-}
-
-/** Application metadata as the sidecar takes it from a protobuf Struct: JSON, numbers finite. */
-function toJsonMetadata(metadata: { [key: string]: unknown }): JsonObject | string {
-  const convert = (value: unknown): JsonValue | undefined => {
-    if (value === null || value === undefined) return null;
-    if (typeof value === 'boolean' || typeof value === 'string') return value;
-    if (typeof value === 'number') {
-      if (!Number.isFinite(value)) throw new TypeError('numbers must be finite');
-      return value;
-    }
-    if (Array.isArray(value)) return value.map((item) => convert(item) ?? null);
-    if (typeof value === 'object' && Object.getPrototypeOf(value) === Object.prototype) {
-      return Object.fromEntries(Object.entries(value as object).map(([k, v]) => [k, convert(v) ?? null]));
-    }
-    throw new TypeError(`a ${typeof value === 'object' ? (value.constructor?.name ?? 'object') : typeof value} is not a JSON value`);
-  };
-  try {
-    return convert(metadata) as JsonObject;
-  } catch (e) {
-    return (e as Error).message;
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -934,6 +926,8 @@ class Coalescer {
   #windows = new Map<string, Tally>();
   #budget = { openedAt: 0, used: 0 };
   #overflow = new Map<string, number>();
+  // When the oldest occurrence not yet in an overflow record was counted.
+  #overflowPendingAt: number | null = null;
   #overflowReportedAt: number | null = null;
   #overflowSinceMs = Date.now();
 
@@ -960,6 +954,7 @@ class Coalescer {
     if (now - this.#budget.openedAt >= this.#budgetWindowMs) this.#budget = { openedAt: now, used: 0 };
     if (this.#budget.used >= MAX_RECORDS_PER_WINDOW) {
       this.#overflow.set(reason, (this.#overflow.get(reason) ?? 0) + 1);
+      this.#overflowPendingAt ??= now;
       return;
     }
     this.#budget.used += 1;
@@ -982,8 +977,11 @@ class Coalescer {
       this.#windows.delete(key);
       if (tally.unreported > 0) this.write(withCount(tally.repeats, tally.unreported, ['repeats', tally.openedMs]));
     }
-    const due = closing || this.#overflowReportedAt === null || now - this.#overflowReportedAt >= this.#budgetWindowMs;
-    if (!due || this.#overflow.size === 0) return;
+    // The sidecar's writer reports overflow on its once-a-second tick, one record per budget
+    // window at most: so a flood's first second goes into one record here too.
+    const ticked = this.#overflowPendingAt !== null && now - this.#overflowPendingAt >= FLUSH_EVERY_MS;
+    const allowed = this.#overflowReportedAt === null || now - this.#overflowReportedAt >= this.#budgetWindowMs;
+    if (this.#overflow.size === 0 || !(closing || (ticked && allowed))) return;
     const reasons = Object.fromEntries([...this.#overflow].sort(([a], [b]) => (a < b ? -1 : 1)));
     const count = [...this.#overflow.values()].reduce((a, b) => a + b, 0);
     this.#overflow.clear();
@@ -995,6 +993,7 @@ class Coalescer {
       ),
     );
     this.#overflowReportedAt = now;
+    this.#overflowPendingAt = null;
     this.#overflowSinceMs = Date.now();
   }
 }
@@ -1007,14 +1006,34 @@ const KNOWN_ALGORITHMS = new Set(['HS256', 'HS384', 'HS512', 'ES256', 'ES384', '
 
 class TokenError extends Error {}
 
-function b64urlJson(part: string): unknown {
-  if (!/^[A-Za-z0-9_-]*$/.test(part)) throw new TokenError('the token is malformed');
-  const text = Buffer.from(part, 'base64url').toString('utf8');
+const MALFORMED = "the token is malformed";
+
+/** Base64url without padding, strictly (canonical trailing bits), as the sidecar's JWT library. */
+function b64url(part: string): Buffer {
+  const bytes = /^[A-Za-z0-9_-]*$/.test(part) && part.length % 4 !== 1 ? Buffer.from(part, 'base64url') : null;
+  if (bytes === null || bytes.toString('base64url') !== part) throw new TokenError(MALFORMED);
+  return bytes;
+}
+
+/** A JSON value from a token part, or the TokenError `why` when it is not JSON. */
+function tokenJson(bytes: Buffer, why: string): JsonValue {
   try {
-    return JSON.parse(text) as unknown;
+    return parseJson(bytes);
   } catch {
-    throw new TokenError('the token is malformed');
+    throw new TokenError(why);
   }
+}
+
+/** A NumericDate as the sidecar's JWT library reads it: a non-negative number, rounded; else null. */
+function numericDate(value: JsonValue | undefined): number | null {
+  return typeof value === 'number' && value >= 0 && value < 2 ** 64 ? Math.round(value) : null;
+}
+
+/** `iss` / `aud`: a string or an array of strings; anything else is as if absent. */
+function stringSet(value: JsonValue | undefined): string[] | null {
+  if (typeof value === 'string') return [value];
+  if (Array.isArray(value) && value.every((v) => typeof v === 'string')) return value as string[];
+  return null;
 }
 
 function strings(value: unknown, splitSpaces: boolean): string[] {
@@ -1126,6 +1145,7 @@ export class MockSidecar implements CoreSDKClient {
   readonly #parked = new Map<string, Parked>();
   readonly #objects = new Map<string, Map<string, BillingObject>>();
   #version = 0;
+  #billingObjects = 0;
   readonly #refusals: Coalescer;
   readonly #denials: Coalescer;
   #closed = false;
@@ -1191,7 +1211,8 @@ export class MockSidecar implements CoreSDKClient {
 
   #error(refusal: Refusal): ProblemError {
     const problem = this.#problem(refusal);
-    return refusal.shape === SHAPES.flagNotFound ? new FlagNotFoundError(problem) : new ProblemError(problem);
+    const code = refusal.shape.code;
+    return refusal.shape === SHAPES.flagNotFound ? new FlagNotFoundError(problem, code) : new ProblemError(problem, code);
   }
 
   #invalid(field: string, description: string): ProblemError {
@@ -1216,15 +1237,7 @@ export class MockSidecar implements CoreSDKClient {
   }
 
   #open(): void {
-    if (this.#closed) {
-      throw new ProblemError({
-        type: `${this.#typeBase}/shutting-down`,
-        title: 'Shutting down',
-        status: 503,
-        detail: 'the mock is closed',
-        reason: 'SHUTTING_DOWN',
-      });
-    }
+    if (this.#closed) throw this.#error(new Refusal(SHAPES.shuttingDown, 'the mock is closed'));
     this.#refusals.flush(false);
     this.#denials.flush(false);
   }
@@ -1253,8 +1266,11 @@ export class MockSidecar implements CoreSDKClient {
       if (required && value.trim() === '') violations.push([field, 'is required']);
       else if (utf8Length(value) > MAX_FIELD_LEN) violations.push([field, `is longer than ${MAX_FIELD_LEN} bytes`]);
     }
-    const metadata = toJsonMetadata(options.metadata ?? {});
-    if (typeof metadata === 'string') throw this.#invalid('metadata', metadata);
+    // Converted as the client converts it for the wire, with the same problems.
+    const metadata = options.metadata === undefined ? {} : asJson('metadata', options.metadata, this.#typeBase);
+    if (metadata === null || typeof metadata !== 'object' || Array.isArray(metadata)) {
+      throw new ProblemError(invalidProblem('metadata', 'must be an object', this.#typeBase), GrpcCode.INVALID_ARGUMENT);
+    }
     const namespace = reservedNamespace(record.event);
     if (namespace !== null) {
       violations.push([
@@ -1425,11 +1441,12 @@ export class MockSidecar implements CoreSDKClient {
     const metadata = this.#baseMetadata(event, parkedAtMs);
     let mappingRecorded = false;
     let tenant: string | null = null;
-    const resolved = this.#resolveTenant(event, nowMs);
+    const resolved = this.#resolveTenant(event);
     if (resolved.kind === 'tenant') tenant = resolved.tenant;
     else if (resolved.kind === 'mapped') {
-      metadata.mapped_customer = customerId(event);
       const customer = customerId(event);
+      metadata.mapped_customer = customer;
+      // An event applied from parking never maps (nor unparks): the recursion is one level deep.
       if (parkedAtMs === null && customer !== null) {
         const applied = this.#applyParked(customer, event.id, nowMs);
         if (applied > 0) metadata.parked_events_applied = applied;
@@ -1509,9 +1526,7 @@ export class MockSidecar implements CoreSDKClient {
   }
 
   #capacity(what: string, max: number): ProblemError {
-    return new ProblemError(
-      this.#problem(new Refusal(SHAPES.full, `the mock keeps at most ${max} ${what}; it is a mock, not a store`)),
-    );
+    return this.#error(new Refusal(SHAPES.full, `the mock keeps at most ${max} ${what}; it is a mock, not a store`));
   }
 
   #finish(
@@ -1535,14 +1550,16 @@ export class MockSidecar implements CoreSDKClient {
     return { eventId: event.id, eventType: event.type, tenantId: tenant, outcome, flagChanges: changes, auditSeq: record.seq, staleFlags: stale };
   }
 
+  /**
+   * The mapping first; a checkout's valid `client_reference_id` maps only a customer with no
+   * tenant (moving one is an admin's decision); then a valid `metadata.tenant_id`.
+   */
   #resolveTenant(
     event: StripeEvent,
-    nowMs: number,
   ):
     | { kind: 'tenant' | 'mapped'; tenant: string }
     | { kind: 'refused'; tenant: string; claimed: string }
     | { kind: 'none' } {
-    void nowMs;
     const customer = customerId(event);
     const candidate = event.type === 'checkout.session.completed' ? objectStr(event, 'client_reference_id') : null;
     const reference = candidate !== null && idDefect(candidate) === null ? candidate : null;
@@ -1590,6 +1607,16 @@ export class MockSidecar implements CoreSDKClient {
   }
 
   // -- billing objects (src/ops/objects.rs) ------------------------------------------------------
+
+  /** Stores a billing object; a new one counts against the mock's bound. */
+  #putObject(tenant: string, name: string, object: BillingObject): void {
+    const objects = this.#objectsOf(tenant);
+    if (!objects.has(name)) {
+      if (this.#billingObjects >= MAX_BILLING_OBJECTS) throw this.#capacity('billing objects', MAX_BILLING_OBJECTS);
+      this.#billingObjects += 1;
+    }
+    objects.set(name, object);
+  }
 
   #objectsOf(tenant: string): Map<string, BillingObject> {
     let objects = this.#objects.get(tenant);
@@ -1642,7 +1669,7 @@ export class MockSidecar implements CoreSDKClient {
       };
     }
     const named = new Set(keys);
-    objects.set('entitlements', {
+    this.#putObject(tenant, 'entitlements', {
       kind: 'entitlements',
       order,
       standing: 0,
@@ -1667,7 +1694,7 @@ export class MockSidecar implements CoreSDKClient {
       if (keysGrew) stored.keys = keys;
       stale = { object: name, newerEventId: stored.order.eventId, keys: settings.map((s) => s.key) };
     } else {
-      objects.set(name, {
+      this.#putObject(tenant, name, {
         kind: 'subscription',
         order,
         standing: standingOf(subscriptionStatus(event)),
@@ -1900,18 +1927,15 @@ export class MockSidecar implements CoreSDKClient {
     this.#checkText('actor', options?.actor ?? '', MAX_ACTOR_LEN);
     const reason = options.reason ?? '';
     this.#checkReason(reason);
-    if (value === undefined) throw this.#invalid('value', 'a value is required');
     if (typeof value === 'number' && !Number.isFinite(value)) throw this.#invalid('value', 'numbers must be finite');
-    if (typeof value === 'object') {
-      const json = toJsonMetadata({ value });
-      if (typeof json === 'string') throw this.#invalid('value.json_value', json);
-    }
+    // Anything else is JSON as the client sends it (`null` and objects as a JSON value).
+    const stored: FlagValue =
+      typeof value === 'boolean' || typeof value === 'string' || typeof value === 'number' ? value : asJson('value', value, this.#typeBase);
     const mapKey = flagMapKey(tenantId, key);
     const current = this.#flags.get(mapKey);
     if (current === undefined && this.#flags.size >= MAX_FLAGS) throw this.#capacity('flags', MAX_FLAGS);
     const nowMs = Date.now();
     this.#version += 1;
-    const stored = structuredClone(value);
     this.#flags.set(mapKey, {
       value: stored,
       version: this.#version,
@@ -2008,6 +2032,7 @@ export class MockSidecar implements CoreSDKClient {
 
   // -- auth -------------------------------------------------------------------------------------
 
+  /** The sidecar's TokenVerifier (src/auth/token.rs over jsonwebtoken), in its order of checks. */
   #verify(token: string): Claims {
     let text = token.trim();
     if (text.startsWith('Bearer ')) text = text.slice('Bearer '.length).trim();
@@ -2017,45 +2042,44 @@ export class MockSidecar implements CoreSDKClient {
       );
     }
     if (text === '') throw new TokenError('no token was given');
-    if (utf8Length(text) > MAX_TOKEN_LEN) throw new TokenError('the token is malformed');
-    const parts = text.split('.');
-    if (parts.length !== 3) throw new TokenError('the token is malformed');
-    const [headerPart = '', payloadPart = '', signaturePart = ''] = parts;
-    const header = b64urlJson(headerPart);
-    const alg = typeof header === 'object' && header !== null ? (header as { alg?: unknown }).alg : undefined;
+    if (utf8Length(text) > MAX_TOKEN_LEN) throw new TokenError(MALFORMED);
+    // Split from the right, as the library: the header is all before the second-to-last dot.
+    const lastDot = text.lastIndexOf('.');
+    const secondDot = lastDot < 0 ? -1 : text.lastIndexOf('.', lastDot - 1);
+    if (secondDot < 0) throw new TokenError(MALFORMED);
+    const headerPart = text.slice(0, secondDot);
+    const payloadPart = text.slice(secondDot + 1, lastDot);
+    const signaturePart = text.slice(lastDot + 1);
+    const header = tokenJson(b64url(headerPart), "the token's algorithm is not accepted");
+    const alg = asObject(header)?.alg;
     if (typeof alg !== 'string' || !KNOWN_ALGORITHMS.has(alg)) throw new TokenError("the token's algorithm is not accepted");
     const digest = HMAC_ALGORITHMS[alg];
     if (digest === undefined) throw new TokenError(`no configured key can verify a ${alg} token`);
-    if (!/^[A-Za-z0-9_-]*$/.test(signaturePart)) throw new TokenError('the token is malformed');
-    const signature = Buffer.from(signaturePart, 'base64url');
+    const signature = b64url(signaturePart);
     const signed = `${headerPart}.${payloadPart}`;
     const verified = this.#jwtSecrets.some((secret) => {
       const expected = createHmac(digest, secret).update(signed).digest();
       return expected.length === signature.length && timingSafeEqual(expected, signature);
     });
     if (!verified) throw new TokenError("the token's signature does not verify");
-    const all = b64urlJson(payloadPart);
-    if (typeof all !== 'object' || all === null || Array.isArray(all)) throw new TokenError('the token is malformed');
-    const claims = all as { [name: string]: JsonValue };
+    const claims = asObject(tokenJson(b64url(payloadPart), MALFORMED));
+    if (claims === null) throw new TokenError(MALFORMED);
     const now = Math.floor(Date.now() / 1000);
-    const numeric = (value: JsonValue | undefined) => (typeof value === 'number' && value >= 0 ? Math.floor(value) : null);
-    const exp = numeric(claims.exp);
+    const exp = numericDate(claims.exp);
     if (exp === null) throw new TokenError("the token lacks the required claim 'exp'");
-    if (claims.nbf !== undefined && numeric(claims.nbf) === null) throw new TokenError("the token's claim 'nbf' has the wrong type");
-    if (exp < now - this.#leewayS) throw new TokenError('the token has expired');
-    const nbf = numeric(claims.nbf);
-    if (nbf !== null && nbf > now + this.#leewayS) throw new TokenError('the token is not valid yet');
-    if (this.#jwtIssuer !== null) {
-      const iss = claims.iss;
-      const issuers = typeof iss === 'string' ? [iss] : Array.isArray(iss) ? iss : null;
-      if (issuers !== null && !issuers.includes(this.#jwtIssuer)) throw new TokenError("the token's issuer is not accepted");
+    const nbf = numericDate(claims.nbf);
+    if (claims.nbf !== undefined && nbf === null) {
+      throw new TokenError("the token's claim 'nbf' has the wrong type");
     }
-    if (this.#jwtAudience.length > 0) {
-      const aud = claims.aud;
-      const audiences = typeof aud === 'string' ? [aud] : Array.isArray(aud) ? aud : null;
-      if (audiences !== null && !audiences.some((a) => typeof a === 'string' && this.#jwtAudience.includes(a))) {
-        throw new TokenError("the token's audience is not accepted");
-      }
+    if (exp < now - this.#leewayS) throw new TokenError('the token has expired');
+    if (nbf !== null && nbf > now + this.#leewayS) throw new TokenError('the token is not valid yet');
+    const issuers = stringSet(claims.iss);
+    if (this.#jwtIssuer !== null && issuers !== null && !issuers.includes(this.#jwtIssuer)) {
+      throw new TokenError("the token's issuer is not accepted");
+    }
+    const audiences = stringSet(claims.aud);
+    if (this.#jwtAudience.length > 0 && audiences !== null && !audiences.some((a) => this.#jwtAudience.includes(a))) {
+      throw new TokenError("the token's audience is not accepted");
     }
     const tenantValue = claims[this.#tenantClaim];
     let tenantId = '';

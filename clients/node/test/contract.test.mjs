@@ -22,6 +22,8 @@ const RFC3339_MS = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/;
 const POLL_GUARD_MS = 10_000;
 const ACTIONS = new Set([
   'webhook',
+  'replay',
+  'explain_flag',
   'get_flag',
   'get_flags',
   'is_enabled',
@@ -203,6 +205,8 @@ class Run {
       else if (key === 'type') {
         this.match(`${this.env.CORESDK_PROBLEM_TYPE_BASE.replace(/\/+$/, '')}/${want}`, problem.type, `${path}.type`);
       } else if (key === 'title') this.match(want, problem.title, `${path}.title`);
+      // RFC 9457: an absent `instance` is the empty one (the client leaves it out).
+      else if (key === 'instance') this.match(want, problem.instance ?? '', `${path}.instance`);
       else if (key === 'detail_contains') {
         if (!(problem.detail ?? '').includes(want)) this.fail(`${path}.detail ${this.show(problem.detail)} does not contain ${this.show(want)}`);
       } else if (key === 'extensions') {
@@ -288,13 +292,23 @@ class Run {
     } else if (how !== 'valid') this.fail(`unknown signature ${this.show(how)}`);
     const t = Math.floor(Date.now() / 1000) + offset;
     const mac = createHmac('sha256', secret).update(`${t}.`).update(body).digest('hex');
-    return `t=${t},v1=${mac}`;
+    const extra = isObject(how) ? how.extra : undefined;
+    return extra ? `t=${t},${extra},v1=${mac}` : `t=${t},v1=${mac}`;
   }
 
   async webhook(spec, expect) {
     const [body, eventId, eventType] = this.body(spec);
     const header = this.header(body, spec.signature ?? 'valid');
-    const result = await this.call(expect, () => this.sdk.handleStripeWebhook(body, header));
+    await this.answered(spec, expect, eventId, eventType, () => this.sdk.handleStripeWebhook(body, header));
+  }
+
+  async replay(spec, expect) {
+    const [body, eventId, eventType] = this.body(spec);
+    await this.answered(spec, expect, eventId, eventType, () => this.sdk.replayEvent(body, { reason: spec.reason ?? '' }));
+  }
+
+  async answered(spec, expect, eventId, eventType, call) {
+    const result = await this.call(expect, call);
     if (result === undefined) return;
     if ('event' in spec) this.seqs.set(spec.event, result.auditSeq);
     this.match(eventId, result.eventId, 'event_id');
@@ -340,6 +354,31 @@ class Run {
     this.fields(sorted, { values, defaults });
   }
 
+  flagEvent(event) {
+    if (event === null || event === undefined) return null;
+    const { eventId, eventType, created, auditSeq, actor, reason } = event;
+    return { event_id: eventId, event_type: eventType, created, audit_seq: auditSeq, actor, reason };
+  }
+
+  async explain_flag(spec, expect) {
+    const why = await this.call(expect, () => this.sdk.explainFlag(spec.tenant, spec.key));
+    if (why === undefined) return;
+    const admin =
+      why.admin === null
+        ? null
+        : { actor: why.admin.actor, reason: why.admin.reason, version: why.admin.version, audit_seq: why.admin.auditSeq };
+    this.fields(expect, {
+      value: why.flag.value,
+      is_default: why.flag.isDefault,
+      set_by: why.event !== null ? 'event' : why.admin !== null ? 'admin' : 'default',
+      event: this.flagEvent(why.event),
+      admin,
+      rule: why.rule,
+      stale_events: why.staleEvents.map((e) => this.flagEvent(e)),
+      newest_event: this.flagEvent(why.newestEvent),
+    });
+  }
+
   async is_enabled(spec, expect) {
     this.fields(expect, { value: await this.sdk.isEnabled(spec.tenant, spec.key) });
   }
@@ -372,11 +411,13 @@ class Run {
     const claims = { ...(spec.claims ?? {}) };
     const expIn = 'exp_in' in spec ? spec.exp_in : 600;
     if (expIn !== null) claims.exp = Math.floor(Date.now() / 1000) + expIn;
+    if ('nbf_in' in spec) claims.nbf = Math.floor(Date.now() / 1000) + spec.nbf_in;
     const secret = spec.secret ?? this.env.CORESDK_JWT_SECRET.split(',')[0].trim();
     const alg = spec.alg ?? 'HS256';
     const digest = { HS256: 'sha256', HS384: 'sha384', HS512: 'sha512' }[alg];
     const part = (object) => Buffer.from(JSON.stringify(object), 'utf8').toString('base64url');
     const signingInput = `${part({ alg, typ: 'JWT' })}.${part(claims)}`;
+    if (alg === 'none') return `${signingInput}.`;
     return `${signingInput}.${createHmac(digest, secret).update(signingInput).digest('base64url')}`;
   }
 
@@ -438,15 +479,17 @@ class Run {
   }
 
   async audit_query(spec, expect) {
+    const query = () =>
+      this.sdk.auditQuery({ tenantId: spec.tenant ?? '', eventPrefix: spec.event_prefix ?? '', outcome: spec.outcome ?? '' });
+    if ('problem' in expect) {
+      await this.call(expect, query);
+      return;
+    }
     const wanted = expect.records;
     const deadline = Date.now() + POLL_GUARD_MS;
     let records;
     for (;;) {
-      records = await this.sdk.auditQuery({
-        tenantId: spec.tenant ?? '',
-        eventPrefix: spec.event_prefix ?? '',
-        outcome: spec.outcome ?? '',
-      });
+      records = await query();
       if (records.length >= wanted.length || Date.now() > deadline) break;
       await sleep(50);
     }

@@ -118,6 +118,22 @@ const TOKENS = [
   jwt({ sub: 'lu', tenant_id: 'acme-corp', exp: NOW + 3600 }, { alg: 'RS256' }),
   'not.a.token',
   'garbage',
+  'eyJhbGciOiJIUzI1NiJ9.e30.',
+  'eyJhbGciOiJIUzI1NiJ9.!!.x',
+  '{}.e30.x',
+  'e30.e30.x',
+  'eyJhbGciOiJ4In0.e30.x',
+  'eyJhbGciOiJIUzI1NiJ9.bm90anNvbg.x',
+  'a.b.c.d',
+  'Bearer ',
+  `${jwt({ sub: 'mo', tenant_id: 'acme-corp', exp: NOW + 3600 }).slice(0, -2)}`,
+  jwt({ sub: 'ned', tenant_id: 'acme-corp', exp: NOW + 3600, nbf: 'later' }),
+  jwt({ sub: 'oz', tenant_id: 'acme-corp', exp: -5 }),
+  jwt({ sub: 'pia', tenant_id: 'acme-corp', exp: NOW + 3600.7, iss: 5, aud: ['a', 'b'] }),
+  jwt({ sub: 7, tenant_id: '', exp: NOW + 3600, roles: [1, 'r'], scp: ['a b', 'c'] }),
+  jwt(['not', 'an', 'object']),
+  jwt({ sub: 'quin', tenant_id: 'acme-corp', exp: NOW + 3600.5, nbf: null }),
+  jwt({ sub: 'ray', tenant_id: 'acme-corp', exp: null }),
 ];
 
 function sign(body) {
@@ -239,10 +255,10 @@ describe('mock: the same answers as the sidecar', () => {
 });
 
 /** Both implementations, fresh: the sidecar's client and the mock, with the suite's settings. */
-async function both(use) {
-  const sidecar = await Sidecar.start();
+async function both(use, env = {}) {
+  const sidecar = await Sidecar.start({ env });
   let client;
-  const mock = new MockSidecar(makeSettings({ useMock: true, problemTypeBase: ENV.CORESDK_PROBLEM_TYPE_BASE }), { ...ENV });
+  const mock = new MockSidecar(makeSettings({ useMock: true, problemTypeBase: ENV.CORESDK_PROBLEM_TYPE_BASE }), { ...ENV, ...env });
   try {
     client = await clientFor(sidecar, { adminToken: ENV.CORESDK_ADMIN_TOKEN, problemTypeBase: ENV.CORESDK_PROBLEM_TYPE_BASE });
     await use(client, mock);
@@ -331,5 +347,162 @@ test('mock: signed bodies that are not events are refused as the sidecar refuses
     for (const reason of ['', '  ', 'r'.repeat(1025)]) {
       assert.deepEqual(await replay(mock, bodies[14], reason), await replay(sidecar, bodies[14], reason), `reason ${reason.length}`);
     }
+  });
+});
+
+test('mock: application records, admin values and ids are taken or refused as the sidecar does', async () => {
+  const record = (answer) => {
+    if (answer.answer === undefined || answer.answer === null) return answer;
+    const { seq, time, hash, prevHash, canonical, ...rest } = answer.answer;
+    return { answer: rest };
+  };
+  const audits = [
+    { event: 'app.export', outcome: 'ok', actor: 'u1', tenantId: 'acme-corp', metadata: { n: 1.5, big: 1e21, tiny: 1e-7, neg: -0, s: 'é\u2028"', list: [1, null, { b: 2, a: 1 }] } },
+    { event: 'app.x', outcome: 'ok', actor: 'u1', metadata: { nan: NaN, inf: Infinity, date: new Date(0), skipped: undefined } },
+    { event: 'app.x', outcome: 'ok', actor: 'u1', metadata: { big: 10n } },
+    { event: 'app.x', outcome: 'ok', actor: 'u1', metadata: { blob: 'x'.repeat(5000) } },
+    { event: 'Billing.x', outcome: 'ok', actor: 'u1' },
+    { event: ' auth', outcome: 'ok', actor: 'u1' },
+    { event: 'flagship.x', outcome: 'ok', actor: 'u1' },
+    { event: 'app.x', outcome: 'ok', actor: ' Stripe-Webhook ' },
+    { event: '', outcome: '', actor: '' },
+    { event: 'app.x', outcome: 'ok', actor: 'a'.repeat(257), tenantId: 't'.repeat(129) },
+    { event: 'app.x', outcome: 'ok', actor: 'u1', tenantId: 'bad\ttenant' },
+  ];
+  const flags = [
+    ['acme-corp', 'beta', 3, 'ops'],
+    ['acme-corp', 'beta', 2.5, 'ops'],
+    ['acme-corp', 'beta', 1e21, 'ops'],
+    ['acme-corp', 'beta', 'gold', 'ops'],
+    ['acme-corp', 'beta', { tiers: [1, 2], z: null, a: 'x' }, 'ops'],
+    ['acme-corp', 'beta', [true, 'x'], 'ops'],
+    ['acme-corp', 'beta', null, 'ops'],
+    ['acme-corp', 'beta', NaN, 'ops'],
+    ['acme-corp', 'beta', true, ''],
+    ['acme-corp', 'beta', true, 'ops', 'r'.repeat(1025)],
+    ['acme-corp', 'pro_features', false, 'ops'],
+    ['acme-corp', 'k'.repeat(129), true, 'ops'],
+    ['', 'beta', true, 'ops'],
+  ];
+  await both(async (sidecar, mock) => {
+    for (const [n, options] of audits.entries()) {
+      const append = async (sdk) => record(await outcome(() => sdk.audit(options)));
+      assert.deepEqual(await append(mock), await append(sidecar), `audit ${n}`);
+    }
+    for (const [tenant, key, value, actor, reason = 'why'] of flags) {
+      const set = (sdk) => outcome(() => sdk.setFlag(tenant, key, value, { actor, reason }));
+      assert.deepEqual(await set(mock), await set(sidecar), `setFlag ${key}=${String(value)} by ${actor}`);
+    }
+    for (const [customer, tenant] of [['cus_x', 'bad tenant'], ['cus x', 't'], ['cus_x', 'x'.repeat(129)], ['cus_acme_001', 'acme-corp']]) {
+      const map = (sdk) => outcome(() => sdk.mapCustomer(customer, tenant, { actor: 'ops' }));
+      assert.deepEqual(await map(mock), await map(sidecar), `mapCustomer ${customer} → ${tenant}`);
+    }
+    const records = async (sdk) => (await sdk.auditQuery({ limit: 1000 })).map(comparableRecord);
+    assert.deepEqual(await records(mock), await records(sidecar));
+    const explain = (sdk) => sdk.explainFlag('acme-corp', 'beta');
+    assert.deepEqual(await explain(mock), await explain(sidecar));
+  });
+});
+
+test('mock: refused deliveries are recorded with the identity they claim, as the sidecar records them', async () => {
+  const filler = 'x'.repeat(1100);
+  const bodies = [
+    `{"id":"evt_claimed","object":"event","filler":"${filler}","type":"invoice.paid"}`,
+    `{"type":"invoice.paid","data":{"id":"nested","deep":[{"id":"deeper"}]},"id":"evt_after_nested"}`,
+    `{"filler":"${filler}","id":"evt_beyond_the_prefix"}`,
+    `{"id":42,"id":"evt_second","type":["x"],"type":"t"}`,
+    `{"id":"evt_${'é'.repeat(300)}","type":"invoice.paid"}`,
+    `{"id":"evt_escaped\\u00e9\\"q","type":"a\\nb"}`,
+    `{"id" : "evt_spaced" , "type" : "invoice.paid" }`,
+    `["evt_array"]`,
+    `not json "id":"evt_text"`,
+    `{"id":"evt_cut_${'y'.repeat(1100)}"}`,
+    `{"n":-1.5e3,"t":true,"f":false,"z":null,"id":"evt_after_scalars","type":"x"}`,
+  ];
+  const window0 = { CORESDK_DENY_AUDIT_WINDOW_S: '0' };
+  await both(async (sidecar, mock) => {
+    for (const body of bodies) {
+      const deliver = (sdk) => outcome(() => sdk.handleStripeWebhook(Buffer.from(body), 'garbage'));
+      assert.deepEqual(await deliver(mock), await deliver(sidecar), body.slice(0, 60));
+    }
+    const refused = async (sdk, wanted = 0) => {
+      const deadline = Date.now() + 10_000;
+      for (;;) {
+        const records = await sdk.auditQuery({ eventPrefix: 'billing.webhook.refused' });
+        if (records.length >= wanted || Date.now() > deadline) return records.map(comparableRecord).map(({ seq, ...r }) => r);
+        await sleep(50);
+      }
+    };
+    const fromMock = await refused(mock);
+    assert.equal(fromMock.length, bodies.length);
+    assert.deepEqual(fromMock, await refused(sidecar, bodies.length));
+  }, window0);
+});
+
+test('mock: an effect too large for an audit record is bounded as the sidecar bounds it', async () => {
+  const now = Math.floor(Date.now() / 1000);
+  const keys = (prefix, n) => Array.from({ length: n }, (_, i) => ({ lookup_key: `${prefix}_feature_${String(i).padStart(3, '0')}` }));
+  const summary = (id, created, data) =>
+    Buffer.from(
+      JSON.stringify({
+        id,
+        type: 'entitlements.active_entitlement_summary.updated',
+        created,
+        data: { object: { customer: 'cus_acme_001', entitlements: { data } } },
+      }),
+    );
+  const bodies = [
+    summary('evt_big_1', now - 5, keys('a', 150)),
+    summary('evt_big_2', now - 2, keys('b', 120)),
+    summary('evt_big_0', now - 9, keys('c', 90)),
+    summary('evt_big_3', now, []),
+  ];
+  await both(async (sidecar, mock) => {
+    for (const body of bodies) {
+      const deliver = async (sdk) => {
+        const answer = await outcome(() => sdk.handleStripeWebhook(body, sign(body)));
+        return answer.answer ? { ...answer.answer, changes: answer.answer.flagChanges.length, flagChanges: undefined } : answer;
+      };
+      assert.deepEqual(await deliver(mock), await deliver(sidecar));
+    }
+    const records = async (sdk) => (await sdk.auditQuery({ eventPrefix: 'billing.entitlements' })).map(comparableRecord);
+    const fromMock = await records(mock);
+    assert.ok(fromMock.some((r) => Object.values(r.metadata).includes('[truncated]')), 'no record was large enough to be bounded');
+    assert.deepEqual(fromMock, await records(sidecar));
+    // A record's key order is the client's own: compared sorted.
+    const flags = async (sdk) =>
+      Object.values(await sdk.getFlags('acme-corp'))
+        .map((f) => [f.key, f.value, f.version])
+        .sort(([a], [b]) => (a < b ? -1 : 1));
+    assert.deepEqual(await flags(mock), await flags(sidecar));
+  });
+});
+
+test('mock: a flood of distinct denials costs the records the sidecar allows, and one overflow record', async () => {
+  // One past the budget: a single held-back denial, whichever tick reports it.
+  const tenants = Array.from({ length: 1001 }, (_, i) => `flood-${i}`);
+  await both(async (sidecar, mock) => {
+    for (const sdk of [mock, sidecar]) {
+      for (const tenantId of tenants) await sdk.authorize({ tenantId, require: ['pro_features'] });
+    }
+    // Both report the held-back count on a once-a-second tick.
+    const denials = async (sdk, wanted) => {
+      const deadline = Date.now() + 10_000;
+      for (;;) {
+        const records = (await sdk.auditQuery({ eventPrefix: 'auth.denied', limit: 5000 })).map(comparableRecord);
+        if (records.length >= wanted || Date.now() > deadline) return records.map(({ seq, ...r }) => r);
+        await sleep(50);
+      }
+    };
+    const fromMock = await denials(mock, 1001);
+    assert.equal(fromMock.length, 1001, 'a window writes 1000 denials at most, then one overflow record');
+    assert.deepEqual(fromMock.at(-1), {
+      tenant: '',
+      actor: 'coresdk',
+      event: 'auth.denied',
+      outcome: 'denied',
+      metadata: { reasons: { FEATURE_LOCKED: 1 }, count: 1, coalesced: 'overflow', since_ms: 'number' },
+    });
+    assert.deepEqual(fromMock, await denials(sidecar, fromMock.length));
   });
 });

@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 
-import { binary, ENV, ROOT, Sidecar } from '../../../tests/openfeature-node/sidecar.mjs';
+import { binary, ENV, ROOT, Sidecar, sign } from '../../../tests/openfeature-node/sidecar.mjs';
 import { MockSidecar, RulesError, makeSettings } from '../dist/index.js';
 import { clientFor } from './helpers.mjs';
 import { defineClientSuite } from './suite.mjs';
@@ -127,17 +127,44 @@ describe('mock: the rules', () => {
     const path = join(dir, 'accepted.toml');
     await writeFile(
       path,
-      '[flags]\nreports = false\nseats = 1\n' +
-        rule('name = "paid"\nevents = ["invoice.paid"]\nset = { reports = true, seats = 5 }'),
+      '[flags]\nreports = false\nseats = 1\nratio = 0.25\nbig = 1e21\nlabel = "free"\n' +
+        'since = 1979-05-27T07:32:00Z\nlocal = 1979-05-27T00:32:00.999\nday = 1979-05-27\nat = 07:32:00\n' +
+        'limits = { api = 100, tiers = ["a", 2, true], nested = { x = 1.5 } }\nlist = [1, 2.5]\n' +
+        rule('name = "paid"\nevents = ["invoice.paid"]\nset = { reports = true, seats = 5, label = "pro", limits = { api = 1000 } }'),
     );
-    const sdk = mock({ CORESDK_RULES_FILE: path });
+    const env = { CORESDK_RULES_FILE: path };
+    const sidecar = await Sidecar.start({ env });
+    const client = await clientFor(sidecar, { adminToken: ENV.CORESDK_ADMIN_TOKEN, problemTypeBase: ENV.CORESDK_PROBLEM_TYPE_BASE }).catch(
+      async (error) => {
+        await sidecar.close();
+        throw error;
+      },
+    );
+    const sdk = mock(env);
     try {
-      assert.deepEqual(
-        Object.fromEntries(Object.values(await sdk.getFlags('acme-corp')).map((f) => [f.key, f.value])),
-        { reports: false, seats: 1 },
+      const values = async (backend) =>
+        Object.fromEntries(Object.values(await backend.getFlags('acme-corp')).map((f) => [f.key, [f.value, f.isDefault]]));
+      const before = await values(client);
+      assert.deepEqual(before.seats, [1, true]);
+      assert.deepEqual(await values(sdk), before);
+      const body = Buffer.from(
+        JSON.stringify({ id: 'evt_rules', type: 'invoice.paid', created: Math.floor(Date.now() / 1000), data: { object: { customer: 'cus_acme_001' } } }),
       );
+      const deliver = async (backend) => {
+        const { auditSeq, ...result } = await backend.handleStripeWebhook(body, sign(body));
+        return result;
+      };
+      assert.deepEqual(await deliver(sdk), await deliver(client));
+      const after = await values(client);
+      assert.deepEqual(after.seats, [5, false]);
+      assert.deepEqual(await values(sdk), after);
+      const flags = async (backend) =>
+        (await backend.auditQuery({ eventPrefix: 'billing.invoice.paid' })).map((r) => r.metadata.flags);
+      assert.deepEqual(await flags(sdk), await flags(client));
     } finally {
       await sdk.close();
+      await client.close();
+      await sidecar.close();
     }
   });
 

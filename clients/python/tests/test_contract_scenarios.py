@@ -32,7 +32,7 @@ RFC3339_MS = re.compile(r"\A\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z\Z")
 POLL_GUARD_S = 10
 ACTIONS = {
     "webhook", "get_flag", "get_flags", "is_enabled", "set_flag", "map_customer", "resolve_customer",
-    "authorize", "verify_token", "audit", "audit_query", "verify_chain", "wait",
+    "authorize", "verify_token", "audit", "audit_query", "verify_chain", "wait", "replay", "explain_flag",
 }
 
 
@@ -44,7 +44,7 @@ def test_the_suite_is_well_formed():
     assert len(names) == len(set(names)), "scenario names must be unique"
     for scenario in SCENARIOS:
         assert set(scenario) <= {"name", "about", "env", "steps"}, scenario["name"]
-        labels = [s["webhook"]["event"] for s in scenario["steps"] if "webhook" in s and "event" in s["webhook"]]
+        labels = [s[a]["event"] for s in scenario["steps"] for a in ("webhook", "replay") if a in s and "event" in s[a]]
         assert len(labels) == len(set(labels)), f"{scenario['name']}: event labels must be unique"
         for step in scenario["steps"]:
             actions = set(step) & ACTIONS
@@ -88,12 +88,14 @@ def test_scenario(scenario: dict[str, Any], implementation: Callable[[dict[str, 
 
 
 def jwt(claims: dict[str, Any], secret: str, alg: str) -> str:
-    digest = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}[alg]
-
+    """A compact JWS: HMAC-signed, or unsigned for `alg: none` (which must be refused)."""
     def part(data: bytes) -> str:
         return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
     signing_input = part(json.dumps({"alg": alg, "typ": "JWT"}).encode()) + "." + part(json.dumps(claims).encode())
+    if alg == "none":
+        return signing_input + "."
+    digest = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}[alg]
     return signing_input + "." + part(hmac.new(secret.encode(), signing_input.encode(), digest).digest())
 
 
@@ -192,8 +194,8 @@ class Run:
                 self.match(want, problem.reason, f"{path}.reason")
             elif key == "type":
                 self.match(self.env["CORESDK_PROBLEM_TYPE_BASE"].rstrip("/") + "/" + want, problem.type, f"{path}.type")
-            elif key == "title":
-                self.match(want, problem.title, f"{path}.title")
+            elif key in ("title", "instance"):
+                self.match(want, getattr(problem, key), f"{path}.{key}")
             elif key == "detail_contains":
                 if want not in problem.detail:
                     self.fail(f"{path}.detail {problem.detail!r} does not contain {want!r}")
@@ -276,12 +278,20 @@ class Run:
             self.fail(f"unknown signature {how!r}")
         t = int(time.time()) + offset
         signature = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-        return f"t={t},v1={signature}"
+        extra = how.get("extra") if isinstance(how, dict) else None
+        return f"t={t},{extra},v1={signature}" if extra else f"t={t},v1={signature}"
 
     def webhook(self, spec: dict[str, Any], expect: dict[str, Any]) -> None:
         body, event_id, event_type = self.body(spec)
         header = self.header(body, spec.get("signature", "valid"))
-        result = self.call(expect, lambda: self.sdk.handle_stripe_webhook(body, header))
+        self.answered(spec, expect, event_id, event_type, lambda: self.sdk.handle_stripe_webhook(body, header))
+
+    def replay(self, spec: dict[str, Any], expect: dict[str, Any]) -> None:
+        body, event_id, event_type = self.body(spec)
+        self.answered(spec, expect, event_id, event_type, lambda: self.sdk.replay_event(body, reason=spec.get("reason", "")))
+
+    def answered(self, spec: dict[str, Any], expect: dict[str, Any], event_id: str, event_type: str, call: Callable[[], Any]) -> None:
+        result = self.call(expect, call)
         if result is None:
             return
         if "event" in spec:
@@ -328,6 +338,27 @@ class Run:
             expect = {k: sorted(v) if k == "defaults" else v for k, v in expect.items()}
             self.fields(expect, {"values": values, "defaults": defaults}, {"values", "defaults"})
 
+    def flag_event(self, event: Any) -> Any:
+        if event is None:
+            return None
+        return {"event_id": event.event_id, "event_type": event.event_type, "created": event.created,
+                "audit_seq": event.audit_seq, "actor": event.actor, "reason": event.reason}
+
+    def explain_flag(self, spec: dict[str, Any], expect: dict[str, Any]) -> None:
+        why = self.call(expect, lambda: self.sdk.explain_flag(spec["tenant"], spec["key"]))
+        if why is None:
+            return
+        wire_numbers(why.flag.value, "value")
+        admin = None if why.admin is None else {
+            "actor": why.admin.actor, "reason": why.admin.reason, "version": why.admin.version, "audit_seq": why.admin.audit_seq}
+        actual = {
+            "value": why.flag.value, "is_default": why.flag.is_default,
+            "set_by": "event" if why.event is not None else "admin" if why.admin is not None else "default",
+            "event": self.flag_event(why.event), "admin": admin, "rule": why.rule,
+            "stale_events": [self.flag_event(e) for e in why.stale_events], "newest_event": self.flag_event(why.newest_event),
+        }
+        self.fields(expect, actual, set(actual))
+
     def is_enabled(self, spec: dict[str, Any], expect: dict[str, Any]) -> None:
         self.fields(expect, {"value": self.sdk.is_enabled(spec["tenant"], spec["key"])}, {"value"})
 
@@ -361,6 +392,8 @@ class Run:
         exp_in = spec.get("exp_in", 600)
         if exp_in is not None:
             claims["exp"] = int(time.time()) + exp_in
+        if "nbf_in" in spec:
+            claims["nbf"] = int(time.time()) + spec["nbf_in"]
         secret = spec.get("secret", self.env["CORESDK_JWT_SECRET"].split(",")[0].strip())
         return jwt(claims, secret, spec.get("alg", "HS256"))
 
@@ -407,11 +440,17 @@ class Run:
             self.record(expect["record"], record, "record")
 
     def audit_query(self, spec: dict[str, Any], expect: dict[str, Any]) -> None:
+        def query() -> list[AuditRecord]:
+            return self.sdk.audit_query(tenant_id=spec.get("tenant", ""), event_prefix=spec.get("event_prefix", ""),
+                                        outcome=spec.get("outcome", ""))
+
+        if "problem" in expect:
+            self.call(expect, query)
+            return
         wanted = expect["records"]
         deadline = time.monotonic() + POLL_GUARD_S
         while True:
-            records = self.sdk.audit_query(tenant_id=spec.get("tenant", ""), event_prefix=spec.get("event_prefix", ""),
-                                           outcome=spec.get("outcome", ""))
+            records = query()
             if len(records) >= len(wanted) or time.monotonic() > deadline:
                 break
             time.sleep(0.05)

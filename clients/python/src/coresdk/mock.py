@@ -1,8 +1,11 @@
 """An in-process stand-in for the sidecar (`CORESDK_USE_MOCK=true`), for local development
 and tests without a sidecar. It follows the sidecar's semantics: the same signature checks,
 the same rules file (`default_rules.toml` is the sidecar's `rules/default.toml`), DUPLICATE /
-STALE / IGNORED, the seeded SecurePay tenants, the same 401/402/403 problems, and an audit list
-with a hash chain. The shared test suite runs against both so they cannot drift apart.
+STALE / IGNORED, the seeded SecurePay tenants, the same 401/402/403 problems, refusals and
+denials coalesced per window, and an audit chain hashed exactly as the sidecar's (RFC 8785 of
+the same records, by the `rfc8785` package). Numbers come back as doubles, as they do over
+gRPC. The contract suite (`tests/contract/`) and the shared test suite run against both, so
+they cannot drift apart.
 
 Events of customers with no tenant are parked with the sidecar's bounds and applied when the
 customer is mapped. Differences, by design: state lives in memory only (so parked events never
@@ -21,6 +24,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
+from decimal import Decimal
 from importlib import resources
 from typing import Any, Mapping, Optional, Sequence
 
@@ -28,6 +32,8 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (a dependency there).
     import tomli as tomllib  # type: ignore[no-redef]
+
+import rfc8785
 
 from coresdk.base import BaseSDK
 from coresdk.config import Settings
@@ -45,12 +51,15 @@ from coresdk.models import (
     FlagValue,
     VerifyResult,
     WebhookResult,
+    rfc3339_ms,
 )
 
 MOCK_SECRET = "whsec_test_secret"
 MOCK_TENANTS = {"cus_acme_001": "acme-corp", "cus_globex_001": "globex", "cus_initech_001": "initech"}
 ACTOR = "stripe-webhook"
 REPLAY_ACTOR = "replay"
+# The actor of changes made from the configuration (the sidecar's SEED_ACTOR).
+SEED_ACTOR = "config"
 MAX_REASON_LEN = 1024
 # How many stale deliveries an explanation lists (the sidecar's STALE_SHOWN).
 STALE_SHOWN = 20
@@ -60,12 +69,115 @@ RESERVED_NAMESPACES = ("billing", "auth", "flag", "tenant", "audit")
 TOLERANCE_S = 300
 # Seconds `created` may lie after the signature timestamp (the sidecar's MAX_CREATED_AHEAD_S).
 MAX_CREATED_AHEAD_S = 300
+# The sidecar's CORESDK_JWT_LEEWAY_S default: clock skew allowed on `exp` and `nbf`.
+JWT_LEEWAY_S = 60
 # The sidecar's CORESDK_DENY_AUDIT_WINDOW_S default.
 DENY_AUDIT_WINDOW_S = 60
 MAX_BODY = 1024 * 1024
+# The sidecar's bounds on a signature header and on an event's `id` and `type`.
+MAX_SIGNATURE_HEADER_LEN = 8 * 1024
+MAX_EVENT_FIELD_LEN = 255
+# The sidecar's bounds on what an application appends (src/audit.rs).
+MAX_METADATA_BYTES = 4096
+MAX_FIELD_LEN = 256
+MAX_ACTOR_LEN = 256
+DOMAIN_TAG = b"coresdk.audit.v1\0"
+GENESIS_HASH = "0" * 64
+# Bytes of an unverified body read for the event id and type it claims (the sidecar's CLAIM_PREFIX_BYTES).
+CLAIM_PREFIX_BYTES = 1024
 # The sidecar's parking bounds (CORESDK_MAX_PARKED_EVENTS, CORESDK_MAX_PARKED_EVENTS_PER_CUSTOMER).
 MAX_PARKED_EVENTS = 10_000
 MAX_PARKED_EVENTS_PER_CUSTOMER = 100
+
+
+def wire(value: Any) -> Any:
+    """A value as it arrives over gRPC: every number a double (`google.protobuf.Value`,
+    `FlagValue.number_value`), so the mock hands back what a client of the sidecar gets."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: wire(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [wire(v) for v in value]
+    raise TypeError(f"{type(value).__name__} is not a JSON value")
+
+
+def _json_number(n: float) -> Any:
+    """As the sidecar stores a double: integral values as integers, so `3` prints as `3`."""
+    return int(n) if n.is_integer() and abs(n) < 2**53 else n
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float):
+        return _json_number(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def display(value: FlagValue) -> str:
+    """The sidecar's FlagValue::display: `on`/`off`, a JSON string, a number as Rust prints an
+    f64 (shortest digits, no exponent), compact JSON with sorted keys."""
+    if value is True:
+        return "on"
+    if value is False:
+        return "off"
+    if isinstance(value, (int, float)):
+        n = float(value)
+        return str(int(n)) if n.is_integer() else format(Decimal(repr(n)), "f")
+    return json.dumps(_plain(value), separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+
+
+def claimed_identity(payload: bytes) -> tuple[Optional[str], Optional[str]]:
+    """The top-level string `id` and `type` an unverified body claims, read from its first
+    CLAIM_PREFIX_BYTES only, as the sidecar does: fields met before the cut count."""
+    text = payload[:CLAIM_PREFIX_BYTES].decode("utf-8", "ignore")
+    decoder = json.JSONDecoder()
+    claimed: dict[str, Optional[str]] = {"id": None, "type": None}
+    try:
+        at = re.compile(r"\s*").match(text, 0).end()  # type: ignore[union-attr]
+        if text[at:at + 1] != "{":
+            return None, None
+        at += 1
+        while claimed["id"] is None or claimed["type"] is None:
+            at = re.compile(r"\s*,?\s*").match(text, at).end()  # type: ignore[union-attr]
+            key, at = decoder.raw_decode(text, at)
+            at = re.compile(r"\s*:\s*").match(text, at).end()  # type: ignore[union-attr]
+            value, at = decoder.raw_decode(text, at)
+            if key in claimed and claimed[key] is None and isinstance(value, str):
+                claimed[key] = value[:255]
+    except (ValueError, AttributeError):
+        pass
+    return claimed["id"], claimed["type"]
+
+
+def _event_object(event: Mapping[str, Any]) -> dict[str, Any]:
+    data = event.get("data")
+    obj = data.get("object") if isinstance(data, dict) else None
+    return obj if isinstance(obj, dict) else {}
+
+
+def _object_str(obj: Mapping[str, Any], name: str) -> Optional[str]:
+    """A non-empty string field of the event's object, as the sidecar's object_str."""
+    value = obj.get(name)
+    return value if isinstance(value, str) and value else None
+
+
+def _customer_id(obj: Mapping[str, Any]) -> Optional[str]:
+    """As the sidecar's customer_id: `customer` (a non-empty id or an expanded object), else
+    the object itself when it is a customer."""
+    customer = obj.get("customer")
+    if isinstance(customer, str) and customer:
+        return customer
+    if isinstance(customer, dict):
+        return customer.get("id") if isinstance(customer.get("id"), str) else None
+    if obj.get("object") == "customer":
+        return obj.get("id") if isinstance(obj.get("id"), str) else None
+    return None
 
 
 def _quoted(text: str, limit: int = 64) -> str:
@@ -145,6 +257,74 @@ NO_SUBSCRIPTION_SETS_IT = "catalog default (no subscription sets it)"
 def _standing(status: Optional[str]) -> int:
     """As the sidecar: of a tenant's subscriptions, the one in the best standing decides."""
     return {"active": 3, "trialing": 3, "past_due": 2, "unpaid": 2, "incomplete": 2, "paused": 1}.get(status or "", 0)
+
+
+# What the sidecar's coalescers open per window at most (MAX_RECORDS_PER_WINDOW), and the
+# actor of the overflow record that counts the rest.
+MAX_RECORDS_PER_WINDOW = 1000
+OVERFLOW_ACTOR = "coresdk"
+_Record = tuple[str, str, str, str, dict[str, Any]]
+
+
+@dataclass
+class _Window:
+    opened: float
+    opened_ms: int
+    # The first occurrence's record with only the key's fields: the repeats record's pattern.
+    repeats: _Record
+    unreported: int = 0
+
+
+class _Coalescer:
+    """The sidecar's Coalescer (src/coalesce.rs) for one kind of record anyone can cause: per
+    key and window, the first occurrence is written at once with `count: 1` and its details,
+    the others counted into one `coalesced: "repeats"` record when the window ends. At most
+    MAX_RECORDS_PER_WINDOW windows open per window; keys first seen past that are only counted,
+    into one `coalesced: "overflow"` record per window (empty tenant, actor `coresdk`, the
+    count by reason), so memory and records stay bounded whatever the keys."""
+
+    def __init__(self, event: str, outcome: str, key_fields: tuple[str, ...], window_s: float):
+        self.event, self.outcome, self.key_fields = event, outcome, key_fields
+        self.window_s = window_s
+        self.budget_window_s = max(window_s, 1.0)
+        self.windows: dict[Any, _Window] = {}
+        self.budget_opened = time.monotonic()
+        self.used = 0
+        self.overflow: dict[str, int] = {}
+        self.overflow_reported: Optional[float] = None
+        self.overflow_since_ms = int(time.time() * 1000)
+
+    def admit(self, key: Any, reason: str, tenant: str, actor: str, meta: dict[str, Any], seal: Any) -> None:
+        now = time.monotonic()
+        window = self.windows.get(key)
+        if window is not None:
+            window.unreported += 1
+            return
+        if now - self.budget_opened >= self.budget_window_s:
+            self.budget_opened, self.used = now, 0
+        if self.used >= MAX_RECORDS_PER_WINDOW:
+            self.overflow[reason] = self.overflow.get(reason, 0) + 1
+            return
+        self.used += 1
+        pattern = (tenant, actor, self.event, self.outcome, {k: v for k, v in meta.items() if k in self.key_fields})
+        self.windows[key] = _Window(now, int(time.time() * 1000), pattern)
+        seal(tenant, actor, self.event, self.outcome, {**meta, "count": 1})
+
+    def close_due(self, seal: Any) -> None:
+        now = time.monotonic()
+        for key, window in list(self.windows.items()):
+            if now - window.opened >= self.window_s:
+                del self.windows[key]
+                if window.unreported:
+                    tenant, actor, event, outcome, meta = window.repeats
+                    seal(tenant, actor, event, outcome,
+                         {**meta, "count": window.unreported, "coalesced": "repeats", "since_ms": window.opened_ms})
+        due = self.overflow_reported is None or now - self.overflow_reported >= self.budget_window_s
+        if due and self.overflow:
+            reasons, self.overflow = dict(sorted(self.overflow.items())), {}
+            seal("", OVERFLOW_ACTOR, self.event, self.outcome, {
+                "reasons": reasons, "count": sum(reasons.values()), "coalesced": "overflow", "since_ms": self.overflow_since_ms})
+            self.overflow_reported, self.overflow_since_ms = now, int(time.time() * 1000)
 
 
 class RulesError(ValueError):
@@ -239,7 +419,10 @@ class MockSidecar(BaseSDK):
         self._jwt_issuer = env.get("CORESDK_JWT_ISSUER") or None
         self._jwt_audience = [a.strip() for a in env.get("CORESDK_JWT_AUDIENCE", "").split(",") if a.strip()]
         self._tenant_claim = env.get("CORESDK_JWT_TENANT_CLAIM", "tenant_id")
+        self._jwt_leeway_s = int(env.get("CORESDK_JWT_LEEWAY_S") or JWT_LEEWAY_S)
         self._audit_window_s = float(env.get("CORESDK_DENY_AUDIT_WINDOW_S") or DENY_AUDIT_WINDOW_S)
+        self._tolerance_s = int(env.get("CORESDK_WEBHOOK_TOLERANCE_S") or TOLERANCE_S)
+        self._max_body = int(env.get("CORESDK_WEBHOOK_MAX_BODY_BYTES") or MAX_BODY)
         self._max_parked = int(env.get("CORESDK_MAX_PARKED_EVENTS") or MAX_PARKED_EVENTS)
         self._max_parked_per_customer = int(env.get("CORESDK_MAX_PARKED_EVENTS_PER_CUSTOMER") or MAX_PARKED_EVENTS_PER_CUSTOMER)
         self._base = env.get("CORESDK_PROBLEM_TYPE_BASE", self.settings.problem_type_base)
@@ -247,7 +430,8 @@ class MockSidecar(BaseSDK):
         self._upgrade_url = env.get("CORESDK_UPGRADE_URL")
         rules_file = env.get("CORESDK_RULES_FILE")
         text = open(rules_file, encoding="utf-8").read() if rules_file else resources.files("coresdk").joinpath("default_rules.toml").read_text("utf-8")
-        self._catalog, self._rules = _parse_rules(text)
+        catalog, self._rules = _parse_rules(text)
+        self._catalog = {key: wire(value) for key, value in catalog.items()}
         self._lock = threading.RLock()
         self._customers = dict(MOCK_TENANTS)
         self._flags: dict[tuple[str, str], _Flag] = {}
@@ -258,53 +442,85 @@ class MockSidecar(BaseSDK):
         # The sidecar's billing objects (src/ops/objects.rs): (tenant, "subscription:<id>" or
         # "entitlements") -> (the newest event's order, the state it left).
         self._objects: dict[tuple[str, str], tuple[tuple[int, int, str], dict[str, Any]]] = {}
-        self._audit: list[dict[str, Any]] = []
+        self._audit: list[AuditRecord] = []
         self._version = 0
         # Coalescing windows by key: (start, start in ms, repeats since, the repeats record's pattern).
-        self._windows: dict[tuple[str, ...], tuple[float, int, int, tuple[str, str, str, str, dict[str, Any]]]] = {}
+        # Refused deliveries and denials, coalesced as the sidecar does (src/coalesce.rs).
+        self._refusals = _Coalescer("billing.webhook.refused", "rejected", ("reason",), self._audit_window_s)
+        self._denials = _Coalescer("auth.denied", "denied", ("reason", "feature", "subject"), self._audit_window_s)
+        # As a sidecar's first start with its tenants file: the seeding is the chain's first record.
+        self._seal("", SEED_ACTOR, "tenant.mappings_seeded", "applied", {
+            "configured": len(MOCK_TENANTS), "added": len(MOCK_TENANTS), "unchanged": 0,
+            "kept_runtime": 0, "kept_unmapped": 0, "overridden": 0})
 
     # -- audit ----------------------------------------------------------------------------
 
     def _append(self, tenant_id: str, actor: str, event: str, outcome: str, metadata: Mapping[str, Any]) -> AuditRecord:
         with self._lock:
-            seq = len(self._audit) + 1
-            prev = self._audit[-1]["hash"] if self._audit else "0" * 64
-            body = {"seq": seq, "tenant": tenant_id, "actor": actor, "event": event, "outcome": outcome, "metadata": dict(metadata)}
-            canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-            digest = hashlib.sha256(b"coresdk.audit.v1\0" + bytes.fromhex(prev) + canonical).hexdigest()
-            self._audit.append({**body, "prev": prev, "hash": digest, "canonical": canonical})
-            return AuditRecord(seq, tenant_id, actor, event, outcome, dict(metadata), digest)
+            self._close_windows()
+            return self._seal(tenant_id, actor, event, outcome, metadata)
+
+    def _seal(self, tenant_id: str, actor: str, event: str, outcome: str, metadata: Mapping[str, Any]) -> AuditRecord:
+        """As the sidecar's audit::seal: the hash covers RFC 8785 of exactly
+        {v, seq, time, tenant, actor, event, outcome, metadata}, the bytes kept as hashed."""
+        seq = len(self._audit) + 1
+        prev = self._audit[-1].hash if self._audit else GENESIS_HASH
+        at = rfc3339_ms(int(time.time() * 1000))
+        metadata = wire(dict(metadata))
+        canonical = rfc8785.dumps({"v": 1, "seq": seq, "time": at, "tenant": tenant_id, "actor": actor, "event": event,
+                                   "outcome": outcome, "metadata": metadata})
+        digest = hashlib.sha256(DOMAIN_TAG + bytes.fromhex(prev) + canonical).hexdigest()
+        record = AuditRecord(seq, tenant_id, actor, event, outcome, metadata, digest, at, prev, canonical)
+        self._audit.append(record)
+        return record
 
     def audit(self, event: str, *, outcome: str, actor: str, tenant_id: str = "", metadata: Optional[Mapping[str, Any]] = None) -> Optional[AuditRecord]:
-        if not event.strip() or not outcome.strip() or not actor.strip():
-            raise self._invalid("event, outcome and actor are required")
+        # As the sidecar's audit::validate_new: every violation, named by its field.
+        violations = []
+        for field_name, value, required in (("actor", actor, True), ("event", event, True), ("outcome", outcome, True), ("tenant_id", tenant_id, False)):
+            if required and not value.strip():
+                violations.append(f"{field_name}: is required")
+            elif len(value.encode()) > MAX_FIELD_LEN:
+                violations.append(f"{field_name}: is longer than {MAX_FIELD_LEN} bytes")
         name = event.lstrip().lower()
         for namespace in RESERVED_NAMESPACES:
             if name == namespace or name.startswith(namespace + "."):
-                raise self._invalid(
+                violations.append(
                     f"event: '{namespace}.' is reserved for the sidecar's own records; name application events in a namespace of your own, e.g. 'app.'"
                 )
         if actor.strip().lower() == ACTOR:
-            raise self._invalid(f"actor: '{ACTOR}' is reserved for verified Stripe deliveries")
-        return self._append(tenant_id, actor, event, outcome, json.loads(json.dumps(metadata or {}, default=str)))
+            violations.append(f"actor: '{ACTOR}' is reserved for verified Stripe deliveries")
+        # What the sidecar receives: a google.protobuf.Struct, so numbers are doubles.
+        values = wire(json.loads(json.dumps(metadata or {}, default=str)))
+        size = len(rfc8785.dumps(values))
+        if size > MAX_METADATA_BYTES:
+            violations.append(f"metadata: is {size} bytes canonicalised, over the {MAX_METADATA_BYTES}-byte bound")
+        if violations:
+            raise self._invalid("; ".join(violations))
+        if tenant_id:
+            self._check_ids(tenant_id)
+        return self._append(tenant_id, actor, event, outcome, values)
 
     def audit_query(self, *, tenant_id: str = "", event_prefix: str = "", outcome: str = "", limit: int = 1000) -> list[AuditRecord]:
+        if tenant_id:
+            self._check_ids(tenant_id)
         with self._lock:
+            self._close_windows()
             out = [
-                AuditRecord(r["seq"], r["tenant"], r["actor"], r["event"], r["outcome"], r["metadata"], r["hash"])
-                for r in self._audit
-                if (not tenant_id or r["tenant"] == tenant_id)
-                and r["event"].startswith(event_prefix)
-                and (not outcome or r["outcome"] == outcome)
+                r for r in self._audit
+                if (not tenant_id or r.tenant_id == tenant_id)
+                and r.event.startswith(event_prefix)
+                and (not outcome or r.outcome == outcome)
             ]
         return out[:limit]
 
     def audit_verify(self) -> VerifyResult:
         with self._lock:
-            prev = "0" * 64
+            self._close_windows()
+            prev = GENESIS_HASH
             for i, r in enumerate(self._audit):
-                digest = hashlib.sha256(b"coresdk.audit.v1\0" + bytes.fromhex(prev) + r["canonical"]).hexdigest()
-                if r["seq"] != i + 1 or r["prev"] != prev or r["hash"] != digest:
+                digest = hashlib.sha256(DOMAIN_TAG + bytes.fromhex(prev) + r.canonical).hexdigest()
+                if r.seq != i + 1 or r.prev_hash != prev or r.hash != digest:
                     return VerifyResult(False, i, i + 1, f"record {i + 1} does not verify")
                 prev = digest
             return VerifyResult(True, len(self._audit))
@@ -320,26 +536,40 @@ class MockSidecar(BaseSDK):
     # -- webhooks -------------------------------------------------------------------------
 
     def _verify_signature(self, payload: bytes, header: str) -> int:
+        """The sidecar's parse_header and SignatureVerifier::verify, with its messages."""
+        def malformed(why: str) -> ProblemError:
+            return self._signature_error("SIGNATURE_MALFORMED", f"the Stripe-Signature header is malformed: {why}")
+
         header = (header or "").strip()
         if not header:
             raise self._signature_error("SIGNATURE_MISSING", "the Stripe-Signature header is missing or empty")
+        if len(header.encode()) > MAX_SIGNATURE_HEADER_LEN:
+            raise malformed("header is too long")
         timestamp: Optional[int] = None
         signatures: list[bytes] = []
         for item in header.split(","):
             scheme, sep, value = item.strip().partition("=")
             if not sep:
-                raise self._signature_error("SIGNATURE_MALFORMED", "an item has no '='")
+                raise malformed("an item has no '='")
             scheme, value = scheme.strip(), value.strip()
             if scheme == "t":
-                if timestamp is not None or not value.isdigit():
-                    raise self._signature_error("SIGNATURE_MALFORMED", "the timestamp is not a number")
+                if timestamp is not None:
+                    raise malformed("more than one timestamp")
+                if not value or not (value.isascii() and value.isdigit()):
+                    raise malformed("the timestamp is not a number")
+                if int(value) >= 2**63:
+                    raise malformed("the timestamp is out of range")
                 timestamp = int(value)
             elif scheme == "v1":
-                if len(value) != 64 or not re.fullmatch(r"[0-9a-fA-F]{64}", value):
-                    raise self._signature_error("SIGNATURE_MALFORMED", "a v1 signature is not 64 hex characters")
+                if not value:
+                    raise malformed("an empty v1 signature")
+                if len(value) != 64:
+                    raise malformed("a v1 signature is not 64 hex characters")
+                if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+                    raise malformed("a v1 signature is not hexadecimal")
                 signatures.append(bytes.fromhex(value))
         if timestamp is None:
-            raise self._signature_error("SIGNATURE_MALFORMED", "no timestamp (t=)")
+            raise malformed("no timestamp (t=)")
         if not signatures:
             raise self._signature_error("SIGNATURE_MALFORMED", "the Stripe-Signature header carries no v1 signature")
         signed = f"{timestamp}.".encode() + payload
@@ -351,37 +581,35 @@ class MockSidecar(BaseSDK):
         if not matched:
             raise self._signature_error("SIGNATURE_MISMATCH", "no v1 signature matches any configured webhook secret")
         skew = int(time.time()) - timestamp
-        if abs(skew) > TOLERANCE_S:
+        if abs(skew) > self._tolerance_s:
             raise self._signature_error(
-                "SIGNATURE_TIMESTAMP_OUT_OF_TOLERANCE", f"the signature timestamp is {skew} s away from now"
+                "SIGNATURE_TIMESTAMP_OUT_OF_TOLERANCE",
+                f"the signature timestamp is {skew} s away from now, outside the {self._tolerance_s} s tolerance (replay or clock skew)",
             )
         return timestamp
 
-    def _refuse(self, error: ProblemError, payload_len: int) -> ProblemError:
+    def _refuse(self, error: ProblemError, payload: bytes) -> ProblemError:
+        """As the sidecar's refused_delivery_record: the reason, the detail, the size and the
+        identity the unverified body claims, coalesced per reason."""
         reason = error.problem.reason or ""
-        self._coalesced(("refused", reason), ("", ACTOR, "billing.webhook.refused", "rejected", {"reason": reason, "detail": error.problem.detail, "payload_bytes": payload_len}), ("reason",))
+        meta: dict[str, Any] = {"reason": reason, "detail": error.problem.detail, "payload_bytes": len(payload)}
+        claimed_id, claimed_type = claimed_identity(payload)
+        if claimed_id is not None:
+            meta["claimed_event_id"] = claimed_id
+        if claimed_type is not None:
+            meta["claimed_event_type"] = claimed_type
+        with self._lock:
+            self._close_windows()
+            self._refusals.admit(reason, reason, "", ACTOR, meta, self._seal)
         return error
 
-    def _coalesced(self, key: tuple[str, ...], record: tuple[str, str, str, str, dict[str, Any]], key_fields: tuple[str, ...]) -> None:
-        """As the sidecar coalesces what anyone can trigger (refused deliveries, denials): the first
-        occurrence of a key in a window is recorded with `count: 1`, the rest of the window are
-        counted into one `coalesced: "repeats"` record. The sidecar writes that record when the
-        window ends; the mock, which runs no background task, when the key next occurs. The
-        repeats record is the first occurrence's with only its `key_fields` left in the metadata:
-        that occurrence's own details (size, resource, detail) did not apply to the others."""
-        now = time.monotonic()
-        with self._lock:
-            window = self._windows.get(key)
-            if window is not None and now - window[0] < self._audit_window_s:
-                self._windows[key] = (window[0], window[1], window[2] + 1, window[3])
-                return
-            if window is not None and window[2]:
-                tenant, actor, event, outcome, meta = window[3]
-                self._append(tenant, actor, event, outcome, {**meta, "count": window[2], "coalesced": "repeats", "since_ms": window[1]})
-            tenant, actor, event, outcome, meta = record
-            pattern = (tenant, actor, event, outcome, {k: v for k, v in meta.items() if k in key_fields})
-            self._windows[key] = (now, int(time.time() * 1000), 0, pattern)
-            self._append(tenant, actor, event, outcome, {**meta, "count": 1})
+    def _close_windows(self) -> None:
+        """Writes what the sidecar's coalescing writer would have written by now: the repeats
+        records of windows that ended and the overflow records that are due. The sidecar does
+        it on a timer; the mock, which runs no background task, whenever the audit trail is
+        touched, so every record lands in the order the sidecar's would."""
+        for coalescer in (self._refusals, self._denials):
+            coalescer.close_due(self._seal)
 
     def _evaluate(self, event_type: str, obj: Mapping[str, Any]) -> tuple[str, list[tuple[str, FlagValue, str]], str]:
         """As the sidecar's rules: (kind, [(flag, value, the deciding rule's name)], the
@@ -404,8 +632,9 @@ class MockSidecar(BaseSDK):
                 items = (obj.get("entitlements") or {}).get("data") or []
                 keys = sorted({(i.get("lookup_key") or (i.get("feature") or {}).get("lookup_key") or "") for i in items if isinstance(i, dict)})
                 return "entitlements", [(k, True, name) for k in keys if FLAG_KEY.fullmatch(k)], name
-            for key, value in rule.get("set" if plan_matches else "else", {}).items():
-                wanted = [w for w in wanted if w[0] != key] + [(key, value, name)]
+            # In key order, as the sidecar's tables (BTreeMap) are.
+            for key, value in sorted(rule.get("set" if plan_matches else "else", {}).items()):
+                wanted = [w for w in wanted if w[0] != key] + [(key, wire(value), name)]
         return ("set" if wanted else "ignored"), wanted, ""
 
     @staticmethod
@@ -421,10 +650,12 @@ class MockSidecar(BaseSDK):
         return any(word.lower() in plans for name in names for word in re.split(r"[^0-9A-Za-z]+", name))
 
     def _too_large(self, size: int) -> ProblemError:
-        return ProblemError(_problem(self._base, "payload-too-large", "Payload too large", 413, f"the payload is {size} bytes", "PAYLOAD_TOO_LARGE"))
+        return ProblemError(_problem(self._base, "payload-too-large", "Payload too large", 413,
+                                     f"the payload is {size} bytes, over the {self._max_body}-byte limit", "PAYLOAD_TOO_LARGE"))
 
     def _not_an_event(self, detail: str) -> ProblemError:
-        return ProblemError(_problem(self._base, "invalid-event", "Not a Stripe event", 400, detail, "INVALID_EVENT"))
+        return ProblemError(_problem(self._base, "invalid-event", "Not a Stripe event", 400,
+                                     f"the verified payload is not a Stripe event: {detail}", "INVALID_EVENT"))
 
     def _parse_event(self, payload: bytes, latest: int, after_what: str) -> dict[str, Any]:
         """The sidecar's StripeEvent::parse: `created` is required (Stripe always sends it; any
@@ -432,14 +663,20 @@ class MockSidecar(BaseSDK):
         MAX_CREATED_AHEAD_S after `latest` (the signature time, or now for an export)."""
         try:
             event = json.loads(payload)
-        except ValueError:
-            event = None
-        if not isinstance(event, dict) or not isinstance(event.get("id"), str) or not event["id"] or not isinstance(event.get("type"), str) or not event["type"]:
-            raise self._not_an_event("the verified payload is not a Stripe event")
+        except ValueError as e:
+            raise self._not_an_event(f"the body is not JSON ({e})") from None
+        if not isinstance(event, dict):
+            raise self._not_an_event("the body is not a JSON object")
+        for name in ("id", "type"):
+            value = event.get(name)
+            if not isinstance(value, str) or not value:
+                raise self._not_an_event(f"no `{name}` string in the event")
+            if len(value.encode()) > MAX_EVENT_FIELD_LEN:
+                raise self._not_an_event(f"`{name}` is longer than {MAX_EVENT_FIELD_LEN} characters")
         created = event.get("created")
         if created is None:
             raise self._not_an_event("no `created` in the event; Stripe always sends one")
-        if not isinstance(created, int) or isinstance(created, bool):
+        if not isinstance(created, int) or isinstance(created, bool) or not -(2**63) <= created < 2**63:
             raise self._not_an_event("`created` is not an integer timestamp")
         if created < 0:
             raise self._not_an_event(f"`created` ({created}) is before 1970")
@@ -448,13 +685,14 @@ class MockSidecar(BaseSDK):
         return event
 
     def handle_stripe_webhook(self, payload: bytes, signature_header: str) -> WebhookResult:
-        if len(payload) > MAX_BODY:
-            raise self._refuse(self._too_large(len(payload)), len(payload))
+        # As the sidecar's verify_delivery: size, then signature, then that the body is an event.
         try:
+            if len(payload) > self._max_body:
+                raise self._too_large(len(payload))
             signed_at = self._verify_signature(payload, signature_header)
             event = self._parse_event(payload, signed_at, "the signature timestamp; Stripe signs events after creating them")
         except ProblemError as e:
-            raise self._refuse(e, len(payload)) from None
+            raise self._refuse(e, payload) from None
         return self._apply(event, signed_at, ACTOR, "")
 
     def replay_event(self, payload: bytes, *, reason: str) -> WebhookResult:
@@ -462,7 +700,7 @@ class MockSidecar(BaseSDK):
             raise self._invalid("reason: is required")
         if len(reason.encode()) > MAX_REASON_LEN:
             raise self._invalid(f"reason: is longer than {MAX_REASON_LEN} bytes")
-        if len(payload) > MAX_BODY:
+        if len(payload) > self._max_body:
             raise self._too_large(len(payload))
         now = int(time.time())
         event = self._parse_event(payload, now, "now; an exported event cannot come from the future")
@@ -509,16 +747,16 @@ class MockSidecar(BaseSDK):
     def _apply(self, event: dict[str, Any], signed_at: int, actor: str, reason: str, parked_at_ms: Optional[int] = None) -> WebhookResult:
         event_id, event_type = event["id"], event["type"]
         created = event["created"]
-        obj = (event.get("data") or {}).get("object") or {}
-        customer = obj.get("customer")
-        if isinstance(customer, dict):
-            customer = customer.get("id")
-        if not customer and obj.get("object") == "customer":
-            customer = obj.get("id")
+        obj = _event_object(event)
+        customer = _customer_id(obj)
         audit_event = f"billing.{event_type}"
-        meta = {"event_id": event_id, "event_type": event_type, "created": created}
-        if customer:
+        # As the sidecar's base_metadata.
+        meta: dict[str, Any] = {"event_id": event_id, "event_type": event_type, "created": created,
+                                "livemode": event.get("livemode") is True}
+        if customer is not None:
             meta["customer"] = customer
+        if _object_str(obj, "id") is not None:
+            meta["object_id"] = _object_str(obj, "id")
         if reason:
             meta["reason"] = reason
         if parked_at_ms is not None:
@@ -531,29 +769,34 @@ class MockSidecar(BaseSDK):
             kind, wanted, summary_rule = self._evaluate(event_type, obj)
             mapped = False
             tenant = None
-            reference = obj.get("client_reference_id")
-            if event_type == "checkout.session.completed" and customer and reference:
-                # A checkout maps only a customer without a tenant; it never moves one.
-                current = self._customers.get(customer)
-                if current is None:
-                    mapped = True
-                    self._customers[customer] = reference
-                    meta["mapped_customer"] = customer
-                    # An event applied from parking never maps: the recursion is one level deep.
-                    if parked_at_ms is None and (applied := self._apply_parked(customer, except_id=event_id)):
-                        meta["parked_events_applied"] = applied
-                elif current != reference:
+            # As the sidecar's resolve_tenant: the mapping first; a checkout's valid
+            # client_reference_id maps a customer with no tenant (never moves one); then a
+            # valid metadata.tenant_id. An invalid id is no id at all.
+            reference = _object_str(obj, "client_reference_id")
+            if event_type != "checkout.session.completed" or (reference is not None and id_defect(reference) is not None):
+                reference = None
+            current = self._customers.get(customer) if customer is not None else None
+            if current is not None:
+                tenant = current
+                if reference is not None and reference != current:
                     meta["mapping_refused"] = True
                     meta["conflicting_client_reference_id"] = reference
-            if tenant is None and customer:
-                tenant = self._customers.get(customer)
-            if tenant is None:
-                tenant = (obj.get("metadata") or {}).get("tenant_id") or None
+            elif customer is not None and reference is not None and id_defect(customer) is None:
+                mapped = True
+                tenant = self._customers[customer] = reference
+                meta["mapped_customer"] = customer
+                # An event applied from parking never maps: the recursion is one level deep.
+                if parked_at_ms is None and (applied := self._apply_parked(customer, except_id=event_id)):
+                    meta["parked_events_applied"] = applied
+            else:
+                claimed = _object_str(obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}, "tenant_id")
+                tenant = claimed if claimed is not None and id_defect(claimed) is None else None
             if tenant is None:
                 if kind == "ignored":
                     return self._finish(actor, event_id, event_type, "", "ignored", [], [], meta)
-                detail = f"no tenant is mapped for customer '{_quoted(customer)}'" if customer else "no tenant can be resolved"
-                if customer:
+                detail = (f"no tenant is mapped for customer '{_quoted(customer)}'" if customer is not None
+                          else "the event names no customer and no metadata.tenant_id, so no tenant can be resolved")
+                if customer is not None:
                     self._park(event, customer, actor, reason, meta)
                 self._append("", actor, audit_event, "rejected", {"refusal": detail, **meta})
                 raise ProblemError(_problem(self._base, "unknown-customer", "Unknown customer", 422, detail, "UNKNOWN_CUSTOMER"))
@@ -649,7 +892,7 @@ class MockSidecar(BaseSDK):
 
     def _finish(self, actor, event_id, event_type, tenant, outcome, changes, stale, meta) -> WebhookResult:
         if changes:
-            meta["flags"] = [f"{c.key}={'on' if c.new_value is True else 'off' if c.new_value is False else c.new_value}" for c in changes]
+            meta["flags"] = [f"{c.key}={display(c.new_value)}" for c in changes]
         if stale:
             meta["stale_flags"] = stale
         record = self._append(tenant, actor, f"billing.{event_type}", outcome, meta)
@@ -686,21 +929,21 @@ class MockSidecar(BaseSDK):
                     setter_seq = processed[2]
                     record = self._audit[setter_seq - 1]
                     event = self._flag_event(record)
-                    rules = record["metadata"].get("rules")
+                    rules = record.metadata.get("rules")
                     rule = rules.get(key, "") if isinstance(rules, dict) else ""
             else:
                 record = next(
                     (r for r in reversed(self._audit)
-                     if r["tenant"] == tenant_id and r["event"] == "flag.set"
-                     and r["metadata"].get("flag") == key and r["metadata"].get("version") == f.version),
+                     if r.tenant_id == tenant_id and r.event == "flag.set"
+                     and r.metadata.get("flag") == key and r.metadata.get("version") == f.version),
                     None,
                 )
-                setter_seq = record["seq"] if record else 0
-                admin = AdminFlagChange(f.updated_by, record["metadata"].get("reason", "") if record else "", f.version, setter_seq)
+                setter_seq = record.seq if record else 0
+                admin = AdminFlagChange(f.updated_by, record.metadata.get("reason", "") if record else "", f.version, setter_seq)
             stale = [
                 self._flag_event(r)
                 for r in self._audit[setter_seq:]
-                if r["tenant"] == tenant_id and r["event"].startswith("billing.") and key in (r["metadata"].get("stale_flags") or [])
+                if r.tenant_id == tenant_id and r.event.startswith("billing.") and key in (r.metadata.get("stale_flags") or [])
             ]
             newest = None
             mark = f.order[2]
@@ -710,9 +953,9 @@ class MockSidecar(BaseSDK):
             return FlagExplanation(flag, event, admin, rule, stale[-STALE_SHOWN:], newest)
 
     @staticmethod
-    def _flag_event(record: dict[str, Any]) -> FlagEvent:
-        meta = record["metadata"]
-        return FlagEvent(meta.get("event_id", ""), meta.get("event_type", ""), meta.get("created", 0), record["seq"], record["actor"], meta.get("reason", ""))
+    def _flag_event(record: AuditRecord) -> FlagEvent:
+        meta = record.metadata
+        return FlagEvent(meta.get("event_id", ""), meta.get("event_type", ""), int(meta.get("created", 0)), record.seq, record.actor, meta.get("reason", ""))
 
     def get_flags(self, tenant_id: str) -> dict[str, Flag]:
         self._check_ids(tenant_id)
@@ -721,15 +964,30 @@ class MockSidecar(BaseSDK):
             out.update({k: Flag(t, k, f.value, f.version, False, f.updated_by) for (t, k), f in self._flags.items() if t == tenant_id})
         return dict(sorted(out.items()))
 
-    def set_flag(self, tenant_id: str, key: str, value: FlagValue, *, actor: str, reason: str = "") -> Flag:
-        self._check_ids(tenant_id, key)
+    def _check_admin(self, actor: str, reason: str) -> None:
+        """As the sidecar's Admin::validated: who (required, bounded) and why (bounded)."""
         if not actor.strip():
             raise self._invalid("actor: is required")
+        if len(actor.encode()) > MAX_ACTOR_LEN:
+            raise self._invalid(f"actor: is longer than {MAX_ACTOR_LEN} bytes")
+        if len(reason.encode()) > MAX_REASON_LEN:
+            raise self._invalid(f"reason: is longer than {MAX_REASON_LEN} bytes")
+
+    def set_flag(self, tenant_id: str, key: str, value: FlagValue, *, actor: str, reason: str = "") -> Flag:
+        self._check_ids(tenant_id, key)
+        self._check_admin(actor, reason)
+        try:
+            # What the sidecar receives: a FlagValue whose numbers are doubles, finite ones only.
+            value = wire(json.loads(json.dumps(value, allow_nan=False)))
+        except (TypeError, ValueError):
+            raise self._invalid("value: must be a bool, a string, a finite number or JSON") from None
         with self._lock:
             current = self._flags.get((tenant_id, key))
             self._version += 1
             self._flags[(tenant_id, key)] = _Flag(value, self._version, current.order if current else (0, 0, ""), "admin", actor)
-            meta = {"flag": key, "new_value": value, "version": self._version}
+            # As the sidecar's ops::set_flag: the values as `flags explain` shows them.
+            meta: dict[str, Any] = {"flag": key, "old_value": display(current.value) if current else None,
+                                    "new_value": display(value), "version": self._version}
             if reason:
                 meta["reason"] = reason
             self._append(tenant_id, actor, "flag.set", "applied", meta)
@@ -738,12 +996,20 @@ class MockSidecar(BaseSDK):
     # -- tenants --------------------------------------------------------------------------
 
     def map_customer(self, customer_id: str, tenant_id: str, *, actor: str, reason: str = "") -> int:
+        if (defect := id_defect(customer_id)) is not None:
+            raise self._invalid(f"customer_id: {defect}")
         self._check_ids(tenant_id)
+        self._check_admin(actor, reason)
         with self._lock:
-            if self._customers.get(customer_id) == tenant_id:
+            previous = self._customers.get(customer_id)
+            if previous == tenant_id:
                 return 0
             self._customers[customer_id] = tenant_id
-            meta: dict[str, Any] = {"customer": customer_id, "reason": reason}
+            meta: dict[str, Any] = {"customer": customer_id}
+            if previous is not None:
+                meta["previous_tenant"] = previous
+            if reason:
+                meta["reason"] = reason
             parked = sum(1 for p in self._parked.values() if p.customer == customer_id)
             if parked:
                 meta["parked_events"] = parked
@@ -764,7 +1030,10 @@ class MockSidecar(BaseSDK):
             raise
 
     def _unauthenticated(self, why: str) -> ProblemError:
-        return ProblemError(_problem(self._base, "unauthenticated", "Unauthenticated", 401, f"The bearer token was not accepted: {why}.", "UNAUTHENTICATED"))
+        error = ProblemError(_problem(self._base, "unauthenticated", "Unauthenticated", 401, f"The bearer token was not accepted: {why}.", "UNAUTHENTICATED"))
+        # The denial's audit record keeps the reason itself, as the sidecar's does.
+        error.why = why  # type: ignore[attr-defined]
+        return error
 
     def _verify(self, token: str) -> Claims:
         token = (token or "").strip()
@@ -779,13 +1048,17 @@ class MockSidecar(BaseSDK):
             signature = _b64decode(signature_b64)
         except (ValueError, TypeError):
             raise self._unauthenticated("the token is malformed") from None
+        if not isinstance(header, dict):
+            raise self._unauthenticated("the token's algorithm is not accepted")
         digest = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}.get(header.get("alg"))
         if digest is None:
             raise self._unauthenticated("the token's algorithm is not accepted")
         signing_input = f"{header_b64}.{payload_b64}".encode()
         if not any(hmac.compare_digest(hmac.new(s, signing_input, digest).digest(), signature) for s in self._jwt_secrets):
             raise self._unauthenticated("the token's signature does not verify")
-        now, leeway = time.time(), 60
+        if not isinstance(claims, dict):
+            raise self._unauthenticated("the token is malformed")
+        now, leeway = time.time(), self._jwt_leeway_s
         if not isinstance(claims.get("exp"), (int, float)):
             raise self._unauthenticated("the token lacks the required claim 'exp'")
         if claims["exp"] < now - leeway:
@@ -826,10 +1099,11 @@ class MockSidecar(BaseSDK):
             try:
                 claims = self._verify(token or "")
             except ProblemError as e:
-                return self._deny(tenant, "", e.problem, resource, "UNAUTHENTICATED", "")
+                return self._deny(tenant, "", e.problem, resource, "UNAUTHENTICATED", "", why=getattr(e, "why", ""))
             subject = claims.subject
             if not claims.tenant_id:
-                return self._deny("", subject, self._unauthenticated(f"it has no '{self._tenant_claim}' claim").problem, resource, "UNAUTHENTICATED", "")
+                why = f"it has no '{self._tenant_claim}' claim"
+                return self._deny("", subject, self._unauthenticated(why).problem, resource, "UNAUTHENTICATED", "", why=why)
             if tenant_id and tenant_id != claims.tenant_id:
                 p = _problem(self._base, "wrong-tenant", "Forbidden", 403, "The token belongs to a different tenant.", "WRONG_TENANT")
                 return self._deny(tenant_id, subject, p, resource, "WRONG_TENANT", "")
@@ -846,12 +1120,16 @@ class MockSidecar(BaseSDK):
                 return self._deny(tenant, subject, p, resource, "FEATURE_LOCKED", feature, claims)
         return Decision(True, None, tenant, subject, False, claims)
 
-    def _deny(self, tenant: str, subject: str, problem: Problem, resource: str, reason: str, feature: str, claims: Optional[Claims] = None) -> Decision:
+    def _deny(self, tenant: str, subject: str, problem: Problem, resource: str, reason: str, feature: str,
+              claims: Optional[Claims] = None, why: str = "") -> Decision:
         if resource:
             problem = Problem(problem.type, problem.title, problem.status, problem.detail, resource, problem.extensions)
-        meta = {"reason": reason, "feature": feature, "subject": subject, "resource": resource}
-        record = (tenant, subject or "anonymous", "auth.denied", "denied", {k: v for k, v in meta.items() if v})
-        self._coalesced(("denied", tenant, subject, reason, feature), record, ("reason", "feature", "subject"))
+        # As the sidecar's denial_record: the key's fields, then this call's own details.
+        meta = {"reason": reason, "feature": feature, "subject": subject, "resource": resource, "detail": why}
+        with self._lock:
+            self._close_windows()
+            self._denials.admit((tenant, subject, reason, feature), reason, tenant, subject or "anonymous",
+                                {k: v for k, v in meta.items() if v}, self._seal)
         return Decision(False, problem, tenant, subject, False, claims)
 
 
