@@ -161,6 +161,12 @@ def _event_object(event: Mapping[str, Any]) -> dict[str, Any]:
     return obj if isinstance(obj, dict) else {}
 
 
+def _previous_attributes(event: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    data = event.get("data")
+    previous = data.get("previous_attributes") if isinstance(data, dict) else None
+    return previous if isinstance(previous, dict) else None
+
+
 def _object_str(obj: Mapping[str, Any], name: str) -> Optional[str]:
     """A non-empty string field of the event's object, as the sidecar's object_str."""
     value = obj.get(name)
@@ -178,6 +184,44 @@ def _customer_id(obj: Mapping[str, Any]) -> Optional[str]:
     if obj.get("object") == "customer":
         return obj.get("id") if isinstance(obj.get("id"), str) else None
     return None
+
+
+def _entitlement_lookup_keys(obj: Mapping[str, Any]) -> list[str]:
+    """As the sidecar: each active entitlement's `lookup_key` (or its feature's), the valid
+    flag keys among them, sorted and distinct; anything of another shape is skipped."""
+    entitlements = obj.get("entitlements")
+    items = entitlements.get("data") if isinstance(entitlements, dict) else None
+    keys = set()
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict):
+            continue
+        key = item.get("lookup_key")
+        if "lookup_key" not in item and isinstance(item.get("feature"), dict):
+            key = item["feature"].get("lookup_key")
+        if isinstance(key, str) and FLAG_KEY.fullmatch(key):
+            keys.add(key)
+    return sorted(keys)
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _ascii_lower(text: str) -> str:
+    return text.translate(_ASCII_LOWER)
+
+
+def _words(name: str) -> list[str]:
+    """Runs of letters and digits (any script), as Rust's `split(|c| !c.is_alphanumeric())`."""
+    words, word = [], []
+    for c in name:
+        if c.isalnum():
+            word.append(c)
+        elif word:
+            words.append("".join(word))
+            word = []
+    if word:
+        words.append("".join(word))
+    return words
 
 
 def _quoted(text: str, limit: int = 64) -> str:
@@ -624,14 +668,12 @@ class MockSidecar(BaseSDK):
             if rule.get("status") and status not in rule["status"]:
                 continue
             name = rule.get("name") or f"rule {n}"
-            plans = [p.lower() for p in rule.get("plans", [])]
+            plans = list(rule.get("plans", []))
             plan_matches = not plans or self._on_plan(obj, plans)
             if rule.get("entitlements"):
                 if not plan_matches:
                     continue
-                items = (obj.get("entitlements") or {}).get("data") or []
-                keys = sorted({(i.get("lookup_key") or (i.get("feature") or {}).get("lookup_key") or "") for i in items if isinstance(i, dict)})
-                return "entitlements", [(k, True, name) for k in keys if FLAG_KEY.fullmatch(k)], name
+                return "entitlements", [(k, True, name) for k in _entitlement_lookup_keys(obj)], name
             # In key order, as the sidecar's tables (BTreeMap) are.
             for key, value in sorted(rule.get("set" if plan_matches else "else", {}).items()):
                 wanted = [w for w in wanted if w[0] != key] + [(key, wire(value), name)]
@@ -639,15 +681,21 @@ class MockSidecar(BaseSDK):
 
     @staticmethod
     def _on_plan(obj: Mapping[str, Any], plans: list[str]) -> bool:
+        """As the sidecar's on_plan: a word (a run of Unicode letters and digits) of a plan name
+        equals a listed plan, ignoring ASCII case only."""
         names: list[str] = []
-        holders = []
-        for item in ((obj.get("items") or {}).get("data") or []):
-            holders += [item.get("price"), item.get("plan")]
+        holders: list[Any] = []
+        items = obj.get("items")
+        data = items.get("data") if isinstance(items, dict) else None
+        for item in data if isinstance(data, list) else []:
+            if isinstance(item, dict):
+                holders += [item.get("price"), item.get("plan")]
         holders.append(obj.get("plan"))
         for holder in holders:
             if isinstance(holder, dict):
                 names += [holder.get(f) for f in ("lookup_key", "nickname") if isinstance(holder.get(f), str)]
-        return any(word.lower() in plans for name in names for word in re.split(r"[^0-9A-Za-z]+", name))
+        wanted = {_ascii_lower(p) for p in plans}
+        return any(_ascii_lower(word) in wanted for name in names for word in _words(name))
 
     def _too_large(self, size: int) -> ProblemError:
         return ProblemError(_problem(self._base, "payload-too-large", "Payload too large", 413,
@@ -734,7 +782,7 @@ class MockSidecar(BaseSDK):
         for parked in taken:
             del self._parked[parked.event["id"]]
         taken = [p for p in taken if p.event["id"] != except_id]
-        order = lambda p: _event_order(p.event["id"], p.event["type"], p.event["created"], (p.event.get("data") or {}).get("object") or {}, (p.event.get("data") or {}).get("previous_attributes"))
+        order = lambda p: _event_order(p.event["id"], p.event["type"], p.event["created"], _event_object(p.event), _previous_attributes(p.event))
         applied = 0
         for parked in sorted(taken, key=order):
             try:
@@ -800,7 +848,7 @@ class MockSidecar(BaseSDK):
                     self._park(event, customer, actor, reason, meta)
                 self._append("", actor, audit_event, "rejected", {"refusal": detail, **meta})
                 raise ProblemError(_problem(self._base, "unknown-customer", "Unknown customer", 422, detail, "UNKNOWN_CUSTOMER"))
-            order = _event_order(event_id, event_type, created, obj, (event.get("data") or {}).get("previous_attributes"))
+            order = _event_order(event_id, event_type, created, obj, _previous_attributes(event))
             wanted, stale_object = self._resolve(tenant, kind, event_type, obj, order, wanted, summary_rule)
             stale: list[str] = []
             if stale_object is not None:
