@@ -128,7 +128,9 @@ def display(value: FlagValue) -> str:
         return "off"
     if isinstance(value, (int, float)):
         n = float(value)
-        return str(int(n)) if n.is_integer() else format(Decimal(repr(n)), "f")
+        if n.is_integer():
+            return ("-" if math.copysign(1.0, n) < 0 else "") + str(abs(int(n)))
+        return format(Decimal(repr(n)), "f")
     return json.dumps(_plain(value), separators=(",", ":"), ensure_ascii=False, sort_keys=True)
 
 
