@@ -235,11 +235,12 @@ class Run:
         """The delivery's bytes, event id and type."""
         if "redeliver" in spec:
             label = spec["redeliver"]
-            return self.bodies[label], self.event_id(label), self.types[label]
+            return self.bodies[label], self.event_id(label) if self.types[label] else "", self.types[label]
         label = spec["event"]
         raw = spec.get("raw_body")
         if raw is not None:
             text = raw if isinstance(raw, str) else raw["repeat"] * raw["times"]
+            self.bodies[label], self.types[label] = text.encode(), ""
             return text.encode(), "", ""
         obj: dict[str, Any] = {}
         if spec.get("customer") is not None:
@@ -296,8 +297,9 @@ class Run:
             return
         if "event" in spec:
             self.seqs[spec["event"]] = result.audit_seq
-        self.match(event_id, result.event_id, "event_id")
-        self.match(event_type, result.event_type, "event_type")
+        if event_id:
+            self.match(event_id, result.event_id, "event_id")
+            self.match(event_type, result.event_type, "event_type")
         for change in result.flag_changes:
             wire_numbers([change.old_value, change.new_value], f"flag change {change.key}")
         actual = {
