@@ -83,7 +83,7 @@ def implementation(request, tmp_path: Path) -> Iterator[Callable[[dict[str, str]
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s["name"] for s in SCENARIOS])
 def test_scenario(scenario: dict[str, Any], implementation: Callable[[dict[str, str]], BaseSDK]) -> None:
-    env = {**SUITE["env"], **scenario.get("env", {})}
+    env = {key: value.replace("{root}", str(ROOT)) for key, value in {**SUITE["env"], **scenario.get("env", {})}.items()}
     Run(scenario, env, implementation(env)).play()
 
 

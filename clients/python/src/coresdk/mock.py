@@ -15,6 +15,7 @@ only.
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import hmac
 import json
@@ -373,6 +374,20 @@ class _Coalescer:
             self.overflow_reported, self.overflow_since_ms = now, int(time.time() * 1000)
 
 
+def _from_toml(value: Any) -> Any:
+    """A TOML value as the sidecar's flag value: a date or time becomes its TOML text."""
+    if isinstance(value, datetime.datetime):
+        text = value.isoformat()
+        return text[:-6] + "Z" if text.endswith("+00:00") else text
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _from_toml(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_toml(v) for v in value]
+    return value
+
+
 class RulesError(ValueError):
     """A rules file the sidecar would refuse to start with; the message is the sidecar's."""
 
@@ -402,7 +417,7 @@ def _parse_rules(text: str) -> tuple[dict[str, FlagValue], list[dict[str, Any]]]
             raise invalid(f"flag key '{key}' must be 1-128 characters of letters, digits, _ - . :")
         if isinstance(value, float) and not math.isfinite(value):
             raise invalid("flag numbers must be finite")
-        catalog[key] = value
+        catalog[key] = _from_toml(value)
     rules: list[dict[str, Any]] = []
     names: set[str] = set()
     for n, spec in enumerate(specs, start=1):
@@ -451,7 +466,7 @@ def _parse_rules(text: str) -> tuple[dict[str, FlagValue], list[dict[str, Any]]]
         if name in names:
             raise invalid(f"two rules are named '{name}'; `flags explain` tells rules apart by name")
         names.add(name)
-        rules.append(spec)
+        rules.append({**spec, **{part: {k: _from_toml(v) for k, v in spec[part].items()} for part in ("set", "else") if part in spec}})
     return catalog, rules
 
 
