@@ -70,6 +70,9 @@ RESERVED_NAMESPACES = ("billing", "auth", "flag", "tenant", "audit")
 TOLERANCE_S = 300
 # Seconds `created` may lie after the signature timestamp (the sidecar's MAX_CREATED_AHEAD_S).
 MAX_CREATED_AHEAD_S = 300
+# The sidecar's bounds on an access request (src/auth/access.rs).
+MAX_AUTHORIZE_FLAGS = 32
+MAX_RESOURCE_LEN = 256
 # The sidecar's CORESDK_JWT_LEEWAY_S default: clock skew allowed on `exp` and `nbf`.
 JWT_LEEWAY_S = 60
 # The sidecar's CORESDK_DENY_AUDIT_WINDOW_S default.
@@ -1083,6 +1086,8 @@ class MockSidecar(BaseSDK):
             return self._apply_parked(customer_id)
 
     def resolve_customer(self, customer_id: str) -> Optional[str]:
+        if (defect := id_defect(customer_id)) is not None:
+            raise self._invalid(f"customer_id: {defect}")
         with self._lock:
             return self._customers.get(customer_id)
 
@@ -1152,11 +1157,19 @@ class MockSidecar(BaseSDK):
         )
 
     def authorize(self, *, token: Optional[str] = None, tenant_id: Optional[str] = None, require: Sequence[str] = (), deny_if: Sequence[str] = (), resource: str = "") -> Decision:
+        # As the sidecar's AccessRequest::validate.
         if not (token or "").strip() and not tenant_id:
             raise self._invalid("token: give a token or a tenant_id")
-        for key in (*require, *deny_if):
-            if not FLAG_KEY.fullmatch(key):
-                raise self._invalid(f"'{key}' is not a valid flag key")
+        if tenant_id:
+            self._check_ids(tenant_id)
+        for field_name, keys in (("required_features", require), ("deny_if", deny_if)):
+            if len(keys) > MAX_AUTHORIZE_FLAGS:
+                raise self._invalid(f"{field_name}: names more than {MAX_AUTHORIZE_FLAGS} flags")
+            for key in keys:
+                if not FLAG_KEY.fullmatch(key):
+                    raise self._invalid(f"{field_name}: '{_quoted(key)}' is not a valid flag key: use 1-128 characters of letters, digits, _ - . :")
+        if len(resource.encode()) > MAX_RESOURCE_LEN:
+            raise self._invalid(f"resource: is longer than {MAX_RESOURCE_LEN} bytes")
         claims = None
         subject = ""
         tenant = tenant_id or ""
