@@ -487,3 +487,22 @@ class Run:
 
     def wait(self, seconds: float, expect: dict[str, Any]) -> None:
         time.sleep(seconds)
+
+
+def test_a_flood_of_new_denial_keys_overflows_into_one_record(implementation: Callable[[dict[str, str]], BaseSDK]) -> None:
+    """Past 1,000 windows opened in a window, new keys are only counted, into one overflow
+    record (too many steps for a scenario, so written here against both implementations)."""
+    sdk = implementation(dict(SUITE["env"]))
+    for n in range(1001):
+        assert not sdk.authorize(tenant_id=f"flood-{n}", require=["pro_features"]).allowed
+    deadline = time.monotonic() + POLL_GUARD_S
+    while not (overflow := [r for r in sdk.audit_query(event_prefix="auth.denied", limit=5000) if r.actor == "coresdk"]):
+        assert time.monotonic() < deadline, "no overflow record"
+        time.sleep(0.05)
+    records = sdk.audit_query(event_prefix="auth.denied", limit=5000)
+    assert len(records) == 1001
+    assert len({r.tenant_id for r in records if r.actor == "anonymous"}) == 1000
+    [record] = overflow
+    assert (record.tenant_id, record.outcome) == ("", "denied")
+    assert set(record.metadata) == {"reasons", "count", "coalesced", "since_ms"}
+    assert (record.metadata["reasons"], record.metadata["count"], record.metadata["coalesced"]) == ({"FEATURE_LOCKED": 1}, 1, "overflow")
