@@ -506,3 +506,18 @@ def test_a_flood_of_new_denial_keys_overflows_into_one_record(implementation: Ca
     assert (record.tenant_id, record.outcome) == ("", "denied")
     assert set(record.metadata) == {"reasons", "count", "coalesced", "since_ms"}
     assert (record.metadata["reasons"], record.metadata["count"], record.metadata["coalesced"]) == ({"FEATURE_LOCKED": 1}, 1, "overflow")
+
+
+def test_an_oversized_webhook_record_is_truncated_not_refused(implementation: Callable[[dict[str, str]], BaseSDK]) -> None:
+    """A delivery's record is bounded to 4 KiB by replacing its largest values; the problem
+    quotes the customer id cut short (an input too long for a scenario file)."""
+    sdk = implementation(dict(SUITE["env"]))
+    run = Run({"name": "oversized", "steps": []}, dict(SUITE["env"]), sdk)
+    customer = "cus_" + "x" * 5000
+    run.webhook({"event": "big", "type": "invoice.paid", "customer": customer},
+                {"problem": {"status": 422, "reason": "UNKNOWN_CUSTOMER", "detail_contains": f"'{customer[:64]}…'"}})
+    run.audit_query({"outcome": "rejected"}, {"records": [{"metadata": {
+        "event_id": "$event_id:big", "event_type": "invoice.paid", "created": "$created:big", "livemode": False,
+        "customer": "[truncated]", "parked": False, "not_parked": "the customer id is not one a tenant can be mapped to",
+        "refusal": f"no tenant is mapped for customer '{customer[:64]}…'"}}]})
+    run.verify_chain({}, {"ok": True})

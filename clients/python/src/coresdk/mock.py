@@ -230,6 +230,27 @@ def _words(name: str) -> list[str]:
     return words
 
 
+TRUNCATED = "[truncated]"
+
+
+def _bounded(metadata: dict[str, Any]) -> dict[str, Any]:
+    """As the sidecar's audit::bound_metadata: while the canonical form is over the bound, the
+    largest value (by its compact JSON; of equals, the last key) becomes "[truncated]"."""
+    while len(rfc8785.dumps(metadata)) > MAX_METADATA_BYTES:
+        largest, size = None, -1
+        for key in sorted(metadata):
+            value = metadata[key]
+            if value == TRUNCATED:
+                continue
+            length = len(json.dumps(_plain(value), separators=(",", ":"), ensure_ascii=False).encode())
+            if length >= size:
+                largest, size = key, length
+        if largest is None:
+            return {}
+        metadata = {**metadata, largest: TRUNCATED}
+    return metadata
+
+
 def _quoted(text: str, limit: int = 64) -> str:
     """Input as a problem quotes it: cut short, so a problem always fits in response headers."""
     return text if len(text) <= limit else text[:limit] + "…"
@@ -530,7 +551,7 @@ class MockSidecar(BaseSDK):
         seq = len(self._audit) + 1
         prev = self._audit[-1].hash if self._audit else GENESIS_HASH
         at = rfc3339_ms(int(time.time() * 1000))
-        metadata = wire(dict(metadata))
+        metadata = _bounded(wire(dict(metadata)))
         canonical = rfc8785.dumps({"v": 1, "seq": seq, "time": at, "tenant": tenant_id, "actor": actor, "event": event,
                                    "outcome": outcome, "metadata": metadata})
         digest = hashlib.sha256(DOMAIN_TAG + bytes.fromhex(prev) + canonical).hexdigest()
