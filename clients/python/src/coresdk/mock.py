@@ -15,6 +15,7 @@ only.
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import hmac
 import json
@@ -69,6 +70,9 @@ RESERVED_NAMESPACES = ("billing", "auth", "flag", "tenant", "audit")
 TOLERANCE_S = 300
 # Seconds `created` may lie after the signature timestamp (the sidecar's MAX_CREATED_AHEAD_S).
 MAX_CREATED_AHEAD_S = 300
+# The sidecar's bounds on an access request (src/auth/access.rs).
+MAX_AUTHORIZE_FLAGS = 32
+MAX_RESOURCE_LEN = 256
 # The sidecar's CORESDK_JWT_LEEWAY_S default: clock skew allowed on `exp` and `nbf`.
 JWT_LEEWAY_S = 60
 # The sidecar's CORESDK_DENY_AUDIT_WINDOW_S default.
@@ -128,7 +132,9 @@ def display(value: FlagValue) -> str:
         return "off"
     if isinstance(value, (int, float)):
         n = float(value)
-        return str(int(n)) if n.is_integer() else format(Decimal(repr(n)), "f")
+        if n.is_integer():
+            return ("-" if math.copysign(1.0, n) < 0 else "") + str(abs(int(n)))
+        return format(Decimal(repr(n)), "f")
     return json.dumps(_plain(value), separators=(",", ":"), ensure_ascii=False, sort_keys=True)
 
 
@@ -161,6 +167,12 @@ def _event_object(event: Mapping[str, Any]) -> dict[str, Any]:
     return obj if isinstance(obj, dict) else {}
 
 
+def _previous_attributes(event: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    data = event.get("data")
+    previous = data.get("previous_attributes") if isinstance(data, dict) else None
+    return previous if isinstance(previous, dict) else None
+
+
 def _object_str(obj: Mapping[str, Any], name: str) -> Optional[str]:
     """A non-empty string field of the event's object, as the sidecar's object_str."""
     value = obj.get(name)
@@ -178,6 +190,65 @@ def _customer_id(obj: Mapping[str, Any]) -> Optional[str]:
     if obj.get("object") == "customer":
         return obj.get("id") if isinstance(obj.get("id"), str) else None
     return None
+
+
+def _entitlement_lookup_keys(obj: Mapping[str, Any]) -> list[str]:
+    """As the sidecar: each active entitlement's `lookup_key` (or its feature's), the valid
+    flag keys among them, sorted and distinct; anything of another shape is skipped."""
+    entitlements = obj.get("entitlements")
+    items = entitlements.get("data") if isinstance(entitlements, dict) else None
+    keys = set()
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict):
+            continue
+        key = item.get("lookup_key")
+        if "lookup_key" not in item and isinstance(item.get("feature"), dict):
+            key = item["feature"].get("lookup_key")
+        if isinstance(key, str) and FLAG_KEY.fullmatch(key):
+            keys.add(key)
+    return sorted(keys)
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _ascii_lower(text: str) -> str:
+    return text.translate(_ASCII_LOWER)
+
+
+def _words(name: str) -> list[str]:
+    """Runs of letters and digits (any script), as Rust's `split(|c| !c.is_alphanumeric())`."""
+    words, word = [], []
+    for c in name:
+        if c.isalnum():
+            word.append(c)
+        elif word:
+            words.append("".join(word))
+            word = []
+    if word:
+        words.append("".join(word))
+    return words
+
+
+TRUNCATED = "[truncated]"
+
+
+def _bounded(metadata: dict[str, Any]) -> dict[str, Any]:
+    """As the sidecar's audit::bound_metadata: while the canonical form is over the bound, the
+    largest value (by its compact JSON; of equals, the last key) becomes "[truncated]"."""
+    while len(rfc8785.dumps(metadata)) > MAX_METADATA_BYTES:
+        largest, size = None, -1
+        for key in sorted(metadata):
+            value = metadata[key]
+            if value == TRUNCATED:
+                continue
+            length = len(json.dumps(_plain(value), separators=(",", ":"), ensure_ascii=False).encode())
+            if length >= size:
+                largest, size = key, length
+        if largest is None:
+            return {}
+        metadata = {**metadata, largest: TRUNCATED}
+    return metadata
 
 
 def _quoted(text: str, limit: int = 64) -> str:
@@ -327,6 +398,20 @@ class _Coalescer:
             self.overflow_reported, self.overflow_since_ms = now, int(time.time() * 1000)
 
 
+def _from_toml(value: Any) -> Any:
+    """A TOML value as the sidecar's flag value: a date or time becomes its TOML text."""
+    if isinstance(value, datetime.datetime):
+        text = value.isoformat()
+        return text[:-6] + "Z" if text.endswith("+00:00") else text
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _from_toml(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_toml(v) for v in value]
+    return value
+
+
 class RulesError(ValueError):
     """A rules file the sidecar would refuse to start with; the message is the sidecar's."""
 
@@ -356,7 +441,7 @@ def _parse_rules(text: str) -> tuple[dict[str, FlagValue], list[dict[str, Any]]]
             raise invalid(f"flag key '{key}' must be 1-128 characters of letters, digits, _ - . :")
         if isinstance(value, float) and not math.isfinite(value):
             raise invalid("flag numbers must be finite")
-        catalog[key] = value
+        catalog[key] = _from_toml(value)
     rules: list[dict[str, Any]] = []
     names: set[str] = set()
     for n, spec in enumerate(specs, start=1):
@@ -405,7 +490,7 @@ def _parse_rules(text: str) -> tuple[dict[str, FlagValue], list[dict[str, Any]]]
         if name in names:
             raise invalid(f"two rules are named '{name}'; `flags explain` tells rules apart by name")
         names.add(name)
-        rules.append(spec)
+        rules.append({**spec, **{part: {k: _from_toml(v) for k, v in spec[part].items()} for part in ("set", "else") if part in spec}})
     return catalog, rules
 
 
@@ -466,7 +551,7 @@ class MockSidecar(BaseSDK):
         seq = len(self._audit) + 1
         prev = self._audit[-1].hash if self._audit else GENESIS_HASH
         at = rfc3339_ms(int(time.time() * 1000))
-        metadata = wire(dict(metadata))
+        metadata = _bounded(wire(dict(metadata)))
         canonical = rfc8785.dumps({"v": 1, "seq": seq, "time": at, "tenant": tenant_id, "actor": actor, "event": event,
                                    "outcome": outcome, "metadata": metadata})
         digest = hashlib.sha256(DOMAIN_TAG + bytes.fromhex(prev) + canonical).hexdigest()
@@ -624,14 +709,12 @@ class MockSidecar(BaseSDK):
             if rule.get("status") and status not in rule["status"]:
                 continue
             name = rule.get("name") or f"rule {n}"
-            plans = [p.lower() for p in rule.get("plans", [])]
+            plans = list(rule.get("plans", []))
             plan_matches = not plans or self._on_plan(obj, plans)
             if rule.get("entitlements"):
                 if not plan_matches:
                     continue
-                items = (obj.get("entitlements") or {}).get("data") or []
-                keys = sorted({(i.get("lookup_key") or (i.get("feature") or {}).get("lookup_key") or "") for i in items if isinstance(i, dict)})
-                return "entitlements", [(k, True, name) for k in keys if FLAG_KEY.fullmatch(k)], name
+                return "entitlements", [(k, True, name) for k in _entitlement_lookup_keys(obj)], name
             # In key order, as the sidecar's tables (BTreeMap) are.
             for key, value in sorted(rule.get("set" if plan_matches else "else", {}).items()):
                 wanted = [w for w in wanted if w[0] != key] + [(key, wire(value), name)]
@@ -639,15 +722,21 @@ class MockSidecar(BaseSDK):
 
     @staticmethod
     def _on_plan(obj: Mapping[str, Any], plans: list[str]) -> bool:
+        """As the sidecar's on_plan: a word (a run of Unicode letters and digits) of a plan name
+        equals a listed plan, ignoring ASCII case only."""
         names: list[str] = []
-        holders = []
-        for item in ((obj.get("items") or {}).get("data") or []):
-            holders += [item.get("price"), item.get("plan")]
+        holders: list[Any] = []
+        items = obj.get("items")
+        data = items.get("data") if isinstance(items, dict) else None
+        for item in data if isinstance(data, list) else []:
+            if isinstance(item, dict):
+                holders += [item.get("price"), item.get("plan")]
         holders.append(obj.get("plan"))
         for holder in holders:
             if isinstance(holder, dict):
                 names += [holder.get(f) for f in ("lookup_key", "nickname") if isinstance(holder.get(f), str)]
-        return any(word.lower() in plans for name in names for word in re.split(r"[^0-9A-Za-z]+", name))
+        wanted = {_ascii_lower(p) for p in plans}
+        return any(_ascii_lower(word) in wanted for name in names for word in _words(name))
 
     def _too_large(self, size: int) -> ProblemError:
         return ProblemError(_problem(self._base, "payload-too-large", "Payload too large", 413,
@@ -734,7 +823,7 @@ class MockSidecar(BaseSDK):
         for parked in taken:
             del self._parked[parked.event["id"]]
         taken = [p for p in taken if p.event["id"] != except_id]
-        order = lambda p: _event_order(p.event["id"], p.event["type"], p.event["created"], (p.event.get("data") or {}).get("object") or {}, (p.event.get("data") or {}).get("previous_attributes"))
+        order = lambda p: _event_order(p.event["id"], p.event["type"], p.event["created"], _event_object(p.event), _previous_attributes(p.event))
         applied = 0
         for parked in sorted(taken, key=order):
             try:
@@ -800,7 +889,7 @@ class MockSidecar(BaseSDK):
                     self._park(event, customer, actor, reason, meta)
                 self._append("", actor, audit_event, "rejected", {"refusal": detail, **meta})
                 raise ProblemError(_problem(self._base, "unknown-customer", "Unknown customer", 422, detail, "UNKNOWN_CUSTOMER"))
-            order = _event_order(event_id, event_type, created, obj, (event.get("data") or {}).get("previous_attributes"))
+            order = _event_order(event_id, event_type, created, obj, _previous_attributes(event))
             wanted, stale_object = self._resolve(tenant, kind, event_type, obj, order, wanted, summary_rule)
             stale: list[str] = []
             if stale_object is not None:
@@ -1018,6 +1107,8 @@ class MockSidecar(BaseSDK):
             return self._apply_parked(customer_id)
 
     def resolve_customer(self, customer_id: str) -> Optional[str]:
+        if (defect := id_defect(customer_id)) is not None:
+            raise self._invalid(f"customer_id: {defect}")
         with self._lock:
             return self._customers.get(customer_id)
 
@@ -1087,11 +1178,19 @@ class MockSidecar(BaseSDK):
         )
 
     def authorize(self, *, token: Optional[str] = None, tenant_id: Optional[str] = None, require: Sequence[str] = (), deny_if: Sequence[str] = (), resource: str = "") -> Decision:
+        # As the sidecar's AccessRequest::validate.
         if not (token or "").strip() and not tenant_id:
             raise self._invalid("token: give a token or a tenant_id")
-        for key in (*require, *deny_if):
-            if not FLAG_KEY.fullmatch(key):
-                raise self._invalid(f"'{key}' is not a valid flag key")
+        if tenant_id:
+            self._check_ids(tenant_id)
+        for field_name, keys in (("required_features", require), ("deny_if", deny_if)):
+            if len(keys) > MAX_AUTHORIZE_FLAGS:
+                raise self._invalid(f"{field_name}: names more than {MAX_AUTHORIZE_FLAGS} flags")
+            for key in keys:
+                if not FLAG_KEY.fullmatch(key):
+                    raise self._invalid(f"{field_name}: '{_quoted(key)}' is not a valid flag key: use 1-128 characters of letters, digits, _ - . :")
+        if len(resource.encode()) > MAX_RESOURCE_LEN:
+            raise self._invalid(f"resource: is longer than {MAX_RESOURCE_LEN} bytes")
         claims = None
         subject = ""
         tenant = tenant_id or ""
