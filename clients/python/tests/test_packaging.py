@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import filecmp
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +48,30 @@ def test_the_mock_reads_rules_with_tomli_where_tomllib_is_missing():
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_the_declared_runtime_floors_are_those_the_committed_stubs_need():
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    declared = {
+        r.name: r.specifier
+        for r in map(Requirement, tomllib.loads((PACKAGE / "pyproject.toml").read_text())["project"]["dependencies"])
+    }
+    stubs = PACKAGE / "src" / "coresdk" / "v1"
+    grpc_version = re.search(r"GRPC_GENERATED_VERSION = '([0-9.]+)'", (stubs / "audit_pb2_grpc.py").read_text())
+    protobuf = re.search(r"ValidateProtobufRuntimeVersion\(\s*\S+,\s*(\d+),\s*(\d+),\s*(\d+),", (stubs / "audit_pb2.py").read_text())
+    assert grpc_version and protobuf
+    needs = {
+        "grpcio": Version(grpc_version.group(1)),
+        "grpcio-status": Version(grpc_version.group(1)),
+        "protobuf": Version(".".join(protobuf.groups())),
+    }
+    for name, version in needs.items():
+        # The floor is what the stubs need: nothing older is allowed, and that version is.
+        floor = next((Version(s.version) for s in declared[name] if s.operator == ">="), None)
+        assert floor == version, f"pyproject.toml declares {name}{declared[name]}; the stubs need {name}>={version}"
+    # protobuf's gencode accepts only runtimes of its own major version.
+    assert Version(f"{needs['protobuf'].major + 1}") not in declared["protobuf"]
