@@ -379,10 +379,6 @@ pub fn seed_customers(
 /// The actor of changes made from the sidecar's configuration.
 pub const SEED_ACTOR: &str = "config";
 
-/// Where an `Append` idempotency key is remembered: the webhook deduplication table, under a
-/// prefix no Stripe event id has, so keys share its bounds and its retention.
-const IDEMPOTENCY_KEY_PREFIX: &str = "coresdk:append:";
-
 /// Appends `record` once per idempotency key: a retry of the same record answers the record
 /// the first call appended (its answer may have been lost on the way), a different record
 /// under a used key is refused rather than silently answered with someone else's record.
@@ -392,7 +388,9 @@ pub fn append_once(
     key: &str,
     now_ms: i64,
 ) -> Result<audit::AuditRecord, Error> {
-    let id = format!("{IDEMPOTENCY_KEY_PREFIX}{key}");
+    // Remembered in the webhook deduplication table, under a prefix no event may have, so
+    // keys share its bounds and its retention.
+    let id = format!("{}append:{key}", crate::stripe::event::RESERVED_ID_PREFIX);
     if let Some(first) = tx.processed_event(&id)? {
         let stored = tx.audit_record(first.audit_seq)?.ok_or_else(|| {
             Error::Internal(format!(

@@ -117,6 +117,11 @@ impl StripeEvent {
             ));
         };
         let id = required_string(&event, "id")?;
+        if id.starts_with(RESERVED_ID_PREFIX) {
+            return Err(Error::NotAStripeEvent(format!(
+                "event ids starting with `{RESERVED_ID_PREFIX}` are the sidecar's own (Stripe's start with `evt_`)"
+            )));
+        }
         let event_type = required_string(&event, "type")?;
         let created = match event.get("created") {
             None | Some(Value::Null) => {
@@ -344,6 +349,10 @@ fn plausible_created(value: &Value, latest: Latest) -> Result<i64, Error> {
     Ok(created)
 }
 
+/// Ids the sidecar keeps in the event deduplication table for its own records (`Append`
+/// idempotency keys); no event may claim one, or it could pass for (or block) such a record.
+pub const RESERVED_ID_PREFIX: &str = "coresdk:";
+
 fn required_string(event: &Map<String, Value>, field: &'static str) -> Result<String, Error> {
     match event.get(field) {
         Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_EVENT_FIELD_LEN => Ok(s.clone()),
@@ -368,6 +377,7 @@ mod tests {
             br#"{"type":"invoice.paid"}"#,
             br#"{"id":"evt_1"}"#,
             br#"{"id":"","type":"invoice.paid"}"#,
+            br#"{"id":"coresdk:append:k1","type":"invoice.paid","created":5}"#,
             br#"{"id":"evt_1","type":"invoice.paid","created":"yesterday"}"#,
         ] {
             assert!(matches!(
@@ -375,6 +385,9 @@ mod tests {
                 Err(Error::NotAStripeEvent(_))
             ));
         }
+        // The reserved id above is refused for its prefix alone.
+        let ordinary = br#"{"id":"evt_append:k1","type":"invoice.paid","created":5}"#;
+        assert!(StripeEvent::parse(ordinary, 0).is_ok());
     }
 
     #[test]

@@ -170,6 +170,23 @@ def test_an_append_whose_answer_was_lost_is_stored_once(tmp_path):
         process.stop()
 
 
+def test_fail_mode_closed_asks_the_sidecar_while_the_flag_stream_is_down(tmp_path):
+    process = Sidecar(tmp_path)
+    process.start()
+    client = client_for(process, fail_mode="closed")
+    try:
+        body = stripe_event("invoice.paid", "cus_acme_001")
+        client.handle_stripe_webhook(body, sign(body))
+        # The stream is reconnecting (its backoff can reach seconds) while calls succeed: the
+        # cache may not answer under fail mode closed, the sidecar does.
+        client.cache.connected = False
+        assert client.get_flag("acme-corp", "pro_features").value is True
+        assert client.is_enabled("acme-corp", "pro_features")
+    finally:
+        client.close()
+        process.stop()
+
+
 def test_the_flag_stream_survives_a_failure_handling_a_message(tmp_path):
     process = Sidecar(tmp_path)
     process.start()

@@ -157,6 +157,9 @@ class SidecarClient(BaseSDK):
         self._flushing = threading.Lock()
         self._stream: Any = None
         self._closed = threading.Event()
+        # Cuts the watcher's reconnect backoff short: set when a call finds the sidecar back
+        # (the stream should follow at once, not after up to 7.5 s) and on close.
+        self._wake_watcher = threading.Event()
         self._watcher: Optional[threading.Thread] = None
         if watch:
             self._watcher = threading.Thread(target=self._watch_loop, name="coresdk-watch", daemon=True)
@@ -187,6 +190,7 @@ class SidecarClient(BaseSDK):
                     request, timeout=max(remaining, 0.001), metadata=self._metadata(admin), wait_for_ready=not idempotent
                 )
                 if self.outage.recovered():
+                    self._wake_watcher.set()
                     self._flush_spool_in_background()
                 return answer
             except grpc.RpcError as e:
@@ -228,7 +232,8 @@ class SidecarClient(BaseSDK):
                 if self._stream is not None:
                     self._stream.cancel()
             self.cache.connected = False
-            self._closed.wait(backoff * (0.5 + random.random()))
+            self._wake_watcher.wait(backoff * (0.5 + random.random()))
+            self._wake_watcher.clear()
             backoff = min(backoff * 2, 5.0)
 
     def _flush_spool_in_background(self) -> None:
@@ -262,6 +267,7 @@ class SidecarClient(BaseSDK):
 
     def close(self) -> None:
         self._closed.set()
+        self._wake_watcher.set()
         stream = getattr(self, "_stream", None)
         if stream is not None:
             stream.cancel()
@@ -302,19 +308,21 @@ class SidecarClient(BaseSDK):
         applied): the cache waits for the versions the sidecar holds now."""
         if not tenant_id or not self.cache.connected:
             return
-        answer = self._call(self._flags.GetFlags, flags_pb2.GetFlagsRequest(tenant_id=tenant_id))
+        try:
+            answer = self._call(self._flags.GetFlags, flags_pb2.GetFlagsRequest(tenant_id=tenant_id))
+        except ProblemError:
+            return  # the write is committed: a failed wait must not report it as failed
         self._await_cache(tenant_id, [(f.key, f.version) for f in answer.flags if not f.is_default])
 
     # -- flags ----------------------------------------------------------------------------
 
     def get_flag(self, tenant_id: str, key: str) -> Flag:
         check_ids(tenant_id, key, self.settings.problem_type_base)
-        if self.cache.warm.is_set():
+        # Under fail mode closed a value is served only while the cache is current; with the
+        # stream down (reconnecting, say, while calls already succeed) the sidecar is asked.
+        if self.cache.warm.is_set() and (self.cache.connected or self.settings.fail_mode == "open"):
             flag = self.cache.get(tenant_id, key)
             if flag is not None:
-                if not self.cache.connected and self.settings.fail_mode == "closed":
-                    self.outage.decided_by_fail_mode()
-                    raise SidecarUnavailable(unavailable_problem("flags are unavailable (fail mode closed)"))
                 return flag
         try:
             return Flag.from_proto(self._call(self._flags.GetFlag, flags_pb2.GetFlagRequest(tenant_id=tenant_id, key=key)))
