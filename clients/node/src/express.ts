@@ -30,16 +30,19 @@ import {
   DEFAULT_WEBHOOK_BODY_LIMIT,
   DEFAULT_WEBHOOK_PATH,
   PROBLEM_JSON,
+  RAW_BODY_FIX,
   checkAccess,
   headerValue,
   payloadTooLargeProblem,
   problemOf,
+  problemStatus,
   rawBodyUnavailableProblem,
   resourceOf,
   unreadableBodyProblem,
   webhookAnswer,
 } from './http.js';
-import type { AuthorizeOptions, CoreSDKClient, Decision, Problem } from './types.js';
+import type { AccessRequirement } from './http.js';
+import type { CoreSDKClient, Decision, Problem } from './types.js';
 
 declare global {
   // Express's own way to type `res.locals` (@types/express-serve-static-core).
@@ -52,7 +55,7 @@ declare global {
 }
 
 export { PROBLEM_JSON };
-export type { WebhookAnswer } from './http.js';
+export type { AccessRequirement, WebhookAnswer } from './http.js';
 
 export interface StripeWebhookOptions {
   /** Default `/webhooks/stripe`. */
@@ -61,18 +64,9 @@ export interface StripeWebhookOptions {
   limit?: number;
 }
 
-export interface AccessRequirement {
-  /** Flags that must be on (403 `feature-locked` otherwise). */
-  require?: AuthorizeOptions['require'];
-  /** Flags that must be off (402 `payment-required` otherwise). */
-  denyIf?: AuthorizeOptions['denyIf'];
-}
-
 /** Answers `problem` as `application/problem+json` with its status. */
 export function sendProblem(res: Response, problem: Problem): void {
-  // A status Express would refuse (RangeError) must not hide the problem itself.
-  const status = Number.isInteger(problem.status) && problem.status >= 400 && problem.status <= 599 ? problem.status : 500;
-  res.status(status).set('Content-Type', PROBLEM_JSON).send(JSON.stringify(problem));
+  res.status(problemStatus(problem)).set('Content-Type', PROBLEM_JSON).send(JSON.stringify(problem));
 }
 
 /** Error middleware: a ProblemError thrown by a route is answered with its problem, as is. */
@@ -119,12 +113,6 @@ function rawBodyOf(req: Request): Buffer | undefined {
   return undefined;
 }
 
-const RAW_BODY_FIX =
-  'A body parser read the webhook request before the CoreSDK route and kept no copy of its bytes; ' +
-  'a re-serialised body cannot be verified. Use installStripeWebhook(app, sdk) (it runs before every parser), ' +
-  'or mount stripeWebhook(sdk) before your body parsers, ' +
-  "or give your parser the hook: express.json({ verify: keepRawBody }) from '@coresdk/client/express'.";
-
 /**
  * A router for `POST /webhooks/stripe` (or `options.path`): forwards the raw body and the
  * `Stripe-Signature` header to `sdk.handleStripeWebhook`, answers 200 with
@@ -146,7 +134,7 @@ export function stripeWebhook(sdk: CoreSDKClient, options: StripeWebhookOptions 
     const instance = resourceOf(req.method, req.originalUrl);
     const rawBody = rawBodyOf(req);
     if (rawBody === undefined) {
-      sendProblem(res, rawBodyUnavailableProblem(sdk, RAW_BODY_FIX, instance));
+      sendProblem(res, rawBodyUnavailableProblem(sdk.settings.problemTypeBase, RAW_BODY_FIX, instance));
       return;
     }
     try {
@@ -161,9 +149,16 @@ export function stripeWebhook(sdk: CoreSDKClient, options: StripeWebhookOptions 
     }
   };
 
-  // The errors express.raw() passes on: 413 over the limit, 400 for an aborted body or a
-  // Content-Length that lied, 415 for a Content-Encoding it cannot inflate.
-  const bodyErrors: ErrorRequestHandler = (error: unknown, req: Request, res: Response, next: NextFunction) => {
+  // Answers the errors express.raw() itself passes on (413 over the limit, 400 for an aborted
+  // body or a Content-Length that lied, 415 for a Content-Encoding it cannot inflate); an error
+  // `forward` passes on is not a body error and goes to the app's error handler as is.
+  const readBody: RequestHandler = (req, res, next) => {
+    readRaw(req, res, (error?: unknown) => {
+      if (error === undefined || error === null) next();
+      else answerBodyError(error, req, res, next);
+    });
+  };
+  const answerBodyError = (error: unknown, req: Request, res: Response, next: NextFunction): void => {
     const status = httpStatusOf(error);
     if (status === undefined || res.headersSent) {
       next(error);
@@ -180,7 +175,7 @@ export function stripeWebhook(sdk: CoreSDKClient, options: StripeWebhookOptions 
     }
   };
 
-  router.post(path, readRaw, forward, bodyErrors);
+  router.post(path, readBody, forward);
   return router;
 }
 
