@@ -32,6 +32,7 @@ import {
   PROBLEM_JSON,
   RAW_BODY_FIX,
   checkAccess,
+  compressedBodyProblem,
   headerValue,
   payloadTooLargeProblem,
   problemOf,
@@ -88,6 +89,8 @@ const keptRawBodies = new WeakMap<IncomingMessage, Buffer>();
  * A body-parser `verify` hook that keeps the bytes a parser read, for an app whose
  * `express.json()` runs before a `stripeWebhook()` router it mounts itself:
  * `app.use(express.json({ verify: keepRawBody }))`. Not needed with `installStripeWebhook`.
+ * It keeps a second copy of EVERY body that parser reads (every JSON request, not only
+ * webhooks) for as long as the request lives: memory the other two ways do not cost.
  */
 export function keepRawBody(req: IncomingMessage, _res: ServerResponse, body: Buffer): void {
   keptRawBodies.set(req, body);
@@ -103,8 +106,8 @@ function sentNoBody(req: IncomingMessage): boolean {
 function rawBodyOf(req: Request): Buffer | undefined {
   const kept = keptRawBodies.get(req);
   if (kept !== undefined) return kept;
-  // Our own express.raw() below, or an app-wide one: both leave the bytes as read (inflated,
-  // when the delivery was compressed; Stripe signs the uncompressed body).
+  // Our own express.raw() below, or an app-wide one: both leave the bytes as read (a
+  // compressed delivery was refused before this).
   const body: unknown = req.body;
   if (Buffer.isBuffer(body)) return body;
   if (sentNoBody(req)) return Buffer.alloc(0);
@@ -128,10 +131,17 @@ export function stripeWebhook(sdk: CoreSDKClient, options: StripeWebhookOptions 
   // Every Content-Type: Stripe sends `application/json; charset=utf-8`, and the signature is
   // over bytes whatever the type claims. body-parser skips this when an earlier parser already
   // consumed the stream, leaving that parser's `req.body`.
-  const readRaw = express.raw({ type: () => true, limit });
+  // Not inflated: a compressed delivery is refused, as the Fastify route refuses it.
+  const readRaw = express.raw({ type: () => true, limit, inflate: false });
 
   const forward: RequestHandler = async (req, res, next) => {
     const instance = resourceOf(req.method, req.originalUrl);
+    // An app-wide parser before this route may have inflated it.
+    const compressed = compressedBodyProblem(sdk, req.headers['content-encoding'], instance);
+    if (compressed !== undefined) {
+      sendProblem(res, compressed);
+      return;
+    }
     const rawBody = rawBodyOf(req);
     if (rawBody === undefined) {
       sendProblem(res, rawBodyUnavailableProblem(sdk.settings.problemTypeBase, RAW_BODY_FIX, instance));
@@ -150,7 +160,7 @@ export function stripeWebhook(sdk: CoreSDKClient, options: StripeWebhookOptions 
   };
 
   // Answers the errors express.raw() itself passes on (413 over the limit, 400 for an aborted
-  // body or a Content-Length that lied, 415 for a Content-Encoding it cannot inflate); an error
+  // body or a Content-Length that lied, 415 for any Content-Encoding); an error
   // `forward` passes on is not a body error and goes to the app's error handler as is.
   const readBody: RequestHandler = (req, res, next) => {
     readRaw(req, res, (error?: unknown) => {
@@ -205,11 +215,14 @@ function routerStackOf(app: Application): unknown[] {
 }
 
 /**
- * Mounts `stripeWebhook(sdk, options)` AHEAD of everything already registered on `app`, so it
+ * Puts the webhook route AHEAD of the app's earlier middleware, IP allowlists and rate limiters
+ * included: they do not see webhook deliveries (mount `stripeWebhook(sdk)` yourself, before
+ * your body parsers, to keep them in front).
+ *
+ * Mounts `stripeWebhook(sdk, options)` before everything already registered on `app`, so it
  * reads the body before any parser whatever the registration order (parsers added later run
  * after it anyway). Only `POST <path>` stops there; every other request goes on unchanged.
- * Middleware registered earlier (logging, CORS…) does not see webhook deliveries. Call it on
- * the top-level app: the parsers of an app that mounts this one run before it.
+ * Call it on the top-level app: the parsers of an app that mounts this one run before it.
  */
 export function installStripeWebhook(app: Application, sdk: CoreSDKClient, options: StripeWebhookOptions = {}): void {
   // Express 5 runs middleware in the order of its router's stack; app.use() appends, so the

@@ -21,6 +21,7 @@ import {
   DEFAULT_WEBHOOK_PATH,
   PROBLEM_JSON,
   checkAccess,
+  compressedBodyProblem,
   headerValue,
   payloadTooLargeProblem,
   problemOf,
@@ -88,6 +89,8 @@ async function webhookRoute(
 
   scope.post(path, { bodyLimit: limit }, async (request, reply) => {
     const instance = resourceOf(request.method, request.url);
+    const compressed = compressedBodyProblem(sdk, request.headers['content-encoding'], instance);
+    if (compressed !== undefined) return sendProblem(reply, compressed);
     const body: unknown = request.body;
     // Undefined: the request announced no body (Fastify calls no parser then).
     const rawBody = Buffer.isBuffer(body) ? body : body === undefined ? Buffer.alloc(0) : undefined;

@@ -136,6 +136,17 @@ export function unreadableBodyProblem(sdk: CoreSDKClient, status: number, detail
 }
 
 /**
+ * A compressed delivery is refused (415) by both helpers alike. Stripe never compresses one,
+ * and its signature covers the bytes it sent: inflating first would verify other bytes than
+ * those on the wire, and passing compressed bytes on can never verify.
+ */
+export function compressedBodyProblem(sdk: CoreSDKClient, contentEncoding: string | string[] | undefined, instance: string): Problem | undefined {
+  const encoding = headerValue(contentEncoding).trim().toLowerCase();
+  if (encoding === '' || encoding === 'identity') return undefined;
+  return unreadableBodyProblem(sdk, 415, `A Stripe delivery is never compressed; Content-Encoding '${encoding}' is refused.`, instance);
+}
+
+/**
  * The app read the body before the webhook route and kept no copy of its bytes. A 500, not a
  * 400: the delivery is fine and the fix is in the app, and Stripe retries a 5xx, so no event
  * is lost while it is being fixed.

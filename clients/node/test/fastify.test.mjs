@@ -15,6 +15,7 @@ import {
   assertProblem,
   deadAddress,
   deliver,
+  deliverGzipped,
   freshTenant,
   get,
   prettyEvent,
@@ -116,6 +117,17 @@ for (const [backendName, makeBackend] of Object.entries(BACKENDS)) {
           });
           await assertProblem(await deliver(`${web.base}${WEBHOOK}`, body, undefined), 400, {
             reason: 'SIGNATURE_MISSING',
+          });
+          assert.equal(await sdk.isEnabled(tenant, 'pro_features'), false);
+        });
+
+        test('a compressed delivery is a 415 problem, never inflated and verified', async () => {
+          const { sdk } = backend;
+          const { customer, tenant } = await freshTenant(sdk, 'fst');
+          const body = prettyEvent('invoice.paid', customer);
+          await assertProblem(await deliverGzipped(`${web.base}${WEBHOOK}`, body), 415, {
+            reason: 'UNSUPPORTED_MEDIA_TYPE',
+            instance: `POST ${WEBHOOK}`,
           });
           assert.equal(await sdk.isEnabled(tenant, 'pro_features'), false);
         });
