@@ -20,7 +20,7 @@ import {
   makeSettings,
   settingsFromEnv,
 } from '../dist/index.js';
-import { clientFor, ENV, eventually, recordingLogger, settingsFor, Sidecar, within } from './helpers.mjs';
+import { clientFor, ENV, eventually, recordingLogger, settingsFor, Sidecar, sign, stripeEvent, within } from './helpers.mjs';
 
 const ROOT = fileURLToPath(new URL('../../../', import.meta.url));
 
@@ -33,7 +33,7 @@ async function startProxy(target) {
   const colon = target.lastIndexOf(':');
   const [host, port] = [target.slice(0, colon), Number(target.slice(colon + 1))];
   const sockets = new Set();
-  const proxy = { connections: 0, armed: false, requestSeen: false, addr: '' };
+  const proxy = { connections: 0, armed: false, requestSeen: false, addr: '', freeze: 'off' };
   const server = createServer((client) => {
     proxy.connections += 1;
     const upstream = connect(port, host);
@@ -43,10 +43,15 @@ async function startProxy(target) {
       socket.on('close', () => sockets.delete(socket));
     }
     client.on('data', (chunk) => {
+      if (proxy.freeze === 'answered') proxy.freeze = 'frozen';
+      if (proxy.freeze === 'frozen') return;
+      if (proxy.freeze === 'armed') proxy.freeze = 'requested';
       if (proxy.armed) proxy.requestSeen = true;
       upstream.write(chunk);
     });
     upstream.on('data', (chunk) => {
+      if (proxy.freeze === 'frozen') return;
+      if (proxy.freeze === 'requested') proxy.freeze = 'answered';
       if (proxy.armed && proxy.requestSeen) {
         proxy.armed = false;
         proxy.requestSeen = false;
@@ -64,6 +69,11 @@ async function startProxy(target) {
   proxy.cutNextAnswer = () => {
     proxy.armed = true;
     proxy.requestSeen = false;
+  };
+  // The next request is answered; from the client's next write on, nothing goes either way
+  // and the connections stay open: every call waits out its deadline, the stream sees nothing.
+  proxy.freezeAfterNextAnswer = () => {
+    proxy.freeze = 'armed';
   };
   proxy.close = () =>
     new Promise((resolve) => {
@@ -117,6 +127,29 @@ describe('against one sidecar', () => {
     } finally {
       await reader.close();
       await client.close();
+      await proxy.close();
+    }
+  });
+
+  test('a committed mapping resolves even when the read-your-writes step after it fails', async () => {
+    const proxy = await startProxy(sidecar.addr);
+    const timeoutMs = 1_500;
+    const reader = await clientFor(sidecar);
+    const client = await clientFor(sidecar, { sidecarAddr: proxy.addr, timeoutMs }, { logger: recordingLogger() });
+    try {
+      // An event for a customer nobody mapped yet is parked; the mapping applies it.
+      const customer = `cus_ryw_${Date.now()}`;
+      const body = stripeEvent('invoice.paid', customer);
+      await assert.rejects(reader.handleStripeWebhook(body, sign(body)), (error) => error.problem?.reason === 'UNKNOWN_CUSTOMER');
+      // The mapping is answered; the GetFlags that waits for its effects in the cache never is.
+      proxy.freezeAfterNextAnswer();
+      const tenant = `ryw-${Date.now()}`;
+      assert.equal(await within(client.mapCustomer(customer, tenant, { actor: 'ops', reason: 'test' }), 'mapCustomer returned'), 1);
+      assert.equal(proxy.freeze, 'frozen', 'precondition: the step after the mapping got no answer');
+      assert.equal(await reader.resolveCustomer(customer), tenant);
+    } finally {
+      await client.close();
+      await reader.close();
       await proxy.close();
     }
   });
