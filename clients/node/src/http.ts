@@ -80,7 +80,7 @@ export function headerValue(value: string | string[] | undefined): string {
 export function bearerToken(authorization: string | string[] | undefined): string {
   // Trimmed as the sidecar trims a token, so a token it would read as empty is no token here.
   const header = trimWhiteSpace(headerValue(authorization));
-  return /^bearer\s/i.test(header) ? trimWhiteSpace(header.slice(7)) : '';
+  return /^bearer\p{White_Space}/iu.test(header) ? trimWhiteSpace(header.slice(7)) : '';
 }
 
 /**

@@ -226,6 +226,8 @@ for (const [backendName, makeBackend] of Object.entries(BACKENDS)) {
           401,
           { reason: 'UNAUTHENTICATED', instance },
         );
+        // A token of only U+0085 (a byte Node reads as that character) is none, as the sidecar trims it.
+        await assertProblem(await get(url, '\x85'), 401, { reason: 'UNAUTHENTICATED', instance });
         await assertProblem(await get(url, token(tenant, {}, 'another-secret-of-at-least-32-bytes!')), 401, { instance });
         await assertProblem(await get(url, token(tenant)), 403, {
           reason: 'FEATURE_LOCKED',
