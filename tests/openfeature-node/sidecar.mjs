@@ -1,6 +1,9 @@
 // The real sidecar binary for the OpenFeature Node tests: ephemeral ports, a throwaway SQLite
 // store, signed Stripe webhooks over its gRPC API, and a restart on the same ports and store.
 // Mirrors clients/python/tests/conftest.py, so both suites start the sidecar the same way.
+// The Node client's tests (clients/node/test) use it too, from a checkout where only
+// clients/node has its packages installed: so only `deliver`, which the OpenFeature tests
+// alone call, loads gRPC (from this directory's node_modules), and only when called.
 
 import { spawn } from 'node:child_process';
 import { createHmac } from 'node:crypto';
@@ -11,9 +14,6 @@ import { join, resolve } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
-
-import * as grpc from '@grpc/grpc-js';
-import * as protoLoader from '@grpc/proto-loader';
 
 export const ROOT = resolve(fileURLToPath(new URL('.', import.meta.url)), '..', '..');
 export const STRIPE_SECRET = 'whsec_test_secret';
@@ -237,7 +237,7 @@ export class Sidecar {
 
   /** Delivers a Stripe event, signed as Stripe signs it, through WebhookService/HandleStripeWebhook. */
   async deliver(payload) {
-    const WebhookService = webhookService();
+    const { grpc, WebhookService } = await webhookService();
     const client = new WebhookService(this.addr, grpc.credentials.createInsecure());
     try {
       return await new Promise((resolveCall, rejectCall) => {
@@ -255,7 +255,9 @@ export class Sidecar {
 
 let webhookServiceClass;
 function webhookService() {
-  webhookServiceClass ??= (() => {
+  webhookServiceClass ??= (async () => {
+    const grpc = await import('@grpc/grpc-js');
+    const protoLoader = await import('@grpc/proto-loader');
     const definition = protoLoader.loadSync('coresdk/v1/webhook.proto', {
       includeDirs: [join(ROOT, 'proto')],
       keepCase: true,
@@ -264,7 +266,7 @@ function webhookService() {
       defaults: true,
       oneofs: true,
     });
-    return grpc.loadPackageDefinition(definition).coresdk.v1.WebhookService;
+    return { grpc, WebhookService: grpc.loadPackageDefinition(definition).coresdk.v1.WebhookService };
   })();
   return webhookServiceClass;
 }

@@ -46,7 +46,8 @@ import type {
   VerifyResult,
   WebhookResult,
 } from './types.js';
-import { checkIds, idDefect } from './validation.js';
+import { webhookPayload } from './http.js';
+import { checkFlagList, checkIds, idDefect } from './validation.js';
 import {
   auditRecordFromProto,
   claimsFromProto,
@@ -79,6 +80,18 @@ const WATCH_MAX_BACKOFF_MS = 5_000;
 
 function jittered(ms: number): number {
   return ms * (0.5 + Math.random());
+}
+
+/** A logger that throws must not fail a call, nor reject a background flush unhandled. */
+function safeLogger(logger: Logger): Logger {
+  const guarded = (log: (message: string) => void) => (message: string) => {
+    try {
+      log.call(logger, message);
+    } catch {
+      // Nowhere left to report it.
+    }
+  };
+  return { warn: guarded(logger.warn), error: guarded(logger.error) };
 }
 
 /** An outage logged once when it starts and once when it ends, not once per call. */
@@ -119,7 +132,7 @@ class FlagCache {
   warm = false;
   /** The stream is up: the values are current. */
   connected = false;
-  #waiters = new Set<() => void>();
+  #waiters = new Set<(release?: boolean) => void>();
 
   replace(snapshot: FlagSnapshot__Output): void {
     const flags = new Map<string, Map<string, Flag>>();
@@ -165,12 +178,14 @@ class FlagCache {
     return out;
   }
 
-  /** Resolves true once `predicate` holds, false after `timeoutMs` or when `abandon` is called. */
+  /** Resolves true once `predicate` holds, false after `timeoutMs` or on `release`. */
   waitFor(predicate: () => boolean, timeoutMs: number): Promise<boolean> {
     if (predicate()) return Promise.resolve(true);
+    if (timeoutMs <= 0) return Promise.resolve(false);
     return new Promise((resolve) => {
-      const check = (): void => {
-        if (predicate()) finish(true);
+      const check = (release = false): void => {
+        if (release) finish(false);
+        else if (predicate()) finish(true);
       };
       const finish = (result: boolean): void => {
         clearTimeout(timer);
@@ -178,8 +193,15 @@ class FlagCache {
         resolve(result);
       };
       const timer = setTimeout(() => finish(false), timeoutMs);
+      // A caller waiting for its write to show is no reason to keep the process alive.
+      timer.unref();
       this.#waiters.add(check);
     });
+  }
+
+  /** Ends every wait now (the client is closing). */
+  release(): void {
+    for (const check of [...this.#waiters]) check(true);
   }
 
   #notify(): void {
@@ -237,7 +259,7 @@ export class SidecarClient implements CoreSDKClient {
 
   constructor(settings?: Settings, options: SidecarClientOptions = {}) {
     this.settings = settings ?? settingsFromEnv();
-    this.#logger = options.logger ?? console;
+    this.#logger = safeLogger(options.logger ?? console);
     this.#outage = new Outage(this.settings.failMode, this.#logger);
     const { services } = api();
     const credentials = channelCredentials(this.settings);
@@ -313,7 +335,7 @@ export class SidecarClient implements CoreSDKClient {
     for (;;) {
       try {
         const answer = await this.#once(invoke, Math.max(deadline, Date.now() + 1), admin, !idempotent);
-        if (this.#outage.recovered()) this.#flushSpoolInBackground();
+        if (this.#outage.recovered()) this.#sidecarBack();
         return answer;
       } catch (caught) {
         if (this.#closed) throw this.#closedError();
@@ -337,7 +359,7 @@ export class SidecarClient implements CoreSDKClient {
           this.#cache.replace(message.snapshot);
           this.#cache.connected = true;
           this.#watchBackoffMs = WATCH_FIRST_BACKOFF_MS;
-          if (this.#outage.recovered()) this.#flushSpoolInBackground();
+          if (this.#outage.recovered()) this.#sidecarBack();
         } else if (message.event === 'change' && message.change) {
           this.#cache.apply(message.change);
         }
@@ -366,6 +388,20 @@ export class SidecarClient implements CoreSDKClient {
     // Reconnecting is no reason to keep the process alive.
     this.#reconnect.unref();
     this.#watchBackoffMs = Math.min(this.#watchBackoffMs * 2, WATCH_MAX_BACKOFF_MS);
+  }
+
+  /**
+   * The sidecar answered again: send the spool, and reconnect the flag stream now rather than
+   * after its backoff (up to 7.5 s), which meanwhile keeps the cache stale.
+   */
+  #sidecarBack(): void {
+    this.#flushSpoolInBackground();
+    if (this.#reconnect !== null && !this.#closed) {
+      clearTimeout(this.#reconnect);
+      this.#reconnect = null;
+      this.#watchBackoffMs = WATCH_FIRST_BACKOFF_MS;
+      this.#watch();
+    }
   }
 
   /** A caller must not wait while up to `spoolLimit` records are sent. */
@@ -408,21 +444,52 @@ export class SidecarClient implements CoreSDKClient {
   }
 
   /**
-   * Read-your-writes: once a change is acknowledged, wait (at most `timeoutMs`) until the local
-   * cache shows it, so the caller's next `isEnabled` sees what it just did.
+   * Read-your-writes: once a change is acknowledged, wait (until `deadline`) for the local cache
+   * to show it, so the caller's next `isEnabled` sees what it just did.
    */
-  async #awaitCache(tenantId: string, versions: ReadonlyArray<readonly [string, number]>): Promise<void> {
+  async #awaitCache(tenantId: string, versions: ReadonlyArray<readonly [string, number]>, deadline: number): Promise<void> {
     if (versions.length === 0 || !this.#cache.connected) return;
     await this.#cache.waitFor(
       () => versions.every(([key, version]) => (this.#cache.stored(tenantId, key)?.version ?? -1) >= version),
-      this.settings.timeoutMs,
+      deadline - Date.now(),
     );
+  }
+
+  /**
+   * Read-your-writes for changes an answer does not list (the parked events a mapping applied):
+   * the cache waits for the versions the sidecar holds now. Best effort, like every wait after a
+   * commit: a failure here must not report a committed write as failed.
+   */
+  async #awaitTenant(tenantId: string, deadline: number): Promise<void> {
+    if (!this.#cache.connected || Date.now() >= deadline) return;
+    let answer: GetFlagsResponse__Output;
+    try {
+      answer = await this.#once<GetFlagsResponse__Output>(
+        (m, o, cb) => this.#flags.GetFlags({ tenantId }, m, o, cb),
+        deadline,
+        false,
+        false,
+      );
+    } catch {
+      return;
+    }
+    await this.#awaitCache(
+      tenantId,
+      answer.flags.filter((flag) => !flag.isDefault).map((flag) => [flag.key, flag.version] as const),
+      deadline,
+    );
+  }
+
+  /** The waits after a committed write together take at most one `timeoutMs`. */
+  #readYourWritesDeadline(): number {
+    return Date.now() + this.settings.timeoutMs;
   }
 
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
     this.#cache.connected = false;
+    this.#cache.release();
     if (this.#reconnect !== null) clearTimeout(this.#reconnect);
     this.#reconnect = null;
     const stream = this.#stream;
@@ -436,24 +503,24 @@ export class SidecarClient implements CoreSDKClient {
 
   async handleStripeWebhook(rawBody: Buffer | Uint8Array | string, signatureHeader: string): Promise<WebhookResult> {
     // Never decided by the fail mode: an effect that was not committed must make Stripe retry.
-    const request = { payload: Buffer.from(rawBody), signatureHeader: signatureHeader ?? '' };
+    const request = { payload: webhookPayload(rawBody, this.settings.problemTypeBase), signatureHeader: signatureHeader ?? '' };
     const answer = await this.#call<HandleStripeWebhookResponse__Output>((m, o, cb) => this.#webhooks.HandleStripeWebhook(request, m, o, cb));
-    const result = webhookResultFromProto(answer);
-    await this.#awaitCache(result.tenantId, result.flagChanges.map((c) => [c.key, c.version] as const));
-    // A checkout that maps its customer applies the customer's parked events, whose changes the
-    // answer does not list.
-    if (result.eventType === 'checkout.session.completed' && result.outcome === 'applied') await this.#awaitTenant(result.tenantId);
-    return result;
+    return this.#webhookCommitted(answer);
   }
 
   async replayEvent(payload: Buffer | Uint8Array | string, options: { reason: string }): Promise<WebhookResult> {
-    const request = { payload: Buffer.from(payload), reason: options.reason };
+    const request = { payload: webhookPayload(payload, this.settings.problemTypeBase), reason: options.reason };
     const answer = await this.#call<HandleStripeWebhookResponse__Output>((m, o, cb) => this.#webhooks.ReplayStripeEvent(request, m, o, cb), { admin: true });
+    return this.#webhookCommitted(answer);
+  }
+
+  async #webhookCommitted(answer: HandleStripeWebhookResponse__Output): Promise<WebhookResult> {
     const result = webhookResultFromProto(answer);
-    await this.#awaitCache(result.tenantId, result.flagChanges.map((c) => [c.key, c.version] as const));
+    const deadline = this.#readYourWritesDeadline();
+    await this.#awaitCache(result.tenantId, result.flagChanges.map((c) => [c.key, c.version] as const), deadline);
     // A checkout that maps its customer applies the customer's parked events, whose changes the
     // answer does not list.
-    if (result.eventType === 'checkout.session.completed' && result.outcome === 'applied') await this.#awaitTenant(result.tenantId);
+    if (result.eventType === 'checkout.session.completed' && result.outcome === 'applied') await this.#awaitTenant(result.tenantId, deadline);
     return result;
   }
 
@@ -481,16 +548,10 @@ export class SidecarClient implements CoreSDKClient {
     checkIds(tenantId, key, this.settings.problemTypeBase);
     if (this.#cache.warm) {
       const flag = this.#cache.get(tenantId, key);
-      if (flag !== undefined) {
-        if (!this.#cache.connected && this.settings.failMode === 'closed') {
-          this.#outage.failModeDecisions += 1;
-          throw new SidecarUnavailableError(
-            unavailableProblem('flags are unavailable (fail mode closed)', this.settings.problemTypeBase),
-            GrpcCode.UNAVAILABLE,
-          );
-        }
-        return flag;
-      }
+      // Under fail mode closed a stale cache answers nothing: the sidecar is asked, and only
+      // its failure to answer is a 503 (the stream may still be waiting to reconnect while the
+      // sidecar already answers calls).
+      if (flag !== undefined && (this.#cache.connected || this.settings.failMode === 'open')) return flag;
     }
     try {
       const answer = await this.#call<Flag__Output>((m, o, cb) => this.#flags.GetFlag({ tenantId, key }, m, o, cb));
@@ -536,7 +597,7 @@ export class SidecarClient implements CoreSDKClient {
       idempotent: false,
     });
     const flag = flagFromProto(answer);
-    await this.#awaitCache(tenantId, [[key, flag.version]]);
+    await this.#awaitCache(tenantId, [[key, flag.version]], this.#readYourWritesDeadline());
     return flag;
   }
 
@@ -551,8 +612,8 @@ export class SidecarClient implements CoreSDKClient {
     const request = {
       token: options.token ?? '',
       tenantId: options.tenantId ?? '',
-      requiredFeatures: [...(options.require ?? [])],
-      denyIf: [...(options.denyIf ?? [])],
+      requiredFeatures: [...checkFlagList('required_features', options.require, this.settings.problemTypeBase)],
+      denyIf: [...checkFlagList('deny_if', options.denyIf, this.settings.problemTypeBase)],
       resource: options.resource ?? '',
       includeClaims: true,
     };
@@ -635,21 +696,10 @@ export class SidecarClient implements CoreSDKClient {
   async mapCustomer(customerId: string, tenantId: string, options: ChangeOptions): Promise<number> {
     const request = { customerId, tenantId, actor: options.actor, reason: options.reason ?? '' };
     const answer = await this.#call<CustomerMapping__Output>((m, o, cb) => this.#tenants.MapCustomer(request, m, o, cb), { admin: true });
-    if (answer.parkedEventsApplied > 0) await this.#awaitTenant(tenantId);
+    // Even when it reports no parked events applied: a retry whose first attempt committed (and
+    // applied them) reports 0.
+    await this.#awaitTenant(tenantId, this.#readYourWritesDeadline());
     return answer.parkedEventsApplied;
-  }
-
-  /**
-   * Read-your-writes for changes an answer does not list (the parked events a mapping applied):
-   * the cache waits for the versions the sidecar holds now.
-   */
-  async #awaitTenant(tenantId: string): Promise<void> {
-    if (!this.#cache.connected) return;
-    const answer = await this.#call<GetFlagsResponse__Output>((m, o, cb) => this.#flags.GetFlags({ tenantId }, m, o, cb));
-    await this.#awaitCache(
-      tenantId,
-      answer.flags.filter((flag) => !flag.isDefault).map((flag) => [flag.key, flag.version] as const),
-    );
   }
 
   async resolveCustomer(customerId: string): Promise<string | null> {

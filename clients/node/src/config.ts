@@ -44,10 +44,15 @@ function nonEmpty(value: string | undefined): string | undefined {
   return value === undefined || value.trim() === '' ? undefined : value;
 }
 
+/** `given` without its undefined fields: `{timeoutMs: undefined}` means "not given", not "none". */
+function definedOnly<T extends object>(given: T): Partial<T> {
+  return Object.fromEntries(Object.entries(given).filter(([, value]) => value !== undefined)) as Partial<T>;
+}
+
 /** Settings with every field given, the tokens kept out of `JSON.stringify`, `util.inspect` and spreads. */
 export function makeSettings(given: Partial<Settings> = {}): Settings {
   const { apiToken, adminToken, tls, ...rest } = given;
-  const settings = { ...DEFAULTS, ...rest, tls: { ...tls } } as Settings;
+  const settings = { ...DEFAULTS, ...definedOnly(rest), tls: { ...tls } } as Settings;
   if (settings.failMode !== 'open' && settings.failMode !== 'closed') {
     throw new Error(`failMode must be 'open' or 'closed', not ${JSON.stringify(settings.failMode)}`);
   }
@@ -100,7 +105,7 @@ export function settingsFromEnv(env: Env = process.env, overrides: Partial<Setti
       clientCertFile,
       clientKeyFile,
     },
-    ...overrides,
+    ...definedOnly(overrides),
   });
 }
 

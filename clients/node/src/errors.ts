@@ -51,9 +51,14 @@ export class SidecarUnavailableError extends ProblemError {
   override name = 'SidecarUnavailableError';
 }
 
+/** The URI of problem type `name` under `typeBase`, whether or not the base ends with a slash. */
+export function problemTypeUri(typeBase: string, name: string): string {
+  return `${typeBase.replace(/\/+$/, '')}/${name}`;
+}
+
 export function unavailableProblem(detail: string, typeBase = 'https://coresdk.dev/problems'): Problem {
   return {
-    type: `${typeBase.replace(/\/+$/, '')}/sidecar-unavailable`,
+    type: problemTypeUri(typeBase, 'sidecar-unavailable'),
     title: 'Service Unavailable',
     status: 503,
     detail,

@@ -30,16 +30,20 @@ import {
   DEFAULT_WEBHOOK_BODY_LIMIT,
   DEFAULT_WEBHOOK_PATH,
   PROBLEM_JSON,
+  RAW_BODY_FIX,
   checkAccess,
+  compressedBodyProblem,
   headerValue,
   payloadTooLargeProblem,
   problemOf,
+  problemStatus,
   rawBodyUnavailableProblem,
   resourceOf,
   unreadableBodyProblem,
   webhookAnswer,
 } from './http.js';
-import type { AuthorizeOptions, CoreSDKClient, Decision, Problem } from './types.js';
+import type { AccessRequirement } from './http.js';
+import type { CoreSDKClient, Decision, Problem } from './types.js';
 
 declare global {
   // Express's own way to type `res.locals` (@types/express-serve-static-core).
@@ -52,7 +56,7 @@ declare global {
 }
 
 export { PROBLEM_JSON };
-export type { WebhookAnswer } from './http.js';
+export type { AccessRequirement, WebhookAnswer } from './http.js';
 
 export interface StripeWebhookOptions {
   /** Default `/webhooks/stripe`. */
@@ -61,18 +65,9 @@ export interface StripeWebhookOptions {
   limit?: number;
 }
 
-export interface AccessRequirement {
-  /** Flags that must be on (403 `feature-locked` otherwise). */
-  require?: AuthorizeOptions['require'];
-  /** Flags that must be off (402 `payment-required` otherwise). */
-  denyIf?: AuthorizeOptions['denyIf'];
-}
-
 /** Answers `problem` as `application/problem+json` with its status. */
 export function sendProblem(res: Response, problem: Problem): void {
-  // A status Express would refuse (RangeError) must not hide the problem itself.
-  const status = Number.isInteger(problem.status) && problem.status >= 400 && problem.status <= 599 ? problem.status : 500;
-  res.status(status).set('Content-Type', PROBLEM_JSON).send(JSON.stringify(problem));
+  res.status(problemStatus(problem)).set('Content-Type', PROBLEM_JSON).send(JSON.stringify(problem));
 }
 
 /** Error middleware: a ProblemError thrown by a route is answered with its problem, as is. */
@@ -94,6 +89,8 @@ const keptRawBodies = new WeakMap<IncomingMessage, Buffer>();
  * A body-parser `verify` hook that keeps the bytes a parser read, for an app whose
  * `express.json()` runs before a `stripeWebhook()` router it mounts itself:
  * `app.use(express.json({ verify: keepRawBody }))`. Not needed with `installStripeWebhook`.
+ * It keeps a second copy of EVERY body that parser reads (every JSON request, not only
+ * webhooks) for as long as the request lives: memory the other two ways do not cost.
  */
 export function keepRawBody(req: IncomingMessage, _res: ServerResponse, body: Buffer): void {
   keptRawBodies.set(req, body);
@@ -109,8 +106,8 @@ function sentNoBody(req: IncomingMessage): boolean {
 function rawBodyOf(req: Request): Buffer | undefined {
   const kept = keptRawBodies.get(req);
   if (kept !== undefined) return kept;
-  // Our own express.raw() below, or an app-wide one: both leave the bytes as read (inflated,
-  // when the delivery was compressed; Stripe signs the uncompressed body).
+  // Our own express.raw() below, or an app-wide one: both leave the bytes as read (a
+  // compressed delivery was refused before this).
   const body: unknown = req.body;
   if (Buffer.isBuffer(body)) return body;
   if (sentNoBody(req)) return Buffer.alloc(0);
@@ -118,12 +115,6 @@ function rawBodyOf(req: Request): Buffer | undefined {
   // BOM and replaces invalid UTF-8), so it must not be verified.
   return undefined;
 }
-
-const RAW_BODY_FIX =
-  'A body parser read the webhook request before the CoreSDK route and kept no copy of its bytes; ' +
-  'a re-serialised body cannot be verified. Use installStripeWebhook(app, sdk) (it runs before every parser), ' +
-  'or mount stripeWebhook(sdk) before your body parsers, ' +
-  "or give your parser the hook: express.json({ verify: keepRawBody }) from '@coresdk/client/express'.";
 
 /**
  * A router for `POST /webhooks/stripe` (or `options.path`): forwards the raw body and the
@@ -140,13 +131,20 @@ export function stripeWebhook(sdk: CoreSDKClient, options: StripeWebhookOptions 
   // Every Content-Type: Stripe sends `application/json; charset=utf-8`, and the signature is
   // over bytes whatever the type claims. body-parser skips this when an earlier parser already
   // consumed the stream, leaving that parser's `req.body`.
-  const readRaw = express.raw({ type: () => true, limit });
+  // Not inflated: a compressed delivery is refused, as the Fastify route refuses it.
+  const readRaw = express.raw({ type: () => true, limit, inflate: false });
 
   const forward: RequestHandler = async (req, res, next) => {
     const instance = resourceOf(req.method, req.originalUrl);
+    // An app-wide parser before this route may have inflated it.
+    const compressed = compressedBodyProblem(sdk, req.headers['content-encoding'], instance);
+    if (compressed !== undefined) {
+      sendProblem(res, compressed);
+      return;
+    }
     const rawBody = rawBodyOf(req);
     if (rawBody === undefined) {
-      sendProblem(res, rawBodyUnavailableProblem(sdk, RAW_BODY_FIX, instance));
+      sendProblem(res, rawBodyUnavailableProblem(sdk.settings.problemTypeBase, RAW_BODY_FIX, instance));
       return;
     }
     try {
@@ -161,9 +159,16 @@ export function stripeWebhook(sdk: CoreSDKClient, options: StripeWebhookOptions 
     }
   };
 
-  // The errors express.raw() passes on: 413 over the limit, 400 for an aborted body or a
-  // Content-Length that lied, 415 for a Content-Encoding it cannot inflate.
-  const bodyErrors: ErrorRequestHandler = (error: unknown, req: Request, res: Response, next: NextFunction) => {
+  // Answers the errors express.raw() itself passes on (413 over the limit, 400 for an aborted
+  // body or a Content-Length that lied, 415 for any Content-Encoding); an error
+  // `forward` passes on is not a body error and goes to the app's error handler as is.
+  const readBody: RequestHandler = (req, res, next) => {
+    readRaw(req, res, (error?: unknown) => {
+      if (error === undefined || error === null) next();
+      else answerBodyError(error, req, res, next);
+    });
+  };
+  const answerBodyError = (error: unknown, req: Request, res: Response, next: NextFunction): void => {
     const status = httpStatusOf(error);
     if (status === undefined || res.headersSent) {
       next(error);
@@ -180,7 +185,7 @@ export function stripeWebhook(sdk: CoreSDKClient, options: StripeWebhookOptions 
     }
   };
 
-  router.post(path, readRaw, forward, bodyErrors);
+  router.post(path, readBody, forward);
   return router;
 }
 
@@ -210,11 +215,14 @@ function routerStackOf(app: Application): unknown[] {
 }
 
 /**
- * Mounts `stripeWebhook(sdk, options)` AHEAD of everything already registered on `app`, so it
+ * Puts the webhook route AHEAD of the app's earlier middleware, IP allowlists and rate limiters
+ * included: they do not see webhook deliveries (mount `stripeWebhook(sdk)` yourself, before
+ * your body parsers, to keep them in front).
+ *
+ * Mounts `stripeWebhook(sdk, options)` before everything already registered on `app`, so it
  * reads the body before any parser whatever the registration order (parsers added later run
  * after it anyway). Only `POST <path>` stops there; every other request goes on unchanged.
- * Middleware registered earlier (logging, CORS…) does not see webhook deliveries. Call it on
- * the top-level app: the parsers of an app that mounts this one run before it.
+ * Call it on the top-level app: the parsers of an app that mounts this one run before it.
  */
 export function installStripeWebhook(app: Application, sdk: CoreSDKClient, options: StripeWebhookOptions = {}): void {
   // Express 5 runs middleware in the order of its router's stack; app.use() appends, so the

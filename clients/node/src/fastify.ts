@@ -21,15 +21,18 @@ import {
   DEFAULT_WEBHOOK_PATH,
   PROBLEM_JSON,
   checkAccess,
+  compressedBodyProblem,
   headerValue,
   payloadTooLargeProblem,
   problemOf,
+  problemStatus,
   rawBodyUnavailableProblem,
   resourceOf,
   unreadableBodyProblem,
   webhookAnswer,
 } from './http.js';
-import type { AuthorizeOptions, CoreSDKClient, Decision, Problem } from './types.js';
+import type { AccessRequirement } from './http.js';
+import type { CoreSDKClient, Decision, Problem } from './types.js';
 
 declare module 'fastify' {
   interface FastifyRequest {
@@ -39,7 +42,7 @@ declare module 'fastify' {
 }
 
 export { PROBLEM_JSON };
-export type { WebhookAnswer } from './http.js';
+export type { AccessRequirement, WebhookAnswer } from './http.js';
 
 export interface CoreSDKPluginOptions {
   sdk: CoreSDKClient;
@@ -49,23 +52,20 @@ export interface CoreSDKPluginOptions {
   webhookBodyLimit?: number;
 }
 
-export interface AccessRequirement {
-  /** Flags that must be on (403 `feature-locked` otherwise). */
-  require?: AuthorizeOptions['require'];
-  /** Flags that must be off (402 `payment-required` otherwise). */
-  denyIf?: AuthorizeOptions['denyIf'];
-}
-
 /** Answers `problem` as `application/problem+json` with its status; returns the reply (for async hooks). */
 export function sendProblem(reply: FastifyReply, problem: Problem): FastifyReply {
-  const status = Number.isInteger(problem.status) && problem.status >= 400 && problem.status <= 599 ? problem.status : 500;
-  return reply.code(status).type(PROBLEM_JSON).send(JSON.stringify(problem));
+  return reply.code(problemStatus(problem)).type(PROBLEM_JSON).send(JSON.stringify(problem));
 }
 
-/** Fastify's own body errors (FST_ERR_CTP_*, a stream error) carry a 4xx `statusCode`. */
+/**
+ * The status of one of Fastify's own errors reading the body (FST_ERR_CTP_*: over the limit,
+ * a Content-Length that lied), else undefined: a 401 of the app's auth hook or a 429 of a rate
+ * limiter that the webhook scope inherits is not a body error and keeps its own answer.
+ */
 function bodyErrorStatus(error: FastifyError): number | undefined {
-  const status = error.statusCode;
-  return typeof status === 'number' && status >= 400 && status < 500 ? status : undefined;
+  if (typeof error.code !== 'string' || !error.code.startsWith('FST_ERR_CTP_')) return undefined;
+  if (error.code === 'FST_ERR_CTP_BODY_TOO_LARGE') return 413;
+  return error.statusCode === 415 ? 415 : 400;
 }
 
 async function webhookRoute(
@@ -89,13 +89,15 @@ async function webhookRoute(
 
   scope.post(path, { bodyLimit: limit }, async (request, reply) => {
     const instance = resourceOf(request.method, request.url);
+    const compressed = compressedBodyProblem(sdk, request.headers['content-encoding'], instance);
+    if (compressed !== undefined) return sendProblem(reply, compressed);
     const body: unknown = request.body;
     // Undefined: the request announced no body (Fastify calls no parser then).
     const rawBody = Buffer.isBuffer(body) ? body : body === undefined ? Buffer.alloc(0) : undefined;
     if (rawBody === undefined) {
       return sendProblem(
         reply,
-        rawBodyUnavailableProblem(sdk, 'Something replaced the webhook body before the CoreSDK route; it cannot be verified.', instance),
+        rawBodyUnavailableProblem(sdk.settings.problemTypeBase, 'Something replaced the webhook body before the CoreSDK route; it cannot be verified.', instance),
       );
     }
     try {
@@ -124,7 +126,7 @@ export const coresdk = fp(
       await fastify.register(webhookRoute, { sdk, path: webhookPath, limit: webhookBodyLimit });
     }
   },
-  { name: '@coresdk/client', fastify: '>=4' },
+  { name: '@coresdk/client', fastify: '>=5' },
 );
 
 /**

@@ -2,8 +2,9 @@
 // `resource` an access check names, and the problems the helpers answer themselves. The
 // framework modules only adapt these to their request and reply objects.
 
-import { ProblemError } from './errors.js';
+import { ProblemError, problemTypeUri, unavailableProblem } from './errors.js';
 import type { AuthorizeOptions, CoreSDKClient, Decision, FlagValue, Problem, WebhookResult } from './types.js';
+import { MAX_RESOURCE_BYTES, trimWhiteSpace } from './validation.js';
 
 export const PROBLEM_JSON = 'application/problem+json';
 
@@ -11,8 +12,45 @@ export const PROBLEM_JSON = 'application/problem+json';
 export const DEFAULT_WEBHOOK_BODY_LIMIT = 1024 * 1024;
 export const DEFAULT_WEBHOOK_PATH = '/webhooks/stripe';
 
-/** The sidecar caps `resource` at 256 bytes (src/auth/access.rs, MAX_RESOURCE_LEN). */
-const MAX_RESOURCE_BYTES = 256;
+/** What a gated route needs, for `requireAccess` of either framework. */
+export interface AccessRequirement {
+  /** Flags that must be on (403 `feature-locked` otherwise). */
+  require?: AuthorizeOptions['require'];
+  /** Flags that must be off (402 `payment-required` otherwise). */
+  denyIf?: AuthorizeOptions['denyIf'];
+  /**
+   * `'closed'` answers this route 503 whenever the client's fail mode decided instead of the
+   * sidecar (it was away), even when the client's own fail mode is `open`: under `open` a gated
+   * request otherwise passes with its token unverified. Default: the client's fail mode.
+   */
+  failMode?: 'closed';
+}
+
+/** The status a problem is answered with: one a framework would refuse (RangeError) is a 500. */
+export function problemStatus(problem: Problem): number {
+  return Number.isInteger(problem.status) && problem.status >= 400 && problem.status <= 599 ? problem.status : 500;
+}
+
+export const RAW_BODY_FIX =
+  'A body parser read the webhook request before the CoreSDK route and kept no copy of its bytes; ' +
+  'a re-serialised body cannot be verified. Use installStripeWebhook(app, sdk) (it runs before every parser), ' +
+  'or mount stripeWebhook(sdk) before your body parsers, ' +
+  "or give your parser the hook: express.json({ verify: keepRawBody }) from '@coresdk/client/express'.";
+
+/**
+ * The bytes of a webhook body as given to `handleStripeWebhook`/`replayEvent`. Anything but a
+ * string or bytes (a parsed object from a JSON parser, undefined) is the app's mistake, and must
+ * not reach `Buffer.from`: that reads any object with a `length` as an array of that many bytes,
+ * so a posted `{"length": 2000000000}` would allocate gigabytes.
+ */
+export function webhookPayload(rawBody: unknown, typeBase: string): Buffer {
+  if (typeof rawBody === 'string') return Buffer.from(rawBody, 'utf8');
+  if (rawBody instanceof Uint8Array) return Buffer.isBuffer(rawBody) ? rawBody : Buffer.from(rawBody);
+  const given = rawBody === null ? 'null' : Array.isArray(rawBody) ? 'an array' : typeof rawBody;
+  throw new ProblemError(
+    rawBodyUnavailableProblem(typeBase, `The webhook body must be the raw bytes (a Buffer, Uint8Array or string), not ${given}. ${RAW_BODY_FIX}`),
+  );
+}
 
 /** The 200 body of a committed delivery, the same as the Python FastAPI route's. */
 export interface WebhookAnswer {
@@ -40,8 +78,9 @@ export function headerValue(value: string | string[] | undefined): string {
 
 /** The token of an `Authorization: Bearer …` header, or '' (any other scheme is no token). */
 export function bearerToken(authorization: string | string[] | undefined): string {
-  const header = headerValue(authorization).trim();
-  return /^bearer\s/i.test(header) ? header.slice(7).trim() : '';
+  // Trimmed as the sidecar trims a token, so a token it would read as empty is no token here.
+  const header = trimWhiteSpace(headerValue(authorization));
+  return /^bearer\p{White_Space}/iu.test(header) ? trimWhiteSpace(header.slice(7)) : '';
 }
 
 /**
@@ -58,7 +97,7 @@ export function resourceOf(method: string, url: string): string {
 }
 
 function problemType(sdk: CoreSDKClient, name: string): string {
-  return `${sdk.settings.problemTypeBase.replace(/\/+$/, '')}/${name}`;
+  return problemTypeUri(sdk.settings.problemTypeBase, name);
 }
 
 export function unauthenticatedProblem(sdk: CoreSDKClient, resource: string): Problem {
@@ -97,19 +136,30 @@ export function unreadableBodyProblem(sdk: CoreSDKClient, status: number, detail
 }
 
 /**
+ * A compressed delivery is refused (415) by both helpers alike. Stripe never compresses one,
+ * and its signature covers the bytes it sent: inflating first would verify other bytes than
+ * those on the wire, and passing compressed bytes on can never verify.
+ */
+export function compressedBodyProblem(sdk: CoreSDKClient, contentEncoding: string | string[] | undefined, instance: string): Problem | undefined {
+  const encoding = headerValue(contentEncoding).trim().toLowerCase();
+  if (encoding === '' || encoding === 'identity') return undefined;
+  return unreadableBodyProblem(sdk, 415, `A Stripe delivery is never compressed; Content-Encoding '${encoding}' is refused.`, instance);
+}
+
+/**
  * The app read the body before the webhook route and kept no copy of its bytes. A 500, not a
  * 400: the delivery is fine and the fix is in the app, and Stripe retries a 5xx, so no event
  * is lost while it is being fixed.
  */
-export function rawBodyUnavailableProblem(sdk: CoreSDKClient, detail: string, instance: string): Problem {
-  return {
-    type: problemType(sdk, 'raw-body-unavailable'),
+export function rawBodyUnavailableProblem(typeBase: string, detail: string, instance?: string): Problem {
+  const problem: Problem = {
+    type: problemTypeUri(typeBase, 'raw-body-unavailable'),
     title: 'Raw body unavailable',
     status: 500,
     detail,
-    instance,
     reason: 'RAW_BODY_UNAVAILABLE',
   };
+  return instance === undefined ? problem : { ...problem, instance };
 }
 
 /**
@@ -133,19 +183,23 @@ export async function checkAccess(
   authorization: string | string[] | undefined,
   method: string,
   url: string,
-  flags: Pick<AuthorizeOptions, 'require' | 'denyIf'>,
+  requirement: AccessRequirement,
 ): Promise<AccessOutcome> {
   const resource = resourceOf(method, url);
   const token = bearerToken(authorization);
   if (token === '') return { problem: unauthenticatedProblem(sdk, resource) };
   let decision: Decision;
   try {
-    decision = await sdk.authorize({ token, require: flags.require, denyIf: flags.denyIf, resource });
+    decision = await sdk.authorize({ token, require: requirement.require, denyIf: requirement.denyIf, resource });
   } catch (error) {
     // Under fail mode `closed` (or a bad request) the client throws the sidecar's problem.
     const problem = problemOf(error);
     if (problem === undefined) throw error;
     return { problem: { ...problem, instance: problem.instance ?? resource } };
+  }
+  if (decision.allowed && decision.failModeApplied && requirement.failMode === 'closed') {
+    const detail = 'the sidecar is away and this route does not let a request through unverified (failMode closed)';
+    return { problem: { ...unavailableProblem(detail, sdk.settings.problemTypeBase), instance: resource } };
   }
   if (decision.allowed) return { decision };
   // A decision that denies always names its problem; a mock or an old sidecar that forgot one

@@ -18,8 +18,20 @@ import canonicalize from 'canonicalize';
 import { parse as parseToml, TomlDate, TomlError } from 'smol-toml';
 
 import { settingsFromEnv, type Settings } from './config.js';
-import { FlagNotFoundError, GrpcCode, ProblemError } from './errors.js';
-import { checkFlagKey, checkId, idDefect, invalidProblem, isValidFlagKey } from './validation.js';
+import { FlagNotFoundError, GrpcCode, ProblemError, problemTypeUri } from './errors.js';
+import { webhookPayload } from './http.js';
+import {
+  MAX_FLAG_KEY_LENGTH,
+  MAX_RESOURCE_BYTES,
+  checkFlagKey,
+  checkFlagList,
+  checkId,
+  idDefect,
+  invalidProblem,
+  isValidFlagKey,
+  quoted,
+  trimWhiteSpace,
+} from './validation.js';
 import { asJson } from './wire.js';
 import type {
   AdminFlagChange,
@@ -59,19 +71,16 @@ const REPLAY_ACTOR = 'replay';
 const PARKING_ACTOR = 'parking';
 const SEED_ACTOR = 'config';
 const OVERFLOW_ACTOR = 'coresdk';
-const MAX_FLAG_KEY_LEN = 128;
 const MAX_REASON_LEN = 1024;
 const MAX_ACTOR_LEN = 256;
 const MAX_FIELD_LEN = 256;
 const MAX_METADATA_BYTES = 4096;
-const MAX_QUOTED_CHARS = 64;
 const MAX_HEADER_LEN = 8 * 1024;
 const MAX_EVENT_FIELD_LEN = 255;
 const MAX_CREATED_AHEAD_S = 300;
 const MAX_OBJECT_ID_LEN = 255;
 const MAX_TOKEN_LEN = 16 * 1024;
 const MAX_AUTH_FLAGS = 32;
-const MAX_RESOURCE_LEN = 256;
 const CLAIM_PREFIX_BYTES = 1024;
 const STALE_SHOWN = 20;
 const QUERY_SCAN_WINDOW = 10_000;
@@ -186,12 +195,6 @@ const refuse = {
     new Refusal(SHAPES.invalid, `invalid request: ${violations.map(([f, d]) => `${f}: ${d}`).join('; ')}`),
 };
 
-/** Input as a problem may quote it: at most 64 characters, `…` marking a cut. */
-function quoted(input: string): string {
-  const chars = Array.from(input);
-  return chars.length > MAX_QUOTED_CHARS ? `${chars.slice(0, MAX_QUOTED_CHARS).join('')}…` : input;
-}
-
 function utf8Length(text: string): number {
   return Buffer.byteLength(text, 'utf8');
 }
@@ -279,7 +282,7 @@ export function parseRules(text: string): Rules {
   const catalog = new Map<string, FlagValue>();
   for (const key of Object.keys(flags).sort()) {
     if (!isValidFlagKey(key)) {
-      throw invalid(`flag key '${key}' must be 1-${MAX_FLAG_KEY_LEN} characters of letters, digits, _ - . :`);
+      throw invalid(`flag key '${key}' must be 1-${MAX_FLAG_KEY_LENGTH} characters of letters, digits, _ - . :`);
     }
     catalog.set(key, flagValueFromToml(flags[key]));
   }
@@ -1168,7 +1171,8 @@ export class MockSidecar implements CoreSDKClient {
     this.#jwtAudience = splitSecrets(env.CORESDK_JWT_AUDIENCE);
     this.#tenantClaim = env.CORESDK_JWT_TENANT_CLAIM?.trim() || 'tenant_id';
     this.#leewayS = envInteger(env, 'CORESDK_JWT_LEEWAY_S', 60);
-    this.#typeBase = (env.CORESDK_PROBLEM_TYPE_BASE?.trim() || this.settings.problemTypeBase).replace(/\/+$/, '');
+    // The settings were read from `env` unless given, and given ones win.
+    this.#typeBase = this.settings.problemTypeBase;
     this.#billingUrl = env.CORESDK_BILLING_URL?.trim() || null;
     this.#upgradeUrl = env.CORESDK_UPGRADE_URL?.trim() || null;
     this.#maxParked = envInteger(env, 'CORESDK_MAX_PARKED_EVENTS', 10_000);
@@ -1199,7 +1203,7 @@ export class MockSidecar implements CoreSDKClient {
 
   #problem(refusal: Refusal, instance = ''): Problem {
     const problem: Problem = {
-      type: `${this.#typeBase}/${refusal.shape.slug}`,
+      type: problemTypeUri(this.#typeBase, refusal.shape.slug),
       title: refusal.shape.title,
       status: refusal.shape.status,
       detail: refusal.message,
@@ -1228,7 +1232,7 @@ export class MockSidecar implements CoreSDKClient {
   }
 
   #checkText(field: string, value: string, max: number): void {
-    if (value.trim() === '') throw this.#invalid(field, 'is required');
+    if (trimWhiteSpace(value) === '') throw this.#invalid(field, 'is required');
     if (utf8Length(value) > max) throw this.#invalid(field, `is longer than ${max} bytes`);
   }
 
@@ -1263,7 +1267,7 @@ export class MockSidecar implements CoreSDKClient {
       ['outcome', record.outcome, true],
       ['tenant_id', record.tenant, false],
     ] as const) {
-      if (required && value.trim() === '') violations.push([field, 'is required']);
+      if (required && trimWhiteSpace(value) === '') violations.push([field, 'is required']);
       else if (utf8Length(value) > MAX_FIELD_LEN) violations.push([field, `is longer than ${MAX_FIELD_LEN} bytes`]);
     }
     // Converted as the client converts it for the wire, with the same problems.
@@ -1278,7 +1282,7 @@ export class MockSidecar implements CoreSDKClient {
         `'${namespace}.' is reserved for the sidecar's own records; name application events in a namespace of your own, e.g. 'app.'`,
       ]);
     }
-    if (record.actor.trim().toLowerCase() === WEBHOOK_ACTOR) {
+    if (trimWhiteSpace(record.actor).toLowerCase() === WEBHOOK_ACTOR) {
       violations.push(['actor', `'${WEBHOOK_ACTOR}' is reserved for verified Stripe deliveries`]);
     }
     const size = utf8Length(jcs(metadata));
@@ -1315,7 +1319,7 @@ export class MockSidecar implements CoreSDKClient {
 
   async handleStripeWebhook(rawBody: Buffer | Uint8Array | string, signatureHeader: string): Promise<WebhookResult> {
     this.#open();
-    const payload = typeof rawBody === 'string' ? Buffer.from(rawBody, 'utf8') : Buffer.from(rawBody);
+    const payload = webhookPayload(rawBody, this.#typeBase);
     let event: StripeEvent;
     try {
       if (payload.length > this.#maxBody) throw refuse.payloadTooLarge(payload.length, this.#maxBody);
@@ -1345,7 +1349,7 @@ export class MockSidecar implements CoreSDKClient {
   async replayEvent(payload: Buffer | Uint8Array | string, options: { reason: string }): Promise<WebhookResult> {
     this.#open();
     this.#checkText('reason', options?.reason ?? '', MAX_REASON_LEN);
-    const bytes = typeof payload === 'string' ? Buffer.from(payload, 'utf8') : Buffer.from(payload);
+    const bytes = webhookPayload(payload, this.#typeBase);
     let event: StripeEvent;
     try {
       if (bytes.length > this.#maxBody) throw refuse.payloadTooLarge(bytes.length, this.#maxBody);
@@ -2034,8 +2038,8 @@ export class MockSidecar implements CoreSDKClient {
 
   /** The sidecar's TokenVerifier (src/auth/token.rs over jsonwebtoken), in its order of checks. */
   #verify(token: string): Claims {
-    let text = token.trim();
-    if (text.startsWith('Bearer ')) text = text.slice('Bearer '.length).trim();
+    let text = trimWhiteSpace(token);
+    if (text.startsWith('Bearer ')) text = trimWhiteSpace(text.slice('Bearer '.length));
     if (this.#jwtSecrets.length === 0) {
       throw new TokenError(
         'token verification is not configured (set CORESDK_JWT_SECRET, CORESDK_JWT_PUBLIC_KEY_FILE or CORESDK_JWKS_FILE)',
@@ -2118,10 +2122,10 @@ export class MockSidecar implements CoreSDKClient {
     this.#open();
     const token = options.token ?? '';
     const tenantId = options.tenantId ?? '';
-    const required = options.require ?? [];
-    const denyIf = options.denyIf ?? [];
+    const required = checkFlagList('required_features', options.require, this.#typeBase);
+    const denyIf = checkFlagList('deny_if', options.denyIf, this.#typeBase);
     const resource = options.resource ?? '';
-    if (token.trim() === '' && tenantId === '') throw this.#invalid('token', 'give a token or a tenant_id');
+    if (trimWhiteSpace(token) === '' && tenantId === '') throw this.#invalid('token', 'give a token or a tenant_id');
     if (tenantId !== '') this.#checkId('tenant_id', tenantId);
     for (const [field, flags] of [
       ['required_features', required],
@@ -2130,12 +2134,12 @@ export class MockSidecar implements CoreSDKClient {
       if (flags.length > MAX_AUTH_FLAGS) throw this.#invalid(field, `names more than ${MAX_AUTH_FLAGS} flags`);
       for (const flag of flags) this.#checkFlagKey(field, flag);
     }
-    if (utf8Length(resource) > MAX_RESOURCE_LEN) throw this.#invalid('resource', `is longer than ${MAX_RESOURCE_LEN} bytes`);
+    if (utf8Length(resource) > MAX_RESOURCE_BYTES) throw this.#invalid('resource', `is longer than ${MAX_RESOURCE_BYTES} bytes`);
 
     let tenant = tenantId;
     let subject = '';
     let claims: Claims | null = null;
-    if (token.trim() !== '') {
+    if (trimWhiteSpace(token) !== '') {
       try {
         claims = this.#verify(token);
       } catch (e) {

@@ -2,7 +2,7 @@
 // answers served from a local cache (or by the mock) without a round trip: both must refuse
 // exactly what the sidecar refuses, with the same problem.
 
-import { GrpcCode, ProblemError } from './errors.js';
+import { GrpcCode, ProblemError, problemTypeUri } from './errors.js';
 import type { Problem } from './types.js';
 
 export const MAX_ID_BYTES = 128;
@@ -13,11 +13,22 @@ export const FLAG_KEY = /^[A-Za-z0-9_.:-]{1,128}$/;
 // bidi overrides and zero-width spaces, private use, unassigned, lone surrogates).
 const UNPRINTABLE = /[\p{Z}\p{C}]/u;
 /** A refused key is quoted in the problem cut to this many characters, as the sidecar does. */
-const MAX_QUOTED_CHARS = 64;
+export const MAX_QUOTED_CHARS = 64;
+/** The sidecar caps an access check's `resource` at 256 bytes (src/auth/access.rs, MAX_RESOURCE_LEN). */
+export const MAX_RESOURCE_BYTES = 256;
+
+// Rust's `str::trim` drops exactly the Unicode White_Space characters; JS's `trim` differs
+// (it keeps U+0085 NEL and drops U+FEFF), so a check the sidecar makes on trimmed input uses this.
+const EDGE_WHITE_SPACE = /^\p{White_Space}+|\p{White_Space}+$/gu;
+
+/** `text` trimmed as the sidecar trims it (Rust `str::trim`). */
+export function trimWhiteSpace(text: string): string {
+  return text.replace(EDGE_WHITE_SPACE, '');
+}
 
 export function invalidProblem(field: string, description: string, typeBase: string): Problem {
   return {
-    type: `${typeBase.replace(/\/+$/, '')}/invalid-request`,
+    type: problemTypeUri(typeBase, 'invalid-request'),
     title: 'Invalid request',
     status: 400,
     detail: `invalid request: ${field}: ${description}`,
@@ -45,7 +56,8 @@ export function isValidFlagKey(key: string): boolean {
   return FLAG_KEY.test(key);
 }
 
-function quoted(input: string): string {
+/** Input as a problem may quote it: at most 64 characters, `…` marking a cut. */
+export function quoted(input: string): string {
   const chars = Array.from(input);
   return chars.length > MAX_QUOTED_CHARS ? `${chars.slice(0, MAX_QUOTED_CHARS).join('')}…` : input;
 }
@@ -70,4 +82,14 @@ export function checkFlagKey(key: string, typeBase: string, field = 'key'): void
 export function checkIds(tenantId: string, key: string | null, typeBase: string): void {
   checkId('tenant_id', tenantId, typeBase);
   if (key !== null) checkFlagKey(key, typeBase);
+}
+
+/**
+ * `require`/`denyIf` of an access check: a list of strings. From JS a bare string would
+ * otherwise be read as its characters (`'pro'` → `p`, `r`, `o`).
+ */
+export function checkFlagList(field: string, flags: unknown, typeBase: string): readonly string[] {
+  if (flags === undefined || flags === null) return [];
+  if (Array.isArray(flags) && flags.every((flag) => typeof flag === 'string')) return flags as readonly string[];
+  throw new ProblemError(invalidProblem(field, 'must be a list of flag keys (strings)', typeBase), GrpcCode.INVALID_ARGUMENT);
 }

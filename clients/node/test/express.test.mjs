@@ -16,6 +16,7 @@ import {
   assertProblem,
   deadAddress,
   deliver,
+  deliverGzipped,
   freshTenant,
   get,
   prettyEvent,
@@ -136,6 +137,17 @@ for (const [backendName, makeBackend] of Object.entries(BACKENDS)) {
           assert.equal(await sdk.isEnabled(tenant, 'pro_features'), false);
         });
 
+        test('a compressed delivery is a 415 problem, never inflated and verified', async () => {
+          const { sdk } = backend;
+          const { customer, tenant } = await freshTenant(sdk, 'exp');
+          const body = prettyEvent('invoice.paid', customer);
+          await assertProblem(await deliverGzipped(`${web.base}${WEBHOOK}`, body), 415, {
+            reason: 'UNSUPPORTED_MEDIA_TYPE',
+            instance: `POST ${WEBHOOK}`,
+          });
+          assert.equal(await sdk.isEnabled(tenant, 'pro_features'), false);
+        });
+
         if (!APP_PARSER_READS_FIRST.has(label)) {
           test('a body over the 1 MiB limit is a 413 problem', async () => {
             const body = `{"padding":"${'x'.repeat(1024 * 1024)}"}`;
@@ -214,6 +226,8 @@ for (const [backendName, makeBackend] of Object.entries(BACKENDS)) {
           401,
           { reason: 'UNAUTHENTICATED', instance },
         );
+        // A token of only U+0085 (a byte Node reads as that character) is none, as the sidecar trims it.
+        await assertProblem(await get(url, '\x85'), 401, { reason: 'UNAUTHENTICATED', instance });
         await assertProblem(await get(url, token(tenant, {}, 'another-secret-of-at-least-32-bytes!')), 401, { instance });
         await assertProblem(await get(url, token(tenant)), 403, {
           reason: 'FEATURE_LOCKED',
@@ -270,6 +284,7 @@ for (const [backendName, makeBackend] of Object.entries(BACKENDS)) {
             res.json({ failModeApplied: res.locals.coresdk.failModeApplied });
           });
           app.get('/closed', requireAccess(clients.closed, { require: ['advanced_analytics'] }), (_req, res) => res.json({}));
+          app.get('/strict', requireAccess(clients.open, { require: ['advanced_analytics'], failMode: 'closed' }), (_req, res) => res.json({}));
           web = await serve(app);
         });
         after(async () => {
@@ -290,7 +305,35 @@ for (const [backendName, makeBackend] of Object.entries(BACKENDS)) {
           assert.deepEqual(await open.json(), { failModeApplied: true });
           await assertProblem(await get(`${web.base}/closed`, token('acme-corp')), 503, { instance: 'GET /closed' });
         });
+
+        test("a gate with failMode 'closed' answers 503 under the client's fail mode open", async () => {
+          await assertProblem(await get(`${web.base}/strict`, token('acme-corp')), 503, {
+            reason: 'SIDECAR_UNAVAILABLE',
+            instance: 'GET /strict',
+          });
+          // Any bearer string: it would pass the `open` gate unverified.
+          await assertProblem(await get(`${web.base}/strict`, 'not-a-token'), 503, { instance: 'GET /strict' });
+        });
       });
     }
+
+    test("an error the webhook route passes on is the app's error handler's, not a body error", async () => {
+      // A client whose failure is no problem (a bug): the route passes it on with next(error).
+      const failing = Object.create(backend.sdk, {
+        handleStripeWebhook: { value: async () => Promise.reject(Object.assign(new Error('the app broke'), { status: 401 })) },
+      });
+      const app = express();
+      installStripeWebhook(app, failing);
+      app.use((error, _req, res, _next) => res.status(418).json({ appHandler: error.message }));
+      const web = await serve(app);
+      try {
+        const body = prettyEvent('invoice.paid', 'cus_acme_001');
+        const response = await deliver(`${web.base}${WEBHOOK}`, body, signed(body));
+        assert.equal(response.status, 418);
+        assert.deepEqual(await response.json(), { appHandler: 'the app broke' });
+      } finally {
+        await web.close();
+      }
+    });
   });
 }

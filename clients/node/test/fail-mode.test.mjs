@@ -3,6 +3,7 @@
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
 
 import { FlagNotFoundError, SidecarUnavailableError } from '../dist/index.js';
 import { clientFor, eventually, recordingLogger, Sidecar, sign, stripeEvent } from './helpers.mjs';
@@ -84,6 +85,31 @@ test('fail mode closed: 503 errors and denied decisions, nothing spooled', async
     await current(client);
     assert.equal(await client.isEnabled('acme-corp', 'pro_features'), false);
     assert.equal((await client.authorize({ tenantId: 'acme-corp' })).allowed, true);
+  } finally {
+    await client.close();
+    await sidecar.close();
+  }
+});
+
+test('fail mode closed: once the sidecar is back, flags are asked of it while the flag stream still waits to reconnect', async () => {
+  const sidecar = await Sidecar.start();
+  // A generous deadline: the first calls after the restart may wait for the channel to reconnect.
+  const client = await clientFor(sidecar, { failMode: 'closed', timeoutMs: 10_000 }, { logger: recordingLogger() });
+  try {
+    assert.equal(await client.isEnabled('acme-corp', 'pro_features'), false);
+    await sidecar.stop();
+    await notCurrent(client);
+    // Long enough down that the stream's reconnect backoff has grown to seconds.
+    await sleep(4_000);
+    await sidecar.restart();
+    const before = client.failModeDecisions;
+    // The cache is warm but stale: fail mode closed asks the sidecar rather than answering 503.
+    assert.equal(client.cacheCurrent, false, 'precondition: the flag stream has not reconnected yet');
+    assert.equal((await client.getFlag('acme-corp', 'pro_features')).value, false);
+    assert.equal(await client.isEnabled('acme-corp', 'pro_features'), false);
+    assert.equal(client.failModeDecisions, before);
+    // That answer ended the outage, and the stream reconnects without waiting out its backoff.
+    await current(client);
   } finally {
     await client.close();
     await sidecar.close();

@@ -15,6 +15,7 @@ import {
   assertProblem,
   deadAddress,
   deliver,
+  deliverGzipped,
   freshTenant,
   get,
   prettyEvent,
@@ -120,6 +121,17 @@ for (const [backendName, makeBackend] of Object.entries(BACKENDS)) {
           assert.equal(await sdk.isEnabled(tenant, 'pro_features'), false);
         });
 
+        test('a compressed delivery is a 415 problem, never inflated and verified', async () => {
+          const { sdk } = backend;
+          const { customer, tenant } = await freshTenant(sdk, 'fst');
+          const body = prettyEvent('invoice.paid', customer);
+          await assertProblem(await deliverGzipped(`${web.base}${WEBHOOK}`, body), 415, {
+            reason: 'UNSUPPORTED_MEDIA_TYPE',
+            instance: `POST ${WEBHOOK}`,
+          });
+          assert.equal(await sdk.isEnabled(tenant, 'pro_features'), false);
+        });
+
         test('a body over the 1 MiB limit is a 413 problem', async () => {
           const body = `{"padding":"${'x'.repeat(1024 * 1024)}"}`;
           await assertProblem(await deliver(`${web.base}${WEBHOOK}`, body, signed(body)), 413, {
@@ -204,6 +216,7 @@ for (const [backendName, makeBackend] of Object.entries(BACKENDS)) {
             failModeApplied: request.coresdk.failModeApplied,
           }));
           app.get('/closed', { preHandler: requireAccess(clients.closed, { require: ['advanced_analytics'] }) }, async () => ({}));
+          app.get('/strict', { preHandler: requireAccess(clients.open, { require: ['advanced_analytics'], failMode: 'closed' }) }, async () => ({}));
           web = await serve(app);
         });
         after(async () => {
@@ -224,7 +237,39 @@ for (const [backendName, makeBackend] of Object.entries(BACKENDS)) {
           assert.deepEqual(await open.json(), { failModeApplied: true });
           await assertProblem(await get(`${web.base}/closed`, token('acme-corp')), 503, { instance: 'GET /closed' });
         });
+
+        test("a gate with failMode 'closed' answers 503 under the client's fail mode open", async () => {
+          await assertProblem(await get(`${web.base}/strict`, token('acme-corp')), 503, {
+            reason: 'SIDECAR_UNAVAILABLE',
+            instance: 'GET /strict',
+          });
+          await assertProblem(await get(`${web.base}/strict`, 'not-a-token'), 503, { instance: 'GET /strict' });
+        });
       });
     }
+
+    test("an app hook's 4xx on the webhook route keeps its answer; only body errors become problems", async () => {
+      const app = Fastify();
+      // A rate limiter of the app's, inherited by the webhook route's scope.
+      app.addHook('onRequest', async (request) => {
+        if (request.headers['x-over-limit'] !== undefined) throw Object.assign(new Error('Rate limit exceeded'), { statusCode: 429 });
+      });
+      await app.register(coresdk, { sdk: backend.sdk });
+      const web = await serve(app);
+      try {
+        const body = prettyEvent('invoice.paid', 'cus_acme_001');
+        const limited = await fetch(`${web.base}${WEBHOOK}`, {
+          method: 'POST',
+          body,
+          headers: { 'content-type': 'application/json', 'stripe-signature': signed(body), 'x-over-limit': '1' },
+          signal: AbortSignal.timeout(HTTP_TIMEOUT_MS),
+        });
+        assert.equal(limited.status, 429, await limited.text());
+        const big = `{"padding":"${'x'.repeat(1024 * 1024)}"}`;
+        await assertProblem(await deliver(`${web.base}${WEBHOOK}`, big, signed(big)), 413, { reason: 'PAYLOAD_TOO_LARGE' });
+      } finally {
+        await web.close();
+      }
+    });
   });
 }

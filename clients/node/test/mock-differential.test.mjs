@@ -283,6 +283,11 @@ test('mock: every token is answered as the sidecar answers it', async () => {
         assert.deepEqual(await decide(mock), await decide(sidecar), `authorize ${JSON.stringify(request)}, token ${n}`);
       }
     }
+    // Trimmed as Rust trims (White_Space: U+0085 is, U+FEFF is not); a bare string is no flag list.
+    for (const request of [{ token: '\u0085' }, { token: '\uFEFF' }, { token: '\u0085', tenantId: 'acme-corp' }, { tenantId: 'acme-corp', require: 'pro_features' }, { tenantId: 'acme-corp', denyIf: 'paywall_active' }]) {
+      const decide = (sdk) => outcome(() => sdk.authorize(request));
+      assert.deepEqual(await decide(mock), await decide(sidecar), `authorize ${JSON.stringify(request)}`);
+    }
     for (const request of [{}, { tenantId: 'bad tenant' }, { tenantId: 'acme-corp', require: ['bad key!'] }, { tenantId: 'a', resource: 'r'.repeat(257) }, { tenantId: 'a', denyIf: Array(33).fill('k') }]) {
       const decide = (sdk) => outcome(() => sdk.authorize(request));
       assert.deepEqual(await decide(mock), await decide(sidecar), `authorize ${JSON.stringify(request).slice(0, 80)}`);
@@ -365,6 +370,9 @@ test('mock: application records, admin values and ids are taken or refused as th
     { event: ' auth', outcome: 'ok', actor: 'u1' },
     { event: 'flagship.x', outcome: 'ok', actor: 'u1' },
     { event: 'app.x', outcome: 'ok', actor: ' Stripe-Webhook ' },
+    { event: 'app.x', outcome: 'ok', actor: '\u0085' },
+    { event: 'app.x', outcome: 'ok', actor: '\uFEFF' },
+    { event: 'app.x', outcome: 'ok', actor: 'stripe-webhook\u0085' },
     { event: '', outcome: '', actor: '' },
     { event: 'app.x', outcome: 'ok', actor: 'a'.repeat(257), tenantId: 't'.repeat(129) },
     { event: 'app.x', outcome: 'ok', actor: 'u1', tenantId: 'bad\ttenant' },

@@ -193,3 +193,22 @@ describe('mock: the rules', () => {
     assert.equal(await readFile(defaultRulesPath(), 'utf8'), await readFile(join(ROOT, 'rules', 'default.toml'), 'utf8'));
   });
 });
+
+test("the mock's settings win over the environment: problem types under settings.problemTypeBase", async () => {
+  const settings = makeSettings({ useMock: true, problemTypeBase: 'https://mine.example/problems/' });
+  const sdk = new MockSidecar(settings, { ...ENV, CORESDK_PROBLEM_TYPE_BASE: 'https://env.example/errors' });
+  try {
+    const error = await sdk.getFlag('bad tenant', 'pro_features').then(
+      () => assert.fail('a bad tenant id was accepted'),
+      (caught) => caught,
+    );
+    assert.equal(error.problem.type, 'https://mine.example/problems/invalid-request');
+    const refused = await sdk.handleStripeWebhook('{}', 't=1,v1=00').then(
+      () => assert.fail('a forged delivery was accepted'),
+      (caught) => caught,
+    );
+    assert.ok(refused.problem.type.startsWith('https://mine.example/problems/'), refused.problem.type);
+  } finally {
+    await sdk.close();
+  }
+});

@@ -246,6 +246,26 @@ export function defineClientSuite(name, makeWorld) {
       await rejectsWithProblem(sdk.getFlags('zero\u200bwidth'), 400, 'INVALID_ARGUMENT');
     });
 
+    test('a webhook body that is not bytes or a string is a 500 RAW_BODY_UNAVAILABLE problem, read as nothing', async () => {
+      // `{length: 1e9}` is what express.json() gives for a posted {"length": 1000000000}: read
+      // as an array-like it would be a gigabyte of zeros.
+      for (const body of [{ length: 1e9 }, { id: 'evt_1', type: 'invoice.paid' }, undefined, null, 42, [1, 2]]) {
+        const error = await rejectsWithProblem(sdk.handleStripeWebhook(body, 't=1,v1=00'), 500, 'RAW_BODY_UNAVAILABLE');
+        assert.match(error.problem.detail, /installStripeWebhook/);
+        assert.ok(error.problem.type.endsWith('/raw-body-unavailable'), error.problem.type);
+        await rejectsWithProblem(sdk.replayEvent(body, { reason: 'ops' }), 500, 'RAW_BODY_UNAVAILABLE');
+      }
+      // Bytes in any of the accepted forms are read.
+      const body = stripeEvent('charge.refunded', 'cus_acme_001');
+      assert.equal((await sdk.handleStripeWebhook(new Uint8Array(Buffer.from(body)), sign(body))).outcome, 'ignored');
+    });
+
+    test('require and denyIf must be lists: a bare string is a 400 problem, not its characters', async () => {
+      await rejectsWithProblem(sdk.authorize({ tenantId: 'acme-corp', require: 'pro_features' }), 400, 'INVALID_ARGUMENT');
+      await rejectsWithProblem(sdk.authorize({ tenantId: 'acme-corp', denyIf: 'paywall_active' }), 400, 'INVALID_ARGUMENT');
+      await rejectsWithProblem(sdk.authorize({ tenantId: 'acme-corp', require: [1] }), 400, 'INVALID_ARGUMENT');
+    });
+
     test('a change made through one client reaches a second client\'s cache', async () => {
       const { customer, tenant } = await freshCustomer(sdk, 'watch');
       const other = await world.another();

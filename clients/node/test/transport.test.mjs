@@ -17,9 +17,10 @@ import {
   ProblemError,
   SidecarClient,
   SidecarUnavailableError,
+  makeSettings,
   settingsFromEnv,
 } from '../dist/index.js';
-import { clientFor, ENV, eventually, recordingLogger, settingsFor, Sidecar, within } from './helpers.mjs';
+import { clientFor, ENV, eventually, recordingLogger, settingsFor, Sidecar, sign, stripeEvent, within } from './helpers.mjs';
 
 const ROOT = fileURLToPath(new URL('../../../', import.meta.url));
 
@@ -32,7 +33,7 @@ async function startProxy(target) {
   const colon = target.lastIndexOf(':');
   const [host, port] = [target.slice(0, colon), Number(target.slice(colon + 1))];
   const sockets = new Set();
-  const proxy = { connections: 0, armed: false, requestSeen: false, addr: '' };
+  const proxy = { connections: 0, armed: false, requestSeen: false, addr: '', freeze: 'off' };
   const server = createServer((client) => {
     proxy.connections += 1;
     const upstream = connect(port, host);
@@ -42,10 +43,15 @@ async function startProxy(target) {
       socket.on('close', () => sockets.delete(socket));
     }
     client.on('data', (chunk) => {
+      if (proxy.freeze === 'answered') proxy.freeze = 'frozen';
+      if (proxy.freeze === 'frozen') return;
+      if (proxy.freeze === 'armed') proxy.freeze = 'requested';
       if (proxy.armed) proxy.requestSeen = true;
       upstream.write(chunk);
     });
     upstream.on('data', (chunk) => {
+      if (proxy.freeze === 'frozen') return;
+      if (proxy.freeze === 'requested') proxy.freeze = 'answered';
       if (proxy.armed && proxy.requestSeen) {
         proxy.armed = false;
         proxy.requestSeen = false;
@@ -63,6 +69,11 @@ async function startProxy(target) {
   proxy.cutNextAnswer = () => {
     proxy.armed = true;
     proxy.requestSeen = false;
+  };
+  // The next request is answered; from the client's next write on, nothing goes either way
+  // and the connections stay open: every call waits out its deadline, the stream sees nothing.
+  proxy.freezeAfterNextAnswer = () => {
+    proxy.freeze = 'armed';
   };
   proxy.close = () =>
     new Promise((resolve) => {
@@ -120,6 +131,29 @@ describe('against one sidecar', () => {
     }
   });
 
+  test('a committed mapping resolves even when the read-your-writes step after it fails', async () => {
+    const proxy = await startProxy(sidecar.addr);
+    const timeoutMs = 1_500;
+    const reader = await clientFor(sidecar);
+    const client = await clientFor(sidecar, { sidecarAddr: proxy.addr, timeoutMs }, { logger: recordingLogger() });
+    try {
+      // An event for a customer nobody mapped yet is parked; the mapping applies it.
+      const customer = `cus_ryw_${Date.now()}`;
+      const body = stripeEvent('invoice.paid', customer);
+      await assert.rejects(reader.handleStripeWebhook(body, sign(body)), (error) => error.problem?.reason === 'UNKNOWN_CUSTOMER');
+      // The mapping is answered; the GetFlags that waits for its effects in the cache never is.
+      proxy.freezeAfterNextAnswer();
+      const tenant = `ryw-${Date.now()}`;
+      assert.equal(await within(client.mapCustomer(customer, tenant, { actor: 'ops', reason: 'test' }), 'mapCustomer returned'), 1);
+      assert.equal(proxy.freeze, 'frozen', 'precondition: the step after the mapping got no answer');
+      assert.equal(await reader.resolveCustomer(customer), tenant);
+    } finally {
+      await client.close();
+      await reader.close();
+      await proxy.close();
+    }
+  });
+
   test('ids and keys checked locally get the problem the sidecar sends', async () => {
     const client = await clientFor(sidecar);
     try {
@@ -153,17 +187,24 @@ describe('against one sidecar', () => {
   test('close() ends the stream and the channel: the process exits by itself', async () => {
     const script = `
       import { SidecarClient, makeSettings } from ${JSON.stringify(new URL('../dist/index.js', import.meta.url).href)};
-      const client = new SidecarClient(makeSettings({ sidecarAddr: process.argv[1], timeoutMs: 2000 }));
-      const deadline = Date.now() + 10_000;
-      while (!client.cacheCurrent && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
-      if (!client.cacheCurrent) { console.error('never current'); process.exit(3); }
+      const [addr, reachable] = process.argv.slice(1);
+      const client = new SidecarClient(makeSettings({ sidecarAddr: addr, timeoutMs: 2000 }), { logger: { warn() {}, error() {} } });
+      if (reachable === 'yes') {
+        const deadline = Date.now() + 10_000;
+        while (!client.cacheCurrent && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+        if (!client.cacheCurrent) { console.error('never current'); process.exit(3); }
+      }
+      // Unreachable: the fail mode (open) answers after the deadline, with a reconnect pending.
       await client.isEnabled('acme-corp', 'pro_features');
       await client.close();
       await client.close();
       console.log('closed');
     `;
-    for (const addr of [sidecar.addr, '127.0.0.1:1']) {
-      const child = spawn(process.execPath, ['--input-type=module', '-e', script, addr], {
+    for (const [addr, reachable] of [
+      [sidecar.addr, 'yes'],
+      ['127.0.0.1:1', 'no'],
+    ]) {
+      const child = spawn(process.execPath, ['--input-type=module', '-e', script, addr, reachable], {
         stdio: ['ignore', 'pipe', 'pipe'],
       });
       let output = '';
@@ -172,8 +213,7 @@ describe('against one sidecar', () => {
       const exited = new Promise((resolve) => child.once('exit', (code) => resolve(code)));
       try {
         const code = await within(exited, `a process that closed its client (${addr}) exited`, 20_000);
-        if (addr === sidecar.addr) assert.deepEqual([code, output.trim()], [0, 'closed']);
-        else assert.equal(code, 3, output);
+        assert.deepEqual([code, output.trim()], [0, 'closed'], addr);
       } finally {
         child.kill('SIGKILL');
       }
@@ -301,4 +341,30 @@ test('TLS and mutual TLS to the sidecar, from the CORESDK_SIDECAR_TLS_* settings
   } finally {
     await rm(certs, { recursive: true, force: true });
   }
+});
+
+test("a logger that throws fails no call: the sidecar's outage is still answered by the fail mode", async () => {
+  const throwing = {
+    warn() {
+      throw new Error('the logger broke');
+    },
+    error() {
+      throw new Error('the logger broke');
+    },
+  };
+  const client = new SidecarClient(makeSettings({ sidecarAddr: '127.0.0.1:1', failMode: 'open', timeoutMs: 300 }), { logger: throwing });
+  try {
+    assert.equal(await client.isEnabled('acme-corp', 'pro_features'), false);
+    assert.equal(await client.audit({ event: 'app.login', outcome: 'success', actor: 'user:1' }), null);
+    assert.equal(client.spooled, 1);
+  } finally {
+    await client.close();
+  }
+});
+
+test('settings given as undefined are not given: the defaults, or the environment, apply', () => {
+  assert.equal(makeSettings({ timeoutMs: undefined, failMode: undefined }).timeoutMs, 1000);
+  assert.equal(makeSettings({ failMode: undefined }).failMode, 'open');
+  const settings = settingsFromEnv({ CORESDK_TIMEOUT_MS: '2500', CORESDK_FAIL_MODE: 'closed' }, { timeoutMs: undefined, failMode: undefined });
+  assert.deepEqual([settings.timeoutMs, settings.failMode], [2500, 'closed']);
 });

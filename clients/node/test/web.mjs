@@ -6,6 +6,7 @@
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { createServer } from 'node:net';
+import { gzipSync } from 'node:zlib';
 
 import Stripe from 'stripe';
 
@@ -84,6 +85,12 @@ export function deliver(url, body, signature) {
   const headers = { 'content-type': 'application/json; charset=utf-8' };
   if (signature !== undefined) headers['stripe-signature'] = signature;
   return fetch(url, { method: 'POST', body, headers, signal: AbortSignal.timeout(HTTP_TIMEOUT_MS) });
+}
+
+/** POSTs `body` gzip-compressed, signed over its uncompressed bytes (Stripe never does this). */
+export function deliverGzipped(url, body) {
+  const headers = { 'content-type': 'application/json', 'content-encoding': 'gzip', 'stripe-signature': signed(body) };
+  return fetch(url, { method: 'POST', body: gzipSync(body), headers, signal: AbortSignal.timeout(HTTP_TIMEOUT_MS) });
 }
 
 export function get(url, bearer) {
