@@ -39,7 +39,7 @@ import rfc8785
 from coresdk.base import BaseSDK
 from coresdk.config import Settings
 from coresdk.errors import FlagNotFound, Problem, ProblemError
-from coresdk.validation import FLAG_KEY, check_ids, id_defect, invalid
+from coresdk.validation import FLAG_KEY, check_ids, id_defect, invalid, quoted
 from coresdk.models import (
     AdminFlagChange,
     AuditRecord,
@@ -249,11 +249,6 @@ def _bounded(metadata: dict[str, Any]) -> dict[str, Any]:
             return {}
         metadata = {**metadata, largest: TRUNCATED}
     return metadata
-
-
-def _quoted(text: str, limit: int = 64) -> str:
-    """Input as a problem quotes it: cut short, so a problem always fits in response headers."""
-    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _problem(type_base: str, slug: str, title: str, status: int, detail: str, reason: str, **extensions: Any) -> Problem:
@@ -883,7 +878,7 @@ class MockSidecar(BaseSDK):
             if tenant is None:
                 if kind == "ignored":
                     return self._finish(actor, event_id, event_type, "", "ignored", [], [], meta)
-                detail = (f"no tenant is mapped for customer '{_quoted(customer)}'" if customer is not None
+                detail = (f"no tenant is mapped for customer '{quoted(customer)}'" if customer is not None
                           else "the event names no customer and no metadata.tenant_id, so no tenant can be resolved")
                 if customer is not None:
                     self._park(event, customer, actor, reason, meta)
@@ -1147,14 +1142,24 @@ class MockSidecar(BaseSDK):
         signing_input = f"{header_b64}.{payload_b64}".encode()
         if not any(hmac.compare_digest(hmac.new(s, signing_input, digest).digest(), signature) for s in self._jwt_secrets):
             raise self._unauthenticated("the token's signature does not verify")
-        if not isinstance(claims, dict):
+        if not isinstance(claims, dict) or isinstance(claims.get("sub"), (list, dict)) or any(
+            isinstance(claims.get(name), (list, dict)) and claims[name] for name in ("exp", "nbf")
+        ):
+            # Shapes the sidecar's JWT library (jsonwebtoken over serde_json) cannot read past: a
+            # `sub` that is a list or an object, an `exp` or `nbf` that is a non-empty one.
             raise self._unauthenticated("the token is malformed")
-        now, leeway = time.time(), self._jwt_leeway_s
-        if not isinstance(claims.get("exp"), (int, float)):
+        # As the sidecar (jsonwebtoken's checks, in its order): `exp` is required as a
+        # non-negative number, `nbf` optional of the same type; both get the leeway.
+        now, leeway = int(time.time()), self._jwt_leeway_s
+        exp = _jwt_time(claims.get("exp"))
+        if exp is None:
             raise self._unauthenticated("the token lacks the required claim 'exp'")
-        if claims["exp"] < now - leeway:
+        nbf = _jwt_time(claims["nbf"]) if "nbf" in claims else None
+        if "nbf" in claims and nbf is None:
+            raise self._unauthenticated("the token's claim 'nbf' has the wrong type")
+        if exp < now - leeway:
             raise self._unauthenticated("the token has expired")
-        if isinstance(claims.get("nbf"), (int, float)) and claims["nbf"] > now + leeway:
+        if nbf is not None and nbf > now + leeway:
             raise self._unauthenticated("the token is not valid yet")
         if self._jwt_issuer and claims.get("iss") != self._jwt_issuer:
             raise self._unauthenticated("the token's issuer is not accepted")
@@ -1162,18 +1167,19 @@ class MockSidecar(BaseSDK):
         auds = aud if isinstance(aud, list) else [aud]
         if self._jwt_audience and not any(a in self._jwt_audience for a in auds):
             raise self._unauthenticated("the token's audience is not accepted")
-        roles = claims.get("roles") or []
-        # As the sidecar: the signature vouches for who issued the token, not for its tenant claim.
+        # As the sidecar: the signature vouches for who issued the token, not for its tenant
+        # claim, which must be a valid tenant id when present (even empty).
         tenant = claims.get(self._tenant_claim, "")
         if not isinstance(tenant, str):
             raise self._unauthenticated(f"the token's claim '{self._tenant_claim}' has the wrong type")
-        if tenant and (defect := id_defect(tenant)) is not None:
+        if self._tenant_claim in claims and (defect := id_defect(tenant)) is not None:
             raise self._unauthenticated(f"the token's claim '{self._tenant_claim}' is not a valid tenant id: it {defect}")
+        subject = claims.get("sub")
         return Claims(
-            subject=str(claims.get("sub", "")),
+            subject=subject if isinstance(subject, str) else "",
             tenant_id=tenant,
-            roles=roles.split() if isinstance(roles, str) else list(roles),
-            scopes=str(claims.get("scope", "")).split(),
+            roles=_claim_strings(claims.get("roles")),
+            scopes=_claim_strings(claims.get("scope")) + _claim_strings(claims.get("scp")),
             claims=claims,
         )
 
@@ -1188,7 +1194,7 @@ class MockSidecar(BaseSDK):
                 raise self._invalid(f"{field_name}: names more than {MAX_AUTHORIZE_FLAGS} flags")
             for key in keys:
                 if not FLAG_KEY.fullmatch(key):
-                    raise self._invalid(f"{field_name}: '{_quoted(key)}' is not a valid flag key: use 1-128 characters of letters, digits, _ - . :")
+                    raise self._invalid(f"{field_name}: '{quoted(key)}' is not a valid flag key: use 1-128 characters of letters, digits, _ - . :")
         if len(resource.encode()) > MAX_RESOURCE_LEN:
             raise self._invalid(f"resource: is longer than {MAX_RESOURCE_LEN} bytes")
         claims = None
@@ -1230,6 +1236,28 @@ class MockSidecar(BaseSDK):
             self._denials.admit((tenant, subject, reason, feature), reason, tenant, subject or "anonymous",
                                 {k: v for k, v in meta.items() if v}, self._seal)
         return Decision(False, problem, tenant, subject, False, claims)
+
+
+def _jwt_time(value: Any) -> Optional[int]:
+    """A NumericDate as the sidecar's JWT library reads it: a non-negative integer below 2^64,
+    or such a finite number rounded half away from zero; None when it is anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, int):
+        return value if 0 <= value < 2**64 else None
+    if not math.isfinite(value) or not 0 <= value < float(2**64):
+        return None
+    return int(math.floor(value + 0.5))
+
+
+def _claim_strings(value: Any) -> list[str]:
+    """Roles and scopes as the sidecar reads them: a space-separated string, or the strings of
+    a list; anything else is none."""
+    if isinstance(value, str):
+        return value.split()
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, str)]
+    return []
 
 
 def _b64decode(part: str) -> bytes:
