@@ -25,7 +25,6 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from decimal import Decimal
 from importlib import resources
 from typing import Any, Mapping, Optional, Sequence
 
@@ -108,34 +107,78 @@ def wire(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not a JSON value")
 
 
-def _json_number(n: float) -> Any:
-    """As the sidecar stores a double: integral values as integers, so `3` prints as `3`."""
-    return int(n) if n.is_integer() and abs(n) < 2**53 else n
+def _shortest_digits(n: float) -> tuple[str, int]:
+    """The shortest digits that read back as |n| (what Python's repr, ryu and zmij all find),
+    and the decimal exponent of the first: 1.5 -> ("15", 0), 0.001 -> ("1", -3)."""
+    mantissa, _, exponent = repr(abs(n)).partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    digits = (whole + fraction).lstrip("0")
+    leading_zeros = len(whole + fraction) - len(digits)
+    return digits.rstrip("0") or "0", len(whole) - 1 - leading_zeros + int(exponent or 0)
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, float):
-        return _json_number(value)
+def _serde_number(n: float) -> str:
+    """A JSON number as the sidecar's serde_json writes it: an integral double below 2^53 as an
+    integer (the sidecar stores those as integers), any other as zmij formats a double: plain
+    for decimal exponents -5 to 15 (`0.00001`, `9007199254740994.0`), else `1.5e+21`, `1e-7`."""
+    if n.is_integer() and abs(n) < 2**53:
+        return str(int(n))
+    digits, exponent = _shortest_digits(n)
+    sign = "-" if n < 0 else ""
+    if -5 <= exponent <= 15:
+        if len(digits) - 1 <= exponent:
+            return sign + digits + "0" * (exponent - len(digits) + 1) + ".0"
+        if exponent >= 0:
+            return sign + digits[:exponent + 1] + "." + digits[exponent + 1:]
+        return sign + "0." + "0" * (-exponent - 1) + digits
+    mantissa = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
+    return f"{sign}{mantissa}e{'+' if exponent >= 0 else '-'}{abs(exponent)}"
+
+
+def _serde_json(value: Any) -> str:
+    """Compact JSON as the sidecar's serde_json writes a value: keys sorted (its maps are
+    ordered), numbers as `_serde_number`, strings escaped as Python's json does likewise."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return "{" + ",".join(f"{json.dumps(k, ensure_ascii=False)}:{_serde_json(value[k])}" for k in sorted(value)) + "}"
     if isinstance(value, list):
-        return [_plain(v) for v in value]
+        return "[" + ",".join(_serde_json(v) for v in value) + "]"
+    if isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)):
+        return _serde_number(float(value))
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _stored(value: Any) -> Any:
+    """A flag value as the sidecar keeps it: integral doubles below 2^53 as integers (so -0
+    is kept as 0), served back as doubles."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return float(int(value))
+    if isinstance(value, dict):
+        return {k: _stored(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_stored(v) for v in value]
     return value
 
 
 def display(value: FlagValue) -> str:
-    """The sidecar's FlagValue::display: `on`/`off`, a JSON string, a number as Rust prints an
-    f64 (shortest digits, no exponent), compact JSON with sorted keys."""
+    """The sidecar's FlagValue::display: `on`/`off`, a JSON string, a number as Rust's Display
+    prints a double (its shortest digits, never an exponent: `1e21` is 1 and 21 zeros), other
+    JSON as serde_json writes it."""
     if value is True:
         return "on"
     if value is False:
         return "off"
     if isinstance(value, (int, float)):
         n = float(value)
-        if n.is_integer():
-            return ("-" if math.copysign(1.0, n) < 0 else "") + str(abs(int(n)))
-        return format(Decimal(repr(n)), "f")
-    return json.dumps(_plain(value), separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+        sign = "-" if math.copysign(1.0, n) < 0 else ""
+        if n == 0:
+            return sign + "0"
+        digits, exponent = _shortest_digits(n)
+        if exponent >= len(digits) - 1:
+            return sign + digits + "0" * (exponent - len(digits) + 1)
+        if exponent >= 0:
+            return sign + digits[:exponent + 1] + "." + digits[exponent + 1:]
+        return sign + "0." + "0" * (-exponent - 1) + digits
+    return _serde_json(value)
 
 
 def claimed_identity(payload: bytes) -> tuple[Optional[str], Optional[str]]:
@@ -242,7 +285,7 @@ def _bounded(metadata: dict[str, Any]) -> dict[str, Any]:
             value = metadata[key]
             if value == TRUNCATED:
                 continue
-            length = len(json.dumps(_plain(value), separators=(",", ":"), ensure_ascii=False).encode())
+            length = len(_serde_json(value).encode())
             if length >= size:
                 largest, size = key, length
         if largest is None:
@@ -1062,16 +1105,18 @@ class MockSidecar(BaseSDK):
         self._check_admin(actor, reason)
         try:
             # What the sidecar receives: a FlagValue whose numbers are doubles, finite ones only.
-            value = wire(json.loads(json.dumps(value, allow_nan=False)))
+            received = wire(json.loads(json.dumps(value, allow_nan=False)))
         except (TypeError, ValueError):
             raise self._invalid("value: must be a bool, a string, a finite number or JSON") from None
+        value = _stored(received)
         with self._lock:
             current = self._flags.get((tenant_id, key))
             self._version += 1
             self._flags[(tenant_id, key)] = _Flag(value, self._version, current.order if current else (0, 0, ""), "admin", actor)
-            # As the sidecar's ops::set_flag: the values as `flags explain` shows them.
+            # As the sidecar's ops::set_flag: the values as `flags explain` shows them, the new
+            # one as received, the old one as it was kept.
             meta: dict[str, Any] = {"flag": key, "old_value": display(current.value) if current else None,
-                                    "new_value": display(value), "version": self._version}
+                                    "new_value": display(received), "version": self._version}
             if reason:
                 meta["reason"] = reason
             self._append(tenant_id, actor, "flag.set", "applied", meta)
