@@ -523,8 +523,9 @@ def test_random_billing_histories_answer_alike_in_the_sidecar_and_the_mock(tmp_p
     """Beyond the hand-written scenarios: realistic histories from a fixed seed (overlapping
     subscriptions, plan switches, invoices, entitlement summaries, same-second ties, delivery in
     a shuffled order with redeliveries) get the same answer to every delivery and end in the
-    same flags in the mock as in the sidecar; some histories' customer is mapped only midway,
-    so its earlier events are parked and applied by the mapping."""
+    same flags, explanations and audit trail in the mock as in the sidecar; in some histories the
+    customer is mapped only midway (its earlier events are parked and applied by the mapping) or
+    an admin overrides a flag."""
     import random
 
     env = dict(SUITE["env"])
@@ -571,15 +572,22 @@ def test_random_billing_histories_answer_alike_in_the_sidecar_and_the_mock(tmp_p
                 event = {"id": f"evt_h{history}_{n:02d}", "object": "event", "created": created, "data": data,
                          "livemode": False, "type": event_type}
                 events.append(json.dumps(event, separators=(",", ":")).encode())
-            deliveries: list[Optional[bytes]] = events + rng.sample(events, rng.randint(0, 2))
+            deliveries: list[Any] = events + rng.sample(events, rng.randint(0, 2))
             rng.shuffle(deliveries)
             if customer:
-                deliveries.insert(rng.randint(0, len(deliveries)), None)
+                deliveries.insert(rng.randint(0, len(deliveries)), "map")
+            if rng.random() < 0.4:
+                override = (rng.choice(["pro_features", "paywall_active", "advanced_analytics", "sso"]), rng.random() < 0.5)
+                deliveries.insert(rng.randint(0, len(deliveries)), override)
             for body in deliveries:
                 answers = []
                 for sdk in (sidecar, mock):
-                    if body is None:
+                    if body == "map":
                         answers.append(sdk.map_customer(customer, tenant, actor="history"))
+                        continue
+                    if isinstance(body, tuple):
+                        flag = sdk.set_flag(tenant, body[0], body[1], actor="history", reason="override")
+                        answers.append((flag.value, flag.updated_by))
                         continue
                     t = int(time.time())
                     header = f"t={t},v1=" + hmac.new(env["STRIPE_WEBHOOK_SECRET"].encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
@@ -592,6 +600,16 @@ def test_random_billing_histories_answer_alike_in_the_sidecar_and_the_mock(tmp_p
                 assert answers[0] == answers[1], f"history {history}, {body!r}: sidecar {answers[0]}, mock {answers[1]}"
             ends = [{k: (f.value, f.is_default) for k, f in sdk.get_flags(tenant).items()} for sdk in (sidecar, mock)]
             assert ends[0] == ends[1], f"history {history}: sidecar {ends[0]}, mock {ends[1]}"
+            def explained(sdk: BaseSDK, key: str) -> Any:
+                why = sdk.explain_flag(tenant, key)
+                event = lambda e: None if e is None else (e.event_id, e.event_type, e.created, e.audit_seq, e.actor, e.reason)
+                admin = None if why.admin is None else (why.admin.actor, why.admin.reason)
+                return (why.flag.value, why.flag.is_default, event(why.event), admin, why.rule,
+                        [event(e) for e in why.stale_events], event(why.newest_event))
+
+            for key in ends[0]:
+                whys = [explained(sdk, key) for sdk in (sidecar, mock)]
+                assert whys[0] == whys[1], f"history {history}, {key}: sidecar {whys[0]}, mock {whys[1]}"
             # Every record of the tenant alike, but for when things happened.
             trails = [[(r.actor, r.event, r.outcome, {k: v for k, v in r.metadata.items() if k != "parked_at_ms"})
                        for r in sdk.audit_query(tenant_id=tenant)] for sdk in (sidecar, mock)]
