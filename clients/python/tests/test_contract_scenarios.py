@@ -9,6 +9,7 @@ import json
 import re
 import secrets
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -592,7 +593,8 @@ def test_random_billing_histories_answer_alike_in_the_sidecar_and_the_mock(tmp_p
                     t = int(time.time())
                     header = f"t={t},v1=" + hmac.new(env["STRIPE_WEBHOOK_SECRET"].encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
                     try:
-                        r = sdk.handle_stripe_webhook(body, header)
+                        # An operator's replay of an exported event now and then, else a delivery.
+                        r = sdk.replay_event(body, reason="history") if zlib.crc32(body) % 7 == 0 else sdk.handle_stripe_webhook(body, header)
                     except ProblemError as e:
                         answers.append((e.problem.status, e.problem.reason, e.problem.detail))
                         continue
