@@ -1272,8 +1272,9 @@ class MockSidecar(BaseSDK):
 
     def _deny(self, tenant: str, subject: str, problem: Problem, resource: str, reason: str, feature: str,
               claims: Optional[Claims] = None, why: str = "") -> Decision:
-        if resource:
-            problem = Problem(problem.type, problem.title, problem.status, problem.detail, resource, problem.extensions)
+        # As the sidecar's Denial::problem: every denial names the tenant it was for, if any.
+        extensions = {**problem.extensions, "tenant_id": tenant} if tenant else problem.extensions
+        problem = Problem(problem.type, problem.title, problem.status, problem.detail, resource, extensions)
         # As the sidecar's denial_record: the key's fields, then this call's own details.
         meta = {"reason": reason, "feature": feature, "subject": subject, "resource": resource, "detail": why}
         with self._lock:
