@@ -181,25 +181,33 @@ def display(value: FlagValue) -> str:
     return _serde_json(value)
 
 
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_JSON_COMMA = re.compile(r"[ \t\n\r]*,?[ \t\n\r]*")
+_JSON_COLON = re.compile(r"[ \t\n\r]*:[ \t\n\r]*")
+
+
 def claimed_identity(payload: bytes) -> tuple[Optional[str], Optional[str]]:
     """The top-level string `id` and `type` an unverified body claims, read from its first
-    CLAIM_PREFIX_BYTES only, as the sidecar does: fields met before the cut count."""
+    CLAIM_PREFIX_BYTES only, as the sidecar does: fields met before the cut (or before
+    anything that is not JSON) count, the first of each name, cut to 255 characters."""
     text = payload[:CLAIM_PREFIX_BYTES].decode("utf-8", "ignore")
     decoder = json.JSONDecoder()
     claimed: dict[str, Optional[str]] = {"id": None, "type": None}
+    at = _JSON_SPACE.match(text).end()  # type: ignore[union-attr]  # matches the empty string
+    if text[at:at + 1] != "{":
+        return None, None
+    at += 1
     try:
-        at = re.compile(r"\s*").match(text, 0).end()  # type: ignore[union-attr]
-        if text[at:at + 1] != "{":
-            return None, None
-        at += 1
         while claimed["id"] is None or claimed["type"] is None:
-            at = re.compile(r"\s*,?\s*").match(text, at).end()  # type: ignore[union-attr]
+            at = _JSON_COMMA.match(text, at).end()  # type: ignore[union-attr]
             key, at = decoder.raw_decode(text, at)
-            at = re.compile(r"\s*:\s*").match(text, at).end()  # type: ignore[union-attr]
-            value, at = decoder.raw_decode(text, at)
+            colon = _JSON_COLON.match(text, at)
+            if not isinstance(key, str) or colon is None:
+                break
+            value, at = decoder.raw_decode(text, colon.end())
             if key in claimed and claimed[key] is None and isinstance(value, str):
                 claimed[key] = value[:255]
-    except (ValueError, AttributeError):
+    except ValueError:
         pass
     return claimed["id"], claimed["type"]
 
