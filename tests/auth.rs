@@ -100,6 +100,10 @@ async fn every_algorithm_family_verifies_and_bad_tokens_do_not() {
         ("wrong_audience", "audience"),
         ("wrong_issuer", "issuer"),
         ("no_exp", "exp"),
+        // A configured issuer and audience are required, not only checked when present.
+        ("no_issuer", "iss"),
+        ("no_audience", "aud"),
+        ("numeric_issuer", "iss"),
         ("wrong_secret", "signature"),
         ("alg_none", "algorithm"),
         ("rsa_public_key_as_hmac_secret", "signature"),

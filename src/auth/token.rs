@@ -181,14 +181,20 @@ impl TokenVerifier {
         validation.leeway = settings.leeway_s;
         validation.validate_nbf = true;
         validation.required_spec_claims = ["exp".to_owned()].into_iter().collect();
+        // jsonwebtoken checks `iss` and `aud` only when a token has them: a configured issuer
+        // or audience must also make them required, or a token without one passes.
         match &settings.issuer {
-            Some(issuer) => validation.set_issuer(&[issuer]),
+            Some(issuer) => {
+                validation.set_issuer(&[issuer]);
+                validation.required_spec_claims.insert("iss".to_owned());
+            }
             None => validation.iss = None,
         }
         if settings.audience.is_empty() {
             validation.validate_aud = false;
         } else {
             validation.set_audience(&settings.audience);
+            validation.required_spec_claims.insert("aud".to_owned());
         }
         Ok(Self {
             verified: DashMap::new(),

@@ -2071,6 +2071,13 @@ export class MockSidecar implements CoreSDKClient {
     const now = Math.floor(Date.now() / 1000);
     const exp = numericDate(claims.exp);
     if (exp === null) throw new TokenError("the token lacks the required claim 'exp'");
+    // A configured issuer or audience makes the claim required (a string or a list of them).
+    if (this.#jwtIssuer !== null && stringSet(claims.iss) === null) {
+      throw new TokenError("the token lacks the required claim 'iss'");
+    }
+    if (this.#jwtAudience.length > 0 && stringSet(claims.aud) === null) {
+      throw new TokenError("the token lacks the required claim 'aud'");
+    }
     const nbf = numericDate(claims.nbf);
     if (claims.nbf !== undefined && nbf === null) {
       throw new TokenError("the token's claim 'nbf' has the wrong type");

@@ -1207,6 +1207,12 @@ class MockSidecar(BaseSDK):
         exp = _jwt_time(claims.get("exp"))
         if exp is None:
             raise self._unauthenticated("the token lacks the required claim 'exp'")
+        # A configured issuer or audience makes the claim required: a string or a list of them.
+        for name, configured in (("iss", self._jwt_issuer), ("aud", self._jwt_audience)):
+            value = claims.get(name)
+            readable = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+            if configured and not readable:
+                raise self._unauthenticated(f"the token lacks the required claim '{name}'")
         nbf = _jwt_time(claims["nbf"]) if "nbf" in claims else None
         if "nbf" in claims and nbf is None:
             raise self._unauthenticated("the token's claim 'nbf' has the wrong type")
