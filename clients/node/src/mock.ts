@@ -562,6 +562,9 @@ function wellFormed(value: JsonValue): boolean {
   return true;
 }
 
+/** The sidecar keeps its own records' keys beside event ids under this prefix (src/stripe/event.rs). */
+const RESERVED_EVENT_ID_PREFIX = 'coresdk:';
+
 function requiredString(event: JsonObject, field: string): string {
   const value = event[field];
   if (typeof value === 'string' && value !== '') {
@@ -584,6 +587,11 @@ function parseEvent(payload: Buffer, latest: number, signed: boolean): StripeEve
   const event = asObject(value);
   if (event === null) throw refuse.notAnEvent('the body is not a JSON object');
   const id = requiredString(event, 'id');
+  if (id.startsWith(RESERVED_EVENT_ID_PREFIX)) {
+    throw refuse.notAnEvent(
+      `event ids starting with \`${RESERVED_EVENT_ID_PREFIX}\` are the sidecar's own (Stripe's start with \`evt_\`)`,
+    );
+  }
   const type = requiredString(event, 'type');
   const created = event.created;
   if (created === undefined || created === null) {

@@ -76,6 +76,8 @@ MAX_RESOURCE_LEN = 256
 JWT_LEEWAY_S = 60
 # The sidecar's CORESDK_DENY_AUDIT_WINDOW_S default.
 DENY_AUDIT_WINDOW_S = 60
+# The sidecar keeps its own records' keys beside event ids under this prefix (src/stripe/event.rs).
+RESERVED_EVENT_ID_PREFIX = "coresdk:"
 MAX_BODY = 1024 * 1024
 # The sidecar's bounds on a signature header and on an event's `id` and `type`.
 MAX_SIGNATURE_HEADER_LEN = 8 * 1024
@@ -808,6 +810,10 @@ class MockSidecar(BaseSDK):
                 raise self._not_an_event(f"no `{name}` string in the event")
             if len(value.encode()) > MAX_EVENT_FIELD_LEN:
                 raise self._not_an_event(f"`{name}` is longer than {MAX_EVENT_FIELD_LEN} characters")
+            if name == "id" and value.startswith(RESERVED_EVENT_ID_PREFIX):
+                raise self._not_an_event(
+                    f"event ids starting with `{RESERVED_EVENT_ID_PREFIX}` are the sidecar's own (Stripe's start with `evt_`)"
+                )
         created = event.get("created")
         if created is None:
             raise self._not_an_event("no `created` in the event; Stripe always sends one")
