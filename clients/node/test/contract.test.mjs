@@ -586,7 +586,10 @@ for (const [name, start] of Object.entries(IMPLEMENTATIONS)) {
   describe(`contract suite: ${name}`, () => {
     for (const scenario of SUITE.scenarios) {
       test(scenario.name, async () => {
-        const env = { ...SUITE.env, ...(scenario.env ?? {}) };
+        // `{root}` in a value stands for the repository root's absolute path (the README's `env`).
+        const env = Object.fromEntries(
+          Object.entries({ ...SUITE.env, ...(scenario.env ?? {}) }).map(([key, value]) => [key, value.replaceAll('{root}', ROOT)]),
+        );
         const world = await start(env);
         try {
           await new Run(scenario, env, world.sdk).play();
