@@ -704,8 +704,9 @@ function sameFlagValue(a: FlagValue, b: FlagValue): boolean {
   return flagKind(a) === flagKind(b) && canonicalize(a) === canonicalize(b);
 }
 
-/** A number as Rust's `f64` Display writes it: never in exponent form. */
+/** A number as Rust's `f64` Display writes it: never in exponent form, and `-0` keeps its sign. */
 function rustNumber(n: number): string {
+  if (Object.is(n, -0)) return '-0';
   const text = String(n);
   const match = /^(-?)(\d)(?:\.(\d+))?e([+-]\d+)$/.exec(text);
   if (match === null) return text;
@@ -726,6 +727,11 @@ function compactJson(value: JsonValue): string {
       .join(',')}}`;
   }
   return JSON.stringify(value);
+}
+
+/** A value as the sidecar's store gives it back (`FlagValue::to_stored`): integral numbers are written as integers, so -0 comes back as 0. */
+function storedFlagValue(value: FlagValue): FlagValue {
+  return Object.is(value, -0) ? 0 : value;
 }
 
 /** How the audit trail shows a value: `on`/`off` for booleans, JSON otherwise. */
@@ -1515,7 +1521,7 @@ export class MockSidecar implements CoreSDKClient {
       decidingRules[wanted.key] = wanted.rule;
       changes.push({
         key: wanted.key,
-        oldValue: current === undefined ? null : current.value,
+        oldValue: current === undefined ? null : storedFlagValue(current.value),
         newValue: wanted.value,
         version: this.#version,
       });
@@ -1947,7 +1953,8 @@ export class MockSidecar implements CoreSDKClient {
     });
     const metadata: JsonObject = {
       flag: key,
-      old_value: current === undefined ? null : displayFlagValue(current.value),
+      // The sidecar reads the old value back from its store, whose JSON form writes -0 as 0.
+      old_value: current === undefined ? null : displayFlagValue(storedFlagValue(current.value)),
       new_value: displayFlagValue(stored),
       version: this.#version,
     };

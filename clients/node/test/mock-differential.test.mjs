@@ -373,6 +373,8 @@ test('mock: application records, admin values and ids are taken or refused as th
     ['acme-corp', 'beta', 3, 'ops'],
     ['acme-corp', 'beta', 2.5, 'ops'],
     ['acme-corp', 'beta', 1e21, 'ops'],
+    // Shown as "-0", then, read back from the store as the old value, as "0".
+    ['acme-corp', 'beta', -0, 'ops'],
     ['acme-corp', 'beta', 'gold', 'ops'],
     ['acme-corp', 'beta', { tiers: [1, 2], z: null, a: 'x' }, 'ops'],
     ['acme-corp', 'beta', [true, 'x'], 'ops'],
