@@ -3,13 +3,13 @@ played against the real sidecar and against the in-process mock through the publ
 the mock passes exactly what the sidecar passes."""
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
 import re
 import secrets
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -67,6 +67,7 @@ def implementation(request, tmp_path: Path) -> Iterator[Callable[[dict[str, str]
             sidecar_addr=process.addr,
             admin_token=env["CORESDK_ADMIN_TOKEN"],
             problem_type_base=env["CORESDK_PROBLEM_TYPE_BASE"],
+            # A debug build on a machine shared with other test runs: generous, only a hang guard.
             timeout_ms=5000,
         )
         client = SidecarClient(settings)
@@ -88,15 +89,11 @@ def test_scenario(scenario: dict[str, Any], implementation: Callable[[dict[str, 
 
 
 def jwt(claims: dict[str, Any], secret: str, alg: str) -> str:
-    """A compact JWS: HMAC-signed, or unsigned for `alg: none` (which must be refused)."""
-    def part(data: bytes) -> str:
-        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+    """A token minted by PyJWT, independently of both implementations: HMAC-signed, or unsigned
+    for `alg: none` (which must be refused). PyJWT leaves the claims as given, odd types too."""
+    import jwt as pyjwt
 
-    signing_input = part(json.dumps({"alg": alg, "typ": "JWT"}).encode()) + "." + part(json.dumps(claims).encode())
-    if alg == "none":
-        return signing_input + "."
-    digest = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}[alg]
-    return signing_input + "." + part(hmac.new(secret.encode(), signing_input.encode(), digest).digest())
+    return pyjwt.encode(claims, None if alg == "none" else secret, algorithm=alg)
 
 
 def is_number(value: Any) -> bool:
@@ -527,8 +524,9 @@ def test_random_billing_histories_answer_alike_in_the_sidecar_and_the_mock(tmp_p
     """Beyond the hand-written scenarios: realistic histories from a fixed seed (overlapping
     subscriptions, plan switches, invoices, entitlement summaries, same-second ties, delivery in
     a shuffled order with redeliveries) get the same answer to every delivery and end in the
-    same flags in the mock as in the sidecar; some histories' customer is mapped only midway,
-    so its earlier events are parked and applied by the mapping."""
+    same flags, explanations and audit trail in the mock as in the sidecar; in some histories the
+    customer is mapped only midway (its earlier events are parked and applied by the mapping) or
+    an admin overrides a flag."""
     import random
 
     env = dict(SUITE["env"])
@@ -575,20 +573,28 @@ def test_random_billing_histories_answer_alike_in_the_sidecar_and_the_mock(tmp_p
                 event = {"id": f"evt_h{history}_{n:02d}", "object": "event", "created": created, "data": data,
                          "livemode": False, "type": event_type}
                 events.append(json.dumps(event, separators=(",", ":")).encode())
-            deliveries: list[Optional[bytes]] = events + rng.sample(events, rng.randint(0, 2))
+            deliveries: list[Any] = events + rng.sample(events, rng.randint(0, 2))
             rng.shuffle(deliveries)
             if customer:
-                deliveries.insert(rng.randint(0, len(deliveries)), None)
+                deliveries.insert(rng.randint(0, len(deliveries)), "map")
+            if rng.random() < 0.4:
+                override = (rng.choice(["pro_features", "paywall_active", "advanced_analytics", "sso"]), rng.random() < 0.5)
+                deliveries.insert(rng.randint(0, len(deliveries)), override)
             for body in deliveries:
                 answers = []
                 for sdk in (sidecar, mock):
-                    if body is None:
+                    if body == "map":
                         answers.append(sdk.map_customer(customer, tenant, actor="history"))
+                        continue
+                    if isinstance(body, tuple):
+                        flag = sdk.set_flag(tenant, body[0], body[1], actor="history", reason="override")
+                        answers.append((flag.value, flag.updated_by))
                         continue
                     t = int(time.time())
                     header = f"t={t},v1=" + hmac.new(env["STRIPE_WEBHOOK_SECRET"].encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
                     try:
-                        r = sdk.handle_stripe_webhook(body, header)
+                        # An operator's replay of an exported event now and then, else a delivery.
+                        r = sdk.replay_event(body, reason="history") if zlib.crc32(body) % 7 == 0 else sdk.handle_stripe_webhook(body, header)
                     except ProblemError as e:
                         answers.append((e.problem.status, e.problem.reason, e.problem.detail))
                         continue
@@ -596,10 +602,72 @@ def test_random_billing_histories_answer_alike_in_the_sidecar_and_the_mock(tmp_p
                 assert answers[0] == answers[1], f"history {history}, {body!r}: sidecar {answers[0]}, mock {answers[1]}"
             ends = [{k: (f.value, f.is_default) for k, f in sdk.get_flags(tenant).items()} for sdk in (sidecar, mock)]
             assert ends[0] == ends[1], f"history {history}: sidecar {ends[0]}, mock {ends[1]}"
+            def explained(sdk: BaseSDK, key: str) -> Any:
+                why = sdk.explain_flag(tenant, key)
+                event = lambda e: None if e is None else (e.event_id, e.event_type, e.created, e.audit_seq, e.actor, e.reason)
+                admin = None if why.admin is None else (why.admin.actor, why.admin.reason)
+                return (why.flag.value, why.flag.is_default, event(why.event), admin, why.rule,
+                        [event(e) for e in why.stale_events], event(why.newest_event))
+
+            for key in ends[0]:
+                whys = [explained(sdk, key) for sdk in (sidecar, mock)]
+                assert whys[0] == whys[1], f"history {history}, {key}: sidecar {whys[0]}, mock {whys[1]}"
             # Every record of the tenant alike, but for when things happened.
             trails = [[(r.actor, r.event, r.outcome, {k: v for k, v in r.metadata.items() if k != "parked_at_ms"})
                        for r in sdk.audit_query(tenant_id=tenant)] for sdk in (sidecar, mock)]
             assert trails[0] == trails[1], f"history {history}: sidecar {trails[0]}, mock {trails[1]}"
+    finally:
+        sidecar.close()
+        process.stop()
+
+
+def test_random_access_requests_decide_alike_in_the_sidecar_and_the_mock(tmp_path: Path) -> None:
+    """Random access requests (fixed seed: tokens good, forged or tenant-less, a tenant that
+    matches or not, required and forbidden flags of every type, with and without a resource)
+    get the same decision and problem, and leave the same auth.denied records, in both."""
+    import random
+
+    env = dict(SUITE["env"])
+    process = Sidecar(tmp_path, extra_env=env)
+    process.start()
+    sidecar = SidecarClient(Settings(sidecar_addr=process.addr, admin_token=env["CORESDK_ADMIN_TOKEN"],
+                                     problem_type_base=env["CORESDK_PROBLEM_TYPE_BASE"], timeout_ms=5000))
+    mock = MockSidecar(Settings(use_mock=True), env=env)
+    try:
+        assert sidecar.cache.warm.wait(5)
+        for sdk in (sidecar, mock):
+            sdk.set_flag("t1", "pro_features", True, actor="setup")
+            sdk.set_flag("t1", "paywall_active", True, actor="setup")
+            sdk.set_flag("t2", "sso", "yes", actor="setup")
+        rng = random.Random(3)
+        tenants = ["acme-corp", "globex", "t1", "t2"]
+        flags = ["pro_features", "paywall_active", "advanced_analytics", "sso", "never_defined"]
+        for _ in range(300):
+            request: dict[str, Any] = {"require": rng.sample(flags, rng.randint(0, 2)),
+                                       "deny_if": rng.sample(flags, rng.randint(0, 2)),
+                                       "resource": rng.choice(["", "GET /x"])}
+            if rng.random() < 0.6:
+                claims: dict[str, Any] = {"sub": rng.choice(["u1", "u2", ""]), "exp": int(time.time()) + 600}
+                if rng.random() < 0.8:
+                    claims["tenant_id"] = rng.choice(tenants)
+                secret = env["CORESDK_JWT_SECRET"] if rng.random() < 0.9 else SUITE["forged_secret"] * 2
+                request["token"] = jwt(claims, secret, "HS256")
+            if rng.random() < 0.6 or "token" not in request:
+                request["tenant_id"] = rng.choice(tenants)
+            answers = []
+            for sdk in (sidecar, mock):
+                d = sdk.authorize(**request)
+                answers.append((d.allowed, d.problem.to_dict() if d.problem else None, d.tenant_id, d.subject))
+            assert answers[0] == answers[1], f"{request}: sidecar {answers[0]}, mock {answers[1]}"
+
+        def denials(sdk: BaseSDK) -> list[Any]:
+            return [(r.tenant_id, r.actor, r.outcome, r.metadata) for r in sdk.audit_query(event_prefix="auth.")]
+
+        wanted = denials(mock)
+        deadline = time.monotonic() + POLL_GUARD_S
+        while len(got := denials(sidecar)) < len(wanted) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert got == wanted
     finally:
         sidecar.close()
         process.stop()

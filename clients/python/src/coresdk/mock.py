@@ -25,7 +25,6 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from decimal import Decimal
 from importlib import resources
 from typing import Any, Mapping, Optional, Sequence
 
@@ -39,7 +38,7 @@ import rfc8785
 from coresdk.base import BaseSDK
 from coresdk.config import Settings
 from coresdk.errors import FlagNotFound, Problem, ProblemError
-from coresdk.validation import FLAG_KEY, check_ids, id_defect, invalid
+from coresdk.validation import FLAG_KEY, check_ids, id_defect, invalid, quoted
 from coresdk.models import (
     AdminFlagChange,
     AuditRecord,
@@ -108,55 +107,107 @@ def wire(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not a JSON value")
 
 
-def _json_number(n: float) -> Any:
-    """As the sidecar stores a double: integral values as integers, so `3` prints as `3`."""
-    return int(n) if n.is_integer() and abs(n) < 2**53 else n
+def _shortest_digits(n: float) -> tuple[str, int]:
+    """The shortest digits that read back as |n| (what Python's repr, ryu and zmij all find),
+    and the decimal exponent of the first: 1.5 -> ("15", 0), 0.001 -> ("1", -3)."""
+    mantissa, _, exponent = repr(abs(n)).partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    digits = (whole + fraction).lstrip("0")
+    leading_zeros = len(whole + fraction) - len(digits)
+    return digits.rstrip("0") or "0", len(whole) - 1 - leading_zeros + int(exponent or 0)
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, float):
-        return _json_number(value)
+def _serde_number(n: float) -> str:
+    """A JSON number as the sidecar's serde_json writes it: an integral double below 2^53 as an
+    integer (the sidecar stores those as integers), any other as zmij formats a double: plain
+    for decimal exponents -5 to 15 (`0.00001`, `9007199254740994.0`), else `1.5e+21`, `1e-7`."""
+    if n.is_integer() and abs(n) < 2**53:
+        return str(int(n))
+    digits, exponent = _shortest_digits(n)
+    sign = "-" if n < 0 else ""
+    if -5 <= exponent <= 15:
+        if len(digits) - 1 <= exponent:
+            return sign + digits + "0" * (exponent - len(digits) + 1) + ".0"
+        if exponent >= 0:
+            return sign + digits[:exponent + 1] + "." + digits[exponent + 1:]
+        return sign + "0." + "0" * (-exponent - 1) + digits
+    mantissa = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
+    return f"{sign}{mantissa}e{'+' if exponent >= 0 else '-'}{abs(exponent)}"
+
+
+def _serde_json(value: Any) -> str:
+    """Compact JSON as the sidecar's serde_json writes a value: keys sorted (its maps are
+    ordered), numbers as `_serde_number`, strings escaped as Python's json does likewise."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return "{" + ",".join(f"{json.dumps(k, ensure_ascii=False)}:{_serde_json(value[k])}" for k in sorted(value)) + "}"
     if isinstance(value, list):
-        return [_plain(v) for v in value]
+        return "[" + ",".join(_serde_json(v) for v in value) + "]"
+    if isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)):
+        return _serde_number(float(value))
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _stored(value: Any) -> Any:
+    """A flag value as the sidecar keeps it: integral doubles below 2^53 as integers (so -0
+    is kept as 0), served back as doubles."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return float(int(value))
+    if isinstance(value, dict):
+        return {k: _stored(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_stored(v) for v in value]
     return value
 
 
 def display(value: FlagValue) -> str:
-    """The sidecar's FlagValue::display: `on`/`off`, a JSON string, a number as Rust prints an
-    f64 (shortest digits, no exponent), compact JSON with sorted keys."""
+    """The sidecar's FlagValue::display: `on`/`off`, a JSON string, a number as Rust's Display
+    prints a double (its shortest digits, never an exponent: `1e21` is 1 and 21 zeros), other
+    JSON as serde_json writes it."""
     if value is True:
         return "on"
     if value is False:
         return "off"
     if isinstance(value, (int, float)):
         n = float(value)
-        if n.is_integer():
-            return ("-" if math.copysign(1.0, n) < 0 else "") + str(abs(int(n)))
-        return format(Decimal(repr(n)), "f")
-    return json.dumps(_plain(value), separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+        sign = "-" if math.copysign(1.0, n) < 0 else ""
+        if n == 0:
+            return sign + "0"
+        digits, exponent = _shortest_digits(n)
+        if exponent >= len(digits) - 1:
+            return sign + digits + "0" * (exponent - len(digits) + 1)
+        if exponent >= 0:
+            return sign + digits[:exponent + 1] + "." + digits[exponent + 1:]
+        return sign + "0." + "0" * (-exponent - 1) + digits
+    return _serde_json(value)
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_JSON_COMMA = re.compile(r"[ \t\n\r]*,?[ \t\n\r]*")
+_JSON_COLON = re.compile(r"[ \t\n\r]*:[ \t\n\r]*")
 
 
 def claimed_identity(payload: bytes) -> tuple[Optional[str], Optional[str]]:
     """The top-level string `id` and `type` an unverified body claims, read from its first
-    CLAIM_PREFIX_BYTES only, as the sidecar does: fields met before the cut count."""
+    CLAIM_PREFIX_BYTES only, as the sidecar does: fields met before the cut (or before
+    anything that is not JSON) count, the first of each name, cut to 255 characters."""
     text = payload[:CLAIM_PREFIX_BYTES].decode("utf-8", "ignore")
     decoder = json.JSONDecoder()
     claimed: dict[str, Optional[str]] = {"id": None, "type": None}
+    at = _JSON_SPACE.match(text).end()  # type: ignore[union-attr]  # matches the empty string
+    if text[at:at + 1] != "{":
+        return None, None
+    at += 1
     try:
-        at = re.compile(r"\s*").match(text, 0).end()  # type: ignore[union-attr]
-        if text[at:at + 1] != "{":
-            return None, None
-        at += 1
         while claimed["id"] is None or claimed["type"] is None:
-            at = re.compile(r"\s*,?\s*").match(text, at).end()  # type: ignore[union-attr]
+            at = _JSON_COMMA.match(text, at).end()  # type: ignore[union-attr]
             key, at = decoder.raw_decode(text, at)
-            at = re.compile(r"\s*:\s*").match(text, at).end()  # type: ignore[union-attr]
-            value, at = decoder.raw_decode(text, at)
+            colon = _JSON_COLON.match(text, at)
+            if not isinstance(key, str) or colon is None:
+                break
+            value, at = decoder.raw_decode(text, colon.end())
             if key in claimed and claimed[key] is None and isinstance(value, str):
                 claimed[key] = value[:255]
-    except (ValueError, AttributeError):
+    except ValueError:
         pass
     return claimed["id"], claimed["type"]
 
@@ -242,18 +293,13 @@ def _bounded(metadata: dict[str, Any]) -> dict[str, Any]:
             value = metadata[key]
             if value == TRUNCATED:
                 continue
-            length = len(json.dumps(_plain(value), separators=(",", ":"), ensure_ascii=False).encode())
+            length = len(_serde_json(value).encode())
             if length >= size:
                 largest, size = key, length
         if largest is None:
             return {}
         metadata = {**metadata, largest: TRUNCATED}
     return metadata
-
-
-def _quoted(text: str, limit: int = 64) -> str:
-    """Input as a problem quotes it: cut short, so a problem always fits in response headers."""
-    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _problem(type_base: str, slug: str, title: str, status: int, detail: str, reason: str, **extensions: Any) -> Problem:
@@ -883,7 +929,7 @@ class MockSidecar(BaseSDK):
             if tenant is None:
                 if kind == "ignored":
                     return self._finish(actor, event_id, event_type, "", "ignored", [], [], meta)
-                detail = (f"no tenant is mapped for customer '{_quoted(customer)}'" if customer is not None
+                detail = (f"no tenant is mapped for customer '{quoted(customer)}'" if customer is not None
                           else "the event names no customer and no metadata.tenant_id, so no tenant can be resolved")
                 if customer is not None:
                     self._park(event, customer, actor, reason, meta)
@@ -1067,16 +1113,18 @@ class MockSidecar(BaseSDK):
         self._check_admin(actor, reason)
         try:
             # What the sidecar receives: a FlagValue whose numbers are doubles, finite ones only.
-            value = wire(json.loads(json.dumps(value, allow_nan=False)))
+            received = wire(json.loads(json.dumps(value, allow_nan=False)))
         except (TypeError, ValueError):
             raise self._invalid("value: must be a bool, a string, a finite number or JSON") from None
+        value = _stored(received)
         with self._lock:
             current = self._flags.get((tenant_id, key))
             self._version += 1
             self._flags[(tenant_id, key)] = _Flag(value, self._version, current.order if current else (0, 0, ""), "admin", actor)
-            # As the sidecar's ops::set_flag: the values as `flags explain` shows them.
+            # As the sidecar's ops::set_flag: the values as `flags explain` shows them, the new
+            # one as received, the old one as it was kept.
             meta: dict[str, Any] = {"flag": key, "old_value": display(current.value) if current else None,
-                                    "new_value": display(value), "version": self._version}
+                                    "new_value": display(received), "version": self._version}
             if reason:
                 meta["reason"] = reason
             self._append(tenant_id, actor, "flag.set", "applied", meta)
@@ -1147,14 +1195,24 @@ class MockSidecar(BaseSDK):
         signing_input = f"{header_b64}.{payload_b64}".encode()
         if not any(hmac.compare_digest(hmac.new(s, signing_input, digest).digest(), signature) for s in self._jwt_secrets):
             raise self._unauthenticated("the token's signature does not verify")
-        if not isinstance(claims, dict):
+        if not isinstance(claims, dict) or isinstance(claims.get("sub"), (list, dict)) or any(
+            isinstance(claims.get(name), (list, dict)) and claims[name] for name in ("exp", "nbf")
+        ):
+            # Shapes the sidecar's JWT library (jsonwebtoken over serde_json) cannot read past: a
+            # `sub` that is a list or an object, an `exp` or `nbf` that is a non-empty one.
             raise self._unauthenticated("the token is malformed")
-        now, leeway = time.time(), self._jwt_leeway_s
-        if not isinstance(claims.get("exp"), (int, float)):
+        # As the sidecar (jsonwebtoken's checks, in its order): `exp` is required as a
+        # non-negative number, `nbf` optional of the same type; both get the leeway.
+        now, leeway = int(time.time()), self._jwt_leeway_s
+        exp = _jwt_time(claims.get("exp"))
+        if exp is None:
             raise self._unauthenticated("the token lacks the required claim 'exp'")
-        if claims["exp"] < now - leeway:
+        nbf = _jwt_time(claims["nbf"]) if "nbf" in claims else None
+        if "nbf" in claims and nbf is None:
+            raise self._unauthenticated("the token's claim 'nbf' has the wrong type")
+        if exp < now - leeway:
             raise self._unauthenticated("the token has expired")
-        if isinstance(claims.get("nbf"), (int, float)) and claims["nbf"] > now + leeway:
+        if nbf is not None and nbf > now + leeway:
             raise self._unauthenticated("the token is not valid yet")
         if self._jwt_issuer and claims.get("iss") != self._jwt_issuer:
             raise self._unauthenticated("the token's issuer is not accepted")
@@ -1162,18 +1220,19 @@ class MockSidecar(BaseSDK):
         auds = aud if isinstance(aud, list) else [aud]
         if self._jwt_audience and not any(a in self._jwt_audience for a in auds):
             raise self._unauthenticated("the token's audience is not accepted")
-        roles = claims.get("roles") or []
-        # As the sidecar: the signature vouches for who issued the token, not for its tenant claim.
+        # As the sidecar: the signature vouches for who issued the token, not for its tenant
+        # claim, which must be a valid tenant id when present (even empty).
         tenant = claims.get(self._tenant_claim, "")
         if not isinstance(tenant, str):
             raise self._unauthenticated(f"the token's claim '{self._tenant_claim}' has the wrong type")
-        if tenant and (defect := id_defect(tenant)) is not None:
+        if self._tenant_claim in claims and (defect := id_defect(tenant)) is not None:
             raise self._unauthenticated(f"the token's claim '{self._tenant_claim}' is not a valid tenant id: it {defect}")
+        subject = claims.get("sub")
         return Claims(
-            subject=str(claims.get("sub", "")),
+            subject=subject if isinstance(subject, str) else "",
             tenant_id=tenant,
-            roles=roles.split() if isinstance(roles, str) else list(roles),
-            scopes=str(claims.get("scope", "")).split(),
+            roles=_claim_strings(claims.get("roles")),
+            scopes=_claim_strings(claims.get("scope")) + _claim_strings(claims.get("scp")),
             claims=claims,
         )
 
@@ -1188,7 +1247,7 @@ class MockSidecar(BaseSDK):
                 raise self._invalid(f"{field_name}: names more than {MAX_AUTHORIZE_FLAGS} flags")
             for key in keys:
                 if not FLAG_KEY.fullmatch(key):
-                    raise self._invalid(f"{field_name}: '{_quoted(key)}' is not a valid flag key: use 1-128 characters of letters, digits, _ - . :")
+                    raise self._invalid(f"{field_name}: '{quoted(key)}' is not a valid flag key: use 1-128 characters of letters, digits, _ - . :")
         if len(resource.encode()) > MAX_RESOURCE_LEN:
             raise self._invalid(f"resource: is longer than {MAX_RESOURCE_LEN} bytes")
         claims = None
@@ -1221,8 +1280,9 @@ class MockSidecar(BaseSDK):
 
     def _deny(self, tenant: str, subject: str, problem: Problem, resource: str, reason: str, feature: str,
               claims: Optional[Claims] = None, why: str = "") -> Decision:
-        if resource:
-            problem = Problem(problem.type, problem.title, problem.status, problem.detail, resource, problem.extensions)
+        # As the sidecar's Denial::problem: every denial names the tenant it was for, if any.
+        extensions = {**problem.extensions, "tenant_id": tenant} if tenant else problem.extensions
+        problem = Problem(problem.type, problem.title, problem.status, problem.detail, resource, extensions)
         # As the sidecar's denial_record: the key's fields, then this call's own details.
         meta = {"reason": reason, "feature": feature, "subject": subject, "resource": resource, "detail": why}
         with self._lock:
@@ -1230,6 +1290,28 @@ class MockSidecar(BaseSDK):
             self._denials.admit((tenant, subject, reason, feature), reason, tenant, subject or "anonymous",
                                 {k: v for k, v in meta.items() if v}, self._seal)
         return Decision(False, problem, tenant, subject, False, claims)
+
+
+def _jwt_time(value: Any) -> Optional[int]:
+    """A NumericDate as the sidecar's JWT library reads it: a non-negative integer below 2^64,
+    or such a finite number rounded half away from zero; None when it is anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, int):
+        return value if 0 <= value < 2**64 else None
+    if not math.isfinite(value) or not 0 <= value < float(2**64):
+        return None
+    return int(math.floor(value + 0.5))
+
+
+def _claim_strings(value: Any) -> list[str]:
+    """Roles and scopes as the sidecar reads them: a space-separated string, or the strings of
+    a list; anything else is none."""
+    if isinstance(value, str):
+        return value.split()
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, str)]
+    return []
 
 
 def _b64decode(part: str) -> bytes:

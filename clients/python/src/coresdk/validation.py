@@ -12,12 +12,13 @@ FLAG_KEY = re.compile(r"\A[A-Za-z0-9_.:-]{1,128}\Z")
 
 
 def invalid(detail: str, type_base: str) -> ProblemError:
+    """The sidecar's INVALID_ARGUMENT problem; `detail` is its `field: description` list."""
     return ProblemError(
         Problem(
             type=f"{type_base.rstrip('/')}/invalid-request",
             title="Invalid request",
             status=400,
-            detail=detail,
+            detail=f"invalid request: {detail}",
             extensions={"reason": "INVALID_ARGUMENT"},
         )
     )
@@ -32,13 +33,24 @@ def id_defect(value: str) -> Optional[str]:
     # surrogatepass: a lone surrogate (JSON `"\ud800"`) is refused below, not a crash here.
     if len(value.encode("utf-8", "surrogatepass")) > 128:
         return "is longer than 128 bytes"
-    if any(c.isspace() or not c.isprintable() for c in value):
-        return "must not contain whitespace, control, bidi or zero-width characters"
+    # Unicode separators and "other" characters (the sidecar's general categories Z* and C*):
+    # exactly what `isprintable` refuses, but for the space, which `isspace` catches.
+    for position, c in enumerate(value, start=1):
+        if c.isspace() or not c.isprintable():
+            return (
+                f"must be printable: U+{ord(c):04X} (character {position}) is whitespace, a control, "
+                "a format character such as a bidi override or zero-width space, or unassigned"
+            )
     return None
+
+
+def quoted(text: str, limit: int = 64) -> str:
+    """Input as a problem quotes it: cut short, so a problem always fits in response headers."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def check_ids(tenant_id: str, key: Optional[str], type_base: str) -> None:
     if (defect := id_defect(tenant_id)) is not None:
         raise invalid(f"tenant_id: {defect}", type_base)
     if key is not None and not FLAG_KEY.fullmatch(key):
-        raise invalid("key: must be 1-128 characters of letters, digits, _ - . :", type_base)
+        raise invalid(f"key: '{quoted(key)}' is not a valid flag key: use 1-128 characters of letters, digits, _ - . :", type_base)
