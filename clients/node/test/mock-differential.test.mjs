@@ -134,6 +134,13 @@ const TOKENS = [
   jwt(['not', 'an', 'object']),
   jwt({ sub: 'quin', tenant_id: 'acme-corp', exp: NOW + 3600.5, nbf: null }),
   jwt({ sub: 'ray', tenant_id: 'acme-corp', exp: null }),
+  // Shapes the sidecar's JWT library reads as a claim of the wrong type, or cannot read past at all.
+  jwt({ sub: [], tenant_id: 'acme-corp', exp: NOW + 3600 }),
+  jwt({ sub: { id: 1 }, tenant_id: 'acme-corp', exp: NOW + 3600 }),
+  jwt({ sub: 'sam', tenant_id: 'acme-corp', exp: [] }),
+  jwt({ sub: 'sam', tenant_id: 'acme-corp', exp: [NOW + 3600] }),
+  jwt({ sub: 'sam', tenant_id: 'acme-corp', exp: NOW + 3600, nbf: {} }),
+  jwt({ sub: 'sam', tenant_id: 'acme-corp', exp: NOW + 3600, nbf: { at: 1 } }),
 ];
 
 function sign(body) {
@@ -377,6 +384,9 @@ test('mock: application records, admin values and ids are taken or refused as th
     ['acme-corp', 'beta', -0, 'ops'],
     ['acme-corp', 'beta', 'gold', 'ops'],
     ['acme-corp', 'beta', { tiers: [1, 2], z: null, a: 'x' }, 'ops'],
+    // Numbers inside JSON as serde_json writes them, on both sides of every switch of form.
+    ['acme-corp', 'beta', [1e-5, 1e-6, -2.5e-6, 123456.789, 1e15 + 0.5, 2 ** 53, 2 ** 53 + 2, 1e16, 2 ** 60, 1e21, 1.5e300, -0, 5e-324], 'ops'],
+    ['acme-corp', 'beta', { '\uffff': 1, '\u{1f600}': 2, é: 3, z: 4 }, 'ops'],
     ['acme-corp', 'beta', [true, 'x'], 'ops'],
     ['acme-corp', 'beta', null, 'ops'],
     ['acme-corp', 'beta', NaN, 'ops'],
