@@ -338,6 +338,9 @@ class SidecarClient(BaseSDK):
                 return flag.value is True
             default = self.cache._defaults.get(key)
             if default is not None:
+                # No stored value, which is also what a malformed tenant id finds: refuse that as
+                # the sidecar (and the mock) does, off the hot path of a cached value.
+                check_ids(tenant_id, key, self.settings.problem_type_base)
                 return default.value is True
         return super().is_enabled(tenant_id, key)
 
