@@ -715,8 +715,9 @@ function sameFlagValue(a: FlagValue, b: FlagValue): boolean {
   return flagKind(a) === flagKind(b) && canonicalize(a) === canonicalize(b);
 }
 
-/** A number as Rust's `f64` Display writes it: never in exponent form. */
+/** A number as Rust's `f64` Display writes it: never in exponent form, and `-0` keeps its sign. */
 function rustNumber(n: number): string {
+  if (Object.is(n, -0)) return '-0';
   const text = String(n);
   const match = /^(-?)(\d)(?:\.(\d+))?e([+-]\d+)$/.exec(text);
   if (match === null) return text;
@@ -727,16 +728,58 @@ function rustNumber(n: number): string {
   return `${sign}0.${'0'.repeat(-exponent - 1)}${digits}`;
 }
 
-/** serde_json's compact form, keys in order (its maps are sorted). */
+/** Rust's order of strings (by UTF-8 bytes, i.e. code points), which serde_json's sorted maps keep. */
+function byUtf8(a: string, b: string): number {
+  return Buffer.compare(Buffer.from(a, 'utf8'), Buffer.from(b, 'utf8'));
+}
+
+/**
+ * The shortest digits that read back as |n| (what JavaScript, ryu and zmij all find) and the
+ * decimal exponent of the first: 1.5 -> ['15', 0], 0.001 -> ['1', -3]. Not for 0.
+ */
+function shortestDigits(n: number): [string, number] {
+  const [mantissa = '', exponent = '0'] = String(Math.abs(n)).split('e');
+  const [whole = '', fraction = ''] = mantissa.split('.');
+  const all = whole + fraction;
+  const significant = all.replace(/^0+/, '');
+  const leadingZeros = all.length - significant.length;
+  return [significant.replace(/0+$/, ''), whole.length - 1 - leadingZeros + Number(exponent)];
+}
+
+/**
+ * A number inside JSON as the sidecar's serde_json writes it: an integral double below 2^53 as
+ * an integer (the sidecar receives those as integers), any other as zmij formats a double: plain
+ * for decimal exponents -5 to 15 (`0.00001`, `9007199254740994.0`), else `1.5e+21`, `1e-7`.
+ */
+function serdeNumber(n: number): string {
+  if (Number.isInteger(n) && Math.abs(n) < 2 ** 53) return String(n);
+  const [digits, exponent] = shortestDigits(n);
+  const sign = n < 0 ? '-' : '';
+  if (exponent >= -5 && exponent <= 15) {
+    if (digits.length - 1 <= exponent) return `${sign}${digits.padEnd(exponent + 1, '0')}.0`;
+    if (exponent >= 0) return `${sign}${digits.slice(0, exponent + 1)}.${digits.slice(exponent + 1)}`;
+    return `${sign}0.${'0'.repeat(-exponent - 1)}${digits}`;
+  }
+  const mantissa = digits.length > 1 ? `${digits[0]}.${digits.slice(1)}` : digits;
+  return `${sign}${mantissa}e${exponent >= 0 ? '+' : '-'}${Math.abs(exponent)}`;
+}
+
+/** serde_json's compact form: its maps sorted, its numbers as `serdeNumber`. */
 function compactJson(value: JsonValue): string {
   if (Array.isArray(value)) return `[${value.map(compactJson).join(',')}]`;
+  if (typeof value === 'number') return serdeNumber(value);
   if (value !== null && typeof value === 'object') {
     return `{${Object.keys(value)
-      .sort()
+      .sort(byUtf8)
       .map((k) => `${JSON.stringify(k)}:${compactJson(value[k] as JsonValue)}`)
       .join(',')}}`;
   }
   return JSON.stringify(value);
+}
+
+/** A value as the sidecar's store gives it back (`FlagValue::to_stored`): integral numbers are written as integers, so -0 comes back as 0. */
+function storedFlagValue(value: FlagValue): FlagValue {
+  return Object.is(value, -0) ? 0 : value;
 }
 
 /** How the audit trail shows a value: `on`/`off` for booleans, JSON otherwise. */
@@ -791,7 +834,7 @@ function boundMetadata(metadata: JsonObject): JsonObject {
     let largest: string | null = null;
     let largestSize = -1;
     // Sorted keys, the last of equal sizes: the sidecar's max_by_key over its sorted map.
-    for (const key of Object.keys(bounded).sort()) {
+    for (const key of Object.keys(bounded).sort(byUtf8)) {
       const value = bounded[key] as JsonValue;
       if (value === '[truncated]') continue;
       const size = utf8Length(compactJson(value));
@@ -1038,6 +1081,17 @@ function tokenJson(bytes: Buffer, why: string): JsonValue {
 /** A NumericDate as the sidecar's JWT library reads it: a non-negative number, rounded; else null. */
 function numericDate(value: JsonValue | undefined): number | null {
   return typeof value === 'number' && value >= 0 && value < 2 ** 64 ? Math.round(value) : null;
+}
+
+/**
+ * Claims the sidecar's JWT library (jsonwebtoken over serde_json) cannot read past, so that the
+ * whole token is malformed: its `sub` reader leaves an array or object unread, and its `exp` /
+ * `nbf` reader leaves a non-empty one unread (an empty one reads as a claim of the wrong type).
+ */
+function unreadableClaims(claims: JsonObject): boolean {
+  const isContainer = (value: JsonValue | undefined): boolean => typeof value === 'object' && value !== null;
+  const nonEmpty = (value: JsonValue | undefined): boolean => isContainer(value) && Object.keys(value as object).length > 0;
+  return isContainer(claims.sub) || nonEmpty(claims.exp) || nonEmpty(claims.nbf);
 }
 
 /** `iss` / `aud`: a string or an array of strings; anything else is as if absent. */
@@ -1527,7 +1581,7 @@ export class MockSidecar implements CoreSDKClient {
       decidingRules[wanted.key] = wanted.rule;
       changes.push({
         key: wanted.key,
-        oldValue: current === undefined ? null : current.value,
+        oldValue: current === undefined ? null : storedFlagValue(current.value),
         newValue: wanted.value,
         version: this.#version,
       });
@@ -1959,7 +2013,8 @@ export class MockSidecar implements CoreSDKClient {
     });
     const metadata: JsonObject = {
       flag: key,
-      old_value: current === undefined ? null : displayFlagValue(current.value),
+      // The sidecar reads the old value back from its store, whose JSON form writes -0 as 0.
+      old_value: current === undefined ? null : displayFlagValue(storedFlagValue(current.value)),
       new_value: displayFlagValue(stored),
       version: this.#version,
     };
@@ -2075,7 +2130,7 @@ export class MockSidecar implements CoreSDKClient {
     });
     if (!verified) throw new TokenError("the token's signature does not verify");
     const claims = asObject(tokenJson(b64url(payloadPart), MALFORMED));
-    if (claims === null) throw new TokenError(MALFORMED);
+    if (claims === null || unreadableClaims(claims)) throw new TokenError(MALFORMED);
     const now = Math.floor(Date.now() / 1000);
     const exp = numericDate(claims.exp);
     if (exp === null) throw new TokenError("the token lacks the required claim 'exp'");
