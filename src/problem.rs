@@ -129,10 +129,10 @@ pub enum Error {
     #[error("customer '{}' has no tenant mapping", quoted(.0))]
     CustomerNotFound(String),
     #[error(
-        "idempotency key '{}' already belongs to audit record {seq}, which differs from this one; use a fresh key for a new record",
+        "idempotency key '{}' was already used for a different record of this tenant; use a fresh key for a new record",
         quoted(key)
     )]
-    IdempotencyKeyReused { key: String, seq: u64 },
+    IdempotencyKeyReused { key: String },
     #[error("{0}")]
     Unauthenticated(&'static str),
     #[error("{0}")]

@@ -293,6 +293,11 @@ async fn an_append_retried_with_its_idempotency_key_is_stored_once() {
         .expect_err("another record under a used key");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
     assert_eq!(error_reason(&refused), "IDEMPOTENCY_KEY_REUSED");
+    assert!(
+        !refused.message().contains(&format!("record {}", first.seq)),
+        "the refusal names no record: {}",
+        refused.message()
+    );
     let invalid = sidecar
         .audit()
         .append(login("a key with spaces", "success"))
@@ -306,8 +311,19 @@ async fn an_append_retried_with_its_idempotency_key_is_stored_once() {
         .expect("a fresh key appends")
         .into_inner();
     assert_eq!(other.seq, first.seq + 1);
+    // Keys are each tenant's own: another tenant's record under the same key is its own.
+    let globex = sidecar
+        .audit()
+        .append(AppendAuditRequest {
+            tenant_id: "globex".into(),
+            ..login("6f1c1a52-key-1", "failure")
+        })
+        .await
+        .expect("another tenant's key")
+        .into_inner();
+    assert_eq!(globex.seq, other.seq + 1);
     let logins = records(&sidecar, "app.login").await;
-    assert_eq!(logins.len(), 2, "one record per key: {logins:?}");
+    assert_eq!(logins.len(), 3, "one record per tenant and key: {logins:?}");
 }
 
 #[tokio::test]

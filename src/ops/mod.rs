@@ -389,8 +389,15 @@ pub fn append_once(
     now_ms: i64,
 ) -> Result<audit::AuditRecord, Error> {
     // Remembered in the webhook deduplication table, under a prefix no event may have, so
-    // keys share its bounds and its retention.
-    let id = format!("{}append:{key}", crate::stripe::event::RESERVED_ID_PREFIX);
+    // keys share its bounds and its retention. Keys are the tenant's own: another tenant's
+    // use of the same key neither blocks this one nor learns anything from it (the length
+    // keeps `a:b` + `c` apart from `a` + `b:c`).
+    let id = format!(
+        "{}append:{}:{}:{key}",
+        crate::stripe::event::RESERVED_ID_PREFIX,
+        record.tenant_id.len(),
+        record.tenant_id
+    );
     if let Some(first) = tx.processed_event(&id)? {
         let stored = tx.audit_record(first.audit_seq)?.ok_or_else(|| {
             Error::Internal(format!(
@@ -410,7 +417,6 @@ pub fn append_once(
         } else {
             Err(Error::IdempotencyKeyReused {
                 key: key.to_owned(),
-                seq: stored.seq,
             })
         };
     }
