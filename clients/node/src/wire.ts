@@ -286,7 +286,9 @@ export function problemFromError(error: unknown, typeBase: string): ProblemError
     return new ProblemError(problem, error.code);
   }
   if (error.code === GrpcCode.UNAVAILABLE || error.code === GrpcCode.DEADLINE_EXCEEDED) {
-    return new SidecarUnavailableError(unavailableProblem(`the sidecar did not answer: ${error.details}`, typeBase), error.code);
+    // grpc-js ends a refused connection's details with an empty "Resolution note: ".
+    const details = error.details.replace(/\s*Resolution note:\s*$/, '');
+    return new SidecarUnavailableError(unavailableProblem(`the sidecar did not answer: ${details}`, typeBase), error.code);
   }
   return new ProblemError({ type: 'about:blank', title: 'Error', status: 500, detail: error.details || error.message }, error.code);
 }
