@@ -38,7 +38,7 @@ import rfc8785
 from coresdk.base import BaseSDK
 from coresdk.config import Settings
 from coresdk.errors import FlagNotFound, Problem, ProblemError
-from coresdk.validation import FLAG_KEY, check_ids, id_defect, invalid, quoted
+from coresdk.validation import FLAG_KEY, WHITE_SPACE, ascii_lower, check_ids, id_defect, invalid, quoted, rust_trim
 from coresdk.models import (
     AdminFlagChange,
     AuditRecord,
@@ -494,7 +494,7 @@ def _parse_rules(text: str) -> tuple[dict[str, FlagValue], list[dict[str, Any]]]
     names: set[str] = set()
     for n, spec in enumerate(specs, start=1):
         name = spec.get("name")
-        if name is not None and (not isinstance(name, str) or not name.strip()):
+        if name is not None and (not isinstance(name, str) or not rust_trim(name)):
             raise invalid(f"rule {n} has an empty `name`")
         label = f"rule {n} ('{name}')" if name is not None else f"rule {n}"
 
@@ -546,11 +546,11 @@ class MockSidecar(BaseSDK):
     def __init__(self, settings: Optional[Settings] = None, env: Optional[Mapping[str, str]] = None):
         self.settings = settings or Settings.from_env(env)
         env = os.environ if env is None else env
-        secrets = [s.strip() for s in env.get("STRIPE_WEBHOOK_SECRET", "").split(",") if s.strip()]
+        secrets = [rust_trim(s) for s in env.get("STRIPE_WEBHOOK_SECRET", "").split(",") if rust_trim(s)]
         self._secrets = secrets or [MOCK_SECRET]
-        self._jwt_secrets = [s.strip().encode() for s in env.get("CORESDK_JWT_SECRET", "").split(",") if s.strip()]
+        self._jwt_secrets = [rust_trim(s).encode() for s in env.get("CORESDK_JWT_SECRET", "").split(",") if rust_trim(s)]
         self._jwt_issuer = env.get("CORESDK_JWT_ISSUER") or None
-        self._jwt_audience = [a.strip() for a in env.get("CORESDK_JWT_AUDIENCE", "").split(",") if a.strip()]
+        self._jwt_audience = [rust_trim(a) for a in env.get("CORESDK_JWT_AUDIENCE", "").split(",") if rust_trim(a)]
         self._tenant_claim = env.get("CORESDK_JWT_TENANT_CLAIM", "tenant_id")
         self._jwt_leeway_s = int(env.get("CORESDK_JWT_LEEWAY_S") or JWT_LEEWAY_S)
         self._audit_window_s = float(env.get("CORESDK_DENY_AUDIT_WINDOW_S") or DENY_AUDIT_WINDOW_S)
@@ -611,17 +611,17 @@ class MockSidecar(BaseSDK):
         # As the sidecar's audit::validate_new: every violation, named by its field.
         violations = []
         for field_name, value, required in (("actor", actor, True), ("event", event, True), ("outcome", outcome, True), ("tenant_id", tenant_id, False)):
-            if required and not value.strip():
+            if required and not rust_trim(value):
                 violations.append(f"{field_name}: is required")
             elif len(value.encode()) > MAX_FIELD_LEN:
                 violations.append(f"{field_name}: is longer than {MAX_FIELD_LEN} bytes")
-        name = event.lstrip().lower()
+        name = ascii_lower(event.lstrip(WHITE_SPACE))
         for namespace in RESERVED_NAMESPACES:
             if name == namespace or name.startswith(namespace + "."):
                 violations.append(
                     f"event: '{namespace}.' is reserved for the sidecar's own records; name application events in a namespace of your own, e.g. 'app.'"
                 )
-        if actor.strip().lower() == ACTOR:
+        if ascii_lower(rust_trim(actor)) == ACTOR:
             violations.append(f"actor: '{ACTOR}' is reserved for verified Stripe deliveries")
         # What the sidecar receives: a google.protobuf.Struct, so numbers are doubles.
         values = wire(json.loads(json.dumps(metadata or {}, default=str)))
@@ -673,7 +673,7 @@ class MockSidecar(BaseSDK):
         def malformed(why: str) -> ProblemError:
             return self._signature_error("SIGNATURE_MALFORMED", f"the Stripe-Signature header is malformed: {why}")
 
-        header = (header or "").strip()
+        header = rust_trim(header or "")
         if not header:
             raise self._signature_error("SIGNATURE_MISSING", "the Stripe-Signature header is missing or empty")
         if len(header.encode()) > MAX_SIGNATURE_HEADER_LEN:
@@ -681,10 +681,10 @@ class MockSidecar(BaseSDK):
         timestamp: Optional[int] = None
         signatures: list[bytes] = []
         for item in header.split(","):
-            scheme, sep, value = item.strip().partition("=")
+            scheme, sep, value = rust_trim(item).partition("=")
             if not sep:
                 raise malformed("an item has no '='")
-            scheme, value = scheme.strip(), value.strip()
+            scheme, value = rust_trim(scheme), rust_trim(value)
             if scheme == "t":
                 if timestamp is not None:
                     raise malformed("more than one timestamp")
@@ -837,7 +837,7 @@ class MockSidecar(BaseSDK):
         return self._apply(event, signed_at, ACTOR, "")
 
     def replay_event(self, payload: bytes, *, reason: str) -> WebhookResult:
-        if not reason.strip():
+        if not rust_trim(reason):
             raise self._invalid("reason: is required")
         if len(reason.encode()) > MAX_REASON_LEN:
             raise self._invalid(f"reason: is longer than {MAX_REASON_LEN} bytes")
@@ -1107,7 +1107,7 @@ class MockSidecar(BaseSDK):
 
     def _check_admin(self, actor: str, reason: str) -> None:
         """As the sidecar's Admin::validated: who (required, bounded) and why (bounded)."""
-        if not actor.strip():
+        if not rust_trim(actor):
             raise self._invalid("actor: is required")
         if len(actor.encode()) > MAX_ACTOR_LEN:
             raise self._invalid(f"actor: is longer than {MAX_ACTOR_LEN} bytes")
@@ -1181,9 +1181,9 @@ class MockSidecar(BaseSDK):
         return error
 
     def _verify(self, token: str) -> Claims:
-        token = (token or "").strip()
+        token = rust_trim(token or "")
         if token.startswith("Bearer "):
-            token = token[7:].strip()
+            token = rust_trim(token[7:])
         if not self._jwt_secrets:
             raise self._unauthenticated("token verification is not configured")
         try:
@@ -1226,7 +1226,10 @@ class MockSidecar(BaseSDK):
             raise self._unauthenticated("the token has expired")
         if nbf is not None and nbf > now + leeway:
             raise self._unauthenticated("the token is not valid yet")
-        if self._jwt_issuer and claims.get("iss") != self._jwt_issuer:
+        # jsonwebtoken reads a list-valued `iss` as Issuer::Multiple: accepted when it holds the
+        # configured issuer.
+        iss = claims.get("iss")
+        if self._jwt_issuer and self._jwt_issuer not in (iss if isinstance(iss, list) else [iss]):
             raise self._unauthenticated("the token's issuer is not accepted")
         aud = claims.get("aud")
         auds = aud if isinstance(aud, list) else [aud]
@@ -1250,7 +1253,7 @@ class MockSidecar(BaseSDK):
 
     def authorize(self, *, token: Optional[str] = None, tenant_id: Optional[str] = None, require: Sequence[str] = (), deny_if: Sequence[str] = (), resource: str = "") -> Decision:
         # As the sidecar's AccessRequest::validate.
-        if not (token or "").strip() and not tenant_id:
+        if not rust_trim(token or "") and not tenant_id:
             raise self._invalid("token: give a token or a tenant_id")
         if tenant_id:
             self._check_ids(tenant_id)
@@ -1265,7 +1268,7 @@ class MockSidecar(BaseSDK):
         claims = None
         subject = ""
         tenant = tenant_id or ""
-        if (token or "").strip():
+        if rust_trim(token or ""):
             try:
                 claims = self._verify(token or "")
             except ProblemError as e:
