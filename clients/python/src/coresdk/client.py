@@ -353,22 +353,38 @@ class SidecarClient(BaseSDK):
 
     def is_enabled(self, tenant_id: str, key: str) -> bool:
         # The hot path: a dictionary lookup once the cache is warm.
-        if self.cache.connected:
-            flag = self.cache._flags.get((tenant_id, key))
-            if flag is not None:
-                return flag.value is True
-            default = self.cache._defaults.get(key)
-            if default is not None:
-                # No stored value, which is also what a malformed tenant id finds: refuse that as
-                # the sidecar (and the mock) does, off the hot path of a cached value.
-                check_ids(tenant_id, key, self.settings.problem_type_base)
-                return default.value is True
+        cached = self.cached_is_enabled(tenant_id, key)
+        if cached is not None:
+            return cached
         return super().is_enabled(tenant_id, key)
+
+    def cached_is_enabled(self, tenant_id: str, key: str) -> Optional[bool]:
+        # `connected` is read once: the stream may drop meanwhile, and then a second look
+        # would send the caller to the sidecar after all.
+        if not self.cache.connected:
+            return None
+        flag = self.cache._flags.get((tenant_id, key))
+        if flag is not None:
+            return flag.value is True
+        default = self.cache._defaults.get(key)
+        if default is None:
+            return None
+        # No stored value, which is also what a malformed tenant id finds: refuse that as the
+        # sidecar (and the mock) does, off the hot path of a cached value.
+        check_ids(tenant_id, key, self.settings.problem_type_base)
+        return default.value is True
+
+    def cached_flags(self, tenant_id: str) -> Optional[dict[str, Flag]]:
+        if not (self.cache.warm.is_set() and (self.cache.connected or self.settings.fail_mode == "open")):
+            return None
+        check_ids(tenant_id, None, self.settings.problem_type_base)
+        return self.cache.of_tenant(tenant_id)
 
     def get_flags(self, tenant_id: str) -> dict[str, Flag]:
         check_ids(tenant_id, None, self.settings.problem_type_base)
-        if self.cache.warm.is_set() and (self.cache.connected or self.settings.fail_mode == "open"):
-            return self.cache.of_tenant(tenant_id)
+        cached = self.cached_flags(tenant_id)
+        if cached is not None:
+            return cached
         answer = self._call(self._flags.GetFlags, flags_pb2.GetFlagsRequest(tenant_id=tenant_id))
         return {f.key: Flag.from_proto(f) for f in answer.flags}
 
