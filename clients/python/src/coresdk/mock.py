@@ -33,6 +33,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (a dependency there).
     import tomli as tomllib  # type: ignore[no-redef]
 
+import grpc
 import rfc8785
 
 from coresdk.base import BaseSDK
@@ -93,6 +94,14 @@ CLAIM_PREFIX_BYTES = 1024
 # The sidecar's parking bounds (CORESDK_MAX_PARKED_EVENTS, CORESDK_MAX_PARKED_EVENTS_PER_CUSTOMER).
 MAX_PARKED_EVENTS = 10_000
 MAX_PARKED_EVENTS_PER_CUSTOMER = 100
+# The mock's own memory bounds, the Node mock's (the sidecar's store is a database): the newest
+# audit records and processed event ids are kept, the oldest dropped; flags, customer mappings
+# and billing objects beyond their bound are refused (507 MOCK_CAPACITY).
+MAX_AUDIT_RECORDS = 100_000
+MAX_PROCESSED_EVENTS = 100_000
+MAX_FLAGS = 100_000
+MAX_CUSTOMERS = 100_000
+MAX_BILLING_OBJECTS = 100_000
 
 
 def wire(value: Any) -> Any:
@@ -596,7 +605,7 @@ class MockSidecar(BaseSDK):
     def _seal(self, tenant_id: str, actor: str, event: str, outcome: str, metadata: Mapping[str, Any]) -> AuditRecord:
         """As the sidecar's audit::seal: the hash covers RFC 8785 of exactly
         {v, seq, time, tenant, actor, event, outcome, metadata}, the bytes kept as hashed."""
-        seq = len(self._audit) + 1
+        seq = self._audit[-1].seq + 1 if self._audit else 1
         prev = self._audit[-1].hash if self._audit else GENESIS_HASH
         at = rfc3339_ms(int(time.time() * 1000))
         metadata = _bounded(wire(dict(metadata)))
@@ -605,7 +614,18 @@ class MockSidecar(BaseSDK):
         digest = hashlib.sha256(DOMAIN_TAG + bytes.fromhex(prev) + canonical).hexdigest()
         record = AuditRecord(seq, tenant_id, actor, event, outcome, metadata, digest, at, prev, canonical)
         self._audit.append(record)
+        # Dropped in batches, not one per append: a list's front deletion moves every record.
+        if len(self._audit) > MAX_AUDIT_RECORDS + MAX_AUDIT_RECORDS // 10:
+            del self._audit[: len(self._audit) - MAX_AUDIT_RECORDS]
         return record
+
+    def _audit_index(self, seq: int) -> int:
+        """Where record `seq` is (or would be) in the kept records."""
+        return seq - (self._audit[0].seq if self._audit else 1)
+
+    def _record(self, seq: int) -> Optional[AuditRecord]:
+        index = self._audit_index(seq)
+        return self._audit[index] if 0 <= index < len(self._audit) else None
 
     def audit(self, event: str, *, outcome: str, actor: str, tenant_id: str = "", metadata: Optional[Mapping[str, Any]] = None) -> Optional[AuditRecord]:
         # As the sidecar's audit::validate_new: every violation, named by its field.
@@ -650,11 +670,13 @@ class MockSidecar(BaseSDK):
     def audit_verify(self) -> VerifyResult:
         with self._lock:
             self._close_windows()
-            prev = GENESIS_HASH
+            # The kept records chain on from the first one kept.
+            prev = self._audit[0].prev_hash if self._audit else GENESIS_HASH
+            first = self._audit[0].seq if self._audit else 1
             for i, r in enumerate(self._audit):
                 digest = hashlib.sha256(DOMAIN_TAG + bytes.fromhex(prev) + r.canonical).hexdigest()
-                if r.seq != i + 1 or r.prev_hash != prev or r.hash != digest:
-                    return VerifyResult(False, i, i + 1, f"record {i + 1} does not verify")
+                if r.seq != first + i or r.prev_hash != prev or r.hash != digest:
+                    return VerifyResult(False, i, first + i, f"record {first + i} does not verify")
                 prev = digest
             return VerifyResult(True, len(self._audit))
 
@@ -662,6 +684,13 @@ class MockSidecar(BaseSDK):
 
     def _invalid(self, detail: str) -> ProblemError:
         return invalid(detail, self._base)
+
+    def _capacity(self, what: str, most: int) -> ProblemError:
+        return ProblemError(
+            _problem(self._base, "mock-capacity", "Mock capacity reached", 507,
+                     f"the mock keeps at most {most} {what}; it is a mock, not a store", "MOCK_CAPACITY"),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
 
     def _signature_error(self, reason: str, detail: str) -> ProblemError:
         return ProblemError(_problem(self._base, "invalid-signature", "Invalid webhook signature", 400, detail, reason))
@@ -923,6 +952,8 @@ class MockSidecar(BaseSDK):
                     meta["mapping_refused"] = True
                     meta["conflicting_client_reference_id"] = reference
             elif customer is not None and reference is not None and id_defect(customer) is None:
+                if len(self._customers) >= MAX_CUSTOMERS:
+                    raise self._capacity("customer mappings", MAX_CUSTOMERS)
                 mapped = True
                 tenant = self._customers[customer] = reference
                 meta["mapped_customer"] = customer
@@ -949,6 +980,8 @@ class MockSidecar(BaseSDK):
                 stale = list(stale_object[2])
             if not wanted and not mapped:
                 return self._finish(actor, event_id, event_type, tenant, "stale" if stale else "ignored", [], stale, meta)
+            if len(self._flags) + len({key for key, *_ in wanted if (tenant, key) not in self._flags}) > MAX_FLAGS:
+                raise self._capacity("flags", MAX_FLAGS)
             changes, rules = [], {}
             for key, value, rule, mark, origin in wanted:
                 current = self._flags.get((tenant, key))
@@ -984,9 +1017,9 @@ class MockSidecar(BaseSDK):
                     first_named.append(key)
             if stored is not None and stored[0] > order:
                 # Stale as a whole, but the newest summary's verdict on a key only this one named is off.
-                self._objects[(tenant, "entitlements")] = (stored[0], {**stored[1], "known": known})
+                self._put_object((tenant, "entitlements"), (stored[0], {**stored[1], "known": known}))
                 return [(k, False, summary_rule, stored[0], "entitlements") for k in first_named], ("entitlements", stored[0][2], keys)
-            self._objects[(tenant, "entitlements")] = (order, {"keys": set(keys), "known": known})
+            self._put_object((tenant, "entitlements"), (order, {"keys": set(keys), "known": known}))
             return [(k, k in keys, summary_rule, order, "entitlements") for k in sorted(known)], None
         if kind == "set" and event_type in SUBSCRIPTION_STATE_EVENTS:
             sub_id = obj.get("id") if isinstance(obj.get("id"), str) else ""
@@ -997,15 +1030,21 @@ class MockSidecar(BaseSDK):
             stale = None
             if stored is not None and stored[0] > order:
                 keys_grew = keys != stored[1]["keys"]
-                self._objects[(tenant, name)] = (stored[0], {**stored[1], "keys": keys})
+                self._put_object((tenant, name), (stored[0], {**stored[1], "keys": keys}))
                 stale = (name, stored[0][2], [k for k, _, _ in wanted])
                 if not keys_grew:
                     return [], stale
             else:
                 status = _subscription_status(event_type, obj)
-                self._objects[(tenant, name)] = (order, {"standing": _standing(status), "settings": wanted, "keys": keys})
+                self._put_object((tenant, name), (order, {"standing": _standing(status), "settings": wanted, "keys": keys}))
             return self._subscription_flags(tenant), stale
         return [(k, v, r, order, "rule") for k, v, r in wanted], None
+
+    def _put_object(self, name: tuple[str, str], stored: tuple[tuple[int, int, str], dict[str, Any]]) -> None:
+        """Stores a billing object; a new one counts against the mock's bound."""
+        if name not in self._objects and len(self._objects) >= MAX_BILLING_OBJECTS:
+            raise self._capacity("billing objects", MAX_BILLING_OBJECTS)
+        self._objects[name] = stored
 
     def _subscription_flags(self, tenant: str) -> list[tuple[str, FlagValue, str, tuple[int, int, str], str]]:
         """Per key, the setting of the best subscription that sets it (standing, then order), all
@@ -1038,6 +1077,8 @@ class MockSidecar(BaseSDK):
             meta["stale_flags"] = stale
         record = self._append(tenant, actor, f"billing.{event_type}", outcome, meta)
         self._processed[event_id] = (tenant, outcome, record.seq)
+        if len(self._processed) > MAX_PROCESSED_EVENTS:
+            del self._processed[next(iter(self._processed))]
         return WebhookResult(event_id, event_type, tenant, outcome, changes, record.seq, stale)
 
     # -- flags ----------------------------------------------------------------------------
@@ -1068,10 +1109,13 @@ class MockSidecar(BaseSDK):
                     event = FlagEvent(f.source_event_id, "", 0, 0, f.updated_by)
                 else:
                     setter_seq = processed[2]
-                    record = self._audit[setter_seq - 1]
-                    event = self._flag_event(record)
-                    rules = record.metadata.get("rules")
-                    rule = rules.get(key, "") if isinstance(rules, dict) else ""
+                    record = self._record(setter_seq)
+                    if record is None:
+                        event = FlagEvent(f.source_event_id, "", 0, setter_seq, f.updated_by)
+                    else:
+                        event = self._flag_event(record)
+                        rules = record.metadata.get("rules")
+                        rule = rules.get(key, "") if isinstance(rules, dict) else ""
             else:
                 record = next(
                     (r for r in reversed(self._audit)
@@ -1083,14 +1127,15 @@ class MockSidecar(BaseSDK):
                 admin = AdminFlagChange(f.updated_by, record.metadata.get("reason", "") if record else "", f.version, setter_seq)
             stale = [
                 self._flag_event(r)
-                for r in self._audit[setter_seq:]
+                for r in self._audit[max(self._audit_index(setter_seq + 1), 0):]
                 if r.tenant_id == tenant_id and r.event.startswith("billing.") and key in (r.metadata.get("stale_flags") or [])
             ]
             newest = None
             mark = f.order[2]
             if mark and mark != f.source_event_id:
                 processed = self._processed.get(mark)
-                newest = self._flag_event(self._audit[processed[2] - 1]) if processed else FlagEvent(mark, "", 0, 0, "")
+                record = self._record(processed[2]) if processed else None
+                newest = self._flag_event(record) if record else FlagEvent(mark, "", 0, processed[2] if processed else 0, "")
             return FlagExplanation(flag, event, admin, rule, stale[-STALE_SHOWN:], newest)
 
     @staticmethod
@@ -1125,6 +1170,8 @@ class MockSidecar(BaseSDK):
         value = _stored(received)
         with self._lock:
             current = self._flags.get((tenant_id, key))
+            if current is None and len(self._flags) >= MAX_FLAGS:
+                raise self._capacity("flags", MAX_FLAGS)
             self._version += 1
             self._flags[(tenant_id, key)] = _Flag(value, self._version, current.order if current else (0, 0, ""), "admin", actor)
             # As the sidecar's ops::set_flag: the values as `flags explain` shows them, the new
@@ -1147,6 +1194,8 @@ class MockSidecar(BaseSDK):
             previous = self._customers.get(customer_id)
             if previous == tenant_id:
                 return 0
+            if previous is None and len(self._customers) >= MAX_CUSTOMERS:
+                raise self._capacity("customer mappings", MAX_CUSTOMERS)
             self._customers[customer_id] = tenant_id
             meta: dict[str, Any] = {"customer": customer_id}
             if previous is not None:
