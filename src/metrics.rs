@@ -46,6 +46,11 @@ struct DecisionLabels {
     reason: &'static str,
 }
 
+const ALLOWED: DecisionLabels = DecisionLabels {
+    decision: "allow",
+    reason: "none",
+};
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModeLabel {
     mode: &'static str,
@@ -68,6 +73,9 @@ struct Inner {
     webhooks: Family<OutcomeLabel, Counter>,
     refusals: Family<ReasonLabel, Counter>,
     decisions: Family<DecisionLabels, Counter>,
+    /// `decisions{decision="allow",reason="none"}`, the common answer on every request's path:
+    /// held, so counting it is one atomic add.
+    allowed: Counter,
     fail_mode: Family<ModeLabel, Counter>,
     commit_seconds: Histogram,
     batch_size: Histogram,
@@ -101,12 +109,13 @@ impl Metrics {
             "Stripe deliveries refused, by problem reason",
             refusals.clone(),
         );
-        let decisions = Family::default();
+        let decisions = Family::<DecisionLabels, Counter>::default();
         registry.register(
             "coresdk_authorize_decisions",
             "Authorize decisions, by decision (allow, deny) and denial reason (none when allowed)",
             decisions.clone(),
         );
+        let allowed = decisions.get_or_create(&ALLOWED).clone();
         let fail_mode = Family::default();
         registry.register(
             "coresdk_fail_mode_decisions",
@@ -150,6 +159,7 @@ impl Metrics {
                 webhooks,
                 refusals,
                 decisions,
+                allowed,
                 fail_mode,
                 commit_seconds,
                 batch_size,
@@ -185,17 +195,20 @@ impl Metrics {
     /// mode decided.
     pub fn authorize(&self, denial: Option<&'static str>, fail_mode: Option<&'static str>) {
         let Some(inner) = &self.inner else { return };
-        let labels = match denial {
-            Some(reason) => DecisionLabels {
-                decision: "deny",
-                reason,
-            },
-            None => DecisionLabels {
-                decision: "allow",
-                reason: "none",
-            },
-        };
-        inner.decisions.get_or_create(&labels).inc();
+        match denial {
+            Some(reason) => {
+                inner
+                    .decisions
+                    .get_or_create(&DecisionLabels {
+                        decision: "deny",
+                        reason,
+                    })
+                    .inc();
+            }
+            None => {
+                inner.allowed.inc();
+            }
+        }
         if let Some(mode) = fail_mode {
             inner.fail_mode.get_or_create(&ModeLabel { mode }).inc();
         }
