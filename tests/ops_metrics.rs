@@ -346,9 +346,21 @@ fn the_ops_listener_follows_the_side_listeners_start_rules() {
         "{lines:?}"
     );
 
-    // The default address taken (by this test, or by whatever already holds it): the sidecar
-    // serves without it, and says why.
-    let _default = std::net::TcpListener::bind(coresdk::settings::DEFAULT_OPS_LISTEN);
+    // The default address taken: the sidecar serves without it, and says why. Another test's
+    // sidecar may hold it for a moment; this test holds it for the whole check.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let _default = loop {
+        match std::net::TcpListener::bind(coresdk::settings::DEFAULT_OPS_LISTEN) {
+            Ok(held) => break held,
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "cannot take the default ops address: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
     let mut command = serve_command(
         &["--store".to_owned(), "memory".to_owned()],
         &[
