@@ -314,3 +314,65 @@ impl EncodeMetric for DurationHistogram {
         MetricType::Histogram
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(histogram: &DurationHistogram) -> String {
+        let mut registry = Registry::default();
+        registry.register("h_seconds", "test", histogram.clone());
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &registry)
+            .expect("encodes");
+        text
+    }
+
+    #[test]
+    fn durations_land_in_their_buckets_cumulatively() {
+        let histogram = DurationHistogram::default();
+        histogram.observe(Duration::from_micros(50));
+        histogram.observe(Duration::from_micros(100));
+        histogram.observe(Duration::from_millis(3));
+        histogram.observe(Duration::from_secs(20));
+        let text = encoded(&histogram);
+        for line in [
+            "h_seconds_bucket{le=\"0.0001\"} 2",
+            "h_seconds_bucket{le=\"0.0025\"} 2",
+            "h_seconds_bucket{le=\"0.005\"} 3",
+            "h_seconds_bucket{le=\"10\"} 3",
+            "h_seconds_bucket{le=\"+Inf\"} 4",
+            "h_seconds_count 4",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+        assert!(text.contains("h_seconds_sum 20.00315"), "{text}");
+    }
+
+    #[test]
+    fn off_records_nothing_and_encodes_nothing() {
+        let off = Metrics::default();
+        off.webhook("applied", None);
+        off.authorize(Some("FEATURE_LOCKED"), Some("open"));
+        assert!(!off.enabled());
+        assert_eq!(off.encode(&Registry::default()).expect("encodes"), "");
+    }
+
+    #[test]
+    fn closed_label_sets_count_exactly() {
+        let on = Metrics::new(&[]);
+        on.webhook("refused", Some("SIGNATURE_MISMATCH"));
+        on.authorize(None, None);
+        on.authorize(Some("FEATURE_LOCKED"), Some("closed"));
+        let text = on.encode(&Registry::default()).expect("encodes");
+        for line in [
+            "coresdk_webhooks_total{outcome=\"refused\"} 1",
+            "coresdk_webhook_refusals_total{reason=\"SIGNATURE_MISMATCH\"} 1",
+            "coresdk_authorize_decisions_total{decision=\"allow\",reason=\"none\"} 1",
+            "coresdk_authorize_decisions_total{decision=\"deny\",reason=\"FEATURE_LOCKED\"} 1",
+            "coresdk_fail_mode_decisions_total{mode=\"closed\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+    }
+}
