@@ -158,6 +158,13 @@ impl App {
             })
     }
 
+    /// Streams open now, each holding one of `--max-streams` slots.
+    pub fn open_streams(&self) -> usize {
+        self.config
+            .max_streams
+            .saturating_sub(self.streams.available_permits())
+    }
+
     pub fn links(&self) -> &ProblemLinks {
         &self.config.problem_links
     }
@@ -206,6 +213,9 @@ impl App {
                     && self.refusals.admit(refusal.mapping().reason, || {
                         ops::refused_delivery_record(&refusal, &payload)
                     }) == Admitted::Counted;
+                self.feeds
+                    .metrics()
+                    .webhook("refused", Some(refusal.mapping().reason));
                 if counted {
                     tracing::debug!(error = %refusal, bytes = payload.len(), "webhook refused");
                 } else {
@@ -263,6 +273,12 @@ impl App {
                 )
             })
             .await;
+        let metrics = self.feeds.metrics();
+        match &answer {
+            Ok(Ok(result)) => metrics.webhook(result.outcome.as_str(), None),
+            Ok(Err(refusal)) => metrics.webhook("refused", Some(refusal.mapping().reason)),
+            Err(_) => metrics.webhook("failed", None),
+        }
         match &answer {
             Ok(Ok(result)) => tracing::info!(
                 event_id = %result.event_id,
@@ -498,6 +514,12 @@ impl App {
     /// Decides from memory; a denial is audited (coalesced) without the caller waiting for it.
     pub fn authorize(&self, request: &AccessRequest) -> Result<Access, Error> {
         let access = self.authorizer.authorize(&self.feeds.flags, request)?;
+        self.feeds.metrics().authorize(
+            access.denial.as_ref().map(|denial| denial.reason()),
+            access
+                .fail_mode_applied
+                .then(|| self.config.fail_mode.as_str()),
+        );
         if let Some(denial) = &access.denial {
             let key = DenialKey::new(&access.tenant_id, &access.subject, denial);
             let admitted = self.denials.admit(key, || {

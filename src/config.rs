@@ -93,6 +93,8 @@ pub struct Config {
     pub flagd_listen: Option<SocketAddr>,
     pub flagd_sync_listen: Option<SocketAddr>,
     pub ofrep_listen: Option<SocketAddr>,
+    /// Where metrics and probes are served; metrics are collected only when they are.
+    pub ops_listen: Option<SocketAddr>,
     /// The side listeners whose address is their default, not one the operator chose.
     pub side_listens_by_default: Vec<SideListener>,
     /// The evaluation-context attribute naming the tenant (else the `targetingKey`).
@@ -187,6 +189,7 @@ impl Config {
             SideListener::Flagd => self.flagd_listen,
             SideListener::FlagdSync => self.flagd_sync_listen,
             SideListener::Ofrep => self.ofrep_listen,
+            SideListener::Ops => self.ops_listen,
         }
     }
 
@@ -307,6 +310,7 @@ impl Config {
             flagd_listen: side_listen(&args, SideListener::Flagd),
             flagd_sync_listen: side_listen(&args, SideListener::FlagdSync),
             ofrep_listen: side_listen(&args, SideListener::Ofrep),
+            ops_listen: side_listen(&args, SideListener::Ops),
             side_listens_by_default: SideListener::ALL
                 .into_iter()
                 .filter(|listener| chosen_listen(&args, *listener).is_none())
@@ -348,6 +352,7 @@ fn chosen_listen(args: &ServeArgs, listener: SideListener) -> Option<Option<Sock
         SideListener::Flagd => args.flagd_listen,
         SideListener::FlagdSync => args.flagd_sync_listen,
         SideListener::Ofrep => args.ofrep_listen,
+        SideListener::Ops => args.ops_listen,
     }
     .map(|chosen| chosen.0)
 }

@@ -13,6 +13,7 @@ use tokio::sync::broadcast;
 
 use crate::audit::{AuditRecord, ChainHead};
 use crate::flags::FlagCache;
+use crate::metrics::Metrics;
 use crate::store::{CommitListener, Committed};
 
 /// How many audit records a slow `Tail` stream may lag before it is told to resume.
@@ -26,6 +27,7 @@ pub struct Feeds {
     pub flags: Arc<FlagCache>,
     pub audit: broadcast::Sender<Arc<AuditRecord>>,
     published: Mutex<Published>,
+    metrics: Metrics,
 }
 
 struct Published {
@@ -45,7 +47,19 @@ impl Feeds {
                 head: None,
                 waiting: BTreeMap::new(),
             }),
+            metrics: Metrics::default(),
         }
+    }
+
+    /// Records what reaches the feeds (and, through [`CommitListener::metrics`], what the
+    /// store does) in `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The newest audit record published (genesis before any).
@@ -103,6 +117,7 @@ impl Feeds {
                 seq: record.seq,
                 hash: record.hash,
             });
+            self.metrics.audit_published();
             // No receivers is fine: nobody is tailing.
             let _ = self.audit.send(Arc::new(record));
         }
@@ -113,10 +128,20 @@ impl CommitListener for Feeds {
     fn committed(&self, changes: Vec<Committed>) {
         for change in changes {
             match change {
-                Committed::Flag(record) => self.flags.apply(record),
+                Committed::Flag(record) => {
+                    let source = record.origin.as_str();
+                    // With a shared store a change arrives twice (commit, then change feed).
+                    if self.flags.apply(record) {
+                        self.metrics.flag_changed(source);
+                    }
+                }
                 Committed::Audit(record) => self.publish_audit(record),
             }
         }
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 }
 

@@ -235,20 +235,22 @@ impl FlagCache {
     }
 
     /// Applies a committed change and tells the watchers. Called in commit order; a change
-    /// that is not newer than what the cache holds is dropped, so replays are harmless.
-    pub fn apply(&self, record: FlagRecord) {
+    /// that is not newer than what the cache holds is dropped, so replays are harmless. Says
+    /// whether it was applied.
+    pub fn apply(&self, record: FlagRecord) -> bool {
         {
             let mut flags = self.by_tenant.entry(record.tenant_id.clone()).or_default();
             if let Some(current) = flags.get(&record.key)
                 && current.version >= record.version
             {
-                return;
+                return false;
             }
             flags.insert(record.key.clone(), record.clone());
         }
         self.version.fetch_max(record.version, Ordering::AcqRel);
         // No receivers is fine: nobody is watching.
         let _ = self.changes.send(Arc::new(record));
+        true
     }
 
     pub fn version(&self) -> u64 {

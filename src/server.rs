@@ -11,6 +11,8 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
+use crate::health::Health;
+
 use crate::api::{
     audit::AuditApi, auth::AuthApi, flags::FlagApi, tenants::TenantApi, webhook::WebhookApi,
 };
@@ -27,12 +29,14 @@ use crate::proto::{
 };
 use crate::store::Store;
 
-const SERVICE_NAMES: [&str; 5] = [
-    "coresdk.v1.WebhookService",
-    "coresdk.v1.FlagService",
-    "coresdk.v1.AuditService",
-    "coresdk.v1.TenantService",
-    "coresdk.v1.AuthService",
+/// Every gRPC service any listener serves, for the gRPC metrics' method labels.
+const SERVED_DESCRIPTOR_SETS: [&[u8]; 6] = [
+    crate::proto::FILE_DESCRIPTOR_SET,
+    tonic_health::pb::FILE_DESCRIPTOR_SET,
+    tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    crate::flagd_proto::FILE_DESCRIPTOR_SET,
+    crate::flagd_proto::sync::FILE_DESCRIPTOR_SET,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +105,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     };
 
     let cache = Arc::new(FlagCache::new(config.rules.catalog().clone()));
-    let feeds = Arc::new(Feeds::new(cache.clone()));
+    // Collected only where someone can scrape them, so `--ops-listen off` costs nothing.
+    let metrics = match config.ops_listen {
+        Some(_) => crate::metrics::Metrics::new(&SERVED_DESCRIPTOR_SETS),
+        None => crate::metrics::Metrics::default(),
+    };
+    let feeds = Arc::new(Feeds::new(cache.clone()).with_metrics(metrics));
     let store = Store::open(
         &config.store,
         config.postgres_ca_file.as_deref(),
@@ -112,7 +121,8 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     feeds.set_audit_head(store.read(|tx| Ok(tx.audit_head()?)).await?);
     seed_tenants(&store, &config).await?;
 
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let (health, health_service) = Health::new();
+    let health = Arc::new(health);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let listen = config.listen;
     let grace = config.shutdown_grace;
@@ -160,6 +170,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     // transport limit sits well above the body limit.
     let router = builder
         .layer(in_flight.clone())
+        .layer(state.feeds.metrics().grpc_layer())
         .add_service(health_service)
         .add_service(InterceptedService::new(reflection_v1, check.clone()))
         .add_service(InterceptedService::new(reflection_v1alpha, check.clone()))
@@ -185,11 +196,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             check.clone(),
         ));
 
-    for name in SERVICE_NAMES.into_iter().chain([""]) {
-        health_reporter
-            .set_service_status(name, ServingStatus::Serving)
-            .await;
-    }
+    health.set_all(ServingStatus::Serving).await;
 
     // Bound before the main listener announces itself: a start that cannot have a side
     // listener it was asked for fails before anyone is told it serves.
@@ -213,11 +220,13 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             check: check.clone(),
             in_flight: in_flight.clone(),
             shutdown: shutdown_rx.clone(),
+            health: health.clone(),
         };
         let task = match listener {
             SideListener::Flagd => serve_flagd(side)?,
             SideListener::FlagdSync => serve_flagd_sync(side)?,
             SideListener::Ofrep => crate::openfeature::ofrep::serve(side)?,
+            SideListener::Ops => crate::ops_listener::serve(side)?,
         };
         tracing::info!(%bound, "serving {}", listener.serves());
         sides.push((listener, bound, task));
@@ -248,7 +257,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         }
     }
 
-    let store_health = tokio::spawn(report_store_health(store.clone(), health_reporter.clone()));
+    let store_health = tokio::spawn(report_store_health(store.clone(), health.clone()));
     let checkpointing = state.checkpoints.clone().map(|checkpointer| {
         let feeds = state.feeds.clone();
         let every = state.config.checkpoint_interval;
@@ -260,11 +269,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         in_flight = in_flight.current(),
         "shutting down: NOT_SERVING, draining in-flight calls"
     );
-    for name in SERVICE_NAMES.into_iter().chain([""]) {
-        health_reporter
-            .set_service_status(name, ServingStatus::NotServing)
-            .await;
-    }
+    health.set_all(ServingStatus::NotServing).await;
     let _ = shutdown_tx.send(true);
     if !in_flight.drained(grace).await {
         tracing::warn!(
@@ -348,6 +353,8 @@ pub struct Side<C> {
     pub check: C,
     pub in_flight: crate::drain::InFlight,
     pub shutdown: watch::Receiver<bool>,
+    /// The gRPC health statuses, which readiness reports.
+    pub health: Arc<Health>,
 }
 
 impl<C> Side<C> {
@@ -426,6 +433,7 @@ where
     let stopping = side.stopping();
     let router = server_builder(&side.state.config)?
         .layer(side.in_flight)
+        .layer(side.state.feeds.metrics().grpc_layer())
         .add_service(InterceptedService::new(reflection, side.check.clone()))
         .add_service(InterceptedService::new(
             reflection_v1alpha,
@@ -459,6 +467,7 @@ where
     let stopping = side.stopping();
     let router = server_builder(&side.state.config)?
         .layer(side.in_flight)
+        .layer(side.state.feeds.metrics().grpc_layer())
         .add_service(InterceptedService::new(reflection, side.check.clone()))
         .add_service(InterceptedService::new(
             reflection_v1alpha,
@@ -475,12 +484,7 @@ where
 
 /// Services that need the database report NOT_SERVING while it is unreachable; the server as
 /// a whole (`""`), FlagService and AuthService stay SERVING, since they answer from memory.
-async fn report_store_health(store: Store, health: tonic_health::server::HealthReporter) {
-    const NEEDS_STORE: [&str; 3] = [
-        "coresdk.v1.WebhookService",
-        "coresdk.v1.AuditService",
-        "coresdk.v1.TenantService",
-    ];
+async fn report_store_health(store: Store, health: Arc<Health>) {
     let mut was_up = true;
     let mut ticker = tokio::time::interval(std::time::Duration::from_millis(250));
     loop {
@@ -497,8 +501,8 @@ async fn report_store_health(store: Store, health: tonic_health::server::HealthR
             tracing::warn!("store unreachable: webhooks, audit and tenant RPCs answer UNAVAILABLE");
             ServingStatus::NotServing
         };
-        for name in NEEDS_STORE {
-            health.set_service_status(name, status).await;
+        for name in crate::health::NEEDS_STORE {
+            health.set(name, status).await;
         }
     }
 }

@@ -13,18 +13,22 @@ use crate::auth::FailMode;
 pub const DEFAULT_FLAGD_LISTEN: &str = "127.0.0.1:8013";
 pub const DEFAULT_FLAGD_SYNC_LISTEN: &str = "127.0.0.1:8015";
 pub const DEFAULT_OFREP_LISTEN: &str = "127.0.0.1:8016";
+/// The port OpenTelemetry's Prometheus exporters use by convention.
+pub const DEFAULT_OPS_LISTEN: &str = "127.0.0.1:9464";
 
-/// The listeners beside the main one, each for a protocol OpenFeature providers speak.
+/// The listeners beside the main one: one for each protocol OpenFeature providers speak, and
+/// the operations listener (metrics and probes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SideListener {
     Flagd,
     FlagdSync,
     Ofrep,
+    Ops,
 }
 
 impl SideListener {
     /// In the order their `coresdk <name> listening on ADDR` lines follow the main one.
-    pub const ALL: [Self; 3] = [Self::Flagd, Self::FlagdSync, Self::Ofrep];
+    pub const ALL: [Self; 4] = [Self::Flagd, Self::FlagdSync, Self::Ofrep, Self::Ops];
 
     /// Its name in the listening line and in messages.
     pub fn name(self) -> &'static str {
@@ -32,6 +36,7 @@ impl SideListener {
             Self::Flagd => "flagd",
             Self::FlagdSync => "flagd-sync",
             Self::Ofrep => "ofrep",
+            Self::Ops => "ops",
         }
     }
 
@@ -40,6 +45,7 @@ impl SideListener {
             Self::Flagd => "--flagd-listen",
             Self::FlagdSync => "--flagd-sync-listen",
             Self::Ofrep => "--ofrep-listen",
+            Self::Ops => "--ops-listen",
         }
     }
 
@@ -48,6 +54,7 @@ impl SideListener {
             Self::Flagd => "CORESDK_FLAGD_LISTEN",
             Self::FlagdSync => "CORESDK_FLAGD_SYNC_LISTEN",
             Self::Ofrep => "CORESDK_OFREP_LISTEN",
+            Self::Ops => "CORESDK_OPS_LISTEN",
         }
     }
 
@@ -56,6 +63,7 @@ impl SideListener {
             Self::Flagd => DEFAULT_FLAGD_LISTEN,
             Self::FlagdSync => DEFAULT_FLAGD_SYNC_LISTEN,
             Self::Ofrep => DEFAULT_OFREP_LISTEN,
+            Self::Ops => DEFAULT_OPS_LISTEN,
         }
     }
 
@@ -65,6 +73,7 @@ impl SideListener {
             Self::Flagd => "flagd evaluation (flagd.evaluation.v1, v2)",
             Self::FlagdSync => "flagd sync (flagd.sync.v1)",
             Self::Ofrep => "OFREP (HTTP/1.1 and h2c)",
+            Self::Ops => "operations: /metrics, /livez, /readyz (plain HTTP, no API token)",
         }
     }
 }
@@ -116,6 +125,11 @@ pub struct ServeArgs {
     /// [default: 127.0.0.1:8016]
     #[arg(long, env = "CORESDK_OFREP_LISTEN")]
     pub ofrep_listen: Option<OptionalListen>,
+    /// Address of the operations listener (Prometheus `/metrics`, `/livez`, `/readyz`; plain
+    /// HTTP without the API token), or `off`, which also stops collecting metrics
+    /// [default: 127.0.0.1:9464]
+    #[arg(long, env = "CORESDK_OPS_LISTEN")]
+    pub ops_listen: Option<OptionalListen>,
     /// The evaluation-context attribute naming the tenant; without it, the `targetingKey` does.
     #[arg(
         long,

@@ -18,6 +18,7 @@ mod abuse;
 mod histories;
 mod ofrep;
 mod openfeature;
+mod ops;
 mod sidecar;
 mod sync_size;
 
@@ -32,12 +33,13 @@ use coresdk::proto::{
     auth_service_client::AuthServiceClient, flag_service_client::FlagServiceClient,
     webhook_service_client::WebhookServiceClient,
 };
-use sidecar::{rss_kib, sidecar_binary, start_sidecar};
+use sidecar::{rss_kib, sidecar_binary, start_sidecar, start_sidecar_with};
 use tonic::transport::Channel;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 const SECRET: &str = "whsec_bench_secret";
 const JWT_SECRET: &str = "bench-jwt-secret-that-is-at-least-32-bytes";
+const ADMIN_TOKEN: &str = "bench-admin-token-0123456789abcdef";
 const TENANTS: usize = 64;
 
 type BoxError = Box<dyn std::error::Error>;
@@ -95,6 +97,13 @@ struct Args {
     /// (in-process, realistic values per the built-in rules) and print its size and build time.
     #[arg(long)]
     sync_tenants: Option<usize>,
+    /// Tenants given a flag before `/metrics` scrapes are timed (issue 13: at most 10 ms with
+    /// 10,000 tenants loaded); 0 skips the scrape phase.
+    #[arg(long, default_value_t = 10_000)]
+    scrape_tenants: usize,
+    /// Scrapes of `/metrics` timed, one after another on one keep-alive connection.
+    #[arg(long, default_value_t = 200)]
+    scrapes: usize,
 }
 
 /// The `--lifecycle-histories` run.
@@ -262,6 +271,23 @@ where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = bool> + Send,
 {
+    let server = SERVER_PID.get().copied();
+    run_phase_on(server, name, concurrency, warm_up, measured, call).await
+}
+
+/// [`run_phase`] against the server `server` (the one whose CPU time is reported).
+async fn run_phase_on<F, Fut>(
+    server: Option<u32>,
+    name: &'static str,
+    concurrency: usize,
+    warm_up: Duration,
+    measured: Duration,
+    call: Arc<F>,
+) -> Phase
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
@@ -291,7 +317,6 @@ where
         }));
     }
     tokio::time::sleep(warm_up).await;
-    let server = SERVER_PID.get().copied();
     let cpu_before = server.and_then(sidecar::cpu_seconds);
     measuring.store(true, Ordering::Relaxed);
     let started = Instant::now();
@@ -315,6 +340,46 @@ where
         latencies_us,
         server_cpu_s,
     }
+}
+
+/// GetFlag of `pro_features` for bench tenant `tenant`, over `channel`.
+async fn get_flag_once(channel: Channel, tenant: usize) -> bool {
+    FlagServiceClient::new(channel)
+        .get_flag(GetFlagRequest {
+            tenant_id: format!("tenant-{tenant}"),
+            key: "pro_features".into(),
+        })
+        .await
+        .is_ok()
+}
+
+/// Calls [`get_flag_once`] over `channels`, the bench tenants in turn.
+macro_rules! get_flag_caller {
+    ($channels:expr) => {{
+        let channels: Arc<Vec<Channel>> = $channels;
+        Arc::new(move |w: usize, n: u64| {
+            get_flag_once(
+                channels[w % channels.len()].clone(),
+                (n as usize + w) % TENANTS,
+            )
+        })
+    }};
+}
+
+/// One paid invoice per bench tenant, so its flags are set (not catalog defaults).
+async fn pay_every_tenant(channel: &Channel) -> Result<(), BoxError> {
+    let mut setup = WebhookServiceClient::new(channel.clone());
+    for i in 0..TENANTS {
+        setup
+            .handle_stripe_webhook(signed_event(
+                format!("evt_setup_{}_{i}", std::process::id()),
+                "invoice.paid",
+                coresdk::time::now_s(),
+                &format!("cus_bench_{i}"),
+            ))
+            .await?;
+    }
+    Ok(())
 }
 
 fn print_phase(phase: &Phase, baseline: Option<&Phase>) {
@@ -404,22 +469,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .is_ok()
         }
     });
-    let chans = channels.clone();
-    let tenant_ids: Arc<Vec<String>> =
-        Arc::new((0..TENANTS).map(|i| format!("tenant-{i}")).collect());
-    let get_flag_call = Arc::new(move |w: usize, n: u64| {
-        let mut client = FlagServiceClient::new(chans[w % chans.len()].clone());
-        let tenant_id = tenant_ids[(n as usize + w) % TENANTS].clone();
-        async move {
-            client
-                .get_flag(GetFlagRequest {
-                    tenant_id,
-                    key: "pro_features".into(),
-                })
-                .await
-                .is_ok()
-        }
-    });
+    let get_flag_call = get_flag_caller!(channels.clone());
     let chans = channels.clone();
     let tokens: Arc<Vec<String>> = Arc::new(
         (0..TENANTS)
@@ -464,17 +514,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     // Every bench tenant pays, so Authorize measures the common path: allowed.
-    let mut setup = WebhookServiceClient::new(channels[0].clone());
-    for i in 0..TENANTS {
-        setup
-            .handle_stripe_webhook(signed_event(
-                format!("evt_setup_{}_{i}", std::process::id()),
-                "invoice.paid",
-                coresdk::time::now_s(),
-                &format!("cus_bench_{i}"),
-            ))
-            .await?;
-    }
+    pay_every_tenant(&channels[0]).await?;
     let rounds = args.seconds.max(1);
     let round = Duration::from_secs(1);
     let mut health: Option<Phase> = None;
@@ -566,6 +606,38 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Some(ofrep_phase) = &ofrep_phase {
         print_phase(ofrep_phase, Some(&health));
+    }
+
+    // The same build, metrics off: a sidecar of its own with `--ops-listen off`, same data.
+    match &sidecar {
+        Some(started) if started.sides.contains_key("ops") => {
+            let off = start_sidecar_with(
+                sidecar_binary(args.sidecar.as_deref())?,
+                args.store.as_deref(),
+                &[("CORESDK_OPS_LISTEN", "off")],
+            )?;
+            let mut off_channels = Vec::new();
+            for _ in 0..args.connections.max(1) {
+                off_channels.push(channel(&off.addr).await?);
+            }
+            pay_every_tenant(&off_channels[0]).await?;
+            println!(
+                "ops: GetFlag with metrics collected (ratio to a sidecar with --ops-listen off, same build, same run)"
+            );
+            ops::metrics_overhead(
+                (pid, get_flag_caller!(channels.clone())),
+                (
+                    Some(off.child.id()),
+                    get_flag_caller!(Arc::new(off_channels)),
+                ),
+                args.read_concurrency,
+                rounds,
+            )
+            .await;
+        }
+        _ => println!(
+            "ops: metrics overhead skipped (the sidecar has no ops listener, or --addr was given)"
+        ),
     }
 
     let peak_rss = Arc::new(AtomicU64::new(0));
@@ -732,6 +804,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "server RSS after the abuse phases: {:.1} MiB",
             rss as f64 / 1024.0
         );
+    }
+    // Last: it leaves the sidecar with many more tenants than the phases above measured.
+    match sidecar.as_ref().and_then(|s| s.sides.get("ops")) {
+        Some(ops_addr) if args.scrape_tenants > 0 => {
+            ops::scrape_latency(
+                channels[0].clone(),
+                ops_addr,
+                args.scrape_tenants,
+                args.scrapes,
+            )
+            .await?
+        }
+        _ => println!("ops: /metrics scrape skipped (no ops listener, or --scrape-tenants 0)"),
     }
     Ok(())
 }

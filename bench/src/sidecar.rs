@@ -24,7 +24,7 @@ pub fn sidecar_binary(given: Option<&Path>) -> Result<PathBuf, Box<dyn std::erro
 pub struct Sidecar {
     pub child: Child,
     pub addr: String,
-    /// The OpenFeature listeners it announced, by name (`flagd`, `flagd-sync`, `ofrep`); an
+    /// The side listeners it announced, by name (`flagd`, `flagd-sync`, `ofrep`, `ops`); an
     /// older sidecar has none.
     pub sides: HashMap<String, String>,
     _dir: tempfile::TempDir,
@@ -42,6 +42,15 @@ impl Drop for Sidecar {
 pub fn start_sidecar(
     binary: PathBuf,
     store: Option<&str>,
+) -> Result<Sidecar, Box<dyn std::error::Error>> {
+    start_sidecar_with(binary, store, &[])
+}
+
+/// [`start_sidecar`] with more environment (`envs` last, so they win).
+pub fn start_sidecar_with(
+    binary: PathBuf,
+    store: Option<&str>,
+    envs: &[(&str, &str)],
 ) -> Result<Sidecar, Box<dyn std::error::Error>> {
     use std::io::{BufRead, BufReader};
     if !binary.exists() {
@@ -77,6 +86,10 @@ pub fn start_sidecar(
         .env("CORESDK_FLAGD_LISTEN", "127.0.0.1:0")
         .env("CORESDK_FLAGD_SYNC_LISTEN", "127.0.0.1:0")
         .env("CORESDK_OFREP_LISTEN", "127.0.0.1:0")
+        // Metrics on, as by default; the admin token loads the tenants the scrape is timed with.
+        .env("CORESDK_OPS_LISTEN", "127.0.0.1:0")
+        .env("CORESDK_ADMIN_TOKEN", crate::ADMIN_TOKEN)
+        .envs(envs.iter().copied())
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;

@@ -22,6 +22,15 @@ pub enum FailMode {
     Closed,
 }
 
+impl FailMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailMode::Open => "open",
+            FailMode::Closed => "closed",
+        }
+    }
+}
+
 /// Comparing digests keeps the comparison constant-time whatever the lengths.
 pub fn tokens_match(presented: &str, expected: &str) -> bool {
     Sha256::digest(presented.trim().as_bytes())

@@ -432,3 +432,26 @@ fn the_openfeature_listeners_default_to_flagds_ports_and_can_be_turned_off() {
     let keep_alive = error(&["--flagd-keep-alive-s", "0"]);
     assert_eq!(keep_alive.setting, "CORESDK_FLAGD_KEEP_ALIVE_S");
 }
+
+#[test]
+fn the_ops_listener_defaults_to_loopback_9464_follows_the_side_listener_rules_and_can_be_turned_off()
+ {
+    let defaults = config(&[]);
+    assert_eq!(
+        defaults.ops_listen,
+        Some("127.0.0.1:9464".parse().expect("addr"))
+    );
+    assert!(defaults.listens_by_default(SideListener::Ops));
+    let chosen = config(&["--ops-listen", "0.0.0.0:9464"]);
+    assert_eq!(chosen.listen_of(SideListener::Ops), chosen.ops_listen);
+    assert!(!chosen.listens_by_default(SideListener::Ops));
+    assert_eq!(config(&["--ops-listen", "off"]).ops_listen, None);
+    let shared = error(&[
+        "--ofrep-listen",
+        "127.0.0.1:9002",
+        "--ops-listen",
+        "127.0.0.1:9002",
+    ]);
+    assert_eq!(shared.setting, "CORESDK_OPS_LISTEN");
+    assert!(shared.message.contains("CORESDK_OFREP_LISTEN"), "{shared}");
+}

@@ -111,7 +111,13 @@ where
         },
         side.in_flight,
     );
-    Ok(tokio::spawn(accept(side.listener, app, tls, stopping)))
+    Ok(tokio::spawn(accept(
+        "OFREP",
+        side.listener,
+        app,
+        tls,
+        stopping,
+    )))
 }
 
 fn router(ofrep: Ofrep, in_flight: crate::drain::InFlight) -> Router {
@@ -200,7 +206,11 @@ impl Drop for Answering {
     }
 }
 
-async fn accept(
+/// Serves HTTP/1.1 and h2c (or TLS) connections of `listener` with `app` until `stopping`:
+/// connections bounded in number, in head size, in idle time and in how long they stay after
+/// the stop. `protocol` names them in the log. The ops listener serves this way too.
+pub(crate) async fn accept(
+    protocol: &'static str,
     listener: TcpListener,
     app: Router,
     tls: Option<TlsAcceptor>,
@@ -226,7 +236,7 @@ async fn accept(
                 Ok((tcp, _)) => tcp,
                 Err(error) => {
                     // Out of file descriptors and the like: pause rather than spin.
-                    tracing::warn!(%error, "OFREP could not accept a connection");
+                    tracing::warn!(%error, protocol, "could not accept a connection");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -241,27 +251,27 @@ async fn accept(
         connections.spawn(async move {
             let _permit = permit;
             let served = match tls {
-                None => serve_connection(&builder, tcp, app, stopped).await,
+                None => serve_connection(protocol, &builder, tcp, app, stopped).await,
                 Some(tls) => {
                     let handshake = tokio::select! {
                         handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(tcp)) => handshake,
                         _ = stopped.wait_for(|stop| *stop) => return,
                     };
                     match handshake {
-                        Ok(Ok(stream)) => serve_connection(&builder, stream, app, stopped).await,
+                        Ok(Ok(stream)) => serve_connection(protocol, &builder, stream, app, stopped).await,
                         Ok(Err(error)) => {
-                            tracing::debug!(%error, "OFREP TLS handshake failed");
+                            tracing::debug!(%error, protocol, "TLS handshake failed");
                             return;
                         }
                         Err(_) => {
-                            tracing::debug!("OFREP TLS handshake timed out");
+                            tracing::debug!(protocol, "TLS handshake timed out");
                             return;
                         }
                     }
                 }
             };
             if let Err(error) = served {
-                tracing::debug!(%error, "OFREP connection ended with an error");
+                tracing::debug!(%error, protocol, "connection ended with an error");
             }
         });
     }
@@ -275,7 +285,8 @@ async fn accept(
     {
         tracing::debug!(
             left = connections.len(),
-            "OFREP connections closed by force"
+            protocol,
+            "connections closed by force"
         );
     }
     Ok(())
@@ -286,6 +297,7 @@ async fn accept(
 /// HTTP/2 preface) or the sidecar stops. Then it is told to go (idle HTTP/1 closed, HTTP/2
 /// `GOAWAY`) and, still open [`CLOSE_GRACE`] after its last answer, dropped.
 async fn serve_connection<I>(
+    protocol: &'static str,
     builder: &auto::Builder<TokioExecutor>,
     io: I,
     app: Router,
@@ -319,7 +331,7 @@ where
     tokio::select! {
         served = connection.as_mut() => served,
         () = activity.idle_for(CLOSE_GRACE, Instant::now()) => {
-            tracing::debug!("OFREP connection closed by force after its grace");
+            tracing::debug!(protocol, "connection closed by force after its grace");
             Ok(())
         }
     }

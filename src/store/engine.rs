@@ -99,6 +99,7 @@ pub(crate) fn run_batch<C: Connection>(
     if batch.is_empty() {
         return;
     }
+    let began = std::time::Instant::now();
     let tx = match conn.begin_write(state) {
         Ok(tx) => tx,
         Err(e) => {
@@ -151,6 +152,7 @@ pub(crate) fn run_batch<C: Connection>(
     if let Err(e) = committed {
         return abandon(tx, state, at_begin, ran, std::iter::empty(), &e);
     }
+    listener.metrics().store_commit(ran.len(), began.elapsed());
     listener.committed(changes);
     for job in ran {
         job.answer(Ok(()));

@@ -196,6 +196,11 @@ pub enum Committed {
 
 pub trait CommitListener: Send + Sync {
     fn committed(&self, changes: Vec<Committed>);
+
+    /// Where the store records its commits and its change feed's reconnects.
+    fn metrics(&self) -> &crate::metrics::Metrics {
+        crate::metrics::Metrics::off()
+    }
 }
 
 /// The primitive operations a transaction offers. Writes are visible to later reads of the
@@ -451,6 +456,11 @@ impl Store {
             _ => Arc::new(sqlite::SqliteStore::open(url, listener)?),
         };
         Ok(Self::over(backend))
+    }
+
+    /// Jobs queued or running, reads and writes: the room they hold.
+    pub fn queued(&self) -> usize {
+        MAX_QUEUED_JOBS.saturating_sub(self.room.available_permits())
     }
 
     fn over(backend: Arc<dyn Backend>) -> Self {

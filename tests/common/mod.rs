@@ -8,6 +8,7 @@ pub mod flagd_sync;
 pub mod inputs;
 pub mod mapping;
 pub mod ofrep;
+pub mod ops;
 pub mod parking;
 
 use std::io::{BufRead, BufReader};
@@ -95,6 +96,7 @@ pub fn serve_command(args: &[String], envs: &[(String, String)], stderr: Stdio) 
         .env("CORESDK_FLAGD_LISTEN", "off")
         .env("CORESDK_FLAGD_SYNC_LISTEN", "off")
         .env("CORESDK_OFREP_LISTEN", "off")
+        .env("CORESDK_OPS_LISTEN", "off")
         .env(
             "CORESDK_LOG",
             std::env::var("TEST_CORESDK_LOG").unwrap_or_else(|_| "error".into()),

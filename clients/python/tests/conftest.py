@@ -31,6 +31,7 @@ ENV = {
     "CORESDK_FLAGD_LISTEN": "off",
     "CORESDK_FLAGD_SYNC_LISTEN": "off",
     "CORESDK_OFREP_LISTEN": "off",
+    "CORESDK_OPS_LISTEN": "off",
 }
 
 

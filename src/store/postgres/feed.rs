@@ -70,6 +70,7 @@ impl Feed {
             }
             if let Err(e) = followed {
                 tracing::warn!(error = %e, %server, "change feed lost; reconnecting");
+                self.listener.metrics().feed_reconnected();
             }
             self.cache.set_degraded(true);
             self.reachable.store(false, Ordering::Release);
