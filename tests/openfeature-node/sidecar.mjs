@@ -28,9 +28,9 @@ export const ENV = {
 };
 // examples/tenants.json: cus_acme_001 → acme-corp, cus_globex_001 → globex, cus_initech_001 → initech.
 export const TENANTS_FILE = join(ROOT, 'examples', 'tenants.json');
-// Every OpenFeature listener the sidecar may have: each is off unless a test asks for it, so a
-// test never races another process for flagd's default ports.
-const OPENFEATURE_LISTENERS = ['flagd', 'flagd-sync', 'ofrep'];
+// Every side listener the sidecar may have (the OpenFeature ones and operations): each is off
+// unless a test asks for it, so a test never races another process for a default port.
+const SIDE_LISTENERS = ['flagd', 'flagd-sync', 'ofrep', 'ops'];
 
 // Hang guards only: a debug build opening a fresh store is slow on a loaded machine.
 const START_TIMEOUT_MS = 30_000;
@@ -145,7 +145,7 @@ export class Sidecar {
 
   async #spawn() {
     const env = { ...ENV, ...this.#env, PATH: process.env.PATH ?? '', CORESDK_LOG: 'error' };
-    for (const name of OPENFEATURE_LISTENERS) env[listenEnv(name)] = 'off';
+    for (const name of SIDE_LISTENERS) env[listenEnv(name)] = 'off';
     for (const [name, addr] of this.#wanted) env[listenEnv(name)] = addr;
     const child = spawn(
       binary(),
