@@ -13,6 +13,7 @@ pub mod config;
 pub mod drain;
 pub mod feeds;
 pub mod flags;
+pub mod limits;
 pub mod openfeature;
 pub mod ops;
 pub mod problem;

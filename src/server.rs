@@ -1,6 +1,7 @@
 //! Assembles the services, health and reflection, and runs them until SIGTERM/SIGINT, then
-//! drains: NOT_SERVING first, streams told to end, in-flight calls given a bounded grace, and
-//! the store closed cleanly last.
+//! drains: NOT_SERVING first while every call is still answered for the shutdown delay, then
+//! no new calls, streams told to end, in-flight calls given a bounded grace, and the store
+//! closed cleanly last.
 
 use std::sync::Arc;
 
@@ -10,6 +11,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
+use tower::layer::util::{Identity as NoLayer, Stack};
 
 use crate::api::{
     audit::AuditApi, auth::AuthApi, flags::FlagApi, tenants::TenantApi, webhook::WebhookApi,
@@ -116,6 +118,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let listen = config.listen;
     let grace = config.shutdown_grace;
+    let delay = config.shutdown_delay;
     let max_message = config
         .webhook_max_body_bytes
         .saturating_mul(4)
@@ -137,7 +140,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         tonic_health::pb::FILE_DESCRIPTOR_SET,
     ])?;
 
-    let signals = ShutdownSignals::register().map_err(ServeError::Signals)?;
+    let mut signals = ShutdownSignals::register().map_err(ServeError::Signals)?;
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|source| ServeError::Bind {
@@ -256,15 +259,31 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     });
 
     signals.received().await;
-    tracing::info!(
-        in_flight = in_flight.current(),
-        "shutting down: NOT_SERVING, draining in-flight calls"
-    );
+    // Stopped first: a store coming back must not turn a service SERVING again while we go.
+    store_health.abort();
     for name in SERVICE_NAMES.into_iter().chain([""]) {
         health_reporter
             .set_service_status(name, ServingStatus::NotServing)
             .await;
     }
+    // Load balancers and the app next to us see NOT_SERVING and stop sending; until they
+    // have, every call (and every new connection) is still answered, streams included.
+    if !delay.is_zero() {
+        tracing::info!(
+            ?delay,
+            "shutting down: NOT_SERVING, still answering every call for the shutdown delay (CORESDK_SHUTDOWN_DELAY_S); send SIGTERM or SIGINT again to end the delay now"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = signals.received() => {
+                tracing::info!("second shutdown signal: the shutdown delay ends now");
+            }
+        }
+    }
+    tracing::info!(
+        in_flight = in_flight.current(),
+        "shutting down: no new calls, draining in-flight calls"
+    );
     let _ = shutdown_tx.send(true);
     if !in_flight.drained(grace).await {
         tracing::warn!(
@@ -281,7 +300,6 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             failed.get_or_insert(e);
         }
     }
-    store_health.abort();
     if let Some(task) = checkpointing {
         task.abort();
     }
@@ -306,9 +324,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     failed.map_or(Ok(()), Err)
 }
 
-/// A server builder with the listener's TLS settings, if any.
-fn server_builder(config: &Config) -> Result<Server, ServeError> {
-    let mut builder = Server::builder();
+/// A server builder with the listener's TLS settings, if any, and the limits every gRPC
+/// listener shares.
+fn server_builder(
+    config: &Config,
+) -> Result<Server<Stack<crate::limits::RequestTimeout, NoLayer>>, ServeError> {
+    let mut builder = config.limits.apply(Server::builder());
     if let Some(tls) = &config.tls {
         let mut tls_config =
             ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key));
@@ -317,7 +338,7 @@ fn server_builder(config: &Config) -> Result<Server, ServeError> {
         }
         builder = builder.tls_config(tls_config)?;
     }
-    Ok(builder)
+    Ok(builder.layer(config.limits.request_timeout(&config.problem_links)))
 }
 
 /// A server's task; it ends when the shutdown signal has drained it.
@@ -590,7 +611,8 @@ impl ShutdownSignals {
         })
     }
 
-    async fn received(mut self) {
+    /// The next SIGTERM or SIGINT.
+    async fn received(&mut self) {
         tokio::select! {
             _ = self.terminate.recv() => {},
             _ = self.interrupt.recv() => {},

@@ -77,6 +77,8 @@ pub fn start_sidecar(
         .env("CORESDK_FLAGD_LISTEN", "127.0.0.1:0")
         .env("CORESDK_FLAGD_SYNC_LISTEN", "127.0.0.1:0")
         .env("CORESDK_OFREP_LISTEN", "127.0.0.1:0")
+        // Stopped when dropped: no load balancer to wait for.
+        .env("CORESDK_SHUTDOWN_DELAY_S", "0")
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;

@@ -31,6 +31,8 @@ ENV = {
     "CORESDK_FLAGD_LISTEN": "off",
     "CORESDK_FLAGD_SYNC_LISTEN": "off",
     "CORESDK_OFREP_LISTEN": "off",
+    # Sidecars are stopped often: no shutdown delay (the Rust suite tests it).
+    "CORESDK_SHUTDOWN_DELAY_S": "0",
 }
 
 
