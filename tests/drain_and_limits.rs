@@ -331,7 +331,8 @@ async fn a_unary_call_over_the_request_timeout_gets_the_problem_and_streams_outl
 }
 
 /// Calls beyond `--max-concurrent-per-connection` wait in line on their connection; other
-/// connections are unaffected; the waiting call is served once a slot frees.
+/// connections are unaffected; the waiting call is served once a slot frees; a started stream
+/// takes no place.
 #[tokio::test]
 async fn calls_over_the_per_connection_limit_wait_their_turn() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -340,6 +341,15 @@ async fn calls_over_the_per_connection_limit_wait_their_turn() {
         &[("CORESDK_MAX_CONCURRENT_PER_CONNECTION", "1")],
     );
     let busy = connect(&addr).await;
+    // An open stream holds no place once started: the connection still serves a call.
+    let _stream = watch(&busy).await;
+    tokio::time::timeout(
+        HANG_GUARD,
+        FlagServiceClient::new(busy.clone()).get_flag(get_flag()),
+    )
+    .await
+    .expect("not held up by the stream")
+    .expect("GetFlag beside a stream");
     let lock = WriteLock::take(dir.path());
     let mut flags = FlagServiceClient::new(busy.clone());
     let slow =
@@ -417,40 +427,54 @@ async fn pump(
     std::future::pending::<()>().await;
 }
 
-/// With HTTP/2 keepalive, a peer that stops answering (no FIN, no RST) is found dead and its
-/// stream freed: with room for one stream, a new one is accepted again.
-#[tokio::test]
-async fn keepalive_frees_the_streams_of_a_dead_peer() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let (mut child, addr) = start(
-        dir.path(),
-        &[
-            ("CORESDK_MAX_STREAMS", "1"),
-            ("CORESDK_HTTP2_KEEPALIVE_INTERVAL_S", "0.2"),
-            ("CORESDK_HTTP2_KEEPALIVE_TIMEOUT_S", "0.3"),
-        ],
-    );
-    let (proxied, freeze) = freezable_proxy(addr.clone()).await;
-    let doomed = connect(&proxied).await;
-    let _stream = watch(&doomed).await;
-    let direct = connect(&addr).await;
-    let refused = FlagServiceClient::new(direct.clone())
-        .watch_flags(WatchFlagsRequest {
-            tenant_id: "acme".into(),
-        })
+type Opened = Result<Box<dyn Send>, tonic::Status>;
+type Opening = std::pin::Pin<Box<dyn std::future::Future<Output = Opened> + Send>>;
+
+fn open_watch(channel: Channel) -> Opening {
+    Box::pin(async move {
+        let stream = FlagServiceClient::new(channel)
+            .watch_flags(WatchFlagsRequest {
+                tenant_id: "acme".into(),
+            })
+            .await?;
+        Ok(Box::new(stream.into_inner()) as Box<dyn Send>)
+    })
+}
+
+fn open_event_stream(channel: Channel) -> Opening {
+    use coresdk::flagd_proto::evaluation::v2;
+    Box::pin(async move {
+        let stream = common::flagd::v2_client(&channel)
+            .event_stream(v2::EventStreamRequest {})
+            .await?;
+        Ok(Box::new(stream.into_inner()) as Box<dyn Send>)
+    })
+}
+
+const ONE_STREAM_FAST_PINGS: [(&str, &str); 3] = [
+    ("CORESDK_MAX_STREAMS", "1"),
+    ("CORESDK_HTTP2_KEEPALIVE_INTERVAL_S", "0.2"),
+    ("CORESDK_HTTP2_KEEPALIVE_TIMEOUT_S", "0.3"),
+];
+
+/// Opens the one stream `--max-streams 1` allows through a proxy at `addr`, freezes the proxy,
+/// and waits (bounded) until a stream opened directly is accepted again.
+async fn a_dead_peers_stream_is_freed(addr: &str, open: fn(Channel) -> Opening) {
+    let (proxied, freeze) = freezable_proxy(addr.to_owned()).await;
+    let _doomed = open(connect(&proxied).await)
         .await
-        .expect_err("the only stream slot is taken");
+        .expect("the one stream allowed");
+    let direct = connect(addr).await;
+    let refused = open(direct.clone())
+        .await
+        .err()
+        .expect("the only stream place is taken");
     assert_eq!(error_reason(&refused), "TOO_MANY_STREAMS");
 
     freeze.send(true).expect("the proxy runs");
     let deadline = tokio::time::Instant::now() + HANG_GUARD;
     loop {
-        let attempt = FlagServiceClient::new(direct.clone())
-            .watch_flags(WatchFlagsRequest {
-                tenant_id: "acme".into(),
-            })
-            .await;
-        match attempt {
+        match open(direct.clone()).await {
             Ok(_) => break,
             Err(status) => assert_eq!(error_reason(&status), "TOO_MANY_STREAMS"),
         }
@@ -460,6 +484,28 @@ async fn keepalive_frees_the_streams_of_a_dead_peer() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// With HTTP/2 keepalive, a peer that stops answering (no FIN, no RST) is found dead and its
+/// stream freed: with room for one stream, a new one is accepted again.
+#[tokio::test]
+async fn keepalive_frees_the_streams_of_a_dead_peer() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut child, addr) = start(dir.path(), &ONE_STREAM_FAST_PINGS);
+    a_dead_peers_stream_is_freed(&addr, open_watch).await;
     signal(&child, "TERM");
     assert!(exits_cleanly(&mut child).await);
+}
+
+/// The flagd listener has the same keepalive as the main one.
+#[tokio::test]
+async fn keepalive_frees_a_dead_peers_flagd_event_stream() {
+    let mut options = Options::default();
+    options.envs.extend(
+        ONE_STREAM_FAST_PINGS
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    let (_sidecar, flagd) = common::flagd::start(options).await;
+    a_dead_peers_stream_is_freed(&flagd, open_event_stream).await;
 }
