@@ -109,6 +109,19 @@ fn set_flag(key: &str, on: bool, reason: &str) -> tonic::Request<SetFlagRequest>
     })
 }
 
+type SetFlagCall =
+    tokio::task::JoinHandle<Result<tonic::Response<coresdk::proto::Flag>, tonic::Status>>;
+
+/// A SetFlag on `channel` that stays in flight while `_lock` is held: its write waits for it.
+async fn slow_set_flag(channel: &Channel, _lock: &WriteLock) -> SetFlagCall {
+    let mut flags = FlagServiceClient::new(channel.clone());
+    let slow =
+        tokio::spawn(async move { flags.set_flag(set_flag("pro_features", true, "slow")).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!slow.is_finished(), "the write waits for the lock");
+    slow
+}
+
 fn get_flag() -> GetFlagRequest {
     GetFlagRequest {
         tenant_id: "acme".into(),
@@ -181,12 +194,7 @@ async fn sigterm_keeps_answering_while_not_serving_for_the_delay_then_drains() {
     let mut stream = watch(&channel).await;
 
     let lock = WriteLock::take(dir.path());
-    let mut flags = FlagServiceClient::new(channel.clone());
-    let slow =
-        tokio::spawn(async move { flags.set_flag(set_flag("pro_features", true, "slow")).await });
-    // The write is queued behind the lock (its answer cannot come while the lock is held).
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!slow.is_finished(), "the write waits for the lock");
+    let slow = slow_set_flag(&channel, &lock).await;
 
     signal(&child, "TERM");
     until_not_serving(&channel).await;
@@ -259,11 +267,7 @@ async fn with_no_delay_sigterm_stops_accepting_at_once_and_drains() {
     let (mut child, addr) = start(dir.path(), &[("CORESDK_SHUTDOWN_DELAY_S", "0")]);
     let channel = connect(&addr).await;
     let lock = WriteLock::take(dir.path());
-    let mut flags = FlagServiceClient::new(channel.clone());
-    let slow =
-        tokio::spawn(async move { flags.set_flag(set_flag("pro_features", true, "slow")).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!slow.is_finished(), "the write waits for the lock");
+    let slow = slow_set_flag(&channel, &lock).await;
 
     signal(&child, "TERM");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
@@ -351,10 +355,7 @@ async fn calls_over_the_per_connection_limit_wait_their_turn() {
     .expect("not held up by the stream")
     .expect("GetFlag beside a stream");
     let lock = WriteLock::take(dir.path());
-    let mut flags = FlagServiceClient::new(busy.clone());
-    let slow =
-        tokio::spawn(async move { flags.set_flag(set_flag("pro_features", true, "slow")).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let slow = slow_set_flag(&busy, &lock).await;
     let mut queued_flags = FlagServiceClient::new(busy.clone());
     let queued = tokio::spawn(async move { queued_flags.get_flag(get_flag()).await });
 
