@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::auth::token::{TokenSettings, TokenVerifier};
 use crate::checkpoint::Checkpointer;
+pub use crate::limits::ServerLimits;
 use crate::ops::ParkingLimits;
 use crate::problem::ProblemLinks;
 use crate::rules::Rules;
@@ -113,6 +114,10 @@ pub struct Config {
     pub fail_mode: FailMode,
     pub log_format: LogFormat,
     pub shutdown_grace: std::time::Duration,
+    /// How long after SIGTERM every RPC is still answered while health says NOT_SERVING.
+    pub shutdown_delay: std::time::Duration,
+    /// What every gRPC listener bounds: calls per connection, keepalive, unary time.
+    pub limits: ServerLimits,
     pub api_token: Option<String>,
     pub tokens: Arc<TokenVerifier>,
     pub problem_links: ProblemLinks,
@@ -219,6 +224,13 @@ impl Config {
             args.audit_checkpoint_interval_s,
         )?;
         let flagd_keep_alive = interval("CORESDK_FLAGD_KEEP_ALIVE_S", args.flagd_keep_alive_s)?;
+        let shutdown_delay = seconds_or_off(
+            "CORESDK_SHUTDOWN_DELAY_S",
+            args.shutdown_delay_s,
+            MAX_SHUTDOWN_DELAY_S,
+        )?
+        .unwrap_or_default();
+        let limits = server_limits(&args)?;
         // A PostgreSQL URL's own settings (pool_size, sslmode, port) are checked now, not when
         // the store opens, so a mistake is a setting error like any other.
         if let StoreUrl::Postgres(url) = &store {
@@ -328,6 +340,8 @@ impl Config {
             fail_mode: args.fail_mode,
             log_format: args.log_format,
             shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace_s),
+            shutdown_delay,
+            limits,
             api_token,
             tokens: Arc::new(tokens),
             problem_links,
@@ -490,6 +504,72 @@ fn interval(setting: &'static str, seconds: f64) -> Result<std::time::Duration, 
         .ok()
         .filter(|interval| *interval >= MIN_INTERVAL)
         .ok_or_else(|| config_error(setting, "must be a number of seconds, at least 0.01"))
+}
+
+/// Kubernetes' own default grace period is 30 s; an hour is far past any sane drain, and the
+/// bound keeps a typo from keeping a pod in Terminating for days.
+const MAX_SHUTDOWN_DELAY_S: f64 = 3600.0;
+/// Time-outs and keepalives longer than a day mean "never" in practice, and bounding them keeps
+/// deadline arithmetic far from overflow.
+const MAX_LIMIT_S: f64 = 86_400.0;
+
+/// Seconds as a duration, `None` for 0 (off); otherwise at least [`MIN_INTERVAL`] and at most
+/// `max`.
+fn seconds_or_off(
+    setting: &'static str,
+    seconds: f64,
+    max: f64,
+) -> Result<Option<std::time::Duration>, ConfigError> {
+    if seconds == 0.0 {
+        return Ok(None);
+    }
+    std::time::Duration::try_from_secs_f64(seconds)
+        .ok()
+        .filter(|d| *d >= MIN_INTERVAL && seconds <= max)
+        .map(Some)
+        .ok_or_else(|| {
+            config_error(
+                setting,
+                format!("must be 0 (off) or a number of seconds from 0.01 to {max}"),
+            )
+        })
+}
+
+fn server_limits(args: &ServeArgs) -> Result<ServerLimits, ConfigError> {
+    const MAX_CONCURRENT: usize = 1_000_000;
+    if args.max_concurrent_per_connection == 0
+        || args.max_concurrent_per_connection > MAX_CONCURRENT
+    {
+        return Err(config_error(
+            "CORESDK_MAX_CONCURRENT_PER_CONNECTION",
+            format!("must be a whole number from 1 to {MAX_CONCURRENT}"),
+        ));
+    }
+    let http2_keepalive_timeout = seconds_or_off(
+        "CORESDK_HTTP2_KEEPALIVE_TIMEOUT_S",
+        args.http2_keepalive_timeout_s,
+        MAX_LIMIT_S,
+    )?
+    .ok_or_else(|| {
+        config_error(
+            "CORESDK_HTTP2_KEEPALIVE_TIMEOUT_S",
+            "must be a number of seconds from 0.01; to turn pings off set CORESDK_HTTP2_KEEPALIVE_INTERVAL_S=0",
+        )
+    })?;
+    Ok(ServerLimits {
+        request_timeout: seconds_or_off(
+            "CORESDK_REQUEST_TIMEOUT_S",
+            args.request_timeout_s,
+            MAX_LIMIT_S,
+        )?,
+        max_concurrent_per_connection: args.max_concurrent_per_connection,
+        http2_keepalive_interval: seconds_or_off(
+            "CORESDK_HTTP2_KEEPALIVE_INTERVAL_S",
+            args.http2_keepalive_interval_s,
+            MAX_LIMIT_S,
+        )?,
+        http2_keepalive_timeout,
+    })
 }
 
 fn checkpoint_files(

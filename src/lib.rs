@@ -14,6 +14,7 @@ pub mod drain;
 pub mod feeds;
 pub mod flags;
 pub mod health;
+pub mod limits;
 pub mod metrics;
 pub mod openfeature;
 pub mod ops;

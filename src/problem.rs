@@ -145,6 +145,11 @@ pub enum Error {
         "this sidecar serves at most {limit} streams (WatchFlags, Tail) at once and all are open; close one or raise CORESDK_MAX_STREAMS"
     )]
     TooManyStreams { limit: usize },
+    #[error(
+        "the call ran longer than this sidecar's {} s request timeout (CORESDK_REQUEST_TIMEOUT_S) and was stopped; it may or may not have taken effect, so retry only what is safe to repeat",
+        limit.as_secs_f64()
+    )]
+    RequestTimeout { limit: Duration },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -369,6 +374,13 @@ impl Error {
                 "too-many-streams",
                 "Too many streams",
                 "TOO_MANY_STREAMS",
+            ),
+            RequestTimeout { .. } => m(
+                Code::DeadlineExceeded,
+                504,
+                "request-timeout",
+                "Request timed out",
+                "REQUEST_TIMEOUT",
             ),
             Internal(_) => m(
                 Code::Internal,

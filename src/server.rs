@@ -1,6 +1,7 @@
 //! Assembles the services, health and reflection, and runs them until SIGTERM/SIGINT, then
-//! drains: NOT_SERVING first, streams told to end, in-flight calls given a bounded grace, and
-//! the store closed cleanly last.
+//! drains: NOT_SERVING first while every call is still answered for the shutdown delay, then
+//! no new calls, streams told to end, in-flight calls given a bounded grace, and the store
+//! closed cleanly last.
 
 use std::sync::Arc;
 
@@ -10,6 +11,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
+use tower::layer::util::{Identity as NoLayer, Stack};
 
 use crate::health::Health;
 
@@ -126,6 +128,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let listen = config.listen;
     let grace = config.shutdown_grace;
+    let delay = config.shutdown_delay;
     let max_message = config
         .webhook_max_body_bytes
         .saturating_mul(4)
@@ -147,7 +150,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         tonic_health::pb::FILE_DESCRIPTOR_SET,
     ])?;
 
-    let signals = ShutdownSignals::register().map_err(ServeError::Signals)?;
+    let mut signals = ShutdownSignals::register().map_err(ServeError::Signals)?;
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|source| ServeError::Bind {
@@ -160,7 +163,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     })?;
 
     let in_flight = crate::drain::InFlight::default();
-    let builder = server_builder(&state.config)?;
+    let mut builder = server_builder(&state.config, state.feeds.metrics(), &in_flight)?;
     let check = crate::api::api_token_check(
         state.config.api_token.clone(),
         state.config.admin_token.clone(),
@@ -169,8 +172,6 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     // Oversized webhook bodies must reach the handler to get a problem answer, so the
     // transport limit sits well above the body limit.
     let router = builder
-        .layer(in_flight.clone())
-        .layer(state.feeds.metrics().grpc_layer())
         .add_service(health_service)
         .add_service(InterceptedService::new(reflection_v1, check.clone()))
         .add_service(InterceptedService::new(reflection_v1alpha, check.clone()))
@@ -265,11 +266,27 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     });
 
     signals.received().await;
+    // Stopped first: a store coming back must not turn a service SERVING again while we go.
+    store_health.abort();
+    health.set_all(ServingStatus::NotServing).await;
+    // Load balancers and the app next to us see NOT_SERVING and stop sending; until they
+    // have, every call (and every new connection) is still answered, streams included.
+    if !delay.is_zero() {
+        tracing::info!(
+            ?delay,
+            "shutting down: NOT_SERVING, still answering every call for the shutdown delay (CORESDK_SHUTDOWN_DELAY_S); send SIGTERM or SIGINT again to end the delay now"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = signals.received() => {
+                tracing::info!("second shutdown signal: the shutdown delay ends now");
+            }
+        }
+    }
     tracing::info!(
         in_flight = in_flight.current(),
-        "shutting down: NOT_SERVING, draining in-flight calls"
+        "shutting down: no new calls, draining in-flight calls"
     );
-    health.set_all(ServingStatus::NotServing).await;
     let _ = shutdown_tx.send(true);
     if !in_flight.drained(grace).await {
         tracing::warn!(
@@ -286,7 +303,6 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             failed.get_or_insert(e);
         }
     }
-    store_health.abort();
     if let Some(task) = checkpointing {
         task.abort();
     }
@@ -311,9 +327,20 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     failed.map_or(Ok(()), Err)
 }
 
-/// A server builder with the listener's TLS settings, if any.
-fn server_builder(config: &Config) -> Result<Server, ServeError> {
-    let mut builder = Server::builder();
+/// The layers every gRPC listener has, outermost first: the metrics see every answer (a timed
+/// out call's DEADLINE_EXCEEDED too), drain counts the call, the timeout bounds the handler.
+type GrpcLayers = Stack<
+    crate::limits::RequestTimeout,
+    Stack<crate::drain::InFlight, Stack<crate::metrics::grpc::GrpcLayer, NoLayer>>,
+>;
+
+/// A server builder with the listener's limits, TLS settings (if any) and layers.
+fn server_builder(
+    config: &Config,
+    metrics: &crate::metrics::Metrics,
+    in_flight: &crate::drain::InFlight,
+) -> Result<Server<GrpcLayers>, ServeError> {
+    let mut builder = config.limits.apply(Server::builder());
     if let Some(tls) = &config.tls {
         let mut tls_config =
             ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key));
@@ -322,7 +349,10 @@ fn server_builder(config: &Config) -> Result<Server, ServeError> {
         }
         builder = builder.tls_config(tls_config)?;
     }
-    Ok(builder)
+    Ok(builder
+        .layer(metrics.grpc_layer())
+        .layer(in_flight.clone())
+        .layer(config.limits.request_timeout(&config.problem_links)))
 }
 
 /// A server's task; it ends when the shutdown signal has drained it.
@@ -431,21 +461,23 @@ where
     // So grpcurl needs no local copy of flagd's protos either.
     let (reflection, reflection_v1alpha) = reflection(&[crate::flagd_proto::FILE_DESCRIPTOR_SET])?;
     let stopping = side.stopping();
-    let router = server_builder(&side.state.config)?
-        .layer(side.in_flight)
-        .layer(side.state.feeds.metrics().grpc_layer())
-        .add_service(InterceptedService::new(reflection, side.check.clone()))
-        .add_service(InterceptedService::new(
-            reflection_v1alpha,
-            side.check.clone(),
-        ))
-        .add_service(v1::service_server::ServiceServer::with_interceptor(
-            evaluation.clone(),
-            side.check.clone(),
-        ))
-        .add_service(v2::service_server::ServiceServer::with_interceptor(
-            evaluation, side.check,
-        ));
+    let router = server_builder(
+        &side.state.config,
+        side.state.feeds.metrics(),
+        &side.in_flight,
+    )?
+    .add_service(InterceptedService::new(reflection, side.check.clone()))
+    .add_service(InterceptedService::new(
+        reflection_v1alpha,
+        side.check.clone(),
+    ))
+    .add_service(v1::service_server::ServiceServer::with_interceptor(
+        evaluation.clone(),
+        side.check.clone(),
+    ))
+    .add_service(v2::service_server::ServiceServer::with_interceptor(
+        evaluation, side.check,
+    ));
     let incoming = TcpIncoming::from(side.listener).with_nodelay(Some(true));
     Ok(tokio::spawn(async move {
         Ok(router
@@ -465,15 +497,17 @@ where
     let (reflection, reflection_v1alpha) =
         reflection(&[crate::flagd_proto::sync::FILE_DESCRIPTOR_SET])?;
     let stopping = side.stopping();
-    let router = server_builder(&side.state.config)?
-        .layer(side.in_flight)
-        .layer(side.state.feeds.metrics().grpc_layer())
-        .add_service(InterceptedService::new(reflection, side.check.clone()))
-        .add_service(InterceptedService::new(
-            reflection_v1alpha,
-            side.check.clone(),
-        ))
-        .add_service(FlagSyncServiceServer::with_interceptor(sync, side.check));
+    let router = server_builder(
+        &side.state.config,
+        side.state.feeds.metrics(),
+        &side.in_flight,
+    )?
+    .add_service(InterceptedService::new(reflection, side.check.clone()))
+    .add_service(InterceptedService::new(
+        reflection_v1alpha,
+        side.check.clone(),
+    ))
+    .add_service(FlagSyncServiceServer::with_interceptor(sync, side.check));
     let incoming = TcpIncoming::from(side.listener).with_nodelay(Some(true));
     Ok(tokio::spawn(async move {
         Ok(router
@@ -594,7 +628,8 @@ impl ShutdownSignals {
         })
     }
 
-    async fn received(mut self) {
+    /// The next SIGTERM or SIGINT.
+    async fn received(&mut self) {
         tokio::select! {
             _ = self.terminate.recv() => {},
             _ = self.interrupt.recv() => {},

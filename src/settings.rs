@@ -192,6 +192,38 @@ pub struct ServeArgs {
     /// How long in-flight calls may take to finish after SIGTERM.
     #[arg(long, env = "CORESDK_SHUTDOWN_GRACE_S", default_value_t = 10)]
     pub shutdown_grace_s: u64,
+    /// Seconds after SIGTERM/SIGINT during which every RPC is still answered while health says
+    /// NOT_SERVING, so load balancers and the app stop sending first; then calls drain. A
+    /// second signal ends it at once. Decimals allowed; 0 drains at once.
+    #[arg(long, env = "CORESDK_SHUTDOWN_DELAY_S", default_value_t = 5.0)]
+    pub shutdown_delay_s: f64,
+    /// Seconds a unary call may run before it is answered DEADLINE_EXCEEDED (a caller's shorter
+    /// deadline still wins); streams are never cut by it. Decimals allowed; 0 turns it off.
+    #[arg(long, env = "CORESDK_REQUEST_TIMEOUT_S", default_value_t = 30.0)]
+    pub request_timeout_s: f64,
+    /// Calls one gRPC connection may have running at once; more wait in line on that
+    /// connection until one ends.
+    #[arg(
+        long,
+        env = "CORESDK_MAX_CONCURRENT_PER_CONNECTION",
+        default_value_t = 100
+    )]
+    pub max_concurrent_per_connection: usize,
+    /// Seconds between HTTP/2 pings on each gRPC connection, so a dead peer is noticed and its
+    /// streams freed. Decimals allowed; 0 turns pings off.
+    #[arg(
+        long,
+        env = "CORESDK_HTTP2_KEEPALIVE_INTERVAL_S",
+        default_value_t = 30.0
+    )]
+    pub http2_keepalive_interval_s: f64,
+    /// Seconds a ping may go unanswered before the connection is closed. Decimals allowed.
+    #[arg(
+        long,
+        env = "CORESDK_HTTP2_KEEPALIVE_TIMEOUT_S",
+        default_value_t = 10.0
+    )]
+    pub http2_keepalive_timeout_s: f64,
     /// When set, every RPC but health needs `authorization: Bearer <token>` (this token or the
     /// admin token) or `x-coresdk-api-token: <token>`.
     #[arg(long, env = "CORESDK_API_TOKEN", hide_env_values = true)]

@@ -89,6 +89,8 @@ pub fn start_sidecar_with(
         // Metrics on, as by default; the admin token loads the tenants the scrape is timed with.
         .env("CORESDK_OPS_LISTEN", "127.0.0.1:0")
         .env("CORESDK_ADMIN_TOKEN", crate::ADMIN_TOKEN)
+        // Stopped when dropped: no load balancer to wait for.
+        .env("CORESDK_SHUTDOWN_DELAY_S", "0")
         .envs(envs.iter().copied())
         .stdout(Stdio::piped())
         .spawn()

@@ -455,3 +455,52 @@ fn the_ops_listener_defaults_to_loopback_9464_follows_the_side_listener_rules_an
     assert_eq!(shared.setting, "CORESDK_OPS_LISTEN");
     assert!(shared.message.contains("CORESDK_OFREP_LISTEN"), "{shared}");
 }
+
+#[test]
+fn drain_and_server_limits_default_and_are_validated() {
+    use std::time::Duration;
+    let defaults = config(&[]);
+    assert_eq!(defaults.shutdown_delay, Duration::from_secs(5));
+    assert_eq!(
+        defaults.limits,
+        ServerLimits {
+            request_timeout: Some(Duration::from_secs(30)),
+            max_concurrent_per_connection: 100,
+            http2_keepalive_interval: Some(Duration::from_secs(30)),
+            http2_keepalive_timeout: Duration::from_secs(10),
+        }
+    );
+    let off = config(&[
+        "--shutdown-delay-s=0",
+        "--request-timeout-s=0",
+        "--http2-keepalive-interval-s=0",
+        "--http2-keepalive-timeout-s=0.5",
+    ]);
+    assert_eq!(off.shutdown_delay, Duration::ZERO);
+    assert_eq!(off.limits.request_timeout, None);
+    assert_eq!(off.limits.http2_keepalive_interval, None);
+    assert_eq!(
+        off.limits.http2_keepalive_timeout,
+        Duration::from_millis(500)
+    );
+    for (flag, setting) in [
+        ("--shutdown-delay-s=-1", "CORESDK_SHUTDOWN_DELAY_S"),
+        ("--shutdown-delay-s=7200", "CORESDK_SHUTDOWN_DELAY_S"),
+        ("--request-timeout-s=0.001", "CORESDK_REQUEST_TIMEOUT_S"),
+        ("--request-timeout-s=NaN", "CORESDK_REQUEST_TIMEOUT_S"),
+        (
+            "--max-concurrent-per-connection=0",
+            "CORESDK_MAX_CONCURRENT_PER_CONNECTION",
+        ),
+        (
+            "--http2-keepalive-interval-s=inf",
+            "CORESDK_HTTP2_KEEPALIVE_INTERVAL_S",
+        ),
+        (
+            "--http2-keepalive-timeout-s=0",
+            "CORESDK_HTTP2_KEEPALIVE_TIMEOUT_S",
+        ),
+    ] {
+        assert_eq!(error(&[flag]).setting, setting, "{flag}");
+    }
+}

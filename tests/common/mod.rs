@@ -97,6 +97,8 @@ pub fn serve_command(args: &[String], envs: &[(String, String)], stderr: Stdio) 
         .env("CORESDK_FLAGD_SYNC_LISTEN", "off")
         .env("CORESDK_OFREP_LISTEN", "off")
         .env("CORESDK_OPS_LISTEN", "off")
+        // Tests stop many sidecars: they drain at once unless a test asks for the delay.
+        .env("CORESDK_SHUTDOWN_DELAY_S", "0")
         .env(
             "CORESDK_LOG",
             std::env::var("TEST_CORESDK_LOG").unwrap_or_else(|_| "error".into()),

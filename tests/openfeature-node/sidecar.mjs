@@ -25,6 +25,8 @@ export const ENV = {
   CORESDK_PROBLEM_TYPE_BASE: 'https://securepay.example/errors',
   CORESDK_BILLING_URL: 'https://securepay.example/billing',
   CORESDK_UPGRADE_URL: 'https://securepay.example/pricing',
+  // Sidecars are stopped often: no shutdown delay (the Rust suite tests it).
+  CORESDK_SHUTDOWN_DELAY_S: '0',
 };
 // examples/tenants.json: cus_acme_001 → acme-corp, cus_globex_001 → globex, cus_initech_001 → initech.
 export const TENANTS_FILE = join(ROOT, 'examples', 'tenants.json');

@@ -32,6 +32,8 @@ ENV = {
     "CORESDK_FLAGD_SYNC_LISTEN": "off",
     "CORESDK_OFREP_LISTEN": "off",
     "CORESDK_OPS_LISTEN": "off",
+    # Sidecars are stopped often: no shutdown delay (the Rust suite tests it).
+    "CORESDK_SHUTDOWN_DELAY_S": "0",
 }
 
 

@@ -1,0 +1,170 @@
+//! What every gRPC listener bounds: calls running at once per connection (more wait in line),
+//! HTTP/2 keepalive (a dead peer's connection, and its streams, are closed), and how long a
+//! unary call may run. Streams are never cut by the time limit: a `WatchFlags` or `Tail` is
+//! meant to stay open.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, LazyLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use prost::Message as _;
+use tonic::codegen::http;
+use tower::{Layer, Service};
+
+use crate::problem::{Error, ProblemLinks};
+
+/// The validated limits (see `settings`: `--max-concurrent-per-connection`,
+/// `--http2-keepalive-*`, `--request-timeout-s`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// `None`: unary calls run as long as their caller waits.
+    pub request_timeout: Option<Duration>,
+    pub max_concurrent_per_connection: usize,
+    /// `None`: no pings.
+    pub http2_keepalive_interval: Option<Duration>,
+    pub http2_keepalive_timeout: Duration,
+}
+
+impl ServerLimits {
+    /// A server builder with these connection limits.
+    pub fn apply(&self, builder: tonic::transport::Server) -> tonic::transport::Server {
+        builder
+            .concurrency_limit_per_connection(self.max_concurrent_per_connection)
+            .http2_keepalive_interval(self.http2_keepalive_interval)
+            .http2_keepalive_timeout(Some(self.http2_keepalive_timeout))
+    }
+
+    /// The layer bounding unary calls, answering a call over the limit with the problem.
+    pub fn request_timeout(&self, links: &ProblemLinks) -> RequestTimeout {
+        RequestTimeout {
+            limit: self.request_timeout,
+            links: Arc::new(links.clone()),
+        }
+    }
+}
+
+/// The `/package.Service/Method` paths of every unary RPC the sidecar serves, read from the
+/// services' own descriptors so that a new streaming RPC can never be cut by the time limit
+/// by mistake: a path not known to be unary is not timed.
+static UNARY_PATHS: LazyLock<HashSet<String>> = LazyLock::new(|| {
+    [
+        crate::proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        crate::flagd_proto::FILE_DESCRIPTOR_SET,
+        crate::flagd_proto::sync::FILE_DESCRIPTOR_SET,
+    ]
+    .into_iter()
+    .filter_map(|set| prost_types::FileDescriptorSet::decode(set).ok())
+    .flat_map(|set| set.file)
+    .flat_map(|file| {
+        let package = file.package().to_owned();
+        file.service.into_iter().flat_map(move |service| {
+            let prefix = if package.is_empty() {
+                service.name().to_owned()
+            } else {
+                format!("{package}.{}", service.name())
+            };
+            service
+                .method
+                .into_iter()
+                .filter(|m| !m.client_streaming() && !m.server_streaming())
+                .map(move |m| format!("/{prefix}/{}", m.name()))
+        })
+    })
+    .collect()
+});
+
+/// Bounds unary calls by the sidecar's request timeout.
+#[derive(Clone)]
+pub struct RequestTimeout {
+    limit: Option<Duration>,
+    links: Arc<ProblemLinks>,
+}
+
+impl<S> Layer<S> for RequestTimeout {
+    type Service = RequestTimeoutService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestTimeoutService {
+            inner,
+            limit: self.limit,
+            links: self.links.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RequestTimeoutService<S> {
+    inner: S,
+    limit: Option<Duration>,
+    links: Arc<ProblemLinks>,
+}
+
+impl<S, B, R> Service<http::Request<B>> for RequestTimeoutService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    R: Default,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let limit = self
+            .limit
+            .filter(|_| UNARY_PATHS.contains(request.uri().path()));
+        let response = self.inner.call(request);
+        let Some(limit) = limit else {
+            return Box::pin(response);
+        };
+        let links = self.links.clone();
+        Box::pin(async move {
+            match tokio::time::timeout(limit, response).await {
+                Ok(answer) => answer,
+                // Dropping the handler's future cancels its work; a store write nobody waits
+                // for any more is not committed.
+                Err(_) => Ok(crate::api::status::of_error(
+                    &Error::RequestTimeout { limit },
+                    &links,
+                )
+                .into_http()),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::UNARY_PATHS;
+
+    #[test]
+    fn unary_rpcs_are_timed_and_streams_are_not() {
+        for unary in [
+            "/coresdk.v1.FlagService/GetFlag",
+            "/coresdk.v1.WebhookService/HandleStripeWebhook",
+            "/grpc.health.v1.Health/Check",
+            "/flagd.evaluation.v1.Service/ResolveBoolean",
+            "/flagd.sync.v1.FlagSyncService/FetchAllFlags",
+        ] {
+            assert!(UNARY_PATHS.contains(unary), "{unary}");
+        }
+        for stream in [
+            "/coresdk.v1.FlagService/WatchFlags",
+            "/coresdk.v1.AuditService/Tail",
+            "/grpc.health.v1.Health/Watch",
+            "/flagd.evaluation.v1.Service/EventStream",
+            "/flagd.sync.v1.FlagSyncService/SyncFlags",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert!(!UNARY_PATHS.contains(stream), "{stream}");
+        }
+    }
+}
