@@ -124,6 +124,8 @@ pub struct Config {
     pub max_streams: usize,
     /// How many events of customers with no tenant are kept until the customer is mapped.
     pub parking: ParkingLimits,
+    /// How long dedup records are kept; `None`: forever.
+    pub dedup_retention: Option<std::time::Duration>,
 }
 
 const READABLE: &str = "point it at a readable file";
@@ -334,6 +336,7 @@ impl Config {
             postgres_ca_file: args.postgres_ca_file,
             max_streams: args.max_streams,
             parking,
+            dedup_retention: dedup_retention(&args.dedup_retention_days)?,
         })
     }
 }
@@ -397,6 +400,29 @@ fn parking_limits(args: &ServeArgs) -> Result<ParkingLimits, ConfigError> {
         max_events: args.max_parked_events,
         max_per_customer: args.max_parked_events_per_customer,
     })
+}
+
+/// Ten years: beyond that "forever" (`off`) is what is meant, and the milliseconds stay small.
+const MAX_RETENTION_DAYS: u64 = 3650;
+
+fn dedup_retention(days: &str) -> Result<Option<std::time::Duration>, ConfigError> {
+    let days = days.trim();
+    if days.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    match days.parse::<u64>() {
+        Ok(0) => Ok(None),
+        Ok(days) if days <= MAX_RETENTION_DAYS => {
+            Ok(Some(std::time::Duration::from_secs(days * 86_400)))
+        }
+        _ => Err(config_error(
+            "CORESDK_DEDUP_RETENTION_DAYS",
+            format!(
+                "must be a whole number of days from 1 to {MAX_RETENTION_DAYS} (default {}, longer than Stripe's 30-day event retention), or 0 or off to keep dedup records forever",
+                crate::ops::DEFAULT_RETENTION_DAYS
+            ),
+        )),
+    }
 }
 
 fn token_verifier(args: &ServeArgs) -> Result<TokenVerifier, ConfigError> {

@@ -255,6 +255,11 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         tokio::spawn(checkpoint_loop(checkpointer, store.clone(), feeds, every))
     });
 
+    let retention = state
+        .config
+        .dedup_retention
+        .map(|window| tokio::spawn(crate::ops::retention_loop(store.clone(), window)));
+
     signals.received().await;
     tracing::info!(
         in_flight = in_flight.current(),
@@ -282,6 +287,9 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         }
     }
     store_health.abort();
+    if let Some(task) = retention {
+        task.abort();
+    }
     if let Some(task) = checkpointing {
         task.abort();
     }

@@ -251,6 +251,10 @@ pub struct ServeArgs {
     /// Of those, the most kept for one customer.
     #[arg(long, env = "CORESDK_MAX_PARKED_EVENTS_PER_CUSTOMER", default_value_t = crate::ops::ParkingLimits::DEFAULT.max_per_customer)]
     pub max_parked_events_per_customer: u64,
+    /// Days a dedup record (a processed event id or an Append idempotency key) is kept; older
+    /// ones are pruned in the background. `0` or `off` keeps them forever.
+    #[arg(long, env = "CORESDK_DEDUP_RETENTION_DAYS", default_value_t = crate::ops::DEFAULT_RETENTION_DAYS.to_string())]
+    pub dedup_retention_days: String,
     /// Require client certificates signed by this CA (mutual TLS).
     #[arg(long, env = "CORESDK_TLS_CLIENT_CA_FILE")]
     pub tls_client_ca_file: Option<PathBuf>,

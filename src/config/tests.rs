@@ -432,3 +432,23 @@ fn the_openfeature_listeners_default_to_flagds_ports_and_can_be_turned_off() {
     let keep_alive = error(&["--flagd-keep-alive-s", "0"]);
     assert_eq!(keep_alive.setting, "CORESDK_FLAGD_KEEP_ALIVE_S");
 }
+
+#[test]
+fn dedup_retention_is_whole_days_and_off_or_zero_keeps_records_forever() {
+    const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
+    assert_eq!(config(&[]).dedup_retention, Some(35 * DAY));
+    assert_eq!(
+        config(&["--dedup-retention-days", "7"]).dedup_retention,
+        Some(7 * DAY)
+    );
+    for off in ["0", "off", "OFF"] {
+        assert_eq!(
+            config(&["--dedup-retention-days", off]).dedup_retention,
+            None
+        );
+    }
+    for bad in ["", "1.5", "-1", "3651", "forever"] {
+        let e = error(&["--dedup-retention-days", bad]);
+        assert_eq!(e.setting, "CORESDK_DEDUP_RETENTION_DAYS", "{bad:?}");
+    }
+}

@@ -1,0 +1,69 @@
+//! Pruning dedup records by age, with explicit timestamps; tests/secrets_and_retention.rs
+//! covers the background pass against the binary.
+
+use super::*;
+
+const DAY_MS: i64 = 86_400_000;
+
+impl Fixture {
+    async fn prune(&self, before_ms: i64, limit: u64) -> u64 {
+        self.store
+            .write(move |tx| Ok(tx.prune_processed(before_ms, limit)?))
+            .await
+            .expect("pruned")
+    }
+
+    async fn is_recorded(&self, event_id: &'static str) -> bool {
+        self.store
+            .read(move |tx| Ok(tx.processed_event(event_id)?))
+            .await
+            .expect("read")
+            .is_some()
+    }
+}
+
+fn paid(id: &str, created: i64) -> StripeEvent {
+    event(id, "invoice.paid", created, json!({"customer": "cus_1"}))
+}
+
+#[tokio::test]
+async fn only_records_older_than_the_cutoff_go_oldest_first_and_the_audit_stays() {
+    let fx = Fixture::new();
+    fx.map("cus_1", "acme").await;
+    fx.deliver_at(paid("evt_a", 100), NOW_MS).await.expect("a");
+    fx.deliver_at(paid("evt_b", 101), NOW_MS + 1)
+        .await
+        .expect("b");
+    fx.deliver_at(paid("evt_c", 102), NOW_MS + 10 * DAY_MS)
+        .await
+        .expect("c");
+    let audited = fx.audit().await.len();
+    let cutoff = NOW_MS + 5 * DAY_MS;
+
+    // A batch is bounded, and takes the oldest first.
+    assert_eq!(fx.prune(cutoff, 1).await, 1);
+    assert!(!fx.is_recorded("evt_a").await);
+    assert!(fx.is_recorded("evt_b").await);
+    assert_eq!(fx.prune(cutoff, 500).await, 1);
+    assert_eq!(fx.prune(cutoff, 500).await, 0);
+    assert!(fx.is_recorded("evt_c").await);
+    assert_eq!(
+        fx.audit().await.len(),
+        audited,
+        "the audit trail is never pruned"
+    );
+    assert!(fx.verify().await.ok);
+
+    // A pruned event is no longer a duplicate: it is decided afresh, and as the flags have
+    // newer events it is stale; a kept one is still a duplicate.
+    let again = fx
+        .deliver_at(paid("evt_a", 100), cutoff)
+        .await
+        .expect("a again");
+    assert_eq!(again.outcome, Outcome::Stale);
+    let kept = fx
+        .deliver_at(paid("evt_c", 102), cutoff)
+        .await
+        .expect("c again");
+    assert_eq!(kept.outcome, Outcome::Duplicate);
+}
