@@ -16,6 +16,7 @@ pub mod flags;
 pub mod openfeature;
 pub mod ops;
 pub mod problem;
+pub mod reload;
 pub mod rules;
 pub mod server;
 pub mod settings;

@@ -127,10 +127,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         checkpoints,
         shutdown_rx.clone(),
     ));
-    state
-        .config
-        .tokens
-        .spawn_jwks_watcher(std::time::Duration::from_secs(1));
+    crate::reload::spawn_watcher(state.config.watched(), crate::reload::WATCH_EVERY);
 
     let (reflection_v1, reflection_v1alpha) = reflection(&[
         crate::proto::FILE_DESCRIPTOR_SET,

@@ -28,14 +28,16 @@ pub fn bearer(metadata: &tonic::metadata::MetadataMap) -> Option<&str> {
 /// Every RPC but health needs the API token when one is configured; the admin token, which
 /// can do more, is accepted too.
 pub fn api_token_check(
-    api_token: Option<String>,
-    admin_token: Option<String>,
+    api_token: Option<crate::reload::Secret<String>>,
+    admin_token: Option<crate::reload::Secret<String>>,
     links: ProblemLinks,
 ) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
     move |request: tonic::Request<()>| {
         let Some(expected) = &api_token else {
             return Ok(request);
         };
+        let expected = expected.current();
+        let expected = expected.as_str();
         let metadata = request.metadata();
         // `x-api-key` is OFREP's API-key header; accepted everywhere so one rule decides.
         let by_header = ["x-coresdk-api-token", "x-api-key"]
@@ -49,7 +51,9 @@ pub fn api_token_check(
         let accepted = by_header
             || bearer(metadata).is_some_and(|b| {
                 tokens_match(b, expected)
-                    || admin_token.as_deref().is_some_and(|a| tokens_match(b, a))
+                    || admin_token
+                        .as_ref()
+                        .is_some_and(|a| tokens_match(b, &a.current()))
             });
         if accepted {
             Ok(request)
