@@ -1,0 +1,390 @@
+//! Secret files re-read without a restart (webhook secrets, admin and API tokens, JWT HMAC
+//! secrets), and the background pruning of old dedup records, against the real binary.
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use coresdk::proto::{
+    self, VerifyTokenRequest, WebhookOutcome, auth_service_client::AuthServiceClient,
+};
+use serde_json::json;
+use tonic::Code;
+
+/// Longer than the sidecar's one-second check of its secret files, with room for a slow box.
+const SETTLE: Duration = Duration::from_millis(2500);
+const WAIT_AT_MOST: Duration = Duration::from_secs(15);
+
+/// Replaces `path` as a Kubernetes secret volume does: a new file renamed over the old.
+fn replace(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+/// Waits until `check` holds, for at most [`WAIT_AT_MOST`].
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < WAIT_AT_MOST, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn paid(id: &str, customer: &str) -> Vec<u8> {
+    event(id, "invoice.paid", now(), json!({"customer": customer}))
+}
+
+/// Whether a delivery signed with `secret` passes the signature check.
+async fn accepts(sidecar: &Sidecar, secret: &str, n: &mut u32) -> bool {
+    *n += 1;
+    let body = paid(&format!("evt_rotation_{n}"), "cus_acme_001");
+    match sidecar
+        .webhooks()
+        .handle_stripe_webhook(signed(secret, body))
+        .await
+    {
+        // Verified: what the event then does (applied, or stale beside an earlier one of the
+        // same second) is not the point here.
+        Ok(_) => true,
+        Err(status) => {
+            assert_eq!(error_reason(&status), "SIGNATURE_MISMATCH", "{status:?}");
+            false
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_rotated_webhook_secret_file_takes_effect_without_a_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("webhook-secret");
+    std::fs::write(&file, "whsec_old_secret\n").expect("write");
+    let sidecar = Sidecar::start(Options {
+        args: vec!["--mock".into()],
+        envs: vec![(
+            "STRIPE_WEBHOOK_SECRET_FILE".into(),
+            file.display().to_string(),
+        )],
+    })
+    .await;
+    let n = &mut 0;
+    assert!(accepts(&sidecar, "whsec_old_secret", n).await);
+    assert!(!accepts(&sidecar, "whsec_new_secret", n).await);
+
+    // Stripe's roll: both secrets sign during the overlap, each is accepted.
+    replace(&file, "whsec_new_secret\nwhsec_old_secret\n");
+    let mut m = 100;
+    eventually("the new secret is accepted", || {
+        m += 1;
+        let mut k = m;
+        let sidecar = &sidecar;
+        async move { accepts(sidecar, "whsec_new_secret", &mut k).await }
+    })
+    .await;
+    assert!(accepts(&sidecar, "whsec_old_secret", n).await);
+
+    // The old one expires: dropped from the file, it is refused.
+    replace(&file, "whsec_new_secret,");
+    let mut m = 200;
+    eventually("the old secret is refused", || {
+        m += 1;
+        let mut k = m;
+        let sidecar = &sidecar;
+        async move { !accepts(sidecar, "whsec_old_secret", &mut k).await }
+    })
+    .await;
+    assert!(accepts(&sidecar, "whsec_new_secret", n).await);
+
+    // A broken file (empty, then gone) keeps the secret in use.
+    replace(&file, "\n");
+    tokio::time::sleep(SETTLE).await;
+    assert!(accepts(&sidecar, "whsec_new_secret", n).await);
+    std::fs::remove_file(&file).expect("remove");
+    tokio::time::sleep(SETTLE).await;
+    assert!(accepts(&sidecar, "whsec_new_secret", n).await);
+}
+
+const ADMIN_OLD: &str = "admin-token-old-0123456789";
+const ADMIN_NEW: &str = "admin-token-new-0123456789";
+const API_OLD: &str = "api-token-old-0123456789";
+const API_NEW: &str = "api-token-new-0123456789";
+
+/// Whether an admin call with `token` is let through.
+async fn admin_accepts(sidecar: &Sidecar, token: &str) -> bool {
+    let mut request = tonic::Request::new(proto::MapCustomerRequest {
+        customer_id: "cus_rotation".into(),
+        tenant_id: "rotation-co".into(),
+        actor: "ops@example.com".into(),
+        reason: String::new(),
+    });
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii"),
+    );
+    // The API token guards every RPC; an admin token passes it too.
+    match sidecar.tenants().map_customer(request).await {
+        Ok(_) => true,
+        Err(status) => {
+            assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+            false
+        }
+    }
+}
+
+/// Whether a flag read with the API token `token` is let through.
+async fn api_accepts(sidecar: &Sidecar, token: &str) -> bool {
+    let mut request = tonic::Request::new(proto::GetFlagRequest {
+        tenant_id: "acme".into(),
+        key: "pro_features".into(),
+    });
+    request
+        .metadata_mut()
+        .insert("x-coresdk-api-token", token.parse().expect("ascii"));
+    match sidecar.flags().get_flag(request).await {
+        Ok(_) => true,
+        Err(status) => {
+            assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+            false
+        }
+    }
+}
+
+#[tokio::test]
+async fn rotated_admin_and_api_token_files_take_effect_and_broken_ones_keep_the_old() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let admin_file = dir.path().join("admin-token");
+    let api_file = dir.path().join("api-token");
+    std::fs::write(&admin_file, format!("{ADMIN_OLD}\n")).expect("write");
+    std::fs::write(&api_file, format!("{API_OLD}\n")).expect("write");
+    let sidecar = Sidecar::start(Options {
+        args: vec!["--store".into(), "memory".into()],
+        envs: vec![
+            ("STRIPE_WEBHOOK_SECRET".into(), SECRET.into()),
+            (
+                "CORESDK_ADMIN_TOKEN_FILE".into(),
+                admin_file.display().to_string(),
+            ),
+            (
+                "CORESDK_API_TOKEN_FILE".into(),
+                api_file.display().to_string(),
+            ),
+        ],
+    })
+    .await;
+    assert!(admin_accepts(&sidecar, ADMIN_OLD).await);
+    assert!(!admin_accepts(&sidecar, ADMIN_NEW).await);
+    assert!(api_accepts(&sidecar, API_OLD).await);
+    assert!(!api_accepts(&sidecar, API_NEW).await);
+
+    replace(&admin_file, ADMIN_NEW);
+    replace(&api_file, &format!("{API_NEW}\r\n"));
+    eventually("the new admin token is accepted", || {
+        admin_accepts(&sidecar, ADMIN_NEW)
+    })
+    .await;
+    eventually("the new API token is accepted", || {
+        api_accepts(&sidecar, API_NEW)
+    })
+    .await;
+    assert!(!admin_accepts(&sidecar, ADMIN_OLD).await);
+    assert!(!api_accepts(&sidecar, API_OLD).await);
+
+    // Too short and empty: refused, the tokens in use stay.
+    replace(&admin_file, "short\n");
+    replace(&api_file, "");
+    tokio::time::sleep(SETTLE).await;
+    assert!(admin_accepts(&sidecar, ADMIN_NEW).await);
+    assert!(api_accepts(&sidecar, API_NEW).await);
+    assert!(!admin_accepts(&sidecar, "short").await);
+}
+
+const JWT_A: &str = "jwt-secret-a-0123456789abcdef0123456789";
+const JWT_B: &str = "jwt-secret-b-0123456789abcdef0123456789";
+
+fn hs256(secret: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": "user-42", "tenant_id": "acme-corp", "exp": now() + 600}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("encodes")
+}
+
+async fn verifies(sidecar: &Sidecar, token: &str) -> bool {
+    let answer = AuthServiceClient::new(sidecar.channel.clone())
+        .verify_token(VerifyTokenRequest {
+            token: token.to_owned(),
+        })
+        .await;
+    match answer {
+        Ok(claims) => {
+            assert_eq!(claims.into_inner().tenant_id, "acme-corp");
+            true
+        }
+        Err(status) => {
+            assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+            false
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_rotated_jwt_secret_file_takes_effect_and_a_broken_one_keeps_the_old() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("jwt-secret");
+    std::fs::write(&file, JWT_A).expect("write");
+    let sidecar = Sidecar::start(Options {
+        args: vec!["--mock".into()],
+        envs: vec![("CORESDK_JWT_SECRET_FILE".into(), file.display().to_string())],
+    })
+    .await;
+    let (a, b) = (hs256(JWT_A), hs256(JWT_B));
+    assert!(verifies(&sidecar, &a).await);
+    assert!(!verifies(&sidecar, &b).await);
+
+    replace(&file, &format!("{JWT_B}\n{JWT_A}\n"));
+    eventually("B's tokens verify", || verifies(&sidecar, &b)).await;
+    assert!(
+        verifies(&sidecar, &a).await,
+        "A's still do during the overlap"
+    );
+
+    // A's token verified before is cached: dropping A must end that too.
+    replace(&file, JWT_B);
+    eventually("A's tokens are refused", || async {
+        !verifies(&sidecar, &a).await
+    })
+    .await;
+    assert!(verifies(&sidecar, &b).await);
+
+    replace(&file, "too-short-for-hmac");
+    tokio::time::sleep(SETTLE).await;
+    assert!(verifies(&sidecar, &b).await);
+}
+
+fn dedup_rows(db: &Path) -> Vec<String> {
+    let conn = rusqlite::Connection::open(db).expect("open the database");
+    let mut statement = conn
+        .prepare("SELECT event_id FROM processed_events ORDER BY event_id")
+        .expect("prepare");
+    statement
+        .query_map([], |row| row.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows")
+}
+
+#[tokio::test]
+async fn retention_prunes_old_dedup_rows_at_start_and_keeps_newer_ones_and_the_audit() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("coresdk.db");
+    let mut sidecar = Sidecar::on_disk(dir.path(), Options::default()).await;
+    for (customer, tenant) in [("cus_old", "oldco"), ("cus_kept", "keptco")] {
+        sidecar
+            .tenants()
+            .map_customer(admin(proto::MapCustomerRequest {
+                customer_id: customer.into(),
+                tenant_id: tenant.into(),
+                actor: "ops@example.com".into(),
+                reason: String::new(),
+            }))
+            .await
+            .expect("mapped");
+    }
+    let old = paid("evt_old", "cus_old");
+    let kept = paid("evt_kept", "cus_kept");
+    for body in [old.clone(), kept.clone()] {
+        let answer = deliver(&sidecar, body).await.expect("delivered");
+        assert_eq!(answer.outcome(), WebhookOutcome::Applied);
+    }
+    let audited = |sidecar: &Sidecar| {
+        let mut client = sidecar.audit();
+        async move {
+            client
+                .query(proto::QueryAuditRequest {
+                    page_size: 1000,
+                    ..Default::default()
+                })
+                .await
+                .expect("audit")
+                .into_inner()
+                .records
+                .len()
+        }
+    };
+    let records = audited(&sidecar).await;
+    sidecar.stop();
+
+    // Processed 36 days ago, beyond the default 35-day window; the other row 34 days ago.
+    let day_ms: i64 = 86_400_000;
+    let conn = rusqlite::Connection::open(&db).expect("open the database");
+    let now_ms = now() * 1000;
+    conn.execute(
+        "UPDATE processed_events SET processed_at_ms = ?1 WHERE event_id = 'evt_old'",
+        [now_ms - 36 * day_ms],
+    )
+    .expect("aged");
+    conn.execute(
+        "UPDATE processed_events SET processed_at_ms = ?1 WHERE event_id = 'evt_kept'",
+        [now_ms - 34 * day_ms],
+    )
+    .expect("aged");
+    drop(conn);
+
+    sidecar.restart().await;
+    eventually("the old dedup row is pruned", || async {
+        !dedup_rows(&db).contains(&"evt_old".to_owned())
+    })
+    .await;
+    assert!(dedup_rows(&db).contains(&"evt_kept".to_owned()));
+    assert_eq!(
+        audited(&sidecar).await,
+        records,
+        "the audit trail is never pruned"
+    );
+
+    // The pruned event is decided afresh: nothing newer touched its flags, so it is applied
+    // again (src/ops/tests/retention.rs: beside a newer event it is stale); the kept one is
+    // still a duplicate.
+    let again = deliver(&sidecar, old).await.expect("redelivered");
+    assert_eq!(again.outcome(), WebhookOutcome::Applied);
+    let dup = deliver(&sidecar, kept).await.expect("redelivered");
+    assert_eq!(dup.outcome(), WebhookOutcome::Duplicate);
+}
+
+#[tokio::test]
+async fn retention_off_keeps_every_dedup_row() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("coresdk.db");
+    let mut options = Options::default();
+    options
+        .args
+        .extend(["--dedup-retention-days".into(), "off".into()]);
+    let mut sidecar = Sidecar::on_disk(dir.path(), options).await;
+    sidecar
+        .tenants()
+        .map_customer(admin(proto::MapCustomerRequest {
+            customer_id: "cus_old".into(),
+            tenant_id: "oldco".into(),
+            actor: "ops@example.com".into(),
+            reason: String::new(),
+        }))
+        .await
+        .expect("mapped");
+    deliver(&sidecar, paid("evt_old", "cus_old"))
+        .await
+        .expect("delivered");
+    sidecar.stop();
+    let conn = rusqlite::Connection::open(&db).expect("open the database");
+    conn.execute("UPDATE processed_events SET processed_at_ms = 0", [])
+        .expect("aged");
+    drop(conn);
+    sidecar.restart().await;
+    tokio::time::sleep(SETTLE).await;
+    assert_eq!(dedup_rows(&db), ["evt_old"]);
+}
