@@ -267,23 +267,83 @@ async fn a_rotated_jwt_secret_file_takes_effect_and_a_broken_one_keeps_the_old()
     assert!(verifies(&sidecar, &b).await);
 }
 
-fn dedup_rows(db: &Path) -> Vec<String> {
-    let conn = rusqlite::Connection::open(db).expect("open the database");
-    let mut statement = conn
-        .prepare("SELECT event_id FROM processed_events ORDER BY event_id")
-        .expect("prepare");
-    statement
-        .query_map([], |row| row.get(0))
-        .expect("query")
-        .collect::<Result<_, _>>()
-        .expect("rows")
+/// The database behind a sidecar, read and aged directly while the test runs.
+#[derive(Clone)]
+enum Db {
+    Sqlite(std::path::PathBuf),
+    Postgres(String),
 }
 
-#[tokio::test]
-async fn retention_prunes_old_dedup_rows_at_start_and_keeps_newer_ones_and_the_audit() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = dir.path().join("coresdk.db");
-    let mut sidecar = Sidecar::on_disk(dir.path(), Options::default()).await;
+impl Db {
+    async fn run(
+        &self,
+        sql: &'static str,
+        param: Option<(i64, &'static str)>,
+        read: bool,
+    ) -> Vec<String> {
+        let db = self.clone();
+        tokio::task::spawn_blocking(move || match db {
+            Db::Sqlite(path) => {
+                let conn = rusqlite::Connection::open(path).expect("open the database");
+                if read {
+                    let mut statement = conn.prepare(sql).expect("prepare");
+                    return statement
+                        .query_map([], |row| row.get(0))
+                        .expect("query")
+                        .collect::<Result<_, _>>()
+                        .expect("rows");
+                }
+                let (ms, id) = param.expect("a parameter");
+                conn.execute(
+                    &sql.replace("$1", "?1").replace("$2", "?2"),
+                    rusqlite::params![ms, id],
+                )
+                .expect("executed");
+                Vec::new()
+            }
+            Db::Postgres(url) => {
+                let mut client = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+                if read {
+                    return client
+                        .query(sql, &[])
+                        .expect("query")
+                        .iter()
+                        .map(|row| row.get(0))
+                        .collect();
+                }
+                let (ms, id) = param.expect("a parameter");
+                client.execute(sql, &[&ms, &id]).expect("executed");
+                Vec::new()
+            }
+        })
+        .await
+        .expect("blocking task")
+    }
+
+    async fn dedup_rows(&self) -> Vec<String> {
+        self.run(
+            "SELECT event_id FROM processed_events ORDER BY event_id",
+            None,
+            true,
+        )
+        .await
+    }
+
+    /// Makes the event's dedup record look processed at `ms`.
+    async fn age(&self, event_id: &'static str, ms: i64) {
+        self.run(
+            "UPDATE processed_events SET processed_at_ms = $1 WHERE event_id = $2",
+            Some((ms, event_id)),
+            false,
+        )
+        .await;
+    }
+}
+
+/// Two events delivered, one aged beyond the default 35-day window and one not, then a
+/// restart: the first pass prunes the old row only, the audit trail stays whole, and the
+/// pruned event is applied again when redelivered.
+async fn retention_prunes_the_aged_row(mut sidecar: Sidecar, db: Db) {
     for (customer, tenant) in [("cus_old", "oldco"), ("cus_kept", "keptco")] {
         sidecar
             .tenants()
@@ -320,28 +380,17 @@ async fn retention_prunes_old_dedup_rows_at_start_and_keeps_newer_ones_and_the_a
     let records = audited(&sidecar).await;
     sidecar.stop();
 
-    // Processed 36 days ago, beyond the default 35-day window; the other row 34 days ago.
     let day_ms: i64 = 86_400_000;
-    let conn = rusqlite::Connection::open(&db).expect("open the database");
     let now_ms = now() * 1000;
-    conn.execute(
-        "UPDATE processed_events SET processed_at_ms = ?1 WHERE event_id = 'evt_old'",
-        [now_ms - 36 * day_ms],
-    )
-    .expect("aged");
-    conn.execute(
-        "UPDATE processed_events SET processed_at_ms = ?1 WHERE event_id = 'evt_kept'",
-        [now_ms - 34 * day_ms],
-    )
-    .expect("aged");
-    drop(conn);
+    db.age("evt_old", now_ms - 36 * day_ms).await;
+    db.age("evt_kept", now_ms - 34 * day_ms).await;
 
     sidecar.restart().await;
     eventually("the old dedup row is pruned", || async {
-        !dedup_rows(&db).contains(&"evt_old".to_owned())
+        !db.dedup_rows().await.contains(&"evt_old".to_owned())
     })
     .await;
-    assert!(dedup_rows(&db).contains(&"evt_kept".to_owned()));
+    assert!(db.dedup_rows().await.contains(&"evt_kept".to_owned()));
     assert_eq!(
         audited(&sidecar).await,
         records,
@@ -355,6 +404,20 @@ async fn retention_prunes_old_dedup_rows_at_start_and_keeps_newer_ones_and_the_a
     assert_eq!(again.outcome(), WebhookOutcome::Applied);
     let dup = deliver(&sidecar, kept).await.expect("redelivered");
     assert_eq!(dup.outcome(), WebhookOutcome::Duplicate);
+}
+
+#[tokio::test]
+async fn retention_prunes_old_dedup_rows_on_sqlite() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sidecar = Sidecar::on_disk(dir.path(), Options::default()).await;
+    retention_prunes_the_aged_row(sidecar, Db::Sqlite(dir.path().join("coresdk.db"))).await;
+}
+
+#[tokio::test]
+async fn retention_prunes_old_dedup_rows_on_postgres() {
+    let url = pg::fresh_database(pg::server_url()).await;
+    let sidecar = Sidecar::start(pg::replica_options(&url)).await;
+    retention_prunes_the_aged_row(sidecar, Db::Postgres(url)).await;
 }
 
 #[tokio::test]
@@ -380,11 +443,9 @@ async fn retention_off_keeps_every_dedup_row() {
         .await
         .expect("delivered");
     sidecar.stop();
-    let conn = rusqlite::Connection::open(&db).expect("open the database");
-    conn.execute("UPDATE processed_events SET processed_at_ms = 0", [])
-        .expect("aged");
-    drop(conn);
+    let db = Db::Sqlite(db);
+    db.age("evt_old", 0).await;
     sidecar.restart().await;
     tokio::time::sleep(SETTLE).await;
-    assert_eq!(dedup_rows(&db), ["evt_old"]);
+    assert_eq!(db.dedup_rows().await, ["evt_old"]);
 }
