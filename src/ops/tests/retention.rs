@@ -67,3 +67,32 @@ async fn only_records_older_than_the_cutoff_go_oldest_first_and_the_audit_stays(
         .expect("c again");
     assert_eq!(kept.outcome, Outcome::Duplicate);
 }
+
+#[tokio::test]
+async fn a_pruned_event_replayed_by_hand_is_decided_against_the_flags_as_they_are() {
+    let fx = Fixture::new();
+    fx.map("cus_1", "acme").await;
+    fx.deliver_at(paid("evt_a", 100), NOW_MS).await.expect("a");
+    assert!(fx.is_on("acme", "pro_features"));
+    fx.store
+        .write(|tx| {
+            set_flag(
+                tx,
+                "acme",
+                "pro_features",
+                FlagValue::Bool(false),
+                &ADMIN,
+                NOW_MS + 1,
+            )
+        })
+        .await
+        .expect("an operator turns it off");
+    assert_eq!(fx.prune(NOW_MS + 2, 500).await, 1);
+    let again = fx
+        .deliver_at(paid("evt_a", 100), NOW_MS + 3)
+        .await
+        .expect("a again");
+    // The operator's later change wins: the event is stale for the flag, not a duplicate.
+    assert_eq!(again.outcome, Outcome::Stale);
+    assert!(!fx.is_on("acme", "pro_features"));
+}
