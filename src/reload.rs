@@ -1,9 +1,12 @@
 //! Secrets and keys given as files, re-read when the file changes so a rotation needs no
-//! restart. Readers get the old or the new value whole (an `Arc` swapped under a lock held
-//! only for the swap or the clone); a new file that cannot be used keeps the old value.
+//! restart. Readers get the old or the new value whole: an `ArcSwap`, whose loads take no lock
+//! and write no shared counter, so every request can read it; a new file that cannot be used
+//! keeps the old value.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
+
+use arc_swap::ArcSwap;
 use std::time::{Duration, SystemTime};
 
 /// How often watched files are checked: a rotated secret takes effect within this.
@@ -42,7 +45,7 @@ pub struct WatchedFile<T> {
     setting: &'static str,
     path: PathBuf,
     parse: Parse<T>,
-    current: RwLock<Arc<T>>,
+    current: ArcSwap<T>,
     /// The stamp last read, used or refused: a refused file is reported once, not per check.
     seen: Mutex<Option<Stamp>>,
 }
@@ -61,18 +64,15 @@ impl<T: Send + Sync> WatchedFile<T> {
             setting,
             path: path.to_owned(),
             parse,
-            current: RwLock::new(Arc::new(value)),
+            current: ArcSwap::from_pointee(value),
             seen: Mutex::new(stamp),
         })
     }
 
-    /// The value of the newest file that could be used.
-    pub fn current(&self) -> Arc<T> {
-        // A poisoned lock still holds a whole value: only the swap writes, and it cannot panic.
-        match self.current.read() {
-            Ok(value) => value.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+    /// The value of the newest file that could be used, for a short use (a guard is cheap
+    /// but not meant to be held across awaits).
+    pub fn current(&self) -> arc_swap::Guard<Arc<T>> {
+        self.current.load()
     }
 
     /// Re-reads the file if it changed since last read; true when the value was replaced.
@@ -90,11 +90,7 @@ impl<T: Send + Sync> WatchedFile<T> {
         }
         match read(&self.path, self.parse) {
             Ok(fresh) => {
-                let fresh = Arc::new(fresh);
-                match self.current.write() {
-                    Ok(mut slot) => *slot = fresh,
-                    Err(poisoned) => *poisoned.into_inner() = fresh,
-                }
+                self.current.store(Arc::new(fresh));
                 tracing::info!(
                     setting = self.setting,
                     path = %self.path.display(),
@@ -159,10 +155,11 @@ pub enum Secret<T> {
 }
 
 impl<T: Send + Sync + 'static> Secret<T> {
-    pub fn current(&self) -> Arc<T> {
+    /// Runs `use_it` on the current value.
+    pub fn with<R>(&self, use_it: impl FnOnce(&T) -> R) -> R {
         match self {
-            Secret::Fixed(value) => value.clone(),
-            Secret::File(file) => file.current(),
+            Secret::Fixed(value) => use_it(value),
+            Secret::File(file) => use_it(&file.current()),
         }
     }
 
@@ -221,27 +218,27 @@ mod tests {
 
         replace(&path, "old,new");
         assert!(file.reload_if_changed());
-        assert_eq!(*file.current(), ["old", "new"]);
+        assert_eq!(**file.current(), ["old", "new"]);
 
         // Same length and content shape: the rename alone is the change.
         replace(&path, "new,old");
         assert!(file.reload_if_changed());
-        assert_eq!(*file.current(), ["new", "old"]);
+        assert_eq!(**file.current(), ["new", "old"]);
 
         for broken in ["", " \n", ",\n,"] {
             replace(&path, broken);
             assert!(!file.reload_if_changed(), "{broken:?} is refused");
-            assert_eq!(*file.current(), ["new", "old"]);
+            assert_eq!(**file.current(), ["new", "old"]);
         }
         std::fs::write(&path, [0xff, 0xfe]).expect("write");
         assert!(!file.reload_if_changed());
         std::fs::remove_file(&path).expect("remove");
         assert!(!file.reload_if_changed(), "a missing file keeps the value");
         assert!(!file.reload_if_changed(), "and is reported once");
-        assert_eq!(*file.current(), ["new", "old"]);
+        assert_eq!(**file.current(), ["new", "old"]);
 
         replace(&path, "newest");
         assert!(file.reload_if_changed());
-        assert_eq!(*file.current(), ["newest"]);
+        assert_eq!(**file.current(), ["newest"]);
     }
 }

@@ -33,11 +33,9 @@ pub fn api_token_check(
     links: ProblemLinks,
 ) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
     move |request: tonic::Request<()>| {
-        let Some(expected) = &api_token else {
+        let Some(api_token) = &api_token else {
             return Ok(request);
         };
-        let expected = expected.current();
-        let expected = expected.as_str();
         let metadata = request.metadata();
         // `x-api-key` is OFREP's API-key header; accepted everywhere so one rule decides.
         let by_header = ["x-coresdk-api-token", "x-api-key"]
@@ -46,14 +44,14 @@ pub fn api_token_check(
                 metadata
                     .get(name)
                     .and_then(|v| v.to_str().ok())
-                    .is_some_and(|h| tokens_match(h, expected))
+                    .is_some_and(|h| api_token.with(|expected| tokens_match(h, expected)))
             });
         let accepted = by_header
             || bearer(metadata).is_some_and(|b| {
-                tokens_match(b, expected)
+                api_token.with(|expected| tokens_match(b, expected))
                     || admin_token
                         .as_ref()
-                        .is_some_and(|a| tokens_match(b, &a.current()))
+                        .is_some_and(|a| a.with(|expected| tokens_match(b, expected)))
             });
         if accepted {
             Ok(request)

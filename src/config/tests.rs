@@ -311,7 +311,7 @@ fn tokens_are_trimmed_like_a_mounted_secret_file() {
         "--api-token",
         " api-token-0123456789\r\n",
     ]);
-    let current = |token: &Option<Secret<String>>| token.as_ref().map(|t| (*t.current()).clone());
+    let current = |token: &Option<Secret<String>>| token.as_ref().map(|t| t.with(String::clone));
     assert_eq!(
         current(&config.admin_token).as_deref(),
         Some("admin-token-0123456789")
@@ -471,7 +471,7 @@ fn token_files_are_checked_like_the_tokens_and_exclude_them() {
     ]);
     assert!(matches!(config.admin_token, Some(Secret::File(_))));
     assert_eq!(
-        config.api_token.map(|t| (*t.current()).clone()).as_deref(),
+        config.api_token.map(|t| t.with(String::clone)).as_deref(),
         Some("admin-token-0123456789")
     );
     let e = error(&["--admin-token-file", text(&short)]);

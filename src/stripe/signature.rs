@@ -155,7 +155,7 @@ impl SignatureVerifier {
         let parsed = parse_header(header)?;
         let mut matched = subtle::Choice::from(0);
         let from_file = self.file.as_ref().map(|file| file.current());
-        let file_secrets = from_file.as_deref().map(Vec::as_slice).unwrap_or_default();
+        let file_secrets = from_file.as_ref().map(|f| f.as_slice()).unwrap_or_default();
         for secret in self.secrets.iter().chain(file_secrets) {
             let expected = compute(secret, parsed.timestamp, payload);
             for candidate in &parsed.v1 {
