@@ -41,8 +41,10 @@ fn paid(id: &str, customer: &str) -> Vec<u8> {
 }
 
 /// Whether a delivery signed with `secret` passes the signature check.
-async fn accepts(sidecar: &Sidecar, secret: &str, n: &mut u32) -> bool {
-    *n += 1;
+async fn accepts(sidecar: &Sidecar, secret: &str) -> bool {
+    // A new event each time: a duplicate would pass for other reasons.
+    static DELIVERIES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = DELIVERIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let body = paid(&format!("evt_rotation_{n}"), "cus_acme_001");
     match sidecar
         .webhooks()
@@ -72,41 +74,32 @@ async fn a_rotated_webhook_secret_file_takes_effect_without_a_restart() {
         )],
     })
     .await;
-    let n = &mut 0;
-    assert!(accepts(&sidecar, "whsec_old_secret", n).await);
-    assert!(!accepts(&sidecar, "whsec_new_secret", n).await);
+    assert!(accepts(&sidecar, "whsec_old_secret").await);
+    assert!(!accepts(&sidecar, "whsec_new_secret").await);
 
     // Stripe's roll: both secrets sign during the overlap, each is accepted.
     replace(&file, "whsec_new_secret\nwhsec_old_secret\n");
-    let mut m = 100;
     eventually("the new secret is accepted", || {
-        m += 1;
-        let mut k = m;
-        let sidecar = &sidecar;
-        async move { accepts(sidecar, "whsec_new_secret", &mut k).await }
+        accepts(&sidecar, "whsec_new_secret")
     })
     .await;
-    assert!(accepts(&sidecar, "whsec_old_secret", n).await);
+    assert!(accepts(&sidecar, "whsec_old_secret").await);
 
     // The old one expires: dropped from the file, it is refused.
     replace(&file, "whsec_new_secret,");
-    let mut m = 200;
-    eventually("the old secret is refused", || {
-        m += 1;
-        let mut k = m;
-        let sidecar = &sidecar;
-        async move { !accepts(sidecar, "whsec_old_secret", &mut k).await }
+    eventually("the old secret is refused", || async {
+        !accepts(&sidecar, "whsec_old_secret").await
     })
     .await;
-    assert!(accepts(&sidecar, "whsec_new_secret", n).await);
+    assert!(accepts(&sidecar, "whsec_new_secret").await);
 
     // A broken file (empty, then gone) keeps the secret in use.
     replace(&file, "\n");
     tokio::time::sleep(SETTLE).await;
-    assert!(accepts(&sidecar, "whsec_new_secret", n).await);
+    assert!(accepts(&sidecar, "whsec_new_secret").await);
     std::fs::remove_file(&file).expect("remove");
     tokio::time::sleep(SETTLE).await;
-    assert!(accepts(&sidecar, "whsec_new_secret", n).await);
+    assert!(accepts(&sidecar, "whsec_new_secret").await);
 }
 
 const ADMIN_OLD: &str = "admin-token-old-0123456789";
@@ -114,14 +107,26 @@ const ADMIN_NEW: &str = "admin-token-new-0123456789";
 const API_OLD: &str = "api-token-old-0123456789";
 const API_NEW: &str = "api-token-new-0123456789";
 
-/// Whether an admin call with `token` is let through.
-async fn admin_accepts(sidecar: &Sidecar, token: &str) -> bool {
-    let mut request = tonic::Request::new(proto::MapCustomerRequest {
-        customer_id: "cus_rotation".into(),
-        tenant_id: "rotation-co".into(),
+fn map_request(customer: &str, tenant: &str) -> proto::MapCustomerRequest {
+    proto::MapCustomerRequest {
+        customer_id: customer.into(),
+        tenant_id: tenant.into(),
         actor: "ops@example.com".into(),
         reason: String::new(),
-    });
+    }
+}
+
+async fn map(sidecar: &Sidecar, customer: &str, tenant: &str) {
+    sidecar
+        .tenants()
+        .map_customer(admin(map_request(customer, tenant)))
+        .await
+        .expect("mapped");
+}
+
+/// Whether an admin call with `token` is let through.
+async fn admin_accepts(sidecar: &Sidecar, token: &str) -> bool {
+    let mut request = tonic::Request::new(map_request("cus_rotation", "rotation-co"));
     request.metadata_mut().insert(
         "authorization",
         format!("Bearer {token}").parse().expect("ascii"),
@@ -344,18 +349,8 @@ impl Db {
 /// restart: the first pass prunes the old row only, the audit trail stays whole, and the
 /// pruned event is applied again when redelivered.
 async fn retention_prunes_the_aged_row(mut sidecar: Sidecar, db: Db) {
-    for (customer, tenant) in [("cus_old", "oldco"), ("cus_kept", "keptco")] {
-        sidecar
-            .tenants()
-            .map_customer(admin(proto::MapCustomerRequest {
-                customer_id: customer.into(),
-                tenant_id: tenant.into(),
-                actor: "ops@example.com".into(),
-                reason: String::new(),
-            }))
-            .await
-            .expect("mapped");
-    }
+    map(&sidecar, "cus_old", "oldco").await;
+    map(&sidecar, "cus_kept", "keptco").await;
     let old = paid("evt_old", "cus_old");
     let kept = paid("evt_kept", "cus_kept");
     for body in [old.clone(), kept.clone()] {
@@ -429,16 +424,7 @@ async fn retention_off_keeps_every_dedup_row() {
         .args
         .extend(["--dedup-retention-days".into(), "off".into()]);
     let mut sidecar = Sidecar::on_disk(dir.path(), options).await;
-    sidecar
-        .tenants()
-        .map_customer(admin(proto::MapCustomerRequest {
-            customer_id: "cus_old".into(),
-            tenant_id: "oldco".into(),
-            actor: "ops@example.com".into(),
-            reason: String::new(),
-        }))
-        .await
-        .expect("mapped");
+    map(&sidecar, "cus_old", "oldco").await;
     deliver(&sidecar, paid("evt_old", "cus_old"))
         .await
         .expect("delivered");
