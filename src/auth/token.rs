@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use jsonwebtoken::jwk::JwkSet;
@@ -96,6 +97,9 @@ pub struct TokenVerifier {
     /// Exact token text → its verified claims. A hit skips the signature check (the text,
     /// signature included, is identical) but never the time checks.
     verified: DashMap<String, Arc<Claims>>,
+    /// Bumped when a key file changes: a verification that began under the old keys must not
+    /// leave its answer in the cache emptied for the new ones.
+    key_generation: AtomicU64,
     leeway_s: i64,
     hmac: Vec<DecodingKey>,
     hmac_file: Option<WatchedFile<Vec<DecodingKey>>>,
@@ -218,6 +222,7 @@ impl TokenVerifier {
         }
         Ok(Self {
             verified: DashMap::new(),
+            key_generation: AtomicU64::new(0),
             leeway_s: i64::try_from(settings.leeway_s).unwrap_or(i64::MAX),
             hmac: settings
                 .hmac_secrets
@@ -323,11 +328,17 @@ impl TokenVerifier {
                 return Ok(hit.clone());
             }
         }
+        let generation = self.key_generation.load(Ordering::SeqCst);
         let claims = Arc::new(self.verify_uncached(token)?);
         if self.verified.len() >= VERIFIED_CACHE_MAX {
             self.verified.clear();
         }
         self.verified.insert(token.to_owned(), claims.clone());
+        // The reload bumps the generation before emptying the cache: an entry inserted after
+        // that emptying sees the bump here and goes too.
+        if self.key_generation.load(Ordering::SeqCst) != generation {
+            self.verified.remove(token);
+        }
         Ok(claims)
     }
 
@@ -417,6 +428,7 @@ impl Reload for TokenVerifier {
         let jwks = self.jwks.as_ref().is_some_and(|f| f.reload_if_changed());
         if hmac || public_key || jwks {
             // A key that left must stop vouching for tokens at once.
+            self.key_generation.fetch_add(1, Ordering::SeqCst);
             self.verified.clear();
         }
     }
