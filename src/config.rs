@@ -210,8 +210,10 @@ impl Config {
         }
         watched.extend(self.admin_token.iter().filter_map(Secret::watched));
         watched.extend(self.api_token.iter().filter_map(Secret::watched));
-        let tokens: Arc<dyn Reload> = self.tokens.clone();
-        watched.push(Arc::downgrade(&tokens));
+        if self.tokens.has_key_files() {
+            let tokens: Arc<dyn Reload> = self.tokens.clone();
+            watched.push(Arc::downgrade(&tokens));
+        }
         watched
     }
 

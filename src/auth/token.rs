@@ -249,6 +249,11 @@ impl TokenVerifier {
         (self.public_key.is_some() || self.jwks.is_some()) && !self.validation_base.validate_aud
     }
 
+    /// Whether any key comes from a file, to be re-read when it changes.
+    pub fn has_key_files(&self) -> bool {
+        self.hmac_file.is_some() || self.public_key.is_some() || self.jwks.is_some()
+    }
+
     pub fn is_configured(&self) -> bool {
         !self.hmac.is_empty()
             || self.hmac_file.is_some()
