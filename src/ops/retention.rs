@@ -9,7 +9,7 @@ use crate::store::Store;
 
 /// Rows deleted per transaction: small enough that a webhook queued behind one batch waits
 /// milliseconds, not seconds.
-pub const PRUNE_BATCH: u64 = 500;
+const PRUNE_BATCH: u64 = 500;
 /// Between batches the writer is left to the request path.
 const PAUSE_BETWEEN_BATCHES: Duration = Duration::from_millis(100);
 /// How often a pass runs; the window is days, so an hour's lag is nothing.
@@ -21,7 +21,7 @@ pub const DEFAULT_RETENTION_DAYS: u64 = 35;
 
 /// One pass: batches until a short one, each its own write transaction. Returns the rows
 /// deleted, or the store error that ended the pass early (with what it had deleted).
-pub async fn prune_pass(store: &Store, window: Duration) -> (u64, Option<Error>) {
+async fn prune_pass(store: &Store, window: Duration) -> (u64, Option<Error>) {
     let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
     let before_ms = crate::time::now_ms().saturating_sub(window_ms);
     let mut pruned = 0;
