@@ -51,7 +51,12 @@ pub struct WatchedFile<T> {
 }
 
 fn read<T>(path: &Path, parse: Parse<T>) -> Result<T, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let bytes = std::fs::read(path).map_err(|e| {
+        format!(
+            "cannot read {}: {e}; point it at a readable file",
+            path.display()
+        )
+    })?;
     parse(path, &bytes)
 }
 
