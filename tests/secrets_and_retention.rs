@@ -1,5 +1,5 @@
 //! Secret files re-read without a restart (webhook secrets, admin and API tokens, JWT HMAC
-//! secrets), and the background pruning of old dedup records, against the real binary.
+//! secrets, a PEM public key), and the background pruning of old dedup records, against the real binary.
 mod common;
 
 use std::path::Path;
@@ -434,4 +434,67 @@ async fn retention_off_keeps_every_dedup_row() {
     sidecar.restart().await;
     tokio::time::sleep(SETTLE).await;
     assert_eq!(db.dedup_rows().await, ["evt_old"]);
+}
+
+/// An Ed25519 key pair from `seed`: the signing key for tokens, the public key as the PEM the
+/// sidecar reads (SPKI and PKCS#8 DER are a fixed prefix and the 32 key bytes).
+fn ed25519(seed: u8) -> (jsonwebtoken::EncodingKey, String) {
+    use base64::Engine as _;
+    let seed = [seed; 32];
+    let public = ed25519_dalek::SigningKey::from_bytes(&seed)
+        .verifying_key()
+        .to_bytes();
+    let mut pkcs8 = hex::decode("302e020100300506032b657004220420").expect("hex");
+    pkcs8.extend(seed);
+    let mut spki = hex::decode("302a300506032b6570032100").expect("hex");
+    spki.extend(public);
+    let pem = format!(
+        "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+        base64::engine::general_purpose::STANDARD.encode(spki)
+    );
+    (jsonwebtoken::EncodingKey::from_ed_der(&pkcs8), pem)
+}
+
+fn eddsa(key: &jsonwebtoken::EncodingKey) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA),
+        &json!({"sub": "user-42", "tenant_id": "acme-corp", "exp": now() + 600, "aud": "securepay"}),
+        key,
+    )
+    .expect("encodes")
+}
+
+#[tokio::test]
+async fn a_replaced_jwt_public_key_file_takes_effect_and_a_broken_one_keeps_the_old() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("jwt-public-key.pem");
+    let (key_a, pem_a) = ed25519(1);
+    let (key_b, pem_b) = ed25519(2);
+    std::fs::write(&file, &pem_a).expect("write");
+    let sidecar = Sidecar::start(Options {
+        args: vec!["--mock".into()],
+        envs: vec![
+            (
+                "CORESDK_JWT_PUBLIC_KEY_FILE".into(),
+                file.display().to_string(),
+            ),
+            ("CORESDK_JWT_AUDIENCE".into(), "securepay".into()),
+        ],
+    })
+    .await;
+    let (a, b) = (eddsa(&key_a), eddsa(&key_b));
+    assert!(verifies(&sidecar, &a).await);
+    assert!(!verifies(&sidecar, &b).await);
+
+    // One key per file: the swap is a cut-over, cached verifications included.
+    replace(&file, &pem_b);
+    eventually("B's tokens verify", || verifies(&sidecar, &b)).await;
+    assert!(!verifies(&sidecar, &a).await);
+
+    replace(
+        &file,
+        "-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n",
+    );
+    tokio::time::sleep(SETTLE).await;
+    assert!(verifies(&sidecar, &b).await);
 }
