@@ -96,3 +96,29 @@ async fn a_pruned_event_replayed_by_hand_is_decided_against_the_flags_as_they_ar
     assert_eq!(again.outcome, Outcome::Stale);
     assert!(!fx.is_on("acme", "pro_features"));
 }
+
+#[tokio::test]
+async fn an_append_key_older_than_the_cutoff_appends_again() {
+    let fx = Fixture::new();
+    let append = |now_ms: i64| {
+        fx.store.write(move |tx| {
+            append_once(
+                tx,
+                NewAuditRecord {
+                    tenant_id: "acme".into(),
+                    actor: "billing-job".into(),
+                    event: "app.invoice_sent".into(),
+                    outcome: "sent".into(),
+                    metadata: serde_json::Map::new(),
+                },
+                "invoice-42",
+                now_ms,
+            )
+        })
+    };
+    let first = append(NOW_MS).await.expect("appended").seq;
+    assert_eq!(append(NOW_MS + 1).await.expect("retried").seq, first);
+    assert_eq!(fx.prune(NOW_MS + DAY_MS, 500).await, 1);
+    let again = append(NOW_MS + DAY_MS).await.expect("appended again").seq;
+    assert!(again > first, "the key was forgotten: a new record");
+}
