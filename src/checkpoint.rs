@@ -990,6 +990,9 @@ mod tests {
         ) -> Result<Vec<crate::store::ParkedEvent>, StoreError> {
             self.tx.expire_parked(before_ms, limit)
         }
+        fn prune_processed(&mut self, before_ms: i64, limit: u64) -> Result<u64, StoreError> {
+            self.tx.prune_processed(before_ms, limit)
+        }
         fn flag(
             &mut self,
             tenant_id: &str,

@@ -12,6 +12,7 @@ use crate::checkpoint::Checkpointer;
 pub use crate::limits::ServerLimits;
 use crate::ops::ParkingLimits;
 use crate::problem::ProblemLinks;
+use crate::reload::{Reload, Secret, WatchedFile, split_secrets};
 use crate::rules::Rules;
 pub use crate::settings::{DEFAULT_STORE, LogFormat, ServeArgs, SideListener};
 use crate::store::StoreUrl;
@@ -109,7 +110,7 @@ pub struct Config {
     pub rules: Arc<Rules>,
     pub mock: bool,
     pub verifier: SignatureVerifier,
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret<String>>,
     pub webhook_max_body_bytes: usize,
     pub fail_mode: FailMode,
     pub log_format: LogFormat,
@@ -118,7 +119,7 @@ pub struct Config {
     pub shutdown_delay: std::time::Duration,
     /// What every gRPC listener bounds: calls per connection, keepalive, unary time.
     pub limits: ServerLimits,
-    pub api_token: Option<String>,
+    pub api_token: Option<Secret<String>>,
     pub tokens: Arc<TokenVerifier>,
     pub problem_links: ProblemLinks,
     pub deny_audit_window: std::time::Duration,
@@ -131,6 +132,8 @@ pub struct Config {
     pub max_streams: usize,
     /// How many events of customers with no tenant are kept until the customer is mapped.
     pub parking: ParkingLimits,
+    /// How long dedup records are kept; `None`: forever.
+    pub dedup_retention: Option<std::time::Duration>,
 }
 
 const READABLE: &str = "point it at a readable file";
@@ -144,27 +147,42 @@ fn read_file(setting: &'static str, path: &std::path::Path) -> Result<Vec<u8>, C
     })
 }
 
-/// A bearer token setting, trimmed: a secret mounted from a file often ends in a newline, and
-/// presented tokens are compared trimmed, so an untrimmed one could never match.
+/// What is wrong with a bearer token (trimmed: a secret mounted from a file often ends in a
+/// newline, and presented tokens are compared trimmed, so an untrimmed one could never match).
+fn token_defect(token: &str) -> Option<&'static str> {
+    if token.is_empty() {
+        Some("is set but empty; unset it, or set a token of at least 16 characters")
+    } else if token.len() < 16 {
+        Some("must be at least 16 characters; generate one with `openssl rand -hex 16`")
+    } else {
+        None
+    }
+}
+
+/// A token given directly or, re-read when it changes, by a file.
 fn checked_token(
     setting: &'static str,
+    file_setting: &'static str,
     token: Option<String>,
-) -> Result<Option<String>, ConfigError> {
+    file: Option<&std::path::Path>,
+) -> Result<Option<Secret<String>>, ConfigError> {
+    if let Some(path) = file {
+        let watched = WatchedFile::load(file_setting, path, |path, bytes| {
+            let token = crate::reload::utf8(path, bytes)?.trim();
+            match token_defect(token) {
+                Some(defect) => Err(format!("{}: the token {defect}", path.display())),
+                None => Ok(token.to_owned()),
+            }
+        })
+        .map_err(|e| config_error(file_setting, e))?;
+        return Ok(Some(Secret::File(Arc::new(watched))));
+    }
     let Some(token) = token else { return Ok(None) };
     let token = token.trim();
-    if token.is_empty() {
-        return Err(config_error(
-            setting,
-            "is set but empty; unset it, or set a token of at least 16 characters",
-        ));
+    if let Some(defect) = token_defect(token) {
+        return Err(config_error(setting, defect));
     }
-    if token.len() < 16 {
-        return Err(config_error(
-            setting,
-            "must be at least 16 characters; generate one with `openssl rand -hex 16`",
-        ));
-    }
-    Ok(Some(token.to_owned()))
+    Ok(Some(Secret::Fixed(Arc::new(token.to_owned()))))
 }
 
 fn checked_url(setting: &'static str, url: Option<String>) -> Result<Option<String>, ConfigError> {
@@ -174,13 +192,6 @@ fn checked_url(setting: &'static str, url: Option<String>) -> Result<Option<Stri
         ),
         other => Ok(other),
     }
-}
-
-fn split_secrets(text: &str) -> impl Iterator<Item = String> + '_ {
-    text.split([',', '\n'])
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
 }
 
 impl Config {
@@ -196,6 +207,22 @@ impl Config {
             SideListener::Ofrep => self.ofrep_listen,
             SideListener::Ops => self.ops_listen,
         }
+    }
+
+    /// The secret files to re-read when they change.
+    pub fn watched(&self) -> Vec<std::sync::Weak<dyn Reload>> {
+        let mut watched: Vec<std::sync::Weak<dyn Reload>> = Vec::new();
+        if let Some(file) = self.verifier.secret_file() {
+            let file: Arc<dyn Reload> = file.clone();
+            watched.push(Arc::downgrade(&file));
+        }
+        watched.extend(self.admin_token.iter().filter_map(Secret::watched));
+        watched.extend(self.api_token.iter().filter_map(Secret::watched));
+        if self.tokens.has_key_files() {
+            let tokens: Arc<dyn Reload> = self.tokens.clone();
+            watched.push(Arc::downgrade(&tokens));
+        }
+        watched
     }
 
     pub fn from_args(mut args: ServeArgs) -> Result<Self, ConfigError> {
@@ -243,28 +270,16 @@ impl Config {
             .as_deref()
             .map(|s| split_secrets(s).collect())
             .unwrap_or_default();
-        if let Some(path) = &args.webhook_secret_file {
-            let text = String::from_utf8(read_file("STRIPE_WEBHOOK_SECRET_FILE", path)?).map_err(
-                |_| {
-                    config_error(
-                        "STRIPE_WEBHOOK_SECRET_FILE",
-                        format!("is not UTF-8 text; {READABLE}"),
-                    )
-                },
-            )?;
-            let before = secrets.len();
-            secrets.extend(split_secrets(&text));
-            if secrets.len() == before {
-                return Err(config_error(
-                    "STRIPE_WEBHOOK_SECRET_FILE",
-                    format!(
-                        "{} holds no secret; put the whsec_… secret(s) in it, comma or newline separated",
-                        path.display()
-                    ),
-                ));
-            }
-        }
-        if secrets.is_empty() && args.mock {
+        let secret_file = args
+            .webhook_secret_file
+            .as_deref()
+            .map(|path| {
+                WatchedFile::load("STRIPE_WEBHOOK_SECRET_FILE", path, webhook_secrets)
+                    .map(Arc::new)
+                    .map_err(|e| config_error("STRIPE_WEBHOOK_SECRET_FILE", e))
+            })
+            .transpose()?;
+        if secrets.is_empty() && secret_file.is_none() && args.mock {
             secrets.push(MOCK_WEBHOOK_SECRET.to_owned());
         }
 
@@ -283,8 +298,18 @@ impl Config {
                 "must be an absolute URI; use one starting with https://, http:// or urn:",
             ));
         }
-        let admin_token = checked_token("CORESDK_ADMIN_TOKEN", args.admin_token.take())?;
-        let api_token = checked_token("CORESDK_API_TOKEN", args.api_token.take())?;
+        let admin_token = checked_token(
+            "CORESDK_ADMIN_TOKEN",
+            "CORESDK_ADMIN_TOKEN_FILE",
+            args.admin_token.take(),
+            args.admin_token_file.as_deref(),
+        )?;
+        let api_token = checked_token(
+            "CORESDK_API_TOKEN",
+            "CORESDK_API_TOKEN_FILE",
+            args.api_token.take(),
+            args.api_token_file.as_deref(),
+        )?;
 
         let tokens = token_verifier(&args)?;
         let problem_links = ProblemLinks {
@@ -334,7 +359,13 @@ impl Config {
             tenants_file_overrides: args.tenants_file_overrides,
             rules: Arc::new(rules),
             mock: args.mock,
-            verifier: SignatureVerifier::new(secrets, args.webhook_tolerance_s),
+            verifier: {
+                let verifier = SignatureVerifier::new(secrets, args.webhook_tolerance_s);
+                match secret_file {
+                    Some(file) => verifier.with_file(file),
+                    None => verifier,
+                }
+            },
             admin_token,
             webhook_max_body_bytes: args.webhook_max_body_bytes,
             fail_mode: args.fail_mode,
@@ -352,8 +383,24 @@ impl Config {
             postgres_ca_file: args.postgres_ca_file,
             max_streams: args.max_streams,
             parking,
+            dedup_retention: dedup_retention(&args.dedup_retention_days)?,
         })
     }
+}
+
+/// The `whsec_…` secrets of a secret file: one at least, for a file that holds none would
+/// refuse every delivery.
+fn webhook_secrets(path: &std::path::Path, bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    let secrets: Vec<Vec<u8>> = split_secrets(crate::reload::utf8(path, bytes)?)
+        .map(String::into_bytes)
+        .collect();
+    if secrets.is_empty() {
+        return Err(format!(
+            "{} holds no secret; put the whsec_… secret(s) in it, comma or newline separated",
+            path.display()
+        ));
+    }
+    Ok(secrets)
 }
 
 /// The most parked events a setting may ask for: each can be up to the webhook body limit,
@@ -418,45 +465,48 @@ fn parking_limits(args: &ServeArgs) -> Result<ParkingLimits, ConfigError> {
     })
 }
 
+/// Ten years: beyond that "forever" (`off`) is what is meant, and the milliseconds stay small.
+const MAX_RETENTION_DAYS: u64 = 3650;
+
+fn dedup_retention(days: &str) -> Result<Option<std::time::Duration>, ConfigError> {
+    let days = days.trim();
+    if days.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    match days.parse::<u64>() {
+        Ok(0) => Ok(None),
+        Ok(days) if days <= MAX_RETENTION_DAYS => {
+            Ok(Some(std::time::Duration::from_secs(days * 86_400)))
+        }
+        _ => Err(config_error(
+            "CORESDK_DEDUP_RETENTION_DAYS",
+            format!(
+                "must be a whole number of days from 1 to {MAX_RETENTION_DAYS} (default {}, longer than Stripe's 30-day event retention), or 0 or off to keep dedup records forever",
+                crate::ops::DEFAULT_RETENTION_DAYS
+            ),
+        )),
+    }
+}
+
 fn token_verifier(args: &ServeArgs) -> Result<TokenVerifier, ConfigError> {
-    let mut jwt_secrets: Vec<Vec<u8>> = args
+    let jwt_secrets: Vec<Vec<u8>> = args
         .jwt_secret
         .as_deref()
         .map(|s| split_secrets(s).map(String::into_bytes).collect())
         .unwrap_or_default();
-    if let Some(path) = &args.jwt_secret_file {
-        let text =
-            String::from_utf8(read_file("CORESDK_JWT_SECRET_FILE", path)?).map_err(|_| {
-                config_error(
-                    "CORESDK_JWT_SECRET_FILE",
-                    format!("is not UTF-8 text; {READABLE}"),
-                )
-            })?;
-        jwt_secrets.extend(split_secrets(&text).map(String::into_bytes));
-    }
-    if jwt_secrets.iter().any(|s| s.len() < 32) {
-        let setting = if args
-            .jwt_secret
-            .as_deref()
-            .is_some_and(|s| split_secrets(s).any(|s| s.len() < 32))
-        {
-            "CORESDK_JWT_SECRET"
-        } else {
-            "CORESDK_JWT_SECRET_FILE"
-        };
+    if jwt_secrets
+        .iter()
+        .any(|s| s.len() < crate::auth::token::MIN_HMAC_SECRET_LEN)
+    {
         return Err(config_error(
-            setting,
-            "HMAC secrets must be at least 32 bytes (RFC 7518 §3.2); generate one with `openssl rand -hex 32`",
+            "CORESDK_JWT_SECRET",
+            crate::auth::token::SHORT_HMAC_SECRET,
         ));
     }
-    let public_key_pem = args
-        .jwt_public_key_file
-        .as_deref()
-        .map(|p| read_file("CORESDK_JWT_PUBLIC_KEY_FILE", p))
-        .transpose()?;
     TokenVerifier::new(TokenSettings {
         hmac_secrets: jwt_secrets,
-        public_key_pem,
+        hmac_secret_file: args.jwt_secret_file.clone(),
+        public_key_file: args.jwt_public_key_file.clone(),
         jwks_file: args.jwks_file.clone(),
         issuer: args.jwt_issuer.clone(),
         audience: args

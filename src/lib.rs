@@ -20,6 +20,7 @@ pub mod openfeature;
 pub mod ops;
 pub mod ops_listener;
 pub mod problem;
+pub mod reload;
 pub mod rules;
 pub mod server;
 pub mod settings;

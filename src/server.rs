@@ -140,10 +140,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         checkpoints,
         shutdown_rx.clone(),
     ));
-    state
-        .config
-        .tokens
-        .spawn_jwks_watcher(std::time::Duration::from_secs(1));
+    crate::reload::spawn_watcher(state.config.watched(), crate::reload::WATCH_EVERY);
 
     let (reflection_v1, reflection_v1alpha) = reflection(&[
         crate::proto::FILE_DESCRIPTOR_SET,
@@ -265,6 +262,11 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         tokio::spawn(checkpoint_loop(checkpointer, store.clone(), feeds, every))
     });
 
+    let retention = state
+        .config
+        .dedup_retention
+        .map(|window| tokio::spawn(crate::ops::retention_loop(store.clone(), window)));
+
     signals.received().await;
     // Stopped first: a store coming back must not turn a service SERVING again while we go.
     store_health.abort();
@@ -302,6 +304,9 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         if let Err(e) = finish(task, listener.name()).await {
             failed.get_or_insert(e);
         }
+    }
+    if let Some(task) = retention {
+        task.abort();
     }
     if let Some(task) = checkpointing {
         task.abort();

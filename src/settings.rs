@@ -164,12 +164,16 @@ pub struct ServeArgs {
     /// Stripe endpoint secrets (`whsec_…`), comma-separated: all are accepted, for rotation.
     #[arg(long, env = "STRIPE_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
-    /// A file holding secrets (comma or newline separated), e.g. a mounted Kubernetes secret.
+    /// A file holding secrets (comma or newline separated), e.g. a mounted Kubernetes secret;
+    /// re-read when it changes, so a rotation needs no restart.
     #[arg(long, env = "STRIPE_WEBHOOK_SECRET_FILE")]
     pub webhook_secret_file: Option<PathBuf>,
     /// Bearer token that admin RPCs require. Without it admin RPCs are refused (except in mock mode).
     #[arg(long, env = "CORESDK_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// A file holding the admin token (instead of --admin-token), re-read when it changes.
+    #[arg(long, env = "CORESDK_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
+    pub admin_token_file: Option<PathBuf>,
     /// Accepted distance between a signature's timestamp and now, in both directions.
     #[arg(long, env = "CORESDK_WEBHOOK_TOLERANCE_S", default_value_t = 300)]
     pub webhook_tolerance_s: u64,
@@ -228,13 +232,18 @@ pub struct ServeArgs {
     /// admin token) or `x-coresdk-api-token: <token>`.
     #[arg(long, env = "CORESDK_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
+    /// A file holding the API token (instead of --api-token), re-read when it changes.
+    #[arg(long, env = "CORESDK_API_TOKEN_FILE", conflicts_with = "api_token")]
+    pub api_token_file: Option<PathBuf>,
     /// HMAC secret(s) for HS256/384/512 tokens, comma-separated.
     #[arg(long, env = "CORESDK_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
-    /// A file holding HMAC secrets (comma or newline separated), added to --jwt-secret.
+    /// A file holding HMAC secrets (comma or newline separated), added to --jwt-secret;
+    /// re-read when it changes.
     #[arg(long, env = "CORESDK_JWT_SECRET_FILE")]
     pub jwt_secret_file: Option<PathBuf>,
-    /// A PEM public key (RSA, EC P-256/P-384 or Ed25519) for RS*/ES*/EdDSA tokens.
+    /// A PEM public key (RSA, EC P-256/P-384 or Ed25519) for RS*/ES*/EdDSA tokens; re-read
+    /// when it changes.
     #[arg(long, env = "CORESDK_JWT_PUBLIC_KEY_FILE")]
     pub jwt_public_key_file: Option<PathBuf>,
     /// A JWK set; keys are picked by `kid`, and the file is re-read when it changes.
@@ -297,6 +306,10 @@ pub struct ServeArgs {
     /// Of those, the most kept for one customer.
     #[arg(long, env = "CORESDK_MAX_PARKED_EVENTS_PER_CUSTOMER", default_value_t = crate::ops::ParkingLimits::DEFAULT.max_per_customer)]
     pub max_parked_events_per_customer: u64,
+    /// Days a dedup record (a processed event id or an Append idempotency key) is kept; older
+    /// ones are pruned in the background. `0` or `off` keeps them forever.
+    #[arg(long, env = "CORESDK_DEDUP_RETENTION_DAYS", default_value_t = crate::ops::DEFAULT_RETENTION_DAYS.to_string())]
+    pub dedup_retention_days: String,
     /// Require client certificates signed by this CA (mutual TLS).
     #[arg(long, env = "CORESDK_TLS_CLIENT_CA_FILE")]
     pub tls_client_ca_file: Option<PathBuf>,

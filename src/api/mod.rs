@@ -28,12 +28,12 @@ pub fn bearer(metadata: &tonic::metadata::MetadataMap) -> Option<&str> {
 /// Every RPC but health needs the API token when one is configured; the admin token, which
 /// can do more, is accepted too.
 pub fn api_token_check(
-    api_token: Option<String>,
-    admin_token: Option<String>,
+    api_token: Option<crate::reload::Secret<String>>,
+    admin_token: Option<crate::reload::Secret<String>>,
     links: ProblemLinks,
 ) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
     move |request: tonic::Request<()>| {
-        let Some(expected) = &api_token else {
+        let Some(api_token) = &api_token else {
             return Ok(request);
         };
         let metadata = request.metadata();
@@ -44,12 +44,14 @@ pub fn api_token_check(
                 metadata
                     .get(name)
                     .and_then(|v| v.to_str().ok())
-                    .is_some_and(|h| tokens_match(h, expected))
+                    .is_some_and(|h| api_token.with(|expected| tokens_match(h, expected)))
             });
         let accepted = by_header
             || bearer(metadata).is_some_and(|b| {
-                tokens_match(b, expected)
-                    || admin_token.as_deref().is_some_and(|a| tokens_match(b, a))
+                api_token.with(|expected| tokens_match(b, expected))
+                    || admin_token
+                        .as_ref()
+                        .is_some_and(|a| a.with(|expected| tokens_match(b, expected)))
             });
         if accepted {
             Ok(request)

@@ -208,7 +208,8 @@ mod tests {
     fn authorizer(fail_mode: FailMode) -> Authorizer {
         let tokens = TokenVerifier::new(token::TokenSettings {
             hmac_secrets: vec![SECRET.to_vec()],
-            public_key_pem: None,
+            hmac_secret_file: None,
+            public_key_file: None,
             jwks_file: None,
             issuer: None,
             audience: Vec::new(),

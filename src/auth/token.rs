@@ -3,13 +3,19 @@
 //! RSA public key can never be used as an HMAC secret, and `alg: none` does not parse at all.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde_json::{Map, Value};
+
+use crate::reload::{Reload, WatchedFile, split_secrets, utf8};
+
+/// RFC 7518 §3.2: an HMAC key at least as long as the hash.
+pub const MIN_HMAC_SECRET_LEN: usize = 32;
+pub const SHORT_HMAC_SECRET: &str = "HMAC secrets must be at least 32 bytes (RFC 7518 §3.2); generate one with `openssl rand -hex 32`";
 
 /// Longer tokens are refused before any parsing.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
@@ -73,18 +79,14 @@ pub struct Claims {
 
 pub struct TokenSettings {
     pub hmac_secrets: Vec<Vec<u8>>,
-    pub public_key_pem: Option<Vec<u8>>,
+    /// More HMAC secrets, comma or newline separated; the files are re-read when they change.
+    pub hmac_secret_file: Option<PathBuf>,
+    pub public_key_file: Option<PathBuf>,
     pub jwks_file: Option<PathBuf>,
     pub issuer: Option<String>,
     pub audience: Vec<String>,
     pub tenant_claim: String,
     pub leeway_s: u64,
-}
-
-struct JwksState {
-    set: JwkSet,
-    /// What the file looked like when read: reloaded when this changes.
-    stamp: Option<(SystemTime, u64)>,
 }
 
 /// Verified tokens kept at most; the cache is emptied when full (tokens are short-lived, and
@@ -95,34 +97,60 @@ pub struct TokenVerifier {
     /// Exact token text → its verified claims. A hit skips the signature check (the text,
     /// signature included, is identical) but never the time checks.
     verified: DashMap<String, Arc<Claims>>,
+    /// Bumped when a key file changes: a verification that began under the old keys must not
+    /// leave its answer in the cache emptied for the new ones.
+    key_generation: AtomicU64,
     leeway_s: i64,
     hmac: Vec<DecodingKey>,
-    public_key: Option<DecodingKey>,
-    jwks_file: Option<PathBuf>,
-    jwks: RwLock<Arc<JwksState>>,
+    hmac_file: Option<WatchedFile<Vec<DecodingKey>>>,
+    public_key: Option<WatchedFile<DecodingKey>>,
+    jwks: Option<WatchedFile<JwkSet>>,
     validation_base: Validation,
     tenant_claim: String,
 }
 
-fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
+fn parse_jwks(path: &Path, bytes: &[u8]) -> Result<JwkSet, String> {
+    serde_json::from_slice(bytes).map_err(|e| format!("{} is not a JWK set: {e}", path.display()))
 }
 
-fn read_jwks(path: &Path) -> Result<JwksState, String> {
-    let stamp = file_stamp(path);
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let set: JwkSet = serde_json::from_str(&text)
-        .map_err(|e| format!("{} is not a JWK set: {e}", path.display()))?;
-    Ok(JwksState { set, stamp })
-}
-
-fn public_key_from_pem(pem: &[u8]) -> Result<DecodingKey, String> {
+fn parse_public_key(path: &Path, pem: &[u8]) -> Result<DecodingKey, String> {
     DecodingKey::from_rsa_pem(pem)
         .or_else(|_| DecodingKey::from_ec_pem(pem))
         .or_else(|_| DecodingKey::from_ed_pem(pem))
-        .map_err(|_| "not an RSA, EC or Ed25519 public key in PEM".to_owned())
+        .map_err(|_| {
+            format!(
+                "{} is not an RSA, EC or Ed25519 public key in PEM",
+                path.display()
+            )
+        })
+}
+
+fn parse_hmac_secrets(path: &Path, bytes: &[u8]) -> Result<Vec<DecodingKey>, String> {
+    let secrets: Vec<String> = split_secrets(utf8(path, bytes)?).collect();
+    if secrets.is_empty() {
+        return Err(format!(
+            "{} holds no secret; put the HMAC secret(s) in it, comma or newline separated",
+            path.display()
+        ));
+    }
+    if secrets.iter().any(|s| s.len() < MIN_HMAC_SECRET_LEN) {
+        return Err(format!("{}: {SHORT_HMAC_SECRET}", path.display()));
+    }
+    Ok(secrets
+        .iter()
+        .map(|s| DecodingKey::from_secret(s.as_bytes()))
+        .collect())
+}
+
+/// A watched key file, its error naming the setting.
+fn watched<T: Send + Sync>(
+    setting: &'static str,
+    path: Option<&Path>,
+    parse: crate::reload::Parse<T>,
+) -> Result<Option<WatchedFile<T>>, KeyConfigError> {
+    path.map(|path| WatchedFile::load(setting, path, parse))
+        .transpose()
+        .map_err(|message| KeyConfigError { setting, message })
 }
 
 fn map_error(kind: &ErrorKind) -> TokenError {
@@ -158,25 +186,21 @@ fn strings(value: Option<&Value>, split_spaces: bool) -> Vec<String> {
 
 impl TokenVerifier {
     pub fn new(settings: TokenSettings) -> Result<Self, KeyConfigError> {
-        let public_key = settings
-            .public_key_pem
-            .as_deref()
-            .map(public_key_from_pem)
-            .transpose()
-            .map_err(|message| KeyConfigError {
-                setting: "CORESDK_JWT_PUBLIC_KEY_FILE",
-                message,
-            })?;
-        let jwks = match &settings.jwks_file {
-            Some(path) => read_jwks(path).map_err(|message| KeyConfigError {
-                setting: "CORESDK_JWKS_FILE",
-                message,
-            })?,
-            None => JwksState {
-                set: JwkSet { keys: Vec::new() },
-                stamp: None,
-            },
-        };
+        let hmac_file = watched(
+            "CORESDK_JWT_SECRET_FILE",
+            settings.hmac_secret_file.as_deref(),
+            parse_hmac_secrets,
+        )?;
+        let public_key = watched(
+            "CORESDK_JWT_PUBLIC_KEY_FILE",
+            settings.public_key_file.as_deref(),
+            parse_public_key,
+        )?;
+        let jwks = watched(
+            "CORESDK_JWKS_FILE",
+            settings.jwks_file.as_deref(),
+            parse_jwks,
+        )?;
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = settings.leeway_s;
         validation.validate_nbf = true;
@@ -198,15 +222,16 @@ impl TokenVerifier {
         }
         Ok(Self {
             verified: DashMap::new(),
+            key_generation: AtomicU64::new(0),
             leeway_s: i64::try_from(settings.leeway_s).unwrap_or(i64::MAX),
             hmac: settings
                 .hmac_secrets
                 .iter()
                 .map(|s| DecodingKey::from_secret(s))
                 .collect(),
+            hmac_file,
             public_key,
-            jwks_file: settings.jwks_file,
-            jwks: RwLock::new(Arc::new(jwks)),
+            jwks,
             validation_base: validation,
             tenant_claim: settings.tenant_claim,
         })
@@ -221,53 +246,19 @@ impl TokenVerifier {
     /// tokens for many applications; without a required audience, a token it issued for any of
     /// them is accepted here.
     pub fn accepts_other_apps_tokens(&self) -> bool {
-        (self.public_key.is_some() || self.jwks_file.is_some())
-            && !self.validation_base.validate_aud
+        (self.public_key.is_some() || self.jwks.is_some()) && !self.validation_base.validate_aud
+    }
+
+    /// Whether any key comes from a file, to be re-read when it changes.
+    pub fn has_key_files(&self) -> bool {
+        self.hmac_file.is_some() || self.public_key.is_some() || self.jwks.is_some()
     }
 
     pub fn is_configured(&self) -> bool {
-        !self.hmac.is_empty() || self.public_key.is_some() || self.jwks_file.is_some()
-    }
-
-    /// Re-reads the JWKS file if it changed; a broken new file keeps the old keys.
-    pub fn reload_jwks_if_changed(&self) {
-        let Some(path) = &self.jwks_file else { return };
-        let current_stamp = self.jwks.read().ok().and_then(|s| s.stamp);
-        if file_stamp(path) == current_stamp {
-            return;
-        }
-        match read_jwks(path) {
-            Ok(fresh) => {
-                let count = fresh.set.keys.len();
-                if let Ok(mut slot) = self.jwks.write() {
-                    *slot = Arc::new(fresh);
-                }
-                // A key that left the set must stop vouching for tokens at once.
-                self.verified.clear();
-                tracing::info!(keys = count, path = %path.display(), "JWKS reloaded");
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "JWKS file changed but cannot be used; keeping the previous keys")
-            }
-        }
-    }
-
-    /// Polls the JWKS file so key rotations take effect without a restart.
-    pub fn spawn_jwks_watcher(self: &Arc<Self>, every: Duration) {
-        if self.jwks_file.is_none() {
-            return;
-        }
-        let verifier = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(every);
-            loop {
-                ticker.tick().await;
-                let Some(verifier) = verifier.upgrade() else {
-                    return;
-                };
-                verifier.reload_jwks_if_changed();
-            }
-        });
+        !self.hmac.is_empty()
+            || self.hmac_file.is_some()
+            || self.public_key.is_some()
+            || self.jwks.is_some()
     }
 
     fn candidate_keys(
@@ -277,44 +268,45 @@ impl TokenVerifier {
     ) -> Result<Vec<DecodingKey>, TokenError> {
         let family = alg.family();
         if family == jsonwebtoken::AlgorithmFamily::Hmac {
-            if self.hmac.is_empty() {
+            let mut keys = self.hmac.clone();
+            if let Some(file) = &self.hmac_file {
+                keys.extend(file.current().iter().cloned());
+            }
+            if keys.is_empty() {
                 return Err(TokenError::NoKeyForAlgorithm(format!("{alg:?}")));
             }
-            return Ok(self.hmac.clone());
+            return Ok(keys);
         }
         let mut keys = Vec::new();
-        let jwks = self
-            .jwks
-            .read()
-            .map(|j| j.clone())
-            .map_err(|_| TokenError::BadSignature)?;
         let jwk_matches = |jwk: &jsonwebtoken::jwk::Jwk| {
             jwk.common
                 .key_algorithm
                 .is_none_or(|a| format!("{a:?}") == format!("{alg:?}"))
         };
-        match kid {
-            Some(kid) if self.jwks_file.is_some() => {
-                let jwk = jwks
-                    .set
-                    .find(kid)
-                    .ok_or_else(|| TokenError::UnknownKid(kid.to_owned()))?;
-                if jwk_matches(jwk)
-                    && let Ok(key) = DecodingKey::from_jwk(jwk)
-                {
-                    keys.push(key);
-                }
-            }
-            _ => {
-                for jwk in jwks.set.keys.iter().filter(|j| jwk_matches(j)) {
-                    if let Ok(key) = DecodingKey::from_jwk(jwk) {
+        if let Some(jwks) = &self.jwks {
+            let jwks = jwks.current();
+            match kid {
+                Some(kid) => {
+                    let jwk = jwks
+                        .find(kid)
+                        .ok_or_else(|| TokenError::UnknownKid(kid.to_owned()))?;
+                    if jwk_matches(jwk)
+                        && let Ok(key) = DecodingKey::from_jwk(jwk)
+                    {
                         keys.push(key);
+                    }
+                }
+                None => {
+                    for jwk in jwks.keys.iter().filter(|j| jwk_matches(j)) {
+                        if let Ok(key) = DecodingKey::from_jwk(jwk) {
+                            keys.push(key);
+                        }
                     }
                 }
             }
         }
         if let Some(key) = &self.public_key {
-            keys.push(key.clone());
+            keys.push(key.current().as_ref().clone());
         }
         keys.retain(|k| k.family() == family);
         if keys.is_empty() {
@@ -341,11 +333,17 @@ impl TokenVerifier {
                 return Ok(hit.clone());
             }
         }
+        let generation = self.key_generation.load(Ordering::SeqCst);
         let claims = Arc::new(self.verify_uncached(token)?);
         if self.verified.len() >= VERIFIED_CACHE_MAX {
             self.verified.clear();
         }
         self.verified.insert(token.to_owned(), claims.clone());
+        // The reload bumps the generation before emptying the cache: an entry inserted after
+        // that emptying sees the bump here and goes too.
+        if self.key_generation.load(Ordering::SeqCst) != generation {
+            self.verified.remove(token);
+        }
         Ok(claims)
     }
 
@@ -420,6 +418,27 @@ impl TokenVerifier {
     }
 }
 
+impl Reload for TokenVerifier {
+    /// Re-reads the key files that changed; a broken new file keeps the old keys.
+    fn reload_if_changed(&self) {
+        // Every file is checked, whatever the others did.
+        let hmac = self
+            .hmac_file
+            .as_ref()
+            .is_some_and(|f| f.reload_if_changed());
+        let public_key = self
+            .public_key
+            .as_ref()
+            .is_some_and(|f| f.reload_if_changed());
+        let jwks = self.jwks.as_ref().is_some_and(|f| f.reload_if_changed());
+        if hmac || public_key || jwks {
+            // A key that left must stop vouching for tokens at once.
+            self.key_generation.fetch_add(1, Ordering::SeqCst);
+            self.verified.clear();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,7 +450,8 @@ mod tests {
     fn verifier(leeway_s: u64) -> TokenVerifier {
         TokenVerifier::new(TokenSettings {
             hmac_secrets: vec![SECRET.to_vec()],
-            public_key_pem: None,
+            hmac_secret_file: None,
+            public_key_file: None,
             jwks_file: None,
             issuer: None,
             audience: Vec::new(),
@@ -466,7 +486,8 @@ mod tests {
                 } else {
                     Vec::new()
                 },
-                public_key_pem: None,
+                hmac_secret_file: None,
+                public_key_file: None,
                 jwks_file,
                 issuer: None,
                 audience: audience.iter().map(|a| (*a).to_owned()).collect(),
@@ -532,7 +553,7 @@ mod tests {
             Ok("t".into())
         );
         assert!(verifier.verify(&token).is_ok(), "served from the cache");
-        std::thread::sleep(Duration::from_millis(2100));
+        std::thread::sleep(std::time::Duration::from_millis(2100));
         assert_eq!(verifier.verify(&token), Err(TokenError::Expired));
     }
 
@@ -540,7 +561,8 @@ mod tests {
     fn unconfigured_verification_says_so() {
         let verifier = TokenVerifier::new(TokenSettings {
             hmac_secrets: Vec::new(),
-            public_key_pem: None,
+            hmac_secret_file: None,
+            public_key_file: None,
             jwks_file: None,
             issuer: None,
             audience: Vec::new(),

@@ -311,11 +311,15 @@ fn tokens_are_trimmed_like_a_mounted_secret_file() {
         "--api-token",
         " api-token-0123456789\r\n",
     ]);
+    let current = |token: &Option<Secret<String>>| token.as_ref().map(|t| t.with(String::clone));
     assert_eq!(
-        config.admin_token.as_deref(),
+        current(&config.admin_token).as_deref(),
         Some("admin-token-0123456789")
     );
-    assert_eq!(config.api_token.as_deref(), Some("api-token-0123456789"));
+    assert_eq!(
+        current(&config.api_token).as_deref(),
+        Some("api-token-0123456789")
+    );
     // Length counts what is left once trimmed.
     let e = error(&["--admin-token", "short-token\n\n\n\n\n\n"]);
     assert_eq!(e.setting, "CORESDK_ADMIN_TOKEN");
@@ -503,4 +507,64 @@ fn drain_and_server_limits_default_and_are_validated() {
     ] {
         assert_eq!(error(&[flag]).setting, setting, "{flag}");
     }
+}
+
+#[test]
+fn dedup_retention_is_whole_days_and_off_or_zero_keeps_records_forever() {
+    const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
+    assert_eq!(config(&[]).dedup_retention, Some(35 * DAY));
+    assert_eq!(
+        config(&["--dedup-retention-days", "7"]).dedup_retention,
+        Some(7 * DAY)
+    );
+    for off in ["0", "off", "OFF"] {
+        assert_eq!(
+            config(&["--dedup-retention-days", off]).dedup_retention,
+            None
+        );
+    }
+    for bad in ["", "1.5", "-1", "3651", "forever"] {
+        let flag = format!("--dedup-retention-days={bad}");
+        let e = error(&[&flag]);
+        assert_eq!(e.setting, "CORESDK_DEDUP_RETENTION_DAYS", "{bad:?}");
+    }
+}
+
+#[test]
+fn token_files_are_checked_like_the_tokens_and_exclude_them() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let good = write(dir.path(), "admin", "admin-token-0123456789\n");
+    let short = write(dir.path(), "short", "short\n");
+    let config = config(&[
+        "--admin-token-file",
+        text(&good),
+        "--api-token-file",
+        text(&good),
+    ]);
+    assert!(matches!(config.admin_token, Some(Secret::File(_))));
+    assert_eq!(
+        config.api_token.map(|t| t.with(String::clone)).as_deref(),
+        Some("admin-token-0123456789")
+    );
+    let e = error(&["--admin-token-file", text(&short)]);
+    assert_eq!(e.setting, "CORESDK_ADMIN_TOKEN_FILE");
+    assert!(
+        e.message.contains("at least 16") && !e.message.contains("short\n"),
+        "{e}"
+    );
+    let e = error(&["--api-token-file", text(&dir.path().join("missing"))]);
+    assert_eq!(e.setting, "CORESDK_API_TOKEN_FILE");
+    assert!(
+        Cli::command()
+            .mut_args(|arg| arg.env(None::<&str>))
+            .try_get_matches_from([
+                "coresdk",
+                "--admin-token",
+                "admin-token-0123456789",
+                "--admin-token-file",
+                text(&good),
+            ])
+            .is_err(),
+        "a token and a token file are one too many"
+    );
 }

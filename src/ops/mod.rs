@@ -5,6 +5,7 @@
 mod explain;
 mod objects;
 mod parking;
+mod retention;
 mod webhook;
 
 use serde_json::{Map, Value, json};
@@ -16,6 +17,7 @@ use crate::rules::Rules;
 use crate::store::{CustomerMapping, StoreTx};
 pub use explain::{AdminTrace, EventTrace, Explanation, STALE_SHOWN, SetBy, explain_flag};
 pub use parking::{PARKED_RETENTION_MS, PARKING_ACTOR, ParkingLimits};
+pub use retention::{DEFAULT_RETENTION_DAYS, retention_loop};
 pub use webhook::{
     CLAIM_PREFIX_BYTES, ClaimedIdentity, Delivery, FlagChange, REFUSED_DELIVERY_EVENT,
     REFUSED_DELIVERY_KEY_FIELDS, REFUSED_DELIVERY_OUTCOME, REPLAY_ACTOR, WEBHOOK_ACTOR,

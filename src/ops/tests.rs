@@ -465,3 +465,4 @@ fn ids_are_printable_and_bounded() {
 }
 
 mod parking;
+mod retention;

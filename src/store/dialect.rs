@@ -93,6 +93,9 @@ pub(crate) enum Statement {
     /// before_ms, limit → the parked columns of up to `limit` events parked before
     /// `before_ms`, oldest first, deleted.
     ExpireParked,
+    /// before_ms, limit → the event ids of up to `limit` dedup records processed before
+    /// `before_ms`, oldest first, deleted.
+    PruneProcessed,
 }
 
 /// A statement parameter.

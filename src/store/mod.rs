@@ -241,6 +241,9 @@ pub trait StoreTx {
     /// Deletes and returns up to `limit` events parked before `before_ms`, oldest first.
     fn expire_parked(&mut self, before_ms: i64, limit: u64)
     -> Result<Vec<ParkedEvent>, StoreError>;
+    /// Deletes up to `limit` dedup records (processed events and append keys) recorded before
+    /// `before_ms`, oldest first; returns how many it deleted.
+    fn prune_processed(&mut self, before_ms: i64, limit: u64) -> Result<u64, StoreError>;
     fn flag(&mut self, tenant_id: &str, key: &str) -> Result<Option<FlagRecord>, StoreError>;
     /// Writes a flag under the next store-wide version (the given one is ignored) and returns it.
     fn write_flag(&mut self, record: FlagRecord) -> Result<FlagRecord, StoreError>;

@@ -339,6 +339,20 @@ impl StoreTx for Tx<'_> {
         )
     }
 
+    fn prune_processed(&mut self, before_ms: i64, limit: u64) -> Result<u64, StoreError> {
+        let (sql, _) = self.for_write()?;
+        let mut deleted = 0;
+        sql.query(
+            Statement::PruneProcessed,
+            &[Param::Int(before_ms), Param::Int(to_i64(limit))],
+            &mut |_| {
+                deleted += 1;
+                Ok(true)
+            },
+        )?;
+        Ok(deleted)
+    }
+
     fn flag(&mut self, tenant_id: &str, key: &str) -> Result<Option<FlagRecord>, StoreError> {
         query_opt(
             self.sql,

@@ -3,6 +3,8 @@
 //! and empty signatures are refused before any comparison, and several secrets are accepted so a
 //! secret can be rotated without dropping deliveries.
 
+use std::sync::Arc;
+
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
@@ -93,10 +95,15 @@ pub fn sign_header(secret: &str, timestamp: i64, payload: &[u8]) -> String {
     )
 }
 
+/// The `whsec_…` secrets of a watched file, as HMAC keys.
+pub type SecretFile = crate::reload::WatchedFile<Vec<Vec<u8>>>;
+
 #[derive(Clone)]
 pub struct SignatureVerifier {
     /// The `whsec_…` strings, used as HMAC keys exactly as Stripe's libraries do (not decoded).
     secrets: Vec<Vec<u8>>,
+    /// More secrets, from a file re-read when it changes.
+    file: Option<Arc<SecretFile>>,
     tolerance_s: u64,
 }
 
@@ -107,6 +114,7 @@ impl std::fmt::Debug for SignatureVerifier {
                 "secrets",
                 &format_args!("[{} redacted]", self.secrets.len()),
             )
+            .field("file", &self.file.is_some())
             .field("tolerance_s", &self.tolerance_s)
             .finish()
     }
@@ -116,12 +124,25 @@ impl SignatureVerifier {
     pub fn new(secrets: Vec<String>, tolerance_s: u64) -> Self {
         Self {
             secrets: secrets.into_iter().map(String::into_bytes).collect(),
+            file: None,
             tolerance_s,
         }
     }
 
+    /// Also accepts the secrets of `file`, whichever it holds at the time of each delivery.
+    pub fn with_file(mut self, file: Arc<SecretFile>) -> Self {
+        self.file = Some(file);
+        self
+    }
+
+    /// The secret file to watch, if there is one.
+    pub fn secret_file(&self) -> Option<&Arc<SecretFile>> {
+        self.file.as_ref()
+    }
+
     pub fn has_secrets(&self) -> bool {
-        !self.secrets.is_empty()
+        // A watched file always holds a secret: one that holds none is refused.
+        !self.secrets.is_empty() || self.file.is_some()
     }
 
     /// Verifies `header` over the raw `payload` at time `now` (unix seconds) and returns the
@@ -133,7 +154,9 @@ impl SignatureVerifier {
         }
         let parsed = parse_header(header)?;
         let mut matched = subtle::Choice::from(0);
-        for secret in &self.secrets {
+        let from_file = self.file.as_ref().map(|file| file.current());
+        let file_secrets = from_file.as_ref().map(|f| f.as_slice()).unwrap_or_default();
+        for secret in self.secrets.iter().chain(file_secrets) {
             let expected = compute(secret, parsed.timestamp, payload);
             for candidate in &parsed.v1 {
                 matched |= expected.ct_eq(candidate);

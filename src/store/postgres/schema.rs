@@ -89,8 +89,13 @@ CREATE TABLE IF NOT EXISTS billing_objects (
 );
 ";
 
+/// Schema 4: dedup records older than the retention window are deleted oldest first, in
+/// small batches; without this index each batch would scan the whole table.
+const MIGRATION_4: &str =
+    "CREATE INDEX IF NOT EXISTS processed_events_by_age ON processed_events (processed_at_ms);";
+
 /// Migration `n` (from 1) brings the schema from version `n - 1` to `n`.
-const MIGRATIONS: [&str; 3] = [MIGRATION_1, MIGRATION_2, MIGRATION_3];
+const MIGRATIONS: [&str; 4] = [MIGRATION_1, MIGRATION_2, MIGRATION_3, MIGRATION_4];
 const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
 /// Applies the schema once, however many replicas start together.

@@ -84,8 +84,13 @@ CREATE TABLE billing_objects (
 ) WITHOUT ROWID;
 ";
 
+/// Schema 4: dedup records older than the retention window are deleted oldest first, in
+/// small batches; without this index each batch would scan the whole table.
+const MIGRATION_4: &str =
+    "CREATE INDEX processed_events_by_age ON processed_events (processed_at_ms);";
+
 /// Migration `n` (from 1) brings the schema from version `n - 1` to `n`.
-const MIGRATIONS: [&str; 3] = [MIGRATION_1, MIGRATION_2, MIGRATION_3];
+const MIGRATIONS: [&str; 4] = [MIGRATION_1, MIGRATION_2, MIGRATION_3, MIGRATION_4];
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Brings the schema up to this sidecar's version; refuses a database from a newer sidecar.

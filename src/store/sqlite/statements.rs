@@ -125,5 +125,9 @@ pub(super) fn text(statement: Statement) -> &'static str {
                WHERE parked_at_ms < ?1 ORDER BY parked_at_ms LIMIT ?2) RETURNING ",
             parked_columns!()
         ),
+        Statement::PruneProcessed => {
+            "DELETE FROM processed_events WHERE event_id IN (SELECT event_id FROM processed_events
+               WHERE processed_at_ms < ?1 ORDER BY processed_at_ms LIMIT ?2) RETURNING event_id"
+        }
     }
 }
