@@ -416,3 +416,56 @@ def test_the_asyncio_variant_never_blocks_the_event_loop():
         assert asyncio.run(scenario()) > 20, "the event loop stood still while the sidecar was asked"
     finally:
         sdk.sync.close()
+
+
+def test_the_asyncio_variant_asks_nothing_on_the_loop_when_the_stream_drops_meanwhile():
+    """The stream may drop between a look at the cache and the answer: the loop's thread must
+    then still do no I/O (a blocking call there would stop every other request)."""
+    import asyncio
+    import threading
+
+    from coresdk.aio import AsyncSDK
+    from coresdk.client import FlagCache, SidecarClient
+    from coresdk.v1 import flags_pb2
+
+    class DroppingCache(FlagCache):
+        """Connected at the first look, dropped at every later one."""
+
+        looks = 0
+
+        @property
+        def connected(self) -> bool:
+            self.looks += 1
+            return self.looks == 1
+
+        @connected.setter
+        def connected(self, value: bool) -> None:
+            pass
+
+    client = SidecarClient(Settings(sidecar_addr="127.0.0.1:9", timeout_ms=300, fail_mode="closed"), watch=False)
+    asked_from: list[threading.Thread] = []
+
+    class Flags:
+        def GetFlag(self, request, **_):
+            asked_from.append(threading.current_thread())
+            return flags_pb2.Flag(tenant_id=request.tenant_id, key=request.key, value=flags_pb2.FlagValue(bool_value=True))
+
+        def GetFlags(self, request, **_):
+            asked_from.append(threading.current_thread())
+            return flags_pb2.GetFlagsResponse()
+
+    snapshot = flags_pb2.FlagSnapshot(flags=[flags_pb2.Flag(tenant_id="acme-corp", key="pro_features", value=flags_pb2.FlagValue(bool_value=True), version=1)])
+
+    async def scenario():
+        for read in (lambda sdk: sdk.is_enabled("acme-corp", "pro_features"), lambda sdk: sdk.get_flags("acme-corp")):
+            client.cache = DroppingCache()
+            client.cache.replace(snapshot)
+            await read(AsyncSDK(client))
+        return threading.current_thread()
+
+    try:
+        client._flags = Flags()
+        loop_thread = asyncio.run(scenario())
+        assert loop_thread not in asked_from
+    finally:
+        client.close()

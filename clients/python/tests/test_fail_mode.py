@@ -302,3 +302,26 @@ def test_the_client_reaches_a_tls_sidecar_and_a_mutual_tls_one(tmp_path):
             process.stop()
     with pytest.raises(ValueError):
         Settings.from_env({"CORESDK_SIDECAR_TLS_CLIENT_CERT_FILE": "client.pem"})
+
+
+def test_a_spooled_record_the_sidecar_refuses_is_dropped_and_the_rest_is_sent(tmp_path, caplog):
+    """A refusal (here: an event in the sidecar's reserved `billing.` namespace) is no outage:
+    the record is dropped with an error logged, and the records behind it are stored."""
+    from coresdk.v1 import audit_pb2
+
+    process = Sidecar(tmp_path)
+    process.start()
+    client = client_for(process, fail_mode="open")
+    try:
+        client._spool.append(audit_pb2.AppendAuditRequest(event="billing.forged", outcome="ok", actor="app", idempotency_key="k1"))
+        client._spool.append(audit_pb2.AppendAuditRequest(event="app.after", outcome="ok", actor="app", idempotency_key="k2"))
+        client.outage.failed("a test outage")
+        with caplog.at_level("ERROR", logger="coresdk"):
+            client.audit_verify()  # any answer ends the outage
+            wait_until(lambda: client.spooled == 0)
+        assert [r.event for r in client.audit_query(event_prefix="app.")] == ["app.after"]
+        assert not client.outage.down
+        assert any("refused a spooled audit record" in m for m in caplog.messages)
+    finally:
+        client.close()
+        process.stop()

@@ -45,16 +45,17 @@ class AsyncSDK:
 
     async def is_enabled(self, tenant_id: str, key: str) -> bool:
         # A current cache that knows the key answers with a lookup: no thread hop, and no
-        # place taken in the pool that blocking calls share during an outage.
-        cache = getattr(self.sync, "cache", None)
-        if cache is not None and cache.connected and cache.get(tenant_id, key) is not None:
-            return self.sync.is_enabled(tenant_id, key)
+        # place taken in the pool that blocking calls share during an outage. Only an answer
+        # that needs no I/O is taken on the loop's thread.
+        cached = self.sync.cached_is_enabled(tenant_id, key)
+        if cached is not None:
+            return cached
         return await asyncio.to_thread(self.sync.is_enabled, tenant_id, key)
 
     async def get_flags(self, tenant_id: str) -> Any:
-        cache = getattr(self.sync, "cache", None)
-        if cache is not None and cache.connected and cache.warm.is_set():
-            return self.sync.get_flags(tenant_id)
+        cached = self.sync.cached_flags(tenant_id)
+        if cached is not None:
+            return cached
         return await asyncio.to_thread(self.sync.get_flags, tenant_id)
 
     def __getattr__(self, name: str) -> Any:

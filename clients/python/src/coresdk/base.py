@@ -82,6 +82,15 @@ class BaseSDK(abc.ABC):
         except LookupError:
             return False
 
+    def cached_is_enabled(self, tenant_id: str, key: str) -> Optional[bool]:
+        """`is_enabled` answered without any I/O, or None when that takes a call (an event loop
+        may call this on its own thread)."""
+        return None
+
+    def cached_flags(self, tenant_id: str) -> Optional[dict[str, Flag]]:
+        """`get_flags` answered without any I/O, or None when that takes a call."""
+        return None
+
     def close(self) -> None:
         pass
 

@@ -173,13 +173,16 @@ class SidecarClient(BaseSDK):
             token = self.settings.api_token
         return [("authorization", f"Bearer {token}")] if token else []
 
-    def _call(self, method: Callable[..., T], request: Any, *, admin: bool = False, idempotent: bool = True) -> T:
+    def _call(
+        self, method: Callable[..., T], request: Any, *, admin: bool = False, idempotent: bool = True, deadline: Optional[float] = None
+    ) -> T:
         """One call within the deadline, retrying UNAVAILABLE with backoff and jitter. Webhooks
         are deduplicated by event id, appends by their idempotency key, and reads repeat
         safely. A write that is not idempotent (`SetFlag`) is retried only after the sidecar
         said it committed nothing: a transport failure may have come after the commit, and a
-        retry would write it twice."""
-        deadline = time.monotonic() + self.settings.timeout_ms / 1000
+        retry would write it twice. `deadline` (monotonic) replaces the call's own."""
+        if deadline is None:
+            deadline = time.monotonic() + self.settings.timeout_ms / 1000
         delay = 0.02
         while True:
             remaining = deadline - time.monotonic()
@@ -250,9 +253,13 @@ class SidecarClient(BaseSDK):
                 try:
                     self._audit.Append(request, timeout=self.settings.timeout_ms / 1000, metadata=self._metadata())
                 except grpc.RpcError as e:
-                    # Down again: the next recovery sends the rest.
-                    self.outage.failed(f"audit spool: {e.code().name if hasattr(e, 'code') else e}")
-                    return
+                    error = problem_from_rpc_error(e)
+                    if isinstance(error, SidecarUnavailable) or error.retryable:
+                        # Down again: the next recovery sends the rest.
+                        self.outage.failed(f"audit spool: {e.code().name if hasattr(e, 'code') else e}")
+                        return
+                    # Refused for good: kept at the head, it would block every later record.
+                    log.error("coresdk: the sidecar refused a spooled audit record, dropped: %s", error)
                 except ValueError:
                     return  # the channel was closed under us
                 # A full spool may have dropped this record to make room while it was in flight.
@@ -278,41 +285,47 @@ class SidecarClient(BaseSDK):
     def handle_stripe_webhook(self, payload: bytes, signature_header: str) -> WebhookResult:
         # Never fails open: an effect that was not committed must make Stripe retry.
         request = webhook_pb2.HandleStripeWebhookRequest(payload=payload, signature_header=signature_header or "")
-        result = WebhookResult.from_proto(self._call(self._webhooks.HandleStripeWebhook, request))
-        self._await_cache(result.tenant_id, [(c.key, c.version) for c in result.flag_changes])
-        if result.event_type == "checkout.session.completed" and result.outcome == "applied":
-            # A checkout that maps its customer applies the customer's parked events, whose
-            # changes the answer does not list.
-            self._await_tenant(result.tenant_id)
-        return result
+        return self._webhook_committed(self._call(self._webhooks.HandleStripeWebhook, request))
 
     def replay_event(self, payload: bytes, *, reason: str) -> WebhookResult:
         request = webhook_pb2.ReplayStripeEventRequest(payload=payload, reason=reason)
-        result = WebhookResult.from_proto(self._call(self._webhooks.ReplayStripeEvent, request, admin=True))
-        self._await_cache(result.tenant_id, [(c.key, c.version) for c in result.flag_changes])
+        return self._webhook_committed(self._call(self._webhooks.ReplayStripeEvent, request, admin=True))
+
+    def _webhook_committed(self, answer: webhook_pb2.HandleStripeWebhookResponse) -> WebhookResult:
+        result = WebhookResult.from_proto(answer)
+        deadline = self._read_your_writes_deadline()
+        self._await_cache(result.tenant_id, [(c.key, c.version) for c in result.flag_changes], deadline)
+        if result.event_type == "checkout.session.completed" and result.outcome == "applied":
+            # A checkout that maps its customer applies the customer's parked events, whose
+            # changes the answer does not list.
+            self._await_tenant(result.tenant_id, deadline)
         return result
 
-    def _await_cache(self, tenant_id: str, versions: list[tuple[str, int]]) -> None:
-        """Read-your-writes: once a change is acknowledged, wait (briefly) until the local
-        cache shows it, so the caller's next is_enabled sees what it just did."""
+    def _read_your_writes_deadline(self) -> float:
+        """The waits after a committed write together take at most one `timeout_ms`."""
+        return time.monotonic() + self.settings.timeout_ms / 1000
+
+    def _await_cache(self, tenant_id: str, versions: list[tuple[str, int]], deadline: float) -> None:
+        """Read-your-writes: once a change is acknowledged, wait (until `deadline`) until the
+        local cache shows it, so the caller's next is_enabled sees what it just did."""
         if not versions or not self.cache.connected:
             return
 
         def caught_up() -> bool:
             return all((f := self.cache._flags.get((tenant_id, key))) is not None and f.version >= version for key, version in versions)
 
-        self.cache.wait_for(caught_up, self.settings.timeout_ms / 1000)
+        self.cache.wait_for(caught_up, max(deadline - time.monotonic(), 0))
 
-    def _await_tenant(self, tenant_id: str) -> None:
+    def _await_tenant(self, tenant_id: str, deadline: float) -> None:
         """Read-your-writes for changes an answer does not list (the parked events a mapping
         applied): the cache waits for the versions the sidecar holds now."""
-        if not tenant_id or not self.cache.connected:
+        if not tenant_id or not self.cache.connected or time.monotonic() >= deadline:
             return
         try:
-            answer = self._call(self._flags.GetFlags, flags_pb2.GetFlagsRequest(tenant_id=tenant_id))
+            answer = self._call(self._flags.GetFlags, flags_pb2.GetFlagsRequest(tenant_id=tenant_id), deadline=deadline)
         except ProblemError:
             return  # the write is committed: a failed wait must not report it as failed
-        self._await_cache(tenant_id, [(f.key, f.version) for f in answer.flags if not f.is_default])
+        self._await_cache(tenant_id, [(f.key, f.version) for f in answer.flags if not f.is_default], deadline)
 
     # -- flags ----------------------------------------------------------------------------
 
@@ -340,22 +353,38 @@ class SidecarClient(BaseSDK):
 
     def is_enabled(self, tenant_id: str, key: str) -> bool:
         # The hot path: a dictionary lookup once the cache is warm.
-        if self.cache.connected:
-            flag = self.cache._flags.get((tenant_id, key))
-            if flag is not None:
-                return flag.value is True
-            default = self.cache._defaults.get(key)
-            if default is not None:
-                # No stored value, which is also what a malformed tenant id finds: refuse that as
-                # the sidecar (and the mock) does, off the hot path of a cached value.
-                check_ids(tenant_id, key, self.settings.problem_type_base)
-                return default.value is True
+        cached = self.cached_is_enabled(tenant_id, key)
+        if cached is not None:
+            return cached
         return super().is_enabled(tenant_id, key)
+
+    def cached_is_enabled(self, tenant_id: str, key: str) -> Optional[bool]:
+        # `connected` is read once: the stream may drop meanwhile, and then a second look
+        # would send the caller to the sidecar after all.
+        if not self.cache.connected:
+            return None
+        flag = self.cache._flags.get((tenant_id, key))
+        if flag is not None:
+            return flag.value is True
+        default = self.cache._defaults.get(key)
+        if default is None:
+            return None
+        # No stored value, which is also what a malformed tenant id finds: refuse that as the
+        # sidecar (and the mock) does, off the hot path of a cached value.
+        check_ids(tenant_id, key, self.settings.problem_type_base)
+        return default.value is True
+
+    def cached_flags(self, tenant_id: str) -> Optional[dict[str, Flag]]:
+        if not (self.cache.warm.is_set() and (self.cache.connected or self.settings.fail_mode == "open")):
+            return None
+        check_ids(tenant_id, None, self.settings.problem_type_base)
+        return self.cache.of_tenant(tenant_id)
 
     def get_flags(self, tenant_id: str) -> dict[str, Flag]:
         check_ids(tenant_id, None, self.settings.problem_type_base)
-        if self.cache.warm.is_set() and (self.cache.connected or self.settings.fail_mode == "open"):
-            return self.cache.of_tenant(tenant_id)
+        cached = self.cached_flags(tenant_id)
+        if cached is not None:
+            return cached
         answer = self._call(self._flags.GetFlags, flags_pb2.GetFlagsRequest(tenant_id=tenant_id))
         return {f.key: Flag.from_proto(f) for f in answer.flags}
 
@@ -364,7 +393,7 @@ class SidecarClient(BaseSDK):
             tenant_id=tenant_id, key=key, value=value_to_proto(value), actor=actor, reason=reason
         )
         flag = Flag.from_proto(self._call(self._flags.SetFlag, request, admin=True, idempotent=False))
-        self._await_cache(tenant_id, [(key, flag.version)])
+        self._await_cache(tenant_id, [(key, flag.version)], self._read_your_writes_deadline())
         return flag
 
     # -- auth -----------------------------------------------------------------------------
@@ -454,8 +483,8 @@ class SidecarClient(BaseSDK):
     def map_customer(self, customer_id: str, tenant_id: str, *, actor: str, reason: str = "") -> int:
         request = tenants_pb2.MapCustomerRequest(customer_id=customer_id, tenant_id=tenant_id, actor=actor, reason=reason)
         applied = self._call(self._tenants.MapCustomer, request, admin=True).parked_events_applied
-        if applied:
-            self._await_tenant(tenant_id)
+        # Always: a retry after a lost answer says 0 though the first attempt applied events.
+        self._await_tenant(tenant_id, self._read_your_writes_deadline())
         return applied
 
     def resolve_customer(self, customer_id: str) -> Optional[str]:

@@ -33,12 +33,13 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (a dependency there).
     import tomli as tomllib  # type: ignore[no-redef]
 
+import grpc
 import rfc8785
 
 from coresdk.base import BaseSDK
 from coresdk.config import Settings
 from coresdk.errors import FlagNotFound, Problem, ProblemError
-from coresdk.validation import FLAG_KEY, check_ids, id_defect, invalid, quoted
+from coresdk.validation import FLAG_KEY, WHITE_SPACE, ascii_lower, check_ids, id_defect, invalid, quoted, rust_trim
 from coresdk.models import (
     AdminFlagChange,
     AuditRecord,
@@ -93,6 +94,14 @@ CLAIM_PREFIX_BYTES = 1024
 # The sidecar's parking bounds (CORESDK_MAX_PARKED_EVENTS, CORESDK_MAX_PARKED_EVENTS_PER_CUSTOMER).
 MAX_PARKED_EVENTS = 10_000
 MAX_PARKED_EVENTS_PER_CUSTOMER = 100
+# The mock's own memory bounds, the Node mock's (the sidecar's store is a database): the newest
+# audit records and processed event ids are kept, the oldest dropped; flags, customer mappings
+# and billing objects beyond their bound are refused (507 MOCK_CAPACITY).
+MAX_AUDIT_RECORDS = 100_000
+MAX_PROCESSED_EVENTS = 100_000
+MAX_FLAGS = 100_000
+MAX_CUSTOMERS = 100_000
+MAX_BILLING_OBJECTS = 100_000
 
 
 def wire(value: Any) -> Any:
@@ -494,7 +503,7 @@ def _parse_rules(text: str) -> tuple[dict[str, FlagValue], list[dict[str, Any]]]
     names: set[str] = set()
     for n, spec in enumerate(specs, start=1):
         name = spec.get("name")
-        if name is not None and (not isinstance(name, str) or not name.strip()):
+        if name is not None and (not isinstance(name, str) or not rust_trim(name)):
             raise invalid(f"rule {n} has an empty `name`")
         label = f"rule {n} ('{name}')" if name is not None else f"rule {n}"
 
@@ -546,11 +555,11 @@ class MockSidecar(BaseSDK):
     def __init__(self, settings: Optional[Settings] = None, env: Optional[Mapping[str, str]] = None):
         self.settings = settings or Settings.from_env(env)
         env = os.environ if env is None else env
-        secrets = [s.strip() for s in env.get("STRIPE_WEBHOOK_SECRET", "").split(",") if s.strip()]
+        secrets = [rust_trim(s) for s in env.get("STRIPE_WEBHOOK_SECRET", "").split(",") if rust_trim(s)]
         self._secrets = secrets or [MOCK_SECRET]
-        self._jwt_secrets = [s.strip().encode() for s in env.get("CORESDK_JWT_SECRET", "").split(",") if s.strip()]
+        self._jwt_secrets = [rust_trim(s).encode() for s in env.get("CORESDK_JWT_SECRET", "").split(",") if rust_trim(s)]
         self._jwt_issuer = env.get("CORESDK_JWT_ISSUER") or None
-        self._jwt_audience = [a.strip() for a in env.get("CORESDK_JWT_AUDIENCE", "").split(",") if a.strip()]
+        self._jwt_audience = [rust_trim(a) for a in env.get("CORESDK_JWT_AUDIENCE", "").split(",") if rust_trim(a)]
         self._tenant_claim = env.get("CORESDK_JWT_TENANT_CLAIM", "tenant_id")
         self._jwt_leeway_s = int(env.get("CORESDK_JWT_LEEWAY_S") or JWT_LEEWAY_S)
         self._audit_window_s = float(env.get("CORESDK_DENY_AUDIT_WINDOW_S") or DENY_AUDIT_WINDOW_S)
@@ -596,7 +605,7 @@ class MockSidecar(BaseSDK):
     def _seal(self, tenant_id: str, actor: str, event: str, outcome: str, metadata: Mapping[str, Any]) -> AuditRecord:
         """As the sidecar's audit::seal: the hash covers RFC 8785 of exactly
         {v, seq, time, tenant, actor, event, outcome, metadata}, the bytes kept as hashed."""
-        seq = len(self._audit) + 1
+        seq = self._audit[-1].seq + 1 if self._audit else 1
         prev = self._audit[-1].hash if self._audit else GENESIS_HASH
         at = rfc3339_ms(int(time.time() * 1000))
         metadata = _bounded(wire(dict(metadata)))
@@ -605,23 +614,34 @@ class MockSidecar(BaseSDK):
         digest = hashlib.sha256(DOMAIN_TAG + bytes.fromhex(prev) + canonical).hexdigest()
         record = AuditRecord(seq, tenant_id, actor, event, outcome, metadata, digest, at, prev, canonical)
         self._audit.append(record)
+        # Dropped in batches, not one per append: a list's front deletion moves every record.
+        if len(self._audit) > MAX_AUDIT_RECORDS + MAX_AUDIT_RECORDS // 10:
+            del self._audit[: len(self._audit) - MAX_AUDIT_RECORDS]
         return record
+
+    def _audit_index(self, seq: int) -> int:
+        """Where record `seq` is (or would be) in the kept records."""
+        return seq - (self._audit[0].seq if self._audit else 1)
+
+    def _record(self, seq: int) -> Optional[AuditRecord]:
+        index = self._audit_index(seq)
+        return self._audit[index] if 0 <= index < len(self._audit) else None
 
     def audit(self, event: str, *, outcome: str, actor: str, tenant_id: str = "", metadata: Optional[Mapping[str, Any]] = None) -> Optional[AuditRecord]:
         # As the sidecar's audit::validate_new: every violation, named by its field.
         violations = []
         for field_name, value, required in (("actor", actor, True), ("event", event, True), ("outcome", outcome, True), ("tenant_id", tenant_id, False)):
-            if required and not value.strip():
+            if required and not rust_trim(value):
                 violations.append(f"{field_name}: is required")
             elif len(value.encode()) > MAX_FIELD_LEN:
                 violations.append(f"{field_name}: is longer than {MAX_FIELD_LEN} bytes")
-        name = event.lstrip().lower()
+        name = ascii_lower(event.lstrip(WHITE_SPACE))
         for namespace in RESERVED_NAMESPACES:
             if name == namespace or name.startswith(namespace + "."):
                 violations.append(
                     f"event: '{namespace}.' is reserved for the sidecar's own records; name application events in a namespace of your own, e.g. 'app.'"
                 )
-        if actor.strip().lower() == ACTOR:
+        if ascii_lower(rust_trim(actor)) == ACTOR:
             violations.append(f"actor: '{ACTOR}' is reserved for verified Stripe deliveries")
         # What the sidecar receives: a google.protobuf.Struct, so numbers are doubles.
         values = wire(json.loads(json.dumps(metadata or {}, default=str)))
@@ -650,11 +670,13 @@ class MockSidecar(BaseSDK):
     def audit_verify(self) -> VerifyResult:
         with self._lock:
             self._close_windows()
-            prev = GENESIS_HASH
+            # The kept records chain on from the first one kept.
+            prev = self._audit[0].prev_hash if self._audit else GENESIS_HASH
+            first = self._audit[0].seq if self._audit else 1
             for i, r in enumerate(self._audit):
                 digest = hashlib.sha256(DOMAIN_TAG + bytes.fromhex(prev) + r.canonical).hexdigest()
-                if r.seq != i + 1 or r.prev_hash != prev or r.hash != digest:
-                    return VerifyResult(False, i, i + 1, f"record {i + 1} does not verify")
+                if r.seq != first + i or r.prev_hash != prev or r.hash != digest:
+                    return VerifyResult(False, i, first + i, f"record {first + i} does not verify")
                 prev = digest
             return VerifyResult(True, len(self._audit))
 
@@ -662,6 +684,13 @@ class MockSidecar(BaseSDK):
 
     def _invalid(self, detail: str) -> ProblemError:
         return invalid(detail, self._base)
+
+    def _capacity(self, what: str, most: int) -> ProblemError:
+        return ProblemError(
+            _problem(self._base, "mock-capacity", "Mock capacity reached", 507,
+                     f"the mock keeps at most {most} {what}; it is a mock, not a store", "MOCK_CAPACITY"),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
 
     def _signature_error(self, reason: str, detail: str) -> ProblemError:
         return ProblemError(_problem(self._base, "invalid-signature", "Invalid webhook signature", 400, detail, reason))
@@ -673,7 +702,7 @@ class MockSidecar(BaseSDK):
         def malformed(why: str) -> ProblemError:
             return self._signature_error("SIGNATURE_MALFORMED", f"the Stripe-Signature header is malformed: {why}")
 
-        header = (header or "").strip()
+        header = rust_trim(header or "")
         if not header:
             raise self._signature_error("SIGNATURE_MISSING", "the Stripe-Signature header is missing or empty")
         if len(header.encode()) > MAX_SIGNATURE_HEADER_LEN:
@@ -681,10 +710,10 @@ class MockSidecar(BaseSDK):
         timestamp: Optional[int] = None
         signatures: list[bytes] = []
         for item in header.split(","):
-            scheme, sep, value = item.strip().partition("=")
+            scheme, sep, value = rust_trim(item).partition("=")
             if not sep:
                 raise malformed("an item has no '='")
-            scheme, value = scheme.strip(), value.strip()
+            scheme, value = rust_trim(scheme), rust_trim(value)
             if scheme == "t":
                 if timestamp is not None:
                     raise malformed("more than one timestamp")
@@ -837,7 +866,7 @@ class MockSidecar(BaseSDK):
         return self._apply(event, signed_at, ACTOR, "")
 
     def replay_event(self, payload: bytes, *, reason: str) -> WebhookResult:
-        if not reason.strip():
+        if not rust_trim(reason):
             raise self._invalid("reason: is required")
         if len(reason.encode()) > MAX_REASON_LEN:
             raise self._invalid(f"reason: is longer than {MAX_REASON_LEN} bytes")
@@ -923,6 +952,8 @@ class MockSidecar(BaseSDK):
                     meta["mapping_refused"] = True
                     meta["conflicting_client_reference_id"] = reference
             elif customer is not None and reference is not None and id_defect(customer) is None:
+                if len(self._customers) >= MAX_CUSTOMERS:
+                    raise self._capacity("customer mappings", MAX_CUSTOMERS)
                 mapped = True
                 tenant = self._customers[customer] = reference
                 meta["mapped_customer"] = customer
@@ -949,6 +980,8 @@ class MockSidecar(BaseSDK):
                 stale = list(stale_object[2])
             if not wanted and not mapped:
                 return self._finish(actor, event_id, event_type, tenant, "stale" if stale else "ignored", [], stale, meta)
+            if len(self._flags) + len({key for key, *_ in wanted if (tenant, key) not in self._flags}) > MAX_FLAGS:
+                raise self._capacity("flags", MAX_FLAGS)
             changes, rules = [], {}
             for key, value, rule, mark, origin in wanted:
                 current = self._flags.get((tenant, key))
@@ -984,9 +1017,9 @@ class MockSidecar(BaseSDK):
                     first_named.append(key)
             if stored is not None and stored[0] > order:
                 # Stale as a whole, but the newest summary's verdict on a key only this one named is off.
-                self._objects[(tenant, "entitlements")] = (stored[0], {**stored[1], "known": known})
+                self._put_object((tenant, "entitlements"), (stored[0], {**stored[1], "known": known}))
                 return [(k, False, summary_rule, stored[0], "entitlements") for k in first_named], ("entitlements", stored[0][2], keys)
-            self._objects[(tenant, "entitlements")] = (order, {"keys": set(keys), "known": known})
+            self._put_object((tenant, "entitlements"), (order, {"keys": set(keys), "known": known}))
             return [(k, k in keys, summary_rule, order, "entitlements") for k in sorted(known)], None
         if kind == "set" and event_type in SUBSCRIPTION_STATE_EVENTS:
             sub_id = obj.get("id") if isinstance(obj.get("id"), str) else ""
@@ -997,15 +1030,21 @@ class MockSidecar(BaseSDK):
             stale = None
             if stored is not None and stored[0] > order:
                 keys_grew = keys != stored[1]["keys"]
-                self._objects[(tenant, name)] = (stored[0], {**stored[1], "keys": keys})
+                self._put_object((tenant, name), (stored[0], {**stored[1], "keys": keys}))
                 stale = (name, stored[0][2], [k for k, _, _ in wanted])
                 if not keys_grew:
                     return [], stale
             else:
                 status = _subscription_status(event_type, obj)
-                self._objects[(tenant, name)] = (order, {"standing": _standing(status), "settings": wanted, "keys": keys})
+                self._put_object((tenant, name), (order, {"standing": _standing(status), "settings": wanted, "keys": keys}))
             return self._subscription_flags(tenant), stale
         return [(k, v, r, order, "rule") for k, v, r in wanted], None
+
+    def _put_object(self, name: tuple[str, str], stored: tuple[tuple[int, int, str], dict[str, Any]]) -> None:
+        """Stores a billing object; a new one counts against the mock's bound."""
+        if name not in self._objects and len(self._objects) >= MAX_BILLING_OBJECTS:
+            raise self._capacity("billing objects", MAX_BILLING_OBJECTS)
+        self._objects[name] = stored
 
     def _subscription_flags(self, tenant: str) -> list[tuple[str, FlagValue, str, tuple[int, int, str], str]]:
         """Per key, the setting of the best subscription that sets it (standing, then order), all
@@ -1038,6 +1077,8 @@ class MockSidecar(BaseSDK):
             meta["stale_flags"] = stale
         record = self._append(tenant, actor, f"billing.{event_type}", outcome, meta)
         self._processed[event_id] = (tenant, outcome, record.seq)
+        if len(self._processed) > MAX_PROCESSED_EVENTS:
+            del self._processed[next(iter(self._processed))]
         return WebhookResult(event_id, event_type, tenant, outcome, changes, record.seq, stale)
 
     # -- flags ----------------------------------------------------------------------------
@@ -1068,10 +1109,13 @@ class MockSidecar(BaseSDK):
                     event = FlagEvent(f.source_event_id, "", 0, 0, f.updated_by)
                 else:
                     setter_seq = processed[2]
-                    record = self._audit[setter_seq - 1]
-                    event = self._flag_event(record)
-                    rules = record.metadata.get("rules")
-                    rule = rules.get(key, "") if isinstance(rules, dict) else ""
+                    record = self._record(setter_seq)
+                    if record is None:
+                        event = FlagEvent(f.source_event_id, "", 0, setter_seq, f.updated_by)
+                    else:
+                        event = self._flag_event(record)
+                        rules = record.metadata.get("rules")
+                        rule = rules.get(key, "") if isinstance(rules, dict) else ""
             else:
                 record = next(
                     (r for r in reversed(self._audit)
@@ -1083,14 +1127,15 @@ class MockSidecar(BaseSDK):
                 admin = AdminFlagChange(f.updated_by, record.metadata.get("reason", "") if record else "", f.version, setter_seq)
             stale = [
                 self._flag_event(r)
-                for r in self._audit[setter_seq:]
+                for r in self._audit[max(self._audit_index(setter_seq + 1), 0):]
                 if r.tenant_id == tenant_id and r.event.startswith("billing.") and key in (r.metadata.get("stale_flags") or [])
             ]
             newest = None
             mark = f.order[2]
             if mark and mark != f.source_event_id:
                 processed = self._processed.get(mark)
-                newest = self._flag_event(self._audit[processed[2] - 1]) if processed else FlagEvent(mark, "", 0, 0, "")
+                record = self._record(processed[2]) if processed else None
+                newest = self._flag_event(record) if record else FlagEvent(mark, "", 0, processed[2] if processed else 0, "")
             return FlagExplanation(flag, event, admin, rule, stale[-STALE_SHOWN:], newest)
 
     @staticmethod
@@ -1107,7 +1152,7 @@ class MockSidecar(BaseSDK):
 
     def _check_admin(self, actor: str, reason: str) -> None:
         """As the sidecar's Admin::validated: who (required, bounded) and why (bounded)."""
-        if not actor.strip():
+        if not rust_trim(actor):
             raise self._invalid("actor: is required")
         if len(actor.encode()) > MAX_ACTOR_LEN:
             raise self._invalid(f"actor: is longer than {MAX_ACTOR_LEN} bytes")
@@ -1125,6 +1170,8 @@ class MockSidecar(BaseSDK):
         value = _stored(received)
         with self._lock:
             current = self._flags.get((tenant_id, key))
+            if current is None and len(self._flags) >= MAX_FLAGS:
+                raise self._capacity("flags", MAX_FLAGS)
             self._version += 1
             self._flags[(tenant_id, key)] = _Flag(value, self._version, current.order if current else (0, 0, ""), "admin", actor)
             # As the sidecar's ops::set_flag: the values as `flags explain` shows them, the new
@@ -1147,6 +1194,8 @@ class MockSidecar(BaseSDK):
             previous = self._customers.get(customer_id)
             if previous == tenant_id:
                 return 0
+            if previous is None and len(self._customers) >= MAX_CUSTOMERS:
+                raise self._capacity("customer mappings", MAX_CUSTOMERS)
             self._customers[customer_id] = tenant_id
             meta: dict[str, Any] = {"customer": customer_id}
             if previous is not None:
@@ -1181,9 +1230,9 @@ class MockSidecar(BaseSDK):
         return error
 
     def _verify(self, token: str) -> Claims:
-        token = (token or "").strip()
+        token = rust_trim(token or "")
         if token.startswith("Bearer "):
-            token = token[7:].strip()
+            token = rust_trim(token[7:])
         if not self._jwt_secrets:
             raise self._unauthenticated("token verification is not configured")
         try:
@@ -1226,7 +1275,10 @@ class MockSidecar(BaseSDK):
             raise self._unauthenticated("the token has expired")
         if nbf is not None and nbf > now + leeway:
             raise self._unauthenticated("the token is not valid yet")
-        if self._jwt_issuer and claims.get("iss") != self._jwt_issuer:
+        # jsonwebtoken reads a list-valued `iss` as Issuer::Multiple: accepted when it holds the
+        # configured issuer.
+        iss = claims.get("iss")
+        if self._jwt_issuer and self._jwt_issuer not in (iss if isinstance(iss, list) else [iss]):
             raise self._unauthenticated("the token's issuer is not accepted")
         aud = claims.get("aud")
         auds = aud if isinstance(aud, list) else [aud]
@@ -1250,7 +1302,7 @@ class MockSidecar(BaseSDK):
 
     def authorize(self, *, token: Optional[str] = None, tenant_id: Optional[str] = None, require: Sequence[str] = (), deny_if: Sequence[str] = (), resource: str = "") -> Decision:
         # As the sidecar's AccessRequest::validate.
-        if not (token or "").strip() and not tenant_id:
+        if not rust_trim(token or "") and not tenant_id:
             raise self._invalid("token: give a token or a tenant_id")
         if tenant_id:
             self._check_ids(tenant_id)
@@ -1265,7 +1317,7 @@ class MockSidecar(BaseSDK):
         claims = None
         subject = ""
         tenant = tenant_id or ""
-        if (token or "").strip():
+        if rust_trim(token or ""):
             try:
                 claims = self._verify(token or "")
             except ProblemError as e:

@@ -7,6 +7,24 @@ from typing import Optional
 
 from coresdk.errors import Problem, ProblemError
 
+# Rust's `str::trim` set, the Unicode White_Space property. Not `str.strip()`'s, which also
+# takes U+001C..U+001F (the sidecar keeps those).
+WHITE_SPACE = "\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+
+
+def rust_trim(text: str) -> str:
+    """`text` as the sidecar's `str::trim` leaves it."""
+    return text.strip(WHITE_SPACE)
+
+
+def ascii_lower(text: str) -> str:
+    """Lowercases A-Z only, as Rust's `to_ascii_lowercase`/`eq_ignore_ascii_case` compare: the
+    Kelvin sign U+212A is no `k` to the sidecar, though `str.lower()` makes it one."""
+    return text.translate(ASCII_LOWER)
+
+
+ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
 # `\Z`, not `$`: `$` also matches before a trailing newline ("key\n"); used with fullmatch.
 FLAG_KEY = re.compile(r"\A[A-Za-z0-9_.:-]{1,128}\Z")
 
