@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import re
 import secrets
 import time
@@ -14,7 +15,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import pytest
-import rfc8785
 
 from conftest import ROOT, Sidecar
 from coresdk import ProblemError, Settings
@@ -34,6 +34,94 @@ ACTIONS = {
     "webhook", "get_flag", "get_flags", "is_enabled", "set_flag", "map_customer", "resolve_customer",
     "authorize", "verify_token", "audit", "audit_query", "verify_chain", "wait", "replay", "explain_flag",
 }
+
+
+# -- RFC 8785 (JCS), written from the RFC: the chain is checked independently of the mock's
+# encoder (the `rfc8785` package) and of the sidecar's.
+
+
+def jcs(value: Any) -> bytes:
+    """RFC 8785 bytes of a JSON value (ints are JSON numbers, as doubles)."""
+    # A lone surrogate has no UTF-8 form: the strict codec refuses it, as the RFC does.
+    return _jcs(value).encode("utf-8")
+
+
+def _jcs(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return _jcs_number(float(value))
+    if isinstance(value, str):
+        return _jcs_string(value)
+    if isinstance(value, list):
+        return "[" + ",".join(_jcs(item) for item in value) + "]"
+    if isinstance(value, dict):
+        # §3.2.3: members sorted by the UTF-16 code units of their names (UTF-16BE bytes sort alike).
+        names = sorted(value, key=lambda name: name.encode("utf-16-be", "surrogatepass"))
+        return "{" + ",".join(f"{_jcs_string(name)}:{_jcs(value[name])}" for name in names) + "}"
+    raise TypeError(f"RFC 8785: {type(value).__name__} is not JSON")
+
+
+def _jcs_string(text: str) -> str:
+    """§3.2.2.2: `"`, `\\` and the controls escaped (JSON's short forms where it has them)."""
+    short = {0x08: "\\b", 0x09: "\\t", 0x0A: "\\n", 0x0C: "\\f", 0x0D: "\\r", 0x22: '\\"', 0x5C: "\\\\"}
+    out = []
+    for c in text:
+        code = ord(c)
+        out.append(short[code] if code in short else f"\\u{code:04x}" if code < 0x20 else c)
+    return '"' + "".join(out) + '"'
+
+
+def _jcs_number(n: float) -> str:
+    """§3.2.2.3: ECMAScript's Number.prototype.toString of the double (-0 as 0)."""
+    if not math.isfinite(n):
+        raise ValueError("RFC 8785: no NaN or Infinity")
+    if n == 0:
+        return "0"
+    # `repr` gives the shortest digits that read back as the same double, as ECMAScript does.
+    mantissa, _, exponent = repr(abs(n)).partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    digits = (whole + fraction).lstrip("0")
+    point = len(whole) - (len(whole + fraction) - len((whole + fraction).lstrip("0"))) + int(exponent or 0)
+    digits = digits.rstrip("0")
+    k, sign = len(digits), "-" if n < 0 else ""
+    if k <= point <= 21:
+        return sign + digits + "0" * (point - k)
+    if 0 < point <= 21:
+        return sign + digits[:point] + "." + digits[point:]
+    if -6 < point <= 0:
+        return sign + "0." + "0" * -point + digits
+    e = point - 1
+    return sign + digits[0] + ("." + digits[1:] if k > 1 else "") + f"e{'+' if e >= 0 else '-'}{abs(e)}"
+
+
+def test_the_runners_jcs_writes_the_rfcs_own_examples():
+    # RFC 8785 §3.2.4 (sorting) and §3.2.2 (numbers, escapes).
+    sample = {
+        "numbers": [333333333.33333329, 1e30, 4.5, 2e-3, 0.000000000000000000000000001],
+        "string": "\u20ac$\u000f\nA'B\"\\\\\"/",
+        "literals": [None, True, False],
+    }
+    assert jcs(sample) == (
+        '{"literals":[null,true,false],"numbers":[333333333.3333333,1e+30,4.5,0.002,1e-27],'
+        '"string":"\u20ac$\\u000f\\nA\'B\\"\\\\\\\\\\"/"}'
+    ).encode()
+    # §3.2.3: sorted by UTF-16 code units, so U+1F600 (a surrogate pair) sorts before U+FB33.
+    names = {"\u20ac": "Euro Sign", "\r": "Carriage Return", "\ufb33": "Hebrew Letter Dalet With Dagesh", "1": "One",
+             "\U0001f600": "Emoji: Grinning Face", "\u0080": "Control", "\u00f6": "Latin Small Letter O With Diaeresis"}
+    assert jcs(names) == (
+        '{"\\r":"Carriage Return","1":"One","\u0080":"Control","\u00f6":"Latin Small Letter O With Diaeresis",'
+        '"\u20ac":"Euro Sign","\U0001f600":"Emoji: Grinning Face","\ufb33":"Hebrew Letter Dalet With Dagesh"}'
+    ).encode()
+    # Appendix B's boundaries of ECMAScript's number form.
+    for number, text in [(0.0, "0"), (-0.0, "0"), (1e21, "1e+21"), (1e20, "100000000000000000000"), (1e-7, "1e-7"),
+                         (0.000001, "0.000001"), (-1.5, "-1.5"), (5e-324, "5e-324"), (1.7976931348623157e308, "1.7976931348623157e+308"),
+                         (9007199254740992.0, "9007199254740992"), (295147905179352830000.0, "295147905179352830000"), (123.0, "123")]:
+        assert jcs(number) == text.encode(), number
+    with pytest.raises(UnicodeEncodeError):
+        jcs("\ud800")
 
 
 def test_the_suite_is_well_formed():
@@ -472,7 +560,7 @@ class Run:
                 self.fail(f"{where}: prev_hash {r.prev_hash} is not the previous hash {prev}")
             if not RFC3339_MS.match(r.time):
                 self.fail(f"{where}: time {r.time!r} is not RFC 3339 with milliseconds")
-            canonical = rfc8785.dumps({"v": 1, "seq": r.seq, "time": r.time, "tenant": r.tenant_id, "actor": r.actor,
+            canonical = jcs({"v": 1, "seq": r.seq, "time": r.time, "tenant": r.tenant_id, "actor": r.actor,
                                        "event": r.event, "outcome": r.outcome, "metadata": r.metadata})
             if r.canonical != canonical:
                 self.fail(f"{where}: canonical {r.canonical!r} is not RFC 8785 of the record: {canonical!r}")

@@ -50,6 +50,30 @@ def test_the_mock_reads_rules_with_tomli_where_tomllib_is_missing():
     assert out.strip() == "False"
 
 
+def test_the_test_requirements_allow_only_what_the_client_declares():
+    """A test environment with a runtime the client does not accept tests nothing a user gets."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    declared = {
+        r.name: r.specifier
+        for r in map(Requirement, tomllib.loads((PACKAGE / "pyproject.toml").read_text())["project"]["dependencies"])
+    }
+    for line in (ROOT / "scripts" / "requirements-test.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if not line or line.startswith("-"):
+            continue
+        wanted = Requirement(line)
+        if wanted.name not in declared:
+            continue
+        pinned = [s.version for s in wanted.specifier if s.operator == "=="]
+        if pinned:
+            assert pinned[0] in declared[wanted.name], f"{line}: pyproject.toml declares {wanted.name}{declared[wanted.name]}"
+        else:
+            assert wanted.specifier == declared[wanted.name], f"{line}: pyproject.toml declares {wanted.name}{declared[wanted.name]}"
+
+
 def test_the_declared_runtime_floors_are_those_the_committed_stubs_need():
     import tomllib
 
