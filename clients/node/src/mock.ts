@@ -1182,16 +1182,21 @@ function splitSecrets(text: string | undefined): string[] {
 // The sidecar reads its settings with clap, which takes a set variable as given (untrimmed,
 // and an empty one is a value, not an unset one): the mock refuses and accepts the same values.
 
-/** An unsigned integer setting, as Rust's `u64::from_str` reads it (an optional `+`, digits). */
-function envInteger(env: Env, name: string, fallback: number, max = Number.MAX_SAFE_INTEGER): number {
+const U64_MAX = 2n ** 64n - 1n;
+
+/**
+ * An unsigned integer setting, as Rust's `u64::from_str` reads it (an optional `+`, digits, at
+ * most 2^64 - 1). Past 2^53 a number of seconds is "forever" either way: such values are capped.
+ */
+function envInteger(env: Env, name: string, fallback: number, max = U64_MAX): number {
   const text = env[name];
   if (text === undefined) return fallback;
-  if (!/^\+?[0-9]+$/.test(text) || !Number.isSafeInteger(Number(text))) {
-    throw new Error(`${name} must be a non-negative integer, not ${JSON.stringify(text)}`);
+  if (!/^\+?[0-9]+$/.test(text) || BigInt(text) > U64_MAX) {
+    throw new Error(`${name} must be a whole number of 0 or more, not ${JSON.stringify(text)}`);
   }
-  const value = Number(text);
+  const value = BigInt(text);
   if (value > max) throw new Error(`${name} must be at most ${max}`);
-  return value;
+  return value > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER : Number(value);
 }
 
 /** A link setting (src/config.rs `checked_url`): unset, or an absolute http(s) URL. */
@@ -1263,8 +1268,8 @@ export class MockSidecar implements CoreSDKClient {
     this.#typeBase = this.settings.problemTypeBase;
     this.#billingUrl = envUrl(env, 'CORESDK_BILLING_URL');
     this.#upgradeUrl = envUrl(env, 'CORESDK_UPGRADE_URL');
-    this.#maxParked = envInteger(env, 'CORESDK_MAX_PARKED_EVENTS', 10_000, MAX_PARKED_EVENTS_LIMIT);
-    this.#maxParkedPerCustomer = envInteger(env, 'CORESDK_MAX_PARKED_EVENTS_PER_CUSTOMER', 100, MAX_PARKED_EVENTS_LIMIT);
+    this.#maxParked = envInteger(env, 'CORESDK_MAX_PARKED_EVENTS', 10_000, BigInt(MAX_PARKED_EVENTS_LIMIT));
+    this.#maxParkedPerCustomer = envInteger(env, 'CORESDK_MAX_PARKED_EVENTS_PER_CUSTOMER', 100, BigInt(MAX_PARKED_EVENTS_LIMIT));
     const windowMs = envInteger(env, 'CORESDK_DENY_AUDIT_WINDOW_S', 60) * 1000;
     const write = (record: NewRecord) => {
       this.#audit.append(record, Date.now());

@@ -228,6 +228,7 @@ describe('mock: the settings the sidecar reads are read as the sidecar reads the
     { CORESDK_WEBHOOK_TOLERANCE_S: ' 300' },
     { CORESDK_WEBHOOK_TOLERANCE_S: '' },
     { CORESDK_JWT_LEEWAY_S: '1.5' },
+    { CORESDK_JWT_LEEWAY_S: '18446744073709551616' },
     { CORESDK_DENY_AUDIT_WINDOW_S: '-1' },
     { CORESDK_WEBHOOK_MAX_BODY_BYTES: '0' },
     { CORESDK_WEBHOOK_MAX_BODY_BYTES: String(64 * 1024 * 1024 + 1) },
@@ -246,6 +247,13 @@ describe('mock: the settings the sidecar reads are read as the sidecar reads the
       assert.throws(() => mock(env), (error) => error instanceof Error && error.message.includes(Object.keys(env)[0]));
     });
   }
+
+  test('accepted: the largest u64', async () => {
+    const env = { CORESDK_WEBHOOK_TOLERANCE_S: '18446744073709551615', CORESDK_DENY_AUDIT_WINDOW_S: '+0' };
+    const sidecar = await Sidecar.start({ env });
+    await sidecar.close();
+    await mock(env).close();
+  });
 
   test('accepted: a leading +, the largest limits, and an issuer and secrets kept or trimmed as the sidecar keeps them', async () => {
     const env = {
