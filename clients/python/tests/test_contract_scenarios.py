@@ -30,10 +30,77 @@ DOMAIN_TAG = b"coresdk.audit.v1\0"
 RFC3339_MS = re.compile(r"\A\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z\Z")
 # Only a hang guard for records the sidecar writes off the request path.
 POLL_GUARD_S = 10
-ACTIONS = {
-    "webhook", "get_flag", "get_flags", "is_enabled", "set_flag", "map_customer", "resolve_customer",
-    "authorize", "verify_token", "audit", "audit_query", "verify_chain", "wait", "replay", "explain_flag",
+# Every object of the format and the keys it may have (README "Steps"): an unknown key, a typo
+# such as "custmer", is an error, not a field silently left out. Objects that carry data
+# (`object`, `event_fields`, `claims`, `metadata`, `values`, `changes`, `old`, `extensions`) are free.
+WEBHOOK_BODY = {"event", "type", "customer", "object", "previous_attributes", "created", "event_fields", "drop", "redeliver", "raw_body"}
+WEBHOOK_EXPECT = {"outcome", "tenant", "changes", "old", "stale_flags", "problem"}
+FORMAT: dict[str, tuple[Optional[set[str]], set[str]]] = {
+    "webhook": (WEBHOOK_BODY | {"signature"}, WEBHOOK_EXPECT),
+    "replay": (WEBHOOK_BODY | {"reason"}, WEBHOOK_EXPECT),
+    "get_flag": ({"tenant", "key"}, {"value", "is_default", "updated_by", "problem"}),
+    "get_flags": ({"tenant"}, {"values", "defaults", "problem"}),
+    "is_enabled": ({"tenant", "key"}, {"value", "problem"}),
+    "set_flag": ({"tenant", "key", "value", "actor", "reason"}, {"value", "updated_by", "is_default", "problem"}),
+    "explain_flag": ({"tenant", "key"}, {"value", "is_default", "set_by", "event", "newest_event", "admin", "rule", "stale_events", "problem"}),
+    "map_customer": ({"customer", "tenant", "actor", "reason"}, {"parked_events_applied", "problem"}),
+    "resolve_customer": ({"customer"}, {"tenant", "problem"}),
+    "authorize": ({"token", "tenant", "require", "deny_if", "resource"}, {"allowed", "tenant", "subject", "problem", "error"}),
+    "verify_token": ({"token"}, {"subject", "tenant", "problem"}),
+    "audit": ({"event", "outcome", "actor", "tenant", "metadata"}, {"record", "problem"}),
+    "audit_query": ({"tenant", "event_prefix", "outcome"}, {"records", "problem"}),
+    "verify_chain": (set(), {"ok"}),
+    "wait": (None, set()),  # a number of seconds, no object
 }
+ACTIONS = set(FORMAT)
+SIGNATURE = {"t_offset", "secret", "extra", "header"}
+TOKEN = {"claims", "exp_in", "nbf_in", "secret", "alg"}
+PROBLEM = {"status", "reason", "type", "title", "instance", "detail_contains", "extensions"}
+RECORD = {"tenant", "actor", "event", "outcome", "metadata"}
+ADMIN = {"actor", "reason", "version", "audit_seq"}
+FLAG_EVENT = {"event_id", "event_type", "created", "audit_seq", "actor", "reason"}
+
+
+def format_errors(scenario: dict[str, Any]) -> list[str]:
+    """Every key of `scenario` the format does not know, or a missing FLAG_EVENT key."""
+    errors: list[str] = []
+
+    def keys(value: Any, allowed: set[str], where: str, exact: bool = False) -> None:
+        if not isinstance(value, dict):
+            return  # a string token, a named signature, a text raw_body, null: no keys
+        if unknown := set(value) - allowed:
+            errors.append(f"{where}: unknown keys {sorted(unknown)}")
+        if exact and (missing := allowed - set(value)):
+            errors.append(f"{where}: missing keys {sorted(missing)}")
+
+    keys(scenario, {"name", "about", "env", "steps"}, scenario.get("name", "a scenario"))
+    for n, step in enumerate(scenario.get("steps", [])):
+        where = f"{scenario.get('name')} step {n}"
+        actions = set(step) & ACTIONS
+        if len(actions) != 1 or set(step) - actions - {"expect", "about"}:
+            errors.append(f"{where}: one action, `expect` and `about` only: {sorted(step)}")
+            continue
+        (action,) = actions
+        spec_keys, expect_keys = FORMAT[action]
+        spec, expect = step[action], step.get("expect", {})
+        if spec_keys is not None:
+            keys(spec, spec_keys, f"{where} {action}")
+        keys(expect, expect_keys, f"{where} expect")
+        if isinstance(spec, dict):
+            keys(spec.get("signature"), SIGNATURE, f"{where} signature")
+            keys(spec.get("token"), TOKEN, f"{where} token")
+            keys(spec.get("raw_body"), {"repeat", "times"}, f"{where} raw_body", exact=True)
+        for name in ("problem", "error"):
+            keys(expect.get(name), PROBLEM, f"{where} expect.{name}")
+        keys(expect.get("record"), RECORD, f"{where} expect.record")
+        for r, record in enumerate(expect.get("records") or []):
+            keys(record, RECORD, f"{where} expect.records[{r}]")
+        keys(expect.get("admin"), ADMIN, f"{where} expect.admin")
+        for name in ("event", "newest_event"):
+            keys(expect.get(name) if action == "explain_flag" else None, FLAG_EVENT, f"{where} expect.{name}", exact=True)
+        for e, event in enumerate(expect.get("stale_events") or []):
+            keys(event, FLAG_EVENT, f"{where} expect.stale_events[{e}]", exact=True)
+    return errors
 
 
 # -- RFC 8785 (JCS), written from the RFC: the chain is checked independently of the mock's
@@ -126,6 +193,7 @@ def test_the_runners_jcs_writes_the_rfcs_own_examples():
 
 def test_the_suite_is_well_formed():
     assert SUITE["format"] == 1
+    assert set(SUITE) == {"format", "env", "tenants", "forged_secret", "scenarios"}
     tenants = json.loads((ROOT / "examples" / "tenants.json").read_text(encoding="utf-8"))
     assert SUITE["tenants"] == tenants == MOCK_TENANTS
     names = [s["name"] for s in SCENARIOS]
@@ -134,44 +202,79 @@ def test_the_suite_is_well_formed():
         assert set(scenario) <= {"name", "about", "env", "steps"}, scenario["name"]
         labels = [s[a]["event"] for s in scenario["steps"] for a in ("webhook", "replay") if a in s and "event" in s[a]]
         assert len(labels) == len(set(labels)), f"{scenario['name']}: event labels must be unique"
-        for step in scenario["steps"]:
-            actions = set(step) & ACTIONS
-            assert len(actions) == 1 and set(step) - actions <= {"expect", "about"}, f"{scenario['name']}: {step}"
+        assert format_errors(scenario) == []
+
+
+@pytest.mark.parametrize("typo", [
+    {"webhook": {"event": "e", "type": "invoice.paid", "custmer": "cus_acme_001"}},
+    {"webhook": {"event": "e", "type": "invoice.paid", "signature": {"t_ofset": 5}}},
+    {"webhook": {"event": "e", "raw_body": {"repeat": "x"}}},
+    {"replay": {"event": "e", "type": "invoice.paid", "signature": "valid", "reason": "r"}},
+    {"get_flag": {"tenant": "t", "key": "k"}, "expect": {"problem": {"status": 400, "detail_contain": "x"}}},
+    {"authorize": {"token": {"claims": {}, "exp": 5}}},
+    {"authorize": {"tenant": "t"}, "expect": {"allowed": True, "tennant": "t"}},
+    {"audit_query": {}, "expect": {"records": [{"outcome": "ok", "metdata": {}}]}},
+    {"explain_flag": {"tenant": "t", "key": "k"}, "expect": {"event": {"event_id": "e"}}},
+    {"get_flags": {"tenant": "t"}, "about": "x", "note": "y"},
+])
+def test_an_unknown_key_anywhere_in_a_step_is_an_error(typo: dict[str, Any]) -> None:
+    assert format_errors({"name": "typo", "steps": [typo]}), typo
 
 
 @pytest.fixture(params=["sidecar", "mock"])
 def implementation(request, tmp_path: Path) -> Iterator[Callable[[dict[str, str]], BaseSDK]]:
     """A factory: the implementation under test, fresh, with a scenario's environment."""
     made: list[tuple[BaseSDK, Optional[Sidecar]]] = []
+    yield lambda env: start_implementation(request.param, env, tmp_path, made)
+    stop_implementations(made)
 
-    def start(env: dict[str, str]) -> BaseSDK:
-        if request.param == "mock":
-            sdk: BaseSDK = MockSidecar(Settings(use_mock=True), env=env)
-            made.append((sdk, None))
-            return sdk
-        process = Sidecar(tmp_path, extra_env=env)
-        process.start()
-        settings = Settings(
-            sidecar_addr=process.addr,
-            admin_token=env["CORESDK_ADMIN_TOKEN"],
-            problem_type_base=env["CORESDK_PROBLEM_TYPE_BASE"],
-            # A debug build on a machine shared with other test runs: generous, only a hang guard.
-            timeout_ms=5000,
-        )
-        client = SidecarClient(settings)
-        made.append((client, process))
-        assert client.cache.warm.wait(5), "the flag cache never warmed"
-        return client
 
-    yield start
+@pytest.fixture
+def sidecar_and_mock(tmp_path: Path) -> Iterator[tuple[BaseSDK, BaseSDK]]:
+    """Both implementations, fresh, with the suite's environment: for comparing them directly."""
+    made: list[tuple[BaseSDK, Optional[Sidecar]]] = []
+    env = dict(SUITE["env"])
+    yield start_implementation("sidecar", env, tmp_path, made), start_implementation("mock", env, tmp_path, made)
+    stop_implementations(made)
+
+
+def start_implementation(kind: str, env: dict[str, str], tmp_path: Path, made: list[tuple[BaseSDK, Optional[Sidecar]]]) -> BaseSDK:
+    """The mock, or the real sidecar and a client of it; noted in `made` for stopping."""
+    if kind == "mock":
+        sdk: BaseSDK = MockSidecar(Settings(use_mock=True), env=env)
+        made.append((sdk, None))
+        return sdk
+    process = Sidecar(tmp_path, extra_env=env)
+    process.start()
+    settings = Settings(
+        sidecar_addr=process.addr,
+        admin_token=env["CORESDK_ADMIN_TOKEN"],
+        problem_type_base=env["CORESDK_PROBLEM_TYPE_BASE"],
+        # A debug build on a machine shared with other test runs: generous, only a hang guard.
+        timeout_ms=5000,
+    )
+    client = SidecarClient(settings)
+    made.append((client, process))
+    assert client.cache.warm.wait(5), "the flag cache never warmed"
+    return client
+
+
+def stop_implementations(made: list[tuple[BaseSDK, Optional[Sidecar]]]) -> None:
     for sdk, process in made:
         sdk.close()
         if process is not None:
             process.stop()
 
 
+def stripe_signature_header(secret: str, t: int, body: bytes, extra: Optional[str] = None) -> str:
+    """`t=<t>,v1=<hex HMAC-SHA256(secret, "<t>." ‖ body)>`, with `extra` items before `v1`."""
+    signature = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={t},{extra},v1={signature}" if extra else f"t={t},v1={signature}"
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s["name"] for s in SCENARIOS])
 def test_scenario(scenario: dict[str, Any], implementation: Callable[[dict[str, str]], BaseSDK]) -> None:
+    assert format_errors(scenario) == []
     env = {key: value.replace("{root}", str(ROOT)) for key, value in {**SUITE["env"], **scenario.get("env", {})}.items()}
     Run(scenario, env, implementation(env)).play()
 
@@ -362,10 +465,8 @@ class Run:
             secret, offset = how.get("secret", secret), how.get("t_offset", 0)
         elif how != "valid":
             self.fail(f"unknown signature {how!r}")
-        t = int(time.time()) + offset
-        signature = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
         extra = how.get("extra") if isinstance(how, dict) else None
-        return f"t={t},{extra},v1={signature}" if extra else f"t={t},v1={signature}"
+        return stripe_signature_header(secret, int(time.time()) + offset, body, extra)
 
     def webhook(self, spec: dict[str, Any], expect: dict[str, Any]) -> None:
         body, event_id, event_type = self.body(spec)
@@ -610,7 +711,7 @@ def test_an_oversized_webhook_record_is_truncated_not_refused(implementation: Ca
     run.verify_chain({}, {"ok": True})
 
 
-def test_random_billing_histories_answer_alike_in_the_sidecar_and_the_mock(tmp_path: Path) -> None:
+def test_random_billing_histories_answer_alike_in_the_sidecar_and_the_mock(sidecar_and_mock: tuple[BaseSDK, BaseSDK]) -> None:
     """Beyond the hand-written scenarios: realistic histories from a fixed seed (overlapping
     subscriptions, plan switches, invoices, entitlement summaries, same-second ties, delivery in
     a shuffled order with redeliveries) get the same answer to every delivery and end in the
@@ -620,154 +721,135 @@ def test_random_billing_histories_answer_alike_in_the_sidecar_and_the_mock(tmp_p
     import random
 
     env = dict(SUITE["env"])
-    process = Sidecar(tmp_path, extra_env=env)
-    process.start()
-    sidecar = SidecarClient(Settings(sidecar_addr=process.addr, admin_token=env["CORESDK_ADMIN_TOKEN"],
-                                     problem_type_base=env["CORESDK_PROBLEM_TYPE_BASE"], timeout_ms=5000))
-    mock = MockSidecar(Settings(use_mock=True), env=env)
-    try:
-        assert sidecar.cache.warm.wait(5)
-        rng = random.Random(12)
-        now = int(time.time())
-        statuses = ["incomplete", "trialing", "active", "past_due", "unpaid", "paused", "canceled", "incomplete_expired"]
-        plans = [("basic", "Basic"), ("pro_monthly", "Pro Monthly"), ("team", "Enterprise Annual")]
-        for history in range(30):
-            tenant = f"history-{history}"
-            customer = f"cus_history_{history}" if rng.random() < 0.4 else None
-            events = []
-            for n in range(rng.randint(3, 9)):
-                created = now - 600 + rng.randint(0, 5) * 60 + rng.choice([0, 0, 1])
-                kind = rng.random()
-                obj: dict[str, Any] = {"customer": customer} if customer else {"metadata": {"tenant_id": tenant}}
-                previous = None
-                if kind < 0.5:
-                    event_type = rng.choice(["customer.subscription.created", "customer.subscription.updated",
-                                             "customer.subscription.updated", "customer.subscription.deleted",
-                                             "customer.subscription.paused", "customer.subscription.resumed"])
-                    lookup_key, nickname = rng.choice(plans)
-                    obj.update({"id": rng.choice(["sub_a", "sub_b"]), "object": "subscription", "status": rng.choice(statuses),
-                                "items": {"data": [{"price": {"lookup_key": lookup_key, "nickname": nickname}}]}})
-                    if event_type == "customer.subscription.updated" and rng.random() < 0.5:
-                        previous = {"status": rng.choice(statuses)}
-                elif kind < 0.8:
-                    event_type = rng.choice(["invoice.paid", "invoice.payment_failed", "subscription.upgraded", "charge.refunded"])
-                    obj.update({"id": f"in_{n}", "object": "invoice"})
-                else:
-                    event_type = "entitlements.active_entitlement_summary.updated"
-                    keys = rng.sample(["sso", "audit_log", "exports"], rng.randint(0, 3))
-                    obj.update({"object": "entitlements.active_entitlement_summary",
-                                "entitlements": {"data": [{"lookup_key": k} for k in keys]}})
-                data: dict[str, Any] = {"object": obj}
-                if previous is not None:
-                    data["previous_attributes"] = previous
-                event = {"id": f"evt_h{history}_{n:02d}", "object": "event", "created": created, "data": data,
-                         "livemode": False, "type": event_type}
-                events.append(json.dumps(event, separators=(",", ":")).encode())
-            deliveries: list[Any] = events + rng.sample(events, rng.randint(0, 2))
-            rng.shuffle(deliveries)
-            if customer and rng.random() < 0.5:
-                deliveries.insert(rng.randint(0, len(deliveries)), "map")
-            elif customer:
-                # Or a checkout names the tenant (sometimes a malformed one, which maps nothing).
-                reference = tenant if rng.random() < 0.8 else f"{tenant} x"
-                checkout = {"id": f"evt_h{history}_checkout", "object": "event", "created": now - 300,
-                            "data": {"object": {"id": "cs_1", "object": "checkout.session", "customer": customer,
-                                                "client_reference_id": reference}},
-                            "livemode": False, "type": "checkout.session.completed"}
-                body = json.dumps(checkout, separators=(",", ":")).encode()
-                deliveries.insert(rng.randint(0, len(deliveries)), body)
-                deliveries.insert(rng.randint(0, len(deliveries)), body)
-            if rng.random() < 0.4:
-                override = (rng.choice(["pro_features", "paywall_active", "advanced_analytics", "sso"]), rng.random() < 0.5)
-                deliveries.insert(rng.randint(0, len(deliveries)), override)
-            for body in deliveries:
-                answers = []
-                for sdk in (sidecar, mock):
-                    if body == "map":
-                        answers.append(sdk.map_customer(customer, tenant, actor="history"))
-                        continue
-                    if isinstance(body, tuple):
-                        flag = sdk.set_flag(tenant, body[0], body[1], actor="history", reason="override")
-                        answers.append((flag.value, flag.updated_by))
-                        continue
-                    t = int(time.time())
-                    header = f"t={t},v1=" + hmac.new(env["STRIPE_WEBHOOK_SECRET"].encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-                    try:
-                        # An operator's replay of an exported event now and then, else a delivery.
-                        r = sdk.replay_event(body, reason="history") if zlib.crc32(body) % 7 == 0 else sdk.handle_stripe_webhook(body, header)
-                    except ProblemError as e:
-                        answers.append((e.problem.status, e.problem.reason, e.problem.detail))
-                        continue
-                    answers.append((r.outcome, r.tenant_id, {c.key: (c.old_value, c.new_value) for c in r.flag_changes}, sorted(r.stale_flags)))
-                assert answers[0] == answers[1], f"history {history}, {body!r}: sidecar {answers[0]}, mock {answers[1]}"
-            ends = [{k: (f.value, f.is_default) for k, f in sdk.get_flags(tenant).items()} for sdk in (sidecar, mock)]
-            assert ends[0] == ends[1], f"history {history}: sidecar {ends[0]}, mock {ends[1]}"
-            def explained(sdk: BaseSDK, key: str) -> Any:
-                why = sdk.explain_flag(tenant, key)
-                event = lambda e: None if e is None else (e.event_id, e.event_type, e.created, e.audit_seq, e.actor, e.reason)
-                admin = None if why.admin is None else (why.admin.actor, why.admin.reason)
-                return (why.flag.value, why.flag.is_default, event(why.event), admin, why.rule,
-                        [event(e) for e in why.stale_events], event(why.newest_event))
+    sidecar, mock = sidecar_and_mock
+    rng = random.Random(12)
+    now = int(time.time())
+    statuses = ["incomplete", "trialing", "active", "past_due", "unpaid", "paused", "canceled", "incomplete_expired"]
+    plans = [("basic", "Basic"), ("pro_monthly", "Pro Monthly"), ("team", "Enterprise Annual")]
+    for history in range(30):
+        tenant = f"history-{history}"
+        customer = f"cus_history_{history}" if rng.random() < 0.4 else None
+        events = []
+        for n in range(rng.randint(3, 9)):
+            created = now - 600 + rng.randint(0, 5) * 60 + rng.choice([0, 0, 1])
+            kind = rng.random()
+            obj: dict[str, Any] = {"customer": customer} if customer else {"metadata": {"tenant_id": tenant}}
+            previous = None
+            if kind < 0.5:
+                event_type = rng.choice(["customer.subscription.created", "customer.subscription.updated",
+                                         "customer.subscription.updated", "customer.subscription.deleted",
+                                         "customer.subscription.paused", "customer.subscription.resumed"])
+                lookup_key, nickname = rng.choice(plans)
+                obj.update({"id": rng.choice(["sub_a", "sub_b"]), "object": "subscription", "status": rng.choice(statuses),
+                            "items": {"data": [{"price": {"lookup_key": lookup_key, "nickname": nickname}}]}})
+                if event_type == "customer.subscription.updated" and rng.random() < 0.5:
+                    previous = {"status": rng.choice(statuses)}
+            elif kind < 0.8:
+                event_type = rng.choice(["invoice.paid", "invoice.payment_failed", "subscription.upgraded", "charge.refunded"])
+                obj.update({"id": f"in_{n}", "object": "invoice"})
+            else:
+                event_type = "entitlements.active_entitlement_summary.updated"
+                keys = rng.sample(["sso", "audit_log", "exports"], rng.randint(0, 3))
+                obj.update({"object": "entitlements.active_entitlement_summary",
+                            "entitlements": {"data": [{"lookup_key": k} for k in keys]}})
+            data: dict[str, Any] = {"object": obj}
+            if previous is not None:
+                data["previous_attributes"] = previous
+            event = {"id": f"evt_h{history}_{n:02d}", "object": "event", "created": created, "data": data,
+                     "livemode": False, "type": event_type}
+            events.append(json.dumps(event, separators=(",", ":")).encode())
+        deliveries: list[Any] = events + rng.sample(events, rng.randint(0, 2))
+        rng.shuffle(deliveries)
+        if customer and rng.random() < 0.5:
+            deliveries.insert(rng.randint(0, len(deliveries)), "map")
+        elif customer:
+            # Or a checkout names the tenant (sometimes a malformed one, which maps nothing).
+            reference = tenant if rng.random() < 0.8 else f"{tenant} x"
+            checkout = {"id": f"evt_h{history}_checkout", "object": "event", "created": now - 300,
+                        "data": {"object": {"id": "cs_1", "object": "checkout.session", "customer": customer,
+                                            "client_reference_id": reference}},
+                        "livemode": False, "type": "checkout.session.completed"}
+            body = json.dumps(checkout, separators=(",", ":")).encode()
+            deliveries.insert(rng.randint(0, len(deliveries)), body)
+            deliveries.insert(rng.randint(0, len(deliveries)), body)
+        if rng.random() < 0.4:
+            override = (rng.choice(["pro_features", "paywall_active", "advanced_analytics", "sso"]), rng.random() < 0.5)
+            deliveries.insert(rng.randint(0, len(deliveries)), override)
+        for body in deliveries:
+            answers = []
+            for sdk in (sidecar, mock):
+                if body == "map":
+                    answers.append(sdk.map_customer(customer, tenant, actor="history"))
+                    continue
+                if isinstance(body, tuple):
+                    flag = sdk.set_flag(tenant, body[0], body[1], actor="history", reason="override")
+                    answers.append((flag.value, flag.updated_by))
+                    continue
+                header = stripe_signature_header(env["STRIPE_WEBHOOK_SECRET"], int(time.time()), body)
+                try:
+                    # An operator's replay of an exported event now and then, else a delivery.
+                    r = sdk.replay_event(body, reason="history") if zlib.crc32(body) % 7 == 0 else sdk.handle_stripe_webhook(body, header)
+                except ProblemError as e:
+                    answers.append((e.problem.status, e.problem.reason, e.problem.detail))
+                    continue
+                answers.append((r.outcome, r.tenant_id, {c.key: (c.old_value, c.new_value) for c in r.flag_changes}, sorted(r.stale_flags)))
+            assert answers[0] == answers[1], f"history {history}, {body!r}: sidecar {answers[0]}, mock {answers[1]}"
+        ends = [{k: (f.value, f.is_default) for k, f in sdk.get_flags(tenant).items()} for sdk in (sidecar, mock)]
+        assert ends[0] == ends[1], f"history {history}: sidecar {ends[0]}, mock {ends[1]}"
+        def explained(sdk: BaseSDK, key: str) -> Any:
+            why = sdk.explain_flag(tenant, key)
+            event = lambda e: None if e is None else (e.event_id, e.event_type, e.created, e.audit_seq, e.actor, e.reason)
+            admin = None if why.admin is None else (why.admin.actor, why.admin.reason)
+            return (why.flag.value, why.flag.is_default, event(why.event), admin, why.rule,
+                    [event(e) for e in why.stale_events], event(why.newest_event))
 
-            for key in ends[0]:
-                whys = [explained(sdk, key) for sdk in (sidecar, mock)]
-                assert whys[0] == whys[1], f"history {history}, {key}: sidecar {whys[0]}, mock {whys[1]}"
-            # Every record of the tenant alike, but for when things happened.
-            trails = [[(r.actor, r.event, r.outcome, {k: v for k, v in r.metadata.items() if k != "parked_at_ms"})
-                       for r in sdk.audit_query(tenant_id=tenant)] for sdk in (sidecar, mock)]
-            assert trails[0] == trails[1], f"history {history}: sidecar {trails[0]}, mock {trails[1]}"
-    finally:
-        sidecar.close()
-        process.stop()
+        for key in ends[0]:
+            whys = [explained(sdk, key) for sdk in (sidecar, mock)]
+            assert whys[0] == whys[1], f"history {history}, {key}: sidecar {whys[0]}, mock {whys[1]}"
+        # Every record of the tenant alike, but for when things happened.
+        trails = [[(r.actor, r.event, r.outcome, {k: v for k, v in r.metadata.items() if k != "parked_at_ms"})
+                   for r in sdk.audit_query(tenant_id=tenant)] for sdk in (sidecar, mock)]
+        assert trails[0] == trails[1], f"history {history}: sidecar {trails[0]}, mock {trails[1]}"
 
 
-def test_random_access_requests_decide_alike_in_the_sidecar_and_the_mock(tmp_path: Path) -> None:
+def test_random_access_requests_decide_alike_in_the_sidecar_and_the_mock(sidecar_and_mock: tuple[BaseSDK, BaseSDK]) -> None:
     """Random access requests (fixed seed: tokens good, forged or tenant-less, a tenant that
     matches or not, required and forbidden flags of every type, with and without a resource)
     get the same decision and problem, and leave the same auth.denied records, in both."""
     import random
 
     env = dict(SUITE["env"])
-    process = Sidecar(tmp_path, extra_env=env)
-    process.start()
-    sidecar = SidecarClient(Settings(sidecar_addr=process.addr, admin_token=env["CORESDK_ADMIN_TOKEN"],
-                                     problem_type_base=env["CORESDK_PROBLEM_TYPE_BASE"], timeout_ms=5000))
-    mock = MockSidecar(Settings(use_mock=True), env=env)
-    try:
-        assert sidecar.cache.warm.wait(5)
+    sidecar, mock = sidecar_and_mock
+    for sdk in (sidecar, mock):
+        sdk.set_flag("t1", "pro_features", True, actor="setup")
+        sdk.set_flag("t1", "paywall_active", True, actor="setup")
+        sdk.set_flag("t2", "sso", "yes", actor="setup")
+    rng = random.Random(3)
+    tenants = ["acme-corp", "globex", "t1", "t2"]
+    flags = ["pro_features", "paywall_active", "advanced_analytics", "sso", "never_defined"]
+    for _ in range(300):
+        request: dict[str, Any] = {"require": rng.sample(flags, rng.randint(0, 2)),
+                                   "deny_if": rng.sample(flags, rng.randint(0, 2)),
+                                   "resource": rng.choice(["", "GET /x"])}
+        if rng.random() < 0.6:
+            claims: dict[str, Any] = {"sub": rng.choice(["u1", "u2", ""]), "exp": int(time.time()) + 600}
+            if rng.random() < 0.8:
+                claims["tenant_id"] = rng.choice(tenants)
+            secret = env["CORESDK_JWT_SECRET"] if rng.random() < 0.9 else SUITE["forged_secret"] * 2
+            request["token"] = jwt(claims, secret, "HS256")
+        if rng.random() < 0.6 or "token" not in request:
+            request["tenant_id"] = rng.choice(tenants)
+        answers = []
         for sdk in (sidecar, mock):
-            sdk.set_flag("t1", "pro_features", True, actor="setup")
-            sdk.set_flag("t1", "paywall_active", True, actor="setup")
-            sdk.set_flag("t2", "sso", "yes", actor="setup")
-        rng = random.Random(3)
-        tenants = ["acme-corp", "globex", "t1", "t2"]
-        flags = ["pro_features", "paywall_active", "advanced_analytics", "sso", "never_defined"]
-        for _ in range(300):
-            request: dict[str, Any] = {"require": rng.sample(flags, rng.randint(0, 2)),
-                                       "deny_if": rng.sample(flags, rng.randint(0, 2)),
-                                       "resource": rng.choice(["", "GET /x"])}
-            if rng.random() < 0.6:
-                claims: dict[str, Any] = {"sub": rng.choice(["u1", "u2", ""]), "exp": int(time.time()) + 600}
-                if rng.random() < 0.8:
-                    claims["tenant_id"] = rng.choice(tenants)
-                secret = env["CORESDK_JWT_SECRET"] if rng.random() < 0.9 else SUITE["forged_secret"] * 2
-                request["token"] = jwt(claims, secret, "HS256")
-            if rng.random() < 0.6 or "token" not in request:
-                request["tenant_id"] = rng.choice(tenants)
-            answers = []
-            for sdk in (sidecar, mock):
-                d = sdk.authorize(**request)
-                answers.append((d.allowed, d.problem.to_dict() if d.problem else None, d.tenant_id, d.subject))
-            assert answers[0] == answers[1], f"{request}: sidecar {answers[0]}, mock {answers[1]}"
+            d = sdk.authorize(**request)
+            answers.append((d.allowed, d.problem.to_dict() if d.problem else None, d.tenant_id, d.subject))
+        assert answers[0] == answers[1], f"{request}: sidecar {answers[0]}, mock {answers[1]}"
 
-        def denials(sdk: BaseSDK) -> list[Any]:
-            return [(r.tenant_id, r.actor, r.outcome, r.metadata) for r in sdk.audit_query(event_prefix="auth.")]
+    def denials(sdk: BaseSDK) -> list[Any]:
+        return [(r.tenant_id, r.actor, r.outcome, r.metadata) for r in sdk.audit_query(event_prefix="auth.")]
 
-        wanted = denials(mock)
-        deadline = time.monotonic() + POLL_GUARD_S
-        while len(got := denials(sidecar)) < len(wanted) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert got == wanted
-    finally:
-        sidecar.close()
-        process.stop()
+    wanted = denials(mock)
+    deadline = time.monotonic() + POLL_GUARD_S
+    while len(got := denials(sidecar)) < len(wanted) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert got == wanted
