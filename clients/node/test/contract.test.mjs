@@ -584,7 +584,9 @@ function formDefects(suite) {
     if (typeof value !== 'string') keys(value, ['claims', 'exp_in', 'nbf_in', 'secret', 'alg'], path);
   };
   const body = (spec, path) => {
-    if (isObject(spec.raw_body)) keys(spec.raw_body, ['repeat', 'times'], `${path}.raw_body`);
+    if (isObject(spec.raw_body) && keys(spec.raw_body, ['repeat', 'times'], `${path}.raw_body`)) {
+      if (!('repeat' in spec.raw_body && 'times' in spec.raw_body)) defects.push(`${path}.raw_body: needs \`repeat\` and \`times\``);
+    }
     if (!('event' in spec) && !('redeliver' in spec)) defects.push(`${path}: needs \`event\` (or \`redeliver\`)`);
   };
   keys(suite, ['format', 'env', 'tenants', 'forged_secret', 'scenarios'], 'file');
@@ -661,7 +663,8 @@ test('the format check finds an unknown key in every kind of object', () => {
     scenario([{ webhook: { event: 'e', type: 't' }, expect: { outcome: 'applied', tennant: 'acme-corp' } }]),
     scenario([{ webhook: { event: 'e', type: 't', signature: { t_ofset: 5 } } }]),
     scenario([{ webhook: { event: 'e', type: 't', signature: { header: 'x', secret: 's' } } }]),
-    scenario([{ webhook: { event: 'e', raw_body: { repeat: 'x', time: 3 } } }]),
+    scenario([{ webhook: { event: 'e', raw_body: { repeat: 'x', times: 3, time: 3 } } }]),
+    scenario([{ webhook: { event: 'e', raw_body: { repeat: 'x' } } }]),
     scenario([{ replay: { event: 'e', type: 't', signature: 'valid', reason: 'r' } }]),
     scenario([{ get_flag: { tenant: 't', key: 'k' }, expect: { problem: { status: 400, detail: 'x' } } }]),
     scenario([{ authorize: { token: { claims: {}, exp: 5 } } }]),
@@ -718,6 +721,7 @@ for (const [name, start] of Object.entries(IMPLEMENTATIONS)) {
   describe(`contract suite: ${name}`, () => {
     for (const scenario of SUITE.scenarios) {
       test(scenario.name, async () => {
+        assert.deepEqual(formDefects({ scenarios: [scenario] }), [], 'the scenario is not of the format');
         // `{root}` in a value stands for the repository root's absolute path (the README's `env`).
         const env = Object.fromEntries(
           Object.entries({ ...SUITE.env, ...(scenario.env ?? {}) }).map(([key, value]) => [key, value.replaceAll('{root}', ROOT)]),
