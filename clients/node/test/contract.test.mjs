@@ -638,6 +638,7 @@ function formDefects(suite) {
 }
 
 test('the contract suite is well formed', () => {
+  assert.deepEqual(Object.keys(SUITE).sort(), ['env', 'forged_secret', 'format', 'scenarios', 'tenants']);
   assert.deepEqual(formDefects(SUITE), []);
   assert.equal(SUITE.format, 1);
   const tenants = JSON.parse(readFileSync(join(ROOT, 'examples', 'tenants.json'), 'utf8'));
