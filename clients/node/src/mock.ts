@@ -23,6 +23,7 @@ import { webhookPayload } from './http.js';
 import {
   MAX_FLAG_KEY_LENGTH,
   MAX_RESOURCE_BYTES,
+  asciiLowercase,
   checkFlagKey,
   checkFlagList,
   checkId,
@@ -30,6 +31,7 @@ import {
   invalidProblem,
   isValidFlagKey,
   quoted,
+  trimStartWhiteSpace,
   trimWhiteSpace,
 } from './validation.js';
 import { asJson } from './wire.js';
@@ -59,6 +61,10 @@ type Env = Readonly<Record<string, string | undefined>>;
 type JsonObject = { [key: string]: JsonValue };
 
 export const MOCK_WEBHOOK_SECRET = 'whsec_test_secret';
+/** The largest CORESDK_WEBHOOK_MAX_BODY_BYTES the sidecar accepts (src/config.rs). */
+const MAX_BODY_LIMIT = 64 * 1024 * 1024;
+/** The largest CORESDK_MAX_PARKED_EVENTS(_PER_CUSTOMER) the sidecar accepts (src/config.rs). */
+const MAX_PARKED_EVENTS_LIMIT = 10_000_000;
 /** The sidecar's mock tenants (src/config.rs MOCK_TENANTS). */
 export const MOCK_TENANTS: Readonly<Record<string, string>> = Object.freeze({
   cus_acme_001: 'acme-corp',
@@ -290,7 +296,7 @@ export function parseRules(text: string): Rules {
   specs.forEach((spec: Record<string, unknown>, index) => {
     const n = index + 1;
     const given = spec.name;
-    if (given !== undefined && (typeof given !== 'string' || given.trim() === '')) {
+    if (given !== undefined && (typeof given !== 'string' || trimWhiteSpace(given) === '')) {
       throw invalid(`rule ${n} has an empty \`name\``);
     }
     const label = given !== undefined ? `rule ${n} ('${given}')` : `rule ${n}`;
@@ -391,8 +397,9 @@ export function defaultRulesPath(): string {
 
 /** The rules the sidecar would run with: CORESDK_RULES_FILE, else the built-in set. */
 export function loadRules(env: Env = process.env): Rules {
-  const path = env.CORESDK_RULES_FILE?.trim();
-  if (path) {
+  // Taken as given, as the sidecar takes it: a set but empty path is an unreadable file.
+  const path = env.CORESDK_RULES_FILE;
+  if (path !== undefined) {
     let text: string;
     try {
       text = readFileSync(path, 'utf8');
@@ -528,7 +535,6 @@ function entitlementLookupKeys(event: StripeEvent): string[] {
   return keys;
 }
 
-const asciiLower = (text: string) => text.replace(/[A-Z]/g, (c) => c.toLowerCase());
 
 /** Rust's `char::is_alphanumeric`: Alphabetic or Numeric. */
 const NOT_ALPHANUMERIC = /[^\p{Alphabetic}\p{N}]/u;
@@ -536,7 +542,7 @@ const NOT_ALPHANUMERIC = /[^\p{Alphabetic}\p{N}]/u;
 function onPlan(event: StripeEvent, plans: readonly string[]): boolean {
   // Words split on anything not a letter or digit, compared ignoring ASCII case (as the sidecar).
   return planNames(event).some((name) =>
-    name.split(NOT_ALPHANUMERIC).some((word) => plans.some((plan) => asciiLower(word) === asciiLower(plan))),
+    name.split(NOT_ALPHANUMERIC).some((word) => plans.some((plan) => asciiLowercase(word) === asciiLowercase(plan))),
   );
 }
 
@@ -853,7 +859,7 @@ function boundMetadata(metadata: JsonObject): JsonObject {
 }
 
 function reservedNamespace(event: string): string | null {
-  const lowered = event.trimStart().toLowerCase();
+  const lowered = asciiLowercase(trimStartWhiteSpace(event));
   return RESERVED_NAMESPACES.find((ns) => lowered === ns || lowered.startsWith(`${ns}.`)) ?? null;
 }
 
@@ -1169,17 +1175,38 @@ function standingOf(status: string | null): number {
 function splitSecrets(text: string | undefined): string[] {
   return (text ?? '')
     .split(/[,\n]/)
-    .map((s) => s.trim())
+    .map(trimWhiteSpace)
     .filter((s) => s !== '');
 }
 
-function envInteger(env: Env, name: string, fallback: number): number {
-  const text = env[name]?.trim();
-  if (text === undefined || text === '') return fallback;
-  if (!/^[0-9]+$/.test(text) || !Number.isSafeInteger(Number(text))) {
-    throw new Error(`${name} must be a non-negative integer, not ${JSON.stringify(text)}`);
+// The sidecar reads its settings with clap, which takes a set variable as given (untrimmed,
+// and an empty one is a value, not an unset one): the mock refuses and accepts the same values.
+
+const U64_MAX = 2n ** 64n - 1n;
+
+/**
+ * An unsigned integer setting, as Rust's `u64::from_str` reads it (an optional `+`, digits, at
+ * most 2^64 - 1). Past 2^53 a number of seconds is "forever" either way: such values are capped.
+ */
+function envInteger(env: Env, name: string, fallback: number, max = U64_MAX): number {
+  const text = env[name];
+  if (text === undefined) return fallback;
+  if (!/^\+?[0-9]+$/.test(text) || BigInt(text) > U64_MAX) {
+    throw new Error(`${name} must be a whole number of 0 or more, not ${JSON.stringify(text)}`);
   }
-  return Number(text);
+  const value = BigInt(text);
+  if (value > max) throw new Error(`${name} must be at most ${max}`);
+  return value > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER : Number(value);
+}
+
+/** A link setting (src/config.rs `checked_url`): unset, or an absolute http(s) URL. */
+function envUrl(env: Env, name: string): string | null {
+  const url = env[name];
+  if (url === undefined) return null;
+  if (!(url.startsWith('https://') || url.startsWith('http://'))) {
+    throw new Error(`${name} must be an absolute http(s) URL, e.g. https://…`);
+  }
+  return url;
 }
 
 const flagMapKey = (tenant: string, key: string) => `${tenant}\u0000${key}`;
@@ -1222,6 +1249,9 @@ export class MockSidecar implements CoreSDKClient {
     this.#webhookSecrets = (secrets.length > 0 ? secrets : [MOCK_WEBHOOK_SECRET]).map((s) => Buffer.from(s, 'utf8'));
     this.#toleranceS = envInteger(env, 'CORESDK_WEBHOOK_TOLERANCE_S', 300);
     this.#maxBody = envInteger(env, 'CORESDK_WEBHOOK_MAX_BODY_BYTES', 1024 * 1024);
+    if (this.#maxBody === 0 || this.#maxBody > MAX_BODY_LIMIT) {
+      throw new Error(`CORESDK_WEBHOOK_MAX_BODY_BYTES must be between 1 and ${MAX_BODY_LIMIT} (64 MiB)`);
+    }
     const jwtSecrets = splitSecrets(env.CORESDK_JWT_SECRET);
     if (jwtSecrets.some((s) => utf8Length(s) < 32)) {
       throw new Error(
@@ -1229,16 +1259,17 @@ export class MockSidecar implements CoreSDKClient {
       );
     }
     this.#jwtSecrets = jwtSecrets.map((s) => Buffer.from(s, 'utf8'));
-    this.#jwtIssuer = env.CORESDK_JWT_ISSUER?.trim() || null;
+    // Untrimmed: the sidecar compares a token's `iss` with the setting exactly.
+    this.#jwtIssuer = env.CORESDK_JWT_ISSUER ?? null;
     this.#jwtAudience = splitSecrets(env.CORESDK_JWT_AUDIENCE);
-    this.#tenantClaim = env.CORESDK_JWT_TENANT_CLAIM?.trim() || 'tenant_id';
+    this.#tenantClaim = env.CORESDK_JWT_TENANT_CLAIM ?? 'tenant_id';
     this.#leewayS = envInteger(env, 'CORESDK_JWT_LEEWAY_S', 60);
     // The settings were read from `env` unless given, and given ones win.
     this.#typeBase = this.settings.problemTypeBase;
-    this.#billingUrl = env.CORESDK_BILLING_URL?.trim() || null;
-    this.#upgradeUrl = env.CORESDK_UPGRADE_URL?.trim() || null;
-    this.#maxParked = envInteger(env, 'CORESDK_MAX_PARKED_EVENTS', 10_000);
-    this.#maxParkedPerCustomer = envInteger(env, 'CORESDK_MAX_PARKED_EVENTS_PER_CUSTOMER', 100);
+    this.#billingUrl = envUrl(env, 'CORESDK_BILLING_URL');
+    this.#upgradeUrl = envUrl(env, 'CORESDK_UPGRADE_URL');
+    this.#maxParked = envInteger(env, 'CORESDK_MAX_PARKED_EVENTS', 10_000, BigInt(MAX_PARKED_EVENTS_LIMIT));
+    this.#maxParkedPerCustomer = envInteger(env, 'CORESDK_MAX_PARKED_EVENTS_PER_CUSTOMER', 100, BigInt(MAX_PARKED_EVENTS_LIMIT));
     const windowMs = envInteger(env, 'CORESDK_DENY_AUDIT_WINDOW_S', 60) * 1000;
     const write = (record: NewRecord) => {
       this.#audit.append(record, Date.now());
@@ -1344,7 +1375,7 @@ export class MockSidecar implements CoreSDKClient {
         `'${namespace}.' is reserved for the sidecar's own records; name application events in a namespace of your own, e.g. 'app.'`,
       ]);
     }
-    if (trimWhiteSpace(record.actor).toLowerCase() === WEBHOOK_ACTOR) {
+    if (asciiLowercase(trimWhiteSpace(record.actor)) === WEBHOOK_ACTOR) {
       violations.push(['actor', `'${WEBHOOK_ACTOR}' is reserved for verified Stripe deliveries`]);
     }
     const size = utf8Length(jcs(metadata));
@@ -1430,16 +1461,17 @@ export class MockSidecar implements CoreSDKClient {
 
   /** `t=<unix>,v1=<hex>[,v1=<hex>…]` over the raw payload; returns the signed timestamp. */
   #verifySignature(payload: Buffer, header: string): number {
-    const trimmed = header.trim();
+    const trimmed = trimWhiteSpace(header);
     if (trimmed === '') throw refuse.signatureMissing();
     if (utf8Length(trimmed) > MAX_HEADER_LEN) throw refuse.signatureMalformed('header is too long');
     let timestamp: bigint | null = null;
     const v1: Buffer[] = [];
     for (const item of trimmed.split(',')) {
-      const at = item.trim().indexOf('=');
+      const pair = trimWhiteSpace(item);
+      const at = pair.indexOf('=');
       if (at < 0) throw refuse.signatureMalformed("an item has no '='");
-      const scheme = item.trim().slice(0, at).trim();
-      const value = item.trim().slice(at + 1).trim();
+      const scheme = trimWhiteSpace(pair.slice(0, at));
+      const value = trimWhiteSpace(pair.slice(at + 1));
       if (scheme === 't') {
         if (timestamp !== null) throw refuse.signatureMalformed('more than one timestamp');
         if (!/^[0-9]+$/.test(value)) throw refuse.signatureMalformed('the timestamp is not a number');

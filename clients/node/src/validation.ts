@@ -20,10 +20,21 @@ export const MAX_RESOURCE_BYTES = 256;
 // Rust's `str::trim` drops exactly the Unicode White_Space characters; JS's `trim` differs
 // (it keeps U+0085 NEL and drops U+FEFF), so a check the sidecar makes on trimmed input uses this.
 const EDGE_WHITE_SPACE = /^\p{White_Space}+|\p{White_Space}+$/gu;
+const LEADING_WHITE_SPACE = /^\p{White_Space}+/u;
 
 /** `text` trimmed as the sidecar trims it (Rust `str::trim`). */
 export function trimWhiteSpace(text: string): string {
   return text.replace(EDGE_WHITE_SPACE, '');
+}
+
+/** `text` without leading white space, as Rust's `str::trim_start` drops it. */
+export function trimStartWhiteSpace(text: string): string {
+  return text.replace(LEADING_WHITE_SPACE, '');
+}
+
+/** `text` lowercased as Rust's `to_ascii_lowercase` does: only A-Z change (not e.g. U+212A). */
+export function asciiLowercase(text: string): string {
+  return text.replace(/[A-Z]/g, (c) => c.toLowerCase());
 }
 
 export function invalidProblem(field: string, description: string, typeBase: string): Problem {

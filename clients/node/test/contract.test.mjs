@@ -20,23 +20,6 @@ const DOMAIN_TAG = Buffer.from('coresdk.audit.v1\0', 'latin1');
 const RFC3339_MS = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/;
 // Only a hang guard for records the sidecar writes off the request path.
 const POLL_GUARD_MS = 10_000;
-const ACTIONS = new Set([
-  'webhook',
-  'replay',
-  'explain_flag',
-  'get_flag',
-  'get_flags',
-  'is_enabled',
-  'set_flag',
-  'map_customer',
-  'resolve_customer',
-  'authorize',
-  'verify_token',
-  'audit',
-  'audit_query',
-  'verify_chain',
-  'wait',
-]);
 
 // -- RFC 8785 (JCS), written from the RFC, independent of the `canonicalize` package ------------
 
@@ -146,7 +129,7 @@ class Run {
 
   async play() {
     for (const [n, step] of this.scenario.steps.entries()) {
-      const [action] = Object.keys(step).filter((key) => ACTIONS.has(key));
+      const [action] = Object.keys(step).filter((key) => key in STEP_FORMS);
       this.where = `${this.scenario.name} step ${n} (${action})`;
       await this[action](step[action], step.expect ?? {});
     }
@@ -544,7 +527,119 @@ class Run {
   }
 }
 
+// -- the format: every object's keys (tests/contract/README.md; unknown keys are an error) ------
+
+const PROBLEM_KEYS = ['status', 'reason', 'type', 'title', 'instance', 'detail_contains', 'extensions'];
+const RECORD_KEYS = ['tenant', 'actor', 'event', 'outcome', 'metadata'];
+const FLAG_EVENT_KEYS = ['event_id', 'event_type', 'created', 'audit_seq', 'actor', 'reason'];
+const BODY_KEYS = ['event', 'type', 'customer', 'object', 'previous_attributes', 'created', 'event_fields', 'drop', 'redeliver', 'raw_body'];
+const WEBHOOK_EXPECT = ['outcome', 'tenant', 'changes', 'old', 'stale_flags', 'problem'];
+/** Per action: the keys of its spec and of its `expect` (`problem` included where the README allows it). */
+const STEP_FORMS = {
+  webhook: { spec: [...BODY_KEYS, 'signature'], expect: WEBHOOK_EXPECT },
+  replay: { spec: [...BODY_KEYS, 'reason'], expect: WEBHOOK_EXPECT },
+  get_flag: { spec: ['tenant', 'key'], expect: ['value', 'is_default', 'updated_by', 'problem'] },
+  get_flags: { spec: ['tenant'], expect: ['values', 'defaults', 'problem'] },
+  is_enabled: { spec: ['tenant', 'key'], expect: ['value', 'problem'] },
+  set_flag: { spec: ['tenant', 'key', 'value', 'actor', 'reason'], expect: ['value', 'is_default', 'updated_by', 'problem'] },
+  explain_flag: {
+    spec: ['tenant', 'key'],
+    expect: ['value', 'is_default', 'set_by', 'event', 'newest_event', 'admin', 'rule', 'stale_events', 'problem'],
+  },
+  map_customer: { spec: ['customer', 'tenant', 'actor', 'reason'], expect: ['parked_events_applied', 'problem'] },
+  resolve_customer: { spec: ['customer'], expect: ['tenant', 'problem'] },
+  authorize: { spec: ['token', 'tenant', 'require', 'deny_if', 'resource'], expect: ['allowed', 'tenant', 'subject', 'problem', 'error'] },
+  verify_token: { spec: ['token'], expect: ['subject', 'tenant', 'problem'] },
+  audit: { spec: ['event', 'outcome', 'actor', 'tenant', 'metadata'], expect: ['record', 'problem'] },
+  audit_query: { spec: ['tenant', 'event_prefix', 'outcome'], expect: ['records', 'problem'] },
+  verify_chain: { spec: [], expect: ['ok'] },
+  wait: { spec: null, expect: [] },
+};
+
+/**
+ * Every defect of the file's form, as `path: what`: a key no object of its kind has (a typo
+ * such as `custmer` would otherwise be ignored and the step test less than it says), or an
+ * object where the format wants another kind of value. Values compared as given (flag values,
+ * claims, metadata, `object`, `event_fields`, extensions) are free-form.
+ */
+function formDefects(suite) {
+  const defects = [];
+  const keys = (value, allowed, path) => {
+    if (!isObject(value)) {
+      defects.push(`${path}: expected an object, got ${JSON.stringify(value)}`);
+      return false;
+    }
+    for (const key of Object.keys(value)) if (!allowed.includes(key)) defects.push(`${path}: unknown key ${JSON.stringify(key)}`);
+    return true;
+  };
+  const problem = (value, path) => keys(value, PROBLEM_KEYS, path);
+  const record = (value, path) => keys(value, RECORD_KEYS, path);
+  const flagEvent = (value, path) => {
+    if (value !== null && keys(value, FLAG_EVENT_KEYS, path)) {
+      const missing = FLAG_EVENT_KEYS.filter((key) => !(key in value));
+      if (missing.length > 0) defects.push(`${path}: a FLAG_EVENT has all six fields; missing ${missing.join(', ')}`);
+    }
+  };
+  const token = (value, path) => {
+    if (typeof value !== 'string') keys(value, ['claims', 'exp_in', 'nbf_in', 'secret', 'alg'], path);
+  };
+  const body = (spec, path) => {
+    if (isObject(spec.raw_body) && keys(spec.raw_body, ['repeat', 'times'], `${path}.raw_body`)) {
+      if (!('repeat' in spec.raw_body && 'times' in spec.raw_body)) defects.push(`${path}.raw_body: needs \`repeat\` and \`times\``);
+    }
+    if (!('event' in spec) && !('redeliver' in spec)) defects.push(`${path}: needs \`event\` (or \`redeliver\`)`);
+  };
+  keys(suite, ['format', 'env', 'tenants', 'forged_secret', 'scenarios'], 'file');
+  for (const [n, scenario] of (suite.scenarios ?? []).entries()) {
+    const where = `scenarios[${n}] (${scenario?.name})`;
+    if (!keys(scenario, ['name', 'about', 'env', 'steps'], where)) continue;
+    for (const [m, step] of (scenario.steps ?? []).entries()) {
+      const at = `${where} step ${m}`;
+      if (!isObject(step)) {
+        defects.push(`${at}: expected an object`);
+        continue;
+      }
+      const actions = Object.keys(step).filter((key) => key in STEP_FORMS);
+      if (actions.length !== 1) {
+        defects.push(`${at}: ${actions.length} action keys (${actions.join(', ')}); a step has exactly one`);
+        continue;
+      }
+      const [action] = actions;
+      keys(step, [action, 'expect', 'about'], at);
+      const form = STEP_FORMS[action];
+      const spec = step[action];
+      if (form.spec !== null && keys(spec, form.spec, `${at}.${action}`)) {
+        if (action === 'webhook' || action === 'replay') body(spec, `${at}.${action}`);
+        if (action === 'webhook' && isObject(spec.signature)) {
+          const header = 'header' in spec.signature;
+          keys(spec.signature, header ? ['header'] : ['t_offset', 'secret', 'extra'], `${at}.webhook.signature`);
+        }
+        if ('token' in spec) token(spec.token, `${at}.${action}.token`);
+      }
+      if (!('expect' in step)) continue;
+      const expect = step.expect;
+      if (!keys(expect, form.expect, `${at}.expect`)) continue;
+      if ('problem' in expect && Object.keys(expect).length > 1 && action !== 'authorize') {
+        defects.push(`${at}.expect: an answer or a problem, never both`);
+      }
+      if ('problem' in expect) problem(expect.problem, `${at}.expect.problem`);
+      if ('error' in expect) problem(expect.error, `${at}.expect.error`);
+      if ('record' in expect) record(expect.record, `${at}.expect.record`);
+      if (Array.isArray(expect.records)) expect.records.forEach((r, k) => record(r, `${at}.expect.records[${k}]`));
+      else if ('records' in expect) defects.push(`${at}.expect.records: expected a list`);
+      for (const key of ['event', 'newest_event']) if (action === 'explain_flag' && key in expect) flagEvent(expect[key], `${at}.expect.${key}`);
+      if (action === 'explain_flag' && Array.isArray(expect.stale_events)) {
+        expect.stale_events.forEach((e, k) => flagEvent(e, `${at}.expect.stale_events[${k}]`));
+      }
+      if (action === 'explain_flag' && isObject(expect.admin)) keys(expect.admin, ['actor', 'reason', 'version', 'audit_seq'], `${at}.expect.admin`);
+    }
+  }
+  return defects;
+}
+
 test('the contract suite is well formed', () => {
+  assert.deepEqual(Object.keys(SUITE).sort(), ['env', 'forged_secret', 'format', 'scenarios', 'tenants']);
+  assert.deepEqual(formDefects(SUITE), []);
   assert.equal(SUITE.format, 1);
   const tenants = JSON.parse(readFileSync(join(ROOT, 'examples', 'tenants.json'), 'utf8'));
   assert.deepEqual(SUITE.tenants, tenants);
@@ -552,18 +647,47 @@ test('the contract suite is well formed', () => {
   const names = SUITE.scenarios.map((s) => s.name);
   assert.equal(new Set(names).size, names.length, 'scenario names must be unique');
   for (const scenario of SUITE.scenarios) {
-    assert.ok(Object.keys(scenario).every((k) => ['name', 'about', 'env', 'steps'].includes(k)), scenario.name);
     const labels = scenario.steps.flatMap((step) =>
       ['webhook', 'replay'].filter((action) => action in step && 'event' in step[action]).map((action) => step[action].event),
     );
     assert.equal(new Set(labels).size, labels.length, `${scenario.name}: event labels must be unique`);
-    for (const step of scenario.steps) {
-      const actions = Object.keys(step).filter((key) => ACTIONS.has(key));
-      const rest = Object.keys(step).filter((key) => !ACTIONS.has(key));
-      assert.equal(actions.length, 1, `${scenario.name}: ${JSON.stringify(step)}`);
-      assert.ok(rest.every((k) => k === 'expect' || k === 'about'), `${scenario.name}: ${JSON.stringify(step)}`);
-    }
   }
+});
+
+test('the format check finds an unknown key in every kind of object', () => {
+  const scenario = (steps, extra = {}) => ({ format: 1, scenarios: [{ name: 's', steps, ...extra }] });
+  const flagEvent = { event_id: 'x', event_type: 't', created: 1, audit_seq: 1, actor: 'a', reason: 'r' };
+  const typos = [
+    { ...scenario([]), formats: 1 },
+    scenario([], { step: [] }),
+    scenario([{ webhook: { event: 'e', type: 't', custmer: 'cus_acme_001' } }]),
+    scenario([{ webhook: { event: 'e', type: 't' }, expect: { outcome: 'applied', tennant: 'acme-corp' } }]),
+    scenario([{ webhook: { event: 'e', type: 't', signature: { t_ofset: 5 } } }]),
+    scenario([{ webhook: { event: 'e', type: 't', signature: { header: 'x', secret: 's' } } }]),
+    scenario([{ webhook: { event: 'e', raw_body: { repeat: 'x', times: 3, time: 3 } } }]),
+    scenario([{ webhook: { event: 'e', raw_body: { repeat: 'x' } } }]),
+    scenario([{ replay: { event: 'e', type: 't', signature: 'valid', reason: 'r' } }]),
+    scenario([{ get_flag: { tenant: 't', key: 'k' }, expect: { problem: { status: 400, detail: 'x' } } }]),
+    scenario([{ authorize: { token: { claims: {}, exp: 5 } } }]),
+    scenario([{ authorize: { tenant: 't' }, expect: { allowed: false, problem: { reasons: 'X' } } }]),
+    scenario([{ authorize: { tenant: 't' }, expect: { error: { staus: 400 } } }]),
+    scenario([{ audit: { event: 'e', outcome: 'o', actor: 'a' }, expect: { record: { tenant_id: '' } } }]),
+    scenario([{ audit_query: {}, expect: { records: [{ event: 'e', outcom: 'o' }] } }]),
+    scenario([{ explain_flag: { tenant: 't', key: 'k' }, expect: { event: { ...flagEvent, seq: 1 } } }]),
+    scenario([{ explain_flag: { tenant: 't', key: 'k' }, expect: { stale_events: [{ event_id: 'x' }] } }]),
+    scenario([{ explain_flag: { tenant: 't', key: 'k' }, expect: { admin: { actor: 'a', audit: 1 } } }]),
+    scenario([{ verify_chain: {}, expect: { ok: true, all: true } }]),
+    scenario([{ wait: 1, get_flags: { tenant: 't' } }]),
+    scenario([{ get_flags: { tenant: 't' }, expected: {} }]),
+    scenario([{ set_flag: { tenant: 't', key: 'k', value: 1 }, expect: { value: 1, problem: { status: 400 } } }]),
+  ];
+  for (const suite of typos) assert.equal(formDefects(suite).length, 1, `${JSON.stringify(suite)}: ${formDefects(suite).join('; ')}`);
+  const fine = scenario([
+    { webhook: { event: 'e', type: 't', signature: { header: 'x' } }, expect: { outcome: 'applied' }, about: 'a step' },
+    { explain_flag: { tenant: 't', key: 'k' }, expect: { event: flagEvent, newest_event: null, stale_events: [flagEvent], admin: null } },
+    { wait: 1 },
+  ]);
+  assert.deepEqual(formDefects(fine), []);
 });
 
 test('the runner\'s RFC 8785 encoder writes the RFC\'s own example', () => {
@@ -598,6 +722,7 @@ for (const [name, start] of Object.entries(IMPLEMENTATIONS)) {
   describe(`contract suite: ${name}`, () => {
     for (const scenario of SUITE.scenarios) {
       test(scenario.name, async () => {
+        assert.deepEqual(formDefects({ scenarios: [scenario] }), [], 'the scenario is not of the format');
         // `{root}` in a value stands for the repository root's absolute path (the README's `env`).
         const env = Object.fromEntries(
           Object.entries({ ...SUITE.env, ...(scenario.env ?? {}) }).map(([key, value]) => [key, value.replaceAll('{root}', ROOT)]),

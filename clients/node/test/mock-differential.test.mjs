@@ -354,6 +354,13 @@ test('mock: signed bodies that are not events are refused as the sidecar refuses
     `t=,v1=${'a'.repeat(64)}`,
     `t=99999999999999999999,v1=${'a'.repeat(64)}`,
     'garbage',
+    // Trimmed as Rust trims: U+FEFF is no white space (a malformed header), U+0085 is (none).
+    '\uFEFF',
+    '\u0085',
+    `\u0085${sign(body)}\u2028`,
+    `\uFEFF${sign(body)}`,
+    sign(body).replace(',', '\u00A0,\u3000'),
+    sign(body).replace('=', '\u0085=\u0085'),
   ];
   // A JSON syntax error is worded by each implementation's own parser; the rest is the sidecar's.
   const shown = (answer) =>
@@ -396,6 +403,14 @@ test('mock: application records, admin values and ids are taken or refused as th
     { event: 'app.x', outcome: 'ok', actor: '\u0085' },
     { event: 'app.x', outcome: 'ok', actor: '\uFEFF' },
     { event: 'app.x', outcome: 'ok', actor: 'stripe-webhook\u0085' },
+    // Rust's trim_start drops White_Space (U+0085 is, U+FEFF is not); eq_ignore_ascii_case and
+    // to_ascii_lowercase fold A-Z only (the Kelvin sign U+212A is no K).
+    { event: '\uFEFFbilling.x', outcome: 'ok', actor: 'u1' },
+    { event: '\u0085billing.x', outcome: 'ok', actor: 'u1' },
+    { event: '\u3000Auth.x', outcome: 'ok', actor: 'u1' },
+    { event: '\u212Aapp.x', outcome: 'ok', actor: 'u1' },
+    { event: 'app.x', outcome: 'ok', actor: 'stripe-webhoo\u212A' },
+    { event: 'app.x', outcome: 'ok', actor: '\u00A0STRIPE-webhook\u2029' },
     { event: '', outcome: '', actor: '' },
     { event: 'app.x', outcome: 'ok', actor: 'a'.repeat(257), tenantId: 't'.repeat(129) },
     { event: 'app.x', outcome: 'ok', actor: 'u1', tenantId: 'bad\ttenant' },

@@ -4,6 +4,7 @@
 
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { createHmac } from 'node:crypto';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -56,6 +57,8 @@ const REFUSED = [
   { rules: FLAGS + rule('events = ["invoice.paid"]\nset = { no_such_flag = true }'), exact: true },
   { rules: FLAGS + rule('events = ["customer.subscription.updated"]\nplans = ["pro monthly"]\nset = { advanced_analytics = true }'), exact: true },
   { rules: FLAGS + rule('name = "  "\nevents = ["invoice.paid"]\nset = { pro_features = true }'), exact: true },
+  // U+0085 is white space to Rust's trim (and not to JS's).
+  { rules: FLAGS + rule('name = "\\u0085"\nevents = ["invoice.paid"]\nset = { pro_features = true }'), exact: true },
   { rules: FLAGS + rule('events = []\nset = { pro_features = true }'), exact: true },
   { rules: FLAGS + rule('events = ["invoice.paid"]\nentitlements = true\nset = { pro_features = true }'), exact: true },
   { rules: '[flags]\n"bad key!" = true\n', exact: true },
@@ -65,10 +68,15 @@ const REFUSED = [
 
 /** What the sidecar says when it refuses to start with `path` as its rules file. */
 function sidecarRefusal(path) {
+  return sidecarExit(['--rules-file', path], {});
+}
+
+/** How the sidecar ends when started with `args` and `env` (on top of the suite's). */
+function sidecarExit(args, env) {
   return new Promise((resolve, reject) => {
-    const child = spawn(binary(), ['serve', '--store', 'memory', '--listen', '127.0.0.1:0', '--rules-file', path], {
+    const child = spawn(binary(), ['serve', '--store', 'memory', '--listen', '127.0.0.1:0', ...args], {
       stdio: ['ignore', 'ignore', 'pipe'],
-      env: { ...process.env, ...ENV },
+      env: { ...process.env, ...ENV, ...env },
     });
     let stderr = '';
     child.stderr.on('data', (chunk) => {
@@ -211,4 +219,81 @@ test("the mock's settings win over the environment: problem types under settings
   } finally {
     await sdk.close();
   }
+});
+
+describe('mock: the settings the sidecar reads are read as the sidecar reads them', () => {
+  // Taken as given (clap neither trims a value nor treats an empty one as unset), checked as
+  // src/config.rs checks them.
+  const REFUSED_SETTINGS = [
+    { CORESDK_WEBHOOK_TOLERANCE_S: ' 300' },
+    { CORESDK_WEBHOOK_TOLERANCE_S: '' },
+    { CORESDK_JWT_LEEWAY_S: '1.5' },
+    { CORESDK_JWT_LEEWAY_S: '18446744073709551616' },
+    { CORESDK_DENY_AUDIT_WINDOW_S: '-1' },
+    { CORESDK_WEBHOOK_MAX_BODY_BYTES: '0' },
+    { CORESDK_WEBHOOK_MAX_BODY_BYTES: String(64 * 1024 * 1024 + 1) },
+    { CORESDK_MAX_PARKED_EVENTS: '10000001' },
+    { CORESDK_MAX_PARKED_EVENTS_PER_CUSTOMER: '10000001' },
+    { CORESDK_BILLING_URL: '' },
+    { CORESDK_BILLING_URL: ' https://pay.example' },
+    { CORESDK_UPGRADE_URL: 'pricing.example' },
+    { CORESDK_RULES_FILE: '' },
+  ];
+  for (const env of REFUSED_SETTINGS) {
+    test(`refused: ${JSON.stringify(env)}`, async () => {
+      const sidecar = await sidecarExit([], env);
+      assert.notEqual(sidecar.code, 0, 'the sidecar started');
+      assert.match(sidecar.stderr, new RegExp(Object.keys(env)[0]));
+      assert.throws(() => mock(env), (error) => error instanceof Error && error.message.includes(Object.keys(env)[0]));
+    });
+  }
+
+  test('accepted: the largest u64', async () => {
+    const env = { CORESDK_WEBHOOK_TOLERANCE_S: '18446744073709551615', CORESDK_DENY_AUDIT_WINDOW_S: '+0' };
+    const sidecar = await Sidecar.start({ env });
+    await sidecar.close();
+    await mock(env).close();
+  });
+
+  test('accepted: a leading +, the largest limits, and an issuer and secrets kept or trimmed as the sidecar keeps them', async () => {
+    const env = {
+      CORESDK_WEBHOOK_TOLERANCE_S: '+300',
+      CORESDK_WEBHOOK_MAX_BODY_BYTES: String(64 * 1024 * 1024),
+      CORESDK_MAX_PARKED_EVENTS: '10000000',
+      CORESDK_MAX_PARKED_EVENTS_PER_CUSTOMER: '10000000',
+      // Rust's trim drops U+0085 (White_Space), which JS's trim keeps.
+      CORESDK_JWT_SECRET: `\u0085${ENV.CORESDK_JWT_SECRET}\u0085`,
+      CORESDK_JWT_ISSUER: ' https://id.example ',
+    };
+    const sidecar = await Sidecar.start({ env });
+    const client = await clientFor(sidecar, { problemTypeBase: ENV.CORESDK_PROBLEM_TYPE_BASE }).catch(async (error) => {
+      await sidecar.close();
+      throw error;
+    });
+    const sdk = mock(env);
+    try {
+      const now = Math.floor(Date.now() / 1000);
+      const part = (object) => Buffer.from(JSON.stringify(object)).toString('base64url');
+      const jwt = (iss) => {
+        const input = `${part({ alg: 'HS256', typ: 'JWT' })}.${part({ sub: 'ann', tenant_id: 'acme-corp', exp: now + 3600, iss })}`;
+        return `${input}.${createHmac('sha256', ENV.CORESDK_JWT_SECRET).update(input).digest('base64url')}`;
+      };
+      const verdict = (backend, token) =>
+        backend.verifyToken(token).then(
+          (answer) => ({ valid: true, tenant: answer.tenantId, iss: answer.claims.iss }),
+          (error) => ({ valid: false, problem: error.problem }),
+        );
+      // The issuer is compared untrimmed: only the exact setting is accepted.
+      for (const iss of [' https://id.example ', 'https://id.example']) {
+        const expected = await verdict(client, jwt(iss));
+        assert.deepEqual(await verdict(sdk, jwt(iss)), expected, `iss ${JSON.stringify(iss)}`);
+      }
+      assert.equal((await verdict(client, jwt(' https://id.example '))).valid, true);
+      assert.equal((await verdict(client, jwt('https://id.example'))).valid, false);
+    } finally {
+      await sdk.close();
+      await client.close();
+      await sidecar.close();
+    }
+  });
 });
