@@ -467,6 +467,9 @@ fn parking_limits(args: &ServeArgs) -> Result<ParkingLimits, ConfigError> {
 
 /// Ten years: beyond that "forever" (`off`) is what is meant, and the milliseconds stay small.
 const MAX_RETENTION_DAYS: u64 = 3650;
+/// Stripe retries a delivery for up to 3 days: a shorter window would apply a retry of an
+/// event the sidecar committed (but whose answer the app lost) a second time.
+const MIN_RETENTION_DAYS: u64 = 4;
 
 fn dedup_retention(days: &str) -> Result<Option<std::time::Duration>, ConfigError> {
     let days = days.trim();
@@ -475,13 +478,13 @@ fn dedup_retention(days: &str) -> Result<Option<std::time::Duration>, ConfigErro
     }
     match days.parse::<u64>() {
         Ok(0) => Ok(None),
-        Ok(days) if days <= MAX_RETENTION_DAYS => {
+        Ok(days) if (MIN_RETENTION_DAYS..=MAX_RETENTION_DAYS).contains(&days) => {
             Ok(Some(std::time::Duration::from_secs(days * 86_400)))
         }
         _ => Err(config_error(
             "CORESDK_DEDUP_RETENTION_DAYS",
             format!(
-                "must be a whole number of days from 1 to {MAX_RETENTION_DAYS} (default {}, longer than Stripe's 30-day event retention), or 0 or off to keep dedup records forever",
+                "must be a whole number of days from {MIN_RETENTION_DAYS} (Stripe retries a delivery for up to 3 days) to {MAX_RETENTION_DAYS} (default {}, longer than Stripe's 30-day event retention), or 0 or off to keep dedup records forever",
                 crate::ops::DEFAULT_RETENTION_DAYS
             ),
         )),

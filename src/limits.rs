@@ -129,8 +129,9 @@ where
         Box::pin(async move {
             match tokio::time::timeout(limit, response).await {
                 Ok(answer) => answer,
-                // Dropping the handler's future cancels its work; a store write nobody waits
-                // for any more is not committed.
+                // Dropping the handler's future stops its work where it stands: a store write
+                // not yet begun is skipped (no one waits for it), one already running commits
+                // (a webhook's retry then finds it a duplicate).
                 Err(_) => Ok(crate::api::status::of_error(
                     &Error::RequestTimeout { limit },
                     &links,

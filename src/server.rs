@@ -270,6 +270,9 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     signals.received().await;
     // Stopped first: a store coming back must not turn a service SERVING again while we go.
     store_health.abort();
+    // An abort does not stop a poll already running on another worker: wait for the task to
+    // be gone before the last word on the statuses.
+    let _ = store_health.await;
     health.set_all(ServingStatus::NotServing).await;
     // Load balancers and the app next to us see NOT_SERVING and stop sending; until they
     // have, every call (and every new connection) is still answered, streams included.

@@ -345,15 +345,24 @@ impl Db {
     }
 }
 
-/// Two events delivered, one aged beyond the default 35-day window and one not, then a
-/// restart: the first pass prunes the old row only, the audit trail stays whole, and the
-/// pruned event is applied again when redelivered.
+/// Events delivered, some aged beyond the default 35-day window, then a restart: the first
+/// pass prunes the old row no flag names any more, keeps an old row a flag still names (how
+/// `flags explain` finds its event) and a newer one, and the audit trail stays whole.
 async fn retention_prunes_the_aged_row(mut sidecar: Sidecar, db: Db) {
     map(&sidecar, "cus_old", "oldco").await;
+    map(&sidecar, "cus_named", "namedco").await;
     map(&sidecar, "cus_kept", "keptco").await;
-    let old = paid("evt_old", "cus_old");
+    // oldco's failed payment is superseded by its payment: no flag names it afterwards.
+    let old = event(
+        "evt_old",
+        "invoice.payment_failed",
+        now() - 10,
+        json!({"customer": "cus_old"}),
+    );
+    let newer = paid("evt_newer", "cus_old");
+    let named = paid("evt_named", "cus_named");
     let kept = paid("evt_kept", "cus_kept");
-    for body in [old.clone(), kept.clone()] {
+    for body in [old.clone(), newer, named.clone(), kept.clone()] {
         let answer = deliver(&sidecar, body).await.expect("delivered");
         assert_eq!(answer.outcome(), WebhookOutcome::Applied);
     }
@@ -378,6 +387,7 @@ async fn retention_prunes_the_aged_row(mut sidecar: Sidecar, db: Db) {
     let day_ms: i64 = 86_400_000;
     let now_ms = now() * 1000;
     db.age("evt_old", now_ms - 36 * day_ms).await;
+    db.age("evt_named", now_ms - 36 * day_ms).await;
     db.age("evt_kept", now_ms - 34 * day_ms).await;
 
     sidecar.restart().await;
@@ -385,20 +395,44 @@ async fn retention_prunes_the_aged_row(mut sidecar: Sidecar, db: Db) {
         !db.dedup_rows().await.contains(&"evt_old".to_owned())
     })
     .await;
-    assert!(db.dedup_rows().await.contains(&"evt_kept".to_owned()));
+    let rows = db.dedup_rows().await;
+    assert!(rows.contains(&"evt_kept".to_owned()), "{rows:?}");
+    assert!(
+        rows.contains(&"evt_named".to_owned()),
+        "a row a flag names is kept: {rows:?}"
+    );
     assert_eq!(
         audited(&sidecar).await,
         records,
         "the audit trail is never pruned"
     );
+    // What set namedco's flag is still found, with the event's own record.
+    let explained = sidecar
+        .flags()
+        .explain_flag(proto::ExplainFlagRequest {
+            tenant_id: "namedco".into(),
+            key: "pro_features".into(),
+        })
+        .await
+        .expect("explain")
+        .into_inner();
+    let Some(proto::explain_flag_response::SetBy::Event(setter)) = explained.set_by else {
+        panic!("set by an event: {explained:?}");
+    };
+    assert_eq!(
+        (setter.event_id.as_str(), setter.event_type.as_str()),
+        ("evt_named", "invoice.paid")
+    );
+    assert!(setter.audit_seq > 0, "{setter:?}");
 
-    // The pruned event is decided afresh: nothing newer touched its flags, so it is applied
-    // again (src/ops/tests/retention.rs: beside a newer event it is stale); the kept one is
-    // still a duplicate.
+    // The pruned event is decided afresh: its flags have a newer event, so it is stale (alone,
+    // it would be applied again: src/ops/tests/retention.rs); the kept ones are duplicates.
     let again = deliver(&sidecar, old).await.expect("redelivered");
-    assert_eq!(again.outcome(), WebhookOutcome::Applied);
-    let dup = deliver(&sidecar, kept).await.expect("redelivered");
-    assert_eq!(dup.outcome(), WebhookOutcome::Duplicate);
+    assert_eq!(again.outcome(), WebhookOutcome::Stale);
+    for body in [named, kept] {
+        let dup = deliver(&sidecar, body).await.expect("redelivered");
+        assert_eq!(dup.outcome(), WebhookOutcome::Duplicate);
+    }
 }
 
 #[tokio::test]

@@ -523,7 +523,7 @@ fn dedup_retention_is_whole_days_and_off_or_zero_keeps_records_forever() {
             None
         );
     }
-    for bad in ["", "1.5", "-1", "3651", "forever"] {
+    for bad in ["", "1.5", "-1", "1", "3", "3651", "forever"] {
         let flag = format!("--dedup-retention-days={bad}");
         let e = error(&[&flag]);
         assert_eq!(e.setting, "CORESDK_DEDUP_RETENTION_DAYS", "{bad:?}");

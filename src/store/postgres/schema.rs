@@ -91,8 +91,12 @@ CREATE TABLE IF NOT EXISTS billing_objects (
 
 /// Schema 4: dedup records older than the retention window are deleted oldest first, in
 /// small batches; without this index each batch would scan the whole table.
-const MIGRATION_4: &str =
-    "CREATE INDEX IF NOT EXISTS processed_events_by_age ON processed_events (processed_at_ms);";
+// Retention prunes by age, and keeps what a flag names (found through the other two).
+const MIGRATION_4: &str = "
+CREATE INDEX IF NOT EXISTS processed_events_by_age ON processed_events (processed_at_ms);
+CREATE INDEX IF NOT EXISTS flags_by_source_event ON flags (source_event_id);
+CREATE INDEX IF NOT EXISTS flags_by_order_event ON flags (order_event_id);
+";
 
 /// Migration `n` (from 1) brings the schema from version `n - 1` to `n`.
 const MIGRATIONS: [&str; 4] = [MIGRATION_1, MIGRATION_2, MIGRATION_3, MIGRATION_4];

@@ -127,8 +127,13 @@ pub(super) fn text(statement: Statement) -> &'static str {
             parked_columns!()
         ),
         Statement::PruneProcessed => {
-            "DELETE FROM processed_events WHERE event_id IN (SELECT event_id FROM processed_events
-               WHERE processed_at_ms < $1 ORDER BY processed_at_ms LIMIT $2) RETURNING event_id"
+            // A record a flag still names (the event that set it, or its newest) is how
+            // `flags explain` finds that event's audit record: it stays while named.
+            "DELETE FROM processed_events WHERE event_id IN (SELECT p.event_id FROM processed_events p
+               WHERE p.processed_at_ms < $1
+                 AND NOT EXISTS (SELECT 1 FROM flags f WHERE f.source_event_id = p.event_id)
+                 AND NOT EXISTS (SELECT 1 FROM flags f WHERE f.order_event_id = p.event_id)
+               ORDER BY p.processed_at_ms LIMIT $2) RETURNING event_id"
         }
     }
 }
