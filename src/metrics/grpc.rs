@@ -202,10 +202,28 @@ pub struct GrpcMetered<S> {
     metrics: Option<GrpcMetrics>,
 }
 
-/// A call being measured: its method's series and when it started.
+/// A call being measured: its method's series and when it started. A call dropped before it
+/// finished (its client went away, or the drain's grace ran out, before the answer or before
+/// the trailers) counts as `Canceled`, so started minus handled is what is in flight.
 struct Call {
     series: Arc<MethodSeries>,
     started: Instant,
+    finished: bool,
+}
+
+impl Call {
+    fn finish(mut self, code: usize) {
+        self.series.finish(code, self.started);
+        self.finished = true;
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.series.finish(CANCELED_CODE, self.started);
+        }
+    }
 }
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for GrpcMetered<S>
@@ -227,6 +245,7 @@ where
             Call {
                 series,
                 started: Instant::now(),
+                finished: false,
             }
         });
         MeteredFuture {
@@ -261,13 +280,13 @@ where
                 if let Some(code) = status_code(response.headers())
                     && let Some(done) = call.take()
                 {
-                    done.series.finish(code, done.started);
+                    done.finish(code);
                 }
                 Ok(response.map(|body| MeteredBody { inner: body, call }))
             }
             Err(e) => {
                 if let Some(call) = call {
-                    call.series.finish(UNKNOWN_CODE, call.started);
+                    call.finish(UNKNOWN_CODE);
                 }
                 Err(e)
             }
@@ -287,9 +306,9 @@ fn status_code(headers: &http::HeaderMap) -> Option<usize> {
     )
 }
 
-/// A response body that records its call when the trailers pass, or, should it be dropped
-/// before that (the client went away), as `Canceled`.
-#[pin_project::pin_project(PinnedDrop)]
+/// A response body that records its call when the trailers pass (or, dropped before that,
+/// its `Call` records `Canceled`).
+#[pin_project::pin_project]
 pub struct MeteredBody<B> {
     #[pin]
     inner: B,
@@ -317,7 +336,7 @@ impl<B: http_body::Body> http_body::Body for MeteredBody<B> {
         if let Some(code) = code
             && let Some(call) = this.call.take()
         {
-            call.series.finish(code, call.started);
+            call.finish(code);
         }
         Poll::Ready(frame)
     }
@@ -328,15 +347,6 @@ impl<B: http_body::Body> http_body::Body for MeteredBody<B> {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
-    }
-}
-
-#[pin_project::pinned_drop]
-impl<B> PinnedDrop for MeteredBody<B> {
-    fn drop(self: Pin<&mut Self>) {
-        if let Some(call) = self.project().call.take() {
-            call.series.finish(CANCELED_CODE, call.started);
-        }
     }
 }
 
@@ -359,6 +369,28 @@ mod tests {
             Some("server_stream")
         );
         assert_eq!(kind("coresdk.v1.FlagService", "NoSuchMethod"), None);
+    }
+
+    #[test]
+    fn a_call_dropped_before_its_answer_is_handled_as_canceled() {
+        let mut registry = Registry::default();
+        let metrics = GrpcMetrics::new(&[crate::proto::FILE_DESCRIPTOR_SET], &mut registry);
+        let path = "/coresdk.v1.FlagService/GetFlag";
+        let series = metrics.of(path).clone();
+        let never = tower::service_fn(|_: http::Request<()>| {
+            std::future::pending::<Result<http::Response<()>, std::convert::Infallible>>()
+        });
+        let mut metered = GrpcLayer::new(Some(metrics)).layer(never);
+        let pending = metered.call(
+            http::Request::builder()
+                .uri(path)
+                .body(())
+                .expect("request"),
+        );
+        assert_eq!(series.started.get(), 1);
+        drop(pending);
+        assert_eq!(series.handled[CANCELED_CODE].get(), 1);
+        assert_eq!(series.handled.iter().map(Counter::get).sum::<u64>(), 1);
     }
 
     #[test]
