@@ -50,13 +50,27 @@ pub struct WatchedFile<T> {
     seen: Mutex<Option<Stamp>>,
 }
 
+/// Secrets, keys and key sets are small; a larger file is a wrong path, not a secret.
+const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
 fn read<T>(path: &Path, parse: Parse<T>) -> Result<T, String> {
-    let bytes = std::fs::read(path).map_err(|e| {
+    use std::io::Read as _;
+    let unreadable = |e: std::io::Error| {
         format!(
             "cannot read {}: {e}; point it at a readable file",
             path.display()
         )
-    })?;
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(unreadable)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(format!(
+            "{} is larger than {MAX_FILE_BYTES} bytes; point it at the secret's own file",
+            path.display()
+        ));
+    }
     parse(path, &bytes)
 }
 
@@ -93,7 +107,16 @@ impl<T: Send + Sync> WatchedFile<T> {
             }
             *seen = stamp;
         }
-        match read(&self.path, self.parse) {
+        let read = read(&self.path, self.parse);
+        if file_stamp(&self.path) != stamp {
+            // Written while we read it (an in-place `echo new > file` is a truncate, then a
+            // write): what we read may be half of it. Read it again at the next check.
+            if let Ok(mut seen) = self.seen.lock() {
+                *seen = None;
+            }
+            return false;
+        }
+        match read {
             Ok(fresh) => {
                 self.current.store(Arc::new(fresh));
                 tracing::info!(
@@ -245,5 +268,17 @@ mod tests {
         replace(&path, "newest");
         assert!(file.reload_if_changed());
         assert_eq!(**file.current(), ["newest"]);
+
+        // A file far larger than any secret is a wrong path: refused, not read whole.
+        replace(&path, &"x".repeat(MAX_FILE_BYTES as usize + 1));
+        assert!(!file.reload_if_changed());
+        assert_eq!(**file.current(), ["newest"]);
+        let refused = WatchedFile::load("TEST_FILE", &path, words).err();
+        assert!(
+            refused
+                .as_deref()
+                .is_some_and(|e| e.contains("larger than")),
+            "{refused:?}"
+        );
     }
 }
