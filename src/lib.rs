@@ -15,6 +15,7 @@ pub mod feeds;
 pub mod flags;
 pub mod health;
 pub mod limits;
+pub mod methods;
 pub mod metrics;
 pub mod openfeature;
 pub mod ops;

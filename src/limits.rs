@@ -10,7 +10,6 @@ use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use prost::Message as _;
 use tonic::codegen::http;
 use tower::{Layer, Service};
 
@@ -50,31 +49,11 @@ impl ServerLimits {
 /// services' own descriptors so that a new streaming RPC can never be cut by the time limit
 /// by mistake: a path not known to be unary is not timed.
 static UNARY_PATHS: LazyLock<HashSet<String>> = LazyLock::new(|| {
-    [
-        crate::proto::FILE_DESCRIPTOR_SET,
-        tonic_health::pb::FILE_DESCRIPTOR_SET,
-        crate::flagd_proto::FILE_DESCRIPTOR_SET,
-        crate::flagd_proto::sync::FILE_DESCRIPTOR_SET,
-    ]
-    .into_iter()
-    .filter_map(|set| prost_types::FileDescriptorSet::decode(set).ok())
-    .flat_map(|set| set.file)
-    .flat_map(|file| {
-        let package = file.package().to_owned();
-        file.service.into_iter().flat_map(move |service| {
-            let prefix = if package.is_empty() {
-                service.name().to_owned()
-            } else {
-                format!("{package}.{}", service.name())
-            };
-            service
-                .method
-                .into_iter()
-                .filter(|m| !m.client_streaming() && !m.server_streaming())
-                .map(move |m| format!("/{prefix}/{}", m.name()))
-        })
-    })
-    .collect()
+    crate::methods::served_methods(&crate::methods::SERVED_DESCRIPTOR_SETS)
+        .iter()
+        .filter(|method| method.is_unary())
+        .map(crate::methods::Method::path)
+        .collect()
 });
 
 /// Bounds unary calls by the sidecar's request timeout.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
+use tonic::transport::server::{Router, TcpIncoming};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tower::layer::util::{Identity as NoLayer, Stack};
@@ -30,16 +30,6 @@ use crate::proto::{
     webhook_service_server::WebhookServiceServer,
 };
 use crate::store::Store;
-
-/// Every gRPC service any listener serves, for the gRPC metrics' method labels.
-const SERVED_DESCRIPTOR_SETS: [&[u8]; 6] = [
-    crate::proto::FILE_DESCRIPTOR_SET,
-    tonic_health::pb::FILE_DESCRIPTOR_SET,
-    tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
-    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-    crate::flagd_proto::FILE_DESCRIPTOR_SET,
-    crate::flagd_proto::sync::FILE_DESCRIPTOR_SET,
-];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -109,7 +99,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let cache = Arc::new(FlagCache::new(config.rules.catalog().clone()));
     // Collected only where someone can scrape them, so `--ops-listen off` costs nothing.
     let metrics = match config.ops_listen {
-        Some(_) => crate::metrics::Metrics::new(&SERVED_DESCRIPTOR_SETS),
+        Some(_) => crate::metrics::Metrics::new(&crate::methods::SERVED_DESCRIPTOR_SETS),
         None => crate::metrics::Metrics::default(),
     };
     let feeds = Arc::new(Feeds::new(cache.clone()).with_metrics(metrics));
@@ -457,6 +447,40 @@ fn reflection(
     Ok((builder().build_v1()?, builder().build_v1alpha()?))
 }
 
+/// A gRPC side listener's server: the main listener's layers, limits and TLS, and reflection
+/// over its own descriptors (so grpcurl needs no local copy of flagd's protos), behind the
+/// main listener's API token.
+fn side_router<C>(
+    side: &Side<C>,
+    descriptors: &'static [u8],
+) -> Result<Router<GrpcLayers>, ServeError>
+where
+    C: tonic::service::Interceptor + Clone + Send + Sync + 'static,
+{
+    let (reflection, reflection_v1alpha) = reflection(&[descriptors])?;
+    Ok(server_builder(
+        &side.state.config,
+        side.state.feeds.metrics(),
+        &side.in_flight,
+    )?
+    .add_service(InterceptedService::new(reflection, side.check.clone()))
+    .add_service(InterceptedService::new(
+        reflection_v1alpha,
+        side.check.clone(),
+    )))
+}
+
+/// Serves a side listener's router until the shutdown signal.
+fn spawn_side<C>(router: Router<GrpcLayers>, side: Side<C>) -> ServerTask {
+    let stopping = side.stopping();
+    let incoming = TcpIncoming::from(side.listener).with_nodelay(Some(true));
+    tokio::spawn(async move {
+        Ok(router
+            .serve_with_incoming_shutdown(incoming, stopping)
+            .await?)
+    })
+}
+
 /// flagd's evaluation service (v1 and v2), with the main listener's TLS and API token.
 fn serve_flagd<C>(side: Side<C>) -> Result<ServerTask, ServeError>
 where
@@ -466,32 +490,16 @@ where
     let evaluation = crate::openfeature::evaluation::Evaluation {
         app: side.state.clone(),
     };
-    // So grpcurl needs no local copy of flagd's protos either.
-    let (reflection, reflection_v1alpha) = reflection(&[crate::flagd_proto::FILE_DESCRIPTOR_SET])?;
-    let stopping = side.stopping();
-    let router = server_builder(
-        &side.state.config,
-        side.state.feeds.metrics(),
-        &side.in_flight,
-    )?
-    .add_service(InterceptedService::new(reflection, side.check.clone()))
-    .add_service(InterceptedService::new(
-        reflection_v1alpha,
-        side.check.clone(),
-    ))
-    .add_service(v1::service_server::ServiceServer::with_interceptor(
-        evaluation.clone(),
-        side.check.clone(),
-    ))
-    .add_service(v2::service_server::ServiceServer::with_interceptor(
-        evaluation, side.check,
-    ));
-    let incoming = TcpIncoming::from(side.listener).with_nodelay(Some(true));
-    Ok(tokio::spawn(async move {
-        Ok(router
-            .serve_with_incoming_shutdown(incoming, stopping)
-            .await?)
-    }))
+    let router = side_router(&side, crate::flagd_proto::FILE_DESCRIPTOR_SET)?
+        .add_service(v1::service_server::ServiceServer::with_interceptor(
+            evaluation.clone(),
+            side.check.clone(),
+        ))
+        .add_service(v2::service_server::ServiceServer::with_interceptor(
+            evaluation,
+            side.check.clone(),
+        ));
+    Ok(spawn_side(router, side))
 }
 
 /// flagd's sync service (`flagd.sync.v1`) for in-process providers, with the main listener's
@@ -502,26 +510,10 @@ where
 {
     use crate::flagd_proto::sync::v1::flag_sync_service_server::FlagSyncServiceServer;
     let sync = crate::openfeature::sync::Sync::start(side.state.clone());
-    let (reflection, reflection_v1alpha) =
-        reflection(&[crate::flagd_proto::sync::FILE_DESCRIPTOR_SET])?;
-    let stopping = side.stopping();
-    let router = server_builder(
-        &side.state.config,
-        side.state.feeds.metrics(),
-        &side.in_flight,
-    )?
-    .add_service(InterceptedService::new(reflection, side.check.clone()))
-    .add_service(InterceptedService::new(
-        reflection_v1alpha,
-        side.check.clone(),
-    ))
-    .add_service(FlagSyncServiceServer::with_interceptor(sync, side.check));
-    let incoming = TcpIncoming::from(side.listener).with_nodelay(Some(true));
-    Ok(tokio::spawn(async move {
-        Ok(router
-            .serve_with_incoming_shutdown(incoming, stopping)
-            .await?)
-    }))
+    let router = side_router(&side, crate::flagd_proto::sync::FILE_DESCRIPTOR_SET)?.add_service(
+        FlagSyncServiceServer::with_interceptor(sync, side.check.clone()),
+    );
+    Ok(spawn_side(router, side))
 }
 
 /// Services that need the database report NOT_SERVING while it is unreachable; the server as

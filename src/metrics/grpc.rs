@@ -15,7 +15,6 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
-use prost::Message as _;
 use tower::{Layer, Service};
 
 use super::DurationHistogram;
@@ -125,9 +124,11 @@ impl GrpcMetrics {
             })
         };
         let mut methods = HashMap::new();
-        for (service, method, kind) in served_methods(descriptor_sets) {
-            let path = format!("/{service}/{method}");
-            methods.insert(path, series(&service, &method, kind));
+        for method in crate::methods::served_methods(descriptor_sets) {
+            methods.insert(
+                method.path(),
+                series(&method.service, &method.name, method.kind),
+            );
         }
         Self {
             methods: Arc::new(methods),
@@ -138,38 +139,6 @@ impl GrpcMetrics {
     fn of(&self, path: &str) -> &Arc<MethodSeries> {
         self.methods.get(path).unwrap_or(&self.unknown)
     }
-}
-
-/// Every method of every service in the sets: (full service name, method, streaming kind).
-/// A set that does not decode contributes nothing (they are compiled in, so it never fails).
-fn served_methods(descriptor_sets: &[&[u8]]) -> Vec<(String, String, &'static str)> {
-    let mut methods = Vec::new();
-    for set in descriptor_sets {
-        let Ok(set) = prost_types::FileDescriptorSet::decode(*set) else {
-            tracing::error!("a compiled-in file descriptor set does not decode");
-            continue;
-        };
-        for file in &set.file {
-            let package = file.package();
-            for service in &file.service {
-                let service_name = if package.is_empty() {
-                    service.name().to_owned()
-                } else {
-                    format!("{package}.{}", service.name())
-                };
-                for method in &service.method {
-                    let kind = match (method.client_streaming(), method.server_streaming()) {
-                        (false, false) => "unary",
-                        (false, true) => "server_stream",
-                        (true, false) => "client_stream",
-                        (true, true) => "bidi_stream",
-                    };
-                    methods.push((service_name.clone(), method.name().to_owned(), kind));
-                }
-            }
-        }
-    }
-    methods
 }
 
 /// Records the gRPC metrics of the calls through a listener; passes them through untouched
@@ -353,23 +322,6 @@ impl<B: http_body::Body> http_body::Body for MeteredBody<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn streaming_kinds_come_from_the_descriptors() {
-        let methods = served_methods(&[crate::proto::FILE_DESCRIPTOR_SET]);
-        let kind = |service: &str, method: &str| {
-            methods
-                .iter()
-                .find(|(s, m, _)| s == service && m == method)
-                .map(|(_, _, kind)| *kind)
-        };
-        assert_eq!(kind("coresdk.v1.FlagService", "GetFlag"), Some("unary"));
-        assert_eq!(
-            kind("coresdk.v1.FlagService", "WatchFlags"),
-            Some("server_stream")
-        );
-        assert_eq!(kind("coresdk.v1.FlagService", "NoSuchMethod"), None);
-    }
 
     #[test]
     fn a_call_dropped_before_its_answer_is_handled_as_canceled() {
