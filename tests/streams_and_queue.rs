@@ -168,10 +168,17 @@ async fn writes_whose_callers_gave_up_during_a_stall_are_not_committed() {
     const CONNECTIONS: usize = 20;
     const CALLS_EACH: usize = 15;
     let dir = tempfile::tempdir().expect("temp dir");
-    let sidecar = Sidecar::on_disk(dir.path(), Options::default()).await;
+    let db = dir.path().join("coresdk.db");
+    // With its metrics: they tell when the server has let go of every given-up call.
+    let mut options = Options::default();
+    options.args.retain(|a| a != "--store" && a != "memory");
+    options
+        .args
+        .extend(["--store".into(), format!("sqlite://{}", db.display())]);
+    let (sidecar, ops) = common::ops::start(options).await;
     let before = verify(&sidecar).await.head_seq;
 
-    let lock = rusqlite::Connection::open(dir.path().join("coresdk.db")).expect("open the db");
+    let lock = rusqlite::Connection::open(&db).expect("open the db");
     lock.busy_timeout(Duration::from_secs(5))
         .expect("busy timeout");
     // Held well under the sidecar's own 5 s busy timeout, so the stalled writes would commit
@@ -205,6 +212,24 @@ async fn writes_whose_callers_gave_up_during_a_stall_are_not_committed() {
             ),
             "{status:?}"
         );
+    }
+    // The server drops a given-up call when the deadline passes on its own clock, which on a
+    // loaded machine can be after the client's: until it has, the call still waits for the
+    // writer. So the lock goes only once the server has handled (dropped) every one of them.
+    let given_up = (CONNECTIONS * CALLS_EACH) as f64;
+    let waiting_since = tokio::time::Instant::now();
+    loop {
+        let handled = common::ops::Scrape::of(&ops)
+            .await
+            .value("grpc_server_handled_total", &[("grpc_method", "SetFlag")]);
+        if handled >= given_up {
+            break;
+        }
+        assert!(
+            waiting_since.elapsed() < HANG_GUARD,
+            "the server still holds given-up calls: {handled} of {given_up} handled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     lock.execute_batch("ROLLBACK").expect("release");
     drop(lock);
