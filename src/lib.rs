@@ -28,6 +28,7 @@ pub mod settings;
 pub mod shared_run;
 pub mod store;
 pub mod stripe;
+pub mod telemetry;
 pub mod time;
 
 pub mod proto {

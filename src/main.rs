@@ -7,24 +7,11 @@ use coresdk::cli::{
     AuditCommand, Command, FlagsCommand, HealthArgs, Invocation, ParseError, ServeArgs,
     StripeCommand, remote,
 };
-use coresdk::config::{Config, LogFormat};
+use coresdk::config::Config;
 use coresdk::server::ServeError;
 use coresdk::store::StoreUrl;
 use coresdk::store::sqlite::{StoreTxOwner as _, open_read_only};
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CORESDK_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
+use coresdk::telemetry::Tracing;
 
 /// Exit status of a setting that cannot be used: the start never began.
 const CONFIGURATION_ERROR: u8 = 2;
@@ -120,7 +107,6 @@ fn serve(invocation: &Invocation, args: ServeArgs) -> ExitCode {
             return ExitCode::from(CONFIGURATION_ERROR);
         }
     };
-    init_logging(config.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -128,7 +114,21 @@ fn serve(invocation: &Invocation, args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(coresdk::server::serve(config)) {
+    // The exporter's connection to the collector lives on the runtime's tasks.
+    let tracing = match runtime.block_on(async { Tracing::from_env() }) {
+        Ok(tracing) => tracing,
+        Err(e) => {
+            eprintln!("coresdk: {e}");
+            return ExitCode::from(CONFIGURATION_ERROR);
+        }
+    };
+    coresdk::telemetry::init_logging(config.log_format, tracing.as_ref());
+    let served = runtime.block_on(coresdk::server::serve(config));
+    // After the drain, while the runtime still runs the exporter's tasks; bounded.
+    if let Some(tracing) = tracing {
+        tracing.shutdown();
+    }
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         // A setting's error: one line, like every other configuration error.
         Err(ServeError::Checkpoints(e)) => {

@@ -395,14 +395,22 @@ impl Error {
     /// The RFC 9457 problem for this error. A store or internal failure's own text (SQLite and
     /// PostgreSQL messages can name tables, paths and row values) goes to the log under an
     /// incident id; the problem only says what the caller can do, with that id as `instance`.
+    ///
+    /// With traces on, every problem made inside a call has that call's trace as `instance`
+    /// (see [`crate::telemetry::current_instance`]), an incident included, so what a caller
+    /// quotes leads to the trace and to the log line alike.
     pub fn problem(&self, links: &ProblemLinks) -> Problem {
         let mapping = self.mapping();
+        let traced = crate::telemetry::current_instance();
         let public_detail = match self {
             Error::StoreUnavailable(_) => "the store is unavailable; retry later",
             Error::Internal(_) => "the sidecar failed to handle the request",
-            _ => return Problem::new(links, &mapping, self.to_string(), ""),
+            _ => {
+                let instance = traced.unwrap_or_default();
+                return Problem::new(links, &mapping, self.to_string(), &instance);
+            }
         };
-        let instance = incident_instance();
+        let instance = traced.unwrap_or_else(incident_instance);
         match INCIDENT_LOG.admit(Instant::now()) {
             Some(0) => tracing::error!(
                 instance = %instance,
@@ -521,8 +529,20 @@ impl Denial {
     }
 
     /// The problem to return for this denial of `tenant`'s request for `instance`.
+    ///
+    /// The caller's resource stays the `instance` (the app returns this problem to its own
+    /// user); with traces on, the call's trace goes into a `trace` member, and into `instance`
+    /// too when the caller named no resource.
     pub fn problem(&self, links: &ProblemLinks, tenant: &str, instance: &str) -> Problem {
+        let traced = crate::telemetry::current_instance();
+        let instance = match &traced {
+            Some(trace) if instance.is_empty() => trace,
+            _ => instance,
+        };
         let mut problem = Problem::new(links, &self.mapping(), self.detail(), instance);
+        if let Some(trace) = &traced {
+            problem.extend("trace", trace);
+        }
         if !tenant.is_empty() {
             problem.extend("tenant_id", tenant);
         }

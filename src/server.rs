@@ -325,11 +325,15 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     failed.map_or(Ok(()), Err)
 }
 
-/// The layers every gRPC listener has, outermost first: the metrics see every answer (a timed
-/// out call's DEADLINE_EXCEEDED too), drain counts the call, the timeout bounds the handler.
+/// The layers every gRPC listener has, outermost first: the call's span (when traces are on)
+/// covers all of it, the metrics see every answer (a timed out call's DEADLINE_EXCEEDED too),
+/// drain counts the call, the timeout bounds the handler.
 type GrpcLayers = Stack<
     crate::limits::RequestTimeout,
-    Stack<crate::drain::InFlight, Stack<crate::metrics::grpc::GrpcLayer, NoLayer>>,
+    Stack<
+        crate::drain::InFlight,
+        Stack<crate::metrics::grpc::GrpcLayer, Stack<crate::telemetry::TraceLayer, NoLayer>>,
+    >,
 >;
 
 /// A server builder with the listener's limits, TLS settings (if any) and layers.
@@ -348,6 +352,9 @@ fn server_builder(
         builder = builder.tls_config(tls_config)?;
     }
     Ok(builder
+        .layer(crate::telemetry::TraceLayer::new(
+            &crate::methods::SERVED_DESCRIPTOR_SETS,
+        ))
         .layer(metrics.grpc_layer())
         .layer(in_flight.clone())
         .layer(config.limits.request_timeout(&config.problem_links)))

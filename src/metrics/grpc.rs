@@ -263,8 +263,8 @@ where
     }
 }
 
-/// The `grpc-status` of headers or trailers, as an index into [`CODES`].
-fn status_code(headers: &http::HeaderMap) -> Option<usize> {
+/// The `grpc-status` of headers or trailers, as an index into [`CODES`] (the code's number).
+pub(crate) fn status_code(headers: &http::HeaderMap) -> Option<usize> {
     let value = headers.get("grpc-status")?;
     Some(
         std::str::from_utf8(value.as_bytes())

@@ -161,6 +161,12 @@ pub(super) fn apply_unparked(
     )
 }
 
+#[tracing::instrument(
+    level = "debug",
+    name = "rules.apply",
+    skip_all,
+    fields(stripe.event_type = %crate::problem::quoted(&event.event_type))
+)]
 fn apply(
     tx: &mut dyn StoreTx,
     rules: &Rules,
@@ -467,6 +473,12 @@ fn finish(
 }
 
 /// Checks a delivery as received: size, then signature, then that the signed body is an event.
+#[tracing::instrument(
+    level = "debug",
+    name = "webhook.verify",
+    skip_all,
+    fields(error.type = tracing::field::Empty, otel.status_code = tracing::field::Empty)
+)]
 pub fn verify_delivery(
     verifier: &SignatureVerifier,
     max_body_bytes: usize,
@@ -474,9 +486,15 @@ pub fn verify_delivery(
     signature_header: &str,
     now_s: i64,
 ) -> Result<StripeEvent, Error> {
-    check_body_size(max_body_bytes, payload)?;
-    let signed_at = verifier.verify(payload, signature_header, now_s)?;
-    StripeEvent::parse(payload, signed_at)
+    let verified = check_body_size(max_body_bytes, payload)
+        .and_then(|()| verifier.verify(payload, signature_header, now_s))
+        .and_then(|signed_at| StripeEvent::parse(payload, signed_at));
+    if let Err(refusal) = &verified {
+        let span = tracing::Span::current();
+        span.record("error.type", refusal.mapping().reason);
+        span.record("otel.status_code", "ERROR");
+    }
+    verified
 }
 
 /// Whether a delivery refused before it reached the rules (bad signature, oversized, not an

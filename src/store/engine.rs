@@ -99,6 +99,8 @@ pub(crate) fn run_batch<C: Connection>(
     if batch.is_empty() {
         return;
     }
+    let span = commit_span(&batch);
+    let _entered = span.enter();
     let began = std::time::Instant::now();
     let tx = match conn.begin_write(state) {
         Ok(tx) => tx,
@@ -157,6 +159,24 @@ pub(crate) fn run_batch<C: Connection>(
     for job in ran {
         job.answer(Ok(()));
     }
+}
+
+/// The span of a batch's transaction. One commit serves several callers: it is a child of the
+/// first traced job's write (so a lone request's trace holds its commit) and links the others'.
+/// Work nobody traces (background writes) makes no span.
+fn commit_span(batch: &[Box<dyn Job>]) -> tracing::Span {
+    let mut traced = batch
+        .iter()
+        .map(|job| job.span())
+        .filter(|span| !span.is_disabled());
+    let Some(first) = traced.next() else {
+        return tracing::Span::none();
+    };
+    let span = tracing::debug_span!(parent: first, "store.commit", store.jobs = batch.len());
+    for other in traced {
+        span.follows_from(other);
+    }
+    span
 }
 
 /// The answer to work refused because no transaction could begin. It names the cause: callers

@@ -311,6 +311,9 @@ pub(crate) trait Job: Send {
     /// [`Store::write`] for why that is safe, and [`Store::write_detached`] for work that
     /// must never be skipped.
     fn abandoned(&self) -> bool;
+    /// The span of the caller's wait for this work (disabled unless traces are on): the work
+    /// runs inside it, and the batch's commit span hangs off it.
+    fn span(&self) -> &tracing::Span;
 }
 
 /// What a backend's worker thread receives.
@@ -489,9 +492,13 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&mut dyn StoreTx) -> Result<T, Error> + Send + 'static,
     {
-        self.run(work, WhenAbandoned::Skip, None, |backend, job| {
-            backend.submit_write(job)
-        })
+        self.run(
+            work,
+            WhenAbandoned::Skip,
+            None,
+            write_span(),
+            |backend, job| backend.submit_write(job),
+        )
         .await
     }
 
@@ -503,9 +510,13 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&mut dyn StoreTx) -> Result<T, Error> + Send + 'static,
     {
-        self.run(work, WhenAbandoned::Run, None, |backend, job| {
-            backend.submit_write(job)
-        })
+        self.run(
+            work,
+            WhenAbandoned::Run,
+            None,
+            write_span(),
+            |backend, job| backend.submit_write(job),
+        )
         .await
     }
 
@@ -516,9 +527,13 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&mut dyn StoreTx) -> Result<T, Error> + Send + 'static,
     {
-        self.run(work, WhenAbandoned::Skip, None, |backend, job| {
-            backend.submit_read(job)
-        })
+        self.run(
+            work,
+            WhenAbandoned::Skip,
+            None,
+            tracing::Span::none(),
+            |backend, job| backend.submit_read(job),
+        )
         .await
     }
 
@@ -537,9 +552,13 @@ impl Store {
             .acquire_owned()
             .await
             .map_err(|_| dropped())?;
-        self.run(work, WhenAbandoned::Skip, Some(lane), |backend, job| {
-            backend.submit_read(job)
-        })
+        self.run(
+            work,
+            WhenAbandoned::Skip,
+            Some(lane),
+            tracing::Span::none(),
+            |backend, job| backend.submit_read(job),
+        )
         .await
     }
 
@@ -551,6 +570,7 @@ impl Store {
         work: F,
         when_abandoned: WhenAbandoned,
         lane: Option<OwnedSemaphorePermit>,
+        span: tracing::Span,
         submit: impl FnOnce(&dyn Backend, Box<dyn Job>),
     ) -> Result<T, Error>
     where
@@ -564,7 +584,7 @@ impl Store {
             .await
             .map_err(|_| dropped())?;
         let permits = std::iter::once(room).chain(lane).collect();
-        let (job, answer) = queued_job(work, when_abandoned, permits);
+        let (job, answer) = queued_job(work, when_abandoned, permits, span);
         submit(self.backend.as_ref(), job);
         answer.await.unwrap_or_else(|_| Err(dropped()))
     }
@@ -592,13 +612,24 @@ where
     T: Send + 'static,
     F: FnOnce(&mut dyn StoreTx) -> Result<T, Error> + Send + 'static,
 {
-    queued_job(work, WhenAbandoned::Skip, Vec::new())
+    queued_job(work, WhenAbandoned::Skip, Vec::new(), tracing::Span::none())
+}
+
+/// A write's span, from its queueing to its commit, inside the call that waits for it. Writes
+/// made outside any call (background work) are not traced: each would be a trace of its own.
+fn write_span() -> tracing::Span {
+    let caller = tracing::Span::current();
+    if caller.is_none() {
+        return tracing::Span::none();
+    }
+    tracing::debug_span!(parent: &caller, "store.write")
 }
 
 fn queued_job<T, F>(
     work: F,
     when_abandoned: WhenAbandoned,
     permits: Vec<OwnedSemaphorePermit>,
+    span: tracing::Span,
 ) -> (Box<dyn Job>, oneshot::Receiver<Result<T, Error>>)
 where
     T: Send + 'static,
@@ -611,6 +642,7 @@ where
         reply,
         when_abandoned,
         _permits: permits,
+        span,
     };
     (Box::new(job), answer)
 }
@@ -623,6 +655,7 @@ struct Pending<T, F> {
     when_abandoned: WhenAbandoned,
     /// Queue room (and a long read's lane), given back when the job is answered or dropped.
     _permits: Vec<OwnedSemaphorePermit>,
+    span: tracing::Span,
 }
 
 impl<T, F> Job for Pending<T, F>
@@ -634,7 +667,7 @@ where
         let Some(work) = self.work.take() else {
             return false;
         };
-        let result = work(tx);
+        let result = self.span.in_scope(|| work(tx));
         let keep = result.is_ok();
         self.result = Some(result);
         keep
@@ -652,6 +685,10 @@ where
 
     fn abandoned(&self) -> bool {
         self.when_abandoned == WhenAbandoned::Skip && self.work.is_some() && self.reply.is_closed()
+    }
+
+    fn span(&self) -> &tracing::Span {
+        &self.span
     }
 }
 

@@ -396,6 +396,7 @@ fn detached_work_runs_though_nobody_waits_for_it() {
         |tx: &mut dyn StoreTx| Ok(tx.write_flag(flag("audit"))?.version),
         WhenAbandoned::Run,
         Vec::new(),
+        tracing::Span::none(),
     );
     drop::<Answer<u64>>(answer);
     let heard = Heard::default();

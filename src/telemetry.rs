@@ -1,0 +1,454 @@
+//! OpenTelemetry traces, off unless an OTLP endpoint is configured (`OTEL_EXPORTER_OTLP_ENDPOINT`
+//! or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`). The rest of the code only makes `tracing` spans;
+//! this module alone speaks OpenTelemetry: it bridges those spans to an OTLP/gRPC exporter, starts
+//! a server span per gRPC call (parented by the caller's W3C `traceparent`), and tells problems
+//! which trace they belong to.
+//!
+//! Off, nothing here is installed: the log subscriber is the plain one, the gRPC layer passes
+//! calls through, and the child spans (at `debug`) are disabled at their call sites.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use opentelemetry::propagation::{Extractor, TextMapPropagator as _};
+use opentelemetry::trace::{Status, TraceContextExt as _, TracerProvider as _};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tower::{Layer, Service};
+use tracing::Span;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{Layer as _, filter};
+
+use crate::config::LogFormat;
+
+/// How long shutdown waits for the last spans to reach the collector: a dead collector must not
+/// hold the exit past the drain the operator configured.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The `instance` prefix of a problem made inside a traced call.
+pub const INSTANCE_PREFIX: &str = "urn:coresdk:trace:";
+
+/// Set once the exporter is installed; problems ask it before looking for a span.
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error(
+        "{var}={value}: this build exports traces over OTLP/gRPC only; set it to grpc, or unset it"
+    )]
+    Protocol { var: &'static str, value: String },
+    #[error(
+        "{var}={value}: traces are exported in plaintext to a collector beside the sidecar; give an http:// address"
+    )]
+    Endpoint { var: &'static str, value: String },
+    #[error(
+        "OTEL_TRACES_EXPORTER={0}: only otlp (or none) is supported; set it to otlp, or unset it"
+    )]
+    Exporter(String),
+    #[error("cannot build the OTLP trace exporter: {0}")]
+    Build(String),
+}
+
+/// A non-empty environment variable.
+fn var(name: &str) -> Option<String> {
+    std::env::var(name)
+        .ok()
+        .filter(|value| !value.trim().is_empty())
+}
+
+/// Whether traces are wanted, by the standard variables: an OTLP endpoint turns them on;
+/// `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none` keep them off. What else the
+/// OpenTelemetry SDK reads itself (headers, timeouts, sampler, batch sizes, resource).
+pub fn wanted() -> Result<bool, TelemetryError> {
+    if var("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+        return Ok(false);
+    }
+    match var("OTEL_TRACES_EXPORTER").map(|v| v.trim().to_ascii_lowercase()) {
+        Some(v) if v == "none" => return Ok(false),
+        Some(v) if v != "otlp" => return Err(TelemetryError::Exporter(v)),
+        _ => {}
+    }
+    let endpoint = [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ]
+    .into_iter()
+    .find_map(|name| var(name).map(|value| (name, value)));
+    let Some((endpoint_var, endpoint)) = endpoint else {
+        return Ok(false);
+    };
+    if !endpoint.trim().starts_with("http://") {
+        return Err(TelemetryError::Endpoint {
+            var: endpoint_var,
+            value: endpoint,
+        });
+    }
+    for name in [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ] {
+        if let Some(protocol) = var(name) {
+            if protocol.trim() != "grpc" {
+                return Err(TelemetryError::Protocol {
+                    var: name,
+                    value: protocol,
+                });
+            }
+            // The traces-specific one, when set, is the one that applies.
+            break;
+        }
+    }
+    Ok(true)
+}
+
+/// The exporter and its batch processor. Built inside the Tokio runtime, whose tasks carry the
+/// gRPC connection to the collector.
+pub struct Tracing {
+    provider: SdkTracerProvider,
+}
+
+impl Tracing {
+    /// `None` when traces are not wanted (see [`wanted`]).
+    pub fn from_env() -> Result<Option<Self>, TelemetryError> {
+        if !wanted()? {
+            return Ok(None);
+        }
+        // Endpoint, headers, timeout and compression come from the OTEL_EXPORTER_OTLP_*
+        // variables, read by the exporter itself.
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()
+            .map_err(|e| TelemetryError::Build(e.to_string()))?;
+        let resource = opentelemetry_sdk::Resource::builder().build();
+        // The SDK names an unnamed service after the executable's file name; this one has a name.
+        let unnamed = resource
+            .get(&opentelemetry::Key::new("service.name"))
+            .is_none_or(|name| name.as_str().starts_with("unknown_service"));
+        let resource = if unnamed {
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name("coresdk")
+                .build()
+        } else {
+            resource
+        };
+        // The batch processor's queue is bounded (OTEL_BSP_MAX_QUEUE_SIZE, 2048): spans a dead
+        // collector cannot take are dropped, never waited for. The sampler comes from
+        // OTEL_TRACES_SAMPLER(_ARG), parent-based always-on by default.
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource)
+            .build();
+        Ok(Some(Self { provider }))
+    }
+
+    /// Sends what is still queued, waiting at most [`FLUSH_TIMEOUT`], and stops the exporter.
+    pub fn shutdown(self) {
+        if let Err(e) = self.provider.shutdown_with_timeout(FLUSH_TIMEOUT) {
+            tracing::warn!(error = %e, "not every span reached the trace collector before exit");
+        }
+    }
+}
+
+/// Installs the log subscriber (`CORESDK_LOG`, else `RUST_LOG`, else `info`), with the trace
+/// bridge beside it when `tracing` is on. Log lines inside a call then name its `trace_id`.
+pub fn init_logging(format: LogFormat, tracing: Option<&Tracing>) {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CORESDK_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::stderr().is_terminal();
+    let Some(tracing) = tracing else {
+        // Exactly the subscriber of a sidecar without traces: nothing added to its hot path.
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(ansi)
+            .with_writer(std::io::stderr);
+        match format {
+            LogFormat::Text => builder.init(),
+            LogFormat::Json => builder.json().init(),
+        }
+        return;
+    };
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Text => fmt.with_filter(filter).boxed(),
+        LogFormat::Json => fmt.json().with_filter(filter).boxed(),
+    };
+    // The sidecar's own spans (the call's child spans are at debug) and its warnings and errors
+    // (as span events); never the transport's, least of all the exporter's own.
+    let ours = filter::filter_fn(|meta| {
+        meta.target().starts_with("coresdk")
+            && if meta.is_span() {
+                *meta.level() <= tracing::Level::DEBUG
+            } else {
+                *meta.level() <= tracing::Level::WARN
+            }
+    });
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracing.provider.tracer("coresdk"))
+        .with_filter(ours);
+    tracing_subscriber::registry().with(fmt).with(otel).init();
+    ENABLED.store(true, Ordering::Release);
+}
+
+/// The current call's trace as a problem's `instance`:
+/// `urn:coresdk:trace:<32-hex trace id>:<16-hex span id>`. `None` when traces are off or
+/// outside a call.
+pub fn current_instance() -> Option<String> {
+    if !ENABLED.load(Ordering::Acquire) {
+        return None;
+    }
+    let cx = Span::current().context();
+    let span = cx.span();
+    let span = span.span_context();
+    span.is_valid()
+        .then(|| format!("{INSTANCE_PREFIX}{}:{}", span.trace_id(), span.span_id()))
+}
+
+/// gRPC metadata as the W3C propagator reads it.
+struct Headers<'a>(&'a http::HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// A served method's span name (`package.Service/Method`) and attributes.
+struct RpcName {
+    name: String,
+    service: String,
+    method: String,
+}
+
+/// Spans per gRPC call; passes calls through untouched when traces are off.
+#[derive(Clone, Default)]
+pub struct TraceLayer {
+    /// By request path, when traces are on.
+    methods: Option<Arc<HashMap<String, RpcName>>>,
+}
+
+impl TraceLayer {
+    /// Traces the calls of every method in `descriptor_sets` (others under `_OTHER`), if
+    /// traces are on.
+    pub fn new(descriptor_sets: &[&[u8]]) -> Self {
+        if !ENABLED.load(Ordering::Acquire) {
+            return Self::default();
+        }
+        let methods = crate::methods::served_methods(descriptor_sets)
+            .into_iter()
+            .map(|m| {
+                let name = RpcName {
+                    name: format!("{}/{}", m.service, m.name),
+                    service: m.service.clone(),
+                    method: m.name.clone(),
+                };
+                (m.path(), name)
+            })
+            .collect();
+        Self {
+            methods: Some(Arc::new(methods)),
+        }
+    }
+}
+
+impl<S> Layer<S> for TraceLayer {
+    type Service = Traced<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Traced {
+            inner,
+            methods: self.methods.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Traced<S> {
+    inner: S,
+    methods: Option<Arc<HashMap<String, RpcName>>>,
+}
+
+/// A call's server span, ended (dropped) with the last of its answer. A call dropped before
+/// its status (the client went away, the drain's grace ran out) is `CANCELLED`.
+struct RpcSpan {
+    span: Span,
+    finished: bool,
+}
+
+/// gRPC codes that are the server's fault, which OpenTelemetry marks as span errors: UNKNOWN,
+/// DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS.
+const SERVER_ERRORS: [usize; 6] = [2, 4, 12, 13, 14, 15];
+const CANCELLED: usize = 1;
+
+impl RpcSpan {
+    fn start(methods: &HashMap<String, RpcName>, headers: &http::HeaderMap, path: &str) -> Self {
+        let (name, service, method) = match methods.get(path) {
+            Some(rpc) => (rpc.name.as_str(), rpc.service.as_str(), rpc.method.as_str()),
+            // Unbounded input never becomes a span name.
+            None => ("_OTHER", "_OTHER", "_OTHER"),
+        };
+        let span = tracing::info_span!(
+            target: "coresdk::rpc",
+            "rpc",
+            otel.name = name,
+            otel.kind = "server",
+            trace_id = tracing::field::Empty,
+        );
+        let parent = TraceContextPropagator::new().extract(&Headers(headers));
+        // Fails only when the span is disabled (filtered out), which leaves nothing to parent.
+        let _ = span.set_parent(parent);
+        span.set_attribute("rpc.system", "grpc");
+        span.set_attribute("rpc.service", service.to_owned());
+        span.set_attribute("rpc.method", method.to_owned());
+        let cx = span.context();
+        let context = cx.span().span_context().clone();
+        if context.is_valid() {
+            span.record("trace_id", tracing::field::display(context.trace_id()));
+        }
+        Self {
+            span,
+            finished: false,
+        }
+    }
+
+    fn finish(&mut self, code: usize) {
+        self.finished = true;
+        self.span
+            .set_attribute("rpc.grpc.status_code", i64::try_from(code).unwrap_or(2));
+        if SERVER_ERRORS.contains(&code) {
+            self.span
+                .set_status(Status::error(format!("gRPC status {code}")));
+        }
+    }
+}
+
+impl Drop for RpcSpan {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.finish(CANCELLED);
+        }
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Traced<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+{
+    type Response = http::Response<TracedBody<ResBody>>;
+    type Error = S::Error;
+    type Future = TracedFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let rpc = self
+            .methods
+            .as_ref()
+            .map(|methods| RpcSpan::start(methods, request.headers(), request.uri().path()));
+        // The inner service (interceptors included) is called inside the span, so a denial it
+        // makes knows its trace.
+        let inner = {
+            let _entered = rpc.as_ref().map(|rpc| rpc.span.enter());
+            self.inner.call(request)
+        };
+        TracedFuture { inner, rpc }
+    }
+}
+
+#[pin_project::pin_project]
+pub struct TracedFuture<F> {
+    #[pin]
+    inner: F,
+    rpc: Option<RpcSpan>,
+}
+
+impl<F, B, E> Future for TracedFuture<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+{
+    type Output = Result<http::Response<TracedBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let answer = {
+            let _entered = this.rpc.as_ref().map(|rpc| rpc.span.enter());
+            std::task::ready!(this.inner.poll(cx))
+        };
+        let mut rpc = this.rpc.take();
+        Poll::Ready(match answer {
+            Ok(response) => {
+                // A trailers-only answer (most errors) carries its status in the headers.
+                if let Some(code) = crate::metrics::grpc::status_code(response.headers())
+                    && let Some(mut done) = rpc.take()
+                {
+                    done.finish(code);
+                }
+                Ok(response.map(|inner| TracedBody { inner, rpc }))
+            }
+            Err(e) => {
+                if let Some(mut rpc) = rpc {
+                    rpc.finish(2);
+                }
+                Err(e)
+            }
+        })
+    }
+}
+
+/// A response body that ends its call's span when the trailers pass (or when dropped).
+#[pin_project::pin_project]
+pub struct TracedBody<B> {
+    #[pin]
+    inner: B,
+    rpc: Option<RpcSpan>,
+}
+
+impl<B: http_body::Body> http_body::Body for TracedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        if let Some(mut rpc) = this.rpc.take() {
+            match &frame {
+                Some(Ok(frame)) => match frame.trailers_ref() {
+                    Some(trailers) => {
+                        rpc.finish(crate::metrics::grpc::status_code(trailers).unwrap_or(2));
+                    }
+                    None => *this.rpc = Some(rpc),
+                },
+                // An error, or an end without trailers (gRPC always sends them): unknown.
+                _ => rpc.finish(2),
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
