@@ -428,7 +428,12 @@ impl<B: http_body::Body> http_body::Body for TracedBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
-        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        // Entered while the answer streams: a span ends when it is last left, so a stream's
+        // span lasts as long as the stream.
+        let frame = {
+            let _entered = this.rpc.as_ref().map(|rpc| rpc.span.enter());
+            std::task::ready!(this.inner.poll_frame(cx))
+        };
         if let Some(mut rpc) = this.rpc.take() {
             match &frame {
                 Some(Ok(frame)) => match frame.trailers_ref() {

@@ -100,7 +100,7 @@ pub(crate) fn run_batch<C: Connection>(
         return;
     }
     let span = commit_span(&batch);
-    let _entered = span.enter();
+    let entered = span.enter();
     let began = std::time::Instant::now();
     let tx = match conn.begin_write(state) {
         Ok(tx) => tx,
@@ -156,6 +156,9 @@ pub(crate) fn run_batch<C: Connection>(
     }
     listener.metrics().store_commit(ran.len(), began.elapsed());
     listener.committed(changes);
+    // The commit ends before its callers hear of it, as their waits' spans do.
+    drop(entered);
+    drop(span);
     for job in ran {
         job.answer(Ok(()));
     }
@@ -172,7 +175,9 @@ fn commit_span(batch: &[Box<dyn Job>]) -> tracing::Span {
     let Some(first) = traced.next() else {
         return tracing::Span::none();
     };
-    let span = tracing::debug_span!(parent: first, "store.commit", store.jobs = batch.len());
+    // Signed: the trace bridge exports only signed integers as numbers.
+    let jobs = i64::try_from(batch.len()).unwrap_or(i64::MAX);
+    let span = tracing::debug_span!(parent: first, "store.commit", store.jobs = jobs);
     for other in traced {
         span.follows_from(other);
     }

@@ -23,6 +23,7 @@ mod tx;
 use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tracing::Instrument as _;
 
 use crate::audit::{AuditRecord, NewAuditRecord, StoredAuditRow};
 use crate::flags::FlagRecord;
@@ -584,9 +585,14 @@ impl Store {
             .await
             .map_err(|_| dropped())?;
         let permits = std::iter::once(room).chain(lane).collect();
-        let (job, answer) = queued_job(work, when_abandoned, permits, span);
+        let (job, answer) = queued_job(work, when_abandoned, permits, span.clone());
         submit(self.backend.as_ref(), job);
-        answer.await.unwrap_or_else(|_| Err(dropped()))
+        // Entered while waiting, so the span ends when its answer arrives, not when the work
+        // last ran (a span ends when it is last left).
+        answer
+            .instrument(span)
+            .await
+            .unwrap_or_else(|_| Err(dropped()))
     }
 
     pub fn close(&self) {
