@@ -204,7 +204,7 @@ pub fn init_logging(format: LogFormat, tracing: Option<&Tracing>) {
 /// `urn:coresdk:trace:<32-hex trace id>:<16-hex span id>`. `None` when traces are off or
 /// outside a call.
 pub fn current_instance() -> Option<String> {
-    if !ENABLED.load(Ordering::Acquire) {
+    if !enabled() {
         return None;
     }
     let cx = Span::current().context();
@@ -227,6 +227,55 @@ impl Extractor for Headers<'_> {
     }
 }
 
+/// A server span named `name`, child of the caller's `traceparent` (when it sent one), its
+/// trace id recorded for the log lines made inside it.
+fn server_span(name: &str, headers: &http::HeaderMap) -> Span {
+    let span = tracing::info_span!(
+        target: "coresdk::rpc",
+        "rpc",
+        otel.name = name,
+        otel.kind = "server",
+        trace_id = tracing::field::Empty,
+    );
+    let parent = TraceContextPropagator::new().extract(&Headers(headers));
+    // Fails only when the span is disabled (filtered out), which leaves nothing to parent.
+    let _ = span.set_parent(parent);
+    let cx = span.context();
+    let otel_span = cx.span();
+    let context = otel_span.span_context();
+    if context.is_valid() {
+        span.record("trace_id", tracing::field::display(context.trace_id()));
+    }
+    span
+}
+
+/// Whether traces are on (the exporter is installed).
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Acquire)
+}
+
+/// An HTTP server span per OFREP request, named by its route (`POST /ofrep/v1/…/{key}`), as
+/// an axum route layer: only routes the listener serves, so no input becomes a span name.
+/// Installed only when traces are on ([`enabled`]).
+pub async fn trace_http(
+    route: axum::extract::MatchedPath,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use tracing::Instrument as _;
+    let method = request.method().as_str().to_owned();
+    let span = server_span(&format!("{method} {}", route.as_str()), request.headers());
+    span.set_attribute("http.request.method", method);
+    span.set_attribute("http.route", route.as_str().to_owned());
+    let response = next.run(request).instrument(span.clone()).await;
+    let status = response.status();
+    span.set_attribute("http.response.status_code", i64::from(status.as_u16()));
+    if status.is_server_error() {
+        span.set_status(Status::error(status.as_str().to_owned()));
+    }
+    response
+}
+
 /// A served method's span name (`package.Service/Method`) and attributes.
 struct RpcName {
     name: String,
@@ -245,7 +294,7 @@ impl TraceLayer {
     /// Traces the calls of every method in `descriptor_sets` (others under `_OTHER`), if
     /// traces are on.
     pub fn new(descriptor_sets: &[&[u8]]) -> Self {
-        if !ENABLED.load(Ordering::Acquire) {
+        if !enabled() {
             return Self::default();
         }
         let methods = crate::methods::served_methods(descriptor_sets)
@@ -301,24 +350,10 @@ impl RpcSpan {
             // Unbounded input never becomes a span name.
             None => ("_OTHER", "_OTHER", "_OTHER"),
         };
-        let span = tracing::info_span!(
-            target: "coresdk::rpc",
-            "rpc",
-            otel.name = name,
-            otel.kind = "server",
-            trace_id = tracing::field::Empty,
-        );
-        let parent = TraceContextPropagator::new().extract(&Headers(headers));
-        // Fails only when the span is disabled (filtered out), which leaves nothing to parent.
-        let _ = span.set_parent(parent);
+        let span = server_span(name, headers);
         span.set_attribute("rpc.system", "grpc");
         span.set_attribute("rpc.service", service.to_owned());
         span.set_attribute("rpc.method", method.to_owned());
-        let cx = span.context();
-        let context = cx.span().span_context().clone();
-        if context.is_valid() {
-            span.record("trace_id", tracing::field::display(context.trace_id()));
-        }
         Self {
             span,
             finished: false,

@@ -121,10 +121,18 @@ where
 }
 
 fn router(ofrep: Ofrep, in_flight: crate::drain::InFlight) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/ofrep/v1/evaluate/flags/{key}", post(evaluate_flag))
         .route("/ofrep/v1/evaluate/flags", post(evaluate_flags))
-        .route_layer(from_fn_with_state(ofrep.clone(), authenticate))
+        .route_layer(from_fn_with_state(ofrep.clone(), authenticate));
+    // Outside the authentication, so a refused request is traced too; absent when traces are
+    // off.
+    let routes = if crate::telemetry::enabled() {
+        routes.route_layer(axum::middleware::from_fn(crate::telemetry::trace_http))
+    } else {
+        routes
+    };
+    routes
         .layer(from_fn_with_state(REQUEST_TIMEOUT, within_deadline))
         .layer(from_fn_with_state(
             Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT)),

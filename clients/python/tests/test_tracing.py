@@ -233,3 +233,37 @@ def test_without_an_endpoint_or_when_disabled_nothing_is_exported(tmp_path, coll
     assert answer.problem.instance == ""
     assert "trace" not in answer.problem.extensions.fields
     assert received.spans == []
+
+
+def test_an_ofrep_request_is_traced_by_its_route(tmp_path, collector):
+    import json
+    import urllib.request
+
+    received, port = collector
+    process = Sidecar(tmp_path, {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "CORESDK_OFREP_LISTEN": "127.0.0.1:0",
+    })
+    process.start()
+    trace_id = new_trace_id()
+    try:
+        assert process.process is not None and process.process.stdout is not None
+        line = process.process.stdout.readline()
+        assert line.startswith("coresdk ofrep listening on "), line
+        ofrep = line.removeprefix("coresdk ofrep listening on ").strip()
+        request = urllib.request.Request(
+            f"http://{ofrep}/ofrep/v1/evaluate/flags/pro_features",
+            data=json.dumps({"context": {"targetingKey": "u1", "tenant_id": "acme-corp"}}).encode(),
+            headers={"Content-Type": "application/json", **dict(traceparent(trace_id))},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.status == 200
+    finally:
+        process.stop()
+    server = named(received.of_trace(trace_id), "POST /ofrep/v1/evaluate/flags/{key}")
+    assert server.kind == SERVER
+    assert server.parent_span_id.hex() == PARENT_SPAN_ID
+    found = attributes(server.attributes)
+    assert found["http.route"] == "/ofrep/v1/evaluate/flags/{key}"
+    assert found["http.response.status_code"] == 200
