@@ -7,7 +7,7 @@ use coresdk::cli::{
     AuditCommand, Command, FlagsCommand, HealthArgs, Invocation, ParseError, ServeArgs,
     StripeCommand, remote,
 };
-use coresdk::config::Config;
+use coresdk::config::{Config, LogFormat};
 use coresdk::server::ServeError;
 use coresdk::store::StoreUrl;
 use coresdk::store::sqlite::{StoreTxOwner as _, open_read_only};
@@ -122,7 +122,7 @@ fn serve(invocation: &Invocation, args: ServeArgs) -> ExitCode {
             return ExitCode::from(CONFIGURATION_ERROR);
         }
     };
-    coresdk::telemetry::init_logging(config.log_format, tracing.as_ref());
+    coresdk::telemetry::init_logging(config.log_format == LogFormat::Json, tracing.as_ref());
     let served = runtime.block_on(coresdk::server::serve(config));
     // After the drain, while the runtime still runs the exporter's tasks; bounded.
     if let Some(tracing) = tracing {

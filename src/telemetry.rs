@@ -26,8 +26,6 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{Layer as _, filter};
 
-use crate::config::LogFormat;
-
 /// How long shutdown waits for the last spans to reach the collector: a dead collector must not
 /// hold the exit past the drain the operator configured.
 pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -48,6 +46,8 @@ pub enum TelemetryError {
         "{var}={value}: traces are exported in plaintext to a collector beside the sidecar; give an http:// address"
     )]
     Endpoint { var: &'static str, value: String },
+    #[error("{var}={value}: this build sends traces uncompressed; set it to none, or unset it")]
+    Compression { var: &'static str, value: String },
     #[error(
         "OTEL_TRACES_EXPORTER={0}: only otlp (or none) is supported; set it to otlp, or unset it"
     )]
@@ -105,6 +105,21 @@ pub fn wanted() -> Result<bool, TelemetryError> {
             break;
         }
     }
+    // The exporter would take it, and then fail every export without a word.
+    for name in [
+        "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+        "OTEL_EXPORTER_OTLP_COMPRESSION",
+    ] {
+        if let Some(compression) = var(name) {
+            if compression.trim() != "none" {
+                return Err(TelemetryError::Compression {
+                    var: name,
+                    value: compression,
+                });
+            }
+            break;
+        }
+    }
     Ok(true)
 }
 
@@ -156,9 +171,11 @@ impl Tracing {
     }
 }
 
-/// Installs the log subscriber (`CORESDK_LOG`, else `RUST_LOG`, else `info`), with the trace
-/// bridge beside it when `tracing` is on. Log lines inside a call then name its `trace_id`.
-pub fn init_logging(format: LogFormat, tracing: Option<&Tracing>) {
+/// Installs the log subscriber (`CORESDK_LOG`, else `RUST_LOG`, else `info`; JSON lines when
+/// `json`), with the trace bridge beside it when `tracing` is on. Log lines inside a call then
+/// name its `trace_id`. (A flag, not `LogFormat`: `problem` imports this module, and the
+/// settings import what imports `problem`.)
+pub fn init_logging(json: bool, tracing: Option<&Tracing>) {
     use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_env("CORESDK_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
@@ -170,18 +187,20 @@ pub fn init_logging(format: LogFormat, tracing: Option<&Tracing>) {
             .with_env_filter(filter)
             .with_ansi(ansi)
             .with_writer(std::io::stderr);
-        match format {
-            LogFormat::Text => builder.init(),
-            LogFormat::Json => builder.json().init(),
+        if json {
+            builder.json().init();
+        } else {
+            builder.init();
         }
         return;
     };
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
-    let fmt = match format {
-        LogFormat::Text => fmt.with_filter(filter).boxed(),
-        LogFormat::Json => fmt.json().with_filter(filter).boxed(),
+    let fmt = if json {
+        fmt.json().with_filter(filter).boxed()
+    } else {
+        fmt.with_filter(filter).boxed()
     };
     // The sidecar's own spans (the call's child spans are at debug) and its warnings and errors
     // (as span events); never the transport's, least of all the exporter's own.

@@ -208,6 +208,11 @@ fn an_unusable_trace_setting_stops_the_start_with_one_line_naming_it() {
             "zipkin",
             "OTEL_TRACES_EXPORTER=zipkin",
         ),
+        (
+            "OTEL_EXPORTER_OTLP_COMPRESSION",
+            "gzip",
+            "OTEL_EXPORTER_OTLP_COMPRESSION=gzip",
+        ),
     ] {
         let endpoint = dead_endpoint();
         let output = common::run_coresdk(
