@@ -448,10 +448,11 @@ where
         Poll::Ready(match answer {
             Ok(response) => {
                 // A trailers-only answer (most errors) carries its status in the headers.
-                if let Some(code) = crate::metrics::grpc::status_code(response.headers())
-                    && let Some(mut done) = rpc.take()
+                if let Some(done) = &mut rpc
+                    && let Some(code) = crate::metrics::grpc::status_code(response.headers())
                 {
                     done.finish(code);
+                    rpc = None;
                 }
                 Ok(response.map(|inner| TracedBody { inner, rpc }))
             }

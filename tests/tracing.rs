@@ -292,12 +292,32 @@ async fn log_lines_inside_a_call_carry_its_trace_id() {
 
 #[tokio::test]
 async fn a_dead_collector_neither_holds_calls_nor_the_exit() {
-    let mut sidecar = Sidecar::start(traced(&[
+    a_collector_that_never_answers(traced(&[])).await;
+}
+
+#[tokio::test]
+async fn a_silent_collector_neither_holds_calls_nor_the_exit() {
+    // Connections complete in the kernel's backlog and then hear nothing: each export hangs
+    // until its timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let endpoint = format!("http://{}", silent.local_addr().expect("bound"));
+    let mut options = traced(&[]);
+    for (name, value) in &mut options.envs {
+        if name == "OTEL_EXPORTER_OTLP_ENDPOINT" {
+            value.clone_from(&endpoint);
+        }
+    }
+    a_collector_that_never_answers(options).await;
+    drop(silent);
+}
+
+async fn a_collector_that_never_answers(mut options: Options) {
+    options.envs.extend([
         // An export that would wait long if anything waited for it.
-        ("OTEL_EXPORTER_OTLP_TIMEOUT", "30000"),
-        ("OTEL_BSP_MAX_QUEUE_SIZE", "16"),
-    ]))
-    .await;
+        ("OTEL_EXPORTER_OTLP_TIMEOUT".to_owned(), "30000".to_owned()),
+        ("OTEL_BSP_MAX_QUEUE_SIZE".to_owned(), "16".to_owned()),
+    ]);
+    let mut sidecar = Sidecar::start(options).await;
     let mut flags = sidecar.flags();
     // Far more spans than the queue holds, across several export rounds.
     for _ in 0..200 {
