@@ -8,8 +8,6 @@
 //! calls through, and the child spans (at `debug`) are disabled at their call sites.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
@@ -25,6 +23,8 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{Layer as _, filter};
+
+use crate::call_end::{self, CallEnd, EndBody, EndFuture};
 
 /// How long shutdown waits for the last spans to reach the collector: a dead collector must not
 /// hold the exit past the drain the operator configured.
@@ -352,7 +352,7 @@ pub struct Traced<S> {
 
 /// A call's server span, ended (dropped) with the last of its answer. A call dropped before
 /// its status (the client went away, the drain's grace ran out) is `CANCELLED`.
-struct RpcSpan {
+pub struct RpcSpan {
     span: Span,
     finished: bool,
 }
@@ -360,7 +360,6 @@ struct RpcSpan {
 /// gRPC codes that are the server's fault, which OpenTelemetry marks as span errors: UNKNOWN,
 /// DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS.
 const SERVER_ERRORS: [usize; 6] = [2, 4, 12, 13, 14, 15];
-const CANCELLED: usize = 1;
 
 impl RpcSpan {
     fn start(methods: &HashMap<String, RpcName>, headers: &http::HeaderMap, path: &str) -> Self {
@@ -379,7 +378,7 @@ impl RpcSpan {
         }
     }
 
-    fn finish(&mut self, code: usize) {
+    fn record(&mut self, code: usize) {
         self.finished = true;
         self.span
             .set_attribute("rpc.grpc.status_code", i64::try_from(code).unwrap_or(2));
@@ -390,10 +389,22 @@ impl RpcSpan {
     }
 }
 
+impl CallEnd for RpcSpan {
+    fn finish(mut self, code: usize) {
+        self.record(code);
+    }
+
+    /// Entered while the handler and the answer's body are polled: a span ends when it is last
+    /// left, so a stream's span lasts as long as the stream.
+    fn polling<R>(&self, poll: impl FnOnce() -> R) -> R {
+        self.span.in_scope(poll)
+    }
+}
+
 impl Drop for RpcSpan {
     fn drop(&mut self) {
         if !self.finished {
-            self.finish(CANCELLED);
+            self.record(call_end::CANCELLED);
         }
     }
 }
@@ -402,9 +413,9 @@ impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Traced<S>
 where
     S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
 {
-    type Response = http::Response<TracedBody<ResBody>>;
+    type Response = http::Response<EndBody<ResBody, RpcSpan>>;
     type Error = S::Error;
-    type Future = TracedFuture<S::Future>;
+    type Future = EndFuture<S::Future, RpcSpan>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -417,98 +428,10 @@ where
             .map(|methods| RpcSpan::start(methods, request.headers(), request.uri().path()));
         // The inner service (interceptors included) is called inside the span, so a denial it
         // makes knows its trace.
-        let inner = {
-            let _entered = rpc.as_ref().map(|rpc| rpc.span.enter());
-            self.inner.call(request)
+        let inner = match &rpc {
+            Some(rpc) => rpc.polling(|| self.inner.call(request)),
+            None => self.inner.call(request),
         };
-        TracedFuture { inner, rpc }
-    }
-}
-
-#[pin_project::pin_project]
-pub struct TracedFuture<F> {
-    #[pin]
-    inner: F,
-    rpc: Option<RpcSpan>,
-}
-
-impl<F, B, E> Future for TracedFuture<F>
-where
-    F: Future<Output = Result<http::Response<B>, E>>,
-{
-    type Output = Result<http::Response<TracedBody<B>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let answer = {
-            let _entered = this.rpc.as_ref().map(|rpc| rpc.span.enter());
-            std::task::ready!(this.inner.poll(cx))
-        };
-        let mut rpc = this.rpc.take();
-        Poll::Ready(match answer {
-            Ok(response) => {
-                // A trailers-only answer (most errors) carries its status in the headers.
-                if let Some(done) = &mut rpc
-                    && let Some(code) = crate::metrics::grpc::status_code(response.headers())
-                {
-                    done.finish(code);
-                    rpc = None;
-                }
-                Ok(response.map(|inner| TracedBody { inner, rpc }))
-            }
-            Err(e) => {
-                if let Some(mut rpc) = rpc {
-                    rpc.finish(2);
-                }
-                Err(e)
-            }
-        })
-    }
-}
-
-/// A response body that ends its call's span when the trailers pass (or when dropped).
-#[pin_project::pin_project]
-pub struct TracedBody<B> {
-    #[pin]
-    inner: B,
-    rpc: Option<RpcSpan>,
-}
-
-impl<B: http_body::Body> http_body::Body for TracedBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        // Entered while the answer streams: a span ends when it is last left, so a stream's
-        // span lasts as long as the stream.
-        let frame = {
-            let _entered = this.rpc.as_ref().map(|rpc| rpc.span.enter());
-            std::task::ready!(this.inner.poll_frame(cx))
-        };
-        if let Some(mut rpc) = this.rpc.take() {
-            match &frame {
-                Some(Ok(frame)) => match frame.trailers_ref() {
-                    Some(trailers) => {
-                        rpc.finish(crate::metrics::grpc::status_code(trailers).unwrap_or(2));
-                    }
-                    None => *this.rpc = Some(rpc),
-                },
-                // An error, or an end without trailers (gRPC always sends them): unknown.
-                _ => rpc.finish(2),
-            }
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+        EndFuture::new(inner, rpc)
     }
 }

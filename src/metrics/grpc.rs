@@ -1,12 +1,9 @@
 //! go-grpc-prometheus's server metrics as a tower layer: `grpc_server_started_total`,
 //! `grpc_server_handled_total` and `grpc_server_handling_seconds`, labelled by service, method,
-//! streaming kind (from the served file descriptor sets) and, once handled, status code. The
-//! code is read from the response headers (trailers-only answers, which most errors are) or
-//! from the trailers at the end of the body, which this layer therefore wraps.
+//! streaming kind (from the served file descriptor sets) and, once handled, status code (as
+//! `call_end` reads it).
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -18,9 +15,10 @@ use prometheus_client::registry::Registry;
 use tower::{Layer, Service};
 
 use super::DurationHistogram;
+use crate::call_end::{self, CallEnd, EndBody, EndFuture};
 
 /// gRPC status codes by number, named as grpc-go names them (go-grpc-prometheus's values).
-const CODES: [&str; 17] = [
+const CODES: [&str; call_end::CODES] = [
     "OK",
     "Canceled",
     "Unknown",
@@ -39,8 +37,6 @@ const CODES: [&str; 17] = [
     "DataLoss",
     "Unauthenticated",
 ];
-const UNKNOWN_CODE: usize = 2;
-const CANCELED_CODE: usize = 1;
 
 /// Calls to paths no served descriptor names share one series, whatever the path.
 const UNKNOWN: &str = "unknown";
@@ -174,13 +170,13 @@ pub struct GrpcMetered<S> {
 /// A call being measured: its method's series and when it started. A call dropped before it
 /// finished (its client went away, or the drain's grace ran out, before the answer or before
 /// the trailers) counts as `Canceled`, so started minus handled is what is in flight.
-struct Call {
+pub struct Call {
     series: Arc<MethodSeries>,
     started: Instant,
     finished: bool,
 }
 
-impl Call {
+impl CallEnd for Call {
     fn finish(mut self, code: usize) {
         self.series.finish(code, self.started);
         self.finished = true;
@@ -190,7 +186,7 @@ impl Call {
 impl Drop for Call {
     fn drop(&mut self) {
         if !self.finished {
-            self.series.finish(CANCELED_CODE, self.started);
+            self.series.finish(call_end::CANCELLED, self.started);
         }
     }
 }
@@ -199,9 +195,9 @@ impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for GrpcMetered<S>
 where
     S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
 {
-    type Response = http::Response<MeteredBody<ResBody>>;
+    type Response = http::Response<EndBody<ResBody, Call>>;
     type Error = S::Error;
-    type Future = MeteredFuture<S::Future>;
+    type Future = EndFuture<S::Future, Call>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -217,105 +213,7 @@ where
                 finished: false,
             }
         });
-        MeteredFuture {
-            inner: self.inner.call(request),
-            call,
-        }
-    }
-}
-
-/// The inner service's answer, its body wrapped to see the trailers.
-#[pin_project::pin_project]
-pub struct MeteredFuture<F> {
-    #[pin]
-    inner: F,
-    call: Option<Call>,
-}
-
-impl<F, B, E> Future for MeteredFuture<F>
-where
-    F: Future<Output = Result<http::Response<B>, E>>,
-{
-    type Output = Result<http::Response<MeteredBody<B>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let answer = std::task::ready!(this.inner.poll(cx));
-        let call = this.call.take();
-        Poll::Ready(match answer {
-            Ok(response) => {
-                let mut call = call;
-                // A trailers-only answer (most errors) carries its status in the headers.
-                if let Some(code) = status_code(response.headers())
-                    && let Some(done) = call.take()
-                {
-                    done.finish(code);
-                }
-                Ok(response.map(|body| MeteredBody { inner: body, call }))
-            }
-            Err(e) => {
-                if let Some(call) = call {
-                    call.finish(UNKNOWN_CODE);
-                }
-                Err(e)
-            }
-        })
-    }
-}
-
-/// The `grpc-status` of headers or trailers, as an index into [`CODES`] (the code's number).
-pub(crate) fn status_code(headers: &http::HeaderMap) -> Option<usize> {
-    let value = headers.get("grpc-status")?;
-    Some(
-        std::str::from_utf8(value.as_bytes())
-            .ok()
-            .and_then(|code| code.parse::<usize>().ok())
-            .filter(|code| *code < CODES.len())
-            .unwrap_or(UNKNOWN_CODE),
-    )
-}
-
-/// A response body that records its call when the trailers pass (or, dropped before that,
-/// its `Call` records `Canceled`).
-#[pin_project::pin_project]
-pub struct MeteredBody<B> {
-    #[pin]
-    inner: B,
-    call: Option<Call>,
-}
-
-impl<B: http_body::Body> http_body::Body for MeteredBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let frame = std::task::ready!(this.inner.poll_frame(cx));
-        let code = match &frame {
-            Some(Ok(frame)) => frame
-                .trailers_ref()
-                .map(|trailers| status_code(trailers).unwrap_or(UNKNOWN_CODE)),
-            Some(Err(_)) => Some(UNKNOWN_CODE),
-            // Ended without trailers: gRPC always sends them, so the status is unknown.
-            None => Some(UNKNOWN_CODE),
-        };
-        if let Some(code) = code
-            && let Some(call) = this.call.take()
-        {
-            call.finish(code);
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+        EndFuture::new(self.inner.call(request), call)
     }
 }
 
@@ -341,7 +239,7 @@ mod tests {
         );
         assert_eq!(series.started.get(), 1);
         drop(pending);
-        assert_eq!(series.handled[CANCELED_CODE].get(), 1);
+        assert_eq!(series.handled[call_end::CANCELLED].get(), 1);
         assert_eq!(series.handled.iter().map(Counter::get).sum::<u64>(), 1);
     }
 
