@@ -247,7 +247,7 @@ impl Extractor for Headers<'_> {
 }
 
 /// A server span named `name`, child of the caller's `traceparent` (when it sent one), its
-/// trace id recorded for the log lines made inside it.
+/// trace and span ids recorded for the log lines made inside it.
 fn server_span(name: &str, headers: &http::HeaderMap) -> Span {
     let span = tracing::info_span!(
         target: "coresdk::rpc",
@@ -255,6 +255,7 @@ fn server_span(name: &str, headers: &http::HeaderMap) -> Span {
         otel.name = name,
         otel.kind = "server",
         trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
     );
     let parent = TraceContextPropagator::new().extract(&Headers(headers));
     // Fails only when the span is disabled (filtered out), which leaves nothing to parent.
@@ -264,6 +265,7 @@ fn server_span(name: &str, headers: &http::HeaderMap) -> Span {
     let context = otel_span.span_context();
     if context.is_valid() {
         span.record("trace_id", tracing::field::display(context.trace_id()));
+        span.record("span_id", tracing::field::display(context.span_id()));
     }
     span
 }

@@ -270,10 +270,11 @@ async fn log_lines_inside_a_call_carry_its_trace_id() {
 
     let mut forged = signed("whsec_not_the_secret", b"{}".to_vec());
     forged.signature_header.push('0');
-    coresdk::proto::webhook_service_client::WebhookServiceClient::new(channel)
+    let refusal = coresdk::proto::webhook_service_client::WebhookServiceClient::new(channel)
         .handle_stripe_webhook(with_traceparent(forged))
         .await
         .expect_err("forged");
+    let (_, instance_span) = trace_of(&problem(&refusal).instance);
 
     let deadline = Instant::now() + Duration::from_secs(10);
     let refused = loop {
@@ -286,6 +287,8 @@ async fn log_lines_inside_a_call_carry_its_trace_id() {
     };
     let line: serde_json::Value = serde_json::from_str(&refused).expect("a JSON log line");
     assert_eq!(line["span"]["trace_id"], TRACE_ID, "{refused}");
+    // The user's problem and the log line name the same span.
+    assert_eq!(line["span"]["span_id"], instance_span.as_str(), "{refused}");
     let _ = child.kill();
     let _ = child.wait();
 }
