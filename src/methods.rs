@@ -1,7 +1,6 @@
 //! The gRPC methods the sidecar serves, read from the services' own descriptors: what the
 //! metrics label calls with, what the traces name their spans, and which calls the request
-//! timeout may cut (a new streaming RPC
-//! can never be timed by mistake).
+//! timeout may cut (a new streaming RPC can never be timed by mistake).
 
 use prost::Message as _;
 
