@@ -325,11 +325,15 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     failed.map_or(Ok(()), Err)
 }
 
-/// The layers every gRPC listener has, outermost first: the metrics see every answer (a timed
-/// out call's DEADLINE_EXCEEDED too), drain counts the call, the timeout bounds the handler.
+/// The layers every gRPC listener has, outermost first: the metrics see every answer (a
+/// refused or timed out call's too), the connection's share is taken, drain counts the call,
+/// the timeout bounds the handler.
 type GrpcLayers = Stack<
     crate::limits::RequestTimeout,
-    Stack<crate::drain::InFlight, Stack<crate::metrics::grpc::GrpcLayer, NoLayer>>,
+    Stack<
+        crate::drain::InFlight,
+        Stack<crate::limits::ConnectionCalls, Stack<crate::metrics::grpc::GrpcLayer, NoLayer>>,
+    >,
 >;
 
 /// A server builder with the listener's limits, TLS settings (if any) and layers.
@@ -349,6 +353,7 @@ fn server_builder(
     }
     Ok(builder
         .layer(metrics.grpc_layer())
+        .layer(config.limits.connection_calls(&config.problem_links))
         .layer(in_flight.clone())
         .layer(config.limits.request_timeout(&config.problem_links)))
 }

@@ -205,8 +205,8 @@ pub struct ServeArgs {
     /// deadline still wins); streams are never cut by it. Decimals allowed; 0 turns it off.
     #[arg(long, env = "CORESDK_REQUEST_TIMEOUT_S", default_value_t = 30.0)]
     pub request_timeout_s: f64,
-    /// Calls one gRPC connection may have running at once; more wait in line on that
-    /// connection until one ends.
+    /// Calls one gRPC connection may have running at once; one more is refused at once
+    /// (RESOURCE_EXHAUSTED, TOO_MANY_CALLS_ON_CONNECTION).
     #[arg(
         long,
         env = "CORESDK_MAX_CONCURRENT_PER_CONNECTION",
