@@ -199,6 +199,23 @@ async fn editing_the_file_adds_and_removes_operators_and_a_bad_edit_keeps_the_la
     // Without CORESDK_ADMIN_TOKEN there is no operator `admin`.
     assert!(!accepted(&sidecar, ADMIN_TOKEN).await);
 
+    // Alice calls all along: no call of hers fails while the file is re-read.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let alice = tokio::spawn({
+        let (mut flags, stop) = (sidecar.flags(), stop.clone());
+        async move {
+            let mut calls = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                flags
+                    .set_flag(with_bearer(set_pro("alice-co", "alice"), ALICE))
+                    .await
+                    .expect("alice's call during a reload");
+                calls += 1;
+            }
+            calls
+        }
+    });
+
     // Carol joins, bob leaves: no restart.
     replace(
         Path::new(&file),
@@ -206,16 +223,20 @@ async fn editing_the_file_adds_and_removes_operators_and_a_bad_edit_keeps_the_la
     );
     eventually("carol is an operator", || accepted(&sidecar, CAROL)).await;
     assert!(!accepted(&sidecar, BOB).await, "bob lost access");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(alice.await.expect("alice's calls") > 0);
     assert_eq!(
         set_flag(&sidecar, CAROL, "acme", "c").await.expect("carol"),
         "carol"
     );
 
-    // A broken edit (a token echoed nowhere, a duplicate name) is refused as a whole: the
+    // A broken edit (a duplicate name, a line without its colon, nothing) is refused as a whole: the
     // last good set stays, bob does not come back through the half that parses.
     for broken in [
         format!("alice: {ALICE}\nbob: {BOB}\nbob: {CAROL}\n"),
         format!("alice: {ALICE}\nbob short\n"),
+        // Empty: what a file written in place is for a moment; it would revoke everyone.
+        String::new(),
     ] {
         replace(Path::new(&file), &broken);
         tokio::time::sleep(SETTLE).await;

@@ -62,6 +62,14 @@ fn name_defect(name: &str) -> Option<&'static str> {
 
 fn parse(path: &Path, bytes: &[u8], reserved: Option<&str>) -> Result<OperatorSet, String> {
     let text = crate::reload::utf8(path, bytes)?;
+    if text.trim().is_empty() {
+        // What a file being written in place looks like between its truncation and its
+        // write: taking it would lock every operator out until the next check.
+        return Err(format!(
+            "{} is empty; to name no operator, leave a comment line in it",
+            path.display()
+        ));
+    }
     let mut operators = Vec::new();
     let mut names = HashSet::new();
     let mut digests = HashSet::new();
@@ -107,8 +115,8 @@ fn parse(path: &Path, bytes: &[u8], reserved: Option<&str>) -> Result<OperatorSe
     Ok(OperatorSet(operators))
 }
 
-/// Parses a tokens file. An empty one is allowed: removing every line revokes every operator
-/// it named.
+/// Parses a tokens file. One of comments only names no operator (removing every line
+/// revokes every operator it named); an empty one is refused.
 pub fn parse_operators(path: &Path, bytes: &[u8]) -> Result<OperatorSet, String> {
     parse(path, bytes, None)
 }
@@ -184,7 +192,10 @@ mod tests {
         let text =
             format!("# who may change flags\n\nalice: {TOKEN_A}\n  bob.ops_2-x :  {TOKEN_B}  \r\n");
         assert_eq!(parsed(&text).expect("parses"), ["alice", "bob.ops_2-x"]);
-        assert_eq!(parsed("").expect("empty"), Vec::<String>::new());
+        for empty in ["", " \n\n"] {
+            let error = parsed(empty).expect_err("an empty file");
+            assert!(error.contains("is empty"), "{error}");
+        }
         assert_eq!(
             parsed("# none yet\n").expect("comments"),
             Vec::<String>::new()
