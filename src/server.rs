@@ -80,8 +80,10 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             "no webhook secret: set STRIPE_WEBHOOK_SECRET or STRIPE_WEBHOOK_SECRET_FILE; webhooks are refused until then"
         );
     }
-    if config.admin_token.is_none() && !config.mock {
-        tracing::warn!("no CORESDK_ADMIN_TOKEN: admin RPCs (SetFlag, TenantService) are refused");
+    if !config.operators.configured() && !config.mock {
+        tracing::warn!(
+            "no CORESDK_ADMIN_TOKEN nor CORESDK_ADMIN_TOKENS_FILE: admin RPCs (SetFlag, TenantService) are refused"
+        );
     }
     if config.tokens.accepts_other_apps_tokens() {
         tracing::warn!(
@@ -153,7 +155,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let mut builder = server_builder(&state.config, state.feeds.metrics(), &in_flight)?;
     let check = crate::api::api_token_check(
         state.config.api_token.clone(),
-        state.config.admin_token.clone(),
+        state.config.operators.clone(),
         state.links().clone(),
     );
     // Oversized webhook bodies must reach the handler to get a problem answer, so the
