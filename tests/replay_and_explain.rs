@@ -341,7 +341,7 @@ async fn explain_names_an_admin_change_a_default_and_refuses_an_unknown_key() {
     let printed = explain_command(&sidecar, "umbrella", "pro_features", &[]);
     let text = stdout(&printed);
     assert!(
-        text.contains("set by: admin admin") && text.contains("(reason: ticket 42)"),
+        text.contains("set by: operator admin") && text.contains("(reason: ticket 42)"),
         "{text}"
     );
 
