@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::audit::{self, AuditRecord, NewAuditRecord, VerifyReport};
-use crate::auth::{Access, AccessRequest, Authorizer, Claims, DenialKey, TokenError, tokens_match};
+use crate::auth::{Access, AccessRequest, Authorizer, Claims, DenialKey, TokenError};
 use crate::checkpoint::Checkpointer;
 use crate::coalesce::{Admitted, AuditWriter, Coalescer, Flush, Kind, audit_queue};
 use crate::config::Config;
@@ -70,11 +70,19 @@ pub struct Admin<'a> {
 
 impl Admin<'_> {
     /// Checks who and why, and keeps them for the transaction, which outlives the request.
-    fn validated(&self) -> Result<Author, Error> {
+    /// The audited actor is the `operator` whose token made the call; the actor the caller
+    /// claims is kept beside it. With no operator (mock mode, no token) the claim is all
+    /// there is.
+    fn validated(&self, operator: Option<String>) -> Result<Author, Error> {
         ops::required_text("actor", self.actor, MAX_ACTOR_LEN)?;
         ops::validate_reason(self.reason)?;
+        let (actor, claimed_actor) = match operator {
+            Some(operator) => (operator, Some(self.actor.to_owned())),
+            None => (self.actor.to_owned(), None),
+        };
         Ok(Author {
-            actor: self.actor.to_owned(),
+            actor,
+            claimed_actor,
             reason: self.reason.to_owned(),
         })
     }
@@ -83,6 +91,7 @@ impl Admin<'_> {
 /// A validated admin's name and reason, owned.
 struct Author {
     actor: String,
+    claimed_actor: Option<String>,
     reason: String,
 }
 
@@ -90,6 +99,7 @@ impl Author {
     fn change(&self) -> AdminChange<'_> {
         AdminChange {
             actor: &self.actor,
+            claimed_actor: self.claimed_actor.as_deref(),
             reason: &self.reason,
         }
     }
@@ -169,24 +179,24 @@ impl App {
         &self.config.problem_links
     }
 
-    /// Admin use cases need `authorization: Bearer <CORESDK_ADMIN_TOKEN>`; with no token
-    /// configured they are refused, except in mock mode where there is nothing to protect.
-    pub fn require_admin(&self, bearer: Option<&str>) -> Result<(), Error> {
-        let Some(expected) = &self.config.admin_token else {
+    /// Admin use cases need `authorization: Bearer <an operator's token>` and answer with the
+    /// operator's name; with no operator configured they are refused, except in mock mode
+    /// where there is nothing to protect (and no operator: `None`).
+    pub fn require_admin(&self, bearer: Option<&str>) -> Result<Option<String>, Error> {
+        if !self.config.operators.configured() {
             if self.config.mock {
-                return Ok(());
+                return Ok(None);
             }
             return Err(Error::PermissionDenied(
-                "admin RPCs are disabled: set CORESDK_ADMIN_TOKEN on the sidecar",
+                "admin RPCs are disabled: set CORESDK_ADMIN_TOKEN or CORESDK_ADMIN_TOKENS_FILE on the sidecar",
             ));
-        };
+        }
         let presented = bearer.ok_or(Error::Unauthenticated(
             "admin RPCs need 'authorization: Bearer <admin token>'",
         ))?;
-        if expected.with(|expected| tokens_match(presented, expected)) {
-            Ok(())
-        } else {
-            Err(Error::Unauthenticated("the admin token is not valid"))
+        match self.config.operators.identify(presented) {
+            Some(operator) => Ok(Some(operator)),
+            None => Err(Error::Unauthenticated("the admin token is not valid")),
         }
     }
 
@@ -235,8 +245,14 @@ impl App {
         payload: Vec<u8>,
         reason: String,
     ) -> Result<WebhookResult, Error> {
-        self.require_admin(bearer)?;
+        let operator = self.require_admin(bearer)?;
         ops::required_text("reason", &reason, ops::MAX_REASON_LEN)?;
+        // The records stay the webhook path's, under the actor `replay`; the log says who.
+        tracing::info!(
+            operator = operator.as_deref().unwrap_or("(mock mode, no operator)"),
+            %reason,
+            "replay of an exported event"
+        );
         let event = ops::verify_export(
             self.config.webhook_max_body_bytes,
             &payload,
@@ -335,10 +351,10 @@ impl App {
         // Decoded by the adapter, checked here after the other fields, like every field.
         value: Result<FlagValue, Error>,
     ) -> Result<FlagRecord, Error> {
-        self.require_admin(admin.bearer)?;
+        let operator = self.require_admin(admin.bearer)?;
         validate_id("tenant_id", &tenant_id)?;
         validate_flag_key("key", &key)?;
-        let author = admin.validated()?;
+        let author = admin.validated(operator)?;
         let value = value?;
         let written = self
             .store
@@ -363,10 +379,10 @@ impl App {
         customer_id: String,
         tenant_id: String,
     ) -> Result<ops::Mapped, Error> {
-        self.require_admin(admin.bearer)?;
+        let operator = self.require_admin(admin.bearer)?;
         validate_id("customer_id", &customer_id)?;
         validate_id("tenant_id", &tenant_id)?;
-        let author = admin.validated()?;
+        let author = admin.validated(operator)?;
         let (rules, parking) = (self.config.rules.clone(), self.config.parking);
         self.store
             .write(move |tx| {
@@ -389,9 +405,9 @@ impl App {
         admin: Admin<'_>,
         customer_id: String,
     ) -> Result<Option<String>, Error> {
-        self.require_admin(admin.bearer)?;
+        let operator = self.require_admin(admin.bearer)?;
         validate_id("customer_id", &customer_id)?;
-        let author = admin.validated()?;
+        let author = admin.validated(operator)?;
         self.store
             .write(move |tx| {
                 ops::unmap_customer(tx, &customer_id, &author.change(), crate::time::now_ms())

@@ -89,6 +89,9 @@ fn config_error(setting: &'static str, message: impl Into<String>) -> ConfigErro
     }
 }
 
+pub mod operators;
+pub use operators::Operators;
+
 pub struct Config {
     pub listen: SocketAddr,
     /// Where the flagd evaluation service listens, if it does.
@@ -110,7 +113,8 @@ pub struct Config {
     pub rules: Arc<Rules>,
     pub mock: bool,
     pub verifier: SignatureVerifier,
-    pub admin_token: Option<Secret<String>>,
+    /// Who may call admin RPCs: `CORESDK_ADMIN_TOKEN` (the operator `admin`) and the tokens file.
+    pub operators: Operators,
     pub webhook_max_body_bytes: usize,
     pub fail_mode: FailMode,
     pub log_format: LogFormat,
@@ -149,7 +153,7 @@ fn read_file(setting: &'static str, path: &std::path::Path) -> Result<Vec<u8>, C
 
 /// What is wrong with a bearer token (trimmed: a secret mounted from a file often ends in a
 /// newline, and presented tokens are compared trimmed, so an untrimmed one could never match).
-fn token_defect(token: &str) -> Option<&'static str> {
+pub(crate) fn token_defect(token: &str) -> Option<&'static str> {
     if token.is_empty() {
         Some("is set but empty; unset it, or set a token of at least 16 characters")
     } else if token.len() < 16 {
@@ -185,6 +189,23 @@ fn checked_token(
     Ok(Some(Secret::Fixed(Arc::new(token.to_owned()))))
 }
 
+/// The named operators' file, when given; beside `CORESDK_ADMIN_TOKEN` it may not name
+/// `admin` (that token's operator), at start nor on a reload.
+fn admin_tokens_file(
+    path: Option<&std::path::Path>,
+    beside_admin: bool,
+) -> Result<Option<Arc<WatchedFile<operators::OperatorSet>>>, ConfigError> {
+    const SETTING: &str = "CORESDK_ADMIN_TOKENS_FILE";
+    let Some(path) = path else { return Ok(None) };
+    let parse = if beside_admin {
+        operators::parse_operators_beside_admin
+    } else {
+        operators::parse_operators
+    };
+    let file = WatchedFile::load(SETTING, path, parse).map_err(|e| config_error(SETTING, e))?;
+    Ok(Some(Arc::new(file)))
+}
+
 fn checked_url(setting: &'static str, url: Option<String>) -> Result<Option<String>, ConfigError> {
     match url {
         Some(url) if !(url.starts_with("https://") || url.starts_with("http://")) => Err(
@@ -216,7 +237,7 @@ impl Config {
             let file: Arc<dyn Reload> = file.clone();
             watched.push(Arc::downgrade(&file));
         }
-        watched.extend(self.admin_token.iter().filter_map(Secret::watched));
+        watched.extend(self.operators.watched());
         watched.extend(self.api_token.iter().filter_map(Secret::watched));
         if self.tokens.has_key_files() {
             let tokens: Arc<dyn Reload> = self.tokens.clone();
@@ -304,6 +325,10 @@ impl Config {
             args.admin_token.take(),
             args.admin_token_file.as_deref(),
         )?;
+        let operators = Operators {
+            file: admin_tokens_file(args.admin_tokens_file.as_deref(), admin_token.is_some())?,
+            admin: admin_token,
+        };
         let api_token = checked_token(
             "CORESDK_API_TOKEN",
             "CORESDK_API_TOKEN_FILE",
@@ -366,7 +391,7 @@ impl Config {
                     None => verifier,
                 }
             },
-            admin_token,
+            operators,
             webhook_max_body_bytes: args.webhook_max_body_bytes,
             fail_mode: args.fail_mode,
             log_format: args.log_format,

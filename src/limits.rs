@@ -1,12 +1,13 @@
-//! What every gRPC listener bounds: calls running at once per connection (more wait in line),
-//! HTTP/2 keepalive (a dead peer's connection, and its streams, are closed), and how long a
-//! unary call may run. Streams are never cut by the time limit: a `WatchFlags` or `Tail` is
-//! meant to stay open.
+//! What every gRPC listener bounds: calls running at once per connection (one more is refused
+//! with a problem), HTTP/2 keepalive (a dead peer's connection, and its streams, are closed),
+//! and how long a unary call may run. Streams are never cut by the time limit: a `WatchFlags`
+//! or `Tail` is meant to stay open.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -31,9 +32,17 @@ impl ServerLimits {
     /// A server builder with these connection limits.
     pub fn apply(&self, builder: tonic::transport::Server) -> tonic::transport::Server {
         builder
-            .concurrency_limit_per_connection(self.max_concurrent_per_connection)
             .http2_keepalive_interval(self.http2_keepalive_interval)
             .http2_keepalive_timeout(Some(self.http2_keepalive_timeout))
+    }
+
+    /// The layer bounding calls per connection, refusing one over the limit with the problem.
+    pub fn connection_calls(&self, links: &ProblemLinks) -> ConnectionCalls {
+        ConnectionCalls {
+            limit: self.max_concurrent_per_connection,
+            running: Arc::default(),
+            links: Arc::new(links.clone()),
+        }
     }
 
     /// The layer bounding unary calls, answering a call over the limit with the problem.
@@ -117,6 +126,127 @@ where
                 )
                 .into_http()),
             }
+        })
+    }
+}
+
+/// A connection, by its two ends: unique while it is open.
+type ConnectionKey = (Option<SocketAddr>, SocketAddr);
+
+/// The connection a call came on, from what the transport put in its extensions.
+fn connection_of<B>(request: &http::Request<B>) -> Option<ConnectionKey> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    let extensions = request.extensions();
+    let tcp = extensions.get::<TcpConnectInfo>().or_else(|| {
+        extensions
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .map(TlsConnectInfo::get_ref)
+    })?;
+    Some((tcp.local_addr(), tcp.remote_addr()?))
+}
+
+/// Bounds the calls each connection has running, until each one's response starts (a stream
+/// then holds no place: `--max-streams` bounds those). The transport builds per-connection
+/// state only for its own layers, whose limit makes the extra call wait unseen, outside the
+/// metrics and the drain; so the count is kept here by connection, and a call over the limit
+/// is refused at once with a problem the caller can act on. Entries exist only while their
+/// connection has a call running: memory is bounded by the calls in flight.
+#[derive(Clone)]
+pub struct ConnectionCalls {
+    limit: usize,
+    running: Arc<Mutex<HashMap<ConnectionKey, usize>>>,
+    links: Arc<ProblemLinks>,
+}
+
+impl<S> Layer<S> for ConnectionCalls {
+    type Service = ConnectionCallsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ConnectionCallsService {
+            inner,
+            calls: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct ConnectionCallsService<S> {
+    inner: S,
+    calls: ConnectionCalls,
+}
+
+/// A call's place on its connection, given back when dropped.
+struct Place {
+    running: Arc<Mutex<HashMap<ConnectionKey, usize>>>,
+    connection: ConnectionKey,
+}
+
+impl ConnectionCalls {
+    fn take_place(&self, connection: ConnectionKey) -> Option<Place> {
+        let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        let calls = running.entry(connection).or_insert(0);
+        if *calls >= self.limit {
+            return None;
+        }
+        *calls += 1;
+        Some(Place {
+            running: self.running.clone(),
+            connection,
+        })
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(calls) = running.get_mut(&self.connection) {
+            *calls = calls.saturating_sub(1);
+            if *calls == 0 {
+                running.remove(&self.connection);
+            }
+        }
+    }
+}
+
+impl<S, B, R> Service<http::Request<B>> for ConnectionCallsService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    R: Default,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let place = match connection_of(&request) {
+            // Not on a TCP connection (an in-process transport): nothing to share fairly.
+            None => None,
+            Some(connection) => match self.calls.take_place(connection) {
+                Some(place) => Some(place),
+                None => {
+                    let limit = self.calls.limit;
+                    let links = self.calls.links.clone();
+                    // Made inside the future: the body type need not be `Send` itself.
+                    return Box::pin(async move {
+                        Ok(crate::api::status::of_error(
+                            &Error::TooManyCallsOnConnection { limit },
+                            &links,
+                        )
+                        .into_http())
+                    });
+                }
+            },
+        };
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let answer = response.await;
+            drop(place);
+            answer
         })
     }
 }

@@ -19,8 +19,10 @@ use crate::app::App;
 use crate::health::Health;
 use crate::server::{ServeError, ServerTask, Side};
 
-/// Probes and scrapes answered at once; one more is answered 503 rather than queued.
-const MAX_REQUESTS_IN_FLIGHT: usize = 32;
+/// Scrapes answered at once; one more is answered 503 rather than queued. Probes are not
+/// counted: each is O(1), and a probe refused because of scrapes would get a healthy sidecar
+/// restarted.
+const MAX_SCRAPES_IN_FLIGHT: usize = 4;
 /// The runtime must run a fresh task within this for `/livez` to say it is alive.
 const LIVENESS_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -47,14 +49,16 @@ pub fn serve<C>(side: Side<C>) -> Result<ServerTask, ServeError> {
 }
 
 fn router(ops: Ops) -> Router {
-    Router::new()
+    let scrapes = Router::new()
         .route("/metrics", get(metrics))
+        .route_layer(from_fn_with_state(
+            Arc::new(Semaphore::new(MAX_SCRAPES_IN_FLIGHT)),
+            admit,
+        ));
+    Router::new()
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
-        .layer(from_fn_with_state(
-            Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT)),
-            admit,
-        ))
+        .merge(scrapes)
         .with_state(ops)
 }
 
@@ -62,7 +66,7 @@ async fn admit(State(admission): State<Arc<Semaphore>>, request: Request, next: 
     let Ok(_admitted) = admission.try_acquire_owned() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("more than {MAX_REQUESTS_IN_FLIGHT} requests at once\n"),
+            format!("more than {MAX_SCRAPES_IN_FLIGHT} scrapes at once\n"),
         )
             .into_response();
     };

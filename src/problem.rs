@@ -146,6 +146,10 @@ pub enum Error {
     )]
     TooManyStreams { limit: usize },
     #[error(
+        "this connection already has {limit} calls running, the most one connection may have (CORESDK_MAX_CONCURRENT_PER_CONNECTION); retry when one has answered, or spread calls over more connections"
+    )]
+    TooManyCallsOnConnection { limit: usize },
+    #[error(
         "the call ran longer than this sidecar's {} s request timeout (CORESDK_REQUEST_TIMEOUT_S) and was stopped; it may or may not have taken effect, so retry only what is safe to repeat",
         limit.as_secs_f64()
     )]
@@ -374,6 +378,13 @@ impl Error {
                 "too-many-streams",
                 "Too many streams",
                 "TOO_MANY_STREAMS",
+            ),
+            TooManyCallsOnConnection { .. } => m(
+                Code::ResourceExhausted,
+                429,
+                "too-many-calls-on-connection",
+                "Too many calls on one connection",
+                "TOO_MANY_CALLS_ON_CONNECTION",
             ),
             RequestTimeout { .. } => m(
                 Code::DeadlineExceeded,

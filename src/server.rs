@@ -80,8 +80,10 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             "no webhook secret: set STRIPE_WEBHOOK_SECRET or STRIPE_WEBHOOK_SECRET_FILE; webhooks are refused until then"
         );
     }
-    if config.admin_token.is_none() && !config.mock {
-        tracing::warn!("no CORESDK_ADMIN_TOKEN: admin RPCs (SetFlag, TenantService) are refused");
+    if !config.operators.configured() && !config.mock {
+        tracing::warn!(
+            "no CORESDK_ADMIN_TOKEN nor CORESDK_ADMIN_TOKENS_FILE: admin RPCs (SetFlag, TenantService) are refused"
+        );
     }
     if config.tokens.accepts_other_apps_tokens() {
         tracing::warn!(
@@ -153,7 +155,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let mut builder = server_builder(&state.config, state.feeds.metrics(), &in_flight)?;
     let check = crate::api::api_token_check(
         state.config.api_token.clone(),
-        state.config.admin_token.clone(),
+        state.config.operators.clone(),
         state.links().clone(),
     );
     // Oversized webhook bodies must reach the handler to get a problem answer, so the
@@ -326,13 +328,16 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 }
 
 /// The layers every gRPC listener has, outermost first: the call's span (when traces are on)
-/// covers all of it, the metrics see every answer (a timed out call's DEADLINE_EXCEEDED too),
-/// drain counts the call, the timeout bounds the handler.
+/// covers all of it, the metrics see every answer (a refused or timed out call's too), the
+/// connection's share is taken, drain counts the call, the timeout bounds the handler.
 type GrpcLayers = Stack<
     crate::limits::RequestTimeout,
     Stack<
         crate::drain::InFlight,
-        Stack<crate::metrics::grpc::GrpcLayer, Stack<crate::telemetry::TraceLayer, NoLayer>>,
+        Stack<
+            crate::limits::ConnectionCalls,
+            Stack<crate::metrics::grpc::GrpcLayer, Stack<crate::telemetry::TraceLayer, NoLayer>>,
+        >,
     >,
 >;
 
@@ -356,6 +361,7 @@ fn server_builder(
             &crate::methods::SERVED_DESCRIPTOR_SETS,
         ))
         .layer(metrics.grpc_layer())
+        .layer(config.limits.connection_calls(&config.problem_links))
         .layer(in_flight.clone())
         .layer(config.limits.request_timeout(&config.problem_links)))
 }

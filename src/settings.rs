@@ -174,6 +174,10 @@ pub struct ServeArgs {
     /// A file holding the admin token (instead of --admin-token), re-read when it changes.
     #[arg(long, env = "CORESDK_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
     pub admin_token_file: Option<PathBuf>,
+    /// A file of named operators, one `name: token` line each (`#` comments allowed); the
+    /// audit names the operator whose token made a change. Re-read when it changes.
+    #[arg(long, env = "CORESDK_ADMIN_TOKENS_FILE")]
+    pub admin_tokens_file: Option<PathBuf>,
     /// Accepted distance between a signature's timestamp and now, in both directions.
     #[arg(long, env = "CORESDK_WEBHOOK_TOLERANCE_S", default_value_t = 300)]
     pub webhook_tolerance_s: u64,
@@ -205,8 +209,8 @@ pub struct ServeArgs {
     /// deadline still wins); streams are never cut by it. Decimals allowed; 0 turns it off.
     #[arg(long, env = "CORESDK_REQUEST_TIMEOUT_S", default_value_t = 30.0)]
     pub request_timeout_s: f64,
-    /// Calls one gRPC connection may have running at once; more wait in line on that
-    /// connection until one ends.
+    /// Calls one gRPC connection may have running at once; one more is refused at once
+    /// (RESOURCE_EXHAUSTED, TOO_MANY_CALLS_ON_CONNECTION).
     #[arg(
         long,
         env = "CORESDK_MAX_CONCURRENT_PER_CONNECTION",

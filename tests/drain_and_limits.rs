@@ -334,11 +334,10 @@ async fn a_unary_call_over_the_request_timeout_gets_the_problem_and_streams_outl
     assert!(exits_cleanly(&mut child).await);
 }
 
-/// Calls beyond `--max-concurrent-per-connection` wait in line on their connection; other
-/// connections are unaffected; the waiting call is served once a slot frees; a started stream
-/// takes no place.
+/// A call beyond `--max-concurrent-per-connection` is refused at once with the problem; other connections are unaffected; the connection serves
+/// again once a slot frees; a started stream takes no place.
 #[tokio::test]
-async fn calls_over_the_per_connection_limit_wait_their_turn() {
+async fn a_call_over_the_per_connection_limit_is_refused_with_the_problem() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (mut child, addr) = start(
         dir.path(),
@@ -356,28 +355,38 @@ async fn calls_over_the_per_connection_limit_wait_their_turn() {
     .expect("GetFlag beside a stream");
     let lock = WriteLock::take(dir.path());
     let slow = slow_set_flag(&busy, &lock).await;
-    let mut queued_flags = FlagServiceClient::new(busy.clone());
-    let queued = tokio::spawn(async move { queued_flags.get_flag(get_flag()).await });
+    let refused = tokio::time::timeout(
+        HANG_GUARD,
+        FlagServiceClient::new(busy.clone()).get_flag(get_flag()),
+    )
+    .await
+    .expect("refused at once, not queued")
+    .expect_err("the second call on the busy connection is refused");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(error_reason(&refused), "TOO_MANY_CALLS_ON_CONNECTION");
+    assert!(
+        problem(&refused)
+            .detail
+            .contains("CORESDK_MAX_CONCURRENT_PER_CONNECTION"),
+        "{refused:?}"
+    );
 
     let other = connect(&addr).await;
     FlagServiceClient::new(other)
         .get_flag(get_flag())
         .await
         .expect("another connection is served");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !queued.is_finished(),
-        "the second call on the busy connection waits"
-    );
     lock.release();
-    for call in [slow, queued] {
-        tokio::time::timeout(HANG_GUARD, call)
-            .await
-            .expect("answered")
-            .expect("joined")
-            .map(drop)
-            .expect("served once a slot frees");
-    }
+    tokio::time::timeout(HANG_GUARD, slow)
+        .await
+        .expect("answered")
+        .expect("joined")
+        .map(drop)
+        .expect("the slow call is served once the lock is released");
+    FlagServiceClient::new(busy)
+        .get_flag(get_flag())
+        .await
+        .expect("the connection serves again once its call ended");
     signal(&child, "TERM");
     assert!(exits_cleanly(&mut child).await);
 }

@@ -333,14 +333,15 @@ async fn explain_names_an_admin_change_a_default_and_refuses_an_unknown_key() {
     let Some(SetBy::Admin(change)) = &explained.set_by else {
         panic!("set by an admin: {explained:?}");
     };
-    assert_eq!(change.actor, "ops@umbrella");
+    // The operator whose token made the change (CORESDK_ADMIN_TOKEN's: `admin`), not the claim.
+    assert_eq!(change.actor, "admin");
     assert_eq!(change.reason, "ticket 42");
     assert_eq!(change.version, set.version);
     assert!(change.audit_seq > 0);
     let printed = explain_command(&sidecar, "umbrella", "pro_features", &[]);
     let text = stdout(&printed);
     assert!(
-        text.contains("set by: admin ops@umbrella") && text.contains("(reason: ticket 42)"),
+        text.contains("set by: operator admin") && text.contains("(reason: ticket 42)"),
         "{text}"
     );
 

@@ -2,39 +2,13 @@
 //! secrets, a PEM public key), and the background pruning of old dedup records, against the real binary.
 mod common;
 
-use std::path::Path;
-use std::time::{Duration, Instant};
-
+use common::reload::{SETTLE, eventually, replace};
 use common::*;
 use coresdk::proto::{
     self, VerifyTokenRequest, WebhookOutcome, auth_service_client::AuthServiceClient,
 };
 use serde_json::json;
 use tonic::Code;
-
-/// Longer than the sidecar's one-second check of its secret files, with room for a slow box.
-const SETTLE: Duration = Duration::from_millis(2500);
-const WAIT_AT_MOST: Duration = Duration::from_secs(15);
-
-/// Replaces `path` as a Kubernetes secret volume does: a new file renamed over the old.
-fn replace(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).expect("write");
-    std::fs::rename(&tmp, path).expect("rename");
-}
-
-/// Waits until `check` holds, for at most [`WAIT_AT_MOST`].
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < WAIT_AT_MOST, "never happened: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 fn paid(id: &str, customer: &str) -> Vec<u8> {
     event(id, "invoice.paid", now(), json!({"customer": customer}))

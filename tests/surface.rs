@@ -137,7 +137,8 @@ async fn admin_rpcs_need_the_admin_token() {
         .await
         .expect("right token")
         .into_inner();
-    assert_eq!(set.updated_by, "ops@example.com");
+    // CORESDK_ADMIN_TOKEN is the operator `admin`; the claimed actor stays in the audit.
+    assert_eq!(set.updated_by, "admin");
     assert!(is_on(&sidecar, "acme", "pro_features").await);
 
     let audited = sidecar
@@ -151,6 +152,12 @@ async fn admin_rpcs_need_the_admin_token() {
         .into_inner();
     let metadata = audited.records[0].metadata.clone().expect("metadata");
     assert!(metadata.fields.contains_key("reason"));
+    assert_eq!(
+        metadata.fields["claimed_actor"].kind,
+        Some(prost_types::value::Kind::StringValue(
+            "ops@example.com".into()
+        ))
+    );
     assert!(!format!("{metadata:?}").contains(ADMIN_TOKEN));
 
     // Without a configured admin token, admin RPCs are refused outright.

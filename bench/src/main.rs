@@ -608,27 +608,36 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         print_phase(ofrep_phase, Some(&health));
     }
 
-    // The same build, metrics off: a sidecar of its own with `--ops-listen off`, same data.
+    // Metrics on against off: two fresh sidecars of the same build with the same data, so the
+    // one that ran the phases above (its store larger, its caches warmer) is compared with
+    // neither.
     match &sidecar {
         Some(started) if started.sides.contains_key("ops") => {
-            let off = start_sidecar_with(
-                sidecar_binary(args.sidecar.as_deref())?,
-                args.store.as_deref(),
-                &[("CORESDK_OPS_LISTEN", "off")],
-            )?;
-            let mut off_channels = Vec::new();
-            for _ in 0..args.connections.max(1) {
-                off_channels.push(channel(&off.addr).await?);
+            let mut fresh = Vec::new();
+            for envs in [&[][..], &[("CORESDK_OPS_LISTEN", "off")][..]] {
+                let sidecar = start_sidecar_with(
+                    sidecar_binary(args.sidecar.as_deref())?,
+                    args.store.as_deref(),
+                    envs,
+                )?;
+                let mut channels = Vec::new();
+                for _ in 0..args.connections.max(1) {
+                    channels.push(channel(&sidecar.addr).await?);
+                }
+                pay_every_tenant(&channels[0]).await?;
+                fresh.push((sidecar, Arc::new(channels)));
             }
-            pay_every_tenant(&off_channels[0]).await?;
             println!(
-                "ops: GetFlag with metrics collected (ratio to a sidecar with --ops-listen off, same build, same run)"
+                "ops: GetFlag with metrics collected (ratio to a sidecar with --ops-listen off, same build, same data, same run)"
             );
             ops::metrics_overhead(
-                (pid, get_flag_caller!(channels.clone())),
                 (
-                    Some(off.child.id()),
-                    get_flag_caller!(Arc::new(off_channels)),
+                    Some(fresh[0].0.child.id()),
+                    get_flag_caller!(fresh[0].1.clone()),
+                ),
+                (
+                    Some(fresh[1].0.child.id()),
+                    get_flag_caller!(fresh[1].1.clone()),
                 ),
                 args.read_concurrency,
                 rounds,

@@ -35,24 +35,34 @@ pub async fn metrics_overhead<F1, F2, Fut1, Fut2>(
             Duration::from_millis(200)
         };
         let round = Duration::from_secs(1);
-        let b = run_phase_on(
-            off.0,
-            "GetFlag, --ops-listen off",
-            concurrency,
-            warm_up,
-            round,
-            off.1.clone(),
-        )
-        .await;
-        let m = run_phase_on(
-            on.0,
-            "GetFlag, metrics on",
-            concurrency,
-            warm_up,
-            round,
-            on.1.clone(),
-        )
-        .await;
+        // Each goes first in every other round, so that neither gains from the order.
+        let off_phase = || {
+            run_phase_on(
+                off.0,
+                "GetFlag, --ops-listen off",
+                concurrency,
+                warm_up,
+                round,
+                off.1.clone(),
+            )
+        };
+        let on_phase = || {
+            run_phase_on(
+                on.0,
+                "GetFlag, metrics on",
+                concurrency,
+                warm_up,
+                round,
+                on.1.clone(),
+            )
+        };
+        let (b, m) = if i % 2 == 0 {
+            let b = off_phase().await;
+            (b, on_phase().await)
+        } else {
+            let m = on_phase().await;
+            (off_phase().await, m)
+        };
         without = Some(match without {
             Some(p) => p.merge(b),
             None => b,

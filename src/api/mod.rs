@@ -25,11 +25,11 @@ pub fn bearer(metadata: &tonic::metadata::MetadataMap) -> Option<&str> {
         .and_then(|v| v.strip_prefix("Bearer "))
 }
 
-/// Every RPC but health needs the API token when one is configured; the admin token, which
-/// can do more, is accepted too.
+/// Every RPC but health needs the API token when one is configured; an operator's token,
+/// which can do more, is accepted too.
 pub fn api_token_check(
     api_token: Option<crate::reload::Secret<String>>,
-    admin_token: Option<crate::reload::Secret<String>>,
+    operators: crate::config::Operators,
     links: ProblemLinks,
 ) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
     move |request: tonic::Request<()>| {
@@ -49,9 +49,7 @@ pub fn api_token_check(
         let accepted = by_header
             || bearer(metadata).is_some_and(|b| {
                 api_token.with(|expected| tokens_match(b, expected))
-                    || admin_token
-                        .as_ref()
-                        .is_some_and(|a| a.with(|expected| tokens_match(b, expected)))
+                    || operators.identify(b).is_some()
             });
         if accepted {
             Ok(request)

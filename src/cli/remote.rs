@@ -391,7 +391,7 @@ pub fn explanation_text(answer: &proto::ExplainFlagResponse) -> String {
         }
         Some(SetBy::Admin(admin)) => {
             let mut line = format!(
-                "set by: admin {} at {}, version {}",
+                "set by: operator {} at {}, version {}",
                 admin.actor,
                 time(admin.at.as_ref()),
                 admin.version

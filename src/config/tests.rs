@@ -48,7 +48,7 @@ fn defaults_serve_sqlite_on_loopback_with_checkpoints_beside_the_database() {
     assert_eq!(config.log_format, LogFormat::Text);
     assert!(!config.mock);
     assert!(!config.verifier.has_secrets());
-    assert!(config.admin_token.is_none() && config.api_token.is_none());
+    assert!(config.operators.admin.is_none() && config.api_token.is_none());
     assert!(config.tenants.is_empty());
     assert!(!config.tenants_file_overrides);
     assert!(config.tls.is_none());
@@ -313,7 +313,7 @@ fn tokens_are_trimmed_like_a_mounted_secret_file() {
     ]);
     let current = |token: &Option<Secret<String>>| token.as_ref().map(|t| t.with(String::clone));
     assert_eq!(
-        current(&config.admin_token).as_deref(),
+        current(&config.operators.admin).as_deref(),
         Some("admin-token-0123456789")
     );
     assert_eq!(
@@ -541,7 +541,7 @@ fn token_files_are_checked_like_the_tokens_and_exclude_them() {
         "--api-token-file",
         text(&good),
     ]);
-    assert!(matches!(config.admin_token, Some(Secret::File(_))));
+    assert!(matches!(config.operators.admin, Some(Secret::File(_))));
     assert_eq!(
         config.api_token.map(|t| t.with(String::clone)).as_deref(),
         Some("admin-token-0123456789")

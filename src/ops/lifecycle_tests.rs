@@ -52,6 +52,7 @@ async fn deliver(store: &Store, rules: &Arc<Rules>, event: StripeEvent) -> Webho
 async fn admin_sets(store: &Store, key: &'static str, on: bool, reason: &'static str) {
     let change = AdminChange {
         actor: "ops@example.com",
+        claimed_actor: None,
         reason,
     };
     store

@@ -127,7 +127,10 @@ pub fn required_text(field: &'static str, value: &str, max: usize) -> Result<(),
 
 /// Who makes an admin change and why, for the audit trail.
 pub struct AdminChange<'a> {
+    /// The operator whose token made the change (or, with none, the caller's claim).
     pub actor: &'a str,
+    /// The `actor` the caller claimed, when an operator's token vouched for the call.
+    pub claimed_actor: Option<&'a str>,
     pub reason: &'a str,
 }
 
@@ -137,6 +140,9 @@ fn admin_metadata(
 ) -> Map<String, Value> {
     if !change.reason.is_empty() {
         metadata.insert("reason".into(), json!(change.reason));
+    }
+    if let Some(claimed) = change.claimed_actor {
+        metadata.insert("claimed_actor".into(), json!(claimed));
     }
     audit::bound_metadata(metadata)
 }

@@ -16,6 +16,7 @@ use crate::stripe::{SignatureVerifier, StripeEvent, sign_header};
 const NOW_MS: i64 = 1_700_000_000_000;
 const ADMIN: AdminChange<'static> = AdminChange {
     actor: "ops@example.com",
+    claimed_actor: None,
     reason: "contract 42",
 };
 

@@ -10,6 +10,7 @@ pub mod mapping;
 pub mod ofrep;
 pub mod ops;
 pub mod parking;
+pub mod reload;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

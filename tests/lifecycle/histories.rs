@@ -607,6 +607,7 @@ async fn deliver(
             let map = |tx: &mut dyn coresdk::store::StoreTx| {
                 let change = AdminChange {
                     actor: "ops@example.com",
+                    claimed_actor: None,
                     reason: "the customer signed up",
                 };
                 map_customer(

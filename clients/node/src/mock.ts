@@ -1225,6 +1225,8 @@ export class MockSidecar implements CoreSDKClient {
   readonly #tenantClaim: string;
   readonly #leewayS: number;
   readonly #typeBase: string;
+  /** The operator admin changes are audited under (CORESDK_ADMIN_TOKEN's: `admin`), if any. */
+  readonly #operator: string | null;
   readonly #billingUrl: string | null;
   readonly #upgradeUrl: string | null;
   readonly #maxParked: number;
@@ -1266,6 +1268,11 @@ export class MockSidecar implements CoreSDKClient {
     this.#leewayS = envInteger(env, 'CORESDK_JWT_LEEWAY_S', 60);
     // The settings were read from `env` unless given, and given ones win.
     this.#typeBase = this.settings.problemTypeBase;
+    // As the sidecar: CORESDK_ADMIN_TOKEN is the operator `admin`, whose name an admin change
+    // is audited under, the caller's actor kept as `claimed_actor`. Without it the claim is the
+    // actor (the sidecar's mock mode). Tokens are not checked here, and the named operators'
+    // file (CORESDK_ADMIN_TOKENS_FILE) is the sidecar's alone.
+    this.#operator = (env.CORESDK_ADMIN_TOKEN ?? env.CORESDK_ADMIN_TOKEN_FILE ?? '').trim() !== '' ? 'admin' : null;
     this.#billingUrl = envUrl(env, 'CORESDK_BILLING_URL');
     this.#upgradeUrl = envUrl(env, 'CORESDK_UPGRADE_URL');
     this.#maxParked = envInteger(env, 'CORESDK_MAX_PARKED_EVENTS', 10_000, BigInt(MAX_PARKED_EVENTS_LIMIT));
@@ -1962,7 +1969,8 @@ export class MockSidecar implements CoreSDKClient {
     const parked = this.#parkedOf(customerId).length;
     if (parked > 0) metadata.parked_events = parked;
     if (reason !== '') metadata.reason = reason;
-    this.#append({ tenant: tenantId, actor: options.actor, event: 'tenant.customer_mapped', outcome: 'applied', metadata }, nowMs);
+    if (this.#operator !== null) metadata.claimed_actor = options.actor;
+    this.#append({ tenant: tenantId, actor: this.#operator ?? options.actor, event: 'tenant.customer_mapped', outcome: 'applied', metadata }, nowMs);
     return parked > 0 ? this.#applyParked(customerId, null, nowMs) : 0;
   }
 
@@ -2040,7 +2048,7 @@ export class MockSidecar implements CoreSDKClient {
       order: current?.order ?? ORDER_ZERO,
       origin: 'admin',
       updatedAtMs: nowMs,
-      updatedBy: options.actor,
+      updatedBy: this.#operator ?? options.actor,
       sourceEventId: '',
     });
     const metadata: JsonObject = {
@@ -2051,8 +2059,10 @@ export class MockSidecar implements CoreSDKClient {
       version: this.#version,
     };
     if (reason !== '') metadata.reason = reason;
-    this.#append({ tenant: tenantId, actor: options.actor, event: 'flag.set', outcome: 'applied', metadata }, nowMs);
-    return { tenantId, key, value: structuredClone(stored), version: this.#version, isDefault: false, updatedBy: options.actor };
+    if (this.#operator !== null) metadata.claimed_actor = options.actor;
+    const actor = this.#operator ?? options.actor;
+    this.#append({ tenant: tenantId, actor, event: 'flag.set', outcome: 'applied', metadata }, nowMs);
+    return { tenantId, key, value: structuredClone(stored), version: this.#version, isDefault: false, updatedBy: actor };
   }
 
   async explainFlag(tenantId: string, key: string): Promise<FlagExplanation> {

@@ -229,13 +229,16 @@ export function defineClientSuite(name, makeWorld) {
       const flag = await sdk.setFlag(tenant, 'beta_ui', true, { actor: 'ops@example.com', reason: 'pilot' });
       assert.equal(flag.value, true);
       assert.ok(flag.version > 0);
-      assert.equal(flag.updatedBy, 'ops@example.com');
+      // CORESDK_ADMIN_TOKEN is the operator `admin`: the change is its, the claim is kept beside.
+      assert.equal(flag.updatedBy, 'admin');
       assert.equal(await sdk.isEnabled(tenant, 'beta_ui'), true);
       const flags = await sdk.getFlags(tenant);
       assert.equal(flags.beta_ui.value, true);
       assert.equal(flags.pro_features.isDefault, true);
       const explained = await sdk.explainFlag(tenant, 'beta_ui');
-      assert.equal(explained.admin?.actor, 'ops@example.com');
+      assert.equal(explained.admin?.actor, 'admin');
+      const [record] = await sdk.auditQuery({ tenantId: tenant, eventPrefix: 'flag.set' });
+      assert.deepEqual([record.actor, record.metadata.claimed_actor], ['admin', 'ops@example.com']);
       assert.equal(explained.admin?.reason, 'pilot');
 
       await assert.rejects(sdk.getFlag(tenant, 'no_such_flag'), FlagNotFoundError);

@@ -353,7 +353,10 @@ def test_explain_names_what_set_a_flag_and_the_later_stale_events(sdk):
 
     sdk.set_flag("acme-corp", "pro_features", False, actor="ops@acme", reason="ticket 9")
     explained = sdk.explain_flag("acme-corp", "pro_features")
-    assert (explained.admin.actor, explained.admin.reason, explained.event) == ("ops@acme", "ticket 9", None)
+    # CORESDK_ADMIN_TOKEN is the operator `admin`: the change is its, the claim is kept beside.
+    assert (explained.admin.actor, explained.admin.reason, explained.event) == ("admin", "ticket 9", None)
+    [record] = sdk.audit_query(tenant_id="acme-corp", event_prefix="flag.set")
+    assert (record.actor, record.metadata["claimed_actor"]) == ("admin", "ops@acme")
     assert explained.stale_events == []
     default = sdk.explain_flag("acme-corp", "advanced_analytics")
     assert default.flag.is_default and default.event is None and default.admin is None

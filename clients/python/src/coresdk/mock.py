@@ -568,6 +568,11 @@ class MockSidecar(BaseSDK):
         self._max_parked = int(env.get("CORESDK_MAX_PARKED_EVENTS") or MAX_PARKED_EVENTS)
         self._max_parked_per_customer = int(env.get("CORESDK_MAX_PARKED_EVENTS_PER_CUSTOMER") or MAX_PARKED_EVENTS_PER_CUSTOMER)
         self._base = env.get("CORESDK_PROBLEM_TYPE_BASE", self.settings.problem_type_base)
+        # As the sidecar: CORESDK_ADMIN_TOKEN is the operator `admin`, whose name an admin
+        # change is audited under, the caller's actor kept as `claimed_actor`. Without it the
+        # claim is the actor (the sidecar's mock mode). Tokens are not checked here, and the
+        # named operators' file (CORESDK_ADMIN_TOKENS_FILE) is the sidecar's alone.
+        self._operator = "admin" if rust_trim(env.get("CORESDK_ADMIN_TOKEN", "") or env.get("CORESDK_ADMIN_TOKEN_FILE", "")) else None
         self._billing_url = env.get("CORESDK_BILLING_URL")
         self._upgrade_url = env.get("CORESDK_UPGRADE_URL")
         rules_file = env.get("CORESDK_RULES_FILE")
@@ -1173,6 +1178,7 @@ class MockSidecar(BaseSDK):
             if current is None and len(self._flags) >= MAX_FLAGS:
                 raise self._capacity("flags", MAX_FLAGS)
             self._version += 1
+            claimed, actor = actor, self._operator or actor
             self._flags[(tenant_id, key)] = _Flag(value, self._version, current.order if current else (0, 0, ""), "admin", actor)
             # As the sidecar's ops::set_flag: the values as `flags explain` shows them, the new
             # one as received, the old one as it was kept.
@@ -1180,6 +1186,8 @@ class MockSidecar(BaseSDK):
                                     "new_value": display(received), "version": self._version}
             if reason:
                 meta["reason"] = reason
+            if self._operator:
+                meta["claimed_actor"] = claimed
             self._append(tenant_id, actor, "flag.set", "applied", meta)
             return Flag(tenant_id, key, value, self._version, False, actor)
 
@@ -1205,7 +1213,9 @@ class MockSidecar(BaseSDK):
             parked = sum(1 for p in self._parked.values() if p.customer == customer_id)
             if parked:
                 meta["parked_events"] = parked
-            self._append(tenant_id, actor, "tenant.customer_mapped", "applied", meta)
+            if self._operator:
+                meta["claimed_actor"] = actor
+            self._append(tenant_id, self._operator or actor, "tenant.customer_mapped", "applied", meta)
             # In the mapping's "transaction": the flags are current when this returns.
             return self._apply_parked(customer_id)
 

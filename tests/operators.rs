@@ -1,0 +1,294 @@
+//! Named operators (`CORESDK_ADMIN_TOKENS_FILE`) against the real binary: each admin change is
+//! audited under the name of the operator whose token made it, the caller's claimed actor
+//! kept beside it; the file is re-read without a restart; `CORESDK_ADMIN_TOKEN` is `admin`.
+mod common;
+
+use std::path::Path;
+
+use common::reload::{SETTLE, eventually, replace};
+use common::*;
+use coresdk::proto::{self, QueryAuditRequest, SetFlagRequest};
+use serde_json::Value;
+use tonic::Code;
+
+const ALICE: &str = "token-of-alice-0123456789";
+const BOB: &str = "token-of-bob-0123456789";
+const CAROL: &str = "token-of-carol-0123456789";
+
+fn with_bearer<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii"),
+    );
+    request
+}
+
+fn set_pro(tenant: &str, actor: &str) -> SetFlagRequest {
+    SetFlagRequest {
+        tenant_id: tenant.into(),
+        key: "pro_features".into(),
+        value: Some(proto::FlagValue {
+            kind: Some(proto::flag_value::Kind::BoolValue(true)),
+        }),
+        actor: actor.into(),
+        reason: "ticket 7".into(),
+    }
+}
+
+/// `SetFlag` with `token`: the flag's `updated_by`, or the refusal.
+async fn set_flag(
+    sidecar: &Sidecar,
+    token: &str,
+    tenant: &str,
+    actor: &str,
+) -> Result<String, tonic::Status> {
+    sidecar
+        .flags()
+        .set_flag(with_bearer(set_pro(tenant, actor), token))
+        .await
+        .map(|flag| flag.into_inner().updated_by)
+}
+
+/// Whether `token` is an operator's now (a refusal must be UNAUTHENTICATED with a problem).
+async fn accepted(sidecar: &Sidecar, token: &str) -> bool {
+    match set_flag(sidecar, token, "probe-co", "probe").await {
+        Ok(_) => true,
+        Err(status) => {
+            assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+            assert_eq!(error_reason(&status), "UNAUTHENTICATED", "{status:?}");
+            false
+        }
+    }
+}
+
+/// The `flag.set` records of `tenant`, as their canonical JSON (what a client verifies).
+async fn flag_sets(sidecar: &Sidecar, tenant: &str) -> Vec<Value> {
+    sidecar
+        .audit()
+        .query(admin(QueryAuditRequest {
+            tenant_id: tenant.into(),
+            event_prefix: "flag.set".into(),
+            ..Default::default()
+        }))
+        .await
+        .expect("Query")
+        .into_inner()
+        .records
+        .iter()
+        .map(|r| serde_json::from_slice(&r.canonical).expect("canonical JSON"))
+        .collect()
+}
+
+fn tokens_file(dir: &Path, text: &str) -> String {
+    let path = dir.join("operators");
+    std::fs::write(&path, text).expect("write");
+    path.display().to_string()
+}
+
+fn options(envs: &[(&str, &str)]) -> Options {
+    let mut envs: Vec<(String, String)> = envs
+        .iter()
+        .map(|(k, v)| ((*k).into(), (*v).into()))
+        .collect();
+    envs.push(("STRIPE_WEBHOOK_SECRET".into(), SECRET.into()));
+    Options {
+        args: vec!["--store".into(), "memory".into()],
+        envs,
+    }
+}
+
+#[tokio::test]
+async fn an_operators_change_is_audited_under_its_name_and_the_admin_token_is_admin() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = tokens_file(
+        dir.path(),
+        &format!("# on-call\nalice: {ALICE}\n\nbob: {BOB}\n"),
+    );
+    let sidecar = Sidecar::start(options(&[
+        ("CORESDK_ADMIN_TOKENS_FILE", &file),
+        ("CORESDK_ADMIN_TOKEN", ADMIN_TOKEN),
+    ]))
+    .await;
+
+    // Alice claims to be someone else: the audit says alice, and keeps the claim.
+    let updated_by = set_flag(&sidecar, ALICE, "acme", "ceo@example.com")
+        .await
+        .expect("alice's SetFlag");
+    assert_eq!(updated_by, "alice");
+    assert_eq!(
+        flag(&sidecar, "acme", "pro_features").await.updated_by,
+        "alice"
+    );
+    let records = flag_sets(&sidecar, "acme").await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["actor"], "alice");
+    assert_eq!(records[0]["metadata"]["claimed_actor"], "ceo@example.com");
+    assert_eq!(records[0]["metadata"]["reason"], "ticket 7");
+
+    // The single token keeps working, as the operator `admin`.
+    let updated_by = set_flag(&sidecar, ADMIN_TOKEN, "globex", "ops@example.com")
+        .await
+        .expect("admin's SetFlag");
+    assert_eq!(updated_by, "admin");
+    let records = flag_sets(&sidecar, "globex").await;
+    assert_eq!(records[0]["actor"], "admin");
+    assert_eq!(records[0]["metadata"]["claimed_actor"], "ops@example.com");
+
+    // Another admin use case: a mapping is audited under the operator too.
+    sidecar
+        .tenants()
+        .map_customer(with_bearer(
+            proto::MapCustomerRequest {
+                customer_id: "cus_new_001".into(),
+                tenant_id: "newco".into(),
+                actor: "bob@example.com".into(),
+                reason: String::new(),
+            },
+            BOB,
+        ))
+        .await
+        .expect("bob's MapCustomer");
+    let mapped = sidecar
+        .audit()
+        .query(admin(QueryAuditRequest {
+            tenant_id: "newco".into(),
+            event_prefix: "tenant.customer_mapped".into(),
+            ..Default::default()
+        }))
+        .await
+        .expect("Query")
+        .into_inner()
+        .records;
+    assert_eq!(mapped.len(), 1);
+    assert_eq!(mapped[0].actor, "bob");
+
+    // An unknown token: UNAUTHENTICATED with a problem, nothing written.
+    let refused = set_flag(&sidecar, CAROL, "acme", "carol")
+        .await
+        .expect_err("not an operator");
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    let problem = problem(&refused);
+    assert_eq!(problem.status, 401, "{problem:?}");
+    assert!(!problem.detail.contains(CAROL), "{problem:?}");
+    assert_eq!(flag_sets(&sidecar, "acme").await.len(), 1);
+
+    // An operator's token passes the API token check too, as the admin token does.
+    let api = Sidecar::start(options(&[
+        ("CORESDK_ADMIN_TOKENS_FILE", &file),
+        ("CORESDK_API_TOKEN", "the-api-token-0123456789"),
+    ]))
+    .await;
+    assert_eq!(
+        set_flag(&api, BOB, "acme", "bob")
+            .await
+            .expect("bob passes"),
+        "bob"
+    );
+    assert!(!accepted(&api, CAROL).await);
+}
+
+#[tokio::test]
+async fn editing_the_file_adds_and_removes_operators_and_a_bad_edit_keeps_the_last_good_set() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = tokens_file(dir.path(), &format!("alice: {ALICE}\nbob: {BOB}\n"));
+    let sidecar = Sidecar::start(options(&[("CORESDK_ADMIN_TOKENS_FILE", &file)])).await;
+    assert!(accepted(&sidecar, ALICE).await);
+    assert!(accepted(&sidecar, BOB).await);
+    assert!(!accepted(&sidecar, CAROL).await);
+    // Without CORESDK_ADMIN_TOKEN there is no operator `admin`.
+    assert!(!accepted(&sidecar, ADMIN_TOKEN).await);
+
+    // Alice calls all along: no call of hers fails while the file is re-read.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let alice = tokio::spawn({
+        let (mut flags, stop) = (sidecar.flags(), stop.clone());
+        async move {
+            let mut calls = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                flags
+                    .set_flag(with_bearer(set_pro("alice-co", "alice"), ALICE))
+                    .await
+                    .expect("alice's call during a reload");
+                calls += 1;
+            }
+            calls
+        }
+    });
+
+    // Carol joins, bob leaves: no restart.
+    replace(
+        Path::new(&file),
+        &format!("alice: {ALICE}\ncarol: {CAROL}\n"),
+    );
+    eventually("carol is an operator", || accepted(&sidecar, CAROL)).await;
+    assert!(!accepted(&sidecar, BOB).await, "bob lost access");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(alice.await.expect("alice's calls") > 0);
+    assert_eq!(
+        set_flag(&sidecar, CAROL, "acme", "c").await.expect("carol"),
+        "carol"
+    );
+
+    // A broken edit (a duplicate name, a line without its colon, nothing) is refused as a whole: the
+    // last good set stays, bob does not come back through the half that parses.
+    for broken in [
+        format!("alice: {ALICE}\nbob: {BOB}\nbob: {CAROL}\n"),
+        format!("alice: {ALICE}\nbob short\n"),
+        // Empty: what a file written in place is for a moment; it would revoke everyone.
+        String::new(),
+    ] {
+        replace(Path::new(&file), &broken);
+        tokio::time::sleep(SETTLE).await;
+        assert!(accepted(&sidecar, ALICE).await);
+        assert!(accepted(&sidecar, CAROL).await);
+        assert!(!accepted(&sidecar, BOB).await);
+    }
+
+    // Fixed: taken.
+    replace(Path::new(&file), &format!("bob: {BOB}\n"));
+    eventually("bob is back", || accepted(&sidecar, BOB)).await;
+    assert!(!accepted(&sidecar, ALICE).await);
+    assert!(!accepted(&sidecar, CAROL).await);
+}
+
+/// `coresdk serve` with `envs` only: it must refuse to start.
+fn refused_start(envs: &[(&str, &str)]) -> String {
+    let mut all = vec![("STRIPE_WEBHOOK_SECRET", SECRET)];
+    all.extend_from_slice(envs);
+    let output = run_coresdk(
+        None,
+        &["serve", "--listen", "127.0.0.1:0", "--store", "memory"],
+        &all,
+    );
+    assert!(!output.status.success(), "started: {output:?}");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn a_malformed_file_or_a_second_admin_is_a_config_error_naming_the_line() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = tokens_file(dir.path(), &format!("# team\nalice: {ALICE}\nBob: {BOB}\n"));
+    let stderr = refused_start(&[("CORESDK_ADMIN_TOKENS_FILE", &file)]);
+    assert!(
+        stderr.contains("CORESDK_ADMIN_TOKENS_FILE") && stderr.contains(&format!("{file}:3:")),
+        "{stderr}"
+    );
+    for token in [ALICE, BOB] {
+        assert!(!stderr.contains(token), "a token is echoed: {stderr}");
+    }
+
+    let file = tokens_file(dir.path(), &format!("alice: {ALICE}\nadmin: {BOB}\n"));
+    let stderr = refused_start(&[
+        ("CORESDK_ADMIN_TOKENS_FILE", &file),
+        ("CORESDK_ADMIN_TOKEN", ADMIN_TOKEN),
+    ]);
+    assert!(
+        stderr.contains(&format!("{file}:2:")) && stderr.contains("CORESDK_ADMIN_TOKEN"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(BOB) && !stderr.contains(ADMIN_TOKEN),
+        "{stderr}"
+    );
+}
