@@ -321,8 +321,8 @@ export class SidecarClient implements CoreSDKClient {
   }
 
   /**
-   * One call within the deadline, retrying UNAVAILABLE and DEADLINE_EXCEEDED with jittered
-   * exponential backoff. Webhooks are deduplicated by event id, appends by their idempotency
+   * One call within the deadline, retrying what `ProblemError.retryable` says is worth it (the
+   * sidecar away or slow, or the connection at its call limit) with jittered exponential backoff. Webhooks are deduplicated by event id, appends by their idempotency
    * key, and reads repeat safely. A write that is not idempotent (`SetFlag`) is retried only
    * after the sidecar said it committed nothing: a transport failure may have come after the
    * commit, and a retry would write it twice. Such a write waits for the connection instead (within the deadline), so a

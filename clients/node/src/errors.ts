@@ -15,6 +15,9 @@ export const GrpcCode = {
   UNAUTHENTICATED: 16,
 } as const;
 
+/** The sidecar refused a call unstarted: its connection had all the calls it may run at once. */
+export const CONNECTION_BUSY = 'TOO_MANY_CALLS_ON_CONNECTION';
+
 /** A call failed; `problem` is what to return to your own HTTP caller, as is. */
 export class ProblemError extends Error {
   override name = 'ProblemError';
@@ -35,8 +38,13 @@ export class ProblemError extends Error {
     return typeof this.problem.reason === 'string' ? this.problem.reason : '';
   }
 
-  /** Worth trying again later (the sidecar was away or slow). */
+  /**
+   * Worth trying again shortly: the sidecar was away or slow, or it refused the call before
+   * starting it because this connection already had as many calls running as it allows
+   * (`CORESDK_MAX_CONCURRENT_PER_CONNECTION`), which a moment's wait frees.
+   */
   get retryable(): boolean {
+    if (this.code === GrpcCode.RESOURCE_EXHAUSTED) return this.reason === CONNECTION_BUSY;
     return this.code === GrpcCode.UNAVAILABLE || this.code === GrpcCode.DEADLINE_EXCEEDED;
   }
 }

@@ -176,7 +176,8 @@ class SidecarClient(BaseSDK):
     def _call(
         self, method: Callable[..., T], request: Any, *, admin: bool = False, idempotent: bool = True, deadline: Optional[float] = None
     ) -> T:
-        """One call within the deadline, retrying UNAVAILABLE with backoff and jitter. Webhooks
+        """One call within the deadline, retrying what `ProblemError.retryable` says is worth it
+        (the sidecar away or slow, or the connection at its call limit) with backoff and jitter. Webhooks
         are deduplicated by event id, appends by their idempotency key, and reads repeat
         safely. A write that is not idempotent (`SetFlag`) is retried only after the sidecar
         said it committed nothing: a transport failure may have come after the commit, and a

@@ -49,6 +49,10 @@ class Problem:
         )
 
 
+# The sidecar refused a call unstarted: its connection had all the calls it may run at once.
+CONNECTION_BUSY = "TOO_MANY_CALLS_ON_CONNECTION"
+
+
 class ProblemError(Exception):
     """A call failed; `problem` is what to return to your own HTTP caller, as is."""
 
@@ -63,6 +67,11 @@ class ProblemError(Exception):
 
     @property
     def retryable(self) -> bool:
+        """Worth trying again shortly: the sidecar was away or slow, or it refused the call
+        before starting it because this connection already had as many calls running as it
+        allows (`CORESDK_MAX_CONCURRENT_PER_CONNECTION`), which a moment's wait frees."""
+        if self.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return self.problem.reason == CONNECTION_BUSY
         return self.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
