@@ -3,11 +3,14 @@
 //! and how long a unary call may run. Streams are never cut by the time limit: a `WatchFlags`
 //! or `Tail` is meant to stay open.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::sync::{Arc, LazyLock};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -52,6 +55,11 @@ impl ServerLimits {
             links: Arc::new(links.clone()),
         }
     }
+}
+
+/// The answer, with its problem, to a call a limit stops.
+fn refusal<R: Default>(error: &Error, links: &ProblemLinks) -> http::Response<R> {
+    crate::api::status::of_error(error, links).into_http()
 }
 
 /// The `/package.Service/Method` paths of every unary RPC the sidecar serves, read from the
@@ -120,11 +128,7 @@ where
                 // Dropping the handler's future stops its work where it stands: a store write
                 // not yet begun is skipped (no one waits for it), one already running commits
                 // (a webhook's retry then finds it a duplicate).
-                Err(_) => Ok(crate::api::status::of_error(
-                    &Error::RequestTimeout { limit },
-                    &links,
-                )
-                .into_http()),
+                Err(_) => Ok(refusal(&Error::RequestTimeout { limit }, &links)),
             }
         })
     }
@@ -154,7 +158,7 @@ fn connection_of<B>(request: &http::Request<B>) -> Option<ConnectionKey> {
 #[derive(Clone)]
 pub struct ConnectionCalls {
     limit: usize,
-    running: Arc<Mutex<HashMap<ConnectionKey, usize>>>,
+    running: Arc<DashMap<ConnectionKey, usize>>,
     links: Arc<ProblemLinks>,
 }
 
@@ -177,18 +181,18 @@ pub struct ConnectionCallsService<S> {
 
 /// A call's place on its connection, given back when dropped.
 struct Place {
-    running: Arc<Mutex<HashMap<ConnectionKey, usize>>>,
+    running: Arc<DashMap<ConnectionKey, usize>>,
     connection: ConnectionKey,
 }
 
 impl ConnectionCalls {
     fn take_place(&self, connection: ConnectionKey) -> Option<Place> {
-        let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
-        let calls = running.entry(connection).or_insert(0);
+        let mut calls = self.running.entry(connection).or_insert(0);
         if *calls >= self.limit {
             return None;
         }
         *calls += 1;
+        drop(calls);
         Some(Place {
             running: self.running.clone(),
             connection,
@@ -198,11 +202,12 @@ impl ConnectionCalls {
 
 impl Drop for Place {
     fn drop(&mut self) {
-        let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(calls) = running.get_mut(&self.connection) {
-            *calls = calls.saturating_sub(1);
-            if *calls == 0 {
-                running.remove(&self.connection);
+        // Decremented and, at zero, removed under one shard lock, so a call taking a place
+        // meanwhile is never lost.
+        if let Entry::Occupied(mut calls) = self.running.entry(self.connection) {
+            *calls.get_mut() = calls.get().saturating_sub(1);
+            if *calls.get() == 0 {
+                calls.remove();
             }
         }
     }
@@ -233,11 +238,7 @@ where
                     let links = self.calls.links.clone();
                     // Made inside the future: the body type need not be `Send` itself.
                     return Box::pin(async move {
-                        Ok(crate::api::status::of_error(
-                            &Error::TooManyCallsOnConnection { limit },
-                            &links,
-                        )
-                        .into_http())
+                        Ok(refusal(&Error::TooManyCallsOnConnection { limit }, &links))
                     });
                 }
             },
