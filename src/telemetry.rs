@@ -63,6 +63,14 @@ fn var(name: &str) -> Option<String> {
         .filter(|value| !value.trim().is_empty())
 }
 
+/// The first of `names` that is set, and its value: given the traces-specific variable and
+/// then the general one, the setting that applies to traces.
+fn first_set(names: [&'static str; 2]) -> Option<(&'static str, String)> {
+    names
+        .into_iter()
+        .find_map(|name| var(name).map(|value| (name, value)))
+}
+
 /// Whether traces are wanted, by the standard variables: an OTLP endpoint turns them on;
 /// `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none` keep them off. What else the
 /// OpenTelemetry SDK reads itself (headers, timeouts, sampler, batch sizes, resource).
@@ -75,13 +83,10 @@ pub fn wanted() -> Result<bool, TelemetryError> {
         Some(v) if v != "otlp" => return Err(TelemetryError::Exporter(v)),
         _ => {}
     }
-    let endpoint = [
+    let Some((endpoint_var, endpoint)) = first_set([
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
         "OTEL_EXPORTER_OTLP_ENDPOINT",
-    ]
-    .into_iter()
-    .find_map(|name| var(name).map(|value| (name, value)));
-    let Some((endpoint_var, endpoint)) = endpoint else {
+    ]) else {
         return Ok(false);
     };
     if !endpoint.trim().starts_with("http://") {
@@ -90,35 +95,26 @@ pub fn wanted() -> Result<bool, TelemetryError> {
             value: endpoint,
         });
     }
-    for name in [
+    if let Some((var, protocol)) = first_set([
         "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
         "OTEL_EXPORTER_OTLP_PROTOCOL",
-    ] {
-        if let Some(protocol) = var(name) {
-            if protocol.trim() != "grpc" {
-                return Err(TelemetryError::Protocol {
-                    var: name,
-                    value: protocol,
-                });
-            }
-            // The traces-specific one, when set, is the one that applies.
-            break;
-        }
+    ]) && protocol.trim() != "grpc"
+    {
+        return Err(TelemetryError::Protocol {
+            var,
+            value: protocol,
+        });
     }
     // The exporter would take it, and then fail every export without a word.
-    for name in [
+    if let Some((var, compression)) = first_set([
         "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
         "OTEL_EXPORTER_OTLP_COMPRESSION",
-    ] {
-        if let Some(compression) = var(name) {
-            if compression.trim() != "none" {
-                return Err(TelemetryError::Compression {
-                    var: name,
-                    value: compression,
-                });
-            }
-            break;
-        }
+    ]) && compression.trim() != "none"
+    {
+        return Err(TelemetryError::Compression {
+            var,
+            value: compression,
+        });
     }
     Ok(true)
 }
