@@ -16,6 +16,7 @@ mod abuse;
 #[path = "../../tests/lifecycle/histories.rs"]
 #[allow(dead_code)]
 mod histories;
+mod layers;
 mod ofrep;
 mod openfeature;
 mod ops;
@@ -648,6 +649,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "ops: metrics overhead skipped (the sidecar has no ops listener, or --addr was given)"
         ),
     }
+    layers::report(
+        get_flag
+            .per_server_core()
+            .map(|calls_per_cpu_s| 1e9 / calls_per_cpu_s),
+    )
+    .await;
 
     let peak_rss = Arc::new(AtomicU64::new(0));
     let sampling = Arc::new(AtomicBool::new(true));
