@@ -108,6 +108,9 @@ impl<B: http_body::Body, C: CallEnd> http_body::Body for EndBody<B, C> {
             Some(end) => end.polling(|| inner.poll_frame(cx)),
             None => inner.poll_frame(cx),
         });
+        if this.end.is_none() {
+            return Poll::Ready(frame);
+        }
         let code = match &frame {
             Some(Ok(frame)) => frame
                 .trailers_ref()
