@@ -15,15 +15,6 @@ const ALICE: &str = "token-of-alice-0123456789";
 const BOB: &str = "token-of-bob-0123456789";
 const CAROL: &str = "token-of-carol-0123456789";
 
-fn with_bearer<T>(message: T, token: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("ascii"),
-    );
-    request
-}
-
 fn set_pro(tenant: &str, actor: &str) -> SetFlagRequest {
     SetFlagRequest {
         tenant_id: tenant.into(),
@@ -291,4 +282,120 @@ fn a_malformed_file_or_a_second_admin_is_a_config_error_naming_the_line() {
         !stderr.contains(BOB) && !stderr.contains(ADMIN_TOKEN),
         "{stderr}"
     );
+}
+
+#[test]
+fn the_sidecars_own_actors_and_other_settings_tokens_are_refused_at_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut outputs = Vec::new();
+    for actor in ["stripe-webhook", "replay", "config", "parking", "coresdk"] {
+        let file = tokens_file(dir.path(), &format!("alice: {ALICE}\n{actor}: {BOB}\n"));
+        let stderr = refused_start(&[("CORESDK_ADMIN_TOKENS_FILE", &file)]);
+        assert!(
+            stderr.contains(&format!("{file}:2:")) && stderr.contains(&format!("'{actor}'")),
+            "{stderr}"
+        );
+        outputs.push(stderr);
+    }
+
+    let api_token = "the-api-token-0123456789";
+    let file = tokens_file(dir.path(), &format!("alice: {ALICE}\nbob: {ADMIN_TOKEN}\n"));
+    let stderr = refused_start(&[
+        ("CORESDK_ADMIN_TOKENS_FILE", &file),
+        ("CORESDK_ADMIN_TOKEN", ADMIN_TOKEN),
+    ]);
+    assert!(
+        stderr.contains(&format!("{file}:2:")) && stderr.contains("CORESDK_ADMIN_TOKEN's token"),
+        "{stderr}"
+    );
+    outputs.push(stderr);
+    let file = tokens_file(dir.path(), &format!("alice: {api_token}\n"));
+    let stderr = refused_start(&[
+        ("CORESDK_ADMIN_TOKENS_FILE", &file),
+        ("CORESDK_API_TOKEN", api_token),
+    ]);
+    assert!(
+        stderr.contains(&format!("{file}:1:")) && stderr.contains("CORESDK_API_TOKEN's token"),
+        "{stderr}"
+    );
+    outputs.push(stderr);
+    // The two settings themselves, one given by a file.
+    let api_file = dir.path().join("api-token");
+    std::fs::write(&api_file, format!("{ADMIN_TOKEN}\n")).expect("write");
+    let stderr = refused_start(&[
+        ("CORESDK_ADMIN_TOKEN", ADMIN_TOKEN),
+        ("CORESDK_API_TOKEN_FILE", &api_file.display().to_string()),
+    ]);
+    assert!(
+        stderr.contains("CORESDK_ADMIN_TOKEN") && stderr.contains("CORESDK_API_TOKEN's token"),
+        "{stderr}"
+    );
+    outputs.push(stderr);
+    for stderr in &outputs {
+        assert!(
+            !stderr.contains(ADMIN_TOKEN) && !stderr.contains(api_token) && !stderr.contains(BOB),
+            "a token is echoed: {stderr}"
+        );
+    }
+}
+
+/// `coresdk_secret_file_stale` for `setting` on one scrape.
+async fn stale(ops: &str, setting: &str) -> f64 {
+    common::ops::Scrape::of(ops)
+        .await
+        .value("coresdk_secret_file_stale", &[("setting", setting)])
+}
+
+#[tokio::test]
+async fn a_reload_cannot_make_an_operator_of_the_api_token_and_a_refused_file_shows_on_metrics() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = tokens_file(dir.path(), &format!("alice: {ALICE}\nbob: {BOB}\n"));
+    let api_file = dir.path().join("api-token");
+    std::fs::write(&api_file, "the-api-token-0123456789\n").expect("write");
+    let (sidecar, ops) = common::ops::start(options(&[
+        ("CORESDK_ADMIN_TOKENS_FILE", &file),
+        ("CORESDK_API_TOKEN_FILE", &api_file.display().to_string()),
+    ]))
+    .await;
+    const TOKENS: &str = "CORESDK_ADMIN_TOKENS_FILE";
+    assert_eq!(stale(&ops, TOKENS).await, 0.0);
+    assert_eq!(stale(&ops, "CORESDK_API_TOKEN_FILE").await, 0.0);
+
+    // Bob is removed, but the edit gives alice the API token: refused as a whole, bob keeps
+    // his access, and the gauge says the file on disk is not what is served.
+    replace(Path::new(&file), "alice: the-api-token-0123456789\n");
+    eventually("the refused edit shows", || async {
+        stale(&ops, TOKENS).await == 1.0
+    })
+    .await;
+    assert!(accepted(&sidecar, BOB).await);
+    assert!(!accepted(&sidecar, "the-api-token-0123456789").await);
+    // A deleted file is stale too: the last good set is still served.
+    std::fs::remove_file(&file).expect("remove");
+    tokio::time::sleep(SETTLE).await;
+    assert_eq!(stale(&ops, TOKENS).await, 1.0);
+    assert!(accepted(&sidecar, BOB).await);
+
+    // Fixed: bob's removal takes, the gauge goes back to 0.
+    replace(Path::new(&file), &format!("alice: {ALICE}\n"));
+    eventually("the fixed file is taken", || async {
+        stale(&ops, TOKENS).await == 0.0
+    })
+    .await;
+    assert!(!accepted(&sidecar, BOB).await);
+    assert!(accepted(&sidecar, ALICE).await);
+
+    // The API token's own file turns into alice's token: the tokens file is not re-read, yet
+    // alice's token (now every app's) is no operator's while they are one.
+    replace(&api_file, &format!("{ALICE}\n"));
+    eventually("the API token's file is taken", || async {
+        !accepted(&sidecar, ALICE).await
+    })
+    .await;
+    assert_eq!(stale(&ops, "CORESDK_API_TOKEN_FILE").await, 0.0);
+    replace(&api_file, "short\n");
+    eventually("a refused API token file shows", || async {
+        stale(&ops, "CORESDK_API_TOKEN_FILE").await == 1.0
+    })
+    .await;
 }
