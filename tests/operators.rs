@@ -399,3 +399,30 @@ async fn a_reload_cannot_make_an_operator_of_the_api_token_and_a_refused_file_sh
     })
     .await;
 }
+
+/// The manifest must start on a Secret made before named operators existed (no `admin-tokens`
+/// key): the sidecar refuses a missing tokens file, so the manifest leaves it opt-in.
+#[test]
+fn the_kubernetes_manifest_leaves_the_tokens_file_opt_in() {
+    let manifest = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes.yaml"),
+    )
+    .expect("the manifest");
+    let active: Vec<&str> = manifest
+        .lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .filter(|line| line.contains("CORESDK_ADMIN_TOKENS_FILE") || line.contains("admin-tokens"))
+        .collect();
+    assert!(active.is_empty(), "set by default: {active:?}");
+    assert!(
+        manifest.contains("# - { name: CORESDK_ADMIN_TOKENS_FILE"),
+        "shown as the alternative"
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let missing = dir.path().join("admin-tokens").display().to_string();
+    let stderr = refused_start(&[
+        ("CORESDK_ADMIN_TOKENS_FILE", &missing),
+        ("CORESDK_ADMIN_TOKEN", ADMIN_TOKEN),
+    ]);
+    assert!(stderr.contains("CORESDK_ADMIN_TOKENS_FILE"), "{stderr}");
+}
