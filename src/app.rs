@@ -25,6 +25,13 @@ use crate::stripe::StripeEvent;
 /// Longest `actor` an admin change or an appended record may name.
 const MAX_ACTOR_LEN: usize = 256;
 
+/// An operator's replay of an exported event: why, and who asked (none in mock mode without
+/// operators).
+struct Replay {
+    reason: String,
+    operator: Option<String>,
+}
+
 /// The most audit records one `Query` page examines: bounded work per call, whatever its
 /// filters (they match by comparing, not through an index).
 pub const QUERY_SCAN_WINDOW: u64 = 10_000;
@@ -261,7 +268,8 @@ impl App {
     ) -> Result<WebhookResult, Error> {
         let operator = self.require_admin(bearer)?;
         ops::required_text("reason", &reason, ops::MAX_REASON_LEN)?;
-        // The records stay the webhook path's, under the actor `replay`; the log says who.
+        // The records stay the webhook path's, under the actor `replay`, and name the operator
+        // in their metadata.
         tracing::info!(
             operator = operator.as_deref().unwrap_or("(mock mode, no operator)"),
             %reason,
@@ -272,25 +280,28 @@ impl App {
             &payload,
             crate::time::now_s(),
         )?;
-        self.apply_event(event, Some(reason)).await
+        self.apply_event(event, Some(Replay { reason, operator }))
+            .await
     }
 
     /// Applies a verified event in one durable transaction: Stripe's delivery, or with a
-    /// `replay_reason`, an operator's replay.
+    /// `replay`, an operator's replay.
     async fn apply_event(
         &self,
         event: StripeEvent,
-        replay_reason: Option<String>,
+        replay: Option<Replay>,
     ) -> Result<WebhookResult, Error> {
         let rules = self.config.rules.clone();
         let parking = self.config.parking;
         let event_id = event.id.clone();
-        let replayed = replay_reason.is_some();
+        let replayed = replay.is_some();
         let answer = self
             .store
             .write(move |tx| {
-                let delivery = match &replay_reason {
-                    Some(reason) => ops::Delivery::replay(reason),
+                let delivery = match &replay {
+                    Some(replay) => {
+                        ops::Delivery::replay(&replay.reason, replay.operator.as_deref())
+                    }
                     None => ops::Delivery::STRIPE,
                 };
                 ops::apply_webhook(

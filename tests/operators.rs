@@ -426,3 +426,126 @@ fn the_kubernetes_manifest_leaves_the_tokens_file_opt_in() {
     ]);
     assert!(stderr.contains("CORESDK_ADMIN_TOKENS_FILE"), "{stderr}");
 }
+
+/// `ReplayStripeEvent` of `payload` with `token`: the outcome.
+async fn replay_as(sidecar: &Sidecar, token: &str, payload: Vec<u8>) -> String {
+    sidecar
+        .webhooks()
+        .replay_stripe_event(with_bearer(
+            proto::ReplayStripeEventRequest {
+                payload,
+                reason: "outage 42".into(),
+            },
+            token,
+        ))
+        .await
+        .map(|answer| answer.into_inner().outcome().as_str_name().to_owned())
+        .unwrap_or_else(|status| format!("refused: {}", error_reason(&status)))
+}
+
+/// Every audit record of `tenant` (`""`: tenant-less ones), as canonical JSON.
+async fn records(sidecar: &Sidecar, tenant: &str) -> Vec<Value> {
+    sidecar
+        .audit()
+        .query(admin(QueryAuditRequest {
+            tenant_id: tenant.into(),
+            ..Default::default()
+        }))
+        .await
+        .expect("Query")
+        .into_inner()
+        .records
+        .iter()
+        .map(|r| serde_json::from_slice(&r.canonical).expect("canonical JSON"))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_replay_is_audited_under_actor_replay_naming_the_operator_who_asked() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = tokens_file(dir.path(), &format!("alice: {ALICE}\nbob: {BOB}\n"));
+    let sidecar = Sidecar::start(options(&[
+        ("CORESDK_ADMIN_TOKENS_FILE", &file),
+        ("CORESDK_ADMIN_TOKEN", ADMIN_TOKEN),
+    ]))
+    .await;
+    let created = now() - 3600;
+    let paid = |id: &str, tenant: &str| {
+        event(
+            id,
+            "invoice.paid",
+            created,
+            serde_json::json!({"id": format!("in_{id}"), "customer": "cus_acme", "metadata": {"tenant_id": tenant}}),
+        )
+    };
+    assert_eq!(
+        replay_as(&sidecar, ALICE, paid("evt_1", "acme")).await,
+        "WEBHOOK_OUTCOME_APPLIED"
+    );
+    assert_eq!(
+        replay_as(&sidecar, BOB, paid("evt_1", "acme")).await,
+        "WEBHOOK_OUTCOME_DUPLICATE"
+    );
+    let acme = records(&sidecar, "acme").await;
+    let webhook: Vec<(&str, &str, &str)> = acme
+        .iter()
+        .filter(|r| {
+            r["event"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("billing."))
+        })
+        .map(|r| {
+            (
+                r["actor"].as_str().unwrap_or_default(),
+                r["outcome"].as_str().unwrap_or_default(),
+                r["metadata"]["operator"].as_str().unwrap_or("(none)"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        webhook,
+        [
+            ("replay", "applied", "alice"),
+            ("replay", "duplicate", "bob")
+        ],
+        "{acme:?}"
+    );
+
+    // A customer with no tenant: parked at replay time (that record names alice), applied
+    // when bob maps the customer: still actor `replay`, and no operator (alice did not ask
+    // for that, and bob's mapping is audited under bob).
+    let unmapped = event(
+        "evt_2",
+        "invoice.paid",
+        created,
+        serde_json::json!({"id": "in_2", "customer": "cus_later"}),
+    );
+    assert_eq!(
+        replay_as(&sidecar, ALICE, unmapped).await,
+        "refused: UNKNOWN_CUSTOMER"
+    );
+    let parked = records(&sidecar, "").await;
+    let parked = parked.last().expect("the parked record");
+    assert_eq!(parked["actor"], "replay", "{parked}");
+    assert_eq!(parked["metadata"]["operator"], "alice", "{parked}");
+    sidecar
+        .tenants()
+        .map_customer(with_bearer(
+            proto::MapCustomerRequest {
+                customer_id: "cus_later".into(),
+                tenant_id: "later-co".into(),
+                actor: "bob".into(),
+                reason: String::new(),
+            },
+            BOB,
+        ))
+        .await
+        .expect("bob's MapCustomer");
+    let later = records(&sidecar, "later-co").await;
+    let applied = later
+        .iter()
+        .find(|r| r["event"] == "billing.invoice.paid")
+        .expect("the parked event applied");
+    assert_eq!(applied["actor"], "replay", "{later:?}");
+    assert_eq!(applied["metadata"].get("operator"), None, "{later:?}");
+}

@@ -1144,6 +1144,8 @@ interface Parked {
 interface Delivery {
   actor: string;
   reason: string | null;
+  /** The operator who asked for a replay: named in the records written then, not later. */
+  operator?: string | null;
 }
 
 interface Wanted {
@@ -1458,7 +1460,9 @@ export class MockSidecar implements CoreSDKClient {
       if (e instanceof Refusal) throw this.#error(e);
       throw e;
     }
-    return this.#answer(this.#apply(event, { actor: REPLAY_ACTOR, reason: options.reason }, null, Date.now()));
+    return this.#answer(
+      this.#apply(event, { actor: REPLAY_ACTOR, reason: options.reason, operator: this.#operator }, null, Date.now()),
+    );
   }
 
   #answer(answer: WebhookResult | Refusal): WebhookResult {
@@ -1521,6 +1525,7 @@ export class MockSidecar implements CoreSDKClient {
 
   #auditWebhook(delivery: Delivery, tenant: string, event: StripeEvent, outcome: string, metadata: JsonObject, nowMs: number): StoredRecord {
     if (delivery.reason !== null) metadata.reason = delivery.reason;
+    if (delivery.operator != null) metadata.operator = delivery.operator;
     return this.#append({ tenant, actor: delivery.actor, event: `billing.${event.type}`, outcome, metadata }, nowMs);
   }
 

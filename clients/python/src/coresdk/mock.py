@@ -879,7 +879,8 @@ class MockSidecar(BaseSDK):
             raise self._too_large(len(payload))
         now = int(time.time())
         event = self._parse_event(payload, now, "now; an exported event cannot come from the future")
-        return self._apply(event, now, REPLAY_ACTOR, reason)
+        # As the sidecar: the records written now name the operator who asked for the replay.
+        return self._apply(event, now, REPLAY_ACTOR, reason, operator=self._operator)
 
     def _park(self, event: dict[str, Any], customer: str, actor: str, reason: str, meta: dict[str, Any]) -> None:
         """As the sidecar's parking (src/ops/parking.rs): keeps the refused event unless it is
@@ -919,7 +920,8 @@ class MockSidecar(BaseSDK):
                 pass
         return applied
 
-    def _apply(self, event: dict[str, Any], signed_at: int, actor: str, reason: str, parked_at_ms: Optional[int] = None) -> WebhookResult:
+    def _apply(self, event: dict[str, Any], signed_at: int, actor: str, reason: str, parked_at_ms: Optional[int] = None,
+               operator: Optional[str] = None) -> WebhookResult:
         event_id, event_type = event["id"], event["type"]
         created = event["created"]
         obj = _event_object(event)
@@ -934,6 +936,8 @@ class MockSidecar(BaseSDK):
             meta["object_id"] = _object_str(obj, "id")
         if reason:
             meta["reason"] = reason
+        if operator is not None:
+            meta["operator"] = operator
         if parked_at_ms is not None:
             meta["parked_at_ms"] = parked_at_ms
         with self._lock:
