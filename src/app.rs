@@ -269,10 +269,11 @@ impl App {
         let operator = self.require_admin(bearer)?;
         ops::required_text("reason", &reason, ops::MAX_REASON_LEN)?;
         // The records stay the webhook path's, under the actor `replay`, and name the operator
-        // in their metadata.
+        // in their metadata. The reason is the caller's text: Debug-escaped, so a newline in it
+        // cannot forge a log line.
         tracing::info!(
             operator = operator.as_deref().unwrap_or("(mock mode, no operator)"),
-            %reason,
+            reason = ?reason,
             "replay of an exported event"
         );
         let event = ops::verify_export(

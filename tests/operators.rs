@@ -549,3 +549,81 @@ async fn a_replay_is_audited_under_actor_replay_naming_the_operator_who_asked() 
     assert_eq!(applied["actor"], "replay", "{later:?}");
     assert_eq!(applied["metadata"].get("operator"), None, "{later:?}");
 }
+
+/// A sidecar started with `envs` (and `args`), its log (text, `CORESDK_LOG=info`) going to a
+/// file: the child, its gRPC channel and the log's path.
+async fn logging_sidecar(
+    dir: &Path,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (
+    std::process::Child,
+    tonic::transport::Channel,
+    std::path::PathBuf,
+) {
+    let log = dir.join("sidecar.log");
+    let stderr = std::fs::File::create(&log).expect("log file");
+    let mut all: Vec<(String, String)> = vec![("CORESDK_LOG".into(), "info".into())];
+    all.extend(envs.iter().map(|(k, v)| ((*k).into(), (*v).into())));
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let (child, addr) = spawn_with_stderr(&args, &all, stderr.into());
+    let channel = connect(&addr).await;
+    (child, channel, log)
+}
+
+#[tokio::test]
+async fn the_start_warning_names_every_admin_rpc_and_a_replay_reason_cannot_forge_a_log_line() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut child, _, log) = logging_sidecar(
+        dir.path(),
+        &["--store", "memory"],
+        &[("STRIPE_WEBHOOK_SECRET", SECRET)],
+    )
+    .await;
+    child.kill().expect("kill");
+    child.wait().expect("reaped");
+    let text = std::fs::read_to_string(&log).expect("the log");
+    let warning = text
+        .lines()
+        .find(|line| line.contains("admin RPCs"))
+        .unwrap_or_else(|| panic!("no warning: {text}"));
+    for rpc in [
+        "SetFlag",
+        "MapCustomer",
+        "UnmapCustomer",
+        "ResolveCustomer",
+        "ReplayStripeEvent",
+    ] {
+        assert!(warning.contains(rpc), "{rpc} missing: {warning}");
+    }
+
+    let (mut child, channel, log) = logging_sidecar(dir.path(), &["--mock"], &[]).await;
+    let forged = "outage\n2026-01-01T00:00:00Z  INFO coresdk: forged";
+    let answer = coresdk::proto::webhook_service_client::WebhookServiceClient::new(channel)
+        .replay_stripe_event(proto::ReplayStripeEventRequest {
+            payload: event(
+                "evt_log",
+                "invoice.paid",
+                now() - 60,
+                serde_json::json!({"id": "in_log", "customer": "cus_acme_001"}),
+            ),
+            reason: forged.into(),
+        })
+        .await;
+    assert!(answer.is_ok(), "{answer:?}");
+    child.kill().expect("kill");
+    child.wait().expect("reaped");
+    let text = std::fs::read_to_string(&log).expect("the log");
+    assert!(
+        text.lines()
+            .any(|line| line.contains("replay of an exported event")
+                && line.contains(r#"outage\n2026"#)),
+        "{text}"
+    );
+    assert!(
+        !text
+            .lines()
+            .any(|line| line.starts_with("2026-01-01T00:00:00Z")),
+        "a forged line: {text}"
+    );
+}

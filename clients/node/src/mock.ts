@@ -1274,7 +1274,16 @@ export class MockSidecar implements CoreSDKClient {
     // is audited under, the caller's actor kept as `claimed_actor`. Without it the claim is the
     // actor (the sidecar's mock mode). Tokens are not checked here, and the named operators'
     // file (CORESDK_ADMIN_TOKENS_FILE) is the sidecar's alone.
-    this.#operator = (env.CORESDK_ADMIN_TOKEN ?? env.CORESDK_ADMIN_TOKEN_FILE ?? '').trim() !== '' ? 'admin' : null;
+    // An empty or blank token is refused at start, as the sidecar does, rather than taken as
+    // unset (which would turn operators off) or as a fall-through to the file.
+    const adminToken = env.CORESDK_ADMIN_TOKEN;
+    if (adminToken !== undefined && adminToken.trim() === '') {
+      throw new Error('CORESDK_ADMIN_TOKEN is set but empty; unset it, or set a token of at least 16 characters');
+    }
+    if (adminToken !== undefined && env.CORESDK_ADMIN_TOKEN_FILE !== undefined) {
+      throw new Error('CORESDK_ADMIN_TOKEN and CORESDK_ADMIN_TOKEN_FILE are one too many; set one');
+    }
+    this.#operator = adminToken !== undefined || env.CORESDK_ADMIN_TOKEN_FILE !== undefined ? 'admin' : null;
     this.#billingUrl = envUrl(env, 'CORESDK_BILLING_URL');
     this.#upgradeUrl = envUrl(env, 'CORESDK_UPGRADE_URL');
     this.#maxParked = envInteger(env, 'CORESDK_MAX_PARKED_EVENTS', 10_000, BigInt(MAX_PARKED_EVENTS_LIMIT));

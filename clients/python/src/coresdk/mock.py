@@ -572,7 +572,14 @@ class MockSidecar(BaseSDK):
         # change is audited under, the caller's actor kept as `claimed_actor`. Without it the
         # claim is the actor (the sidecar's mock mode). Tokens are not checked here, and the
         # named operators' file (CORESDK_ADMIN_TOKENS_FILE) is the sidecar's alone.
-        self._operator = "admin" if rust_trim(env.get("CORESDK_ADMIN_TOKEN", "") or env.get("CORESDK_ADMIN_TOKEN_FILE", "")) else None
+        # An empty or blank token is refused at start, as the sidecar does, rather than taken
+        # as unset (which would turn operators off) or as a fall-through to the file.
+        admin_token = env.get("CORESDK_ADMIN_TOKEN")
+        if admin_token is not None and not rust_trim(admin_token):
+            raise ValueError("CORESDK_ADMIN_TOKEN is set but empty; unset it, or set a token of at least 16 characters")
+        if admin_token is not None and env.get("CORESDK_ADMIN_TOKEN_FILE") is not None:
+            raise ValueError("CORESDK_ADMIN_TOKEN and CORESDK_ADMIN_TOKEN_FILE are one too many; set one")
+        self._operator = "admin" if admin_token is not None or env.get("CORESDK_ADMIN_TOKEN_FILE") is not None else None
         self._billing_url = env.get("CORESDK_BILLING_URL")
         self._upgrade_url = env.get("CORESDK_UPGRADE_URL")
         rules_file = env.get("CORESDK_RULES_FILE")
