@@ -25,6 +25,13 @@ use crate::stripe::StripeEvent;
 /// Longest `actor` an admin change or an appended record may name.
 const MAX_ACTOR_LEN: usize = 256;
 
+/// An operator's replay of an exported event: why, and who asked (none in mock mode without
+/// operators).
+struct Replay {
+    reason: String,
+    operator: Option<String>,
+}
+
 /// The most audit records one `Query` page examines: bounded work per call, whatever its
 /// filters (they match by comparing, not through an index).
 pub const QUERY_SCAN_WINDOW: u64 = 10_000;
@@ -194,10 +201,24 @@ impl App {
         let presented = bearer.ok_or(Error::Unauthenticated(
             "admin RPCs need 'authorization: Bearer <admin token>'",
         ))?;
-        match self.config.operators.identify(presented) {
-            Some(operator) => Ok(Some(operator)),
-            None => Err(Error::Unauthenticated("the admin token is not valid")),
+        let operator = self
+            .config
+            .operators
+            .identify(presented)
+            .ok_or(Error::Unauthenticated("the admin token is not valid"))?;
+        if let Some(api) = &self.config.api_token
+            && api.with(|api| crate::auth::tokens_match(presented, api))
+        {
+            // Refused at start and whenever the tokens file is read, but a reload of
+            // CORESDK_API_TOKEN_FILE or CORESDK_ADMIN_TOKEN_FILE can still make them one: every
+            // app would be an admin.
+            tracing::error!(
+                operator = %operator,
+                "an operator's token is also the API token; its admin calls are refused until one of them changes"
+            );
+            return Err(Error::Unauthenticated("the admin token is not valid"));
         }
+        Ok(Some(operator))
     }
 
     /// Verifies, deduplicates and applies a Stripe delivery in one durable transaction. Any
@@ -247,10 +268,12 @@ impl App {
     ) -> Result<WebhookResult, Error> {
         let operator = self.require_admin(bearer)?;
         ops::required_text("reason", &reason, ops::MAX_REASON_LEN)?;
-        // The records stay the webhook path's, under the actor `replay`; the log says who.
+        // The records stay the webhook path's, under the actor `replay`, and name the operator
+        // in their metadata. The reason is the caller's text: Debug-escaped, so a newline in it
+        // cannot forge a log line.
         tracing::info!(
             operator = operator.as_deref().unwrap_or("(mock mode, no operator)"),
-            %reason,
+            reason = ?reason,
             "replay of an exported event"
         );
         let event = ops::verify_export(
@@ -258,25 +281,28 @@ impl App {
             &payload,
             crate::time::now_s(),
         )?;
-        self.apply_event(event, Some(reason)).await
+        self.apply_event(event, Some(Replay { reason, operator }))
+            .await
     }
 
     /// Applies a verified event in one durable transaction: Stripe's delivery, or with a
-    /// `replay_reason`, an operator's replay.
+    /// `replay`, an operator's replay.
     async fn apply_event(
         &self,
         event: StripeEvent,
-        replay_reason: Option<String>,
+        replay: Option<Replay>,
     ) -> Result<WebhookResult, Error> {
         let rules = self.config.rules.clone();
         let parking = self.config.parking;
         let event_id = event.id.clone();
-        let replayed = replay_reason.is_some();
+        let replayed = replay.is_some();
         let answer = self
             .store
             .write(move |tx| {
-                let delivery = match &replay_reason {
-                    Some(reason) => ops::Delivery::replay(reason),
+                let delivery = match &replay {
+                    Some(replay) => {
+                        ops::Delivery::replay(&replay.reason, replay.operator.as_deref())
+                    }
                     None => ops::Delivery::STRIPE,
                 };
                 ops::apply_webhook(

@@ -58,7 +58,7 @@ const MIN_BUDGET_WINDOW: Duration = Duration::from_secs(1);
 /// and closes the window, so an occurrence counted concurrently is never dropped.
 const REPORTED: u64 = 1 << 63;
 /// The actor of overflow records, which stand for many actors.
-const OVERFLOW_ACTOR: &str = "coresdk";
+pub(crate) const OVERFLOW_ACTOR: &str = "coresdk";
 
 /// What a coalescer's records are: their event name and outcome, and the metadata fields
 /// that belong to the key, so they hold for every occurrence a repeats record counts.

@@ -189,21 +189,34 @@ fn checked_token(
     Ok(Some(Secret::Fixed(Arc::new(token.to_owned()))))
 }
 
-/// The named operators' file, when given; beside `CORESDK_ADMIN_TOKEN` it may not name
-/// `admin` (that token's operator), at start nor on a reload.
+/// The named operators' file, when given. At start and on each reload it is checked against
+/// the admin and API tokens' values then: beside `CORESDK_ADMIN_TOKEN` it may not name `admin`
+/// (that token's operator), and no operator may hold either token.
 fn admin_tokens_file(
     path: Option<&std::path::Path>,
-    beside_admin: bool,
+    beside: operators::Beside,
 ) -> Result<Option<Arc<WatchedFile<operators::OperatorSet>>>, ConfigError> {
     const SETTING: &str = "CORESDK_ADMIN_TOKENS_FILE";
     let Some(path) = path else { return Ok(None) };
-    let parse = if beside_admin {
-        operators::parse_operators_beside_admin
-    } else {
-        operators::parse_operators
-    };
-    let file = WatchedFile::load(SETTING, path, parse).map_err(|e| config_error(SETTING, e))?;
+    let file = WatchedFile::load(SETTING, path, operators::operators_parser(beside))
+        .map_err(|e| config_error(SETTING, e))?;
     Ok(Some(Arc::new(file)))
+}
+
+/// The admin token may not be the API token: every app would be an admin.
+fn check_admin_is_not_api(
+    admin: &Option<Secret<String>>,
+    api: &Option<Secret<String>>,
+) -> Result<(), ConfigError> {
+    if let (Some(admin), Some(api)) = (admin, api)
+        && admin.with(|admin| api.with(|api| crate::auth::tokens_match(admin, api)))
+    {
+        return Err(config_error(
+            "CORESDK_ADMIN_TOKEN",
+            "is CORESDK_API_TOKEN's token, which would make every app an admin; give each its own",
+        ));
+    }
+    Ok(())
 }
 
 fn checked_url(setting: &'static str, url: Option<String>) -> Result<Option<String>, ConfigError> {
@@ -325,16 +338,23 @@ impl Config {
             args.admin_token.take(),
             args.admin_token_file.as_deref(),
         )?;
-        let operators = Operators {
-            file: admin_tokens_file(args.admin_tokens_file.as_deref(), admin_token.is_some())?,
-            admin: admin_token,
-        };
         let api_token = checked_token(
             "CORESDK_API_TOKEN",
             "CORESDK_API_TOKEN_FILE",
             args.api_token.take(),
             args.api_token_file.as_deref(),
         )?;
+        check_admin_is_not_api(&admin_token, &api_token)?;
+        let operators = Operators {
+            file: admin_tokens_file(
+                args.admin_tokens_file.as_deref(),
+                operators::Beside {
+                    admin: admin_token.clone(),
+                    api: api_token.clone(),
+                },
+            )?,
+            admin: admin_token,
+        };
 
         let tokens = token_verifier(&args)?;
         let problem_links = ProblemLinks {

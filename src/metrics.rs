@@ -56,6 +56,12 @@ struct ModeLabel {
     mode: &'static str,
 }
 
+/// A setting's name: a fixed, short list, so a bounded label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SettingLabel {
+    pub setting: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SourceLabel {
     source: &'static str,

@@ -11,6 +11,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::Semaphore;
@@ -126,6 +127,23 @@ async fn metrics(State(ops): State<Ops>) -> Response {
         "coresdk_audit_head_seq",
         "Sequence number of the newest audit record this sidecar has published",
         gauge(app.feeds.audit_head().seq),
+    );
+    let stale = Family::<crate::metrics::SettingLabel, Gauge<i64>>::default();
+    let mut files = Vec::new();
+    for watched in app.config.watched() {
+        if let Some(watched) = watched.upgrade() {
+            watched.staleness(&mut files);
+        }
+    }
+    for (setting, is_stale) in files {
+        stale
+            .get_or_create(&crate::metrics::SettingLabel { setting })
+            .set(i64::from(is_stale));
+    }
+    live.register(
+        "coresdk_secret_file_stale",
+        "1 while a watched secret file's current content cannot be used and an older one is served (see the ERROR log), else 0",
+        stale,
     );
     match app.feeds.metrics().encode(&live) {
         Ok(text) => (

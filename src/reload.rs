@@ -4,6 +4,7 @@
 //! keeps the old value.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use arc_swap::ArcSwap;
@@ -40,20 +41,27 @@ pub fn file_stamp(path: &Path) -> Option<Stamp> {
 /// content: it holds secrets).
 pub type Parse<T> = fn(&Path, &[u8]) -> Result<T, String>;
 
+/// A parser that may read other settings' current values (the operators file refuses a token
+/// that is the API token's, whatever that file says now).
+type Parser<T> = Box<dyn Fn(&Path, &[u8]) -> Result<T, String> + Send + Sync>;
+
 /// A value read from a file and kept current with it.
 pub struct WatchedFile<T> {
     setting: &'static str,
     path: PathBuf,
-    parse: Parse<T>,
+    parse: Parser<T>,
     current: ArcSwap<T>,
     /// The stamp last read, used or refused: a refused file is reported once, not per check.
     seen: Mutex<Option<Stamp>>,
+    /// The file's current content could not be used: an older one is served. Kept off only
+    /// by an ERROR log, a revocation that did not take would go unseen, so it is a gauge too.
+    stale: AtomicBool,
 }
 
 /// Secrets, keys and key sets are small; a larger file is a wrong path, not a secret.
 const MAX_FILE_BYTES: u64 = 1024 * 1024;
 
-fn read<T>(path: &Path, parse: Parse<T>) -> Result<T, String> {
+fn read<T>(path: &Path, parse: &Parser<T>) -> Result<T, String> {
     use std::io::Read as _;
     let unreadable = |e: std::io::Error| {
         format!(
@@ -76,16 +84,32 @@ fn read<T>(path: &Path, parse: Parse<T>) -> Result<T, String> {
 
 impl<T: Send + Sync> WatchedFile<T> {
     /// Reads the file now; its error is a setting error at start.
-    pub fn load(setting: &'static str, path: &Path, parse: Parse<T>) -> Result<Self, String> {
+    pub fn load(
+        setting: &'static str,
+        path: &Path,
+        parse: impl Fn(&Path, &[u8]) -> Result<T, String> + Send + Sync + 'static,
+    ) -> Result<Self, String> {
+        let parse: Parser<T> = Box::new(parse);
         let stamp = file_stamp(path);
-        let value = read(path, parse)?;
+        let value = read(path, &parse)?;
         Ok(Self {
             setting,
             path: path.to_owned(),
             parse,
             current: ArcSwap::from_pointee(value),
             seen: Mutex::new(stamp),
+            stale: AtomicBool::new(false),
         })
+    }
+
+    /// Whether the file's current content could not be used (an older one is served).
+    pub fn stale(&self) -> bool {
+        self.stale.load(Ordering::Relaxed)
+    }
+
+    /// The setting naming this file.
+    pub fn setting(&self) -> &'static str {
+        self.setting
     }
 
     /// The value of the newest file that could be used, for a short use (a guard is cheap
@@ -107,7 +131,7 @@ impl<T: Send + Sync> WatchedFile<T> {
             }
             *seen = stamp;
         }
-        let read = read(&self.path, self.parse);
+        let read = read(&self.path, &self.parse);
         if file_stamp(&self.path) != stamp {
             // Written while we read it (an in-place `echo new > file` is a truncate, then a
             // write): what we read may be half of it. Read it again at the next check.
@@ -119,6 +143,7 @@ impl<T: Send + Sync> WatchedFile<T> {
         match read {
             Ok(fresh) => {
                 self.current.store(Arc::new(fresh));
+                self.stale.store(false, Ordering::Relaxed);
                 tracing::info!(
                     setting = self.setting,
                     path = %self.path.display(),
@@ -127,6 +152,7 @@ impl<T: Send + Sync> WatchedFile<T> {
                 true
             }
             Err(error) => {
+                self.stale.store(true, Ordering::Relaxed);
                 tracing::error!(
                     setting = self.setting,
                     %error,
@@ -141,11 +167,17 @@ impl<T: Send + Sync> WatchedFile<T> {
 /// Something holding watched files.
 pub trait Reload: Send + Sync {
     fn reload_if_changed(&self);
+    /// Each watched file's setting and whether it is stale (see [`WatchedFile::stale`]).
+    fn staleness(&self, out: &mut Vec<(&'static str, bool)>);
 }
 
 impl<T: Send + Sync> Reload for WatchedFile<T> {
     fn reload_if_changed(&self) {
         WatchedFile::reload_if_changed(self);
+    }
+
+    fn staleness(&self, out: &mut Vec<(&'static str, bool)>) {
+        out.push((self.setting, self.stale()));
     }
 }
 
@@ -253,10 +285,12 @@ mod tests {
         assert!(file.reload_if_changed());
         assert_eq!(**file.current(), ["new", "old"]);
 
+        assert!(!file.stale());
         for broken in ["", " \n", ",\n,"] {
             replace(&path, broken);
             assert!(!file.reload_if_changed(), "{broken:?} is refused");
             assert_eq!(**file.current(), ["new", "old"]);
+            assert!(file.stale(), "an older content is served");
         }
         std::fs::write(&path, [0xff, 0xfe]).expect("write");
         assert!(!file.reload_if_changed());
@@ -265,9 +299,11 @@ mod tests {
         assert!(!file.reload_if_changed(), "and is reported once");
         assert_eq!(**file.current(), ["new", "old"]);
 
+        assert!(file.stale());
         replace(&path, "newest");
         assert!(file.reload_if_changed());
         assert_eq!(**file.current(), ["newest"]);
+        assert!(!file.stale(), "the current content is served");
 
         // A file far larger than any secret is a wrong path: refused, not read whole.
         replace(&path, &"x".repeat(MAX_FILE_BYTES as usize + 1));

@@ -143,7 +143,7 @@ fn parse_hmac_secrets(path: &Path, bytes: &[u8]) -> Result<Vec<DecodingKey>, Str
 }
 
 /// A watched key file, its error naming the setting.
-fn watched<T: Send + Sync>(
+fn watched<T: Send + Sync + 'static>(
     setting: &'static str,
     path: Option<&Path>,
     parse: crate::reload::Parse<T>,
@@ -435,6 +435,18 @@ impl Reload for TokenVerifier {
             // A key that left must stop vouching for tokens at once.
             self.key_generation.fetch_add(1, Ordering::SeqCst);
             self.verified.clear();
+        }
+    }
+
+    fn staleness(&self, out: &mut Vec<(&'static str, bool)>) {
+        if let Some(file) = &self.hmac_file {
+            out.push((file.setting(), file.stale()));
+        }
+        if let Some(file) = &self.public_key {
+            out.push((file.setting(), file.stale()));
+        }
+        if let Some(jwks) = &self.jwks {
+            out.push((jwks.setting(), jwks.stale()));
         }
     }
 }

@@ -60,7 +60,35 @@ fn name_defect(name: &str) -> Option<&'static str> {
     }
 }
 
-fn parse(path: &Path, bytes: &[u8], reserved: Option<&str>) -> Result<OperatorSet, String> {
+/// The actors the sidecar writes under itself: an operator so named would pose as it.
+const SYSTEM_ACTORS: [&str; 5] = [
+    crate::ops::WEBHOOK_ACTOR,
+    crate::ops::REPLAY_ACTOR,
+    crate::ops::SEED_ACTOR,
+    crate::ops::PARKING_ACTOR,
+    crate::coalesce::OVERFLOW_ACTOR,
+];
+
+/// The other tokens a tokens file is read beside, by their current value (either may be a
+/// file that reloads).
+#[derive(Clone, Default)]
+pub struct Beside {
+    /// `CORESDK_ADMIN_TOKEN` (or `_FILE`), the operator `admin`: a file operator with its
+    /// token would be audited as `admin`, and the name `admin` is taken.
+    pub admin: Option<Secret<String>>,
+    /// `CORESDK_API_TOKEN` (or `_FILE`): an operator with it would make every app an admin.
+    pub api: Option<Secret<String>>,
+}
+
+fn digest_of(secret: &Option<Secret<String>>) -> Option<[u8; 32]> {
+    secret
+        .as_ref()
+        .map(|s| s.with(|token| Sha256::digest(token.trim().as_bytes()).into()))
+}
+
+fn parse(path: &Path, bytes: &[u8], beside: &Beside) -> Result<OperatorSet, String> {
+    let admin_digest = digest_of(&beside.admin);
+    let api_digest = digest_of(&beside.api);
     let text = crate::reload::utf8(path, bytes)?;
     if text.trim().is_empty() {
         // What a file being written in place looks like between its truncation and its
@@ -90,9 +118,14 @@ fn parse(path: &Path, bytes: &[u8], reserved: Option<&str>) -> Result<OperatorSe
         if let Some(defect) = super::token_defect(token) {
             return Err(at(&format!("the token of operator '{name}' {defect}")));
         }
-        if reserved == Some(name) {
+        if beside.admin.is_some() && name == ADMIN_OPERATOR {
             return Err(at(&format!(
                 "operator '{name}' is CORESDK_ADMIN_TOKEN's; remove this line or that setting"
+            )));
+        }
+        if SYSTEM_ACTORS.contains(&name) {
+            return Err(at(&format!(
+                "'{name}' is an actor the sidecar itself writes the audit trail under; choose another name"
             )));
         }
         if !names.insert(name.to_owned()) {
@@ -102,6 +135,16 @@ fn parse(path: &Path, bytes: &[u8], reserved: Option<&str>) -> Result<OperatorSe
         if !digests.insert(digest) {
             return Err(at(&format!(
                 "operator '{name}' has the token of an operator above; give each its own"
+            )));
+        }
+        if admin_digest == Some(digest) {
+            return Err(at(&format!(
+                "operator '{name}' has CORESDK_ADMIN_TOKEN's token; give it its own"
+            )));
+        }
+        if api_digest == Some(digest) {
+            return Err(at(&format!(
+                "operator '{name}' has CORESDK_API_TOKEN's token, which would make every app an operator; give it its own"
             )));
         }
         if operators.len() == MAX_OPERATORS {
@@ -115,15 +158,14 @@ fn parse(path: &Path, bytes: &[u8], reserved: Option<&str>) -> Result<OperatorSe
     Ok(OperatorSet(operators))
 }
 
-/// Parses a tokens file. One of comments only names no operator (removing every line
-/// revokes every operator it named); an empty one is refused.
-pub fn parse_operators(path: &Path, bytes: &[u8]) -> Result<OperatorSet, String> {
-    parse(path, bytes, None)
-}
-
-/// Parses a tokens file given beside `CORESDK_ADMIN_TOKEN`, which is the operator `admin`.
-pub fn parse_operators_beside_admin(path: &Path, bytes: &[u8]) -> Result<OperatorSet, String> {
-    parse(path, bytes, Some(ADMIN_OPERATOR))
+/// Parses a tokens file read beside the admin and API tokens: a parser for
+/// [`WatchedFile::load`] that compares with their values at each read. One of comments only
+/// names no operator (removing every line revokes every operator it named); an empty one is
+/// refused.
+pub fn operators_parser(
+    beside: Beside,
+) -> impl Fn(&Path, &[u8]) -> Result<OperatorSet, String> + Send + Sync + 'static {
+    move |path, bytes| parse(path, bytes, &beside)
 }
 
 /// Every operator this sidecar accepts.
@@ -146,19 +188,33 @@ impl Operators {
     /// at a match, so the time taken says nothing about which one matched, if any.
     pub fn identify(&self, presented: &str) -> Option<String> {
         let mut found: Option<String> = None;
+        let mut matches = 0usize;
         if let Some(admin) = &self.admin
             && admin.with(|expected| crate::auth::tokens_match(presented, expected))
         {
             found = Some(ADMIN_OPERATOR.to_owned());
+            matches += 1;
         }
         if let Some(file) = &self.file {
             let presented: [u8; 32] = Sha256::digest(presented.trim().as_bytes()).into();
             for operator in &file.current().0 {
                 let matched: bool = presented.ct_eq(&operator.digest).into();
-                if matched && found.is_none() {
-                    found = Some(operator.name.clone());
+                if matched {
+                    matches += 1;
+                    if found.is_none() {
+                        found = Some(operator.name.clone());
+                    }
                 }
             }
+        }
+        if matches > 1 {
+            // The tokens file refuses the admin token's token when it is read, but a later
+            // reload of CORESDK_ADMIN_TOKEN_FILE can still make them one: which operator made
+            // the change could not be told, so nobody did.
+            tracing::error!(
+                "a token is both CORESDK_ADMIN_TOKEN's and a CORESDK_ADMIN_TOKENS_FILE operator's; refused until one of them changes"
+            );
+            return None;
         }
         found
     }
@@ -183,8 +239,12 @@ mod tests {
     const TOKEN_B: &str = "token-of-bob-0123456789";
 
     fn parsed(text: &str) -> Result<Vec<String>, String> {
-        parse_operators(Path::new("/etc/ops"), text.as_bytes())
+        parse(Path::new("/etc/ops"), text.as_bytes(), &Beside::default())
             .map(|set| set.names().map(str::to_owned).collect())
+    }
+
+    fn fixed(token: &str) -> Option<Secret<String>> {
+        Some(Secret::Fixed(Arc::new(token.to_owned())))
     }
 
     #[test]
@@ -250,15 +310,54 @@ mod tests {
             error.contains(&format!(":{}: more than", MAX_OPERATORS + 1)),
             "{error}"
         );
-        let error =
-            parse_operators_beside_admin(Path::new("f"), format!("admin: {TOKEN_A}").as_bytes())
-                .err()
-                .expect("admin is reserved");
+        let beside_admin = Beside {
+            admin: fixed("the-admin-token-0123456789"),
+            api: None,
+        };
+        let error = parse(
+            Path::new("f"),
+            format!("admin: {TOKEN_A}").as_bytes(),
+            &beside_admin,
+        )
+        .err()
+        .expect("admin is reserved");
         assert!(
             error.starts_with("f:1: ") && error.contains("CORESDK_ADMIN_TOKEN"),
             "{error}"
         );
-        assert!(parse_operators(Path::new("f"), format!("admin: {TOKEN_A}").as_bytes()).is_ok());
+        assert!(parsed(&format!("admin: {TOKEN_A}")).is_ok());
+    }
+
+    #[test]
+    fn the_sidecars_own_actors_are_not_operator_names() {
+        for actor in SYSTEM_ACTORS {
+            let error = parsed(&format!("alice: {TOKEN_A}\n{actor}: {TOKEN_B}")).expect_err(actor);
+            assert!(
+                error.starts_with("/etc/ops:2: ") && error.contains(actor),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn another_settings_token_is_refused_by_its_value_now() {
+        let beside = Beside {
+            admin: fixed(TOKEN_A),
+            api: fixed(&format!(" {TOKEN_B}\n")),
+        };
+        let read = |text: &str| parse(Path::new("f"), text.as_bytes(), &beside).err();
+        let error = read(&format!("alice: {TOKEN_A}")).expect("the admin token");
+        assert!(
+            error.starts_with("f:1: ") && error.contains("CORESDK_ADMIN_TOKEN"),
+            "{error}"
+        );
+        let error = read(&format!("# x\nbob: {TOKEN_B}")).expect("the API token");
+        assert!(
+            error.starts_with("f:2: ") && error.contains("CORESDK_API_TOKEN"),
+            "{error}"
+        );
+        assert!(!error.contains(TOKEN_B), "{error}");
+        assert!(read("carol: token-of-carol-0123456789").is_none());
     }
 
     #[test]
@@ -274,7 +373,7 @@ mod tests {
                 WatchedFile::load(
                     "CORESDK_ADMIN_TOKENS_FILE",
                     &path,
-                    parse_operators_beside_admin,
+                    operators_parser(Beside::default()),
                 )
                 .expect("loads"),
             )),

@@ -534,18 +534,41 @@ fn dedup_retention_is_whole_days_and_off_or_zero_keeps_records_forever() {
 fn token_files_are_checked_like_the_tokens_and_exclude_them() {
     let dir = tempfile::tempdir().expect("temp dir");
     let good = write(dir.path(), "admin", "admin-token-0123456789\n");
+    let api = write(dir.path(), "api", "api-token-0123456789\n");
     let short = write(dir.path(), "short", "short\n");
     let config = config(&[
         "--admin-token-file",
         text(&good),
         "--api-token-file",
-        text(&good),
+        text(&api),
     ]);
     assert!(matches!(config.operators.admin, Some(Secret::File(_))));
     assert_eq!(
         config.api_token.map(|t| t.with(String::clone)).as_deref(),
-        Some("admin-token-0123456789")
+        Some("api-token-0123456789")
     );
+    // One token for both would make every app an admin, however each is given.
+    for flags in [
+        [
+            "--admin-token-file",
+            text(&good),
+            "--api-token-file",
+            text(&good),
+        ],
+        [
+            "--admin-token",
+            " admin-token-0123456789",
+            "--api-token-file",
+            text(&good),
+        ],
+    ] {
+        let e = error(&flags);
+        assert_eq!(e.setting, "CORESDK_ADMIN_TOKEN");
+        assert!(
+            e.message.contains("CORESDK_API_TOKEN") && !e.message.contains("admin-token-0"),
+            "{e}"
+        );
+    }
     let e = error(&["--admin-token-file", text(&short)]);
     assert_eq!(e.setting, "CORESDK_ADMIN_TOKEN_FILE");
     assert!(

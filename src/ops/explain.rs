@@ -289,7 +289,7 @@ mod tests {
                     &rules,
                     crate::ops::ParkingLimits::DEFAULT,
                     &event,
-                    &Delivery::replay("test"),
+                    &Delivery::replay("test", None),
                     NOW_MS,
                 )
             })

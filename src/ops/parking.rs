@@ -179,6 +179,7 @@ pub fn apply_parked(
         let delivery = Delivery {
             actor: &parked.actor,
             reason: parked.reason.as_deref(),
+            operator: None,
         };
         match apply_unparked(
             tx,

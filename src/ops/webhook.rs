@@ -18,25 +18,31 @@ pub const WEBHOOK_ACTOR: &str = "stripe-webhook";
 pub const REPLAY_ACTOR: &str = "replay";
 
 /// Who feeds an event through the webhook path and why: Stripe's own delivery, or an
-/// operator's replay (actor `replay`, with the operator's reason in every audit record).
+/// operator's replay (actor `replay`, with the operator's reason and name in every audit
+/// record written then).
 #[derive(Debug, Clone, Copy)]
 pub struct Delivery<'a> {
     pub actor: &'a str,
     pub reason: Option<&'a str>,
+    /// The operator who asked for a replay (none in mock mode without operators, and none
+    /// when a parked event applies later: the mapping's operator did not ask for it).
+    pub operator: Option<&'a str>,
 }
 
 impl Delivery<'static> {
     pub const STRIPE: Delivery<'static> = Delivery {
         actor: WEBHOOK_ACTOR,
         reason: None,
+        operator: None,
     };
 }
 
 impl<'a> Delivery<'a> {
-    pub fn replay(reason: &'a str) -> Self {
+    pub fn replay(reason: &'a str, operator: Option<&'a str>) -> Self {
         Delivery {
             actor: REPLAY_ACTOR,
             reason: Some(reason),
+            operator,
         }
     }
 }
@@ -112,6 +118,9 @@ fn audit_webhook(
 ) -> Result<AuditRecord, Error> {
     if let Some(reason) = delivery.reason {
         metadata.insert("reason".into(), json!(reason));
+    }
+    if let Some(operator) = delivery.operator {
+        metadata.insert("operator".into(), json!(operator));
     }
     tx.append_audit(
         NewAuditRecord {

@@ -314,10 +314,15 @@ pub fn signed(secret: &str, body: Vec<u8>) -> coresdk::proto::HandleStripeWebhoo
 }
 
 pub fn admin<T>(message: T) -> tonic::Request<T> {
+    with_bearer(message, ADMIN_TOKEN)
+}
+
+/// `message` with `authorization: Bearer <token>`.
+pub fn with_bearer<T>(message: T, token: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.metadata_mut().insert(
         "authorization",
-        format!("Bearer {ADMIN_TOKEN}").parse().expect("ascii"),
+        format!("Bearer {token}").parse().expect("ascii"),
     );
     request
 }

@@ -1144,6 +1144,8 @@ interface Parked {
 interface Delivery {
   actor: string;
   reason: string | null;
+  /** The operator who asked for a replay: named in the records written then, not later. */
+  operator?: string | null;
 }
 
 interface Wanted {
@@ -1272,7 +1274,16 @@ export class MockSidecar implements CoreSDKClient {
     // is audited under, the caller's actor kept as `claimed_actor`. Without it the claim is the
     // actor (the sidecar's mock mode). Tokens are not checked here, and the named operators'
     // file (CORESDK_ADMIN_TOKENS_FILE) is the sidecar's alone.
-    this.#operator = (env.CORESDK_ADMIN_TOKEN ?? env.CORESDK_ADMIN_TOKEN_FILE ?? '').trim() !== '' ? 'admin' : null;
+    // An empty or blank token is refused at start, as the sidecar does, rather than taken as
+    // unset (which would turn operators off) or as a fall-through to the file.
+    const adminToken = env.CORESDK_ADMIN_TOKEN;
+    if (adminToken !== undefined && adminToken.trim() === '') {
+      throw new Error('CORESDK_ADMIN_TOKEN is set but empty; unset it, or set a token of at least 16 characters');
+    }
+    if (adminToken !== undefined && env.CORESDK_ADMIN_TOKEN_FILE !== undefined) {
+      throw new Error('CORESDK_ADMIN_TOKEN and CORESDK_ADMIN_TOKEN_FILE are one too many; set one');
+    }
+    this.#operator = adminToken !== undefined || env.CORESDK_ADMIN_TOKEN_FILE !== undefined ? 'admin' : null;
     this.#billingUrl = envUrl(env, 'CORESDK_BILLING_URL');
     this.#upgradeUrl = envUrl(env, 'CORESDK_UPGRADE_URL');
     this.#maxParked = envInteger(env, 'CORESDK_MAX_PARKED_EVENTS', 10_000, BigInt(MAX_PARKED_EVENTS_LIMIT));
@@ -1458,7 +1469,9 @@ export class MockSidecar implements CoreSDKClient {
       if (e instanceof Refusal) throw this.#error(e);
       throw e;
     }
-    return this.#answer(this.#apply(event, { actor: REPLAY_ACTOR, reason: options.reason }, null, Date.now()));
+    return this.#answer(
+      this.#apply(event, { actor: REPLAY_ACTOR, reason: options.reason, operator: this.#operator }, null, Date.now()),
+    );
   }
 
   #answer(answer: WebhookResult | Refusal): WebhookResult {
@@ -1521,6 +1534,7 @@ export class MockSidecar implements CoreSDKClient {
 
   #auditWebhook(delivery: Delivery, tenant: string, event: StripeEvent, outcome: string, metadata: JsonObject, nowMs: number): StoredRecord {
     if (delivery.reason !== null) metadata.reason = delivery.reason;
+    if (delivery.operator != null) metadata.operator = delivery.operator;
     return this.#append({ tenant, actor: delivery.actor, event: `billing.${event.type}`, outcome, metadata }, nowMs);
   }
 

@@ -297,3 +297,15 @@ describe('mock: the settings the sidecar reads are read as the sidecar reads the
     }
   });
 });
+
+test('an empty or doubled admin token is refused at start, as the sidecar refuses it', () => {
+  // Not unset (operators off) nor a fall-through to the file: the sidecar does not start.
+  const env = Object.fromEntries(Object.entries(ENV).filter(([k]) => !k.startsWith('CORESDK_ADMIN_TOKEN')));
+  for (const admin of [
+    { CORESDK_ADMIN_TOKEN: '' },
+    { CORESDK_ADMIN_TOKEN: ' \n', CORESDK_ADMIN_TOKEN_FILE: '/etc/admin-token' },
+    { CORESDK_ADMIN_TOKEN: 'x'.repeat(16), CORESDK_ADMIN_TOKEN_FILE: '/etc/admin-token' },
+  ]) {
+    assert.throws(() => new MockSidecar(makeSettings({ useMock: true }), { ...env, ...admin }), /CORESDK_ADMIN_TOKEN/);
+  }
+});

@@ -472,3 +472,13 @@ def test_the_asyncio_variant_asks_nothing_on_the_loop_when_the_stream_drops_mean
         assert loop_thread not in asked_from
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("admin", [{"CORESDK_ADMIN_TOKEN": ""}, {"CORESDK_ADMIN_TOKEN": " \n"},
+                                   {"CORESDK_ADMIN_TOKEN": "x" * 16, "CORESDK_ADMIN_TOKEN_FILE": "/etc/admin-token"}])
+def test_the_mock_refuses_an_empty_or_doubled_admin_token_as_the_sidecar_does(admin):
+    # The sidecar does not start (`is set but empty`, or the two settings conflict): an empty
+    # value neither turns operators off nor falls through to the file.
+    env = {k: v for k, v in ENV.items() if not k.startswith("CORESDK_ADMIN_TOKEN")}
+    with pytest.raises(ValueError, match="CORESDK_ADMIN_TOKEN"):
+        MockSidecar(Settings(use_mock=True), env={**env, **admin})

@@ -120,16 +120,18 @@ async fn a_parked_event_is_applied_as_the_delivery_that_brought_it() {
                 &rules,
                 ParkingLimits::DEFAULT,
                 &replayed,
-                &Delivery {
-                    actor: "replay",
-                    reason: Some("outage 42"),
-                },
+                &Delivery::replay("outage 42", Some("alice")),
                 NOW_MS,
             )
         })
         .await
         .expect("the transaction commits");
     assert!(refused.is_err());
+    // Parked at replay time: that record names the operator who asked for the replay.
+    let parked = fx.audit().await;
+    let parked = parked.last().expect("the parked record");
+    assert_eq!(parked.actor, "replay");
+    assert_eq!(parked.metadata["operator"], json!("alice"));
 
     fx.map("cus_r", "rco").await;
     let audit = fx.audit().await;
@@ -140,4 +142,6 @@ async fn a_parked_event_is_applied_as_the_delivery_that_brought_it() {
     );
     assert_eq!(applied.metadata["reason"], json!("outage 42"));
     assert_eq!(applied.metadata["parked_at_ms"], json!(NOW_MS));
+    // Applied later by a mapping, which that operator did not ask for.
+    assert_eq!(applied.metadata.get("operator"), None);
 }

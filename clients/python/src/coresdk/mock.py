@@ -572,7 +572,14 @@ class MockSidecar(BaseSDK):
         # change is audited under, the caller's actor kept as `claimed_actor`. Without it the
         # claim is the actor (the sidecar's mock mode). Tokens are not checked here, and the
         # named operators' file (CORESDK_ADMIN_TOKENS_FILE) is the sidecar's alone.
-        self._operator = "admin" if rust_trim(env.get("CORESDK_ADMIN_TOKEN", "") or env.get("CORESDK_ADMIN_TOKEN_FILE", "")) else None
+        # An empty or blank token is refused at start, as the sidecar does, rather than taken
+        # as unset (which would turn operators off) or as a fall-through to the file.
+        admin_token = env.get("CORESDK_ADMIN_TOKEN")
+        if admin_token is not None and not rust_trim(admin_token):
+            raise ValueError("CORESDK_ADMIN_TOKEN is set but empty; unset it, or set a token of at least 16 characters")
+        if admin_token is not None and env.get("CORESDK_ADMIN_TOKEN_FILE") is not None:
+            raise ValueError("CORESDK_ADMIN_TOKEN and CORESDK_ADMIN_TOKEN_FILE are one too many; set one")
+        self._operator = "admin" if admin_token is not None or env.get("CORESDK_ADMIN_TOKEN_FILE") is not None else None
         self._billing_url = env.get("CORESDK_BILLING_URL")
         self._upgrade_url = env.get("CORESDK_UPGRADE_URL")
         rules_file = env.get("CORESDK_RULES_FILE")
@@ -879,7 +886,8 @@ class MockSidecar(BaseSDK):
             raise self._too_large(len(payload))
         now = int(time.time())
         event = self._parse_event(payload, now, "now; an exported event cannot come from the future")
-        return self._apply(event, now, REPLAY_ACTOR, reason)
+        # As the sidecar: the records written now name the operator who asked for the replay.
+        return self._apply(event, now, REPLAY_ACTOR, reason, operator=self._operator)
 
     def _park(self, event: dict[str, Any], customer: str, actor: str, reason: str, meta: dict[str, Any]) -> None:
         """As the sidecar's parking (src/ops/parking.rs): keeps the refused event unless it is
@@ -919,7 +927,8 @@ class MockSidecar(BaseSDK):
                 pass
         return applied
 
-    def _apply(self, event: dict[str, Any], signed_at: int, actor: str, reason: str, parked_at_ms: Optional[int] = None) -> WebhookResult:
+    def _apply(self, event: dict[str, Any], signed_at: int, actor: str, reason: str, parked_at_ms: Optional[int] = None,
+               operator: Optional[str] = None) -> WebhookResult:
         event_id, event_type = event["id"], event["type"]
         created = event["created"]
         obj = _event_object(event)
@@ -934,6 +943,8 @@ class MockSidecar(BaseSDK):
             meta["object_id"] = _object_str(obj, "id")
         if reason:
             meta["reason"] = reason
+        if operator is not None:
+            meta["operator"] = operator
         if parked_at_ms is not None:
             meta["parked_at_ms"] = parked_at_ms
         with self._lock:
