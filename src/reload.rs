@@ -118,19 +118,23 @@ impl<T: Send + Sync> WatchedFile<T> {
         self.current.load()
     }
 
-    /// Re-reads the file if it changed since last read; true when the value was replaced.
+    /// Re-reads the file if it changed since last read, or while its content is refused (a
+    /// tokens file is checked against other settings, whose own change can make it good);
+    /// true when the value was replaced.
     pub fn reload_if_changed(&self) -> bool {
         let stamp = file_stamp(&self.path);
-        {
+        let changed = {
             let mut seen = match self.seen.lock() {
                 Ok(seen) => seen,
                 Err(poisoned) => poisoned.into_inner(),
             };
-            if *seen == stamp {
+            let changed = *seen != stamp;
+            if !changed && !self.stale() {
                 return false;
             }
             *seen = stamp;
-        }
+            changed
+        };
         let read = read(&self.path, &self.parse);
         if file_stamp(&self.path) != stamp {
             // Written while we read it (an in-place `echo new > file` is a truncate, then a
@@ -151,6 +155,8 @@ impl<T: Send + Sync> WatchedFile<T> {
                 );
                 true
             }
+            // Still refused, unchanged: said already.
+            Err(_) if !changed => false,
             Err(error) => {
                 self.stale.store(true, Ordering::Relaxed);
                 tracing::error!(

@@ -370,13 +370,22 @@ async fn a_reload_cannot_make_an_operator_of_the_api_token_and_a_refused_file_sh
     .await;
     assert!(accepted(&sidecar, BOB).await);
     assert!(!accepted(&sidecar, "the-api-token-0123456789").await);
+    // The API token rotates away: the refused tokens file, untouched, is good now and taken.
+    replace(&api_file, "another-api-token-0123456789\n");
+    eventually(
+        "the tokens file refused for the old API token is taken",
+        || async { stale(&ops, TOKENS).await == 0.0 },
+    )
+    .await;
+    assert!(!accepted(&sidecar, BOB).await);
+    assert!(accepted(&sidecar, "the-api-token-0123456789").await);
     // A deleted file is stale too: the last good set is still served.
     std::fs::remove_file(&file).expect("remove");
     tokio::time::sleep(SETTLE).await;
     assert_eq!(stale(&ops, TOKENS).await, 1.0);
-    assert!(accepted(&sidecar, BOB).await);
+    assert!(accepted(&sidecar, "the-api-token-0123456789").await);
 
-    // Fixed: bob's removal takes, the gauge goes back to 0.
+    // Written again: taken, the gauge goes back to 0.
     replace(Path::new(&file), &format!("alice: {ALICE}\n"));
     eventually("the fixed file is taken", || async {
         stale(&ops, TOKENS).await == 0.0

@@ -10,6 +10,9 @@ use crate::audit::{self, NewAuditRecord};
 use crate::flags::FlagCache;
 use crate::problem::Error;
 
+/// The actor of a denial whose caller's token named no subject.
+pub const ANONYMOUS_ACTOR: &str = "anonymous";
+
 /// Flags one request may name at most.
 const MAX_FLAGS: usize = 32;
 /// Longest `resource` accepted; it lands in the audit trail and the problem's `instance`.
@@ -96,7 +99,7 @@ pub fn denial_record(access: &Access, denial: &Denial, resource: &str) -> NewAud
     NewAuditRecord {
         tenant_id: tenant.to_owned(),
         actor: if subject.is_empty() {
-            "anonymous".to_owned()
+            ANONYMOUS_ACTOR.to_owned()
         } else {
             subject.to_owned()
         },

@@ -11,7 +11,9 @@ use subtle::ConstantTimeEq;
 
 use crate::flags::FlagCache;
 pub use crate::problem::Denial;
-pub use access::{Access, AccessRequest, Authorizer, DENIAL_KEY_FIELDS, denial_record};
+pub use access::{
+    ANONYMOUS_ACTOR, Access, AccessRequest, Authorizer, DENIAL_KEY_FIELDS, denial_record,
+};
 pub use denials::{DenialKey, FailModeCounter};
 pub use token::{Claims, TokenError, TokenVerifier};
 

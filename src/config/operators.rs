@@ -61,12 +61,13 @@ fn name_defect(name: &str) -> Option<&'static str> {
 }
 
 /// The actors the sidecar writes under itself: an operator so named would pose as it.
-const SYSTEM_ACTORS: [&str; 5] = [
+const SYSTEM_ACTORS: [&str; 6] = [
     crate::ops::WEBHOOK_ACTOR,
     crate::ops::REPLAY_ACTOR,
     crate::ops::SEED_ACTOR,
     crate::ops::PARKING_ACTOR,
     crate::coalesce::OVERFLOW_ACTOR,
+    crate::auth::ANONYMOUS_ACTOR,
 ];
 
 /// The other tokens a tokens file is read beside, by their current value (either may be a
@@ -102,7 +103,8 @@ fn parse(path: &Path, bytes: &[u8], beside: &Beside) -> Result<OperatorSet, Stri
     let mut names = HashSet::new();
     let mut digests = HashSet::new();
     for (index, line) in text.lines().enumerate() {
-        // Errors name the line, never its content: the line holds a token.
+        // Errors name the line, never its content, not even the name: a line written the wrong
+        // way round (`<token>: alice`) has a valid name that is the token.
         let at = |what: &str| format!("{}:{}: {what}", path.display(), index + 1);
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -116,36 +118,37 @@ fn parse(path: &Path, bytes: &[u8], beside: &Beside) -> Result<OperatorSet, Stri
             return Err(at(defect));
         }
         if let Some(defect) = super::token_defect(token) {
-            return Err(at(&format!("the token of operator '{name}' {defect}")));
+            return Err(at(&format!("the token {defect}")));
         }
         if beside.admin.is_some() && name == ADMIN_OPERATOR {
             return Err(at(&format!(
-                "operator '{name}' is CORESDK_ADMIN_TOKEN's; remove this line or that setting"
+                "operator '{ADMIN_OPERATOR}' is CORESDK_ADMIN_TOKEN's; remove this line or that setting"
             )));
         }
         if SYSTEM_ACTORS.contains(&name) {
+            // A fixed name of the sidecar's own, safe to show.
             return Err(at(&format!(
                 "'{name}' is an actor the sidecar itself writes the audit trail under; choose another name"
             )));
         }
         if !names.insert(name.to_owned()) {
-            return Err(at(&format!("operator '{name}' is named twice")));
+            return Err(at("this operator's name is already given above"));
         }
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if !digests.insert(digest) {
-            return Err(at(&format!(
-                "operator '{name}' has the token of an operator above; give each its own"
-            )));
+            return Err(at(
+                "this operator has the token of an operator above; give each its own",
+            ));
         }
         if admin_digest == Some(digest) {
-            return Err(at(&format!(
-                "operator '{name}' has CORESDK_ADMIN_TOKEN's token; give it its own"
-            )));
+            return Err(at(
+                "this operator has CORESDK_ADMIN_TOKEN's token; give it its own",
+            ));
         }
         if api_digest == Some(digest) {
-            return Err(at(&format!(
-                "operator '{name}' has CORESDK_API_TOKEN's token, which would make every app an operator; give it its own"
-            )));
+            return Err(at(
+                "this operator has CORESDK_API_TOKEN's token, which would make every app an operator; give it its own",
+            ));
         }
         if operators.len() == MAX_OPERATORS {
             return Err(at(&format!("more than {MAX_OPERATORS} operators")));
@@ -237,6 +240,8 @@ mod tests {
 
     const TOKEN_A: &str = "token-of-alice-0123456789";
     const TOKEN_B: &str = "token-of-bob-0123456789";
+    /// A token as `openssl rand -hex 16` makes one: also a valid operator name.
+    const REVERSED: &str = "0123456789abcdef0123456789abcdef";
 
     fn parsed(text: &str) -> Result<Vec<String>, String> {
         parse(Path::new("/etc/ops"), text.as_bytes(), &Beside::default())
@@ -284,19 +289,21 @@ mod tests {
             (
                 format!("alice: {TOKEN_A}\n#\nalice: {TOKEN_B}"),
                 3,
-                "named twice",
+                "already given above",
             ),
             (
                 format!("alice: {TOKEN_A}\nbob: {TOKEN_A}"),
                 2,
                 "token of an operator above",
             ),
+            // Written the wrong way round: the token is a valid name, and must not be shown.
+            (format!("{REVERSED}: alice"), 1, "at least 16 characters"),
         ];
         for (text, line, what) in cases {
             let error = parsed(&text).expect_err(&text);
             assert!(error.starts_with(&format!("/etc/ops:{line}: ")), "{error}");
             assert!(error.contains(what), "{error} should say {what}");
-            for token in [TOKEN_A, TOKEN_B, "short-token"] {
+            for token in [TOKEN_A, TOKEN_B, "short-token", REVERSED] {
                 assert!(!error.contains(token), "{error} echoes a token");
             }
         }

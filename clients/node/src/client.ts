@@ -325,8 +325,8 @@ export class SidecarClient implements CoreSDKClient {
    * sidecar away or slow, or the connection at its call limit) with jittered exponential backoff. Webhooks are deduplicated by event id, appends by their idempotency
    * key, and reads repeat safely. A write that is not idempotent (`SetFlag`) is retried only
    * after the sidecar said it committed nothing: a transport failure may have come after the
-   * commit, and a retry would write it twice. Such a write waits for the connection instead (within the deadline), so a
-   * sidecar that is restarting fails it before it was ever sent.
+   * commit, and a retry would write it twice. Such a write waits for the connection instead
+   * (within the deadline), so a sidecar that is restarting fails it before it was ever sent.
    */
   async #call<T>(invoke: Invoke<T>, { admin = false, idempotent = true }: CallOptions = {}): Promise<T> {
     if (this.#closed) throw this.#closedError();
@@ -412,6 +412,7 @@ export class SidecarClient implements CoreSDKClient {
   async #flushSpool(): Promise<void> {
     if (this.#flushing) return;
     this.#flushing = true;
+    let busyDelay = RETRY_FIRST_DELAY_MS;
     try {
       while (this.#spool.length > 0 && !this.#closed) {
         const request = this.#spool[0] as AppendAuditRequest;
@@ -425,6 +426,12 @@ export class SidecarClient implements CoreSDKClient {
         } catch (caught) {
           if (this.#closed) return;
           const error = problemFromError(caught, this.settings.problemTypeBase);
+          if (error.connectionBusy) {
+            // Up but busy (not an outage): the same record again shortly.
+            await sleep(jittered(busyDelay));
+            busyDelay = Math.min(busyDelay * 2, 1000);
+            continue;
+          }
           if (error instanceof SidecarUnavailableError || error.retryable) {
             // Down again: the next recovery sends the rest.
             this.#outage.failed(`audit spool: ${error.problem.detail ?? error.message}`);

@@ -44,8 +44,12 @@ export class ProblemError extends Error {
    * (`CORESDK_MAX_CONCURRENT_PER_CONNECTION`), which a moment's wait frees.
    */
   get retryable(): boolean {
-    if (this.code === GrpcCode.RESOURCE_EXHAUSTED) return this.reason === CONNECTION_BUSY;
-    return this.code === GrpcCode.UNAVAILABLE || this.code === GrpcCode.DEADLINE_EXCEEDED;
+    return this.connectionBusy || this.code === GrpcCode.UNAVAILABLE || this.code === GrpcCode.DEADLINE_EXCEEDED;
+  }
+
+  /** Refused unstarted for the connection's call limit: the sidecar is up, only busy. */
+  get connectionBusy(): boolean {
+    return this.code === GrpcCode.RESOURCE_EXHAUSTED && this.reason === CONNECTION_BUSY;
   }
 }
 

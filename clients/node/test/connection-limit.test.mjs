@@ -37,8 +37,19 @@ async function writeLock(path) {
   };
 }
 
+/** ExplainFlag calls the sidecar refused for the connection's limit, from its metrics. */
+async function refusedExplains(sidecar) {
+  const answer = await fetch(`http://${sidecar.listeners.get('ops')}/metrics`);
+  const text = await answer.text();
+  return text
+    .split('\n')
+    .filter((line) => line.startsWith('grpc_server_handled_total{'))
+    .filter((line) => line.includes('grpc_method="ExplainFlag"') && line.includes('grpc_code="ResourceExhausted"'))
+    .reduce((sum, line) => sum + Number(line.slice(line.lastIndexOf(' ') + 1)), 0);
+}
+
 test('a call refused while its connection is busy is retried until served', async () => {
-  const sidecar = await Sidecar.start({ env: { CORESDK_MAX_CONCURRENT_PER_CONNECTION: '1' } });
+  const sidecar = await Sidecar.start({ listeners: ['ops'], env: { CORESDK_MAX_CONCURRENT_PER_CONNECTION: '1' } });
   const client = await clientFor(sidecar, { timeoutMs: 10_000 });
   try {
     const lock = await writeLock(sidecar.store.replace(/^sqlite:\/\//, ''));
@@ -54,6 +65,7 @@ test('a call refused while its connection is busy is retried until served', asyn
     // Refused at first (the connection is busy), retried, served once the write answered.
     const explained = await client.explainFlag('acme-corp', 'pro_features');
     assert.equal(explained.flag.key, 'pro_features');
+    assert.ok((await refusedExplains(sidecar)) >= 1, 'the call was refused at least once, then retried');
     await releasing;
     assert.equal((await write).value, true);
   } finally {

@@ -5,11 +5,28 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import urllib.request
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from coresdk.errors import Problem, ProblemError
 
-from conftest import Sidecar, client_for
+from conftest import Sidecar, client_for, free_port
+
+
+def refused_explains(ops_addr: str) -> float:
+    """ExplainFlag calls the sidecar refused for the connection's limit, from its metrics."""
+    with urllib.request.urlopen(f"http://{ops_addr}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "grpc_server_handled_total"
+        and sample.labels.get("grpc_method") == "ExplainFlag"
+        and sample.labels.get("grpc_code") == "ResourceExhausted"
+    )
 
 
 def test_a_refusal_for_the_connections_limit_is_retryable_and_other_exhaustion_is_not():
@@ -24,7 +41,8 @@ def test_a_refusal_for_the_connections_limit_is_retryable_and_other_exhaustion_i
 
 
 def test_a_call_refused_while_the_connection_is_busy_is_retried_until_served(tmp_path: Path):
-    process = Sidecar(tmp_path, {"CORESDK_MAX_CONCURRENT_PER_CONNECTION": "1"})
+    ops_addr = f"127.0.0.1:{free_port()}"
+    process = Sidecar(tmp_path, {"CORESDK_MAX_CONCURRENT_PER_CONNECTION": "1", "CORESDK_OPS_LISTEN": ops_addr})
     process.start()
     client = client_for(process, timeout_ms=10_000)
     try:
@@ -42,6 +60,7 @@ def test_a_call_refused_while_the_connection_is_busy_is_retried_until_served(tmp
         # Refused at first (the connection is busy), retried, served once the write answered.
         explained = client.explain_flag("acme-corp", "pro_features")
         assert explained.flag.key == "pro_features"
+        assert refused_explains(ops_addr) >= 1, "the call was refused at least once, then retried"
         write.join(10)
         assert not write.is_alive()
         assert client.get_flag("acme-corp", "paywall_active").value is True

@@ -248,6 +248,7 @@ class SidecarClient(BaseSDK):
     def _flush_spool(self) -> None:
         if not self._flushing.acquire(blocking=False):
             return
+        busy_delay = 0.02
         try:
             while self._spool and not self._closed.is_set():
                 request = self._spool[0]
@@ -255,6 +256,11 @@ class SidecarClient(BaseSDK):
                     self._audit.Append(request, timeout=self.settings.timeout_ms / 1000, metadata=self._metadata())
                 except grpc.RpcError as e:
                     error = problem_from_rpc_error(e)
+                    if error.connection_busy:
+                        # Up but busy (not an outage): the same record again shortly.
+                        self._closed.wait(busy_delay * (0.5 + random.random()))
+                        busy_delay = min(busy_delay * 2, 1.0)
+                        continue
                     if isinstance(error, SidecarUnavailable) or error.retryable:
                         # Down again: the next recovery sends the rest.
                         self.outage.failed(f"audit spool: {e.code().name if hasattr(e, 'code') else e}")

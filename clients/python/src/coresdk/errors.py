@@ -70,9 +70,12 @@ class ProblemError(Exception):
         """Worth trying again shortly: the sidecar was away or slow, or it refused the call
         before starting it because this connection already had as many calls running as it
         allows (`CORESDK_MAX_CONCURRENT_PER_CONNECTION`), which a moment's wait frees."""
-        if self.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return self.problem.reason == CONNECTION_BUSY
-        return self.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        return self.connection_busy or self.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+    @property
+    def connection_busy(self) -> bool:
+        """Refused unstarted for the connection's call limit: the sidecar is up, only busy."""
+        return self.code == grpc.StatusCode.RESOURCE_EXHAUSTED and self.problem.reason == CONNECTION_BUSY
 
 
 class FlagNotFound(ProblemError, LookupError):
