@@ -153,7 +153,7 @@ impl Tracing {
         // collector cannot take are dropped, never waited for. The sampler comes from
         // OTEL_TRACES_SAMPLER(_ARG), parent-based always-on by default.
         let provider = SdkTracerProvider::builder()
-            .with_batch_exporter(exporter)
+            .with_batch_exporter(Reporting::new(exporter))
             .with_resource(resource)
             .build();
         Ok(Some(Self { provider }))
@@ -164,6 +164,64 @@ impl Tracing {
         if let Err(e) = self.provider.shutdown_with_timeout(FLUSH_TIMEOUT) {
             tracing::warn!(error = %e, "not every span reached the trace collector before exit");
         }
+    }
+}
+
+/// The exporter, saying when spans cannot be delivered: the SDK's own diagnostics are off
+/// (they would feed back into the trace layer), and a wrong or dead endpoint would otherwise
+/// look exactly like working traces. One line a minute at most, counting the failures between.
+struct Reporting<E> {
+    inner: E,
+    failures: crate::problem::Throttle,
+}
+
+impl<E> Reporting<E> {
+    fn new(inner: E) -> Self {
+        Self {
+            inner,
+            failures: crate::problem::Throttle::new(Duration::from_secs(60)),
+        }
+    }
+}
+
+impl<E: std::fmt::Debug> std::fmt::Debug for Reporting<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter
+    for Reporting<E>
+{
+    async fn export(
+        &self,
+        batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        let spans = batch.len();
+        let exported = self.inner.export(batch).await;
+        if let Err(error) = &exported
+            && let Some(failed_before) = self.failures.admit(std::time::Instant::now())
+        {
+            tracing::warn!(
+                %error,
+                spans,
+                failed_before,
+                "spans could not be sent to the trace collector (OTEL_EXPORTER_OTLP_ENDPOINT) and were dropped; failed_before counts failed exports since the last such line"
+            );
+        }
+        exported
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
     }
 }
 

@@ -241,11 +241,18 @@ fn an_unusable_trace_setting_stops_the_start_with_one_line_naming_it() {
     );
 }
 
-#[tokio::test]
-async fn log_lines_inside_a_call_carry_its_trace_id() {
+/// A traced sidecar whose log lines (`CORESDK_LOG=info`, plus `extra`) arrive on the receiver,
+/// and its address.
+fn started_with_logs(
+    extra: &[(&str, &str)],
+) -> (
+    std::process::Child,
+    String,
+    std::sync::mpsc::Receiver<String>,
+) {
     let mut command = common::serve_command(
         &["--store".to_owned(), "memory".to_owned()],
-        &traced(&[("CORESDK_LOG_FORMAT", "json")]).envs,
+        &traced(extra).envs,
         Stdio::piped(),
     );
     command.env("CORESDK_LOG", "info");
@@ -266,6 +273,25 @@ async fn log_lines_inside_a_call_carry_its_trace_id() {
         }
     };
     std::thread::spawn(move || for _ in stdout {});
+    (child, addr, lines_rx)
+}
+
+/// The first line containing `wanted` within 10 s.
+fn logged(lines: &std::sync::mpsc::Receiver<String>, wanted: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("never logged: {wanted}"));
+        if line.contains(wanted) {
+            return line;
+        }
+    }
+}
+
+#[tokio::test]
+async fn log_lines_inside_a_call_carry_its_trace_id() {
+    let (mut child, addr, lines_rx) = started_with_logs(&[("CORESDK_LOG_FORMAT", "json")]);
     let channel = common::connect(&addr).await;
 
     let mut forged = signed("whsec_not_the_secret", b"{}".to_vec());
@@ -276,19 +302,27 @@ async fn log_lines_inside_a_call_carry_its_trace_id() {
         .expect_err("forged");
     let (_, instance_span) = trace_of(&problem(&refusal).instance);
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let refused = loop {
-        let line = lines_rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("the refusal is logged");
-        if line.contains("webhook refused") {
-            break line;
-        }
-    };
+    let refused = logged(&lines_rx, "webhook refused");
     let line: serde_json::Value = serde_json::from_str(&refused).expect("a JSON log line");
     assert_eq!(line["span"]["trace_id"], TRACE_ID, "{refused}");
     // The user's problem and the log line name the same span.
     assert_eq!(line["span"]["span_id"], instance_span.as_str(), "{refused}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A wrong or dead endpoint must not look like working traces: the failed exports are logged.
+#[tokio::test]
+async fn spans_a_dead_collector_cannot_take_are_reported_in_the_log() {
+    let (mut child, addr, lines_rx) = started_with_logs(&[]);
+    let mut flags =
+        coresdk::proto::flag_service_client::FlagServiceClient::new(common::connect(&addr).await);
+    flags
+        .get_flag(with_traceparent(missing_flag()))
+        .await
+        .expect_err("no such flag");
+    let warning = logged(&lines_rx, "could not be sent to the trace collector");
+    assert!(warning.contains("WARN"), "{warning}");
     let _ = child.kill();
     let _ = child.wait();
 }
