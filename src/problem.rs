@@ -146,7 +146,7 @@ pub enum Error {
     )]
     TooManyStreams { limit: usize },
     #[error(
-        "this connection already has {limit} calls running, the most one connection may have (CORESDK_MAX_CONCURRENT_PER_CONNECTION); retry when one has answered, or spread calls over more connections"
+        "this connection already has as many calls running as one connection may have ({limit}, CORESDK_MAX_CONCURRENT_PER_CONNECTION); the call was not started: retry when one has answered, or spread calls over more connections"
     )]
     TooManyCallsOnConnection { limit: usize },
     #[error(

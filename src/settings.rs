@@ -206,11 +206,12 @@ pub struct ServeArgs {
     #[arg(long, env = "CORESDK_SHUTDOWN_DELAY_S", default_value_t = 5.0)]
     pub shutdown_delay_s: f64,
     /// Seconds a unary call may run before it is answered DEADLINE_EXCEEDED (a caller's shorter
-    /// deadline still wins); streams are never cut by it. Decimals allowed; 0 turns it off.
+    /// deadline still wins); streams are never cut by it. 0.01 to 86400, decimals allowed; 0
+    /// turns it off.
     #[arg(long, env = "CORESDK_REQUEST_TIMEOUT_S", default_value_t = 30.0)]
     pub request_timeout_s: f64,
-    /// Calls one gRPC connection may have running at once; one more is refused at once
-    /// (RESOURCE_EXHAUSTED, TOO_MANY_CALLS_ON_CONNECTION).
+    /// Calls one gRPC connection may have running at once (1 to 1000000); one more is refused
+    /// at once (RESOURCE_EXHAUSTED, TOO_MANY_CALLS_ON_CONNECTION).
     #[arg(
         long,
         env = "CORESDK_MAX_CONCURRENT_PER_CONNECTION",
