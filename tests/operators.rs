@@ -299,38 +299,50 @@ fn the_sidecars_own_actors_and_other_settings_tokens_are_refused_at_start() {
     }
 
     let api_token = "the-api-token-0123456789";
-    let file = tokens_file(dir.path(), &format!("alice: {ALICE}\nbob: {ADMIN_TOKEN}\n"));
-    let stderr = refused_start(&[
-        ("CORESDK_ADMIN_TOKENS_FILE", &file),
-        ("CORESDK_ADMIN_TOKEN", ADMIN_TOKEN),
-    ]);
-    assert!(
-        stderr.contains(&format!("{file}:2:")) && stderr.contains("CORESDK_ADMIN_TOKEN's token"),
-        "{stderr}"
-    );
-    outputs.push(stderr);
-    let file = tokens_file(dir.path(), &format!("alice: {api_token}\n"));
-    let stderr = refused_start(&[
-        ("CORESDK_ADMIN_TOKENS_FILE", &file),
-        ("CORESDK_API_TOKEN", api_token),
-    ]);
-    assert!(
-        stderr.contains(&format!("{file}:1:")) && stderr.contains("CORESDK_API_TOKEN's token"),
-        "{stderr}"
-    );
-    outputs.push(stderr);
+    let file = tokens_file(dir.path(), "# none yet\n");
     // The two settings themselves, one given by a file.
     let api_file = dir.path().join("api-token");
     std::fs::write(&api_file, format!("{ADMIN_TOKEN}\n")).expect("write");
-    let stderr = refused_start(&[
-        ("CORESDK_ADMIN_TOKEN", ADMIN_TOKEN),
-        ("CORESDK_API_TOKEN_FILE", &api_file.display().to_string()),
-    ]);
-    assert!(
-        stderr.contains("CORESDK_ADMIN_TOKEN") && stderr.contains("CORESDK_API_TOKEN's token"),
-        "{stderr}"
-    );
-    outputs.push(stderr);
+    let api_file = api_file.display().to_string();
+    // (the tokens file's text, the settings, what the refusal must say)
+    let cases: [(String, &[(&str, &str)], [String; 2]); 3] = [
+        (
+            format!("alice: {ALICE}\nbob: {ADMIN_TOKEN}\n"),
+            &[
+                ("CORESDK_ADMIN_TOKENS_FILE", &file),
+                ("CORESDK_ADMIN_TOKEN", ADMIN_TOKEN),
+            ],
+            [format!("{file}:2:"), "CORESDK_ADMIN_TOKEN's token".into()],
+        ),
+        (
+            format!("alice: {api_token}\n"),
+            &[
+                ("CORESDK_ADMIN_TOKENS_FILE", &file),
+                ("CORESDK_API_TOKEN", api_token),
+            ],
+            [format!("{file}:1:"), "CORESDK_API_TOKEN's token".into()],
+        ),
+        (
+            String::new(),
+            &[
+                ("CORESDK_ADMIN_TOKEN", ADMIN_TOKEN),
+                ("CORESDK_API_TOKEN_FILE", &api_file),
+            ],
+            [
+                "CORESDK_ADMIN_TOKEN".into(),
+                "CORESDK_API_TOKEN's token".into(),
+            ],
+        ),
+    ];
+    for (text, settings, wanted) in cases {
+        tokens_file(dir.path(), &text);
+        let stderr = refused_start(settings);
+        assert!(
+            wanted.iter().all(|w| stderr.contains(w.as_str())),
+            "{stderr}"
+        );
+        outputs.push(stderr);
+    }
     for stderr in &outputs {
         assert!(
             !stderr.contains(ADMIN_TOKEN) && !stderr.contains(api_token) && !stderr.contains(BOB),
