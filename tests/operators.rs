@@ -304,8 +304,9 @@ fn the_sidecars_own_actors_and_other_settings_tokens_are_refused_at_start() {
     let api_file = dir.path().join("api-token");
     std::fs::write(&api_file, format!("{ADMIN_TOKEN}\n")).expect("write");
     let api_file = api_file.display().to_string();
-    // (the tokens file's text, the settings, what the refusal must say)
-    let cases: [(String, &[(&str, &str)], [String; 2]); 3] = [
+    // The tokens file's text, the settings, what the refusal must say.
+    type Case<'a> = (String, &'a [(&'a str, &'a str)], [String; 2]);
+    let cases: [Case; 3] = [
         (
             format!("alice: {ALICE}\nbob: {ADMIN_TOKEN}\n"),
             &[
