@@ -55,11 +55,17 @@ async fn accepted(sidecar: &Sidecar, token: &str) -> bool {
 
 /// The `flag.set` records of `tenant`, as their canonical JSON (what a client verifies).
 async fn flag_sets(sidecar: &Sidecar, tenant: &str) -> Vec<Value> {
+    audit_records(sidecar, tenant, "flag.set").await
+}
+
+/// The audit records of `tenant` (`""`: tenant-less ones) whose event starts with `prefix`,
+/// as canonical JSON.
+async fn audit_records(sidecar: &Sidecar, tenant: &str, prefix: &str) -> Vec<Value> {
     sidecar
         .audit()
         .query(admin(QueryAuditRequest {
             tenant_id: tenant.into(),
-            event_prefix: "flag.set".into(),
+            event_prefix: prefix.into(),
             ..Default::default()
         }))
         .await
@@ -465,23 +471,6 @@ async fn replay_as(sidecar: &Sidecar, token: &str, payload: Vec<u8>) -> String {
         .unwrap_or_else(|status| format!("refused: {}", error_reason(&status)))
 }
 
-/// Every audit record of `tenant` (`""`: tenant-less ones), as canonical JSON.
-async fn records(sidecar: &Sidecar, tenant: &str) -> Vec<Value> {
-    sidecar
-        .audit()
-        .query(admin(QueryAuditRequest {
-            tenant_id: tenant.into(),
-            ..Default::default()
-        }))
-        .await
-        .expect("Query")
-        .into_inner()
-        .records
-        .iter()
-        .map(|r| serde_json::from_slice(&r.canonical).expect("canonical JSON"))
-        .collect()
-}
-
 #[tokio::test]
 async fn a_replay_is_audited_under_actor_replay_naming_the_operator_who_asked() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -508,7 +497,7 @@ async fn a_replay_is_audited_under_actor_replay_naming_the_operator_who_asked() 
         replay_as(&sidecar, BOB, paid("evt_1", "acme")).await,
         "WEBHOOK_OUTCOME_DUPLICATE"
     );
-    let acme = records(&sidecar, "acme").await;
+    let acme = audit_records(&sidecar, "acme", "").await;
     let webhook: Vec<(&str, &str, &str)> = acme
         .iter()
         .filter(|r| {
@@ -546,7 +535,7 @@ async fn a_replay_is_audited_under_actor_replay_naming_the_operator_who_asked() 
         replay_as(&sidecar, ALICE, unmapped).await,
         "refused: UNKNOWN_CUSTOMER"
     );
-    let parked = records(&sidecar, "").await;
+    let parked = audit_records(&sidecar, "", "").await;
     let parked = parked.last().expect("the parked record");
     assert_eq!(parked["actor"], "replay", "{parked}");
     assert_eq!(parked["metadata"]["operator"], "alice", "{parked}");
@@ -563,7 +552,7 @@ async fn a_replay_is_audited_under_actor_replay_naming_the_operator_who_asked() 
         ))
         .await
         .expect("bob's MapCustomer");
-    let later = records(&sidecar, "later-co").await;
+    let later = audit_records(&sidecar, "later-co", "").await;
     let applied = later
         .iter()
         .find(|r| r["event"] == "billing.invoice.paid")

@@ -7,24 +7,21 @@ import { after, before, describe, test } from 'node:test';
 
 import express from 'express';
 
-import { SidecarClient, makeSettings } from '../dist/index.js';
 import { installStripeWebhook, keepRawBody, requireAccess, stripeWebhook } from '../dist/express.js';
 import {
   BACKENDS,
-  ENV,
-  HTTP_TIMEOUT_MS,
+  WEBHOOK,
   assertProblem,
-  deadAddress,
   deliver,
-  deliverGzipped,
   freshTenant,
+  gateTests,
   get,
   prettyEvent,
+  sidecarAwayTests,
   signed,
   token,
+  webhookRouteTests,
 } from './web.mjs';
-
-const WEBHOOK = '/webhooks/stripe';
 
 /** Serves `app` on an ephemeral port; resolves to its base URL and a close(). */
 async function serve(app) {
@@ -93,81 +90,23 @@ for (const [backendName, makeBackend] of Object.entries(BACKENDS)) {
 
     for (const [label, register] of Object.entries(WORKING_REGISTRATIONS)) {
       describe(label, () => {
-        let web;
+        const ctx = {};
         before(async () => {
           const app = express();
           register(app, backend.sdk);
           appRoutes(app, backend.sdk);
-          web = await serve(app);
+          ctx.backend = backend;
+          ctx.web = await serve(app);
         });
-        after(() => web?.close());
+        after(() => ctx.web?.close());
 
-        test('a signed event is verified over the bytes as sent, applied, and answered 200', async () => {
-          const { sdk } = backend;
-          const { customer, tenant } = await freshTenant(sdk, 'exp');
-          const body = prettyEvent('invoice.paid', customer);
-          const response = await deliver(`${web.base}${WEBHOOK}`, body, signed(body));
-          const text = await response.text();
-          assert.equal(response.status, 200, text);
-          const answer = JSON.parse(text);
-          assert.equal(answer.received, true);
-          assert.equal(answer.event_id, JSON.parse(body).id);
-          assert.equal(answer.tenant_id, tenant);
-          assert.equal(answer.outcome, 'applied');
-          assert.ok(answer.flag_changes.some((c) => c.key === 'pro_features' && c.value === true), text);
-          assert.equal(await sdk.isEnabled(tenant, 'pro_features'), true);
-
-          // The same delivery again: acknowledged, changes nothing.
-          const again = await deliver(`${web.base}${WEBHOOK}`, body, signed(body));
-          assert.equal(again.status, 200);
-          assert.equal((await again.json()).outcome, 'duplicate');
-        });
-
-        test('a forged or missing signature is a 400 problem and changes nothing', async () => {
-          const { sdk } = backend;
-          const { customer, tenant } = await freshTenant(sdk, 'exp');
-          const body = prettyEvent('invoice.paid', customer);
-          await assertProblem(await deliver(`${web.base}${WEBHOOK}`, body, signed(body, 'whsec_forged')), 400, {
-            reason: 'SIGNATURE_MISMATCH',
-            typeEnds: '/invalid-signature',
-          });
-          await assertProblem(await deliver(`${web.base}${WEBHOOK}`, body, undefined), 400, {
-            reason: 'SIGNATURE_MISSING',
-          });
-          assert.equal(await sdk.isEnabled(tenant, 'pro_features'), false);
-        });
-
-        test('a compressed delivery is a 415 problem, never inflated and verified', async () => {
-          const { sdk } = backend;
-          const { customer, tenant } = await freshTenant(sdk, 'exp');
-          const body = prettyEvent('invoice.paid', customer);
-          await assertProblem(await deliverGzipped(`${web.base}${WEBHOOK}`, body), 415, {
-            reason: 'UNSUPPORTED_MEDIA_TYPE',
-            instance: `POST ${WEBHOOK}`,
-          });
-          assert.equal(await sdk.isEnabled(tenant, 'pro_features'), false);
-        });
-
-        if (!APP_PARSER_READS_FIRST.has(label)) {
-          test('a body over the 1 MiB limit is a 413 problem', async () => {
-            const body = `{"padding":"${'x'.repeat(1024 * 1024)}"}`;
-            await assertProblem(await deliver(`${web.base}${WEBHOOK}`, body, signed(body)), 413, {
-              reason: 'PAYLOAD_TOO_LARGE',
-              instance: `POST ${WEBHOOK}`,
-            });
-          });
-        }
-
-        test("the app's own routes still get their parsed JSON", async () => {
-          const response = await fetch(`${web.base}/api/echo`, {
-            method: 'POST',
-            body: '{"hello": "world"}',
-            headers: { 'content-type': 'application/json' },
-            signal: AbortSignal.timeout(HTTP_TIMEOUT_MS),
-          });
-          const answer = await response.json();
-          if (label.startsWith('express.raw()')) assert.equal(answer.parsed.type, 'Buffer');
-          else assert.deepEqual(answer.parsed, { hello: 'world' });
+        webhookRouteTests(ctx, {
+          tenantLabel: 'exp',
+          bodyLimit: !APP_PARSER_READS_FIRST.has(label),
+          checkEcho: (answer) => {
+            if (label.startsWith('express.raw()')) assert.equal(answer.parsed.type, 'Buffer');
+            else assert.deepEqual(answer.parsed, { hello: 'world' });
+          },
         });
       });
     }
@@ -206,114 +145,42 @@ for (const [backendName, makeBackend] of Object.entries(BACKENDS)) {
     }
 
     describe('requireAccess', () => {
-      let web;
+      const ctx = {};
       before(async () => {
         const app = express();
         app.use(express.json());
         appRoutes(app, backend.sdk);
-        web = await serve(app);
+        ctx.backend = backend;
+        ctx.web = await serve(app);
       });
-      after(() => web?.close());
+      after(() => ctx.web?.close());
 
-      test('401 without a bearer token, 403 with the flag off, 200 with it on', async () => {
-        const { sdk } = backend;
-        const { tenant } = await freshTenant(sdk, 'gate');
-        const url = `${web.base}/api/reports?range=30d`;
-        const instance = 'GET /api/reports';
-        await assertProblem(await get(url), 401, { reason: 'UNAUTHENTICATED', typeEnds: '/unauthenticated', instance });
-        await assertProblem(
-          await fetch(url, { headers: { authorization: 'Basic dXNlcjpwYXNz' }, signal: AbortSignal.timeout(HTTP_TIMEOUT_MS) }),
-          401,
-          { reason: 'UNAUTHENTICATED', instance },
-        );
-        // A token of only U+0085 (a byte Node reads as that character) is none, as the sidecar trims it.
-        await assertProblem(await get(url, '\x85'), 401, { reason: 'UNAUTHENTICATED', instance });
-        await assertProblem(await get(url, token(tenant, {}, 'another-secret-of-at-least-32-bytes!')), 401, { instance });
-        await assertProblem(await get(url, token(tenant)), 403, {
-          reason: 'FEATURE_LOCKED',
-          typeEnds: '/feature-locked',
-          instance,
-        });
-        await sdk.setFlag(tenant, 'advanced_analytics', true, { actor: 'web-tests', reason: 'upgrade' });
-        const allowed = await get(url, token(tenant));
-        assert.equal(allowed.status, 200);
-        assert.deepEqual(await allowed.json(), { tenant, subject: `user@${tenant}` });
-      });
+      gateTests(ctx);
 
       test('a URL longer than the sidecar takes as a resource is still decided (cut to 256 bytes)', async () => {
         const { sdk } = backend;
         const { tenant } = await freshTenant(sdk, 'gate');
         const id = 'x'.repeat(4000);
-        const problem = await assertProblem(await get(`${web.base}/api/items/${id}`, token(tenant)), 403, {
+        const problem = await assertProblem(await get(`${ctx.web.base}/api/items/${id}`, token(tenant)), 403, {
           reason: 'FEATURE_LOCKED',
         });
         assert.equal(problem.instance, `GET /api/items/${id}`.slice(0, 256));
         await sdk.setFlag(tenant, 'advanced_analytics', true, { actor: 'web-tests', reason: 'upgrade' });
-        assert.deepEqual(await (await get(`${web.base}/api/items/${id}`, token(tenant))).json(), { id });
-      });
-
-      test('402 while a denyIf flag is on', async () => {
-        const { sdk } = backend;
-        const { tenant } = await freshTenant(sdk, 'gate');
-        const url = `${web.base}/api/dashboard`;
-        assert.equal((await get(url, token(tenant))).status, 200);
-        await sdk.setFlag(tenant, 'paywall_active', true, { actor: 'web-tests', reason: 'payment failed' });
-        await assertProblem(await get(url, token(tenant)), 402, {
-          reason: 'PAYMENT_REQUIRED',
-          typeEnds: '/payment-required',
-          instance: 'GET /api/dashboard',
-        });
+        assert.deepEqual(await (await get(`${ctx.web.base}/api/items/${id}`, token(tenant))).json(), { id });
       });
     });
 
     if (backendName === 'sidecar') {
-      describe('a sidecar that is away', () => {
-        let web;
-        let clients;
-        before(async () => {
-          const addr = await deadAddress();
-          const client = (failMode) =>
-            new SidecarClient(
-              makeSettings({ sidecarAddr: addr, failMode, timeoutMs: 300, problemTypeBase: ENV.CORESDK_PROBLEM_TYPE_BASE }),
-            );
-          clients = { open: client('open'), closed: client('closed') };
-          const app = express();
-          app.use(express.json());
-          installStripeWebhook(app, clients.open);
-          app.get('/open', requireAccess(clients.open, { require: ['advanced_analytics'] }), (_req, res) => {
-            res.json({ failModeApplied: res.locals.coresdk.failModeApplied });
-          });
-          app.get('/closed', requireAccess(clients.closed, { require: ['advanced_analytics'] }), (_req, res) => res.json({}));
-          app.get('/strict', requireAccess(clients.open, { require: ['advanced_analytics'], failMode: 'closed' }), (_req, res) => res.json({}));
-          web = await serve(app);
+      sidecarAwayTests(async (clients) => {
+        const app = express();
+        app.use(express.json());
+        installStripeWebhook(app, clients.open);
+        app.get('/open', requireAccess(clients.open, { require: ['advanced_analytics'] }), (_req, res) => {
+          res.json({ failModeApplied: res.locals.coresdk.failModeApplied });
         });
-        after(async () => {
-          await web?.close();
-          await Promise.all(Object.values(clients ?? {}).map((c) => c.close()));
-        });
-
-        test('a webhook is a 503 problem (never decided by the fail mode), so Stripe retries', async () => {
-          const body = prettyEvent('invoice.paid', 'cus_acme_001');
-          await assertProblem(await deliver(`${web.base}${WEBHOOK}`, body, signed(body)), 503, {
-            reason: 'SIDECAR_UNAVAILABLE',
-          });
-        });
-
-        test('the gate lets the request through under fail mode open and answers 503 under closed', async () => {
-          const open = await get(`${web.base}/open`, token('acme-corp'));
-          assert.equal(open.status, 200);
-          assert.deepEqual(await open.json(), { failModeApplied: true });
-          await assertProblem(await get(`${web.base}/closed`, token('acme-corp')), 503, { instance: 'GET /closed' });
-        });
-
-        test("a gate with failMode 'closed' answers 503 under the client's fail mode open", async () => {
-          await assertProblem(await get(`${web.base}/strict`, token('acme-corp')), 503, {
-            reason: 'SIDECAR_UNAVAILABLE',
-            instance: 'GET /strict',
-          });
-          // Any bearer string: it would pass the `open` gate unverified.
-          await assertProblem(await get(`${web.base}/strict`, 'not-a-token'), 503, { instance: 'GET /strict' });
-        });
+        app.get('/closed', requireAccess(clients.closed, { require: ['advanced_analytics'] }), (_req, res) => res.json({}));
+        app.get('/strict', requireAccess(clients.open, { require: ['advanced_analytics'], failMode: 'closed' }), (_req, res) => res.json({}));
+        return serve(app);
       });
     }
 

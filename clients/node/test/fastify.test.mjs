@@ -6,24 +6,19 @@ import { after, before, describe, test } from 'node:test';
 
 import Fastify from 'fastify';
 
-import { SidecarClient, makeSettings } from '../dist/index.js';
 import { coresdk, requireAccess } from '../dist/fastify.js';
 import {
   BACKENDS,
-  ENV,
   HTTP_TIMEOUT_MS,
+  WEBHOOK,
   assertProblem,
-  deadAddress,
   deliver,
-  deliverGzipped,
-  freshTenant,
-  get,
+  gateTests,
   prettyEvent,
+  sidecarAwayTests,
   signed,
-  token,
+  webhookRouteTests,
 } from './web.mjs';
-
-const WEBHOOK = '/webhooks/stripe';
 
 /**
  * The app's own JSON parser, replacing Fastify's built-in one app-wide, as apps do to add
@@ -82,169 +77,52 @@ for (const [backendName, makeBackend] of Object.entries(BACKENDS)) {
 
     for (const [label, register] of Object.entries(REGISTRATIONS)) {
       describe(label, () => {
-        let web;
+        const ctx = {};
         before(async () => {
           const app = Fastify();
           await register(app, backend.sdk);
           appRoutes(app, backend.sdk);
-          web = await serve(app);
+          ctx.backend = backend;
+          ctx.web = await serve(app);
         });
-        after(() => web?.close());
+        after(() => ctx.web?.close());
 
-        test('a signed event is verified over the bytes as sent, applied, and answered 200', async () => {
-          const { sdk } = backend;
-          const { customer, tenant } = await freshTenant(sdk, 'fst');
-          const body = prettyEvent('invoice.paid', customer);
-          const response = await deliver(`${web.base}${WEBHOOK}`, body, signed(body));
-          const text = await response.text();
-          assert.equal(response.status, 200, text);
-          const answer = JSON.parse(text);
-          assert.equal(answer.received, true);
-          assert.equal(answer.event_id, JSON.parse(body).id);
-          assert.equal(answer.tenant_id, tenant);
-          assert.equal(answer.outcome, 'applied');
-          assert.ok(answer.flag_changes.some((c) => c.key === 'pro_features' && c.value === true), text);
-          assert.equal(await sdk.isEnabled(tenant, 'pro_features'), true);
-        });
-
-        test('a forged or missing signature is a 400 problem and changes nothing', async () => {
-          const { sdk } = backend;
-          const { customer, tenant } = await freshTenant(sdk, 'fst');
-          const body = prettyEvent('invoice.paid', customer);
-          await assertProblem(await deliver(`${web.base}${WEBHOOK}`, body, signed(body, 'whsec_forged')), 400, {
-            reason: 'SIGNATURE_MISMATCH',
-            typeEnds: '/invalid-signature',
-          });
-          await assertProblem(await deliver(`${web.base}${WEBHOOK}`, body, undefined), 400, {
-            reason: 'SIGNATURE_MISSING',
-          });
-          assert.equal(await sdk.isEnabled(tenant, 'pro_features'), false);
-        });
-
-        test('a compressed delivery is a 415 problem, never inflated and verified', async () => {
-          const { sdk } = backend;
-          const { customer, tenant } = await freshTenant(sdk, 'fst');
-          const body = prettyEvent('invoice.paid', customer);
-          await assertProblem(await deliverGzipped(`${web.base}${WEBHOOK}`, body), 415, {
-            reason: 'UNSUPPORTED_MEDIA_TYPE',
-            instance: `POST ${WEBHOOK}`,
-          });
-          assert.equal(await sdk.isEnabled(tenant, 'pro_features'), false);
-        });
-
-        test('a body over the 1 MiB limit is a 413 problem', async () => {
-          const body = `{"padding":"${'x'.repeat(1024 * 1024)}"}`;
-          await assertProblem(await deliver(`${web.base}${WEBHOOK}`, body, signed(body)), 413, {
-            reason: 'PAYLOAD_TOO_LARGE',
-            instance: `POST ${WEBHOOK}`,
-          });
-        });
-
-        test("the app's own routes still get their parsed JSON", async () => {
-          const response = await fetch(`${web.base}/api/echo`, {
-            method: 'POST',
-            body: '{"hello": "world"}',
-            headers: { 'content-type': 'application/json' },
-            signal: AbortSignal.timeout(HTTP_TIMEOUT_MS),
-          });
-          assert.deepEqual(await response.json(), { parsed: { hello: 'world' } });
+        webhookRouteTests(ctx, {
+          tenantLabel: 'fst',
+          checkEcho: (answer) => assert.deepEqual(answer, { parsed: { hello: 'world' } }),
         });
       });
     }
 
     describe('requireAccess', () => {
-      let web;
+      const ctx = {};
       before(async () => {
         const app = Fastify();
         await app.register(coresdk, { sdk: backend.sdk, webhookPath: false });
         appRoutes(app, backend.sdk);
-        web = await serve(app);
+        ctx.backend = backend;
+        ctx.web = await serve(app);
       });
-      after(() => web?.close());
+      after(() => ctx.web?.close());
 
-      test('401 without a bearer token, 403 with the flag off, 200 with it on', async () => {
-        const { sdk } = backend;
-        const { tenant } = await freshTenant(sdk, 'gate');
-        const url = `${web.base}/api/reports?range=30d`;
-        const instance = 'GET /api/reports';
-        await assertProblem(await get(url), 401, { reason: 'UNAUTHENTICATED', typeEnds: '/unauthenticated', instance });
-        await assertProblem(await get(url, token(tenant, {}, 'another-secret-of-at-least-32-bytes!')), 401, { instance });
-        await assertProblem(await get(url, token(tenant)), 403, {
-          reason: 'FEATURE_LOCKED',
-          typeEnds: '/feature-locked',
-          instance,
-        });
-        await sdk.setFlag(tenant, 'advanced_analytics', true, { actor: 'web-tests', reason: 'upgrade' });
-        const allowed = await get(url, token(tenant));
-        assert.equal(allowed.status, 200);
-        assert.deepEqual(await allowed.json(), { tenant, subject: `user@${tenant}` });
-      });
-
-      test('402 while a denyIf flag is on', async () => {
-        const { sdk } = backend;
-        const { tenant } = await freshTenant(sdk, 'gate');
-        const url = `${web.base}/api/dashboard`;
-        assert.equal((await get(url, token(tenant))).status, 200);
-        await sdk.setFlag(tenant, 'paywall_active', true, { actor: 'web-tests', reason: 'payment failed' });
-        await assertProblem(await get(url, token(tenant)), 402, {
-          reason: 'PAYMENT_REQUIRED',
-          typeEnds: '/payment-required',
-          instance: 'GET /api/dashboard',
-        });
-      });
+      gateTests(ctx);
 
       test('no webhook route when webhookPath is false', async () => {
         const body = prettyEvent('invoice.paid', 'cus_acme_001');
-        assert.equal((await deliver(`${web.base}${WEBHOOK}`, body, signed(body))).status, 404);
+        assert.equal((await deliver(`${ctx.web.base}${WEBHOOK}`, body, signed(body))).status, 404);
       });
     });
 
     if (backendName === 'sidecar') {
-      describe('a sidecar that is away', () => {
-        let web;
-        let clients;
-        before(async () => {
-          const addr = await deadAddress();
-          const client = (failMode) =>
-            new SidecarClient(
-              makeSettings({ sidecarAddr: addr, failMode, timeoutMs: 300, problemTypeBase: ENV.CORESDK_PROBLEM_TYPE_BASE }),
-            );
-          clients = { open: client('open'), closed: client('closed') };
-          const app = Fastify();
-          await app.register(coresdk, { sdk: clients.open });
-          app.get('/open', { preHandler: requireAccess(clients.open, { require: ['advanced_analytics'] }) }, async (request) => ({
-            failModeApplied: request.coresdk.failModeApplied,
-          }));
-          app.get('/closed', { preHandler: requireAccess(clients.closed, { require: ['advanced_analytics'] }) }, async () => ({}));
-          app.get('/strict', { preHandler: requireAccess(clients.open, { require: ['advanced_analytics'], failMode: 'closed' }) }, async () => ({}));
-          web = await serve(app);
-        });
-        after(async () => {
-          await web?.close();
-          await Promise.all(Object.values(clients ?? {}).map((c) => c.close()));
-        });
-
-        test('a webhook is a 503 problem (never decided by the fail mode), so Stripe retries', async () => {
-          const body = prettyEvent('invoice.paid', 'cus_acme_001');
-          await assertProblem(await deliver(`${web.base}${WEBHOOK}`, body, signed(body)), 503, {
-            reason: 'SIDECAR_UNAVAILABLE',
-          });
-        });
-
-        test('the gate lets the request through under fail mode open and answers 503 under closed', async () => {
-          const open = await get(`${web.base}/open`, token('acme-corp'));
-          assert.equal(open.status, 200);
-          assert.deepEqual(await open.json(), { failModeApplied: true });
-          await assertProblem(await get(`${web.base}/closed`, token('acme-corp')), 503, { instance: 'GET /closed' });
-        });
-
-        test("a gate with failMode 'closed' answers 503 under the client's fail mode open", async () => {
-          await assertProblem(await get(`${web.base}/strict`, token('acme-corp')), 503, {
-            reason: 'SIDECAR_UNAVAILABLE',
-            instance: 'GET /strict',
-          });
-          await assertProblem(await get(`${web.base}/strict`, 'not-a-token'), 503, { instance: 'GET /strict' });
-        });
+      sidecarAwayTests(async (clients) => {
+        const app = Fastify();
+        await app.register(coresdk, { sdk: clients.open });
+        app.get('/open', { preHandler: requireAccess(clients.open, { require: ['advanced_analytics'] }) }, async (request) => ({
+          failModeApplied: request.coresdk.failModeApplied,
+        }));
+        app.get('/closed', { preHandler: requireAccess(clients.closed, { require: ['advanced_analytics'] }) }, async () => ({}));
+        app.get('/strict', { preHandler: requireAccess(clients.open, { require: ['advanced_analytics'], failMode: 'closed' }) }, async () => ({}));
+        return serve(app);
       });
     }
 

@@ -1,16 +1,18 @@
 // What the Express and Fastify helper tests share: the two backends every helper test runs
 // against (the real sidecar binary, and the in-process mock), Stripe events whose bytes a
 // re-serialisation would change, signed with stripe-node's own test signer, and tenants of
-// their own so tests sharing one backend never meet.
+// their own so tests sharing one backend never meet; and the tests both frameworks' helpers must
+// pass alike (the webhook route, the gate, a sidecar that is away).
 
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { createServer } from 'node:net';
+import { after, before, describe, test } from 'node:test';
 import { gzipSync } from 'node:zlib';
 
 import Stripe from 'stripe';
 
-import { CoreSDK } from '../dist/index.js';
+import { CoreSDK, SidecarClient, makeSettings } from '../dist/index.js';
 import { ENV, Sidecar, clientFor } from './helpers.mjs';
 import { token } from './suite.mjs';
 
@@ -118,4 +120,176 @@ export async function deadAddress() {
   const { port } = server.address();
   await new Promise((resolveClose) => server.close(resolveClose));
   return `127.0.0.1:${port}`;
+}
+
+/** Where both frameworks' helpers put the webhook route by default. */
+export const WEBHOOK = '/webhooks/stripe';
+
+/**
+ * The webhook route's tests, the same for every framework and registration: `ctx.web` (the
+ * served app) and `ctx.backend` are set by the caller's `before`. `bodyLimit`: the route, not
+ * an app parser, reads the body, so its 1 MiB limit answers. `checkEcho(answer)`: what the
+ * app's own `/api/echo` route answered, its parser at work.
+ */
+export function webhookRouteTests(ctx, { tenantLabel, bodyLimit = true, checkEcho }) {
+  test('a signed event is verified over the bytes as sent, applied, and answered 200', async () => {
+    const { sdk } = ctx.backend;
+    const { customer, tenant } = await freshTenant(sdk, tenantLabel);
+    const body = prettyEvent('invoice.paid', customer);
+    const response = await deliver(`${ctx.web.base}${WEBHOOK}`, body, signed(body));
+    const text = await response.text();
+    assert.equal(response.status, 200, text);
+    const answer = JSON.parse(text);
+    assert.equal(answer.received, true);
+    assert.equal(answer.event_id, JSON.parse(body).id);
+    assert.equal(answer.tenant_id, tenant);
+    assert.equal(answer.outcome, 'applied');
+    assert.ok(answer.flag_changes.some((c) => c.key === 'pro_features' && c.value === true), text);
+    assert.equal(await sdk.isEnabled(tenant, 'pro_features'), true);
+
+    // The same delivery again: acknowledged, changes nothing.
+    const again = await deliver(`${ctx.web.base}${WEBHOOK}`, body, signed(body));
+    assert.equal(again.status, 200);
+    assert.equal((await again.json()).outcome, 'duplicate');
+  });
+
+  test('a forged or missing signature is a 400 problem and changes nothing', async () => {
+    const { sdk } = ctx.backend;
+    const { customer, tenant } = await freshTenant(sdk, tenantLabel);
+    const body = prettyEvent('invoice.paid', customer);
+    await assertProblem(await deliver(`${ctx.web.base}${WEBHOOK}`, body, signed(body, 'whsec_forged')), 400, {
+      reason: 'SIGNATURE_MISMATCH',
+      typeEnds: '/invalid-signature',
+    });
+    await assertProblem(await deliver(`${ctx.web.base}${WEBHOOK}`, body, undefined), 400, {
+      reason: 'SIGNATURE_MISSING',
+    });
+    assert.equal(await sdk.isEnabled(tenant, 'pro_features'), false);
+  });
+
+  test('a compressed delivery is a 415 problem, never inflated and verified', async () => {
+    const { sdk } = ctx.backend;
+    const { customer, tenant } = await freshTenant(sdk, tenantLabel);
+    const body = prettyEvent('invoice.paid', customer);
+    await assertProblem(await deliverGzipped(`${ctx.web.base}${WEBHOOK}`, body), 415, {
+      reason: 'UNSUPPORTED_MEDIA_TYPE',
+      instance: `POST ${WEBHOOK}`,
+    });
+    assert.equal(await sdk.isEnabled(tenant, 'pro_features'), false);
+  });
+
+  if (bodyLimit) {
+    test('a body over the 1 MiB limit is a 413 problem', async () => {
+      const body = `{"padding":"${'x'.repeat(1024 * 1024)}"}`;
+      await assertProblem(await deliver(`${ctx.web.base}${WEBHOOK}`, body, signed(body)), 413, {
+        reason: 'PAYLOAD_TOO_LARGE',
+        instance: `POST ${WEBHOOK}`,
+      });
+    });
+  }
+
+  test("the app's own routes still get their parsed JSON", async () => {
+    const response = await fetch(`${ctx.web.base}/api/echo`, {
+      method: 'POST',
+      body: '{"hello": "world"}',
+      headers: { 'content-type': 'application/json' },
+      signal: AbortSignal.timeout(HTTP_TIMEOUT_MS),
+    });
+    checkEcho(await response.json());
+  });
+}
+
+/**
+ * The gate's tests, the same for every framework: `ctx.web` serves `/api/reports` (requiring
+ * `advanced_analytics`, answering `{ tenant, subject }`) and `/api/dashboard` (denied while
+ * `paywall_active`), `ctx.backend` is the backend.
+ */
+export function gateTests(ctx) {
+  test('401 without a bearer token, 403 with the flag off, 200 with it on', async () => {
+    const { sdk } = ctx.backend;
+    const { tenant } = await freshTenant(sdk, 'gate');
+    const url = `${ctx.web.base}/api/reports?range=30d`;
+    const instance = 'GET /api/reports';
+    await assertProblem(await get(url), 401, { reason: 'UNAUTHENTICATED', typeEnds: '/unauthenticated', instance });
+    await assertProblem(
+      await fetch(url, { headers: { authorization: 'Basic dXNlcjpwYXNz' }, signal: AbortSignal.timeout(HTTP_TIMEOUT_MS) }),
+      401,
+      { reason: 'UNAUTHENTICATED', instance },
+    );
+    // A token of only U+0085 (a byte Node reads as that character) is none, as the sidecar trims it.
+    await assertProblem(await get(url, '\x85'), 401, { reason: 'UNAUTHENTICATED', instance });
+    await assertProblem(await get(url, token(tenant, {}, 'another-secret-of-at-least-32-bytes!')), 401, { instance });
+    await assertProblem(await get(url, token(tenant)), 403, {
+      reason: 'FEATURE_LOCKED',
+      typeEnds: '/feature-locked',
+      instance,
+    });
+    await sdk.setFlag(tenant, 'advanced_analytics', true, { actor: 'web-tests', reason: 'upgrade' });
+    const allowed = await get(url, token(tenant));
+    assert.equal(allowed.status, 200);
+    assert.deepEqual(await allowed.json(), { tenant, subject: `user@${tenant}` });
+  });
+
+  test('402 while a denyIf flag is on', async () => {
+    const { sdk } = ctx.backend;
+    const { tenant } = await freshTenant(sdk, 'gate');
+    const url = `${ctx.web.base}/api/dashboard`;
+    assert.equal((await get(url, token(tenant))).status, 200);
+    await sdk.setFlag(tenant, 'paywall_active', true, { actor: 'web-tests', reason: 'payment failed' });
+    await assertProblem(await get(url, token(tenant)), 402, {
+      reason: 'PAYMENT_REQUIRED',
+      typeEnds: '/payment-required',
+      instance: 'GET /api/dashboard',
+    });
+  });
+}
+
+/**
+ * What the helpers do while the sidecar is away, the same for every framework.
+ * `serveApp(clients)` serves an app with the webhook route on `clients.open` and three gated
+ * routes requiring `advanced_analytics`: `/open` (on `clients.open`, answering
+ * `{ failModeApplied }`), `/closed` (on `clients.closed`) and `/strict` (on `clients.open`,
+ * the gate's own `failMode: 'closed'`).
+ */
+export function sidecarAwayTests(serveApp) {
+  describe('a sidecar that is away', () => {
+    let web;
+    let clients;
+    before(async () => {
+      const addr = await deadAddress();
+      const client = (failMode) =>
+        new SidecarClient(
+          makeSettings({ sidecarAddr: addr, failMode, timeoutMs: 300, problemTypeBase: ENV.CORESDK_PROBLEM_TYPE_BASE }),
+        );
+      clients = { open: client('open'), closed: client('closed') };
+      web = await serveApp(clients);
+    });
+    after(async () => {
+      await web?.close();
+      await Promise.all(Object.values(clients ?? {}).map((c) => c.close()));
+    });
+
+    test('a webhook is a 503 problem (never decided by the fail mode), so Stripe retries', async () => {
+      const body = prettyEvent('invoice.paid', 'cus_acme_001');
+      await assertProblem(await deliver(`${web.base}${WEBHOOK}`, body, signed(body)), 503, {
+        reason: 'SIDECAR_UNAVAILABLE',
+      });
+    });
+
+    test('the gate lets the request through under fail mode open and answers 503 under closed', async () => {
+      const open = await get(`${web.base}/open`, token('acme-corp'));
+      assert.equal(open.status, 200);
+      assert.deepEqual(await open.json(), { failModeApplied: true });
+      await assertProblem(await get(`${web.base}/closed`, token('acme-corp')), 503, { instance: 'GET /closed' });
+    });
+
+    test("a gate with failMode 'closed' answers 503 under the client's fail mode open", async () => {
+      await assertProblem(await get(`${web.base}/strict`, token('acme-corp')), 503, {
+        reason: 'SIDECAR_UNAVAILABLE',
+        instance: 'GET /strict',
+      });
+      // Any bearer string: it would pass the `open` gate unverified.
+      await assertProblem(await get(`${web.base}/strict`, 'not-a-token'), 503, { instance: 'GET /strict' });
+    });
+  });
 }
