@@ -206,18 +206,6 @@ impl App {
             .operators
             .identify(presented)
             .ok_or(Error::Unauthenticated("the admin token is not valid"))?;
-        if let Some(api) = &self.config.api_token
-            && api.with(|api| crate::auth::tokens_match(presented, api))
-        {
-            // Refused at start and whenever the tokens file is read, but a reload of
-            // CORESDK_API_TOKEN_FILE or CORESDK_ADMIN_TOKEN_FILE can still make them one: every
-            // app would be an admin.
-            tracing::error!(
-                operator = %operator,
-                "an operator's token is also the API token; its admin calls are refused until one of them changes"
-            );
-            return Err(Error::Unauthenticated("the admin token is not valid"));
-        }
         Ok(Some(operator))
     }
 

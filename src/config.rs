@@ -354,6 +354,7 @@ impl Config {
                 },
             )?,
             admin: admin_token,
+            api: api_token.clone(),
         };
 
         let tokens = token_verifier(&args)?;

@@ -178,6 +178,8 @@ pub struct Operators {
     pub admin: Option<Secret<String>>,
     /// `CORESDK_ADMIN_TOKENS_FILE`.
     pub file: Option<Arc<WatchedFile<OperatorSet>>>,
+    /// `CORESDK_API_TOKEN` or `_FILE`: no operator's, whatever a reload makes of it.
+    pub api: Option<Secret<String>>,
 }
 
 impl Operators {
@@ -216,6 +218,19 @@ impl Operators {
             // the change could not be told, so nobody did.
             tracing::error!(
                 "a token is both CORESDK_ADMIN_TOKEN's and a CORESDK_ADMIN_TOKENS_FILE operator's; refused until one of them changes"
+            );
+            return None;
+        }
+        if let Some(name) = &found
+            && let Some(api) = &self.api
+            && api.with(|api| crate::auth::tokens_match(presented, api))
+        {
+            // Refused at start and whenever the tokens file is read, but a reload of
+            // CORESDK_API_TOKEN_FILE or CORESDK_ADMIN_TOKEN_FILE can still make them one: every
+            // app would be an admin.
+            tracing::error!(
+                operator = %name,
+                "an operator's token is also the API token; its admin calls are refused until one of them changes"
             );
             return None;
         }
@@ -384,6 +399,7 @@ mod tests {
                 )
                 .expect("loads"),
             )),
+            api: None,
         };
         assert_eq!(operators.identify(TOKEN_B).as_deref(), Some("bob"));
         assert_eq!(
