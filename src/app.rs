@@ -537,6 +537,52 @@ impl App {
             .await
     }
 
+    /// The RFC 9162 inclusion proof of record `seq` in the tree of `tree_size` records.
+    pub async fn inclusion_proof(
+        &self,
+        seq: u64,
+        tree_size: u64,
+    ) -> Result<Vec<crate::tlog::Hash>, Error> {
+        if seq == 0 {
+            return Err(Error::invalid(
+                "seq",
+                "is required (records are numbered from 1)",
+            ));
+        }
+        if tree_size < seq {
+            return Err(Error::invalid(
+                "tree_size",
+                format!("is {tree_size}, smaller than the seq {seq} it must hold"),
+            ));
+        }
+        self.store
+            .read(move |tx| {
+                within_log(tx, tree_size)?;
+                crate::tlog::inclusion_proof(tx, seq - 1, tree_size)
+            })
+            .await
+    }
+
+    /// The RFC 9162 consistency proof from the tree of `from_size` records to that of `to_size`.
+    pub async fn consistency_proof(
+        &self,
+        from_size: u64,
+        to_size: u64,
+    ) -> Result<Vec<crate::tlog::Hash>, Error> {
+        if from_size > to_size {
+            return Err(Error::invalid(
+                "from_size",
+                format!("is {from_size}, larger than to_size {to_size}"),
+            ));
+        }
+        self.store
+            .read(move |tx| {
+                within_log(tx, to_size)?;
+                crate::tlog::consistency_proof(tx, from_size, to_size)
+            })
+            .await
+    }
+
     pub fn verify_token(&self, token: &str) -> Result<Arc<Claims>, TokenError> {
         self.authorizer.tokens().verify(token)
     }
@@ -568,4 +614,15 @@ impl App {
         }
         Ok(access)
     }
+}
+
+/// Refuses a tree larger than the log: its proofs would name records that do not exist yet.
+fn within_log(tx: &mut dyn crate::store::StoreTx, tree_size: u64) -> Result<(), Error> {
+    let records = tx.audit_head()?.seq;
+    if tree_size > records {
+        return Err(Error::OutOfRange(format!(
+            "the audit log holds {records} records, fewer than the tree size {tree_size} asked for"
+        )));
+    }
+    Ok(())
 }

@@ -1065,6 +1065,14 @@ mod tests {
             self.first_query();
             self.tx.scan_audit(from_seq, visit)
         }
+        fn audit_tree_hashes(&mut self, seqs: &[u64]) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+            self.first_query();
+            self.tx.audit_tree_hashes(seqs)
+        }
+        fn extend_audit_tree(&mut self, limit: u64) -> Result<crate::store::TreeReach, Error> {
+            self.first_query();
+            self.tx.extend_audit_tree(limit)
+        }
     }
 
     /// The race behind false "removed" reports, made certain: a checkpoint of a record the

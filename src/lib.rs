@@ -31,6 +31,7 @@ pub mod store;
 pub mod stripe;
 pub mod telemetry;
 pub mod time;
+pub mod tlog;
 
 pub mod proto {
     #![allow(clippy::all, clippy::pedantic)]

@@ -154,6 +154,12 @@ pub enum Error {
         limit.as_secs_f64()
     )]
     RequestTimeout { limit: Duration },
+    /// A tree size or record the log does not hold (yet).
+    #[error("{0}")]
+    OutOfRange(String),
+    /// No signed checkpoint exists yet, or checkpoints are off.
+    #[error("{0}")]
+    CheckpointNotFound(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -392,6 +398,20 @@ impl Error {
                 "request-timeout",
                 "Request timed out",
                 "REQUEST_TIMEOUT",
+            ),
+            OutOfRange(_) => m(
+                Code::OutOfRange,
+                400,
+                "out-of-range",
+                "Out of range",
+                "OUT_OF_RANGE",
+            ),
+            CheckpointNotFound(_) => m(
+                Code::NotFound,
+                404,
+                "checkpoint-not-found",
+                "Checkpoint not found",
+                "CHECKPOINT_NOT_FOUND",
             ),
             Internal(_) => m(
                 Code::Internal,

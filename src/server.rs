@@ -111,6 +111,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         feeds.clone(),
         cache.clone(),
     )?;
+    crate::tlog::build_missing(&store).await?;
     cache.load(store.read(|tx| Ok(tx.load_flags()?)).await?);
     feeds.set_audit_head(store.read(|tx| Ok(tx.audit_head()?)).await?);
     seed_tenants(&store, &config).await?;

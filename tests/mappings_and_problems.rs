@@ -210,6 +210,7 @@ fn violation_fields(status: &tonic::Status) -> Vec<String> {
 async fn append_refuses_the_sidecars_own_namespaces() {
     let sidecar = Sidecar::start(Options::default()).await;
     let append = |event: &str, actor: &str| AppendAuditRequest {
+        include_proof: false,
         tenant_id: "acme-corp".into(),
         actor: actor.into(),
         event: event.into(),
@@ -254,6 +255,7 @@ async fn an_append_retried_with_its_idempotency_key_is_stored_once() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut sidecar = Sidecar::on_disk(dir.path(), Options::default()).await;
     let login = |key: &str, outcome: &str| AppendAuditRequest {
+        include_proof: false,
         tenant_id: "acme-corp".into(),
         actor: "user:42".into(),
         event: "app.login".into(),
@@ -315,6 +317,7 @@ async fn an_append_retried_with_its_idempotency_key_is_stored_once() {
     let globex = sidecar
         .audit()
         .append(AppendAuditRequest {
+            include_proof: false,
             tenant_id: "globex".into(),
             ..login("6f1c1a52-key-1", "failure")
         })
@@ -411,6 +414,7 @@ async fn a_store_failure_shows_a_generic_detail_and_an_incident_id() {
         .execute_batch("BEGIN IMMEDIATE")
         .expect("take the write lock");
     let mut request = tonic::Request::new(AppendAuditRequest {
+        include_proof: false,
         tenant_id: "acme-corp".into(),
         actor: "user:42".into(),
         event: "app.login".into(),

@@ -181,6 +181,7 @@ async fn append(sidecar: &Sidecar, event: &str) -> u64 {
     sidecar
         .audit()
         .append(proto::AppendAuditRequest {
+            include_proof: false,
             tenant_id: "acme-corp".into(),
             actor: "user:7".into(),
             event: event.into(),

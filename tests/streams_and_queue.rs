@@ -279,7 +279,7 @@ async fn verify_calls_share_scans_and_leave_none_behind() {
             let mut audit =
                 coresdk::proto::audit_service_client::AuditServiceClient::new(channel.clone());
             gave_up.spawn(async move {
-                let mut request = tonic::Request::new(VerifyAuditRequest {});
+                let mut request = tonic::Request::new(VerifyAuditRequest::default());
                 request.set_timeout(Duration::from_millis(50));
                 let _ = audit.verify(request).await;
             });
@@ -305,7 +305,7 @@ async fn verify_calls_share_scans_and_leave_none_behind() {
     for _ in 0..WAITING {
         let mut audit = sidecar.audit();
         waiting.spawn(async move {
-            let report = tokio::time::timeout(HANG_GUARD, audit.verify(VerifyAuditRequest {}))
+            let report = tokio::time::timeout(HANG_GUARD, audit.verify(VerifyAuditRequest::default()))
                 .await
                 .expect("Verify answers")
                 .expect("Verify")
@@ -340,6 +340,7 @@ async fn a_sparse_query_pages_through_bounded_windows() {
         let record = sidecar
             .audit()
             .append(AppendAuditRequest {
+                include_proof: false,
                 tenant_id: "rare".into(),
                 actor: "app".into(),
                 event: "rare.event".into(),

@@ -349,6 +349,7 @@ async fn audit_append_query_pages_and_tail() {
             coresdk::api::convert::to_proto_struct(json!({"i": i}).as_object().expect("object"));
         audit
             .append(proto::AppendAuditRequest {
+                include_proof: false,
                 tenant_id: if i % 5 == 0 {
                     "other".into()
                 } else {
@@ -428,6 +429,7 @@ async fn audit_append_query_pages_and_tail() {
 
     let invalid = audit
         .append(proto::AppendAuditRequest {
+            include_proof: false,
             actor: String::new(),
             event: "x".into(),
             outcome: "y".into(),
@@ -443,6 +445,7 @@ async fn audit_append_query_pages_and_tail() {
     );
     let too_big = audit
         .append(proto::AppendAuditRequest {
+            include_proof: false,
             actor: "a".into(),
             event: "x".into(),
             outcome: "y".into(),
@@ -453,7 +456,7 @@ async fn audit_append_query_pages_and_tail() {
         .expect_err("metadata bound");
     assert_eq!(too_big.code(), Code::InvalidArgument);
     let verified = audit
-        .verify(proto::VerifyAuditRequest {})
+        .verify(proto::VerifyAuditRequest::default())
         .await
         .expect("Verify")
         .into_inner();

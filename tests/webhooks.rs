@@ -147,6 +147,7 @@ async fn refusals_answer_problems_and_are_audited() {
         (
             "missing header",
             coresdk::proto::HandleStripeWebhookRequest {
+                include_proof: false,
                 payload: body.clone(),
                 signature_header: String::new(),
             },
@@ -155,6 +156,7 @@ async fn refusals_answer_problems_and_are_audited() {
         (
             "malformed header",
             coresdk::proto::HandleStripeWebhookRequest {
+                include_proof: false,
                 payload: body.clone(),
                 signature_header: "t=1,v1=zz".into(),
             },
@@ -163,6 +165,7 @@ async fn refusals_answer_problems_and_are_audited() {
         (
             "no v1",
             coresdk::proto::HandleStripeWebhookRequest {
+                include_proof: false,
                 payload: body.clone(),
                 signature_header: format!("t={},v0={}", now(), "a".repeat(64)),
             },
@@ -171,6 +174,7 @@ async fn refusals_answer_problems_and_are_audited() {
         (
             "replayed",
             coresdk::proto::HandleStripeWebhookRequest {
+                include_proof: false,
                 payload: body.clone(),
                 signature_header: coresdk::stripe::sign_header(SECRET, now() - 301, &body),
             },
@@ -179,6 +183,7 @@ async fn refusals_answer_problems_and_are_audited() {
         (
             "from the future",
             coresdk::proto::HandleStripeWebhookRequest {
+                include_proof: false,
                 payload: body.clone(),
                 signature_header: coresdk::stripe::sign_header(SECRET, now() + 330, &body),
             },
@@ -187,6 +192,7 @@ async fn refusals_answer_problems_and_are_audited() {
         (
             "tampered body",
             coresdk::proto::HandleStripeWebhookRequest {
+                include_proof: false,
                 payload: event("evt_r", "invoice.paid", now(), json!({"customer": "cus_y"})),
                 signature_header: good.signature_header.clone(),
             },

@@ -30,6 +30,7 @@ fn forged(n: u64) -> HandleStripeWebhookRequest {
     let signature_header =
         coresdk::stripe::sign_header("whsec_forged", coresdk::time::now_s(), &payload);
     HandleStripeWebhookRequest {
+        include_proof: false,
         payload,
         signature_header,
     }

@@ -234,6 +234,7 @@ fn signed_object_event(
     .into_bytes();
     let signature_header = coresdk::stripe::sign_header(SECRET, coresdk::time::now_s(), &payload);
     HandleStripeWebhookRequest {
+        include_proof: false,
         payload,
         signature_header,
     }

@@ -123,7 +123,58 @@ impl AuditService for AuditApi {
             head_seq: report.head.seq,
             head_hash: hex::encode(report.head.hash),
             warnings: report.warnings,
+            checkpoint_size: 0,
+            tree_root: String::new(),
         }))
+    }
+
+    async fn get_checkpoint(
+        &self,
+        _request: Request<proto::GetCheckpointRequest>,
+    ) -> Result<Response<proto::GetCheckpointResponse>, Status> {
+        Err(Status::unimplemented("checkpoints: in progress"))
+    }
+
+    async fn get_inclusion_proof(
+        &self,
+        request: Request<proto::GetInclusionProofRequest>,
+    ) -> Result<Response<proto::InclusionProof>, Status> {
+        let request = request.into_inner();
+        let hashes = self
+            .app
+            .inclusion_proof(request.seq, request.tree_size)
+            .await
+            .map_err(|e| status::of_error(&e, self.app.links()))?;
+        Ok(Response::new(proto::InclusionProof {
+            leaf_index: request.seq - 1,
+            tree_size: request.tree_size,
+            hashes: hashes.iter().map(|hash| hash.to_vec()).collect(),
+            checkpoint: String::new(),
+        }))
+    }
+
+    async fn get_consistency_proof(
+        &self,
+        request: Request<proto::GetConsistencyProofRequest>,
+    ) -> Result<Response<proto::GetConsistencyProofResponse>, Status> {
+        let request = request.into_inner();
+        let hashes = self
+            .app
+            .consistency_proof(request.from_size, request.to_size)
+            .await
+            .map_err(|e| status::of_error(&e, self.app.links()))?;
+        Ok(Response::new(proto::GetConsistencyProofResponse {
+            hashes: hashes.iter().map(|hash| hash.to_vec()).collect(),
+            from_size: request.from_size,
+            to_size: request.to_size,
+        }))
+    }
+
+    async fn add_cosignatures(
+        &self,
+        _request: Request<proto::AddCosignaturesRequest>,
+    ) -> Result<Response<proto::GetCheckpointResponse>, Status> {
+        Err(Status::unimplemented("cosignatures: in progress"))
     }
 
     type TailStream = ResponseStream<proto::AuditRecord>;

@@ -145,6 +145,7 @@ pub fn audit_record(record: &AuditRecord) -> proto::AuditRecord {
         prev_hash: hex::encode(record.prev_hash),
         hash: hex::encode(record.hash),
         canonical: record.canonical.clone(),
+        inclusion_proof: None,
     }
 }
 
@@ -197,6 +198,7 @@ pub fn webhook_result(result: WebhookResult) -> proto::HandleStripeWebhookRespon
         flag_changes: result.flag_changes.into_iter().map(flag_change).collect(),
         audit_seq: result.audit_seq,
         stale_flags: result.stale_flags,
+        inclusion_proof: None,
     }
 }
 

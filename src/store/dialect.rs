@@ -66,8 +66,14 @@ pub(crate) enum Statement {
     BillingObjectsOfKind,
     /// tenant_id, object, kind, created, rank, event_id, state: inserts or replaces the object.
     WriteBillingObject,
-    /// The audit columns.
+    /// The audit columns, then the record's tree hashes (see `crate::tlog`).
     AppendAudit,
+    /// seqs (a JSON array) → seq, tree_hashes of those records, ordered by seq.
+    AuditTreeHashes,
+    /// → seq, hash of the newest audit record whose tree hashes are stored (no row when none).
+    NewestTreeSeq,
+    /// seq, tree_hashes: stores the tree hashes of a record from before the tree.
+    SetTreeHashes,
     /// → seq, hash of the newest audit record (no row when there is none).
     AuditHead,
     /// → newest audit seq, its hash, highest flag version: one row, NULLs when empty.

@@ -297,6 +297,22 @@ pub trait StoreTx {
         from_seq: u64,
         visit: &mut dyn FnMut(StoredAuditRow) -> bool,
     ) -> Result<(), StoreError>;
+    /// The Merkle tree hashes (see [`crate::tlog`]) stored with the records `seqs` (ascending,
+    /// at most a few hundred), ordered by seq; a record without them (or missing) is left out.
+    fn audit_tree_hashes(&mut self, seqs: &[u64]) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// Stores the tree hashes of up to `limit` of the oldest records that lack them (a chain
+    /// from before the tree, or records a replica of an older version appended), and answers
+    /// how far the tree now reaches.
+    fn extend_audit_tree(&mut self, limit: u64) -> Result<TreeReach, Error>;
+}
+
+/// How much of the audit chain the Merkle tree covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TreeReach {
+    /// Records whose tree hashes are stored: always the chain's first `built` records.
+    pub built: u64,
+    /// Records in the chain.
+    pub records: u64,
 }
 
 /// A unit of work as a backend's worker sees it. The engine keeps the job after running it, so

@@ -6,12 +6,13 @@
 use super::dialect::{Param, Row, Sql, Statement, query_all, query_opt};
 use super::{
     AuditQuery, BillingObject, Committed, CustomerMapping, Outcome, ParkedEvent, ProcessedEvent,
-    StoreError, StoreTx,
+    StoreError, StoreTx, TreeReach,
 };
 use crate::audit::{self, AuditRecord, ChainHead, NewAuditRecord, StoredAuditRow};
 use crate::flags::{FlagOrigin, FlagRecord, FlagValue};
 use crate::problem::Error;
 use crate::stripe::EventOrder;
+use crate::tlog::{self, Frontier};
 
 /// Stored integers are `i64`; sequence numbers and versions are `u64` and never negative.
 pub(crate) fn to_u64(v: i64) -> u64 {
@@ -91,17 +92,22 @@ fn chain_head(seq: i64, hash: Vec<u8>) -> Result<ChainHead, StoreError> {
 }
 
 /// What the writer carries from one job to the next: the chain head new audit records are
-/// sealed onto and the store-wide flag version counter. Restored when a job or a batch fails.
+/// sealed onto, the right edge of the Merkle tree they are added to, and the store-wide flag
+/// version counter. Restored when a job or a batch fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct WriterState {
     pub(crate) head: ChainHead,
     pub(crate) flag_version: u64,
+    /// The tree of the chain up to `head` once an append needed it; read (and the tree built
+    /// where rows lack it) whenever it is not of `head`, e.g. after another replica wrote.
+    pub(crate) tree: Frontier,
 }
 
 impl WriterState {
     pub(crate) const EMPTY: WriterState = WriterState {
         head: ChainHead::GENESIS,
         flag_version: 0,
+        tree: Frontier::EMPTY,
     };
 
     /// Reads the state from the tables.
@@ -118,6 +124,7 @@ impl WriterState {
                 _ => ChainHead::GENESIS,
             },
             flag_version: to_u64(version.unwrap_or(0)),
+            tree: Frontier::EMPTY,
         })
     }
 }
@@ -454,12 +461,29 @@ impl StoreTx for Tx<'_> {
     }
 
     fn append_audit(&mut self, record: NewAuditRecord, at_ms: i64) -> Result<AuditRecord, Error> {
+        let (_, writes) = self.for_write()?;
+        let state = *writes.state;
+        if !state.tree.matches(&state.head) {
+            let (reach, tree) = self.extend_tree(u64::MAX)?;
+            if reach.built != state.head.seq {
+                return Err(StoreError::Corrupt(format!(
+                    "the audit Merkle tree reaches record {} but the chain's head is record {}",
+                    reach.built, state.head.seq
+                ))
+                .into());
+            }
+            self.for_write()?.1.state.tree = tree;
+        }
         let (sql, writes) = self.for_write()?;
         let sealed = audit::seal(&writes.state.head, record, at_ms)?;
         writes.state.head = ChainHead {
             seq: sealed.seq,
             hash: sealed.hash,
         };
+        let tree_hashes = writes
+            .state
+            .tree
+            .append(tlog::leaf_hash(&sealed.canonical), sealed.hash);
         sql.execute(
             Statement::AppendAudit,
             &[
@@ -472,6 +496,7 @@ impl StoreTx for Tx<'_> {
                 Param::Bytes(&sealed.canonical),
                 Param::Bytes(&sealed.prev_hash),
                 Param::Bytes(&sealed.hash),
+                Param::Bytes(&tree_hashes),
             ],
         )?;
         writes.changes.push(Committed::Audit(sealed.clone()));
@@ -533,5 +558,73 @@ impl StoreTx for Tx<'_> {
             }
             page = (page * 2).min(AUDIT_PAGE);
         }
+    }
+
+    fn audit_tree_hashes(&mut self, seqs: &[u64]) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let list = serde_json::to_string(seqs).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut rows = Vec::with_capacity(seqs.len());
+        self.sql.query(
+            Statement::AuditTreeHashes,
+            &[Param::Text(&list)],
+            &mut |row| {
+                if let Some(hashes) = row.opt_bytes(1)? {
+                    rows.push((to_u64(row.int(0)?), hashes));
+                }
+                Ok(true)
+            },
+        )?;
+        Ok(rows)
+    }
+
+    fn extend_audit_tree(&mut self, limit: u64) -> Result<TreeReach, Error> {
+        Ok(self.extend_tree(limit)?.0)
+    }
+}
+
+impl Tx<'_> {
+    /// [`StoreTx::extend_audit_tree`], with the right edge of the tree it reached.
+    fn extend_tree(&mut self, limit: u64) -> Result<(TreeReach, Frontier), Error> {
+        self.for_write()?;
+        let records = self.audit_head()?.seq;
+        let newest = query_opt(self.sql, Statement::NewestTreeSeq, &[], |row| {
+            chain_head(row.int(0)?, row.bytes(1)?)
+        })?
+        .unwrap_or(ChainHead::GENESIS);
+        let mut tree = Frontier::read(self, newest.seq, newest.hash)?;
+        if newest.seq == records || limit == 0 {
+            let reach = TreeReach {
+                built: newest.seq,
+                records,
+            };
+            return Ok((reach, tree));
+        }
+        // Leaf and chain hashes only: a batch of rows is held at once, not their bytes.
+        let mut missing = Vec::new();
+        self.scan_audit(newest.seq + 1, &mut |row| {
+            missing.push((row.seq, tlog::leaf_hash(&row.canonical), row.hash));
+            u64::try_from(missing.len()).is_ok_and(|n| n < limit)
+        })?;
+        for (seq, leaf, chain_hash) in missing {
+            if seq != tree.size() + 1 {
+                return Err(StoreError::Corrupt(format!(
+                    "audit record {} is missing, so the Merkle tree cannot be built past it",
+                    tree.size() + 1
+                ))
+                .into());
+            }
+            let chain_hash = chain_hash
+                .try_into()
+                .map_err(|_| StoreError::Corrupt(format!("audit record {seq} has a bad hash")))?;
+            let hashes = tree.append(leaf, chain_hash);
+            self.sql.execute(
+                Statement::SetTreeHashes,
+                &[Param::Int(to_i64(seq)), Param::Bytes(&hashes)],
+            )?;
+        }
+        let reach = TreeReach {
+            built: tree.size(),
+            records,
+        };
+        Ok((reach, tree))
     }
 }

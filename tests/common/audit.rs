@@ -42,6 +42,7 @@ pub async fn append_app_events(sidecar: &Sidecar, count: usize) {
         appends.spawn(async move {
             audit
                 .append(coresdk::proto::AppendAuditRequest {
+                    include_proof: false,
                     tenant_id: "acme".into(),
                     actor: "app".into(),
                     event: format!("app.event.{i}"),
@@ -61,7 +62,7 @@ pub async fn append_app_events(sidecar: &Sidecar, count: usize) {
 pub async fn verify(sidecar: &Sidecar) -> coresdk::proto::VerifyAuditResponse {
     sidecar
         .audit()
-        .verify(admin(VerifyAuditRequest {}))
+        .verify(admin(VerifyAuditRequest::default()))
         .await
         .expect("Verify")
         .into_inner()

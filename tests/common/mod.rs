@@ -342,6 +342,7 @@ pub async fn deliver(
 pub fn signed(secret: &str, body: Vec<u8>) -> coresdk::proto::HandleStripeWebhookRequest {
     let signature_header = coresdk::stripe::sign_header(secret, now(), &body);
     coresdk::proto::HandleStripeWebhookRequest {
+        include_proof: false,
         payload: body,
         signature_header,
     }

@@ -133,12 +133,16 @@ impl Connection for Session {
     type Open = PgConn;
 
     fn begin_write(&mut self, state: &mut WriterState) -> Result<&mut PgConn, StoreError> {
+        // The tree's right edge stays when the head it was of is still the head, and is read
+        // again at the next append otherwise.
+        let tree = state.tree;
         *state = self.begin(|conn| {
             conn.client.batch_execute(&format!(
                 "BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"
             ))?;
             WriterState::load(conn)
         })?;
+        state.tree = tree;
         self.open()
     }
 

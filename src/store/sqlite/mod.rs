@@ -207,4 +207,66 @@ mod tests {
         assert_eq!(stored, [("a".to_owned(), 1), ("c".to_owned(), 2)]);
         assert_eq!(WriterState::load(&mut conn).expect("state"), state);
     }
+
+    fn record(event: &str) -> crate::audit::NewAuditRecord {
+        crate::audit::NewAuditRecord {
+            tenant_id: "acme".into(),
+            actor: "test".into(),
+            event: event.into(),
+            outcome: "applied".into(),
+            metadata: Default::default(),
+        }
+    }
+
+    /// Runs `work` as one write batch and answers what it answered.
+    fn write<T: Send + 'static>(
+        conn: &mut SqliteConn,
+        state: &mut WriterState,
+        work: impl FnOnce(&mut dyn StoreTx) -> Result<T, Error> + Send + 'static,
+    ) -> T {
+        let (job, mut answer) = job(work);
+        engine::run_batch(conn, state, vec![job], &Ignore);
+        answer.try_recv().expect("answered").expect("written")
+    }
+
+    #[test]
+    fn the_tree_of_a_chain_from_before_it_is_built_in_batches_and_then_extended() {
+        use crate::tlog::{self, Frontier};
+        let mut conn = SqliteConn::open(&StoreUrl::Memory, false).expect("open");
+        schema::migrate(conn.raw()).expect("migrate");
+        let mut state = WriterState::load(&mut conn).expect("state");
+        let mut canonical = Vec::new();
+        for n in 0..25 {
+            let sealed = write(&mut conn, &mut state, move |tx| {
+                tx.append_audit(record(&format!("e{n}")), 1_700_000_000_000)
+            });
+            canonical.push(sealed.canonical);
+        }
+        // The chain as a sidecar before the tree left it: no tree hashes after record 10.
+        conn.raw()
+            .execute("UPDATE audit SET tree_hashes = NULL WHERE seq > 10", [])
+            .expect("forgotten");
+        let mut state = WriterState::load(&mut conn).expect("state");
+        let reach = write(&mut conn, &mut state, |tx| tx.extend_audit_tree(7));
+        assert_eq!((reach.built, reach.records), (17, 25));
+        // The next append finds its tree out of date and builds the rest first.
+        let sealed = write(&mut conn, &mut state, |tx| {
+            tx.append_audit(record("after"), 1_700_000_000_000)
+        });
+        canonical.push(sealed.canonical);
+        let mut expected = Frontier::EMPTY;
+        let mut tx = Tx::reading(&mut conn);
+        assert_eq!(tlog::tree_root(&mut tx, 0).expect("root"), tlog::EMPTY_ROOT);
+        for (n, bytes) in canonical.iter().enumerate() {
+            expected.append(tlog::leaf_hash(bytes), [0; 32]);
+            let size = n as u64 + 1;
+            assert_eq!(
+                tlog::tree_root(&mut tx, size).expect("root"),
+                expected.root(),
+                "size {size}"
+            );
+        }
+        let reach = tx.extend_audit_tree(0);
+        assert!(reach.is_err(), "a read transaction builds nothing");
+    }
 }

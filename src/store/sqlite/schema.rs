@@ -93,8 +93,18 @@ CREATE INDEX flags_by_source_event ON flags (source_event_id);
 CREATE INDEX flags_by_order_event ON flags (order_event_id);
 ";
 
+/// Schema 5: the audit Merkle tree (see `crate::tlog`). Each record keeps the tree hashes its
+/// append stores; rows from before are filled at start (`StoreTx::extend_audit_tree`).
+const MIGRATION_5: &str = "ALTER TABLE audit ADD COLUMN tree_hashes BLOB;";
+
 /// Migration `n` (from 1) brings the schema from version `n - 1` to `n`.
-const MIGRATIONS: [&str; 4] = [MIGRATION_1, MIGRATION_2, MIGRATION_3, MIGRATION_4];
+const MIGRATIONS: [&str; 5] = [
+    MIGRATION_1,
+    MIGRATION_2,
+    MIGRATION_3,
+    MIGRATION_4,
+    MIGRATION_5,
+];
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Brings the schema up to this sidecar's version; refuses a database from a newer sidecar.

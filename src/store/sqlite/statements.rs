@@ -75,8 +75,16 @@ pub(super) fn text(statement: Statement) -> &'static str {
         Statement::AppendAudit => concat!(
             "INSERT INTO audit (",
             audit_columns!(),
-            ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+            ", tree_hashes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
         ),
+        Statement::AuditTreeHashes => {
+            "SELECT seq, tree_hashes FROM audit
+             WHERE seq IN (SELECT value FROM json_each(?1)) ORDER BY seq"
+        }
+        Statement::NewestTreeSeq => {
+            "SELECT seq, hash FROM audit WHERE tree_hashes IS NOT NULL ORDER BY seq DESC LIMIT 1"
+        }
+        Statement::SetTreeHashes => "UPDATE audit SET tree_hashes = ?2 WHERE seq = ?1",
         Statement::AuditHead => "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
         Statement::WriterState => {
             "SELECT (SELECT seq FROM audit ORDER BY seq DESC LIMIT 1),
