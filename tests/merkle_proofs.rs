@@ -1,0 +1,863 @@
+//! The audit log's Merkle tree as a client sees it: proofs from the real binary over gRPC,
+//! checked by a verifier written here from RFC 9162 (§2.1.3.2 and §2.1.4.2) and by the
+//! independent `ct-merkle` crate, against roots this file recomputes from the records'
+//! `canonical` bytes per RFC 6962 §2.1. Neither the code under test nor `tlog_tiles` checks
+//! anything here.
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead as _, BufReader};
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+
+use common::audit::append_app_events;
+use common::{Options, Sidecar, admin, problem};
+use coresdk::proto::{
+    GetConsistencyProofRequest, GetInclusionProofRequest, QueryAuditRequest,
+    audit_service_client::AuditServiceClient,
+};
+use rand::{Rng as _, SeedableRng as _};
+use sha2::{Digest as _, Sha256};
+use tonic::transport::Channel;
+
+type Hash = [u8; 32];
+
+// ---- RFC 6962 §2.1 and RFC 9162 §2.1.3.2 / §2.1.4.2, transcribed ----
+
+fn sha256(parts: &[&[u8]]) -> Hash {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update(part);
+    }
+    hasher.finalize().into()
+}
+
+/// MTH({d(0)}) = SHA-256(0x00 || d(0)).
+fn leaf_hash(data: &[u8]) -> Hash {
+    sha256(&[&[0x00], data])
+}
+
+/// SHA-256(0x01 || left || right).
+fn node_hash(left: &Hash, right: &Hash) -> Hash {
+    sha256(&[&[0x01], left, right])
+}
+
+/// Merkle Tree Hashes of the prefixes of one list of leaves. MTH(D[n]) for n > 1 is
+/// SHA-256(0x01 || MTH(D[0:k]) || MTH(D[k:n])) with k the largest power of two below n; the
+/// left half is always a complete subtree, remembered so that many prefixes cost little.
+struct Mth<'a> {
+    leaves: &'a [Hash],
+    complete: HashMap<(usize, usize), Hash>,
+}
+
+impl<'a> Mth<'a> {
+    fn new(leaves: &'a [Hash]) -> Self {
+        Self {
+            leaves,
+            complete: HashMap::new(),
+        }
+    }
+
+    /// MTH of the first `n` leaves.
+    fn root(&mut self, n: u64) -> Hash {
+        let n = usize::try_from(n).expect("small");
+        assert!(n <= self.leaves.len(), "tree of {n} beyond the leaves");
+        self.range(0, n)
+    }
+
+    fn range(&mut self, start: usize, n: usize) -> Hash {
+        match n {
+            0 => sha256(&[]),
+            1 => self.leaves[start],
+            _ => {
+                if n.is_power_of_two()
+                    && let Some(hash) = self.complete.get(&(start, n))
+                {
+                    return *hash;
+                }
+                let k = if n.is_power_of_two() {
+                    n / 2
+                } else {
+                    1 << (usize::BITS - 1 - n.leading_zeros())
+                };
+                let left = self.range(start, k);
+                let right = self.range(start + k, n - k);
+                let hash = node_hash(&left, &right);
+                if n.is_power_of_two() {
+                    self.complete.insert((start, n), hash);
+                }
+                hash
+            }
+        }
+    }
+}
+
+/// RFC 9162 §2.1.3.2: verifying an inclusion proof.
+fn verify_inclusion(
+    leaf_index: u64,
+    tree_size: u64,
+    hash: &Hash,
+    inclusion_path: &[Hash],
+    root_hash: &Hash,
+) -> bool {
+    // 1. If leaf_index is greater than or equal to tree_size, then stop and fail.
+    if leaf_index >= tree_size {
+        return false;
+    }
+    // 2. Set fn to leaf_index and sn to tree_size - 1.
+    let (mut fnn, mut sn) = (leaf_index, tree_size - 1);
+    // 3. Set r to hash.
+    let mut r = *hash;
+    // 4. For each value p in the inclusion_path array:
+    for p in inclusion_path {
+        // a. If sn is 0, then stop the iteration and fail the proof verification.
+        if sn == 0 {
+            return false;
+        }
+        // b. If LSB(fn) is set, or if fn is equal to sn, then:
+        if fnn & 1 == 1 || fnn == sn {
+            // i. Set r to HASH(0x01 || p || r).
+            r = node_hash(p, &r);
+            // ii. If LSB(fn) is not set, then right-shift both fn and sn equally until
+            //     either LSB(fn) is set or fn is 0.
+            if fnn & 1 == 0 {
+                while fnn & 1 == 0 && fnn != 0 {
+                    fnn >>= 1;
+                    sn >>= 1;
+                }
+            }
+        } else {
+            // Otherwise: Set r to HASH(0x01 || r || p).
+            r = node_hash(&r, p);
+        }
+        // c. Finally, right-shift both fn and sn one time.
+        fnn >>= 1;
+        sn >>= 1;
+    }
+    // 5. Compare sn to 0. Compare r against the root_hash. If either comparison fails, fail.
+    sn == 0 && r == *root_hash
+}
+
+/// RFC 9162 §2.1.4.2: verifying a consistency proof, for 0 < first < second.
+fn verify_consistency(
+    first: u64,
+    second: u64,
+    first_hash: &Hash,
+    second_hash: &Hash,
+    consistency_path: &[Hash],
+) -> bool {
+    if first == 0 || first >= second {
+        return false;
+    }
+    // 1. If consistency_path is an empty array, stop and fail the proof verification.
+    if consistency_path.is_empty() {
+        return false;
+    }
+    // 2. If first is an exact power of 2, then prepend first_hash to the consistency_path.
+    let mut path = Vec::with_capacity(consistency_path.len() + 1);
+    if first.is_power_of_two() {
+        path.push(*first_hash);
+    }
+    path.extend_from_slice(consistency_path);
+    // 3. Set fn to first - 1 and sn to second - 1.
+    let (mut fnn, mut sn) = (first - 1, second - 1);
+    // 4. If LSB(fn) is set, then right-shift both fn and sn equally until LSB(fn) is not set.
+    while fnn & 1 == 1 {
+        fnn >>= 1;
+        sn >>= 1;
+    }
+    // 5. Set both fr and sr to the first value in the consistency_path array.
+    let (mut fr, mut sr) = (path[0], path[0]);
+    // 6. For each subsequent value c in the consistency_path array:
+    for c in &path[1..] {
+        // a. If sn is 0, then stop the iteration and fail the proof verification.
+        if sn == 0 {
+            return false;
+        }
+        // b. If LSB(fn) is set, or if fn is equal to sn, then:
+        if fnn & 1 == 1 || fnn == sn {
+            // i. Set fr to HASH(0x01 || c || fr). Set sr to HASH(0x01 || c || sr).
+            fr = node_hash(c, &fr);
+            sr = node_hash(c, &sr);
+            // ii. If LSB(fn) is not set, then right-shift both fn and sn equally until either
+            //     LSB(fn) is set or fn is 0.
+            if fnn & 1 == 0 {
+                while fnn & 1 == 0 && fnn != 0 {
+                    fnn >>= 1;
+                    sn >>= 1;
+                }
+            }
+        } else {
+            // Otherwise: Set sr to HASH(0x01 || sr || c).
+            sr = node_hash(&sr, c);
+        }
+        // c. Finally, right-shift both fn and sn one time.
+        fnn >>= 1;
+        sn >>= 1;
+    }
+    // 7. fr equals first_hash, sr equals second_hash, and sn is 0.
+    fr == *first_hash && sr == *second_hash && sn == 0
+}
+
+// ---- ct-merkle, the independent implementation ----
+
+type CtSha256 = sha2_011::Sha256;
+
+fn ct_root(root: &Hash, size: u64) -> ct_merkle::RootHash<CtSha256> {
+    ct_merkle::RootHash::new((*root).into(), size)
+}
+
+fn ct_inclusion(canonical: &[u8], leaf_index: u64, size: u64, root: &Hash, path: &[Hash]) -> bool {
+    let proof = ct_merkle::InclusionProof::<CtSha256>::from_bytes(path.concat());
+    ct_root(root, size)
+        .verify_inclusion(&canonical, leaf_index, &proof)
+        .is_ok()
+}
+
+fn ct_consistency(from: u64, from_root: &Hash, to: u64, to_root: &Hash, path: &[Hash]) -> bool {
+    let Ok(proof) = ct_merkle::ConsistencyProof::<CtSha256>::try_from_bytes(path.concat()) else {
+        return false;
+    };
+    ct_root(to_root, to)
+        .verify_consistency(&ct_root(from_root, from), &proof)
+        .is_ok()
+}
+
+/// The roots `ct-merkle` computes for every prefix of `canonicals`, index `n - 1` for size n.
+fn ct_prefix_roots(canonicals: &[Vec<u8>]) -> Vec<Hash> {
+    let mut tree = ct_merkle::mem_backed_tree::MemoryBackedTree::<CtSha256, Vec<u8>>::new();
+    canonicals
+        .iter()
+        .map(|canonical| {
+            tree.push(canonical.clone());
+            let root: [u8; 32] = tree.root().as_bytes().as_slice().try_into().expect("32");
+            root
+        })
+        .collect()
+}
+
+// ---- the sidecar ----
+
+async fn records(audit: &mut AuditServiceClient<Channel>) -> Vec<coresdk::proto::AuditRecord> {
+    let mut all = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = audit
+            .query(admin(QueryAuditRequest {
+                page_size: 1000,
+                page_token: page_token.clone(),
+                ..Default::default()
+            }))
+            .await
+            .expect("Query")
+            .into_inner();
+        all.extend(page.records);
+        if page.next_page_token.is_empty() {
+            return all;
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// The records' canonical bytes, in seq order, after checking they are numbered 1..=n.
+async fn canonicals(audit: &mut AuditServiceClient<Channel>) -> Vec<Vec<u8>> {
+    let records = records(audit).await;
+    for (i, record) in records.iter().enumerate() {
+        assert_eq!(record.seq, i as u64 + 1, "records are numbered 1..=n");
+    }
+    records.into_iter().map(|r| r.canonical).collect()
+}
+
+fn hashes(raw: Vec<Vec<u8>>) -> Vec<Hash> {
+    raw.into_iter()
+        .map(|h| <Hash>::try_from(h.as_slice()).expect("32-byte hashes"))
+        .collect()
+}
+
+async fn inclusion(
+    audit: &mut AuditServiceClient<Channel>,
+    seq: u64,
+    tree_size: u64,
+) -> Result<Vec<Hash>, tonic::Status> {
+    let proof = audit
+        .get_inclusion_proof(admin(GetInclusionProofRequest { seq, tree_size }))
+        .await?
+        .into_inner();
+    assert_eq!((proof.leaf_index, proof.tree_size), (seq - 1, tree_size));
+    Ok(hashes(proof.hashes))
+}
+
+async fn consistency(
+    audit: &mut AuditServiceClient<Channel>,
+    from_size: u64,
+    to_size: u64,
+) -> Result<Vec<Hash>, tonic::Status> {
+    let proof = audit
+        .get_consistency_proof(admin(GetConsistencyProofRequest { from_size, to_size }))
+        .await?
+        .into_inner();
+    assert_eq!((proof.from_size, proof.to_size), (from_size, to_size));
+    Ok(hashes(proof.hashes))
+}
+
+/// The log as the test knows it: each record's bytes, leaf hash and every prefix's root.
+struct Known {
+    canonicals: Vec<Vec<u8>>,
+    roots: Vec<Hash>,
+}
+
+impl Known {
+    /// Reads every record and computes the roots both ways, which must agree.
+    async fn read(audit: &mut AuditServiceClient<Channel>) -> Known {
+        let canonicals = canonicals(audit).await;
+        let leaves: Vec<Hash> = canonicals.iter().map(|c| leaf_hash(c)).collect();
+        let mut mth = Mth::new(&leaves);
+        let roots: Vec<Hash> = (1..=leaves.len() as u64).map(|n| mth.root(n)).collect();
+        assert_eq!(
+            roots,
+            ct_prefix_roots(&canonicals),
+            "RFC 6962 roots as computed here and by ct-merkle"
+        );
+        Known { canonicals, roots }
+    }
+
+    fn size(&self) -> u64 {
+        self.canonicals.len() as u64
+    }
+
+    fn root(&self, size: u64) -> Hash {
+        if size == 0 {
+            sha256(&[])
+        } else {
+            self.roots[(size - 1) as usize]
+        }
+    }
+
+    /// Asks for and checks record `seq`'s proof in the tree of `size`, both ways.
+    async fn check_inclusion(&self, audit: &mut AuditServiceClient<Channel>, seq: u64, size: u64) {
+        let path = inclusion(audit, seq, size)
+            .await
+            .unwrap_or_else(|e| panic!("inclusion of {seq} in {size}: {e:?}"));
+        let canonical = &self.canonicals[(seq - 1) as usize];
+        let root = self.root(size);
+        assert!(
+            verify_inclusion(seq - 1, size, &leaf_hash(canonical), &path, &root),
+            "RFC 9162 verifier: record {seq} in tree {size}"
+        );
+        assert!(
+            ct_inclusion(canonical, seq - 1, size, &root, &path),
+            "ct-merkle: record {seq} in tree {size}"
+        );
+        // A proof that verifies anything verifies nothing: the neighbouring leaf must fail.
+        let other = if seq == size { seq - 1 } else { seq + 1 };
+        if other >= 1 && other != seq {
+            assert!(
+                !verify_inclusion(
+                    seq - 1,
+                    size,
+                    &leaf_hash(&self.canonicals[(other - 1) as usize]),
+                    &path,
+                    &root
+                ),
+                "record {other}'s bytes must not pass as record {seq}"
+            );
+        }
+    }
+
+    /// Asks for and checks the consistency proof from `from` to `to`, both ways.
+    async fn check_consistency(&self, audit: &mut AuditServiceClient<Channel>, from: u64, to: u64) {
+        let path = consistency(audit, from, to)
+            .await
+            .unwrap_or_else(|e| panic!("consistency {from} → {to}: {e:?}"));
+        if from == 0 || from == to {
+            assert!(path.is_empty(), "RFC 9162: no proof for {from} → {to}");
+            return;
+        }
+        let (from_root, to_root) = (self.root(from), self.root(to));
+        assert!(
+            verify_consistency(from, to, &from_root, &to_root, &path),
+            "RFC 9162 verifier: {from} → {to}"
+        );
+        assert!(
+            ct_consistency(from, &from_root, to, &to_root, &path),
+            "ct-merkle: {from} → {to}"
+        );
+        let wrong = self.root(from - 1);
+        assert!(
+            !verify_consistency(from, to, &wrong, &to_root, &path),
+            "{from} → {to} must not hold for another old root"
+        );
+    }
+}
+
+/// The seeded random pairs plus every pair up to 64: (seq, size) for inclusion, (from, to)
+/// for consistency.
+/// Pairs of sizes (or of a seq and a size) to ask proofs for.
+type Pairs = Vec<(u64, u64)>;
+
+fn pairs(size: u64, seed: u64, random: usize) -> (Pairs, Pairs) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let small = size.min(64);
+    let mut inclusions: Vec<(u64, u64)> = (1..=small)
+        .flat_map(|n| (1..=n).map(move |seq| (seq, n)))
+        .collect();
+    let mut consistencies: Vec<(u64, u64)> = (1..=small)
+        .flat_map(|to| (0..=to).map(move |from| (from, to)))
+        .collect();
+    for _ in 0..random {
+        let n = rng.gen_range(1..=size);
+        inclusions.push((rng.gen_range(1..=n), n));
+        let to = rng.gen_range(1..=size);
+        consistencies.push((rng.gen_range(0..=to), to));
+    }
+    // The edges: the whole log, its first and last record.
+    inclusions.extend([(1, size), (size, size)]);
+    consistencies.extend([(1, size), (size - 1, size), (size, size)]);
+    (inclusions, consistencies)
+}
+
+/// Checks every pair, a few calls at a time.
+async fn check_all(known: &Arc<Known>, channel: &Channel, seed: u64, random: usize) {
+    let (inclusions, consistencies) = pairs(known.size(), seed, random);
+    const AT_ONCE: usize = 8;
+    let mut calls = tokio::task::JoinSet::new();
+    let jobs = inclusions
+        .into_iter()
+        .map(|p| (true, p))
+        .chain(consistencies.into_iter().map(|p| (false, p)));
+    for (is_inclusion, (a, b)) in jobs {
+        if calls.len() == AT_ONCE {
+            calls.join_next().await.expect("a call").expect("checked");
+        }
+        let known = known.clone();
+        let mut audit = AuditServiceClient::new(channel.clone());
+        calls.spawn(async move {
+            if is_inclusion {
+                known.check_inclusion(&mut audit, a, b).await;
+            } else {
+                known.check_consistency(&mut audit, a, b).await;
+            }
+        });
+    }
+    while let Some(call) = calls.join_next().await {
+        call.expect("checked");
+    }
+}
+
+const SEED: u64 = 0x6962_9162;
+
+#[tokio::test]
+async fn proofs_for_random_tree_sizes_up_to_2000_verify_by_rfc_9162_and_ct_merkle() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sidecar = Sidecar::on_disk(dir.path(), Options::default()).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(SEED);
+    let total = rng.gen_range(1_500..=2_000);
+    append_app_events(&sidecar, total).await;
+    let known = Arc::new(Known::read(&mut sidecar.audit()).await);
+    assert_eq!(known.size(), total as u64);
+    check_all(&known, &sidecar.channel, SEED, 400).await;
+}
+
+#[tokio::test]
+async fn proofs_of_tiny_logs_verify_at_every_size() {
+    let sidecar = Sidecar::start(Options::default()).await;
+    for n in 1..=9 {
+        append_app_events(&sidecar, 1).await;
+        let known = Arc::new(Known::read(&mut sidecar.audit()).await);
+        assert_eq!(known.size(), n);
+        check_all(&known, &sidecar.channel, n, 5).await;
+    }
+}
+
+#[tokio::test]
+async fn impossible_proofs_are_refused_with_a_problem() {
+    let sidecar = Sidecar::start(Options::default()).await;
+    append_app_events(&sidecar, 5).await;
+    let mut audit = sidecar.audit();
+    type Case = (
+        &'static str,
+        Result<Vec<Hash>, tonic::Status>,
+        tonic::Code,
+        &'static str,
+    );
+    let cases: [Case; 5] = [
+        (
+            "seq 0",
+            inclusion_raw(&mut audit, 0, 5).await,
+            tonic::Code::InvalidArgument,
+            "seq",
+        ),
+        (
+            "tree smaller than seq",
+            inclusion(&mut audit, 4, 3).await,
+            tonic::Code::InvalidArgument,
+            "tree_size",
+        ),
+        (
+            "tree beyond the log",
+            inclusion(&mut audit, 2, 6).await,
+            tonic::Code::OutOfRange,
+            "6",
+        ),
+        (
+            "from after to",
+            consistency(&mut audit, 4, 3).await,
+            tonic::Code::InvalidArgument,
+            "from_size",
+        ),
+        (
+            "to beyond the log",
+            consistency(&mut audit, 2, 9).await,
+            tonic::Code::OutOfRange,
+            "9",
+        ),
+    ];
+    for (case, answer, code, named) in cases {
+        let status = answer.expect_err(case);
+        assert_eq!(status.code(), code, "{case}: {status:?}");
+        let problem = problem(&status);
+        assert_eq!(problem.status, http_status(code), "{case}: {problem:?}");
+        let text = format!("{} {}", problem.detail, status.message());
+        assert!(
+            text.contains(named),
+            "{case}: the problem names {named}: {problem:?}"
+        );
+    }
+}
+
+/// `inclusion` without the answer's leaf index check, which seq 0 cannot pass.
+async fn inclusion_raw(
+    audit: &mut AuditServiceClient<Channel>,
+    seq: u64,
+    tree_size: u64,
+) -> Result<Vec<Hash>, tonic::Status> {
+    audit
+        .get_inclusion_proof(admin(GetInclusionProofRequest { seq, tree_size }))
+        .await
+        .map(|proof| hashes(proof.into_inner().hashes))
+}
+
+fn http_status(code: tonic::Code) -> i32 {
+    match code {
+        tonic::Code::InvalidArgument | tonic::Code::OutOfRange => 400,
+        _ => 500,
+    }
+}
+
+// ---- tampering with the SQLite file behind the sidecar's back ----
+
+fn open_db(dir: &Path) -> rusqlite::Connection {
+    let db = rusqlite::Connection::open(dir.join("coresdk.db")).expect("open the database");
+    db.busy_timeout(std::time::Duration::from_secs(5))
+        .expect("busy timeout");
+    db
+}
+
+/// The columns that make up a record, all but its place (`seq`) and its tree hashes.
+const RECORD_COLUMNS: &str =
+    "time_ms, tenant_id, actor, event, outcome, canonical, prev_hash, hash";
+
+/// Swaps the contents of records `a` and `b`, leaving each seq and the stored tree in place.
+fn swap_records(db: &rusqlite::Connection, a: u64, b: u64) {
+    let names: Vec<&str> = RECORD_COLUMNS.split(", ").collect();
+    let set = names
+        .iter()
+        .map(|c| format!("{c} = (SELECT {c} FROM audit AS other WHERE other.seq = ?2)"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    db.execute_batch("BEGIN IMMEDIATE").expect("begin");
+    db.execute(
+        &format!("CREATE TEMP TABLE swap AS SELECT seq, {RECORD_COLUMNS} FROM audit WHERE seq IN (?1, ?2)"),
+        rusqlite::params![a as i64, b as i64],
+    )
+    .expect("copy");
+    for (to, from) in [(a, b), (b, a)] {
+        db.execute(
+            &format!(
+                "UPDATE audit SET {} WHERE seq = ?1",
+                set.replace("audit AS other", "temp.swap AS other")
+            ),
+            rusqlite::params![to as i64, from as i64],
+        )
+        .expect("swap");
+    }
+    db.execute_batch("DROP TABLE temp.swap; COMMIT")
+        .expect("commit");
+}
+
+/// What a client that trusted the log of `trusted.size()` records now finds: the records'
+/// root differs, and the server's proofs of the changed records no longer verify.
+async fn assert_detected(
+    trusted: &Known,
+    audit: &mut AuditServiceClient<Channel>,
+    changed: &[u64],
+) {
+    let now = Known::read(audit).await;
+    let size = trusted.size();
+    assert_eq!(now.size(), size);
+    assert_ne!(
+        now.root(size),
+        trusted.root(size),
+        "the records' root moved"
+    );
+    for &seq in changed {
+        let path = inclusion(audit, seq, size).await.expect("a proof");
+        let canonical = &now.canonicals[(seq - 1) as usize];
+        assert_ne!(canonical, &trusted.canonicals[(seq - 1) as usize]);
+        let root = trusted.root(size);
+        assert!(
+            !verify_inclusion(seq - 1, size, &leaf_hash(canonical), &path, &root),
+            "record {seq} as it now reads is not in the trusted tree (RFC 9162 verifier)"
+        );
+        assert!(
+            !ct_inclusion(canonical, seq - 1, size, &root, &path),
+            "record {seq} as it now reads is not in the trusted tree (ct-merkle)"
+        );
+    }
+    // Records nobody touched still prove against the trusted root.
+    trusted.check_inclusion(audit, 1, size).await;
+}
+
+#[tokio::test]
+async fn altered_reordered_and_truncated_records_no_longer_match_the_trusted_tree() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sidecar = Sidecar::on_disk(dir.path(), Options::default()).await;
+    append_app_events(&sidecar, 300).await;
+    let mut audit = sidecar.audit();
+    let trusted = Known::read(&mut audit).await;
+    let db = open_db(dir.path());
+
+    // One record's bytes altered (its outcome), everything else left as it was.
+    let original: Vec<u8> = db
+        .query_row("SELECT canonical FROM audit WHERE seq = 123", [], |r| {
+            r.get(0)
+        })
+        .expect("record 123");
+    let altered = String::from_utf8(original.clone())
+        .expect("utf-8")
+        .replace("\"outcome\":\"success\"", "\"outcome\":\"failure\"");
+    assert_ne!(altered.as_bytes(), original.as_slice());
+    db.execute(
+        "UPDATE audit SET canonical = ?1, outcome = 'failure' WHERE seq = 123",
+        rusqlite::params![altered.as_bytes()],
+    )
+    .expect("tamper");
+    assert_detected(&trusted, &mut audit, &[123]).await;
+    db.execute(
+        "UPDATE audit SET canonical = ?1, outcome = 'success' WHERE seq = 123",
+        rusqlite::params![original],
+    )
+    .expect("restore");
+    assert_eq!(Known::read(&mut audit).await.root(300), trusted.root(300));
+
+    // Two records trade places.
+    swap_records(&db, 40, 41);
+    assert_detected(&trusted, &mut audit, &[40, 41]).await;
+    swap_records(&db, 40, 41);
+    assert_eq!(Known::read(&mut audit).await.root(300), trusted.root(300));
+
+    // The newest records cut off: what is left is an honest prefix, but the trusted tree can no
+    // longer be reached from it.
+    db.execute("DELETE FROM audit WHERE seq > 290", [])
+        .expect("truncate");
+    let now = Known::read(&mut audit).await;
+    assert_eq!(now.size(), 290);
+    assert_ne!(now.root(290), trusted.root(300));
+    for refused in [
+        consistency(&mut audit, 290, 300).await,
+        inclusion(&mut audit, 300, 300).await,
+    ] {
+        let status = refused.expect_err("the trusted size is beyond the log");
+        assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    }
+}
+
+// ---- a database from before the tree ----
+
+/// The SQLite schema 4 (src/store/sqlite/schema.rs MIGRATION_1..4 as they were before the
+/// tree), copied so the test writes exactly what an older sidecar left behind.
+const SCHEMA_4: &str = "
+CREATE TABLE processed_events (
+    event_id TEXT PRIMARY KEY, event_type TEXT NOT NULL, tenant_id TEXT NOT NULL,
+    outcome TEXT NOT NULL, audit_seq INTEGER NOT NULL, processed_at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE customers (
+    customer_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, updated_at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE flags (
+    tenant_id TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, version INTEGER NOT NULL,
+    event_created INTEGER NOT NULL, origin TEXT NOT NULL, updated_at_ms INTEGER NOT NULL,
+    updated_by TEXT NOT NULL, source_event_id TEXT NOT NULL, PRIMARY KEY (tenant_id, key)
+) WITHOUT ROWID;
+CREATE TABLE audit (
+    seq INTEGER PRIMARY KEY, time_ms INTEGER NOT NULL, tenant_id TEXT NOT NULL,
+    actor TEXT NOT NULL, event TEXT NOT NULL, outcome TEXT NOT NULL,
+    canonical BLOB NOT NULL, prev_hash BLOB NOT NULL, hash BLOB NOT NULL
+);
+CREATE INDEX audit_by_tenant ON audit (tenant_id, seq);
+ALTER TABLE customers ADD COLUMN unmapped_at_ms INTEGER;
+CREATE TABLE parked_events (
+    event_id TEXT PRIMARY KEY, event_type TEXT NOT NULL, customer_id TEXT NOT NULL,
+    created INTEGER NOT NULL, signed_at INTEGER NOT NULL, payload BLOB NOT NULL,
+    actor TEXT NOT NULL, reason TEXT, parked_at_ms INTEGER NOT NULL, rank INTEGER NOT NULL
+);
+CREATE INDEX parked_events_by_customer ON parked_events (customer_id, created, rank, event_id);
+CREATE INDEX parked_events_by_age ON parked_events (parked_at_ms);
+ALTER TABLE flags ADD COLUMN event_rank INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE flags ADD COLUMN order_event_id TEXT NOT NULL DEFAULT '';
+CREATE TABLE billing_objects (
+    tenant_id TEXT NOT NULL, object TEXT NOT NULL, kind TEXT NOT NULL,
+    event_created INTEGER NOT NULL, event_rank INTEGER NOT NULL, event_id TEXT NOT NULL,
+    state TEXT NOT NULL, PRIMARY KEY (tenant_id, object)
+) WITHOUT ROWID;
+CREATE INDEX processed_events_by_age ON processed_events (processed_at_ms);
+CREATE INDEX flags_by_source_event ON flags (source_event_id);
+CREATE INDEX flags_by_order_event ON flags (order_event_id);
+PRAGMA user_version = 4;
+";
+
+/// `count` records sealed onto one chain by the library's own `seal`, as an older sidecar
+/// appended them.
+fn sealed_records(count: u64) -> Vec<coresdk::audit::AuditRecord> {
+    let mut head = coresdk::audit::ChainHead::GENESIS;
+    let start_ms = (common::now() - 3_600) * 1000;
+    (0..count)
+        .map(|i| {
+            let mut metadata = serde_json::Map::new();
+            metadata.insert("i".into(), serde_json::Value::from(i));
+            let record = coresdk::audit::seal(
+                &head,
+                coresdk::audit::NewAuditRecord {
+                    tenant_id: format!("tenant{}", i % 7),
+                    actor: "app".into(),
+                    event: format!("app.old.{i}"),
+                    outcome: "success".into(),
+                    metadata,
+                },
+                start_ms + i as i64,
+            )
+            .expect("sealed");
+            head = coresdk::audit::ChainHead {
+                seq: record.seq,
+                hash: record.hash,
+            };
+            record
+        })
+        .collect()
+}
+
+/// More than one build batch (10,000), so the build logs its progress before it is done.
+const OLD_RECORDS: u64 = 12_500;
+
+#[tokio::test]
+async fn a_schema_4_database_gets_its_tree_built_at_start_and_proofs_match() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut db = open_db(dir.path());
+    db.execute_batch(SCHEMA_4).expect("schema 4");
+    let records = sealed_records(OLD_RECORDS);
+    let tx = db.transaction().expect("a transaction");
+    {
+        let mut insert = tx
+            .prepare(&format!(
+                "INSERT INTO audit (seq, {RECORD_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+            ))
+            .expect("prepare");
+        for r in &records {
+            insert
+                .execute(rusqlite::params![
+                    r.seq as i64,
+                    r.time_ms,
+                    r.tenant_id,
+                    r.actor,
+                    r.event,
+                    r.outcome,
+                    r.canonical,
+                    r.prev_hash.as_slice(),
+                    r.hash.as_slice(),
+                ])
+                .expect("insert");
+        }
+    }
+    tx.commit().expect("commit");
+    drop(db);
+
+    let options = Options {
+        args: vec![
+            "--store".into(),
+            format!("sqlite://{}", dir.path().join("coresdk.db").display()),
+        ],
+        ..Options::default()
+    };
+    let mut command = common::serve_command(&options.args, &options.envs, Stdio::piped());
+    command.env("CORESDK_LOG", "info");
+    let mut child = command.spawn().expect("the coresdk binary starts");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let log = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<String>>()
+    });
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("the sidecar printed its address")
+            .expect("readable stdout");
+        if let Some(addr) = line.strip_prefix("coresdk listening on ") {
+            break addr.to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let channel = common::connect(&addr).await;
+    let mut audit = AuditServiceClient::new(channel.clone());
+
+    let known = Arc::new(Known::read(&mut audit).await);
+    assert_eq!(known.size(), OLD_RECORDS);
+    for (record, canonical) in records.iter().zip(&known.canonicals) {
+        assert_eq!(
+            &record.canonical, canonical,
+            "record {} kept its bytes",
+            record.seq
+        );
+    }
+    check_all(&known, &channel, SEED ^ 4, 150).await;
+    let verified = audit
+        .verify(admin(coresdk::proto::VerifyAuditRequest::default()))
+        .await
+        .expect("Verify")
+        .into_inner();
+    assert!(verified.ok, "the old chain still verifies: {verified:?}");
+    assert_eq!(
+        verified.head_hash,
+        hex::encode(records[records.len() - 1].hash)
+    );
+
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = log.join().expect("the log");
+    let progress = log
+        .iter()
+        .find(|line| line.contains("building the audit Merkle tree"))
+        .unwrap_or_else(|| panic!("the build logs its progress: {log:#?}"));
+    assert!(progress.contains("12500"), "{progress}");
+    assert!(
+        log.iter()
+            .any(|line| line.contains("audit Merkle tree built")),
+        "the build logs its end: {log:#?}"
+    );
+}
+
+// ---- PostgreSQL (CORESDK_TEST_POSTGRES_URL) ----
+
+#[tokio::test]
+async fn postgres_proofs_verify_by_rfc_9162_and_ct_merkle() {
+    let url = common::pg::fresh_database(common::pg::server_url()).await;
+    let sidecar = Sidecar::start(common::pg::replica_options(&url)).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(SEED ^ 5432);
+    append_app_events(&sidecar, rng.gen_range(250..=400)).await;
+    let known = Arc::new(Known::read(&mut sidecar.audit()).await);
+    check_all(&known, &sidecar.channel, SEED ^ 5432, 200).await;
+}
