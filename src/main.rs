@@ -37,6 +37,10 @@ fn main() -> ExitCode {
             checkpoint_file,
             signing_key_file,
         })) => audit_verify(&store, checkpoint_file, signing_key_file),
+        Some(Command::Audit(AuditCommand::Prove(args))) => coresdk::cli::proof::prove(&args),
+        Some(Command::Audit(AuditCommand::CheckProof(args))) => {
+            coresdk::cli::proof::check_proof(&args)
+        }
         Some(Command::Stripe(StripeCommand::Sign { secret, timestamp })) => {
             stripe_sign(&secret, timestamp)
         }

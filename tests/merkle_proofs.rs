@@ -861,3 +861,212 @@ async fn postgres_proofs_verify_by_rfc_9162_and_ct_merkle() {
     let known = Arc::new(Known::read(&mut sidecar.audit()).await);
     check_all(&known, &sidecar.channel, SEED ^ 5432, 200).await;
 }
+
+// ---- proof files: `coresdk audit check-proof` ----
+
+/// A C2SP signed-note key, made and used here by hand (C2SP signed-note: key id = the first 4
+/// bytes of SHA-256(name ‖ "\n" ‖ 0x01 ‖ public key); signature line "— name base64(id ‖ sig)").
+struct NoteKey {
+    name: String,
+    key: ed25519_dalek::SigningKey,
+}
+
+impl NoteKey {
+    fn new(name: &str, seed: u8) -> Self {
+        Self {
+            name: name.into(),
+            key: ed25519_dalek::SigningKey::from_bytes(&[seed; 32]),
+        }
+    }
+
+    fn public(&self) -> Vec<u8> {
+        let mut public = vec![0x01];
+        public.extend_from_slice(self.key.verifying_key().as_bytes());
+        public
+    }
+
+    fn id(&self) -> [u8; 4] {
+        let hash = sha256(&[self.name.as_bytes(), b"\n", &self.public()]);
+        hash[..4].try_into().expect("4 bytes")
+    }
+
+    /// `<name>+<hex id>+<base64(0x01 ‖ key)>`.
+    fn verifier(&self) -> String {
+        use base64::Engine as _;
+        format!(
+            "{}+{}+{}",
+            self.name,
+            hex::encode(self.id()),
+            base64::engine::general_purpose::STANDARD.encode(self.public())
+        )
+    }
+
+    fn signature_line(&self, body: &str) -> String {
+        use base64::Engine as _;
+        use ed25519_dalek::Signer as _;
+        let mut signed = self.id().to_vec();
+        signed.extend_from_slice(&self.key.sign(body.as_bytes()).to_bytes());
+        format!(
+            "\u{2014} {} {}\n",
+            self.name,
+            base64::engine::general_purpose::STANDARD.encode(signed)
+        )
+    }
+}
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn checkpoint_body(origin: &str, size: u64, root: &Hash) -> String {
+    format!("{origin}\n{size}\n{}\n", b64(root))
+}
+
+/// A tlog-proof file as C2SP lays it out, with the record's bytes as its `extra` line.
+fn proof_text(record: &[u8], index: u64, path: &[Hash], note: &str) -> String {
+    let mut text = format!(
+        "c2sp.org/tlog-proof@v1\nextra {}\nindex {index}\n",
+        b64(record)
+    );
+    for hash in path {
+        text.push_str(&b64(hash));
+        text.push('\n');
+    }
+    text.push('\n');
+    text.push_str(note);
+    text
+}
+
+/// `coresdk audit check-proof` on `text` with `key`: its exit code and its one line.
+fn check_proof(dir: &Path, text: &str, key: &str) -> (Option<i32>, String) {
+    let file = dir.join("record.tlog-proof");
+    std::fs::write(&file, text).expect("write the proof");
+    let file = file.display().to_string();
+    let output = common::run_coresdk(None, &["audit", "check-proof", &file, "--key", key], &[]);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(said.trim_end().lines().count(), 1, "one line: {said}");
+    (output.status.code(), said)
+}
+
+#[tokio::test]
+async fn check_proof_accepts_a_true_proof_and_names_each_forgery() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sidecar = Sidecar::start(Options::default()).await;
+    append_app_events(&sidecar, 21).await;
+    let mut audit = sidecar.audit();
+    let known = Known::read(&mut audit).await;
+    let (seq, size) = (7, 21);
+    let path = inclusion(&mut audit, seq, size).await.expect("a proof");
+    let record = known.canonicals[(seq - 1) as usize].clone();
+    let log = NoteKey::new("audit.example.com/coresdk", 7);
+    let body = checkpoint_body(&log.name, size, &known.root(size));
+    let note = format!("{body}\n{}", log.signature_line(&body));
+    let good = proof_text(&record, seq - 1, &path, &note);
+
+    let (code, said) = check_proof(dir.path(), &good, &log.verifier());
+    assert_eq!(code, Some(0), "{said}");
+    assert!(
+        said.starts_with("ok: record 7 is in the log audit.example.com/coresdk of 21 records"),
+        "{said}"
+    );
+    // Witness cosignatures beside the log's own do not get in the way.
+    let witness = NoteKey::new("witness.example", 9);
+    let cosigned = format!("{note}{}", witness.signature_line(&body));
+    let (code, said) = check_proof(
+        dir.path(),
+        &proof_text(&record, seq - 1, &path, &cosigned),
+        &log.verifier(),
+    );
+    assert_eq!(code, Some(0), "{said}");
+
+    let mut altered_record = String::from_utf8(record.clone()).expect("utf-8");
+    altered_record = altered_record.replace("\"outcome\":\"success\"", "\"outcome\":\"failure\"");
+    let mut altered_path = path.clone();
+    altered_path[1][0] ^= 1;
+    let forged_body = checkpoint_body(&log.name, size, &known.root(size - 1));
+    let forger = NoteKey::new(&log.name, 8);
+    let cases = [
+        (
+            "a checkpoint whose body was changed under the log's signature",
+            proof_text(
+                &record,
+                seq - 1,
+                &path,
+                &format!("{forged_body}\n{}", log.signature_line(&body)),
+            ),
+            log.verifier(),
+            "not signed by",
+        ),
+        (
+            "a checkpoint signed by another key of the same name",
+            proof_text(
+                &record,
+                seq - 1,
+                &path,
+                &format!("{body}\n{}", forger.signature_line(&body)),
+            ),
+            log.verifier(),
+            "not signed by",
+        ),
+        (
+            "a true proof checked with the wrong key",
+            good.clone(),
+            forger.verifier(),
+            "not signed by",
+        ),
+        (
+            "a true proof checked with another log's key",
+            good.clone(),
+            witness.verifier(),
+            "not signed by",
+        ),
+        (
+            "an altered record",
+            proof_text(altered_record.as_bytes(), seq - 1, &path, &note),
+            log.verifier(),
+            "not in the signed tree",
+        ),
+        (
+            "an altered proof hash",
+            proof_text(&record, seq - 1, &altered_path, &note),
+            log.verifier(),
+            "not in the signed tree",
+        ),
+        (
+            "a proof missing a hash",
+            proof_text(&record, seq - 1, &path[1..], &note),
+            log.verifier(),
+            "not in the signed tree",
+        ),
+        (
+            "the record claimed at another index",
+            proof_text(&record, seq, &path, &note),
+            log.verifier(),
+            "not in the signed tree",
+        ),
+        (
+            "a file that is no proof",
+            good.replacen("c2sp.org/tlog-proof@v1", "c2sp.org/tlog-proof@v9", 1),
+            log.verifier(),
+            "not a tlog proof",
+        ),
+    ];
+    for (case, text, key, named) in cases {
+        let (code, said) = check_proof(dir.path(), &text, &key);
+        assert_eq!(code, Some(1), "{case}: {said}");
+        assert!(
+            said.starts_with("FAILED: ") && said.contains(named),
+            "{case}: {said}"
+        );
+    }
+
+    // A key that is no key: nothing was checked.
+    let (code, said) = check_proof(dir.path(), &good, "not-a-key");
+    assert_eq!(code, Some(2), "{said}");
+    assert!(said.contains("--key"), "{said}");
+}
