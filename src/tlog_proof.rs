@@ -294,7 +294,107 @@ pub fn prove(tx: &mut dyn StoreTx, seq: u64, checkpoint: &str) -> Result<ProofFi
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
     use super::*;
+    use crate::store::{CommitListener, Committed, Store, StoreUrl};
+
+    struct Ignore;
+
+    impl CommitListener for Ignore {
+        fn committed(&self, _: Vec<Committed>) {}
+    }
+
+    /// A signed-note signer named `name` and its verifier key.
+    fn signer(name: &str, seed: u8) -> (signed_note::StandardSigner, String) {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+        let public = [&[1u8][..], key.verifying_key().as_bytes()].concat();
+        let private = [&[1u8][..], &key.to_bytes()].concat();
+        let skey = format!(
+            "PRIVATE+KEY+{name}+{:08x}+{}",
+            signed_note::key_id(name, &public),
+            STANDARD.encode(private)
+        );
+        (
+            signed_note::StandardSigner::new(&skey).expect("a signer key"),
+            signed_note::new_ed25519_verifier_key(name, &key.verifying_key()),
+        )
+    }
+
+    fn checkpoint(signer: &signed_note::StandardSigner, size: u64, root: &Hash) -> String {
+        use signed_note::Signer as _;
+        let body = format!("{}\n{size}\n{}\n", signer.name(), STANDARD.encode(root));
+        let mut note = signed_note::Note::new(body.as_bytes(), &[]).expect("a note");
+        note.add_sigs(&[signer]).expect("signed");
+        String::from_utf8(note.to_bytes()).expect("utf-8")
+    }
+
+    #[tokio::test]
+    async fn a_proof_built_from_the_stored_tree_checks_out_with_the_key_alone() {
+        let store = Store::open(
+            &StoreUrl::Memory,
+            None,
+            Arc::new(Ignore),
+            Arc::new(crate::flags::FlagCache::new(BTreeMap::new())),
+        )
+        .expect("a store");
+        store
+            .write(|tx| {
+                for i in 0..10 {
+                    tx.append_audit(
+                        crate::audit::NewAuditRecord {
+                            tenant_id: "acme".into(),
+                            actor: "test".into(),
+                            event: format!("app.{i}"),
+                            outcome: "success".into(),
+                            metadata: Default::default(),
+                        },
+                        1_000 + i,
+                    )?;
+                }
+                Ok(())
+            })
+            .await
+            .expect("appended");
+        let root = store.read(|tx| tlog::tree_root(tx, 8)).await.expect("root");
+        let (log, vkey) = signer("audit.example", 3);
+        let prove_with = |seq: u64, note: String| {
+            store.read(move |tx| Ok(prove(tx, seq, &note).map_err(|e| e.to_string())))
+        };
+
+        let proof = prove_with(5, checkpoint(&log, 8, &root))
+            .await
+            .expect("read")
+            .expect("a proof");
+        let checked = check(&proof.to_text(), &vkey).expect("it checks out");
+        assert_eq!((checked.seq, checked.checkpoint.size), (5, 8));
+        let (_, other_key) = signer("audit.example", 4);
+        assert!(matches!(
+            check(&proof.to_text(), &other_key),
+            Err(ProofError::Unsigned { .. })
+        ));
+
+        for (seq, note, refused) in [
+            (
+                9,
+                checkpoint(&log, 8, &root),
+                "covers 8 records, not yet record 9",
+            ),
+            (
+                5,
+                checkpoint(&log, 8, &[0; 32]),
+                "does not have the signed root",
+            ),
+            (5, checkpoint(&log, 12, &root), "fewer than the 12"),
+        ] {
+            let e = prove_with(seq, note)
+                .await
+                .expect("read")
+                .expect_err(refused);
+            assert!(e.contains(refused), "{e}");
+        }
+    }
 
     fn sample() -> ProofFile {
         ProofFile {
