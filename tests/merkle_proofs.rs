@@ -782,14 +782,25 @@ async fn a_schema_4_database_gets_its_tree_built_at_start_and_proofs_match() {
     tx.commit().expect("commit");
     drop(db);
 
-    let options = Options {
-        args: vec![
-            "--store".into(),
-            format!("sqlite://{}", dir.path().join("coresdk.db").display()),
-        ],
-        ..Options::default()
-    };
-    let mut command = common::serve_command(&options.args, &options.envs, Stdio::piped());
+    let log = serve_migrated(
+        &format!("sqlite://{}", dir.path().join("coresdk.db").display()),
+        &records,
+    )
+    .await;
+    let progress = log
+        .iter()
+        .find(|line| line.contains("building the audit Merkle tree"))
+        .unwrap_or_else(|| panic!("the build logs its progress: {log:#?}"));
+    assert!(progress.contains("12500"), "{progress}");
+}
+
+/// Starts the sidecar on `store`, which holds `records` from before the tree, and checks the
+/// tree it built: every record kept its bytes, proofs verify against the roots recomputed
+/// here, the old chain still verifies. Answers the sidecar's log, which must tell the build's
+/// end.
+async fn serve_migrated(store: &str, records: &[coresdk::audit::AuditRecord]) -> Vec<String> {
+    let args = vec!["--store".to_owned(), store.to_owned()];
+    let mut command = common::serve_command(&args, &Options::default().envs, Stdio::piped());
     command.env("CORESDK_LOG", "info");
     let mut child = command.spawn().expect("the coresdk binary starts");
     let stderr = child.stderr.take().expect("piped stderr");
@@ -815,7 +826,7 @@ async fn a_schema_4_database_gets_its_tree_built_at_start_and_proofs_match() {
     let mut audit = AuditServiceClient::new(channel.clone());
 
     let known = Arc::new(Known::read(&mut audit).await);
-    assert_eq!(known.size(), OLD_RECORDS);
+    assert_eq!(known.size(), records.len() as u64);
     for (record, canonical) in records.iter().zip(&known.canonicals) {
         assert_eq!(
             &record.canonical, canonical,
@@ -823,7 +834,7 @@ async fn a_schema_4_database_gets_its_tree_built_at_start_and_proofs_match() {
             record.seq
         );
     }
-    check_all(&known, &channel, SEED ^ 4, 150).await;
+    check_all(&known, &channel, SEED ^ records.len() as u64, 150).await;
     let verified = audit
         .verify(admin(coresdk::proto::VerifyAuditRequest::default()))
         .await
@@ -838,16 +849,18 @@ async fn a_schema_4_database_gets_its_tree_built_at_start_and_proofs_match() {
     let _ = child.kill();
     let _ = child.wait();
     let log = log.join().expect("the log");
-    let progress = log
-        .iter()
-        .find(|line| line.contains("building the audit Merkle tree"))
-        .unwrap_or_else(|| panic!("the build logs its progress: {log:#?}"));
-    assert!(progress.contains("12500"), "{progress}");
+    let added = format!("added={}", records.len());
     assert!(
         log.iter()
-            .any(|line| line.contains("audit Merkle tree built")),
-        "the build logs its end: {log:#?}"
+            .any(|line| line.contains("audit Merkle tree built") && line.contains(&added)),
+        "the build logs its end, with every record it added: {log:#?}"
     );
+    assert!(
+        log.iter()
+            .any(|line| line.contains("building the audit Merkle tree")),
+        "the build logs its start: {log:#?}"
+    );
+    log
 }
 
 // ---- PostgreSQL (CORESDK_TEST_POSTGRES_URL) ----
@@ -1069,4 +1082,88 @@ async fn check_proof_accepts_a_true_proof_and_names_each_forgery() {
     let (code, said) = check_proof(dir.path(), &good, "not-a-key");
     assert_eq!(code, Some(2), "{said}");
     assert!(said.contains("--key"), "{said}");
+}
+
+/// The PostgreSQL schema 4 (src/store/postgres/schema.rs MIGRATION_1..4 before the tree), with
+/// its version table as an older sidecar left it.
+const POSTGRES_SCHEMA_4: &str = "
+CREATE TABLE processed_events (
+    event_id TEXT PRIMARY KEY, event_type TEXT NOT NULL, tenant_id TEXT NOT NULL,
+    outcome TEXT NOT NULL, audit_seq BIGINT NOT NULL, processed_at_ms BIGINT NOT NULL
+);
+CREATE TABLE customers (
+    customer_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, updated_at_ms BIGINT NOT NULL
+);
+CREATE TABLE flags (
+    tenant_id TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, version BIGINT NOT NULL,
+    event_created BIGINT NOT NULL, origin TEXT NOT NULL, updated_at_ms BIGINT NOT NULL,
+    updated_by TEXT NOT NULL, source_event_id TEXT NOT NULL, PRIMARY KEY (tenant_id, key)
+);
+CREATE INDEX flags_by_version ON flags (version);
+CREATE TABLE audit (
+    seq BIGINT PRIMARY KEY, time_ms BIGINT NOT NULL, tenant_id TEXT NOT NULL,
+    actor TEXT NOT NULL, event TEXT NOT NULL, outcome TEXT NOT NULL,
+    canonical BYTEA NOT NULL, prev_hash BYTEA NOT NULL, hash BYTEA NOT NULL
+);
+CREATE INDEX audit_by_tenant ON audit (tenant_id, seq);
+ALTER TABLE customers ADD COLUMN unmapped_at_ms BIGINT;
+CREATE TABLE parked_events (
+    event_id TEXT PRIMARY KEY, event_type TEXT NOT NULL, customer_id TEXT NOT NULL,
+    created BIGINT NOT NULL, signed_at BIGINT NOT NULL, payload BYTEA NOT NULL,
+    actor TEXT NOT NULL, reason TEXT, parked_at_ms BIGINT NOT NULL, rank BIGINT NOT NULL
+);
+CREATE INDEX parked_events_by_customer
+    ON parked_events (customer_id, created, rank, event_id COLLATE \"C\");
+CREATE INDEX parked_events_by_age ON parked_events (parked_at_ms);
+ALTER TABLE flags ADD COLUMN event_rank BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE flags ADD COLUMN order_event_id TEXT NOT NULL DEFAULT '';
+CREATE TABLE billing_objects (
+    tenant_id TEXT NOT NULL, object TEXT NOT NULL, kind TEXT NOT NULL,
+    event_created BIGINT NOT NULL, event_rank BIGINT NOT NULL, event_id TEXT NOT NULL,
+    state TEXT NOT NULL, PRIMARY KEY (tenant_id, object)
+);
+CREATE INDEX processed_events_by_age ON processed_events (processed_at_ms);
+CREATE INDEX flags_by_source_event ON flags (source_event_id);
+CREATE INDEX flags_by_order_event ON flags (order_event_id);
+CREATE TABLE coresdk_schema (version INT NOT NULL);
+INSERT INTO coresdk_schema (version) VALUES (1), (2), (3), (4);
+";
+
+#[tokio::test]
+async fn postgres_schema_4_database_gets_its_tree_built_at_start_and_proofs_match() {
+    let url = common::pg::fresh_database(common::pg::server_url()).await;
+    let records = sealed_records(2_500);
+    let written = records.clone();
+    let target = url.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut db = postgres::Client::connect(&target, postgres::NoTls).expect("connects");
+        db.batch_execute(POSTGRES_SCHEMA_4).expect("schema 4");
+        let mut tx = db.transaction().expect("a transaction");
+        let insert = tx
+            .prepare(&format!(
+                "INSERT INTO audit (seq, {RECORD_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            ))
+            .expect("prepare");
+        for r in &written {
+            tx.execute(
+                &insert,
+                &[
+                    &(r.seq as i64),
+                    &r.time_ms,
+                    &r.tenant_id,
+                    &r.actor,
+                    &r.event,
+                    &r.outcome,
+                    &r.canonical,
+                    &r.prev_hash.as_slice(),
+                    &r.hash.as_slice(),
+                ],
+            )
+            .expect("insert");
+        }
+        tx.commit().expect("commit");
+    })
+    .await
+    .expect("written");
+    serve_migrated(&url, &records).await;
 }
