@@ -6,16 +6,13 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead as _, BufReader};
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::Arc;
 
 use common::audit::append_app_events;
 use common::{Options, Sidecar, admin, problem};
 use coresdk::proto::{
-    GetConsistencyProofRequest, GetInclusionProofRequest, QueryAuditRequest,
-    audit_service_client::AuditServiceClient,
+    GetConsistencyProofRequest, GetInclusionProofRequest, audit_service_client::AuditServiceClient,
 };
 use rand::{Rng as _, SeedableRng as _};
 use sha2::{Digest as _, Sha256};
@@ -239,30 +236,9 @@ fn ct_prefix_roots(canonicals: &[Vec<u8>]) -> Vec<Hash> {
 
 // ---- the sidecar ----
 
-async fn records(audit: &mut AuditServiceClient<Channel>) -> Vec<coresdk::proto::AuditRecord> {
-    let mut all = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = audit
-            .query(admin(QueryAuditRequest {
-                page_size: 1000,
-                page_token: page_token.clone(),
-                ..Default::default()
-            }))
-            .await
-            .expect("Query")
-            .into_inner();
-        all.extend(page.records);
-        if page.next_page_token.is_empty() {
-            return all;
-        }
-        page_token = page.next_page_token;
-    }
-}
-
 /// The records' canonical bytes, in seq order, after checking they are numbered 1..=n.
-async fn canonicals(audit: &mut AuditServiceClient<Channel>) -> Vec<Vec<u8>> {
-    let records = records(audit).await;
+async fn canonicals(sidecar: &Sidecar) -> Vec<Vec<u8>> {
+    let records = common::abuse::audit_records(sidecar, "").await;
     for (i, record) in records.iter().enumerate() {
         assert_eq!(record.seq, i as u64 + 1, "records are numbered 1..=n");
     }
@@ -309,8 +285,8 @@ struct Known {
 
 impl Known {
     /// Reads every record and computes the roots both ways, which must agree.
-    async fn read(audit: &mut AuditServiceClient<Channel>) -> Known {
-        let canonicals = canonicals(audit).await;
+    async fn read(sidecar: &Sidecar) -> Known {
+        let canonicals = canonicals(sidecar).await;
         let leaves: Vec<Hash> = canonicals.iter().map(|c| leaf_hash(c)).collect();
         let mut mth = Mth::new(&leaves);
         let roots: Vec<Hash> = (1..=leaves.len() as u64).map(|n| mth.root(n)).collect();
@@ -454,7 +430,7 @@ async fn proofs_for_random_tree_sizes_up_to_2000_verify_by_rfc_9162_and_ct_merkl
     let mut rng = rand::rngs::StdRng::seed_from_u64(SEED);
     let total = rng.gen_range(1_500..=2_000);
     append_app_events(&sidecar, total).await;
-    let known = Arc::new(Known::read(&mut sidecar.audit()).await);
+    let known = Arc::new(Known::read(&sidecar).await);
     assert_eq!(known.size(), total as u64);
     check_all(&known, &sidecar.channel, SEED, 400).await;
 }
@@ -464,7 +440,7 @@ async fn proofs_of_tiny_logs_verify_at_every_size() {
     let sidecar = Sidecar::start(Options::default()).await;
     for n in 1..=9 {
         append_app_events(&sidecar, 1).await;
-        let known = Arc::new(Known::read(&mut sidecar.audit()).await);
+        let known = Arc::new(Known::read(&sidecar).await);
         assert_eq!(known.size(), n);
         check_all(&known, &sidecar.channel, n, 5).await;
     }
@@ -588,12 +564,10 @@ fn swap_records(db: &rusqlite::Connection, a: u64, b: u64) {
 
 /// What a client that trusted the log of `trusted.size()` records now finds: the records'
 /// root differs, and the server's proofs of the changed records no longer verify.
-async fn assert_detected(
-    trusted: &Known,
-    audit: &mut AuditServiceClient<Channel>,
-    changed: &[u64],
-) {
-    let now = Known::read(audit).await;
+async fn assert_detected(trusted: &Known, sidecar: &Sidecar, changed: &[u64]) {
+    let mut audit = sidecar.audit();
+    let audit = &mut audit;
+    let now = Known::read(sidecar).await;
     let size = trusted.size();
     assert_eq!(now.size(), size);
     assert_ne!(
@@ -625,7 +599,7 @@ async fn altered_reordered_and_truncated_records_no_longer_match_the_trusted_tre
     let sidecar = Sidecar::on_disk(dir.path(), Options::default()).await;
     append_app_events(&sidecar, 300).await;
     let mut audit = sidecar.audit();
-    let trusted = Known::read(&mut audit).await;
+    let trusted = Known::read(&sidecar).await;
     let db = open_db(dir.path());
 
     // One record's bytes altered (its outcome), everything else left as it was.
@@ -643,25 +617,25 @@ async fn altered_reordered_and_truncated_records_no_longer_match_the_trusted_tre
         rusqlite::params![altered.as_bytes()],
     )
     .expect("tamper");
-    assert_detected(&trusted, &mut audit, &[123]).await;
+    assert_detected(&trusted, &sidecar, &[123]).await;
     db.execute(
         "UPDATE audit SET canonical = ?1, outcome = 'success' WHERE seq = 123",
         rusqlite::params![original],
     )
     .expect("restore");
-    assert_eq!(Known::read(&mut audit).await.root(300), trusted.root(300));
+    assert_eq!(Known::read(&sidecar).await.root(300), trusted.root(300));
 
     // Two records trade places.
     swap_records(&db, 40, 41);
-    assert_detected(&trusted, &mut audit, &[40, 41]).await;
+    assert_detected(&trusted, &sidecar, &[40, 41]).await;
     swap_records(&db, 40, 41);
-    assert_eq!(Known::read(&mut audit).await.root(300), trusted.root(300));
+    assert_eq!(Known::read(&sidecar).await.root(300), trusted.root(300));
 
     // The newest records cut off: what is left is an honest prefix, but the trusted tree can no
     // longer be reached from it.
     db.execute("DELETE FROM audit WHERE seq > 290", [])
         .expect("truncate");
-    let now = Known::read(&mut audit).await;
+    let now = Known::read(&sidecar).await;
     assert_eq!(now.size(), 290);
     assert_ne!(now.root(290), trusted.root(300));
     for refused in [
@@ -787,45 +761,30 @@ async fn a_schema_4_database_gets_its_tree_built_at_start_and_proofs_match() {
         &records,
     )
     .await;
-    let progress = log
-        .iter()
-        .find(|line| line.contains("building the audit Merkle tree"))
-        .unwrap_or_else(|| panic!("the build logs its progress: {log:#?}"));
-    assert!(progress.contains("12500"), "{progress}");
+    let progress = log.with_message("building the audit Merkle tree");
+    // The first line at the start, before anything is built; more only if it took 5 s.
+    assert_eq!(progress[0]["fields"]["built"], 0, "{progress:?}");
+    assert_eq!(
+        progress[0]["fields"]["records"], OLD_RECORDS,
+        "{progress:?}"
+    );
 }
 
 /// Starts the sidecar on `store`, which holds `records` from before the tree, and checks the
 /// tree it built: every record kept its bytes, proofs verify against the roots recomputed
 /// here, the old chain still verifies. Answers the sidecar's log, which must tell the build's
 /// end.
-async fn serve_migrated(store: &str, records: &[coresdk::audit::AuditRecord]) -> Vec<String> {
-    let args = vec!["--store".to_owned(), store.to_owned()];
-    let mut command = common::serve_command(&args, &Options::default().envs, Stdio::piped());
-    command.env("CORESDK_LOG", "info");
-    let mut child = command.spawn().expect("the coresdk binary starts");
-    let stderr = child.stderr.take().expect("piped stderr");
-    let log = std::thread::spawn(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<String>>()
-    });
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("the sidecar printed its address")
-            .expect("readable stdout");
-        if let Some(addr) = line.strip_prefix("coresdk listening on ") {
-            break addr.to_owned();
-        }
+async fn serve_migrated(
+    store: &str,
+    records: &[coresdk::audit::AuditRecord],
+) -> common::abuse::LogLines {
+    let options = Options {
+        args: vec!["--store".to_owned(), store.to_owned()],
+        ..Options::default()
     };
-    std::thread::spawn(move || for _ in lines {});
-    let channel = common::connect(&addr).await;
-    let mut audit = AuditServiceClient::new(channel.clone());
-
-    let known = Arc::new(Known::read(&mut audit).await);
+    let (sidecar, log) = common::abuse::start_logging(options, "info").await;
+    let mut audit = sidecar.audit();
+    let known = Arc::new(Known::read(&sidecar).await);
     assert_eq!(known.size(), records.len() as u64);
     for (record, canonical) in records.iter().zip(&known.canonicals) {
         assert_eq!(
@@ -834,7 +793,7 @@ async fn serve_migrated(store: &str, records: &[coresdk::audit::AuditRecord]) ->
             record.seq
         );
     }
-    check_all(&known, &channel, SEED ^ records.len() as u64, 150).await;
+    check_all(&known, &sidecar.channel, SEED ^ records.len() as u64, 150).await;
     let verified = audit
         .verify(admin(coresdk::proto::VerifyAuditRequest::default()))
         .await
@@ -846,19 +805,14 @@ async fn serve_migrated(store: &str, records: &[coresdk::audit::AuditRecord]) ->
         hex::encode(records[records.len() - 1].hash)
     );
 
-    let _ = child.kill();
-    let _ = child.wait();
-    let log = log.join().expect("the log");
-    let added = format!("added={}", records.len());
-    assert!(
-        log.iter()
-            .any(|line| line.contains("audit Merkle tree built") && line.contains(&added)),
-        "the build logs its end, with every record it added: {log:#?}"
-    );
-    assert!(
-        log.iter()
-            .any(|line| line.contains("building the audit Merkle tree")),
-        "the build logs its start: {log:#?}"
+    let built = log.with_message("audit Merkle tree built");
+    assert_eq!(
+        built
+            .iter()
+            .map(|line| line["fields"]["added"].as_u64())
+            .collect::<Vec<_>>(),
+        [Some(records.len() as u64)],
+        "the build logs its end once, with every record it added"
     );
     log
 }
@@ -871,7 +825,7 @@ async fn postgres_proofs_verify_by_rfc_9162_and_ct_merkle() {
     let sidecar = Sidecar::start(common::pg::replica_options(&url)).await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(SEED ^ 5432);
     append_app_events(&sidecar, rng.gen_range(250..=400)).await;
-    let known = Arc::new(Known::read(&mut sidecar.audit()).await);
+    let known = Arc::new(Known::read(&sidecar).await);
     check_all(&known, &sidecar.channel, SEED ^ 5432, 200).await;
 }
 
@@ -972,7 +926,7 @@ async fn check_proof_accepts_a_true_proof_and_names_each_forgery() {
     let sidecar = Sidecar::start(Options::default()).await;
     append_app_events(&sidecar, 21).await;
     let mut audit = sidecar.audit();
-    let known = Known::read(&mut audit).await;
+    let known = Known::read(&sidecar).await;
     let (seq, size) = (7, 21);
     let path = inclusion(&mut audit, seq, size).await.expect("a proof");
     let record = known.canonicals[(seq - 1) as usize].clone();
