@@ -141,19 +141,15 @@ pub struct CheckpointBody {
 }
 
 impl CheckpointBody {
+    /// The body at the start of `text` (a note's text, or the whole note), read by
+    /// `tlog_tiles`' C2SP checkpoint parser.
     pub fn parse(text: &str) -> Option<CheckpointBody> {
-        let mut lines = text.split('\n');
-        let origin = lines.next().filter(|o| !o.is_empty())?.to_owned();
-        let size = lines
-            .next()
-            .filter(|n| *n == "0" || !n.starts_with('0'))?
-            .parse()
-            .ok()?;
-        let root = STANDARD.decode(lines.next()?).ok()?;
+        let mut reader = std::io::Cursor::new(text.as_bytes());
+        let checkpoint = tlog_tiles::Checkpoint::from_reader(&mut reader, false).ok()?;
         Some(CheckpointBody {
-            origin,
-            size,
-            root: Hash::try_from(root.as_slice()).ok()?,
+            origin: checkpoint.origin().to_owned(),
+            size: checkpoint.size(),
+            root: checkpoint.hash().0,
         })
     }
 }
