@@ -244,6 +244,10 @@ pub enum ProveError {
     OtherRoot { size: u64 },
     #[error("record {0} is missing from the store")]
     Missing(u64),
+    #[error(
+        "record {0} in the store is not the record the signed tree holds: the database was altered after the checkpoint"
+    )]
+    Altered(u64),
     #[error(transparent)]
     Store(#[from] crate::problem::Error),
 }
@@ -280,6 +284,12 @@ pub fn prove(tx: &mut dyn StoreTx, seq: u64, checkpoint: &str) -> Result<ProofFi
         .map_err(crate::problem::Error::from)?
         .ok_or(ProveError::Missing(seq))?;
     let hashes = tlog::inclusion_proof(tx, seq - 1, body.size)?;
+    // The stored tree is intact (its root is the signed one), but the record's own bytes may
+    // not be: a file that could never check out is refused here, with the reason.
+    let leaf = tlog::leaf_hash(&record.canonical);
+    if !tlog::check_inclusion(&hashes, body.size, &body.root, seq - 1, &leaf) {
+        return Err(ProveError::Altered(seq));
+    }
     Ok(ProofFile {
         record: record.canonical,
         index: seq - 1,
@@ -328,8 +338,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_proof_built_from_the_stored_tree_checks_out_with_the_key_alone() {
+        let dir = tempfile::tempdir().expect("a directory");
+        let db = dir.path().join("coresdk.db");
         let store = Store::open(
-            &StoreUrl::Memory,
+            &StoreUrl::Sqlite(db.clone()),
             None,
             Arc::new(Ignore),
             Arc::new(crate::flags::FlagCache::new(BTreeMap::new())),
@@ -390,6 +402,30 @@ mod tests {
                 .expect_err(refused);
             assert!(e.contains(refused), "{e}");
         }
+
+        // Record 3's bytes altered behind the store's back (its stored tree hashes stay).
+        let tamper = rusqlite::Connection::open(&db).expect("open");
+        tamper
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .expect("busy timeout");
+        tamper
+            .execute(
+                "UPDATE audit SET canonical = CAST(replace(CAST(canonical AS TEXT), 'success', 'failure') AS BLOB) WHERE seq = 3",
+                [],
+            )
+            .expect("tamper");
+        let e = prove_with(3, checkpoint(&log, 8, &root))
+            .await
+            .expect("read")
+            .expect_err("an altered record");
+        assert!(
+            e.contains("record 3 in the store is not the record the signed tree holds"),
+            "{e}"
+        );
+        prove_with(4, checkpoint(&log, 8, &root))
+            .await
+            .expect("read")
+            .expect("the records around it still prove");
     }
 
     fn sample() -> ProofFile {
