@@ -490,6 +490,9 @@ fn holds(tx: &mut dyn StoreTx, seq: u64, hash: &[u8]) -> Result<bool, StoreError
 struct Bad {
     seq: u64,
     reason: String,
+    /// Whether the log itself holds up to there and a signed checkpoint is what it fails
+    /// (removed, rewritten): then the report names the log's real head.
+    against_checkpoint: bool,
 }
 
 /// Where a walk over the log starts: the records up to `head` taken as verified, `tree` the
@@ -530,6 +533,7 @@ fn expected(entry: &Entry, tree: &Frontier, head: &ChainHead) -> Option<Bad> {
             "record {size} differs from {}: the log was rewritten",
             entry.describe()
         ),
+        against_checkpoint: true,
     })
 }
 
@@ -555,6 +559,7 @@ fn walk(tx: &mut dyn StoreTx, start: Start, to: u64, expects: &[&Entry]) -> Resu
             break Some(Bad {
                 seq: next,
                 reason: format!("record {next} is missing"),
+                against_checkpoint: false,
             });
         };
         next = last.seq + 1;
@@ -566,7 +571,11 @@ fn walk(tx: &mut dyn StoreTx, start: Start, to: u64, expects: &[&Entry]) -> Resu
                     .failure()
                     .cloned()
                     .unwrap_or((row.seq, format!("record {} does not verify", row.seq)));
-                break 'walk Some(Bad { seq, reason });
+                break 'walk Some(Bad {
+                    seq,
+                    reason,
+                    against_checkpoint: false,
+                });
             }
             checked += 1;
             let hashes = tree.append(crate::tlog::leaf_hash(&row.canonical), chain.head().hash);
@@ -581,6 +590,7 @@ fn walk(tx: &mut dyn StoreTx, start: Start, to: u64, expects: &[&Entry]) -> Resu
                         "record {} was altered (its stored Merkle tree hashes differ from its content)",
                         row.seq
                     ),
+                    against_checkpoint: false,
                 });
             }
             let head = chain.head();
@@ -612,6 +622,7 @@ fn start_at(tx: &mut dyn StoreTx, note: &SignedNote) -> Result<Result<Start, Bad
             reason: format!(
                 "record {m} is missing: the signed checkpoint of {m} records covers it"
             ),
+            against_checkpoint: true,
         }));
     };
     let prev: Option<[u8; 32]> = row.prev_hash.as_slice().try_into().ok();
@@ -620,12 +631,14 @@ fn start_at(tx: &mut dyn StoreTx, note: &SignedNote) -> Result<Result<Start, Bad
         return Ok(Err(Bad {
             seq: m,
             reason: format!("record {m} was altered (its hashes are malformed)"),
+            against_checkpoint: false,
         }));
     };
     if crate::audit::chain_hash(&prev, &row.canonical) != hash {
         return Ok(Err(Bad {
             seq: m,
             reason: format!("record {m} was altered (its hash does not match its content)"),
+            against_checkpoint: false,
         }));
     }
     let tree = Frontier::read(tx, m, hash)?;
@@ -635,6 +648,7 @@ fn start_at(tx: &mut dyn StoreTx, note: &SignedNote) -> Result<Result<Start, Bad
             reason: format!(
                 "the stored Merkle tree of {m} records does not have the root the checkpoint of {m} records signed: records up to {m} were altered"
             ),
+            against_checkpoint: true,
         }));
     }
     Ok(Ok(Start {
@@ -660,6 +674,7 @@ fn consistent(
             "the audit tree of {to} records does not extend the signed checkpoint of {} records (its consistency proof fails): records up to {} were altered",
             note.size, note.size
         ),
+        against_checkpoint: true,
     }))
 }
 
@@ -699,6 +714,7 @@ fn check(
                 largest.describe(),
                 largest.size()
             ),
+            against_checkpoint: true,
         }));
     }
     let start = match from {
@@ -722,6 +738,7 @@ fn check(
                     "record {size} differs from {}: the log was rewritten",
                     entry.describe()
                 ),
+                against_checkpoint: true,
             }),
             Entry::Note(note) => consistent(tx, note, covered, &start.tree.root())?,
         };
@@ -1389,17 +1406,27 @@ pub fn verify(
         checkpoint_size: checked.from.unwrap_or(0),
         tree_root: None,
     };
+    // A record at fault first, then a file tampered with (which may hide a checkpoint the log
+    // fails), then a checkpoint the log fails.
+    let tampered = file
+        .tampered
+        .filter(|_| walked.bad.as_ref().is_none_or(|bad| bad.against_checkpoint));
+    if let Some(reason) = tampered {
+        report.ok = false;
+        report.reason = reason;
+        report.head = head;
+        return Ok(report);
+    }
     if let Some(bad) = walked.bad {
+        if bad.against_checkpoint {
+            report.head = head;
+        }
         report.ok = false;
         report.first_bad_seq = bad.seq;
         report.reason = bad.reason;
         return Ok(report);
     }
     report.tree_root = Some(walked.tree.root());
-    if let Some(reason) = file.tampered {
-        report.ok = false;
-        report.reason = reason;
-    }
     Ok(report)
 }
 
