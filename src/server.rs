@@ -593,7 +593,7 @@ async fn checkpoint_loop(
                 tracing::error!(
                     error = %e,
                     file = %checkpointer.path().display(),
-                    "AUDIT LOG CUT OR REWRITTEN: no checkpoint is signed until it is resolved"
+                    "AUDIT CHAIN CUT OR REWRITTEN: no checkpoint is signed until it is resolved"
                 );
                 // Said again whenever the log moves, not on every tick.
                 covered = Some(published);

@@ -422,18 +422,26 @@ async fn a_forged_checkpoint_line_and_a_truncated_log_are_detected() {
     assert!(sidecar.stop().success());
     std::fs::write(&file, &intact).expect("restored");
 
-    // The newest records cut off.
+    // The newest records cut off: named online, the note still served, and nothing signed over
+    // the cut log, at start or at shutdown.
     let db = rusqlite::Connection::open(dir.path().join("coresdk.db")).expect("open db");
     db.execute("DELETE FROM audit WHERE seq >= 4", [])
         .expect("truncate");
     drop(db);
-    let offline = offline_verify(&store);
-    let said = String::from_utf8_lossy(&offline.stdout).to_string();
-    assert_eq!(offline.status.code(), Some(1), "{said}");
-    assert!(
-        said.starts_with("FAILED at seq 4") && said.contains("removed"),
-        "{said}"
+    sidecar.restart().await;
+    let report = verify(&sidecar).await;
+    assert_eq!(
+        (report.ok, report.first_bad_seq, report.head_seq),
+        (false, 4, 3),
+        "{report:?}"
     );
+    assert!(
+        report.reason.contains("records 4 to 5 were removed"),
+        "{report:?}"
+    );
+    assert_eq!(newest_note(&sidecar).await.expect("the note"), note);
+    assert!(sidecar.stop().success());
+    assert_eq!(std::fs::read_to_string(&file).expect("checkpoints"), intact);
 }
 
 /// Stops a sidecar without its shutdown checkpoint.
