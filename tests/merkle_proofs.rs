@@ -1121,3 +1121,145 @@ async fn postgres_schema_4_database_gets_its_tree_built_at_start_and_proofs_matc
     .expect("written");
     serve_migrated(&url, &records).await;
 }
+
+// ---- `coresdk audit prove` against the sidecar's own checkpoints ----
+
+/// `coresdk audit ARGS…`: its exit code, stdout and stderr.
+fn audit_command(args: &[&str]) -> (Option<i32>, String, String) {
+    let mut all = vec!["audit"];
+    all.extend_from_slice(args);
+    let output = common::run_coresdk(None, &all, &[]);
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Whether the signed note `note` carries a signature by the verifier key `vkey` over its body,
+/// checked here with `ring`'s Ed25519 (C2SP signed-note: "— <name> base64(key id ‖ signature)").
+fn signed_by(note: &str, vkey: &str) -> bool {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut parts = vkey.trim().splitn(3, '+');
+    let (Some(name), Some(id), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    let (Ok(id), Ok(key)) = (hex::decode(id), b64.decode(key)) else {
+        return false;
+    };
+    let Some((body, signatures)) = note.split_once("\n\n") else {
+        return false;
+    };
+    let body = format!("{body}\n");
+    signatures.lines().any(|line| {
+        let Some(signature) = line
+            .strip_prefix(&format!("\u{2014} {name} "))
+            .and_then(|s| b64.decode(s).ok())
+        else {
+            return false;
+        };
+        signature.len() == 68
+            && signature[..4] == id[..]
+            && key.first() == Some(&0x01)
+            && ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &key[1..])
+                .verify(body.as_bytes(), &signature[4..])
+                .is_ok()
+    })
+}
+
+#[tokio::test]
+async fn prove_writes_a_proof_that_check_proof_and_an_independent_reading_accept() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut sidecar = Sidecar::on_disk(dir.path(), Options::default()).await;
+    append_app_events(&sidecar, 30).await;
+    let known = Known::read(&sidecar).await;
+    let store = sidecar.store_url();
+    // Its last checkpoint, at shutdown, covers all 30.
+    assert!(sidecar.stop().success());
+    let (code, vkey, said) = audit_command(&["public-key", "--store", &store]);
+    assert_eq!(code, Some(0), "{said}");
+    let vkey = vkey.trim().to_owned();
+
+    let file = dir.path().join("record-17.tlog-proof");
+    let file = file.to_str().expect("utf-8 path");
+    let (code, out, said) =
+        audit_command(&["prove", "--seq", "17", "--store", &store, "--out", file]);
+    assert_eq!(code, Some(0), "{out}{said}");
+    assert!(
+        out.starts_with("ok: wrote the proof of record 17 in the signed tree of 30 records"),
+        "{out}"
+    );
+
+    // The file read here, by the C2SP tlog-proof layout, without the code under test.
+    let text = std::fs::read_to_string(file).expect("the proof");
+    let (head, note) = text
+        .split_once("\n\n")
+        .expect("proof, blank line, checkpoint");
+    let mut lines = head.lines();
+    assert_eq!(lines.next(), Some("c2sp.org/tlog-proof@v1"));
+    let record = b64
+        .decode(
+            lines
+                .next()
+                .and_then(|l| l.strip_prefix("extra "))
+                .expect("extra"),
+        )
+        .expect("base64");
+    assert_eq!(record, known.canonicals[16], "the record's canonical bytes");
+    assert_eq!(lines.next(), Some("index 16"));
+    let path: Vec<Hash> = lines
+        .map(|l| b64.decode(l).expect("base64").try_into().expect("32 bytes"))
+        .collect();
+    let body: Vec<&str> = note.lines().take(3).collect();
+    assert_eq!(body[1..], ["30", &b64.encode(known.root(30))], "{note}");
+    assert!(
+        vkey.starts_with(&format!("{}+", body[0])),
+        "{vkey} names {}",
+        body[0]
+    );
+    assert!(
+        signed_by(note, &vkey),
+        "the note is signed by {vkey}: {note}"
+    );
+    assert!(verify_inclusion(
+        16,
+        30,
+        &leaf_hash(&record),
+        &path,
+        &known.root(30)
+    ));
+    assert!(ct_inclusion(&record, 16, 30, &known.root(30), &path));
+
+    let (code, out, said) = audit_command(&["check-proof", file, "--key", &vkey]);
+    assert_eq!(code, Some(0), "{out}{said}");
+    assert!(out.starts_with("ok: record 17 is in the log"), "{out}");
+
+    // No checkpoint covers a record after it yet.
+    let (code, out, _) = audit_command(&["prove", "--seq", "31", "--store", &store]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("not yet record 31"), "{out}");
+
+    // A record altered after the checkpoint: no proof is written for it.
+    let db = open_db(dir.path());
+    db.execute(
+        "UPDATE audit SET canonical = CAST(replace(CAST(canonical AS TEXT), 'success', 'failure') AS BLOB) WHERE seq = 5",
+        [],
+    )
+    .expect("tamper");
+    let (code, out, _) = audit_command(&["prove", "--seq", "5", "--store", &store]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("record 5 in the store is not the record the signed tree holds"),
+        "{out}"
+    );
+
+    // Records cut off after the checkpoint.
+    db.execute("DELETE FROM audit WHERE seq > 25", [])
+        .expect("truncate");
+    let (code, out, _) = audit_command(&["prove", "--seq", "17", "--store", &store]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("fewer than the 30"), "{out}");
+}

@@ -168,20 +168,18 @@ pub fn prove(args: &ProveArgs) -> ExitCode {
     ExitCode::from(EXIT_OK)
 }
 
-// ---- TEMPORARY (issue 14): until the C2SP checkpoints (h14/ckpt) are on main ----
-/// The newest C2SP checkpoint note signed with the key in `key_file`, as written to
-/// `checkpoint_file`; `None` when none is signed yet. Being the newest, it is the one whose
-/// size covers the most records: `prove` says so when even it does not cover the record.
-///
-/// This build's checkpoints are in the format of its own, which a `tlog-proof` cannot carry:
-/// the C2SP signed checkpoints replace it, and this function then reads their newest.
+/// The newest checkpoint note signed with the key in `key_file`, as written to
+/// `checkpoint_file` (witness cosignatures included); `None` when none is signed yet. Being the
+/// newest, it is the one whose size covers the most records: `prove` says so when even it does
+/// not cover the record.
 fn newest_checkpoint_note(
     checkpoint_file: &Path,
-    _key_file: &Path,
+    key_file: &Path,
 ) -> Result<Option<String>, String> {
-    Err(format!(
-        "{}: this build signs no C2SP checkpoints yet, which a proof needs",
-        checkpoint_file.display()
-    ))
+    let key = crate::checkpoint::load_key(key_file)
+        .map_err(|e| format!("CORESDK_AUDIT_SIGNING_KEY_FILE (--signing-key-file): {e}"))?
+        .verifying_key();
+    crate::checkpoint::newest_note(checkpoint_file, &key)
+        .map(|newest| newest.map(|signed| signed.note))
+        .map_err(|e| format!("CORESDK_AUDIT_CHECKPOINT_FILE (--checkpoint-file): {e}"))
 }
-// ---- end TEMPORARY ----
