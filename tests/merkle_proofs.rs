@@ -1263,3 +1263,84 @@ async fn prove_writes_a_proof_that_check_proof_and_an_independent_reading_accept
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("fewer than the 30"), "{out}");
 }
+
+#[tokio::test]
+async fn proofs_against_the_newest_checkpoint_verify_against_its_signed_root() {
+    use base64::Engine as _;
+    let mut options = Options::default();
+    options
+        .envs
+        .push(("CORESDK_AUDIT_CHECKPOINT_INTERVAL_S".into(), "0.1".into()));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sidecar = Sidecar::on_disk(dir.path(), options).await;
+    append_app_events(&sidecar, 40).await;
+    let mut audit = sidecar.audit();
+    // tree_size 0: the newest checkpoint's tree, once one covers record 40 (bounded wait).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let proof = loop {
+        let proof = audit
+            .get_inclusion_proof(admin(GetInclusionProofRequest {
+                seq: 40,
+                tree_size: 0,
+            }))
+            .await;
+        match proof {
+            Ok(proof) if proof.get_ref().tree_size >= 40 => break proof.into_inner(),
+            _ if std::time::Instant::now() > deadline => {
+                panic!("no checkpoint covered record 40 in 10 s: {proof:?}")
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    };
+    let known = Known::read(&sidecar).await;
+    let size = proof.tree_size;
+    let body: Vec<&str> = proof.checkpoint.lines().take(3).collect();
+    assert_eq!(body[1], size.to_string(), "{}", proof.checkpoint);
+    let root: Hash = base64::engine::general_purpose::STANDARD
+        .decode(body[2])
+        .expect("base64")
+        .try_into()
+        .expect("32 bytes");
+    assert_eq!(
+        root,
+        known.root(size),
+        "the signed root is the records' root"
+    );
+    let path = hashes(proof.hashes);
+    let canonical = &known.canonicals[39];
+    assert_eq!(proof.leaf_index, 39);
+    assert!(verify_inclusion(
+        39,
+        size,
+        &leaf_hash(canonical),
+        &path,
+        &root
+    ));
+    assert!(ct_inclusion(canonical, 39, size, &root, &path));
+
+    let consistency = audit
+        .get_consistency_proof(admin(GetConsistencyProofRequest {
+            from_size: 17,
+            to_size: 0,
+        }))
+        .await
+        .expect("a consistency proof to the newest checkpoint")
+        .into_inner();
+    let to = consistency.to_size;
+    assert!(to >= size, "the newest checkpoint only grows");
+    let path = hashes(consistency.hashes);
+    assert!(verify_consistency(
+        17,
+        to,
+        &known.root(17),
+        &known.root(to),
+        &path
+    ));
+    assert!(ct_consistency(
+        17,
+        &known.root(17),
+        to,
+        &known.root(to),
+        &path
+    ));
+}
