@@ -944,12 +944,16 @@ async fn check_proof_accepts_a_true_proof_and_names_each_forgery() {
     // Witness cosignatures beside the log's own do not get in the way.
     let witness = NoteKey::new("witness.example", 9);
     let cosigned = format!("{note}{}", witness.signature_line(&body));
-    let (code, said) = check_proof(
-        dir.path(),
-        &proof_text(&record, seq - 1, &path, &cosigned),
-        &log.verifier(),
-    );
+    let cosigned_proof = proof_text(&record, seq - 1, &path, &cosigned);
+    let (code, said) = check_proof(dir.path(), &cosigned_proof, &log.verifier());
     assert_eq!(code, Some(0), "{said}");
+    // The witness's key checks its own signature, but it is not the log's key.
+    let (code, said) = check_proof(dir.path(), &cosigned_proof, &witness.verifier());
+    assert_eq!(code, Some(1), "{said}");
+    assert!(
+        said.contains("of the log audit.example.com/coresdk, not of witness.example"),
+        "{said}"
+    );
 
     let mut altered_record = String::from_utf8(record.clone()).expect("utf-8");
     altered_record = altered_record.replace("\"outcome\":\"success\"", "\"outcome\":\"failure\"");
