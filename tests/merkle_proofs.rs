@@ -1240,6 +1240,9 @@ async fn prove_writes_a_proof_that_check_proof_and_an_independent_reading_accept
     let (code, out, said) = audit_command(&["check-proof", file, "--key", &vkey]);
     assert_eq!(code, Some(0), "{out}{said}");
     assert!(out.starts_with("ok: record 17 is in the log"), "{out}");
+    // Without --out the proof goes to standard output, the same bytes.
+    let (code, out, said) = audit_command(&["prove", "--seq", "17", "--store", &store]);
+    assert_eq!((code, out.as_str()), (Some(0), text.as_str()), "{said}");
 
     // No checkpoint covers a record after it yet.
     let (code, out, _) = audit_command(&["prove", "--seq", "31", "--store", &store]);
