@@ -248,7 +248,8 @@ pub enum ProveError {
         "record {0} in the store is not the record the signed tree holds: the database was altered after the checkpoint"
     )]
     Altered(u64),
-    #[error(transparent)]
+    /// A read of the signed tree failed: hashes or records it needs are gone or damaged.
+    #[error("the store cannot give the signed tree: {0}")]
     Store(#[from] crate::problem::Error),
 }
 

@@ -1263,6 +1263,16 @@ async fn prove_writes_a_proof_that_check_proof_and_an_independent_reading_accept
         "{out}"
     );
 
+    // A record whose stored hashes the signed root needs (record 16 completed leaves 0..16).
+    db.execute("DELETE FROM audit WHERE seq = 16", [])
+        .expect("delete");
+    let (code, out, _) = audit_command(&["prove", "--seq", "17", "--store", &store]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("the store cannot give the signed tree"),
+        "{out}"
+    );
+
     // Records cut off after the checkpoint.
     db.execute("DELETE FROM audit WHERE seq > 25", [])
         .expect("truncate");

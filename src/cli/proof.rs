@@ -135,16 +135,17 @@ pub fn prove(args: &ProveArgs) -> ExitCode {
             return ExitCode::from(EXIT_UNUSABLE);
         }
     };
+    // A transaction that cannot begin checked nothing; a read inside it that fails is the
+    // store no longer holding the tree it signed.
     let proved = match offline.with_read_tx(|tx| tlog_proof::prove(tx, args.seq, &note)) {
         Ok(proved) => proved,
-        Err(e) => Err(ProveError::Store(e.into())),
+        Err(e) => {
+            eprintln!("coresdk: cannot read {}: {e}", path.display());
+            return ExitCode::from(EXIT_UNUSABLE);
+        }
     };
     let proof = match proved {
         Ok(proof) => proof,
-        Err(ProveError::Store(e)) => {
-            eprintln!("coresdk: {e}");
-            return ExitCode::from(EXIT_UNUSABLE);
-        }
         Err(e) => {
             println!("FAILED: {e}");
             return ExitCode::from(EXIT_FAILED);
