@@ -190,6 +190,16 @@ impl Entry {
         matches!(self, Entry::Note(_))
     }
 
+    /// What the entry vouches for, whatever cosignatures a note gained since.
+    fn identity(&self) -> (u64, [u8; 32]) {
+        match self {
+            Entry::Legacy {
+                size, head_hash, ..
+            } => (*size, *head_hash),
+            Entry::Note(note) => (note.size, note.root),
+        }
+    }
+
     fn describe(&self) -> String {
         match self {
             Entry::Legacy {
@@ -1161,7 +1171,10 @@ impl Checkpointer {
     fn write(&self, extension: &Extension, root: &Hash) -> Result<(), SignError> {
         let _turn = self.turn.lock().unwrap_or_else(PoisonError::into_inner);
         let text = self.text()?;
-        if largest_signed(&text, &self.verifying_key()) != extension.largest {
+        // A cosignature added meanwhile rewrote the line, but not what it vouches for.
+        let largest = largest_signed(&text, &self.verifying_key());
+        if largest.as_ref().map(Entry::identity) != extension.largest.as_ref().map(Entry::identity)
+        {
             return Err(SignError::Changed);
         }
         let line = self.signed_line(extension.head.seq, root)?;
