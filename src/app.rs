@@ -659,7 +659,6 @@ impl App {
         if size > 0 {
             return Ok((size, None));
         }
-        self.checkpointer()?;
         let note = self.newest_checkpoint().await?;
         Ok((note.size, Some(note)))
     }
