@@ -298,6 +298,38 @@ pub fn open_note(text: &str, key: &VerifyingKey) -> Option<(SignedNote, Note)> {
     Some((signed, note))
 }
 
+/// The checkpoint `note` holds, checked against a verifier key (`<name>+<key id>+<base64
+/// key>`, as `coresdk audit public-key` prints it) without the signing key: what an offline
+/// checker of a proof file needs. The note must carry a valid signature of that key, and its
+/// origin must be the key's name.
+pub fn open_note_with_verifier_key(note: &str, vkey: &str) -> Result<SignedNote, String> {
+    let verifier = signed_note::StandardVerifier::new(vkey)
+        .map_err(|e| format!("the verifier key is unusable: {e}"))?;
+    let name = signed_note::Verifier::name(&verifier).to_owned();
+    let parsed = Note::from_bytes(note.as_bytes())
+        .map_err(|_| "the checkpoint is not a signed note".to_owned())?;
+    let body =
+        std::str::from_utf8(parsed.text()).map_err(|_| "the checkpoint is not UTF-8".to_owned())?;
+    let mut reader = std::io::Cursor::new(body.as_bytes());
+    let checkpoint = tlog_tiles::Checkpoint::from_reader(&mut reader, false)
+        .map_err(|_| "the note's body is not a checkpoint".to_owned())?;
+    if checkpoint.origin() != name {
+        return Err(format!(
+            "the checkpoint's origin is {}, not the key's name {name}",
+            checkpoint.origin()
+        ));
+    }
+    parsed
+        .verify(&VerifierList::new(vec![Box::new(verifier)]))
+        .map_err(|e| format!("the checkpoint's signature does not verify: {e}"))?;
+    Ok(SignedNote {
+        origin: name,
+        size: checkpoint.size(),
+        root: checkpoint.hash().0,
+        note: note.to_owned(),
+    })
+}
+
 /// The checkpoint a line holds, if `key` signed it.
 fn parse_line(line: &str, key: &VerifyingKey) -> Result<Entry, BadLine> {
     let version = serde_json::from_str::<Versioned>(line)
@@ -1792,6 +1824,26 @@ mod tests {
         );
         let report = verified(&cut, &signer.checkpoints()).await;
         assert_eq!((report.ok, report.first_bad_seq), (false, 10), "{report:?}");
+    }
+
+    #[tokio::test]
+    async fn a_note_is_checked_offline_with_the_verifier_key_alone() {
+        let (_dir, signer, _store, _) = checkpointed(&["a", "b"]).await;
+        let newest = signer.newest().expect("read").expect("a note");
+        let vkey = signer.verifier_key();
+        let opened = open_note_with_verifier_key(&newest.note, &vkey).expect("verifies");
+        assert_eq!(opened, newest);
+        assert_eq!(opened.size, 2);
+
+        let other = SigningKey::from_bytes(&[9; 32]);
+        let foreign = verifier_key(signer.origin(), &other.verifying_key());
+        let refused = open_note_with_verifier_key(&newest.note, &foreign);
+        assert!(refused.is_err(), "{refused:?}");
+        let renamed = verifier_key("another.origin", &signer.verifying_key());
+        let refused = open_note_with_verifier_key(&newest.note, &renamed).expect_err("renamed");
+        assert!(refused.contains("origin"), "{refused}");
+        let edited = newest.note.replacen("\n2\n", "\n3\n", 1);
+        assert!(open_note_with_verifier_key(&edited, &vkey).is_err());
     }
 
     #[tokio::test]
