@@ -139,13 +139,6 @@ struct NoteLine {
     note: String,
 }
 
-/// Only the version, to tell the formats apart.
-#[derive(Deserialize)]
-struct Versioned {
-    #[serde(default = "version_1")]
-    v: u32,
-}
-
 /// A signed checkpoint of the Merkle tree, verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedNote {
@@ -154,15 +147,6 @@ pub struct SignedNote {
     pub root: Hash,
     /// The whole note: body, blank line, signature lines (the sidecar's first).
     pub note: String,
-}
-
-impl SignedNote {
-    /// The note's body: what every signature line covers.
-    pub fn body(&self) -> &str {
-        self.note
-            .split_once("\n\n")
-            .map_or(self.note.as_str(), |(body, _)| body)
-    }
 }
 
 /// A verified line of a checkpoint file.
@@ -332,7 +316,7 @@ pub fn open_note_with_verifier_key(note: &str, vkey: &str) -> Result<SignedNote,
 
 /// The checkpoint a line holds, if `key` signed it.
 fn parse_line(line: &str, key: &VerifyingKey) -> Result<Entry, BadLine> {
-    let version = serde_json::from_str::<Versioned>(line)
+    let version = serde_json::from_str::<SizeOnly>(line)
         .map_err(|_| BadLine::Unreadable)?
         .v;
     match version {
@@ -419,7 +403,8 @@ fn lines(text: &str) -> impl Iterator<Item = Line<'_>> {
         .chain(tail)
 }
 
-/// Only the size and the format of a line, to order lines before checking signatures.
+/// Only the size and the format of a line: to tell the formats apart, and to order lines before
+/// checking signatures.
 #[derive(Deserialize)]
 struct SizeOnly {
     #[serde(default = "version_1")]
@@ -919,10 +904,6 @@ impl WitnessKey {
             alg,
             key,
         })
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
     }
 }
 
