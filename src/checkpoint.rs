@@ -1052,9 +1052,12 @@ impl Checkpointer {
     pub async fn covering(&self, seq: u64, wait: Duration) -> Result<SignedNote, Error> {
         let deadline = tokio::time::Instant::now() + wait;
         let mut rounds = self.rounds.subscribe();
+        // Only a refusal of a round that ended after the call asked counts: an operator may
+        // have resolved an older one.
+        let mut refused = None;
         loop {
             // Marked seen before the file is read: a round ending after the read wakes us.
-            let refused = rounds.borrow_and_update().refused.clone();
+            rounds.borrow_and_update();
             let newest = self
                 .newest()
                 .map_err(|e| Error::Internal(format!("reading the checkpoints: {e}")))?;
@@ -1068,7 +1071,7 @@ impl Checkpointer {
             }
             self.wake.notify_one();
             match tokio::time::timeout_at(deadline, rounds.changed()).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => refused = rounds.borrow().refused.clone(),
                 _ => {
                     return Err(Error::CheckpointUnavailable(format!(
                         "no checkpoint covering record {seq} was signed within {} s; retry, or ask GetInclusionProof for it later",

@@ -507,6 +507,25 @@ async fn a_forged_checkpoint_line_and_a_truncated_log_are_detected() {
         "{report:?}"
     );
     assert_eq!(newest_note(&sidecar).await.expect("the note"), note);
+    // Proofs asked for over the cut log are refused at once, not after the deadline: against
+    // the note it contradicts, and past it, where the sidecar refuses to sign.
+    for i in [9, 12] {
+        let status = sidecar
+            .audit()
+            .append(admin(AppendAuditRequest {
+                include_proof: true,
+                ..app_record(i)
+            }))
+            .await
+            .expect_err("no checkpoint over a cut log");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert_eq!(error_reason(&status), "CHECKPOINT_UNAVAILABLE");
+        assert!(
+            problem(&status).detail.contains("refuses to sign"),
+            "{status:?}"
+        );
+        append(&sidecar, 10, 12).await;
+    }
     assert!(sidecar.stop().success());
     assert_eq!(std::fs::read_to_string(&file).expect("checkpoints"), intact);
 }
