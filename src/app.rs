@@ -543,7 +543,7 @@ impl App {
                     tracing::debug!(
                         records = report.records_checked,
                         full,
-                        "audit log verified"
+                        "audit chain scanned"
                     );
                     Ok(report)
                 })
