@@ -159,6 +159,8 @@ pub enum AuditCommand {
         /// The store whose key to read: for a SQLite store the key defaults to `<db>.audit-key`.
         #[arg(long, env = "CORESDK_STORE", default_value = DEFAULT_STORE)]
         store: String,
+        /// The sidecar's signing key (its CORESDK_AUDIT_SIGNING_KEY_FILE); only its public half
+        /// is printed. Defaults to `<db>.audit-key` for a SQLite store.
         #[arg(long, env = "CORESDK_AUDIT_SIGNING_KEY_FILE")]
         audit_signing_key_file: Option<PathBuf>,
         /// The sidecar's CORESDK_AUDIT_ORIGIN, when it sets one.
