@@ -167,6 +167,12 @@ pub enum AuditCommand {
         #[arg(long, env = "CORESDK_AUDIT_ORIGIN")]
         audit_origin: Option<String>,
     },
+    /// Write a self-contained proof that one record is in the log (C2SP tlog-proof carrying
+    /// the record's bytes), against the newest signed checkpoint; `check-proof` verifies it.
+    Prove(proof::ProveArgs),
+    /// Verify a proof file from `prove` offline, with only the log's verifier key; exits 1
+    /// when it does not verify.
+    CheckProof(proof::CheckProofArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -409,6 +415,7 @@ fn expected(arg: &clap::Arg) -> String {
     }
 }
 
+pub mod proof;
 pub mod remote;
 
 #[cfg(test)]

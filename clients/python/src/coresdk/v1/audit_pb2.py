@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63oresdk/v1/audit.proto\x12\ncoresdk.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe5\x01\n\x0b\x41uditRecord\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\r\n\x05\x65vent\x18\x05 \x01(\t\x12\x0f\n\x07outcome\x18\x06 \x01(\t\x12)\n\x08metadata\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tprev_hash\x18\x08 \x01(\t\x12\x0c\n\x04hash\x18\t \x01(\t\x12\x11\n\tcanonical\x18\n \x01(\x0c\"\x9a\x01\n\x12\x41ppendAuditRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\r\n\x05\x65vent\x18\x03 \x01(\t\x12\x0f\n\x07outcome\x18\x04 \x01(\t\x12)\n\x08metadata\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\"\xca\x01\n\x11QueryAuditRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x14\n\x0c\x65vent_prefix\x18\x02 \x01(\t\x12\x0f\n\x07outcome\x18\x03 \x01(\t\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x06 \x01(\r\x12\x12\n\npage_token\x18\x07 \x01(\t\"W\n\x12QueryAuditResponse\x12(\n\x07records\x18\x01 \x03(\x0b\x32\x17.coresdk.v1.AuditRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x14\n\x12VerifyAuditRequest\"\x98\x01\n\x13VerifyAuditResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x17\n\x0frecords_checked\x18\x02 \x01(\x04\x12\x15\n\rfirst_bad_seq\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08head_seq\x18\x05 \x01(\x04\x12\x11\n\thead_hash\x18\x06 \x01(\t\x12\x10\n\x08warnings\x18\x07 \x03(\t\"7\n\x10TailAuditRequest\x12\x10\n\x08\x66rom_seq\x18\x01 \x01(\x04\x12\x11\n\ttenant_id\x18\x02 \x01(\t2\xa5\x02\n\x0c\x41uditService\x12\x41\n\x06\x41ppend\x12\x1e.coresdk.v1.AppendAuditRequest\x1a\x17.coresdk.v1.AuditRecord\x12\x46\n\x05Query\x12\x1d.coresdk.v1.QueryAuditRequest\x1a\x1e.coresdk.v1.QueryAuditResponse\x12I\n\x06Verify\x12\x1e.coresdk.v1.VerifyAuditRequest\x1a\x1f.coresdk.v1.VerifyAuditResponse\x12?\n\x04Tail\x12\x1c.coresdk.v1.TailAuditRequest\x1a\x17.coresdk.v1.AuditRecord0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63oresdk/v1/audit.proto\x12\ncoresdk.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9a\x02\n\x0b\x41uditRecord\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\r\n\x05\x65vent\x18\x05 \x01(\t\x12\x0f\n\x07outcome\x18\x06 \x01(\t\x12)\n\x08metadata\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tprev_hash\x18\x08 \x01(\t\x12\x0c\n\x04hash\x18\t \x01(\t\x12\x11\n\tcanonical\x18\n \x01(\x0c\x12\x33\n\x0finclusion_proof\x18\x0b \x01(\x0b\x32\x1a.coresdk.v1.InclusionProof\"[\n\x0eInclusionProof\x12\x12\n\nleaf_index\x18\x01 \x01(\x04\x12\x11\n\ttree_size\x18\x02 \x01(\x04\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\x12\x12\n\ncheckpoint\x18\x04 \x01(\t\"\x16\n\x14GetCheckpointRequest\"%\n\x15GetCheckpointResponse\x12\x0c\n\x04note\x18\x01 \x01(\t\":\n\x18GetInclusionProofRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x11\n\ttree_size\x18\x02 \x01(\x04\"@\n\x1aGetConsistencyProofRequest\x12\x11\n\tfrom_size\x18\x01 \x01(\x04\x12\x0f\n\x07to_size\x18\x02 \x01(\x04\"Q\n\x1bGetConsistencyProofResponse\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\x12\x11\n\tfrom_size\x18\x02 \x01(\x04\x12\x0f\n\x07to_size\x18\x03 \x01(\x04\"&\n\x16\x41\x64\x64\x43osignaturesRequest\x12\x0c\n\x04note\x18\x01 \x01(\t\"\xb1\x01\n\x12\x41ppendAuditRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\r\n\x05\x65vent\x18\x03 \x01(\t\x12\x0f\n\x07outcome\x18\x04 \x01(\t\x12)\n\x08metadata\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\x15\n\rinclude_proof\x18\x07 \x01(\x08\"\xca\x01\n\x11QueryAuditRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x14\n\x0c\x65vent_prefix\x18\x02 \x01(\t\x12\x0f\n\x07outcome\x18\x03 \x01(\t\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x06 \x01(\r\x12\x12\n\npage_token\x18\x07 \x01(\t\"W\n\x12QueryAuditResponse\x12(\n\x07records\x18\x01 \x03(\x0b\x32\x17.coresdk.v1.AuditRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x12VerifyAuditRequest\x12\x0c\n\x04\x66ull\x18\x01 \x01(\x08\"\xc4\x01\n\x13VerifyAuditResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x17\n\x0frecords_checked\x18\x02 \x01(\x04\x12\x15\n\rfirst_bad_seq\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08head_seq\x18\x05 \x01(\x04\x12\x11\n\thead_hash\x18\x06 \x01(\t\x12\x10\n\x08warnings\x18\x07 \x03(\t\x12\x17\n\x0f\x63heckpoint_size\x18\x08 \x01(\x04\x12\x11\n\ttree_root\x18\t \x01(\t\"7\n\x10TailAuditRequest\x12\x10\n\x08\x66rom_seq\x18\x01 \x01(\x04\x12\x11\n\ttenant_id\x18\x02 \x01(\t2\x94\x05\n\x0c\x41uditService\x12\x41\n\x06\x41ppend\x12\x1e.coresdk.v1.AppendAuditRequest\x1a\x17.coresdk.v1.AuditRecord\x12\x46\n\x05Query\x12\x1d.coresdk.v1.QueryAuditRequest\x1a\x1e.coresdk.v1.QueryAuditResponse\x12I\n\x06Verify\x12\x1e.coresdk.v1.VerifyAuditRequest\x1a\x1f.coresdk.v1.VerifyAuditResponse\x12?\n\x04Tail\x12\x1c.coresdk.v1.TailAuditRequest\x1a\x17.coresdk.v1.AuditRecord0\x01\x12T\n\rGetCheckpoint\x12 .coresdk.v1.GetCheckpointRequest\x1a!.coresdk.v1.GetCheckpointResponse\x12U\n\x11GetInclusionProof\x12$.coresdk.v1.GetInclusionProofRequest\x1a\x1a.coresdk.v1.InclusionProof\x12\x66\n\x13GetConsistencyProof\x12&.coresdk.v1.GetConsistencyProofRequest\x1a\'.coresdk.v1.GetConsistencyProofResponse\x12X\n\x0f\x41\x64\x64\x43osignatures\x12\".coresdk.v1.AddCosignaturesRequest\x1a!.coresdk.v1.GetCheckpointResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,33 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'coresdk.v1.audit_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_AUDITRECORD']._serialized_start=102
-  _globals['_AUDITRECORD']._serialized_end=331
-  _globals['_APPENDAUDITREQUEST']._serialized_start=334
-  _globals['_APPENDAUDITREQUEST']._serialized_end=488
-  _globals['_QUERYAUDITREQUEST']._serialized_start=491
-  _globals['_QUERYAUDITREQUEST']._serialized_end=693
-  _globals['_QUERYAUDITRESPONSE']._serialized_start=695
-  _globals['_QUERYAUDITRESPONSE']._serialized_end=782
-  _globals['_VERIFYAUDITREQUEST']._serialized_start=784
-  _globals['_VERIFYAUDITREQUEST']._serialized_end=804
-  _globals['_VERIFYAUDITRESPONSE']._serialized_start=807
-  _globals['_VERIFYAUDITRESPONSE']._serialized_end=959
-  _globals['_TAILAUDITREQUEST']._serialized_start=961
-  _globals['_TAILAUDITREQUEST']._serialized_end=1016
-  _globals['_AUDITSERVICE']._serialized_start=1019
-  _globals['_AUDITSERVICE']._serialized_end=1312
+  _globals['_AUDITRECORD']._serialized_end=384
+  _globals['_INCLUSIONPROOF']._serialized_start=386
+  _globals['_INCLUSIONPROOF']._serialized_end=477
+  _globals['_GETCHECKPOINTREQUEST']._serialized_start=479
+  _globals['_GETCHECKPOINTREQUEST']._serialized_end=501
+  _globals['_GETCHECKPOINTRESPONSE']._serialized_start=503
+  _globals['_GETCHECKPOINTRESPONSE']._serialized_end=540
+  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_start=542
+  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_end=600
+  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_start=602
+  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_end=666
+  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_start=668
+  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_end=749
+  _globals['_ADDCOSIGNATURESREQUEST']._serialized_start=751
+  _globals['_ADDCOSIGNATURESREQUEST']._serialized_end=789
+  _globals['_APPENDAUDITREQUEST']._serialized_start=792
+  _globals['_APPENDAUDITREQUEST']._serialized_end=969
+  _globals['_QUERYAUDITREQUEST']._serialized_start=972
+  _globals['_QUERYAUDITREQUEST']._serialized_end=1174
+  _globals['_QUERYAUDITRESPONSE']._serialized_start=1176
+  _globals['_QUERYAUDITRESPONSE']._serialized_end=1263
+  _globals['_VERIFYAUDITREQUEST']._serialized_start=1265
+  _globals['_VERIFYAUDITREQUEST']._serialized_end=1299
+  _globals['_VERIFYAUDITRESPONSE']._serialized_start=1302
+  _globals['_VERIFYAUDITRESPONSE']._serialized_end=1498
+  _globals['_TAILAUDITREQUEST']._serialized_start=1500
+  _globals['_TAILAUDITREQUEST']._serialized_end=1555
+  _globals['_AUDITSERVICE']._serialized_start=1558
+  _globals['_AUDITSERVICE']._serialized_end=2218
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class AuditServiceStub:
-    """The tamper-evident audit trail: one global hash chain over RFC 8785 canonical records.
+    """The tamper-evident audit trail: one global hash chain over RFC 8785 canonical records, and an
+    RFC 6962 Merkle tree over the same records (leaf i is the record with seq i + 1, its leaf data
+    the record's `canonical` bytes) whose heads are signed as C2SP tlog-checkpoint notes.
     """
 
     def __init__(self, channel):
@@ -55,10 +57,32 @@ class AuditServiceStub:
                 request_serializer=coresdk_dot_v1_dot_audit__pb2.TailAuditRequest.SerializeToString,
                 response_deserializer=coresdk_dot_v1_dot_audit__pb2.AuditRecord.FromString,
                 _registered_method=True)
+        self.GetCheckpoint = channel.unary_unary(
+                '/coresdk.v1.AuditService/GetCheckpoint',
+                request_serializer=coresdk_dot_v1_dot_audit__pb2.GetCheckpointRequest.SerializeToString,
+                response_deserializer=coresdk_dot_v1_dot_audit__pb2.GetCheckpointResponse.FromString,
+                _registered_method=True)
+        self.GetInclusionProof = channel.unary_unary(
+                '/coresdk.v1.AuditService/GetInclusionProof',
+                request_serializer=coresdk_dot_v1_dot_audit__pb2.GetInclusionProofRequest.SerializeToString,
+                response_deserializer=coresdk_dot_v1_dot_audit__pb2.InclusionProof.FromString,
+                _registered_method=True)
+        self.GetConsistencyProof = channel.unary_unary(
+                '/coresdk.v1.AuditService/GetConsistencyProof',
+                request_serializer=coresdk_dot_v1_dot_audit__pb2.GetConsistencyProofRequest.SerializeToString,
+                response_deserializer=coresdk_dot_v1_dot_audit__pb2.GetConsistencyProofResponse.FromString,
+                _registered_method=True)
+        self.AddCosignatures = channel.unary_unary(
+                '/coresdk.v1.AuditService/AddCosignatures',
+                request_serializer=coresdk_dot_v1_dot_audit__pb2.AddCosignaturesRequest.SerializeToString,
+                response_deserializer=coresdk_dot_v1_dot_audit__pb2.GetCheckpointResponse.FromString,
+                _registered_method=True)
 
 
 class AuditServiceServicer:
-    """The tamper-evident audit trail: one global hash chain over RFC 8785 canonical records.
+    """The tamper-evident audit trail: one global hash chain over RFC 8785 canonical records, and an
+    RFC 6962 Merkle tree over the same records (leaf i is the record with seq i + 1, its leaf data
+    the record's `canonical` bytes) whose heads are signed as C2SP tlog-checkpoint notes.
     """
 
     def Append(self, request, context):
@@ -75,7 +99,9 @@ class AuditServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Verify(self, request, context):
-        """Recompute the whole chain and name the first record that was altered, removed or reordered.
+        """Check the log and name the first record that was altered, removed or reordered: by default
+        the records added since the newest checkpoint plus a consistency proof from it (O(new
+        records + log n)); with `full`, every record and every hash from the first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -83,6 +109,39 @@ class AuditServiceServicer:
 
     def Tail(self, request, context):
         """Records from `from_seq` (or only new ones when 0), then every new record as it commits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCheckpoint(self, request, context):
+        """The newest signed checkpoint: a C2SP signed note (origin, tree size, base64 root hash, then
+        the sidecar's Ed25519 signature line and any witness cosignatures). NOT_FOUND before the
+        first checkpoint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetInclusionProof(self, request, context):
+        """RFC 9162 inclusion proof of one record in the tree of `tree_size` records.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetConsistencyProof(self, request, context):
+        """RFC 9162 consistency proof that the tree of `to_size` records extends the one of
+        `from_size`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddCosignatures(self, request, context):
+        """Admin only. Stores witness cosignatures of a checkpoint the sidecar signed: `note` is that
+        checkpoint with the witnesses' signature lines added. Only keys configured as witnesses
+        are accepted, and each signature is verified. Answers the checkpoint as now stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,6 +170,26 @@ def add_AuditServiceServicer_to_server(servicer, server):
                     request_deserializer=coresdk_dot_v1_dot_audit__pb2.TailAuditRequest.FromString,
                     response_serializer=coresdk_dot_v1_dot_audit__pb2.AuditRecord.SerializeToString,
             ),
+            'GetCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCheckpoint,
+                    request_deserializer=coresdk_dot_v1_dot_audit__pb2.GetCheckpointRequest.FromString,
+                    response_serializer=coresdk_dot_v1_dot_audit__pb2.GetCheckpointResponse.SerializeToString,
+            ),
+            'GetInclusionProof': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInclusionProof,
+                    request_deserializer=coresdk_dot_v1_dot_audit__pb2.GetInclusionProofRequest.FromString,
+                    response_serializer=coresdk_dot_v1_dot_audit__pb2.InclusionProof.SerializeToString,
+            ),
+            'GetConsistencyProof': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConsistencyProof,
+                    request_deserializer=coresdk_dot_v1_dot_audit__pb2.GetConsistencyProofRequest.FromString,
+                    response_serializer=coresdk_dot_v1_dot_audit__pb2.GetConsistencyProofResponse.SerializeToString,
+            ),
+            'AddCosignatures': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddCosignatures,
+                    request_deserializer=coresdk_dot_v1_dot_audit__pb2.AddCosignaturesRequest.FromString,
+                    response_serializer=coresdk_dot_v1_dot_audit__pb2.GetCheckpointResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'coresdk.v1.AuditService', rpc_method_handlers)
@@ -120,7 +199,9 @@ def add_AuditServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AuditService:
-    """The tamper-evident audit trail: one global hash chain over RFC 8785 canonical records.
+    """The tamper-evident audit trail: one global hash chain over RFC 8785 canonical records, and an
+    RFC 6962 Merkle tree over the same records (leaf i is the record with seq i + 1, its leaf data
+    the record's `canonical` bytes) whose heads are signed as C2SP tlog-checkpoint notes.
     """
 
     @staticmethod
@@ -221,6 +302,114 @@ class AuditService:
             '/coresdk.v1.AuditService/Tail',
             coresdk_dot_v1_dot_audit__pb2.TailAuditRequest.SerializeToString,
             coresdk_dot_v1_dot_audit__pb2.AuditRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coresdk.v1.AuditService/GetCheckpoint',
+            coresdk_dot_v1_dot_audit__pb2.GetCheckpointRequest.SerializeToString,
+            coresdk_dot_v1_dot_audit__pb2.GetCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInclusionProof(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coresdk.v1.AuditService/GetInclusionProof',
+            coresdk_dot_v1_dot_audit__pb2.GetInclusionProofRequest.SerializeToString,
+            coresdk_dot_v1_dot_audit__pb2.InclusionProof.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConsistencyProof(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coresdk.v1.AuditService/GetConsistencyProof',
+            coresdk_dot_v1_dot_audit__pb2.GetConsistencyProofRequest.SerializeToString,
+            coresdk_dot_v1_dot_audit__pb2.GetConsistencyProofResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddCosignatures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coresdk.v1.AuditService/AddCosignatures',
+            coresdk_dot_v1_dot_audit__pb2.AddCosignaturesRequest.SerializeToString,
+            coresdk_dot_v1_dot_audit__pb2.GetCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,26 +22,27 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from coresdk.v1 import audit_pb2 as coresdk_dot_v1_dot_audit__pb2
 from coresdk.v1 import flags_pb2 as coresdk_dot_v1_dot_flags__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63oresdk/v1/webhook.proto\x12\ncoresdk.v1\x1a\x16\x63oresdk/v1/flags.proto\";\n\x18ReplayStripeEventRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x0e\n\x06reason\x18\x02 \x01(\t\"G\n\x1aHandleStripeWebhookRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x18\n\x10signature_header\x18\x02 \x01(\t\"~\n\nFlagChange\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\told_value\x18\x02 \x01(\x0b\x32\x15.coresdk.v1.FlagValue\x12(\n\tnew_value\x18\x03 \x01(\x0b\x32\x15.coresdk.v1.FlagValue\x12\x0f\n\x07version\x18\x04 \x01(\x04\"\xd9\x01\n\x1bHandleStripeWebhookResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12+\n\x07outcome\x18\x04 \x01(\x0e\x32\x1a.coresdk.v1.WebhookOutcome\x12,\n\x0c\x66lag_changes\x18\x05 \x03(\x0b\x32\x16.coresdk.v1.FlagChange\x12\x11\n\taudit_seq\x18\x06 \x01(\x04\x12\x13\n\x0bstale_flags\x18\x07 \x03(\t*\xa5\x01\n\x0eWebhookOutcome\x12\x1f\n\x1bWEBHOOK_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n\x17WEBHOOK_OUTCOME_APPLIED\x10\x01\x12\x1d\n\x19WEBHOOK_OUTCOME_DUPLICATE\x10\x02\x12\x19\n\x15WEBHOOK_OUTCOME_STALE\x10\x03\x12\x1b\n\x17WEBHOOK_OUTCOME_IGNORED\x10\x04\x32\xdc\x01\n\x0eWebhookService\x12\x66\n\x13HandleStripeWebhook\x12&.coresdk.v1.HandleStripeWebhookRequest\x1a\'.coresdk.v1.HandleStripeWebhookResponse\x12\x62\n\x11ReplayStripeEvent\x12$.coresdk.v1.ReplayStripeEventRequest\x1a\'.coresdk.v1.HandleStripeWebhookResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63oresdk/v1/webhook.proto\x12\ncoresdk.v1\x1a\x16\x63oresdk/v1/audit.proto\x1a\x16\x63oresdk/v1/flags.proto\";\n\x18ReplayStripeEventRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x0e\n\x06reason\x18\x02 \x01(\t\"^\n\x1aHandleStripeWebhookRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x18\n\x10signature_header\x18\x02 \x01(\t\x12\x15\n\rinclude_proof\x18\x03 \x01(\x08\"~\n\nFlagChange\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\told_value\x18\x02 \x01(\x0b\x32\x15.coresdk.v1.FlagValue\x12(\n\tnew_value\x18\x03 \x01(\x0b\x32\x15.coresdk.v1.FlagValue\x12\x0f\n\x07version\x18\x04 \x01(\x04\"\x8e\x02\n\x1bHandleStripeWebhookResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12+\n\x07outcome\x18\x04 \x01(\x0e\x32\x1a.coresdk.v1.WebhookOutcome\x12,\n\x0c\x66lag_changes\x18\x05 \x03(\x0b\x32\x16.coresdk.v1.FlagChange\x12\x11\n\taudit_seq\x18\x06 \x01(\x04\x12\x13\n\x0bstale_flags\x18\x07 \x03(\t\x12\x33\n\x0finclusion_proof\x18\x08 \x01(\x0b\x32\x1a.coresdk.v1.InclusionProof*\xa5\x01\n\x0eWebhookOutcome\x12\x1f\n\x1bWEBHOOK_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n\x17WEBHOOK_OUTCOME_APPLIED\x10\x01\x12\x1d\n\x19WEBHOOK_OUTCOME_DUPLICATE\x10\x02\x12\x19\n\x15WEBHOOK_OUTCOME_STALE\x10\x03\x12\x1b\n\x17WEBHOOK_OUTCOME_IGNORED\x10\x04\x32\xdc\x01\n\x0eWebhookService\x12\x66\n\x13HandleStripeWebhook\x12&.coresdk.v1.HandleStripeWebhookRequest\x1a\'.coresdk.v1.HandleStripeWebhookResponse\x12\x62\n\x11ReplayStripeEvent\x12$.coresdk.v1.ReplayStripeEventRequest\x1a\'.coresdk.v1.HandleStripeWebhookResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'coresdk.v1.webhook_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WEBHOOKOUTCOME']._serialized_start=547
-  _globals['_WEBHOOKOUTCOME']._serialized_end=712
-  _globals['_REPLAYSTRIPEEVENTREQUEST']._serialized_start=64
-  _globals['_REPLAYSTRIPEEVENTREQUEST']._serialized_end=123
-  _globals['_HANDLESTRIPEWEBHOOKREQUEST']._serialized_start=125
-  _globals['_HANDLESTRIPEWEBHOOKREQUEST']._serialized_end=196
-  _globals['_FLAGCHANGE']._serialized_start=198
-  _globals['_FLAGCHANGE']._serialized_end=324
-  _globals['_HANDLESTRIPEWEBHOOKRESPONSE']._serialized_start=327
-  _globals['_HANDLESTRIPEWEBHOOKRESPONSE']._serialized_end=544
-  _globals['_WEBHOOKSERVICE']._serialized_start=715
-  _globals['_WEBHOOKSERVICE']._serialized_end=935
+  _globals['_WEBHOOKOUTCOME']._serialized_start=647
+  _globals['_WEBHOOKOUTCOME']._serialized_end=812
+  _globals['_REPLAYSTRIPEEVENTREQUEST']._serialized_start=88
+  _globals['_REPLAYSTRIPEEVENTREQUEST']._serialized_end=147
+  _globals['_HANDLESTRIPEWEBHOOKREQUEST']._serialized_start=149
+  _globals['_HANDLESTRIPEWEBHOOKREQUEST']._serialized_end=243
+  _globals['_FLAGCHANGE']._serialized_start=245
+  _globals['_FLAGCHANGE']._serialized_end=371
+  _globals['_HANDLESTRIPEWEBHOOKRESPONSE']._serialized_start=374
+  _globals['_HANDLESTRIPEWEBHOOKRESPONSE']._serialized_end=644
+  _globals['_WEBHOOKSERVICE']._serialized_start=815
+  _globals['_WEBHOOKSERVICE']._serialized_end=1035
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from coresdk.v1 import audit_pb2 as _audit_pb2
 from coresdk.v1 import flags_pb2 as _flags_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -30,12 +31,14 @@ class ReplayStripeEventRequest(_message.Message):
     def __init__(self, payload: _Optional[bytes] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class HandleStripeWebhookRequest(_message.Message):
-    __slots__ = ("payload", "signature_header")
+    __slots__ = ("payload", "signature_header", "include_proof")
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_HEADER_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_PROOF_FIELD_NUMBER: _ClassVar[int]
     payload: bytes
     signature_header: str
-    def __init__(self, payload: _Optional[bytes] = ..., signature_header: _Optional[str] = ...) -> None: ...
+    include_proof: bool
+    def __init__(self, payload: _Optional[bytes] = ..., signature_header: _Optional[str] = ..., include_proof: _Optional[bool] = ...) -> None: ...
 
 class FlagChange(_message.Message):
     __slots__ = ("key", "old_value", "new_value", "version")
@@ -50,7 +53,7 @@ class FlagChange(_message.Message):
     def __init__(self, key: _Optional[str] = ..., old_value: _Optional[_Union[_flags_pb2.FlagValue, _Mapping]] = ..., new_value: _Optional[_Union[_flags_pb2.FlagValue, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class HandleStripeWebhookResponse(_message.Message):
-    __slots__ = ("event_id", "event_type", "tenant_id", "outcome", "flag_changes", "audit_seq", "stale_flags")
+    __slots__ = ("event_id", "event_type", "tenant_id", "outcome", "flag_changes", "audit_seq", "stale_flags", "inclusion_proof")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     EVENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +61,7 @@ class HandleStripeWebhookResponse(_message.Message):
     FLAG_CHANGES_FIELD_NUMBER: _ClassVar[int]
     AUDIT_SEQ_FIELD_NUMBER: _ClassVar[int]
     STALE_FLAGS_FIELD_NUMBER: _ClassVar[int]
+    INCLUSION_PROOF_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     event_type: str
     tenant_id: str
@@ -65,4 +69,5 @@ class HandleStripeWebhookResponse(_message.Message):
     flag_changes: _containers.RepeatedCompositeFieldContainer[FlagChange]
     audit_seq: int
     stale_flags: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, event_id: _Optional[str] = ..., event_type: _Optional[str] = ..., tenant_id: _Optional[str] = ..., outcome: _Optional[_Union[WebhookOutcome, str]] = ..., flag_changes: _Optional[_Iterable[_Union[FlagChange, _Mapping]]] = ..., audit_seq: _Optional[int] = ..., stale_flags: _Optional[_Iterable[str]] = ...) -> None: ...
+    inclusion_proof: _audit_pb2.InclusionProof
+    def __init__(self, event_id: _Optional[str] = ..., event_type: _Optional[str] = ..., tenant_id: _Optional[str] = ..., outcome: _Optional[_Union[WebhookOutcome, str]] = ..., flag_changes: _Optional[_Iterable[_Union[FlagChange, _Mapping]]] = ..., audit_seq: _Optional[int] = ..., stale_flags: _Optional[_Iterable[str]] = ..., inclusion_proof: _Optional[_Union[_audit_pb2.InclusionProof, _Mapping]] = ...) -> None: ...
