@@ -258,6 +258,11 @@ fn every_validated_setting_names_itself_when_its_value_is_bad() {
     let missing = text(&missing);
     let short_jwt = write(dir.path(), "short-jwt", "too-short");
     let short_jwt = text(&short_jwt);
+    // A valid witness key: refused only without checkpoints.
+    let witness = crate::checkpoint::verifier_key(
+        "witness.example/w1",
+        &ed25519_dalek::SigningKey::from_bytes(&[1; 32]).verifying_key(),
+    );
     let cases: &[(&[&str], &str)] = &[
         (&["--store", "mysql://x"], "CORESDK_STORE"),
         (&["--store", "sqlite://"], "CORESDK_STORE"),
@@ -295,6 +300,20 @@ fn every_validated_setting_names_itself_when_its_value_is_bad() {
         (
             &["--store", "memory", "--audit-checkpoint-file", "/cp"],
             "CORESDK_AUDIT_SIGNING_KEY_FILE",
+        ),
+        (&["--audit-origin", "two words"], "CORESDK_AUDIT_ORIGIN"),
+        (&["--audit-origin", "a+b"], "CORESDK_AUDIT_ORIGIN"),
+        (
+            &["--store", "memory", "--audit-origin", "x"],
+            "CORESDK_AUDIT_ORIGIN",
+        ),
+        (
+            &["--audit-witness-key", "w+00000000+AQ=="],
+            "CORESDK_AUDIT_WITNESS_KEYS",
+        ),
+        (
+            &["--store", "memory", "--audit-witness-key", &witness],
+            "CORESDK_AUDIT_WITNESS_KEYS",
         ),
     ];
     for (flags, setting) in cases {
@@ -598,4 +617,22 @@ fn token_files_are_checked_like_the_tokens_and_exclude_them() {
             .is_err(),
         "a token and a token file are one too many"
     );
+}
+
+#[test]
+fn the_origin_and_witness_keys_go_with_the_checkpoints() {
+    let witness = crate::checkpoint::verifier_key(
+        "witness.example/w1",
+        &ed25519_dalek::SigningKey::from_bytes(&[1; 32]).verifying_key(),
+    );
+    let files = config(&[
+        "--audit-origin",
+        "example.com/ledger",
+        "--audit-witness-key",
+        &witness,
+    ])
+    .checkpoint_files
+    .expect("checkpoints beside SQLite");
+    assert_eq!(files.origin.as_deref(), Some("example.com/ledger"));
+    assert_eq!(files.witnesses, vec![witness]);
 }
