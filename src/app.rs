@@ -740,12 +740,21 @@ impl App {
     }
 }
 
-/// Refuses a tree larger than the log: its proofs would name records that do not exist yet.
+/// Refuses a tree larger than the log, whose proofs would name records that do not exist yet,
+/// or than the stored tree (records a replica of an older version appended are built at the
+/// next checkpoint round).
 fn within_log(tx: &mut dyn crate::store::StoreTx, tree_size: u64) -> Result<(), Error> {
-    let records = tx.audit_head()?.seq;
-    if tree_size > records {
+    let reach = tx.audit_tree_reach()?;
+    if tree_size > reach.records {
         return Err(Error::OutOfRange(format!(
-            "the audit log holds {records} records, fewer than the tree size {tree_size} asked for"
+            "the audit log holds {} records, fewer than the tree size {tree_size} asked for",
+            reach.records
+        )));
+    }
+    if tree_size > reach.built {
+        return Err(Error::OutOfRange(format!(
+            "the audit Merkle tree covers the first {} records so far, fewer than the tree size {tree_size} asked for; the rest are added at the next checkpoint or restart",
+            reach.built
         )));
     }
     Ok(())

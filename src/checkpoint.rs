@@ -2000,6 +2000,10 @@ mod tests {
             self.first_query();
             self.tx.audit_tree_hashes(seqs)
         }
+        fn audit_tree_reach(&mut self) -> Result<crate::store::TreeReach, StoreError> {
+            self.first_query();
+            self.tx.audit_tree_reach()
+        }
         fn extend_audit_tree(&mut self, limit: u64) -> Result<crate::store::TreeReach, Error> {
             self.first_query();
             self.tx.extend_audit_tree(limit)

@@ -70,8 +70,9 @@ pub(crate) enum Statement {
     AppendAudit,
     /// seqs (a JSON array) → seq, tree_hashes of those records, ordered by seq.
     AuditTreeHashes,
-    /// → seq, hash of the newest audit record whose tree hashes are stored (no row when none).
-    NewestTreeSeq,
+    /// → seq of the oldest audit record without tree hashes, and the hash of the record before
+    /// it (NULL for the first record); no row when every record has them.
+    FirstUnbuilt,
     /// seq, tree_hashes: stores the tree hashes of a record from before the tree.
     SetTreeHashes,
     /// → seq, hash of the newest audit record (no row when there is none).

@@ -300,6 +300,8 @@ pub trait StoreTx {
     /// The Merkle tree hashes (see [`crate::tlog`]) stored with the records `seqs` (ascending,
     /// at most a few hundred), ordered by seq; a record without them (or missing) is left out.
     fn audit_tree_hashes(&mut self, seqs: &[u64]) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// How far the Merkle tree reaches, read only.
+    fn audit_tree_reach(&mut self) -> Result<TreeReach, StoreError>;
     /// Stores the tree hashes of up to `limit` of the oldest records that lack them (a chain
     /// from before the tree, or records a replica of an older version appended), and answers
     /// how far the tree now reaches (`limit` 0 only answers that).

@@ -576,20 +576,45 @@ impl StoreTx for Tx<'_> {
         Ok(rows)
     }
 
+    fn audit_tree_reach(&mut self) -> Result<TreeReach, StoreError> {
+        let (built, records) = self.tree_built()?;
+        Ok(TreeReach {
+            built: built.seq,
+            records,
+        })
+    }
+
     fn extend_audit_tree(&mut self, limit: u64) -> Result<TreeReach, Error> {
         Ok(self.extend_tree(limit)?.0)
     }
 }
 
 impl Tx<'_> {
+    /// The newest record the tree covers (the one before the first without tree hashes, or the
+    /// head), and how many records the chain has.
+    fn tree_built(&mut self) -> Result<(ChainHead, u64), StoreError> {
+        let head = self.audit_head()?;
+        let first_unbuilt = query_opt(self.sql, Statement::FirstUnbuilt, &[], |row| {
+            Ok((row.int(0)?, row.opt_bytes(1)?))
+        })?;
+        let built = match first_unbuilt {
+            None => head,
+            Some((1, _)) => ChainHead::GENESIS,
+            Some((seq, Some(hash))) => chain_head(seq - 1, hash)?,
+            Some((seq, None)) => {
+                return Err(StoreError::Corrupt(format!(
+                    "audit record {} is missing, so the Merkle tree cannot be built past it",
+                    seq - 1
+                )));
+            }
+        };
+        Ok((built, head.seq))
+    }
+
     /// [`StoreTx::extend_audit_tree`], with the right edge of the tree it reached.
     fn extend_tree(&mut self, limit: u64) -> Result<(TreeReach, Frontier), Error> {
         self.for_write()?;
-        let records = self.audit_head()?.seq;
-        let newest = query_opt(self.sql, Statement::NewestTreeSeq, &[], |row| {
-            chain_head(row.int(0)?, row.bytes(1)?)
-        })?
-        .unwrap_or(ChainHead::GENESIS);
+        let (newest, records) = self.tree_built()?;
         let mut tree = Frontier::read(self, newest.seq, newest.hash)?;
         if newest.seq == records || limit == 0 {
             let reach = TreeReach {

@@ -81,8 +81,9 @@ pub(super) fn text(statement: Statement) -> &'static str {
             "SELECT seq, tree_hashes FROM audit
              WHERE seq IN (SELECT jsonb_array_elements_text($1::text::jsonb)::bigint) ORDER BY seq"
         }
-        Statement::NewestTreeSeq => {
-            "SELECT seq, hash FROM audit WHERE tree_hashes IS NOT NULL ORDER BY seq DESC LIMIT 1"
+        Statement::FirstUnbuilt => {
+            "SELECT u.seq, (SELECT hash FROM audit WHERE seq = u.seq - 1)
+             FROM (SELECT seq FROM audit WHERE tree_hashes IS NULL ORDER BY seq LIMIT 1) AS u"
         }
         Statement::SetTreeHashes => "UPDATE audit SET tree_hashes = $2 WHERE seq = $1",
         Statement::AuditHead => "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
