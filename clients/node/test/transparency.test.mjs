@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { createHash, generateKeyPairSync, sign as ed25519Sign } from 'node:crypto';
 import { after, before, describe, test } from 'node:test';
 
-import { ENV, Sidecar, sign, stripeEvent } from '../../../tests/openfeature-node/sidecar.mjs';
+import { ENV, sign, stripeEvent } from '../../../tests/openfeature-node/sidecar.mjs';
 import {
   EMPTY_ROOT,
   GrpcCode,
@@ -27,7 +27,7 @@ import {
   verifyInclusion,
   verifyRecordInclusion,
 } from '../dist/index.js';
-import { clientFor } from './helpers.mjs';
+import { BACKENDS } from './web.mjs';
 
 // -- a reference tree, written from RFC 6962 section 2.1 -----------------------------------------
 
@@ -442,24 +442,7 @@ function defineProofSuite(name, start) {
   });
 }
 
-defineProofSuite('mock', async () => ({ sdk: mock(), close: async () => {} }));
-
-defineProofSuite('sidecar', async () => {
-  const sidecar = await Sidecar.start();
-  try {
-    const sdk = await clientFor(sidecar);
-    return {
-      sdk,
-      close: async () => {
-        await sdk.close();
-        await sidecar.close();
-      },
-    };
-  } catch (error) {
-    await sidecar.close();
-    throw error;
-  }
-});
+for (const [name, start] of Object.entries(BACKENDS)) defineProofSuite(name, start);
 
 describe("the mock's checkpoints", () => {
   test('the mock signs checkpoints a verifier accepts', async () => {
