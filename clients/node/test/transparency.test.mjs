@@ -4,6 +4,7 @@
 // tests/test_transparency.py: the two clients must agree.
 
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import { createHash, generateKeyPairSync, sign as ed25519Sign } from 'node:crypto';
 import { after, before, describe, test } from 'node:test';
 
@@ -367,6 +368,109 @@ describe('checkpoints', () => {
   });
 });
 
+describe('the two clients agree', () => {
+  /** Runs Python's coresdk.transparency on `cases`: 'ok' or 'refused' for each. */
+  function pythonVerdicts(cases) {
+    const python = process.env.CORESDK_TEST_PYTHON;
+    assert.ok(python, "CORESDK_TEST_PYTHON is not set: this test runs the Python client's verifiers (./scripts/test sets it)");
+    const script = [
+      'import base64, json, sys',
+      'from coresdk import transparency as t',
+      'def run(case):',
+      '    b = lambda xs: [base64.b64decode(x) for x in xs]',
+      '    kind, a = case["kind"], case["args"]',
+      '    if kind == "checkpoint": t.open_checkpoint(a[0], a[1])',
+      '    elif kind == "note": t.open_note(a[0], a[1])',
+      '    elif kind == "key": t.VerifierKey.parse(a[0])',
+      '    elif kind == "inclusion": t.verify_inclusion(base64.b64decode(a[0]), a[1], a[2], b(a[3]), base64.b64decode(a[4]))',
+      '    else: t.verify_consistency(a[0], a[1], b(a[2]), base64.b64decode(a[3]), base64.b64decode(a[4]))',
+      'out = []',
+      'for case in json.load(sys.stdin):',
+      '    try:',
+      '        run(case); out.append("ok")',
+      '    except t.TransparencyError:',
+      '        out.append("refused")',
+      'print(json.dumps(out))',
+    ].join('\n');
+    const run = spawnSync(python, ['-c', script], { input: JSON.stringify(cases), encoding: 'utf8', timeout: 60_000 });
+    assert.equal(run.status, 0, run.stderr);
+    return JSON.parse(run.stdout);
+  }
+
+  function nodeVerdict({ kind, args: a }) {
+    const b = (xs) => xs.map((x) => Buffer.from(x, 'base64'));
+    try {
+      if (kind === 'checkpoint') openCheckpoint(a[0], a[1]);
+      else if (kind === 'note') openNote(a[0], a[1]);
+      else if (kind === 'key') VerifierKey.parse(a[0]);
+      else if (kind === 'inclusion') verifyInclusion(Buffer.from(a[0], 'base64'), a[1], a[2], b(a[3]), Buffer.from(a[4], 'base64'));
+      else verifyConsistency(a[0], a[1], b(a[2]), Buffer.from(a[3], 'base64'), Buffer.from(a[4], 'base64'));
+      return 'ok';
+    } catch (error) {
+      if (error instanceof TransparencyError) return 'refused';
+      throw error;
+    }
+  }
+
+  test("the Python client's verifiers decide every case as these do", () => {
+    const log = new Log();
+    const note = log.checkpoint(8, ROOTS[8]);
+    const root = ROOTS[8].toString('base64');
+    const b64 = (xs) => xs.map((x) => x.toString('base64'));
+    const cases = [
+      { kind: 'checkpoint', args: [note, log.vkey] },
+      { kind: 'checkpoint', args: [log.checkpoint(8, ROOTS[8], 'ext\n'), log.vkey] },
+      { kind: 'checkpoint', args: [note.replace('\n8\n', '\n9\n'), log.vkey] },
+      { kind: 'checkpoint', args: [note, new Log().vkey] },
+      { kind: 'checkpoint', args: [new Log(log.name).checkpoint(8, ROOTS[8]), log.vkey] },
+      { kind: 'checkpoint', args: [log.checkpoint(8, ROOTS[8], `${'x'.repeat(MAX_NOTE_BYTES)}\n`), log.vkey] },
+      { kind: 'checkpoint', args: [`${note}\u2014 witness.example/w ${Buffer.alloc(68, 7).toString('base64')}\n`, log.vkey] },
+      { kind: 'checkpoint', args: [log.checkpoint(2 ** 53 - 1, ROOTS[8]), log.vkey] },
+      ...[
+        `${log.name}\n8\n`,
+        `${log.name}\n08\n${root}\n`,
+        `${log.name}\n-8\n${root}\n`,
+        `${log.name}\n${2 ** 53}\n${root}\n`,
+        `${log.name}\n8\n${root.replace(/=+$/, '')}\n`,
+        `${log.name}\n8\n${root}\n\next\n`,
+        `\n8\n${root}\n`,
+        `${log.name}\r\n8\n${root}\n`,
+        `${log.name}\u00a0x\n8\n${root}\n`,
+        `${log.name}\n8\n${root.replace('A', '-')}\n`,
+      ].map((body) => ({ kind: 'checkpoint', args: [log.sign(body), log.vkey] })),
+      { kind: 'note', args: [`${TEXT}\n${PETER_SIG}${ENOCH_SIG}`, PETER] },
+      { kind: 'note', args: [`${TEXT}\n${PETER_SIG}${ENOCH_SIG}`, ENOCH] },
+      { kind: 'note', args: [`${TEXT}\n${PETER_SIG}`, ENOCH] },
+      { kind: 'note', args: [`${TEXT}\n${PETER_SIG}Unexpected line.\n`, PETER] },
+      { kind: 'note', args: [`${TEXT}\n\u2014 PeterNeumann\u2003x ${PETER_SIG.split(' ')[2]}`, PETER] },
+      { kind: 'key', args: [PETER] },
+      { kind: 'key', args: [` ${PETER}\n`] },
+      { kind: 'key', args: [PETER.replace('c74f20a3', 'C74F20A3')] },
+      { kind: 'key', args: [PETER.replace('+c74f', '+0xc74f')] },
+      { kind: 'key', args: [`Peter\u2003Neumann${PETER.slice('PeterNeumann'.length)}`] },
+    ];
+    // Proofs of random trees, each also with one hash flipped.
+    const leaves = Array.from({ length: 70 }, (_, i) => Buffer.from(`leaf ${i}`));
+    for (let n = 1; n <= 70; n += 3) {
+      const m = (n * 7) % n;
+      const proof = refPath(m, leaves.slice(0, n));
+      const args = [b64([leafHash(leaves[m])])[0], m, n, b64(proof), refRoot(leaves.slice(0, n)).toString('base64')];
+      cases.push({ kind: 'inclusion', args });
+      if (proof.length > 0) cases.push({ kind: 'inclusion', args: [...args.slice(0, 3), b64([flip(proof[0]), ...proof.slice(1)]), args[4]] });
+      cases.push({ kind: 'inclusion', args: [args[0], m, n + 1, args[3], args[4]] });
+      const old = 1 + ((n * 5) % n);
+      const consistency = refConsistency(old, leaves.slice(0, n));
+      const cargs = [old, n, b64(consistency), refRoot(leaves.slice(0, old)).toString('base64'), args[4]];
+      cases.push({ kind: 'consistency', args: cargs });
+      if (consistency.length > 0) cases.push({ kind: 'consistency', args: [old, n, b64([...consistency.slice(1), consistency[0]]), cargs[3], cargs[4]] });
+    }
+    const ours = cases.map(nodeVerdict);
+    assert.ok(ours.includes('ok') && ours.includes('refused'));
+    const theirs = pythonVerdicts(cases);
+    cases.forEach((c, i) => assert.equal(theirs[i], ours[i], `case ${i} (${c.kind}): ${JSON.stringify(c.args).slice(0, 200)}`));
+  });
+});
+
 // -- the mock and the real sidecar ----------------------------------------------------------------
 
 function mock() {
@@ -494,3 +598,4 @@ describe("the mock's checkpoints", () => {
     assert.equal((await sdk.auditVerify()).treeRoot, checkpoint.rootHash.toString('hex'));
   });
 });
+
