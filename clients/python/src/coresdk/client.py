@@ -54,7 +54,7 @@ from coresdk.v1 import (
 
 log = logging.getLogger("coresdk")
 T = TypeVar("T")
-# How much longer than its timeout an append with include_proof may take: the sidecar answers
+# How much longer than its timeout a call with include_proof may take: the sidecar answers
 # once a checkpoint covering the record is signed, which it does early for it (about a second).
 PROOF_WAIT_S = 5.0
 # A full verification replays the whole log, which can take far longer than a call's timeout;
@@ -312,7 +312,8 @@ class SidecarClient(BaseSDK):
         request = webhook_pb2.HandleStripeWebhookRequest(
             payload=payload, signature_header=signature_header or "", include_proof=include_proof
         )
-        return self._webhook_committed(self._call(self._webhooks.HandleStripeWebhook, request))
+        deadline = time.monotonic() + self.settings.timeout_ms / 1000 + (PROOF_WAIT_S if include_proof else 0)
+        return self._webhook_committed(self._call(self._webhooks.HandleStripeWebhook, request, deadline=deadline))
 
     def replay_event(self, payload: bytes, *, reason: str) -> WebhookResult:
         request = webhook_pb2.ReplayStripeEventRequest(payload=payload, reason=reason)

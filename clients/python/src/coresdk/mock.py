@@ -676,15 +676,15 @@ class MockSidecar(BaseSDK):
         """MTH(D[lo:hi]) as RFC 6962 section 2.1 defines it. A range within the dropped prefix
         is known only as one of its kept subtree roots: every range a root or a kept record's
         proof needs is (its parent reaches past the prefix, so it is a maximal one)."""
-        first = self._first_leaf()
-        if hi <= first:
-            known = self._dropped.get((lo, hi - lo))
-            if known is None:
-                raise self._capacity("audit records (the proof needs hashes of dropped ones)", MAX_AUDIT_RECORDS)
-            return known
         n = hi - lo
         if n == 0:
             return transparency.EMPTY_ROOT
+        first = self._first_leaf()
+        if hi <= first:
+            known = self._dropped.get((lo, n))
+            if known is None:
+                raise self._capacity("audit records (the proof needs hashes of dropped ones)", MAX_AUDIT_RECORDS)
+            return known
         if n == 1:
             return self._leaves[lo - first]
         k = 1 << ((n - 1).bit_length() - 1)
