@@ -273,7 +273,7 @@ pub fn check_inclusion(
     leaf_index: u64,
     leaf: &Hash,
 ) -> bool {
-    if leaf_index >= tree_size {
+    if leaf_index >= tree_size || proof.len() > LEVELS {
         return false;
     }
     let proof: Vec<tlog_tiles::Hash> = proof.iter().copied().map(tlog_tiles::Hash).collect();
@@ -296,7 +296,8 @@ pub fn check_consistency(
     to_size: u64,
     to_root: &Hash,
 ) -> bool {
-    if from_size > to_size {
+    // A proof is at most two hashes a level; checking copies it once per level.
+    if from_size > to_size || proof.len() > 2 * LEVELS {
         return false;
     }
     if from_size == to_size {

@@ -305,11 +305,12 @@ async fn verify_calls_share_scans_and_leave_none_behind() {
     for _ in 0..WAITING {
         let mut audit = sidecar.audit();
         waiting.spawn(async move {
-            let report = tokio::time::timeout(HANG_GUARD, audit.verify(VerifyAuditRequest::default()))
-                .await
-                .expect("Verify answers")
-                .expect("Verify")
-                .into_inner();
+            let report =
+                tokio::time::timeout(HANG_GUARD, audit.verify(VerifyAuditRequest::default()))
+                    .await
+                    .expect("Verify answers")
+                    .expect("Verify")
+                    .into_inner();
             assert_eq!(report.records_checked, RECORDS as u64);
         });
     }
