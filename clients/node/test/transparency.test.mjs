@@ -326,6 +326,20 @@ class Log {
 }
 
 describe('checkpoints', () => {
+  test('the c2sp.org/tlog-checkpoint example parses (its key is not published: parsed, not opened)', () => {
+    const root = 'CsUYapGGPo4dkMgIAUqom/Xajj7h2fB2MPA3j2jxq2I=';
+    const text = `example.com/behind-the-sofa\n20852163\n${root}\n`;
+    const checkpoint = parseCheckpoint(
+      `${text}\n\u2014 example.com/behind-the-sofa Az3grlgtzPICa5OS8npVmf1Myq/5IZniMp+ZJurmRDeOoRDe4URYN7u5/Zhcyv2q1gGzGku9nTo+zyWE+xeMcTOAYQ8=\n`,
+    );
+    assert.deepEqual([checkpoint.origin, checkpoint.size, checkpoint.extensions, checkpoint.text], ['example.com/behind-the-sofa', 20852163, [], text]);
+    assert.deepEqual(checkpoint.rootHash, Buffer.from(root, 'base64'));
+    assert.deepEqual(
+      checkpoint.signatures.map((s) => [s.name, s.keyId, s.signature.length]),
+      [['example.com/behind-the-sofa', 0x033de0ae, 64]],
+    );
+  });
+
   test('checkpoints open and prove records', () => {
     const log = new Log();
     const checkpoint = openCheckpoint(log.checkpoint(8, ROOTS[8]), log.vkey, { origin: log.name });

@@ -319,6 +319,22 @@ class Log:
         return self.sign(f"{origin or self.name}\n{size}\n{base64.b64encode(root).decode()}\n{extra}")
 
 
+# The example of c2sp.org/tlog-checkpoint (its key is not published: parsed, not opened).
+C2SP_EXAMPLE = (
+    "example.com/behind-the-sofa\n20852163\nCsUYapGGPo4dkMgIAUqom/Xajj7h2fB2MPA3j2jxq2I=\n\n"
+    "\u2014 example.com/behind-the-sofa Az3grlgtzPICa5OS8npVmf1Myq/5IZniMp+ZJurmRDeOoRDe4URYN7u5/Zhcyv2q1gGzGku9nTo+zyWE+xeMcTOAYQ8=\n"
+)
+
+
+def test_the_c2sp_example_checkpoint_parses():
+    checkpoint = parse_checkpoint(C2SP_EXAMPLE)
+    assert (checkpoint.origin, checkpoint.size, checkpoint.extensions) == ("example.com/behind-the-sofa", 20852163, ())
+    assert checkpoint.root_hash == base64.b64decode("CsUYapGGPo4dkMgIAUqom/Xajj7h2fB2MPA3j2jxq2I=")
+    assert checkpoint.text == "example.com/behind-the-sofa\n20852163\nCsUYapGGPo4dkMgIAUqom/Xajj7h2fB2MPA3j2jxq2I=\n"
+    [signature] = checkpoint.signatures
+    assert (signature.name, signature.key_id, len(signature.signature)) == ("example.com/behind-the-sofa", 0x033de0ae, 64)
+
+
 def test_checkpoints_open_and_prove_records():
     log = Log()
     note = log.checkpoint(8, ROOTS[8])
