@@ -25,6 +25,10 @@ use crate::stripe::StripeEvent;
 /// Longest `actor` an admin change or an appended record may name.
 const MAX_ACTOR_LEN: usize = 256;
 
+/// Longest note `AddCosignatures` takes: a checkpoint and a few dozen signature lines fit
+/// many times over.
+const MAX_NOTE_BYTES: usize = 16 * 1024;
+
 /// An operator's replay of an exported event: why, and who asked (none in mock mode without
 /// operators).
 struct Replay {
@@ -35,6 +39,15 @@ struct Replay {
 /// The most audit records one `Query` page examines: bounded work per call, whatever its
 /// filters (they match by comparing, not through an index).
 pub const QUERY_SCAN_WINDOW: u64 = 10_000;
+
+/// A proof in the tree of `tree_size` records, and that tree's signed checkpoint when the
+/// size was the newest checkpoint's.
+#[derive(Debug)]
+pub struct SizedProof {
+    pub tree_size: u64,
+    pub hashes: Vec<crate::tlog::Hash>,
+    pub checkpoint: Option<crate::checkpoint::SignedNote>,
+}
 
 /// A page of [`App::query_audit`]: every record up to `scanned_through` has been considered.
 #[derive(Debug)]
@@ -60,8 +73,10 @@ pub struct App {
     refusals: Arc<Coalescer<&'static str>>,
     denials: Arc<Coalescer<DenialKey>>,
     audit_writer: AuditWriter,
-    /// Concurrent `Verify` calls share one scan of the chain.
+    /// Concurrent `Verify` calls share one scan of the log (one for full scans, one for
+    /// incremental ones).
     verify_runs: Arc<SharedRun<Result<VerifyReport, Arc<Error>>>>,
+    full_verify_runs: Arc<SharedRun<Result<VerifyReport, Arc<Error>>>>,
 }
 
 /// Held by a stream's task for as long as it serves the stream.
@@ -156,6 +171,7 @@ impl App {
             denials,
             audit_writer,
             verify_runs: Arc::default(),
+            full_verify_runs: Arc::default(),
         }
     }
 
@@ -507,80 +523,173 @@ impl App {
             .await
     }
 
-    /// Recomputes the chain and, when checkpoints are kept, checks it against every checkpoint.
-    /// Callers share scans: one that arrives while a scan runs joins the next one, so the
-    /// answer covers every record committed before its call, and at most one scan runs and
-    /// one waits however many call.
-    pub async fn verify_audit(&self) -> Result<VerifyReport, Arc<Error>> {
+    /// Verifies the log ([`crate::checkpoint::verify`]): what was added since the newest
+    /// checkpoint, or with `full` everything from the first record. Callers share scans: one
+    /// that arrives while a scan runs joins the next one, so the answer covers every record
+    /// committed before its call, and at most one scan of each kind runs and one waits however
+    /// many call.
+    pub async fn verify_audit(&self, full: bool) -> Result<VerifyReport, Arc<Error>> {
         let (store, checkpoints) = (self.store.clone(), self.checkpoints.clone());
-        self.verify_runs
-            .join(move || async move {
-                let checkpoints = checkpoints.as_ref().map(|c| c.checkpoints());
-                let report = store
-                    .long_read(move |tx| {
-                        let report = crate::checkpoint::verify(tx, checkpoints.as_ref())?;
-                        tracing::debug!(
-                            records = report.records_checked,
-                            "audit chain scanned"
-                        );
-                        Ok(report)
-                    })
-                    .await?;
-                if !report.ok {
-                    tracing::error!(first_bad_seq = report.first_bad_seq, reason = %report.reason, "audit chain does not verify");
-                }
-                for warning in &report.warnings {
-                    tracing::warn!(%warning, "audit verification");
-                }
-                Ok(report)
-            })
-            .await
+        let runs = if full {
+            &self.full_verify_runs
+        } else {
+            &self.verify_runs
+        };
+        runs.join(move || async move {
+            let checkpoints = checkpoints.as_ref().map(|c| c.checkpoints());
+            let report = store
+                .long_read(move |tx| {
+                    let report = crate::checkpoint::verify(tx, checkpoints.as_ref(), full)?;
+                    tracing::debug!(
+                        records = report.records_checked,
+                        full,
+                        "audit log verified"
+                    );
+                    Ok(report)
+                })
+                .await?;
+            if !report.ok {
+                tracing::error!(first_bad_seq = report.first_bad_seq, reason = %report.reason, "audit log does not verify");
+            }
+            for warning in &report.warnings {
+                tracing::warn!(%warning, "audit verification");
+            }
+            Ok(report)
+        })
+        .await
     }
 
-    /// The RFC 9162 inclusion proof of record `seq` in the tree of `tree_size` records.
-    pub async fn inclusion_proof(
+    fn checkpointer(&self) -> Result<&Arc<Checkpointer>, Error> {
+        self.checkpoints.as_ref().ok_or(Error::CheckpointsOff)
+    }
+
+    /// The newest signed checkpoint, with its cosignatures.
+    pub async fn newest_checkpoint(&self) -> Result<crate::checkpoint::SignedNote, Error> {
+        let Some(checkpointer) = self.checkpoints.clone() else {
+            return Err(Error::CheckpointNotFound(
+                "this sidecar keeps no signed audit checkpoints (set CORESDK_AUDIT_CHECKPOINT_FILE and CORESDK_AUDIT_SIGNING_KEY_FILE, or use a SQLite store)".into(),
+            ));
+        };
+        tokio::task::spawn_blocking(move || checkpointer.newest())
+            .await
+            .map_err(|e| Error::Internal(format!("reading the checkpoints: {e}")))?
+            .map_err(|e| Error::Internal(format!("reading the checkpoints: {e}")))?
+            .ok_or_else(|| {
+                Error::CheckpointNotFound(
+                    "no audit checkpoint has been signed yet: the first is signed within CORESDK_AUDIT_CHECKPOINT_INTERVAL_S of the first record".into(),
+                )
+            })
+    }
+
+    /// Admin only: stores witness cosignatures of a checkpoint this sidecar signed.
+    pub async fn add_cosignatures(
+        &self,
+        bearer: Option<&str>,
+        note: String,
+    ) -> Result<crate::checkpoint::SignedNote, Error> {
+        self.require_admin(bearer)?;
+        let checkpointer = self.checkpointer()?.clone();
+        if note.len() > MAX_NOTE_BYTES {
+            return Err(Error::invalid(
+                "note",
+                format!("is longer than {MAX_NOTE_BYTES} bytes"),
+            ));
+        }
+        tokio::task::spawn_blocking(move || checkpointer.add_cosignatures(&note))
+            .await
+            .map_err(|e| Error::Internal(format!("storing cosignatures: {e}")))?
+    }
+
+    /// Record `seq`'s inclusion proof against the next checkpoint covering it, asking for one
+    /// to be signed now; waits `wait` at most.
+    pub async fn proof_at_next_checkpoint(
         &self,
         seq: u64,
-        tree_size: u64,
-    ) -> Result<Vec<crate::tlog::Hash>, Error> {
+        wait: Duration,
+    ) -> Result<(crate::checkpoint::SignedNote, Vec<crate::tlog::Hash>), Error> {
+        if seq == 0 {
+            return Err(Error::OutOfRange(
+                "the call recorded no audit record to prove".into(),
+            ));
+        }
+        let note = self.checkpointer()?.covering(seq, wait).await?;
+        let size = note.size;
+        let hashes = self
+            .store
+            .read(move |tx| crate::tlog::inclusion_proof(tx, seq - 1, size))
+            .await?;
+        Ok((note, hashes))
+    }
+
+    /// The RFC 9162 inclusion proof of record `seq` in the tree of `tree_size` records; with
+    /// `tree_size` 0, in the newest checkpoint's tree, whose note comes with it.
+    pub async fn inclusion_proof(&self, seq: u64, tree_size: u64) -> Result<SizedProof, Error> {
         if seq == 0 {
             return Err(Error::invalid(
                 "seq",
                 "is required (records are numbered from 1)",
             ));
         }
+        let (tree_size, checkpoint) = self.size_or_checkpoint(tree_size).await?;
         if tree_size < seq {
             return Err(Error::invalid(
                 "tree_size",
                 format!("is {tree_size}, smaller than the seq {seq} it must hold"),
             ));
         }
-        self.store
+        let hashes = self
+            .store
             .read(move |tx| {
                 within_log(tx, tree_size)?;
                 crate::tlog::inclusion_proof(tx, seq - 1, tree_size)
             })
-            .await
+            .await?;
+        Ok(SizedProof {
+            tree_size,
+            hashes,
+            checkpoint,
+        })
     }
 
-    /// The RFC 9162 consistency proof from the tree of `from_size` records to that of `to_size`.
+    /// `size`, or for 0 the newest checkpoint's size and the checkpoint.
+    async fn size_or_checkpoint(
+        &self,
+        size: u64,
+    ) -> Result<(u64, Option<crate::checkpoint::SignedNote>), Error> {
+        if size > 0 {
+            return Ok((size, None));
+        }
+        self.checkpointer()?;
+        let note = self.newest_checkpoint().await?;
+        Ok((note.size, Some(note)))
+    }
+
+    /// The RFC 9162 consistency proof from the tree of `from_size` records to that of
+    /// `to_size` (0: the newest checkpoint's).
     pub async fn consistency_proof(
         &self,
         from_size: u64,
         to_size: u64,
-    ) -> Result<Vec<crate::tlog::Hash>, Error> {
+    ) -> Result<SizedProof, Error> {
+        let (to_size, checkpoint) = self.size_or_checkpoint(to_size).await?;
         if from_size > to_size {
             return Err(Error::invalid(
                 "from_size",
                 format!("is {from_size}, larger than to_size {to_size}"),
             ));
         }
-        self.store
+        let hashes = self
+            .store
             .read(move |tx| {
                 within_log(tx, to_size)?;
                 crate::tlog::consistency_proof(tx, from_size, to_size)
             })
-            .await
+            .await?;
+        Ok(SizedProof {
+            tree_size: to_size,
+            hashes,
+            checkpoint,
+        })
     }
 
     pub fn verify_token(&self, token: &str) -> Result<Arc<Claims>, TokenError> {

@@ -241,6 +241,10 @@ pub struct VerifyReport {
     pub head: ChainHead,
     /// What deserves an operator's attention without being evidence of tampering.
     pub warnings: Vec<String>,
+    /// The signed checkpoint an incremental verification started from (0: none, or full).
+    pub checkpoint_size: u64,
+    /// The root of the Merkle tree of the `head.seq` records, as recomputed (when checked).
+    pub tree_root: Option<[u8; 32]>,
 }
 
 /// Walks stored rows in sequence order and stops at the first one that does not verify.
@@ -261,6 +265,24 @@ impl Default for ChainVerifier {
 }
 
 impl ChainVerifier {
+    /// A verifier of the records after `head`, which is taken as verified.
+    pub fn after(head: ChainHead) -> Self {
+        Self {
+            head,
+            ..Self::default()
+        }
+    }
+
+    /// The last record that verified.
+    pub fn head(&self) -> ChainHead {
+        self.head
+    }
+
+    /// The first record that did not verify, and why.
+    pub fn failure(&self) -> Option<&(u64, String)> {
+        self.failure.as_ref()
+    }
+
     /// Feeds the next row; returns false once a bad record was found (stop scanning).
     pub fn feed(&mut self, row: &StoredAuditRow) -> bool {
         if self.failure.is_some() {
@@ -332,6 +354,8 @@ impl ChainVerifier {
                 reason,
                 head: self.head,
                 warnings: Vec::new(),
+                checkpoint_size: 0,
+                tree_root: None,
             },
             None => VerifyReport {
                 ok: true,
@@ -340,6 +364,8 @@ impl ChainVerifier {
                 reason: String::new(),
                 head: self.head,
                 warnings: Vec::new(),
+                checkpoint_size: 0,
+                tree_root: None,
             },
         }
     }

@@ -1,43 +1,69 @@
-//! Signed checkpoints of the audit chain, kept outside the database.
+//! Signed checkpoints of the audit log, kept outside the database, as C2SP `tlog-checkpoint`
+//! notes (<https://c2sp.org/tlog-checkpoint>, <https://c2sp.org/signed-note>).
 //!
-//! A hash chain proves that nothing inside it was altered, but not that its newest records
-//! were not cut off, nor that the whole chain was not rebuilt. Every few seconds the sidecar
-//! appends a line `{v, size, head_hash, time, signature}` to a checkpoint file, signed with
-//! Ed25519 over `"coresdk.checkpoint.v2\0" ‖ size (u64 BE) ‖ head_hash ‖ time (UTF-8)`, so the
-//! time a line claims is vouched for too. Lines without `v` were written before that (version
-//! 1, signed over `"coresdk.checkpoint.v1\0" ‖ size ‖ head_hash`); they still verify, but their
-//! time is not vouched for. Verification then also demands that the chain still holds every
-//! checkpointed record, with the checkpointed head hash.
+//! A checkpoint is the note
+//!
+//! ```text
+//! <origin>
+//! <tree size, decimal>
+//! <base64 root hash of the RFC 6962 tree of that many records>
+//!
+//! — <origin> base64(key id ‖ Ed25519 signature of the three lines above)
+//! [— <witness> base64(key id ‖ cosignature) …]
+//! ```
+//!
+//! signed with the sidecar's Ed25519 key under the key name `origin` (key id: the first four
+//! bytes of SHA-256(origin ‖ "\n" ‖ 0x01 ‖ public key)), so any C2SP tool checks it with the
+//! verifier key `coresdk audit public-key` prints. The origin defaults to
+//! `coresdk.audit/<first 8 hex digits of SHA-256(public key)>`: the same for every restart and
+//! every replica sharing the key, different for another deployment.
+//!
+//! The file holds one checkpoint a line, `{"v":3,"size":N,"note":"<note>"}`. Lines of the
+//! formats before it still verify: `{v:2, size, head_hash, time, signature}`, signed over
+//! `"coresdk.checkpoint.v2\0" ‖ size (u64 BE) ‖ head_hash ‖ time`, and lines without `v`
+//! (version 1, signed over `"coresdk.checkpoint.v1\0" ‖ size ‖ head_hash`, the time not
+//! vouched for). They vouch for the hash chain's head of their size, and verification keeps
+//! demanding that the chain holds it.
 //!
 //! Every line is written whole with its newline, so text after the last newline is a write a
 //! crash cut short: verification reports it as a warning and the next write truncates it. Any
 //! other line that does not verify is evidence of tampering.
 //!
-//! The writer signs a head only if the chain, read from the store, extends the largest
-//! checkpoint in the file: it holds that checkpoint's record with its hash. A chain cut or
-//! rewritten (say while the sidecar was stopped) is refused loudly and never signed, so every
-//! line the writer adds covers more than the lines before it, and a checkpoint implies every
-//! smaller one. That is what lets the file be bounded: it holds at most [`MAX_LINES`] lines
-//! (verification checks each, one lookup apiece), and past that the writer replaces it
-//! (atomically) with its newest [`KEPT_LINES`], the last of them its new line, the largest.
-//! A forged line among the dropped ones goes with them; whoever can write the file can delete
-//! lines anyway. For real protection keep the key in a mounted secret and the file on other
-//! storage.
+//! The writer signs the tree of `n` records only if it extends the largest checkpoint `m` in
+//! the file: the stored tree of `m` records has the signed root (checked with a consistency
+//! proof to the new root), and every record after it is rehashed (its leaf hash, every stored
+//! tree hash it completes, its chain link). So every checkpoint covers records checked once,
+//! and a log cut or rewritten (say while the sidecar was stopped) is refused loudly and never
+//! signed: every line the writer adds covers more than the lines before it, and a checkpoint
+//! implies every smaller one. It never signs a size the file already has, so there are never
+//! two notes for one size; witness cosignatures rewrite their note's line with the same body.
+//! That is also what lets the file be bounded: it holds at most [`MAX_LINES`] lines
+//! (verification checks each), and past that the writer replaces it (atomically) with its
+//! newest [`KEPT_LINES`], the last of them its new line, the largest. A forged line among the
+//! dropped ones goes with them; whoever can write the file can delete lines anyway. For real
+//! protection keep the key in a mounted secret and the file on other storage, and have
+//! witnesses cosign.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
+use base64::Engine as _;
+use base64::prelude::BASE64_STANDARD;
 use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, VerifyingKey};
 use serde::{Deserialize, Serialize};
+use signed_note::{Note, VerifierList};
 
-use crate::audit::{ChainHead, VerifyReport};
+use crate::audit::{ChainHead, ChainVerifier, StoredAuditRow, VerifyReport};
 use crate::problem::Error;
 use crate::store::{Store, StoreError, StoreTx};
+use crate::tlog::{Frontier, Hash};
 
 const DOMAIN_TAG_V1: &[u8] = b"coresdk.checkpoint.v1\0";
 const DOMAIN_TAG_V2: &[u8] = b"coresdk.checkpoint.v2\0";
-const CURRENT_VERSION: u32 = 2;
+/// The format of the lines the writer adds: a C2SP signed note.
+pub const NOTE_VERSION: u32 = 3;
 
 /// The most lines a checkpoint file holds; verification reads them all.
 pub const MAX_LINES: usize = 64;
@@ -45,6 +71,15 @@ pub const MAX_LINES: usize = 64;
 /// more leave a reader some recent history.
 pub const KEPT_LINES: usize = 8;
 const _: () = assert!(0 < KEPT_LINES && KEPT_LINES <= MAX_LINES);
+/// Witness signature lines kept with one note at most (the sidecar's own is not counted).
+pub const MAX_COSIGNATURES: usize = 16;
+/// Records rehashed per read of the store: bounded memory, a few queries per thousand.
+const BATCH: usize = 1000;
+
+/// C2SP signed-note signature type of a plain Ed25519 signature.
+const ALG_ED25519: u8 = 0x01;
+/// C2SP tlog-cosignature: a timestamped Ed25519 cosignature (`cosignature/v1`).
+const ALG_COSIGNATURE_V1: u8 = 0x04;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -62,14 +97,14 @@ pub enum CheckpointError {
 pub enum SignError {
     #[error(transparent)]
     File(#[from] CheckpointError),
-    #[error("cannot read the audit chain to check it against the largest checkpoint: {0}")]
+    #[error("cannot read the audit log to check it against the largest checkpoint: {0}")]
     Store(#[from] Error),
     #[error(
-        "REFUSING TO SIGN the audit chain head {seq}: {reason}. The chain was cut or rewritten; keep the checkpoint file as evidence and investigate"
+        "REFUSING TO SIGN the audit log of {seq} records: {reason}. The log was cut or rewritten; keep the checkpoint file as evidence and investigate"
     )]
     DoesNotExtend { seq: u64, reason: String },
     #[error(
-        "the checkpoint file changed while the chain was checked against it: checked again at the next checkpoint"
+        "the checkpoint file changed while the log was checked against it: checked again at the next checkpoint"
     )]
     Changed,
 }
@@ -80,33 +115,93 @@ impl From<StoreError> for SignError {
     }
 }
 
+/// A line of the formats before signed notes: a signed hash chain head.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Checkpoint {
-    /// The format: 2 signs the time too; lines written before it carry no `v` and are 1.
+struct LegacyLine {
+    /// 2 signs the time too; lines written before it carry no `v` and are 1.
     #[serde(rename = "v", default = "version_1")]
-    pub version: u32,
-    pub size: u64,
-    pub head_hash: String,
-    pub time: String,
-    pub signature: String,
+    version: u32,
+    size: u64,
+    head_hash: String,
+    time: String,
+    signature: String,
 }
 
 fn version_1() -> u32 {
     1
 }
 
-impl Checkpoint {
-    /// When it was signed, as far as the signature vouches for it.
-    fn signed_at(&self) -> String {
-        match self.version {
-            1 => format!("{} (a version 1 line: time not signed)", self.time),
-            _ => self.time.clone(),
+/// A line of the current format.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct NoteLine {
+    v: u32,
+    size: u64,
+    note: String,
+}
+
+/// Only the version, to tell the formats apart.
+#[derive(Deserialize)]
+struct Versioned {
+    #[serde(default = "version_1")]
+    v: u32,
+}
+
+/// A signed checkpoint of the Merkle tree, verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedNote {
+    pub origin: String,
+    pub size: u64,
+    pub root: Hash,
+    /// The whole note: body, blank line, signature lines (the sidecar's first).
+    pub note: String,
+}
+
+impl SignedNote {
+    /// The note's body: what every signature line covers.
+    pub fn body(&self) -> &str {
+        self.note
+            .split_once("\n\n")
+            .map_or(self.note.as_str(), |(body, _)| body)
+    }
+}
+
+/// A verified line of a checkpoint file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Entry {
+    /// A hash chain head of the formats before notes.
+    Legacy {
+        size: u64,
+        head_hash: [u8; 32],
+        /// When it was signed, as far as the signature vouches for it.
+        signed_at: String,
+    },
+    Note(SignedNote),
+}
+
+impl Entry {
+    fn size(&self) -> u64 {
+        match self {
+            Entry::Legacy { size, .. } => *size,
+            Entry::Note(note) => note.size,
+        }
+    }
+
+    fn is_note(&self) -> bool {
+        matches!(self, Entry::Note(_))
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Entry::Legacy {
+                size, signed_at, ..
+            } => format!("the checkpoint of {size} records signed at {signed_at}"),
+            Entry::Note(note) => format!("the signed checkpoint of {} records", note.size),
         }
     }
 }
 
-/// The bytes a checkpoint's signature covers.
-fn message(version: u32, size: u64, head_hash: &[u8; 32], time: &str) -> Option<Vec<u8>> {
+/// The bytes a legacy line's signature covers.
+fn legacy_message(version: u32, size: u64, head_hash: &[u8; 32], time: &str) -> Option<Vec<u8>> {
     let (tag, time) = match version {
         1 => (DOMAIN_TAG_V1, ""),
         2 => (DOMAIN_TAG_V2, time),
@@ -126,6 +221,8 @@ enum BadLine {
     Unreadable,
     UnknownVersion(u32),
     BadSignature,
+    /// A note whose body is no checkpoint, or not of the size its line claims.
+    BadNote,
 }
 
 impl std::fmt::Display for BadLine {
@@ -134,27 +231,108 @@ impl std::fmt::Display for BadLine {
             Self::Unreadable => f.write_str("is unreadable"),
             Self::UnknownVersion(v) => write!(f, "has an unknown format version {v}"),
             Self::BadSignature => f.write_str("has a bad signature"),
+            Self::BadNote => f.write_str("holds a note that is not a checkpoint of its size"),
         }
     }
 }
 
-/// The checkpoint a line holds, if `key` signed it.
-fn parse_line(line: &str, key: &VerifyingKey) -> Result<Checkpoint, BadLine> {
-    let checkpoint: Checkpoint = serde_json::from_str(line).map_err(|_| BadLine::Unreadable)?;
-    check_signature(&checkpoint, key)?;
-    Ok(checkpoint)
+/// The verifier key of `key` under the key name `name`, in the signed-note format.
+pub fn verifier_key(name: &str, key: &VerifyingKey) -> String {
+    signed_note::new_ed25519_verifier_key(name, key)
 }
 
-fn check_signature(checkpoint: &Checkpoint, key: &VerifyingKey) -> Result<(), BadLine> {
-    let mut hash = [0u8; 32];
-    let mut signature = [0u8; 64];
-    hex::decode_to_slice(&checkpoint.head_hash, &mut hash)
-        .and_then(|()| hex::decode_to_slice(&checkpoint.signature, &mut signature))
-        .map_err(|_| BadLine::BadSignature)?;
-    let message = message(checkpoint.version, checkpoint.size, &hash, &checkpoint.time)
-        .ok_or(BadLine::UnknownVersion(checkpoint.version))?;
-    key.verify(&message, &Signature::from_bytes(&signature))
-        .map_err(|_| BadLine::BadSignature)
+/// The origin a deployment without `CORESDK_AUDIT_ORIGIN` uses: derived from its public key,
+/// so stable across restarts and replicas sharing the key, and different for another key.
+pub fn default_origin(key: &VerifyingKey) -> String {
+    let digest = crate::tlog::sha256(key.as_bytes());
+    format!("coresdk.audit/{}", hex::encode(&digest[..4]))
+}
+
+/// Whether `origin` can name the checkpoints: a valid signed-note key name of at most 255 bytes.
+pub fn valid_origin(origin: &str) -> bool {
+    origin.len() <= 255 && signed_note::is_key_name_valid(origin)
+}
+
+/// The body of the checkpoint of the tree of `size` records with root `root`.
+fn note_body(origin: &str, size: u64, root: &Hash) -> Option<String> {
+    let checkpoint = tlog_tiles::Checkpoint::new(origin, size, tlog_tiles::Hash(*root), "").ok()?;
+    String::from_utf8(checkpoint.to_bytes()).ok()
+}
+
+/// The signed-note verifiers of the sidecar's key under `origin`.
+fn own_verifiers(origin: &str, key: &VerifyingKey) -> Option<VerifierList> {
+    let verifier = signed_note::StandardVerifier::new(&verifier_key(origin, key)).ok()?;
+    Some(VerifierList::new(vec![Box::new(verifier)]))
+}
+
+/// The checkpoint a note holds, if `key` signed it under the origin it names. A note of an
+/// origin since changed still verifies: the key is what vouches.
+pub fn open_note(text: &str, key: &VerifyingKey) -> Option<(SignedNote, Note)> {
+    let note = Note::from_bytes(text.as_bytes()).ok()?;
+    let body = std::str::from_utf8(note.text()).ok()?;
+    let mut reader = std::io::Cursor::new(body.as_bytes());
+    let checkpoint = tlog_tiles::Checkpoint::from_reader(&mut reader, false).ok()?;
+    let root = checkpoint.hash().0;
+    // Exactly the three lines this writer signs: no extension lines to interpret.
+    if note_body(checkpoint.origin(), checkpoint.size(), &root)?.as_str() != body {
+        return None;
+    }
+    let verifiers = own_verifiers(checkpoint.origin(), key)?;
+    note.verify(&verifiers).ok()?;
+    let signed = SignedNote {
+        origin: checkpoint.origin().to_owned(),
+        size: checkpoint.size(),
+        root,
+        note: text.to_owned(),
+    };
+    Some((signed, note))
+}
+
+/// The checkpoint a line holds, if `key` signed it.
+fn parse_line(line: &str, key: &VerifyingKey) -> Result<Entry, BadLine> {
+    let version = serde_json::from_str::<Versioned>(line)
+        .map_err(|_| BadLine::Unreadable)?
+        .v;
+    match version {
+        NOTE_VERSION => {
+            let line: NoteLine = serde_json::from_str(line).map_err(|_| BadLine::Unreadable)?;
+            let Some((signed, _)) = open_note(&line.note, key) else {
+                // A note that does not parse is as good as forged: a crash tears lines, not
+                // the JSON string inside a whole one.
+                return Err(if Note::from_bytes(line.note.as_bytes()).is_ok() {
+                    BadLine::BadSignature
+                } else {
+                    BadLine::BadNote
+                });
+            };
+            if signed.size != line.size {
+                return Err(BadLine::BadNote);
+            }
+            Ok(Entry::Note(signed))
+        }
+        1 | 2 => {
+            let line: LegacyLine = serde_json::from_str(line).map_err(|_| BadLine::Unreadable)?;
+            let mut hash = [0u8; 32];
+            let mut signature = [0u8; 64];
+            hex::decode_to_slice(&line.head_hash, &mut hash)
+                .and_then(|()| hex::decode_to_slice(&line.signature, &mut signature))
+                .map_err(|_| BadLine::BadSignature)?;
+            let message = legacy_message(line.version, line.size, &hash, &line.time)
+                .ok_or(BadLine::UnknownVersion(line.version))?;
+            key.verify(&message, &Signature::from_bytes(&signature))
+                .map_err(|_| BadLine::BadSignature)?;
+            let signed_at = match line.version {
+                1 => format!("{} (a version 1 line: time not signed)", line.time),
+                _ => line.time,
+            };
+            Ok(Entry::Legacy {
+                size: line.size,
+                head_hash: hash,
+                signed_at,
+            })
+        }
+        other => Err(BadLine::UnknownVersion(other)),
+    }
 }
 
 /// A line of a checkpoint file, numbered from 1.
@@ -199,25 +377,70 @@ fn lines(text: &str) -> impl Iterator<Item = Line<'_>> {
         .chain(tail)
 }
 
-/// The checkpoint with the largest size among the lines `key` signed: the one the chain must
-/// extend. Signatures are checked largest first, so a file of any length costs one check
-/// unless lines were forged.
-fn largest(text: &str, key: &VerifyingKey) -> Option<Checkpoint> {
-    let mut checkpoints: Vec<Checkpoint> = lines(text)
-        .filter_map(|line| serde_json::from_str(line.text).ok())
+/// Only the size and the format of a line, to order lines before checking signatures.
+#[derive(Deserialize)]
+struct SizeOnly {
+    #[serde(default = "version_1")]
+    v: u32,
+    size: u64,
+}
+
+/// The largest checkpoint `key` signed (of equal sizes a note, it has a root, and of those
+/// the later line): the one the next checkpoint must extend. Signatures are checked largest
+/// first, so a file of any length costs one check unless lines were forged; lines that do not
+/// verify vouch for nothing here (verification reports them).
+fn largest_signed(text: &str, key: &VerifyingKey) -> Option<Entry> {
+    let mut candidates: Vec<(u64, bool, &str)> = lines(text)
+        .filter_map(|line| {
+            let size: SizeOnly = serde_json::from_str(line.text).ok()?;
+            Some((size.size, size.v == NOTE_VERSION, line.text))
+        })
         .collect();
-    // Of equal sizes, the later line.
-    checkpoints.reverse();
-    checkpoints.sort_by_key(|c| std::cmp::Reverse(c.size));
-    checkpoints
+    candidates.reverse();
+    candidates.sort_by_key(|&(size, note, _)| std::cmp::Reverse((size, note)));
+    candidates
         .into_iter()
-        .find(|c| check_signature(c, key).is_ok())
+        .find_map(|(_, _, line)| parse_line(line, key).ok())
+}
+
+/// The entry the next checkpoint must extend: the largest; of equal sizes a note (it has a
+/// root), and of those the later line.
+fn largest(entries: &[Entry]) -> Option<&Entry> {
+    entries.iter().max_by_key(|e| (e.size(), e.is_note()))
+}
+
+/// The newest signed checkpoint (the largest note) in the file at `path`, verified with `key`:
+/// what `GetCheckpoint` answers, and what an offline tool proves against. None when the file
+/// does not exist or holds no note `key` signed.
+pub fn newest_note(path: &Path, key: &VerifyingKey) -> Result<Option<SignedNote>, CheckpointError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error(path)(e)),
+    };
+    Ok(newest_in(&text, key))
+}
+
+fn newest_in(text: &str, key: &VerifyingKey) -> Option<SignedNote> {
+    let mut candidates: Vec<NoteLine> = lines(text)
+        .filter_map(|line| serde_json::from_str::<NoteLine>(line.text).ok())
+        .filter(|line| line.v == NOTE_VERSION)
+        .collect();
+    // Largest first (of equal sizes the later line), so a file of any length costs one
+    // signature check unless lines were forged.
+    candidates.reverse();
+    candidates.sort_by_key(|line| std::cmp::Reverse(line.size));
+    candidates.into_iter().find_map(|line| {
+        open_note(&line.note, key)
+            .map(|(signed, _)| signed)
+            .filter(|signed| signed.size == line.size)
+    })
 }
 
 /// What a checkpoint file vouches for.
 #[derive(Debug, Default)]
 struct FileReading {
-    checkpoints: Vec<Checkpoint>,
+    entries: Vec<Entry>,
     /// Evidence that the file itself was tampered with.
     tampered: Option<String>,
     warnings: Vec<String>,
@@ -235,7 +458,7 @@ fn read_file(path: &Path, key: &VerifyingKey) -> FileReading {
     };
     for line in lines(&text) {
         match parse_line(line.text, key) {
-            Ok(checkpoint) => reading.checkpoints.push(checkpoint),
+            Ok(entry) => reading.entries.push(entry),
             Err(BadLine::Unreadable) if line.torn => reading.warnings.push(format!(
                 "checkpoint line {} is incomplete, as a write cut short by a crash leaves it: ignored, and replaced by the next checkpoint",
                 line.n
@@ -262,10 +485,289 @@ fn holds(tx: &mut dyn StoreTx, seq: u64, hash: &[u8]) -> Result<bool, StoreError
     Ok(held)
 }
 
-/// Whether the chain `tx` sees holds `checkpoint`'s record with its hash.
-fn holds_checkpoint(tx: &mut dyn StoreTx, checkpoint: &Checkpoint) -> Result<bool, StoreError> {
-    let hash = hex::decode(&checkpoint.head_hash).unwrap_or_default();
-    holds(tx, checkpoint.size, &hash)
+/// The first record a check found at fault, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Bad {
+    seq: u64,
+    reason: String,
+    /// Whether the log itself holds up to there and a signed checkpoint is what it fails
+    /// (removed, rewritten): then the report names the log's real head.
+    against_checkpoint: bool,
+}
+
+/// Where a walk over the log starts: the records up to `head` taken as verified, `tree` the
+/// right edge of their Merkle tree.
+struct Start {
+    head: ChainHead,
+    tree: Frontier,
+}
+
+impl Start {
+    const GENESIS: Start = Start {
+        head: ChainHead::GENESIS,
+        tree: Frontier::EMPTY,
+    };
+}
+
+/// What a walk found.
+struct Walked {
+    head: ChainHead,
+    tree: Frontier,
+    checked: u64,
+    bad: Option<Bad>,
+}
+
+/// What the checkpoint `entry` demands of the log once its tree has `tree.size()` records.
+fn expected(entry: &Entry, tree: &Frontier, head: &ChainHead) -> Option<Bad> {
+    let size = entry.size();
+    if size != tree.size() {
+        return None;
+    }
+    let holds = match entry {
+        Entry::Legacy { head_hash, .. } => head.hash == *head_hash,
+        Entry::Note(note) => tree.root() == note.root,
+    };
+    (!holds).then(|| Bad {
+        seq: size,
+        reason: format!(
+            "record {size} differs from {}: the log was rewritten",
+            entry.describe()
+        ),
+        against_checkpoint: true,
+    })
+}
+
+/// Rehashes the records after `start` up to `to`, in batches: each record's chain link and
+/// hash, its leaf hash and every tree hash it stores, and at each size of `expects` what that
+/// checkpoint signed. Stops at the first record at fault.
+fn walk(tx: &mut dyn StoreTx, start: Start, to: u64, expects: &[&Entry]) -> Result<Walked, Error> {
+    let mut chain = ChainVerifier::after(start.head);
+    let mut tree = start.tree;
+    let mut checked = 0;
+    let mut next = start.head.seq + 1;
+    let bad = 'walk: loop {
+        if next > to {
+            break None;
+        }
+        let want = usize::try_from(to - next + 1).map_or(BATCH, |left| left.min(BATCH));
+        let mut rows: Vec<StoredAuditRow> = Vec::with_capacity(want);
+        tx.scan_audit(next, &mut |row| {
+            rows.push(row);
+            rows.len() < want
+        })?;
+        let Some(last) = rows.last() else {
+            break Some(Bad {
+                seq: next,
+                reason: format!("record {next} is missing"),
+                against_checkpoint: false,
+            });
+        };
+        next = last.seq + 1;
+        let seqs: Vec<u64> = rows.iter().map(|row| row.seq).collect();
+        let stored = tx.audit_tree_hashes(&seqs)?;
+        for row in &rows {
+            if !chain.feed(row) {
+                let (seq, reason) = chain
+                    .failure()
+                    .cloned()
+                    .unwrap_or((row.seq, format!("record {} does not verify", row.seq)));
+                break 'walk Some(Bad {
+                    seq,
+                    reason,
+                    against_checkpoint: false,
+                });
+            }
+            checked += 1;
+            let hashes = tree.append(crate::tlog::leaf_hash(&row.canonical), chain.head().hash);
+            let held = stored
+                .binary_search_by_key(&row.seq, |(seq, _)| *seq)
+                .ok()
+                .map(|at| &stored[at].1);
+            if held != Some(&hashes) {
+                break 'walk Some(Bad {
+                    seq: row.seq,
+                    reason: format!(
+                        "record {} was altered (its stored Merkle tree hashes differ from its content)",
+                        row.seq
+                    ),
+                    against_checkpoint: false,
+                });
+            }
+            let head = chain.head();
+            if let Some(bad) = expects.iter().find_map(|e| expected(e, &tree, &head)) {
+                break 'walk Some(bad);
+            }
+        }
+    };
+    Ok(Walked {
+        head: chain.head(),
+        tree,
+        checked,
+        bad,
+    })
+}
+
+/// The position of the signed checkpoint `note` in the log `tx` sees: its last record, whose
+/// own hash is recomputed, and the stored tree of its size, whose root must be the signed one.
+fn start_at(tx: &mut dyn StoreTx, note: &SignedNote) -> Result<Result<Start, Bad>, Error> {
+    let m = note.size;
+    let mut last = None;
+    tx.scan_audit(m, &mut |row| {
+        last = Some(row);
+        false
+    })?;
+    let Some(row) = last.filter(|row| row.seq == m) else {
+        return Ok(Err(Bad {
+            seq: m,
+            reason: format!(
+                "record {m} is missing: the signed checkpoint of {m} records covers it"
+            ),
+            against_checkpoint: true,
+        }));
+    };
+    let prev: Option<[u8; 32]> = row.prev_hash.as_slice().try_into().ok();
+    let hash: Option<[u8; 32]> = row.hash.as_slice().try_into().ok();
+    let (Some(prev), Some(hash)) = (prev, hash) else {
+        return Ok(Err(Bad {
+            seq: m,
+            reason: format!("record {m} was altered (its hashes are malformed)"),
+            against_checkpoint: false,
+        }));
+    };
+    if crate::audit::chain_hash(&prev, &row.canonical) != hash {
+        return Ok(Err(Bad {
+            seq: m,
+            reason: format!("record {m} was altered (its hash does not match its content)"),
+            against_checkpoint: false,
+        }));
+    }
+    let tree = Frontier::read(tx, m, hash)?;
+    if tree.root() != note.root {
+        return Ok(Err(Bad {
+            seq: m,
+            reason: format!(
+                "the stored Merkle tree of {m} records does not have the root the checkpoint of {m} records signed: records up to {m} were altered"
+            ),
+            against_checkpoint: true,
+        }));
+    }
+    Ok(Ok(Start {
+        head: ChainHead { seq: m, hash },
+        tree,
+    }))
+}
+
+/// Whether the stored tree proves the tree of `to` (root `to_root`) extends the signed `note`.
+fn consistent(
+    tx: &mut dyn StoreTx,
+    note: &SignedNote,
+    to: u64,
+    to_root: &Hash,
+) -> Result<Option<Bad>, Error> {
+    let proof = crate::tlog::consistency_proof(tx, note.size, to)?;
+    if crate::tlog::check_consistency(&proof, note.size, &note.root, to, to_root) {
+        return Ok(None);
+    }
+    Ok(Some(Bad {
+        seq: note.size,
+        reason: format!(
+            "the audit tree of {to} records does not extend the signed checkpoint of {} records (its consistency proof fails): records up to {} were altered",
+            note.size, note.size
+        ),
+        against_checkpoint: true,
+    }))
+}
+
+/// The log `tx` sees up to `head`, checked against the signed `entries`: from `from` (a
+/// note, then only what follows it is rehashed) or from the first record.
+struct Checked {
+    walked: Walked,
+    /// The note the walk started from.
+    from: Option<u64>,
+}
+
+fn check(
+    tx: &mut dyn StoreTx,
+    entries: &[Entry],
+    from: Option<&SignedNote>,
+    head: ChainHead,
+) -> Result<Checked, Error> {
+    let fail = |bad: Bad| Checked {
+        walked: Walked {
+            head: ChainHead::GENESIS,
+            tree: Frontier::EMPTY,
+            checked: 0,
+            bad: Some(bad),
+        },
+        from: from.map(|note| note.size),
+    };
+    // Largest first: a cut log is reported against the checkpoint covering the most.
+    if let Some(largest) = largest(entries)
+        && head.seq < largest.size()
+    {
+        let first_missing = head.seq + 1;
+        return Ok(fail(Bad {
+            seq: first_missing,
+            reason: format!(
+                "records {first_missing} to {} were removed: {} covers {} records",
+                largest.size(),
+                largest.describe(),
+                largest.size()
+            ),
+            against_checkpoint: true,
+        }));
+    }
+    let start = match from {
+        Some(note) => match start_at(tx, note)? {
+            Ok(start) => start,
+            Err(bad) => return Ok(fail(bad)),
+        },
+        None => Start::GENESIS,
+    };
+    let covered = start.head.seq;
+    // What the walk does not reach is checked cheaply: a chain head by one lookup, a
+    // tree by a consistency proof; the largest note implies them, but a line that does not
+    // hold is evidence, whichever it is.
+    for entry in entries.iter().filter(|e| e.size() <= covered) {
+        let bad = match entry {
+            Entry::Legacy {
+                size, head_hash, ..
+            } => (!holds(tx, *size, head_hash)?).then(|| Bad {
+                seq: *size,
+                reason: format!(
+                    "record {size} differs from {}: the log was rewritten",
+                    entry.describe()
+                ),
+                against_checkpoint: true,
+            }),
+            Entry::Note(note) => consistent(tx, note, covered, &start.tree.root())?,
+        };
+        if let Some(bad) = bad {
+            return Ok(fail(bad));
+        }
+    }
+    let expects: Vec<&Entry> = entries.iter().filter(|e| e.size() > covered).collect();
+    let mut walked = walk(tx, start, head.seq, &expects)?;
+    if walked.bad.is_none()
+        && let Some(note) = from
+    {
+        walked.bad = consistent(tx, note, walked.tree.size(), &walked.tree.root())?;
+    }
+    Ok(Checked {
+        walked,
+        from: from.map(|note| note.size),
+    })
+}
+
+/// The largest signed note of `entries`.
+fn largest_note(entries: &[Entry]) -> Option<&SignedNote> {
+    entries
+        .iter()
+        .filter_map(|entry| match entry {
+            Entry::Note(note) => Some(note),
+            Entry::Legacy { .. } => None,
+        })
+        .max_by_key(|note| note.size)
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
@@ -288,12 +790,7 @@ pub fn default_paths(db: &Path) -> (PathBuf, PathBuf) {
 /// Reads the key seed, or creates one (mode 0600) when the file does not exist yet.
 pub fn load_or_create_key(path: &Path) -> Result<SigningKey, CheckpointError> {
     match std::fs::read_to_string(path) {
-        Ok(text) => {
-            let mut seed = [0u8; 32];
-            hex::decode_to_slice(text.trim(), &mut seed)
-                .map_err(|_| CheckpointError::BadKey(path.display().to_string()))?;
-            Ok(SigningKey::from_bytes(&seed))
-        }
+        Ok(text) => parse_key(path, &text),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut seed = [0u8; 32];
             getrandom(&mut seed).map_err(io_error(path))?;
@@ -312,26 +809,182 @@ pub fn load_or_create_key(path: &Path) -> Result<SigningKey, CheckpointError> {
     }
 }
 
+/// Reads an existing key seed; never creates one (offline tools only vouch with a real key).
+pub fn load_key(path: &Path) -> Result<SigningKey, CheckpointError> {
+    let text = std::fs::read_to_string(path).map_err(io_error(path))?;
+    parse_key(path, &text)
+}
+
+fn parse_key(path: &Path, text: &str) -> Result<SigningKey, CheckpointError> {
+    let mut seed = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut seed)
+        .map_err(|_| CheckpointError::BadKey(path.display().to_string()))?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
 /// Key material from the operating system's generator, read from /dev/urandom.
 fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     use std::io::Read as _;
     std::fs::File::open("/dev/urandom")?.read_exact(buf)
 }
 
+/// A witness's verifier key (`<name>+<hex key id>+<base64(type ‖ public key)>`): a plain
+/// Ed25519 note signer (type 0x01) or a C2SP tlog-cosignature `cosignature/v1` cosigner
+/// (type 0x04).
+#[derive(Debug, Clone)]
+pub struct WitnessKey {
+    name: String,
+    id: u32,
+    alg: u8,
+    key: VerifyingKey,
+}
+
+impl WitnessKey {
+    pub fn parse(vkey: &str) -> Result<Self, String> {
+        const FORMAT: &str = "is not a verifier key <name>+<8 hex digits>+<base64 key>";
+        let mut parts = vkey.splitn(3, '+');
+        let (Some(name), Some(id_hex), Some(key64)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(FORMAT.into());
+        };
+        let id = u32::from_str_radix(id_hex, 16).map_err(|_| FORMAT.to_owned())?;
+        let key = BASE64_STANDARD
+            .decode(key64)
+            .map_err(|_| FORMAT.to_owned())?;
+        if id_hex.len() != 8 || !signed_note::is_key_name_valid(name) {
+            return Err(FORMAT.into());
+        }
+        let Some((&alg, public)) = key.split_first() else {
+            return Err(FORMAT.into());
+        };
+        if alg != ALG_ED25519 && alg != ALG_COSIGNATURE_V1 {
+            return Err(format!(
+                "has signature type 0x{alg:02x}; only 0x01 (Ed25519) and 0x04 (cosignature/v1) are supported"
+            ));
+        }
+        let public: [u8; 32] = public
+            .try_into()
+            .map_err(|_| "does not hold a 32-byte Ed25519 public key".to_owned())?;
+        let key_bytes = key.clone();
+        let key = VerifyingKey::from_bytes(&public)
+            .map_err(|_| "does not hold a valid Ed25519 public key".to_owned())?;
+        if signed_note::key_id(name, &key_bytes) != id {
+            return Err("has a key id that does not match its name and key".into());
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            id,
+            alg,
+            key,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl signed_note::Verifier for WitnessKey {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn key_id(&self) -> u32 {
+        self.id
+    }
+
+    fn verify(&self, msg: &[u8], sig: &[u8]) -> bool {
+        match self.alg {
+            ALG_ED25519 => <[u8; 64]>::try_from(sig)
+                .is_ok_and(|sig| self.key.verify(msg, &Signature::from_bytes(&sig)).is_ok()),
+            ALG_COSIGNATURE_V1 => {
+                let Some((time, sig)) = sig.split_first_chunk::<8>() else {
+                    return false;
+                };
+                let Ok(sig) = <[u8; 64]>::try_from(sig) else {
+                    return false;
+                };
+                let time = u64::from_be_bytes(*time);
+                if time > i64::MAX as u64 {
+                    return false;
+                }
+                let mut message = format!("cosignature/v1\ntime {time}\n").into_bytes();
+                message.extend_from_slice(msg);
+                self.key
+                    .verify(&message, &Signature::from_bytes(&sig))
+                    .is_ok()
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The sidecar's own key as a signed-note signer.
+struct NoteSigner<'a> {
+    name: &'a str,
+    id: u32,
+    key: &'a SigningKey,
+}
+
+impl signed_note::Signer for NoteSigner<'_> {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn key_id(&self) -> u32 {
+        self.id
+    }
+
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, ed25519_dalek::SignatureError> {
+        Ok(self.key.sign(msg).to_bytes().to_vec())
+    }
+}
+
+/// The key id of the sidecar's key under `name` (C2SP signed-note, type 0x01).
+fn own_key_id(name: &str, key: &VerifyingKey) -> u32 {
+    let mut encoded = vec![ALG_ED25519];
+    encoded.extend_from_slice(key.as_bytes());
+    signed_note::key_id(name, &encoded)
+}
+
+/// How the last signing round ended, for callers waiting on one.
+#[derive(Debug, Clone, Default)]
+struct Round {
+    finished: u64,
+    /// Why it signed nothing, when the log was refused.
+    refused: Option<String>,
+}
+
 pub struct Checkpointer {
     path: PathBuf,
     key: SigningKey,
-    /// Writes take turns: the final checkpoint at shutdown may overlap the loop's last one, and
-    /// a write reads the file before it changes it.
+    origin: String,
+    witnesses: Vec<WitnessKey>,
+    /// Writes take turns: the final checkpoint at shutdown may overlap the loop's last one, a
+    /// cosignature rewrites a line, and a write reads the file before it changes it.
     turn: Mutex<()>,
+    /// Asks the checkpoint loop to sign now, for a caller waiting on a proof.
+    wake: tokio::sync::Notify,
+    rounds: tokio::sync::watch::Sender<Round>,
 }
 
 impl Checkpointer {
-    pub fn new(path: PathBuf, key: SigningKey) -> Self {
+    /// `origin` None: [`default_origin`] of the key.
+    pub fn new(
+        path: PathBuf,
+        key: SigningKey,
+        origin: Option<String>,
+        witnesses: Vec<WitnessKey>,
+    ) -> Self {
+        let origin = origin.unwrap_or_else(|| default_origin(&key.verifying_key()));
         Self {
             path,
             key,
+            origin,
+            witnesses,
             turn: Mutex::new(()),
+            wake: tokio::sync::Notify::new(),
+            rounds: tokio::sync::watch::Sender::new(Round::default()),
         }
     }
 
@@ -339,11 +992,20 @@ impl Checkpointer {
         self.key.verifying_key()
     }
 
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The verifier key C2SP tools check the notes with: `<origin>+<key id>+<base64 key>`.
+    pub fn verifier_key(&self) -> String {
+        verifier_key(&self.origin, &self.verifying_key())
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// What a verifier needs to check the chain against this file.
+    /// What a verifier needs to check the log against this file.
     pub fn checkpoints(&self) -> Checkpoints {
         Checkpoints {
             path: self.path.clone(),
@@ -351,21 +1013,69 @@ impl Checkpointer {
         }
     }
 
-    fn signed_line(&self, head: ChainHead) -> Result<String, CheckpointError> {
-        let time = crate::time::rfc3339_ms(crate::time::now_ms());
-        let message = message(CURRENT_VERSION, head.seq, &head.hash, &time).ok_or_else(|| {
-            io_error(&self.path)(std::io::Error::other("no message for the current version"))
-        })?;
-        let mut line = serde_json::to_string(&Checkpoint {
-            version: CURRENT_VERSION,
-            size: head.seq,
-            head_hash: hex::encode(head.hash),
-            time,
-            signature: hex::encode(self.key.sign(&message).to_bytes()),
-        })
-        .map_err(|e| io_error(&self.path)(std::io::Error::other(e)))?;
-        line.push('\n');
-        Ok(line)
+    /// The newest signed checkpoint, with its cosignatures.
+    pub fn newest(&self) -> Result<Option<SignedNote>, CheckpointError> {
+        newest_note(&self.path, &self.verifying_key())
+    }
+
+    /// Resolves when a caller asked for a checkpoint now ([`Checkpointer::covering`]).
+    pub async fn asked(&self) {
+        self.wake.notified().await;
+    }
+
+    /// The newest checkpoint once one covers record `seq`, asking for one to be signed now;
+    /// waits `wait` at most. Callers share signings: one round covers every record committed
+    /// before it started, and a caller arriving during a round is served by the next.
+    pub async fn covering(&self, seq: u64, wait: Duration) -> Result<SignedNote, Error> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut rounds = self.rounds.subscribe();
+        loop {
+            // Marked seen before the file is read: a round ending after the read wakes us.
+            let refused = rounds.borrow_and_update().refused.clone();
+            let newest = self
+                .newest()
+                .map_err(|e| Error::Internal(format!("reading the checkpoints: {e}")))?;
+            if let Some(note) = newest.filter(|note| note.size >= seq) {
+                return Ok(note);
+            }
+            if let Some(reason) = refused {
+                return Err(Error::CheckpointUnavailable(format!(
+                    "no checkpoint covers record {seq}: the sidecar refuses to sign the audit log ({reason})"
+                )));
+            }
+            self.wake.notify_one();
+            match tokio::time::timeout_at(deadline, rounds.changed()).await {
+                Ok(Ok(())) => {}
+                _ => {
+                    return Err(Error::CheckpointUnavailable(format!(
+                        "no checkpoint covering record {seq} was signed within {} s; retry, or ask GetInclusionProof for it later",
+                        wait.as_secs_f64()
+                    )));
+                }
+            }
+        }
+    }
+
+    fn finish_round(&self, refused: Option<String>) {
+        self.rounds.send_modify(|round| {
+            round.finished += 1;
+            round.refused = refused;
+        });
+    }
+
+    fn signed_line(&self, size: u64, root: &Hash) -> Result<String, CheckpointError> {
+        let fail = |what: &str| io_error(&self.path)(std::io::Error::other(what.to_owned()));
+        let body = note_body(&self.origin, size, root).ok_or_else(|| fail("bad origin"))?;
+        let mut note = Note::new(body.as_bytes(), &[]).map_err(|e| fail(&e.to_string()))?;
+        let signer = NoteSigner {
+            name: &self.origin,
+            id: own_key_id(&self.origin, &self.verifying_key()),
+            key: &self.key,
+        };
+        note.add_sigs(&[&signer])
+            .map_err(|e| fail(&e.to_string()))?;
+        let note = String::from_utf8(note.to_bytes()).map_err(|e| fail(&e.to_string()))?;
+        note_line(&self.path, size, note)
     }
 
     fn text(&self) -> Result<String, CheckpointError> {
@@ -376,82 +1086,97 @@ impl Checkpointer {
         }
     }
 
-    /// The checkpoint the next one must extend. Lines that do not verify are left for
-    /// verification to report; they vouch for nothing here.
-    fn largest_in(&self, text: &str) -> Option<Checkpoint> {
-        largest(text, &self.verifying_key())
+    /// Signs the tree of the log `store` holds if it extends the largest checkpoint, and
+    /// answers the log's head. A log that does not (cut or rewritten, while the sidecar ran or
+    /// before it started) is refused with [`SignError::DoesNotExtend`], and the file is left as
+    /// it is: the evidence.
+    pub async fn checkpoint(self: &Arc<Self>, store: &Store) -> Result<ChainHead, SignError> {
+        let signed = self.sign(store).await;
+        let refused = match &signed {
+            Err(e @ SignError::DoesNotExtend { .. }) => Some(e.to_string()),
+            _ => None,
+        };
+        self.finish_round(refused);
+        signed
     }
 
-    /// Signs the head of the chain `store` holds if it extends the largest checkpoint, and
-    /// answers it. A chain that does not (cut or rewritten, while the sidecar ran or before it
-    /// started) is refused with [`SignError::DoesNotExtend`], and the file is left as it is:
-    /// the evidence.
-    pub async fn checkpoint(self: &Arc<Self>, store: &Store) -> Result<ChainHead, SignError> {
+    async fn sign(self: &Arc<Self>, store: &Store) -> Result<ChainHead, SignError> {
         let checker = self.clone();
-        let extension = store.read(move |tx| Ok(checker.extension(tx))).await??;
+        // Rehashing what was added since the last checkpoint (the whole log, the first time)
+        // is a long read.
+        let extension = store
+            .long_read(move |tx| Ok(checker.extension(tx)))
+            .await??;
         let head = extension.head;
-        if extension.signs {
+        if let Some(root) = extension.root {
             let signer = self.clone();
-            tokio::task::spawn_blocking(move || signer.write(&extension))
+            tokio::task::spawn_blocking(move || signer.write(&extension, &root))
                 .await
                 .map_err(|e| io_error(&self.path)(std::io::Error::other(e)))??;
         }
         Ok(head)
     }
 
-    /// Checks, in one read transaction of the store, that its chain extends the largest
+    /// Checks, in one read transaction of the store, that its log extends the largest
     /// checkpoint. The file is read first, as in [`verify`]; [`Checkpointer::write`] makes sure
     /// it did not change until the new line is written.
     fn extension(&self, tx: &mut dyn StoreTx) -> Result<Extension, SignError> {
-        let largest = self.largest_in(&self.text()?);
+        let largest = largest_signed(&self.text()?, &self.verifying_key());
         let head = tx.audit_head()?;
-        let refuse = |reason: String| SignError::DoesNotExtend {
-            seq: head.seq,
-            reason,
+        let unchanged = Extension {
+            head,
+            largest: largest.clone(),
+            root: None,
         };
-        let Some(largest) = largest else {
-            return Ok(Extension {
-                head,
-                largest: None,
-                signs: head.seq > 0,
-            });
-        };
-        if head.seq < largest.size {
-            return Err(refuse(format!(
-                "the chain ends at record {} but a checkpoint signed at {} covers {} records",
-                head.seq,
-                largest.signed_at(),
-                largest.size
-            )));
+        if head.seq == 0 && largest.is_none() {
+            return Ok(unchanged);
         }
-        if !holds_checkpoint(tx, &largest)? {
-            return Err(refuse(format!(
-                "record {} differs from the checkpoint signed at {}",
-                largest.size,
-                largest.signed_at()
-            )));
+        let from = match &largest {
+            Some(Entry::Note(note)) => Some(note),
+            _ => None,
+        };
+        // Only the largest: the writer never signs what does not extend it, so it implies the
+        // others (verification checks them all).
+        let entries: Vec<Entry> = largest.iter().cloned().collect();
+        let checked = check(tx, &entries, from, head)?;
+        if let Some(bad) = checked.walked.bad {
+            return Err(SignError::DoesNotExtend {
+                seq: head.seq,
+                reason: bad.reason,
+            });
+        }
+        // Never two notes for one size: the largest is the only note that can have it.
+        if from.is_some_and(|note| note.size == head.seq) {
+            return Ok(unchanged);
         }
         Ok(Extension {
-            head,
-            largest: Some(largest),
-            signs: true,
+            root: Some(checked.walked.tree.root()),
+            ..unchanged
         })
     }
 
-    /// Adds a signed checkpoint of the extension's head and syncs the file: appended, after
+    /// Adds a signed checkpoint of the extension's tree and syncs the file: appended, after
     /// cutting off a line a crash left incomplete; or, once the file is full, as the last of
     /// its newest lines in a file that atomically replaces it.
-    fn write(&self, extension: &Extension) -> Result<(), SignError> {
+    fn write(&self, extension: &Extension, root: &Hash) -> Result<(), SignError> {
         let _turn = self.turn.lock().unwrap_or_else(PoisonError::into_inner);
         let text = self.text()?;
-        if self.largest_in(&text) != extension.largest {
+        if largest_signed(&text, &self.verifying_key()) != extension.largest {
             return Err(SignError::Changed);
         }
-        let line = self.signed_line(extension.head)?;
+        let line = self.signed_line(extension.head.seq, root)?;
         let (whole, tail) = split_torn_tail(&text);
         let lines: Vec<&str> = whole_lines(whole).map(|(_, line)| line).collect();
         if lines.len() >= MAX_LINES {
-            return Ok(self.replace(&lines[lines.len() - (KEPT_LINES - 1)..], &line)?);
+            let mut kept = lines[lines.len() - (KEPT_LINES - 1)..].to_vec();
+            kept.push(line.trim_end());
+            replace(&self.path, &kept)?;
+            tracing::info!(
+                path = %self.path.display(),
+                kept = kept.len(),
+                "checkpoint file compacted to its newest lines"
+            );
+            return Ok(());
         }
         let mut file = std::fs::OpenOptions::new()
             .create(true)
@@ -475,43 +1200,156 @@ impl Checkpointer {
         Ok(())
     }
 
-    /// Replaces the file by `kept` and `last`, so that a reader sees the old file or the new
-    /// one, never a mix, and a crash leaves one of them.
-    fn replace(&self, kept: &[&str], last: &str) -> Result<(), CheckpointError> {
-        let dir = match self.path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir,
-            _ => Path::new("."),
+    /// Stores the witness signature lines of `note` (a checkpoint this sidecar signed, with
+    /// lines added) with the stored note, each verified against a configured witness key, and
+    /// answers the note as now stored. Blocking: file I/O.
+    pub fn add_cosignatures(&self, note: &str) -> Result<SignedNote, Error> {
+        let submitted = Note::from_bytes(note.as_bytes()).map_err(|_| {
+            Error::invalid(
+                "note",
+                "is not a signed note (C2SP signed-note: the body, a blank line, then signature lines)",
+            )
+        })?;
+        let _turn = self.turn.lock().unwrap_or_else(PoisonError::into_inner);
+        let file_error = |e: CheckpointError| Error::Internal(format!("checkpoint file: {e}"));
+        let text = self.text().map_err(file_error)?;
+        let key = self.verifying_key();
+        let (whole, _) = split_torn_tail(&text);
+        let mut lines: Vec<String> = whole_lines(whole).map(|(_, l)| l.to_owned()).collect();
+        let found = lines.iter().enumerate().find_map(|(at, line)| {
+            let line: NoteLine = serde_json::from_str(line).ok()?;
+            let (signed, stored) = open_note(&line.note, &key)?;
+            (stored.text() == submitted.text()).then_some((at, signed, stored))
+        });
+        let Some((at, signed, stored)) = found else {
+            return Err(Error::CheckpointNotFound(
+                "this sidecar never signed a checkpoint with this body (or it was compacted away); cosign a note GetCheckpoint answered".into(),
+            ));
         };
-        let io = io_error(&self.path);
-        let replaced = (|| {
-            let mut next = tempfile::NamedTempFile::new_in(dir)?;
-            for line in kept {
-                writeln!(next, "{line}")?;
-            }
-            next.write_all(last.as_bytes())?;
-            if let Ok(metadata) = std::fs::metadata(&self.path) {
-                next.as_file().set_permissions(metadata.permissions())?;
-            }
-            next.as_file().sync_all()?;
-            next.persist(&self.path).map_err(|e| e.error)?;
-            std::fs::File::open(dir)?.sync_all()
-        })();
-        replaced.map_err(io)?;
+        let own_id = own_key_id(&signed.origin, &key);
+        let mut verifiers: Vec<Box<dyn signed_note::Verifier>> = self
+            .witnesses
+            .iter()
+            .filter(|w| !(w.name == signed.origin && w.id == own_id))
+            .map(|w| Box::new(w.clone()) as Box<dyn signed_note::Verifier>)
+            .collect();
+        let own = signed_note::StandardVerifier::new(&verifier_key(&signed.origin, &key))
+            .map_err(|e| Error::Internal(format!("own verifier key: {e}")))?;
+        verifiers.push(Box::new(own));
+        let (verified, unknown) = submitted
+            .verify(&VerifierList::new(verifiers))
+            .map_err(|e| match e {
+                signed_note::NoteError::InvalidSignature { name, id } => Error::invalid(
+                    "note",
+                    format!("the signature line of {name}+{id:08x} does not verify"),
+                ),
+                other => Error::invalid("note", format!("cannot be verified: {other}")),
+            })?;
+        if !unknown.is_empty() {
+            let names: Vec<String> = unknown
+                .iter()
+                .map(|s| format!("{}+{:08x}", s.name(), s.id()))
+                .collect();
+            return Err(Error::invalid(
+                "note",
+                format!(
+                    "has signature lines of keys that are not configured witnesses (CORESDK_AUDIT_WITNESS_KEYS): {}",
+                    names.join(", ")
+                ),
+            ));
+        }
+        let is_own = |s: &signed_note::Signature| s.name() == signed.origin && s.id() == own_id;
+        let added: Vec<signed_note::Signature> =
+            verified.into_iter().filter(|s| !is_own(s)).collect();
+        if added.is_empty() {
+            return Err(Error::invalid(
+                "note",
+                "carries no witness cosignature line to add",
+            ));
+        }
+        let own_only = own_verifiers(&signed.origin, &key)
+            .ok_or_else(|| Error::Internal("own verifier key".into()))?;
+        let (mine, kept) = stored
+            .verify(&own_only)
+            .map_err(|e| Error::Internal(format!("stored note: {e}")))?;
+        let replaced = |s: &signed_note::Signature| {
+            added
+                .iter()
+                .any(|a| a.name() == s.name() && a.id() == s.id())
+        };
+        let witnesses: Vec<signed_note::Signature> = kept
+            .into_iter()
+            .filter(|s| !replaced(s))
+            .chain(added.iter().cloned())
+            .collect();
+        if witnesses.len() > MAX_COSIGNATURES {
+            return Err(Error::invalid(
+                "note",
+                format!("would give the checkpoint more than {MAX_COSIGNATURES} cosignatures"),
+            ));
+        }
+        let signatures: Vec<signed_note::Signature> = mine.into_iter().chain(witnesses).collect();
+        let cosigned = Note::new(stored.text(), &signatures)
+            .map_err(|e| Error::Internal(format!("cosigned note: {e}")))?;
+        let cosigned = String::from_utf8(cosigned.to_bytes())
+            .map_err(|e| Error::Internal(format!("cosigned note: {e}")))?;
+        let line = note_line(&self.path, signed.size, cosigned.clone()).map_err(file_error)?;
+        lines[at] = line.trim_end().to_owned();
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        replace(&self.path, &lines).map_err(file_error)?;
         tracing::info!(
-            path = %self.path.display(),
-            kept = kept.len() + 1,
-            "checkpoint file compacted to its newest lines"
+            size = signed.size,
+            added = added.len(),
+            "stored witness cosignatures of an audit checkpoint"
         );
-        Ok(())
+        Ok(SignedNote {
+            note: cosigned,
+            ..signed
+        })
     }
 }
 
-/// A chain head, read from the store, that extends the largest checkpoint of the file.
+/// The file line of a note of `size`, with its newline.
+fn note_line(path: &Path, size: u64, note: String) -> Result<String, CheckpointError> {
+    let mut line = serde_json::to_string(&NoteLine {
+        v: NOTE_VERSION,
+        size,
+        note,
+    })
+    .map_err(|e| io_error(path)(std::io::Error::other(e)))?;
+    line.push('\n');
+    Ok(line)
+}
+
+/// Replaces the file at `path` by `lines`, so that a reader sees the old file or the new one,
+/// never a mix, and a crash leaves one of them.
+fn replace(path: &Path, lines: &[&str]) -> Result<(), CheckpointError> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let replaced = (|| {
+        let mut next = tempfile::NamedTempFile::new_in(dir)?;
+        for line in lines {
+            writeln!(next, "{line}")?;
+        }
+        if let Ok(metadata) = std::fs::metadata(path) {
+            next.as_file().set_permissions(metadata.permissions())?;
+        }
+        next.as_file().sync_all()?;
+        next.persist(path).map_err(|e| e.error)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    replaced.map_err(io_error(path))
+}
+
+/// A log head, read from the store, that extends the largest checkpoint of the file.
 struct Extension {
     head: ChainHead,
-    largest: Option<Checkpoint>,
-    /// Whether there is anything to sign: not before the first record.
-    signs: bool,
+    largest: Option<Entry>,
+    /// The root of the tree to sign: None when there is nothing to sign (no record yet, or
+    /// its size is signed already).
+    root: Option<Hash>,
 }
 
 /// A checkpoint file and the key that vouches for its lines.
@@ -521,62 +1359,74 @@ pub struct Checkpoints {
     pub key: VerifyingKey,
 }
 
-/// Verifies the chain `tx` sees and, with `checkpoints`, that it still holds every checkpoint.
+/// Verifies the log `tx` sees against the checkpoints, if any. By default only what was added
+/// since the newest signed note is rehashed (every record after it, its chain links and tree
+/// hashes) and a consistency proof ties the note's signed root to the current tree; smaller
+/// checkpoints are checked by a consistency proof (notes) or a lookup (chain heads of the
+/// formats before). `full` recomputes every record, every stored tree hash and every
+/// checkpoint's root from the first record. An incremental check that finds records up to
+/// the note altered runs a full one to name the first.
 ///
 /// Must be the first work of a read transaction that takes its snapshot at its first query
 /// (SQLite's deferred `BEGIN`, PostgreSQL's `REPEATABLE READ`): the file is read before that
 /// query, and a checkpoint is written only after the records it covers committed, so the
-/// snapshot holds every record the checkpoint read covers. Read after the chain, a checkpoint
+/// snapshot holds every record the checkpoint read covers. Read after the log, a checkpoint
 /// written meanwhile would cover records the snapshot lacks: a false "removed".
 pub fn verify(
     tx: &mut dyn StoreTx,
     checkpoints: Option<&Checkpoints>,
+    full: bool,
 ) -> Result<VerifyReport, Error> {
-    let file = checkpoints.map(|c| read_file(&c.path, &c.key));
-    let mut report = crate::ops::verify_chain(tx)?;
-    let Some(file) = file else {
-        return Ok(report);
+    let file = checkpoints
+        .map(|c| read_file(&c.path, &c.key))
+        .unwrap_or_default();
+    let head = tx.audit_head()?;
+    let from = if full {
+        None
+    } else {
+        largest_note(&file.entries)
     };
-    report.warnings.extend(file.warnings);
-    if !report.ok {
-        return Ok(report);
-    }
-    let fail = |mut report: VerifyReport, seq: u64, reason: String| {
-        report.ok = false;
-        report.first_bad_seq = seq;
-        report.reason = reason;
-        report
-    };
-    if let Some(reason) = file.tampered {
-        return Ok(fail(report, 0, reason));
-    }
-    let mut checkpoints = file.checkpoints;
-    // Largest first: a cut chain is reported against the checkpoint covering the most.
-    checkpoints.sort_by_key(|c| std::cmp::Reverse(c.size));
-    if let Some(largest) = checkpoints.first()
-        && report.head.seq < largest.size
+    let mut checked = check(tx, &file.entries, from, head)?;
+    if let (Some(bad), Some(note)) = (&checked.walked.bad, from)
+        && bad.seq <= note.size
     {
-        let first_missing = report.head.seq + 1;
-        let reason = format!(
-            "records {first_missing} to {} were removed: a checkpoint signed at {} covers {} records",
-            largest.size,
-            largest.signed_at(),
-            largest.size
-        );
-        return Ok(fail(report, first_missing, reason));
-    }
-    // Every line, not the largest alone: the writer signs only a chain that extends the
-    // largest line, so any line the chain does not hold is evidence, whichever it is.
-    for checkpoint in &checkpoints {
-        if !holds_checkpoint(tx, checkpoint)? {
-            let size = checkpoint.size;
-            let reason = format!(
-                "record {size} differs from the checkpoint signed at {}: the chain was rewritten",
-                checkpoint.signed_at()
-            );
-            return Ok(fail(report, size, reason));
+        let first = check(tx, &file.entries, None, head)?;
+        if first.walked.bad.is_some() {
+            checked = first;
         }
     }
+    let walked = checked.walked;
+    let mut report = VerifyReport {
+        ok: true,
+        records_checked: walked.checked,
+        first_bad_seq: 0,
+        reason: String::new(),
+        head: walked.head,
+        warnings: file.warnings,
+        checkpoint_size: checked.from.unwrap_or(0),
+        tree_root: None,
+    };
+    // A record at fault first, then a file tampered with (which may hide a checkpoint the log
+    // fails), then a checkpoint the log fails.
+    let tampered = file
+        .tampered
+        .filter(|_| walked.bad.as_ref().is_none_or(|bad| bad.against_checkpoint));
+    if let Some(reason) = tampered {
+        report.ok = false;
+        report.reason = reason;
+        report.head = head;
+        return Ok(report);
+    }
+    if let Some(bad) = walked.bad {
+        if bad.against_checkpoint {
+            report.head = head;
+        }
+        report.ok = false;
+        report.first_bad_seq = bad.seq;
+        report.reason = bad.reason;
+        return Ok(report);
+    }
+    report.tree_root = Some(walked.tree.root());
     Ok(report)
 }
 
@@ -632,7 +1482,7 @@ mod tests {
     async fn verified(store: &Store, checkpoints: &Checkpoints) -> VerifyReport {
         let checkpoints = checkpoints.clone();
         store
-            .read(move |tx| verify(tx, Some(&checkpoints)))
+            .read(move |tx| verify(tx, Some(&checkpoints), false))
             .await
             .expect("verified")
     }
@@ -641,6 +1491,8 @@ mod tests {
         Arc::new(Checkpointer::new(
             dir.join("checkpoints"),
             load_or_create_key(&dir.join("key")).expect("key"),
+            None,
+            Vec::new(),
         ))
     }
 
@@ -735,40 +1587,72 @@ mod tests {
         assert!(!forged.ok && forged.reason.contains("line 1"), "{forged:?}");
     }
 
-    #[tokio::test]
-    async fn the_time_is_signed_and_version_1_lines_still_verify() {
-        let (_dir, signer, store, head) = checkpointed(&["a", "b"]).await;
-        let line = text(signer.path());
-        assert!(line.starts_with("{\"v\":2,"), "{line}");
-
-        let checkpoint: Checkpoint = serde_json::from_str(line.trim()).expect("a checkpoint");
-        let backdated = line.replace(&checkpoint.time, "2001-01-01T00:00:00.000Z");
-        std::fs::write(signer.path(), backdated).expect("written");
-        let backdated = verified(&store, &signer.checkpoints()).await;
-        assert!(
-            !backdated.ok && backdated.reason.contains("line 1 has a bad signature"),
-            "{backdated:?}"
-        );
-
-        // A line as the sidecar wrote it before version 2: no `v`, the time not signed.
-        let v1 = message(1, head.seq, &head.hash, "ignored").expect("version 1");
-        let old = format!(
-            "{{\"size\":{},\"head_hash\":\"{}\",\"time\":\"2025-01-01T00:00:00.000Z\",\"signature\":\"{}\"}}\n",
+    /// A line of a format before notes, signed with `key`.
+    fn legacy_line(key: &SigningKey, version: u32, head: ChainHead, time: &str) -> String {
+        let message = legacy_message(version, head.seq, &head.hash, time).expect("a version");
+        let v = if version == 1 {
+            String::new()
+        } else {
+            format!("\"v\":{version},")
+        };
+        format!(
+            "{{{v}\"size\":{},\"head_hash\":\"{}\",\"time\":\"{time}\",\"signature\":\"{}\"}}\n",
             head.seq,
             hex::encode(head.hash),
-            hex::encode(signer.key.sign(&v1).to_bytes())
-        );
-        std::fs::write(signer.path(), &old).expect("written");
+            hex::encode(key.sign(&message).to_bytes())
+        )
+    }
+
+    #[tokio::test]
+    async fn lines_of_the_formats_before_notes_still_verify_against_the_chain() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let signer = signer(dir.path());
+        let (store, head) = chain(&["a", "b"]).await;
+        let time = "2025-01-01T00:00:00.000Z";
+        let v1 = legacy_line(&signer.key, 1, head, time);
+        let v2 = legacy_line(&signer.key, 2, head, time);
+        std::fs::write(signer.path(), format!("{v1}{v2}")).expect("written");
         let report = verified(&store, &signer.checkpoints()).await;
         assert!(report.ok, "{report:?}");
         let (cut, _) = chain(&["a"]).await;
         assert!(!verified(&cut, &signer.checkpoints()).await.ok);
+        let (rebuilt, _) = chain(&["x", "y"]).await;
+        let rebuilt = verified(&rebuilt, &signer.checkpoints()).await;
+        assert_eq!(
+            (rebuilt.ok, rebuilt.first_bad_seq),
+            (false, 2),
+            "{rebuilt:?}"
+        );
 
-        let unknown = old.replace("{\"size\"", "{\"v\":3,\"size\"");
+        // The time of a version 2 line is signed.
+        let backdated = v2.replace(time, "2001-01-01T00:00:00.000Z");
+        std::fs::write(signer.path(), format!("{v1}{backdated}")).expect("written");
+        let backdated = verified(&store, &signer.checkpoints()).await;
+        assert!(
+            !backdated.ok && backdated.reason.contains("line 2 has a bad signature"),
+            "{backdated:?}"
+        );
+
+        // The first note over legacy lines rehashes the log from the first record, and the
+        // legacy lines keep being checked.
+        std::fs::write(signer.path(), format!("{v1}{v2}")).expect("written");
+        grow(&store, "c").await;
+        signer.checkpoint(&store).await.expect("signed");
+        let report = verified(&store, &signer.checkpoints()).await;
+        assert!(report.ok && report.checkpoint_size == 3, "{report:?}");
+        let (rebuilt, _) = chain(&["a", "x", "c"]).await;
+        let rebuilt = verified(&rebuilt, &signer.checkpoints()).await;
+        assert_eq!(
+            (rebuilt.ok, rebuilt.first_bad_seq),
+            (false, 2),
+            "{rebuilt:?}"
+        );
+
+        let unknown = v1.replace("{\"size\"", "{\"v\":4,\"size\"");
         std::fs::write(signer.path(), unknown).expect("written");
         let unknown = verified(&store, &signer.checkpoints()).await;
         assert!(
-            unknown.reason.contains("unknown format version 3"),
+            unknown.reason.contains("unknown format version 4"),
             "{unknown:?}"
         );
     }
@@ -818,7 +1702,7 @@ mod tests {
         std::fs::write(signer.path(), format!("{line}{forged}")).expect("written");
         let forged = verified(&store, &signer.checkpoints()).await;
         assert!(
-            !forged.ok && forged.reason.contains("line 2 has a bad signature"),
+            !forged.ok && forged.reason.contains("line 2 holds a note that is not"),
             "{forged:?}"
         );
     }
@@ -830,6 +1714,7 @@ mod tests {
         let line = text(signer.path());
         std::fs::write(signer.path(), line.repeat(100 * MAX_LINES)).expect("written");
 
+        grow(&store, "c").await;
         let signed = signer.checkpoint(&store).await.expect("signed");
         assert_eq!(text(signer.path()).lines().count(), KEPT_LINES);
         // Up to full, then cut down again, the new (and largest) line last.
@@ -851,6 +1736,7 @@ mod tests {
         // A torn last line is cut off by a compaction too.
         let full = text(signer.path()).repeat(MAX_LINES / KEPT_LINES + 1);
         std::fs::write(signer.path(), &full[..full.len() - 40]).expect("written");
+        grow(&store, "more").await;
         signer.checkpoint(&store).await.expect("signed");
         assert_eq!(text(signer.path()).lines().count(), KEPT_LINES);
         let report = verified(&store, &signer.checkpoints()).await;
@@ -883,7 +1769,7 @@ mod tests {
             );
         }
         assert!(
-            matches!(&refused, Err(SignError::DoesNotExtend { reason, .. }) if reason.contains("record 10 differs")),
+            matches!(&refused, Err(SignError::DoesNotExtend { reason, .. }) if reason.contains("does not have the root")),
             "{refused:?}"
         );
         assert_eq!(
@@ -899,11 +1785,7 @@ mod tests {
     async fn every_line_is_checked_not_only_the_largest() {
         let (_dir, signer, store, head) = checkpointed(&["a", "b", "c"]).await;
         // A line for record 2 of another chain, signed with the key.
-        let other = ChainHead {
-            seq: 2,
-            hash: [7; 32],
-        };
-        let line = signer.signed_line(other).expect("signed");
+        let line = signer.signed_line(2, &[7; 32]).expect("signed");
         std::fs::write(signer.path(), format!("{line}{}", text(signer.path()))).expect("written");
         let report = verified(&store, &signer.checkpoints()).await;
         assert_eq!((report.ok, report.first_bad_seq), (false, 2), "{report:?}");
@@ -1081,8 +1963,12 @@ mod tests {
     #[tokio::test]
     async fn a_checkpoint_written_as_the_snapshot_starts_is_no_false_alarm() {
         let (dir, signer, store, _) = checkpointed(&["a", "b"]).await;
-        let (_, later) = chain(&["a", "b", "c"]).await;
-        let newer_line = signer.signed_line(later).expect("signed");
+        let (later, _) = chain(&["a", "b", "c"]).await;
+        let root = later
+            .read(|tx| crate::tlog::tree_root(tx, 3))
+            .await
+            .expect("root");
+        let newer_line = signer.signed_line(3, &root).expect("signed");
         let checkpoints = signer.checkpoints();
         let path = signer.path().to_owned();
         let report = store
@@ -1098,7 +1984,7 @@ mod tests {
                     tx,
                     hook: Some(hook),
                 };
-                verify(&mut hooked, Some(&checkpoints))
+                verify(&mut hooked, Some(&checkpoints), false)
             })
             .await
             .expect("verified");

@@ -148,6 +148,22 @@ pub enum AuditCommand {
         /// Defaults to `<db>.audit-key`; without it only the chain itself is checked.
         #[arg(long, env = "CORESDK_AUDIT_SIGNING_KEY_FILE")]
         signing_key_file: Option<PathBuf>,
+        /// Recompute every record, tree hash and checkpoint from the first record, instead of
+        /// only what was added since the newest checkpoint.
+        #[arg(long)]
+        full: bool,
+    },
+    /// Print the verifier key of the audit checkpoints (`<origin>+<key id>+<base64 key>`), for
+    /// C2SP signed-note tools and witnesses.
+    PublicKey {
+        /// The store whose key to read: for a SQLite store the key defaults to `<db>.audit-key`.
+        #[arg(long, env = "CORESDK_STORE", default_value = DEFAULT_STORE)]
+        store: String,
+        #[arg(long, env = "CORESDK_AUDIT_SIGNING_KEY_FILE")]
+        audit_signing_key_file: Option<PathBuf>,
+        /// The sidecar's CORESDK_AUDIT_ORIGIN, when it sets one.
+        #[arg(long, env = "CORESDK_AUDIT_ORIGIN")]
+        audit_origin: Option<String>,
     },
 }
 

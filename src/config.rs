@@ -41,6 +41,10 @@ pub use crate::auth::FailMode;
 pub struct CheckpointFiles {
     pub file: PathBuf,
     pub key_file: PathBuf,
+    /// The origin line; None: derived from the key ([`crate::checkpoint::default_origin`]).
+    pub origin: Option<String>,
+    /// Witness verifier keys, validated.
+    pub witnesses: Vec<String>,
 }
 
 impl CheckpointFiles {
@@ -69,7 +73,18 @@ impl CheckpointFiles {
             };
             config_error(SETTING, format!("{e}; {fix}"))
         })?;
-        Ok(Checkpointer::new(self.file.clone(), key))
+        let witnesses = self
+            .witnesses
+            .iter()
+            .map(|vkey| crate::checkpoint::WitnessKey::parse(vkey))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| config_error("CORESDK_AUDIT_WITNESS_KEYS", e))?;
+        Ok(Checkpointer::new(
+            self.file.clone(),
+            key,
+            self.origin.clone(),
+            witnesses,
+        ))
     }
 }
 
@@ -687,11 +702,47 @@ fn checkpoint_files(
         .audit_signing_key_file
         .clone()
         .or_else(|| default_paths.as_ref().map(|p| p.1.clone()));
+    if let Some(origin) = &args.audit_origin
+        && !crate::checkpoint::valid_origin(origin)
+    {
+        return Err(config_error(
+            "CORESDK_AUDIT_ORIGIN",
+            "must be a signed-note key name: not empty, no spaces or '+', at most 255 bytes",
+        ));
+    }
+    let mut witnesses = Vec::new();
+    for vkey in args
+        .audit_witness_keys
+        .iter()
+        .map(|k| k.trim())
+        .filter(|k| !k.is_empty())
+    {
+        crate::checkpoint::WitnessKey::parse(vkey).map_err(|e| {
+            config_error(
+                "CORESDK_AUDIT_WITNESS_KEYS",
+                format!("'{}' {e}", crate::problem::quoted(vkey)),
+            )
+        })?;
+        witnesses.push(vkey.to_owned());
+    }
     match (file, key_file) {
-        (Some(file), Some(key_file)) => Ok(Some(CheckpointFiles { file, key_file })),
+        (Some(file), Some(key_file)) => Ok(Some(CheckpointFiles {
+            file,
+            key_file,
+            origin: args.audit_origin.clone(),
+            witnesses,
+        })),
         (Some(_), None) => Err(config_error(
             "CORESDK_AUDIT_SIGNING_KEY_FILE",
             "a checkpoint file needs a signing key file; set CORESDK_AUDIT_SIGNING_KEY_FILE too",
+        )),
+        _ if args.audit_origin.is_some() || !witnesses.is_empty() => Err(config_error(
+            if args.audit_origin.is_some() {
+                "CORESDK_AUDIT_ORIGIN"
+            } else {
+                "CORESDK_AUDIT_WITNESS_KEYS"
+            },
+            "names checkpoints, but none are kept; set CORESDK_AUDIT_CHECKPOINT_FILE and CORESDK_AUDIT_SIGNING_KEY_FILE too",
         )),
         _ => Ok(None),
     }

@@ -36,7 +36,13 @@ fn main() -> ExitCode {
             store,
             checkpoint_file,
             signing_key_file,
-        })) => audit_verify(&store, checkpoint_file, signing_key_file),
+            full,
+        })) => audit_verify(&store, checkpoint_file, signing_key_file, full),
+        Some(Command::Audit(AuditCommand::PublicKey {
+            store,
+            audit_signing_key_file,
+            audit_origin,
+        })) => audit_public_key(&store, audit_signing_key_file, audit_origin),
         Some(Command::Stripe(StripeCommand::Sign { secret, timestamp })) => {
             stripe_sign(&secret, timestamp)
         }
@@ -146,10 +152,52 @@ fn serve(invocation: &Invocation, args: ServeArgs) -> ExitCode {
     }
 }
 
+/// Prints the checkpoints' verifier key, read from the key file the server uses (never
+/// created here).
+fn audit_public_key(
+    store: &str,
+    key_file: Option<std::path::PathBuf>,
+    origin: Option<String>,
+) -> ExitCode {
+    let key_file = match (key_file, StoreUrl::parse(store)) {
+        (Some(file), _) => file,
+        (None, Ok(StoreUrl::Sqlite(path))) => coresdk::checkpoint::default_paths(&path).1,
+        (None, Ok(_)) => {
+            eprintln!(
+                "coresdk: CORESDK_AUDIT_SIGNING_KEY_FILE (--audit-signing-key-file): only a SQLite store has a default key file; name the sidecar's"
+            );
+            return ExitCode::from(CONFIGURATION_ERROR);
+        }
+        (None, Err(e)) => {
+            eprintln!("coresdk: CORESDK_STORE (--store): {e}");
+            return ExitCode::from(CONFIGURATION_ERROR);
+        }
+    };
+    if let Some(origin) = &origin
+        && !coresdk::checkpoint::valid_origin(origin)
+    {
+        eprintln!(
+            "coresdk: CORESDK_AUDIT_ORIGIN (--audit-origin): must be a signed-note key name: not empty, no spaces or '+', at most 255 bytes"
+        );
+        return ExitCode::from(CONFIGURATION_ERROR);
+    }
+    let key = match coresdk::checkpoint::load_key(&key_file) {
+        Ok(key) => key.verifying_key(),
+        Err(e) => {
+            eprintln!("coresdk: CORESDK_AUDIT_SIGNING_KEY_FILE (--audit-signing-key-file): {e}");
+            return ExitCode::from(CONFIGURATION_ERROR);
+        }
+    };
+    let origin = origin.unwrap_or_else(|| coresdk::checkpoint::default_origin(&key));
+    println!("{}", coresdk::checkpoint::verifier_key(&origin, &key));
+    ExitCode::SUCCESS
+}
+
 fn audit_verify(
     store: &str,
     checkpoint_file: Option<std::path::PathBuf>,
     signing_key_file: Option<std::path::PathBuf>,
+    full: bool,
 ) -> ExitCode {
     let path = match StoreUrl::parse(store) {
         Ok(StoreUrl::Sqlite(path)) => path,
@@ -180,7 +228,7 @@ fn audit_verify(
     let key_file = signing_key_file.unwrap_or(default_key);
     // Offline verification must never create a key: only an existing one can vouch.
     let key = if key_file.exists() {
-        match coresdk::checkpoint::load_or_create_key(&key_file) {
+        match coresdk::checkpoint::load_key(&key_file) {
             Ok(key) => Some(key.verifying_key()),
             Err(e) => {
                 eprintln!("coresdk: {e}");
@@ -199,7 +247,7 @@ fn audit_verify(
         key,
     });
     let verified = offline
-        .with_read_tx(|tx| coresdk::checkpoint::verify(tx, checkpoints.as_ref()))
+        .with_read_tx(|tx| coresdk::checkpoint::verify(tx, checkpoints.as_ref(), full))
         .map_err(coresdk::problem::Error::from)
         .and_then(|verified| verified);
     if let Ok(report) = &verified {
@@ -209,11 +257,16 @@ fn audit_verify(
     }
     match verified {
         Ok(report) if report.ok => {
+            let from = match report.checkpoint_size {
+                0 => String::new(),
+                size => format!(" after the signed checkpoint of {size} records"),
+            };
             println!(
-                "ok: {} records verified; head seq {} hash {}",
+                "ok: {} records verified{from}; head seq {} hash {}; tree root {}",
                 report.records_checked,
                 report.head.seq,
-                hex::encode(report.head.hash)
+                hex::encode(report.head.hash),
+                report.tree_root.map(hex::encode).unwrap_or_default()
             );
             ExitCode::SUCCESS
         }

@@ -160,6 +160,14 @@ pub enum Error {
     /// No signed checkpoint exists yet, or checkpoints are off.
     #[error("{0}")]
     CheckpointNotFound(String),
+    /// What needs signed checkpoints, with none kept.
+    #[error(
+        "this sidecar keeps no signed audit checkpoints (set CORESDK_AUDIT_CHECKPOINT_FILE and CORESDK_AUDIT_SIGNING_KEY_FILE, or use a SQLite store), so it cannot answer this"
+    )]
+    CheckpointsOff,
+    /// A checkpoint covering the record was not signed in time (or signing fails).
+    #[error("{0}")]
+    CheckpointUnavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -412,6 +420,20 @@ impl Error {
                 "checkpoint-not-found",
                 "Checkpoint not found",
                 "CHECKPOINT_NOT_FOUND",
+            ),
+            CheckpointsOff => m(
+                Code::FailedPrecondition,
+                400,
+                "checkpoints-off",
+                "Checkpoints are off",
+                "CHECKPOINTS_OFF",
+            ),
+            CheckpointUnavailable(_) => m(
+                Code::Unavailable,
+                503,
+                "checkpoint-unavailable",
+                "Checkpoint unavailable",
+                "CHECKPOINT_UNAVAILABLE",
             ),
             Internal(_) => m(
                 Code::Internal,

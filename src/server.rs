@@ -97,6 +97,14 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         Some(files) => Some(Arc::new(files.open()?)),
         None => None,
     };
+    if let Some(checkpointer) = &checkpoints {
+        tracing::info!(
+            origin = checkpointer.origin(),
+            verifier_key = %checkpointer.verifier_key(),
+            file = %checkpointer.path().display(),
+            "audit checkpoints are signed as C2SP tlog-checkpoint notes"
+        );
+    }
 
     let cache = Arc::new(FlagCache::new(config.rules.catalog().clone()));
     // Collected only where someone can scrape them, so `--ops-listen off` costs nothing.
@@ -555,8 +563,9 @@ async fn report_store_health(store: Store, health: Arc<Health>) {
     }
 }
 
-/// Signs the chain head every `every` when it moved. The first round runs at start, so a
-/// chain cut or rewritten while the sidecar was down is reported right away.
+/// Signs the log's tree every `every` when it grew, and at once when a caller waits for a
+/// proof ([`crate::checkpoint::Checkpointer::covering`]). The first round runs at start, so a
+/// log cut or rewritten while the sidecar was down is reported right away.
 async fn checkpoint_loop(
     checkpointer: Arc<crate::checkpoint::Checkpointer>,
     store: Store,
@@ -568,10 +577,14 @@ async fn checkpoint_loop(
     // After a slow write, wait a full interval rather than catching up with a burst.
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticker.tick().await;
+        let asked = tokio::select! {
+            _ = ticker.tick() => false,
+            () = checkpointer.asked() => true,
+        };
         let published = feeds.audit_head().seq;
-        // The store's head may be ahead of what the commit listener has published yet.
-        if covered.is_some_and(|covered| covered >= published) {
+        // The store's head may be ahead of what the commit listener has published yet; a
+        // caller asking has a record committed, so its round always reads the store.
+        if !asked && covered.is_some_and(|covered| covered >= published) {
             continue;
         }
         match checkpointer.checkpoint(&store).await {
@@ -582,7 +595,7 @@ async fn checkpoint_loop(
                     file = %checkpointer.path().display(),
                     "AUDIT CHAIN CUT OR REWRITTEN: no checkpoint is signed until it is resolved"
                 );
-                // Said again whenever the chain moves, not on every tick.
+                // Said again whenever the log moves, not on every tick.
                 covered = Some(published);
             }
             Err(e) => tracing::error!(error = %e, "could not write an audit checkpoint"),

@@ -293,6 +293,19 @@ pub struct ServeArgs {
     /// (default: `<db>.audit-key`). Mount it from a secret in production.
     #[arg(long, env = "CORESDK_AUDIT_SIGNING_KEY_FILE")]
     pub audit_signing_key_file: Option<PathBuf>,
+    /// The checkpoints' origin line and signing key name (C2SP tlog-checkpoint): no spaces or
+    /// '+', at most 255 bytes (default: `coresdk.audit/<first 8 hex digits of SHA-256 of the
+    /// public key>`, the same for every replica sharing the key).
+    #[arg(long, env = "CORESDK_AUDIT_ORIGIN")]
+    pub audit_origin: Option<String>,
+    /// Witnesses whose cosignatures `AddCosignatures` accepts: verifier keys
+    /// (`<name>+<key id>+<base64 key>`, type 0x01 Ed25519 or 0x04 cosignature/v1), comma-separated.
+    #[arg(
+        long = "audit-witness-key",
+        env = "CORESDK_AUDIT_WITNESS_KEYS",
+        value_delimiter = ','
+    )]
+    pub audit_witness_keys: Vec<String>,
     /// Seconds between checkpoints of a chain head that moved; decimals allowed (at least 0.01).
     #[arg(
         long,

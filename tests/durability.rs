@@ -34,7 +34,7 @@ async fn state_survives_a_clean_restart() {
     sidecar.restart().await;
     assert!(is_on(&sidecar, "tenant-1", "pro_features").await);
     assert_eq!(audit_count(&sidecar).await, before);
-    let report = verify(&sidecar).await;
+    let report = common::checkpoints::verify_full(&sidecar).await;
     assert!(report.ok, "{report:?}");
     assert_eq!(report.records_checked as usize, before);
     let again = sidecar
@@ -125,22 +125,23 @@ async fn tampering_is_named_online_and_offline() {
     let store = sidecar.store_url();
     sidecar.stop();
 
-    let offline = offline_verify(&store);
+    let offline = common::checkpoints::offline_verify_full(&store);
     assert!(offline.status.success(), "{offline:?}");
     assert!(String::from_utf8_lossy(&offline.stdout).starts_with("ok: 5 records"));
 
-    // Alter record 3 behind the sidecar's back.
+    // Alter record 3 behind the sidecar's back. It is covered by the checkpoint signed at
+    // shutdown, so only a full verification rehashes it.
     let db = rusqlite::Connection::open(dir.path().join("coresdk.db")).expect("open db");
     db.execute("UPDATE audit SET outcome = 'failure' WHERE seq = 3", [])
         .expect("tamper");
     drop(db);
-    let offline = offline_verify(&store);
+    let offline = common::checkpoints::offline_verify_full(&store);
     assert_eq!(offline.status.code(), Some(1));
     let said = String::from_utf8_lossy(&offline.stdout).to_string();
     assert!(said.starts_with("FAILED at seq 3"), "{said}");
 
     sidecar.restart().await;
-    let report = verify(&sidecar).await;
+    let report = common::checkpoints::verify_full(&sidecar).await;
     assert_eq!((report.ok, report.first_bad_seq), (false, 3), "{report:?}");
     sidecar.stop();
 
@@ -151,7 +152,7 @@ async fn tampering_is_named_online_and_offline() {
     db.execute("DELETE FROM audit WHERE seq = 2", [])
         .expect("delete");
     drop(db);
-    let offline = offline_verify(&store);
+    let offline = common::checkpoints::offline_verify_full(&store);
     let said = String::from_utf8_lossy(&offline.stdout).to_string();
     assert!(
         said.starts_with("FAILED at seq 2") && said.contains("missing"),

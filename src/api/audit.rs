@@ -40,6 +40,54 @@ fn non_empty(s: String) -> Option<String> {
     if s.is_empty() { None } else { Some(s) }
 }
 
+/// The longest a call waits for the checkpoint its proof needs, whatever its deadline.
+const MAX_PROOF_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a call may wait for a checkpoint: most of what its deadline (`grpc-timeout`)
+/// leaves, so the answer (a proof or a problem) still reaches it, and at most
+/// [`MAX_PROOF_WAIT`].
+pub fn proof_wait(metadata: &tonic::metadata::MetadataMap) -> std::time::Duration {
+    let deadline = metadata
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout);
+    deadline.map_or(MAX_PROOF_WAIT, |d| d.mul_f64(0.8).min(MAX_PROOF_WAIT))
+}
+
+/// A `grpc-timeout` value: up to 8 digits and a unit (gRPC over HTTP/2).
+fn parse_grpc_timeout(value: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Record `seq`'s inclusion proof against the next checkpoint covering it.
+pub async fn proof_at_next_checkpoint(
+    app: &SharedApp,
+    seq: u64,
+    wait: std::time::Duration,
+) -> Result<proto::InclusionProof, Error> {
+    let (note, hashes) = app.proof_at_next_checkpoint(seq, wait).await?;
+    Ok(proto::InclusionProof {
+        leaf_index: seq - 1,
+        tree_size: note.size,
+        hashes: hashes.iter().map(|hash| hash.to_vec()).collect(),
+        checkpoint: note.note,
+    })
+}
+
 #[tonic::async_trait]
 impl AuditService for AuditApi {
     async fn append(
@@ -47,7 +95,9 @@ impl AuditService for AuditApi {
         request: Request<proto::AppendAuditRequest>,
     ) -> Result<Response<proto::AuditRecord>, Status> {
         let app = &self.app;
+        let wait = proof_wait(request.metadata());
         let request = request.into_inner();
+        let include_proof = request.include_proof;
         let metadata = match &request.metadata {
             Some(s) => convert::from_proto_struct(s)
                 .map_err(|e| status::of_error(&Error::invalid("metadata", e), app.links()))?,
@@ -64,7 +114,15 @@ impl AuditService for AuditApi {
             .append_audit(record, non_empty(request.idempotency_key))
             .await
             .map_err(|e| status::of_error(&e, app.links()))?;
-        Ok(Response::new(convert::audit_record(&sealed)))
+        let mut answer = convert::audit_record(&sealed);
+        if include_proof {
+            answer.inclusion_proof = Some(
+                proof_at_next_checkpoint(app, sealed.seq, wait)
+                    .await
+                    .map_err(|e| status::of_error(&e, app.links()))?,
+            );
+        }
+        Ok(Response::new(answer))
     }
 
     async fn query(
@@ -108,11 +166,11 @@ impl AuditService for AuditApi {
 
     async fn verify(
         &self,
-        _request: Request<proto::VerifyAuditRequest>,
+        request: Request<proto::VerifyAuditRequest>,
     ) -> Result<Response<proto::VerifyAuditResponse>, Status> {
         let report = self
             .app
-            .verify_audit()
+            .verify_audit(request.into_inner().full)
             .await
             .map_err(|e| status::of_error(&e, self.app.links()))?;
         Ok(Response::new(proto::VerifyAuditResponse {
@@ -123,8 +181,8 @@ impl AuditService for AuditApi {
             head_seq: report.head.seq,
             head_hash: hex::encode(report.head.hash),
             warnings: report.warnings,
-            checkpoint_size: 0,
-            tree_root: String::new(),
+            checkpoint_size: report.checkpoint_size,
+            tree_root: report.tree_root.map(hex::encode).unwrap_or_default(),
         }))
     }
 
@@ -132,7 +190,14 @@ impl AuditService for AuditApi {
         &self,
         _request: Request<proto::GetCheckpointRequest>,
     ) -> Result<Response<proto::GetCheckpointResponse>, Status> {
-        Err(Status::unimplemented("checkpoints: in progress"))
+        let note = self
+            .app
+            .newest_checkpoint()
+            .await
+            .map_err(|e| status::of_error(&e, self.app.links()))?;
+        Ok(Response::new(proto::GetCheckpointResponse {
+            note: note.note,
+        }))
     }
 
     async fn get_inclusion_proof(
@@ -140,16 +205,16 @@ impl AuditService for AuditApi {
         request: Request<proto::GetInclusionProofRequest>,
     ) -> Result<Response<proto::InclusionProof>, Status> {
         let request = request.into_inner();
-        let hashes = self
+        let proof = self
             .app
             .inclusion_proof(request.seq, request.tree_size)
             .await
             .map_err(|e| status::of_error(&e, self.app.links()))?;
         Ok(Response::new(proto::InclusionProof {
             leaf_index: request.seq - 1,
-            tree_size: request.tree_size,
-            hashes: hashes.iter().map(|hash| hash.to_vec()).collect(),
-            checkpoint: String::new(),
+            tree_size: proof.tree_size,
+            hashes: proof.hashes.iter().map(|hash| hash.to_vec()).collect(),
+            checkpoint: proof.checkpoint.map(|c| c.note).unwrap_or_default(),
         }))
     }
 
@@ -158,23 +223,31 @@ impl AuditService for AuditApi {
         request: Request<proto::GetConsistencyProofRequest>,
     ) -> Result<Response<proto::GetConsistencyProofResponse>, Status> {
         let request = request.into_inner();
-        let hashes = self
+        let proof = self
             .app
             .consistency_proof(request.from_size, request.to_size)
             .await
             .map_err(|e| status::of_error(&e, self.app.links()))?;
         Ok(Response::new(proto::GetConsistencyProofResponse {
-            hashes: hashes.iter().map(|hash| hash.to_vec()).collect(),
+            hashes: proof.hashes.iter().map(|hash| hash.to_vec()).collect(),
             from_size: request.from_size,
-            to_size: request.to_size,
+            to_size: proof.tree_size,
         }))
     }
 
     async fn add_cosignatures(
         &self,
-        _request: Request<proto::AddCosignaturesRequest>,
+        request: Request<proto::AddCosignaturesRequest>,
     ) -> Result<Response<proto::GetCheckpointResponse>, Status> {
-        Err(Status::unimplemented("cosignatures: in progress"))
+        let (metadata, _, request) = request.into_parts();
+        let note = self
+            .app
+            .add_cosignatures(super::bearer(&metadata), request.note)
+            .await
+            .map_err(|e| status::of_error(&e, self.app.links()))?;
+        Ok(Response::new(proto::GetCheckpointResponse {
+            note: note.note,
+        }))
     }
 
     type TailStream = ResponseStream<proto::AuditRecord>;

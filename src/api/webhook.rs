@@ -13,12 +13,23 @@ impl WebhookService for WebhookApi {
         &self,
         request: Request<proto::HandleStripeWebhookRequest>,
     ) -> Result<Response<proto::HandleStripeWebhookResponse>, Status> {
+        let wait = super::audit::proof_wait(request.metadata());
         let request = request.into_inner();
-        self.app
+        let app = &self.app;
+        let result = app
             .handle_webhook(request.payload, &request.signature_header)
             .await
-            .map(|result| Response::new(convert::webhook_result(result)))
-            .map_err(|e| status::of_error(&e, self.app.links()))
+            .map_err(|e| status::of_error(&e, app.links()))?;
+        let seq = result.audit_seq;
+        let mut answer = convert::webhook_result(result);
+        if request.include_proof {
+            answer.inclusion_proof = Some(
+                super::audit::proof_at_next_checkpoint(app, seq, wait)
+                    .await
+                    .map_err(|e| status::of_error(&e, app.links()))?,
+            );
+        }
+        Ok(Response::new(answer))
     }
 
     async fn replay_stripe_event(

@@ -65,6 +65,8 @@ fn defaults_serve_sqlite_on_loopback_with_checkpoints_beside_the_database() {
         Some(CheckpointFiles {
             file: "./coresdk-data/coresdk.db.checkpoints".into(),
             key_file: "./coresdk-data/coresdk.db.audit-key".into(),
+            origin: None,
+            witnesses: Vec::new(),
         })
     );
 }
@@ -89,6 +91,8 @@ fn opening_the_checkpoint_files_creates_the_key_once_and_then_reuses_it() {
     let files = CheckpointFiles {
         file: dir.path().join("cp"),
         key_file: dir.path().join("keys/audit-key"),
+        origin: None,
+        witnesses: Vec::new(),
     };
     let first = files.open().expect("creates the directory and the key");
     let again = files.open().expect("loads the key");
@@ -102,6 +106,8 @@ fn a_bad_checkpoint_key_names_the_key_setting() {
     let files = CheckpointFiles {
         file: dir.path().join("cp"),
         key_file: write(dir.path(), "key", "not a hex seed"),
+        origin: None,
+        witnesses: Vec::new(),
     };
     let error = files.open().err().expect("refused");
     assert_eq!(error.setting, "CORESDK_AUDIT_SIGNING_KEY_FILE");
@@ -134,7 +140,9 @@ fn explicit_checkpoint_files_are_used_with_any_store_and_the_interval_is_at_leas
         config.checkpoint_files,
         Some(CheckpointFiles {
             file: "/elsewhere/cp".into(),
-            key_file: "/secrets/key".into()
+            key_file: "/secrets/key".into(),
+            origin: None,
+            witnesses: Vec::new(),
         })
     );
     assert_eq!(

@@ -3,6 +3,7 @@
 
 pub mod abuse;
 pub mod audit;
+pub mod checkpoints;
 pub mod flagd;
 pub mod flagd_sync;
 pub mod inputs;

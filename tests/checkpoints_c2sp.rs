@@ -1,0 +1,811 @@
+//! C2SP checkpoints against the real binary: the note byte for byte, its signature checked with
+//! an Ed25519 implementation other than the sidecar's (ring), the verifier key, one note per
+//! size, forged lines, cut and tampered logs, incremental and full verification on both stores,
+//! witness cosignatures, and inclusion proofs on request, checked by RFC 9162's algorithm
+//! written here.
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::prelude::BASE64_STANDARD;
+use common::audit::{map, offline_verify, verify};
+use common::checkpoints::{offline_verify_full, verify_full};
+use common::*;
+use coresdk::proto::{
+    AddCosignaturesRequest, AppendAuditRequest, GetCheckpointRequest, GetInclusionProofRequest,
+    QueryAuditRequest,
+};
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair as _, UnparsedPublicKey};
+use serde_json::json;
+use sha2::{Digest as _, Sha256};
+
+/// A checkpoint at start and at shutdown, and when a caller asks for a proof; none in between.
+const ONLY_WHEN_ASKED: [&str; 2] = ["--audit-checkpoint-interval-s", "3600"];
+
+fn options_with(args: &[&str]) -> Options {
+    let mut options = Options::default();
+    options.args.extend(args.iter().map(|a| (*a).to_owned()));
+    options
+}
+
+fn sha256(parts: &[&[u8]]) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update(part);
+    }
+    hasher.finalize().into()
+}
+
+/// RFC 6962 §2.1: the Merkle tree hash of `leaves`.
+fn mth(leaves: &[Vec<u8>]) -> [u8; 32] {
+    match leaves.len() {
+        0 => sha256(&[]),
+        1 => sha256(&[&[0], &leaves[0]]),
+        n => {
+            // The largest power of two smaller than n.
+            let k = if n.is_power_of_two() {
+                n / 2
+            } else {
+                n.next_power_of_two() / 2
+            };
+            sha256(&[&[1], &mth(&leaves[..k]), &mth(&leaves[k..])])
+        }
+    }
+}
+
+/// RFC 9162 §2.1.3.2: whether `path` proves leaf `index` with `leaf` data in the tree of `size`
+/// leaves with root `root`.
+fn verify_inclusion(index: u64, size: u64, leaf: &[u8], path: &[Vec<u8>], root: &[u8]) -> bool {
+    if index >= size {
+        return false;
+    }
+    let (mut fnode, mut snode) = (index, size - 1);
+    let mut r = sha256(&[&[0], leaf]);
+    for p in path {
+        if snode == 0 {
+            return false;
+        }
+        if fnode & 1 == 1 || fnode == snode {
+            r = sha256(&[&[1], p, &r]);
+            if fnode & 1 == 0 {
+                while fnode & 1 == 0 && fnode != 0 {
+                    fnode >>= 1;
+                    snode >>= 1;
+                }
+            }
+        } else {
+            r = sha256(&[&[1], &r, p]);
+        }
+        fnode >>= 1;
+        snode >>= 1;
+    }
+    snode == 0 && r.as_slice() == root
+}
+
+/// Every record's canonical bytes, in order.
+async fn canonicals(sidecar: &Sidecar) -> Vec<Vec<u8>> {
+    let mut all = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = sidecar
+            .audit()
+            .query(admin(QueryAuditRequest {
+                page_size: 1000,
+                page_token: page_token.clone(),
+                ..Default::default()
+            }))
+            .await
+            .expect("Query")
+            .into_inner();
+        all.extend(page.records.into_iter().map(|r| r.canonical));
+        if page.next_page_token.is_empty() {
+            return all;
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+fn app_record(i: usize) -> AppendAuditRequest {
+    AppendAuditRequest {
+        tenant_id: "acme".into(),
+        actor: "app".into(),
+        event: format!("app.event.{i}"),
+        outcome: "success".into(),
+        ..Default::default()
+    }
+}
+
+/// Appends records `from..to` one after the other.
+async fn append(sidecar: &Sidecar, from: usize, to: usize) {
+    for i in from..to {
+        sidecar
+            .audit()
+            .append(admin(app_record(i)))
+            .await
+            .expect("Append");
+    }
+}
+
+/// Appends one record and answers it with its inclusion proof.
+async fn append_with_proof(sidecar: &Sidecar, i: usize) -> coresdk::proto::AuditRecord {
+    sidecar
+        .audit()
+        .append(admin(AppendAuditRequest {
+            include_proof: true,
+            ..app_record(i)
+        }))
+        .await
+        .expect("Append with its proof")
+        .into_inner()
+}
+
+/// The sidecar's Ed25519 key pair, from the seed it keeps beside its SQLite store.
+fn sidecar_key(dir: &std::path::Path) -> Ed25519KeyPair {
+    let seed = std::fs::read_to_string(dir.join("coresdk.db.audit-key")).expect("the key file");
+    let seed = hex::decode(seed.trim()).expect("hex");
+    Ed25519KeyPair::from_seed_unchecked(&seed).expect("a seed")
+}
+
+/// The signed-note key id: SHA-256(name ‖ "\n" ‖ type ‖ public key)[..4].
+fn key_id(name: &str, alg: u8, public: &[u8]) -> [u8; 4] {
+    let digest = sha256(&[name.as_bytes(), b"\n", &[alg], public]);
+    [digest[0], digest[1], digest[2], digest[3]]
+}
+
+/// A parsed checkpoint note: origin, size, root, and the signature lines as (name, bytes).
+struct Parsed {
+    body: String,
+    origin: String,
+    size: u64,
+    root: Vec<u8>,
+    signatures: Vec<(String, Vec<u8>)>,
+}
+
+fn parse(note: &str) -> Parsed {
+    let (body, signatures) = note.split_once("\n\n").expect("a blank line");
+    let body = format!("{body}\n");
+    let lines: Vec<&str> = body.lines().collect();
+    assert_eq!(lines.len(), 3, "origin, size, root: {note}");
+    assert!(signatures.ends_with('\n'), "{note:?}");
+    let signatures = signatures
+        .lines()
+        .map(|line| {
+            let line = line.strip_prefix("— ").expect("an em dash and a space");
+            let (name, sig) = line.split_once(' ').expect("name and signature");
+            (
+                name.to_owned(),
+                BASE64_STANDARD.decode(sig).expect("base64"),
+            )
+        })
+        .collect();
+    Parsed {
+        origin: lines[0].to_owned(),
+        size: lines[1].parse().expect("a decimal size"),
+        root: BASE64_STANDARD.decode(lines[2]).expect("base64 root"),
+        body,
+        signatures,
+    }
+}
+
+async fn newest_note(sidecar: &Sidecar) -> Result<String, tonic::Status> {
+    sidecar
+        .audit()
+        .get_checkpoint(admin(GetCheckpointRequest {}))
+        .await
+        .map(|r| r.into_inner().note)
+}
+
+#[tokio::test]
+async fn the_checkpoint_is_a_c2sp_note_with_the_key_and_root_the_records_give() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sidecar = Sidecar::on_disk(dir.path(), options_with(&ONLY_WHEN_ASKED)).await;
+    let none = newest_note(&sidecar).await.expect_err("no checkpoint yet");
+    assert_eq!(none.code(), tonic::Code::NotFound, "{none:?}");
+    assert_eq!(error_reason(&none), "CHECKPOINT_NOT_FOUND");
+
+    append(&sidecar, 0, 6).await;
+    let record = append_with_proof(&sidecar, 6).await;
+    let proof = record.inclusion_proof.expect("a proof");
+    assert_eq!((proof.leaf_index, proof.tree_size), (6, 7));
+    let note = newest_note(&sidecar).await.expect("a checkpoint");
+    assert_eq!(
+        note, proof.checkpoint,
+        "the proof is against the newest note"
+    );
+
+    let key = sidecar_key(dir.path());
+    let public = key.public_key().as_ref().to_vec();
+    let origin = format!("coresdk.audit/{}", hex::encode(&sha256(&[&public])[..4]));
+    let leaves = canonicals(&sidecar).await;
+    assert_eq!(leaves.len(), 7);
+    let root = mth(&leaves);
+    let body = format!("{origin}\n7\n{}\n", BASE64_STANDARD.encode(root));
+    let id = key_id(&origin, 0x01, &public);
+    let parsed = parse(&note);
+    assert_eq!(parsed.body, body, "byte for byte");
+    assert_eq!(parsed.signatures.len(), 1, "{note}");
+    let (name, signature) = &parsed.signatures[0];
+    assert_eq!(name, &origin);
+    assert_eq!(&signature[..4], &id, "the key id");
+    assert_eq!(signature.len(), 4 + 64);
+    UnparsedPublicKey::new(&ED25519, &public)
+        .verify(body.as_bytes(), &signature[4..])
+        .expect("the signature verifies with ring");
+    assert_eq!(
+        note,
+        format!("{body}\n— {origin} {}\n", BASE64_STANDARD.encode(signature))
+    );
+
+    // The proof, checked by RFC 9162's algorithm against the signed root.
+    assert!(verify_inclusion(
+        6,
+        7,
+        &record.canonical,
+        &proof.hashes,
+        &parsed.root
+    ));
+    // Size 0: the newest checkpoint's tree, and its note.
+    let at_checkpoint = sidecar
+        .audit()
+        .get_inclusion_proof(admin(GetInclusionProofRequest {
+            seq: 3,
+            tree_size: 0,
+        }))
+        .await
+        .expect("a proof at the checkpoint")
+        .into_inner();
+    assert_eq!(at_checkpoint.tree_size, 7);
+    assert_eq!(at_checkpoint.checkpoint, note);
+    assert!(verify_inclusion(
+        2,
+        7,
+        &leaves[2],
+        &at_checkpoint.hashes,
+        &parsed.root
+    ));
+
+    // The verifier key, as C2SP tools take it.
+    let printed = run_coresdk(
+        None,
+        &["audit", "public-key", "--store", &sidecar.store_url()],
+        &[],
+    );
+    assert!(printed.status.success(), "{printed:?}");
+    let mut encoded = vec![0x01];
+    encoded.extend_from_slice(&public);
+    assert_eq!(
+        String::from_utf8_lossy(&printed.stdout),
+        format!(
+            "{origin}+{}+{}\n",
+            hex::encode(id),
+            BASE64_STANDARD.encode(&encoded)
+        )
+    );
+    // With another origin, another key name and id.
+    let other = run_coresdk(
+        None,
+        &[
+            "audit",
+            "public-key",
+            "--store",
+            &sidecar.store_url(),
+            "--audit-origin",
+            "example.com/audit",
+        ],
+        &[],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&other.stdout),
+        format!(
+            "example.com/audit+{}+{}\n",
+            hex::encode(key_id("example.com/audit", 0x01, &public)),
+            BASE64_STANDARD.encode(&encoded)
+        )
+    );
+
+    let report = verify(&sidecar).await;
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.checkpoint_size, 7);
+    assert_eq!(report.tree_root, hex::encode(root));
+}
+
+#[tokio::test]
+async fn a_configured_origin_names_the_note_and_a_bad_one_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sidecar = Sidecar::on_disk(
+        dir.path(),
+        options_with(&["--audit-origin", "example.com/ledger/1"]),
+    )
+    .await;
+    let record = append_with_proof(&sidecar, 0).await;
+    let note = record.inclusion_proof.expect("a proof").checkpoint;
+    let parsed = parse(&note);
+    assert_eq!(parsed.origin, "example.com/ledger/1");
+    assert_eq!(parsed.signatures[0].0, "example.com/ledger/1");
+
+    for bad in ["has space", "a+b", ""] {
+        let refused = run_coresdk(
+            Some(dir.path()),
+            &["--store", "memory", "--audit-origin", bad],
+            &[],
+        );
+        assert_eq!(refused.status.code(), Some(2), "{bad}: {refused:?}");
+        assert!(
+            String::from_utf8_lossy(&refused.stderr).contains("CORESDK_AUDIT_ORIGIN"),
+            "{refused:?}"
+        );
+    }
+}
+
+/// The sizes of the notes in a checkpoint file, in file order.
+fn note_sizes(file: &std::path::Path) -> Vec<u64> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["v"] == 3)
+        .filter_map(|line| line["size"].as_u64())
+        .collect()
+}
+
+#[tokio::test]
+async fn never_two_notes_for_one_size_across_restarts_and_shutdowns() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("coresdk.db.checkpoints");
+    let mut sidecar = Sidecar::on_disk(
+        dir.path(),
+        options_with(&["--audit-checkpoint-interval-s", "0.02"]),
+    )
+    .await;
+    append(&sidecar, 0, 3).await;
+    let signed = append_with_proof(&sidecar, 3).await;
+    let note = signed.inclusion_proof.expect("a proof").checkpoint;
+    // Many intervals with nothing new.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(sidecar.stop().success());
+    sidecar.restart().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(newest_note(&sidecar).await.expect("a note"), note);
+    append(&sidecar, 4, 6).await;
+    assert!(sidecar.stop().success());
+    sidecar.restart().await;
+    assert!(sidecar.stop().success());
+
+    let sizes = note_sizes(&file);
+    assert_eq!(sizes.last(), Some(&6), "{sizes:?}");
+    let mut distinct = sizes.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        sizes.len(),
+        "a size signed twice: {sizes:?}"
+    );
+    assert!(
+        sizes.windows(2).all(|w| w[0] < w[1]),
+        "each note covers more: {sizes:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_forged_checkpoint_line_and_a_truncated_log_are_detected() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("coresdk.db.checkpoints");
+    let mut sidecar = Sidecar::on_disk(dir.path(), options_with(&ONLY_WHEN_ASKED)).await;
+    append(&sidecar, 0, 4).await;
+    let note = append_with_proof(&sidecar, 4)
+        .await
+        .inclusion_proof
+        .expect("a proof")
+        .checkpoint;
+    let store = sidecar.store_url();
+    assert!(sidecar.stop().success());
+    let intact = std::fs::read_to_string(&file).expect("checkpoints");
+
+    // Another root under the same signature: the note no longer verifies.
+    let parsed = parse(&note);
+    let forged_root = BASE64_STANDARD.encode(sha256(&[b"forged"]));
+    let forged = intact.replace(&BASE64_STANDARD.encode(&parsed.root), &forged_root);
+    assert_ne!(forged, intact);
+    std::fs::write(&file, &forged).expect("forged");
+    let offline = offline_verify(&store);
+    let said = String::from_utf8_lossy(&offline.stdout).to_string();
+    assert_eq!(offline.status.code(), Some(1), "{said}");
+    assert!(said.contains("line 1 has a bad signature"), "{said}");
+    sidecar.restart().await;
+    let report = verify(&sidecar).await;
+    assert!(
+        !report.ok && report.reason.contains("line 1 has a bad signature"),
+        "{report:?}"
+    );
+    assert!(sidecar.stop().success());
+    std::fs::write(&file, &intact).expect("restored");
+
+    // The newest records cut off: named online, the note still served, and nothing signed over
+    // the cut log, at start or at shutdown.
+    let db = rusqlite::Connection::open(dir.path().join("coresdk.db")).expect("open db");
+    db.execute("DELETE FROM audit WHERE seq >= 4", [])
+        .expect("truncate");
+    drop(db);
+    sidecar.restart().await;
+    let report = verify(&sidecar).await;
+    assert_eq!(
+        (report.ok, report.first_bad_seq, report.head_seq),
+        (false, 4, 3),
+        "{report:?}"
+    );
+    assert!(
+        report.reason.contains("records 4 to 5 were removed"),
+        "{report:?}"
+    );
+    assert_eq!(newest_note(&sidecar).await.expect("the note"), note);
+    assert!(sidecar.stop().success());
+    assert_eq!(std::fs::read_to_string(&file).expect("checkpoints"), intact);
+}
+
+/// Stops a sidecar without its shutdown checkpoint.
+fn crash(sidecar: &mut Sidecar) {
+    sidecar.kill9();
+}
+
+#[tokio::test]
+async fn tampering_after_the_checkpoint_is_found_incrementally_and_before_it_with_full() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db_path = dir.path().join("coresdk.db");
+    let mut sidecar = Sidecar::on_disk(dir.path(), options_with(&ONLY_WHEN_ASKED)).await;
+    append(&sidecar, 0, 4).await;
+    append_with_proof(&sidecar, 4).await;
+    append(&sidecar, 5, 8).await;
+    let store = sidecar.store_url();
+    let report = verify(&sidecar).await;
+    assert!(report.ok, "{report:?}");
+    assert_eq!(
+        (
+            report.checkpoint_size,
+            report.records_checked,
+            report.head_seq
+        ),
+        (5, 3, 8),
+        "only the records after the checkpoint are rehashed"
+    );
+    assert_eq!(
+        report.tree_root,
+        hex::encode(mth(&canonicals(&sidecar).await))
+    );
+    crash(&mut sidecar);
+
+    // After the checkpoint: found by the default, incremental verification.
+    let db = rusqlite::Connection::open(&db_path).expect("open db");
+    db.execute("UPDATE audit SET outcome = 'failure' WHERE seq = 7", [])
+        .expect("tamper");
+    let offline = offline_verify(&store);
+    let said = String::from_utf8_lossy(&offline.stdout).to_string();
+    assert!(said.starts_with("FAILED at seq 7"), "{said}");
+    sidecar.restart().await;
+    let report = verify(&sidecar).await;
+    assert_eq!(
+        (report.ok, report.first_bad_seq, report.checkpoint_size),
+        (false, 7, 5),
+        "{report:?}"
+    );
+    crash(&mut sidecar);
+    db.execute("UPDATE audit SET outcome = 'success' WHERE seq = 7", [])
+        .expect("restore");
+
+    // A record after it whose stored tree hashes were altered is named too.
+    let original: Vec<u8> = db
+        .query_row("SELECT tree_hashes FROM audit WHERE seq = 6", [], |row| {
+            row.get(0)
+        })
+        .expect("read");
+    db.execute(
+        "UPDATE audit SET tree_hashes = zeroblob(64) WHERE seq = 6",
+        [],
+    )
+    .expect("tamper");
+    let offline = offline_verify(&store);
+    let said = String::from_utf8_lossy(&offline.stdout).to_string();
+    assert!(
+        said.starts_with("FAILED at seq 6") && said.contains("Merkle"),
+        "{said}"
+    );
+    db.execute(
+        "UPDATE audit SET tree_hashes = ?1 WHERE seq = 6",
+        [original],
+    )
+    .expect("restore");
+    assert!(offline_verify(&store).status.success());
+
+    // Before the checkpoint: the signed root covers it; a full verification rehashes it.
+    db.execute("UPDATE audit SET outcome = 'failure' WHERE seq = 3", [])
+        .expect("tamper");
+    drop(db);
+    let offline = offline_verify_full(&store);
+    let said = String::from_utf8_lossy(&offline.stdout).to_string();
+    assert!(said.starts_with("FAILED at seq 3"), "{said}");
+    sidecar.restart().await;
+    let report = verify_full(&sidecar).await;
+    assert_eq!((report.ok, report.first_bad_seq), (false, 3), "{report:?}");
+    assert_eq!(
+        report.checkpoint_size, 0,
+        "full starts from the first record"
+    );
+}
+
+/// A witness key pair: Ed25519 from a fixed seed.
+fn witness(seed: u8) -> Ed25519KeyPair {
+    Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).expect("a seed")
+}
+
+fn vkey(name: &str, alg: u8, key: &Ed25519KeyPair) -> String {
+    let public = key.public_key().as_ref();
+    let mut encoded = vec![alg];
+    encoded.extend_from_slice(public);
+    format!(
+        "{name}+{}+{}",
+        hex::encode(key_id(name, alg, public)),
+        BASE64_STANDARD.encode(encoded)
+    )
+}
+
+/// A plain Ed25519 note signature line.
+fn ed25519_line(name: &str, key: &Ed25519KeyPair, body: &str) -> String {
+    let mut sig = key_id(name, 0x01, key.public_key().as_ref()).to_vec();
+    sig.extend_from_slice(key.sign(body.as_bytes()).as_ref());
+    format!("— {name} {}\n", BASE64_STANDARD.encode(sig))
+}
+
+/// A C2SP tlog-cosignature `cosignature/v1` line: time ‖ Ed25519 over the header, the time
+/// line and the body.
+fn cosignature_line(name: &str, key: &Ed25519KeyPair, body: &str, time: u64) -> String {
+    let message = format!("cosignature/v1\ntime {time}\n{body}");
+    let mut sig = key_id(name, 0x04, key.public_key().as_ref()).to_vec();
+    sig.extend_from_slice(&time.to_be_bytes());
+    sig.extend_from_slice(key.sign(message.as_bytes()).as_ref());
+    format!("— {name} {}\n", BASE64_STANDARD.encode(sig))
+}
+
+async fn cosign(sidecar: &Sidecar, note: String) -> Result<String, tonic::Status> {
+    sidecar
+        .audit()
+        .add_cosignatures(admin(AddCosignaturesRequest { note }))
+        .await
+        .map(|r| r.into_inner().note)
+}
+
+#[tokio::test]
+async fn witness_cosignatures_are_verified_stored_and_served() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (w1, w2, stranger) = (witness(1), witness(2), witness(3));
+    let keys = format!(
+        "{},{}",
+        vkey("witness.example/w1", 0x01, &w1),
+        vkey("witness.example/w2", 0x04, &w2)
+    );
+    let mut options = options_with(&ONLY_WHEN_ASKED);
+    options
+        .envs
+        .push(("CORESDK_AUDIT_WITNESS_KEYS".into(), keys));
+    let mut sidecar = Sidecar::on_disk(dir.path(), options).await;
+    let note = append_with_proof(&sidecar, 0)
+        .await
+        .inclusion_proof
+        .expect("a proof")
+        .checkpoint;
+    let body = parse(&note).body;
+    let first = ed25519_line("witness.example/w1", &w1, &body);
+    let second = cosignature_line("witness.example/w2", &w2, &body, 1_700_000_000);
+
+    let stored = cosign(&sidecar, format!("{note}{first}{second}"))
+        .await
+        .expect("cosigned");
+    assert_eq!(stored, format!("{note}{first}{second}"));
+    assert_eq!(newest_note(&sidecar).await.expect("a note"), stored);
+    // A witness signing again replaces its line; the sidecar's own line may be left out.
+    let again = cosignature_line("witness.example/w2", &w2, &body, 1_700_000_100);
+    let stored = cosign(&sidecar, format!("{body}\n{again}"))
+        .await
+        .expect("cosigned again");
+    assert_eq!(stored, format!("{note}{first}{again}"));
+    assert!(verify(&sidecar).await.ok);
+
+    let refused = |status: tonic::Status, code: tonic::Code| {
+        assert_eq!(status.code(), code, "{status:?}");
+        status
+    };
+    // A key that is not a configured witness.
+    let unknown = ed25519_line("witness.example/w3", &stranger, &body);
+    let status = cosign(&sidecar, format!("{note}{unknown}"))
+        .await
+        .expect_err("unknown witness");
+    let detail = problem(&refused(status, tonic::Code::InvalidArgument)).detail;
+    assert!(detail.contains("not configured witnesses"), "{detail}");
+    // A witness's signature of another body.
+    let mut bad = ed25519_line("witness.example/w1", &w1, "another body\n");
+    assert_ne!(bad, first);
+    let status = cosign(&sidecar, format!("{note}{bad}"))
+        .await
+        .expect_err("bad signature");
+    let detail = problem(&refused(status, tonic::Code::InvalidArgument)).detail;
+    assert!(detail.contains("does not verify"), "{detail}");
+    // A cosignature/v1 line whose time was changed after signing.
+    bad = cosignature_line("witness.example/w2", &w2, &body, 1_700_000_000);
+    let mut raw = BASE64_STANDARD
+        .decode(bad.trim_end().rsplit(' ').next().expect("sig"))
+        .expect("base64");
+    raw[11] ^= 1;
+    bad = format!("— witness.example/w2 {}\n", BASE64_STANDARD.encode(raw));
+    let status = cosign(&sidecar, format!("{note}{bad}"))
+        .await
+        .expect_err("bad time");
+    refused(status, tonic::Code::InvalidArgument);
+    // A body the sidecar never signed.
+    let other_body = body.replace("\n1\n", "\n2\n");
+    let status = cosign(
+        &sidecar,
+        format!(
+            "{other_body}\n{}",
+            ed25519_line("witness.example/w1", &w1, &other_body)
+        ),
+    )
+    .await
+    .expect_err("never signed");
+    let status = refused(status, tonic::Code::NotFound);
+    assert_eq!(error_reason(&status), "CHECKPOINT_NOT_FOUND");
+    // Only an admin may add them.
+    let status = sidecar
+        .audit()
+        .add_cosignatures(AddCosignaturesRequest {
+            note: format!("{note}{first}"),
+        })
+        .await
+        .expect_err("not an admin");
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+        ),
+        "{status:?}"
+    );
+    assert!(sidecar.stop().success());
+    // Kept across a restart, and by the shutdown checkpoint (nothing new to sign).
+    sidecar.restart().await;
+    assert_eq!(
+        newest_note(&sidecar).await.expect("a note"),
+        format!("{note}{first}{again}")
+    );
+}
+
+#[tokio::test]
+async fn a_webhook_answers_its_record_with_a_proof_on_request() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sidecar = Sidecar::on_disk(dir.path(), options_with(&ONLY_WHEN_ASKED)).await;
+    map(&sidecar, "cus_proof", "acme").await;
+    let body = event(
+        "evt_proof_1",
+        "invoice.paid",
+        now(),
+        json!({"customer": "cus_proof"}),
+    );
+    let mut request = signed(SECRET, body);
+    request.include_proof = true;
+    let answer = sidecar
+        .webhooks()
+        .handle_stripe_webhook(request)
+        .await
+        .expect("applied")
+        .into_inner();
+    let proof = answer.inclusion_proof.expect("a proof");
+    assert_eq!(proof.leaf_index + 1, answer.audit_seq);
+    let parsed = parse(&proof.checkpoint);
+    assert_eq!(parsed.size, proof.tree_size);
+    assert!(proof.tree_size >= answer.audit_seq);
+    let leaves = canonicals(&sidecar).await;
+    let leaf = &leaves[usize::try_from(proof.leaf_index).expect("small")];
+    assert!(verify_inclusion(
+        proof.leaf_index,
+        proof.tree_size,
+        leaf,
+        &proof.hashes,
+        &parsed.root
+    ));
+    // Not some other record.
+    assert!(!verify_inclusion(
+        proof.leaf_index,
+        proof.tree_size,
+        b"another record",
+        &proof.hashes,
+        &parsed.root
+    ));
+
+    // Without checkpoints there is nothing to prove against.
+    let memory = Sidecar::start(Options::default()).await;
+    let status = memory
+        .audit()
+        .append(admin(AppendAuditRequest {
+            include_proof: true,
+            ..app_record(0)
+        }))
+        .await
+        .expect_err("no checkpoints");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert_eq!(error_reason(&status), "CHECKPOINTS_OFF");
+    let status = newest_note(&memory).await.expect_err("no checkpoints");
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+}
+
+#[tokio::test]
+async fn incremental_verification_on_postgresql() {
+    let url = common::pg::fresh_database(common::pg::server_url()).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("checkpoints");
+    let key = dir.path().join("key");
+    let mut options = common::pg::replica_options(&url);
+    options.args.extend(
+        [
+            "--audit-checkpoint-file",
+            file.to_str().expect("utf-8"),
+            "--audit-signing-key-file",
+            key.to_str().expect("utf-8"),
+        ]
+        .map(String::from),
+    );
+    options.args.extend(ONLY_WHEN_ASKED.map(String::from));
+    let sidecar = Sidecar::start(options).await;
+    let before = verify(&sidecar).await.head_seq;
+    let signed = append_with_proof(&sidecar, 0).await;
+    let size = signed.inclusion_proof.expect("a proof").tree_size;
+    assert_eq!(size, before + 1);
+    append(&sidecar, 1, 4).await;
+    let report = verify(&sidecar).await;
+    assert!(report.ok, "{report:?}");
+    assert_eq!(
+        (report.checkpoint_size, report.records_checked),
+        (size, 3),
+        "only the records after the checkpoint are rehashed"
+    );
+    assert_eq!(
+        report.tree_root,
+        hex::encode(mth(&canonicals(&sidecar).await))
+    );
+
+    let (db, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    let after = i64::try_from(size + 2).expect("small");
+    db.execute(
+        "UPDATE audit SET outcome = 'failure' WHERE seq = $1",
+        &[&after],
+    )
+    .await
+    .expect("tamper");
+    let report = verify(&sidecar).await;
+    assert_eq!(
+        (report.ok, report.first_bad_seq, report.checkpoint_size),
+        (false, size + 2, size),
+        "{report:?}"
+    );
+    db.execute(
+        "UPDATE audit SET outcome = 'success' WHERE seq = $1",
+        &[&after],
+    )
+    .await
+    .expect("restore");
+    assert!(verify(&sidecar).await.ok);
+
+    let before_checkpoint = i64::try_from(size).expect("small");
+    db.execute(
+        "UPDATE audit SET outcome = 'failure' WHERE seq = $1",
+        &[&before_checkpoint],
+    )
+    .await
+    .expect("tamper");
+    let report = verify_full(&sidecar).await;
+    assert_eq!(
+        (report.ok, report.first_bad_seq),
+        (false, size),
+        "{report:?}"
+    );
+}
