@@ -8,7 +8,7 @@ import { spawnSync } from 'node:child_process';
 import { createHash, generateKeyPairSync, sign as ed25519Sign } from 'node:crypto';
 import { after, before, describe, test } from 'node:test';
 
-import { ENV, sign, stripeEvent } from '../../../tests/openfeature-node/sidecar.mjs';
+import { ENV, Sidecar, binary, sign, stripeEvent } from '../../../tests/openfeature-node/sidecar.mjs';
 import {
   EMPTY_ROOT,
   GrpcCode,
@@ -28,6 +28,7 @@ import {
   verifyInclusion,
   verifyRecordInclusion,
 } from '../dist/index.js';
+import { clientFor } from './helpers.mjs';
 import { BACKENDS } from './web.mjs';
 
 // -- a reference tree, written from RFC 6962 section 2.1 -----------------------------------------
@@ -613,3 +614,66 @@ describe("the mock's checkpoints", () => {
   });
 });
 
+// -- the real sidecar's checkpoints ---------------------------------------------------------------
+
+describe("the sidecar's checkpoints", () => {
+  let sidecar;
+  let client;
+  let vkey;
+  before(async () => {
+    // A checkpoint of a moved head every 50 ms.
+    sidecar = await Sidecar.start({ env: { CORESDK_AUDIT_CHECKPOINT_INTERVAL_S: '0.05' } });
+    client = await clientFor(sidecar, { timeoutMs: 5_000 });
+    const printed = spawnSync(binary(), ['audit', 'public-key', '--store', sidecar.store], { encoding: 'utf8', timeout: 30_000 });
+    assert.equal(printed.status, 0, printed.stderr);
+    vkey = printed.stdout.trim();
+  });
+  after(async () => {
+    await client?.close();
+    await sidecar?.close();
+  });
+
+  test('the sidecar proves appended records against signed checkpoints', async () => {
+    assert.ok(VerifierKey.parse(vkey).name.startsWith('coresdk.audit/'));
+    const record = await client.audit({ event: 'app.proved', outcome: 'ok', actor: 'prover', metadata: { n: 1 }, includeProof: true });
+    const checkpoint = openCheckpoint(record.inclusionProof.checkpoint, vkey);
+    assert.equal(record.inclusionProof.leafIndex, record.seq - 1);
+    assert.ok(checkpoint.size >= record.seq);
+    verifyRecordInclusion(record.canonical, record.seq, record.inclusionProof, checkpoint);
+    // The record as the log stores it is the one proved.
+    const stored = (await client.auditQuery({ limit: 1000 })).find((r) => r.seq === record.seq);
+    assert.deepEqual(stored.canonical, record.canonical);
+    const altered = Buffer.from(record.canonical.toString().replace('"ok"', '"ko"'));
+    refused('an altered record', () => verifyRecordInclusion(altered, record.seq, record.inclusionProof, checkpoint));
+
+    await appendRecords(client, 5);
+    const later = await client.audit({ event: 'app.proved', outcome: 'ok', actor: 'prover', includeProof: true });
+    const newest = openCheckpoint(await client.auditCheckpoint(), vkey);
+    assert.ok(newest.size >= later.seq);
+    assert.equal(newest.origin, checkpoint.origin);
+    const consistency = await client.auditConsistencyProof(checkpoint.size);
+    assert.equal(consistency.toSize, newest.size);
+    verifyCheckpointConsistency(checkpoint, newest, consistency.hashes);
+    // Against the newest checkpoint (tree size 0): its note comes with the proof.
+    const proof = await client.auditInclusionProof(record.seq);
+    const itsCheckpoint = openCheckpoint(proof.checkpoint, vkey);
+    assert.equal(proof.treeSize, itsCheckpoint.size);
+    verifyRecordInclusion(record.canonical, record.seq, proof, itsCheckpoint);
+
+    const verified = await client.auditVerify();
+    assert.ok(verified.ok && verified.checkpointSize > 0 && verified.treeRoot.length === 64, JSON.stringify(verified));
+    const full = await client.auditVerify({ full: true });
+    assert.ok(full.ok && full.recordsChecked === full.headSeq && full.headSeq >= later.seq, JSON.stringify(full));
+  });
+
+  test('the sidecar proves webhook records', async () => {
+    const body = stripeEvent('invoice.paid', 'cus_acme_001', { id: 'in_proof' });
+    const result = await client.handleStripeWebhook(body, sign(body), { includeProof: true });
+    assert.equal(result.inclusionProof.leafIndex, result.auditSeq - 1);
+    const checkpoint = openCheckpoint(result.inclusionProof.checkpoint, vkey);
+    const record = (await client.auditQuery({ limit: 1000 })).find((r) => r.seq === result.auditSeq);
+    verifyRecordInclusion(record.canonical, record.seq, result.inclusionProof, checkpoint);
+    // Another key (the mock's) does not open the sidecar's checkpoints.
+    assert.throws(() => openCheckpoint(result.inclusionProof.checkpoint, mock().auditVerifierKey), /no signature of/);
+  });
+});

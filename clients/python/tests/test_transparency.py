@@ -510,3 +510,71 @@ def test_the_mock_proves_kept_records_after_dropping_old_ones(monkeypatch):
     e = _refused(lambda: sdk.audit_inclusion_proof(1, checkpoint.size))
     assert e.problem.reason == "MOCK_CAPACITY"
     assert sdk.audit_verify().tree_root == checkpoint.root_hash.hex()
+
+
+# -- the real sidecar's checkpoints ----------------------------------------------------------------
+
+
+@pytest.fixture
+def checkpointing(tmp_path: Path):
+    """A sidecar that signs a checkpoint of a moved head every 50 ms, its client, and the
+    verifier key `coresdk audit public-key` prints for its store."""
+    from conftest import Sidecar, binary, client_for
+
+    process = Sidecar(tmp_path, {"CORESDK_AUDIT_CHECKPOINT_INTERVAL_S": "0.05"})
+    process.start()
+    client = client_for(process, timeout_ms=5000)
+    vkey = subprocess.run(
+        [str(binary()), "audit", "public-key", "--store", process.store], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.strip()
+    yield client, vkey
+    client.close()
+    process.stop()
+
+
+def test_the_sidecar_proves_appended_records_against_signed_checkpoints(checkpointing):
+    client, vkey = checkpointing
+    assert VerifierKey.parse(vkey).name.startswith("coresdk.audit/")
+    record = client.audit("app.proved", outcome="ok", actor="prover", metadata={"n": 1}, include_proof=True)
+    assert record is not None and record.inclusion_proof is not None
+    checkpoint = open_checkpoint(record.inclusion_proof.checkpoint, vkey)
+    assert checkpoint.size >= record.seq == record.inclusion_proof.leaf_index + 1
+    verify_record_inclusion(record.canonical, record.seq, record.inclusion_proof, checkpoint)
+    # The record as the log stores it is the one proved.
+    stored = next(r for r in client.audit_query(limit=1000) if r.seq == record.seq)
+    assert stored.canonical == record.canonical
+    with pytest.raises(TransparencyError):
+        verify_record_inclusion(record.canonical.replace(b'"ok"', b'"ko"'), record.seq, record.inclusion_proof, checkpoint)
+
+    _records(client, 5)
+    later = client.audit("app.proved", outcome="ok", actor="prover", include_proof=True)
+    assert later is not None and later.inclusion_proof is not None
+    newest = open_checkpoint(client.audit_checkpoint(), vkey)
+    assert newest.size >= later.seq and newest.origin == checkpoint.origin
+    consistency = client.audit_consistency_proof(checkpoint.size)
+    assert consistency.to_size == newest.size
+    verify_checkpoint_consistency(checkpoint, newest, consistency.hashes)
+    # Against the newest checkpoint (tree size 0): its note comes with the proof.
+    proof = client.audit_inclusion_proof(record.seq)
+    assert proof.checkpoint and proof.tree_size == open_checkpoint(proof.checkpoint, vkey).size
+    verify_record_inclusion(record.canonical, record.seq, proof, open_checkpoint(proof.checkpoint, vkey))
+
+    verified = client.audit_verify()
+    assert verified.ok and verified.checkpoint_size > 0 and len(verified.tree_root) == 64
+    full = client.audit_verify(full=True)
+    assert full.ok and full.records_checked == full.head_seq >= later.seq
+
+
+def test_the_sidecar_proves_webhook_records(checkpointing):
+    from conftest import sign, stripe_event
+
+    client, vkey = checkpointing
+    body = stripe_event("invoice.paid", "cus_acme_001", id="in_proof")
+    result = client.handle_stripe_webhook(body, sign(body), include_proof=True)
+    assert result.inclusion_proof is not None and result.inclusion_proof.leaf_index == result.audit_seq - 1
+    checkpoint = open_checkpoint(result.inclusion_proof.checkpoint, vkey)
+    record = next(r for r in client.audit_query(limit=1000) if r.seq == result.audit_seq)
+    verify_record_inclusion(record.canonical, record.seq, result.inclusion_proof, checkpoint)
+    # Another key (the mock's) does not open the sidecar's checkpoints.
+    with pytest.raises(TransparencyError, match="no signature of"):
+        open_checkpoint(result.inclusion_proof.checkpoint, mock().audit_verifier_key)
