@@ -578,3 +578,20 @@ def test_the_sidecar_proves_webhook_records(checkpointing):
     # Another key (the mock's) does not open the sidecar's checkpoints.
     with pytest.raises(TransparencyError, match="no signature of"):
         open_checkpoint(result.inclusion_proof.checkpoint, mock().audit_verifier_key)
+
+
+def test_the_async_client_awaits_the_tree_calls():
+    import asyncio
+
+    from coresdk.aio import AsyncSDK
+
+    async def run() -> None:
+        sdk = AsyncSDK(mock())
+        record = await sdk.audit("app.async", outcome="ok", actor="prover", include_proof=True)
+        checkpoint = open_checkpoint(await sdk.audit_checkpoint(), sdk.sync.audit_verifier_key)
+        verify_record_inclusion(record.canonical, record.seq, await sdk.audit_inclusion_proof(record.seq), checkpoint)
+        consistency = await sdk.audit_consistency_proof(1)
+        verify_consistency(1, checkpoint.size, consistency.hashes, leaf_hash(sdk.sync.audit_query(limit=1)[0].canonical), checkpoint.root_hash)
+        assert (await sdk.audit_verify(full=True)).ok
+
+    asyncio.run(run())
