@@ -543,7 +543,7 @@ impl App {
                     tracing::debug!(
                         records = report.records_checked,
                         full,
-                        "audit log verified"
+                        "audit chain scanned"
                     );
                     Ok(report)
                 })
@@ -614,11 +614,27 @@ impl App {
         }
         let note = self.checkpointer()?.covering(seq, wait).await?;
         let size = note.size;
-        let hashes = self
+        // The stored tree must still be the signed one, or the proof would not verify against
+        // the note: a log cut or rewritten since (which the sidecar refuses to sign over).
+        let proof = self
             .store
-            .read(move |tx| crate::tlog::inclusion_proof(tx, seq - 1, size))
+            .read(move |tx| {
+                if tx.audit_head()?.seq < size {
+                    return Ok(None);
+                }
+                let root = crate::tlog::tree_root(tx, size)?;
+                Ok(Some((
+                    crate::tlog::inclusion_proof(tx, seq - 1, size)?,
+                    root,
+                )))
+            })
             .await?;
-        Ok((note, hashes))
+        match proof {
+            Some((hashes, root)) if root == note.root => Ok((note, hashes)),
+            _ => Err(Error::CheckpointUnavailable(format!(
+                "the audit log no longer extends its newest checkpoint (of {size} records): it was cut or rewritten, and the sidecar refuses to sign over it (AUDIT CHAIN CUT OR REWRITTEN in its log)"
+            ))),
+        }
     }
 
     /// The RFC 9162 inclusion proof of record `seq` in the tree of `tree_size` records; with
@@ -659,7 +675,6 @@ impl App {
         if size > 0 {
             return Ok((size, None));
         }
-        self.checkpointer()?;
         let note = self.newest_checkpoint().await?;
         Ok((note.size, Some(note)))
     }

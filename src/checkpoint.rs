@@ -139,13 +139,6 @@ struct NoteLine {
     note: String,
 }
 
-/// Only the version, to tell the formats apart.
-#[derive(Deserialize)]
-struct Versioned {
-    #[serde(default = "version_1")]
-    v: u32,
-}
-
 /// A signed checkpoint of the Merkle tree, verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedNote {
@@ -154,15 +147,6 @@ pub struct SignedNote {
     pub root: Hash,
     /// The whole note: body, blank line, signature lines (the sidecar's first).
     pub note: String,
-}
-
-impl SignedNote {
-    /// The note's body: what every signature line covers.
-    pub fn body(&self) -> &str {
-        self.note
-            .split_once("\n\n")
-            .map_or(self.note.as_str(), |(body, _)| body)
-    }
 }
 
 /// A verified line of a checkpoint file.
@@ -188,6 +172,16 @@ impl Entry {
 
     fn is_note(&self) -> bool {
         matches!(self, Entry::Note(_))
+    }
+
+    /// What the entry vouches for, whatever cosignatures a note gained since.
+    fn identity(&self) -> (u64, [u8; 32]) {
+        match self {
+            Entry::Legacy {
+                size, head_hash, ..
+            } => (*size, *head_hash),
+            Entry::Note(note) => (note.size, note.root),
+        }
     }
 
     fn describe(&self) -> String {
@@ -288,9 +282,41 @@ pub fn open_note(text: &str, key: &VerifyingKey) -> Option<(SignedNote, Note)> {
     Some((signed, note))
 }
 
+/// The checkpoint `note` holds, checked against a verifier key (`<name>+<key id>+<base64
+/// key>`, as `coresdk audit public-key` prints it) without the signing key: what an offline
+/// checker of a proof file needs. The note must carry a valid signature of that key, and its
+/// origin must be the key's name.
+pub fn open_note_with_verifier_key(note: &str, vkey: &str) -> Result<SignedNote, String> {
+    let verifier = signed_note::StandardVerifier::new(vkey)
+        .map_err(|e| format!("the verifier key is unusable: {e}"))?;
+    let name = signed_note::Verifier::name(&verifier).to_owned();
+    let parsed = Note::from_bytes(note.as_bytes())
+        .map_err(|_| "the checkpoint is not a signed note".to_owned())?;
+    let body =
+        std::str::from_utf8(parsed.text()).map_err(|_| "the checkpoint is not UTF-8".to_owned())?;
+    let mut reader = std::io::Cursor::new(body.as_bytes());
+    let checkpoint = tlog_tiles::Checkpoint::from_reader(&mut reader, false)
+        .map_err(|_| "the note's body is not a checkpoint".to_owned())?;
+    if checkpoint.origin() != name {
+        return Err(format!(
+            "the checkpoint's origin is {}, not the key's name {name}",
+            checkpoint.origin()
+        ));
+    }
+    parsed
+        .verify(&VerifierList::new(vec![Box::new(verifier)]))
+        .map_err(|e| format!("the checkpoint's signature does not verify: {e}"))?;
+    Ok(SignedNote {
+        origin: name,
+        size: checkpoint.size(),
+        root: checkpoint.hash().0,
+        note: note.to_owned(),
+    })
+}
+
 /// The checkpoint a line holds, if `key` signed it.
 fn parse_line(line: &str, key: &VerifyingKey) -> Result<Entry, BadLine> {
-    let version = serde_json::from_str::<Versioned>(line)
+    let version = serde_json::from_str::<SizeOnly>(line)
         .map_err(|_| BadLine::Unreadable)?
         .v;
     match version {
@@ -377,7 +403,8 @@ fn lines(text: &str) -> impl Iterator<Item = Line<'_>> {
         .chain(tail)
 }
 
-/// Only the size and the format of a line, to order lines before checking signatures.
+/// Only the size and the format of a line: to tell the formats apart, and to order lines before
+/// checking signatures.
 #[derive(Deserialize)]
 struct SizeOnly {
     #[serde(default = "version_1")]
@@ -878,10 +905,6 @@ impl WitnessKey {
             key,
         })
     }
-
-    pub fn name(&self) -> &str {
-        &self.name
-    }
 }
 
 impl signed_note::Verifier for WitnessKey {
@@ -1029,9 +1052,12 @@ impl Checkpointer {
     pub async fn covering(&self, seq: u64, wait: Duration) -> Result<SignedNote, Error> {
         let deadline = tokio::time::Instant::now() + wait;
         let mut rounds = self.rounds.subscribe();
+        // Only a refusal of a round that ended after the call asked counts: an operator may
+        // have resolved an older one.
+        let mut refused = None;
         loop {
             // Marked seen before the file is read: a round ending after the read wakes us.
-            let refused = rounds.borrow_and_update().refused.clone();
+            rounds.borrow_and_update();
             let newest = self
                 .newest()
                 .map_err(|e| Error::Internal(format!("reading the checkpoints: {e}")))?;
@@ -1045,7 +1071,7 @@ impl Checkpointer {
             }
             self.wake.notify_one();
             match tokio::time::timeout_at(deadline, rounds.changed()).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => refused = rounds.borrow().refused.clone(),
                 _ => {
                     return Err(Error::CheckpointUnavailable(format!(
                         "no checkpoint covering record {seq} was signed within {} s; retry, or ask GetInclusionProof for it later",
@@ -1161,7 +1187,10 @@ impl Checkpointer {
     fn write(&self, extension: &Extension, root: &Hash) -> Result<(), SignError> {
         let _turn = self.turn.lock().unwrap_or_else(PoisonError::into_inner);
         let text = self.text()?;
-        if largest_signed(&text, &self.verifying_key()) != extension.largest {
+        // A cosignature added meanwhile rewrote the line, but not what it vouches for.
+        let largest = largest_signed(&text, &self.verifying_key());
+        if largest.as_ref().map(Entry::identity) != extension.largest.as_ref().map(Entry::identity)
+        {
             return Err(SignError::Changed);
         }
         let line = self.signed_line(extension.head.seq, root)?;
@@ -1779,6 +1808,26 @@ mod tests {
         );
         let report = verified(&cut, &signer.checkpoints()).await;
         assert_eq!((report.ok, report.first_bad_seq), (false, 10), "{report:?}");
+    }
+
+    #[tokio::test]
+    async fn a_note_is_checked_offline_with_the_verifier_key_alone() {
+        let (_dir, signer, _store, _) = checkpointed(&["a", "b"]).await;
+        let newest = signer.newest().expect("read").expect("a note");
+        let vkey = signer.verifier_key();
+        let opened = open_note_with_verifier_key(&newest.note, &vkey).expect("verifies");
+        assert_eq!(opened, newest);
+        assert_eq!(opened.size, 2);
+
+        let other = SigningKey::from_bytes(&[9; 32]);
+        let foreign = verifier_key(signer.origin(), &other.verifying_key());
+        let refused = open_note_with_verifier_key(&newest.note, &foreign);
+        assert!(refused.is_err(), "{refused:?}");
+        let renamed = verifier_key("another.origin", &signer.verifying_key());
+        let refused = open_note_with_verifier_key(&newest.note, &renamed).expect_err("renamed");
+        assert!(refused.contains("origin"), "{refused}");
+        let edited = newest.note.replacen("\n2\n", "\n3\n", 1);
+        assert!(open_note_with_verifier_key(&edited, &vkey).is_err());
     }
 
     #[tokio::test]

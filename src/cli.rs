@@ -159,12 +159,20 @@ pub enum AuditCommand {
         /// The store whose key to read: for a SQLite store the key defaults to `<db>.audit-key`.
         #[arg(long, env = "CORESDK_STORE", default_value = DEFAULT_STORE)]
         store: String,
+        /// The sidecar's signing key (its CORESDK_AUDIT_SIGNING_KEY_FILE); only its public half
+        /// is printed. Defaults to `<db>.audit-key` for a SQLite store.
         #[arg(long, env = "CORESDK_AUDIT_SIGNING_KEY_FILE")]
         audit_signing_key_file: Option<PathBuf>,
         /// The sidecar's CORESDK_AUDIT_ORIGIN, when it sets one.
         #[arg(long, env = "CORESDK_AUDIT_ORIGIN")]
         audit_origin: Option<String>,
     },
+    /// Write a self-contained proof that one record is in the log (C2SP tlog-proof carrying
+    /// the record's bytes), against the newest signed checkpoint; `check-proof` verifies it.
+    Prove(proof::ProveArgs),
+    /// Verify a proof file from `prove` offline, with only the log's verifier key; exits 1
+    /// when it does not verify.
+    CheckProof(proof::CheckProofArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -407,6 +415,7 @@ fn expected(arg: &clap::Arg) -> String {
     }
 }
 
+pub mod proof;
 pub mod remote;
 
 #[cfg(test)]

@@ -32,6 +32,7 @@ pub mod stripe;
 pub mod telemetry;
 pub mod time;
 pub mod tlog;
+pub mod tlog_proof;
 
 pub mod proto {
     #![allow(clippy::all, clippy::pedantic)]

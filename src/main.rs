@@ -43,6 +43,10 @@ fn main() -> ExitCode {
             audit_signing_key_file,
             audit_origin,
         })) => audit_public_key(&store, audit_signing_key_file, audit_origin),
+        Some(Command::Audit(AuditCommand::Prove(args))) => coresdk::cli::proof::prove(&args),
+        Some(Command::Audit(AuditCommand::CheckProof(args))) => {
+            coresdk::cli::proof::check_proof(&args)
+        }
         Some(Command::Stripe(StripeCommand::Sign { secret, timestamp })) => {
             stripe_sign(&secret, timestamp)
         }

@@ -423,7 +423,7 @@ impl Error {
             ),
             CheckpointsOff => m(
                 Code::FailedPrecondition,
-                400,
+                503,
                 "checkpoints-off",
                 "Checkpoints are off",
                 "CHECKPOINTS_OFF",

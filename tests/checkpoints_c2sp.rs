@@ -338,6 +338,73 @@ async fn a_configured_origin_names_the_note_and_a_bad_one_is_refused() {
     }
 }
 
+#[tokio::test]
+async fn a_bad_witness_key_is_refused_at_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bad_id = vkey("witness.example/w1", 0x01, &witness(1)).replacen("+", "+0", 1);
+    for bad in [
+        "not a key",
+        "witness.example/w1+00000000+AQ==",
+        bad_id.as_str(),
+        &vkey("witness.example/w1", 0x06, &witness(1)),
+    ] {
+        let refused = run_coresdk(
+            Some(dir.path()),
+            &["--audit-checkpoint-interval-s", "1"],
+            &[("CORESDK_AUDIT_WITNESS_KEYS", bad)],
+        );
+        assert_eq!(refused.status.code(), Some(2), "{bad}: {refused:?}");
+        assert!(
+            String::from_utf8_lossy(&refused.stderr).contains("CORESDK_AUDIT_WITNESS_KEYS"),
+            "{refused:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn concurrent_callers_each_get_a_proof_of_their_record_against_a_note() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("coresdk.db.checkpoints");
+    let sidecar = Sidecar::on_disk(dir.path(), options_with(&ONLY_WHEN_ASKED)).await;
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..24 {
+        let mut audit = sidecar.audit();
+        calls.spawn(async move {
+            audit
+                .append(admin(AppendAuditRequest {
+                    include_proof: true,
+                    ..app_record(i)
+                }))
+                .await
+                .expect("Append with its proof")
+                .into_inner()
+        });
+    }
+    let mut seqs = Vec::new();
+    while let Some(record) = calls.join_next().await {
+        let record = record.expect("joined");
+        let proof = record.inclusion_proof.expect("a proof");
+        let parsed = parse(&proof.checkpoint);
+        assert_eq!(parsed.size, proof.tree_size);
+        assert!(proof.tree_size >= record.seq);
+        assert!(verify_inclusion(
+            record.seq - 1,
+            proof.tree_size,
+            &record.canonical,
+            &proof.hashes,
+            &parsed.root
+        ));
+        seqs.push(record.seq);
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=24).collect::<Vec<u64>>());
+    let sizes = note_sizes(&file);
+    assert!(
+        sizes.windows(2).all(|w| w[0] < w[1]) && sizes.len() <= 24,
+        "{sizes:?}"
+    );
+}
+
 /// The sizes of the notes in a checkpoint file, in file order.
 fn note_sizes(file: &std::path::Path) -> Vec<u64> {
     std::fs::read_to_string(file)
@@ -406,17 +473,25 @@ async fn a_forged_checkpoint_line_and_a_truncated_log_are_detected() {
     // Another root under the same signature: the note no longer verifies.
     let parsed = parse(&note);
     let forged_root = BASE64_STANDARD.encode(sha256(&[b"forged"]));
-    let forged = intact.replace(&BASE64_STANDARD.encode(&parsed.root), &forged_root);
+    let root = BASE64_STANDARD.encode(&parsed.root);
+    let forged = intact.replace(&root, &forged_root);
     assert_ne!(forged, intact);
+    // The interval's first checkpoint may come before the proof's on a loaded machine.
+    let forged_line = intact
+        .lines()
+        .position(|line| line.contains(&root))
+        .expect("the note's line")
+        + 1;
+    let bad_line = format!("line {forged_line} has a bad signature");
     std::fs::write(&file, &forged).expect("forged");
     let offline = offline_verify(&store);
     let said = String::from_utf8_lossy(&offline.stdout).to_string();
     assert_eq!(offline.status.code(), Some(1), "{said}");
-    assert!(said.contains("line 1 has a bad signature"), "{said}");
+    assert!(said.contains(&bad_line), "{said}");
     sidecar.restart().await;
     let report = verify(&sidecar).await;
     assert!(
-        !report.ok && report.reason.contains("line 1 has a bad signature"),
+        !report.ok && report.reason.contains(&bad_line),
         "{report:?}"
     );
     assert!(sidecar.stop().success());
@@ -440,6 +515,25 @@ async fn a_forged_checkpoint_line_and_a_truncated_log_are_detected() {
         "{report:?}"
     );
     assert_eq!(newest_note(&sidecar).await.expect("the note"), note);
+    // Proofs asked for over the cut log are refused at once, not after the deadline: against
+    // the note it contradicts, and past it, where the sidecar refuses to sign.
+    for i in [9, 12] {
+        let status = sidecar
+            .audit()
+            .append(admin(AppendAuditRequest {
+                include_proof: true,
+                ..app_record(i)
+            }))
+            .await
+            .expect_err("no checkpoint over a cut log");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert_eq!(error_reason(&status), "CHECKPOINT_UNAVAILABLE");
+        assert!(
+            problem(&status).detail.contains("refuses to sign"),
+            "{status:?}"
+        );
+        append(&sidecar, 10, 12).await;
+    }
     assert!(sidecar.stop().success());
     assert_eq!(std::fs::read_to_string(&file).expect("checkpoints"), intact);
 }

@@ -259,8 +259,8 @@ async fn query_one_page(sidecar: &Sidecar) {
         .expect("Query");
 }
 
-/// Verify scans the whole chain. Callers that give up on it leave no scans behind, callers
-/// that wait share scans, and other reads are served beside them.
+/// A full Verify scans the whole chain. Callers that give up on it leave no scans behind,
+/// callers that wait share scans, and other reads are served beside them.
 #[tokio::test]
 async fn verify_calls_share_scans_and_leave_none_behind() {
     const RECORDS: usize = 1500;
@@ -279,7 +279,7 @@ async fn verify_calls_share_scans_and_leave_none_behind() {
             let mut audit =
                 coresdk::proto::audit_service_client::AuditServiceClient::new(channel.clone());
             gave_up.spawn(async move {
-                let mut request = tonic::Request::new(VerifyAuditRequest::default());
+                let mut request = tonic::Request::new(VerifyAuditRequest { full: true });
                 request.set_timeout(Duration::from_millis(50));
                 let _ = audit.verify(request).await;
             });
@@ -288,7 +288,7 @@ async fn verify_calls_share_scans_and_leave_none_behind() {
     while let Some(call) = gave_up.join_next().await {
         call.expect("joined");
     }
-    let next = tokio::time::timeout(HANG_GUARD, verify(&sidecar))
+    let next = tokio::time::timeout(HANG_GUARD, common::checkpoints::verify_full(&sidecar))
         .await
         .expect("a Verify after the abandoned ones is served");
     assert!(next.ok);
@@ -306,7 +306,7 @@ async fn verify_calls_share_scans_and_leave_none_behind() {
         let mut audit = sidecar.audit();
         waiting.spawn(async move {
             let report =
-                tokio::time::timeout(HANG_GUARD, audit.verify(VerifyAuditRequest::default()))
+                tokio::time::timeout(HANG_GUARD, audit.verify(VerifyAuditRequest { full: true }))
                     .await
                     .expect("Verify answers")
                     .expect("Verify")

@@ -6,11 +6,14 @@
 //! on the embedded store with concurrent senders (invoices; then subscription updates, as a
 //! ratio to the invoices: the lifecycle rules and subscription objects at work); plus the server's RSS idle and
 //! at its peak under load; how long a flag change takes to reach watchers (`WatchFlags`, flagd's
-//! `EventStream`; across replicas with PostgreSQL); then the abuse phases (`abuse.rs`). All traffic stays on loopback,
+//! `EventStream`; across replicas with PostgreSQL); then the abuse phases (`abuse.rs`) and the
+//! audit log's (`audit.rs`: Append against an older sidecar, inclusion proofs and Verify on a
+//! large log). All traffic stays on loopback,
 //! bounded in time.
 #![forbid(unsafe_code)]
 
 mod abuse;
+mod audit;
 /// The generator and check of the lifecycle property test, shared so that this run is the
 /// same check, only bigger.
 #[path = "../../tests/lifecycle/histories.rs"]
@@ -105,6 +108,18 @@ struct Args {
     /// Scrapes of `/metrics` timed, one after another on one keep-alive connection.
     #[arg(long, default_value_t = 200)]
     scrapes: usize,
+    /// An older `coresdk` binary (issue 14's baseline: commit 284c761, before the audit Merkle
+    /// tree) whose Append throughput the audit phase compares with, in alternating rounds.
+    #[arg(long)]
+    baseline_sidecar: Option<PathBuf>,
+    /// Records of the log the audit phase seeds to time GetInclusionProof and the Verify of
+    /// 10,000 newer records on (issue 14's targets are at 1,000,000; seeding that takes a
+    /// while, hence the small default).
+    #[arg(long, default_value_t = 20_000)]
+    audit_records: u64,
+    /// Instead of the load phases: only the audit phase.
+    #[arg(long)]
+    audit_only: bool,
 }
 
 /// The `--lifecycle-histories` run.
@@ -412,6 +427,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Some(tenants) = args.sync_tenants {
         return sync_size::run(tenants);
+    }
+    let audit_bench = audit::AuditBench {
+        current: sidecar_binary(args.sidecar.as_deref())?,
+        baseline: args.baseline_sidecar.clone(),
+        records: args.audit_records,
+        rounds: args.seconds.max(1),
+        concurrency: args.webhook_concurrency,
+        connections: args.connections,
+    };
+    if args.audit_only {
+        return audit::run(&audit_bench).await;
     }
     let sidecar = match &args.addr {
         Some(_) => None,
@@ -821,6 +847,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "server RSS after the abuse phases: {:.1} MiB",
             rss as f64 / 1024.0
         );
+    }
+    // Sidecars of their own, on fresh data: they need the bench to start sidecars.
+    if sidecar.is_some() {
+        audit::run(&audit_bench).await?;
+    } else {
+        println!("audit: skipped (--addr: the audit phase starts sidecars of its own)");
     }
     // Last: it leaves the sidecar with many more tenants than the phases above measured.
     match sidecar.as_ref().and_then(|s| s.sides.get("ops")) {

@@ -302,7 +302,7 @@ pub trait StoreTx {
     fn audit_tree_hashes(&mut self, seqs: &[u64]) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
     /// Stores the tree hashes of up to `limit` of the oldest records that lack them (a chain
     /// from before the tree, or records a replica of an older version appended), and answers
-    /// how far the tree now reaches.
+    /// how far the tree now reaches (`limit` 0 only answers that).
     fn extend_audit_tree(&mut self, limit: u64) -> Result<TreeReach, Error>;
 }
 
