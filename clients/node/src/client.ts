@@ -18,6 +18,9 @@ import type { AuthorizeResponse__Output } from './generated/coresdk/v1/Authorize
 import type { AuditRecord__Output } from './generated/coresdk/v1/AuditRecord.js';
 import type { QueryAuditResponse__Output } from './generated/coresdk/v1/QueryAuditResponse.js';
 import type { VerifyAuditResponse__Output } from './generated/coresdk/v1/VerifyAuditResponse.js';
+import type { GetCheckpointResponse__Output } from './generated/coresdk/v1/GetCheckpointResponse.js';
+import type { GetConsistencyProofResponse__Output } from './generated/coresdk/v1/GetConsistencyProofResponse.js';
+import type { InclusionProof__Output } from './generated/coresdk/v1/InclusionProof.js';
 import type { CustomerMapping__Output } from './generated/coresdk/v1/CustomerMapping.js';
 import type { AppendAuditRequest } from './generated/coresdk/v1/AppendAuditRequest.js';
 import type { FlagSnapshot__Output } from './generated/coresdk/v1/FlagSnapshot.js';
@@ -38,12 +41,15 @@ import type {
   AuthorizeOptions,
   ChangeOptions,
   Claims,
+  ConsistencyProof,
   CoreSDKClient,
   Decision,
   Flag,
   FlagExplanation,
   FlagValue,
+  InclusionProof,
   VerifyResult,
+  WebhookOptions,
   WebhookResult,
 } from './types.js';
 import { webhookPayload } from './http.js';
@@ -51,12 +57,15 @@ import { checkFlagList, checkIds, idDefect } from './validation.js';
 import {
   auditRecordFromProto,
   claimsFromProto,
+  consistencyProofFromProto,
   decisionFromProto,
   explanationFromProto,
   flagFromProto,
   flagValueToProto,
+  inclusionProofFromProto,
   metadataToStruct,
   problemFromError,
+  verifyResultFromProto,
   webhookResultFromProto,
 } from './wire.js';
 
@@ -73,6 +82,16 @@ export interface SidecarClientOptions {
   logger?: Logger;
 }
 
+/**
+ * How much longer than its timeout a call with `includeProof` may take: the sidecar answers once
+ * a checkpoint covering the record is signed, which it does early for it (about a second).
+ */
+const PROOF_WAIT_MS = 5_000;
+/**
+ * A full verification replays the whole log, which can take far longer than a call's timeout;
+ * the sidecar stops it at its own request timeout (CORESDK_REQUEST_TIMEOUT_S, 30 s by default).
+ */
+const FULL_VERIFY_TIMEOUT_MS = 60_000;
 const RETRY_FIRST_DELAY_MS = 20;
 const RETRY_MAX_DELAY_MS = 500;
 const WATCH_FIRST_BACKOFF_MS = 50;
@@ -219,6 +238,8 @@ interface CallOptions {
   admin?: boolean;
   /** Safe to send again after a transport failure (reads; webhooks, deduplicated by event id). */
   idempotent?: boolean;
+  /** How much longer than `timeoutMs` the call may take (a proof's checkpoint, a full verification). */
+  extraMs?: number;
 }
 
 function channelCredentials(settings: Settings): grpc.ChannelCredentials {
@@ -328,9 +349,9 @@ export class SidecarClient implements CoreSDKClient {
    * commit, and a retry would write it twice. Such a write waits for the connection instead
    * (within the deadline), so a sidecar that is restarting fails it before it was ever sent.
    */
-  async #call<T>(invoke: Invoke<T>, { admin = false, idempotent = true }: CallOptions = {}): Promise<T> {
+  async #call<T>(invoke: Invoke<T>, { admin = false, idempotent = true, extraMs = 0 }: CallOptions = {}): Promise<T> {
     if (this.#closed) throw this.#closedError();
-    const deadline = Date.now() + this.settings.timeoutMs;
+    const deadline = Date.now() + this.settings.timeoutMs + extraMs;
     let delay = RETRY_FIRST_DELAY_MS;
     for (;;) {
       try {
@@ -508,10 +529,13 @@ export class SidecarClient implements CoreSDKClient {
 
   // -- webhooks -----------------------------------------------------------------------------
 
-  async handleStripeWebhook(rawBody: Buffer | Uint8Array | string, signatureHeader: string): Promise<WebhookResult> {
+  async handleStripeWebhook(rawBody: Buffer | Uint8Array | string, signatureHeader: string, options: WebhookOptions = {}): Promise<WebhookResult> {
     // Never decided by the fail mode: an effect that was not committed must make Stripe retry.
-    const request = { payload: webhookPayload(rawBody, this.settings.problemTypeBase), signatureHeader: signatureHeader ?? '' };
-    const answer = await this.#call<HandleStripeWebhookResponse__Output>((m, o, cb) => this.#webhooks.HandleStripeWebhook(request, m, o, cb));
+    const includeProof = options.includeProof === true;
+    const request = { payload: webhookPayload(rawBody, this.settings.problemTypeBase), signatureHeader: signatureHeader ?? '', includeProof };
+    const answer = await this.#call<HandleStripeWebhookResponse__Output>((m, o, cb) => this.#webhooks.HandleStripeWebhook(request, m, o, cb), {
+      extraMs: includeProof ? PROOF_WAIT_MS : 0,
+    });
     return this.#webhookCommitted(answer);
   }
 
@@ -653,9 +677,12 @@ export class SidecarClient implements CoreSDKClient {
       // Every resend of this record, a retry or the spool's after an outage, answers the one
       // record the sidecar stored, even when an answer was lost after the commit.
       idempotencyKey: randomUUID(),
+      includeProof: options.includeProof === true,
     };
     try {
-      const answer = await this.#call<AuditRecord__Output>((m, o, cb) => this.#audit.Append(request, m, o, cb));
+      const answer = await this.#call<AuditRecord__Output>((m, o, cb) => this.#audit.Append(request, m, o, cb), {
+        extraMs: request.includeProof ? PROOF_WAIT_MS : 0,
+      });
       return auditRecordFromProto(answer);
     } catch (error) {
       if (!(error instanceof SidecarUnavailableError) || this.settings.failMode === 'closed') throw error;
@@ -668,7 +695,8 @@ export class SidecarClient implements CoreSDKClient {
         this.#logger.error('coresdk audit spool is full; the oldest spooled record was dropped');
         this.#spool.shift();
       }
-      this.#spool.push(request);
+      // Nobody waits for the spooled record's answer: its proof would only slow the flush.
+      this.#spool.push({ ...request, includeProof: false });
       return null;
     }
   }
@@ -693,9 +721,29 @@ export class SidecarClient implements CoreSDKClient {
     return records;
   }
 
-  async auditVerify(): Promise<VerifyResult> {
-    const r = await this.#call<VerifyAuditResponse__Output>((m, o, cb) => this.#audit.Verify({}, m, o, cb));
-    return { ok: r.ok, recordsChecked: r.recordsChecked, firstBadSeq: r.firstBadSeq, reason: r.reason };
+  async auditVerify(options: { full?: boolean } = {}): Promise<VerifyResult> {
+    const full = options.full === true;
+    const r = await this.#call<VerifyAuditResponse__Output>((m, o, cb) => this.#audit.Verify({ full }, m, o, cb), {
+      extraMs: full ? Math.max(FULL_VERIFY_TIMEOUT_MS - this.settings.timeoutMs, 0) : 0,
+    });
+    return verifyResultFromProto(r);
+  }
+
+  async auditCheckpoint(): Promise<string> {
+    const r = await this.#call<GetCheckpointResponse__Output>((m, o, cb) => this.#audit.GetCheckpoint({}, m, o, cb));
+    return r.note;
+  }
+
+  async auditInclusionProof(seq: number, treeSize = 0): Promise<InclusionProof> {
+    const request = { seq, treeSize };
+    const r = await this.#call<InclusionProof__Output>((m, o, cb) => this.#audit.GetInclusionProof(request, m, o, cb));
+    return inclusionProofFromProto(r);
+  }
+
+  async auditConsistencyProof(fromSize: number, toSize = 0): Promise<ConsistencyProof> {
+    const request = { fromSize, toSize };
+    const r = await this.#call<GetConsistencyProofResponse__Output>((m, o, cb) => this.#audit.GetConsistencyProof(request, m, o, cb));
+    return consistencyProofFromProto(r);
   }
 
   // -- tenants ------------------------------------------------------------------------------

@@ -14,3 +14,25 @@ export { SidecarClient, type Logger, type SidecarClientOptions } from './client.
 export { checkFlagKey, checkId } from './validation.js';
 export { MOCK_TENANTS, MOCK_WEBHOOK_SECRET, MockSidecar, RulesError, defaultRulesPath } from './mock.js';
 export { CoreSDK } from './sdk.js';
+export {
+  EMPTY_ROOT,
+  MAX_NOTE_BYTES,
+  MAX_PROOF_HASHES,
+  TransparencyError,
+  VerifierKey,
+  keyId,
+  leafHash,
+  nodeHash,
+  openCheckpoint,
+  openNote,
+  parseCheckpoint,
+  parseNote,
+  rootFromInclusionProof,
+  verifyCheckpointConsistency,
+  verifyConsistency,
+  verifyInclusion,
+  verifyRecordInclusion,
+  type Checkpoint,
+  type InclusionProofLike,
+  type NoteSignature,
+} from './transparency.js';

@@ -9,8 +9,23 @@
 // Differences by design: state lives in memory only, bounded (see the MAX_* constants); tokens
 // are verified for HS256/384/512 (`CORESDK_JWT_SECRET`) only; coalesced audit records are written
 // when their window is next looked at rather than by a background task.
+//
+// The audit records form the sidecar's RFC 6962 Merkle tree, with its inclusion and consistency
+// proofs and their errors. Checkpoints differ: the mock runs no background task, so it signs one
+// for the current tree whenever one is asked for (`auditCheckpoint`, tree size 0, `includeProof`)
+// with an Ed25519 key made per mock (`auditVerifierKey`). Its origin and key name are
+// `coresdk.mock/<random hex>`: each mock is a log of its own.
 
-import { createHash, createHmac, timingSafeEqual } from 'node:crypto';
+import {
+  createHash,
+  createHmac,
+  createPublicKey as createPublicKeyFrom,
+  generateKeyPairSync,
+  randomBytes,
+  sign as signEd25519,
+  timingSafeEqual,
+  type KeyObject,
+} from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 
@@ -34,6 +49,7 @@ import {
   trimStartWhiteSpace,
   trimWhiteSpace,
 } from './validation.js';
+import { EMPTY_ROOT, VerifierKey, keyId, leafHash, nodeHash } from './transparency.js';
 import { asJson } from './wire.js';
 import type {
   AdminFlagChange,
@@ -43,6 +59,7 @@ import type {
   AuthorizeOptions,
   ChangeOptions,
   Claims,
+  ConsistencyProof,
   CoreSDKClient,
   Decision,
   Flag,
@@ -50,9 +67,11 @@ import type {
   FlagEvent,
   FlagExplanation,
   FlagValue,
+  InclusionProof,
   JsonValue,
   Problem,
   VerifyResult,
+  WebhookOptions,
   WebhookOutcome,
   WebhookResult,
 } from './types.js';
@@ -164,6 +183,7 @@ const SHAPES = {
   featureLocked: shape(GrpcCode.PERMISSION_DENIED, 403, 'feature-locked', 'Feature Unavailable', 'FEATURE_LOCKED'),
   wrongTenant: shape(GrpcCode.PERMISSION_DENIED, 403, 'wrong-tenant', 'Forbidden', 'WRONG_TENANT'),
   shuttingDown: shape(GrpcCode.UNAVAILABLE, 503, 'shutting-down', 'Shutting down', 'SHUTTING_DOWN'),
+  outOfRange: shape(GrpcCode.OUT_OF_RANGE, 400, 'out-of-range', 'Out of range', 'OUT_OF_RANGE'),
   // The mock's own: its memory bound (the sidecar's store is a database).
   full: shape(GrpcCode.RESOURCE_EXHAUSTED, 507, 'mock-capacity', 'Mock capacity reached', 'MOCK_CAPACITY'),
 };
@@ -817,6 +837,8 @@ interface StoredRecord {
   prevHash: string;
   hash: string;
   canonical: Buffer;
+  /** Its Merkle tree leaf hash, SHA-256(0x00 ‖ canonical). */
+  leaf: Buffer;
 }
 
 function jcs(value: JsonValue): string {
@@ -863,6 +885,22 @@ function reservedNamespace(event: string): string | null {
   return RESERVED_NAMESPACES.find((ns) => lowered === ns || lowered.startsWith(`${ns}.`)) ?? null;
 }
 
+/** The largest power of two smaller than `n` (n ≥ 2): where RFC 6962 splits a tree. */
+function splitPoint(n: number): number {
+  let k = 1;
+  while (k * 2 < n) k *= 2;
+  return k;
+}
+
+/** The raw 32-byte public key of an Ed25519 private key: the tail of its SPKI DER form (RFC 8410). */
+function spkiRaw(privateKey: KeyObject): Buffer {
+  const der = createPublicKeyFrom(privateKey).export({ format: 'der', type: 'spki' });
+  return der.subarray(der.length - 32);
+}
+
+/** A root or proof needs the hash of a record the mock no longer keeps. */
+class DroppedLeaves extends Error {}
+
 class AuditTrail {
   #records: StoredRecord[] = [];
   #head = { seq: 0, hash: GENESIS_HASH };
@@ -897,13 +935,82 @@ class AuditTrail {
       prevHash: this.#head.hash,
       hash,
       canonical,
+      leaf: leafHash(canonical),
     };
     this.#records.push(stored);
     this.#head = { seq, hash };
     if (this.#records.length > MAX_AUDIT_RECORDS + MAX_AUDIT_RECORDS / 10) {
-      this.#records.splice(0, this.#records.length - MAX_AUDIT_RECORDS);
+      this.#drop(this.#records.length - MAX_AUDIT_RECORDS);
     }
     return stored;
+  }
+
+  // -- the Merkle tree (RFC 6962 section 2.1) ---------------------------------------------------
+
+  /**
+   * The roots of the complete subtrees of the dropped records' prefix, by `first leaf:leaf
+   * count`: the only hashes of theirs any root or proof of a kept record needs (see #subtree).
+   */
+  #dropped = new Map<string, Buffer>();
+
+  /** The leaf index of the oldest kept record: the dropped prefix's size. */
+  #firstLeaf(): number {
+    return (this.#records[0]?.seq ?? this.#head.seq + 1) - 1;
+  }
+
+  /**
+   * Drops the oldest `count` records, keeping the roots of the complete subtrees that the binary
+   * decomposition of the new dropped prefix has (one per set bit of its size).
+   */
+  #drop(count: number): void {
+    const end = this.#firstLeaf() + count;
+    const frontier = new Map<string, Buffer>();
+    let start = 0;
+    for (let size = 2 ** Math.floor(Math.log2(end)); size >= 1; size /= 2) {
+      if (end - start >= size) {
+        frontier.set(`${start}:${size}`, this.subtree(start, start + size));
+        start += size;
+      }
+    }
+    this.#records.splice(0, count);
+    this.#dropped = frontier;
+  }
+
+  /**
+   * MTH(D[lo:hi]). A range within the dropped prefix is known only as one of its kept subtree
+   * roots: every range a root or a kept record's proof needs is (its parent reaches past the
+   * prefix, so it is a maximal one). Null when the range needs a dropped record's hash.
+   */
+  subtree(lo: number, hi: number): Buffer {
+    const first = this.#firstLeaf();
+    if (hi <= first && hi > lo) {
+      const known = this.#dropped.get(`${lo}:${hi - lo}`);
+      if (known === undefined) throw new DroppedLeaves();
+      return known;
+    }
+    const n = hi - lo;
+    if (n === 0) return EMPTY_ROOT;
+    if (n === 1) return (this.#records[lo - first] as StoredRecord).leaf;
+    const k = splitPoint(n);
+    return nodeHash(this.subtree(lo, lo + k), this.subtree(lo + k, hi));
+  }
+
+  /** PATH(m, D[lo:hi]) (RFC 6962 section 2.1.1), leaf m counted from 0 of the whole tree. */
+  path(m: number, lo: number, hi: number): Buffer[] {
+    const n = hi - lo;
+    if (n <= 1) return [];
+    const k = splitPoint(n);
+    if (m < lo + k) return [...this.path(m, lo, lo + k), this.subtree(lo + k, hi)];
+    return [...this.path(m, lo + k, hi), this.subtree(lo, lo + k)];
+  }
+
+  /** SUBPROOF(m, D[lo:hi], b) (RFC 6962 section 2.1.2). */
+  subproof(m: number, lo: number, hi: number, whole: boolean): Buffer[] {
+    const n = hi - lo;
+    if (m === n) return whole ? [] : [this.subtree(lo, hi)];
+    const k = splitPoint(n);
+    if (m <= k) return [...this.subproof(m, lo, lo + k, whole), this.subtree(lo + k, hi)];
+    return [...this.subproof(m - k, lo + k, hi, false), this.subtree(lo, lo + k)];
   }
 
   at(seq: number): StoredRecord | undefined {
@@ -925,19 +1032,22 @@ class AuditTrail {
     let prev = this.#records[0]?.prevHash ?? GENESIS_HASH;
     let expected = this.#records[0]?.seq ?? 1;
     let checked = 0;
+    const head = { headSeq: this.#head.seq, headHash: this.#head.hash, warnings: [], checkpointSize: 0 };
     for (const record of this.#records) {
-      const fail = (reason: string): VerifyResult => ({ ok: false, recordsChecked: checked, firstBadSeq: record.seq, reason });
+      const fail = (reason: string): VerifyResult => ({ ok: false, recordsChecked: checked, firstBadSeq: record.seq, reason, ...head, treeRoot: '' });
       if (record.seq !== expected) return fail(`record ${expected} is missing (the next stored record is ${record.seq})`);
       if (record.prevHash !== prev) {
         return fail(`record ${record.seq} does not link to record ${record.seq - 1} (removed, reordered or altered)`);
       }
       const hash = chainHash(prev, record.canonical);
-      if (record.hash !== hash) return fail(`record ${record.seq} was altered (its hash does not match its content)`);
+      if (record.hash !== hash || !record.leaf.equals(leafHash(record.canonical))) {
+        return fail(`record ${record.seq} was altered (its hash does not match its content)`);
+      }
       checked += 1;
       expected += 1;
       prev = hash;
     }
-    return { ok: true, recordsChecked: checked, firstBadSeq: 0, reason: '' };
+    return { ok: true, recordsChecked: checked, firstBadSeq: 0, reason: '', ...head, treeRoot: this.subtree(0, this.#head.seq).toString('hex') };
   }
 }
 
@@ -1235,6 +1345,12 @@ export class MockSidecar implements CoreSDKClient {
   readonly #maxParkedPerCustomer: number;
 
   readonly #audit = new AuditTrail();
+  /** The log's name (checkpoint origin and key name) and Ed25519 key: each mock is a log of its own. */
+  readonly #origin = `coresdk.mock/${randomBytes(6).toString('hex')}`;
+  readonly #signingKey: KeyObject = generateKeyPairSync('ed25519').privateKey;
+  readonly #verifierKey: VerifierKey;
+  /** The newest checkpoint, signed when first asked for. */
+  #checkpoint = { size: -1, note: '' };
   readonly #customers = new Map<string, string>();
   readonly #flags = new Map<string, FlagRecord>();
   readonly #processed = new Map<string, Processed>();
@@ -1248,6 +1364,8 @@ export class MockSidecar implements CoreSDKClient {
 
   constructor(settings?: Settings, env: Env = process.env) {
     this.settings = settings ?? settingsFromEnv(env, { useMock: true });
+    const typed = Buffer.concat([Uint8Array.of(1), spkiRaw(this.#signingKey)]);
+    this.#verifierKey = VerifierKey.parse(`${this.#origin}+${keyId(this.#origin, typed).toString(16).padStart(8, '0')}+${typed.toString('base64')}`);
     this.#rules = loadRules(env);
     const secrets = splitSecrets(env.STRIPE_WEBHOOK_SECRET);
     this.#webhookSecrets = (secrets.length > 0 ? secrets : [MOCK_WEBHOOK_SECRET]).map((s) => Buffer.from(s, 'utf8'));
@@ -1402,7 +1520,8 @@ export class MockSidecar implements CoreSDKClient {
     }
     if (violations.length > 0) throw this.#error(refuse.invalid(violations));
     if (record.tenant !== '') this.#checkId('tenant_id', record.tenant);
-    return publicRecord(this.#audit.append({ ...record, metadata }, Date.now()));
+    const stored = publicRecord(this.#audit.append({ ...record, metadata }, Date.now()));
+    return options.includeProof === true ? { ...stored, inclusionProof: this.#prove(stored.seq, 0) } : stored;
   }
 
   async auditQuery(query: AuditQuery = {}): Promise<AuditRecord[]> {
@@ -1421,14 +1540,88 @@ export class MockSidecar implements CoreSDKClient {
     return out;
   }
 
-  async auditVerify(): Promise<VerifyResult> {
+  /** The mock always checks every record it keeps (it signs no checkpoint to start from). */
+  async auditVerify(_options: { full?: boolean } = {}): Promise<VerifyResult> {
     this.#open();
     return this.#audit.verify();
   }
 
+  /** The verifier key of this mock's checkpoints, as `coresdk audit public-key` prints the sidecar's. */
+  get auditVerifierKey(): string {
+    return this.#verifierKey.toString();
+  }
+
+  /** MTH(D[lo:hi]) and the proofs, with the mock's capacity problem for dropped records. */
+  #tree<T>(compute: (trail: AuditTrail) => T): T {
+    try {
+      return compute(this.#audit);
+    } catch (e) {
+      if (e instanceof DroppedLeaves) throw this.#capacity('audit records (the proof needs hashes of dropped ones)', MAX_AUDIT_RECORDS);
+      throw e;
+    }
+  }
+
+  /** A checkpoint of the current tree (the newest, signed when first asked for). */
+  #signCheckpoint(): { size: number; note: string } {
+    const size = this.#audit.headSeq;
+    if (this.#checkpoint.size !== size) {
+      const root = this.#tree((trail) => trail.subtree(0, size));
+      const text = `${this.#origin}\n${size}\n${root.toString('base64')}\n`;
+      const id = Buffer.alloc(4);
+      id.writeUInt32BE(this.#verifierKey.keyId);
+      const signature = Buffer.concat([id, signEd25519(null, Buffer.from(text, 'utf8'), this.#signingKey)]);
+      this.#checkpoint = { size, note: `${text}\n\u2014 ${this.#origin} ${signature.toString('base64')}\n` };
+    }
+    return this.#checkpoint;
+  }
+
+  /** As the sidecar's App::inclusion_proof, with its errors; tree size 0 is the newest checkpoint's. */
+  #prove(seq: number, treeSize: number): InclusionProof {
+    if (seq === 0) throw this.#invalid('seq', 'is required (records are numbered from 1)');
+    let checkpoint = '';
+    let size = treeSize;
+    if (size === 0) ({ size, note: checkpoint } = this.#signCheckpoint());
+    if (size < seq) throw this.#invalid('tree_size', `is ${size}, smaller than the seq ${seq} it must hold`);
+    this.#withinLog(size);
+    return { leafIndex: seq - 1, treeSize: size, hashes: this.#tree((trail) => trail.path(seq - 1, 0, size)), checkpoint };
+  }
+
+  #withinLog(treeSize: number): void {
+    const records = this.#audit.headSeq;
+    if (treeSize > records) {
+      throw this.#error(
+        new Refusal(SHAPES.outOfRange, `the audit log holds ${records} records, fewer than the tree size ${treeSize} asked for`),
+      );
+    }
+  }
+
+  async auditCheckpoint(): Promise<string> {
+    this.#open();
+    return this.#signCheckpoint().note;
+  }
+
+  async auditInclusionProof(seq: number, treeSize = 0): Promise<InclusionProof> {
+    this.#open();
+    return this.#prove(seq, treeSize);
+  }
+
+  async auditConsistencyProof(fromSize: number, toSize = 0): Promise<ConsistencyProof> {
+    this.#open();
+    const to = toSize === 0 ? this.#signCheckpoint().size : toSize;
+    if (fromSize > to) throw this.#invalid('from_size', `is ${fromSize}, larger than to_size ${to}`);
+    this.#withinLog(to);
+    const hashes = fromSize === 0 || fromSize === to ? [] : this.#tree((trail) => trail.subproof(fromSize, 0, to, true));
+    return { fromSize, toSize: to, hashes };
+  }
+
   // -- webhooks ---------------------------------------------------------------------------------
 
-  async handleStripeWebhook(rawBody: Buffer | Uint8Array | string, signatureHeader: string): Promise<WebhookResult> {
+  async handleStripeWebhook(rawBody: Buffer | Uint8Array | string, signatureHeader: string, options: WebhookOptions = {}): Promise<WebhookResult> {
+    const result = await this.#handleStripeWebhook(rawBody, signatureHeader);
+    return options.includeProof === true ? { ...result, inclusionProof: this.#prove(result.auditSeq, 0) } : result;
+  }
+
+  async #handleStripeWebhook(rawBody: Buffer | Uint8Array | string, signatureHeader: string): Promise<WebhookResult> {
     this.#open();
     const payload = webhookPayload(rawBody, this.#typeBase);
     let event: StripeEvent;

@@ -50,6 +50,16 @@ export interface WebhookResult {
   auditSeq: number;
   /** Flags a newer event had already decided (outcome `stale`). */
   staleFlags: string[];
+  /** Only when asked for (`includeProof`): the proof of the audit record `auditSeq`. */
+  inclusionProof?: InclusionProof;
+}
+
+export interface WebhookOptions {
+  /**
+   * Answer with the inclusion proof of the delivery's audit record against the checkpoint
+   * signed for it (the call waits for that checkpoint, about a second).
+   */
+  includeProof?: boolean;
 }
 
 /** A Stripe event as its delivery's (or replay's) audit record tells it. */
@@ -111,8 +121,30 @@ export interface AuditRecord {
   prevHash: string;
   /** Hex SHA-256("coresdk.audit.v1\0" ‖ prev hash bytes ‖ canonical). */
   hash: string;
-  /** The exact RFC 8785 bytes that were hashed. */
+  /** The exact RFC 8785 bytes that were hashed: the record's Merkle tree leaf data. */
   canonical: Buffer;
+  /** Only when asked for (`audit({ ..., includeProof: true })`). */
+  inclusionProof?: InclusionProof;
+}
+
+/**
+ * An RFC 9162 inclusion proof: the audit path (raw 32-byte hashes, from the leaf's sibling
+ * upwards) from leaf `leafIndex` (the record with seq `leafIndex + 1`) to the root of the tree
+ * of `treeSize` records. `checkpoint` is the signed note of that tree when the proof was asked
+ * for against a checkpoint ('' otherwise). Check it with `verifyRecordInclusion`.
+ */
+export interface InclusionProof {
+  leafIndex: number;
+  treeSize: number;
+  hashes: Buffer[];
+  checkpoint: string;
+}
+
+/** An RFC 9162 consistency proof that the tree of `toSize` records extends the one of `fromSize`. */
+export interface ConsistencyProof {
+  fromSize: number;
+  toSize: number;
+  hashes: Buffer[];
 }
 
 export interface VerifyResult {
@@ -120,6 +152,16 @@ export interface VerifyResult {
   recordsChecked: number;
   firstBadSeq: number;
   reason: string;
+  headSeq: number;
+  headHash: string;
+  warnings: string[];
+  /**
+   * The checkpoint the check started from (0 when none, or with `full`): records up to it are
+   * covered by its signature and the consistency proof to the current tree.
+   */
+  checkpointSize: number;
+  /** The current tree's root (hex) the new records and the consistency proof were checked against. */
+  treeRoot: string;
 }
 
 export interface AuthorizeOptions {
@@ -141,6 +183,11 @@ export interface AuditOptions {
   actor: string;
   tenantId?: string;
   metadata?: { [key: string]: unknown };
+  /**
+   * Answer the record with `inclusionProof`: its proof against the checkpoint signed for it,
+   * whose note is `inclusionProof.checkpoint` (the call waits for that checkpoint, about a second).
+   */
+  includeProof?: boolean;
 }
 
 export interface AuditQuery {
@@ -166,7 +213,7 @@ export interface CoreSDKClient {
    * rejects with a ProblemError otherwise (answer `problem.status` so Stripe retries). Never
    * decided by the fail mode.
    */
-  handleStripeWebhook(rawBody: Buffer | Uint8Array | string, signatureHeader: string): Promise<WebhookResult>;
+  handleStripeWebhook(rawBody: Buffer | Uint8Array | string, signatureHeader: string, options?: WebhookOptions): Promise<WebhookResult>;
   /** Admin: feeds one exported event through the webhook path without a signature. */
   replayEvent(payload: Buffer | Uint8Array | string, options: { reason: string }): Promise<WebhookResult>;
 
@@ -184,7 +231,26 @@ export interface CoreSDKClient {
   /** Appends an application event to the audit trail; null when spooled under fail mode `open`. */
   audit(options: AuditOptions): Promise<AuditRecord | null>;
   auditQuery(query?: AuditQuery): Promise<AuditRecord[]>;
-  auditVerify(): Promise<VerifyResult>;
+  /**
+   * Checks the log: by default the records added since the newest checkpoint and a consistency
+   * proof from it; with `full`, every record and hash from the first.
+   */
+  auditVerify(options?: { full?: boolean }): Promise<VerifyResult>;
+  /**
+   * The newest signed checkpoint: a C2SP tlog-checkpoint note (check it with `openCheckpoint`
+   * and the log's verifier key). NOT_FOUND (404) before the first checkpoint.
+   */
+  auditCheckpoint(): Promise<string>;
+  /**
+   * The RFC 9162 inclusion proof of record `seq` in the tree of `treeSize` records; 0 (the
+   * default) means the newest checkpoint's tree, whose note comes with the proof.
+   */
+  auditInclusionProof(seq: number, treeSize?: number): Promise<InclusionProof>;
+  /**
+   * The RFC 9162 consistency proof that the tree of `toSize` records (0, the default: the
+   * newest checkpoint's) extends the one of `fromSize`.
+   */
+  auditConsistencyProof(fromSize: number, toSize?: number): Promise<ConsistencyProof>;
   /** Audit records waiting in the local spool for the sidecar to come back. */
   readonly spooled: number;
 

@@ -6,6 +6,9 @@ import type * as grpc from '@grpc/grpc-js';
 import { FlagNotFoundError, GrpcCode, ProblemError, SidecarUnavailableError, unavailableProblem } from './errors.js';
 import type { AdminFlagChange__Output } from './generated/coresdk/v1/AdminFlagChange.js';
 import type { AuditRecord__Output } from './generated/coresdk/v1/AuditRecord.js';
+import type { GetConsistencyProofResponse__Output } from './generated/coresdk/v1/GetConsistencyProofResponse.js';
+import type { InclusionProof__Output } from './generated/coresdk/v1/InclusionProof.js';
+import type { VerifyAuditResponse__Output } from './generated/coresdk/v1/VerifyAuditResponse.js';
 import type { AuthorizeResponse__Output } from './generated/coresdk/v1/AuthorizeResponse.js';
 import type { Claims__Output } from './generated/coresdk/v1/Claims.js';
 import type { ExplainFlagResponse__Output } from './generated/coresdk/v1/ExplainFlagResponse.js';
@@ -21,13 +24,16 @@ import { api, PROBLEM_TYPE_URL } from './proto.js';
 import type {
   AuditRecord,
   Claims,
+  ConsistencyProof,
   Decision,
   Flag,
   FlagEvent,
   FlagExplanation,
   FlagValue as PublicFlagValue,
+  InclusionProof,
   JsonValue,
   Problem,
+  VerifyResult,
   WebhookOutcome,
   WebhookResult,
 } from './types.js';
@@ -164,6 +170,7 @@ export function webhookResultFromProto(r: HandleStripeWebhookResponse__Output): 
     })),
     auditSeq: r.auditSeq,
     staleFlags: r.staleFlags,
+    ...(r.inclusionProof ? { inclusionProof: inclusionProofFromProto(r.inclusionProof) } : {}),
   };
 }
 
@@ -237,6 +244,29 @@ export function auditRecordFromProto(r: AuditRecord__Output): AuditRecord {
     prevHash: r.prevHash,
     hash: r.hash,
     canonical: r.canonical,
+    ...(r.inclusionProof ? { inclusionProof: inclusionProofFromProto(r.inclusionProof) } : {}),
+  };
+}
+
+export function inclusionProofFromProto(p: InclusionProof__Output): InclusionProof {
+  return { leafIndex: p.leafIndex, treeSize: p.treeSize, hashes: p.hashes, checkpoint: p.checkpoint };
+}
+
+export function consistencyProofFromProto(p: GetConsistencyProofResponse__Output): ConsistencyProof {
+  return { fromSize: p.fromSize, toSize: p.toSize, hashes: p.hashes };
+}
+
+export function verifyResultFromProto(r: VerifyAuditResponse__Output): VerifyResult {
+  return {
+    ok: r.ok,
+    recordsChecked: r.recordsChecked,
+    firstBadSeq: r.firstBadSeq,
+    reason: r.reason,
+    headSeq: r.headSeq,
+    headHash: r.headHash,
+    warnings: r.warnings,
+    checkpointSize: r.checkpointSize,
+    treeRoot: r.treeRoot,
   };
 }
 

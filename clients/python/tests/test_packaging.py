@@ -51,15 +51,16 @@ def test_the_mock_reads_rules_with_tomli_where_tomllib_is_missing():
 
 
 def test_the_test_requirements_allow_only_what_the_client_declares():
-    """A test environment with a runtime the client does not accept tests nothing a user gets."""
+    """A test environment with a runtime the client does not accept tests nothing a user gets:
+    its dependencies and its extras' (`verify`: cryptography) alike."""
     import tomllib
 
     from packaging.requirements import Requirement
 
-    declared = {
-        r.name: r.specifier
-        for r in map(Requirement, tomllib.loads((PACKAGE / "pyproject.toml").read_text())["project"]["dependencies"])
-    }
+    project = tomllib.loads((PACKAGE / "pyproject.toml").read_text())["project"]
+    wanted_by_extras = [r for extra in project["optional-dependencies"].values() for r in extra]
+    declared = {r.name: r.specifier for r in map(Requirement, project["dependencies"] + wanted_by_extras)}
+    assert "cryptography" in declared, "the verify extra declares cryptography"
     for line in (ROOT / "scripts" / "requirements-test.txt").read_text().splitlines():
         line = line.split("#")[0].strip()
         if not line or line.startswith("-"):

@@ -31,6 +31,9 @@ class AsyncSDK:
         "audit",
         "audit_query",
         "audit_verify",
+        "audit_checkpoint",
+        "audit_inclusion_proof",
+        "audit_consistency_proof",
         "map_customer",
         "resolve_customer",
     }

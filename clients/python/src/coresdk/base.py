@@ -5,16 +5,29 @@ import abc
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from coresdk.config import Settings
-from coresdk.models import AuditRecord, Claims, Decision, Flag, FlagExplanation, FlagValue, VerifyResult, WebhookResult
+from coresdk.models import (
+    AuditRecord,
+    Claims,
+    ConsistencyProof,
+    Decision,
+    Flag,
+    FlagExplanation,
+    FlagValue,
+    InclusionProof,
+    VerifyResult,
+    WebhookResult,
+)
 
 
 class BaseSDK(abc.ABC):
     settings: Settings
 
     @abc.abstractmethod
-    def handle_stripe_webhook(self, payload: bytes, signature_header: str) -> WebhookResult:
+    def handle_stripe_webhook(self, payload: bytes, signature_header: str, *, include_proof: bool = False) -> WebhookResult:
         """Forwards a Stripe delivery (raw body, `Stripe-Signature`). Returns only once the effect
-        is committed; raises ProblemError otherwise (answer `problem.status` so Stripe retries)."""
+        is committed; raises ProblemError otherwise (answer `problem.status` so Stripe retries).
+        With `include_proof`, the result carries the inclusion proof of the delivery's audit
+        record against the checkpoint signed for it (the call waits for that checkpoint)."""
 
     @abc.abstractmethod
     def replay_event(self, payload: bytes, *, reason: str) -> WebhookResult:
@@ -50,9 +63,19 @@ class BaseSDK(abc.ABC):
 
     @abc.abstractmethod
     def audit(
-        self, event: str, *, outcome: str, actor: str, tenant_id: str = "", metadata: Optional[Mapping[str, Any]] = None
+        self,
+        event: str,
+        *,
+        outcome: str,
+        actor: str,
+        tenant_id: str = "",
+        metadata: Optional[Mapping[str, Any]] = None,
+        include_proof: bool = False,
     ) -> Optional[AuditRecord]:
-        """Appends an application event to the audit trail (None when spooled under fail mode open)."""
+        """Appends an application event to the audit trail (None when spooled under fail mode
+        open). With `include_proof`, the record carries `inclusion_proof`: its proof against the
+        checkpoint signed for it, whose note is `inclusion_proof.checkpoint` (the call waits
+        for that checkpoint, about a second)."""
 
     @abc.abstractmethod
     def audit_query(
@@ -65,7 +88,25 @@ class BaseSDK(abc.ABC):
     ) -> list[AuditRecord]: ...
 
     @abc.abstractmethod
-    def audit_verify(self) -> VerifyResult: ...
+    def audit_verify(self, *, full: bool = False) -> VerifyResult:
+        """Checks the log: by default the records added since the newest checkpoint and a
+        consistency proof from it; with `full`, every record and hash from the first."""
+
+    @abc.abstractmethod
+    def audit_checkpoint(self) -> str:
+        """The newest signed checkpoint: a C2SP tlog-checkpoint note (check it with
+        `coresdk.transparency.open_checkpoint` and the log's verifier key). NOT_FOUND (404)
+        before the first checkpoint."""
+
+    @abc.abstractmethod
+    def audit_inclusion_proof(self, seq: int, tree_size: int = 0) -> InclusionProof:
+        """The RFC 9162 inclusion proof of record `seq` in the tree of `tree_size` records; 0
+        means the newest checkpoint's tree, whose note comes with the proof."""
+
+    @abc.abstractmethod
+    def audit_consistency_proof(self, from_size: int, to_size: int = 0) -> ConsistencyProof:
+        """The RFC 9162 consistency proof that the tree of `to_size` records (0: the newest
+        checkpoint's) extends the one of `from_size`."""
 
     @abc.abstractmethod
     def map_customer(self, customer_id: str, tenant_id: str, *, actor: str, reason: str = "") -> int:

@@ -26,7 +26,19 @@ from coresdk.errors import (
     unavailable_problem,
 )
 from coresdk.validation import check_ids
-from coresdk.models import AuditRecord, Claims, Decision, Flag, FlagExplanation, FlagValue, VerifyResult, WebhookResult, value_to_proto
+from coresdk.models import (
+    AuditRecord,
+    Claims,
+    ConsistencyProof,
+    Decision,
+    Flag,
+    FlagExplanation,
+    FlagValue,
+    InclusionProof,
+    VerifyResult,
+    WebhookResult,
+    value_to_proto,
+)
 from coresdk.v1 import (
     audit_pb2,
     audit_pb2_grpc,
@@ -42,6 +54,12 @@ from coresdk.v1 import (
 
 log = logging.getLogger("coresdk")
 T = TypeVar("T")
+# How much longer than its timeout a call with include_proof may take: the sidecar answers
+# once a checkpoint covering the record is signed, which it does early for it (about a second).
+PROOF_WAIT_S = 5.0
+# A full verification replays the whole log, which can take far longer than a call's timeout;
+# the sidecar stops it at its own request timeout (CORESDK_REQUEST_TIMEOUT_S, 30 s by default).
+FULL_VERIFY_TIMEOUT_S = 60.0
 
 
 class Outage:
@@ -289,10 +307,13 @@ class SidecarClient(BaseSDK):
 
     # -- webhooks -------------------------------------------------------------------------
 
-    def handle_stripe_webhook(self, payload: bytes, signature_header: str) -> WebhookResult:
+    def handle_stripe_webhook(self, payload: bytes, signature_header: str, *, include_proof: bool = False) -> WebhookResult:
         # Never fails open: an effect that was not committed must make Stripe retry.
-        request = webhook_pb2.HandleStripeWebhookRequest(payload=payload, signature_header=signature_header or "")
-        return self._webhook_committed(self._call(self._webhooks.HandleStripeWebhook, request))
+        request = webhook_pb2.HandleStripeWebhookRequest(
+            payload=payload, signature_header=signature_header or "", include_proof=include_proof
+        )
+        deadline = time.monotonic() + self.settings.timeout_ms / 1000 + (PROOF_WAIT_S if include_proof else 0)
+        return self._webhook_committed(self._call(self._webhooks.HandleStripeWebhook, request, deadline=deadline))
 
     def replay_event(self, payload: bytes, *, reason: str) -> WebhookResult:
         request = webhook_pb2.ReplayStripeEventRequest(payload=payload, reason=reason)
@@ -436,7 +457,14 @@ class SidecarClient(BaseSDK):
     # -- audit ----------------------------------------------------------------------------
 
     def audit(
-        self, event: str, *, outcome: str, actor: str, tenant_id: str = "", metadata: Optional[Mapping[str, Any]] = None
+        self,
+        event: str,
+        *,
+        outcome: str,
+        actor: str,
+        tenant_id: str = "",
+        metadata: Optional[Mapping[str, Any]] = None,
+        include_proof: bool = False,
     ) -> Optional[AuditRecord]:
         struct = struct_pb2.Struct()
         if metadata:
@@ -446,14 +474,20 @@ class SidecarClient(BaseSDK):
         request = audit_pb2.AppendAuditRequest(
             tenant_id=tenant_id, actor=actor, event=event, outcome=outcome, metadata=struct,
             idempotency_key=uuid.uuid4().hex,
+            include_proof=include_proof,
         )
+        # With include_proof the sidecar answers once a checkpoint covering the record is
+        # signed (about a second), so the call gets that long beyond its own timeout.
+        deadline = time.monotonic() + self.settings.timeout_ms / 1000 + (PROOF_WAIT_S if include_proof else 0)
         try:
-            return AuditRecord.from_proto(self._call(self._audit.Append, request))
+            return AuditRecord.from_proto(self._call(self._audit.Append, request, deadline=deadline))
         except SidecarUnavailable:
             if self.settings.fail_mode == "closed":
                 raise
             if len(self._spool) == self._spool.maxlen:
                 log.error("coresdk audit spool is full; the oldest spooled record was dropped")
+            # Nobody waits for the spooled record's answer: its proof would only slow the flush.
+            request.include_proof = False
             self._spool.append(request)
             return None
 
@@ -481,9 +515,20 @@ class SidecarClient(BaseSDK):
                 break
         return records
 
-    def audit_verify(self) -> VerifyResult:
-        r = self._call(self._audit.Verify, audit_pb2.VerifyAuditRequest())
-        return VerifyResult(ok=r.ok, records_checked=r.records_checked, first_bad_seq=r.first_bad_seq, reason=r.reason)
+    def audit_verify(self, *, full: bool = False) -> VerifyResult:
+        deadline = None if not full else time.monotonic() + max(FULL_VERIFY_TIMEOUT_S, self.settings.timeout_ms / 1000)
+        return VerifyResult.from_proto(self._call(self._audit.Verify, audit_pb2.VerifyAuditRequest(full=full), deadline=deadline))
+
+    def audit_checkpoint(self) -> str:
+        return self._call(self._audit.GetCheckpoint, audit_pb2.GetCheckpointRequest()).note
+
+    def audit_inclusion_proof(self, seq: int, tree_size: int = 0) -> InclusionProof:
+        request = audit_pb2.GetInclusionProofRequest(seq=seq, tree_size=tree_size)
+        return InclusionProof.from_proto(self._call(self._audit.GetInclusionProof, request))
+
+    def audit_consistency_proof(self, from_size: int, to_size: int = 0) -> ConsistencyProof:
+        request = audit_pb2.GetConsistencyProofRequest(from_size=from_size, to_size=to_size)
+        return ConsistencyProof.from_proto(self._call(self._audit.GetConsistencyProof, request))
 
     # -- tenants --------------------------------------------------------------------------
 

@@ -11,6 +11,13 @@ Events of customers with no tenant are parked with the sidecar's bounds and appl
 customer is mapped. Differences, by design: state lives in memory only (so parked events never
 reach the sidecar's 30-day expiry); tokens are verified for HS256/384/512 (`CORESDK_JWT_SECRET`)
 only.
+
+The audit records form the sidecar's RFC 6962 Merkle tree, with its inclusion and consistency
+proofs and their errors. Checkpoints differ: the mock runs no background task, so it signs one
+for the current tree whenever one is asked for (`audit_checkpoint`, `tree_size=0`,
+`include_proof`), with an Ed25519 key of its own made per mock (`audit_verifier_key`; signing
+needs the `cryptography` package, `pip install 'coresdk[verify]'`). Its origin and key name are
+`coresdk.mock/<random hex>`: each mock is a log of its own.
 """
 from __future__ import annotations
 
@@ -22,8 +29,10 @@ import json
 import math
 import os
 import re
+from secrets import token_hex
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Mapping, Optional, Sequence
@@ -39,17 +48,20 @@ import rfc8785
 from coresdk.base import BaseSDK
 from coresdk.config import Settings
 from coresdk.errors import FlagNotFound, Problem, ProblemError
+from coresdk import transparency
 from coresdk.validation import FLAG_KEY, WHITE_SPACE, ascii_lower, check_ids, id_defect, invalid, quoted, rust_trim
 from coresdk.models import (
     AdminFlagChange,
     AuditRecord,
     Claims,
+    ConsistencyProof,
     Decision,
     Flag,
     FlagChange,
     FlagEvent,
     FlagExplanation,
     FlagValue,
+    InclusionProof,
     VerifyResult,
     WebhookResult,
     rfc3339_ms,
@@ -597,6 +609,14 @@ class MockSidecar(BaseSDK):
         # "entitlements") -> (the newest event's order, the state it left).
         self._objects: dict[tuple[str, str], tuple[tuple[int, int, str], dict[str, Any]]] = {}
         self._audit: list[AuditRecord] = []
+        # The Merkle tree: the leaf hash of each kept record, and the roots of the complete
+        # subtrees of the dropped records' prefix ((first leaf, leaf count) -> hash), the only
+        # hashes of theirs any root or proof of a kept record needs (see _subtree).
+        self._leaves: list[bytes] = []
+        self._dropped: dict[tuple[int, int], bytes] = {}
+        self._origin = f"coresdk.mock/{token_hex(6)}"
+        self._signing_key: Any = None
+        self._checkpoint: tuple[int, str] = (-1, "")
         self._version = 0
         # Coalescing windows by key: (start, start in ms, repeats since, the repeats record's pattern).
         # Refused deliveries and denials, coalesced as the sidecar does (src/coalesce.rs).
@@ -626,10 +646,148 @@ class MockSidecar(BaseSDK):
         digest = hashlib.sha256(DOMAIN_TAG + bytes.fromhex(prev) + canonical).hexdigest()
         record = AuditRecord(seq, tenant_id, actor, event, outcome, metadata, digest, at, prev, canonical)
         self._audit.append(record)
+        self._leaves.append(transparency.leaf_hash(canonical))
         # Dropped in batches, not one per append: a list's front deletion moves every record.
         if len(self._audit) > MAX_AUDIT_RECORDS + MAX_AUDIT_RECORDS // 10:
-            del self._audit[: len(self._audit) - MAX_AUDIT_RECORDS]
+            self._drop(len(self._audit) - MAX_AUDIT_RECORDS)
         return record
+
+    # -- the Merkle tree ------------------------------------------------------------------
+
+    def _first_leaf(self) -> int:
+        """The leaf index of the oldest kept record: the dropped prefix's size."""
+        return self._audit[0].seq - 1 if self._audit else 0
+
+    def _drop(self, count: int) -> None:
+        """Drops the oldest `count` records, keeping the roots of the complete subtrees that
+        the binary decomposition of the new dropped prefix has (one per set bit of its size)."""
+        end = self._first_leaf() + count
+        frontier: dict[tuple[int, int], bytes] = {}
+        start = 0
+        for bit in reversed(range(end.bit_length())):
+            if end >> bit & 1:
+                frontier[(start, 1 << bit)] = self._subtree(start, start + (1 << bit))
+                start += 1 << bit
+        del self._audit[:count]
+        del self._leaves[:count]
+        self._dropped = frontier
+
+    def _subtree(self, lo: int, hi: int) -> bytes:
+        """MTH(D[lo:hi]) as RFC 6962 section 2.1 defines it. A range within the dropped prefix
+        is known only as one of its kept subtree roots: every range a root or a kept record's
+        proof needs is (its parent reaches past the prefix, so it is a maximal one)."""
+        n = hi - lo
+        if n == 0:
+            return transparency.EMPTY_ROOT
+        first = self._first_leaf()
+        if hi <= first:
+            known = self._dropped.get((lo, n))
+            if known is None:
+                raise self._capacity("audit records (the proof needs hashes of dropped ones)", MAX_AUDIT_RECORDS)
+            return known
+        if n == 1:
+            return self._leaves[lo - first]
+        k = 1 << ((n - 1).bit_length() - 1)
+        return transparency.node_hash(self._subtree(lo, lo + k), self._subtree(lo + k, hi))
+
+    def _path(self, m: int, lo: int, hi: int) -> list[bytes]:
+        """PATH(m, D[lo:hi]) (RFC 6962 section 2.1.1), leaf m counted from 0 of the whole tree."""
+        n = hi - lo
+        if n == 1:
+            return []
+        k = 1 << ((n - 1).bit_length() - 1)
+        if m < lo + k:
+            return self._path(m, lo, lo + k) + [self._subtree(lo + k, hi)]
+        return self._path(m, lo + k, hi) + [self._subtree(lo, lo + k)]
+
+    def _subproof(self, m: int, lo: int, hi: int, whole: bool) -> list[bytes]:
+        """SUBPROOF(m, D[lo:hi], b) (RFC 6962 section 2.1.2)."""
+        n = hi - lo
+        if m == n:
+            return [] if whole else [self._subtree(lo, hi)]
+        k = 1 << ((n - 1).bit_length() - 1)
+        if m <= k:
+            return self._subproof(m, lo, lo + k, whole) + [self._subtree(lo + k, hi)]
+        return self._subproof(m - k, lo + k, hi, False) + [self._subtree(lo, lo + k)]
+
+    def _size(self) -> int:
+        return self._audit[-1].seq if self._audit else 0
+
+    def _key(self) -> Any:
+        if self._signing_key is None:
+            try:
+                from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+            except ImportError:
+                raise ImportError(
+                    "the mock signs its audit checkpoints with the `cryptography` package: pip install 'coresdk[verify]'"
+                ) from None
+            self._signing_key = Ed25519PrivateKey.generate()
+        return self._signing_key
+
+    @property
+    def audit_verifier_key(self) -> str:
+        """The verifier key of this mock's checkpoints, as `coresdk audit public-key` prints the
+        sidecar's: `<name>+<hex key id>+<base64(0x01 || public key)>`."""
+        from cryptography.hazmat.primitives import serialization
+
+        public = self._key().public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        typed = bytes([transparency.ED25519]) + public
+        return str(transparency.VerifierKey(self._origin, transparency.key_id(self._origin, typed), public))
+
+    def _sign_checkpoint(self) -> tuple[int, str]:
+        """A checkpoint of the current tree (the newest, signed when first asked for)."""
+        size = self._size()
+        if self._checkpoint[0] != size:
+            root = self._subtree(0, size)
+            text = f"{self._origin}\n{size}\n{base64.b64encode(root).decode()}\n"
+            key = transparency.VerifierKey.parse(self.audit_verifier_key)
+            signature = key.key_id.to_bytes(4, "big") + self._key().sign(text.encode())
+            self._checkpoint = (size, f"{text}\n\u2014 {self._origin} {base64.b64encode(signature).decode()}\n")
+        return self._checkpoint
+
+    def _prove(self, seq: int, tree_size: int) -> InclusionProof:
+        """As the sidecar's App::inclusion_proof, with its errors; tree size 0 is the newest
+        checkpoint's tree, whose note comes with the proof."""
+        if seq == 0:
+            raise self._invalid("seq: is required (records are numbered from 1)")
+        note = ""
+        if tree_size == 0:
+            tree_size, note = self._sign_checkpoint()
+        if tree_size < seq:
+            raise self._invalid(f"tree_size: is {tree_size}, smaller than the seq {seq} it must hold")
+        self._within_log(tree_size)
+        return InclusionProof(seq - 1, tree_size, self._path(seq - 1, 0, tree_size), note)
+
+    def _within_log(self, tree_size: int) -> None:
+        records = self._size()
+        if tree_size > records:
+            raise ProblemError(
+                _problem(self._base, "out-of-range", "Out of range", 400,
+                         f"the audit log holds {records} records, fewer than the tree size {tree_size} asked for",
+                         "OUT_OF_RANGE"),
+                grpc.StatusCode.OUT_OF_RANGE,
+            )
+
+    def audit_checkpoint(self) -> str:
+        with self._lock:
+            self._close_windows()
+            return self._sign_checkpoint()[1]
+
+    def audit_inclusion_proof(self, seq: int, tree_size: int = 0) -> InclusionProof:
+        with self._lock:
+            self._close_windows()
+            return self._prove(seq, tree_size)
+
+    def audit_consistency_proof(self, from_size: int, to_size: int = 0) -> ConsistencyProof:
+        with self._lock:
+            self._close_windows()
+            if to_size == 0:
+                to_size = self._sign_checkpoint()[0]
+            if from_size > to_size:
+                raise self._invalid(f"from_size: is {from_size}, larger than to_size {to_size}")
+            self._within_log(to_size)
+            hashes = [] if from_size in (0, to_size) else self._subproof(from_size, 0, to_size, True)
+            return ConsistencyProof(from_size, to_size, hashes)
 
     def _audit_index(self, seq: int) -> int:
         """Where record `seq` is (or would be) in the kept records."""
@@ -639,7 +797,16 @@ class MockSidecar(BaseSDK):
         index = self._audit_index(seq)
         return self._audit[index] if 0 <= index < len(self._audit) else None
 
-    def audit(self, event: str, *, outcome: str, actor: str, tenant_id: str = "", metadata: Optional[Mapping[str, Any]] = None) -> Optional[AuditRecord]:
+    def audit(
+        self,
+        event: str,
+        *,
+        outcome: str,
+        actor: str,
+        tenant_id: str = "",
+        metadata: Optional[Mapping[str, Any]] = None,
+        include_proof: bool = False,
+    ) -> Optional[AuditRecord]:
         # As the sidecar's audit::validate_new: every violation, named by its field.
         violations = []
         for field_name, value, required in (("actor", actor, True), ("event", event, True), ("outcome", outcome, True), ("tenant_id", tenant_id, False)):
@@ -664,7 +831,9 @@ class MockSidecar(BaseSDK):
             raise self._invalid("; ".join(violations))
         if tenant_id:
             self._check_ids(tenant_id)
-        return self._append(tenant_id, actor, event, outcome, values)
+        with self._lock:
+            record = self._append(tenant_id, actor, event, outcome, values)
+            return dataclasses.replace(record, inclusion_proof=self._prove(record.seq, 0)) if include_proof else record
 
     def audit_query(self, *, tenant_id: str = "", event_prefix: str = "", outcome: str = "", limit: int = 1000) -> list[AuditRecord]:
         if tenant_id:
@@ -679,18 +848,24 @@ class MockSidecar(BaseSDK):
             ]
         return out[:limit]
 
-    def audit_verify(self) -> VerifyResult:
+    def audit_verify(self, *, full: bool = False) -> VerifyResult:
+        # The mock always checks every record it keeps (it signs no checkpoint to start from).
         with self._lock:
             self._close_windows()
+            head_seq = self._size()
+            head_hash = self._audit[-1].hash if self._audit else GENESIS_HASH
             # The kept records chain on from the first one kept.
             prev = self._audit[0].prev_hash if self._audit else GENESIS_HASH
             first = self._audit[0].seq if self._audit else 1
             for i, r in enumerate(self._audit):
                 digest = hashlib.sha256(DOMAIN_TAG + bytes.fromhex(prev) + r.canonical).hexdigest()
-                if r.seq != first + i or r.prev_hash != prev or r.hash != digest:
-                    return VerifyResult(False, i, first + i, f"record {first + i} does not verify")
+                if (r.seq != first + i or r.prev_hash != prev or r.hash != digest
+                        or self._leaves[i] != transparency.leaf_hash(r.canonical)):
+                    return VerifyResult(False, i, first + i, f"record {first + i} does not verify",
+                                        head_seq=head_seq, head_hash=head_hash)
                 prev = digest
-            return VerifyResult(True, len(self._audit))
+            return VerifyResult(True, len(self._audit), head_seq=head_seq, head_hash=head_hash,
+                                tree_root=self._subtree(0, head_seq).hex())
 
     # -- errors ---------------------------------------------------------------------------
 
@@ -866,7 +1041,7 @@ class MockSidecar(BaseSDK):
             raise self._not_an_event(f"`created` ({created}) is more than {MAX_CREATED_AHEAD_S} s after {after_what} ({latest})")
         return event
 
-    def handle_stripe_webhook(self, payload: bytes, signature_header: str) -> WebhookResult:
+    def handle_stripe_webhook(self, payload: bytes, signature_header: str, *, include_proof: bool = False) -> WebhookResult:
         # As the sidecar's verify_delivery: size, then signature, then that the body is an event.
         try:
             if len(payload) > self._max_body:
@@ -875,7 +1050,11 @@ class MockSidecar(BaseSDK):
             event = self._parse_event(payload, signed_at, "the signature timestamp; Stripe signs events after creating them")
         except ProblemError as e:
             raise self._refuse(e, payload) from None
-        return self._apply(event, signed_at, ACTOR, "")
+        result = self._apply(event, signed_at, ACTOR, "")
+        if not include_proof:
+            return result
+        with self._lock:
+            return dataclasses.replace(result, inclusion_proof=self._prove(result.audit_seq, 0))
 
     def replay_event(self, payload: bytes, *, reason: str) -> WebhookResult:
         if not rust_trim(reason):

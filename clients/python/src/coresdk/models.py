@@ -75,6 +75,37 @@ class FlagChange:
 
 
 @dataclass(frozen=True)
+class InclusionProof:
+    """An RFC 9162 inclusion proof: the audit path (raw 32-byte hashes, from the leaf's sibling
+    upwards) from leaf `leaf_index` (the record with seq `leaf_index + 1`) to the root of the
+    tree of `tree_size` records. `checkpoint` is the signed note of that tree when the proof was
+    asked for against a checkpoint ("" otherwise). Check it with `coresdk.transparency`."""
+
+    leaf_index: int
+    tree_size: int
+    hashes: list[bytes] = field(default_factory=list)
+    checkpoint: str = ""
+
+    @classmethod
+    def from_proto(cls, p: audit_pb2.InclusionProof) -> "InclusionProof":
+        return cls(leaf_index=p.leaf_index, tree_size=p.tree_size, hashes=[bytes(h) for h in p.hashes], checkpoint=p.checkpoint)
+
+
+@dataclass(frozen=True)
+class ConsistencyProof:
+    """An RFC 9162 consistency proof that the tree of `to_size` records extends the one of
+    `from_size` (raw 32-byte hashes)."""
+
+    from_size: int
+    to_size: int
+    hashes: list[bytes] = field(default_factory=list)
+
+    @classmethod
+    def from_proto(cls, p: audit_pb2.GetConsistencyProofResponse) -> "ConsistencyProof":
+        return cls(from_size=p.from_size, to_size=p.to_size, hashes=[bytes(h) for h in p.hashes])
+
+
+@dataclass(frozen=True)
 class WebhookResult:
     event_id: str
     event_type: str
@@ -83,6 +114,8 @@ class WebhookResult:
     flag_changes: list[FlagChange] = field(default_factory=list)
     audit_seq: int = 0
     stale_flags: list[str] = field(default_factory=list)
+    # Only when asked for (`include_proof=True`): the proof of the audit record `audit_seq`.
+    inclusion_proof: Optional[InclusionProof] = None
 
     @classmethod
     def from_proto(cls, r: webhook_pb2.HandleStripeWebhookResponse) -> "WebhookResult":
@@ -102,6 +135,7 @@ class WebhookResult:
             ],
             audit_seq=r.audit_seq,
             stale_flags=list(r.stale_flags),
+            inclusion_proof=InclusionProof.from_proto(r.inclusion_proof) if r.HasField("inclusion_proof") else None,
         )
 
 
@@ -222,6 +256,8 @@ class AuditRecord:
     time: str = ""
     prev_hash: str = ""
     canonical: bytes = b""
+    # Only when asked for (`audit(..., include_proof=True)`).
+    inclusion_proof: Optional[InclusionProof] = None
 
     @classmethod
     def from_proto(cls, r: audit_pb2.AuditRecord) -> "AuditRecord":
@@ -236,6 +272,7 @@ class AuditRecord:
             time=rfc3339_ms(r.time.seconds * 1000 + r.time.nanos // 1_000_000) if r.HasField("time") else "",
             prev_hash=r.prev_hash,
             canonical=r.canonical,
+            inclusion_proof=InclusionProof.from_proto(r.inclusion_proof) if r.HasField("inclusion_proof") else None,
         )
 
 
@@ -245,3 +282,24 @@ class VerifyResult:
     records_checked: int
     first_bad_seq: int = 0
     reason: str = ""
+    head_seq: int = 0
+    head_hash: str = ""
+    warnings: list[str] = field(default_factory=list)
+    # The checkpoint the check started from (0 when none, or with `full`), and the current
+    # tree's root (hex) the new records and the consistency proof were checked against.
+    checkpoint_size: int = 0
+    tree_root: str = ""
+
+    @classmethod
+    def from_proto(cls, r: audit_pb2.VerifyAuditResponse) -> "VerifyResult":
+        return cls(
+            ok=r.ok,
+            records_checked=r.records_checked,
+            first_bad_seq=r.first_bad_seq,
+            reason=r.reason,
+            head_seq=r.head_seq,
+            head_hash=r.head_hash,
+            warnings=list(r.warnings),
+            checkpoint_size=r.checkpoint_size,
+            tree_root=r.tree_root,
+        )
