@@ -246,6 +246,22 @@ mod tests {
         conn.raw()
             .execute("UPDATE audit SET tree_hashes = NULL WHERE seq > 10", [])
             .expect("forgotten");
+        let reach = Tx::reading(&mut conn).audit_tree_reach().expect("reach");
+        assert_eq!((reach.built, reach.records), (10, 25));
+        // Found through the partial index, not by scanning the rows still to build.
+        let sql = format!(
+            "EXPLAIN QUERY PLAN {}",
+            statements::text(crate::store::dialect::Statement::FirstUnbuilt)
+        );
+        let mut explained = conn.raw().prepare(&sql).expect("explained");
+        let plan = explained
+            .query_map([], |row| row.get::<_, String>(3))
+            .expect("plan")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("plan rows")
+            .join("; ");
+        drop(explained);
+        assert!(plan.contains("audit_unbuilt"), "{plan}");
         let mut state = WriterState::load(&mut conn).expect("state");
         let reach = write(&mut conn, &mut state, |tx| tx.extend_audit_tree(7));
         assert_eq!((reach.built, reach.records), (17, 25));
