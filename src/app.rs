@@ -563,6 +563,11 @@ impl App {
         self.checkpoints.as_ref().ok_or(Error::CheckpointsOff)
     }
 
+    /// Refuses what needs signed checkpoints when this sidecar keeps none.
+    pub fn checkpoints_on(&self) -> Result<(), Error> {
+        self.checkpointer().map(|_| ())
+    }
+
     /// The newest signed checkpoint, with its cosignatures.
     pub async fn newest_checkpoint(&self) -> Result<crate::checkpoint::SignedNote, Error> {
         let Some(checkpointer) = self.checkpoints.clone() else {

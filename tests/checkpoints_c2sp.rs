@@ -127,6 +127,20 @@ async fn append(sidecar: &Sidecar, from: usize, to: usize) {
     }
 }
 
+/// Every record, in order.
+async fn records(sidecar: &Sidecar) -> Vec<coresdk::proto::AuditRecord> {
+    sidecar
+        .audit()
+        .query(admin(QueryAuditRequest {
+            page_size: 1000,
+            ..Default::default()
+        }))
+        .await
+        .expect("Query")
+        .into_inner()
+        .records
+}
+
 /// Appends one record and answers it with its inclusion proof.
 async fn append_with_proof(sidecar: &Sidecar, i: usize) -> coresdk::proto::AuditRecord {
     sidecar
@@ -515,22 +529,26 @@ async fn a_forged_checkpoint_line_and_a_truncated_log_are_detected() {
         "{report:?}"
     );
     assert_eq!(newest_note(&sidecar).await.expect("the note"), note);
-    // Proofs asked for over the cut log are refused at once, not after the deadline: against
-    // the note it contradicts, and past it, where the sidecar refuses to sign.
+    // A proof asked for over the cut log cannot be had, and the call says so at once: with
+    // its committed record and no proof (an error would be retried, appending it twice).
     for i in [9, 12] {
-        let status = sidecar
-            .audit()
-            .append(admin(AppendAuditRequest {
-                include_proof: true,
-                ..app_record(i)
-            }))
-            .await
-            .expect_err("no checkpoint over a cut log");
-        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-        assert_eq!(error_reason(&status), "CHECKPOINT_UNAVAILABLE");
+        let started = std::time::Instant::now();
+        let record = append_with_proof(&sidecar, i).await;
+        assert!(record.inclusion_proof.is_none(), "{record:?}");
         assert!(
-            problem(&status).detail.contains("refuses to sign"),
-            "{status:?}"
+            started.elapsed() < Duration::from_secs(5),
+            "answered at once"
+        );
+        let events: Vec<String> = records(&sidecar)
+            .await
+            .into_iter()
+            .map(|r| r.event)
+            .collect();
+        let event = format!("app.event.{i}");
+        assert_eq!(
+            events.iter().filter(|e| **e == event).count(),
+            1,
+            "{events:?}"
         );
         append(&sidecar, 10, 12).await;
     }
@@ -825,6 +843,8 @@ async fn a_webhook_answers_its_record_with_a_proof_on_request() {
         .expect_err("no checkpoints");
     assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
     assert_eq!(error_reason(&status), "CHECKPOINTS_OFF");
+    // Refused before the write: a retry cannot append the record twice.
+    assert!(records(&memory).await.is_empty());
     let status = newest_note(&memory).await.expect_err("no checkpoints");
     assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
 }
@@ -902,4 +922,55 @@ async fn incremental_verification_on_postgresql() {
         (false, size),
         "{report:?}"
     );
+}
+
+#[tokio::test]
+async fn a_proof_that_cannot_be_signed_in_time_leaves_the_committed_record_without_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("coresdk.db.checkpoints");
+    // The sidecar's own request timeout is shorter than the longest proof wait: the wait must
+    // end before it, or the committed record is answered as a REQUEST_TIMEOUT.
+    let options = options_with(&[
+        ONLY_WHEN_ASKED[0],
+        ONLY_WHEN_ASKED[1],
+        "--request-timeout-s",
+        "1",
+    ]);
+    let mut sidecar = Sidecar::on_disk(dir.path(), options).await;
+    append(&sidecar, 0, 2).await;
+    assert!(sidecar.stop().success());
+    // No checkpoint can be written any more (root ignores file modes): the file is a link into
+    // a directory that does not exist.
+    std::fs::remove_file(&file).expect("remove the checkpoints");
+    std::os::unix::fs::symlink(dir.path().join("gone").join("checkpoints"), &file)
+        .expect("dangling link");
+    sidecar.restart().await;
+    let record = append_with_proof(&sidecar, 2).await;
+    assert!(record.inclusion_proof.is_none(), "{record:?}");
+    assert_eq!(record.seq, 3, "{record:?}");
+    let events: Vec<String> = records(&sidecar)
+        .await
+        .into_iter()
+        .map(|r| r.event)
+        .collect();
+    assert_eq!(events, ["app.event.0", "app.event.1", "app.event.2"]);
+
+    // The webhook too: its result, with no proof, and the delivery handled once.
+    let body = event(
+        "evt_no_proof",
+        "customer.created",
+        now(),
+        json!({"id": "cus_np"}),
+    );
+    let mut request = signed(SECRET, body);
+    request.include_proof = true;
+    let result = sidecar
+        .webhooks()
+        .handle_stripe_webhook(request)
+        .await
+        .expect("the delivery's result")
+        .into_inner();
+    assert!(result.inclusion_proof.is_none(), "{result:?}");
+    assert_eq!(result.audit_seq, 4, "{result:?}");
+    let _ = sidecar.stop();
 }
