@@ -552,6 +552,21 @@ async fn a_forged_checkpoint_line_and_a_truncated_log_are_detected() {
         );
         append(&sidecar, 10, 12).await;
     }
+    // The log grew past the note again, with other records: a proof against the newest note
+    // could never verify, so none is served.
+    let status = sidecar
+        .audit()
+        .get_inclusion_proof(admin(GetInclusionProofRequest {
+            seq: 1,
+            tree_size: 0,
+        }))
+        .await
+        .expect_err("no proof against a note the log contradicts");
+    assert_eq!(
+        error_reason(&status),
+        "CHECKPOINT_UNAVAILABLE",
+        "{status:?}"
+    );
     assert!(sidecar.stop().success());
     assert_eq!(std::fs::read_to_string(&file).expect("checkpoints"), intact);
 }
