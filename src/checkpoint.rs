@@ -540,6 +540,10 @@ impl Start {
 struct Walked {
     head: ChainHead,
     tree: Frontier,
+    /// The head and tree of the records whose tree hashes are stored: short of `head` when
+    /// the newest records' are not built yet (a replica of an older version appended them,
+    /// or a build was interrupted), which is no fault, but nothing past it is signed.
+    built: (ChainHead, Frontier),
     checked: u64,
     bad: Option<Bad>,
 }
@@ -570,6 +574,9 @@ fn expected(entry: &Entry, tree: &Frontier, head: &ChainHead) -> Option<Bad> {
 fn walk(tx: &mut dyn StoreTx, start: Start, to: u64, expects: &[&Entry]) -> Result<Walked, Error> {
     let mut chain = ChainVerifier::after(start.head);
     let mut tree = start.tree;
+    // Where the tree hashes stop being stored, when they stop: evidence if a later record has
+    // them after all.
+    let mut built: Option<(ChainHead, Frontier)> = None;
     let mut checked = 0;
     let mut next = start.head.seq + 1;
     let bad = 'walk: loop {
@@ -593,6 +600,7 @@ fn walk(tx: &mut dyn StoreTx, start: Start, to: u64, expects: &[&Entry]) -> Resu
         let seqs: Vec<u64> = rows.iter().map(|row| row.seq).collect();
         let stored = tx.audit_tree_hashes(&seqs)?;
         for row in &rows {
+            let before = (chain.head(), tree);
             if !chain.feed(row) {
                 let (seq, reason) = chain
                     .failure()
@@ -610,7 +618,23 @@ fn walk(tx: &mut dyn StoreTx, start: Start, to: u64, expects: &[&Entry]) -> Resu
                 .binary_search_by_key(&row.seq, |(seq, _)| *seq)
                 .ok()
                 .map(|at| &stored[at].1);
-            if held != Some(&hashes) {
+            match (held, &built) {
+                (None, None) => built = Some(before),
+                (None, Some(_)) => {}
+                (Some(_), Some((unbuilt, _))) => {
+                    let seq = unbuilt.seq + 1;
+                    break 'walk Some(Bad {
+                        seq,
+                        reason: format!(
+                            "record {seq} lacks its Merkle tree hashes, but record {} after it has them: they were removed",
+                            row.seq
+                        ),
+                        against_checkpoint: false,
+                    });
+                }
+                (Some(_), None) => {}
+            }
+            if held.is_some_and(|held| *held != hashes) {
                 break 'walk Some(Bad {
                     seq: row.seq,
                     reason: format!(
@@ -628,6 +652,7 @@ fn walk(tx: &mut dyn StoreTx, start: Start, to: u64, expects: &[&Entry]) -> Resu
     };
     Ok(Walked {
         head: chain.head(),
+        built: built.unwrap_or((chain.head(), tree)),
         tree,
         checked,
         bad,
@@ -723,6 +748,7 @@ fn check(
         walked: Walked {
             head: ChainHead::GENESIS,
             tree: Frontier::EMPTY,
+            built: (ChainHead::GENESIS, Frontier::EMPTY),
             checked: 0,
             bad: Some(bad),
         },
@@ -778,7 +804,9 @@ fn check(
     if walked.bad.is_none()
         && let Some(note) = from
     {
-        walked.bad = consistent(tx, note, walked.tree.size(), &walked.tree.root())?;
+        // The stored tree, which the proof reads, ends where its hashes do.
+        let built = walked.built.1;
+        walked.bad = consistent(tx, note, built.size(), &built.root())?;
     }
     Ok(Checked {
         walked,
@@ -1127,6 +1155,10 @@ impl Checkpointer {
     }
 
     async fn sign(self: &Arc<Self>, store: &Store) -> Result<ChainHead, SignError> {
+        // Records appended without their tree hashes (a replica of an older version, during a
+        // rolling upgrade; an interrupted build) are built first: a write, one lookup when
+        // the tree is complete.
+        crate::tlog::build_missing(store).await?;
         let checker = self.clone();
         // Rehashing what was added since the last checkpoint (the whole log, the first time)
         // is a long read.
@@ -1171,12 +1203,15 @@ impl Checkpointer {
                 reason: bad.reason,
             });
         }
+        // Only the records whose tree hashes are stored: a proof against the note reads them.
+        let (built, tree) = checked.walked.built;
         // Never two notes for one size: the largest is the only note that can have it.
-        if from.is_some_and(|note| note.size == head.seq) {
+        if built.seq == 0 || from.is_some_and(|note| note.size == built.seq) {
             return Ok(unchanged);
         }
         Ok(Extension {
-            root: Some(checked.walked.tree.root()),
+            head: built,
+            root: Some(tree.root()),
             ..unchanged
         })
     }

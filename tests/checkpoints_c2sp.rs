@@ -989,3 +989,67 @@ async fn a_proof_that_cannot_be_signed_in_time_leaves_the_committed_record_witho
     assert_eq!(result.audit_seq, 4, "{result:?}");
     let _ = sidecar.stop();
 }
+
+/// Removes the stored tree hashes of records `from..=to`, as a replica of a version before the
+/// tree (or an interrupted build) leaves them.
+fn unbuild(dir: &std::path::Path, from: u64, to: u64) {
+    let db = rusqlite::Connection::open(dir.join("coresdk.db")).expect("open db");
+    db.busy_timeout(Duration::from_secs(5))
+        .expect("busy timeout");
+    let changed = db
+        .execute(
+            "UPDATE audit SET tree_hashes = NULL WHERE seq BETWEEN ?1 AND ?2",
+            [from, to],
+        )
+        .expect("unbuild");
+    assert_eq!(changed as u64, to - from + 1);
+}
+
+#[tokio::test]
+async fn records_appended_without_their_tree_are_built_and_signed_and_a_gap_is_named() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("coresdk.db.checkpoints");
+    let mut sidecar = Sidecar::on_disk(dir.path(), options_with(&ONLY_WHEN_ASKED)).await;
+    append(&sidecar, 0, 3).await;
+    assert!(
+        append_with_proof(&sidecar, 3)
+            .await
+            .inclusion_proof
+            .is_some()
+    );
+    append(&sidecar, 4, 8).await;
+    // The newest records, past the note of 4, as an older replica appends them while this one
+    // runs: not built yet, which is no fault.
+    unbuild(dir.path(), 6, 8);
+    for report in [verify(&sidecar).await, verify_full(&sidecar).await] {
+        assert!(report.ok, "{report:?}");
+        assert_eq!(report.head_seq, 8, "{report:?}");
+    }
+    // The shutdown checkpoint builds them first, then signs all 8.
+    assert!(sidecar.stop().success());
+    assert_eq!(
+        note_sizes(&file).last(),
+        Some(&8),
+        "{:?}",
+        note_sizes(&file)
+    );
+    sidecar.restart().await;
+    for report in [verify(&sidecar).await, verify_full(&sidecar).await] {
+        assert!(report.ok, "{report:?}");
+        assert_eq!(report.head_seq, 8, "{report:?}");
+    }
+    assert!(sidecar.stop().success());
+
+    // A record without its tree hashes before records with them: they were removed.
+    unbuild(dir.path(), 3, 3);
+    sidecar.restart().await;
+    let report = verify_full(&sidecar).await;
+    assert_eq!((report.ok, report.first_bad_seq), (false, 3), "{report:?}");
+    assert!(
+        report
+            .reason
+            .contains("record 3 lacks its Merkle tree hashes"),
+        "{report:?}"
+    );
+    let _ = sidecar.stop();
+}
