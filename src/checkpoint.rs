@@ -1002,8 +1002,11 @@ fn own_key_id(name: &str, key: &VerifyingKey) -> u32 {
 #[derive(Debug, Clone, Default)]
 struct Round {
     finished: u64,
-    /// Why it signed nothing, when the log was refused.
-    refused: Option<String>,
+    /// The newest note after the round, read once for every waiter.
+    newest: Option<SignedNote>,
+    /// Why it signed nothing when it could not: the log was refused, or the file could not
+    /// be written. Waiters answer at once rather than asking for round after failing round.
+    unsigned: Option<String>,
 }
 
 pub struct Checkpointer {
@@ -1016,6 +1019,9 @@ pub struct Checkpointer {
     turn: Mutex<()>,
     /// Asks the checkpoint loop to sign now, for a caller waiting on a proof.
     wake: tokio::sync::Notify,
+    /// The largest record a caller asked a checkpoint for: a request a round already served
+    /// (it came while that round ran) starts no other round.
+    wanted: std::sync::atomic::AtomicU64,
     rounds: tokio::sync::watch::Sender<Round>,
 }
 
@@ -1035,6 +1041,7 @@ impl Checkpointer {
             witnesses,
             turn: Mutex::new(()),
             wake: tokio::sync::Notify::new(),
+            wanted: std::sync::atomic::AtomicU64::new(0),
             rounds: tokio::sync::watch::Sender::new(Round::default()),
         }
     }
@@ -1069,9 +1076,11 @@ impl Checkpointer {
         newest_note(&self.path, &self.verifying_key())
     }
 
-    /// Resolves when a caller asked for a checkpoint now ([`Checkpointer::covering`]).
-    pub async fn asked(&self) {
+    /// Resolves when a caller asked for a checkpoint now ([`Checkpointer::covering`]), with
+    /// the largest record any caller asked for.
+    pub async fn asked(&self) -> u64 {
         self.wake.notified().await;
+        self.wanted.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The newest checkpoint once one covers record `seq`, asking for one to be signed now;
@@ -1080,29 +1089,41 @@ impl Checkpointer {
     pub async fn covering(&self, seq: u64, wait: Duration) -> Result<SignedNote, Error> {
         let deadline = tokio::time::Instant::now() + wait;
         let mut rounds = self.rounds.subscribe();
-        // Only a refusal of a round that ended after the call asked counts: an operator may
-        // have resolved an older one.
-        let mut refused = None;
+        // Marked seen before the file is read: a round ending after the read wakes us.
+        rounds.borrow_and_update();
+        // The file once a call, for a note signed before this process's first round.
+        let (path, key) = (self.path.clone(), self.verifying_key());
+        let newest = tokio::task::spawn_blocking(move || newest_note(&path, &key))
+            .await
+            .map_err(|e| Error::Internal(format!("reading the checkpoints: {e}")))?
+            .map_err(|e| Error::Internal(format!("reading the checkpoints: {e}")))?;
+        if let Some(note) = newest.filter(|note| note.size >= seq) {
+            return Ok(note);
+        }
+        // Once: the loop either wakes to it or keeps it for after the round it is in, so a
+        // round starts after this call's record was committed. Asking again after each round
+        // would leave a request behind for a round nobody waits for.
+        self.wanted
+            .fetch_max(seq, std::sync::atomic::Ordering::AcqRel);
+        self.wake.notify_one();
         loop {
-            // Marked seen before the file is read: a round ending after the read wakes us.
-            rounds.borrow_and_update();
-            let newest = self
-                .newest()
-                .map_err(|e| Error::Internal(format!("reading the checkpoints: {e}")))?;
-            if let Some(note) = newest.filter(|note| note.size >= seq) {
-                return Ok(note);
-            }
-            if let Some(reason) = refused {
-                return Err(Error::CheckpointUnavailable(format!(
-                    "no checkpoint covers record {seq}: the sidecar refuses to sign the audit log ({reason})"
-                )));
-            }
-            self.wake.notify_one();
             match tokio::time::timeout_at(deadline, rounds.changed()).await {
-                Ok(Ok(())) => refused = rounds.borrow().refused.clone(),
+                Ok(Ok(())) => {
+                    // Only a round that ended after the call asked counts: an operator may
+                    // have resolved an older refusal.
+                    let round = rounds.borrow_and_update().clone();
+                    if let Some(note) = round.newest.filter(|note| note.size >= seq) {
+                        return Ok(note);
+                    }
+                    if let Some(why) = round.unsigned {
+                        return Err(Error::CheckpointUnavailable(format!(
+                            "no checkpoint covers record {seq}: {why}"
+                        )));
+                    }
+                }
                 _ => {
                     return Err(Error::CheckpointUnavailable(format!(
-                        "no checkpoint covering record {seq} was signed within {} s; retry, or ask GetInclusionProof for it later",
+                        "no checkpoint covering record {seq} was signed within {} s; ask GetInclusionProof for it later",
                         wait.as_secs_f64()
                     )));
                 }
@@ -1110,10 +1131,18 @@ impl Checkpointer {
         }
     }
 
-    fn finish_round(&self, refused: Option<String>) {
+    /// Answers the callers waiting on a round with the last round's outcome again, without a
+    /// round: the log was refused and has not moved since, so a new check would only refuse
+    /// (and log) it again.
+    pub fn repeat_round(&self) {
+        self.rounds.send_modify(|round| round.finished += 1);
+    }
+
+    fn finish_round(&self, newest: Option<SignedNote>, unsigned: Option<String>) {
         self.rounds.send_modify(|round| {
             round.finished += 1;
-            round.refused = refused;
+            round.newest = newest;
+            round.unsigned = unsigned;
         });
     }
 
@@ -1146,11 +1175,20 @@ impl Checkpointer {
     /// it is: the evidence.
     pub async fn checkpoint(self: &Arc<Self>, store: &Store) -> Result<ChainHead, SignError> {
         let signed = self.sign(store).await;
-        let refused = match &signed {
-            Err(e @ SignError::DoesNotExtend { .. }) => Some(e.to_string()),
-            _ => None,
+        let unsigned = match &signed {
+            Ok(_) | Err(SignError::Changed) => None,
+            Err(e @ SignError::DoesNotExtend { .. }) => {
+                Some(format!("the sidecar refuses to sign the audit log ({e})"))
+            }
+            Err(e) => Some(format!("the checkpoint could not be signed ({e})")),
         };
-        self.finish_round(refused);
+        let (path, key) = (self.path.clone(), self.verifying_key());
+        let newest = tokio::task::spawn_blocking(move || newest_note(&path, &key))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
+        self.finish_round(newest, unsigned);
         signed
     }
 
@@ -1207,7 +1245,10 @@ impl Checkpointer {
         let (built, tree) = checked.walked.built;
         // Never two notes for one size: the largest is the only note that can have it.
         if built.seq == 0 || from.is_some_and(|note| note.size == built.seq) {
-            return Ok(unchanged);
+            return Ok(Extension {
+                head: built,
+                ..unchanged
+            });
         }
         Ok(Extension {
             head: built,
@@ -1232,7 +1273,11 @@ impl Checkpointer {
         let (whole, tail) = split_torn_tail(&text);
         let lines: Vec<&str> = whole_lines(whole).map(|(_, line)| line).collect();
         if lines.len() >= MAX_LINES {
-            let mut kept = lines[lines.len() - (KEPT_LINES - 1)..].to_vec();
+            let newest = lines.len() - (KEPT_LINES - 1);
+            // Witnesses vouched for that one: it outlives the compaction.
+            let cosigned = lines[..newest].iter().rev().find(|line| is_cosigned(line));
+            let mut kept: Vec<&str> = cosigned.into_iter().copied().collect();
+            kept.extend_from_slice(&lines[newest..]);
             kept.push(line.trim_end());
             replace(&self.path, &kept)?;
             tracing::info!(
@@ -1371,6 +1416,18 @@ impl Checkpointer {
             ..signed
         })
     }
+}
+
+/// Whether the file `line` is a note with a signature line besides the sidecar's own: a
+/// witness cosignature ([`Checkpointer::add_cosignatures`] stores only verified ones).
+fn is_cosigned(line: &str) -> bool {
+    serde_json::from_str::<NoteLine>(line)
+        .ok()
+        .and_then(|line| {
+            let (_, signatures) = line.note.split_once("\n\n")?;
+            Some(signatures.lines().count() > 1)
+        })
+        .unwrap_or(false)
 }
 
 /// The file line of a note of `size`, with its newline.
@@ -1810,6 +1867,30 @@ mod tests {
     /// The scenario compaction used to hide: records cut off while the sidecar was stopped, the
     /// chain grown again past the cut. Signing that head would add the largest line, and enough
     /// of them would compact the line that shows the cut away.
+    #[tokio::test]
+    async fn compaction_keeps_the_newest_cosigned_line() {
+        let (_dir, signer, store, _) = checkpointed(&["a"]).await;
+        let mut line: NoteLine =
+            serde_json::from_str(text(signer.path()).trim_end()).expect("a note line");
+        line.note.push_str(&format!(
+            "— witness.example {}\n",
+            BASE64_STANDARD.encode([7u8; 68])
+        ));
+        let cosigned = serde_json::to_string(&line).expect("a line");
+        assert!(is_cosigned(&cosigned) && !is_cosigned(text(signer.path()).trim_end()));
+        std::fs::write(signer.path(), format!("{cosigned}\n")).expect("written");
+        for _ in 0..MAX_LINES {
+            grow(&store, "more").await;
+            signer.checkpoint(&store).await.expect("signed");
+        }
+        let compacted = text(signer.path());
+        let lines: Vec<&str> = compacted.lines().collect();
+        assert_eq!(lines.len(), KEPT_LINES + 1, "{compacted}");
+        assert_eq!(lines[0], cosigned);
+        let report = verified(&store, &signer.checkpoints()).await;
+        assert!(report.ok && report.warnings.is_empty(), "{report:?}");
+    }
+
     #[tokio::test]
     async fn a_chain_that_does_not_extend_the_largest_checkpoint_is_never_signed() {
         let events: Vec<String> = (0..10).map(|i| format!("e{i}")).collect();
