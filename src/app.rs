@@ -572,7 +572,7 @@ impl App {
     pub async fn newest_checkpoint(&self) -> Result<crate::checkpoint::SignedNote, Error> {
         let Some(checkpointer) = self.checkpoints.clone() else {
             return Err(Error::CheckpointNotFound(
-                "this sidecar keeps no signed audit checkpoints (set CORESDK_AUDIT_CHECKPOINT_FILE and CORESDK_AUDIT_SIGNING_KEY_FILE, or use a SQLite store)".into(),
+                crate::checkpoint::CHECKPOINTS_OFF.into(),
             ));
         };
         tokio::task::spawn_blocking(move || checkpointer.newest())

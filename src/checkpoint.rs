@@ -242,6 +242,13 @@ pub fn default_origin(key: &VerifyingKey) -> String {
     format!("coresdk.audit/{}", hex::encode(&digest[..4]))
 }
 
+/// What a sidecar without checkpoints says, and how to keep them.
+pub const CHECKPOINTS_OFF: &str = "this sidecar keeps no signed audit checkpoints (set CORESDK_AUDIT_CHECKPOINT_FILE and CORESDK_AUDIT_SIGNING_KEY_FILE, or use a SQLite store)";
+
+/// What [`valid_origin`] demands, for the refusal naming the setting.
+pub const ORIGIN_RULE: &str =
+    "must be a signed-note key name: not empty, no spaces or '+', at most 255 bytes";
+
 /// Whether `origin` can name the checkpoints: a valid signed-note key name of at most 255 bytes.
 pub fn valid_origin(origin: &str) -> bool {
     origin.len() <= 255 && signed_note::is_key_name_valid(origin)
@@ -264,54 +271,20 @@ fn own_verifiers(origin: &str, key: &VerifyingKey) -> Option<VerifierList> {
 pub fn open_note(text: &str, key: &VerifyingKey) -> Option<(SignedNote, Note)> {
     let note = Note::from_bytes(text.as_bytes()).ok()?;
     let body = std::str::from_utf8(note.text()).ok()?;
-    let mut reader = std::io::Cursor::new(body.as_bytes());
-    let checkpoint = tlog_tiles::Checkpoint::from_reader(&mut reader, false).ok()?;
-    let root = checkpoint.hash().0;
+    let checkpoint = crate::tlog_proof::CheckpointBody::parse(body)?;
     // Exactly the three lines this writer signs: no extension lines to interpret.
-    if note_body(checkpoint.origin(), checkpoint.size(), &root)?.as_str() != body {
+    if note_body(&checkpoint.origin, checkpoint.size, &checkpoint.root)?.as_str() != body {
         return None;
     }
-    let verifiers = own_verifiers(checkpoint.origin(), key)?;
+    let verifiers = own_verifiers(&checkpoint.origin, key)?;
     note.verify(&verifiers).ok()?;
     let signed = SignedNote {
-        origin: checkpoint.origin().to_owned(),
-        size: checkpoint.size(),
-        root,
+        origin: checkpoint.origin,
+        size: checkpoint.size,
+        root: checkpoint.root,
         note: text.to_owned(),
     };
     Some((signed, note))
-}
-
-/// The checkpoint `note` holds, checked against a verifier key (`<name>+<key id>+<base64
-/// key>`, as `coresdk audit public-key` prints it) without the signing key: what an offline
-/// checker of a proof file needs. The note must carry a valid signature of that key, and its
-/// origin must be the key's name.
-pub fn open_note_with_verifier_key(note: &str, vkey: &str) -> Result<SignedNote, String> {
-    let verifier = signed_note::StandardVerifier::new(vkey)
-        .map_err(|e| format!("the verifier key is unusable: {e}"))?;
-    let name = signed_note::Verifier::name(&verifier).to_owned();
-    let parsed = Note::from_bytes(note.as_bytes())
-        .map_err(|_| "the checkpoint is not a signed note".to_owned())?;
-    let body =
-        std::str::from_utf8(parsed.text()).map_err(|_| "the checkpoint is not UTF-8".to_owned())?;
-    let mut reader = std::io::Cursor::new(body.as_bytes());
-    let checkpoint = tlog_tiles::Checkpoint::from_reader(&mut reader, false)
-        .map_err(|_| "the note's body is not a checkpoint".to_owned())?;
-    if checkpoint.origin() != name {
-        return Err(format!(
-            "the checkpoint's origin is {}, not the key's name {name}",
-            checkpoint.origin()
-        ));
-    }
-    parsed
-        .verify(&VerifierList::new(vec![Box::new(verifier)]))
-        .map_err(|e| format!("the checkpoint's signature does not verify: {e}"))?;
-    Ok(SignedNote {
-        origin: name,
-        size: checkpoint.size(),
-        root: checkpoint.hash().0,
-        note: note.to_owned(),
-    })
 }
 
 /// The checkpoint a line holds, if `key` signed it.
@@ -413,14 +386,20 @@ struct SizeOnly {
 }
 
 /// The largest checkpoint `key` signed (of equal sizes a note, it has a root, and of those
-/// the later line): the one the next checkpoint must extend. Signatures are checked largest
+/// the later line): the one the next checkpoint must extend.
+fn largest_signed(text: &str, key: &VerifyingKey) -> Option<Entry> {
+    largest_verified(text, key, false)
+}
+
+/// [`largest_signed`], of the notes alone when `notes_only`. Signatures are checked largest
 /// first, so a file of any length costs one check unless lines were forged; lines that do not
 /// verify vouch for nothing here (verification reports them).
-fn largest_signed(text: &str, key: &VerifyingKey) -> Option<Entry> {
+fn largest_verified(text: &str, key: &VerifyingKey, notes_only: bool) -> Option<Entry> {
     let mut candidates: Vec<(u64, bool, &str)> = lines(text)
         .filter_map(|line| {
             let size: SizeOnly = serde_json::from_str(line.text).ok()?;
-            Some((size.size, size.v == NOTE_VERSION, line.text))
+            let note = size.v == NOTE_VERSION;
+            (note || !notes_only).then_some((size.size, note, line.text))
         })
         .collect();
     candidates.reverse();
@@ -449,19 +428,10 @@ pub fn newest_note(path: &Path, key: &VerifyingKey) -> Result<Option<SignedNote>
 }
 
 fn newest_in(text: &str, key: &VerifyingKey) -> Option<SignedNote> {
-    let mut candidates: Vec<NoteLine> = lines(text)
-        .filter_map(|line| serde_json::from_str::<NoteLine>(line.text).ok())
-        .filter(|line| line.v == NOTE_VERSION)
-        .collect();
-    // Largest first (of equal sizes the later line), so a file of any length costs one
-    // signature check unless lines were forged.
-    candidates.reverse();
-    candidates.sort_by_key(|line| std::cmp::Reverse(line.size));
-    candidates.into_iter().find_map(|line| {
-        open_note(&line.note, key)
-            .map(|(signed, _)| signed)
-            .filter(|signed| signed.size == line.size)
-    })
+    match largest_verified(text, key, true)? {
+        Entry::Note(note) => Some(note),
+        Entry::Legacy { .. } => None,
+    }
 }
 
 /// What a checkpoint file vouches for.
@@ -886,7 +856,7 @@ fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
 /// A witness's verifier key (`<name>+<hex key id>+<base64(type ‖ public key)>`): a plain
 /// Ed25519 note signer (type 0x01) or a C2SP tlog-cosignature `cosignature/v1` cosigner
 /// (type 0x04).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WitnessKey {
     name: String,
     id: u32,
@@ -1924,26 +1894,6 @@ mod tests {
         );
         let report = verified(&cut, &signer.checkpoints()).await;
         assert_eq!((report.ok, report.first_bad_seq), (false, 10), "{report:?}");
-    }
-
-    #[tokio::test]
-    async fn a_note_is_checked_offline_with_the_verifier_key_alone() {
-        let (_dir, signer, _store, _) = checkpointed(&["a", "b"]).await;
-        let newest = signer.newest().expect("read").expect("a note");
-        let vkey = signer.verifier_key();
-        let opened = open_note_with_verifier_key(&newest.note, &vkey).expect("verifies");
-        assert_eq!(opened, newest);
-        assert_eq!(opened.size, 2);
-
-        let other = SigningKey::from_bytes(&[9; 32]);
-        let foreign = verifier_key(signer.origin(), &other.verifying_key());
-        let refused = open_note_with_verifier_key(&newest.note, &foreign);
-        assert!(refused.is_err(), "{refused:?}");
-        let renamed = verifier_key("another.origin", &signer.verifying_key());
-        let refused = open_note_with_verifier_key(&newest.note, &renamed).expect_err("renamed");
-        assert!(refused.contains("origin"), "{refused}");
-        let edited = newest.note.replacen("\n2\n", "\n3\n", 1);
-        assert!(open_note_with_verifier_key(&edited, &vkey).is_err());
     }
 
     #[tokio::test]

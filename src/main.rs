@@ -181,7 +181,8 @@ fn audit_public_key(
         && !coresdk::checkpoint::valid_origin(origin)
     {
         eprintln!(
-            "coresdk: CORESDK_AUDIT_ORIGIN (--audit-origin): must be a signed-note key name: not empty, no spaces or '+', at most 255 bytes"
+            "coresdk: CORESDK_AUDIT_ORIGIN (--audit-origin): {}",
+            coresdk::checkpoint::ORIGIN_RULE
         );
         return ExitCode::from(CONFIGURATION_ERROR);
     }

@@ -161,9 +161,7 @@ pub enum Error {
     #[error("{0}")]
     CheckpointNotFound(String),
     /// What needs signed checkpoints, with none kept.
-    #[error(
-        "this sidecar keeps no signed audit checkpoints (set CORESDK_AUDIT_CHECKPOINT_FILE and CORESDK_AUDIT_SIGNING_KEY_FILE, or use a SQLite store), so it cannot answer this"
-    )]
+    #[error("{}, so it cannot answer this", crate::checkpoint::CHECKPOINTS_OFF)]
     CheckpointsOff,
     /// A checkpoint covering the record was not signed in time (or signing fails).
     #[error("{0}")]

@@ -103,7 +103,8 @@ impl ProofFile {
             })?;
         let index = line()?
             .strip_prefix("index ")
-            .filter(|n| *n == "0" || !n.starts_with('0'))
+            // Digits only: `u64::from_str` also takes a leading `+`, which C2SP does not.
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()) && (*n == "0" || !n.starts_with('0')))
             .and_then(|n| n.parse::<u64>().ok())
             .ok_or_else(|| malformed("its third line is not `index <decimal>`"))?;
         let mut hashes = Vec::new();
@@ -460,6 +461,8 @@ mod tests {
             ),
             (text.replacen("extra ", "extras ", 1), "no record"),
             (text.replacen("index 2", "index 02", 1), "index"),
+            (text.replacen("index 2", "index +2", 1), "index"),
+            (text.replacen("index 2", "index ", 1), "index"),
             (text.replacen("AQEB", "AQE", 1), "not a base64"),
             (
                 text.split("\n\n").next().expect("head").to_owned(),

@@ -804,6 +804,21 @@ async fn witness_cosignatures_are_verified_stored_and_served() {
     );
 }
 
+/// Delivers a signed webhook asking for its record's inclusion proof.
+async fn deliver_with_proof(
+    sidecar: &Sidecar,
+    body: Vec<u8>,
+) -> coresdk::proto::HandleStripeWebhookResponse {
+    let mut request = signed(SECRET, body);
+    request.include_proof = true;
+    sidecar
+        .webhooks()
+        .handle_stripe_webhook(request)
+        .await
+        .expect("the delivery's result")
+        .into_inner()
+}
+
 #[tokio::test]
 async fn a_webhook_answers_its_record_with_a_proof_on_request() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -815,14 +830,7 @@ async fn a_webhook_answers_its_record_with_a_proof_on_request() {
         now(),
         json!({"customer": "cus_proof"}),
     );
-    let mut request = signed(SECRET, body);
-    request.include_proof = true;
-    let answer = sidecar
-        .webhooks()
-        .handle_stripe_webhook(request)
-        .await
-        .expect("applied")
-        .into_inner();
+    let answer = deliver_with_proof(&sidecar, body).await;
     let proof = answer.inclusion_proof.expect("a proof");
     assert_eq!(proof.leaf_index + 1, answer.audit_seq);
     let parsed = parse(&proof.checkpoint);
@@ -977,14 +985,7 @@ async fn a_proof_that_cannot_be_signed_in_time_leaves_the_committed_record_witho
         now(),
         json!({"id": "cus_np"}),
     );
-    let mut request = signed(SECRET, body);
-    request.include_proof = true;
-    let result = sidecar
-        .webhooks()
-        .handle_stripe_webhook(request)
-        .await
-        .expect("the delivery's result")
-        .into_inner();
+    let result = deliver_with_proof(&sidecar, body).await;
     assert!(result.inclusion_proof.is_none(), "{result:?}");
     assert_eq!(result.audit_seq, 4, "{result:?}");
     let _ = sidecar.stop();
