@@ -1054,3 +1054,66 @@ async fn records_appended_without_their_tree_are_built_and_signed_and_a_gap_is_n
     );
     let _ = sidecar.stop();
 }
+
+#[tokio::test]
+async fn a_refused_log_is_not_rechecked_per_call_until_it_moves() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut sidecar = Sidecar::on_disk(dir.path(), options_with(&ONLY_WHEN_ASKED)).await;
+    append(&sidecar, 0, 4).await;
+    assert!(
+        append_with_proof(&sidecar, 4)
+            .await
+            .inclusion_proof
+            .is_some()
+    );
+    let store = sidecar.store_url();
+    assert!(sidecar.stop().success());
+    let db = rusqlite::Connection::open(dir.path().join("coresdk.db")).expect("open db");
+    db.execute("DELETE FROM audit WHERE seq >= 4", [])
+        .expect("truncate");
+    drop(db);
+
+    let log = dir.path().join("sidecar.log");
+    let stderr = std::fs::File::create(&log).expect("log file");
+    let args: Vec<String> = ["--store", store.as_str()]
+        .into_iter()
+        .chain(ONLY_WHEN_ASKED)
+        .map(str::to_owned)
+        .collect();
+    let (mut child, addr) = spawn_with_stderr(&args, &Options::default().envs, stderr.into());
+    let mut audit =
+        coresdk::proto::audit_service_client::AuditServiceClient::new(connect(&addr).await);
+    // Records past the note, then one asking for its proof, and the same call again and again
+    // (its idempotency key answers the record stored): the log does not move, so it is not checked again, and each call still answers
+    // at once, with the record and no proof.
+    for i in 4..7 {
+        audit.append(admin(app_record(i))).await.expect("Append");
+    }
+    let started = std::time::Instant::now();
+    for _ in 0..6 {
+        let record = audit
+            .append(admin(AppendAuditRequest {
+                include_proof: true,
+                idempotency_key: "refused-once".into(),
+                ..app_record(9)
+            }))
+            .await
+            .expect("the record")
+            .into_inner();
+        assert_eq!(record.seq, 7, "past the note of 5 the log contradicts");
+        assert!(record.inclusion_proof.is_none(), "{record:?}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "answered at once"
+    );
+    child.kill().expect("kill");
+    child.wait().expect("reaped");
+    let text = std::fs::read_to_string(&log).expect("the log");
+    let refusals = text
+        .lines()
+        .filter(|line| line.contains("AUDIT CHAIN CUT OR REWRITTEN"))
+        .count();
+    // At start, and once the call's record moved the log: not once a call.
+    assert!((1..=2).contains(&refusals), "{refusals} refusals: {text}");
+}
