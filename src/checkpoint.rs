@@ -802,6 +802,46 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ 
     }
 }
 
+/// What an offline command reads: a SQLite store's database, and its checkpoint and key files
+/// (those given, or where the server keeps them by default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfflineFiles {
+    pub db: PathBuf,
+    pub checkpoints: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Why a `--store` cannot be read offline.
+#[derive(Debug)]
+pub enum NotOffline {
+    Memory,
+    Postgres,
+    /// The URL does not parse: the reason.
+    Bad(String),
+}
+
+/// The files an offline command reads for the store URL `store`, with the checkpoint and key
+/// files given or else the server's defaults beside the database.
+pub fn offline_files(
+    store: &str,
+    checkpoints: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<OfflineFiles, NotOffline> {
+    match crate::store::StoreUrl::parse(store) {
+        Ok(crate::store::StoreUrl::Sqlite(db)) => {
+            let (default_checkpoints, default_key) = default_paths(&db);
+            Ok(OfflineFiles {
+                checkpoints: checkpoints.unwrap_or(default_checkpoints),
+                key: key.unwrap_or(default_key),
+                db,
+            })
+        }
+        Ok(crate::store::StoreUrl::Memory) => Err(NotOffline::Memory),
+        Ok(crate::store::StoreUrl::Postgres(_)) => Err(NotOffline::Postgres),
+        Err(e) => Err(NotOffline::Bad(e.to_string())),
+    }
+}
+
 /// Where a SQLite store keeps its checkpoints and key unless configured otherwise.
 pub fn default_paths(db: &Path) -> (PathBuf, PathBuf) {
     let with = |suffix: &str| {
