@@ -163,7 +163,9 @@ pub enum Error {
     /// What needs signed checkpoints, with none kept.
     #[error("{}, so it cannot answer this", crate::checkpoint::CHECKPOINTS_OFF)]
     CheckpointsOff,
-    /// A checkpoint covering the record was not signed in time (or signing fails).
+    /// No proof against a signed checkpoint can be had: none covering the record was signed in
+    /// time, signing fails, or the stored tree is no longer the signed one. Never answered
+    /// for a call that committed a record (it answers the record without its proof).
     #[error("{0}")]
     CheckpointUnavailable(String),
     #[error("internal error: {0}")]
