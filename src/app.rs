@@ -563,11 +563,16 @@ impl App {
         self.checkpoints.as_ref().ok_or(Error::CheckpointsOff)
     }
 
+    /// Refuses what needs signed checkpoints when this sidecar keeps none.
+    pub fn checkpoints_on(&self) -> Result<(), Error> {
+        self.checkpointer().map(|_| ())
+    }
+
     /// The newest signed checkpoint, with its cosignatures.
     pub async fn newest_checkpoint(&self) -> Result<crate::checkpoint::SignedNote, Error> {
         let Some(checkpointer) = self.checkpoints.clone() else {
             return Err(Error::CheckpointNotFound(
-                "this sidecar keeps no signed audit checkpoints (set CORESDK_AUDIT_CHECKPOINT_FILE and CORESDK_AUDIT_SIGNING_KEY_FILE, or use a SQLite store)".into(),
+                crate::checkpoint::CHECKPOINTS_OFF.into(),
             ));
         };
         tokio::task::spawn_blocking(move || checkpointer.newest())
@@ -613,28 +618,31 @@ impl App {
             ));
         }
         let note = self.checkpointer()?.covering(seq, wait).await?;
-        let size = note.size;
-        // The stored tree must still be the signed one, or the proof would not verify against
-        // the note: a log cut or rewritten since (which the sidecar refuses to sign over).
-        let proof = self
+        let hashes = self.proof_against(seq, &note).await?;
+        Ok((note, hashes))
+    }
+
+    /// Record `seq`'s inclusion proof against `note`, refused when the stored tree is no
+    /// longer the signed one (a log cut or rewritten since, which the sidecar refuses to sign
+    /// over): such a proof could never verify against the note.
+    async fn proof_against(
+        &self,
+        seq: u64,
+        note: &crate::checkpoint::SignedNote,
+    ) -> Result<Vec<crate::tlog::Hash>, Error> {
+        use crate::tlog_proof::ProveError;
+        let (size, root) = (note.size, note.root);
+        let proved = self
             .store
-            .read(move |tx| {
-                if tx.audit_head()?.seq < size {
-                    return Ok(None);
-                }
-                let root = crate::tlog::tree_root(tx, size)?;
-                Ok(Some((
-                    crate::tlog::inclusion_proof(tx, seq - 1, size)?,
-                    root,
-                )))
-            })
+            .read(move |tx| Ok(crate::tlog_proof::inclusion_against(tx, seq, size, &root)))
             .await?;
-        match proof {
-            Some((hashes, root)) if root == note.root => Ok((note, hashes)),
-            _ => Err(Error::CheckpointUnavailable(format!(
-                "the audit log no longer extends its newest checkpoint (of {size} records): it was cut or rewritten, and the sidecar refuses to sign over it (AUDIT CHAIN CUT OR REWRITTEN in its log)"
-            ))),
-        }
+        proved.map_err(|e| match e {
+            ProveError::Store(e) => e,
+            e @ ProveError::NotCovered { .. } => Error::invalid("seq", e.to_string()),
+            e => Error::CheckpointUnavailable(format!(
+                "the audit log no longer extends its newest checkpoint: {e}; the sidecar refuses to sign over it (AUDIT CHAIN CUT OR REWRITTEN in its log)"
+            )),
+        })
     }
 
     /// The RFC 9162 inclusion proof of record `seq` in the tree of `tree_size` records; with
@@ -653,13 +661,17 @@ impl App {
                 format!("is {tree_size}, smaller than the seq {seq} it must hold"),
             ));
         }
-        let hashes = self
-            .store
-            .read(move |tx| {
-                within_log(tx, tree_size)?;
-                crate::tlog::inclusion_proof(tx, seq - 1, tree_size)
-            })
-            .await?;
+        let hashes = match &checkpoint {
+            Some(note) => self.proof_against(seq, note).await?,
+            None => {
+                self.store
+                    .read(move |tx| {
+                        within_log(tx, tree_size)?;
+                        crate::tlog::inclusion_proof(tx, seq - 1, tree_size)
+                    })
+                    .await?
+            }
+        };
         Ok(SizedProof {
             tree_size,
             hashes,

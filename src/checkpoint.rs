@@ -242,6 +242,13 @@ pub fn default_origin(key: &VerifyingKey) -> String {
     format!("coresdk.audit/{}", hex::encode(&digest[..4]))
 }
 
+/// What a sidecar without checkpoints says, and how to keep them.
+pub const CHECKPOINTS_OFF: &str = "this sidecar keeps no signed audit checkpoints (set CORESDK_AUDIT_CHECKPOINT_FILE and CORESDK_AUDIT_SIGNING_KEY_FILE, or use a SQLite store)";
+
+/// What [`valid_origin`] demands, for the refusal naming the setting.
+pub const ORIGIN_RULE: &str =
+    "must be a signed-note key name: not empty, no spaces or '+', at most 255 bytes";
+
 /// Whether `origin` can name the checkpoints: a valid signed-note key name of at most 255 bytes.
 pub fn valid_origin(origin: &str) -> bool {
     origin.len() <= 255 && signed_note::is_key_name_valid(origin)
@@ -264,54 +271,20 @@ fn own_verifiers(origin: &str, key: &VerifyingKey) -> Option<VerifierList> {
 pub fn open_note(text: &str, key: &VerifyingKey) -> Option<(SignedNote, Note)> {
     let note = Note::from_bytes(text.as_bytes()).ok()?;
     let body = std::str::from_utf8(note.text()).ok()?;
-    let mut reader = std::io::Cursor::new(body.as_bytes());
-    let checkpoint = tlog_tiles::Checkpoint::from_reader(&mut reader, false).ok()?;
-    let root = checkpoint.hash().0;
+    let checkpoint = crate::tlog_proof::CheckpointBody::parse(body)?;
     // Exactly the three lines this writer signs: no extension lines to interpret.
-    if note_body(checkpoint.origin(), checkpoint.size(), &root)?.as_str() != body {
+    if note_body(&checkpoint.origin, checkpoint.size, &checkpoint.root)?.as_str() != body {
         return None;
     }
-    let verifiers = own_verifiers(checkpoint.origin(), key)?;
+    let verifiers = own_verifiers(&checkpoint.origin, key)?;
     note.verify(&verifiers).ok()?;
     let signed = SignedNote {
-        origin: checkpoint.origin().to_owned(),
-        size: checkpoint.size(),
-        root,
+        origin: checkpoint.origin,
+        size: checkpoint.size,
+        root: checkpoint.root,
         note: text.to_owned(),
     };
     Some((signed, note))
-}
-
-/// The checkpoint `note` holds, checked against a verifier key (`<name>+<key id>+<base64
-/// key>`, as `coresdk audit public-key` prints it) without the signing key: what an offline
-/// checker of a proof file needs. The note must carry a valid signature of that key, and its
-/// origin must be the key's name.
-pub fn open_note_with_verifier_key(note: &str, vkey: &str) -> Result<SignedNote, String> {
-    let verifier = signed_note::StandardVerifier::new(vkey)
-        .map_err(|e| format!("the verifier key is unusable: {e}"))?;
-    let name = signed_note::Verifier::name(&verifier).to_owned();
-    let parsed = Note::from_bytes(note.as_bytes())
-        .map_err(|_| "the checkpoint is not a signed note".to_owned())?;
-    let body =
-        std::str::from_utf8(parsed.text()).map_err(|_| "the checkpoint is not UTF-8".to_owned())?;
-    let mut reader = std::io::Cursor::new(body.as_bytes());
-    let checkpoint = tlog_tiles::Checkpoint::from_reader(&mut reader, false)
-        .map_err(|_| "the note's body is not a checkpoint".to_owned())?;
-    if checkpoint.origin() != name {
-        return Err(format!(
-            "the checkpoint's origin is {}, not the key's name {name}",
-            checkpoint.origin()
-        ));
-    }
-    parsed
-        .verify(&VerifierList::new(vec![Box::new(verifier)]))
-        .map_err(|e| format!("the checkpoint's signature does not verify: {e}"))?;
-    Ok(SignedNote {
-        origin: name,
-        size: checkpoint.size(),
-        root: checkpoint.hash().0,
-        note: note.to_owned(),
-    })
 }
 
 /// The checkpoint a line holds, if `key` signed it.
@@ -413,14 +386,20 @@ struct SizeOnly {
 }
 
 /// The largest checkpoint `key` signed (of equal sizes a note, it has a root, and of those
-/// the later line): the one the next checkpoint must extend. Signatures are checked largest
+/// the later line): the one the next checkpoint must extend.
+fn largest_signed(text: &str, key: &VerifyingKey) -> Option<Entry> {
+    largest_verified(text, key, false)
+}
+
+/// [`largest_signed`], of the notes alone when `notes_only`. Signatures are checked largest
 /// first, so a file of any length costs one check unless lines were forged; lines that do not
 /// verify vouch for nothing here (verification reports them).
-fn largest_signed(text: &str, key: &VerifyingKey) -> Option<Entry> {
+fn largest_verified(text: &str, key: &VerifyingKey, notes_only: bool) -> Option<Entry> {
     let mut candidates: Vec<(u64, bool, &str)> = lines(text)
         .filter_map(|line| {
             let size: SizeOnly = serde_json::from_str(line.text).ok()?;
-            Some((size.size, size.v == NOTE_VERSION, line.text))
+            let note = size.v == NOTE_VERSION;
+            (note || !notes_only).then_some((size.size, note, line.text))
         })
         .collect();
     candidates.reverse();
@@ -449,19 +428,10 @@ pub fn newest_note(path: &Path, key: &VerifyingKey) -> Result<Option<SignedNote>
 }
 
 fn newest_in(text: &str, key: &VerifyingKey) -> Option<SignedNote> {
-    let mut candidates: Vec<NoteLine> = lines(text)
-        .filter_map(|line| serde_json::from_str::<NoteLine>(line.text).ok())
-        .filter(|line| line.v == NOTE_VERSION)
-        .collect();
-    // Largest first (of equal sizes the later line), so a file of any length costs one
-    // signature check unless lines were forged.
-    candidates.reverse();
-    candidates.sort_by_key(|line| std::cmp::Reverse(line.size));
-    candidates.into_iter().find_map(|line| {
-        open_note(&line.note, key)
-            .map(|(signed, _)| signed)
-            .filter(|signed| signed.size == line.size)
-    })
+    match largest_verified(text, key, true)? {
+        Entry::Note(note) => Some(note),
+        Entry::Legacy { .. } => None,
+    }
 }
 
 /// What a checkpoint file vouches for.
@@ -540,6 +510,10 @@ impl Start {
 struct Walked {
     head: ChainHead,
     tree: Frontier,
+    /// The head and tree of the records whose tree hashes are stored: short of `head` when
+    /// the newest records' are not built yet (a replica of an older version appended them,
+    /// or a build was interrupted), which is no fault, but nothing past it is signed.
+    built: (ChainHead, Frontier),
     checked: u64,
     bad: Option<Bad>,
 }
@@ -570,6 +544,9 @@ fn expected(entry: &Entry, tree: &Frontier, head: &ChainHead) -> Option<Bad> {
 fn walk(tx: &mut dyn StoreTx, start: Start, to: u64, expects: &[&Entry]) -> Result<Walked, Error> {
     let mut chain = ChainVerifier::after(start.head);
     let mut tree = start.tree;
+    // Where the tree hashes stop being stored, when they stop: evidence if a later record has
+    // them after all.
+    let mut built: Option<(ChainHead, Frontier)> = None;
     let mut checked = 0;
     let mut next = start.head.seq + 1;
     let bad = 'walk: loop {
@@ -593,6 +570,7 @@ fn walk(tx: &mut dyn StoreTx, start: Start, to: u64, expects: &[&Entry]) -> Resu
         let seqs: Vec<u64> = rows.iter().map(|row| row.seq).collect();
         let stored = tx.audit_tree_hashes(&seqs)?;
         for row in &rows {
+            let before = (chain.head(), tree);
             if !chain.feed(row) {
                 let (seq, reason) = chain
                     .failure()
@@ -610,7 +588,23 @@ fn walk(tx: &mut dyn StoreTx, start: Start, to: u64, expects: &[&Entry]) -> Resu
                 .binary_search_by_key(&row.seq, |(seq, _)| *seq)
                 .ok()
                 .map(|at| &stored[at].1);
-            if held != Some(&hashes) {
+            match (held, &built) {
+                (None, None) => built = Some(before),
+                (None, Some(_)) => {}
+                (Some(_), Some((unbuilt, _))) => {
+                    let seq = unbuilt.seq + 1;
+                    break 'walk Some(Bad {
+                        seq,
+                        reason: format!(
+                            "record {seq} lacks its Merkle tree hashes, but record {} after it has them: they were removed",
+                            row.seq
+                        ),
+                        against_checkpoint: false,
+                    });
+                }
+                (Some(_), None) => {}
+            }
+            if held.is_some_and(|held| *held != hashes) {
                 break 'walk Some(Bad {
                     seq: row.seq,
                     reason: format!(
@@ -628,6 +622,7 @@ fn walk(tx: &mut dyn StoreTx, start: Start, to: u64, expects: &[&Entry]) -> Resu
     };
     Ok(Walked {
         head: chain.head(),
+        built: built.unwrap_or((chain.head(), tree)),
         tree,
         checked,
         bad,
@@ -723,6 +718,7 @@ fn check(
         walked: Walked {
             head: ChainHead::GENESIS,
             tree: Frontier::EMPTY,
+            built: (ChainHead::GENESIS, Frontier::EMPTY),
             checked: 0,
             bad: Some(bad),
         },
@@ -778,7 +774,9 @@ fn check(
     if walked.bad.is_none()
         && let Some(note) = from
     {
-        walked.bad = consistent(tx, note, walked.tree.size(), &walked.tree.root())?;
+        // The stored tree, which the proof reads, ends where its hashes do.
+        let built = walked.built.1;
+        walked.bad = consistent(tx, note, built.size(), &built.root())?;
     }
     Ok(Checked {
         walked,
@@ -801,6 +799,46 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ 
     move |source| CheckpointError::Io {
         path: path.display().to_string(),
         source,
+    }
+}
+
+/// What an offline command reads: a SQLite store's database, and its checkpoint and key files
+/// (those given, or where the server keeps them by default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfflineFiles {
+    pub db: PathBuf,
+    pub checkpoints: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Why a `--store` cannot be read offline.
+#[derive(Debug)]
+pub enum NotOffline {
+    Memory,
+    Postgres,
+    /// The URL does not parse: the reason.
+    Bad(String),
+}
+
+/// The files an offline command reads for the store URL `store`, with the checkpoint and key
+/// files given or else the server's defaults beside the database.
+pub fn offline_files(
+    store: &str,
+    checkpoints: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<OfflineFiles, NotOffline> {
+    match crate::store::StoreUrl::parse(store) {
+        Ok(crate::store::StoreUrl::Sqlite(db)) => {
+            let (default_checkpoints, default_key) = default_paths(&db);
+            Ok(OfflineFiles {
+                checkpoints: checkpoints.unwrap_or(default_checkpoints),
+                key: key.unwrap_or(default_key),
+                db,
+            })
+        }
+        Ok(crate::store::StoreUrl::Memory) => Err(NotOffline::Memory),
+        Ok(crate::store::StoreUrl::Postgres(_)) => Err(NotOffline::Postgres),
+        Err(e) => Err(NotOffline::Bad(e.to_string())),
     }
 }
 
@@ -858,7 +896,7 @@ fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
 /// A witness's verifier key (`<name>+<hex key id>+<base64(type ‖ public key)>`): a plain
 /// Ed25519 note signer (type 0x01) or a C2SP tlog-cosignature `cosignature/v1` cosigner
 /// (type 0x04).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WitnessKey {
     name: String,
     id: u32,
@@ -974,8 +1012,11 @@ fn own_key_id(name: &str, key: &VerifyingKey) -> u32 {
 #[derive(Debug, Clone, Default)]
 struct Round {
     finished: u64,
-    /// Why it signed nothing, when the log was refused.
-    refused: Option<String>,
+    /// The newest note after the round, read once for every waiter.
+    newest: Option<SignedNote>,
+    /// Why it signed nothing when it could not: the log was refused, or the file could not
+    /// be written. Waiters answer at once rather than asking for round after failing round.
+    unsigned: Option<String>,
 }
 
 pub struct Checkpointer {
@@ -988,6 +1029,9 @@ pub struct Checkpointer {
     turn: Mutex<()>,
     /// Asks the checkpoint loop to sign now, for a caller waiting on a proof.
     wake: tokio::sync::Notify,
+    /// The largest record a caller asked a checkpoint for: a request a round already served
+    /// (it came while that round ran) starts no other round.
+    wanted: std::sync::atomic::AtomicU64,
     rounds: tokio::sync::watch::Sender<Round>,
 }
 
@@ -1007,6 +1051,7 @@ impl Checkpointer {
             witnesses,
             turn: Mutex::new(()),
             wake: tokio::sync::Notify::new(),
+            wanted: std::sync::atomic::AtomicU64::new(0),
             rounds: tokio::sync::watch::Sender::new(Round::default()),
         }
     }
@@ -1041,9 +1086,11 @@ impl Checkpointer {
         newest_note(&self.path, &self.verifying_key())
     }
 
-    /// Resolves when a caller asked for a checkpoint now ([`Checkpointer::covering`]).
-    pub async fn asked(&self) {
+    /// Resolves when a caller asked for a checkpoint now ([`Checkpointer::covering`]), with
+    /// the largest record any caller asked for.
+    pub async fn asked(&self) -> u64 {
         self.wake.notified().await;
+        self.wanted.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The newest checkpoint once one covers record `seq`, asking for one to be signed now;
@@ -1052,29 +1099,41 @@ impl Checkpointer {
     pub async fn covering(&self, seq: u64, wait: Duration) -> Result<SignedNote, Error> {
         let deadline = tokio::time::Instant::now() + wait;
         let mut rounds = self.rounds.subscribe();
-        // Only a refusal of a round that ended after the call asked counts: an operator may
-        // have resolved an older one.
-        let mut refused = None;
+        // Marked seen before the file is read: a round ending after the read wakes us.
+        rounds.borrow_and_update();
+        // The file once a call, for a note signed before this process's first round.
+        let (path, key) = (self.path.clone(), self.verifying_key());
+        let newest = tokio::task::spawn_blocking(move || newest_note(&path, &key))
+            .await
+            .map_err(|e| Error::Internal(format!("reading the checkpoints: {e}")))?
+            .map_err(|e| Error::Internal(format!("reading the checkpoints: {e}")))?;
+        if let Some(note) = newest.filter(|note| note.size >= seq) {
+            return Ok(note);
+        }
+        // Once: the loop either wakes to it or keeps it for after the round it is in, so a
+        // round starts after this call's record was committed. Asking again after each round
+        // would leave a request behind for a round nobody waits for.
+        self.wanted
+            .fetch_max(seq, std::sync::atomic::Ordering::AcqRel);
+        self.wake.notify_one();
         loop {
-            // Marked seen before the file is read: a round ending after the read wakes us.
-            rounds.borrow_and_update();
-            let newest = self
-                .newest()
-                .map_err(|e| Error::Internal(format!("reading the checkpoints: {e}")))?;
-            if let Some(note) = newest.filter(|note| note.size >= seq) {
-                return Ok(note);
-            }
-            if let Some(reason) = refused {
-                return Err(Error::CheckpointUnavailable(format!(
-                    "no checkpoint covers record {seq}: the sidecar refuses to sign the audit log ({reason})"
-                )));
-            }
-            self.wake.notify_one();
             match tokio::time::timeout_at(deadline, rounds.changed()).await {
-                Ok(Ok(())) => refused = rounds.borrow().refused.clone(),
+                Ok(Ok(())) => {
+                    // Only a round that ended after the call asked counts: an operator may
+                    // have resolved an older refusal.
+                    let round = rounds.borrow_and_update().clone();
+                    if let Some(note) = round.newest.filter(|note| note.size >= seq) {
+                        return Ok(note);
+                    }
+                    if let Some(why) = round.unsigned {
+                        return Err(Error::CheckpointUnavailable(format!(
+                            "no checkpoint covers record {seq}: {why}"
+                        )));
+                    }
+                }
                 _ => {
                     return Err(Error::CheckpointUnavailable(format!(
-                        "no checkpoint covering record {seq} was signed within {} s; retry, or ask GetInclusionProof for it later",
+                        "no checkpoint covering record {seq} was signed within {} s; ask GetInclusionProof for it later",
                         wait.as_secs_f64()
                     )));
                 }
@@ -1082,10 +1141,18 @@ impl Checkpointer {
         }
     }
 
-    fn finish_round(&self, refused: Option<String>) {
+    /// Answers the callers waiting on a round with the last round's outcome again, without a
+    /// round: the log was refused and has not moved since, so a new check would only refuse
+    /// (and log) it again.
+    pub fn repeat_round(&self) {
+        self.rounds.send_modify(|round| round.finished += 1);
+    }
+
+    fn finish_round(&self, newest: Option<SignedNote>, unsigned: Option<String>) {
         self.rounds.send_modify(|round| {
             round.finished += 1;
-            round.refused = refused;
+            round.newest = newest;
+            round.unsigned = unsigned;
         });
     }
 
@@ -1118,15 +1185,28 @@ impl Checkpointer {
     /// it is: the evidence.
     pub async fn checkpoint(self: &Arc<Self>, store: &Store) -> Result<ChainHead, SignError> {
         let signed = self.sign(store).await;
-        let refused = match &signed {
-            Err(e @ SignError::DoesNotExtend { .. }) => Some(e.to_string()),
-            _ => None,
+        let unsigned = match &signed {
+            Ok(_) | Err(SignError::Changed) => None,
+            Err(e @ SignError::DoesNotExtend { .. }) => {
+                Some(format!("the sidecar refuses to sign the audit log ({e})"))
+            }
+            Err(e) => Some(format!("the checkpoint could not be signed ({e})")),
         };
-        self.finish_round(refused);
+        let (path, key) = (self.path.clone(), self.verifying_key());
+        let newest = tokio::task::spawn_blocking(move || newest_note(&path, &key))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
+        self.finish_round(newest, unsigned);
         signed
     }
 
     async fn sign(self: &Arc<Self>, store: &Store) -> Result<ChainHead, SignError> {
+        // Records appended without their tree hashes (a replica of an older version, during a
+        // rolling upgrade; an interrupted build) are built first: a write, one lookup when
+        // the tree is complete.
+        crate::tlog::build_missing(store).await?;
         let checker = self.clone();
         // Rehashing what was added since the last checkpoint (the whole log, the first time)
         // is a long read.
@@ -1171,12 +1251,18 @@ impl Checkpointer {
                 reason: bad.reason,
             });
         }
+        // Only the records whose tree hashes are stored: a proof against the note reads them.
+        let (built, tree) = checked.walked.built;
         // Never two notes for one size: the largest is the only note that can have it.
-        if from.is_some_and(|note| note.size == head.seq) {
-            return Ok(unchanged);
+        if built.seq == 0 || from.is_some_and(|note| note.size == built.seq) {
+            return Ok(Extension {
+                head: built,
+                ..unchanged
+            });
         }
         Ok(Extension {
-            root: Some(checked.walked.tree.root()),
+            head: built,
+            root: Some(tree.root()),
             ..unchanged
         })
     }
@@ -1197,7 +1283,11 @@ impl Checkpointer {
         let (whole, tail) = split_torn_tail(&text);
         let lines: Vec<&str> = whole_lines(whole).map(|(_, line)| line).collect();
         if lines.len() >= MAX_LINES {
-            let mut kept = lines[lines.len() - (KEPT_LINES - 1)..].to_vec();
+            let newest = lines.len() - (KEPT_LINES - 1);
+            // Witnesses vouched for that one: it outlives the compaction.
+            let cosigned = lines[..newest].iter().rev().find(|line| is_cosigned(line));
+            let mut kept: Vec<&str> = cosigned.into_iter().copied().collect();
+            kept.extend_from_slice(&lines[newest..]);
             kept.push(line.trim_end());
             replace(&self.path, &kept)?;
             tracing::info!(
@@ -1336,6 +1426,18 @@ impl Checkpointer {
             ..signed
         })
     }
+}
+
+/// Whether the file `line` is a note with a signature line besides the sidecar's own: a
+/// witness cosignature ([`Checkpointer::add_cosignatures`] stores only verified ones).
+fn is_cosigned(line: &str) -> bool {
+    serde_json::from_str::<NoteLine>(line)
+        .ok()
+        .and_then(|line| {
+            let (_, signatures) = line.note.split_once("\n\n")?;
+            Some(signatures.lines().count() > 1)
+        })
+        .unwrap_or(false)
 }
 
 /// The file line of a note of `size`, with its newline.
@@ -1776,6 +1878,30 @@ mod tests {
     /// chain grown again past the cut. Signing that head would add the largest line, and enough
     /// of them would compact the line that shows the cut away.
     #[tokio::test]
+    async fn compaction_keeps_the_newest_cosigned_line() {
+        let (_dir, signer, store, _) = checkpointed(&["a"]).await;
+        let mut line: NoteLine =
+            serde_json::from_str(text(signer.path()).trim_end()).expect("a note line");
+        line.note.push_str(&format!(
+            "— witness.example {}\n",
+            BASE64_STANDARD.encode([7u8; 68])
+        ));
+        let cosigned = serde_json::to_string(&line).expect("a line");
+        assert!(is_cosigned(&cosigned) && !is_cosigned(text(signer.path()).trim_end()));
+        std::fs::write(signer.path(), format!("{cosigned}\n")).expect("written");
+        for _ in 0..MAX_LINES {
+            grow(&store, "more").await;
+            signer.checkpoint(&store).await.expect("signed");
+        }
+        let compacted = text(signer.path());
+        let lines: Vec<&str> = compacted.lines().collect();
+        assert_eq!(lines.len(), KEPT_LINES + 1, "{compacted}");
+        assert_eq!(lines[0], cosigned);
+        let report = verified(&store, &signer.checkpoints()).await;
+        assert!(report.ok && report.warnings.is_empty(), "{report:?}");
+    }
+
+    #[tokio::test]
     async fn a_chain_that_does_not_extend_the_largest_checkpoint_is_never_signed() {
         let events: Vec<String> = (0..10).map(|i| format!("e{i}")).collect();
         let events: Vec<&str> = events.iter().map(String::as_str).collect();
@@ -1808,26 +1934,6 @@ mod tests {
         );
         let report = verified(&cut, &signer.checkpoints()).await;
         assert_eq!((report.ok, report.first_bad_seq), (false, 10), "{report:?}");
-    }
-
-    #[tokio::test]
-    async fn a_note_is_checked_offline_with_the_verifier_key_alone() {
-        let (_dir, signer, _store, _) = checkpointed(&["a", "b"]).await;
-        let newest = signer.newest().expect("read").expect("a note");
-        let vkey = signer.verifier_key();
-        let opened = open_note_with_verifier_key(&newest.note, &vkey).expect("verifies");
-        assert_eq!(opened, newest);
-        assert_eq!(opened.size, 2);
-
-        let other = SigningKey::from_bytes(&[9; 32]);
-        let foreign = verifier_key(signer.origin(), &other.verifying_key());
-        let refused = open_note_with_verifier_key(&newest.note, &foreign);
-        assert!(refused.is_err(), "{refused:?}");
-        let renamed = verifier_key("another.origin", &signer.verifying_key());
-        let refused = open_note_with_verifier_key(&newest.note, &renamed).expect_err("renamed");
-        assert!(refused.contains("origin"), "{refused}");
-        let edited = newest.note.replacen("\n2\n", "\n3\n", 1);
-        assert!(open_note_with_verifier_key(&edited, &vkey).is_err());
     }
 
     #[tokio::test]

@@ -43,8 +43,8 @@ pub struct CheckpointFiles {
     pub key_file: PathBuf,
     /// The origin line; None: derived from the key ([`crate::checkpoint::default_origin`]).
     pub origin: Option<String>,
-    /// Witness verifier keys, validated.
-    pub witnesses: Vec<String>,
+    /// Witness verifier keys.
+    pub witnesses: Vec<crate::checkpoint::WitnessKey>,
 }
 
 impl CheckpointFiles {
@@ -73,17 +73,11 @@ impl CheckpointFiles {
             };
             config_error(SETTING, format!("{e}; {fix}"))
         })?;
-        let witnesses = self
-            .witnesses
-            .iter()
-            .map(|vkey| crate::checkpoint::WitnessKey::parse(vkey))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| config_error("CORESDK_AUDIT_WITNESS_KEYS", e))?;
         Ok(Checkpointer::new(
             self.file.clone(),
             key,
             self.origin.clone(),
-            witnesses,
+            self.witnesses.clone(),
         ))
     }
 }
@@ -707,7 +701,7 @@ fn checkpoint_files(
     {
         return Err(config_error(
             "CORESDK_AUDIT_ORIGIN",
-            "must be a signed-note key name: not empty, no spaces or '+', at most 255 bytes",
+            crate::checkpoint::ORIGIN_RULE,
         ));
     }
     let mut witnesses = Vec::new();
@@ -717,13 +711,12 @@ fn checkpoint_files(
         .map(|k| k.trim())
         .filter(|k| !k.is_empty())
     {
-        crate::checkpoint::WitnessKey::parse(vkey).map_err(|e| {
+        witnesses.push(crate::checkpoint::WitnessKey::parse(vkey).map_err(|e| {
             config_error(
                 "CORESDK_AUDIT_WITNESS_KEYS",
                 format!("'{}' {e}", crate::problem::quoted(vkey)),
             )
-        })?;
-        witnesses.push(vkey.to_owned());
+        })?);
     }
     match (file, key_file) {
         (Some(file), Some(key_file)) => Ok(Some(CheckpointFiles {

@@ -9,7 +9,6 @@ use coresdk::cli::{
 };
 use coresdk::config::{Config, LogFormat};
 use coresdk::server::ServeError;
-use coresdk::store::StoreUrl;
 use coresdk::store::sqlite::{StoreTxOwner as _, open_read_only};
 use coresdk::telemetry::Tracing;
 
@@ -163,16 +162,20 @@ fn audit_public_key(
     key_file: Option<std::path::PathBuf>,
     origin: Option<String>,
 ) -> ExitCode {
-    let key_file = match (key_file, StoreUrl::parse(store)) {
+    use coresdk::checkpoint::NotOffline;
+    let key_file = match (
+        key_file,
+        coresdk::checkpoint::offline_files(store, None, None),
+    ) {
         (Some(file), _) => file,
-        (None, Ok(StoreUrl::Sqlite(path))) => coresdk::checkpoint::default_paths(&path).1,
-        (None, Ok(_)) => {
+        (None, Ok(files)) => files.key,
+        (None, Err(NotOffline::Memory | NotOffline::Postgres)) => {
             eprintln!(
                 "coresdk: CORESDK_AUDIT_SIGNING_KEY_FILE (--audit-signing-key-file): only a SQLite store has a default key file; name the sidecar's"
             );
             return ExitCode::from(CONFIGURATION_ERROR);
         }
-        (None, Err(e)) => {
+        (None, Err(NotOffline::Bad(e))) => {
             eprintln!("coresdk: CORESDK_STORE (--store): {e}");
             return ExitCode::from(CONFIGURATION_ERROR);
         }
@@ -181,7 +184,8 @@ fn audit_public_key(
         && !coresdk::checkpoint::valid_origin(origin)
     {
         eprintln!(
-            "coresdk: CORESDK_AUDIT_ORIGIN (--audit-origin): must be a signed-note key name: not empty, no spaces or '+', at most 255 bytes"
+            "coresdk: CORESDK_AUDIT_ORIGIN (--audit-origin): {}",
+            coresdk::checkpoint::ORIGIN_RULE
         );
         return ExitCode::from(CONFIGURATION_ERROR);
     }
@@ -203,23 +207,25 @@ fn audit_verify(
     signing_key_file: Option<std::path::PathBuf>,
     full: bool,
 ) -> ExitCode {
-    let path = match StoreUrl::parse(store) {
-        Ok(StoreUrl::Sqlite(path)) => path,
-        Ok(StoreUrl::Memory) => {
+    use coresdk::checkpoint::NotOffline;
+    let files = match coresdk::checkpoint::offline_files(store, checkpoint_file, signing_key_file) {
+        Ok(files) => files,
+        Err(NotOffline::Memory) => {
             eprintln!("coresdk: a memory store has nothing to verify offline");
             return ExitCode::from(2);
         }
-        Ok(StoreUrl::Postgres(_)) => {
+        Err(NotOffline::Postgres) => {
             eprintln!(
                 "coresdk: offline verification reads SQLite files; for PostgreSQL call AuditService/Verify on any replica"
             );
             return ExitCode::from(2);
         }
-        Err(e) => {
+        Err(NotOffline::Bad(e)) => {
             eprintln!("coresdk: CORESDK_STORE (--store): {e}");
             return ExitCode::from(2);
         }
     };
+    let path = files.db;
     let mut offline = match open_read_only(&path) {
         Ok(offline) => offline,
         Err(e) => {
@@ -227,9 +233,7 @@ fn audit_verify(
             return ExitCode::from(2);
         }
     };
-    let (default_checkpoints, default_key) = coresdk::checkpoint::default_paths(&path);
-    let checkpoint_file = checkpoint_file.unwrap_or(default_checkpoints);
-    let key_file = signing_key_file.unwrap_or(default_key);
+    let (checkpoint_file, key_file) = (files.checkpoints, files.key);
     // Offline verification must never create a key: only an existing one can vouch.
     let key = if key_file.exists() {
         match coresdk::checkpoint::load_key(&key_file) {

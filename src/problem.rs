@@ -161,11 +161,11 @@ pub enum Error {
     #[error("{0}")]
     CheckpointNotFound(String),
     /// What needs signed checkpoints, with none kept.
-    #[error(
-        "this sidecar keeps no signed audit checkpoints (set CORESDK_AUDIT_CHECKPOINT_FILE and CORESDK_AUDIT_SIGNING_KEY_FILE, or use a SQLite store), so it cannot answer this"
-    )]
+    #[error("{}, so it cannot answer this", crate::checkpoint::CHECKPOINTS_OFF)]
     CheckpointsOff,
-    /// A checkpoint covering the record was not signed in time (or signing fails).
+    /// No proof against a signed checkpoint can be had: none covering the record was signed in
+    /// time, signing fails, or the stored tree is no longer the signed one. Never answered
+    /// for a call that committed a record (it answers the record without its proof).
     #[error("{0}")]
     CheckpointUnavailable(String),
     #[error("internal error: {0}")]

@@ -573,23 +573,39 @@ async fn checkpoint_loop(
     every: std::time::Duration,
 ) {
     let mut covered = None;
+    // The log's head when a round last refused it.
+    let mut refused_at = None;
     let mut ticker = tokio::time::interval(every);
     // After a slow write, wait a full interval rather than catching up with a burst.
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let asked = tokio::select! {
-            _ = ticker.tick() => false,
-            () = checkpointer.asked() => true,
+        let wanted = tokio::select! {
+            _ = ticker.tick() => None,
+            wanted = checkpointer.asked() => Some(wanted),
         };
+        let asked = wanted.is_some();
         let published = feeds.audit_head().seq;
         // The store's head may be ahead of what the commit listener has published yet; a
-        // caller asking has a record committed, so its round always reads the store.
+        // caller asking has a record committed, so its round always reads the store, unless
+        // the last round covered it already (the caller asked while it ran, and is served).
+        let need = wanted.unwrap_or(published);
+        if refused_at.is_none() && covered.is_some_and(|covered| covered >= need) {
+            continue;
+        }
         if !asked && covered.is_some_and(|covered| covered >= published) {
             continue;
         }
+        // A refused log that has not moved is refused again without a check (or its ERROR):
+        // a caller asking for proofs must not make the sidecar rescan it call after call.
+        if refused_at == Some(published) {
+            checkpointer.repeat_round();
+            continue;
+        }
+        refused_at = None;
         match checkpointer.checkpoint(&store).await {
             Ok(head) => covered = Some(head.seq),
             Err(e @ crate::checkpoint::SignError::DoesNotExtend { .. }) => {
+                refused_at = Some(published);
                 tracing::error!(
                     error = %e,
                     file = %checkpointer.path().display(),

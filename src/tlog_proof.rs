@@ -103,7 +103,8 @@ impl ProofFile {
             })?;
         let index = line()?
             .strip_prefix("index ")
-            .filter(|n| *n == "0" || !n.starts_with('0'))
+            // Digits only: `u64::from_str` also takes a leading `+`, which C2SP does not.
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()) && (*n == "0" || !n.starts_with('0')))
             .and_then(|n| n.parse::<u64>().ok())
             .ok_or_else(|| malformed("its third line is not `index <decimal>`"))?;
         let mut hashes = Vec::new();
@@ -253,6 +254,28 @@ pub enum ProveError {
     Store(#[from] crate::problem::Error),
 }
 
+/// The inclusion proof of record `seq` (from 1) in the tree of `size` records whose signed
+/// root is `root`, after checking that the store still has that tree: a log cut or rewritten
+/// since the note was signed never gets a proof that cannot verify against it.
+pub fn inclusion_against(
+    tx: &mut dyn StoreTx,
+    seq: u64,
+    size: u64,
+    root: &Hash,
+) -> Result<Vec<Hash>, ProveError> {
+    if size < seq || seq == 0 {
+        return Err(ProveError::NotCovered { seq, size });
+    }
+    let records = tx.audit_head().map_err(crate::problem::Error::from)?.seq;
+    if records < size {
+        return Err(ProveError::Truncated { records, size });
+    }
+    if tlog::tree_root(tx, size)? != *root {
+        return Err(ProveError::OtherRoot { size });
+    }
+    Ok(tlog::inclusion_proof(tx, seq - 1, size)?)
+}
+
 /// Builds the proof of record `seq` against `checkpoint` (a signed note whose tree covers
 /// it) from the store's stored tree, after checking the store still has that tree.
 pub fn prove(tx: &mut dyn StoreTx, seq: u64, checkpoint: &str) -> Result<ProofFile, ProveError> {
@@ -264,27 +287,11 @@ pub fn prove(tx: &mut dyn StoreTx, seq: u64, checkpoint: &str) -> Result<ProofFi
                 .and_then(CheckpointBody::parse)
         })
         .ok_or(ProveError::BadCheckpoint)?;
-    if body.size < seq {
-        return Err(ProveError::NotCovered {
-            seq,
-            size: body.size,
-        });
-    }
-    let records = tx.audit_head().map_err(crate::problem::Error::from)?.seq;
-    if records < body.size {
-        return Err(ProveError::Truncated {
-            records,
-            size: body.size,
-        });
-    }
-    if tlog::tree_root(tx, body.size)? != body.root {
-        return Err(ProveError::OtherRoot { size: body.size });
-    }
+    let hashes = inclusion_against(tx, seq, body.size, &body.root)?;
     let record = tx
         .audit_record(seq)
         .map_err(crate::problem::Error::from)?
         .ok_or(ProveError::Missing(seq))?;
-    let hashes = tlog::inclusion_proof(tx, seq - 1, body.size)?;
     // The stored tree is intact (its root is the signed one), but the record's own bytes may
     // not be: a file that could never check out is refused here, with the reason.
     let leaf = tlog::leaf_hash(&record.canonical);
@@ -454,6 +461,8 @@ mod tests {
             ),
             (text.replacen("extra ", "extras ", 1), "no record"),
             (text.replacen("index 2", "index 02", 1), "index"),
+            (text.replacen("index 2", "index +2", 1), "index"),
+            (text.replacen("index 2", "index ", 1), "index"),
             (text.replacen("AQEB", "AQE", 1), "not a base64"),
             (
                 text.split("\n\n").next().expect("head").to_owned(),

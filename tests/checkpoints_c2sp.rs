@@ -127,6 +127,20 @@ async fn append(sidecar: &Sidecar, from: usize, to: usize) {
     }
 }
 
+/// Every record, in order.
+async fn records(sidecar: &Sidecar) -> Vec<coresdk::proto::AuditRecord> {
+    sidecar
+        .audit()
+        .query(admin(QueryAuditRequest {
+            page_size: 1000,
+            ..Default::default()
+        }))
+        .await
+        .expect("Query")
+        .into_inner()
+        .records
+}
+
 /// Appends one record and answers it with its inclusion proof.
 async fn append_with_proof(sidecar: &Sidecar, i: usize) -> coresdk::proto::AuditRecord {
     sidecar
@@ -515,25 +529,44 @@ async fn a_forged_checkpoint_line_and_a_truncated_log_are_detected() {
         "{report:?}"
     );
     assert_eq!(newest_note(&sidecar).await.expect("the note"), note);
-    // Proofs asked for over the cut log are refused at once, not after the deadline: against
-    // the note it contradicts, and past it, where the sidecar refuses to sign.
+    // A proof asked for over the cut log cannot be had, and the call says so at once: with
+    // its committed record and no proof (an error would be retried, appending it twice).
     for i in [9, 12] {
-        let status = sidecar
-            .audit()
-            .append(admin(AppendAuditRequest {
-                include_proof: true,
-                ..app_record(i)
-            }))
-            .await
-            .expect_err("no checkpoint over a cut log");
-        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-        assert_eq!(error_reason(&status), "CHECKPOINT_UNAVAILABLE");
+        let started = std::time::Instant::now();
+        let record = append_with_proof(&sidecar, i).await;
+        assert!(record.inclusion_proof.is_none(), "{record:?}");
         assert!(
-            problem(&status).detail.contains("refuses to sign"),
-            "{status:?}"
+            started.elapsed() < Duration::from_secs(5),
+            "answered at once"
+        );
+        let events: Vec<String> = records(&sidecar)
+            .await
+            .into_iter()
+            .map(|r| r.event)
+            .collect();
+        let event = format!("app.event.{i}");
+        assert_eq!(
+            events.iter().filter(|e| **e == event).count(),
+            1,
+            "{events:?}"
         );
         append(&sidecar, 10, 12).await;
     }
+    // The log grew past the note again, with other records: a proof against the newest note
+    // could never verify, so none is served.
+    let status = sidecar
+        .audit()
+        .get_inclusion_proof(admin(GetInclusionProofRequest {
+            seq: 1,
+            tree_size: 0,
+        }))
+        .await
+        .expect_err("no proof against a note the log contradicts");
+    assert_eq!(
+        error_reason(&status),
+        "CHECKPOINT_UNAVAILABLE",
+        "{status:?}"
+    );
     assert!(sidecar.stop().success());
     assert_eq!(std::fs::read_to_string(&file).expect("checkpoints"), intact);
 }
@@ -771,6 +804,21 @@ async fn witness_cosignatures_are_verified_stored_and_served() {
     );
 }
 
+/// Delivers a signed webhook asking for its record's inclusion proof.
+async fn deliver_with_proof(
+    sidecar: &Sidecar,
+    body: Vec<u8>,
+) -> coresdk::proto::HandleStripeWebhookResponse {
+    let mut request = signed(SECRET, body);
+    request.include_proof = true;
+    sidecar
+        .webhooks()
+        .handle_stripe_webhook(request)
+        .await
+        .expect("the delivery's result")
+        .into_inner()
+}
+
 #[tokio::test]
 async fn a_webhook_answers_its_record_with_a_proof_on_request() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -782,14 +830,7 @@ async fn a_webhook_answers_its_record_with_a_proof_on_request() {
         now(),
         json!({"customer": "cus_proof"}),
     );
-    let mut request = signed(SECRET, body);
-    request.include_proof = true;
-    let answer = sidecar
-        .webhooks()
-        .handle_stripe_webhook(request)
-        .await
-        .expect("applied")
-        .into_inner();
+    let answer = deliver_with_proof(&sidecar, body).await;
     let proof = answer.inclusion_proof.expect("a proof");
     assert_eq!(proof.leaf_index + 1, answer.audit_seq);
     let parsed = parse(&proof.checkpoint);
@@ -825,6 +866,8 @@ async fn a_webhook_answers_its_record_with_a_proof_on_request() {
         .expect_err("no checkpoints");
     assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
     assert_eq!(error_reason(&status), "CHECKPOINTS_OFF");
+    // Refused before the write: a retry cannot append the record twice.
+    assert!(records(&memory).await.is_empty());
     let status = newest_note(&memory).await.expect_err("no checkpoints");
     assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
 }
@@ -902,4 +945,175 @@ async fn incremental_verification_on_postgresql() {
         (false, size),
         "{report:?}"
     );
+}
+
+#[tokio::test]
+async fn a_proof_that_cannot_be_signed_in_time_leaves_the_committed_record_without_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("coresdk.db.checkpoints");
+    // The sidecar's own request timeout is shorter than the longest proof wait: the wait must
+    // end before it, or the committed record is answered as a REQUEST_TIMEOUT.
+    let options = options_with(&[
+        ONLY_WHEN_ASKED[0],
+        ONLY_WHEN_ASKED[1],
+        "--request-timeout-s",
+        "1",
+    ]);
+    let mut sidecar = Sidecar::on_disk(dir.path(), options).await;
+    append(&sidecar, 0, 2).await;
+    assert!(sidecar.stop().success());
+    // No checkpoint can be written any more (root ignores file modes): the file is a link into
+    // a directory that does not exist.
+    std::fs::remove_file(&file).expect("remove the checkpoints");
+    std::os::unix::fs::symlink(dir.path().join("gone").join("checkpoints"), &file)
+        .expect("dangling link");
+    sidecar.restart().await;
+    let record = append_with_proof(&sidecar, 2).await;
+    assert!(record.inclusion_proof.is_none(), "{record:?}");
+    assert_eq!(record.seq, 3, "{record:?}");
+    let events: Vec<String> = records(&sidecar)
+        .await
+        .into_iter()
+        .map(|r| r.event)
+        .collect();
+    assert_eq!(events, ["app.event.0", "app.event.1", "app.event.2"]);
+
+    // The webhook too: its result, with no proof, and the delivery handled once.
+    let body = event(
+        "evt_no_proof",
+        "customer.created",
+        now(),
+        json!({"id": "cus_np"}),
+    );
+    let result = deliver_with_proof(&sidecar, body).await;
+    assert!(result.inclusion_proof.is_none(), "{result:?}");
+    assert_eq!(result.audit_seq, 4, "{result:?}");
+    let _ = sidecar.stop();
+}
+
+/// Removes the stored tree hashes of records `from..=to`, as a replica of a version before the
+/// tree (or an interrupted build) leaves them.
+fn unbuild(dir: &std::path::Path, from: u64, to: u64) {
+    let db = rusqlite::Connection::open(dir.join("coresdk.db")).expect("open db");
+    db.busy_timeout(Duration::from_secs(5))
+        .expect("busy timeout");
+    let changed = db
+        .execute(
+            "UPDATE audit SET tree_hashes = NULL WHERE seq BETWEEN ?1 AND ?2",
+            [from, to],
+        )
+        .expect("unbuild");
+    assert_eq!(changed as u64, to - from + 1);
+}
+
+#[tokio::test]
+async fn records_appended_without_their_tree_are_built_and_signed_and_a_gap_is_named() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("coresdk.db.checkpoints");
+    let mut sidecar = Sidecar::on_disk(dir.path(), options_with(&ONLY_WHEN_ASKED)).await;
+    append(&sidecar, 0, 3).await;
+    assert!(
+        append_with_proof(&sidecar, 3)
+            .await
+            .inclusion_proof
+            .is_some()
+    );
+    append(&sidecar, 4, 8).await;
+    // The newest records, past the note of 4, as an older replica appends them while this one
+    // runs: not built yet, which is no fault.
+    unbuild(dir.path(), 6, 8);
+    for report in [verify(&sidecar).await, verify_full(&sidecar).await] {
+        assert!(report.ok, "{report:?}");
+        assert_eq!(report.head_seq, 8, "{report:?}");
+    }
+    // The shutdown checkpoint builds them first, then signs all 8.
+    assert!(sidecar.stop().success());
+    assert_eq!(
+        note_sizes(&file).last(),
+        Some(&8),
+        "{:?}",
+        note_sizes(&file)
+    );
+    sidecar.restart().await;
+    for report in [verify(&sidecar).await, verify_full(&sidecar).await] {
+        assert!(report.ok, "{report:?}");
+        assert_eq!(report.head_seq, 8, "{report:?}");
+    }
+    assert!(sidecar.stop().success());
+
+    // A record without its tree hashes before records with them: they were removed.
+    unbuild(dir.path(), 3, 3);
+    sidecar.restart().await;
+    let report = verify_full(&sidecar).await;
+    assert_eq!((report.ok, report.first_bad_seq), (false, 3), "{report:?}");
+    assert!(
+        report
+            .reason
+            .contains("record 3 lacks its Merkle tree hashes"),
+        "{report:?}"
+    );
+    let _ = sidecar.stop();
+}
+
+#[tokio::test]
+async fn a_refused_log_is_not_rechecked_per_call_until_it_moves() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut sidecar = Sidecar::on_disk(dir.path(), options_with(&ONLY_WHEN_ASKED)).await;
+    append(&sidecar, 0, 4).await;
+    assert!(
+        append_with_proof(&sidecar, 4)
+            .await
+            .inclusion_proof
+            .is_some()
+    );
+    let store = sidecar.store_url();
+    assert!(sidecar.stop().success());
+    let db = rusqlite::Connection::open(dir.path().join("coresdk.db")).expect("open db");
+    db.execute("DELETE FROM audit WHERE seq >= 4", [])
+        .expect("truncate");
+    drop(db);
+
+    let log = dir.path().join("sidecar.log");
+    let stderr = std::fs::File::create(&log).expect("log file");
+    let args: Vec<String> = ["--store", store.as_str()]
+        .into_iter()
+        .chain(ONLY_WHEN_ASKED)
+        .map(str::to_owned)
+        .collect();
+    let (mut child, addr) = spawn_with_stderr(&args, &Options::default().envs, stderr.into());
+    let mut audit =
+        coresdk::proto::audit_service_client::AuditServiceClient::new(connect(&addr).await);
+    // Records past the note, then one asking for its proof, and the same call again and again
+    // (its idempotency key answers the record stored): the log does not move, so it is not checked again, and each call still answers
+    // at once, with the record and no proof.
+    for i in 4..7 {
+        audit.append(admin(app_record(i))).await.expect("Append");
+    }
+    let started = std::time::Instant::now();
+    for _ in 0..6 {
+        let record = audit
+            .append(admin(AppendAuditRequest {
+                include_proof: true,
+                idempotency_key: "refused-once".into(),
+                ..app_record(9)
+            }))
+            .await
+            .expect("the record")
+            .into_inner();
+        assert_eq!(record.seq, 7, "past the note of 5 the log contradicts");
+        assert!(record.inclusion_proof.is_none(), "{record:?}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "answered at once"
+    );
+    child.kill().expect("kill");
+    child.wait().expect("reaped");
+    let text = std::fs::read_to_string(&log).expect("the log");
+    let refusals = text
+        .lines()
+        .filter(|line| line.contains("AUDIT CHAIN CUT OR REWRITTEN"))
+        .count();
+    // At start, and once the call's record moved the log: not once a call.
+    assert!((1..=2).contains(&refusals), "{refusals} refusals: {text}");
 }

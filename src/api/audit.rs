@@ -41,17 +41,32 @@ fn non_empty(s: String) -> Option<String> {
 }
 
 /// The longest a call waits for the checkpoint its proof needs, whatever its deadline.
-const MAX_PROOF_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+pub const MAX_PROOF_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// How long a call may wait for a checkpoint: most of what its deadline (`grpc-timeout`)
-/// leaves, so the answer (a proof or a problem) still reaches it, and at most
-/// [`MAX_PROOF_WAIT`].
-pub fn proof_wait(metadata: &tonic::metadata::MetadataMap) -> std::time::Duration {
+/// Until when a call may wait for a checkpoint, taken when the call starts: most of what the
+/// shorter of its deadline (`grpc-timeout`) and the sidecar's own request timeout
+/// (`server_limit`) leave, so that the answer (the record, with or without its proof) still
+/// reaches it and never becomes a REQUEST_TIMEOUT; at most [`MAX_PROOF_WAIT`].
+pub fn proof_deadline(
+    metadata: &tonic::metadata::MetadataMap,
+    server_limit: Option<std::time::Duration>,
+) -> tokio::time::Instant {
+    tokio::time::Instant::now() + proof_wait(metadata, server_limit)
+}
+
+fn proof_wait(
+    metadata: &tonic::metadata::MetadataMap,
+    server_limit: Option<std::time::Duration>,
+) -> std::time::Duration {
     let deadline = metadata
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout);
-    deadline.map_or(MAX_PROOF_WAIT, |d| d.mul_f64(0.8).min(MAX_PROOF_WAIT))
+    [deadline, server_limit]
+        .into_iter()
+        .flatten()
+        .map(|limit| limit.mul_f64(0.8))
+        .fold(MAX_PROOF_WAIT, std::time::Duration::min)
 }
 
 /// A `grpc-timeout` value: up to 8 digits and a unit (gRPC over HTTP/2).
@@ -73,19 +88,32 @@ fn parse_grpc_timeout(value: &str) -> Option<std::time::Duration> {
     })
 }
 
-/// Record `seq`'s inclusion proof against the next checkpoint covering it.
-pub async fn proof_at_next_checkpoint(
+/// Record `seq`'s inclusion proof against the next checkpoint covering it, for a call that
+/// has committed the record: a proof that cannot be had in time is left out (the caller asks
+/// GetInclusionProof for it later), never an error, so that a client retrying the error
+/// cannot commit the record twice.
+pub async fn proof_if_any(
     app: &SharedApp,
     seq: u64,
-    wait: std::time::Duration,
-) -> Result<proto::InclusionProof, Error> {
-    let (note, hashes) = app.proof_at_next_checkpoint(seq, wait).await?;
-    Ok(proto::InclusionProof {
-        leaf_index: seq - 1,
-        tree_size: note.size,
-        hashes: hashes.iter().map(|hash| hash.to_vec()).collect(),
-        checkpoint: note.note,
-    })
+    until: tokio::time::Instant,
+) -> Option<proto::InclusionProof> {
+    let wait = until.saturating_duration_since(tokio::time::Instant::now());
+    match app.proof_at_next_checkpoint(seq, wait).await {
+        Ok((note, hashes)) => Some(proto::InclusionProof {
+            leaf_index: seq - 1,
+            tree_size: note.size,
+            hashes: hashes.iter().map(|hash| hash.to_vec()).collect(),
+            checkpoint: note.note,
+        }),
+        Err(e) => {
+            tracing::warn!(
+                seq,
+                error = %e,
+                "answering the committed audit record without its inclusion proof; GetInclusionProof (seq, tree_size 0) serves it once a checkpoint covers it"
+            );
+            None
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -95,9 +123,14 @@ impl AuditService for AuditApi {
         request: Request<proto::AppendAuditRequest>,
     ) -> Result<Response<proto::AuditRecord>, Status> {
         let app = &self.app;
-        let wait = proof_wait(request.metadata());
+        let until = proof_deadline(request.metadata(), app.config.limits.request_timeout);
         let request = request.into_inner();
         let include_proof = request.include_proof;
+        // Refused before anything is written: a proof that can never come.
+        if include_proof {
+            app.checkpoints_on()
+                .map_err(|e| status::of_error(&e, app.links()))?;
+        }
         let metadata = match &request.metadata {
             Some(s) => convert::from_proto_struct(s)
                 .map_err(|e| status::of_error(&Error::invalid("metadata", e), app.links()))?,
@@ -116,11 +149,7 @@ impl AuditService for AuditApi {
             .map_err(|e| status::of_error(&e, app.links()))?;
         let mut answer = convert::audit_record(&sealed);
         if include_proof {
-            answer.inclusion_proof = Some(
-                proof_at_next_checkpoint(app, sealed.seq, wait)
-                    .await
-                    .map_err(|e| status::of_error(&e, app.links()))?,
-            );
+            answer.inclusion_proof = proof_if_any(app, sealed.seq, until).await;
         }
         Ok(Response::new(answer))
     }

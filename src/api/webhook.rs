@@ -13,9 +13,15 @@ impl WebhookService for WebhookApi {
         &self,
         request: Request<proto::HandleStripeWebhookRequest>,
     ) -> Result<Response<proto::HandleStripeWebhookResponse>, Status> {
-        let wait = super::audit::proof_wait(request.metadata());
-        let request = request.into_inner();
         let app = &self.app;
+        let until =
+            super::audit::proof_deadline(request.metadata(), app.config.limits.request_timeout);
+        let request = request.into_inner();
+        // Refused before the delivery is handled: a proof that can never come.
+        if request.include_proof {
+            app.checkpoints_on()
+                .map_err(|e| status::of_error(&e, app.links()))?;
+        }
         let result = app
             .handle_webhook(request.payload, &request.signature_header)
             .await
@@ -23,11 +29,7 @@ impl WebhookService for WebhookApi {
         let seq = result.audit_seq;
         let mut answer = convert::webhook_result(result);
         if request.include_proof {
-            answer.inclusion_proof = Some(
-                super::audit::proof_at_next_checkpoint(app, seq, wait)
-                    .await
-                    .map_err(|e| status::of_error(&e, app.links()))?,
-            );
+            answer.inclusion_proof = super::audit::proof_if_any(app, seq, until).await;
         }
         Ok(Response::new(answer))
     }

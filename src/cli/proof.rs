@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use crate::settings::DEFAULT_STORE;
-use crate::store::StoreUrl;
 use crate::store::sqlite::{StoreTxOwner as _, open_read_only};
 use crate::tlog_proof::{self, MAX_PROOF_BYTES, ProveError};
 
@@ -97,26 +96,34 @@ fn read_bounded(path: &Path) -> Result<String, String> {
 }
 
 pub fn prove(args: &ProveArgs) -> ExitCode {
-    let path = match StoreUrl::parse(&args.store) {
-        Ok(StoreUrl::Sqlite(path)) => path,
-        Ok(StoreUrl::Memory) => {
+    use crate::checkpoint::{NotOffline, OfflineFiles};
+    let files = crate::checkpoint::offline_files(
+        &args.store,
+        args.checkpoint_file.clone(),
+        args.signing_key_file.clone(),
+    );
+    let files = match files {
+        Ok(files) => files,
+        Err(NotOffline::Memory) => {
             eprintln!("coresdk: a memory store has nothing to prove offline");
             return ExitCode::from(EXIT_UNUSABLE);
         }
-        Ok(StoreUrl::Postgres(_)) => {
+        Err(NotOffline::Postgres) => {
             eprintln!(
                 "coresdk: prove reads SQLite files; for PostgreSQL call AuditService/GetInclusionProof (tree_size 0) on any replica"
             );
             return ExitCode::from(EXIT_UNUSABLE);
         }
-        Err(e) => {
+        Err(NotOffline::Bad(e)) => {
             eprintln!("coresdk: CORESDK_STORE (--store): {e}");
             return ExitCode::from(EXIT_UNUSABLE);
         }
     };
-    let (default_checkpoints, default_key) = crate::checkpoint::default_paths(&path);
-    let checkpoint_file = args.checkpoint_file.clone().unwrap_or(default_checkpoints);
-    let key_file = args.signing_key_file.clone().unwrap_or(default_key);
+    let OfflineFiles {
+        db: path,
+        checkpoints: checkpoint_file,
+        key: key_file,
+    } = files;
     let note = match newest_checkpoint_note(&checkpoint_file, &key_file) {
         Ok(Some(note)) => note,
         Ok(None) => {

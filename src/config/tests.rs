@@ -634,5 +634,8 @@ fn the_origin_and_witness_keys_go_with_the_checkpoints() {
     .checkpoint_files
     .expect("checkpoints beside SQLite");
     assert_eq!(files.origin.as_deref(), Some("example.com/ledger"));
-    assert_eq!(files.witnesses, vec![witness]);
+    assert_eq!(
+        files.witnesses,
+        vec![crate::checkpoint::WitnessKey::parse(&witness).expect("a witness key")]
+    );
 }
