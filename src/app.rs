@@ -638,7 +638,7 @@ impl App {
             .await?;
         proved.map_err(|e| match e {
             ProveError::Store(e) => e,
-            e @ ProveError::NotCovered { .. } => Error::invalid("seq", e.to_string()),
+            e @ ProveError::NotCovered { .. } => Error::CheckpointNotFound(e.to_string()),
             e => Error::CheckpointUnavailable(format!(
                 "the audit log no longer extends its newest checkpoint: {e}; the sidecar refuses to sign over it (AUDIT CHAIN CUT OR REWRITTEN in its log)"
             )),

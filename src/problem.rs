@@ -428,9 +428,10 @@ impl Error {
                 "Checkpoints are off",
                 "CHECKPOINTS_OFF",
             ),
+            // Permanent until an operator acts (a cut or rewritten log): clients must not retry it.
             CheckpointUnavailable(_) => m(
-                Code::Unavailable,
-                503,
+                Code::FailedPrecondition,
+                409,
                 "checkpoint-unavailable",
                 "Checkpoint unavailable",
                 "CHECKPOINT_UNAVAILABLE",

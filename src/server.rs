@@ -119,7 +119,11 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         feeds.clone(),
         cache.clone(),
     )?;
-    crate::tlog::build_missing(&store).await?;
+    // A tree that cannot be built (an edited table) must not keep the sidecar from serving:
+    // verification names the damage, and the writer extends the tree from the records.
+    if let Err(e) = crate::tlog::build_missing(&store).await {
+        tracing::error!(error = %e, "the audit Merkle tree could not be built over the whole chain; proofs reach only as far as it does: run coresdk audit verify --full");
+    }
     cache.load(store.read(|tx| Ok(tx.load_flags()?)).await?);
     feeds.set_audit_head(store.read(|tx| Ok(tx.audit_head()?)).await?);
     seed_tenants(&store, &config).await?;

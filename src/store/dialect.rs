@@ -73,6 +73,9 @@ pub(crate) enum Statement {
     /// → seq of the oldest audit record without tree hashes, and the hash of the record before
     /// it (NULL for the first record); no row when every record has them.
     FirstUnbuilt,
+    /// after_seq, limit → seq, canonical, hash of the records without tree hashes, ordered by
+    /// seq (through the partial index of those rows).
+    UnbuiltPage,
     /// seq, tree_hashes: stores the tree hashes of a record from before the tree.
     SetTreeHashes,
     /// → seq, hash of the newest audit record (no row when there is none).

@@ -464,14 +464,23 @@ impl StoreTx for Tx<'_> {
         let (_, writes) = self.for_write()?;
         let state = *writes.state;
         if !state.tree.matches(&state.head) {
-            let (reach, tree) = self.extend_tree(u64::MAX)?;
-            if reach.built != state.head.seq {
-                return Err(StoreError::Corrupt(format!(
-                    "the audit Merkle tree reaches record {} but the chain's head is record {}",
-                    reach.built, state.head.seq
-                ))
-                .into());
-            }
+            let tree = match self.extend_tree(u64::MAX) {
+                Ok((reach, tree)) if reach.built == state.head.seq => tree,
+                built => {
+                    // An edited table must not stop the writes (verification names the damage):
+                    // new records' tree hashes come from the records themselves.
+                    let why = match built {
+                        Ok((reach, _)) => format!("it reaches record {}", reach.built),
+                        Err(e) => e.to_string(),
+                    };
+                    tracing::error!(
+                        head = state.head.seq,
+                        error = %why,
+                        "the stored audit Merkle tree cannot be extended to the chain's head; the tree's right edge is recomputed from the records (run coresdk audit verify --full)"
+                    );
+                    self.frontier_from_records(state.head)?
+                }
+            };
             self.for_write()?.1.state.tree = tree;
         }
         let (sql, writes) = self.for_write()?;
@@ -611,6 +620,36 @@ impl Tx<'_> {
         Ok((built, head.seq))
     }
 
+    /// The right edge of the tree of the chain up to `head`, from every record's bytes: what
+    /// the writer falls back on when the stored tree cannot give it.
+    fn frontier_from_records(&mut self, head: ChainHead) -> Result<Frontier, Error> {
+        let mut tree = Frontier::EMPTY;
+        let mut gap = None;
+        self.scan_audit(1, &mut |row| {
+            if row.seq != tree.size() + 1 || row.seq > head.seq {
+                gap = Some(tree.size() + 1);
+                return false;
+            }
+            let chain_hash = row.hash.as_slice().try_into().unwrap_or([0; 32]);
+            tree.append(tlog::leaf_hash(&row.canonical), chain_hash);
+            true
+        })?;
+        if let Some(seq) = gap.filter(|_| tree.size() < head.seq) {
+            return Err(StoreError::Corrupt(format!(
+                "audit record {seq} is missing: no Merkle tree can be built over the chain"
+            ))
+            .into());
+        }
+        if !tree.matches(&head) {
+            return Err(StoreError::Corrupt(format!(
+                "the audit chain's records do not reach its head, record {}",
+                head.seq
+            ))
+            .into());
+        }
+        Ok(tree)
+    }
+
     /// [`StoreTx::extend_audit_tree`], with the right edge of the tree it reached.
     fn extend_tree(&mut self, limit: u64) -> Result<(TreeReach, Frontier), Error> {
         self.for_write()?;
@@ -623,16 +662,39 @@ impl Tx<'_> {
             };
             return Ok((reach, tree));
         }
-        // Leaf and chain hashes only: a batch of rows is held at once, not their bytes.
+        // Leaf and chain hashes only: a batch of rows is held at once, not their bytes. Only
+        // rows without tree hashes are read, so rows that have them are never rewritten.
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
         let mut missing = Vec::new();
-        self.scan_audit(newest.seq + 1, &mut |row| {
-            missing.push((row.seq, tlog::leaf_hash(&row.canonical), row.hash));
-            u64::try_from(missing.len()).is_ok_and(|n| n < limit)
-        })?;
+        let mut after = to_i64(newest.seq);
+        loop {
+            let page = AUDIT_PAGE.min(i64::try_from(limit - missing.len()).unwrap_or(AUDIT_PAGE));
+            let before = missing.len();
+            self.sql.query(
+                Statement::UnbuiltPage,
+                &[Param::Int(after), Param::Int(page)],
+                &mut |row| {
+                    let seq = row.int(0)?;
+                    missing.push((to_u64(seq), tlog::leaf_hash(&row.bytes(1)?), row.bytes(2)?));
+                    after = seq;
+                    Ok(true)
+                },
+            )?;
+            let read = missing.len() - before;
+            if i64::try_from(read).unwrap_or(i64::MAX) < page || missing.len() >= limit {
+                break;
+            }
+        }
         for (seq, leaf, chain_hash) in missing {
             if seq != tree.size() + 1 {
+                // The next record is gone, or has tree hashes though the one before it has none:
+                // an edited table. Nothing past it is written; what was built stands.
+                if tree.size() > newest.seq {
+                    break;
+                }
                 return Err(StoreError::Corrupt(format!(
-                    "audit record {} is missing, so the Merkle tree cannot be built past it",
+                    "the audit Merkle tree cannot be built past record {}: record {} is missing or already has tree hashes (the audit table was edited; see coresdk audit verify --full)",
+                    tree.size(),
                     tree.size() + 1
                 ))
                 .into());

@@ -284,5 +284,41 @@ mod tests {
         }
         let reach = tx.extend_audit_tree(0);
         assert!(reach.is_err(), "a read transaction builds nothing");
+
+        // Hashes removed from one record in the middle: only that record is built again, from
+        // its bytes; the records after it keep theirs, untouched.
+        let stored = |conn: &mut SqliteConn| -> Vec<Vec<u8>> {
+            let mut all = conn
+                .raw()
+                .prepare("SELECT tree_hashes FROM audit ORDER BY seq")
+                .expect("prepared");
+            all.query_map([], |row| row.get(0))
+                .expect("read")
+                .collect::<Result<_, _>>()
+                .expect("rows")
+        };
+        let before = stored(&mut conn);
+        conn.raw()
+            .execute_batch(
+                "UPDATE audit SET tree_hashes = NULL WHERE seq = 5;
+                 UPDATE audit SET tree_hashes = x'00' WHERE seq = 9;",
+            )
+            .expect("edited");
+        let reach = write(&mut conn, &mut state, |tx| tx.extend_audit_tree(100));
+        assert_eq!(
+            (reach.built, reach.records),
+            (5, 26),
+            "it stops where hashes are stored"
+        );
+        let reach = Tx::reading(&mut conn).audit_tree_reach().expect("reach");
+        assert_eq!((reach.built, reach.records), (26, 26));
+        let after = stored(&mut conn);
+        assert_eq!(after[4], before[4], "record 5 built again from its bytes");
+        assert_eq!(
+            after[8],
+            vec![0],
+            "record 9's (edited) hashes are left as evidence"
+        );
+        assert_eq!(after[9..], before[9..]);
     }
 }

@@ -85,6 +85,10 @@ pub(super) fn text(statement: Statement) -> &'static str {
             "SELECT u.seq, (SELECT hash FROM audit WHERE seq = u.seq - 1)
              FROM (SELECT seq FROM audit WHERE tree_hashes IS NULL ORDER BY seq LIMIT 1) AS u"
         }
+        Statement::UnbuiltPage => {
+            "SELECT seq, canonical, hash FROM audit
+             WHERE seq > ?1 AND tree_hashes IS NULL ORDER BY seq LIMIT ?2"
+        }
         Statement::SetTreeHashes => "UPDATE audit SET tree_hashes = ?2 WHERE seq = ?1",
         Statement::AuditHead => "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
         Statement::WriterState => {
