@@ -533,6 +533,20 @@ def mock() -> MockSidecar:
     return MockSidecar(Settings(use_mock=True), env=ENV)
 
 
+def test_an_answer_without_its_proof_is_a_stored_record():
+    # The sidecar answers include_proof without inclusion_proof when no checkpoint covered the
+    # record in time: the record is stored, and the answer is a success, not an error.
+    from coresdk.models import AuditRecord, WebhookResult
+    from coresdk.v1 import audit_pb2, webhook_pb2
+
+    record = AuditRecord.from_proto(audit_pb2.AuditRecord(seq=3, event="app.x", canonical=b"{}"))
+    assert (record.seq, record.inclusion_proof) == (3, None)
+    result = WebhookResult.from_proto(webhook_pb2.HandleStripeWebhookResponse(outcome=1, audit_seq=3))
+    assert (result.audit_seq, result.inclusion_proof) == (3, None)
+    proven = AuditRecord.from_proto(audit_pb2.AuditRecord(seq=3, inclusion_proof=audit_pb2.InclusionProof(leaf_index=2, tree_size=3)))
+    assert proven.inclusion_proof is not None and proven.inclusion_proof.leaf_index == 2
+
+
 def test_the_mock_signs_no_checkpoint_of_the_empty_log(monkeypatch):
     # As the sidecar: its first checkpoint is signed after its first record. A mock's log
     # starts with its tenants' seeding record; this one is a sidecar's started without any.
