@@ -35,4 +35,5 @@ export {
   type Checkpoint,
   type InclusionProofLike,
   type NoteSignature,
+  type ProvenRecord,
 } from './transparency.js';

@@ -13,7 +13,8 @@
 // The audit records form the sidecar's RFC 6962 Merkle tree, with its inclusion and consistency
 // proofs and their errors. Checkpoints differ: the mock runs no background task, so it signs one
 // for the current tree whenever one is asked for (`auditCheckpoint`, tree size 0, `includeProof`)
-// with an Ed25519 key made per mock (`auditVerifierKey`). Its origin and key name are
+// with an Ed25519 key made per mock (`auditVerifierKey`); as the sidecar, none of the empty log
+// (CHECKPOINT_NOT_FOUND). Its origin and key name are
 // `coresdk.mock/<random hex>`: each mock is a log of its own.
 
 import {
@@ -184,6 +185,7 @@ const SHAPES = {
   wrongTenant: shape(GrpcCode.PERMISSION_DENIED, 403, 'wrong-tenant', 'Forbidden', 'WRONG_TENANT'),
   shuttingDown: shape(GrpcCode.UNAVAILABLE, 503, 'shutting-down', 'Shutting down', 'SHUTTING_DOWN'),
   outOfRange: shape(GrpcCode.OUT_OF_RANGE, 400, 'out-of-range', 'Out of range', 'OUT_OF_RANGE'),
+  checkpointNotFound: shape(GrpcCode.NOT_FOUND, 404, 'checkpoint-not-found', 'Checkpoint not found', 'CHECKPOINT_NOT_FOUND'),
   // The mock's own: its memory bound (the sidecar's store is a database).
   full: shape(GrpcCode.RESOURCE_EXHAUSTED, 507, 'mock-capacity', 'Mock capacity reached', 'MOCK_CAPACITY'),
 };
@@ -1561,9 +1563,20 @@ export class MockSidecar implements CoreSDKClient {
     }
   }
 
-  /** A checkpoint of the current tree (the newest, signed when first asked for). */
+  /**
+   * A checkpoint of the current tree (the newest, signed when first asked for). As the sidecar,
+   * none of the empty log: it signs its first checkpoint after the first record.
+   */
   #signCheckpoint(): { size: number; note: string } {
     const size = this.#audit.headSeq;
+    if (size === 0) {
+      throw this.#error(
+        new Refusal(
+          SHAPES.checkpointNotFound,
+          'no audit checkpoint has been signed yet: the first is signed within CORESDK_AUDIT_CHECKPOINT_INTERVAL_S of the first record',
+        ),
+      );
+    }
     if (this.#checkpoint.size !== size) {
       const root = this.#tree((trail) => trail.subtree(0, size));
       const text = `${this.#origin}\n${size}\n${root.toString('base64')}\n`;

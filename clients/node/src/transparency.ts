@@ -9,6 +9,10 @@
 //
 // Every failure throws a TransparencyError saying what did not verify; a function that returns
 // did verify.
+//
+// The proof covers a record's `canonical` bytes only: read what it says (event, actor, tenant,
+// outcome, metadata) from what `verifyRecordInclusion` returns, not from the record's other
+// fields, which the sidecar (or anyone between) could change without the proof noticing.
 
 import { createHash, createPublicKey, verify as verifySignature, type KeyObject } from 'node:crypto';
 
@@ -91,6 +95,11 @@ function root(value: Bytes, what: string): Buffer {
 // test the low bit arithmetically instead.
 const odd = (n: number): boolean => n % 2 === 1;
 const half = (n: number): number => Math.floor(n / 2);
+// Exact: Math.log2 rounds (log2(2^50 + 1) is 50).
+const isPowerOfTwo = (n: number): boolean => {
+  const b = BigInt(n);
+  return b > 0n && (b & (b - 1n)) === 0n;
+};
 
 /**
  * The root that `proof` leads to from the leaf hash `leaf` at `leafIndex` in a tree of
@@ -159,7 +168,7 @@ export function verifyConsistency(fromSize: number, toSize: number, proof: reado
     return;
   }
   if (path.length === 0) throw new TransparencyError('the consistency proof is empty');
-  if (Number.isInteger(Math.log2(fromSize))) path = [first, ...path];
+  if (isPowerOfTwo(fromSize)) path = [first, ...path];
   let fn = fromSize - 1;
   let sn = toSize - 1;
   while (odd(fn)) {
@@ -205,9 +214,16 @@ function validName(name: string): boolean {
   return name !== '' && !name.includes('+') && !/\p{White_Space}/u.test(name);
 }
 
+// A lone surrogate has no UTF-8 form (in a `u` regex a pair is one code point, never matched);
+// Buffer.from would write U+FFFD in its place instead.
+function utf8(text: string, what: string): Buffer {
+  if (/[\uD800-\uDFFF]/u.test(text)) throw new TransparencyError(`${what} is not valid UTF-8`);
+  return Buffer.from(text, 'utf8');
+}
+
 /** The signed-note key ID: the first 4 bytes (big-endian) of SHA-256(name ‖ 0x0A ‖ type ‖ key). */
 export function keyId(name: string, typedKey: Bytes): number {
-  return sha256(Buffer.from(`${name}\n`, 'utf8'), typedKey).readUInt32BE(0);
+  return sha256(utf8(name, 'the key name'), Uint8Array.of(0x0a), typedKey).readUInt32BE(0);
 }
 
 const hex8 = (id: number): string => id.toString(16).padStart(8, '0');
@@ -234,6 +250,7 @@ export class VerifierKey {
     const hexId = trimmed.slice(first + 1, second);
     const encoded = trimmed.slice(second + 1);
     if (!validName(name)) throw new TransparencyError("the verifier key's name is empty or holds a space or '+'");
+    utf8(name, "the verifier key's name");
     if (!HEX8.test(hexId)) throw new TransparencyError("the verifier key's id is not 8 hex digits");
     const typed = base64(encoded, 'the verifier key');
     if (typed.length !== 33 || typed[0] !== ED25519) {
@@ -284,9 +301,7 @@ export interface Checkpoint {
 function noteText(note: string | Bytes): string {
   let raw: Buffer;
   if (typeof note === 'string') {
-    // A lone surrogate has no UTF-8 form (in a `u` regex a pair is one code point, never matched).
-    if (/[\uD800-\uDFFF]/u.test(note)) throw new TransparencyError('the note is not valid UTF-8');
-    raw = Buffer.from(note, 'utf8');
+    raw = utf8(note, 'the note');
   } else {
     raw = Buffer.from(note);
   }
@@ -368,12 +383,22 @@ export function parseCheckpoint(note: string | Bytes): Checkpoint {
 }
 
 /**
- * The checkpoint of `note` once its signature by `key` verifies (see `openNote`). `origin`,
- * when given, must be the checkpoint's origin line.
+ * The checkpoint of `note` once its signature by `key` verifies (see `openNote`) and its origin
+ * line is the key's name, as C2SP tlog-checkpoint names a log's key after its origin (and as
+ * `coresdk audit check-proof` requires): the signature does not cover the key name, so without
+ * this a signature line relabelled with another log's name would vouch for it. `origin`, when
+ * given, must also be the checkpoint's origin line (so one other than the key's name refuses
+ * every note).
  */
 export function openCheckpoint(note: string | Bytes, key: string | VerifierKey, options: { origin?: string } = {}): Checkpoint {
+  const verifier = typeof key === 'string' ? VerifierKey.parse(key) : key;
   const checkpoint = parseCheckpoint(note);
-  openNote(note, key);
+  openNote(note, verifier);
+  if (checkpoint.origin !== verifier.name) {
+    throw new TransparencyError(
+      `the checkpoint's origin is '${checkpoint.origin}', not the key's name '${verifier.name}': a key of another name vouches for another log`,
+    );
+  }
   if (options.origin !== undefined && checkpoint.origin !== options.origin) {
     throw new TransparencyError(`the checkpoint's origin is '${checkpoint.origin}', not '${options.origin}'`);
   }
@@ -388,10 +413,44 @@ export interface InclusionProofLike {
 }
 
 /**
- * That the audit record with `seq` and these `canonical` bytes is in the tree a checkpoint (from
- * `openCheckpoint`) signs; `proof` is its inclusion proof for that checkpoint's tree size.
+ * An audit record as its inclusion proof covers it: the JSON object of its canonical bytes
+ * (`v`, `seq`, `time`, `tenant`, `actor`, `event`, `outcome`, `metadata`).
  */
-export function verifyRecordInclusion(canonical: Bytes, seq: number, proof: InclusionProofLike, checkpoint: Checkpoint): void {
+export interface ProvenRecord {
+  seq: number;
+  [field: string]: unknown;
+}
+
+/**
+ * The JSON object of a record's canonical bytes, whose "seq" must be `seq`. JSON numbers are
+ * compared by value (JSON.parse's), as the Python client compares them, so both agree.
+ */
+function recordFields(canonical: Bytes, seq: number): ProvenRecord {
+  let fields: unknown;
+  try {
+    fields = JSON.parse(new TextDecoder('utf-8', { fatal: true, ignoreBOM: true }).decode(canonical));
+  } catch {
+    throw new TransparencyError("the record's canonical bytes are not JSON");
+  }
+  if (fields === null || typeof fields !== 'object' || Array.isArray(fields)) {
+    throw new TransparencyError("the record's canonical bytes are not a JSON object");
+  }
+  const said = (fields as Record<string, unknown>).seq;
+  if (said !== seq) {
+    throw new TransparencyError(`the record's own seq is not the ${seq} its proof is of: it was sealed somewhere else`);
+  }
+  return fields as ProvenRecord;
+}
+
+/**
+ * That the audit record with `seq` and these `canonical` bytes is in the tree a checkpoint (from
+ * `openCheckpoint`) signs, and that the "seq" inside those bytes is `seq`; `proof` is its
+ * inclusion proof for that checkpoint's tree size.
+ *
+ * Returns the record as the proof covers it (see `ProvenRecord`). Read the record from it: an
+ * `AuditRecord`'s other fields (`event`, `actor`, `tenantId`, ...) are not covered by the proof.
+ */
+export function verifyRecordInclusion(canonical: Bytes, seq: number, proof: InclusionProofLike, checkpoint: Checkpoint): ProvenRecord {
   size(seq, 'seq');
   if (seq === 0) throw new TransparencyError('records are numbered from 1');
   if (proof.leafIndex !== seq - 1) {
@@ -401,6 +460,7 @@ export function verifyRecordInclusion(canonical: Bytes, seq: number, proof: Incl
     throw new TransparencyError(`the proof is for a tree of ${proof.treeSize} records, the checkpoint signs ${checkpoint.size}`);
   }
   verifyInclusion(leafHash(canonical), seq - 1, checkpoint.size, proof.hashes, checkpoint.rootHash);
+  return recordFields(canonical, seq);
 }
 
 /** That checkpoint `newer` extends checkpoint `older` (both from `openCheckpoint`, same origin). */

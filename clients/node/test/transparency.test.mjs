@@ -17,6 +17,7 @@ import {
   ProblemError,
   TransparencyError,
   VerifierKey,
+  keyId,
   leafHash,
   makeSettings,
   openCheckpoint,
@@ -28,6 +29,7 @@ import {
   verifyInclusion,
   verifyRecordInclusion,
 } from '../dist/index.js';
+import { auditRecordFromProto, webhookResultFromProto } from '../dist/wire.js';
 import { clientFor } from './helpers.mjs';
 import { BACKENDS } from './web.mjs';
 
@@ -242,6 +244,17 @@ describe('RFC 9162 proofs', () => {
     }
   });
 
+  test('the power-of-two test is exact at large sizes', () => {
+    // 2^50 + 1 is no power of two, though Math.log2 rounds it to 50.
+    const m = 2 ** 50 + 1;
+    const [a, x, y] = ['a', 'x', 'y'].map((c) => h(Buffer.from(c)));
+    // MTH(D[0:2^50]) = a; leaves 2^50 and 2^50 + 1 hash to x and y.
+    const oldRoot = h(Buffer.of(1), a, x);
+    const newRoot = h(Buffer.of(1), a, h(Buffer.of(1), x, y));
+    verifyConsistency(m, m + 1, [x, y, a], oldRoot, newRoot);
+    refused('another root', () => verifyConsistency(m, m + 1, [x, y, a], oldRoot, flip(newRoot)));
+  });
+
   test('proofs are bounded', () => {
     assert.throws(() => verifyInclusion(leafHash(Buffer.alloc(0)), 0, 2 ** 53 - 1, Array(65).fill(ROOTS[1]), ROOTS[1]), /more than the 64/);
     assert.throws(() => verifyConsistency(1, 2 ** 53 - 1, Array(65).fill(ROOTS[1]), ROOTS[1], ROOTS[1]), /more than the 64/);
@@ -326,6 +339,13 @@ class Log {
   }
 }
 
+/** A record's canonical bytes (RFC 8785: sorted keys, no spaces), as the sidecar seals them. */
+function canonical(seq, event) {
+  const fields = { actor: 'u1', event, metadata: {}, outcome: 'ok', seq, tenant: 'acme', time: '2026-01-01T00:00:00.000Z', v: 1 };
+  return Buffer.from(JSON.stringify(fields));
+}
+const RECORDS = Array.from({ length: 8 }, (_, i) => canonical(i + 1, `app.e${i + 1}`));
+
 describe('checkpoints', () => {
   test('the c2sp.org/tlog-checkpoint example parses (its key is not published: parsed, not opened)', () => {
     const root = 'CsUYapGGPo4dkMgIAUqom/Xajj7h2fB2MPA3j2jxq2I=';
@@ -343,17 +363,57 @@ describe('checkpoints', () => {
 
   test('checkpoints open and prove records', () => {
     const log = new Log();
-    const checkpoint = openCheckpoint(log.checkpoint(8, ROOTS[8]), log.vkey, { origin: log.name });
-    assert.deepEqual([checkpoint.origin, checkpoint.size, checkpoint.rootHash], [log.name, 8, ROOTS[8]]);
-    const proof = { leafIndex: 5, treeSize: 8, hashes: refPath(5, LEAVES), checkpoint: '' };
-    verifyRecordInclusion(LEAVES[5], 6, proof, checkpoint);
-    refused('altered record', () => verifyRecordInclusion(Buffer.concat([LEAVES[5], Buffer.from(' ')]), 6, proof, checkpoint));
-    assert.throws(() => verifyRecordInclusion(LEAVES[4], 5, proof, checkpoint), /not of record 5/);
+    const checkpoint = openCheckpoint(log.checkpoint(8, refRoot(RECORDS)), log.vkey, { origin: log.name });
+    assert.deepEqual([checkpoint.origin, checkpoint.size, checkpoint.rootHash], [log.name, 8, refRoot(RECORDS)]);
+    const proof = { leafIndex: 5, treeSize: 8, hashes: refPath(5, RECORDS), checkpoint: '' };
+    const proven = verifyRecordInclusion(RECORDS[5], 6, proof, checkpoint);
+    // What the proof covers, read from the verified bytes.
+    assert.deepEqual([proven.seq, proven.event, proven.tenant, proven.actor], [6, 'app.e6', 'acme', 'u1']);
+    refused('altered record', () => verifyRecordInclusion(Buffer.concat([RECORDS[5], Buffer.from(' ')]), 6, proof, checkpoint));
+    assert.throws(() => verifyRecordInclusion(RECORDS[4], 5, proof, checkpoint), /not of record 5/);
+    const checkpoint8 = openCheckpoint(log.checkpoint(8, ROOTS[8]), log.vkey);
     const old = openCheckpoint(log.checkpoint(6, ROOTS[6]), log.vkey);
-    verifyCheckpointConsistency(old, checkpoint, refConsistency(6, LEAVES));
-    refused('the proof from 5', () => verifyCheckpointConsistency(old, checkpoint, refConsistency(5, LEAVES)));
+    verifyCheckpointConsistency(old, checkpoint8, refConsistency(6, LEAVES));
+    refused('the proof from 5', () => verifyCheckpointConsistency(old, checkpoint8, refConsistency(5, LEAVES)));
     // Extension lines are allowed, and signed.
     assert.deepEqual(openCheckpoint(log.checkpoint(8, ROOTS[8], 'ext\n'), log.vkey).extensions, ['ext']);
+  });
+
+  test('a record proven must say the seq it is proven at', () => {
+    // Leaf 5 of this tree is a record that says it is record 7: its bytes are in the signed
+    // tree, but not as what they claim to be.
+    const log = new Log();
+    const seven = [...RECORDS.slice(0, 5), canonical(7, 'app.e7'), ...RECORDS.slice(6)];
+    const checkpoint = openCheckpoint(log.checkpoint(8, refRoot(seven)), log.vkey);
+    const proof = { leafIndex: 5, treeSize: 8, hashes: refPath(5, seven), checkpoint: '' };
+    verifyInclusion(leafHash(seven[5]), 5, 8, proof.hashes, checkpoint.rootHash);
+    assert.throws(() => verifyRecordInclusion(seven[5], 6, proof, checkpoint), /own seq is not the 6/);
+    // Leaves that are not a JSON object with a seq are no audit records.
+    for (const leaf of ['not json', '[6]', '{"v":1}', '{"seq":"6"}', '{"seq":true}', '{"seq":NaN}', '\ufeff{"seq":6}']) {
+      const leaves = [...RECORDS.slice(0, 5), Buffer.from(leaf), ...RECORDS.slice(6)];
+      const opened = openCheckpoint(log.checkpoint(8, refRoot(leaves)), log.vkey);
+      const leafProof = { leafIndex: 5, treeSize: 8, hashes: refPath(5, leaves), checkpoint: '' };
+      refused(leaf, () => verifyRecordInclusion(leaves[5], 6, leafProof, opened));
+    }
+  });
+
+  test('a checkpoint must name the log of its key', () => {
+    // The key signs the note text, not its own name: a note of another origin signed by this
+    // key (or a signature line relabelled onto another log's note) must not open as that log's.
+    const log = new Log();
+    const other = log.sign(`example.com/other\n8\n${ROOTS[8].toString('base64')}\n`);
+    assert.throws(() => openCheckpoint(other, log.vkey), /not the key's name/);
+    assert.throws(() => openCheckpoint(other, log.vkey, { origin: 'example.com/other' }), /not the key's name/);
+    // An origin asked for other than the key's name refuses even the key's own checkpoints.
+    assert.throws(() => openCheckpoint(log.checkpoint(8, ROOTS[8]), log.vkey, { origin: 'example.com/other' }), /origin/);
+  });
+
+  test('lone surrogates are refused as not UTF-8', () => {
+    const log = new Log();
+    const note = log.checkpoint(8, ROOTS[8]);
+    assert.throws(() => openCheckpoint(note.replace('example.com', 'example\ud800.com'), log.vkey), /not valid UTF-8/);
+    assert.throws(() => VerifierKey.parse(`log\udc00${log.vkey.slice(log.name.length)}`), /not valid UTF-8/);
+    assert.throws(() => keyId('log\ud800', Buffer.alloc(33, 1)), /not valid UTF-8/);
   });
 
   test('forged and malformed checkpoints are refused', () => {
@@ -389,7 +449,7 @@ describe('the two clients agree', () => {
     const python = process.env.CORESDK_TEST_PYTHON;
     assert.ok(python, "CORESDK_TEST_PYTHON is not set: this test runs the Python client's verifiers (./scripts/test sets it)");
     const script = [
-      'import base64, json, sys',
+      'import base64, json, sys, types',
       'from coresdk import transparency as t',
       'def run(case):',
       '    b = lambda xs: [base64.b64decode(x) for x in xs]',
@@ -397,6 +457,7 @@ describe('the two clients agree', () => {
       '    if kind == "checkpoint": t.open_checkpoint(a[0], a[1])',
       '    elif kind == "note": t.open_note(a[0], a[1])',
       '    elif kind == "key": t.VerifierKey.parse(a[0])',
+      '    elif kind == "record": t.verify_record_inclusion(base64.b64decode(a[0]), a[1], types.SimpleNamespace(leaf_index=a[2], tree_size=a[3], hashes=b(a[4])), t.open_checkpoint(a[5], a[6]))',
       '    elif kind == "inclusion": t.verify_inclusion(base64.b64decode(a[0]), a[1], a[2], b(a[3]), base64.b64decode(a[4]))',
       '    else: t.verify_consistency(a[0], a[1], b(a[2]), base64.b64decode(a[3]), base64.b64decode(a[4]))',
       'out = []',
@@ -418,7 +479,10 @@ describe('the two clients agree', () => {
       if (kind === 'checkpoint') openCheckpoint(a[0], a[1]);
       else if (kind === 'note') openNote(a[0], a[1]);
       else if (kind === 'key') VerifierKey.parse(a[0]);
-      else if (kind === 'inclusion') verifyInclusion(Buffer.from(a[0], 'base64'), a[1], a[2], b(a[3]), Buffer.from(a[4], 'base64'));
+      else if (kind === 'record') {
+        const proof = { leafIndex: a[2], treeSize: a[3], hashes: b(a[4]) };
+        verifyRecordInclusion(Buffer.from(a[0], 'base64'), a[1], proof, openCheckpoint(a[5], a[6]));
+      } else if (kind === 'inclusion') verifyInclusion(Buffer.from(a[0], 'base64'), a[1], a[2], b(a[3]), Buffer.from(a[4], 'base64'));
       else verifyConsistency(a[0], a[1], b(a[2]), Buffer.from(a[3], 'base64'), Buffer.from(a[4], 'base64'));
       return 'ok';
     } catch (error) {
@@ -441,6 +505,8 @@ describe('the two clients agree', () => {
       { kind: 'checkpoint', args: [log.checkpoint(8, ROOTS[8], `${'x'.repeat(MAX_NOTE_BYTES)}\n`), log.vkey] },
       { kind: 'checkpoint', args: [`${note}\u2014 witness.example/w ${Buffer.alloc(68, 7).toString('base64')}\n`, log.vkey] },
       { kind: 'checkpoint', args: [log.checkpoint(2 ** 53 - 1, ROOTS[8]), log.vkey] },
+      // Signed by the key, but of another log's origin.
+      { kind: 'checkpoint', args: [log.sign(`example.com/other\n8\n${root}\n`), log.vkey] },
       ...[
         `${log.name}\n8\n`,
         `${log.name}\n08\n${root}\n`,
@@ -464,6 +530,12 @@ describe('the two clients agree', () => {
       { kind: 'key', args: [PETER.replace('+c74f', '+0xc74f')] },
       { kind: 'key', args: [`Peter\u2003Neumann${PETER.slice('PeterNeumann'.length)}`] },
     ];
+    // Records whose own seq is, or is not, the one proven.
+    for (const leaf of ['{"seq":6}', '{"seq":6.0}', '{"seq":7}', '{"seq":"6"}', '{"seq":true}', '[6]', 'x', '{"seq":6,"seq":5}']) {
+      const leaves = [...RECORDS.slice(0, 5), Buffer.from(leaf), ...RECORDS.slice(6)];
+      const note = log.checkpoint(8, refRoot(leaves));
+      cases.push({ kind: 'record', args: [Buffer.from(leaf).toString('base64'), 6, 5, 8, b64(refPath(5, leaves)), note, log.vkey] });
+    }
     // Proofs of random trees, each also with one hash flipped.
     const leaves = Array.from({ length: 70 }, (_, i) => Buffer.from(`leaf ${i}`));
     for (let n = 1; n <= 70; n += 3) {
@@ -562,6 +634,41 @@ function defineProofSuite(name, start) {
 }
 
 for (const [name, start] of Object.entries(BACKENDS)) defineProofSuite(name, start);
+
+describe('answers without their proof', () => {
+  test('an answer without its proof is a stored record', () => {
+    // The sidecar answers includeProof without inclusionProof when no checkpoint covered the
+    // record in time: the record is stored, and the answer is a success, not an error.
+    const wire = {
+      seq: 3,
+      time: null,
+      tenantId: '',
+      actor: 'a',
+      event: 'app.x',
+      outcome: 'ok',
+      metadata: null,
+      prevHash: '',
+      hash: '',
+      canonical: Buffer.from('{}'),
+      inclusionProof: null,
+    };
+    const record = auditRecordFromProto(wire);
+    assert.deepEqual([record.seq, record.inclusionProof], [3, undefined]);
+    const result = webhookResultFromProto({
+      eventId: 'evt_1',
+      eventType: 'invoice.paid',
+      tenantId: '',
+      outcome: 'WEBHOOK_OUTCOME_APPLIED',
+      flagChanges: [],
+      auditSeq: 3,
+      staleFlags: [],
+      inclusionProof: null,
+    });
+    assert.deepEqual([result.auditSeq, result.inclusionProof], [3, undefined]);
+    const proven = auditRecordFromProto({ ...wire, inclusionProof: { leafIndex: 2, treeSize: 3, hashes: [], checkpoint: '' } });
+    assert.equal(proven.inclusionProof.leafIndex, 2);
+  });
+});
 
 describe("the mock's checkpoints", () => {
   test('the mock signs checkpoints a verifier accepts', async () => {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import random
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from coresdk.transparency import (
     MAX_NOTE_BYTES,
     TransparencyError,
     VerifierKey,
+    key_id,
     leaf_hash,
     open_checkpoint,
     open_note,
@@ -335,23 +337,91 @@ def test_the_c2sp_example_checkpoint_parses():
     assert (signature.name, signature.key_id, len(signature.signature)) == ("example.com/behind-the-sofa", 0x033de0ae, 64)
 
 
+def _canonical(seq: int, event: str) -> bytes:
+    """A record's canonical bytes (RFC 8785: sorted keys, no spaces), as the sidecar seals them."""
+    fields = {"v": 1, "seq": seq, "time": "2026-01-01T00:00:00.000Z", "tenant": "acme", "actor": "u1",
+              "event": event, "outcome": "ok", "metadata": {}}
+    return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+
+RECORDS = [_canonical(i + 1, f"app.e{i + 1}") for i in range(8)]
+
+
 def test_checkpoints_open_and_prove_records():
     log = Log()
-    note = log.checkpoint(8, ROOTS[8])
+    note = log.checkpoint(8, ref_root(RECORDS))
     checkpoint = open_checkpoint(note, log.vkey, origin=log.name)
-    assert (checkpoint.origin, checkpoint.size, checkpoint.root_hash) == (log.name, 8, ROOTS[8])
-    proof = InclusionProof(5, 8, ref_path(5, LEAVES))
-    verify_record_inclusion(LEAVES[5], 6, proof, checkpoint)
+    assert (checkpoint.origin, checkpoint.size, checkpoint.root_hash) == (log.name, 8, ref_root(RECORDS))
+    proof = InclusionProof(5, 8, ref_path(5, RECORDS))
+    proven = verify_record_inclusion(RECORDS[5], 6, proof, checkpoint)
+    # What the proof covers, read from the verified bytes.
+    assert (proven["seq"], proven["event"], proven["tenant"], proven["actor"]) == (6, "app.e6", "acme", "u1")
     with pytest.raises(TransparencyError):
-        verify_record_inclusion(LEAVES[5] + b" ", 6, proof, checkpoint)
+        verify_record_inclusion(RECORDS[5] + b" ", 6, proof, checkpoint)
     with pytest.raises(TransparencyError, match="not of record 5"):
-        verify_record_inclusion(LEAVES[4], 5, proof, checkpoint)
+        verify_record_inclusion(RECORDS[4], 5, proof, checkpoint)
+    log_checkpoint_8 = open_checkpoint(log.checkpoint(8, ROOTS[8]), log.vkey)
     old = open_checkpoint(log.checkpoint(6, ROOTS[6]), log.vkey)
-    verify_checkpoint_consistency(old, checkpoint, ref_consistency(6, LEAVES))
+    verify_checkpoint_consistency(old, log_checkpoint_8, ref_consistency(6, LEAVES))
     with pytest.raises(TransparencyError):
-        verify_checkpoint_consistency(old, checkpoint, ref_consistency(5, LEAVES))
+        verify_checkpoint_consistency(old, log_checkpoint_8, ref_consistency(5, LEAVES))
     # Extension lines are allowed, and signed.
     assert open_checkpoint(log.checkpoint(8, ROOTS[8], extra="ext\n"), log.vkey).extensions == ("ext",)
+
+
+def test_a_record_proven_must_say_the_seq_it_is_proven_at():
+    # Leaf 5 of this tree is a record that says it is record 7: its bytes are in the signed
+    # tree, but not as what they claim to be.
+    leaves = RECORDS[:5] + [_canonical(7, "app.e7")] + RECORDS[6:]
+    log = Log()
+    checkpoint = open_checkpoint(log.checkpoint(8, ref_root(leaves)), log.vkey)
+    proof = InclusionProof(5, 8, ref_path(5, leaves))
+    verify_inclusion(leaf_hash(leaves[5]), 5, 8, proof.hashes, checkpoint.root_hash)
+    with pytest.raises(TransparencyError, match="own seq is not the 6"):
+        verify_record_inclusion(leaves[5], 6, proof, checkpoint)
+    # Leaves that are not a JSON object with a seq are no audit records.
+    for leaf in (b"not json", b"[6]", b'{"v":1}', b'{"seq":"6"}', b'{"seq":true}', b'{"seq":NaN}', b"\xef\xbb\xbf{\"seq\":6}"):
+        leaves = RECORDS[:5] + [leaf] + RECORDS[6:]
+        checkpoint = open_checkpoint(log.checkpoint(8, ref_root(leaves)), log.vkey)
+        with pytest.raises(TransparencyError):
+            verify_record_inclusion(leaf, 6, InclusionProof(5, 8, ref_path(5, leaves)), checkpoint)
+            pytest.fail(repr(leaf))
+
+
+def test_a_checkpoint_must_name_the_log_of_its_key():
+    # The key signs the note text, not its own name: a note of another origin signed by this
+    # key (or a signature line relabelled onto another log's note) must not open as that log's.
+    log = Log()
+    other = log.checkpoint(8, ROOTS[8], origin="example.com/other")
+    with pytest.raises(TransparencyError, match="not the key's name"):
+        open_checkpoint(other, log.vkey)
+    with pytest.raises(TransparencyError, match="not the key's name"):
+        open_checkpoint(other, log.vkey, origin="example.com/other")
+    # An origin asked for other than the key's name refuses even the key's own checkpoints.
+    with pytest.raises(TransparencyError, match="origin"):
+        open_checkpoint(log.checkpoint(8, ROOTS[8]), log.vkey, origin="example.com/other")
+
+
+def test_lone_surrogates_are_refused_as_not_utf8():
+    log = Log()
+    note = log.checkpoint(8, ROOTS[8])
+    with pytest.raises(TransparencyError, match="not valid UTF-8"):
+        open_checkpoint(note.replace("example.com", "example\ud800.com", 1), log.vkey)
+    with pytest.raises(TransparencyError, match="not valid UTF-8"):
+        VerifierKey.parse("log\udc00" + log.vkey[len(log.name):])
+    with pytest.raises(TransparencyError, match="not valid UTF-8"):
+        key_id("log\ud800", b"\x01" + bytes(32))
+
+
+def test_the_exact_power_of_two_test_at_large_sizes():
+    # 2^50 + 1 is no power of two, though log2 rounds it to 50 (the Node client's old test).
+    m = 2**50 + 1
+    a, x, y = _h(b"a"), _h(b"x"), _h(b"y")
+    # MTH(D[0:2^50]) = a; leaves 2^50 and 2^50 + 1 hash to x and y.
+    old_root, new_root = _h(b"\x01" + a + x), _h(b"\x01" + a + _h(b"\x01" + x + y))
+    verify_consistency(m, m + 1, [x, y, a], old_root, new_root)
+    with pytest.raises(TransparencyError):
+        verify_consistency(m, m + 1, [x, y, a], old_root, _flip(new_root))
 
 
 def test_forged_and_malformed_checkpoints_are_refused():
@@ -461,6 +531,58 @@ def test_proof_requests_are_refused_as_the_sidecar_refuses_them(sdk):
 
 def mock() -> MockSidecar:
     return MockSidecar(Settings(use_mock=True), env=ENV)
+
+
+def test_an_answer_without_its_proof_is_a_stored_record():
+    # The sidecar answers include_proof without inclusion_proof when no checkpoint covered the
+    # record in time: the record is stored, and the answer is a success, not an error.
+    from coresdk.models import AuditRecord, WebhookResult
+    from coresdk.v1 import audit_pb2, webhook_pb2
+
+    record = AuditRecord.from_proto(audit_pb2.AuditRecord(seq=3, event="app.x", canonical=b"{}"))
+    assert (record.seq, record.inclusion_proof) == (3, None)
+    result = WebhookResult.from_proto(webhook_pb2.HandleStripeWebhookResponse(outcome=1, audit_seq=3))
+    assert (result.audit_seq, result.inclusion_proof) == (3, None)
+    proven = AuditRecord.from_proto(audit_pb2.AuditRecord(seq=3, inclusion_proof=audit_pb2.InclusionProof(leaf_index=2, tree_size=3)))
+    assert proven.inclusion_proof is not None and proven.inclusion_proof.leaf_index == 2
+
+
+def test_the_mock_signs_no_checkpoint_of_the_empty_log(monkeypatch):
+    # As the sidecar: its first checkpoint is signed after its first record. A mock's log
+    # starts with its tenants' seeding record; this one is a sidecar's started without any.
+    with monkeypatch.context() as m:
+        m.setattr(MockSidecar, "_seal", lambda *args, **kwargs: None)
+        sdk = mock()
+    for call in (sdk.audit_checkpoint, lambda: sdk.audit_consistency_proof(0)):
+        e = _refused(call)
+        assert (e.status, e.problem.reason, e.code) == (404, "CHECKPOINT_NOT_FOUND", grpc.StatusCode.NOT_FOUND)
+    sdk.audit("app.first", outcome="ok", actor="prover")
+    assert open_checkpoint(sdk.audit_checkpoint(), sdk.audit_verifier_key).size == 1
+
+
+def test_the_mock_refuses_include_proof_without_cryptography_before_writing():
+    # As the sidecar refuses CHECKPOINTS_OFF: nothing is written when no proof can be given.
+    script = (
+        "import sys; sys.modules['cryptography'] = None\n"
+        "from conftest import ENV, sign, stripe_event\n"
+        "from coresdk import Settings\n"
+        "from coresdk.mock import MockSidecar\n"
+        "sdk = MockSidecar(Settings(use_mock=True), env=ENV)\n"
+        "print(len(sdk.audit_query(limit=1000)))\n"
+        "body = stripe_event('invoice.paid', 'cus_acme_001')\n"
+        "for call in (lambda: sdk.audit('app.x', outcome='ok', actor='a', include_proof=True),\n"
+        "             lambda: sdk.handle_stripe_webhook(body, sign(body), include_proof=True)):\n"
+        "    try:\n"
+        "        call()\n"
+        "        print('answered')\n"
+        "    except ImportError:\n"
+        "        pass\n"
+        "print(len(sdk.audit_query(limit=1000)))\n"
+    )
+    tests = Path(__file__).resolve().parent
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=tests).stdout
+    before, after = out.split()
+    assert before == after, out
 
 
 def test_the_mock_signs_checkpoints_a_verifier_accepts():

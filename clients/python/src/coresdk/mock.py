@@ -16,8 +16,10 @@ The audit records form the sidecar's RFC 6962 Merkle tree, with its inclusion an
 proofs and their errors. Checkpoints differ: the mock runs no background task, so it signs one
 for the current tree whenever one is asked for (`audit_checkpoint`, `tree_size=0`,
 `include_proof`), with an Ed25519 key of its own made per mock (`audit_verifier_key`; signing
-needs the `cryptography` package, `pip install 'coresdk[verify]'`). Its origin and key name are
-`coresdk.mock/<random hex>`: each mock is a log of its own.
+needs the `cryptography` package, `pip install 'coresdk[verify]'`; without it `include_proof` is
+refused before anything is written). As the sidecar, it signs none of the empty log
+(CHECKPOINT_NOT_FOUND). Its origin and key name are `coresdk.mock/<random hex>`: each mock is a
+log of its own.
 """
 from __future__ import annotations
 
@@ -735,8 +737,16 @@ class MockSidecar(BaseSDK):
         return str(transparency.VerifierKey(self._origin, transparency.key_id(self._origin, typed), public))
 
     def _sign_checkpoint(self) -> tuple[int, str]:
-        """A checkpoint of the current tree (the newest, signed when first asked for)."""
+        """A checkpoint of the current tree (the newest, signed when first asked for). As the
+        sidecar, none of the empty log: it signs its first checkpoint after the first record."""
         size = self._size()
+        if size == 0:
+            raise ProblemError(
+                _problem(self._base, "checkpoint-not-found", "Checkpoint not found", 404,
+                         "no audit checkpoint has been signed yet: the first is signed within CORESDK_AUDIT_CHECKPOINT_INTERVAL_S of the first record",
+                         "CHECKPOINT_NOT_FOUND"),
+                grpc.StatusCode.NOT_FOUND,
+            )
         if self._checkpoint[0] != size:
             root = self._subtree(0, size)
             text = f"{self._origin}\n{size}\n{base64.b64encode(root).decode()}\n"
@@ -831,6 +841,9 @@ class MockSidecar(BaseSDK):
             raise self._invalid("; ".join(violations))
         if tenant_id:
             self._check_ids(tenant_id)
+        if include_proof:
+            # As the sidecar refuses CHECKPOINTS_OFF: before anything is written.
+            self._key()
         with self._lock:
             record = self._append(tenant_id, actor, event, outcome, values)
             return dataclasses.replace(record, inclusion_proof=self._prove(record.seq, 0)) if include_proof else record
@@ -1050,6 +1063,9 @@ class MockSidecar(BaseSDK):
             event = self._parse_event(payload, signed_at, "the signature timestamp; Stripe signs events after creating them")
         except ProblemError as e:
             raise self._refuse(e, payload) from None
+        if include_proof:
+            # As the sidecar refuses CHECKPOINTS_OFF: before anything is written.
+            self._key()
         result = self._apply(event, signed_at, ACTOR, "")
         if not include_proof:
             return result

@@ -6,7 +6,12 @@ bytes the sidecar served are all it takes.
     from coresdk.transparency import open_checkpoint, verify_record_inclusion
     checkpoint = open_checkpoint(note, "coresdk.example/audit+1a2b3c4d+AU...")  # signature checked
     record = sdk.audit("app.login", outcome="ok", actor="u1", include_proof=True)
-    verify_record_inclusion(record.canonical, record.seq, record.inclusion_proof, checkpoint)
+    proven = verify_record_inclusion(record.canonical, record.seq, record.inclusion_proof, checkpoint)
+    proven["event"], proven["actor"], proven["tenant"]  # what the proof covers
+
+The proof covers a record's `canonical` bytes only: read what it says (event, actor, tenant,
+outcome, metadata) from what `verify_record_inclusion` returns, not from the record's other
+fields, which the sidecar (or anyone between) could change without the proof noticing.
 
 The proof algorithms are written from RFC 9162 sections 2.1.3.2 and 2.1.4.2; the note formats
 from c2sp.org/signed-note and c2sp.org/tlog-checkpoint. Checking a signature needs the
@@ -20,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence, Union
@@ -186,9 +192,17 @@ def _valid_name(name: str) -> bool:
     return bool(name) and "+" not in name and not any(c.isspace() for c in name)
 
 
+def _utf8(text: str, what: str) -> bytes:
+    # A lone surrogate has no UTF-8 form.
+    try:
+        return text.encode("utf-8", "strict")
+    except UnicodeEncodeError:
+        raise TransparencyError(f"{what} is not valid UTF-8") from None
+
+
 def key_id(name: str, typed_key: bytes) -> int:
     """The signed-note key ID: the first 4 bytes (big-endian) of SHA-256(name || 0x0A || type || key)."""
-    return int.from_bytes(hashlib.sha256(name.encode("utf-8") + b"\n" + typed_key).digest()[:4], "big")
+    return int.from_bytes(hashlib.sha256(_utf8(name, "the key name") + b"\n" + typed_key).digest()[:4], "big")
 
 
 @dataclass(frozen=True)
@@ -209,6 +223,7 @@ class VerifierKey:
         name, hex_id, encoded = parts
         if not _valid_name(name):
             raise TransparencyError("the verifier key's name is empty or holds a space or '+'")
+        _utf8(name, "the verifier key's name")
         if not _HEX8.fullmatch(hex_id):
             raise TransparencyError("the verifier key's id is not 8 hex digits")
         typed = _b64(encoded, "the verifier key")
@@ -245,7 +260,7 @@ class Checkpoint:
 
 
 def _note_text(note: Union[str, bytes]) -> str:
-    raw = note.encode("utf-8", "strict") if isinstance(note, str) else bytes(note)
+    raw = _utf8(note, "the note") if isinstance(note, str) else bytes(note)
     if len(raw) > MAX_NOTE_BYTES:
         raise TransparencyError(f"the note is {len(raw)} bytes, over the {MAX_NOTE_BYTES}-byte bound")
     try:
@@ -335,19 +350,54 @@ def _ed25519_verify(public_key: bytes, signature: bytes, message: bytes) -> bool
 
 
 def open_checkpoint(note: Union[str, bytes], key: Union[str, VerifierKey], *, origin: str | None = None) -> Checkpoint:
-    """The checkpoint of `note` once its signature by `key` verifies (see `open_note`).
-    `origin`, when given, must be the checkpoint's origin line."""
+    """The checkpoint of `note` once its signature by `key` verifies (see `open_note`) and its
+    origin line is the key's name, as C2SP tlog-checkpoint names a log's key after its origin
+    (and as `coresdk audit check-proof` requires): the signature does not cover the key name,
+    so without this a signature line relabelled with another log's name would vouch for it.
+    `origin`, when given, must also be the checkpoint's origin line (so one other than the
+    key's name refuses every note)."""
+    verifier = key if isinstance(key, VerifierKey) else VerifierKey.parse(key)
     checkpoint = parse_checkpoint(note)
-    open_note(note, key)
+    open_note(note, verifier)
+    if checkpoint.origin != verifier.name:
+        raise TransparencyError(
+            f"the checkpoint's origin is {checkpoint.origin!r}, not the key's name {verifier.name!r}: a key of another name vouches for another log"
+        )
     if origin is not None and checkpoint.origin != origin:
         raise TransparencyError(f"the checkpoint's origin is {checkpoint.origin!r}, not {origin!r}")
     return checkpoint
 
 
-def verify_record_inclusion(canonical: bytes, seq: int, proof: Any, checkpoint: Checkpoint) -> None:
+def _record_fields(canonical: bytes, seq: int) -> dict[str, Any]:
+    """The JSON object of a record's canonical bytes, whose "seq" must be `seq`. JSON numbers
+    are compared by value, as the Node client's JSON.parse sees them, so both clients agree."""
+    try:
+        text = bytes(canonical).decode("utf-8", "strict")
+        fields = json.loads(text, parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise TransparencyError("the record's canonical bytes are not JSON") from None
+    if not isinstance(fields, dict):
+        raise TransparencyError("the record's canonical bytes are not a JSON object")
+    said = fields.get("seq")
+    if isinstance(said, bool) or not isinstance(said, (int, float)) or said != seq:
+        raise TransparencyError(f"the record's own seq is not the {seq} its proof is of: it was sealed somewhere else")
+    return fields
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def verify_record_inclusion(canonical: bytes, seq: int, proof: Any, checkpoint: Checkpoint) -> dict[str, Any]:
     """That the audit record with `seq` and these `canonical` bytes is in the tree a checkpoint
-    (from `open_checkpoint`) signs. `proof` is an `InclusionProof` (or anything with
-    `leaf_index`, `tree_size` and `hashes`) for that checkpoint's tree size."""
+    (from `open_checkpoint`) signs, and that the "seq" inside those bytes is `seq`. `proof` is
+    an `InclusionProof` (or anything with `leaf_index`, `tree_size` and `hashes`) for that
+    checkpoint's tree size.
+
+    Returns the record as the proof covers it: the JSON object of `canonical` (`v`, `seq`,
+    `time`, `tenant`, `actor`, `event`, `outcome`, `metadata`). Read the record from it: an
+    `AuditRecord`'s other fields (`event`, `actor`, `tenant_id`, ...) are not covered by the
+    proof."""
     seq = _size(seq, "seq")
     if seq == 0:
         raise TransparencyError("records are numbered from 1")
@@ -356,6 +406,7 @@ def verify_record_inclusion(canonical: bytes, seq: int, proof: Any, checkpoint: 
     if proof.tree_size != checkpoint.size:
         raise TransparencyError(f"the proof is for a tree of {proof.tree_size} records, the checkpoint signs {checkpoint.size}")
     verify_inclusion(leaf_hash(canonical), seq - 1, checkpoint.size, proof.hashes, checkpoint.root_hash)
+    return _record_fields(canonical, seq)
 
 
 def verify_checkpoint_consistency(old: Checkpoint, new: Checkpoint, proof: Sequence[bytes]) -> None:
