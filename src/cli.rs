@@ -380,7 +380,12 @@ fn explain_clap_error(
             let why = std::error::Error::source(error)
                 .map(|e| e.to_string())
                 .unwrap_or_else(|| "invalid value".to_owned());
-            format!("{why}; {}", expected(arg))
+            // A range check already says which values are allowed.
+            if why.contains(" is not in ") {
+                why
+            } else {
+                format!("{why}; {}", expected(arg))
+            }
         }
     };
     Some(line(&setting, &origin, value, &message))

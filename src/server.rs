@@ -82,7 +82,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     }
     if !config.operators.configured() && !config.mock {
         tracing::warn!(
-            "no CORESDK_ADMIN_TOKEN nor CORESDK_ADMIN_TOKENS_FILE: admin RPCs (SetFlag, MapCustomer, UnmapCustomer, ResolveCustomer, ReplayStripeEvent) are refused"
+            "no CORESDK_ADMIN_TOKEN nor CORESDK_ADMIN_TOKENS_FILE: admin RPCs (SetFlag, MapCustomer, UnmapCustomer, ResolveCustomer, ReplayStripeEvent, AddCosignatures) are refused"
         );
     }
     if config.tokens.accepts_other_apps_tokens() {
