@@ -611,7 +611,7 @@ impl App {
         &self,
         seq: u64,
         wait: Duration,
-    ) -> Result<(crate::checkpoint::SignedNote, Vec<crate::tlog::Hash>), Error> {
+    ) -> Result<SizedProof, Error> {
         if seq == 0 {
             return Err(Error::OutOfRange(
                 "the call recorded no audit record to prove".into(),
@@ -619,7 +619,11 @@ impl App {
         }
         let note = self.checkpointer()?.covering(seq, wait).await?;
         let hashes = self.proof_against(seq, &note).await?;
-        Ok((note, hashes))
+        Ok(SizedProof {
+            tree_size: note.size,
+            hashes,
+            checkpoint: Some(note),
+        })
     }
 
     /// Record `seq`'s inclusion proof against `note`, refused when the stored tree is no

@@ -238,7 +238,7 @@ pub fn verifier_key(name: &str, key: &VerifyingKey) -> String {
 /// The origin a deployment without `CORESDK_AUDIT_ORIGIN` uses: derived from its public key,
 /// so stable across restarts and replicas sharing the key, and different for another key.
 pub fn default_origin(key: &VerifyingKey) -> String {
-    let digest = crate::tlog::sha256(key.as_bytes());
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(key.as_bytes());
     format!("coresdk.audit/{}", hex::encode(&digest[..4]))
 }
 

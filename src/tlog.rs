@@ -14,7 +14,6 @@
 
 use std::cell::RefCell;
 
-use sha2::{Digest as _, Sha256};
 use tlog_tiles::{HashReader, tlog};
 
 use crate::problem::Error;
@@ -323,12 +322,12 @@ const BUILD_BATCH: u64 = 10_000;
 
 /// Builds the tree of a chain from before it (or the records a replica of an older version
 /// appended), oldest record first, a batch per transaction, and logs its progress. Safe to
-/// run anywhere and again: a chain whose tree is complete costs one lookup.
+/// run anywhere and again: a chain whose tree is complete costs one read.
 pub async fn build_missing(store: &crate::store::Store) -> Result<(), Error> {
     let started = std::time::Instant::now();
     // Where the tree reaches before anything is built, so that the log counts every record
     // added, also when one batch adds them all.
-    let from = store.write(|tx| tx.extend_audit_tree(0)).await?;
+    let from = store.read(|tx| Ok(tx.audit_tree_reach()?)).await?;
     if from.built >= from.records {
         return Ok(());
     }
@@ -353,11 +352,6 @@ pub async fn build_missing(store: &crate::store::Store) -> Result<(), Error> {
         "audit Merkle tree built"
     );
     Ok(())
-}
-
-/// SHA-256 of `data`, for what is not a tree node.
-pub fn sha256(data: &[u8]) -> Hash {
-    Sha256::digest(data).into()
 }
 
 #[cfg(test)]

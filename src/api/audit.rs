@@ -99,12 +99,7 @@ pub async fn proof_if_any(
 ) -> Option<proto::InclusionProof> {
     let wait = until.saturating_duration_since(tokio::time::Instant::now());
     match app.proof_at_next_checkpoint(seq, wait).await {
-        Ok((note, hashes)) => Some(proto::InclusionProof {
-            leaf_index: seq - 1,
-            tree_size: note.size,
-            hashes: hashes.iter().map(|hash| hash.to_vec()).collect(),
-            checkpoint: note.note,
-        }),
+        Ok(proof) => Some(convert::inclusion_proof(seq, proof)),
         Err(e) => {
             tracing::warn!(
                 seq,
@@ -239,12 +234,7 @@ impl AuditService for AuditApi {
             .inclusion_proof(request.seq, request.tree_size)
             .await
             .map_err(|e| status::of_error(&e, self.app.links()))?;
-        Ok(Response::new(proto::InclusionProof {
-            leaf_index: request.seq - 1,
-            tree_size: proof.tree_size,
-            hashes: proof.hashes.iter().map(|hash| hash.to_vec()).collect(),
-            checkpoint: proof.checkpoint.map(|c| c.note).unwrap_or_default(),
-        }))
+        Ok(Response::new(convert::inclusion_proof(request.seq, proof)))
     }
 
     async fn get_consistency_proof(
@@ -258,7 +248,7 @@ impl AuditService for AuditApi {
             .await
             .map_err(|e| status::of_error(&e, self.app.links()))?;
         Ok(Response::new(proto::GetConsistencyProofResponse {
-            hashes: proof.hashes.iter().map(|hash| hash.to_vec()).collect(),
+            hashes: convert::hashes(&proof.hashes),
             from_size: request.from_size,
             to_size: proof.tree_size,
         }))

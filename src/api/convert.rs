@@ -133,6 +133,21 @@ pub fn flags(flags: Vec<Flag>) -> Vec<proto::Flag> {
     flags.into_iter().map(flag).collect()
 }
 
+/// Tree hashes as the protos carry them: raw 32-byte values.
+pub fn hashes(hashes: &[crate::tlog::Hash]) -> Vec<Vec<u8>> {
+    hashes.iter().map(|hash| hash.to_vec()).collect()
+}
+
+/// The inclusion proof of record `seq`, with the checkpoint it is against when there is one.
+pub fn inclusion_proof(seq: u64, proof: crate::app::SizedProof) -> proto::InclusionProof {
+    proto::InclusionProof {
+        leaf_index: seq - 1,
+        tree_size: proof.tree_size,
+        hashes: hashes(&proof.hashes),
+        checkpoint: proof.checkpoint.map(|c| c.note).unwrap_or_default(),
+    }
+}
+
 pub fn audit_record(record: &AuditRecord) -> proto::AuditRecord {
     proto::AuditRecord {
         seq: record.seq,

@@ -304,7 +304,7 @@ pub trait StoreTx {
     fn audit_tree_reach(&mut self) -> Result<TreeReach, StoreError>;
     /// Stores the tree hashes of up to `limit` of the oldest records that lack them (a chain
     /// from before the tree, or records a replica of an older version appended), and answers
-    /// how far the tree now reaches (`limit` 0 only answers that).
+    /// how far the tree now reaches.
     fn extend_audit_tree(&mut self, limit: u64) -> Result<TreeReach, Error>;
 }
 

@@ -62,6 +62,21 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_coresdk")
 }
 
+/// Runs `coresdk ARGS…` as [`run_coresdk`] does, expects the start refused (exit 2) with an
+/// error naming `setting`, and answers the standard error.
+pub fn refused_at_start(
+    cwd: Option<&Path>,
+    args: &[&str],
+    envs: &[(&str, &str)],
+    setting: &str,
+) -> String {
+    let output = run_coresdk(cwd, args, envs);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(2), "{args:?} {envs:?}: {stderr}");
+    assert!(stderr.contains(setting), "{setting}: {stderr}");
+    stderr
+}
+
 /// Runs `coresdk ARGS…` to its end with only `envs` (and `CORESDK_LOG=error`), in `cwd` when
 /// given, with no standard input: a command as a user types it.
 pub fn run_coresdk(cwd: Option<&Path>, args: &[&str], envs: &[(&str, &str)]) -> Output {
